@@ -1,0 +1,71 @@
+"""The command line: ``mamo <command>`` (also ``python cli.py <command>``).
+
+Each command is one row of :data:`COMMANDS`: a help line and the module that owns it. That module defines
+``add_arguments_<command>(parser)`` and ``command_<command>(args) -> int``; nothing here knows a command's
+flags. User errors (:class:`MamoError`) print one sentence and exit with status 2; nothing already written
+is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+
+from mamo.errors import MamoError
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    module: str
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("train the shared (HPS) network with the configured direction, or STL with "
+                     "--set train.mode=stl", "mamo.train"),
+    "search": Command("grow GMK modules where tasks conflict (MAMO Algorithm 1) and report against STL/HPS",
+                      "mamo.search"),
+    "export": Command("write a run's architecture and deployable programs (json, graphml, dot, png, onnx, pt2)",
+                      "mamo.export"),
+    "show": Command("print a run's architecture as a tree with parameter counts and where GMKs grew",
+                    "mamo.export"),
+    "bench": Command("run a benchmark (logic, multimnist_recon, step) and save its table", "mamo.bench"),
+    "tune": Command("tune T, alpha and the detection rounds with Optuna", "mamo.tune"),
+}
+
+
+def add_preset_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """The arguments every command that reads a preset shares."""
+    parser.add_argument("preset", nargs="?", default=default,
+                        help=f"a preset name in search_spaces/ or a YAML file (default: {default})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument("--run-dir", default=None, help="the run folder to create (default: runs/<time>-<preset>)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _handler(name: str, prefix: str):
+    module = importlib.import_module(COMMANDS[name].module)
+    return getattr(module, f"{prefix}_{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mamo", description="Grow multi-task networks where tasks fight.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        _handler(name, "add_arguments")(sub.add_parser(name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_handler(args.command, "command")(args) or 0)
+    except MamoError as exc:
+        print(f"mamo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mamo: interrupted; finished checkpoints in the run folder are kept.", file=sys.stderr)
+        return 130

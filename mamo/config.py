@@ -1,0 +1,209 @@
+"""The typed run configuration: YAML presets in search_spaces/, validated, with ``--set`` overrides.
+
+Every key a preset may hold is a field below. Unknown or mistyped keys fail with one sentence that names
+the key, the file and the valid keys. :func:`load_config` is the only entry point the CLI uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mamo.errors import MamoError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+@dataclass
+class DataConfig:
+    name: str = "multimnist"  # built-in name, or 'path/to/file.py:function' / 'package.module:function'
+    root: str | None = None  # local data folder (Fashion-MNIST idx files, plugin data)
+    seed: int = 0  # seeds dataset construction; splits are a pure function of it
+    train_size: int | None = None  # None: the dataset's default
+    val_size: int | None = None
+    test_size: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # dataset-specific keyword arguments
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "lenet"  # mlp | lenet | timm:<model name>
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # mlp: width of each shared cell
+    activation: str = "relu"  # mlp: relu | sigmoid | tanh | identity
+    weights: str | None = None  # timm: local file with pretrained weights (never downloaded)
+    latent: int = 50  # lenet: size of the shared representation (Sener & Koltun use 50)
+    head_hidden: int = 50  # hidden width of each task head; 0 = a single linear layer
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "mtl"  # mtl: one shared network | stl: one network per task
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-2
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    gradients: str = "exact"  # exact: per-parameter task gradients | ub: MGDA-UB on the shared representation
+    precision: str = "fp32"  # fp32 | bf16 (autocast forward; gradients, Gramian and solve stay fp32)
+
+
+@dataclass
+class TensionerConfig:
+    formulation: str = "relative"  # off | thesis | relative
+    T: int = 10
+    alpha: float = 0.3
+
+
+@dataclass
+class DirectionConfig:
+    name: str = "equal"  # equal | mgda | central | pcgrad | cagrad
+    normalization: str = "none"  # mgda: none | l2 | loss | loss+
+    cagrad_c: float = 0.5
+    tensioner: TensionerConfig = field(default_factory=TensionerConfig)
+
+
+@dataclass
+class SearchConfig:
+    rounds: int = 2  # Z, the number of conflict-detection rounds (0 = HPS)
+    pretrain_epochs: int = 2
+    round_epochs: int = 1
+    final_epochs: int = 4
+    threshold: str = "global"  # global | layer | topk:K
+    modules: str = "gmk"  # gmk: pair modules (MAMO) | exclusive: task-exclusive modules (CoNAL, 'w/o GMK')
+    baselines: bool = True  # train (or reuse cached) STL and HPS for the report
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    direction: DirectionConfig = field(default_factory=DirectionConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(kind: Any) -> str:
+    return getattr(kind, "__name__", str(kind).replace("typing.", ""))
+
+
+def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``kind``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(kind):
+            if option is type(None) and value is None:
+                return None
+            if option is not type(None):
+                try:
+                    return _coerce(value, option, key, source)
+                except MamoError:
+                    continue
+        raise MamoError(f"'{key}' in {source} must be {_type_name(kind)}, got {value!r}; fix the value.")
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            raise MamoError(f"'{key}' in {source} must be a list, got {value!r}; write it as [a, b, ...].")
+        return [_coerce(v, item, key, source) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise MamoError(f"'{key}' in {source} must be a mapping, got {value!r}; write it as {{k: v}}.")
+        return dict(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is Any or (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+        return value
+    raise MamoError(f"'{key}' in {source} must be {_type_name(kind)}, got {value!r}; fix the value.")
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise MamoError(f"'{prefix or 'the preset'}' in {source} must be a mapping of keys; got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            valid = ", ".join(names)
+            raise MamoError(f"unknown key '{full}' in {source}; valid keys in '{prefix or 'the top level'}': {valid}.")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = _build(kind, value, full, source)
+        else:
+            kwargs[key] = _coerce(value, kind, full, source)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_preset(preset: str | None) -> Path | None:
+    """A preset is a YAML path, or a name looked up in search_spaces/ (``quick`` -> search_spaces/quick.yaml)."""
+    if preset is None:
+        return None
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    named = PRESET_DIR / f"{preset}.yaml"
+    if named.exists():
+        return named
+    known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise MamoError(f"preset '{preset}' was not found; pass a YAML file or one of: {', '.join(known)}.")
+
+
+def parse_override(text: str) -> dict:
+    """``train.lr=0.1`` -> ``{"train": {"lr": 0.1}}``; the value is read as YAML."""
+    if "=" not in text or not text.split("=", 1)[0].strip():
+        raise MamoError(f"--set '{text}' is not of the form section.key=value; write e.g. --set train.epochs=3.")
+    key, value = text.split("=", 1)
+    nested: Any = yaml.safe_load(value) if value.strip() else None
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The preset's values over the defaults, then each ``--set`` override; validated as a whole."""
+    path = resolve_preset(preset)
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise MamoError(f"preset {path} is not valid YAML ({exc.__class__.__name__}); fix its syntax.") from exc
+        raw.setdefault("name", path.stem)
+    source = str(path) if path else "the defaults"
+    config = _build(Config, raw, "", source)
+    for text in overrides:
+        merged = _deep_merge(raw, parse_override(text))
+        config = _build(Config, merged, "", f"--set {text}")
+        raw = merged
+    return config
+
+
+def dump_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def config_from_dict(raw: dict, source: str) -> Config:
+    return _build(Config, raw, "", source)

@@ -1,0 +1,416 @@
+"""Datasets: built-in multi-task problems, user plugins, and the batch iterator the trainer uses.
+
+A dataset, built-in or plugin, is a function returning ``{"train": Dataset, "val": Dataset, "test": Dataset,
+"tasks": {name: {"type": ..., ...}}}`` whose samples are ``(x, {task: target})``. Built-ins are entries of
+:data:`DATASETS`; a plugin is named ``path/to/file.py:function`` or ``package.module:function``.
+:func:`load_data` builds and validates either and returns a :class:`MultiTaskData`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from mamo import digits
+from mamo.config import DataConfig
+from mamo.errors import MamoError
+from mamo.tasks import TaskSpec, parse_tasks
+
+SIZE_KEYS = ("train_size", "val_size", "test_size")
+RESERVED = ("seed", "root", *SIZE_KEYS)
+DEFAULT_SIZES = MappingProxyType({"train_size": 20_000, "val_size": 2_000, "test_size": 4_000})
+
+
+@dataclass
+class MultiTaskData:
+    """The three splits, the task specs and the shape of one input."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    tasks: dict[str, TaskSpec]
+    input_shape: tuple[int, ...]
+
+
+class TensorTaskDataset(Dataset):
+    """Samples ``(x[i], {task: targets[task][i]})`` from tensors held in memory.
+
+    ``source_indices`` optionally records where each sample came from (the two-item image datasets store the
+    indices of their two source images, shape (N, 2)).
+    """
+
+    def __init__(self, x: Tensor, targets: dict[str, Tensor], source_indices: Tensor | None = None):
+        if not isinstance(x, Tensor):
+            raise MamoError(f"TensorTaskDataset needs x as a torch.Tensor, got {type(x).__name__}; convert it first.")
+        if not isinstance(targets, dict) or not targets:
+            raise MamoError("TensorTaskDataset needs targets as a non-empty dict of task name -> tensor; pass one.")
+        for name, target in targets.items():
+            if not isinstance(target, Tensor) or len(target) != len(x):
+                size = len(target) if isinstance(target, Tensor) else type(target).__name__
+                raise MamoError(
+                    f"TensorTaskDataset target '{name}' has {size} samples but x has {len(x)}; "
+                    "give every target a tensor with the same first dimension as x."
+                )
+        self.x = x
+        self.targets = dict(targets)
+        self.source_indices = source_indices
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.x[i], {name: target[i] for name, target in self.targets.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- built-ins
+
+
+def _classes(k: int) -> dict:
+    return {"type": "classification", "classes": k}
+
+
+def _two_item(
+    left: digits.Source,
+    right: digits.Source,
+    seed: int,
+    sizes: tuple[int | None, ...],
+    names: tuple[str, str],
+    right_alone: bool = False,
+) -> dict:
+    out: dict[str, Any] = {}
+    for split, size, default in zip(digits.SPLITS, sizes, DEFAULT_SIZES.values(), strict=True):
+        n = default if size is None else size
+        part = digits.make_split(left, right, split, n, seed, right_alone)
+        second = part["right_image"] if right_alone else part["right"]
+        out[split] = TensorTaskDataset(part["x"], {names[0]: part["left"], names[1]: second}, part["source_indices"])
+    right_task = {"type": "reconstruction", "shape": [1, digits.OUT, digits.OUT]} if right_alone else _classes(10)
+    out["tasks"] = {names[0]: _classes(10), names[1]: right_task}
+    return out
+
+
+def build_multimnist(
+    *, seed: int, root: str | None, train_size: int | None, val_size: int | None, test_size: int | None
+) -> dict:
+    """MultiMNIST: two MNIST digits, tasks ``left`` and ``right`` (10 classes each). ``root`` is unused."""
+    mnist = digits.load_mnist()
+    return _two_item(mnist, mnist, seed, (train_size, val_size, test_size), ("left", "right"))
+
+
+def build_multimnist_recon(
+    *, seed: int, root: str | None, train_size: int | None, val_size: int | None, test_size: int | None
+) -> dict:
+    """MultiMNIST with ``right`` as reconstruction of the bottom-right digit alone (thesis §5.3)."""
+    mnist = digits.load_mnist()
+    return _two_item(mnist, mnist, seed, (train_size, val_size, test_size), ("left", "right"), right_alone=True)
+
+
+def build_multifashion(
+    *, seed: int, root: str | None, train_size: int | None, val_size: int | None, test_size: int | None
+) -> dict:
+    """Multi-Fashion: two Fashion-MNIST items from the idx files in ``root``; tasks ``left`` and ``right``."""
+    fashion = digits.load_fashion(root)
+    return _two_item(fashion, fashion, seed, (train_size, val_size, test_size), ("left", "right"))
+
+
+def build_multi_fashion_mnist(
+    *, seed: int, root: str | None, train_size: int | None, val_size: int | None, test_size: int | None
+) -> dict:
+    """Multi-(Fashion+MNIST): an MNIST digit top-left, a Fashion-MNIST item bottom-right; tasks ``digit``, ``fashion``.
+
+    ``source_indices[:, 0]`` indexes the MNIST digits, ``[:, 1]`` the Fashion-MNIST items (train files then t10k).
+    """
+    sizes = (train_size, val_size, test_size)
+    return _two_item(digits.load_mnist(), digits.load_fashion(root), seed, sizes, ("digit", "fashion"))
+
+
+GATES: MappingProxyType[str, Callable[[Tensor, Tensor], Tensor]] = MappingProxyType(
+    {
+        "and": lambda a, b: a & b,
+        "or": lambda a, b: a | b,
+        "xor": lambda a, b: a ^ b,
+        "nand": lambda a, b: 1 - (a & b),
+        "nor": lambda a, b: 1 - (a | b),
+        "xnor": lambda a, b: 1 - (a ^ b),
+    }
+)
+
+
+def build_logic(
+    *,
+    seed: int,
+    root: str | None,
+    train_size: int | None,
+    val_size: int | None,
+    test_size: int | None,
+    gates: list[str] | tuple[str, ...] = ("xor", "and"),
+    scale: float = 1.0,
+) -> dict:
+    """Logic gates (thesis §5.2): the four binary pairs, one regression task (dim 1) per gate in ``gates``.
+
+    The XOR target is multiplied by ``scale`` (the thesis' c). Train, val and test are the same four points,
+    since fitting them is the whole problem; ``seed``, ``root`` and the sizes are ignored.
+    """
+    names = [gates] if isinstance(gates, str) else list(gates) if isinstance(gates, (list, tuple)) else None
+    if not names or any(name not in GATES for name in names) or len(set(names)) != len(names):
+        raise MamoError(
+            f"data.options.gates for dataset 'logic' must be distinct names from {sorted(GATES)}, "
+            f"got {gates!r}; fix the list."
+        )
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise MamoError(f"data.options.scale for dataset 'logic' must be a finite number, got {scale!r}; fix it.")
+    pairs = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]])
+    targets = {}
+    for name in names:
+        factor = float(scale) if name == "xor" else 1.0
+        targets[name] = GATES[name](pairs[:, 0], pairs[:, 1]).to(torch.float32).unsqueeze(1) * factor
+    dataset = TensorTaskDataset(pairs.to(torch.float32), targets)
+    tasks = {name: {"type": "regression", "dim": 1} for name in names}
+    return {"train": dataset, "val": dataset, "test": dataset, "tasks": tasks}
+
+
+def build_concave(
+    *, seed: int, root: str | None, train_size: int | None, val_size: int | None, test_size: int | None, d: int = 20
+) -> dict:
+    """Pareto MTL's concave problem (Eq 19): minimise 1-exp(-||x∓1/sqrt(d)||²) over x in R^d.
+
+    One constant input [1.0] per split; tasks ``f1``/``f2`` regress to ±1/sqrt(d) with the ``exp_mse`` loss
+    through an identity head, so the network's output is x. ``seed``, ``root`` and the sizes are ignored.
+    """
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise MamoError(f"data.options.d for dataset 'concave' must be a positive integer, got {d!r}; fix it.")
+    target = torch.full((1, d), 1.0 / math.sqrt(d))
+    dataset = TensorTaskDataset(torch.ones(1, 1), {"f1": target, "f2": -target})
+    task = {"type": "regression", "dim": d, "loss": "exp_mse", "head": "identity"}
+    return {"train": dataset, "val": dataset, "test": dataset, "tasks": {"f1": dict(task), "f2": dict(task)}}
+
+
+DATASETS: dict[str, Callable[..., dict]] = {
+    "multimnist": build_multimnist,
+    "multimnist_recon": build_multimnist_recon,
+    "multifashion": build_multifashion,
+    "multi_fashion_mnist": build_multi_fashion_mnist,
+    "logic": build_logic,
+    "concave": build_concave,
+}
+
+
+# ------------------------------------------------------------------------------------------------------ plugins
+
+
+def _load_plugin(name: str) -> Callable[..., dict]:
+    target, _, func_name = name.rpartition(":")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise MamoError(f"data plugin file '{target}' was not found; fix the path in data.name '{name}'.")
+        module_name = "mamo_data_plugin_" + re.sub(r"\W", "_", path.stem)
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise MamoError(f"data plugin file '{target}' cannot be loaded as Python; give a .py file in data.name.")
+        module = importlib.util.module_from_spec(spec)
+        # Registered before running it, as importlib's recipe does, so dataclasses and pickling inside it work.
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except MamoError:
+            sys.modules.pop(module_name, None)
+            raise
+        except Exception as exc:
+            sys.modules.pop(module_name, None)
+            raise MamoError(
+                f"data plugin file '{target}' raised {type(exc).__name__} on import: {exc}; fix the plugin."
+            ) from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise MamoError(
+                f"data plugin module '{target}' could not be imported ({exc}); fix data.name or install the module."
+            ) from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise MamoError(f"data plugin '{target}' has no function '{func_name}'; define it or fix data.name '{name}'.")
+    return func
+
+
+def _accepted(func: Callable[..., Any]) -> tuple[set[str], bool] | None:
+    """Keyword names ``func`` accepts and whether it takes ``**kwargs``; None if it cannot be inspected."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _call_arguments(func: Callable[..., Any], cfg: DataConfig, what: str, plugin: bool) -> dict[str, Any]:
+    sizes = {key: getattr(cfg, key) for key in SIZE_KEYS}
+    for key, value in sizes.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise MamoError(f"data.{key} must be a positive integer or null, got {value!r}; fix it.")
+    for key in cfg.options:
+        if key in RESERVED:
+            raise MamoError(f"data.options.{key} is reserved for {what}; set data.{key} instead.")
+    kwargs: dict[str, Any] = {"seed": cfg.seed, "root": cfg.root}
+    accepted = _accepted(func)
+    if accepted is None:
+        return {**kwargs, **{k: v for k, v in sizes.items() if v is not None}, **cfg.options}
+    names, var_keyword = accepted
+    if plugin:
+        if not var_keyword and not {"seed", "root"} <= names:
+            raise MamoError(f"{what} must accept the keyword arguments seed and root; add them to its signature.")
+        for key, value in sizes.items():
+            if key in names or var_keyword:
+                kwargs[key] = value
+            elif value is not None:
+                raise MamoError(f"data.{key} is set but {what} takes no '{key}' argument; remove it or add one.")
+    else:
+        kwargs.update(sizes)
+    if not var_keyword:
+        valid = sorted(names - set(RESERVED))
+        for key in cfg.options:
+            if key not in names:
+                raise MamoError(
+                    f"unknown option '{key}' in data.options for {what}; valid options: {', '.join(valid) or 'none'}."
+                )
+    return {**kwargs, **cfg.options}
+
+
+# --------------------------------------------------------------------------------------------------- validation
+
+# How one sample's target must look for each task type; a table so that a new type is one entry.
+TARGET_CHECKS: MappingProxyType[str, Callable[[TaskSpec, Tensor], tuple[bool, str]]] = MappingProxyType(
+    {
+        "classification": lambda spec, t: (t.numel() == 1, "a single class index"),
+        "regression": lambda spec, t: (t.numel() == spec.dim, f"{spec.dim} values"),
+        "reconstruction": lambda spec, t: (tuple(t.shape) == spec.shape, f"shape {spec.shape}"),
+    }
+)
+
+
+def _check_sample(dataset: Dataset, split: str, tasks: dict[str, TaskSpec], what: str) -> tuple[int, ...]:
+    try:
+        size = len(dataset)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise MamoError(f"{what} returned a '{split}' dataset without __len__; give it one.") from exc
+    if size < 1:
+        raise MamoError(f"{what} returned an empty '{split}' split; give every split at least one sample.")
+    try:
+        sample = dataset[0]
+    except Exception as exc:
+        raise MamoError(
+            f"{what} has a '{split}' dataset whose first sample raised {type(exc).__name__}: {exc}; fix the dataset."
+        ) from exc
+    if not isinstance(sample, (tuple, list)) or len(sample) != 2 or not isinstance(sample[1], dict):
+        raise MamoError(
+            f"{what} gives '{split}' samples of type {type(sample).__name__}; "
+            "make each sample a pair (x, {task: target})."
+        )
+    x, targets = sample
+    try:
+        x, targets = torch.as_tensor(x), {k: torch.as_tensor(v) for k, v in targets.items()}
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise MamoError(f"{what} gives '{split}' samples that are not tensors ({exc}); return tensors.") from exc
+    for name, spec in tasks.items():
+        if name not in targets:
+            raise MamoError(
+                f"task '{name}' from {what} is missing from the targets of a '{split}' sample "
+                f"(which has {list(targets)}); add it to the targets or remove the task."
+            )
+        # A task type without a check here (added to mamo.tasks later) is let through unchecked.
+        check = TARGET_CHECKS.get(spec.type, lambda spec, t: (True, ""))
+        ok, expected = check(spec, targets[name])
+        if not ok:
+            raise MamoError(
+                f"task '{name}' from {what} expects {expected} per sample but a '{split}' sample has "
+                f"shape {tuple(targets[name].shape)}; fix the targets or the task spec."
+            )
+    return tuple(x.shape)
+
+
+def _validate(result: object, what: str) -> MultiTaskData:
+    if not isinstance(result, dict):
+        raise MamoError(
+            f"{what} returned {type(result).__name__}, not a dict with train, val, test and tasks; return that dict."
+        )
+    missing = [key for key in ("train", "val", "test", "tasks") if key not in result]
+    if missing:
+        raise MamoError(
+            f"{what} returned a dict without {', '.join(repr(k) for k in missing)}; "
+            "return keys train, val, test and tasks."
+        )
+    for split in digits.SPLITS:
+        if not isinstance(result[split], Dataset):
+            raise MamoError(
+                f"{what} returned '{split}' as {type(result[split]).__name__}, not a torch Dataset; "
+                "wrap it, e.g. in mamo.data.TensorTaskDataset."
+            )
+    tasks = parse_tasks(result["tasks"], what)
+    shapes = {split: _check_sample(result[split], split, tasks, what) for split in digits.SPLITS}
+    if len(set(shapes.values())) > 1:
+        raise MamoError(f"{what} gives inputs of different shapes per split ({shapes}); make them equal.")
+    return MultiTaskData(result["train"], result["val"], result["test"], tasks, shapes["train"])
+
+
+def load_data(cfg: DataConfig) -> MultiTaskData:
+    """Build the dataset ``cfg.name`` (built-in or plugin) with ``cfg.options`` and validate what it returns."""
+    if cfg.name in DATASETS:
+        builder, what, plugin = DATASETS[cfg.name], f"dataset '{cfg.name}'", False
+    elif ":" in cfg.name:
+        builder, what, plugin = _load_plugin(cfg.name), f"data plugin '{cfg.name}'", True
+    else:
+        raise MamoError(
+            f"unknown dataset '{cfg.name}'; use one of {', '.join(DATASETS)} or a plugin 'file.py:function'."
+        )
+    kwargs = _call_arguments(builder, cfg, what, plugin)
+    if not plugin:
+        return _validate(builder(**kwargs), what)
+    try:
+        result = builder(**kwargs)
+    except MamoError:
+        raise
+    except Exception as exc:
+        raise MamoError(f"{what} raised {type(exc).__name__}: {exc}; fix the plugin.") from exc
+    return _validate(result, what)
+
+
+# ----------------------------------------------------------------------------------------------------- batching
+
+
+def iterate_batches(
+    dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None
+) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+    """One epoch of ``(x, {task: target})`` batches; the order depends only on ``generator`` when shuffling.
+
+    A :class:`TensorTaskDataset` is sliced directly (a DataLoader would collate sample by sample, which
+    dominates the time on small models); any other Dataset goes through a DataLoader in the main process.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise MamoError(f"batch size must be a positive integer, got {batch_size!r}; fix train.batch_size.")
+    if isinstance(dataset, TensorTaskDataset):
+        n = len(dataset)
+        order = torch.randperm(n, generator=generator) if shuffle else None
+        for start in range(0, n, batch_size):
+            if order is None:
+                rows: slice | Tensor = slice(start, start + batch_size)
+            else:
+                rows = order[start : start + batch_size]
+            yield dataset.x[rows], {name: target[rows] for name, target in dataset.targets.items()}
+        return
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
+    for batch in loader:
+        # default_collate turns the (x, targets) pair into a list; keep the promised tuple.
+        yield batch[0], batch[1]

@@ -1,0 +1,81 @@
+"""Multi-task descent directions, each a weighting of the task gradients computed from their m×m Gramian.
+
+``create_direction(config)`` builds the method named by ``direction.name`` from :data:`DIRECTIONS` and wraps
+it in a :class:`Tensioner` unless ``direction.tensioner.formulation`` is ``off``. Calling a direction with the
+Gramian and the losses gives weights ``w``; the shared parameters' update direction is ``wᵀ J``
+(:func:`combine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from mamo.config import DirectionConfig
+from mamo.directions.base import Direction, DirectionOutput
+from mamo.directions.cagrad import CAGrad
+from mamo.directions.central import Central
+from mamo.directions.equal import Equal
+from mamo.directions.mgda import MGDA, NORMALIZERS
+from mamo.directions.min_norm import min_norm_weights
+from mamo.directions.pcgrad import PCGrad
+from mamo.directions.tensioner import FORMULATIONS, Tensioner, tension_factors
+from mamo.errors import MamoError
+
+__all__ = [
+    "DIRECTIONS",
+    "FORMULATIONS",
+    "NORMALIZERS",
+    "TENSIONER_FORMULATIONS",
+    "CAGrad",
+    "Central",
+    "Direction",
+    "DirectionOutput",
+    "Equal",
+    "MGDA",
+    "PCGrad",
+    "Tensioner",
+    "combine",
+    "create_direction",
+    "min_norm_weights",
+    "tension_factors",
+]
+
+Factory = Callable[[DirectionConfig, torch.Generator | None], Direction]
+
+DIRECTIONS: dict[str, Factory] = {
+    "equal": lambda config, generator: Equal(),
+    "mgda": lambda config, generator: MGDA(config.normalization),
+    "central": lambda config, generator: Central(),
+    "pcgrad": lambda config, generator: PCGrad(generator),
+    "cagrad": lambda config, generator: CAGrad(config.cagrad_c),
+}
+
+TENSIONER_FORMULATIONS: tuple[str, ...] = ("off", *FORMULATIONS)
+
+
+def create_direction(config: DirectionConfig, generator: torch.Generator | None = None) -> Direction:
+    """The direction named by ``config.name``, wrapped in the tensioner unless its formulation is ``off``.
+
+    ``generator`` seeds the methods that draw random numbers (pcgrad's projection order).
+    """
+    factory = DIRECTIONS.get(config.name)
+    if factory is None:
+        raise MamoError(f"unknown direction '{config.name}' (direction.name); use one of {', '.join(DIRECTIONS)}.")
+    tensioner = config.tensioner
+    if tensioner.formulation not in TENSIONER_FORMULATIONS:
+        raise MamoError(
+            f"unknown tensioner formulation '{tensioner.formulation}' (direction.tensioner.formulation); "
+            f"use one of {', '.join(TENSIONER_FORMULATIONS)}."
+        )
+    base = factory(config, generator)
+    if tensioner.formulation == "off":
+        return base
+    return Tensioner(base, tensioner.formulation, tensioner.T, tensioner.alpha)
+
+
+def combine(weights: Tensor, jacobian: Tensor) -> Tensor:
+    """The direction ``weightsᵀ J`` for an m×d matrix ``J``, in J's dtype and on its device."""
+    return weights.to(dtype=jacobian.dtype, device=jacobian.device) @ jacobian

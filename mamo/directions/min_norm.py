@@ -1,0 +1,103 @@
+"""The exact min-norm element of the convex hull of the task gradients, from their Gramian alone.
+
+``min_norm_weights(G)`` returns ``w`` minimising ``wᵀGw`` over the simplex ``{w ≥ 0, Σw = 1}``.
+
+How (exact, finite, float64):
+
+* m = 2 and m = 3: closed forms in plain Python floats (the interior stationary point, else the best edge),
+  because numpy's per-call overhead dominates at this size.
+* m ≥ 4: with ``H = G/scale + 11ᵀ`` (positive definite iff the gradients are affinely independent), the
+  problem is the non-negative least-squares problem ``min_{u ≥ 0} ||R u - b||²`` with ``RᵀR = H`` and
+  ``Rᵀb = 1``; its solution is ``u = t·w`` with ``t > 0``, so ``w = u / Σu``. (Over ``u = t·w``, the objective
+  is ``t²(q + 1) - 2t + 1`` with ``q = wᵀGw/scale``, minimised at ``t = 1/(1 + q)`` to ``q/(1 + q)``, which is
+  increasing in ``q``.) NNLS is solved by Lawson-Hanson's active-set method (``scipy.optimize.nnls``,
+  compiled, with an iteration cap); when every weight of the affine minimiser is positive, that is the answer
+  and NNLS is skipped. A rank-deficient ``H`` (identical, collinear or too many gradients for their
+  dimension) takes a pivoted Cholesky factor of its numerical rank instead.
+
+There is no 0.999/0.001 clipping (it makes the m = 2 answer inexact in the public reference solvers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.linalg import lapack
+from scipy.optimize import nnls
+
+# Squared Cholesky pivot (relative to the scaled H, whose entries are O(1)) under which a gradient is taken
+# to lie in the affine hull of the others; the objective error this admits is of the same relative order.
+_PIVOT = 1e-12
+
+
+def _pair(g11: float, g12: float, g22: float) -> float:
+    """Weight of the first gradient in the min-norm point of the segment [g1, g2]."""
+    den = g11 + g22 - 2.0 * g12  # ||g1 - g2||²
+    if not den > 0.0:  # identical gradients: every point is optimal; 0.5 keeps the answer symmetric
+        return 0.5
+    a = (g22 - g12) / den
+    return 0.0 if a < 0.0 else (1.0 if a > 1.0 else a)
+
+
+def _three(gramian: np.ndarray) -> np.ndarray:
+    (g11, g12, g13), (_, g22, g23), (_, _, g33) = gramian.tolist()
+    # In the frame p1 + a(p2 - p1) + b(p3 - p1): d_ij are the Gram entries of the differences.
+    d22 = g22 - 2.0 * g12 + g11
+    d33 = g33 - 2.0 * g13 + g11
+    d23 = g23 - g12 - g13 + g11
+    det = d22 * d33 - d23 * d23
+    if det > 0.0 and det > _PIVOT * d22 * d33:
+        c2 = g12 - g11
+        c3 = g13 - g11
+        a = (c3 * d23 - c2 * d33) / det
+        b = (c2 * d23 - c3 * d22) / det
+        if a >= 0.0 and b >= 0.0 and a + b <= 1.0:
+            return np.array([1.0 - a - b, a, b])
+    # Otherwise the optimum is on the boundary (for collinear points too: their hull is one of the edges).
+    best = (np.inf, 0, 1, 1.0)
+    for i, j, gii, gij, gjj in ((0, 1, g11, g12, g22), (0, 2, g11, g13, g33), (1, 2, g22, g23, g33)):
+        a = _pair(gii, gij, gjj)
+        value = a * a * gii + 2.0 * a * (1.0 - a) * gij + (1.0 - a) * (1.0 - a) * gjj
+        if value < best[0]:
+            best = (value, i, j, a)
+    _, i, j, a = best
+    weights = np.zeros(3)
+    weights[i] = a
+    weights[j] = 1.0 - a
+    return weights
+
+
+def min_norm_weights(gramian: np.ndarray) -> np.ndarray:
+    """Exact minimiser of ``wᵀ G w`` over the simplex, for a symmetric positive semi-definite m×m ``G``.
+
+    Returns float64 weights ``w ≥ 0`` with ``Σw = 1``. The minimum value is unique; the weights are unique
+    only when the gradients at the optimum are affinely independent (with identical gradients any split
+    between them is optimal and one is returned). An all-zero Gramian gives uniform weights.
+    """
+    G = np.asarray(gramian, dtype=np.float64)
+    m = G.shape[0]
+    if m == 1:
+        return np.ones(1)
+    if m == 2:
+        a = _pair(float(G[0, 0]), float(G[0, 1]), float(G[1, 1]))
+        return np.array([a, 1.0 - a])
+    if m == 3:
+        return _three(G)
+    scale = max(G.diagonal().tolist())
+    if not scale > 0.0:
+        return np.full(m, 1.0 / m)
+    H = G * (1.0 / scale) + 1.0
+    R, info = lapack.dpotrf(H, lower=0, clean=1)
+    if info == 0 and min(R.diagonal().tolist()) ** 2 > _PIVOT:
+        b, _ = lapack.dtrtrs(R, np.ones(m), lower=0, trans=1)
+        z, _ = lapack.dtrtrs(R, b, lower=0)  # z = H⁻¹1: the affine minimiser, up to its sum
+        z_list = z.tolist()
+        if min(z_list) > 0.0:
+            return z / sum(z_list)
+        A = R
+    else:
+        R, piv, rank, _ = lapack.dpstrf(H, tol=_PIVOT, lower=0)
+        A = np.zeros((rank, m))
+        A[:, piv - 1] = np.triu(R[:rank])  # AᵀA = H up to the dropped (negligible) pivots
+        b, _ = lapack.dtrtrs(R[:rank, :rank], np.ones(rank), lower=0, trans=1)
+    u, _ = nnls(A, b, maxiter=50 * m)  # Lawson-Hanson terminates in far fewer; the cap bounds the loop
+    return u / u.sum()

@@ -1,0 +1,135 @@
+"""The nn.Module compiled from the architecture graph.
+
+:class:`MamoNet` evaluates the graph's nodes in topological order. A trunk cell takes its predecessor's output;
+a branch module (GMK) takes the mean of the trunk stream and its own branch stream (the trunk stream alone at
+the branch's first cell); the fusion of task t adds ``beta[t, group] * branch output`` to the trunk output;
+the head maps the fused features to the task's prediction. Growth edits the graph and calls :meth:`sync`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import networkx as nx
+import torch
+from torch import nn
+
+from mamo import graph as g
+from mamo.spaces import space_from_spec
+from mamo.tasks import TaskSpec, parse_tasks
+
+
+def _beta_name(task: str, group: g.Group) -> str:
+    # ParameterDict keys may not contain '.'; task names come from users, so keep them readable but safe.
+    return f"{task}|{'+'.join(group)}".replace(".", "_")
+
+
+class MamoNet(nn.Module):
+    """A multi-task network whose structure is ``graph``; ``forward(x)`` returns ``{task: prediction}``."""
+
+    def __init__(self, graph: nx.DiGraph):
+        super().__init__()
+        self.graph = graph
+        self.space = space_from_spec(graph.graph["space"])
+        self.tasks: dict[str, TaskSpec] = parse_tasks(graph.graph["tasks"], "the architecture graph")
+        self.blocks = nn.ModuleDict()
+        self.betas = nn.ParameterDict()
+        self.sync(copy_from_trunk=False)
+
+    # ----- structure -------------------------------------------------------------------------------------
+    def sync(self, copy_from_trunk: bool = True) -> list[str]:
+        """Build modules for graph nodes that have none yet; returns the new node ids.
+
+        A new branch module is a copy of its trunk cell's current weights (``copy_from_trunk``), which with the
+        mean input makes a new branch an exact fork of the trunk; a new fusion weight starts at 0.
+        """
+        shapes = self.graph.graph["cell_shapes"]
+        added = []
+        for node, data in self.graph.nodes(data=True):
+            if data["kind"] in ("cell", "gmk", "head") and node not in self.blocks:
+                if data["kind"] == "head":
+                    module = self.space.build_head(self.tasks[data["task"]], tuple(shapes[-1]))
+                elif data["kind"] == "gmk" and copy_from_trunk:
+                    module = copy.deepcopy(self.blocks[g.cell_id(data["cell"])])
+                else:
+                    module = self.space.build_cell(data["cell"])
+                self.blocks[node] = module.to(self._device())
+                added.append(node)
+        for task in self.tasks:
+            for group in g.fusion_groups(self.graph, task):
+                name = _beta_name(task, group)
+                if name not in self.betas:
+                    self.betas[name] = nn.Parameter(torch.zeros((), device=self._device()))
+        self._order = list(nx.topological_sort(self.graph))
+        self._inputs = {node: g.branch_inputs(self.graph, node) for node in self._order}
+        return added
+
+    def _device(self) -> torch.device:
+        for param in self.parameters():
+            return param.device
+        return torch.device("cpu")
+
+    def node_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Parameters grouped by graph node, nodes in topological order (fusion betas under their fusion)."""
+        grouped: dict[str, list[tuple[str, nn.Parameter]]] = {}
+        for node in self._order:
+            kind = self.graph.nodes[node]["kind"]
+            if kind in ("cell", "gmk", "head"):
+                grouped[node] = [(f"blocks.{node}.{n}", p) for n, p in self.blocks[node].named_parameters()]
+            elif kind == "fusion":
+                task = self.graph.nodes[node]["task"]
+                grouped[node] = [
+                    (f"betas.{_beta_name(task, grp)}", self.betas[_beta_name(task, grp)])
+                    for grp in g.fusion_groups(self.graph, task)
+                ]
+        return grouped
+
+    # ----- computation -----------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Outputs of the last trunk cell and of every branch's last module: what the fusions read."""
+        outputs = self._run(x, until_fusion=True)
+        last = g.num_cells(self.graph) - 1
+        return {
+            node: value
+            for node, value in outputs.items()
+            if node != g.INPUT and self.graph.nodes[node]["cell"] == last
+        }
+
+    def forward_heads(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fusion and heads on the representation from :meth:`forward_features` (used by MGDA-UB)."""
+        trunk = features[g.cell_id(g.num_cells(self.graph) - 1)]
+        predictions = {}
+        for task in self.tasks:
+            fused = trunk
+            for group in g.fusion_groups(self.graph, task):
+                last = g.branch_id(group, g.num_cells(self.graph) - 1)
+                fused = fused + self.betas[_beta_name(task, group)] * features[last]
+            predictions[task] = self.blocks[g.head_id(task)](fused)
+        return predictions
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.forward_heads(self.forward_features(x))
+
+    def _run(self, x: torch.Tensor, until_fusion: bool) -> dict[str, torch.Tensor]:
+        outputs = {g.INPUT: x}
+        for node in self._order:
+            kind = self.graph.nodes[node]["kind"]
+            if kind not in ("cell", "gmk"):
+                continue
+            inputs = [outputs[p] for p in self._inputs[node]]
+            # The mean of trunk and branch streams keeps a freshly copied branch an exact fork of the trunk.
+            value = inputs[0] if len(inputs) == 1 else (inputs[0] + inputs[1]) / 2
+            outputs[node] = self.blocks[node](value)
+        return outputs
+
+
+def compile_model(graph: nx.DiGraph, seed: int = 0, device: torch.device | str = "cpu") -> MamoNet:
+    """Build the module for ``graph`` with weights initialised from ``seed`` (global RNG left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MamoNet(graph)
+    return model.to(device)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,130 @@
+"""Δ and win rate against single-task learning (MAMO Eq 15), and the paper-style report of a run.
+
+Rows are methods (STL, HPS, the grown model, ...), columns every (task, metric). As in MAMO Table 1, the
+STL row shows absolute values and every other row the relative change against STL in percent, signed so
+that "+" means better than STL; Δ and Win close each row. A second table gives every row's absolute values.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from mamo.tasks import TaskSpec
+
+Metrics = dict[str, dict[str, float]]
+
+
+def metric_columns(tasks: dict[str, TaskSpec]) -> list[tuple[str, str, bool]]:
+    """Every (task, metric, higher_is_better) that Δ and the win rate run over."""
+    return [(name, m.name, m.higher_is_better) for name, spec in tasks.items() for m in spec.metrics]
+
+
+def relative_changes(mtl: Metrics, stl: Metrics, tasks: dict[str, TaskSpec]) -> dict[tuple[str, str], float]:
+    """(-1)^s (MTL - STL) / STL * 100 per metric, s = 0 where higher is better: positive means better."""
+    changes = {}
+    for task, metric, higher in metric_columns(tasks):
+        reference = stl[task][metric]
+        diff = mtl[task][metric] - reference
+        sign = 1.0 if higher else -1.0
+        changes[(task, metric)] = sign * diff / abs(reference) * 100.0 if reference != 0 else sign * diff * 100.0
+    return changes
+
+
+def delta(mtl: Metrics, stl: Metrics, tasks: dict[str, TaskSpec]) -> float:
+    """MAMO Eq 15: the mean signed relative change over every metric of every task, in percent."""
+    changes = relative_changes(mtl, stl, tasks)
+    return sum(changes.values()) / len(changes)
+
+
+def win_rate(mtl: Metrics, stl: Metrics, tasks: dict[str, TaskSpec]) -> float:
+    """The fraction of metrics on which the multi-task model is strictly better than STL, in [0, 1]."""
+    changes = relative_changes(mtl, stl, tasks)
+    return sum(1 for value in changes.values() if value > 0) / len(changes)
+
+
+def build_rows(
+    results: dict[str, dict], stl_name: str | None, tasks: dict[str, TaskSpec]
+) -> list[dict]:
+    """One row per method: its metrics, Δ and Win against the STL row (when there is one), params, time."""
+    stl = results[stl_name]["tasks"] if stl_name else None
+    rows = []
+    for name, result in results.items():
+        row = {"method": name, "tasks": result["tasks"], "params": result.get("params"),
+               "seconds_per_epoch": result.get("seconds_per_epoch")}
+        if stl is not None and name != stl_name:
+            row["relative"] = relative_changes(result["tasks"], stl, tasks)
+            row["delta"] = delta(result["tasks"], stl, tasks)
+            row["win_rate"] = win_rate(result["tasks"], stl, tasks)
+        elif stl is not None:
+            row["delta"], row["win_rate"] = 0.0, 0.0
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.3e}"
+
+
+def markdown_table(rows: list[dict], tasks: dict[str, TaskSpec], stl_name: str | None) -> str:
+    columns = metric_columns(tasks)
+    header = ["Method"] + [f"{t} {m} {'↑' if h else '↓'}" for t, m, h in columns]
+    extra = ["Δ % ↑", "Win ↑"] if stl_name else []
+    header += extra + ["Params", "s/epoch"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["method"]]
+        for task, metric, _ in columns:
+            if "relative" in row:
+                cells.append(f"{row['relative'][(task, metric)]:+.2f}")
+            else:
+                cells.append(_fmt(row["tasks"][task][metric]))
+        if stl_name:
+            cells += [f"{row['delta']:+.2f}", f"{row['win_rate']:.0%}"]
+        cells += [str(row["params"] or "-"), _fmt(row["seconds_per_epoch"], 3)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def absolute_table(rows: list[dict], tasks: dict[str, TaskSpec]) -> str:
+    columns = metric_columns(tasks)
+    header = ["Method"] + [f"{t} {m}" for t, m, _ in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join([row["method"]] + [_fmt(row["tasks"][t][m]) for t, m, _ in columns]) + " |")
+    return "\n".join(lines)
+
+
+def write_report(
+    run_dir: Path, title: str, rows: list[dict], tasks: dict[str, TaskSpec], stl_name: str | None, notes: str = ""
+) -> str:
+    """Write report.md and report.csv into ``run_dir``; returns the markdown."""
+    parts = [f"# {title}", ""]
+    if stl_name:
+        parts += [
+            f"Relative change against {stl_name} in % (+ is better than {stl_name}); the {stl_name} row is absolute.",
+            "Δ is MAMO Eq 15 over every metric; Win is the share of metrics better than STL.",
+            "",
+        ]
+    parts += [markdown_table(rows, tasks, stl_name), "", "Absolute test metrics:", "", absolute_table(rows, tasks)]
+    if notes:
+        parts += ["", notes]
+    text = "\n".join(parts) + "\n"
+    (run_dir / "report.md").write_text(text)
+    with open(run_dir / "report.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "task", "metric", "value", "relative_to_stl_percent", "delta", "win_rate", "params"])
+        for row in rows:
+            for task, metric, _ in metric_columns(tasks):
+                relative = row.get("relative", {}).get((task, metric))
+                writer.writerow([row["method"], task, metric, row["tasks"][task][metric],
+                                 "" if relative is None else relative, row.get("delta", ""),
+                                 row.get("win_rate", ""), row["params"]])
+    return text
+
+
+def write_metrics(run_dir: Path, metrics: dict) -> None:
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))

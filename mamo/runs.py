@@ -1,0 +1,85 @@
+"""Run folders: created once and never overwritten, a log file, the resolved config, the baseline cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TextIO
+
+from mamo.config import Config, dump_config
+from mamo.errors import MamoError
+
+RUNS_ROOT = Path("runs")
+
+
+def new_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Path:
+    """Create the run folder: ``run_dir`` if given, else runs/<timestamp>-<preset>; refuses an existing one."""
+    path = Path(run_dir) if run_dir else RUNS_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{config.name}"
+    if path.exists() and any(path.iterdir()):
+        raise MamoError(f"run folder {path} already exists and is not empty; pass a new --run-dir or remove it.")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "checkpoints").mkdir(exist_ok=True)
+    dump_config(config, path / "config.yaml")
+    return path
+
+
+class RunLog:
+    """Writes timestamped lines to the run's log file and, unless quiet, to the terminal."""
+
+    def __init__(self, path: Path | None, quiet: bool = False, stream: TextIO | None = None):
+        self.path = path
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+
+    def __call__(self, message: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {message}"
+        if self.path is not None:
+            with open(self.path, "a") as handle:
+                handle.write(line + "\n")
+        if not self.quiet:
+            print(message, file=self.stream, flush=True)
+
+
+def baseline_key(config: Config, kind: str, epochs: int) -> str:
+    """Cache key of a baseline: the data, the backbone, the training budget and the seed, nothing else."""
+    train = config.train
+    payload = {
+        "kind": kind,
+        "data": asdict(config.data),
+        "model": asdict(config.model),
+        "budget": {
+            "epochs": epochs, "batch_size": train.batch_size, "lr": train.lr, "optimizer": train.optimizer,
+            "momentum": train.momentum, "weight_decay": train.weight_decay, "precision": train.precision,
+        },
+        "seed": train.seed,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class BaselineCache:
+    """STL and HPS results keyed by :func:`baseline_key`, shared by every run under one runs root."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        path = self._path(key)
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None  # a half-written entry is retrained rather than trusted
+
+    def put(self, key: str, result: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self._path(key).with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(self._path(key))

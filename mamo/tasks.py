@@ -1,0 +1,192 @@
+"""Tasks: what a task's target looks like, its loss, and its metrics with their directions.
+
+A dataset describes its tasks with plain dicts (the stable plugin contract):
+``{"type": "classification", "classes": K}``, ``{"type": "regression", "dim": D}`` or
+``{"type": "reconstruction", "shape": [C, H, W]}``. :func:`parse_tasks` turns them into :class:`TaskSpec`.
+Each task type is one entry of :data:`TASK_TYPES`; adding a type means adding an entry, not a branch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from mamo.errors import MamoError
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric name and whether a larger value is better."""
+
+    name: str
+    higher_is_better: bool
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: its name, type, output size and optional head/loss overrides."""
+
+    name: str
+    type: str
+    classes: int = 0
+    dim: int = 0
+    shape: tuple[int, ...] = ()
+    head: str = "default"
+    loss: str = "default"
+
+    @property
+    def output_size(self) -> int:
+        """Number of outputs the head must produce (flattened)."""
+        return TASK_TYPES[self.type].output_size(self)
+
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        return TASK_TYPES[self.type].metrics
+
+    def to_dict(self) -> dict:
+        out: dict = {"type": self.type}
+        if self.classes:
+            out["classes"] = self.classes
+        if self.dim:
+            out["dim"] = self.dim
+        if self.shape:
+            out["shape"] = list(self.shape)
+        if self.head != "default":
+            out["head"] = self.head
+        if self.loss != "default":
+            out["loss"] = self.loss
+        return out
+
+
+def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(pred.reshape(target.shape), target.to(pred.dtype))
+
+
+def _exp_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # Pareto MTL Eq 19: 1 - exp(-||x - t||^2), a concave front.
+    diff = pred.reshape(target.shape) - target.to(pred.dtype)
+    return (1.0 - torch.exp(-(diff**2).sum(dim=-1))).mean()
+
+
+def _cross_entropy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(pred, target.long())
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "cross_entropy": _cross_entropy,
+    "mse": _mse,
+    "exp_mse": _exp_mse,
+}
+
+
+@dataclass(frozen=True)
+class TaskType:
+    """How one kind of task is trained and scored."""
+
+    default_loss: str
+    metrics: tuple[Metric, ...]
+    output_size: Callable[[TaskSpec], int]
+    # Sums over a batch: metric name -> sum of per-sample values (divided by the count at the end).
+    batch_sums: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] = field(repr=False)
+
+
+def _classification_sums(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    return {"accuracy": (pred.argmax(dim=-1) == target.long()).sum().item()}
+
+
+def _regression_sums(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    diff = pred.reshape(target.shape).float() - target.float()
+    per_sample = diff.reshape(diff.shape[0], -1)
+    return {"mse": (per_sample**2).mean(dim=1).sum().item(), "mae": per_sample.abs().mean(dim=1).sum().item()}
+
+
+TASK_TYPES: dict[str, TaskType] = {
+    "classification": TaskType(
+        default_loss="cross_entropy",
+        metrics=(Metric("accuracy", True),),
+        output_size=lambda spec: spec.classes,
+        batch_sums=_classification_sums,
+    ),
+    "regression": TaskType(
+        default_loss="mse",
+        metrics=(Metric("mse", False), Metric("mae", False)),
+        output_size=lambda spec: spec.dim,
+        batch_sums=_regression_sums,
+    ),
+    "reconstruction": TaskType(
+        default_loss="mse",
+        metrics=(Metric("mse", False), Metric("mae", False)),
+        output_size=lambda spec: math.prod(spec.shape),
+        batch_sums=_regression_sums,
+    ),
+}
+
+
+def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The training loss of one task on one batch (a scalar)."""
+    name = TASK_TYPES[spec.type].default_loss if spec.loss == "default" else spec.loss
+    return LOSSES[name](pred, target)
+
+
+class MetricAccumulator:
+    """Sums per-sample metric values over batches; :meth:`compute` gives the means."""
+
+    def __init__(self, tasks: dict[str, TaskSpec]):
+        self.tasks = tasks
+        self.sums: dict[str, dict[str, float]] = {name: {} for name in tasks}
+        self.loss_sums: dict[str, float] = {name: 0.0 for name in tasks}
+        self.count = 0
+
+    def update(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> None:
+        batch = next(iter(targets.values())).shape[0]
+        self.count += batch
+        for name, spec in self.tasks.items():
+            pred, target = outputs[name].detach(), targets[name]
+            for metric, value in TASK_TYPES[spec.type].batch_sums(pred, target).items():
+                self.sums[name][metric] = self.sums[name].get(metric, 0.0) + value
+            self.loss_sums[name] += task_loss(spec, pred.float(), target).item() * batch
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """``{task: {metric: mean, ..., "loss": mean loss}}``."""
+        n = max(self.count, 1)
+        return {
+            name: {**{m: v / n for m, v in self.sums[name].items()}, "loss": self.loss_sums[name] / n}
+            for name in self.tasks
+        }
+
+
+def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
+    """Validate a dataset's ``tasks`` dict and build specs; ``source`` names where it came from."""
+    if not isinstance(raw, dict) or not raw:
+        raise MamoError(f"{source} must return 'tasks' as a non-empty dict of task name -> spec, got {raw!r}.")
+    specs: dict[str, TaskSpec] = {}
+    for name, spec in raw.items():
+        if not isinstance(spec, dict) or spec.get("type") not in TASK_TYPES:
+            kind = spec.get("type") if isinstance(spec, dict) else spec
+            raise MamoError(
+                f"task '{name}' from {source} has unknown type {kind!r}; use one of {sorted(TASK_TYPES)}."
+            )
+        extra = set(spec) - {"type", "classes", "dim", "shape", "head", "loss"}
+        if extra:
+            raise MamoError(f"task '{name}' from {source} has unknown keys {sorted(extra)}; remove them.")
+        loss = spec.get("loss", "default")
+        if loss != "default" and loss not in LOSSES:
+            raise MamoError(f"task '{name}' from {source} has unknown loss {loss!r}; use one of {sorted(LOSSES)}.")
+        task = TaskSpec(
+            name=str(name),
+            type=spec["type"],
+            classes=int(spec.get("classes", 0)),
+            dim=int(spec.get("dim", 0)),
+            shape=tuple(int(s) for s in spec.get("shape", ())),
+            head=str(spec.get("head", "default")),
+            loss=loss,
+        )
+        if task.output_size <= 0:
+            need = {"classification": "classes", "regression": "dim", "reconstruction": "shape"}[task.type]
+            raise MamoError(f"task '{name}' from {source} of type {task.type} needs a positive '{need}'.")
+        specs[task.name] = task
+    return specs

@@ -1,0 +1,196 @@
+"""Training one network end to end, the STL and HPS baselines (cached), and the ``train`` command."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mamo.config import Config, DirectionConfig, TensionerConfig
+from mamo.data import MultiTaskData, load_data
+from mamo.directions import create_direction
+from mamo.errors import MamoError
+from mamo.graph import build_hps_graph, graph_to_dict
+from mamo.model import MamoNet, compile_model, count_parameters
+from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
+from mamo.runs import BaselineCache, RunLog, baseline_key, new_run_dir
+from mamo.spaces import create_space
+from mamo.step import TrainStep
+from mamo.trainer import Callback, KeepBest, Trainer, make_optimizer, resolve_device
+
+EQUAL = DirectionConfig(name="equal", tensioner=TensionerConfig(formulation="off"))
+MODES = ("mtl", "stl")
+
+
+@dataclass
+class Session:
+    """What every training in one command shares: config, data, device, log and the baseline cache."""
+
+    config: Config
+    data: MultiTaskData
+    device: torch.device
+    log: RunLog
+    cache: BaselineCache
+    progress: bool = True
+
+
+@dataclass
+class Trained:
+    model: MamoNet
+    trainer: Trainer
+    test: dict
+    val: dict
+    extra: dict = field(default_factory=dict)
+
+    def result(self) -> dict:
+        return {"tasks": self.test, "val": self.val, "params": count_parameters(self.model),
+                "seconds_per_epoch": self.trainer.seconds_per_epoch}
+
+
+def open_session(config: Config, run_dir: Path | None, progress: bool = True, quiet: bool = False) -> Session:
+    if config.train.mode not in MODES:
+        raise MamoError(f"unknown train.mode '{config.train.mode}'; use one of {', '.join(MODES)}.")
+    log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
+    device = resolve_device(config.train.device)
+    data = load_data(config.data)
+    root = run_dir.parent if run_dir else Path("runs")
+    return Session(config, data, device, log, BaselineCache(root / ".baselines"), progress)
+
+
+def build_network(session: Session, task_names: list[str] | None = None) -> MamoNet:
+    """The HPS network of the configured backbone for ``task_names`` (default: every task)."""
+    tasks = session.data.tasks
+    chosen = {name: tasks[name] for name in (task_names or list(tasks))}
+    space = create_space(session.config.model, session.data.input_shape)
+    return compile_model(build_hps_graph(space, chosen), seed=session.config.train.seed, device=session.device)
+
+
+def make_trainer(
+    session: Session,
+    model: MamoNet,
+    direction: DirectionConfig,
+    callbacks: list[Callback] | None = None,
+    description: str = "train",
+    collect_gramians: bool = False,
+) -> Trainer:
+    train = session.config.train
+    generator = torch.Generator().manual_seed(train.seed)
+    step = TrainStep(
+        model,
+        create_direction(direction, generator=torch.Generator().manual_seed(train.seed + 1)),
+        make_optimizer(model, train),
+        gradients=train.gradients,
+        precision=train.precision,
+        collect_gramians=collect_gramians,
+    )
+    return Trainer(model, step, session.data.train, session.data.val, train.batch_size, session.device,
+                   generator, callbacks, progress=session.progress, description=description)
+
+
+def train_network(
+    session: Session,
+    epochs: int,
+    direction: DirectionConfig,
+    task_names: list[str] | None = None,
+    description: str = "train",
+) -> Trained:
+    """Train one network for ``epochs``, keep its best-by-validation weights, test it."""
+    model = build_network(session, task_names)
+    best = KeepBest()
+    trainer = make_trainer(session, model, direction, [best], description)
+    trainer.fit(epochs)
+    best.restore(model)
+    return Trained(model, trainer, trainer.evaluate(session.data.test), trainer.evaluate(session.data.val),
+                   {"best_epoch": best.best_epoch})
+
+
+def train_stl(session: Session, epochs: int) -> dict:
+    """One network per task, each trained alone; the result merges their metrics and adds their sizes."""
+    merged: dict = {"tasks": {}, "val": {}, "params": 0, "seconds_per_epoch": 0.0}
+    for task in session.data.tasks:
+        session.log(f"STL: training '{task}' alone for {epochs} epochs")
+        result = train_network(session, epochs, EQUAL, [task], description=f"stl {task}").result()
+        merged["tasks"].update(result["tasks"])
+        merged["val"].update(result["val"])
+        merged["params"] += result["params"]
+        merged["seconds_per_epoch"] += result["seconds_per_epoch"]
+    return merged
+
+
+def cached_baseline(session: Session, kind: str, epochs: int) -> dict:
+    """The STL or HPS (equal weighting) baseline for this data, backbone, budget and seed; trained once."""
+    key = baseline_key(session.config, kind, epochs)
+    cached = session.cache.get(key)
+    if cached is not None:
+        session.log(f"{kind.upper()} baseline: reusing the cached result {key}")
+        return cached
+    if kind == "stl":
+        result = train_stl(session, epochs)
+    else:
+        session.log(f"HPS baseline: equal weighting for {epochs} epochs")
+        result = train_network(session, epochs, EQUAL, description="hps").result()
+    session.cache.put(key, result)
+    return result
+
+
+def save_model(run_dir: Path, model: MamoNet) -> None:
+    """The architecture (node-link JSON) and its weights (safetensors): together they rebuild the model."""
+    from safetensors.torch import save_file
+
+    (run_dir / "architecture.json").write_text(json.dumps(graph_to_dict(model.graph), indent=1))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(run_dir / "weights.safetensors"))
+
+
+def run_train(config: Config, run_dir: str | Path | None = None, progress: bool = True, quiet: bool = False) -> dict:
+    """``mamo train``: HPS with the configured direction, or STL with ``train.mode=stl``; writes the report."""
+    directory = new_run_dir(run_dir, config, "train")
+    session = open_session(config, directory, progress, quiet)
+    epochs = config.train.epochs
+    tasks = session.data.tasks
+    session.log(f"run folder: {directory}")
+    stl_key = baseline_key(config, "stl", epochs)
+    if config.train.mode == "stl":
+        result = train_stl(session, epochs)
+        session.cache.put(stl_key, result)
+        results, stl_name = {"STL": result}, "STL"
+    else:
+        method = config.direction.name + ("" if config.direction.tensioner.formulation == "off" else "+tensioner")
+        session.log(f"HPS network, direction {method}, {epochs} epochs on {session.device}")
+        trained = train_network(session, epochs, config.direction, description="hps")
+        result = trained.result()
+        torch.save({"model": trained.model.state_dict(), "graph": graph_to_dict(trained.model.graph),
+                    "epoch": trained.extra["best_epoch"]}, directory / "checkpoints" / "best.pt")
+        save_model(directory, trained.model)
+        stl = session.cache.get(stl_key)
+        results = {"STL": stl, f"HPS ({method})": result} if stl else {f"HPS ({method})": result}
+        stl_name = "STL" if stl else None
+    metrics = {"tasks": result["tasks"], "params": result["params"], "val": result["val"],
+               "seconds_per_epoch": result["seconds_per_epoch"], "config": dataclasses.asdict(config)}
+    if stl_name and config.train.mode == "mtl":
+        metrics["delta"] = delta(result["tasks"], results["STL"]["tasks"], tasks)
+        metrics["win_rate"] = win_rate(result["tasks"], results["STL"]["tasks"], tasks)
+        metrics["baselines"] = {"stl": results["STL"]}
+    rows = build_rows(results, stl_name, tasks)
+    note = "" if stl_name else "No cached STL baseline for this data, backbone, budget and seed: run with " \
+        "--set train.mode=stl once to get Δ and Win."
+    text = write_report(directory, f"mamo train: {config.name}", rows, tasks, stl_name, note)
+    write_metrics(directory, metrics)
+    session.log("\n" + text)
+    return metrics
+
+
+def add_arguments_train(parser) -> None:
+    from mamo.cli import add_preset_arguments
+
+    add_preset_arguments(parser, "multimnist")
+
+
+def command_train(args) -> int:
+    from mamo.config import load_config
+
+    run_train(load_config(args.preset, args.overrides), args.run_dir, progress=not args.no_progress)
+    return 0

@@ -1,0 +1,171 @@
+"""A short generic trainer: epochs of steps, validation, callbacks. Nothing here knows about methods or logs.
+
+In the manner of minGPT's trainer: the step (:class:`mamo.step.TrainStep`) owns the method, callbacks own
+everything that watches training (conflict statistics, TensorBoard, best-checkpointing), and the trainer
+only runs the loop, shows a progress bar and evaluates.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from mamo.config import TrainConfig
+from mamo.data import iterate_batches
+from mamo.errors import MamoError
+from mamo.model import MamoNet
+from mamo.step import StepResult, TrainStep
+from mamo.tasks import MetricAccumulator
+
+Metrics = dict[str, dict[str, float]]
+
+OPTIMIZERS: dict[str, Callable[[list, TrainConfig], torch.optim.Optimizer]] = {
+    "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
+    "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay),
+    "adamw": lambda params, c: torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay),
+}
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer not in OPTIMIZERS:
+        raise MamoError(f"unknown optimizer '{config.optimizer}' (train.optimizer); use one of {list(OPTIMIZERS)}.")
+    return OPTIMIZERS[config.optimizer](list(model.parameters()), config)
+
+
+def add_new_parameters(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> int:
+    """Put parameters the optimizer does not hold yet into a new group; old ones keep their state."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    new = [p for p in model.parameters() if id(p) not in held]
+    if new:
+        defaults = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        optimizer.add_param_group({"params": new, **defaults})
+    return len(new)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise MamoError(f"unknown device '{name}' (train.device); use auto, cpu, cuda or cuda:N.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MamoError(f"train.device is '{name}' but no CUDA device is visible; set train.device=auto or cpu.")
+    return device
+
+
+class Callback:
+    """Hooks the trainer calls; override what you need."""
+
+    def on_step(self, trainer: Trainer, result: StepResult) -> None:
+        pass
+
+    def on_epoch_end(self, trainer: Trainer, metrics: Metrics) -> None:
+        pass
+
+
+def selection_score(metrics: Metrics, reference: Metrics) -> float:
+    """Mean over tasks of validation loss relative to ``reference`` (lower is better); scale-free across tasks."""
+    ratios = [metrics[t]["loss"] / max(reference[t]["loss"], 1e-12) for t in metrics]
+    return sum(ratios) / len(ratios)
+
+
+class KeepBest(Callback):
+    """Keeps the weights of the epoch with the best :func:`selection_score` on the validation split."""
+
+    def __init__(self):
+        self.reference: Metrics | None = None
+        self.best_score = float("inf")
+        self.best_state: dict | None = None
+        self.best_epoch = -1
+
+    def on_epoch_end(self, trainer: Trainer, metrics: Metrics) -> None:
+        self.reference = self.reference or metrics
+        score = selection_score(metrics, self.reference)
+        if score <= self.best_score:
+            self.best_score, self.best_epoch = score, trainer.epoch
+            self.best_state = copy.deepcopy(trainer.model.state_dict())
+
+    def restore(self, model: torch.nn.Module) -> None:
+        if self.best_state is not None and set(self.best_state) == set(model.state_dict()):
+            model.load_state_dict(self.best_state)
+
+
+class Trainer:
+    """Runs epochs of ``step`` over ``train_set``, validates on ``val_set`` after each, calls callbacks."""
+
+    def __init__(
+        self,
+        model: MamoNet,
+        step: TrainStep,
+        train_set: Dataset,
+        val_set: Dataset,
+        batch_size: int,
+        device: torch.device,
+        generator: torch.Generator,
+        callbacks: list[Callback] | None = None,
+        progress: bool = True,
+        description: str = "train",
+    ):
+        self.model, self.step = model, step
+        self.train_set, self.val_set = train_set, val_set
+        self.batch_size, self.device, self.generator = batch_size, device, generator
+        self.callbacks = list(callbacks or [])
+        self.progress, self.description = progress, description
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict] = []
+
+    def _to_device(self, x: torch.Tensor, targets: dict[str, torch.Tensor]):
+        pin = self.device.type == "cuda"
+        x = (x.pin_memory() if pin else x).to(self.device, non_blocking=True)
+        targets = {t: (y.pin_memory() if pin else y).to(self.device, non_blocking=True) for t, y in targets.items()}
+        return x, targets
+
+    def fit(self, epochs: int) -> list[dict]:
+        for _ in range(epochs):
+            start = time.perf_counter()
+            batches = iterate_batches(self.train_set, self.batch_size, shuffle=True, generator=self.generator)
+            total = -(-len(self.train_set) // self.batch_size)
+            bar = tqdm(batches, total=total, desc=f"{self.description} epoch {self.epoch + 1}",
+                       disable=not self.progress, leave=False, dynamic_ncols=True)
+            train_loss = torch.zeros(len(self.model.tasks))
+            for x, targets in bar:
+                result = self.step(*self._to_device(x, targets))
+                train_loss += result.losses.float().cpu()
+                self.global_step += 1
+                for callback in self.callbacks:
+                    callback.on_step(self, result)
+                bar.set_postfix(loss=f"{result.losses.sum().item():.4g}")
+            seconds = time.perf_counter() - start
+            self.epoch += 1
+            metrics = self.evaluate(self.val_set)
+            self.history.append({
+                "epoch": self.epoch,
+                "seconds": seconds,
+                "train_loss": dict(zip(self.model.tasks, (train_loss / max(total, 1)).tolist())),
+                "val": metrics,
+            })
+            for callback in self.callbacks:
+                callback.on_epoch_end(self, metrics)
+        return self.history
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset) -> Metrics:
+        self.model.eval()
+        accumulator = MetricAccumulator(self.model.tasks)
+        for x, targets in iterate_batches(dataset, max(self.batch_size, 256), shuffle=False, generator=None):
+            x, targets = self._to_device(x, targets)
+            accumulator.update(self.model(x), targets)
+        return accumulator.compute()
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        times = [h["seconds"] for h in self.history]
+        return sum(times) / len(times) if times else 0.0

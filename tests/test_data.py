@@ -1,0 +1,382 @@
+"""Datasets: built-ins are deterministic, disjoint and well-formed; plugins are validated; batching is exact."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from mamo import digits
+from mamo.config import DataConfig
+from mamo.data import DATASETS, DEFAULT_SIZES, MultiTaskData, TensorTaskDataset, iterate_batches, load_data
+from mamo.errors import MamoError
+
+SMALL = {"train_size": 300, "val_size": 100, "test_size": 200}
+FASHION_ROOT = Path(digits.DEFAULT_FASHION_ROOT)
+needs_fashion = pytest.mark.skipif(
+    not (FASHION_ROOT / "t10k-labels-idx1-ubyte.gz").is_file(),
+    reason=f"Fashion-MNIST is not installed in {FASHION_ROOT} (apt-get install dataset-fashion-mnist)",
+)
+
+
+def build(name: str, seed: int = 0, **extra) -> MultiTaskData:
+    return load_data(DataConfig(name=name, seed=seed, **{**SMALL, **extra}))
+
+
+@pytest.fixture(scope="module")
+def mnist() -> digits.Source:
+    return digits.load_mnist()
+
+
+@pytest.fixture(scope="module")
+def multimnist() -> MultiTaskData:
+    return build("multimnist")
+
+
+@pytest.fixture(scope="module")
+def recon() -> MultiTaskData:
+    return build("multimnist_recon")
+
+
+def splits(data: MultiTaskData) -> dict[str, TensorTaskDataset]:
+    return {"train": data.train, "val": data.val, "test": data.test}
+
+
+def used_indices(dataset: TensorTaskDataset, column: int) -> set[int]:
+    return set(dataset.source_indices[:, column].tolist())
+
+
+def assert_same(a: MultiTaskData, b: MultiTaskData) -> None:
+    for split in ("train", "val", "test"):
+        da, db = getattr(a, split), getattr(b, split)
+        assert torch.equal(da.x, db.x)
+        assert da.targets.keys() == db.targets.keys()
+        assert all(torch.equal(da.targets[k], db.targets[k]) for k in da.targets)
+
+
+# ------------------------------------------------------------------------------------------------- MultiMNIST
+
+
+def test_multimnist_shapes_dtypes_and_ranges(multimnist: MultiTaskData) -> None:
+    assert multimnist.input_shape == (1, 28, 28)
+    assert {name: spec.to_dict() for name, spec in multimnist.tasks.items()} == {
+        "left": {"type": "classification", "classes": 10},
+        "right": {"type": "classification", "classes": 10},
+    }
+    for split, n in zip(("train", "val", "test"), SMALL.values(), strict=True):
+        ds = getattr(multimnist, split)
+        assert ds.x.shape == (n, 1, 28, 28) and ds.x.dtype == torch.float32
+        assert ds.x.min() >= 0.0 and ds.x.max() <= 1.0 and ds.x.max() > 0.5
+        assert ds.source_indices.shape == (n, 2) and ds.source_indices.dtype == torch.int64
+        for task in ("left", "right"):
+            y = ds.targets[task]
+            assert y.shape == (n,) and y.dtype == torch.int64
+            assert 0 <= y.min() and y.max() <= 9
+    x, y = multimnist.train[3]
+    assert x.shape == (1, 28, 28) and set(y) == {"left", "right"}
+
+
+def test_multimnist_labels_come_from_the_recorded_source_digits(multimnist: MultiTaskData, mnist) -> None:
+    ds = multimnist.train
+    assert torch.equal(ds.targets["left"], torch.from_numpy(mnist.labels[ds.source_indices[:, 0].numpy()]))
+    assert torch.equal(ds.targets["right"], torch.from_numpy(mnist.labels[ds.source_indices[:, 1].numpy()]))
+    assert (ds.source_indices[:, 0] != ds.source_indices[:, 1]).all()
+    assert len(set(ds.targets["left"].tolist())) == 10
+
+
+def test_multimnist_is_deterministic_per_seed(multimnist: MultiTaskData) -> None:
+    assert_same(multimnist, build("multimnist", seed=0))
+    other = build("multimnist", seed=1)
+    assert not torch.equal(multimnist.train.x, other.train.x)
+    assert not torch.equal(multimnist.test.targets["left"], other.test.targets["left"])
+
+
+def test_changing_one_split_size_leaves_the_others_alone(multimnist: MultiTaskData) -> None:
+    bigger = build("multimnist", test_size=250)
+    assert torch.equal(bigger.train.x, multimnist.train.x) and torch.equal(bigger.val.x, multimnist.val.x)
+    assert len(bigger.test) == 250
+
+
+def test_digit_pools_are_disjoint_across_splits_and_seeds(multimnist: MultiTaskData, mnist) -> None:
+    pools = mnist.pools
+    assert {k: len(v) for k, v in pools.items()} == {"train": 3500, "val": 750, "test": 750}
+    assert not set(pools["train"]) & set(pools["val"]) and not set(pools["train"]) & set(pools["test"])
+    assert not set(pools["val"]) & set(pools["test"])
+    other = build("multimnist", seed=7)
+    used = {
+        split: used_indices(ds, 0) | used_indices(ds, 1) | used_indices(getattr(other, split), 0)
+        for split, ds in splits(multimnist).items()
+    }
+    assert not used["train"] & used["val"]
+    assert not used["train"] & used["test"]
+    assert not used["val"] & used["test"]
+
+
+def test_default_sizes() -> None:
+    assert dict(DEFAULT_SIZES) == {"train_size": 20_000, "val_size": 2_000, "test_size": 4_000}
+
+
+def test_recon_target_is_the_bottom_right_digit_alone(recon: MultiTaskData, multimnist: MultiTaskData) -> None:
+    assert recon.tasks["right"].to_dict() == {"type": "reconstruction", "shape": [1, 28, 28]}
+    assert recon.tasks["left"].classes == 10
+    ds = recon.train
+    target = ds.targets["right"]
+    assert target.shape == (300, 1, 28, 28) and target.dtype == torch.float32
+    assert target.min() >= 0.0 and target.max() <= 1.0
+    assert (ds.x >= target - 1e-6).all()  # the composite is the max of the two placed digits
+    assert not torch.equal(ds.x, target)
+    # The digit sits bottom-right: the bottom-right quadrant holds most of its ink.
+    assert target[..., 14:, 14:].sum() > 5 * target[..., :14, :14].sum()
+    # Same seed, same construction: the composites equal those of the classification variant.
+    assert torch.equal(ds.x, multimnist.train.x)
+
+
+def test_bad_size_is_rejected() -> None:
+    with pytest.raises(MamoError, match=r"data\.train_size must be a positive integer"):
+        build("multimnist", train_size=0)
+
+
+# ---------------------------------------------------------------------------------------------- Fashion-MNIST
+
+
+@needs_fashion
+def test_multifashion_loads_with_disjoint_pools() -> None:
+    data = build("multifashion", seed=3)
+    assert data.input_shape == (1, 28, 28) and set(data.tasks) == {"left", "right"}
+    assert data.train.x.shape == (300, 1, 28, 28) and data.train.x.dtype == torch.float32
+    assert 0.0 <= data.train.x.min() and data.train.x.max() <= 1.0
+    used = {s: used_indices(ds, 0) | used_indices(ds, 1) for s, ds in splits(data).items()}
+    assert not used["train"] & used["val"] and not used["train"] & used["test"] and not used["val"] & used["test"]
+    assert min(used["test"]) >= 60_000  # the test pool is t10k
+    assert_same(data, build("multifashion", seed=3))
+
+
+@needs_fashion
+def test_multi_fashion_mnist_pairs_a_digit_with_a_fashion_item(mnist) -> None:
+    data = build("multi_fashion_mnist")
+    assert set(data.tasks) == {"digit", "fashion"}
+    ds = data.train
+    assert torch.equal(ds.targets["digit"], torch.from_numpy(mnist.labels[ds.source_indices[:, 0].numpy()]))
+    assert set(ds.targets["fashion"].tolist()) <= set(range(10))
+    digits_used = {s: used_indices(d, 0) for s, d in splits(data).items()}
+    assert not digits_used["train"] & (digits_used["val"] | digits_used["test"])
+
+
+def test_missing_fashion_root_says_how_to_install(tmp_path: Path) -> None:
+    with pytest.raises(MamoError, match=r"Fashion-MNIST was not found in .*apt-get install dataset-fashion-mnist"):
+        build("multifashion", root=str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------- logic, concave
+
+
+def test_logic_truth_tables_and_scale() -> None:
+    data = load_data(DataConfig(name="logic", options={"gates": ["xor", "and", "or", "nand", "nor", "xnor"]}))
+    assert data.input_shape == (2,)
+    assert torch.equal(data.train.x, torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]))
+    tables = {"xor": [0, 1, 1, 0], "and": [0, 0, 0, 1], "or": [0, 1, 1, 1], "nand": [1, 1, 1, 0], "nor": [1, 0, 0, 0]}
+    tables["xnor"] = [1, 0, 0, 1]
+    for gate, table in tables.items():
+        assert data.tasks[gate].to_dict() == {"type": "regression", "dim": 1}
+        target = data.train.targets[gate]
+        assert target.shape == (4, 1) and target.dtype == torch.float32
+        assert target.squeeze(1).tolist() == table
+    assert torch.equal(data.val.x, data.train.x) and torch.equal(data.test.x, data.train.x)
+
+    scaled = load_data(DataConfig(name="logic", options={"scale": 3.0}))
+    assert list(scaled.tasks) == ["xor", "and"]
+    assert scaled.train.targets["xor"].squeeze(1).tolist() == [0.0, 3.0, 3.0, 0.0]
+    assert scaled.train.targets["and"].squeeze(1).tolist() == [0.0, 0.0, 0.0, 1.0]
+
+
+def test_logic_rejects_unknown_gate() -> None:
+    with pytest.raises(MamoError, match=r"gates for dataset 'logic' must be distinct names"):
+        load_data(DataConfig(name="logic", options={"gates": ["xor", "implies"]}))
+
+
+def test_concave_targets() -> None:
+    data = load_data(DataConfig(name="concave", options={"d": 5}))
+    assert data.input_shape == (1,) and len(data.train) == len(data.val) == len(data.test) == 1
+    assert torch.equal(data.train.x, torch.ones(1, 1))
+    expected = torch.full((1, 5), 5**-0.5)
+    assert torch.allclose(data.train.targets["f1"], expected) and torch.allclose(data.train.targets["f2"], -expected)
+    for task in ("f1", "f2"):
+        assert data.tasks[task].to_dict() == {"type": "regression", "dim": 5, "head": "identity", "loss": "exp_mse"}
+    assert load_data(DataConfig(name="concave")).tasks["f1"].dim == 20
+
+
+# ----------------------------------------------------------------------------------------------------- plugins
+
+PLUGIN = """
+import torch
+from mamo.data import TensorTaskDataset
+
+
+def make(seed, root, train_size=None, n_classes=3):
+    g = torch.Generator().manual_seed(seed)
+    n = train_size or 8
+    ds = TensorTaskDataset(torch.randn(n, 4, generator=g), {"a": torch.arange(n) % n_classes, "b": torch.randn(n, 2)})
+    return {"train": ds, "val": ds, "test": ds, "tasks": {"a": {"type": "classification", "classes": n_classes},
+                                                         "b": {"type": "regression", "dim": 2}}}
+
+
+def boom(seed, root):
+    raise ValueError("boom")
+
+
+def no_tasks(seed, root):
+    ds = TensorTaskDataset(torch.zeros(2, 1), {"a": torch.zeros(2)})
+    return {"train": ds, "val": ds, "test": ds}
+
+
+def missing_target(seed, root):
+    ds = TensorTaskDataset(torch.zeros(2, 1), {"a": torch.zeros(2)})
+    return {"train": ds, "val": ds, "test": ds, "tasks": {"a": {"type": "regression", "dim": 1},
+                                                         "c": {"type": "regression", "dim": 1}}}
+
+
+def bad_type(seed, root):
+    ds = TensorTaskDataset(torch.zeros(2, 1), {"a": torch.zeros(2)})
+    return {"train": ds, "val": ds, "test": ds, "tasks": {"a": {"type": "ranking"}}}
+
+
+def wrong_dim(seed, root):
+    ds = TensorTaskDataset(torch.zeros(2, 1), {"a": torch.zeros(2, 3)})
+    return {"train": ds, "val": ds, "test": ds, "tasks": {"a": {"type": "regression", "dim": 2}}}
+
+
+def not_a_dict(seed, root):
+    return [1, 2, 3]
+"""
+
+
+@pytest.fixture()
+def plugin_file(tmp_path: Path) -> str:
+    path = tmp_path / "my_data.py"
+    path.write_text(PLUGIN)
+    return str(path)
+
+
+def test_plugin_from_file(plugin_file: str) -> None:
+    data = load_data(DataConfig(name=f"{plugin_file}:make", seed=4, train_size=6, options={"n_classes": 5}))
+    assert data.input_shape == (4,) and len(data.train) == 6
+    assert data.tasks["a"].classes == 5 and data.tasks["b"].dim == 2
+    again = load_data(DataConfig(name=f"{plugin_file}:make", seed=4, train_size=6, options={"n_classes": 5}))
+    assert torch.equal(data.train.x, again.train.x)
+
+
+def test_plugin_from_module(plugin_file: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(plugin_file).parent))
+    monkeypatch.delitem(sys.modules, "my_data", raising=False)
+    data = load_data(DataConfig(name="my_data:make"))
+    assert set(data.tasks) == {"a", "b"} and len(data.train) == 8
+
+
+@pytest.mark.parametrize(
+    ("function", "message"),
+    [
+        ("boom", r"data plugin '.*:boom' raised ValueError: boom; fix the plugin\."),
+        ("no_tasks", r"returned a dict without 'tasks'"),
+        ("missing_target", r"task 'c' from data plugin .* is missing from the targets of a 'train' sample"),
+        ("bad_type", r"task 'a' from data plugin .* has unknown type 'ranking'"),
+        ("wrong_dim", r"task 'a' from data plugin .* expects 2 values per sample"),
+        ("not_a_dict", r"returned list, not a dict with train, val, test and tasks"),
+        ("nowhere", r"has no function 'nowhere'"),
+    ],
+)
+def test_bad_plugins_are_named(plugin_file: str, function: str, message: str) -> None:
+    with pytest.raises(MamoError, match=message):
+        load_data(DataConfig(name=f"{plugin_file}:{function}"))
+
+
+def test_plugin_error_chains_the_original(plugin_file: str) -> None:
+    with pytest.raises(MamoError) as info:
+        load_data(DataConfig(name=f"{plugin_file}:boom"))
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_missing_plugin_file_and_module(tmp_path: Path) -> None:
+    with pytest.raises(MamoError, match=r"data plugin file '.*nope\.py' was not found"):
+        load_data(DataConfig(name=f"{tmp_path}/nope.py:make"))
+    with pytest.raises(MamoError, match=r"data plugin module 'no_such_pkg_xyz\.data' could not be imported"):
+        load_data(DataConfig(name="no_such_pkg_xyz.data:make"))
+
+
+def test_plugin_size_it_does_not_take(plugin_file: str) -> None:
+    with pytest.raises(MamoError, match=r"data\.val_size is set but data plugin .* takes no 'val_size'"):
+        load_data(DataConfig(name=f"{plugin_file}:make", val_size=3))
+
+
+# ------------------------------------------------------------------------------------------------ bad names
+
+
+def test_unknown_option_names_option_dataset_and_valid_ones() -> None:
+    with pytest.raises(MamoError, match=r"unknown option 'gate' .* dataset 'logic'; valid options: gates, scale\."):
+        load_data(DataConfig(name="logic", options={"gate": ["xor"]}))
+    with pytest.raises(MamoError, match=r"unknown option 'd' .* dataset 'multimnist'; valid options: none\."):
+        load_data(DataConfig(name="multimnist", options={"d": 3}))
+    with pytest.raises(MamoError, match=r"data\.options\.seed is reserved"):
+        load_data(DataConfig(name="logic", options={"seed": 3}))
+
+
+def test_unknown_dataset() -> None:
+    with pytest.raises(MamoError, match=r"unknown dataset 'mnist'; use one of multimnist, .* 'file\.py:function'"):
+        load_data(DataConfig(name="mnist"))
+    assert {"multimnist", "multimnist_recon", "multifashion", "multi_fashion_mnist", "logic", "concave"} <= set(
+        DATASETS
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- batching
+
+
+class ListDataset(Dataset):
+    """A non-tensor Dataset, to exercise the DataLoader path."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(i)]), {"t": i}
+
+
+def epoch(dataset: Dataset, seed: int | None, shuffle: bool = True) -> list[int]:
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    order = []
+    for x, targets in iterate_batches(dataset, 7, shuffle, generator):
+        assert len(x) <= 7 and len(targets["t"]) == len(x)
+        assert torch.equal(x.reshape(-1).long(), targets["t"].reshape(-1).long())
+        order += x.reshape(-1).long().tolist()
+    return order
+
+
+@pytest.mark.parametrize(
+    "dataset",
+    [TensorTaskDataset(torch.arange(23.0).unsqueeze(1), {"t": torch.arange(23)}), ListDataset(23)],
+    ids=["tensor", "list"],
+)
+def test_iterate_batches_covers_each_sample_once_and_is_deterministic(dataset: Dataset) -> None:
+    first = epoch(dataset, seed=0)
+    assert sorted(first) == list(range(23))
+    assert first == epoch(dataset, seed=0)
+    assert first != epoch(dataset, seed=1)
+    assert first != list(range(23))
+    assert epoch(dataset, seed=None, shuffle=False) == list(range(23))
+
+
+def test_iterate_batches_on_a_built_dataset(multimnist: MultiTaskData) -> None:
+    batches = list(iterate_batches(multimnist.val, 32, True, torch.Generator().manual_seed(0)))
+    assert [len(x) for x, _ in batches] == [32, 32, 32, 4]
+    x, targets = batches[0]
+    assert x.shape == (32, 1, 28, 28) and targets["left"].shape == (32,)
+
+
+def test_tensor_dataset_checks_lengths() -> None:
+    with pytest.raises(MamoError, match=r"target 'y' has 3 samples but x has 4"):
+        TensorTaskDataset(torch.zeros(4, 2), {"y": torch.zeros(3)})
