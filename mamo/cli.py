@@ -51,16 +51,20 @@ def _handler(name: str, prefix: str):
     return getattr(module, f"{prefix}_{name}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (so one command's imports never slow or break another)."""
     parser = argparse.ArgumentParser(prog="mamo", description="Grow multi-task networks where tasks fight.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, command in COMMANDS.items():
-        _handler(name, "add_arguments")(sub.add_parser(name, help=command.help, description=command.help))
+    for name, spec in COMMANDS.items():
+        subparser = sub.add_parser(name, help=spec.help, description=spec.help)
+        if name == command:
+            _handler(name, "add_arguments")(subparser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(next((a for a in argv if a in COMMANDS), None)).parse_args(argv)
     try:
         return int(_handler(args.command, "command")(args) or 0)
     except MamoError as exc:

@@ -7,6 +7,7 @@ the key, the file and the valid keys. :func:`load_config` is the only entry poin
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,41 @@ import yaml
 from mamo.errors import MamoError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+def _core_schema_resolvers() -> dict:
+    """PyYAML's null and merge resolvers plus YAML 1.2 core-schema bool, int and float, in that order."""
+    kept = ("tag:yaml.org,2002:null", "tag:yaml.org,2002:merge")
+    resolvers = {
+        first: [(tag, regexp) for tag, regexp in entries if tag in kept]
+        for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    # Resolvers under the key None are tried for every scalar, first match wins: ints before floats.
+    resolvers[None] = [
+        ("tag:yaml.org,2002:" + tag, re.compile(f"^(?:{pattern})$"))
+        for tag, pattern in (
+            ("bool", r"true|True|TRUE|false|False|FALSE"),
+            ("int", r"[-+]?(?:0|[1-9][0-9]*)|0x[0-9a-fA-F]+"),
+            ("float", r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+             r"|\.(?:nan|NaN|NAN)"),
+        )
+    ]
+    return resolvers
+
+
+class YamlLoader(yaml.SafeLoader):
+    """Safe YAML with the YAML 1.2 core schema's plain scalars.
+
+    PyYAML follows YAML 1.1, where ``off``/``on``/``yes``/``no`` are booleans and ``1e-3`` is a string; in a preset
+    (``formulation: off``) or an override (``--set train.lr=1e-3``) users mean the string and the number.
+    """
+
+    yaml_implicit_resolvers = _core_schema_resolvers()
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text as presets and ``--set`` values are parsed (see :class:`YamlLoader`)."""
+    return yaml.load(text, Loader=YamlLoader)  # a SafeLoader: no arbitrary objects
 
 
 @dataclass
@@ -54,6 +90,7 @@ class TrainConfig:
     seed: int = 0
     gradients: str = "exact"  # exact: per-parameter task gradients | ub: MGDA-UB on the shared representation
     precision: str = "fp32"  # fp32 | bf16 (autocast forward; gradients, Gramian and solve stay fp32)
+    gradient_path: str = "auto"  # auto | loop | batched: how per-task gradients are computed (auto: per device)
 
 
 @dataclass
@@ -83,6 +120,21 @@ class SearchConfig:
 
 
 @dataclass
+class TuneConfig:
+    """The Optuna search space of ``mamo tune``; ranges are [low, high], choices are lists (None: not tuned)."""
+
+    T: list[int] = field(default_factory=lambda: [2, 30])
+    alpha: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    rounds: list[int] = field(default_factory=lambda: [0, 5])
+    lr: list[float] | None = None  # [low, high], log-uniform
+    threshold: list[str] | None = None  # e.g. [global, layer, topk:2]
+    direction: list[str] | None = None  # base directions, e.g. [mgda, central]
+    formulation: list[str] | None = None  # tensioner formulations, e.g. [thesis, relative]
+    pruner: str = "median"  # median | none | ...
+    trials: int = 20
+
+
+@dataclass
 class Config:
     name: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -90,6 +142,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     direction: DirectionConfig = field(default_factory=DirectionConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -176,7 +229,12 @@ def parse_override(text: str) -> dict:
     if "=" not in text or not text.split("=", 1)[0].strip():
         raise MamoError(f"--set '{text}' is not of the form section.key=value; write e.g. --set train.epochs=3.")
     key, value = text.split("=", 1)
-    nested: Any = yaml.safe_load(value) if value.strip() else None
+    try:
+        nested: Any = load_yaml(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise MamoError(
+            f"--set '{text}' has a value that is not valid YAML; quote the value, e.g. {key}='...'."
+        ) from exc
     for part in reversed(key.strip().split(".")):
         nested = {part: nested}
     return nested
@@ -188,9 +246,12 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     raw: dict = {}
     if path is not None:
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise MamoError(f"preset {path} is not valid YAML ({exc.__class__.__name__}); fix its syntax.") from exc
+        if not isinstance(raw, dict):
+            raise MamoError(f"preset {path} holds a {type(raw).__name__}, not a mapping of sections; "
+                            "write it as 'section: {key: value}'.")
         raw.setdefault("name", path.stem)
     source = str(path) if path else "the defaults"
     config = _build(Config, raw, "", source)

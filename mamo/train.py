@@ -50,14 +50,19 @@ class Trained:
                 "seconds_per_epoch": self.trainer.seconds_per_epoch}
 
 
-def open_session(config: Config, run_dir: Path | None, progress: bool = True, quiet: bool = False) -> Session:
+def open_session(
+    config: Config, run_dir: Path | None, progress: bool = True, quiet: bool = False, cache_root: Path | None = None
+) -> Session:
+    """Load the data and pick the device once; baselines are cached under ``cache_root`` (default runs/.baselines
+    beside the run folder)."""
     if config.train.mode not in MODES:
         raise MamoError(f"unknown train.mode '{config.train.mode}'; use one of {', '.join(MODES)}.")
     log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
     device = resolve_device(config.train.device)
     data = load_data(config.data)
-    root = run_dir.parent if run_dir else Path("runs")
-    return Session(config, data, device, log, BaselineCache(root / ".baselines"), progress)
+    if cache_root is None:
+        cache_root = (run_dir.parent if run_dir else Path("runs")) / ".baselines"
+    return Session(config, data, device, log, BaselineCache(Path(cache_root)), progress)
 
 
 def build_network(session: Session, task_names: list[str] | None = None) -> MamoNet:

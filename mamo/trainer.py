@@ -61,13 +61,26 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Callback:
-    """Hooks the trainer calls; override what you need."""
+    """Hooks the trainer and the search loop call; override what you need.
+
+    ``on_step`` and ``on_epoch_end`` come from :class:`Trainer`; ``on_phase_start``, ``on_round_end`` and
+    ``on_run_end`` from the search loop (:mod:`mamo.search`) and the ``train`` command.
+    """
 
     def on_step(self, trainer: Trainer, result: StepResult) -> None:
         pass
 
     def on_epoch_end(self, trainer: Trainer, metrics: Metrics) -> None:
         pass
+
+    def on_phase_start(self, phase: str, model: MamoNet) -> None:
+        """A training phase begins (``pretrain``, ``round1``.., ``final``, ``train``, ``stl:<task>``, ``hps``)."""
+
+    def on_round_end(self, record: dict) -> None:
+        """A detection round ended; see :func:`mamo.search.run_search` for the record's keys."""
+
+    def on_run_end(self, summary: dict) -> None:
+        """The run finished; ``summary`` is what metrics.json holds."""
 
 
 def selection_score(metrics: Metrics, reference: Metrics) -> float:

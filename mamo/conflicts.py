@@ -1,0 +1,139 @@
+"""Conflict statistics (MAMO Eq 9–13) and the thresholds that pick where GMKs grow (DESIGN §2).
+
+Per mini-batch and shared cell ℓ, the cosine between tasks i and j is read off the cell's Gram block
+``G^ℓ = J_ℓ J_ℓᵀ`` that the training step already computed for the direction, so counting conflicts costs
+no extra backward pass. Over a detection round, :class:`ConflictStats` keeps per (cell, pair) the number of
+mini-batches with a negative cosine (Q), the cosine sum (for the mean) and a histogram of cosines.
+Thresholds are entries of :data:`THRESHOLDS`, picked by name (``global``, ``layer``, ``topk:K``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from mamo import graph as g
+from mamo.errors import MamoError
+
+HISTOGRAM_EDGES = np.linspace(-1.0, 1.0, 21)  # 20 bins of width 0.1 over [-1, 1]
+Pair = tuple[str, str]
+Position = tuple[Pair, int]
+
+
+class ConflictStats:
+    """Conflict counts, mean cosines and cosine histograms of one detection round.
+
+    ``counts[ℓ, i, j]`` (symmetric, zero diagonal) is Q of pair {i, j} at cell ℓ; ``cosine_sums`` and ``steps``
+    give the mean; ``histograms[ℓ, p]`` counts cosines of pair ``pairs[p]`` per bin of :data:`HISTOGRAM_EDGES`.
+    Cells without parameters keep zeros and are never candidates.
+    """
+
+    def __init__(self, tasks: list[str], num_cells: int, cell_params: list[int]):
+        self.tasks = list(tasks)
+        self.pairs: list[Pair] = list(itertools.combinations(self.tasks, 2))
+        self.num_cells = num_cells
+        self.cell_params = list(cell_params)
+        m = len(self.tasks)
+        self.counts = np.zeros((num_cells, m, m), dtype=np.int64)
+        self.cosine_sums = np.zeros((num_cells, m, m))
+        self.histograms = np.zeros((num_cells, len(self.pairs), len(HISTOGRAM_EDGES) - 1), dtype=np.int64)
+        self.steps = 0
+
+    @classmethod
+    def for_graph(cls, graph) -> ConflictStats:
+        return cls(g.task_names(graph), g.num_cells(graph), graph.graph["cell_params"])
+
+    def update(self, node_gramians: dict[str, torch.Tensor]) -> None:
+        """Add one mini-batch: ``node_gramians`` maps graph node ids to their m×m Gram blocks."""
+        if not node_gramians:
+            return
+        self.steps += 1
+        rows, cols = np.triu_indices(len(self.tasks), k=1)
+        for cell in range(self.num_cells):
+            block = node_gramians.get(g.cell_id(cell))
+            if block is None:
+                continue
+            gram = block.detach().double().cpu().numpy()
+            norms = np.sqrt(np.maximum(gram.diagonal(), 0.0))
+            denominator = np.multiply.outer(norms, norms)
+            # A task with a zero gradient at this cell neither conflicts nor agrees: cosine 0.
+            cosine = np.where(denominator > 0.0, gram / np.where(denominator > 0.0, denominator, 1.0), 0.0)
+            np.fill_diagonal(cosine, 1.0)
+            self.cosine_sums[cell] += cosine
+            negative = (cosine < 0.0).astype(np.int64)
+            self.counts[cell] += negative
+            bins = np.clip(np.digitize(cosine[rows, cols], HISTOGRAM_EDGES) - 1, 0, len(HISTOGRAM_EDGES) - 2)
+            self.histograms[cell, np.arange(len(self.pairs)), bins] += 1
+
+    def mean_cosine(self) -> np.ndarray:
+        """(L, m, m) mean cosine over the round (zeros before any update)."""
+        return self.cosine_sums / max(self.steps, 1)
+
+    def q(self, position: Position) -> int:
+        (a, b), cell = position
+        return int(self.counts[cell, self.tasks.index(a), self.tasks.index(b)])
+
+    def to_dict(self) -> dict:
+        return {
+            "tasks": self.tasks,
+            "steps": self.steps,
+            "counts": self.counts.tolist(),
+            "mean_cosine": self.mean_cosine().round(6).tolist(),
+            "histogram_edges": HISTOGRAM_EDGES.tolist(),
+            "histograms": {f"{a}+{b}": self.histograms[:, p].tolist() for p, (a, b) in enumerate(self.pairs)},
+        }
+
+
+# ------------------------------------------------------------------------------------------------ thresholds
+
+
+def _global(stats: ConflictStats, candidates: list[Position], k: int) -> list[Position]:
+    values = [stats.q(p) for p in candidates]
+    nonzero = [v for v in values if v > 0]
+    if not nonzero:
+        return []
+    average = sum(nonzero) / len(nonzero)
+    return [p for p, v in zip(candidates, values, strict=True) if v > 0 and v >= average]
+
+
+def _layer(stats: ConflictStats, candidates: list[Position], k: int) -> list[Position]:
+    chosen = []
+    for cell in sorted({c for _, c in candidates}):
+        chosen += _global(stats, [p for p in candidates if p[1] == cell], k)
+    return chosen
+
+
+def _topk(stats: ConflictStats, candidates: list[Position], k: int) -> list[Position]:
+    # Stable sort: ties keep the candidates' order (shallow cells first, pairs in task order).
+    ranked = sorted((p for p in candidates if stats.q(p) > 0), key=lambda p: -stats.q(p))
+    return ranked[:k]
+
+
+THRESHOLDS: dict[str, Callable[[ConflictStats, list[Position], int], list[Position]]] = {
+    "global": _global,
+    "layer": _layer,
+    "topk": _topk,
+}
+
+
+def parse_threshold(text: str) -> tuple[str, int]:
+    """``global`` | ``layer`` | ``topk:K`` -> (name, K); a clear error for anything else."""
+    name, _, arg = text.partition(":")
+    if name not in THRESHOLDS or (name == "topk") != bool(arg):
+        raise MamoError(f"unknown search.threshold '{text}'; use global, layer or topk:K (e.g. topk:3).")
+    k = 0
+    if arg:
+        if not arg.isdigit() or int(arg) < 1:
+            raise MamoError(f"search.threshold '{text}' needs a positive integer K; write e.g. topk:3.")
+        k = int(arg)
+    return name, k
+
+
+def select_positions(stats: ConflictStats, candidates: list[Position], threshold: str) -> list[Position]:
+    """The candidate positions the threshold activates (none if every Q is zero)."""
+    name, k = parse_threshold(threshold)
+    usable = [p for p in candidates if stats.cell_params[p[1]] > 0]
+    return THRESHOLDS[name](stats, usable, k)

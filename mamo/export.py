@@ -1,0 +1,183 @@
+"""Taking a trained model away: the ``export`` and ``show`` commands.
+
+A run folder holds ``architecture.json`` (node-link JSON, the canonical description) and
+``weights.safetensors``; :func:`load_trained` rebuilds the model from those two files alone. ``export`` writes
+the graph as GraphML, DOT or a PNG drawing, and the model as an ONNX file or a ``torch.export`` program
+(``.pt2``); every format is one entry of :data:`FORMATS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import networkx as nx
+import torch
+
+from mamo import graph as g
+from mamo.errors import MamoError
+from mamo.model import MamoNet, compile_model
+
+
+def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> MamoNet:
+    """The model of a finished run, rebuilt from architecture.json + weights.safetensors, in eval mode."""
+    from safetensors.torch import load_file
+
+    directory = Path(run_dir)
+    paths = [directory / "architecture.json", directory / "weights.safetensors"]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise MamoError(f"{', '.join(missing)} not found; pass the folder of a finished train or search run.")
+    try:
+        graph = g.graph_from_dict(json.loads(paths[0].read_text()))
+        state = load_file(str(paths[1]), device=str(device))
+    except (json.JSONDecodeError, KeyError, OSError, RuntimeError) as exc:
+        raise MamoError(f"the model files in {directory} are unreadable ({type(exc).__name__}); "
+                        "re-export them from the run's checkpoints or rerun it.") from exc
+    model = compile_model(graph, device=device)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def example_input(model: MamoNet, batch: int = 2) -> torch.Tensor:
+    shape = model.graph.graph["space"]["input_shape"]
+    return torch.zeros(batch, *shape, device=next(model.parameters()).device)
+
+
+class _TupleOutputs(torch.nn.Module):
+    """ONNX and torch.export want a tuple of tensors; outputs keep the task order of the graph."""
+
+    def __init__(self, model: MamoNet):
+        super().__init__()
+        self.model = model
+        self.tasks = list(model.tasks)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.model(x)
+        return tuple(outputs[t] for t in self.tasks)
+
+
+def _flat_graph(graph: nx.DiGraph) -> nx.DiGraph:
+    """A copy whose list/dict attributes are JSON strings: GraphML and DOT hold scalars only."""
+    flat = nx.DiGraph()
+    flat.graph.update({k: json.dumps(v) for k, v in graph.graph.items()})
+    for node, data in graph.nodes(data=True):
+        flat.add_node(node, **{k: v if isinstance(v, (int, float, str)) else json.dumps(v) for k, v in data.items()})
+    flat.add_edges_from(graph.edges)
+    return flat
+
+
+def write_json(model: MamoNet, path: Path) -> None:
+    path.write_text(g.graph_to_json(model.graph))
+
+
+def write_graphml(model: MamoNet, path: Path) -> None:
+    nx.write_graphml(_flat_graph(model.graph), path)
+
+
+def write_dot(model: MamoNet, path: Path) -> None:
+    def quote(text: object) -> str:
+        return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = ["digraph mamo {", "  rankdir=LR;"]
+    for node, data in model.graph.nodes(data=True):
+        label = node if "params" not in data else f"{node}\\n{data['params']} params"
+        lines.append(f"  {quote(node)} [label={quote(label)}, kind={quote(data['kind'])}];")
+    lines += [f"  {quote(a)} -> {quote(b)};" for a, b in model.graph.edges]
+    path.write_text("\n".join(lines + ["}"]) + "\n")
+
+
+def write_png(model: MamoNet, path: Path) -> None:
+    from mamo.plots import draw_architecture
+
+    draw_architecture(model.graph, path)
+
+
+def write_onnx(model: MamoNet, path: Path) -> None:
+    wrapped = _TupleOutputs(model).eval()
+    try:
+        torch.onnx.export(wrapped, (example_input(model),), str(path), input_names=["x"], output_names=wrapped.tasks,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True, verbose=False)
+    except ImportError as exc:
+        raise MamoError(f"ONNX export needs the onnx package ({exc}); pip install 'mamo[onnx]'.") from exc
+
+
+def write_pt2(model: MamoNet, path: Path) -> None:
+    wrapped = _TupleOutputs(model).eval()
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(wrapped, (example_input(model),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+
+
+FORMATS: dict[str, tuple[str, Callable[[MamoNet, Path], None]]] = {
+    "json": ("architecture.json", write_json),
+    "graphml": ("architecture.graphml", write_graphml),
+    "dot": ("architecture.dot", write_dot),
+    "png": ("architecture.png", write_png),
+    "onnx": ("model.onnx", write_onnx),
+    "pt2": ("model.pt2", write_pt2),
+}
+
+
+def export(run_dir: str | Path, formats: list[str], out_dir: str | Path | None = None) -> list[Path]:
+    """Write each of ``formats`` for the run's model into ``out_dir`` (default: the run folder)."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise MamoError(f"unknown export format {', '.join(unknown)}; use any of {', '.join(FORMATS)}.")
+    model = load_trained(run_dir)
+    folder = Path(out_dir) if out_dir else Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in formats:
+        filename, writer = FORMATS[name]
+        writer(model, folder / filename)
+        written.append(folder / filename)
+    return written
+
+
+def architecture_tree(model: MamoNet) -> str:
+    """The network as an indented tree: trunk cells, the branches that leave each cell, fusions and heads."""
+    graph = model.graph
+    params = {node: sum(p.numel() for _, p in named) for node, named in model.node_parameters().items()}
+    lines = [f"input {graph.nodes[g.INPUT]['shape']}"]
+    cells = g.num_cells(graph)
+    for index in range(cells):
+        lines.append(f"├─ cell{index}  ({params.get(g.cell_id(index), 0):,} params, shared by all tasks)")
+        for node in g.branch_nodes(graph):
+            data = graph.nodes[node]
+            if data["cell"] == index:
+                pair, start = data["activated_by"]
+                origin = "starts here" if start == index else f"continues from cell{start}"
+                lines.append(f"│   └─ GMK {'+'.join(data['group'])}  ({params.get(node, 0):,} params, "
+                             f"grown in round {data['round']}, {origin})")
+    for task in model.tasks:
+        groups = g.fusion_groups(graph, task)
+        fused = " + ".join(["trunk", *(f"β·{'+'.join(grp)}" for grp in groups)])
+        lines.append(f"└─ {task}: fusion [{fused}] → head ({params.get(g.head_id(task), 0):,} params)")
+    total = sum(p.numel() for p in model.parameters())
+    lines.append(f"{len(g.branch_nodes(graph))} GMK modules, {total:,} parameters in all")
+    return "\n".join(lines)
+
+
+def add_arguments_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a finished train or search run folder")
+    parser.add_argument("--format", dest="formats", action="append", choices=list(FORMATS), default=None,
+                        help="what to write (repeatable; default: json, graphml, dot, png, onnx, pt2)")
+    parser.add_argument("--out", default=None, help="folder to write into (default: the run folder)")
+
+
+def command_export(args: argparse.Namespace) -> int:
+    for path in export(args.run_dir, args.formats or list(FORMATS), args.out):
+        print(path)
+    return 0
+
+
+def add_arguments_show(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a finished train or search run folder")
+
+
+def command_show(args: argparse.Namespace) -> int:
+    print(architecture_tree(load_trained(args.run_dir)))
+    return 0

@@ -1,0 +1,324 @@
+"""The architecture search (MAMO Algorithm 1) and the ``search`` command.
+
+pretrain the HPS network → for z = 1..Z: train a round while counting conflicts, threshold, grow → final
+training → test. One :class:`~mamo.trainer.Trainer` (one optimizer, one data-order generator) runs every
+phase, so growth only adds parameters and never resets what was learned. After every phase the whole state
+is checkpointed; ``--resume`` continues from the newest checkpoint and reaches the same architecture as an
+uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+from mamo import graph as g
+from mamo.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
+from mamo.config import Config, config_from_dict, load_config
+from mamo.conflicts import ConflictStats, parse_threshold, select_positions
+from mamo.errors import MamoError
+from mamo.model import count_parameters
+from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
+from mamo.runs import new_run_dir
+from mamo.step import StepResult
+from mamo.train import Session, build_network, cached_baseline, make_trainer, open_session, save_model
+from mamo.trainer import Callback, KeepBest, Trainer, add_new_parameters
+
+MODULE_KINDS = ("gmk", "exclusive")
+
+
+class ConflictRecorder(Callback):
+    """Accumulates :class:`ConflictStats` from the steps' per-cell Gram blocks while a round is open."""
+
+    def __init__(self) -> None:
+        self.stats: ConflictStats | None = None
+
+    def open(self, stats: ConflictStats) -> None:
+        self.stats = stats
+
+    def close(self) -> ConflictStats:
+        stats, self.stats = self.stats, None
+        assert stats is not None
+        return stats
+
+    def on_step(self, trainer: Trainer, result: StepResult) -> None:
+        if self.stats is not None:
+            self.stats.update(result.node_gramians)
+
+
+def phase_names(rounds: int) -> list[str]:
+    return ["pretrain", *(f"round{z}" for z in range(1, rounds + 1)), "final"]
+
+
+def method_name(config: Config) -> str:
+    tensioner = config.direction.tensioner.formulation
+    base = config.direction.name + ("" if tensioner == "off" else f"+tensioner({tensioner})")
+    return f"MAMO ({base})" if config.search.modules == "gmk" else f"MAMO w/o GMK ({base})"
+
+
+def _validate(config: Config) -> None:
+    if config.search.modules not in MODULE_KINDS:
+        raise MamoError(f"unknown search.modules '{config.search.modules}'; use one of {', '.join(MODULE_KINDS)}.")
+    parse_threshold(config.search.threshold)
+    for key in ("rounds", "pretrain_epochs", "round_epochs", "final_epochs"):
+        value = getattr(config.search, key)
+        if value < 0 or (key == "round_epochs" and value < 1 and config.search.rounds > 0):
+            raise MamoError(f"search.{key} must be a non-negative integer (round_epochs ≥ 1), got {value}; fix it.")
+
+
+def _round_record(
+    z: int, stats: ConflictStats, activated: list, new_modules: list[str], val: dict, val_delta: float | None,
+    trainer: Trainer, directory: Path,
+) -> dict:
+    model = trainer.model
+    return {
+        "round": z,
+        "stats": stats,
+        "activated": [[list(pair), cell] for pair, cell in activated],
+        "new_modules": new_modules,
+        "graph": model.graph,
+        "model": model,
+        "val": val,
+        "val_delta": val_delta,
+        "gmk_modules": len(g.branch_nodes(model.graph)),
+        "params": count_parameters(model),
+        "run_dir": directory,
+    }
+
+
+def _serialisable(record: dict) -> dict:
+    """The part of a round record that goes into metrics.json and checkpoints."""
+    return {
+        "round": record["round"],
+        "activated": record["activated"],
+        "modules": len(record["new_modules"]),
+        "new_modules": record["new_modules"],
+        "gmk_modules": record["gmk_modules"],
+        "params": record["params"],
+        "val_delta": record["val_delta"],
+        "conflicts": record["stats"].to_dict(),
+    }
+
+
+def _grow(trainer: Trainer, stats: ConflictStats, config: Config, z: int) -> tuple[list, list[str]]:
+    model = trainer.model
+    candidates = g.candidate_positions(model.graph, config.search.modules)
+    activated = select_positions(stats, candidates, config.search.threshold)
+    new_nodes: list[str] = []
+    # Shallowest first: a pair activated at several cells gets one branch from its first one (the later
+    # positions are then covered and create nothing, DESIGN §3).
+    for position in sorted(activated, key=lambda p: p[1]):
+        if not g.is_grown(model.graph, position, config.search.modules):
+            new_nodes += g.grow(model.graph, position, config.search.modules, round_index=z)
+    if activated:
+        model.sync(copy_from_trunk=True)
+        add_new_parameters(trainer.step.optimizer, model)
+        trainer.step.refresh()
+        # The tensioner's norm history describes the old parameter set; the grown one starts a new window.
+        trainer.step.direction.reset()
+    return activated, new_nodes
+
+
+def _restore(trainer: Trainer, state: dict, session: Session) -> None:
+    model = trainer.model
+    model.graph = g.graph_from_dict(state["graph"])
+    model.sync(copy_from_trunk=False)
+    model.load_state_dict(state["model"])
+    model.to(session.device)
+    trainer.step.refresh()
+    load_optimizer_state(trainer.step.optimizer, model, state["optimizer"])
+    trainer.step.direction.load_state_dict(state["direction"])
+    trainer.generator.set_state(state["generator"])
+    trainer.global_step, trainer.epoch, trainer.history = state["global_step"], state["epoch"], state["history"]
+
+
+def _checkpoint(directory: Path, index: int, phase: str, trainer: Trainer, rounds: list[dict], extra: dict) -> None:
+    save_checkpoint(directory / "checkpoints" / f"phase-{index:02d}-{phase}.pt", {
+        "phase_index": index,
+        "phase": phase,
+        "graph": g.graph_to_dict(trainer.model.graph),
+        "model": trainer.model.state_dict(),
+        "optimizer": optimizer_state(trainer.step.optimizer, trainer.model),
+        "direction": trainer.step.direction.state_dict(),
+        "generator": trainer.generator.get_state(),
+        "global_step": trainer.global_step,
+        "epoch": trainer.epoch,
+        "history": trainer.history,
+        "rounds": rounds,
+        **extra,
+    })
+
+
+def _open_run(config: Config, run_dir: str | Path | None, resume: bool) -> tuple[Config, Path, dict | None]:
+    if not resume:
+        return config, new_run_dir(run_dir, config, "search"), None
+    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
+        raise MamoError(f"--resume needs an existing search run folder with config.yaml, got '{run_dir}'; "
+                        "pass the folder a stopped search wrote.")
+    directory = Path(run_dir)
+    import yaml
+
+    saved = config_from_dict(yaml.safe_load((directory / "config.yaml").read_text()), str(directory / "config.yaml"))
+    path = latest_checkpoint(directory / "checkpoints")
+    return saved, directory, (load_checkpoint(path) if path else None)
+
+
+def run_search(
+    config: Config,
+    run_dir: str | Path | None = None,
+    *,
+    progress: bool = True,
+    quiet: bool = False,
+    resume: bool = False,
+    callbacks: list[Callback] | None = None,
+    cache_root: Path | None = None,
+    loggers: bool = True,
+) -> dict:
+    """MAMO Algorithm 1 end to end; writes the run folder and returns what metrics.json holds.
+
+    ``callbacks`` see every step, epoch and round (``on_round_end`` gets: round, stats, activated, new_modules,
+    graph, model, val, val_delta, gmk_modules, params, run_dir); an exception they raise stops the search
+    after that round's checkpoint. ``loggers=False`` leaves out the TensorBoard logger.
+    """
+    _validate(config)
+    config, directory, state = _open_run(config, run_dir, resume)
+    started = time.perf_counter()
+    session = open_session(config, directory, progress, quiet, cache_root)
+    search, tasks = config.search, session.data.tasks
+    session.log(f"{'resuming' if state else 'search'} in {directory} on {session.device}: {method_name(config)}, "
+                f"{search.rounds} detection rounds")
+    baselines = {}
+    if search.baselines:
+        baselines = {kind: cached_baseline(session, kind, config.train.epochs) for kind in ("stl", "hps")}
+    stl_val = baselines["stl"]["val"] if baselines else None
+
+    recorder = ConflictRecorder()
+    watchers = list(callbacks or [])
+    if loggers:
+        from mamo.board import TensorBoardLogger
+
+        watchers.insert(0, TensorBoardLogger(directory, config, tasks, stl_val))
+    model = build_network(session)
+    trainer = make_trainer(session, model, config.direction, [recorder, *watchers], "search")
+    rounds: list[dict] = []
+    start_index, phase_seconds = 0, {}
+    if state is not None:
+        _restore(trainer, state, session)
+        rounds, phase_seconds, start_index = state["rounds"], state["phase_seconds"], state["phase_index"] + 1
+        session.log(f"resumed after phase '{state['phase']}' from its checkpoint")
+
+    best = KeepBest()
+    for index, phase in enumerate(phase_names(search.rounds)):
+        if index < start_index:
+            continue
+        phase_start = time.perf_counter()
+        for callback in watchers:
+            callback.on_phase_start(phase, model)
+        record = None
+        if phase == "pretrain":
+            trainer.description = "pretrain"
+            trainer.fit(search.pretrain_epochs)
+        elif phase == "final":
+            trainer.description = "final"
+            trainer.callbacks.append(best)
+            trainer.fit(search.final_epochs)
+            trainer.callbacks.remove(best)
+            best.restore(model)
+        else:
+            z = int(phase.removeprefix("round"))
+            trainer.description = phase
+            step = trainer.step
+            # Conflict statistics need exact per-cell gradients even when the direction itself would not.
+            saved_mode = (step.collect_gramians, step.gradients)
+            step.collect_gramians, step.gradients = True, "exact"
+            recorder.open(ConflictStats.for_graph(model.graph))
+            trainer.fit(search.round_epochs)
+            stats = recorder.close()
+            step.collect_gramians, step.gradients = saved_mode
+            val = trainer.history[-1]["val"] if trainer.history else trainer.evaluate(session.data.val)
+            val_delta = delta(val, stl_val, tasks) if stl_val else None
+            activated, new_nodes = _grow(trainer, stats, config, z)
+            record = _round_record(z, stats, activated, new_nodes, val, val_delta, trainer, directory)
+            rounds.append(_serialisable(record))
+            session.log(f"round {z}: {stats.steps} mini-batches, activated {len(activated)} positions "
+                        f"{[f'{a}+{b}@cell{c}' for (a, b), c in activated]}, {len(new_nodes)} new modules, "
+                        f"{record['gmk_modules']} in all")
+        phase_seconds[phase] = phase_seconds.get(phase, 0.0) + time.perf_counter() - phase_start
+        _checkpoint(directory, index, phase, trainer, rounds, {"phase_seconds": phase_seconds})
+        if record is not None:
+            for callback in watchers:
+                callback.on_round_end(record)
+
+    metrics = _finish(session, trainer, directory, baselines, rounds, phase_seconds, started)
+    for callback in watchers:
+        callback.on_run_end(metrics)
+    return metrics
+
+
+def _finish(
+    session: Session, trainer: Trainer, directory: Path, baselines: dict, rounds: list[dict],
+    phase_seconds: dict, started: float,
+) -> dict:
+    config, model, tasks = session.config, trainer.model, session.data.tasks
+    test, val = trainer.evaluate(session.data.test), trainer.evaluate(session.data.val)
+    name = method_name(config)
+    counts = {f"{'+'.join(pair)}@cell{cell}": n for (pair, cell), n in sorted(g.module_counts(model.graph).items())}
+    result = {"tasks": test, "val": val, "params": count_parameters(model),
+              "seconds_per_epoch": trainer.seconds_per_epoch}
+    metrics: dict = {
+        **result,
+        "method": name,
+        "gmk_modules": len(g.branch_nodes(model.graph)),
+        "modules_per_position": counts,
+        "rounds": rounds,
+        "phase_seconds": phase_seconds,
+        "seconds": time.perf_counter() - started,
+        "config": dataclasses.asdict(config),
+    }
+    results = {}
+    if baselines:
+        stl, hps = baselines["stl"], baselines["hps"]
+        results = {"STL": stl, "HPS (equal)": hps}
+        metrics |= {
+            "delta": delta(test, stl["tasks"], tasks),
+            "win_rate": win_rate(test, stl["tasks"], tasks),
+            "val_delta": delta(val, stl["val"], tasks),
+            "baselines": {"stl": stl, "hps": hps},
+        }
+    results[name] = result
+    save_model(directory, model)
+    rows = build_rows(results, "STL" if baselines else None, tasks)
+    notes = _growth_notes(rounds, counts, config)
+    text = write_report(directory, f"mamo search: {config.name}", rows, tasks, "STL" if baselines else None, notes)
+    write_metrics(directory, metrics)
+    session.log("\n" + text)
+    session.log(f"search finished in {metrics['seconds']:.1f} s; run folder {directory}")
+    return metrics
+
+
+def _growth_notes(rounds: list[dict], counts: dict, config: Config) -> str:
+    lines = ["## Growth", "", "GMK modules activated per detection round (MAMO Table 3 layout):", ""]
+    header = ["Detection", *(f"MAMO-{r['round']}" for r in rounds)] if rounds else ["Detection", "(no rounds)"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines.append("| " + " | ".join([config.data.name, *(str(r["modules"]) for r in rounds)]) + " |")
+    lines += ["", "Modules per activated (pair, cell):", ""]
+    lines += [f"- {key}: {n}" for key, n in counts.items()] or ["- none (the network stayed HPS)"]
+    return "\n".join(lines)
+
+
+def add_arguments_search(parser: argparse.ArgumentParser) -> None:
+    from mamo.cli import add_preset_arguments
+
+    add_preset_arguments(parser, "multimnist")
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
+                        help="continue a stopped search from its newest checkpoint (other arguments are ignored)")
+
+
+def command_search(args: argparse.Namespace) -> int:
+    if args.resume:
+        run_search(load_config(None), args.resume, progress=not args.no_progress, resume=True)
+    else:
+        run_search(load_config(args.preset, args.overrides), args.run_dir, progress=not args.no_progress)
+    return 0

@@ -1,0 +1,85 @@
+"""Conflict statistics (DESIGN §2): counts, mean cosines, histograms from Gram blocks, and the thresholds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mamo import graph as g
+from mamo.conflicts import HISTOGRAM_EDGES, ConflictStats, select_positions
+from mamo.errors import MamoError
+
+
+def gram_from_vectors(*vectors) -> torch.Tensor:
+    J = torch.tensor(vectors, dtype=torch.float64)
+    return J @ J.T
+
+
+def test_counts_mean_cosine_and_histogram_follow_the_gram_blocks():
+    stats = ConflictStats(["a", "b", "c"], num_cells=2, cell_params=[10, 10])
+    conflicting = gram_from_vectors([1.0, 0.0], [-1.0, 1.0], [0.0, 1.0])  # cos(a,b) = -0.707, cos(a,c) = 0
+    agreeing = gram_from_vectors([1.0, 0.0], [1.0, 1.0], [1.0, 0.0])
+    stats.update({g.cell_id(0): conflicting, g.cell_id(1): agreeing})
+    stats.update({g.cell_id(0): conflicting, g.cell_id(1): conflicting})
+    assert stats.steps == 2
+    assert stats.counts[0].tolist() == [[0, 2, 0], [2, 0, 0], [0, 0, 0]]
+    assert stats.counts[1, 0, 1] == 1 and stats.counts[1, 1, 2] == 0
+    mean = stats.mean_cosine()
+    np.testing.assert_allclose(mean[0, 0, 1], -np.sqrt(0.5))
+    np.testing.assert_allclose(mean[1, 0, 1], (np.sqrt(0.5) - np.sqrt(0.5)) / 2, atol=1e-12)
+    assert np.allclose(np.diagonal(mean, axis1=1, axis2=2), 1.0)
+    # Pair (a, b) at cell 0: both cosines -0.707 fall in the bin [-0.8, -0.7).
+    bin_index = np.digitize(-np.sqrt(0.5), HISTOGRAM_EDGES) - 1
+    assert stats.histograms[0, 0, bin_index] == 2 and stats.histograms[0].sum() == 2 * 3
+    assert stats.q((("a", "b"), 0)) == 2
+
+
+def test_a_zero_gradient_counts_as_no_conflict():
+    stats = ConflictStats(["a", "b"], num_cells=1, cell_params=[5])
+    stats.update({g.cell_id(0): gram_from_vectors([0.0, 0.0], [1.0, 0.0])})
+    assert stats.counts.sum() == 0 and stats.mean_cosine()[0, 0, 1] == 0.0
+
+
+def crafted(counts: dict, cells: int = 3, params=None) -> tuple[ConflictStats, list]:
+    tasks = ["a", "b", "c"]
+    stats = ConflictStats(tasks, cells, params or [1] * cells)
+    for ((i, j), cell), q in counts.items():
+        a, b = tasks.index(i), tasks.index(j)
+        stats.counts[cell, a, b] = stats.counts[cell, b, a] = q
+    candidates = [(pair, cell) for cell in range(cells) for pair in stats.pairs]
+    return stats, candidates
+
+
+def test_global_threshold_takes_positions_at_or_above_the_mean_of_nonzero_counts():
+    stats, candidates = crafted({(("a", "b"), 0): 6, (("a", "c"), 1): 2, (("b", "c"), 2): 4})
+    assert select_positions(stats, candidates, "global") == [(("a", "b"), 0), (("b", "c"), 2)]
+
+
+def test_layer_threshold_averages_per_cell():
+    stats, candidates = crafted({(("a", "b"), 0): 6, (("a", "c"), 0): 2, (("b", "c"), 1): 1})
+    assert select_positions(stats, candidates, "layer") == [(("a", "b"), 0), (("b", "c"), 1)]
+
+
+def test_topk_takes_the_k_largest():
+    stats, candidates = crafted({(("a", "b"), 0): 6, (("a", "c"), 1): 2, (("b", "c"), 2): 4})
+    assert select_positions(stats, candidates, "topk:2") == [(("a", "b"), 0), (("b", "c"), 2)]
+    assert select_positions(stats, candidates, "topk:9") == [(("a", "b"), 0), (("b", "c"), 2), (("a", "c"), 1)]
+
+
+def test_nothing_grows_when_no_pair_conflicts():
+    stats, candidates = crafted({})
+    for threshold in ("global", "layer", "topk:3"):
+        assert select_positions(stats, candidates, threshold) == []
+
+
+def test_a_cell_without_parameters_is_never_a_candidate():
+    stats, candidates = crafted({(("a", "b"), 1): 9, (("a", "b"), 0): 1}, params=[5, 0, 5])
+    assert select_positions(stats, candidates, "global") == [(("a", "b"), 0)]
+
+
+@pytest.mark.parametrize("text", ["median", "topk", "topk:0", "topk:x", "layer:2"])
+def test_bad_thresholds_are_refused_with_the_valid_forms(text):
+    stats, candidates = crafted({})
+    with pytest.raises(MamoError, match="global, layer or topk:K|positive integer K"):
+        select_positions(stats, candidates, text)

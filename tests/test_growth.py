@@ -1,0 +1,153 @@
+"""Growth (DESIGN §3–4): function preservation, live spawned modules, task sets from reachability, optimizer state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mamo import graph as g
+from mamo.config import DirectionConfig, ModelConfig, TensionerConfig
+from mamo.directions import create_direction
+from mamo.model import compile_model
+from mamo.spaces import create_space
+from mamo.step import TrainStep
+from mamo.tasks import parse_tasks
+from mamo.trainer import add_new_parameters
+
+TASKS3 = parse_tasks({name: {"type": "classification", "classes": 4} for name in ("a", "b", "c")}, "test")
+
+
+def lenet_model(tasks=TASKS3, seed: int = 0):
+    space = create_space(ModelConfig(backbone="lenet", latent=16, head_hidden=8), (1, 28, 28))
+    return compile_model(g.build_hps_graph(space, tasks), seed=seed)
+
+
+def batch(n: int = 8, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 28, 28, generator=gen)
+    return x, {t: torch.randint(0, 4, (n,), generator=gen) for t in TASKS3}
+
+
+def make_step(model, name: str = "mgda", lr: float = 1e-3):
+    direction = create_direction(DirectionConfig(name=name, tensioner=TensionerConfig(formulation="off")))
+    return TrainStep(model, direction, torch.optim.Adam(model.parameters(), lr=lr))
+
+
+def spawn(model, position, modules: str = "gmk") -> list[str]:
+    added = g.grow(model.graph, position, modules)
+    model.sync(copy_from_trunk=True)
+    return added
+
+
+@pytest.mark.parametrize("position", [(("a", "b"), 0), (("b", "c"), 1), (("a", "c"), 2)])
+@pytest.mark.parametrize("modules", ["gmk", "exclusive"])
+def test_growth_preserves_the_function(position, modules):
+    model = lenet_model()
+    step = make_step(model)
+    for seed in range(3):  # trained weights, not the initialisation
+        step(*batch(seed=seed))
+    x, _ = batch(seed=9)
+    model.eval()
+    before = {t: y.clone() for t, y in model(x).items()}
+    added = spawn(model, position, modules)
+    assert added, "growth must create modules"
+    after = model(x)
+    for task in TASKS3:
+        torch.testing.assert_close(after[task], before[task], rtol=0, atol=1e-6)
+
+
+def test_growth_into_an_existing_branch_preserves_the_function():
+    model = lenet_model()
+    spawn(model, (("a", "b"), 2))
+    make_step(model)(*batch())  # β ≠ 0 now, so the branch changes the output
+    x, _ = batch(seed=3)
+    model.eval()
+    before = model(x)
+    added = spawn(model, (("a", "b"), 0))  # prepends the branch's cells 0 and 1
+    assert added == [g.branch_id(("a", "b"), 0), g.branch_id(("a", "b"), 1)]
+    for task, value in model(x).items():
+        torch.testing.assert_close(value, before[task], rtol=0, atol=1e-6)
+
+
+def test_timm_batchnorm_growth_preserves_train_and_eval_outputs():
+    space = create_space(ModelConfig(backbone="timm:resnet18", head_hidden=0), (1, 32, 32))
+    model = compile_model(g.build_hps_graph(space, TASKS3), seed=0)
+    x = torch.rand(4, 1, 32, 32)
+    # Train mode normalises with batch statistics, eval mode with running ones: both must be preserved.
+    for mode, position in ((False, (("a", "c"), 2)), (True, (("a", "b"), 1))):
+        model.train(mode)
+        with torch.no_grad():
+            before = model(x)
+            added = g.grow(model.graph, position)
+            model.sync()
+            after = model(x)
+        assert added
+        for task in TASKS3:
+            torch.testing.assert_close(after[task], before[task], rtol=1e-5, atol=1e-5)
+
+
+def test_every_spawned_parameter_gets_a_gradient_after_one_step():
+    # Equal weighting: MGDA may legitimately put zero weight on both tasks of a pair at some step.
+    model = lenet_model()
+    step = make_step(model, "equal")
+    step(*batch())
+    added = spawn(model, (("a", "b"), 1))
+    add_new_parameters(step.optimizer, model)
+    step.refresh()
+    step(*batch(seed=1))  # the fusion weights leave 0
+    step(*batch(seed=2))
+    for node in added:
+        for name, param in model.blocks[node].named_parameters():
+            assert param.grad is not None and param.grad.abs().sum() > 0, f"{node}.{name} has no gradient"
+
+
+def test_a_gmk_gets_no_gradient_from_tasks_outside_its_pair():
+    model = lenet_model()
+    spawn(model, (("a", "b"), 1))
+    model.betas["a|a+b"].data.fill_(0.5)
+    model.betas["b|a+b"].data.fill_(-0.3)
+    x, targets = batch()
+    losses = {t: torch.nn.functional.cross_entropy(y, targets[t]) for t, y in model(x).items()}
+    gmk = [p for node in g.branch_nodes(model.graph) for p in model.blocks[node].parameters()]
+    from_c = torch.autograd.grad(losses["c"], gmk, allow_unused=True, retain_graph=True)
+    assert all(grad is None or grad.abs().sum() == 0 for grad in from_c)
+    from_a = torch.autograd.grad(losses["a"], gmk, allow_unused=True)
+    assert all(grad is not None and grad.abs().sum() > 0 for grad in from_a)
+    sets = g.task_sets(model.graph)
+    assert sets[g.branch_id(("a", "b"), 2)] == {"a", "b"}
+    assert sets[g.cell_id(0)] == {"a", "b", "c"}
+    assert sets[g.fusion_id("c")] == {"c"}
+
+
+def test_exclusive_modules_are_task_specific():
+    model = lenet_model()
+    spawn(model, (("a", "c"), 1), modules="exclusive")
+    sets = g.task_sets(model.graph)
+    assert sets[g.branch_id(("a",), 1)] == {"a"} and sets[g.branch_id(("c",), 2)] == {"c"}
+    step = make_step(model)
+    assert step.partition.node_slices.keys() == {g.cell_id(k) for k in range(3)}
+
+
+def test_the_same_position_cannot_grow_twice():
+    model = lenet_model()
+    spawn(model, (("a", "b"), 1))
+    with pytest.raises(ValueError, match="already grown"):
+        g.grow(model.graph, (("a", "b"), 1))
+    with pytest.raises(ValueError, match="already grown"):
+        g.grow(model.graph, (("a", "b"), 2))  # the branch already runs through cell 2
+    candidates = g.candidate_positions(model.graph)
+    assert (("a", "b"), 1) not in candidates and (("a", "b"), 2) not in candidates
+    assert (("a", "b"), 0) in candidates and (("b", "c"), 1) in candidates
+
+
+def test_growth_keeps_the_optimizer_state_of_old_parameters():
+    model = lenet_model()
+    step = make_step(model)
+    step(*batch())
+    trunk = next(model.blocks[g.cell_id(1)].parameters())
+    moment = step.optimizer.state[trunk]["exp_avg"].clone()
+    spawn(model, (("a", "b"), 1))
+    assert add_new_parameters(step.optimizer, model) == 2 * 2 + 2  # two cells' weight and bias, two betas
+    held = {id(p) for group in step.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in held for p in model.parameters())
+    assert torch.equal(step.optimizer.state[trunk]["exp_avg"], moment)

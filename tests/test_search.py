@@ -1,0 +1,187 @@
+"""The search end to end (MAMO Algorithm 1): run folder, growth records, resume, export round trips, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mamo import graph as g
+from mamo.cli import main
+from mamo.config import load_config
+from mamo.errors import MamoError
+from mamo.export import FORMATS, architecture_tree, export, load_trained
+from mamo.search import run_search
+from mamo.trainer import Callback
+
+TINY = [
+    "data.train_size=256", "data.val_size=64", "data.test_size=64", "train.batch_size=64", "train.epochs=2",
+    "search.pretrain_epochs=1", "search.round_epochs=1", "search.final_epochs=1",
+]
+
+
+SMALL_TIMM = ["data.train_size=64", "data.val_size=32", "data.test_size=32", "search.baselines=false"]
+
+
+def tiny(*extra: str, preset: str = "quick"):
+    return load_config(preset, [*TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "search"
+    metrics = run_search(tiny(), run_dir, progress=False, quiet=True, loggers=False)
+    return run_dir, metrics
+
+
+def test_search_writes_the_run_folder(finished):
+    run_dir, metrics = finished
+    for name in ("config.yaml", "log.txt", "metrics.json", "report.md", "report.csv", "architecture.json",
+                 "weights.safetensors"):
+        assert (run_dir / name).is_file(), name
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert set(saved["tasks"]) == {"left", "right"}
+    assert isinstance(saved["gmk_modules"], int) and len(saved["rounds"]) == 2
+    assert {"stl", "hps"} <= set(saved["baselines"]) and 0.0 <= saved["win_rate"] <= 1.0
+    assert saved["gmk_modules"] == sum(r["modules"] for r in saved["rounds"])
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
+    assert checkpoints == ["phase-00-pretrain.pt", "phase-01-round1.pt", "phase-02-round2.pt", "phase-03-final.pt"]
+    report = (run_dir / "report.md").read_text()
+    assert "STL" in report and "HPS (equal)" in report and "MAMO-1" in report
+
+
+def test_round_records_match_the_grown_graph(finished):
+    run_dir, metrics = finished
+    graph = g.graph_from_dict(json.loads((run_dir / "architecture.json").read_text()))
+    activated = [tuple(pos[0]) for r in metrics["rounds"] for pos in r["activated"]]
+    assert len(g.branch_nodes(graph)) == metrics["gmk_modules"]
+    for pair in activated:
+        assert any(tuple(graph.nodes[n]["group"]) == pair for n in g.branch_nodes(graph))
+    for record in metrics["rounds"]:
+        assert np.array(record["conflicts"]["counts"]).shape == (3, 2, 2)
+
+
+def test_json_and_weights_rebuild_the_model_exactly(finished, tmp_path):
+    run_dir, _ = finished
+    model = load_trained(run_dir)
+    state = torch.load(run_dir / "checkpoints" / "phase-03-final.pt", weights_only=False)
+    reference = load_trained(run_dir)
+    reference.load_state_dict(state["model"])
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        for task, value in model(x).items():
+            assert torch.equal(value, reference.eval()(x)[task])
+
+
+def test_onnx_and_pt2_programs_give_the_same_outputs(finished, tmp_path):
+    run_dir, _ = finished
+    onnxruntime = pytest.importorskip("onnxruntime")
+    written = export(run_dir, ["onnx", "pt2", "json", "graphml", "dot"], tmp_path)
+    assert [p.name for p in written] == [FORMATS[f][0] for f in ("onnx", "pt2", "json", "graphml", "dot")]
+    model = load_trained(run_dir)
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    outputs = session.run(None, {"x": x.numpy()})
+    program = torch.export.load(str(tmp_path / "model.pt2")).module()
+    for index, task in enumerate(model.tasks):
+        np.testing.assert_allclose(outputs[index], expected[task].numpy(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(program(x)[index], expected[task])
+    import networkx as nx
+
+    assert set(nx.read_graphml(tmp_path / "architecture.graphml").nodes) == set(model.graph.nodes)
+    assert "digraph mamo" in (tmp_path / "architecture.dot").read_text()
+
+
+def test_show_prints_the_tree(finished, capsys):
+    run_dir, metrics = finished
+    assert main(["show", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "cell0" in out and f"{metrics['gmk_modules']} GMK modules" in out
+    assert architecture_tree(load_trained(run_dir)) in out
+
+
+class Crash(Callback):
+    def on_round_end(self, record: dict) -> None:
+        if record["round"] == 1:
+            raise KeyboardInterrupt
+
+
+def test_a_stopped_search_resumes_to_the_same_architecture(tmp_path):
+    config = tiny("search.threshold=topk:1", "search.rounds=2")
+    whole = run_search(config, tmp_path / "whole", progress=False, quiet=True, loggers=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, tmp_path / "cut", progress=False, quiet=True, loggers=False, callbacks=[Crash()])
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    resumed = run_search(config, tmp_path / "cut", progress=False, quiet=True, loggers=False, resume=True)
+    whole_graph = json.loads((tmp_path / "whole" / "architecture.json").read_text())
+    resumed_graph = json.loads((tmp_path / "cut" / "architecture.json").read_text())
+    assert whole_graph == resumed_graph
+    assert [r["activated"] for r in whole["rounds"]] == [r["activated"] for r in resumed["rounds"]]
+    for task, values in whole["tasks"].items():
+        assert values == pytest.approx(resumed["tasks"][task], rel=1e-5)
+
+
+def test_a_corrupt_checkpoint_is_named(tmp_path):
+    config = tiny("search.rounds=1")
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, tmp_path / "r", progress=False, quiet=True, loggers=False, callbacks=[Crash()])
+    (tmp_path / "r" / "checkpoints" / "phase-01-round1.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(MamoError, match="phase-01-round1.pt is corrupt"):
+        run_search(config, tmp_path / "r", progress=False, quiet=True, loggers=False, resume=True)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["search.modules=exclusive"],  # "w/o GMK"
+        ["direction.name=equal", "direction.tensioner.formulation=off"],  # "w/o MO"
+        ["search.rounds=0"],  # HPS
+        ["direction.name=central", "search.threshold=layer", "train.gradients=ub"],
+    ],
+)
+def test_ablations_run(tmp_path, overrides):
+    metrics = run_search(tiny(*overrides), tmp_path / "r", progress=False, quiet=True, loggers=False)
+    graph = load_trained(tmp_path / "r").graph
+    if "search.rounds=0" in overrides:
+        assert metrics["gmk_modules"] == 0 and metrics["rounds"] == []
+    if "search.modules=exclusive" in overrides:
+        assert all(len(graph.nodes[n]["group"]) == 1 for n in g.branch_nodes(graph))
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [
+        ("logic", ["search.pretrain_epochs=20", "search.round_epochs=20", "search.final_epochs=5",
+                   "train.epochs=5", "data.options.gates=[xor, and, or]"]),
+        ("quick", ["model.backbone=timm:resnet18", "model.head_hidden=0", *SMALL_TIMM]),
+        ("quick", ["model.backbone=timm:regnetx_002", "model.head_hidden=0", *SMALL_TIMM]),
+    ],
+)
+def test_every_kind_of_search_space_searches(tmp_path, preset, overrides):
+    config = load_config(preset, [*TINY[:4], *overrides, "search.rounds=1"])
+    metrics = run_search(config, tmp_path / "r", progress=False, quiet=True, loggers=False)
+    assert set(metrics["tasks"]) == set(load_trained(tmp_path / "r").tasks)
+    assert len(metrics["rounds"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["search.modules=pairs"], "unknown search.modules 'pairs'"),
+        (["search.threshold=mean"], "unknown search.threshold 'mean'"),
+        (["search.round_epochs=0"], "search.round_epochs"),
+    ],
+)
+def test_bad_search_settings_fail_before_anything_runs(tmp_path, overrides, message):
+    with pytest.raises(MamoError, match=message):
+        run_search(tiny(*overrides), tmp_path / "r", progress=False, quiet=True, loggers=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_needs_a_run_folder(tmp_path, capsys):
+    assert main(["search", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "--resume needs an existing search run folder" in capsys.readouterr().err
