@@ -123,15 +123,15 @@ class SearchConfig:
 class TuneConfig:
     """The Optuna search space of ``mamo tune``; ranges are [low, high], choices are lists (None: not tuned)."""
 
-    T: list[int] = field(default_factory=lambda: [2, 30])
-    alpha: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    rounds: list[int] = field(default_factory=lambda: [0, 5])
+    T: list[int] | None = field(default_factory=lambda: [2, 30])  # the tensioner's window; null: not tuned
+    alpha: list[float] | None = field(default_factory=lambda: [0.0, 1.0])  # the tensioner's sensitivity
+    rounds: list[int] | None = field(default_factory=lambda: [0, 5])  # Z, conflict-detection rounds
     lr: list[float] | None = None  # [low, high], log-uniform
     threshold: list[str] | None = None  # e.g. [global, layer, topk:2]
     direction: list[str] | None = None  # base directions, e.g. [mgda, central]
     formulation: list[str] | None = None  # tensioner formulations, e.g. [thesis, relative]
-    pruner: str = "median"  # median | none | ...
-    trials: int = 20
+    pruner: str = "median"  # median | percentile | hyperband | none
+    trials: int = 20  # default of --trials
 
 
 @dataclass
@@ -194,20 +194,26 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
             raise MamoError(f"unknown key '{full}' in {source}; valid keys in '{prefix or 'the top level'}': {valid}.")
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
-            kwargs[key] = _build(kind, value, full, source)
+            # An empty section ("train:" with every key commented out) means the defaults.
+            kwargs[key] = _build(kind, {} if value is None else value, full, source)
         else:
             kwargs[key] = _coerce(value, kind, full, source)
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+def _set_path(raw: dict, path: list[str], value: Any) -> dict:
+    """A copy of ``raw`` with the value at ``path`` replaced; sections along the path are copied, not shared.
+
+    Only the named key changes: ``data.options.d=3`` keeps the other options, ``data.options={d: 3}`` replaces them.
+    """
+    out = dict(raw)
+    head, *rest = path
+    if rest:
+        inner = out.get(head)
+        out[head] = _set_path(inner if isinstance(inner, dict) else {}, rest, value)
+    else:
+        out[head] = value
+    return out
 
 
 def resolve_preset(preset: str | None) -> Path | None:
@@ -224,18 +230,25 @@ def resolve_preset(preset: str | None) -> Path | None:
     raise MamoError(f"preset '{preset}' was not found; pass a YAML file or one of: {', '.join(known)}.")
 
 
-def parse_override(text: str) -> dict:
-    """``train.lr=0.1`` -> ``{"train": {"lr": 0.1}}``; the value is read as YAML."""
-    if "=" not in text or not text.split("=", 1)[0].strip():
+def split_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=0.1`` -> ``(["train", "lr"], 0.1)``; the value is read as YAML (an empty value is null)."""
+    key, sep, value = text.partition("=")
+    path = key.strip().split(".")
+    if not sep or not all(part.strip() for part in path):
         raise MamoError(f"--set '{text}' is not of the form section.key=value; write e.g. --set train.epochs=3.")
-    key, value = text.split("=", 1)
     try:
-        nested: Any = load_yaml(value) if value.strip() else None
+        parsed = load_yaml(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise MamoError(
-            f"--set '{text}' has a value that is not valid YAML; quote the value, e.g. {key}='...'."
+            f"--set '{text}' has a value that is not valid YAML; quote the value, e.g. {key.strip()}='...'."
         ) from exc
-    for part in reversed(key.strip().split(".")):
+    return [part.strip() for part in path], parsed
+
+
+def parse_override(text: str) -> dict:
+    """``train.lr=0.1`` -> ``{"train": {"lr": 0.1}}``."""
+    path, nested = split_override(text)
+    for part in reversed(path):
         nested = {part: nested}
     return nested
 
@@ -256,9 +269,8 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     source = str(path) if path else "the defaults"
     config = _build(Config, raw, "", source)
     for text in overrides:
-        merged = _deep_merge(raw, parse_override(text))
-        config = _build(Config, merged, "", f"--set {text}")
-        raw = merged
+        raw = _set_path(raw, *split_override(text))
+        config = _build(Config, raw, "", f"--set {text}")
     return config
 
 

@@ -294,7 +294,10 @@ def _call_arguments(func: Callable[..., Any], cfg: DataConfig, what: str, plugin
 # How one sample's target must look for each task type; a table so that a new type is one entry.
 TARGET_CHECKS: MappingProxyType[str, Callable[[TaskSpec, Tensor], tuple[bool, str]]] = MappingProxyType(
     {
-        "classification": lambda spec, t: (t.numel() == 1, "a single class index"),
+        "classification": lambda spec, t: (
+            t.numel() == 1 and float(t).is_integer() and 0 <= int(t) < spec.classes,
+            f"a single class index in [0, {spec.classes})",
+        ),
         "regression": lambda spec, t: (t.numel() == spec.dim, f"{spec.dim} values"),
         "reconstruction": lambda spec, t: (tuple(t.shape) == spec.shape, f"shape {spec.shape}"),
     }
@@ -324,6 +327,10 @@ def _check_sample(dataset: Dataset, split: str, tasks: dict[str, TaskSpec], what
         x, targets = torch.as_tensor(x), {k: torch.as_tensor(v) for k, v in targets.items()}
     except (TypeError, ValueError, RuntimeError) as exc:
         raise MamoError(f"{what} gives '{split}' samples that are not tensors ({exc}); return tensors.") from exc
+    if x.dtype != torch.float32:
+        raise MamoError(
+            f"{what} gives '{split}' inputs of dtype {x.dtype}; return float32 tensors (e.g. x.float())."
+        )
     for name, spec in tasks.items():
         if name not in targets:
             raise MamoError(
@@ -334,9 +341,11 @@ def _check_sample(dataset: Dataset, split: str, tasks: dict[str, TaskSpec], what
         check = TARGET_CHECKS.get(spec.type, lambda spec, t: (True, ""))
         ok, expected = check(spec, targets[name])
         if not ok:
+            target = targets[name]
+            got = f"{target.item()!r}" if target.numel() == 1 else f"shape {tuple(target.shape)}"
             raise MamoError(
                 f"task '{name}' from {what} expects {expected} per sample but a '{split}' sample has "
-                f"shape {tuple(targets[name].shape)}; fix the targets or the task spec."
+                f"{got}; fix the targets or the task spec."
             )
     return tuple(x.shape)
 

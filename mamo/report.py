@@ -22,7 +22,11 @@ def metric_columns(tasks: dict[str, TaskSpec]) -> list[tuple[str, str, bool]]:
 
 
 def relative_changes(mtl: Metrics, stl: Metrics, tasks: dict[str, TaskSpec]) -> dict[tuple[str, str], float]:
-    """(-1)^s (MTL - STL) / STL * 100 per metric, s = 0 where higher is better: positive means better."""
+    """(-1)^s (MTL - STL) / |STL| * 100 per metric, s = 0 where higher is better: positive means better.
+
+    Where STL is exactly 0, Eq 15 is undefined; the difference is then taken against 1 (``(MTL - STL) * 100``), so
+    Δ stays finite and keeps its sign.
+    """
     changes = {}
     for task, metric, higher in metric_columns(tasks):
         reference = stl[task][metric]

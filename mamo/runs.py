@@ -16,11 +16,18 @@ from mamo.errors import MamoError
 RUNS_ROOT = Path("runs")
 
 
-def new_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Path:
-    """Create the run folder: ``run_dir`` if given, else runs/<timestamp>-<preset>; refuses an existing one."""
+def free_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Path:
+    """The run folder a command will create (``run_dir``, else runs/<timestamp>-<command>-<preset>), checked to be
+    free; nothing is created, so a command can validate its inputs first and leave no folder behind on bad input."""
     path = Path(run_dir) if run_dir else RUNS_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{config.name}"
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise MamoError(f"run folder {path} already exists and is not empty; pass a new --run-dir or remove it.")
+    return path
+
+
+def new_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Path:
+    """Create the run folder (see :func:`free_run_dir`) with checkpoints/ and the resolved config.yaml."""
+    path = free_run_dir(run_dir, config, command)
     path.mkdir(parents=True, exist_ok=True)
     (path / "checkpoints").mkdir(exist_ok=True)
     dump_config(config, path / "config.yaml")

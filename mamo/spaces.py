@@ -7,9 +7,10 @@ create function (:func:`create_space`), in the manner of timm. A space is fully 
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -34,6 +35,12 @@ class SearchSpace:
         self.input_shape = tuple(spec["input_shape"])
 
     @property
+    def backbone(self) -> str:
+        """The ``model.backbone`` name this space was made from."""
+        timm_name = self._spec.get("timm_name")
+        return f"{self._spec['family']}:{timm_name}" if timm_name else self._spec["family"]
+
+    @property
     def num_cells(self) -> int:
         raise NotImplementedError
 
@@ -52,9 +59,9 @@ class SearchSpace:
             for index in range(self.num_cells):
                 try:
                     x = self.build_cell(index).eval()(x)
-                except RuntimeError as exc:
+                except (RuntimeError, AssertionError, ValueError) as exc:  # what torch and timm raise on bad sizes
                     raise MamoError(
-                        f"backbone {self._spec['family']} {self._spec.get('timm_name', '')} fails at cell {index} "
+                        f"backbone '{self.backbone}' fails at cell {index} "
                         f"on inputs of shape {list(self.input_shape)} ({str(exc).splitlines()[0]}); "
                         "use larger inputs or a backbone that downsamples less."
                     ) from exc
@@ -62,6 +69,8 @@ class SearchSpace:
         return shapes
 
     def build_head(self, task: TaskSpec, feature_shape: tuple[int, ...]) -> nn.Module:
+        if task.head not in HEADS:
+            raise MamoError(f"task '{task.name}' asks for unknown head '{task.head}'; use one of {sorted(HEADS)}.")
         hidden = int(self._spec.get("head_hidden", 50))
         return HEADS[task.head](task, feature_shape, hidden)
 
@@ -132,8 +141,68 @@ class LeNetSpace(SearchSpace):
         return nn.Sequential(nn.Flatten(), nn.Linear(probe.numel(), self._spec["latent"]), nn.ReLU())
 
 
+class _Permute(nn.Module):
+    """Reorders a feature map's dimensions (between timm's channels-last stages and channels-first cells)."""
+
+    def __init__(self, *dims: int):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.dims)
+
+
+def _list_net_stages(model: nn.Module) -> list[nn.Module] | None:
+    """timm's FeatureListNet (ResNet, RegNet, ConvNeXt, ...): its modules in order, cut after each returned layer.
+
+    Some families (MambaOut, ...) run channels-last; their cells convert so that every cell reads and gives (C, H, W),
+    which the heads and the GMK mean expect.
+    """
+    fmt = getattr(model, "output_fmt", "NCHW")
+    channels_last = str(getattr(fmt, "value", fmt)) == "NHWC"
+    cells, pending = [], []
+    for layer_name, module in model.items():
+        if channels_last and not pending and cells:
+            pending.append(_Permute(0, 2, 3, 1))
+        pending.append(module)
+        if layer_name in model.return_layers:
+            cells.append(nn.Sequential(*pending, *([_Permute(0, 3, 1, 2)] if channels_last else [])))
+            pending = []
+    return cells
+
+
+def _block_stages(model: nn.Module) -> list[nn.Module] | None:
+    """EfficientNet/MobileNet features: the stem, then ``blocks[i]``, cut after each stage in ``_stage_out_idx``."""
+    if getattr(model, "feature_hooks", None) is not None:
+        return None  # hook-based feature locations do not follow the block order
+    stem = [module for name, module in model.named_children() if name != "blocks"]
+    stages = [(0, nn.Sequential(*stem))] + [(i + 1, block) for i, block in enumerate(model.blocks)]
+    cells, pending = [], []
+    for index, module in stages:
+        pending.append(module)
+        if index in model._stage_out_idx:
+            cells.append(nn.Sequential(*pending))
+            pending = []
+    return cells
+
+
+# timm's features_only wrappers whose stages run one after another, by class name: how to cut them into cells.
+TIMM_STAGES: dict[str, Callable[[nn.Module], list[nn.Module] | None]] = {
+    "FeatureListNet": _list_net_stages,
+    "EfficientNetFeatures": _block_stages,
+    "MobileNetV3Features": _block_stages,
+}
+
+
+def _check_timm_name(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        raise MamoError(f"unknown timm model '{name}' (model.backbone); pick a name from timm.list_models().")
+
+
 class TimmSpace(SearchSpace):
-    """Any timm model whose ``features_only`` wrapper runs its modules in sequence: each stage is a cell."""
+    """Any timm model whose ``features_only`` wrapper runs its stages in sequence: each stage is a cell."""
 
     def __init__(self, spec: dict):
         super().__init__(spec)
@@ -143,49 +212,92 @@ class TimmSpace(SearchSpace):
         import timm
 
         name = self._spec["timm_name"]
-        if name not in timm.list_models():
-            raise MamoError(f"unknown timm model '{name}' (model.backbone); pick a name from timm.list_models().")
+        _check_timm_name(name)
         try:
             model = timm.create_model(name, pretrained=False, features_only=True, in_chans=self.input_shape[0])
         except Exception as exc:  # timm raises many types for models without features_only support
             raise MamoError(f"timm model '{name}' cannot give features_only stages ({exc}); pick another.") from exc
+        _revive_zero_scales(model)
         if self._spec.get("weights"):
-            self._load_weights(model, Path(self._spec["weights"]))
-        from timm.models._features import FeatureListNet
-
-        if not isinstance(model, FeatureListNet):
+            _load_weights(model, Path(self._spec["weights"]), name, self.input_shape[0])
+        splitter = TIMM_STAGES.get(type(model).__name__)
+        cells = splitter(model) if splitter else None
+        if not cells:
             raise MamoError(
-                f"timm model '{name}' has no sequential stages ({type(model).__name__}); use a ResNet, ConvNeXt, "
-                "RegNet or another model whose features_only wrapper is FeatureListNet."
+                f"timm model '{name}' has no sequential stages ({type(model).__name__}); use a ResNet, RegNet, "
+                "ConvNeXt, EfficientNet, MobileNet or another model whose stages run one after another."
             )
-        cells, pending = [], []
-        for layer_name, module in model.items():
-            pending.append(module)
-            if layer_name in model.return_layers:
-                cells.append(nn.Sequential(*pending))
-                pending = []
         return cells
-
-    @staticmethod
-    def _load_weights(model: nn.Module, path: Path) -> None:
-        if not path.exists():
-            raise MamoError(f"timm weights file {path} does not exist (model.weights); point it at a local file.")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=False)
 
     @property
     def num_cells(self) -> int:
         return len(self._template)
 
     def build_cell(self, index: int) -> nn.Module:
-        import copy
-
         return copy.deepcopy(self._template[index])
+
+
+def _revive_zero_scales(model: nn.Module) -> None:
+    """Set normalisation scales that start at exactly zero to one.
+
+    timm zero-initialises the last normalisation of each residual block (``zero_init_last``); every other parameter
+    of that block then gets a zero gradient on the first steps, so its cell's gradient conflicts would be read off
+    a few normalisation scales. With scale one every parameter learns, and is measured, from the first step.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)) and module.weight is not None:
+            if not module.weight.detach().any():
+                nn.init.ones_(module.weight)
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise MamoError(f"timm weights file {path} does not exist (model.weights); point it at a local file.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling and safetensors raise many types for a wrong or damaged file
+        raise MamoError(
+            f"timm weights file {path} cannot be read ({type(exc).__name__}); give a state_dict saved with "
+            "torch.save or safetensors."
+        ) from exc
+    # Training checkpoints often wrap the weights; take the state_dict inside.
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise MamoError(f"timm weights file {path} holds a {type(state).__name__}, not a state_dict; save one.")
+    return state
+
+
+def _load_weights(model: nn.Module, path: Path, name: str, in_chans: int) -> None:
+    """Load a local state_dict into the features model; extra keys (the classifier) are ignored.
+
+    ImageNet weights expect 3 input channels; the first convolution is adapted to the data's channels as timm
+    does for pretrained weights (summed for one channel, repeated and rescaled for more).
+    """
+    from timm.models import adapt_input_conv
+
+    state = _read_state(path)
+    own = model.state_dict()
+    first = model.pretrained_cfg.get("first_conv") if hasattr(model, "pretrained_cfg") else None
+    for conv in [first] if isinstance(first, str) else list(first or []):
+        key = f"{conv}.weight"
+        if key in state and key in own and state[key].ndim == 4 and state[key].shape[1] != own[key].shape[1]:
+            state[key] = adapt_input_conv(in_chans, state[key])
+    missing = [key for key in own if key not in state]
+    wrong = [key for key in own if key in state and tuple(state[key].shape) != tuple(own[key].shape)]
+    if missing or wrong:
+        bad = missing or wrong
+        raise MamoError(
+            f"timm weights file {path} does not fit timm model '{name}': {len(bad)} of its {len(own)} tensors are "
+            f"{'missing' if missing else 'of another shape'} (e.g. '{bad[0]}'); use weights saved from '{name}'."
+        )
+    model.load_state_dict({key: state[key] for key in own})
 
 
 SPACES: dict[str, type[SearchSpace]] = {"mlp": MLPSpace, "lenet": LeNetSpace, "timm": TimmSpace}
@@ -204,12 +316,24 @@ def create_space(config: ModelConfig, input_shape: tuple[int, ...]) -> SearchSpa
         )
     if config.activation not in ACTIVATIONS:
         raise MamoError(f"unknown activation '{config.activation}' (model.activation); use one of {list(ACTIVATIONS)}.")
+    if config.head_hidden < 0:
+        raise MamoError(f"model.head_hidden is {config.head_hidden}; use 0 (a linear head) or a positive width.")
     spec: dict = {"family": family, "input_shape": list(input_shape), "head_hidden": config.head_hidden}
     if family == "mlp":
+        if not config.hidden or any(width < 1 for width in config.hidden):
+            raise MamoError(f"model.hidden is {config.hidden}; give the mlp at least one positive width, e.g. [64].")
         spec |= {"hidden": list(config.hidden), "activation": config.activation}
-    elif family == "lenet":
-        if len(input_shape) != 3:
-            raise MamoError(f"backbone 'lenet' needs image inputs (C, H, W) but the data gives {input_shape}.")
+        return space_from_spec(spec)
+    if family == "timm":
+        _check_timm_name(timm_name)  # a wrong name is the first thing to fix, whatever the data
+    if len(input_shape) != 3:
+        raise MamoError(
+            f"backbone '{config.backbone}' needs image inputs (C, H, W) but the data gives {tuple(input_shape)}; "
+            "use model.backbone=mlp for vector inputs."
+        )
+    if family == "lenet":
+        if config.latent < 1:
+            raise MamoError(f"model.latent is {config.latent}; give the lenet a positive latent width, e.g. 50.")
         spec |= {"latent": config.latent}
     else:
         spec |= {"timm_name": timm_name, "weights": config.weights}

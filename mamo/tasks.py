@@ -9,8 +9,8 @@ Each task type is one entry of :data:`TASK_TYPES`; adding a type means adding an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -159,14 +159,21 @@ class MetricAccumulator:
         }
 
 
+def _size(value: object, key: str, name: str, source: str) -> int:
+    """A task's ``classes``/``dim`` or one entry of its ``shape``: a whole number (floats like 10.0 are fine)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise MamoError(f"task '{name}' from {source} has {key} {value!r}; give a positive whole number.")
+    return int(value)
+
+
 def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
     """Validate a dataset's ``tasks`` dict and build specs; ``source`` names where it came from."""
     if not isinstance(raw, dict) or not raw:
         raise MamoError(f"{source} must return 'tasks' as a non-empty dict of task name -> spec, got {raw!r}.")
     specs: dict[str, TaskSpec] = {}
     for name, spec in raw.items():
-        if not isinstance(spec, dict) or spec.get("type") not in TASK_TYPES:
-            kind = spec.get("type") if isinstance(spec, dict) else spec
+        kind = spec.get("type") if isinstance(spec, dict) else spec
+        if not isinstance(kind, str) or kind not in TASK_TYPES:
             raise MamoError(
                 f"task '{name}' from {source} has unknown type {kind!r}; use one of {sorted(TASK_TYPES)}."
             )
@@ -176,16 +183,19 @@ def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
         loss = spec.get("loss", "default")
         if loss != "default" and loss not in LOSSES:
             raise MamoError(f"task '{name}' from {source} has unknown loss {loss!r}; use one of {sorted(LOSSES)}.")
+        shape = spec.get("shape", ())
+        if not isinstance(shape, (list, tuple)):
+            raise MamoError(f"task '{name}' from {source} has shape {shape!r}; give a list such as [1, 28, 28].")
         task = TaskSpec(
             name=str(name),
-            type=spec["type"],
-            classes=int(spec.get("classes", 0)),
-            dim=int(spec.get("dim", 0)),
-            shape=tuple(int(s) for s in spec.get("shape", ())),
+            type=kind,
+            classes=_size(spec.get("classes", 0), "classes", name, source),
+            dim=_size(spec.get("dim", 0), "dim", name, source),
+            shape=tuple(_size(s, "shape", name, source) for s in shape),
             head=str(spec.get("head", "default")),
             loss=loss,
         )
-        if task.output_size <= 0:
+        if task.output_size <= 0 or any(s <= 0 for s in task.shape):
             need = {"classification": "classes", "regression": "dim", "reconstruction": "shape"}[task.type]
             raise MamoError(f"task '{name}' from {source} of type {task.type} needs a positive '{need}'.")
         specs[task.name] = task

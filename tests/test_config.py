@@ -1,0 +1,250 @@
+"""Presets: every shipped one loads; mistakes name the key, the file and the fix; --set overrides; round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from mamo.config import (
+    PRESET_DIR,
+    Config,
+    DataConfig,
+    TrainConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+    load_yaml,
+    parse_override,
+)
+from mamo.errors import MamoError
+
+PRESETS = sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str, name: str = "mine.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(preset: str | None, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    with pytest.raises(MamoError) as info:
+        load_config(preset, overrides)
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+
+def test_the_shipped_presets_are_the_ones_the_issue_promises() -> None:
+    expected = {"multimnist", "multimnist_recon", "multifashion", "multi_fashion_mnist", "logic", "concave", "quick"}
+    assert expected <= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_loads_with_its_own_values(preset: str) -> None:
+    raw = load_yaml((PRESET_DIR / f"{preset}.yaml").read_text())
+    config = load_config(preset)
+    assert config.name == preset
+    # Every value the file sets arrives in the typed config (floats may be written as ints in YAML).
+    for section, values in raw.items():
+        for key, value in values.items():
+            got = getattr(getattr(config, section), key)
+            if dataclasses.is_dataclass(got):
+                for inner, inner_value in value.items():
+                    assert getattr(got, inner) == inner_value, f"{preset}: {section}.{key}.{inner}"
+            else:
+                assert got == value, f"{preset}: {section}.{key}"
+
+
+def test_off_in_a_preset_is_the_string_off_not_false() -> None:
+    # YAML 1.1 would read "off" as False; the concave preset relies on the string.
+    assert load_config("concave").direction.tensioner.formulation == "off"
+    assert load_config(None, ["direction.tensioner.formulation=off"]).direction.tensioner.formulation == "off"
+
+
+def test_a_preset_may_be_a_path(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  epochs: 3\n")
+    config = load_config(str(path))
+    assert config.train.epochs == 3
+    assert config.name == "mine"
+    assert config.train.lr == TrainConfig().lr  # untouched keys keep their defaults
+
+
+def test_no_preset_gives_the_defaults() -> None:
+    assert load_config(None) == Config()
+
+
+def test_unknown_preset_lists_the_known_ones() -> None:
+    message = error_of("no_such_preset")
+    assert "'no_such_preset'" in message
+    for name in PRESETS:
+        assert name in message
+
+
+# ----------------------------------------------------------------------------------------------- bad keys
+
+
+def test_mistyped_key_names_key_file_and_valid_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  epoch: 3\n")
+    message = error_of(str(path))
+    assert "'train.epoch'" in message
+    assert str(path) in message
+    for key in ("epochs", "batch_size", "lr", "optimizer", "device", "seed"):
+        assert key in message
+
+
+def test_unknown_section_names_the_top_level_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, "trian:\n  epochs: 3\n")
+    message = error_of(str(path))
+    assert "'trian'" in message and str(path) in message
+    for section in ("data", "model", "train", "direction", "search"):
+        assert section in message
+
+
+def test_unknown_nested_key_is_named_with_its_full_path(tmp_path: Path) -> None:
+    path = write(tmp_path, "direction:\n  tensioner:\n    alfa: 0.3\n")
+    message = error_of(str(path))
+    assert "'direction.tensioner.alfa'" in message
+    assert "alpha" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("train:\n  epochs: three\n", "train.epochs"),
+        ("train:\n  epochs: 2.5\n", "train.epochs"),
+        ("train:\n  epochs: true\n", "train.epochs"),  # a bool is not an int here
+        ("train:\n  lr: fast\n", "train.lr"),
+        ("model:\n  hidden: 64\n", "model.hidden"),
+        ("model:\n  hidden: [64, x]\n", "model.hidden"),
+        ("data:\n  options: [1, 2]\n", "data.options"),
+        ("data:\n  root: 5\n", "data.root"),
+        ("train: 5\n", "train"),
+    ],
+)
+def test_wrong_type_names_the_key_and_file(tmp_path: Path, text: str, key: str) -> None:
+    path = write(tmp_path, text)
+    message = error_of(str(path))
+    assert f"'{key}'" in message
+    assert str(path) in message
+
+
+def test_ints_are_accepted_where_floats_are_expected(tmp_path: Path) -> None:
+    config = load_config(str(write(tmp_path, "train:\n  lr: 1\n")))
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+
+
+def test_a_preset_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "- a\n- b\n")
+    assert str(path) in error_of(str(path))
+
+
+def test_invalid_yaml_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "train: [unclosed\n")
+    message = error_of(str(path))
+    assert str(path) in message and "YAML" in message
+
+
+# ------------------------------------------------------------------------------------------------- --set
+
+
+def test_set_overrides_a_value_over_the_preset() -> None:
+    config = load_config("quick", ["train.epochs=1"])
+    assert config.train.epochs == 1
+    assert config.data.train_size == load_config("quick").data.train_size
+
+
+def test_set_reaches_nested_sections_and_repeats_apply_in_order() -> None:
+    config = load_config(
+        "multimnist",
+        ["direction.tensioner.T=5", "train.lr=0.5", "train.lr=1e-3", "direction.tensioner.alpha=0"],
+    )
+    assert config.direction.tensioner.T == 5
+    assert config.direction.tensioner.alpha == 0.0
+    assert config.direction.tensioner.formulation == "relative"  # siblings of an overridden key stay
+    assert config.train.lr == 0.001  # the last --set of a key wins; 1e-3 is a number, not a string
+
+
+def test_set_values_are_read_as_yaml() -> None:
+    config = load_config(
+        None,
+        ["model.hidden=[8, 4]", "data.root=null", "search.baselines=false", "data.options={d: 3, gates: [xor]}",
+         "model.backbone=timm:resnet18", "data.name=plugins/my.py:build"],
+    )
+    assert config.model.hidden == [8, 4]
+    assert config.data.root is None
+    assert config.search.baselines is False
+    assert config.data.options == {"d": 3, "gates": ["xor"]}
+    assert config.model.backbone == "timm:resnet18"
+    assert config.data.name == "plugins/my.py:build"
+
+
+def test_set_changes_only_the_named_key_of_a_mapping() -> None:
+    # The logic preset sets data.options gates and scale.
+    config = load_config("logic", ["data.options.scale=4"])
+    assert config.data.options == {"gates": ["xor", "and"], "scale": 4}
+    # A whole mapping as the value replaces it: the way to drop a preset's dataset options.
+    assert load_config("logic", ["data.options={}"]).data.options == {}
+    assert load_config("logic", ["data.options={scale: 2}"]).data.options == {"scale": 2}
+
+
+def test_empty_section_means_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  # epochs: 3\nsearch:\n  rounds: 0\n")
+    config = load_config(str(path))
+    assert config.train == TrainConfig() and config.search.rounds == 0
+
+
+def test_set_with_an_unknown_key_names_the_override_and_valid_keys() -> None:
+    message = error_of("quick", ["train.epoch=1"])
+    assert "'train.epoch'" in message
+    assert "--set train.epoch=1" in message
+    assert "epochs" in message
+
+
+def test_set_with_a_wrong_type_names_the_override() -> None:
+    message = error_of("quick", ["train.batch_size=big"])
+    assert "'train.batch_size'" in message and "--set train.batch_size=big" in message
+
+
+@pytest.mark.parametrize("text", ["train.epochs", "=3", " =3", "train.epochs 3", "train..lr=1", "train.=1"])
+def test_bad_set_syntax_shows_the_expected_form(text: str) -> None:
+    message = error_of(None, [text])
+    assert f"'{text}'" in message
+    assert "section.key=value" in message
+
+
+def test_set_with_invalid_yaml_value_is_refused() -> None:
+    message = error_of(None, ["data.name=[unclosed"])
+    assert "data.name=[unclosed" in message and "YAML" in message
+
+
+def test_parse_override_builds_the_nested_dict() -> None:
+    assert parse_override("a.b.c=1") == {"a": {"b": {"c": 1}}}
+    assert parse_override("train.device=cuda:0") == {"train": {"device": "cuda:0"}}
+    assert parse_override("data.root=") == {"data": {"root": None}}
+
+
+# -------------------------------------------------------------------------------------------- round trip
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    config = load_config(
+        "concave",
+        ["train.lr=1e-5", "data.options={d: 3}", "model.weights=/tmp/w.pt", "direction.tensioner.alpha=0.25"],
+    )
+    path = tmp_path / "config.yaml"
+    dump_config(config, path)
+    assert config_from_dict(load_yaml(path.read_text()), str(path)) == config
+    # The written file is itself a preset: a run can be repeated from its folder.
+    assert load_config(str(path)) == config
+
+
+def test_config_from_dict_validates_like_a_preset() -> None:
+    raw = dataclasses.asdict(Config())
+    raw["data"] = {**raw["data"], "sede": 1}
+    with pytest.raises(MamoError, match="'data.sede' in checkpoint"):
+        config_from_dict(raw, "checkpoint")
+    assert config_from_dict({"data": {"seed": 4}}, "x").data == DataConfig(seed=4)
