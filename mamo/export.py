@@ -32,6 +32,9 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> Mam
         raise MamoError(f"{', '.join(missing)} not found; pass the folder of a finished train or search run.")
     try:
         graph = g.graph_from_dict(json.loads(paths[0].read_text()))
+        # The trained weights replace the initial ones, so a timm weights file need not exist any more.
+        if "weights" in graph.graph["space"]:
+            graph.graph["space"]["weights"] = None
         state = load_file(str(paths[1]), device=str(device))
     except (json.JSONDecodeError, KeyError, OSError, RuntimeError) as exc:
         raise MamoError(f"the model files in {directory} are unreadable ({type(exc).__name__}); "

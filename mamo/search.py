@@ -16,14 +16,13 @@ from pathlib import Path
 
 from mamo import graph as g
 from mamo.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
-from mamo.config import Config, config_from_dict, load_config
+from mamo.config import Config, config_from_dict, load_config, load_yaml
 from mamo.conflicts import ConflictStats, parse_threshold, select_positions
 from mamo.errors import MamoError
 from mamo.model import count_parameters
 from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
-from mamo.runs import new_run_dir
 from mamo.step import StepResult
-from mamo.train import Session, build_network, cached_baseline, make_trainer, open_session, save_model
+from mamo.train import Session, build_network, cached_baseline, make_trainer, open_run, open_session, save_model
 from mamo.trainer import Callback, KeepBest, Trainer, add_new_parameters
 
 MODULE_KINDS = ("gmk", "exclusive")
@@ -124,6 +123,8 @@ def _grow(trainer: Trainer, stats: ConflictStats, config: Config, z: int) -> tup
 def _restore(trainer: Trainer, state: dict, session: Session) -> None:
     model = trainer.model
     model.graph = g.graph_from_dict(state["graph"])
+    if "weights" in model.graph.graph["space"]:  # the checkpoint's weights replace any initial ones
+        model.graph.graph["space"]["weights"] = None
     model.sync(copy_from_trunk=False)
     model.load_state_dict(state["model"])
     model.to(session.device)
@@ -151,16 +152,12 @@ def _checkpoint(directory: Path, index: int, phase: str, trainer: Trainer, round
     })
 
 
-def _open_run(config: Config, run_dir: str | Path | None, resume: bool) -> tuple[Config, Path, dict | None]:
-    if not resume:
-        return config, new_run_dir(run_dir, config, "search"), None
+def _resume_state(run_dir: str | Path | None) -> tuple[Config, Path, dict | None]:
     if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
         raise MamoError(f"--resume needs an existing search run folder with config.yaml, got '{run_dir}'; "
                         "pass the folder a stopped search wrote.")
     directory = Path(run_dir)
-    import yaml
-
-    saved = config_from_dict(yaml.safe_load((directory / "config.yaml").read_text()), str(directory / "config.yaml"))
+    saved = config_from_dict(load_yaml((directory / "config.yaml").read_text()), str(directory / "config.yaml"))
     path = latest_checkpoint(directory / "checkpoints")
     return saved, directory, (load_checkpoint(path) if path else None)
 
@@ -182,10 +179,15 @@ def run_search(
     graph, model, val, val_delta, gmk_modules, params, run_dir); an exception they raise stops the search
     after that round's checkpoint. ``loggers=False`` leaves out the TensorBoard logger.
     """
-    _validate(config)
-    config, directory, state = _open_run(config, run_dir, resume)
     started = time.perf_counter()
-    session = open_session(config, directory, progress, quiet, cache_root)
+    if resume:
+        config, directory, state = _resume_state(run_dir)
+        _validate(config)
+        session = open_session(config, directory, progress, quiet, cache_root)
+    else:
+        _validate(config)
+        session, directory = open_run(config, run_dir, "search", progress, quiet, cache_root)
+        state = None
     search, tasks = config.search, session.data.tasks
     session.log(f"{'resuming' if state else 'search'} in {directory} on {session.device}: {method_name(config)}, "
                 f"{search.rounds} detection rounds")

@@ -16,7 +16,7 @@ from mamo.errors import MamoError
 from mamo.graph import build_hps_graph, graph_to_dict
 from mamo.model import MamoNet, compile_model, count_parameters
 from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
-from mamo.runs import BaselineCache, RunLog, baseline_key, new_run_dir
+from mamo.runs import BaselineCache, RunLog, baseline_key, free_run_dir, new_run_dir
 from mamo.spaces import create_space
 from mamo.step import TrainStep
 from mamo.trainer import Callback, KeepBest, Trainer, make_optimizer, resolve_device
@@ -101,11 +101,15 @@ def train_network(
     direction: DirectionConfig,
     task_names: list[str] | None = None,
     description: str = "train",
+    callbacks: list[Callback] | None = None,
 ) -> Trained:
     """Train one network for ``epochs``, keep its best-by-validation weights, test it."""
     model = build_network(session, task_names)
     best = KeepBest()
-    trainer = make_trainer(session, model, direction, [best], description)
+    watchers = list(callbacks or [])
+    trainer = make_trainer(session, model, direction, [best, *watchers], description)
+    for callback in watchers:
+        callback.on_phase_start(description, model)
     trainer.fit(epochs)
     best.restore(model)
     return Trained(model, trainer, trainer.evaluate(session.data.test), trainer.evaluate(session.data.val),
@@ -150,22 +154,45 @@ def save_model(run_dir: Path, model: MamoNet) -> None:
     save_file(state, str(run_dir / "weights.safetensors"))
 
 
-def run_train(config: Config, run_dir: str | Path | None = None, progress: bool = True, quiet: bool = False) -> dict:
-    """``mamo train``: HPS with the configured direction, or STL with ``train.mode=stl``; writes the report."""
-    directory = new_run_dir(run_dir, config, "train")
-    session = open_session(config, directory, progress, quiet)
+def open_run(
+    config: Config, run_dir: str | Path | None, command: str, progress: bool = True, quiet: bool = False,
+    cache_root: Path | None = None,
+) -> tuple[Session, Path]:
+    """Check every input (data, backbone, direction, optimizer) first, then create the run folder, so bad
+    input never leaves a folder behind that would block the corrected retry."""
+    path = free_run_dir(run_dir, config, command)
+    session = open_session(config, None, progress, quiet, cache_root or path.parent / ".baselines")
+    model = build_network(session)
+    create_direction(config.direction)
+    make_optimizer(model, config.train)
+    directory = new_run_dir(path, config, command)
+    session.log.path = directory / "log.txt"
+    session.log(f"run folder: {directory}")
+    return session, directory
+
+
+def run_train(
+    config: Config, run_dir: str | Path | None = None, progress: bool = True, quiet: bool = False,
+    callbacks: list[Callback] | None = None, loggers: bool = True,
+) -> dict:
+    """``mamo train``: the shared network with the configured direction, or STL with ``train.mode=stl``."""
+    session, directory = open_run(config, run_dir, "train", progress, quiet)
     epochs = config.train.epochs
     tasks = session.data.tasks
-    session.log(f"run folder: {directory}")
     stl_key = baseline_key(config, "stl", epochs)
+    watchers = list(callbacks or [])
+    if loggers:
+        from mamo.board import TensorBoardLogger
+
+        stl = session.cache.get(stl_key)
+        watchers.insert(0, TensorBoardLogger(directory, config, tasks, stl["val"] if stl else None))
     if config.train.mode == "stl":
-        result = train_stl(session, epochs)
-        session.cache.put(stl_key, result)
+        result = cached_baseline(session, "stl", epochs)
         results, stl_name = {"STL": result}, "STL"
     else:
         method = config.direction.name + ("" if config.direction.tensioner.formulation == "off" else "+tensioner")
         session.log(f"HPS network, direction {method}, {epochs} epochs on {session.device}")
-        trained = train_network(session, epochs, config.direction, description="hps")
+        trained = train_network(session, epochs, config.direction, description="train", callbacks=watchers)
         result = trained.result()
         torch.save({"model": trained.model.state_dict(), "graph": graph_to_dict(trained.model.graph),
                     "epoch": trained.extra["best_epoch"]}, directory / "checkpoints" / "best.pt")
@@ -184,6 +211,8 @@ def run_train(config: Config, run_dir: str | Path | None = None, progress: bool 
         "--set train.mode=stl once to get Δ and Win."
     text = write_report(directory, f"mamo train: {config.name}", rows, tasks, stl_name, note)
     write_metrics(directory, metrics)
+    for callback in watchers:
+        callback.on_run_end(metrics)
     session.log("\n" + text)
     return metrics
 
