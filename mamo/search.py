@@ -211,6 +211,25 @@ def run_search(
         rounds, phase_seconds, start_index = state["rounds"], state["phase_seconds"], state["phase_index"] + 1
         session.log(f"resumed after phase '{state['phase']}' from its checkpoint")
 
+    try:
+        metrics = _run_phases(session, trainer, recorder, watchers, directory, baselines, rounds, phase_seconds,
+                              start_index, started)
+    finally:
+        # A pruned trial or a crash must still flush the logger's last pictures and close its files.
+        for callback in watchers:
+            close = getattr(callback, "close", None)
+            if close is not None:
+                close()
+    return metrics
+
+
+def _run_phases(
+    session: Session, trainer: Trainer, recorder: ConflictRecorder, watchers: list[Callback], directory: Path,
+    baselines: dict, rounds: list[dict], phase_seconds: dict, start_index: int, started: float,
+) -> dict:
+    """Pretrain, the detection rounds and the final phase from ``start_index`` on, then test and report."""
+    config, model, search, tasks = session.config, trainer.model, session.config.search, session.data.tasks
+    stl_val = baselines["stl"]["val"] if baselines else None
     best = KeepBest()
     for index, phase in enumerate(phase_names(search.rounds)):
         if index < start_index:
@@ -291,8 +310,13 @@ def _finish(
         }
     results[name] = result
     save_model(directory, model)
+    from mamo.plots import draw_architecture, report_plots
+
+    draw_architecture(model.graph, directory / "architecture.png", model=model)
     rows = build_rows(results, "STL" if baselines else None, tasks)
-    notes = _growth_notes(rounds, counts, config)
+    figures = report_plots(directory, rows, rounds, tasks)
+    notes = _growth_notes(rounds, counts, config) + "".join(
+        f"\n\n![{path.stem.replace('_', ' ')}]({path.name})" for path in figures)
     text = write_report(directory, f"mamo search: {config.name}", rows, tasks, "STL" if baselines else None, notes)
     write_metrics(directory, metrics)
     session.log("\n" + text)

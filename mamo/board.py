@@ -1,0 +1,298 @@
+"""TensorBoard logging: the one callback that writes a run's events into its run folder.
+
+The trainer and the search loop call back into :class:`TensorBoardLogger`; nothing in the training step
+knows about TensorBoard. Per step it writes every scalar of that step as one event (one host transfer for
+the device tensors); per epoch the validation metrics and Δ against STL; per detection round the conflict
+heatmaps, cosine histograms and the architecture, rendered on a worker thread so training goes on while
+matplotlib draws. :func:`write_hparams` records one Optuna trial for TensorBoard's HPARAMS tab.
+Tags and pictures are described in docs/tensorboard.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tensorboard.compat.proto.summary_pb2 import Summary
+from torch.utils.tensorboard import SummaryWriter
+
+from mamo import graph as g
+from mamo import plots
+from mamo.config import Config
+from mamo.conflicts import HISTOGRAM_EDGES, ConflictStats
+from mamo.errors import MamoError
+from mamo.report import delta
+from mamo.step import StepResult
+from mamo.tasks import TaskSpec
+from mamo.trainer import Callback, Metrics, Trainer
+
+# Where each entry of StepResult.info goes; other keys land under direction/<key>. "weights" repeats
+# StepResult.weights, which is logged as direction/weight.
+INFO_TAGS: dict[str, str | None] = {
+    "weights": None,
+    "base_weights": "direction/base_weight",
+    "c": "tensioner/c",
+    "delta": "tensioner/delta",
+    "angle": "tensioner/angle_deg",
+    "shrink": "tensioner/shrink",
+    "active": "tensioner/active",
+}
+
+# TensorBoard's CUSTOM SCALARS tab: one chart per quantity with every task on it.
+PER_TASK_CHARTS = {
+    "train loss": "train/loss/",
+    "validation loss": "val/loss/",
+    "direction weights": "direction/weight/",
+    "gradient norms": "train/grad_norm/",
+    "tensioner c_t": "tensioner/c/",
+    "tensioner delta_t": "tensioner/delta/",
+    "angle to the update (degrees)": "tensioner/angle_deg/",
+}
+
+
+def _summary(values: dict[str, float]) -> Summary:
+    return Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
+
+
+class TensorBoardLogger(Callback):
+    """Writes a run's TensorBoard events into ``run_dir`` (``tensorboard --logdir runs`` shows them).
+
+    ``stl_val`` (validation metrics of the STL baseline) adds Δ against STL per epoch. ``background=False``
+    renders round pictures on the calling thread instead of a worker. Call :meth:`close` (or let
+    ``on_run_end`` do it) to wait for pending pictures and flush the file.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: Config,
+        tasks: dict[str, TaskSpec],
+        stl_val: Metrics | None = None,
+        *,
+        background: bool = True,
+    ):
+        self.run_dir = Path(run_dir)
+        self.specs = dict(tasks)
+        self.stl_val = stl_val
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), flush_secs=20)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mamo-board") if background else None
+        self._pending: list[Future] = []
+        self._step = 0  # the last global step written, across trainers
+        self._trainer_offsets: dict[int, int] = {}
+        self._info_tags: dict[tuple, list[str]] = {}
+        self._drew_start = False
+        self._closed = False
+        text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+        self.writer.add_text("config", "    " + text.replace("\n", "\n    "), 0)
+        charts = {title: ["Multiline", [f"^{prefix}"]] for title, prefix in PER_TASK_CHARTS.items()}
+        self.writer.add_custom_scalars({"mamo: per task": charts})
+
+    # ----------------------------------------------------------------------------------------- steps
+    def _global_step(self, trainer: Trainer) -> int:
+        """The trainer's step, shifted for a second trainer (the train command's STL networks) so steps grow."""
+        offset = self._trainer_offsets.setdefault(id(trainer), self._step if self._trainer_offsets else 0)
+        return trainer.global_step + offset
+
+    @staticmethod
+    def _per_task(prefix: str, tasks: list[str], values: list[float]) -> dict[str, float]:
+        return {f"{prefix}/{task}": value for task, value in zip(tasks, values, strict=True)}
+
+    def on_step(self, trainer: Trainer, result: StepResult) -> None:
+        self._step = step = self._global_step(trainer)
+        tasks = list(trainer.model.tasks)  # an STL network has a subset of the run's tasks
+        m = len(tasks)
+        device_values = [result.losses.detach().float().reshape(-1)]
+        if result.gramian is not None:
+            device_values.append(result.gramian.detach().diagonal().float().to(result.losses.device))
+        host = _cat(device_values).tolist()  # the step's only host transfer
+        values = self._per_task("train/loss", tasks, host[:m])
+        if result.gramian is not None:
+            values |= self._per_task("train/grad_norm", tasks, [math.sqrt(max(v, 0.0)) for v in host[m:]])
+        if result.weights is not None:
+            values |= self._per_task("direction/weight", tasks, result.weights.reshape(-1).tolist())
+        for key, tensor in result.info.items():
+            values |= self._info_values(key, tasks, tensor.reshape(-1).tolist())
+        self.writer.file_writer.add_summary(_summary(values), step)
+
+    def _info_values(self, key: str, tasks: list[str], flat: list[float]) -> dict[str, float]:
+        """Tags of one info entry: one scalar, or one per task; the tag names are built once per key."""
+        cache = (key, len(flat), *tasks)
+        if cache not in self._info_tags:
+            prefix = INFO_TAGS.get(key, f"direction/{key}")
+            if prefix is None or len(flat) not in (1, len(tasks)):
+                tags = []  # the repeated weights, or a shape that is not per task: not a scalar series
+            elif len(flat) == 1 and len(tasks) > 1:
+                tags = [prefix]
+            else:
+                tags = [f"{prefix}/{task}" for task in tasks]
+            self._info_tags[cache] = tags
+        return dict(zip(self._info_tags[cache], flat, strict=False))
+
+    # ---------------------------------------------------------------------------------------- epochs
+    def on_epoch_end(self, trainer: Trainer, metrics: Metrics) -> None:
+        step = self._step = self._global_step(trainer)
+        values = {f"val/{name}/{task}": value for task, row in metrics.items() for name, value in row.items()}
+        if self.stl_val is not None and set(metrics) == set(self.specs):
+            values["val/delta_vs_stl"] = delta(metrics, self.stl_val, self.specs)
+        if trainer.history:
+            last = trainer.history[-1]
+            values |= {f"train/epoch_loss/{task}": loss for task, loss in last["train_loss"].items()}
+            values["time/epoch_seconds"] = last["seconds"]
+        values["time/epoch"] = trainer.epoch
+        self.writer.file_writer.add_summary(_summary(values), step)
+        self.writer.flush()
+
+    def on_phase_start(self, phase: str, model) -> None:
+        self.writer.add_text("run/phases", f"{phase} starts after step {self._step}", self._step)
+        self.writer.add_scalar("model/params", sum(p.numel() for p in model.parameters()), self._step)
+        if not self._drew_start:
+            # The network before any growth, as round 0 of the architecture pictures (not when a resumed
+            # search starts with a network that already grew).
+            self._drew_start = True
+            if g.branch_nodes(model.graph):
+                return
+            self._submit(self._draw_architecture, copy.deepcopy(model.graph),
+                         plots.node_parameters(model.graph, model), 0, "Architecture before growth")
+
+    # ---------------------------------------------------------------------------------------- rounds
+    def on_round_end(self, record: dict) -> None:
+        z = int(record["round"])
+        stats: ConflictStats = copy.deepcopy(record["stats"])
+        graph = copy.deepcopy(record["graph"])  # the next round grows the live graph in place
+        activated = [[list(pair), int(cell)] for pair, cell in record["activated"]]
+        values = {
+            "search/gmk_modules": record["gmk_modules"],
+            "search/params": record["params"],
+            "search/new_modules": len(record["new_modules"]),
+            "search/activated_positions": len(activated),
+        }
+        if record.get("val_delta") is not None:
+            values["search/val_delta_vs_stl"] = record["val_delta"]
+        for a, b in stats.pairs:
+            i, j = stats.tasks.index(a), stats.tasks.index(b)
+            for cell in range(stats.num_cells):
+                if stats.cell_params[cell] > 0:
+                    values[f"conflicts/Q/{a}+{b}/cell{cell}"] = float(stats.counts[cell, i, j])
+        self.writer.file_writer.add_summary(_summary(values), z)
+        described = ", ".join(f"{'+'.join(pair)}@cell{cell}" for pair, cell in activated) or "none"
+        self.writer.add_text("search/activated", f"round {z}: {described}; {len(record['new_modules'])} new "
+                             f"modules, {record['gmk_modules']} in all", z)
+        self._histograms(stats, z)
+        self._submit(self._draw_conflicts, stats, activated, z)
+        self._submit(self._draw_architecture, graph, plots.node_parameters(graph, record["model"]), z,
+                     f"Architecture after round {z}")
+
+    def _histograms(self, stats: ConflictStats, z: int) -> None:
+        if stats.steps == 0:
+            return
+        centres = (HISTOGRAM_EDGES[:-1] + HISTOGRAM_EDGES[1:]) / 2
+        for p, (a, b) in enumerate(stats.pairs):
+            i, j = stats.tasks.index(a), stats.tasks.index(b)
+            for cell in range(stats.num_cells):
+                counts = stats.histograms[cell, p]
+                if stats.cell_params[cell] == 0 or counts.sum() == 0:
+                    continue
+                used = np.flatnonzero(counts)
+                self.writer.add_histogram_raw(
+                    f"conflicts/cosine/{a}+{b}/cell{cell}",
+                    min=float(HISTOGRAM_EDGES[used[0]]), max=float(HISTOGRAM_EDGES[used[-1] + 1]),
+                    num=int(counts.sum()), sum=float(stats.cosine_sums[cell, i, j]),
+                    sum_squares=float(np.sum(counts * centres**2)),  # from bin centres: only the bins are kept
+                    bucket_limits=HISTOGRAM_EDGES[1:].tolist(), bucket_counts=counts.tolist(), global_step=z)
+
+    def _draw_conflicts(self, stats: ConflictStats, activated: list, z: int) -> None:
+        overview, cells = plots.overview_images(stats, activated, title=f"Where tasks fight, round {z}")
+        self.writer.add_image("conflicts/overview", overview, z, dataformats="HWC")
+        for (kind, cell), pixels in cells.items():
+            self.writer.add_image(f"conflicts/{kind}/cell{cell}", pixels, z, dataformats="HWC")
+        _save_png(overview, self.run_dir / "plots" / f"conflicts-round{z}.png")
+        if stats.pairs:
+            histograms = plots.figure_to_array(plots.histogram_figure(stats))
+            self.writer.add_image("conflicts/histograms", histograms, z, dataformats="HWC")
+
+    def _draw_architecture(self, graph, params: dict[str, int], z: int, title: str) -> None:
+        pixels = plots.figure_to_array(plots.draw_architecture(graph, params=params, title=title))
+        self.writer.add_image("architecture", pixels, z, dataformats="HWC")
+
+    def _submit(self, job, *args) -> None:
+        self._raise_failures()
+        if self._pool is None:
+            job(*args)
+        else:
+            self._pending.append(self._pool.submit(job, *args))
+
+    def _raise_failures(self) -> None:
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for future in done:
+            future.result()  # a drawing error surfaces in the training thread, not silently
+
+    # ------------------------------------------------------------------------------------------- end
+    def on_run_end(self, summary: dict) -> None:
+        values = {f"test/{name}/{task}": value for task, row in summary.get("tasks", {}).items()
+                  for name, value in row.items()}
+        for key in ("delta", "win_rate", "params", "gmk_modules"):
+            if summary.get(key) is not None:
+                values[f"test/{key}"] = summary[key]
+        self.writer.file_writer.add_summary(_summary(values), self._step)
+        self.close()
+
+    def close(self) -> None:
+        """Wait for pending pictures, then flush and close the event file (safe to call twice)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for future in self._pending:
+                future.result()
+        finally:
+            self._pending = []
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            self.writer.close()
+
+    def __enter__(self) -> TensorBoardLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _cat(tensors: list):
+    import torch
+
+    return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+
+
+def _save_png(pixels: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def write_hparams(log_dir: Path, hparams: dict[str, float | int | str], metrics: dict[str, float]) -> None:
+    """One Optuna trial for TensorBoard's HPARAMS tab: its parameters against its objective(s) in ``log_dir``."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    clean: dict[str, float | int | str | bool] = {}
+    for key, value in hparams.items():
+        if isinstance(value, (bool, int, float, str)):
+            clean[key] = value
+        elif isinstance(value, np.generic):
+            clean[key] = value.item()
+        else:
+            clean[key] = "none" if value is None else str(value)  # lists, None: shown as text
+    scores = {key: float(value) for key, value in metrics.items() if value is not None}
+    if not scores:
+        raise MamoError(f"write_hparams got no metric values for {log_dir}; pass at least the trial's objective.")
+    experiment, start, end = hparams_summaries(clean, scores)
+    with SummaryWriter(log_dir=str(log_dir)) as writer:
+        for summary in (experiment, start, end):
+            writer.file_writer.add_summary(summary)
+        for key, value in scores.items():
+            writer.add_scalar(key, value, 0)

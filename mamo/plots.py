@@ -1,0 +1,523 @@
+"""Every picture mamo draws: conflict heatmaps, cosine histograms, the architecture, the report's plots.
+
+Figures are plain :class:`matplotlib.figure.Figure` objects on the Agg canvas, never pyplot: nothing here
+touches matplotlib's global state or needs a display, so rendering works headless and from any caller.
+Conflict pictures read a :class:`~mamo.conflicts.ConflictStats`; the architecture is drawn from the graph
+alone (the model, when given, only supplies exact head sizes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch, Rectangle
+from matplotlib.ticker import MaxNLocator
+
+from mamo import graph as g
+from mamo.conflicts import HISTOGRAM_EDGES, ConflictStats
+from mamo.tasks import TaskSpec
+
+DPI = 100
+NO_PARAMS = "#d9d9d9"  # cells without parameters and the matrix diagonal: nothing to measure there
+TRUNK = "#4d4d4d"
+BOX = 0.6  # inches per heatmap entry
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure with its own Agg canvas (no pyplot, no global backend)."""
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def figure_to_array(figure: Figure) -> np.ndarray:
+    """The rendered figure as an H×W×3 uint8 array (what TensorBoard's add_image takes with HWC)."""
+    canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_figure(figure: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=DPI, facecolor="white")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ conflict heatmaps
+
+
+@dataclass(frozen=True)
+class HeatmapKind:
+    """How one kind of m×m conflict matrix is read, coloured and annotated."""
+
+    matrix: Callable[[ConflictStats], np.ndarray]  # (L, m, m)
+    cmap: str
+    label: str
+    limits: Callable[[ConflictStats], tuple[float, float]]  # the colour scale shared by every cell
+    annotate: Callable[[float, ConflictStats], str]
+
+
+def _cosine_limit(stats: ConflictStats) -> float:
+    # Symmetric around 0 so white means "orthogonal"; wide enough for the strongest off-diagonal mean.
+    m = len(stats.tasks)
+    off = ~np.eye(m, dtype=bool)
+    usable = [c for c in range(stats.num_cells) if stats.cell_params[c] > 0]
+    largest = max((float(np.abs(stats.mean_cosine()[c][off]).max()) for c in usable if m > 1), default=0.0)
+    return min(1.0, max(0.1, math.ceil(largest * 10) / 10))
+
+
+KINDS: dict[str, HeatmapKind] = {
+    "counts": HeatmapKind(
+        matrix=lambda s: s.counts.astype(float),
+        cmap="Reds",
+        label="conflicts Q\n(mini-batches with cos < 0)",
+        # Full red = the pair conflicts in every mini-batch of the round, so colours compare across rounds.
+        limits=lambda s: (0.0, float(max(s.steps, 1))),
+        annotate=lambda v, s: f"{int(v)}\n{v / max(s.steps, 1):.0%}",
+    ),
+    "cosine": HeatmapKind(
+        matrix=lambda s: s.mean_cosine(),
+        cmap="RdBu",
+        label="mean gradient cosine\n(red: pulls apart)",
+        limits=lambda s: (-_cosine_limit(s), _cosine_limit(s)),
+        annotate=lambda v, s: f"{v:+.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:+.3f}",
+    ),
+}
+
+
+def _text_colour(rgba: tuple) -> str:
+    luminance = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
+    return "black" if luminance > 0.55 else "white"
+
+
+def conflict_heatmap(
+    stats: ConflictStats,
+    cell: int,
+    kind: str = "counts",
+    ax: Axes | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    outline: list[tuple[str, str]] | None = None,
+):
+    """Annotated m×m heatmap of one cell: conflict counts Q or mean cosine, task names on both axes.
+
+    Without ``ax`` a figure of its own is made (with a colour bar). ``vmin``/``vmax`` default to the scale
+    shared by every cell of ``stats``; ``outline`` boxes the pairs where a module grew. Returns the image.
+    """
+    spec = KINDS[kind]
+    low, high = spec.limits(stats)
+    vmin, vmax = low if vmin is None else vmin, high if vmax is None else vmax
+    own_figure = ax is None
+    if own_figure:
+        side = 1.3 + BOX * len(stats.tasks)
+        ax = new_figure(side + 1.3, side + 0.7).add_subplot()
+    m = len(stats.tasks)
+    has_params = stats.cell_params[cell] > 0
+    values = spec.matrix(stats)[cell]
+    masked = np.ma.masked_array(values, mask=np.eye(m, dtype=bool) | (not has_params))
+    cmap = colormaps[spec.cmap].with_extremes(bad=NO_PARAMS)
+    norm = Normalize(vmin, vmax)
+    image = ax.imshow(masked, cmap=cmap, norm=norm)
+    ax.set_facecolor(NO_PARAMS)
+    size = 8.5
+    for i in range(m):
+        for j in range(m):
+            if i != j and has_params:
+                ax.text(j, i, spec.annotate(values[i, j], stats), ha="center", va="center", fontsize=size,
+                        color=_text_colour(cmap(norm(values[i, j]))))
+    if not has_params:
+        ax.text((m - 1) / 2, (m - 1) / 2, "no\nparameters", ha="center", va="center", fontsize=size, color="#555555")
+    tasks = list(stats.tasks)
+    for a, b in outline or []:
+        for i, j in ((tasks.index(a), tasks.index(b)), (tasks.index(b), tasks.index(a))):
+            ax.add_patch(Rectangle((j - 0.47, i - 0.47), 0.94, 0.94, fill=False, lw=2.2, ec="#1a1a1a"))
+    tilt = max(map(len, tasks)) > 4  # long names would run into each other
+    ax.set_xticks(range(m), tasks, rotation=30 if tilt else 0, ha="right" if tilt else "center",
+                  rotation_mode="anchor")
+    ax.set_yticks(range(m), tasks)
+    ax.tick_params(length=0, labelsize=size + 1)
+    ax.set_title(f"cell {cell}\n{stats.cell_params[cell]:,} params", fontsize=size + 1)
+    # White separators as two line collections: minor-tick grids cost a tick object per line.
+    ax.hlines(np.arange(0.5, m - 1), -0.5, m - 0.5, colors="white", linewidth=1.5)
+    ax.vlines(np.arange(0.5, m - 1), -0.5, m - 0.5, colors="white", linewidth=1.5)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if own_figure:
+        bar = ax.figure.colorbar(image, ax=ax, fraction=0.05, pad=0.04)
+        bar.set_label(spec.label, fontsize=8)
+        ax.figure.subplots_adjust(left=0.22, bottom=0.16, top=0.86, right=0.86)
+    return image
+
+
+def worst_conflict(stats: ConflictStats) -> str:
+    """One sentence naming the (pair, cell) with the most conflicts, for a picture's headline."""
+    usable = [c for c in range(stats.num_cells) if stats.cell_params[c] > 0]
+    if not usable or not stats.pairs or stats.steps == 0:
+        return "no conflicts measured"
+    cosine = stats.mean_cosine()
+    best = max((stats.q((pair, c)), -c, pair) for c in usable for pair in stats.pairs)
+    q, cell, (a, b) = best[0], -best[1], best[2]
+    if q == 0:
+        return "no pair conflicted in any mini-batch"
+    mean = cosine[cell, stats.tasks.index(a), stats.tasks.index(b)]
+    return (f"most conflict: {a} vs {b} at cell {cell}, in {q} of {stats.steps} mini-batches "
+            f"({q / stats.steps:.0%}), mean cosine {mean:+.2f}")
+
+
+def _overview(stats: ConflictStats, activated: list | None, title: str | None) -> tuple[Figure, dict, dict]:
+    """The overview figure, its heatmap axes by (kind, cell) and its colour-bar axes by kind.
+
+    Axes are placed by hand in inches (a matrix entry is BOX wide whatever m is, gaps leave room for the
+    task names): much faster than a constrained layout, and text keeps one size for any m or cell count.
+    """
+    m, cells = len(stats.tasks), stats.num_cells
+    names = max(len(t) for t in stats.tasks)
+    side = BOX * m
+    label = 0.075 * names + 0.25  # room for the y tick labels (task names)
+    below = 0.055 * names + 0.3  # room for the rotated x tick labels
+    gap_x, gap_y, head, foot = label + 0.35, below + 0.6, 1.15, 0.55
+    width = label + cells * side + (cells - 1) * gap_x + 1.5
+    height = head + 2 * side + gap_y + below + foot
+    figure = new_figure(width, height)
+
+    def place(x: float, y: float, w: float, h: float) -> tuple[float, float, float, float]:
+        return x / width, y / height, w / width, h / height
+
+    grown: dict[int, list[tuple[str, str]]] = {}
+    for pair, cell in activated or []:
+        grown.setdefault(int(cell), []).append(tuple(pair))
+    panels, bars = {}, {}
+    for row, kind in enumerate(KINDS):
+        y = height - head - side - row * (side + gap_y)
+        image = None
+        for cell in range(cells):
+            panels[kind, cell] = figure.add_axes(place(label + cell * (side + gap_x), y, side, side))
+            image = conflict_heatmap(stats, cell, kind, ax=panels[kind, cell], outline=grown.get(cell))
+        cax = figure.add_axes(place(label + cells * side + (cells - 1) * gap_x + 0.2, y, 0.14, side))
+        bar = figure.colorbar(image, cax=cax)
+        bar.ax.yaxis.set_major_locator(MaxNLocator(5))
+        bar.set_label(KINDS[kind].label, fontsize=8, labelpad=4)
+        bar.ax.tick_params(labelsize=7)
+        bars[kind] = bar.ax
+    heading = title or "Where tasks fight"
+    figure.suptitle(f"{heading} ({stats.steps} mini-batches)\n{worst_conflict(stats)}", fontsize=10.5,
+                    y=1 - 0.08 / height, va="top")
+    notes = ["Top: Q = mini-batches in which the two tasks' gradients at that cell point apart (cos < 0), "
+             "and its share of the round.",
+             "Bottom: mean gradient cosine; red = the tasks pull the cell apart, blue = they agree."
+             + (" Boxed: a module grew there." if activated else "")]
+    figure.text(0.5, 0.08 / height, "\n".join(notes), ha="center", va="bottom", fontsize=7.5, color="#333333")
+    return figure, panels, bars
+
+
+def overview_figure(stats: ConflictStats, activated: list | None = None, title: str | None = None) -> Figure:
+    """Every cell side by side: conflict counts on top, mean cosine below, one colour scale per row.
+
+    ``activated`` ([[task_a, task_b], cell] entries) boxes the positions where the search grew a module.
+    """
+    return _overview(stats, activated, title)[0]
+
+
+def _crop(pixels: np.ndarray, boxes: list, renderer_height: int) -> np.ndarray:
+    """The pixels under the union of display-space boxes (origin bottom left), side by side per box."""
+    low = max(0, int(min(b.y0 for b in boxes)) - 2)
+    high = min(renderer_height, int(math.ceil(max(b.y1 for b in boxes))) + 2)
+    parts = []
+    for box in boxes:
+        left, right = max(0, int(box.x0) - 2), min(pixels.shape[1], int(math.ceil(box.x1)) + 2)
+        parts.append(pixels[renderer_height - high : renderer_height - low, left:right])
+    return np.concatenate(parts, axis=1)
+
+
+def overview_images(
+    stats: ConflictStats, activated: list | None = None, title: str | None = None
+) -> tuple[np.ndarray, dict[tuple[str, int], np.ndarray]]:
+    """The overview as an array, and every cell's heatmap (with its row's colour bar) cut out of it.
+
+    One render gives all 2·L per-cell images: they share the overview's colour scale by construction, and
+    rendering once keeps per-round logging cheap.
+    """
+    figure, panels, bars = _overview(stats, activated, title)
+    pixels = figure_to_array(figure)
+    renderer = figure.canvas.get_renderer()
+    height = pixels.shape[0]
+    bar_boxes = {kind: ax.get_tightbbox(renderer) for kind, ax in bars.items()}
+    cells = {key: _crop(pixels, [ax.get_tightbbox(renderer), bar_boxes[key[0]]], height)
+             for key, ax in panels.items()}
+    return pixels, cells
+
+
+def histogram_figure(stats: ConflictStats) -> Figure:
+    """Per task pair, the distribution of cosines over the round's mini-batches, one line per cell."""
+    columns = max(1, min(len(stats.pairs), 3))
+    rows = max(1, math.ceil(len(stats.pairs) / columns))
+    figure = new_figure(4.2 * columns + 0.6, 2.8 * rows + 1.0)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    usable = [c for c in range(stats.num_cells) if stats.cell_params[c] > 0]
+    palette = colormaps["viridis"]
+    means = stats.mean_cosine()
+    for index, ax in enumerate(axes.flat):
+        if index >= len(stats.pairs):
+            ax.set_visible(False)
+            continue
+        a, b = stats.pairs[index]
+        i, j = stats.tasks.index(a), stats.tasks.index(b)
+        ax.axvspan(-1.0, 0.0, color="#d62728", alpha=0.07, lw=0)
+        ax.axvline(0.0, color="#888888", lw=0.8)
+        for rank, cell in enumerate(usable):
+            colour = palette(rank / max(len(usable) - 1, 1) * 0.9)
+            ax.stairs(stats.histograms[cell, index] / max(stats.steps, 1), HISTOGRAM_EDGES, color=colour, lw=1.6,
+                      label=f"cell {cell}")
+            ax.plot([means[cell, i, j]], [0.0], marker="^", color=colour, ms=7, clip_on=False)
+        ax.set_xlim(-1.0, 1.0)
+        ax.set_ylim(bottom=0.0)
+        ax.set_title(f"{a} vs {b}", fontsize=10)
+        ax.set_xlabel("gradient cosine (red side: conflict)", fontsize=8)
+        ax.set_ylabel("share of mini-batches", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, frameon=False)
+    figure.suptitle(f"Gradient cosines per pair and cell over {stats.steps} mini-batches (▲ = mean)", fontsize=10)
+    height = figure.get_figheight()
+    figure.subplots_adjust(left=0.6 / figure.get_figwidth(), right=0.98, top=1 - 0.7 / height,
+                           bottom=0.55 / height, wspace=0.3, hspace=0.6)
+    return figure
+
+
+# ------------------------------------------------------------------------------------------------ architecture
+
+
+def _group_colours(graph: nx.DiGraph) -> dict[tuple[str, ...], tuple]:
+    """A fixed colour per possible group (pairs, then single tasks) so a pair keeps its colour across rounds.
+
+    Greys are left out: they belong to the trunk.
+    """
+    groups = g.pairs(graph) + [(t,) for t in g.task_names(graph)]
+    palette = [c for c in colormaps["tab10"].colors if len(set(c)) > 1]
+    if len(groups) > len(palette):
+        palette = [c for c in colormaps["tab20"].colors if len(set(c)) > 1]
+    return {group: (*palette[i % len(palette)], 1.0) for i, group in enumerate(groups)}
+
+
+def node_parameters(graph: nx.DiGraph, model=None) -> dict[str, int]:
+    """Parameters per node: cells and branches from the graph, heads and fusion weights from the model."""
+    counts = {node: int(data.get("params", 0)) for node, data in graph.nodes(data=True)}
+    if model is None:
+        from mamo.spaces import space_from_spec
+        from mamo.tasks import parse_tasks
+
+        space = space_from_spec(graph.graph["space"])
+        specs = parse_tasks(graph.graph["tasks"], "the architecture graph")
+        shape = tuple(graph.graph["cell_shapes"][-1])
+        for task, spec in specs.items():
+            counts[g.head_id(task)] = sum(p.numel() for p in space.build_head(spec, shape).parameters())
+    else:
+        for node, named in model.node_parameters().items():
+            counts[node] = sum(p.numel() for _, p in named)
+    for task in g.task_names(graph):
+        counts[g.fusion_id(task)] = len(g.fusion_groups(graph, task))
+    return counts
+
+
+def _layout(graph: nx.DiGraph) -> tuple[dict[str, tuple[float, float]], list[tuple[str, ...]]]:
+    """Columns: input, cells 0..L-1, fusion, head. Rows: trunk at 0, one lane per branch group below it."""
+    cells, tasks = g.num_cells(graph), g.task_names(graph)
+    firsts: dict[tuple[str, ...], int] = {}
+    for node in g.branch_nodes(graph):
+        group = tuple(graph.nodes[node]["group"])
+        firsts[group] = min(firsts.get(group, cells), graph.nodes[node]["cell"])
+    order = list(g.pairs(graph)) + [(t,) for t in tasks]
+    lanes = sorted(firsts, key=lambda grp: (firsts[grp], order.index(grp) if grp in order else len(order)))
+    span = max(len(lanes), len(tasks) - 1)
+    task_rows = np.linspace(0.0, -span, len(tasks)) if len(tasks) > 1 else np.array([-span / 2])
+    positions = {g.INPUT: (0.0, 0.0)}
+    for node, data in graph.nodes(data=True):
+        kind = data["kind"]
+        if kind == "cell":
+            positions[node] = (data["cell"] + 1.0, 0.0)
+        elif kind == "gmk":
+            positions[node] = (data["cell"] + 1.0, -1.0 - lanes.index(tuple(data["group"])))
+        elif kind in ("fusion", "head"):
+            column = cells + 1.0 + (kind == "head")
+            positions[node] = (column, float(task_rows[tasks.index(data["task"])]))
+    return positions, lanes
+
+
+def _label(graph: nx.DiGraph, node: str, params: dict[str, int]) -> str:
+    data = graph.nodes[node]
+    kind = data["kind"]
+    if kind == "input":
+        return "input\n" + "×".join(str(s) for s in data.get("shape", []))
+    if kind == "cell":
+        return f"cell {data['cell']}\n{params[node]:,} params"
+    if kind == "gmk":
+        name = "+".join(data["group"])
+        return f"{name if len(name) <= 16 else chr(10).join(data['group'])}\n{params[node]:,} params"
+    if kind == "fusion":
+        groups = g.fusion_groups(graph, data["task"])
+        added = "".join(f"\n+β·({'+'.join(grp)})" for grp in groups) or "\ntrunk only"
+        added = added if len(groups) <= 2 else f"\n+β· {len(groups)} branches"
+        return f"fusion {data['task']}{added}"
+    return f"head {data['task']}\n{params[node]:,} params"
+
+
+def draw_architecture(
+    graph: nx.DiGraph,
+    path: Path | None = None,
+    model=None,
+    title: str | None = None,
+    params: dict[str, int] | None = None,
+) -> Figure:
+    """The network drawn from its graph: shared trunk (grey), branch modules in one lane and colour per
+    group, fusions and heads per task, parameters per node; saved as PNG when ``path`` is given.
+
+    Head sizes come from ``model`` when given, else from the graph's search space; ``params`` (from
+    :func:`node_parameters`) skips that lookup.
+    """
+    positions, lanes = _layout(graph)
+    params = params if params is not None else node_parameters(graph, model)
+    colours = _group_colours(graph)
+    cells, tasks = g.num_cells(graph), g.task_names(graph)
+    rows = max(len(lanes), len(tasks) - 1) + 1
+    width, height = 1.55 * (cells + 3) + 0.4, 0.95 * rows + 1.9
+    figure = new_figure(width, height)
+    ax = figure.add_axes((0.01, 0.2 if lanes else 0.08, 0.98, 0.68 if lanes else 0.8))
+    box_w, box_h = 0.78, 0.52
+
+    def node_colour(node: str):
+        data = graph.nodes[node]
+        return colours[tuple(data["group"])] if data["kind"] == "gmk" else TRUNK
+
+    for source, target in graph.edges:
+        (sx, sy), (tx, ty) = positions[source], positions[target]
+        branch_edge = graph.nodes[source]["kind"] == "gmk"
+        colour = node_colour(source) if branch_edge else "#9a9a9a"
+        ax.add_patch(FancyArrowPatch((sx + box_w / 2, sy), (tx - box_w / 2, ty), arrowstyle="-|>", mutation_scale=9,
+                                     color=colour, lw=1.6 if branch_edge else 1.0, shrinkA=0, shrinkB=1, zorder=2))
+    for node, (x, y) in positions.items():
+        kind = graph.nodes[node]["kind"]
+        face = {"input": "#ffffff", "cell": "#e6e6e6", "fusion": "#fff7e0", "head": "#e8f1fb"}.get(kind)
+        edge = node_colour(node)
+        if kind == "gmk":
+            face = tuple(0.35 + 0.65 * c for c in edge[:3])
+        ax.add_patch(FancyBboxPatch((x - box_w / 2, y - box_h / 2), box_w, box_h, boxstyle="round,pad=0.02",
+                                    fc=face, ec=edge, lw=1.8 if kind == "gmk" else 1.0, zorder=3))
+        text = _label(graph, node, params)
+        longest = max(len(line) for line in text.split("\n"))
+        # About 18 characters fit a box at 7.5 pt; long task names get a smaller font, not an overflow.
+        ax.text(x, y, text, ha="center", va="center", fontsize=max(5.0, min(7.5, 7.5 * 18 / longest)), zorder=4)
+    ax.set_xlim(-0.6, cells + 2.6)
+    low = min(y for _, y in positions.values())
+    ax.set_ylim(low - 0.55, 0.55)
+    ax.axis("off")
+    branches = g.branch_nodes(graph)
+    total = sum(params.values())
+    heading = f"{title}: " if title else ""
+    figure.suptitle(f"{heading}{len(branches)} branch modules, {total:,} parameters "
+                    f"(shared trunk {sum(params[g.cell_id(k)] for k in range(cells)):,})", fontsize=10)
+    if lanes:
+        handles = []
+        for group in lanes:
+            nodes = [n for n in branches if tuple(graph.nodes[n]["group"]) == group]
+            rounds = sorted({graph.nodes[n]["round"] for n in nodes})
+            start = min(graph.nodes[n]["cell"] for n in nodes)
+            handles.append(Patch(fc=colours[group], label=f"{'+'.join(group)}: from cell {start}, round "
+                                 f"{', '.join(map(str, rounds))}, {len(nodes)} module{'s' * (len(nodes) > 1)}, "
+                                 f"{sum(params[n] for n in nodes):,} params"))
+        figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 2), fontsize=7.5, frameon=False)
+    if path is not None:
+        save_figure(figure, Path(path))
+    return figure
+
+
+# ------------------------------------------------------------------------------------------------ report plots
+
+
+def metric_bars_figure(rows: list[dict], tasks: dict[str, TaskSpec]) -> Figure:
+    """One panel per (task, metric): a bar per method (STL, HPS, the grown model, ...) with its value."""
+    from mamo.report import metric_columns
+
+    columns = metric_columns(tasks)
+    methods = [row["method"] + (f"\nΔ {row['delta']:+.1f}%" if "relative" in row else "") for row in rows]
+    palette = colormaps["tab10"]
+    per_row = min(len(columns), 3)
+    grid_rows = math.ceil(len(columns) / per_row)
+    label_width = 0.075 * max(len(line) for name in methods for line in name.split("\n"))
+    figure = new_figure(label_width + 3.2 * per_row, 0.35 * len(methods) * grid_rows + 1.1 * grid_rows + 0.4)
+    axes = figure.subplots(grid_rows, per_row, squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        if index >= len(columns):
+            ax.set_visible(False)
+            continue
+        task, metric, higher = columns[index]
+        values = [row["tasks"][task][metric] for row in rows]
+        y = np.arange(len(methods))[::-1]
+        ax.barh(y, values, color=[palette(i % 10) for i in range(len(methods))], height=0.65)
+        for yy, value in zip(y, values, strict=True):
+            ax.text(value, yy, f" {value:.4g}", va="center", fontsize=7.5)
+        ax.set_yticks(y, methods if index % per_row == 0 else [])
+        ax.set_xlim(0, max(max(values), 1e-12) * 1.25) if min(values) >= 0 else None
+        ax.set_title(f"{task} {metric} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+        ax.tick_params(labelsize=8)
+        for spine in ("top", "right"):
+            ax.spines[spine].set_visible(False)
+    figure.suptitle("Test metrics per task", fontsize=10)
+    figure.subplots_adjust(left=(label_width + 0.2) / figure.get_figwidth(), right=0.97, top=0.8 if grid_rows == 1
+                           else 0.9, bottom=0.12 if grid_rows == 1 else 0.07, wspace=0.25, hspace=0.6)
+    return figure
+
+
+def growth_figure(rounds: list[dict]) -> Figure:
+    """New modules per detection round (bars, with the activated positions) and the running total (line)."""
+    figure = new_figure(max(4.5, 1.6 * len(rounds) + 2.0), 3.4)
+    ax = figure.add_subplot()
+    if not rounds:
+        ax.text(0.5, 0.5, "no detection rounds: the network stayed HPS", ha="center", va="center")
+        ax.axis("off")
+        return figure
+    numbers = [r["round"] for r in rounds]
+    modules = [r["modules"] for r in rounds]
+    totals = np.cumsum(modules)
+    ax.bar(numbers, modules, color="#d62728", width=0.55, label="new modules this round")
+    ax.plot(numbers, totals, color="#333333", marker="o", label="modules in the network")
+    top = max(int(totals.max()), 1)
+    for number, count, total in zip(numbers, modules, totals, strict=True):
+        if count:
+            ax.text(number, count / 2, f"+{count}", ha="center", va="center", fontsize=9, color="white")
+        ax.text(number, total + 0.04 * top, f"{total}", ha="center", va="bottom", fontsize=8)
+    # The activated (pair, cell) positions go under each round's tick, where they never hit the bars.
+    labels = [f"round {r['round']}\n" + ("\n".join(f"{'+'.join(p)}@cell{c}" for p, c in r["activated"]) or "none")
+              for r in rounds]
+    ax.set_xticks(numbers, labels, fontsize=8)
+    ax.set_ylim(0, top * 1.3)
+    ax.set_ylabel("GMK modules")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("GMK modules grown per detection round", fontsize=10)
+    ax.legend(fontsize=8, frameon=False, loc="upper left")
+    for spine in ("top", "right"):
+        ax.spines[spine].set_visible(False)
+    lines = max(len(r["activated"]) for r in rounds) + 1
+    figure.set_figheight(3.0 + 0.15 * lines)
+    figure.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=(0.35 + 0.15 * lines) / figure.get_figheight())
+    return figure
+
+
+REPORT_PLOTS: dict[str, Callable[[list[dict], list[dict], dict[str, TaskSpec]], Figure]] = {
+    "report_metrics.png": lambda rows, rounds, tasks: metric_bars_figure(rows, tasks),
+    "report_growth.png": lambda rows, rounds, tasks: growth_figure(rounds),
+}
+
+
+def report_plots(run_dir: Path, rows: list[dict], rounds: list[dict], tasks: dict[str, TaskSpec]) -> list[Path]:
+    """Save the report's plots beside report.md: metric bars per task and method, GMK modules per round."""
+    return [save_figure(make(rows, rounds, tasks), Path(run_dir) / name) for name, make in REPORT_PLOTS.items()]

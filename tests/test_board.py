@@ -1,0 +1,199 @@
+"""TensorBoard events written by the logger during real training and a real 2-round search, read back with
+tensorboard's own event reader: tags, step counts, image sizes, histograms, text and hparams."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from mamo.board import TensorBoardLogger, write_hparams
+from mamo.config import DirectionConfig, TensionerConfig, load_config
+from mamo.errors import MamoError
+from mamo.search import run_search
+from mamo.train import build_network, make_trainer, open_session
+
+TINY = [
+    "data.train_size=256", "data.val_size=64", "data.test_size=64", "train.batch_size=64", "train.epochs=1",
+    "search.pretrain_epochs=1", "search.round_epochs=1", "search.final_epochs=1", "search.rounds=2",
+]
+STEPS_PER_EPOCH = 4  # 256 / 64
+TASKS = ("left", "right")
+CELLS = 3  # LeNet
+
+
+def read_events(directory) -> EventAccumulator:
+    events = EventAccumulator(str(directory), size_guidance={"images": 0, "scalars": 0, "histograms": 0,
+                                                             "tensors": 0})
+    events.Reload()
+    return events
+
+
+def steps(events: EventAccumulator, tag: str) -> list[int]:
+    return [e.step for e in events.Scalars(tag)]
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    import io
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A 2-round quick search with its default logger (and cached STL, so Δ is logged)."""
+    root = tmp_path_factory.mktemp("board")
+    metrics = run_search(load_config("quick", TINY), root / "search", progress=False, quiet=True,
+                         cache_root=root / "cache")
+    return root / "search", metrics, read_events(root / "search")
+
+
+def test_a_search_logs_every_step_and_epoch_scalar(searched):
+    run_dir, metrics, events = searched
+    total = 4 * STEPS_PER_EPOCH  # pretrain + 2 rounds + final, one epoch each
+    every_step = list(range(1, total + 1))
+    every_epoch = list(range(STEPS_PER_EPOCH, total + 1, STEPS_PER_EPOCH))
+    for task in TASKS:
+        for prefix in ("train/loss", "train/grad_norm", "direction/weight", "direction/base_weight", "tensioner/c",
+                       "tensioner/delta", "tensioner/angle_deg"):
+            assert steps(events, f"{prefix}/{task}") == every_step, prefix
+        for prefix in ("val/loss", "val/accuracy", "train/epoch_loss"):
+            assert steps(events, f"{prefix}/{task}") == every_epoch, prefix
+        assert events.Scalars(f"test/accuracy/{task}")[0].value == pytest.approx(metrics["tasks"][task]["accuracy"])
+    assert steps(events, "tensioner/shrink") == every_step
+    assert steps(events, "val/delta_vs_stl") == every_epoch
+    assert events.Scalars("test/delta")[0].value == pytest.approx(metrics["delta"])
+    weights = [events.Scalars(f"direction/weight/{t}")[-1].value for t in TASKS]
+    assert all(w >= 0 for w in weights) and sum(weights) > 0
+    norms = [e.value for e in events.Scalars("train/grad_norm/left")]
+    assert all(math.isfinite(v) and v > 0 for v in norms)
+
+
+def test_a_search_logs_each_round(searched):
+    run_dir, metrics, events = searched
+    assert steps(events, "search/gmk_modules") == [1, 2]
+    logged = [e.value for e in events.Scalars("search/gmk_modules")]
+    assert logged == [r["gmk_modules"] for r in metrics["rounds"]]
+    assert [e.value for e in events.Scalars("search/params")][-1] == metrics["params"]
+    assert steps(events, "search/val_delta_vs_stl") == [1, 2]
+    for cell in range(CELLS):
+        counts = [e.value for e in events.Scalars(f"conflicts/Q/left+right/cell{cell}")]
+        assert counts == [r["conflicts"]["counts"][cell][0][1] for r in metrics["rounds"]]
+        histograms = events.Histograms(f"conflicts/cosine/left+right/cell{cell}")
+        assert [h.step for h in histograms] == [1, 2]
+        assert [h.histogram_value.num for h in histograms] == [STEPS_PER_EPOCH] * 2
+        assert sum(histograms[0].histogram_value.bucket) == STEPS_PER_EPOCH
+
+
+def test_a_search_logs_heatmaps_overview_and_architecture_images(searched):
+    run_dir, metrics, events = searched
+    tags = set(events.Tags()["images"])
+    per_cell = {f"conflicts/{kind}/cell{c}" for kind in ("counts", "cosine") for c in range(CELLS)}
+    assert tags == per_cell | {"conflicts/overview", "conflicts/histograms", "architecture"}
+    assert [e.step for e in events.Images("conflicts/histograms")] == [1, 2]
+    overview = events.Images("conflicts/overview")
+    assert [e.step for e in overview] == [1, 2]
+    saved = Image.open(run_dir / "plots" / "conflicts-round1.png").size
+    assert {(e.width, e.height) for e in overview} == {saved}
+    assert png_size(overview[0].encoded_image_string) == saved
+    for tag in per_cell:
+        images = events.Images(tag)
+        assert [e.step for e in images] == [1, 2]
+        # Cut out of the overview: one panel and its colour bar, about a third of three cells side by side.
+        assert all(100 < e.width < saved[0] / 2 and 100 < e.height < saved[1] / 2 + 60 for e in images)
+    architecture = events.Images("architecture")
+    assert [e.step for e in architecture] == [0, 1, 2]  # the HPS network, then after each round
+    assert all(e.width > 600 and e.height > 300 for e in architecture)
+
+
+def test_a_search_logs_its_config_and_rounds_as_text(searched):
+    run_dir, metrics, events = searched
+    assert {"config/text_summary", "search/activated/text_summary"} <= set(events.Tags()["tensors"])
+    config = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "rounds: 2" in config and "name: quick" in config
+    rounds = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("search/activated/text_summary")]
+    assert rounds[0].startswith("round 1: ")
+    layout = events.Tensors("custom_scalars__config__")
+    assert layout, "the per-task chart layout is missing"
+
+
+def test_training_without_a_gramian_logs_losses_and_weights_only(tmp_path):
+    """Equal weighting on the step's one-backward path (no Gramian, no tensioner), as the train command runs
+    it: an HPS network, then an STL network of one task, whose steps continue after the first's."""
+    config = load_config("quick", TINY)
+    session = open_session(config, None, progress=False, quiet=True, cache_root=tmp_path / "cache")
+    equal = DirectionConfig(name="equal", tensioner=TensionerConfig(formulation="off"))
+    with TensorBoardLogger(tmp_path / "run", config, session.data.tasks, background=False) as logger:
+        for name, tasks in (("hps", None), ("stl:right", ["right"])):
+            model = build_network(session, tasks)
+            logger.on_phase_start(name, model)
+            trainer = make_trainer(session, model, equal, [logger])
+            trainer.step.direction.needs_gramian = False  # the summed step TrainStep takes for such directions
+            trainer.fit(1)
+    events = read_events(tmp_path / "run")
+    scalars = set(events.Tags()["scalars"])
+    assert steps(events, "train/loss/left") == list(range(1, STEPS_PER_EPOCH + 1))
+    assert steps(events, "train/loss/right") == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    assert steps(events, "val/loss/right") == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert steps(events, "val/loss/left") == [STEPS_PER_EPOCH]
+    assert {e.value for e in events.Scalars("direction/weight/left")} == {1.0}
+    assert not [tag for tag in scalars if tag.startswith(("train/grad_norm", "tensioner/", "val/delta"))]
+    assert [e.step for e in events.Images("architecture")] == [0]
+
+
+def test_step_scalars_match_the_step_result(tmp_path):
+    config = load_config("quick", TINY)
+    session = open_session(config, None, progress=False, quiet=True, cache_root=tmp_path / "cache")
+    model = build_network(session)
+    logger = TensorBoardLogger(tmp_path / "run", config, session.data.tasks, background=False)
+    trainer = make_trainer(session, model, config.direction, [])
+    result = trainer.step(*trainer._to_device(*next(iter(
+        torch.utils.data.DataLoader(session.data.train, batch_size=64, collate_fn=_collate)))))
+    trainer.global_step = 7
+    logger.on_step(trainer, result)
+    logger.close()
+    events = read_events(tmp_path / "run")
+    losses = [events.Scalars(f"train/loss/{t}")[0] for t in TASKS]
+    assert [e.step for e in losses] == [7, 7]
+    assert [e.value for e in losses] == pytest.approx(result.losses.tolist())
+    norms = [events.Scalars(f"train/grad_norm/{t}")[0].value for t in TASKS]
+    assert norms == pytest.approx(result.gramian.diagonal().sqrt().tolist(), rel=1e-5)
+
+
+def _collate(items):
+    xs, targets = zip(*items, strict=True)
+    return torch.stack(xs), {t: torch.stack([y[t] for y in targets]) for t in targets[0]}
+
+
+def test_write_hparams_records_a_trial(tmp_path):
+    write_hparams(tmp_path / "trial-0003", {"T": 8, "alpha": 0.25, "threshold": "topk:2", "lr": None},
+                  {"val_delta": 1.5, "gmk_modules": 4})
+    events = read_events(tmp_path / "trial-0003")
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    values = start.session_start_info.hparams
+    assert values["T"].number_value == 8 and values["alpha"].number_value == 0.25
+    assert values["threshold"].string_value == "topk:2" and values["lr"].string_value == "none"
+    assert events.Scalars("val_delta")[0].value == 1.5
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    assert {m.name.tag for m in experiment.experiment.metric_infos} == {"val_delta", "gmk_modules"}
+
+
+def test_write_hparams_needs_an_objective(tmp_path):
+    with pytest.raises(MamoError, match="no metric values"):
+        write_hparams(tmp_path, {"T": 4}, {"val_delta": None})
+
+
+def test_metrics_json_rounds_feed_the_growth_plot(searched):
+    from mamo import plots
+
+    run_dir, metrics, _ = searched
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    figure = plots.growth_figure(saved["rounds"])
+    assert len(figure.axes[0].patches) == len(saved["rounds"])

@@ -1,0 +1,215 @@
+"""The pictures: annotated conflict heatmaps on a shared colour scale, the overview, histograms, the
+architecture drawing and the report's plots, rendered headless and read back from their artists."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib.image import AxesImage
+from PIL import Image
+
+from mamo import graph as g
+from mamo import plots
+from mamo.config import ModelConfig
+from mamo.conflicts import ConflictStats
+from mamo.report import build_rows
+from mamo.spaces import create_space
+from mamo.tasks import parse_tasks
+
+TASKS = ["seg", "depth", "normal"]
+
+
+def known_stats() -> ConflictStats:
+    """Three tasks, three cells (cell 0 without parameters), 10 mini-batches, hand-set Q and cosine sums."""
+    stats = ConflictStats(TASKS, 3, [0, 120, 4000])
+    stats.steps = 10
+    q = {1: {(0, 1): 7, (0, 2): 1, (1, 2): 0}, 2: {(0, 1): 2, (0, 2): 10, (1, 2): 4}}
+    mean = {1: {(0, 1): -0.3, (0, 2): 0.2, (1, 2): 0.05}, 2: {(0, 1): 0.1, (0, 2): -0.6, (1, 2): 0.0}}
+    for cell in (1, 2):
+        for (i, j), value in q[cell].items():
+            stats.counts[cell, i, j] = stats.counts[cell, j, i] = value
+            stats.cosine_sums[cell, i, j] = stats.cosine_sums[cell, j, i] = mean[cell][i, j] * stats.steps
+        np.fill_diagonal(stats.cosine_sums[cell], stats.steps)
+    stats.histograms[2, 1, 2] = 10  # seg vs normal at cell 2: every cosine in [-0.8, -0.7)
+    return stats
+
+
+def annotations(ax) -> dict[tuple[int, int], str]:
+    """The heatmap's value labels keyed by (row, column) of the matrix."""
+    return {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+
+
+def heatmap_images(figure) -> list[AxesImage]:
+    return [image for ax in figure.axes for image in ax.images]
+
+
+def test_counts_heatmap_annotates_every_pair_with_q_and_its_share():
+    stats = known_stats()
+    figure = plots.new_figure(4, 4)
+    ax = figure.add_subplot()
+    image = plots.conflict_heatmap(stats, 1, "counts", ax=ax)
+    assert annotations(ax) == {
+        (0, 1): "7\n70%", (1, 0): "7\n70%", (0, 2): "1\n10%", (2, 0): "1\n10%", (1, 2): "0\n0%", (2, 1): "0\n0%",
+    }
+    assert [t.get_text() for t in ax.get_xticklabels()] == TASKS
+    assert [t.get_text() for t in ax.get_yticklabels()] == TASKS
+    # Full red means "conflicts in every mini-batch": the scale runs from 0 to the round's mini-batches.
+    assert image.get_clim() == (0.0, 10.0)
+    assert np.ma.getmaskarray(image.get_array()).diagonal().all()  # the diagonal carries no value
+
+
+def test_cosine_heatmap_is_symmetric_around_zero_and_red_means_conflict():
+    stats = known_stats()
+    ax = plots.new_figure(4, 4).add_subplot()
+    image = plots.conflict_heatmap(stats, 2, "cosine", ax=ax)
+    labels = annotations(ax)
+    assert labels[0, 2] == labels[2, 0] == "-0.60"
+    assert labels[0, 1] == "+0.10" and labels[1, 2] == "+0.00"
+    assert image.get_clim() == (-0.6, 0.6)  # the largest |mean cosine| over every cell, rounded up to 0.1
+    red, green, blue, _ = image.cmap(image.norm(-0.6))
+    assert red > 0.3 and red > 2 * blue  # a conflicting pair is drawn red
+    red, green, blue, _ = image.cmap(image.norm(0.6))
+    assert blue > 2 * red
+
+
+def test_text_stays_readable_on_dark_cells():
+    stats = known_stats()
+    ax = plots.new_figure(4, 4).add_subplot()
+    plots.conflict_heatmap(stats, 2, "counts", ax=ax)
+    colours = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_color() for t in ax.texts}
+    assert colours[0, 2] == "white"  # Q = 10 of 10: darkest red
+    assert colours[0, 1] == "black"  # Q = 2 of 10: light
+
+
+def test_a_cell_without_parameters_is_marked_not_annotated():
+    ax = plots.new_figure(4, 4).add_subplot()
+    plots.conflict_heatmap(known_stats(), 0, "counts", ax=ax)
+    assert [t.get_text() for t in ax.texts] == ["no\nparameters"]
+
+
+def test_own_figure_gets_a_colour_bar_and_the_outline_boxes_grown_pairs():
+    image = plots.conflict_heatmap(known_stats(), 1, "counts", outline=[("seg", "depth")])
+    figure = image.axes.figure
+    assert len(figure.axes) == 2  # the heatmap and its colour bar
+    boxes = [p for p in image.axes.patches if not p.get_fill()]
+    assert sorted((round(p.get_x() + p.get_width() / 2), round(p.get_y() + p.get_height() / 2)) for p in boxes) == [
+        (0, 1), (1, 0)]
+
+
+def test_overview_has_one_axes_per_cell_and_kind_on_one_shared_scale():
+    stats = known_stats()
+    figure = plots.overview_figure(stats, activated=[[["seg", "normal"], 2]])
+    images = heatmap_images(figure)
+    assert len(images) == 2 * stats.num_cells
+    counts, cosine = images[: stats.num_cells], images[stats.num_cells :]
+    assert {im.get_clim() for im in counts} == {(0.0, 10.0)}
+    assert {im.get_clim() for im in cosine} == {(-0.6, 0.6)}
+    titles = [ax.get_title() for ax in figure.axes if ax.images]
+    assert titles[:3] == ["cell 0\n0 params", "cell 1\n120 params", "cell 2\n4,000 params"]
+    headline = figure.get_suptitle()
+    assert "10 mini-batches" in headline
+    assert "seg vs normal at cell 2, in 10 of 10 mini-batches (100%), mean cosine -0.60" in headline
+    assert len(figure.axes) == 2 * stats.num_cells + 2  # plus one colour bar per row
+
+
+def test_overview_images_cut_every_cell_out_of_one_render():
+    stats = known_stats()
+    overview, cells = plots.overview_images(stats)
+    assert overview.dtype == np.uint8 and overview.ndim == 3 and overview.shape[2] == 3
+    width, height = plots.overview_figure(stats).get_size_inches() * plots.DPI
+    assert overview.shape[:2] == (round(height), round(width))
+    assert set(cells) == {(kind, cell) for kind in ("counts", "cosine") for cell in range(3)}
+    for pixels in cells.values():
+        assert 100 < pixels.shape[0] < overview.shape[0] / 2 + 60 and 100 < pixels.shape[1] < overview.shape[1] / 2
+        assert pixels.std() > 10  # a picture, not a blank strip
+
+
+def test_worst_conflict_without_any_conflict():
+    stats = ConflictStats(["a", "b"], 2, [5, 5])
+    stats.steps = 3
+    assert plots.worst_conflict(stats) == "no pair conflicted in any mini-batch"
+
+
+def test_histogram_figure_draws_a_line_per_usable_cell_for_each_pair():
+    stats = known_stats()
+    figure = plots.histogram_figure(stats)
+    visible = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == ["seg vs depth", "seg vs normal", "depth vs normal"]
+    legend = [t.get_text() for t in visible[1].get_legend().get_texts()]
+    assert legend == ["cell 1", "cell 2"]  # cell 0 has no parameters
+    heights = visible[1].patches[-1].get_data().values  # cell 2's stairs
+    assert heights[2] == pytest.approx(1.0) and heights.sum() == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def grown_graph():
+    space = create_space(ModelConfig(backbone="lenet"), (1, 28, 28))
+    tasks = parse_tasks({t: {"type": "classification", "classes": 10} for t in TASKS}, "test")
+    graph = g.build_hps_graph(space, tasks)
+    g.grow(graph, (("seg", "depth"), 1), round_index=1)
+    g.grow(graph, (("depth", "normal"), 2), round_index=2)
+    return graph
+
+
+def test_draw_architecture_writes_a_png_with_every_node_and_its_parameters(grown_graph, tmp_path):
+    path = tmp_path / "nested" / "architecture.png"
+    figure = plots.draw_architecture(grown_graph, path, title="after round 2")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == tuple(round(s * plots.DPI) for s in figure.get_size_inches())
+    texts = [t.get_text() for t in figure.axes[0].texts]
+    assert len(texts) == grown_graph.number_of_nodes()
+    params = grown_graph.graph["cell_params"]
+    assert f"cell 2\n{params[2]:,} params" in texts
+    assert f"seg+depth\n{params[1]:,} params" in texts and f"depth+normal\n{params[2]:,} params" in texts
+    assert "fusion depth\n+β·(seg+depth)\n+β·(depth+normal)" in texts
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend[0].startswith("seg+depth: from cell 1, round 1, 2 modules")
+    assert "after round 2: 3 branch modules" in figure.get_suptitle()
+
+
+def test_branch_lanes_keep_one_colour_per_pair(grown_graph):
+    figure = plots.draw_architecture(grown_graph)
+    colours = plots._group_colours(grown_graph)
+    thick = [p for p in figure.axes[0].patches if p.get_linewidth() > 1.5]  # branch boxes and arrows
+    edges = {tuple(round(c, 3) for c in p.get_edgecolor()[:3]) for p in thick}
+    expected = {tuple(round(c, 3) for c in colours[pair][:3]) for pair in [("seg", "depth"), ("depth", "normal")]}
+    assert edges == expected
+
+
+def test_report_plots_save_metric_bars_and_growth(tmp_path):
+    tasks = parse_tasks({"a": {"type": "classification", "classes": 10}, "b": {"type": "regression", "dim": 2}}, "t")
+    results = {
+        "STL": {"tasks": {"a": {"accuracy": 0.8}, "b": {"mse": 0.5, "mae": 0.25}}},
+        "HPS (equal)": {"tasks": {"a": {"accuracy": 0.7}, "b": {"mse": 0.6, "mae": 0.3}}},
+        "MAMO": {"tasks": {"a": {"accuracy": 0.9}, "b": {"mse": 0.4, "mae": 0.2}}},
+    }
+    rows = build_rows(results, "STL", tasks)
+    rounds = [{"round": 1, "activated": [[["a", "b"], 1]], "modules": 2}, {"round": 2, "activated": [], "modules": 0}]
+    paths = plots.report_plots(tmp_path, rows, rounds, tasks)
+    assert [p.name for p in paths] == ["report_metrics.png", "report_growth.png"]
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) > 200
+    bars = plots.metric_bars_figure(rows, tasks)
+    panels = [ax for ax in bars.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == [
+        "a accuracy (higher is better)", "b mse (lower is better)", "b mae (lower is better)"]
+    assert [t.get_text().strip() for t in panels[1].texts] == ["0.5", "0.6", "0.4"]
+    # STL is the reference (no Δ); MAMO's Δ = (12.5 + 20 + 20) / 3 = 17.5.
+    assert [t.get_text() for t in panels[0].get_yticklabels()] == ["STL", "HPS (equal)\nΔ -17.5%", "MAMO\nΔ +17.5%"]
+    assert panels[0].get_yticks().tolist() == [2, 1, 0]  # the first row on top
+    growth = plots.growth_figure(rounds)
+    labels = [t.get_text() for t in growth.axes[0].get_xticklabels()]
+    assert labels == ["round 1\na+b@cell1", "round 2\nnone"]
+
+
+def test_growth_without_rounds_says_so():
+    figure = plots.growth_figure([])
+    assert "stayed HPS" in figure.axes[0].texts[0].get_text()
+
+
+def test_figure_to_array_is_hwc_uint8():
+    figure = plots.new_figure(2.0, 1.5)
+    figure.add_subplot().plot([0, 1], [1, 0])
+    pixels = plots.figure_to_array(figure)
+    assert pixels.shape == (150, 200, 3) and pixels.dtype == np.uint8
