@@ -48,9 +48,16 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
 
 
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="MultiMNIST training images per variant (default: the preset's 20,000)")
+
+
 def run(args: argparse.Namespace) -> dict:
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     quick = ["data.train_size=512", "data.val_size=128", "data.test_size=128", "train.epochs=7"] if args.quick else []
+    if args.train_size:
+        quick.append(f"data.train_size={args.train_size}")
     base = load_config("multimnist", quick)
     rounds = range(0, 2) if args.quick else range(0, 6)
     table = variants(base.train.epochs, rounds)
@@ -93,6 +100,8 @@ def run(args: argparse.Namespace) -> dict:
         "title": f"MAMO ablations on MultiMNIST (seeds {seeds}; every variant trains {base.train.epochs} epochs)",
         "columns": header,
         "rows": rows,
-        "notes": [f"STL test accuracy per seed: {[s['tasks'] for s in stl]}",
+        "notes": ["STL test metrics per seed: " + "; ".join(
+                      f"seed {seed}: " + ", ".join(f"{t} {m} {s['tasks'][t][m]:.4f}" for t, m in columns)
+                      for seed, s in zip(seeds, stl, strict=True)),
                   f"run folders under {folder / 'runs'}"],
     }
