@@ -90,6 +90,7 @@ def make_trainer(
         gradients=train.gradients,
         precision=train.precision,
         collect_gramians=collect_gramians,
+        gradient_path=train.gradient_path,
     )
     return Trainer(model, step, session.data.train, session.data.val, train.batch_size, session.device,
                    generator, callbacks, progress=session.progress, description=description)

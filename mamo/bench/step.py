@@ -1,0 +1,387 @@
+"""``mamo bench step``: the time and memory of one training step per method, side by side in one process.
+
+Per setup (LeNet m = 2 on 28×28; timm ResNet-18 m = 3 and m = 5 on 64×64; batch 32, on CUDA also 128), built
+with mamo's own search space, graph and model and synthetic classification tasks on random inputs, every
+method below runs complete steps (zero_grad, forward, backward, optimizer step) on the same model and batch.
+Each method is timed in a session of its own beside the two references, equal and the floor: per round one
+step of each of the three in a shuffled order, so load drifts hit them alike; a ratio is the median over
+rounds of the method's time over the reference's in the same round (see :func:`measure` for why sessions).
+
+Rows: ``equal`` (linear scalarisation, one backward), the floor ``forward + m backward``, ``mgda`` (exact, by
+the device's gradient path and by the other one), ``mgda + tensioner``, ``central + tensioner``, ``mgda-ub``,
+``conflict statistics`` (an equal-weight step that also computes the per-cell Gram blocks and updates the
+conflict counts), and the peers torchjd (``mtl_backward`` + ``jac_to_grad`` with its MGDA, by its default
+vmap path and with ``parallel_chunk_size=1``) and LibMTL (its ``MGDA`` weighting on our model) when
+installed. Memory: the peak added by a method's first step (which allocates its buffers) on top of what was
+resident before it (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process' resident-set high-water
+mark, reset through /proc/self/clear_refs, after returning freed heap to the system).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mamo import step as step_module
+from mamo.bench.peers import LIBMTL_LIMIT_S, Step, Unavailable, libmtl_step, torchjd_step
+from mamo.config import DirectionConfig, ModelConfig, TensionerConfig
+from mamo.conflicts import ConflictStats
+from mamo.directions import MGDA, create_direction, min_norm_weights
+from mamo.graph import build_hps_graph
+from mamo.model import compile_model
+from mamo.spaces import create_space
+from mamo.step import ParameterPartition, TrainStep
+from mamo.tasks import parse_tasks, task_loss
+from mamo.trainer import resolve_device
+
+# key -> (label, backbone, input shape, number of tasks). --quick is a smoke run of seconds: LeNet and timm's
+# tiny test ResNet (convolution, batch-norm, pooling like ResNet-18, 0.4 M parameters) at batch 4.
+SETUPS = {
+    "lenet-m2": ("LeNet m=2", "lenet", (1, 28, 28), 2),
+    "resnet18-m3": ("ResNet-18 m=3", "timm:resnet18", (3, 64, 64), 3),
+    "resnet18-m5": ("ResNet-18 m=5", "timm:resnet18", (3, 64, 64), 5),
+}
+QUICK_SETUPS = {
+    "lenet-m2": ("LeNet m=2", "lenet", (1, 28, 28), 2),
+    "test_resnet-m3": ("timm test_resnet m=3 (smoke)", "timm:test_resnet", (3, 32, 32), 3),
+}
+BATCHES = {"cpu": [32], "cuda": [32, 128]}
+MiB = 2**20
+EQUAL, FLOOR = "equal", "forward + m backward"  # the two reference rows every method is timed beside
+
+
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    x: torch.Tensor
+    targets: dict[str, torch.Tensor]
+    part: ParameterPartition
+    precision: str
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
+
+    def autocast(self):
+        return step_module.PRECISIONS[self.precision](self.x.device)
+
+    def losses(self, predictions: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [task_loss(self.model.tasks[t], predictions[t].float(), self.targets[t]) for t in self.part.tasks]
+
+
+
+def _mamo(name: str, formulation: str = "off", **kwargs) -> Callable[[Setup], Step]:
+    def factory(setup: Setup) -> Step:
+        config = DirectionConfig(name=name, tensioner=TensionerConfig(formulation=formulation, T=1))
+        step = TrainStep(setup.model, create_direction(config), setup.optimizer(), precision=setup.precision,
+                         **kwargs)
+        return lambda: step(setup.x, setup.targets)
+
+    return factory
+
+
+def _floor(setup: Setup) -> Step:
+    optimizer, m = setup.optimizer(), len(setup.part.tasks)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with setup.autocast():
+            predictions = setup.model(setup.x)
+        for t, loss in enumerate(setup.losses(predictions)):
+            loss.backward(retain_graph=t < m - 1)
+        optimizer.step()
+
+    return step
+
+
+def _conflicts(setup: Setup) -> Step:
+    step = _mamo("equal", collect_gramians=True)(setup)
+    stats = ConflictStats.for_graph(setup.model.graph)
+    return lambda: stats.update(step().node_gramians)
+
+
+def _other_path(device: torch.device) -> str:
+    auto = step_module.resolve_gradient_path("auto", device)
+    return next(path for path in step_module.GRADIENT_PATHS if path != auto)
+
+
+def methods(device: torch.device) -> dict[str, Callable[[Setup], Step]]:
+    """Row name -> factory of a step closure; ``equal`` first, the reference of every ratio."""
+    auto, other = step_module.resolve_gradient_path("auto", device), _other_path(device)
+    return {
+        EQUAL: _mamo("equal"),
+        FLOOR: _floor,
+        f"mgda ({auto} path)": _mamo("mgda", gradient_path=auto),
+        f"mgda ({other} path)": _mamo("mgda", gradient_path=other),
+        "mgda + tensioner": _mamo("mgda", TensionerConfig().formulation),
+        "central + tensioner": _mamo("central", TensionerConfig().formulation),
+        "mgda-ub": _mamo("mgda", gradients="ub"),
+        "conflict statistics": _conflicts,
+        "torchjd mgda": torchjd_step(None),
+        "torchjd mgda (chunk 1)": torchjd_step(1),
+        "libmtl mgda": libmtl_step,
+    }
+
+
+# ----------------------------------------------------------------------------------------- clocks and memory
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _memory_mark(device: torch.device) -> float | None:
+    """Reset the peak counter; the baseline it is read against (None: this platform cannot measure it)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return float(torch.cuda.memory_allocated(device))
+    try:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, or the baseline hides it
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return float(_status_kib("VmRSS") * 1024)
+    except OSError:
+        return None
+
+
+def _memory_peak(device: torch.device, base: float | None) -> float | None:
+    if base is None:
+        return None
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) - base) / MiB
+    return (_status_kib("VmHWM") * 1024 - base) / MiB
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+def build_setup(backbone: str, shape: tuple, m: int, batch: int, device: torch.device, precision: str) -> Setup:
+    tasks = parse_tasks({f"task{t}": {"type": "classification", "classes": 10} for t in range(m)}, "bench step")
+    space = create_space(ModelConfig(backbone=backbone), shape)
+    model = compile_model(build_hps_graph(space, tasks), seed=0, device=device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=gen).to(device)
+    targets = {t: torch.randint(0, 10, (batch,), generator=gen).to(device) for t in tasks}
+    return Setup(model, x, targets, ParameterPartition(model), precision)
+
+
+def _first_call(step: Step, setup: Setup, device: torch.device) -> dict:
+    """Run a step once (it allocates its persistent buffers then): its peak added memory, or why it failed."""
+    setup.model.zero_grad(set_to_none=True)
+    base = _memory_mark(device)
+    try:
+        step()
+        _sync(device)
+    except (RuntimeError, TimeoutError) as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+    return {"memory": _memory_peak(device, base), "times": [], EQUAL: [], FLOOR: []}
+
+
+def measure(setup: Setup, device: torch.device, warmup: int, rounds: int | None,
+            clock: str) -> tuple[dict[str, dict], int]:
+    """Per method: ``times`` (seconds), paired ratios to equal and the floor, ``memory`` (MiB), or ``error``.
+
+    Each method runs in its own session of rounds, one step each of equal, the floor and the method in a
+    shuffled order, and is released afterwards: in one process, a peer's large transient allocations (vmap,
+    per-task gradient lists) otherwise slow whichever step follows it (measured: exact MGDA read 1.09× the
+    floor interleaved with torchjd, LibMTL and the batched path, 1.00× in a session of its own), and a
+    training run never mixes methods. ``rounds`` None: as many as fit 2 s of equal steps, 10 to 200.
+    """
+    factories = methods(device)
+    warm = factories[EQUAL](setup)
+    for _ in range(2):  # process-wide first-call costs (kernels, caches) belong to no method
+        warm()
+    del warm
+    base = {name: factories.pop(name)(setup) for name in (EQUAL, FLOOR)}
+    out = {name: _first_call(step, setup, device) for name, step in base.items()}
+    _sync(device)
+    start = time.perf_counter()
+    base[EQUAL]()
+    _sync(device)
+    rounds = rounds or min(200, max(10, int(2.0 / max(time.perf_counter() - start, 1e-6))))
+    tick, order = CLOCKS[clock], random.Random(0)
+    for name, factory in factories.items():
+        try:
+            step = factory(setup)
+        except Unavailable as exc:
+            out[name] = {"error": str(exc)}
+            continue
+        out[name] = _first_call(step, setup, device)
+        if "error" in out[name]:
+            continue
+        session = {**base, name: step}
+        for _ in range(warmup):
+            for run in session.values():
+                run()
+        for _ in range(rounds):
+            names = list(session)
+            order.shuffle(names)
+            times = {}
+            for key in names:
+                _sync(device)
+                begin = tick()
+                session[key]()
+                _sync(device)
+                times[key] = tick() - begin
+            for key, elapsed in times.items():
+                out[key]["times"].append(elapsed)
+                out[key][EQUAL].append(elapsed / times[EQUAL])
+                out[key][FLOOR].append(elapsed / times[FLOOR])
+        del session, step
+        gc.collect()
+    return out, rounds
+
+
+def _ratio(results: dict[str, dict], name: str, reference: str) -> float:
+    """Median paired ratio of ``name`` to equal or the floor; to another method, the ratio of their × equal."""
+    res, ref = results.get(name, {}), results.get(reference, {})
+    if reference in (EQUAL, FLOOR):
+        return statistics.median(res[reference]) if res.get(reference) else float("nan")
+    if not res.get(EQUAL) or not ref.get(EQUAL):
+        return float("nan")
+    return statistics.median(res[EQUAL]) / statistics.median(ref[EQUAL])
+
+
+def _step_table(title: str, results: dict[str, dict]) -> dict:
+    rows = []
+    for name, res in results.items():
+        if "error" in res:
+            rows.append([name, "—", "—", "—", "—"])
+            continue
+        memory = res["memory"]
+        rows.append([name, statistics.median(res["times"]) * 1e3, _ratio(results, name, EQUAL),
+                     _ratio(results, name, FLOOR), "n/a" if memory is None else memory])
+    return {"title": title, "columns": ["method", "ms (median)", "× equal", "× floor", "peak added MiB"],
+            "rows": rows}
+
+
+def solver_table(quick: bool) -> tuple[dict, float]:
+    """Exact min-norm solve and the whole MGDA direction call on random Gramians (gradient norms spread 20×)."""
+    rng = np.random.default_rng(0)
+    instances, calls = (5, 5) if quick else (20, 50)
+    rows, at_ten = [], float("nan")
+    for m in (2, 3, 5, 10):
+        solve, call = [], []
+        direction = MGDA()
+        for _ in range(instances):
+            a = rng.standard_normal((m, 64)) * rng.uniform(1.0, 20.0, (m, 1))
+            gram = a @ a.T
+            gram_t, losses = torch.tensor(gram, dtype=torch.float32), torch.rand(m)
+            solve.append(_best_us(lambda gram=gram: min_norm_weights(gram), calls))
+            call.append(_best_us(lambda d=direction, g=gram_t, losses=losses: d(g, losses), calls))
+        rows.append([m, statistics.median(solve), max(solve), statistics.median(call), max(call)])
+        at_ten = statistics.median(solve) if m == 10 else at_ten
+    table = {"title": "Exact min-norm solve (µs; per instance the best of 5 means of repeated calls)",
+             "columns": ["m", "solve median", "solve max", "MGDA call median", "MGDA call max"], "rows": rows}
+    return table, at_ten
+
+
+def _best_us(fn: Callable[[], object], calls: int) -> float:
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e6
+
+
+def _targets(label: str, results: dict[str, dict], device: torch.device, precision: str, batch: int) -> list:
+    rows = [[label, "mgda + tensioner ÷ floor", "≤ 1.05", _ratio(results, "mgda + tensioner", FLOOR)],
+            [label, "mgda-ub ÷ equal", "≤ 1.1", _ratio(results, "mgda-ub", "equal")]]
+    for peer in ("torchjd mgda", "torchjd mgda (chunk 1)", "libmtl mgda"):
+        rows.append([label, f"mgda + tensioner ÷ {peer}", "≤ 0.65" if "m=3" in label else "< 1",
+                     _ratio(results, "mgda + tensioner", peer)])
+    if device.type == "cuda" and precision == "bf16" and batch == 32 and "m=3" in label:
+        rows.append([label, "mgda + tensioner ÷ equal (H100 target)", "≤ 1.6",
+                     _ratio(results, "mgda + tensioner", "equal")])
+    return rows
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=list(step_module.PRECISIONS), default="fp32",
+                        help="forward precision of every row (bf16: autocast; gradients stay float32)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall time, or this process' CPU time (CPU only: steadier on a shared machine; "
+                             "use it with --threads 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed rounds per setup (default: 2 s of equal steps, 10 to 200; --quick 2)")
+    parser.add_argument("--setups", nargs="+", default=None, choices=[*SETUPS, *QUICK_SETUPS],
+                        help=f"setups to run (default: {', '.join(SETUPS)}; --quick: {', '.join(QUICK_SETUPS)})")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                        help="batch sizes (default 32 on CPU, 32 and 128 on CUDA; --quick 4)")
+
+
+def _chosen(keys: list[str] | None, quick: bool) -> list[tuple]:
+    table = {**SETUPS, **QUICK_SETUPS}
+    return [table[key] for key in keys] if keys else list((QUICK_SETUPS if quick else SETUPS).values())
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    clock = "wall" if device.type == "cuda" else args.clock  # CPU time says nothing about a GPU's work
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick = args.quick
+    rounds = args.rounds or (2 if quick else None)
+    batches = args.batch_sizes or ([4] if quick else BATCHES.get(device.type, [32]))
+    tables, target_rows, raw = [], [], {}
+    try:
+        for label, backbone, shape, m in _chosen(args.setups, quick):
+            for batch in batches:
+                setup = build_setup(backbone, shape, m, batch, device, args.precision)
+                results, done = measure(setup, device, warmup=1 if quick else 3, rounds=rounds, clock=clock)
+                title = (f"{label}, {'×'.join(map(str, shape[1:]))}, batch {batch} ({setup.part.size / 1e6:.3g} M "
+                         f"shared parameters; {done} rounds per method)")
+                tables.append(_step_table(title, results))
+                target_rows += _targets(label, results, device, args.precision, batch)
+                raw[f"{label} batch {batch}"] = results
+                del setup
+        solver, at_ten = solver_table(quick)
+    finally:
+        torch.set_num_threads(threads)
+    target_rows.append(["min-norm", "exact solve at m = 10 (µs, median)", "≤ 50", at_ten])
+    tables += [solver, {"title": "Targets (issue 3; the ≤ 1.6 row is issue 7's H100 target)",
+                        "columns": ["setup", "quantity", "target", "measured"], "rows": target_rows}]
+    notes = [
+        f"device {device}; torch {torch.__version__}; {args.threads or threads} intra-op threads; "
+        f"precision {args.precision}; clock {clock}; "
+        f"{rounds or '10 to 200 (2 s of equal steps)'} rounds after warm-up.",
+        "× equal and × floor are medians of per-round ratios; each method runs in its own session of rounds "
+        "beside equal and the floor (shuffled order each round); a ratio between two methods is the ratio of "
+        "their × equal.",
+        "floor = zero_grad + forward + m loss.backward(retain_graph) + optimizer step (the cost of any exact "
+        "per-task-gradient method before it combines anything).",
+        f"gradient paths: auto on {device.type} is '{step_module.resolve_gradient_path('auto', device)}'.",
+        "LibMTL 1.1.5 runs with two benchmark-only workarounds: a stand-in torchvision.models.utils module for its "
+        "import, and in-place zeroing of shared gradients (its _reset_grad fails on None gradients); its "
+        f"min-norm loop never increments its counter, so a step is cut off after {LIBMTL_LIMIT_S} s.",
+    ]
+    for key, results in raw.items():
+        notes += [f"{key}: {name} did not run: {res['error']}" for name, res in results.items() if "error" in res]
+    if device.type == "cpu":
+        notes.append("CPU memory is the resident-set high-water mark above the resident set before the step "
+                     "(allocator caching can hide or add a few MiB); n/a where /proc/self/clear_refs is absent.")
+    raw_times = {k: {n: r.get("times") for n, r in v.items()} for k, v in raw.items()}
+    return {"title": "Step time per method", "tables": tables, "notes": notes, "raw_times": raw_times}

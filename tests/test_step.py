@@ -1,0 +1,341 @@
+"""The training step: per-task gradients by both paths, who gets which gradient, Gramians, MGDA-UB, NaN, bf16."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from mamo import graph as g
+from mamo import step as step_module
+from mamo.config import DirectionConfig, ModelConfig, TensionerConfig
+from mamo.directions import Equal, create_direction
+from mamo.errors import MamoError
+from mamo.model import compile_model
+from mamo.spaces import create_space
+from mamo.step import GRADIENT_PATHS, ParameterPartition, TrainStep, resolve_gradient_path
+from mamo.tasks import parse_tasks, task_loss
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+PATHS = list(GRADIENT_PATHS)
+# A tiny timm ResNet (convolution, batch-norm, pooling) and an MLP with a GMK the third task never reaches.
+RESNET = ("timm:test_resnet", (3, 16, 16))
+MLP = ("mlp", (6,))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: with two intra-op threads on a loaded machine, OpenMP barriers dominate every tiny op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(backbone: str = RESNET[0], shape: tuple = RESNET[1], m: int = 3, grow: bool = False,
+               tasks: dict | None = None):
+    raw = tasks or {f"t{i}": {"type": "classification", "classes": 4} for i in range(m)}
+    space = create_space(ModelConfig(backbone=backbone, hidden=[8, 6], head_hidden=5), shape)
+    graph = g.build_hps_graph(space, parse_tasks(raw, "the test"))
+    if grow:
+        g.grow(graph, (("t0", "t1"), 1))
+    model = compile_model(graph, seed=0)
+    if grow:  # a non-zero beta, so the branch really feeds the heads of t0 and t1
+        with torch.no_grad():
+            for beta in model.betas.values():
+                beta.fill_(0.7)
+    return model
+
+
+def batch(model, n: int = 6, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *model.space.input_shape, generator=gen)
+    targets = {t: torch.randint(0, spec.classes or 1, (n,), generator=gen) for t, spec in model.tasks.items()}
+    return x, targets
+
+
+def mgda(formulation: str = "off"):
+    return create_direction(DirectionConfig(name="mgda", tensioner=TensionerConfig(formulation=formulation, T=1)))
+
+
+def frozen_step(model, direction=None, **kwargs) -> TrainStep:
+    """A step whose optimizer does not move the weights, so gradients can be compared after it."""
+    return TrainStep(model, direction or mgda(), torch.optim.SGD(model.parameters(), lr=0.0), **kwargs)
+
+
+def reference(model, x, targets):
+    """Per-task gradients by separate autograd.grad calls on a copy: (J, own head gradients, losses)."""
+    model = copy.deepcopy(model)
+    part = ParameterPartition(model)
+    predictions = model(x)
+    losses = [task_loss(model.tasks[t], predictions[t], targets[t]) for t in part.tasks]
+    rows, own = [], {}
+    for task, loss in zip(part.tasks, losses, strict=True):
+        grads = torch.autograd.grad(loss, part.shared, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if gr is None else gr).reshape(-1)
+                               for p, gr in zip(part.shared, grads, strict=True)]))
+        own[task] = torch.autograd.grad(loss, part.specific[task], retain_graph=True)
+    return torch.stack(rows), own, torch.stack(losses).detach()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("backbone, shape, grow", [(*RESNET, False), (*MLP, True)])
+def test_per_task_gradients_equal_separate_autograd(path, backbone, shape, grow):
+    model = make_model(backbone, shape, grow=grow)
+    x, targets = batch(model)
+    jac, own, losses = reference(model, x, targets)
+    step = frozen_step(model, gradient_path=path)
+    result = step(x, targets)
+    assert step.jacobian.shape == jac.shape
+    torch.testing.assert_close(step.jacobian, jac, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(result.losses, losses)
+    if grow:  # the GMK of {t0, t1} is shared but has an exactly zero gradient for t2
+        cols = step.partition.node_slices[g.branch_id(("t0", "t1"), 1)]
+        assert step.jacobian[2, cols].abs().max() == 0 and step.jacobian[0, cols].abs().max() > 0
+
+
+def test_loop_and_batched_paths_agree():
+    model = make_model()
+    x, targets = batch(model)
+    rows = []
+    for path in PATHS:
+        step = frozen_step(copy.deepcopy(model), gradient_path=path)
+        result = step(x, targets)
+        rows.append((step.jacobian.clone(), result.gramian, result.weights))
+    torch.testing.assert_close(rows[0][0], rows[1][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(rows[0][1], rows[1][1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_each_task_parameter_gets_only_its_own_gradient_and_shared_get_weighted_sum(path):
+    model = make_model(*MLP, grow=True)
+    x, targets = batch(model)
+    jac, own, _ = reference(model, x, targets)
+    step = frozen_step(model, mgda("relative"), gradient_path=path)
+    for _ in range(3):  # T = 1: the tensioner is active from the second call, so weights are not MGDA's
+        result = step(x, targets)
+    part = step.partition
+    for task in part.tasks:
+        assert part.specific[task], "every task has its own head"
+        for param, expected in zip(part.specific[task], own[task], strict=True):
+            torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-7)
+    combined = result.weights.float() @ jac
+    flat = torch.cat([p.grad.reshape(-1) for p in part.shared])
+    torch.testing.assert_close(flat, combined, rtol=1e-4, atol=1e-6)
+    assert result.info["active"].item() == 1.0
+
+
+def test_node_gramians_are_keyed_by_node_and_sum_to_the_gramian():
+    model = make_model(*MLP, grow=True)
+    x, targets = batch(model)
+    step = frozen_step(model)
+    result = step(x, targets)
+    jac = step.jacobian
+    cells = [g.cell_id(k) for k in range(g.num_cells(model.graph))]
+    assert set(cells) <= set(result.node_gramians)
+    assert g.branch_id(("t0", "t1"), 1) in result.node_gramians
+    torch.testing.assert_close(sum(result.node_gramians.values()), result.gramian)
+    torch.testing.assert_close(result.gramian, jac @ jac.T, rtol=1e-5, atol=1e-6)
+    for node, cols in step.partition.node_slices.items():
+        torch.testing.assert_close(result.node_gramians[node], jac[:, cols] @ jac[:, cols].T, rtol=1e-5, atol=1e-6)
+
+
+def test_gram_blocks_in_cpu_chunks_equal_one_matmul(monkeypatch):
+    monkeypatch.setitem(step_module.GRAM_CHUNK, "cpu", 7)  # many ragged chunks per node
+    model = make_model(*MLP)
+    x, targets = batch(model)
+    result = frozen_step(model)(x, targets)
+    jac = reference(model, x, targets)[0]
+    torch.testing.assert_close(result.gramian, jac @ jac.T, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [None, 4, 7, 64])
+def test_gram_block_by_chunks_equals_the_plain_product(width):
+    jac = torch.randn(3, 200, generator=torch.Generator().manual_seed(0))
+    for cols in (slice(0, 200), slice(13, 110), slice(50, 57)):
+        piece = jac[:, cols].double()
+        torch.testing.assert_close(step_module.gram_block(jac, cols, width).double(), piece @ piece.T,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_equal_weighting_is_one_summed_backward():
+    model = make_model()
+    x, targets = batch(model)
+    jac, _, _ = reference(model, x, targets)
+    step = frozen_step(model, Equal())
+    result = step(x, targets)
+    assert step.jacobian is None and result.gramian is None  # no per-task pass was made
+    flat = torch.cat([p.grad.reshape(-1) for p in step.partition.shared])
+    torch.testing.assert_close(flat, jac.sum(0), rtol=1e-4, atol=1e-6)
+
+
+def test_collect_gramians_forces_exact_per_cell_blocks_even_in_ub_mode():
+    model = make_model()
+    x, targets = batch(model)
+    result = frozen_step(model, Equal(), gradients="ub", collect_gramians=True)(x, targets)
+    assert {g.cell_id(k) for k in range(g.num_cells(model.graph))} <= set(result.node_gramians)
+    torch.testing.assert_close(result.weights, torch.ones(3, dtype=torch.float64))
+
+
+def test_ub_uses_representation_gradients():
+    model = make_model()
+    x, targets = batch(model)
+    ref = copy.deepcopy(model)
+    step = frozen_step(model, gradients="ub")
+    result = step(x, targets)
+    assert result.node_gramians == {}
+    features = ref.forward_features(x)
+    (rep,) = features.values()
+    predictions = ref.forward_heads(features)
+    losses = [task_loss(ref.tasks[t], predictions[t], targets[t]) for t in ref.tasks]
+    z = torch.stack([torch.autograd.grad(loss, rep, retain_graph=True)[0].reshape(-1) for loss in losses])
+    torch.testing.assert_close(result.gramian, z @ z.T, rtol=1e-4, atol=1e-8)
+    weighted = sum(w * loss for w, loss in zip(result.weights.float(), losses, strict=True))
+    part = ParameterPartition(ref)
+    expected = torch.autograd.grad(weighted, part.shared)
+    for param, grad in zip(step.partition.shared, expected, strict=True):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("direction", [Equal(), mgda()], ids=["summed", "exact"])
+def test_nan_loss_raises_naming_the_task(direction):
+    tasks = {"good": {"type": "classification", "classes": 3}, "bad": {"type": "regression", "dim": 2}}
+    model = make_model(*MLP, tasks=tasks)
+    x = torch.randn(4, 6)
+    targets = {"good": torch.zeros(4, dtype=torch.long), "bad": torch.full((4, 2), float("nan"))}
+    before = [p.detach().clone() for p in model.parameters()]
+    step = TrainStep(model, direction, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(FloatingPointError, match="task bad"):
+        step(x, targets)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # no update applied
+
+
+def test_unknown_names_raise_mamo_errors():
+    model = make_model(*MLP)
+    with pytest.raises(MamoError, match="train.gradient_path"):
+        frozen_step(model, gradient_path="fast")
+    with pytest.raises(MamoError, match="train.precision"):
+        frozen_step(model, precision="fp8")
+    with pytest.raises(MamoError, match="train.gradients"):
+        frozen_step(model, gradients="approx")
+
+
+def test_auto_picks_the_path_of_the_device_table():
+    assert resolve_gradient_path("auto", torch.device("cpu")) == step_module.AUTO_GRADIENT_PATH["cpu"] == "loop"
+    assert resolve_gradient_path("auto", torch.device("cuda")) == step_module.AUTO_GRADIENT_PATH["cuda"]
+    assert resolve_gradient_path("batched", torch.device("cpu")) == "batched"
+
+
+def _unbatchable(model):
+    # .item() inside a gradient hook cannot run under vmap: the batched path fails, the loop does not.
+    first = next(iter(model.blocks[g.cell_id(0)].parameters()))
+    first.register_hook(lambda grad: grad * (1.0 + 0.0 * grad.sum().item()))
+
+
+def test_auto_falls_back_to_the_loop_when_an_op_cannot_be_batched(monkeypatch):
+    monkeypatch.setitem(step_module.AUTO_GRADIENT_PATH, "cpu", "batched")
+    model = make_model(*MLP)
+    x, targets = batch(model)
+    jac = reference(model, x, targets)[0]
+    _unbatchable(model)
+    step = frozen_step(model, gradient_path="auto")
+    with pytest.warns(UserWarning, match="using the loop"):
+        step(x, targets)
+    torch.testing.assert_close(step.jacobian, jac, rtol=1e-5, atol=1e-7)
+    assert step.path_for(torch.device("cpu")) == "loop"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        step(x, targets)
+
+
+def test_explicit_batched_path_does_not_hide_failures():
+    model = make_model(*MLP)
+    _unbatchable(model)
+    with pytest.raises(RuntimeError):
+        frozen_step(model, gradient_path="batched")(*batch(model))
+
+
+def test_refresh_after_growth_covers_the_new_branch():
+    model = make_model(*MLP)
+    x, targets = batch(model)
+    step = frozen_step(model)
+    step(x, targets)
+    size = step.partition.size
+    g.grow(model.graph, (("t0", "t2"), 0))
+    model.sync()
+    step.optimizer.add_param_group({"params": [p for p in model.parameters()
+                                               if all(p is not q for q in step.optimizer.param_groups[0]["params"])]})
+    step.refresh()
+    result = step(x, targets)
+    assert step.partition.size > size and step.jacobian.shape == (3, step.partition.size)
+    assert g.branch_id(("t0", "t2"), 0) in result.node_gramians
+
+
+def _train(precision: str, path: str = "auto", steps: int = 60):
+    model = make_model(*MLP, m=2)
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(3))
+    targets = {"t0": x[:, :4].argmax(1), "t1": x[:, 2:].argmax(1)}  # learnable labels
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = TrainStep(model, mgda(), optimizer, precision=precision, gradient_path=path)
+    losses = [step(x, targets).losses for _ in range(steps)]
+    return losses[0], losses[-1], step
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bf16_on_cpu_trains_and_stays_close_to_fp32(path):
+    first32, last32, _ = _train("fp32")
+    first16, last16, step = _train("bf16", path)
+    assert step.jacobian.dtype == torch.float32  # gradients and Gramian stay float32 under autocast
+    assert (last16 < 0.6 * first16).all()  # it trains
+    # bf16 rounds activations to 8 bits of mantissa: 60 steps stay within 5% (plus 0.01 absolute) of fp32.
+    torch.testing.assert_close(last16, last32, rtol=0.05, atol=0.01)
+
+
+# ----- CUDA: skipped where no CUDA device exists ------------------------------------------------------------
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS)
+def test_cuda_paths_match_cpu_reference(path):
+    model = make_model()
+    x, targets = batch(model)
+    jac = reference(model, x, targets)[0]
+    cuda = torch.device("cuda")
+    model = model.to(cuda)
+    pinned_x = x.pin_memory()
+    assert pinned_x.is_pinned()
+    x_dev = pinned_x.to(cuda, non_blocking=True)
+    t_dev = {t: y.pin_memory().to(cuda, non_blocking=True) for t, y in targets.items()}
+    step = frozen_step(model, gradient_path=path)
+    result = step(x_dev, t_dev)
+    assert step.jacobian.device.type == "cuda" and result.losses.device.type == "cpu"
+    torch.testing.assert_close(step.jacobian.cpu(), jac, rtol=1e-3, atol=1e-5)
+    assert all(p.grad.device.type == "cuda" for p in step.partition.shared)
+
+
+@needs_cuda
+def test_cuda_bf16_keeps_float32_gradients_close_to_fp32():
+    model = make_model().cuda()
+    x, targets = batch(model)
+    x, targets = x.cuda(), {t: y.cuda() for t, y in targets.items()}
+    full = frozen_step(copy.deepcopy(model))(x, targets)
+    step = frozen_step(model, precision="bf16")
+    half = step(x, targets)
+    assert step.jacobian.dtype == torch.float32
+    torch.testing.assert_close(half.losses, full.losses, rtol=0.02, atol=0.01)
+    torch.testing.assert_close(half.gramian, full.gramian, rtol=0.1, atol=1e-3 * full.gramian.abs().max().item())
+
+
+
+def test_step_benchmark_times_every_method_beside_equal_and_the_floor():
+    from mamo.bench import step as bench
+
+    setup = bench.build_setup("timm:test_resnet", (3, 16, 16), 3, 4, torch.device("cpu"), "fp32")
+    results, rounds = bench.measure(setup, torch.device("cpu"), warmup=0, rounds=2, clock="process")
+    assert rounds == 2 and set(results) == set(bench.methods(torch.device("cpu")))
+    ran = {name: res for name, res in results.items() if "error" not in res}
+    assert {"equal", "forward + m backward", "mgda (loop path)", "mgda-ub", "conflict statistics"} <= set(ran)
+    assert all(res["equal"] and res["forward + m backward"] and res["times"] for res in ran.values())
+    assert results["equal"]["equal"] == [1.0] * len(results["equal"]["equal"])
+    table = bench._step_table("t", results)
+    assert [row[0] for row in table["rows"]] == list(results)
