@@ -95,7 +95,7 @@ class TrainConfig:
 
 @dataclass
 class TensionerConfig:
-    formulation: str = "relative"  # off | thesis | relative
+    formulation: str = "thesis"  # off | thesis | relative
     T: int = 10
     alpha: float = 0.3
 

@@ -164,7 +164,7 @@ def test_set_reaches_nested_sections_and_repeats_apply_in_order() -> None:
     )
     assert config.direction.tensioner.T == 5
     assert config.direction.tensioner.alpha == 0.0
-    assert config.direction.tensioner.formulation == "relative"  # siblings of an overridden key stay
+    assert config.direction.tensioner.formulation == "thesis"  # siblings of an overridden key stay
     assert config.train.lr == 0.001  # the last --set of a key wins; 1e-3 is a number, not a string
 
 

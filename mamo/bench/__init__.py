@@ -1,0 +1,122 @@
+"""``mamo bench NAME``: run one benchmark, print its tables and save them as markdown and JSON.
+
+A benchmark is a module named in :data:`BENCHES`, imported only when chosen (so one benchmark's imports never
+slow or break another). It exposes ``run(args) -> dict`` and optionally ``add_options(parser)`` for its own
+flags. The result holds ``title``, ``columns``, ``rows`` and ``notes`` (one table), or ``tables`` (a list of
+``{title, columns, rows}``), plus anything else worth keeping in the JSON. Every benchmark gets the shared
+options ``--quick``, ``--seeds``, ``--device`` and ``--out``; ``args.out`` is the created output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from mamo.errors import MamoError
+
+BENCHES: dict[str, str] = {
+    "logic": "mamo.bench.logic",
+    "multimnist_recon": "mamo.bench.recon",
+    "step": "mamo.bench.step",
+    "ablation": "mamo.bench.ablation",
+}
+BENCH_ROOT = Path("runs") / "bench"
+
+
+def add_arguments_bench(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help=f"the benchmark: {', '.join(BENCHES)}")
+    parser.add_argument("options", nargs=argparse.REMAINDER,
+                        help="--quick, --seeds N, --device auto|cpu|cuda, --out DIR and the benchmark's own "
+                             "options (mamo bench NAME --help lists them)")
+
+
+def load_bench(name: str) -> ModuleType:
+    """The module of benchmark ``name``."""
+    if name not in BENCHES:
+        raise MamoError(f"unknown benchmark '{name}'; use one of {', '.join(BENCHES)}.")
+    return importlib.import_module(BENCHES[name])
+
+
+def bench_parser(name: str, module: ModuleType) -> argparse.ArgumentParser:
+    """The shared options plus the benchmark's own."""
+    parser = argparse.ArgumentParser(prog=f"mamo bench {name}", description=(module.__doc__ or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few seeds, small grid, short training")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the benchmark's)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (benchmarks that train torch models)")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/bench/<name>-<time>); "
+                                                    "must not exist or be empty")
+    if hasattr(module, "add_options"):
+        module.add_options(parser)
+    return parser
+
+
+def output_dir(out: str | None, name: str) -> Path:
+    """Create the output folder; an existing non-empty one is refused, a default name never collides."""
+    if out is not None:
+        path = Path(out)
+        if path.exists() and any(path.iterdir()):
+            raise MamoError(f"output folder {path} already exists and is not empty; pass a new --out.")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    stem = BENCH_ROOT / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = stem, 1
+    while path.exists():
+        path, n = Path(f"{stem}-{n}"), n + 1
+    path.mkdir(parents=True)
+    return path
+
+
+def tables_of(result: dict) -> list[dict]:
+    """Every table of a result: its ``tables`` list, or the single table at its top level."""
+    if "tables" in result:
+        return list(result["tables"])
+    return [{key: result[key] for key in ("title", "columns", "rows")}]
+
+
+def cell(value: Any) -> str:
+    """A table cell as text: floats with four significant digits, everything else as is."""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def to_markdown(result: dict) -> str:
+    """The result as markdown: each table under its title, then the notes as a list."""
+    parts = []
+    for table in tables_of(result):
+        parts.append(f"## {table['title']}\n")
+        parts.append("| " + " | ".join(cell(c) for c in table["columns"]) + " |")
+        parts.append("|" + "---|" * len(table["columns"]))
+        parts.extend("| " + " | ".join(cell(v) for v in row) + " |" for row in table["rows"])
+        parts.append("")
+    notes = result.get("notes") or []
+    if notes:
+        parts.append("Notes:\n")
+        parts.extend(f"- {note}" for note in notes)
+        parts.append("")
+    return "\n".join(parts)
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    module = load_bench(args.name)
+    options = bench_parser(args.name, module).parse_args(args.options)
+    if options.seeds is not None and options.seeds < 1:
+        raise MamoError(f"--seeds must be a positive integer, got {options.seeds}; pass e.g. --seeds 5.")
+    folder = output_dir(options.out, args.name)
+    options.out = str(folder)
+    start = time.perf_counter()
+    result = module.run(options)
+    result.setdefault("wall_seconds", round(time.perf_counter() - start, 1))
+    result.setdefault("options", {k: v for k, v in vars(options).items()})
+    text = f"# mamo bench {args.name}\n\n" + to_markdown(result)
+    (folder / "results.md").write_text(text)
+    (folder / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    print(text)
+    print(f"saved {folder / 'results.md'} and {folder / 'results.json'} ({result['wall_seconds']} s)")
+    return 0

@@ -1,0 +1,443 @@
+"""The thesis' logic benchmark (§5.2, Tables 1–4): XOR and AND learnt through two shared sigmoid neurons.
+
+Protocol (thesis §5.2; where the text is silent, its reference code tiemink/MTL_TaskTensioner, whose details
+reproduce the thesis' single-task and central rows to within a few epochs):
+
+* network: Linear(2, 2) + sigmoid shared, one Linear(2, 1) head per task; MSE loss per task; the XOR targets
+  are multiplied by c (c = 1 and c = 10);
+* initialisation (``--init``): ``reference`` (default) is the reference code's, the same for every seed
+  (torch seed 136: the shared layer, then the AND head, then the XOR head), so the 50 seeds vary only the
+  order of the data, which is why the thesis' standard deviations are a few epochs; ``seeded`` draws each
+  seed's weights as mamo does (:func:`mamo.model.compile_model` on the ``logic`` preset), a harder test;
+* SGD with momentum 0.9 over the thesis' learning-rate grid; per epoch the four points are shuffled and fed
+  as two mini-batches of two; each method reports the learning rate that converged most often, then fastest
+  ("the models that best separated the input data");
+* stop at 3,000 epochs or when the error is below 1e-3: ``--criterion reference`` (default) is the reference
+  code's rule, a per-task latch on the epoch's summed batch losses divided by batches × tasks × batch size;
+  ``mean`` asks every task's mean batch loss over one epoch to be below 1e-3 in the same epoch;
+* tensioners: T = 10, α = 0.3 (Tables 3–4) and the T × α sweep of the central direction (Tables 1–2), for
+  both formulations (DESIGN §5).
+
+Two rows are the thesis' own variants of mamo's directions, to show where the differences come from: the
+thesis' uniform weighting is the mean of the gradients (mamo's ``equal`` is the sum, twice the step), and its
+min-norm solver clips the m = 2 weights to [0.001, 0.999] (mamo's ``mgda`` is exact).
+
+Thousands of runs of a 12-parameter network would be all Python overhead one at a time, so every run of one
+method (all seeds, learning rates, c and α) trains in lockstep as numpy arrays with the runs on the last axis:
+:class:`VectorMLP` is the same network and SGD update, :class:`VectorDirection` the same weights as
+:mod:`mamo.directions` for m = 2. tests/test_bench.py checks both against ``TrainStep`` and the direction
+objects. Runs that converged leave the arrays, so the cost follows the slowest runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import expit
+
+from mamo.bench.thesis_tables import THESIS_METHODS, THESIS_SWEEP
+from mamo.errors import MamoError
+
+TASKS = ("xor", "and")  # the logic dataset's task order
+POINTS = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+TARGETS = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # (point, task): XOR, AND
+LEARNING_RATES = (5e-5, 1e-4, 5e-3, 1e-3, 5e-2, 1e-2)  # thesis §5.2
+SCALES = (1.0, 10.0)
+PERIODS = (5, 10, 15)
+ALPHAS = tuple(round(0.1 * k, 1) for k in range(11))
+MOMENTUM, THRESHOLD, EPOCHS, BATCH = 0.9, 1e-3, 3000, 2
+REFERENCE_SEED = 136  # the reference code's torch seed for every run's initial weights
+SWEEP_LR = 5e-2  # the reference code's rate; the thesis' sweep reports rates below 100%, so one rate for all cells
+
+# ----------------------------------------------------------------------------------- directions, vectorised
+# Every array keeps the runs on its last axis, so each small-dimension operation is one pass over R numbers.
+
+
+def _pair(g11: np.ndarray, g12: np.ndarray, g22: np.ndarray) -> np.ndarray:
+    """Weight of the first gradient in the min-norm point of [g1, g2] (mamo.directions.min_norm._pair)."""
+    den = g11 + g22 - 2.0 * g12
+    ok = den > 0.0
+    return np.where(ok, np.clip((g22 - g12) / np.where(ok, den, 1.0), 0.0, 1.0), 0.5)
+
+
+def _mgda(G: np.ndarray) -> np.ndarray:
+    a = _pair(G[0, 0], G[0, 1], G[1, 1])
+    return np.stack([a, 1.0 - a])
+
+
+def _central(G: np.ndarray) -> np.ndarray:
+    n = np.sqrt(np.maximum(np.stack([G[0, 0], G[1, 1]]), 0.0))
+    alive = n > 0.0
+    safe = np.where(alive, n, 1.0)
+    k = _pair(G[0, 0] / (safe[0] * safe[0]), G[0, 1] / (safe[0] * safe[1]), G[1, 1] / (safe[1] * safe[1]))
+    raw = np.stack([k, 1.0 - k]) / safe
+    return np.where(alive.all(axis=0), raw / raw.sum(axis=0), alive.astype(float))  # one alive: all weight on it
+
+
+def _single(task: int) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda G: np.repeat(np.eye(2)[:, task : task + 1], G.shape[-1], axis=1)
+
+
+def _mgda_clipped(G: np.ndarray) -> np.ndarray:
+    a = np.clip(_pair(G[0, 0], G[0, 1], G[1, 1]), 0.001, 0.999)  # the thesis' solver, not mamo's
+    return np.stack([a, 1.0 - a])
+
+
+BASES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "equal": lambda G: np.ones((2, G.shape[-1])),
+    "mean": lambda G: np.full((2, G.shape[-1]), 0.5),  # the thesis' uniform weighting
+    "mgda": _mgda,
+    "mgda-clipped": _mgda_clipped,
+    "central": _central,
+    "single:xor": _single(0),
+    "single:and": _single(1),
+}
+
+
+def _thesis_pull(G, w, gw, c, alpha):
+    diag = np.stack([G[0, 0], G[1, 1]])
+    vv = (w * gw).sum(axis=0)
+    sq = diag - 2.0 * gw + vv
+    keep = sq > 1e-8 * (diag + vv)
+    return np.where(keep, c / np.sqrt(np.where(keep, sq, 1.0)), 0.0)
+
+
+PULLS = {"thesis": _thesis_pull, "relative": lambda G, w, gw, c, alpha: c - (1.0 - alpha)}
+OFF_AT_ZERO_ALPHA = {"thesis": True, "relative": False}  # as mamo.directions.tensioner
+
+
+class VectorDirection:
+    """Per-run weights (2, R) of a base direction, optionally tensioned, from 2×2 Gramians (2, 2, R) and
+    losses (2, R).
+
+    Mirrors :class:`mamo.directions.Tensioner` step for step (history of T + 1 norms, ζ, δ, c, the pull, the
+    shrink that keeps ``g_t · v_n ≥ 0``), with one α per run.
+    """
+
+    def __init__(self, base: str, formulation: str = "off", T: int = 10, alpha: np.ndarray | None = None,
+                 runs: int = 1):
+        self.base, self.formulation, self.T = BASES[base], formulation, T
+        self.alpha = np.zeros(runs) if alpha is None else np.asarray(alpha, dtype=float)
+        self.history = np.zeros((2, T + 1, runs))
+        self.calls = 0
+
+    def __call__(self, G: np.ndarray, losses: np.ndarray) -> np.ndarray:
+        w = self.base(G)
+        if self.formulation == "off":
+            return w
+        diag = np.stack([G[0, 0], G[1, 1]])
+        self.history[:, :-1] = self.history[:, 1:]
+        self.history[:, -1] = np.sqrt(np.maximum(diag, 0.0))
+        self.calls += 1
+        if self.calls < self.T + 1:
+            return w
+        current = self.history[:, 1:].sum(axis=1) / self.T
+        previous = self.history[:, :-1].sum(axis=1) / self.T
+        ratio = np.where(previous > 0.0, current / np.where(previous > 0.0, previous, 1.0),
+                         np.where(current > 0.0, 1e6, 1.0))
+        delta = ratio + np.log10(np.maximum(losses, np.finfo(np.float64).tiny))
+        c = np.maximum(self.alpha * expit(math.e * delta - math.e) + 1.0 - self.alpha, 0.0)
+        gw = (G * w[None]).sum(axis=1)
+        a = PULLS[self.formulation](G, w, gw, c, self.alpha)
+        step = a - a.sum(axis=0) * w
+        g_step = (G * step[None]).sum(axis=1)
+        cand = (gw >= -1e-9 * diag.max(axis=0)) & (g_step < 0.0)
+        limit = np.where(cand, np.maximum(gw, 0.0) / np.where(cand, -g_step, 1.0), np.inf)
+        shrink = np.minimum(limit.min(axis=0), 1.0)
+        off = (self.alpha == 0.0) & OFF_AT_ZERO_ALPHA[self.formulation]
+        return np.where(off, w, w + shrink * step)
+
+    def select(self, keep: np.ndarray) -> None:
+        self.alpha, self.history = self.alpha[keep], self.history[..., keep]
+
+
+# --------------------------------------------------------------------------- rows, initial weights, the network
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row: a base direction of :data:`BASES`, a tensioner formulation, the thesis row it compares to."""
+
+    label: str
+    base: str
+    formulation: str = "off"
+    thesis: str = ""
+
+    @property
+    def reference(self) -> str:
+        return self.thesis or self.label
+
+
+def _stack(per_seed: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {key: np.stack([p[key] for p in per_seed], axis=-1) for key in per_seed[0]}
+
+
+def _layers(shared, heads: dict) -> dict[str, np.ndarray]:
+    """W (out, in), b, V (task, hidden), a (task) from torch layers, tasks in :data:`TASKS` order."""
+    weight, bias = (p.detach().double().numpy() for p in shared.parameters())
+    head = {t: [p.detach().double().numpy() for p in heads[t].parameters()] for t in TASKS}
+    return {"W": weight, "b": bias, "V": np.concatenate([head[t][0] for t in TASKS]),
+            "a": np.concatenate([head[t][1] for t in TASKS])}
+
+
+def initial_parameters(seeds: list[int], method: Method | None = None) -> dict[str, np.ndarray]:
+    """Each seed's initial weights of the ``logic`` preset's MamoNet (``--init seeded``), seeds last."""
+    from mamo import graph as g
+    from mamo.config import load_config
+    from mamo.data import load_data
+    from mamo.model import compile_model
+    from mamo.spaces import create_space
+
+    config = load_config("logic")
+    data = load_data(config.data)
+    graph = g.build_hps_graph(create_space(config.model, data.input_shape), data.tasks)
+    models = [compile_model(graph, seed=seed) for seed in seeds]
+    return _stack([_layers(m.blocks[g.cell_id(0)], {t: m.blocks[g.head_id(t)] for t in TASKS}) for m in models])
+
+
+def reference_parameters(seeds: list[int], method: Method | None = None) -> dict[str, np.ndarray]:
+    """The reference code's initial weights (``--init reference``), the same for every seed: torch's default
+    initialisation after seeding 136, drawn for the shared layer, then the AND head, then the XOR head (a
+    single-task XOR model has only its own head, drawn first)."""
+    import torch
+
+    order = ("xor", "and") if method is not None and method.base == "single:xor" else ("and", "xor")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(REFERENCE_SEED)
+        shared = torch.nn.Linear(2, 2)
+        heads = {task: torch.nn.Linear(2, 1) for task in order}
+    return _stack([_layers(shared, heads)] * len(seeds))
+
+
+INITS: dict[str, Callable[[list[int], Method | None], dict[str, np.ndarray]]] = {
+    "reference": reference_parameters,
+    "seeded": initial_parameters,
+}
+
+
+class VectorMLP:
+    """R copies of the logic network (runs on the last axis of every parameter), each with its own learning
+    rate, trained by SGD with momentum exactly as torch.optim.SGD does (dampening 0, no Nesterov).
+
+    The shared layer's update is the direction's combination of the per-task gradients (flattened weight then
+    bias, as TrainStep flattens them); each head takes its own task's gradient.
+    """
+
+    def __init__(self, params: dict[str, np.ndarray], lr: np.ndarray, momentum: float = MOMENTUM):
+        self.params = {key: np.array(value, dtype=float) for key, value in params.items()}
+        self.buffers = {key: np.zeros_like(value) for key, value in self.params.items()}
+        self.lr, self.momentum = np.asarray(lr, dtype=float), momentum
+
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Losses (m, R), shared Jacobians (m, 6, R) and head gradients for inputs (B, 2, R), targets (B, m, R)."""
+        W, b, V, a = (self.params[k] for k in "WbVa")
+        h = expit((x[:, None] * W[None]).sum(axis=2) + b)  # (B, hidden, R)
+        residual = (h[:, None] * V[None]).sum(axis=2) + a - y  # (B, task, R)
+        losses = (residual * residual).mean(axis=0)
+        r = residual * (2.0 / x.shape[0])
+        dz = r[:, :, None] * V[None] * (h * (1.0 - h))[:, None]  # (B, task, hidden, R)
+        dW = (dz[:, :, :, None] * x[:, None, None]).sum(axis=0)  # (task, out, in, R)
+        jacobian = np.concatenate([dW.reshape(2, 4, -1), dz.sum(axis=0)], axis=1)
+        heads = {"V": (r[:, :, None] * h[:, None]).sum(axis=0), "a": r.sum(axis=0)}
+        return losses, jacobian, heads
+
+    def step(self, x: np.ndarray, y: np.ndarray, direction: VectorDirection) -> np.ndarray:
+        losses, J, grads = self.gradients(x, y)
+        gramian = (J[:, None] * J[None]).sum(axis=2)
+        shared = (direction(gramian, losses)[:, None] * J).sum(axis=0)  # (6, R)
+        grads["W"], grads["b"] = shared[:4].reshape(2, 2, -1), shared[4:]
+        for key, grad in grads.items():
+            buffer = self.buffers[key]
+            buffer *= self.momentum
+            buffer += grad
+            self.params[key] -= self.lr * buffer
+        return losses
+
+    def select(self, keep: np.ndarray) -> None:
+        self.params = {k: v[..., keep] for k, v in self.params.items()}
+        self.buffers = {k: v[..., keep] for k, v in self.buffers.items()}
+        self.lr = self.lr[keep]
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """When a run has converged: the summed batch losses of an epoch divided by ``divisor(batches, tasks,
+    batch size)`` below the threshold; ``latch``: a task that met it once stays met (the reference code)."""
+
+    divisor: Callable[[int, int, int], int]
+    latch: bool
+
+
+CRITERIA = {"mean": Criterion(lambda n, m, b: n, False), "reference": Criterion(lambda n, m, b: n * m * b, True)}
+
+
+def shuffles(seeds: list[int], epochs: int) -> np.ndarray:
+    """Each seed's order of the four points in every epoch (S, epochs, 4); shared by every method and rate."""
+    return np.array([np.random.default_rng(seed).random((epochs, 4)).argsort(axis=1) for seed in seeds])
+
+
+def train_runs(method: Method, grid: dict[str, np.ndarray], init: dict[str, np.ndarray], orders: np.ndarray,
+               criterion: Criterion, T: int = 10, batch: int = BATCH) -> np.ndarray:
+    """Epochs to convergence (0: not within the budget) of every run in ``grid`` (arrays c, lr, alpha, seed:
+    index into ``init`` and ``orders``)."""
+    runs = len(grid["lr"])
+    net = VectorMLP({k: v[..., grid["seed"]] for k, v in init.items()}, grid["lr"])
+    direction = VectorDirection(method.base, method.formulation, T, grid["alpha"], runs)
+    counted = np.array([method.base != "single:and", method.base != "single:xor"])
+    divisor = criterion.divisor(4 // batch, int(counted.sum()), batch)
+    scale = np.stack([grid["c"], np.ones(runs)])  # (m, R): the XOR targets times c
+    alive, seeds = np.arange(runs), grid["seed"]
+    met = np.zeros((2, runs), bool)
+    converged = np.zeros(runs, int)
+    for epoch in range(orders.shape[1]):
+        order = orders[seeds, epoch].T  # (4, R)
+        total = np.zeros((2, len(alive)))
+        for start in range(0, 4, batch):
+            idx = order[start : start + batch]
+            x = POINTS[idx].transpose(0, 2, 1)  # (B, 2, R)
+            y = TARGETS[idx].transpose(0, 2, 1) * scale  # (B, m, R)
+            total += net.step(x, y, direction)
+        below = total / divisor < THRESHOLD
+        met = (met | below) if criterion.latch else below
+        done = (met | ~counted[:, None]).all(axis=0)
+        converged[alive[done]] = epoch + 1
+        if done.any():
+            keep = ~done
+            net.select(keep)
+            direction.select(keep)
+            alive, seeds, scale, met = alive[keep], seeds[keep], scale[:, keep], met[:, keep]
+            if not len(alive):
+                break
+    return converged
+
+
+def best_rate(epochs: np.ndarray, lr: np.ndarray) -> tuple[float, float, float, float]:
+    """(rate %, mean, std, lr) of the learning rate that converged most often, then fastest; std over
+    converged runs (population)."""
+    best = None
+    for rate_lr in np.unique(lr):
+        done = epochs[(lr == rate_lr) & (epochs > 0)]
+        rate = 100.0 * len(done) / int((lr == rate_lr).sum())
+        mean = float(done.mean()) if len(done) else math.inf
+        key = (-rate, mean)
+        if best is None or key < best[0]:
+            best = (key, (rate, mean, float(done.std()) if len(done) else math.nan, float(rate_lr)))
+    return best[1]
+
+
+def fmt(rate: float, mean: float, std: float) -> str:
+    return f"{mean:.1f} ± {std:.1f} ({rate:.0f}%)" if math.isfinite(mean) else f"– ({rate:.0f}%)"
+
+
+def run_method(method: Method, cs, lrs, alphas, seeds, init, orders, criterion, T) -> dict:
+    """{(c, α): (rate, mean, std, lr)} of one method over the grid; ``init(seeds, method)`` gives the weights."""
+    c, lr, alpha, seed = (a.ravel() for a in np.meshgrid(cs, lrs, alphas, np.arange(len(seeds)), indexing="ij"))
+    grid = {"c": c, "lr": lr, "alpha": alpha, "seed": seed}
+    epochs = train_runs(method, grid, init(seeds, method), orders, criterion, T)
+    return {(ci, ai): best_rate(epochs[(c == ci) & (alpha == ai)], lr[(c == ci) & (alpha == ai)])
+            for ci in cs for ai in alphas}
+
+
+def _tensioned(formulation: str) -> list[Method]:
+    return [Method("Min-norm + tensioner", "mgda", formulation),
+            Method("Min-norm (clipped) + tensioner", "mgda-clipped", formulation, "Min-norm + tensioner"),
+            Method("Central + tensioner", "central", formulation)]
+
+
+MAIN = [Method("Single AND", "single:and"), Method("Single XOR", "single:xor"),
+        Method("Uniform (sum: mamo equal)", "equal", thesis="Uniform"),
+        Method("Uniform (mean: thesis)", "mean", thesis="Uniform"),
+        Method("Min-norm (exact: mamo mgda)", "mgda", thesis="Min-norm"),
+        Method("Min-norm (clipped: thesis)", "mgda-clipped", thesis="Min-norm"),
+        Method("Central", "central"), *_tensioned("thesis"), *_tensioned("relative")]
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs", type=int, default=None, help=f"epoch budget (default {EPOCHS}; --quick 400)")
+    parser.add_argument("--criterion", choices=list(CRITERIA), default="reference",
+                        help="convergence rule (see the module docstring)")
+    parser.add_argument("--init", choices=list(INITS), default="reference",
+                        help="initial weights: the reference code's for every seed, or one draw per seed")
+    parser.add_argument("--sweep-lr", type=float, default=SWEEP_LR,
+                        help=f"the one learning rate of the T × α sweep (default {SWEEP_LR}, the reference code's)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the T × α sweep (Tables 1–2)")
+
+
+def _method_tables(results: dict, seeds: list[int]) -> list[dict]:
+    tables = []
+    for c, number in zip(SCALES, (3, 4), strict=True):
+        rows = []
+        for method in MAIN:
+            rate, mean, std, lr = results[method.label, method.formulation][c, 0.3]
+            rows.append([method.label, method.formulation, f"{lr:g}", fmt(rate, mean, std),
+                         fmt(*THESIS_METHODS[c][method.reference])])
+        tables.append({"title": f"Thesis Table {number}: XOR and AND, c = {c:g} ({len(seeds)} seeds, "
+                                "tensioner T = 10, α = 0.3)",
+                       "columns": ["Method", "Tensioner", "lr", "ours: epochs (rate)", "thesis: epochs (rate)"],
+                       "rows": rows})
+    return tables
+
+
+def _sweep_tables(sweep: dict, periods, alphas, lr: float) -> list[dict]:
+    tables = []
+    for formulation in dict.fromkeys(form for form, _ in sweep):
+        for c, number in zip(SCALES, (1, 2), strict=True):
+            rows = []
+            for alpha in alphas:
+                row = [f"{alpha:.1f}"]
+                for T in periods:
+                    rate, mean, std, lr = sweep[formulation, T][c, alpha]
+                    ref = THESIS_SWEEP[c][T][ALPHAS.index(alpha)]
+                    row += [fmt(rate, mean, std), fmt(ref[2], ref[0], ref[1])]
+                rows.append(row)
+            tables.append({"title": f"Thesis Table {number}: central + tensioner ({formulation}), c = {c:g}, "
+                                    f"T × α (ours at lr {lr:g}; thesis)",
+                           "columns": ["α", *(f"{who} T={T}" for T in periods for who in ("ours", "thesis"))],
+                           "rows": rows})
+    return tables
+
+
+def run(args: argparse.Namespace) -> dict:
+    quick = args.quick
+    seeds = list(range(args.seeds or (3 if quick else 50)))
+    epochs = args.epochs or (400 if quick else EPOCHS)
+    if epochs < 1:
+        raise MamoError(f"--epochs must be a positive integer, got {epochs}; pass e.g. --epochs 3000.")
+    lrs = (5e-2,) if quick else LEARNING_RATES
+    periods, alphas = ((10,), (0.0, 0.3, 1.0)) if quick else (PERIODS, ALPHAS)
+    start = time.perf_counter()
+    if not args.sweep_lr > 0.0:
+        raise MamoError(f"--sweep-lr must be a positive learning rate, got {args.sweep_lr}; pass e.g. 0.05.")
+    common = dict(cs=SCALES, seeds=seeds, init=INITS[args.init], orders=shuffles(seeds, epochs),
+                  criterion=CRITERIA[args.criterion])
+    results = {(m.label, m.formulation): run_method(m, lrs=lrs, alphas=(0.3,), T=10, **common) for m in MAIN}
+    sweep = {} if args.no_sweep else {
+        (form, T): run_method(Method("Central + tensioner", "central", form), lrs=(args.sweep_lr,),
+                              alphas=alphas, T=T, **common)
+        for form in ("thesis", "relative") for T in periods}
+    wall = time.perf_counter() - start
+    notes = [
+        f"{len(seeds)} seeds, initialisation '{args.init}', learning rates {list(lrs)} (sweep: {args.sweep_lr:g}), "
+        f"{epochs} epochs, "
+        f"mini-batches of {BATCH}, momentum {MOMENTUM}, convergence rule '{args.criterion}', threshold "
+        f"{THRESHOLD}; wall time {wall:.0f} s (numpy, one process, CPU; --device does not apply).",
+        "Cells: mean ± population std of the epochs of the converged runs (convergence rate %); Tables 3–4 at "
+        "the learning rate that converged most often, then fastest; thesis values typed from its Tables 1–4.",
+        "Uniform (mean) and Min-norm (clipped) are the thesis' definitions (gradient mean; min-norm weights "
+        "clipped to [0.001, 0.999]), not mamo directions; mamo's are the sum and the exact min-norm.",
+        "The thesis' tensioner rows are for its own formulation; they stand beside both of ours for comparison.",
+    ]
+    raw = {f"{label}|{form}|c={c}|alpha={a}": value for (label, form), res in results.items()
+           for (c, a), value in res.items()}
+    raw.update({f"sweep|{form}|T={T}|c={c}|alpha={a}": value for (form, T), res in sweep.items()
+                for (c, a), value in res.items()})
+    tables = _method_tables(results, seeds) + _sweep_tables(sweep, periods, alphas, args.sweep_lr)
+    return {"tables": tables, "notes": notes, "raw": raw, "logic_wall_seconds": round(wall, 1)}
