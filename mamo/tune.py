@@ -1,0 +1,403 @@
+"""The ``tune`` command: an Optuna study whose trials are architecture searches (DESIGN §10).
+
+A trial samples T, α and the number of detection rounds Z (and whatever else the preset's ``tune`` section
+opens), runs :func:`mamo.search.run_search` in the study folder's ``trial-NNNN`` and returns the validation Δ
+against the study's STL reference, or with ``--multi-objective`` each task's main validation metric. Every
+round's validation Δ goes to the pruner. The study lives in an Optuna storage: SQLite inside the study folder,
+or a database URL that processes on many machines share. The process that starts the command creates the
+study and trains the STL reference before any worker asks for a trial, so workers never race to create the
+schema and STL trains once per study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import multiprocessing
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from mamo.config import Config, config_from_dict, dump_config, load_config
+from mamo.errors import MamoError
+from mamo.report import delta
+from mamo.runs import RUNS_ROOT
+from mamo.tasks import TaskSpec
+from mamo.trainer import Callback
+from mamo.tune_space import PRUNERS, check_space, objective_metrics, suggest_config, trial_folder
+from mamo.tune_summary import short_value, summarize
+
+# What a trial may raise without stopping the study: bad sampled settings, NaN losses, out of memory.
+CATCH = (MamoError, FloatingPointError, RuntimeError, MemoryError)
+DEFAULT_STUDY = "mamo"
+
+
+# ---------------------------------------------------------------- the objective
+
+
+class RoundReporter(Callback):
+    """Reports each detection round's validation Δ (against the study's STL) and stops a hopeless trial."""
+
+    def __init__(self, trial: optuna.Trial, stl_val: dict, tasks: dict[str, TaskSpec]):
+        self.trial, self.stl_val, self.tasks = trial, stl_val, tasks
+
+    def on_round_end(self, record: dict) -> None:
+        z, value = record["round"], delta(record["val"], self.stl_val, self.tasks)
+        self.trial.report(value, z)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"validation Δ {value:+.2f} after round {z} is below the pruner's bar")
+
+
+@dataclass
+class SearchObjective:
+    """One trial = one search in ``study_dir/trial-NNNN``; a plain object so spawned workers can unpickle it."""
+
+    base: Config
+    study_dir: Path
+    tasks: dict[str, TaskSpec]
+    stl_val: dict | None
+    multi: bool
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        from mamo.board import write_hparams
+        from mamo.search import run_search
+
+        config = suggest_config(trial, self.base)
+        if "lr" in trial.params:
+            # The baseline cache is keyed by lr: a per-trial STL would cost more than the search; the objective
+            # uses the study's STL reference either way.
+            config.search.baselines = False
+        run_dir = self.study_dir / trial_folder(trial.number)
+        trial.set_user_attr("run_dir", str(run_dir.resolve()))
+        reporters = [RoundReporter(trial, self.stl_val, self.tasks)] if self.stl_val and not self.multi else []
+        metrics = run_search(config, run_dir, progress=False, quiet=True, callbacks=reporters,
+                             cache_root=self.study_dir / ".baselines")
+        val_delta = delta(metrics["val"], self.stl_val, self.tasks) if self.stl_val else None
+        attrs = {"val_delta": val_delta, "delta": metrics.get("delta"), "win_rate": metrics.get("win_rate"),
+                 "gmk_modules": metrics.get("gmk_modules"), "params": metrics.get("params")}
+        for key, value in attrs.items():
+            if value is not None:
+                trial.set_user_attr(key, value)
+        values = {f"{task}.{metric}": metrics["val"][task][metric] for task, metric, _ in objective_metrics(self.tasks)}
+        write_hparams(run_dir, trial.params, {f"tune/{key}": value for key, value in {**attrs, **values}.items()})
+        return tuple(values.values()) if self.multi else val_delta
+
+
+@dataclass
+class Recorded:
+    """Wraps any objective: a failure's reason and the trial's host and duration become trial attributes."""
+
+    objective: Callable[[optuna.Trial], Any]
+
+    def __call__(self, trial: optuna.Trial) -> Any:
+        trial.set_user_attr("host", socket.gethostname())
+        start = time.perf_counter()
+        try:
+            value = self.objective(trial)
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                raise FloatingPointError(f"the objective returned {value!r}, not finite numbers")
+            return value
+        except CATCH as exc:
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            trial.set_user_attr("seconds", round(time.perf_counter() - start, 3))
+
+
+# ---------------------------------------------------------------- storage and workers
+
+ENGINE_ARGS: dict[str, dict] = {
+    "sqlite": {"connect_args": {"timeout": 60}},  # several local workers wait for the file lock
+    "postgresql": {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}},
+    "mysql": {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}},
+}
+
+
+DRIVERS: dict[str, tuple[str, ...]] = {"postgresql": ("psycopg", "psycopg2"), "mysql": ("MySQLdb", "pymysql")}
+
+
+def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
+    """The study database; a URL that is malformed or does not answer is one sentence, not a traceback."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise MamoError(f"--storage '{url}' is not a database URL; write e.g. postgresql://user:password@host/db "
+                        "or sqlite:///path/study.db.") from exc
+    shown = parsed.render_as_string(hide_password=True)
+    if parsed.drivername in DRIVERS:
+        # SQLAlchemy 2.1 reads postgresql:// as psycopg 3; use whichever driver is installed.
+        found = [d for d in DRIVERS[parsed.drivername] if importlib.util.find_spec(d) is not None]
+        if found:
+            url = parsed.set(drivername=f"{parsed.drivername}+{found[0]}").render_as_string(hide_password=False)
+    try:
+        # A heartbeat lets a worker on another machine fail the trial of a worker that was killed.
+        return optuna.storages.RDBStorage(url, engine_kwargs=ENGINE_ARGS.get(parsed.get_backend_name(), {}),
+                                          heartbeat_interval=60, grace_period=300, skip_table_creation=not create)
+    except ImportError as exc:
+        raise MamoError(f"storage {shown} needs a database driver that is not installed; install it, e.g. "
+                        "pip install psycopg2-binary for postgresql://.") from exc
+    except (SQLAlchemyError, ValueError, RuntimeError) as exc:
+        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MamoError(f"storage {shown} could not be opened ({reason}); start the database or pass a reachable "
+                        "--storage URL.") from exc
+
+
+class Tickets:
+    """Trials still to start, shared by the local workers so that together they run exactly N."""
+
+    def __init__(self, count: int, context: Any):
+        self.left = context.Value("i", count)
+
+    def take(self) -> bool:
+        with self.left.get_lock():
+            if self.left.value <= 0:
+                return False
+            self.left.value -= 1
+            return True
+
+
+def _values_text(study: optuna.Study, trial: FrozenTrial) -> str:
+    names = study.metric_names or [f"objective {i}" for i in range(len(trial.values))]
+    return ", ".join(f"{name} {value:.4g}" for name, value in zip(names, trial.values, strict=True))
+
+
+def _pruned_text(trial: FrozenTrial) -> str:
+    step = max(trial.intermediate_values, default=None)
+    return "pruned" if step is None else f"pruned after round {step} at {trial.intermediate_values[step]:.4g}"
+
+
+LINES: dict[TrialState, Callable[[optuna.Study, FrozenTrial], str]] = {
+    TrialState.COMPLETE: lambda study, t: f"complete: {_values_text(study, t)}",
+    TrialState.PRUNED: lambda study, t: _pruned_text(t),
+    TrialState.FAIL: lambda study, t: f"failed: {t.user_attrs.get('fail_reason', 'unknown reason')}",
+}
+
+
+@dataclass
+class TrialLine:
+    """One line per finished trial, on the terminal and in the study's tune.log."""
+
+    log_path: Path
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        params = ", ".join(f"{k}={short_value(v)}" for k, v in trial.params.items())
+        line = (f"trial {trial.number} {LINES[trial.state](study, trial)} ({params}) "
+                f"in {trial.user_attrs.get('seconds', 0):.1f} s")
+        print(line, flush=True)
+        with open(self.log_path, "a") as handle:
+            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+
+def _quiet_optuna() -> None:
+    # mamo prints its own line per trial; Optuna's per-trial logs and experimental-API warnings would repeat it.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+@dataclass
+class Plan:
+    """What every worker of one command shares: the study's address, the objective, the pruner, the log."""
+
+    url: str
+    study: str
+    objective: Callable[[optuna.Trial], Any]
+    pruner: str
+    log_path: Path
+    threads: int | None = None  # torch threads per worker, so that K workers do not oversubscribe the cores
+
+
+def optimize(plan: Plan, tickets: Tickets, seed: int | None) -> None:
+    """One worker: joins the study and runs trials while tickets are left (in-process or spawned)."""
+    _quiet_optuna()
+    if plan.threads:
+        import torch
+
+        torch.set_num_threads(plan.threads)
+    study = optuna.load_study(study_name=plan.study, storage=open_storage(plan.url, create=False),
+                              sampler=optuna.samplers.TPESampler(seed=seed), pruner=PRUNERS[plan.pruner]())
+    while tickets.take():
+        # gc after each trial: a trial that ran out of memory must not leave its tensors to the next one.
+        study.optimize(Recorded(plan.objective), n_trials=1, catch=CATCH, callbacks=[TrialLine(plan.log_path)],
+                       gc_after_trial=True)
+
+
+def run_workers(plan: Plan, workers: int, tickets: Tickets, seed: int | None, context: Any) -> None:
+    """``workers`` spawned processes on the same study, each with its own sampler seed; waits for all."""
+    processes = [context.Process(target=optimize, args=(plan, tickets, None if seed is None else seed + k))
+                 for k in range(workers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    failed = [f"{k} (exit code {p.exitcode})" for k, p in enumerate(processes) if p.exitcode != 0]
+    if failed:
+        raise MamoError(f"tune worker {', '.join(failed)} stopped with an error printed above; the finished trials "
+                        "are kept in the study, rerun the same command to continue it.")
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _study_dir(run_dir: str | Path | None, storage: str | None, name: str, config: Config) -> Path:
+    if run_dir:
+        path = Path(run_dir)
+    elif storage:
+        path = RUNS_ROOT / f"tune-{name}"
+    else:
+        path = RUNS_ROOT / f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{config.name}"
+    if path.is_dir() and any(path.iterdir()) and not (path / "study.yaml").is_file():
+        raise MamoError(f"{path} is not empty and holds no study (study.yaml); pass a new --run-dir, or a study "
+                        "folder to continue its study.")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _study_config(store: optuna.storages.RDBStorage, name: str, config: Config, overrides: list[str] | tuple,
+                  directory: Path) -> Config:
+    """A new study tunes ``config``; joining one uses the configuration it was created with, plus ``--set``."""
+    path = directory / "study.yaml"
+    try:
+        stored = store.get_study_user_attrs(store.get_study_id_from_name(name)).get("config")
+    except KeyError:
+        stored = None
+    if stored is None:
+        if not path.is_file():
+            dump_config(config, path)
+        return config
+    if not path.is_file():
+        dump_config(config_from_dict(stored, f"study '{name}'"), path)
+    joined = load_config(str(path), overrides)
+    print(f"joining study '{name}': using the configuration it was created with ({path}); --set still applies",
+          flush=True)
+    return joined
+
+
+def _reference(config: Config, directory: Path, search: bool, multi: bool, progress: bool) -> tuple[dict, dict | None]:
+    """The tasks, and the STL validation metrics the objective compares against (trained once, cached)."""
+    if not search:
+        from mamo.data import load_data
+
+        return (load_data(config.data).tasks if multi else {}), None
+    from mamo.train import cached_baseline, open_session
+
+    session = open_session(config, None, progress, quiet=False, cache_root=directory / ".baselines")
+    baselines = config.search.baselines
+    kinds = [kind for kind, needed in (("stl", baselines or not multi), ("hps", baselines)) if needed]
+    results = {kind: cached_baseline(session, kind, config.train.epochs) for kind in kinds}
+    return session.data.tasks, results["stl"]["val"] if "stl" in results else None
+
+
+def _create_study(store: optuna.storages.RDBStorage, name: str, multi: bool, tasks: dict, config: Config,
+                  stl_val: dict | None) -> optuna.Study:
+    """Created here, once, before any worker starts; an existing study must have the same objectives."""
+    targets = objective_metrics(tasks) if multi else [("val_delta", "", True)]
+    names = [f"{task}.{metric}" if metric else task for task, metric, _ in targets]
+    directions = ["maximize" if higher else "minimize" for *_, higher in targets]
+    study = optuna.create_study(storage=store, study_name=name, directions=directions, load_if_exists=True)
+    if [d.name.lower() for d in study.directions] != directions or study.metric_names not in (None, names):
+        raise MamoError(f"study '{name}' optimises {study.metric_names or len(study.directions)}, not {names}; pass "
+                        "another --study, or the same objective (with or without --multi-objective) as before.")
+    if study.metric_names is None:
+        study.set_metric_names(names)
+    if "config" not in study.user_attrs:
+        study.set_user_attr("config", config.to_dict())
+    if stl_val is not None and "stl_val" not in study.user_attrs:
+        study.set_user_attr("stl_val", stl_val)
+    return study
+
+
+def run_tune(
+    config: Config,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    study_dir: str | Path | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    trials: int | None = None,
+    workers: int = 1,
+    multi_objective: bool = False,
+    objective: Callable[[optuna.Trial], Any] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Create or join the study, run ``trials`` trials on ``workers`` processes, write the summary.
+
+    ``objective`` replaces the search trial (it must be picklable, e.g. a module-level function, when
+    ``workers`` > 1); by default each trial is a :class:`SearchObjective`.
+    """
+    _quiet_optuna()
+    check_space(config.tune)
+    trials = config.tune.trials if trials is None else trials
+    if trials < 0 or workers < 1:
+        raise MamoError(f"--trials must be ≥ 0 and --workers ≥ 1, got {trials} and {workers}; fix the numbers.")
+    if storage and not study_name:
+        raise MamoError("--storage needs --study NAME so that every worker joins the same study; add --study.")
+    name = study_name or DEFAULT_STUDY
+    store = open_storage(storage) if storage else None  # a bad URL fails before anything is written
+    directory = _study_dir(study_dir, storage, name, config)
+    url = storage or f"sqlite:///{(directory / 'study.db').resolve()}"
+    store = store or open_storage(url)
+    config = _study_config(store, name, config, overrides, directory)
+    check_space(config.tune)
+    tasks, stl_val = _reference(config, directory, objective is None, multi_objective, progress)
+    study = _create_study(store, name, multi_objective, tasks, config, stl_val)
+    if objective is None:
+        objective = SearchObjective(config, directory, tasks, study.user_attrs.get("stl_val"), multi_objective)
+    from sqlalchemy.engine import make_url
+
+    shown = make_url(url).render_as_string(hide_password=True)
+    print(f"study '{name}' ({shown}): {trials} trials on {workers} worker(s), trial folders in {directory}",
+          flush=True)
+    plan = Plan(url, name, objective, config.tune.pruner, directory / "tune.log",
+                threads=max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None)
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and open connections
+    # Seeded TPE reproduces a local study; a continued one must not redraw its first trials' parameters, and
+    # machines sharing a database must not draw the same ones (no seed there).
+    seed = None if storage else config.train.seed + 1000 * len(study.trials)
+    tickets = Tickets(trials, context)
+    if workers == 1:
+        optimize(plan, tickets, seed)
+    else:
+        run_workers(plan, workers, tickets, seed, context)
+    return summarize(study, directory, config, multi_objective, shown)
+
+
+def add_arguments_tune(parser: argparse.ArgumentParser) -> None:
+    from mamo.cli import add_preset_arguments
+
+    add_preset_arguments(parser, "multimnist")
+    parser.add_argument("--trials", type=int, default=None,
+                        help="trials this command runs, shared by its workers (default: tune.trials of the preset)")
+    parser.add_argument("--workers", type=int, default=1, help="local worker processes on the study (default 1)")
+    parser.add_argument("--storage", default=None, metavar="URL",
+                        help="an Optuna database URL that processes and machines share, e.g. "
+                             "postgresql://user:password@host/db (default: SQLite in the study folder)")
+    parser.add_argument("--study", default=None, metavar="NAME",
+                        help="the study to create or join in the storage (needed with --storage)")
+    parser.add_argument("--multi-objective", action="store_true",
+                        help="optimise each task's main validation metric and report the Pareto front")
+
+
+def command_tune(args: argparse.Namespace) -> int:
+    result = run_tune(
+        load_config(args.preset, args.overrides), overrides=args.overrides, study_dir=args.run_dir,
+        storage=args.storage, study_name=args.study, trials=args.trials, workers=args.workers,
+        multi_objective=args.multi_objective, progress=not args.no_progress,
+    )
+    print("\n" + result["text"], flush=True)
+    if result["best"] is None:
+        print("mamo: no trial of the study completed; the reasons are listed above.", flush=True)
+        return 1
+    return 0

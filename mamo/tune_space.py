@@ -1,0 +1,121 @@
+"""The tuning search space: which config settings a study may sample, how, and how their ranges are checked.
+
+Each entry of :data:`SPACE` names a ``tune.<name>`` preset key, the config path a sampled value is written to,
+the Optuna ``suggest_*`` call and a check that fails before the study starts on a range no trial could use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from mamo.config import Config, TuneConfig, config_from_dict
+from mamo.conflicts import parse_threshold
+from mamo.errors import MamoError
+from mamo.tasks import TaskSpec
+
+
+@dataclass(frozen=True)
+class Param:
+    """One tunable setting: where it lives in the config, how Optuna samples it, how its range is checked."""
+
+    path: tuple[str, ...]
+    suggest: Callable[[optuna.Trial, str, list], Any]
+    check: Callable[[str, list], None]
+
+
+def _range(positive: bool = False) -> Callable[[str, list], None]:
+    def check(name: str, value: list) -> None:
+        if len(value) != 2 or value[0] > value[1] or (positive and value[0] <= 0) or (not positive and value[0] < 0):
+            need = "0 < low ≤ high" if positive else "0 ≤ low ≤ high"
+            raise MamoError(f"tune.{name} must be a range [low, high] with {need}, got {value}; fix it in the preset.")
+    return check
+
+
+def _choices(valid: Callable[[str], bool], hint: str) -> Callable[[str, list], None]:
+    def check(name: str, value: list) -> None:
+        bad = [v for v in value if not valid(v)]
+        if not value or bad:
+            raise MamoError(f"tune.{name} must be a non-empty list of {hint}, got {value}; fix it in the preset.")
+    return check
+
+
+def _is_threshold(text: str) -> bool:
+    try:
+        parse_threshold(text)
+    except MamoError:
+        return False
+    return True
+
+
+def _is_direction(name: str) -> bool:
+    from mamo.directions import DIRECTIONS
+
+    return name in DIRECTIONS
+
+
+def _is_formulation(name: str) -> bool:
+    from mamo.directions import TENSIONER_FORMULATIONS
+
+    return name in TENSIONER_FORMULATIONS
+
+
+SPACE: dict[str, Param] = {
+    "T": Param(("direction", "tensioner", "T"), lambda t, n, r: t.suggest_int(n, r[0], r[1]), _range()),
+    "alpha": Param(("direction", "tensioner", "alpha"), lambda t, n, r: t.suggest_float(n, r[0], r[1]), _range()),
+    "rounds": Param(("search", "rounds"), lambda t, n, r: t.suggest_int(n, r[0], r[1]), _range()),
+    "lr": Param(("train", "lr"), lambda t, n, r: t.suggest_float(n, r[0], r[1], log=True), _range(positive=True)),
+    "threshold": Param(("search", "threshold"), lambda t, n, c: t.suggest_categorical(n, list(c)),
+                       _choices(_is_threshold, "thresholds (global, layer, topk:K)")),
+    "direction": Param(("direction", "name"), lambda t, n, c: t.suggest_categorical(n, list(c)),
+                       _choices(_is_direction, "direction names (equal, mgda, central, pcgrad, cagrad)")),
+    "formulation": Param(("direction", "tensioner", "formulation"), lambda t, n, c: t.suggest_categorical(n, list(c)),
+                         _choices(_is_formulation, "tensioner formulations (off, thesis, relative)")),
+}
+
+PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
+    "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3),
+    "percentile": lambda: optuna.pruners.PercentilePruner(25.0, n_startup_trials=3),
+    "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1),
+    "none": optuna.pruners.NopPruner,
+}
+
+
+def check_space(tune: TuneConfig) -> None:
+    """Fail before the study starts on a range or choice no trial could use."""
+    for name, param in SPACE.items():
+        if getattr(tune, name) is not None:
+            param.check(name, getattr(tune, name))
+    if tune.pruner not in PRUNERS:
+        raise MamoError(f"unknown tune.pruner '{tune.pruner}'; use one of {', '.join(PRUNERS)}.")
+
+
+def apply_params(config: Config, params: dict[str, Any]) -> Config:
+    """``config`` with each sampled parameter written where :data:`SPACE` says it lives."""
+    raw = config.to_dict()
+    for name, value in params.items():
+        *parents, key = SPACE[name].path
+        section = raw
+        for part in parents:
+            section = section[part]
+        section[key] = value
+    return config_from_dict(raw, "the tuned parameters")
+
+
+def suggest_config(trial: optuna.Trial, config: Config) -> Config:
+    tune = config.tune
+    params = {name: p.suggest(trial, name, getattr(tune, name)) for name, p in SPACE.items()
+              if getattr(tune, name) is not None}
+    return apply_params(config, params)
+
+
+def objective_metrics(tasks: dict[str, TaskSpec]) -> list[tuple[str, str, bool]]:
+    """The multi-objective targets: each task's main (first) metric and whether higher is better."""
+    return [(name, spec.metrics[0].name, spec.metrics[0].higher_is_better) for name, spec in tasks.items()]
+
+
+def trial_folder(number: int) -> str:
+    return f"trial-{number:04d}"

@@ -1,0 +1,144 @@
+"""What a study reports at the end: the best trials' table, trials.csv, best.yaml and the Pareto scatter."""
+
+from __future__ import annotations
+
+import csv
+import math
+import socket
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from mamo.config import Config, dump_config
+from mamo.tune_space import SPACE, apply_params
+
+BEST_SHOWN = 5
+
+
+def short_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _cell(value: Any, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.2f}" if signed and isinstance(value, float) else short_value(value)
+
+
+def _where(trial: FrozenTrial) -> str:
+    """The trial's run folder, relative when it lies below here, prefixed by its host when it ran elsewhere."""
+    path = Path(trial.user_attrs.get("run_dir", "?"))
+    if path.is_relative_to(Path.cwd()):
+        path = path.relative_to(Path.cwd())
+    host = trial.user_attrs.get("host")
+    return str(path) if host in (None, socket.gethostname()) else f"{host}:{path}"
+
+
+def best_trials(study: optuna.Study, multi: bool) -> list[FrozenTrial]:
+    """The Pareto front (multi-objective) or the best few complete trials, best first."""
+    if multi:
+        return sorted(study.best_trials, key=lambda t: t.number)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(complete, key=lambda t: t.value, reverse=True)[:BEST_SHOWN]
+
+
+def chosen_trial(study: optuna.Study, multi: bool) -> FrozenTrial | None:
+    """The trial that becomes best.yaml: the best value; on a Pareto front, the one with the best val Δ."""
+    trials = best_trials(study, multi)
+    if not trials:
+        return None
+    return max(trials, key=lambda t: t.user_attrs.get("val_delta", -math.inf)) if multi else trials[0]
+
+
+def trials_table(study: optuna.Study, trials: list[FrozenTrial], multi: bool) -> list[str]:
+    names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
+    tuned = [name for name in SPACE if any(name in t.params for t in trials)]
+    header = ["trial", *names, *(["val Δ"] if multi else []), "test Δ", "win", *tuned, "GMKs", "parameters",
+              "run folder"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for t in trials:
+        attrs = t.user_attrs
+        cells = [str(t.number), *(_cell(v, signed=not multi) for v in t.values),
+                 *([_cell(attrs.get("val_delta"), True)] if multi else []), _cell(attrs.get("delta"), True),
+                 _cell(attrs.get("win_rate")), *(_cell(t.params.get(n)) for n in tuned),
+                 _cell(attrs.get("gmk_modules")), _cell(attrs.get("params")), _where(t)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+CSV_ATTRS = ("val_delta", "delta", "win_rate", "gmk_modules", "params", "seconds", "host",
+             "run_dir", "fail_reason")
+
+
+def write_trials_csv(study: optuna.Study, path: Path) -> None:
+    trials = study.get_trials(deepcopy=False)
+    names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
+    tuned = [name for name in SPACE if any(name in t.params for t in trials)]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["trial", "state", *names, *tuned, *CSV_ATTRS])
+        for t in trials:
+            values = t.values or [None] * len(names)
+            writer.writerow([t.number, t.state.name.lower(), *values, *(t.params.get(n) for n in tuned),
+                             *(t.user_attrs.get(a) for a in CSV_ATTRS)])
+
+
+def plot_pareto(study: optuna.Study, path: Path) -> None:
+    """Every complete trial in objective space (2 or 3 axes), the Pareto front highlighted and numbered."""
+    from matplotlib.figure import Figure
+
+    names = study.metric_names
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    front = {t.number for t in study.best_trials}
+    figure = Figure(figsize=(6, 5))
+    axes = figure.add_subplot(projection="3d" if len(names) == 3 else None)
+    for label, color, group in (("trial", "0.65", [t for t in complete if t.number not in front]),
+                                ("Pareto front", "C3", [t for t in complete if t.number in front])):
+        if group:
+            axes.scatter(*zip(*(t.values for t in group), strict=True), c=color, label=label)
+    for t in complete:
+        if t.number in front:
+            axes.text(*t.values, f" {t.number}", fontsize=8)
+    for setter, name, direction in zip((axes.set_xlabel, axes.set_ylabel, getattr(axes, "set_zlabel", None)),
+                                       names, study.directions, strict=False):
+        setter(f"{name} ({'higher' if direction.name == 'MAXIMIZE' else 'lower'} is better)")
+    axes.legend()
+    axes.set_title(f"study '{study.study_name}': validation metrics of each trial")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, shown: str) -> dict:
+    """summary.md, trials.csv, best.yaml (and pareto.png) in the study folder; returns what they say."""
+    trials = study.get_trials(deepcopy=False)
+    states = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+    chosen = chosen_trial(study, multi)
+    lines = [f"# mamo tune: study '{study.study_name}'", "", f"Storage: {shown}. Study folder: {directory}.", "",
+             f"{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in states.items() if n) + ".", ""]
+    best_path = None
+    if chosen is not None:
+        title = "Pareto front (validation metrics)" if multi else "Best trials (objective: validation Δ vs STL, %)"
+        lines += [f"## {title}", "", *trials_table(study, best_trials(study, multi), multi), ""]
+        best_path = directory / "best.yaml"
+        tuned = apply_params(base, chosen.params)
+        tuned.name = f"{base.name}-tuned"
+        dump_config(tuned, best_path)
+        lines += [f"Best configuration: {best_path} (trial {chosen.number}, run folder {_where(chosen)}); "
+                  f"run it with `mamo search {best_path}`.", ""]
+        if multi and 2 <= len(study.directions) <= 3:
+            plot_pareto(study, directory / "pareto.png")
+            lines += [f"Pareto scatter: {directory / 'pareto.png'}.", ""]
+    else:
+        lines += ["No trial completed yet; best.yaml is written once one does.", ""]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    if failed:
+        lines += ["## Failed trials", ""]
+        lines += [f"- trial {t.number}: {t.user_attrs.get('fail_reason', 'unknown reason')}" for t in failed]
+        lines.append("")
+    text = "\n".join(lines)
+    (directory / "summary.md").write_text(text)
+    write_trials_csv(study, directory / "trials.csv")
+    return {"study_dir": directory, "study": study.study_name, "states": states, "text": text,
+            "best": None if chosen is None else chosen.number, "best_config": best_path}

@@ -1,0 +1,226 @@
+"""``mamo tune``: the study machinery on crafted objectives, then real searches on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+import os
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from mamo.cli import main
+from mamo.config import load_config
+from mamo.errors import MamoError
+from mamo.tune import open_storage, run_tune
+from mamo.tune_space import apply_params, check_space
+
+TINY = ["data.train_size=128", "data.val_size=64", "data.test_size=64", "train.epochs=1",
+        "search.final_epochs=1", "tune.rounds=[0, 1]"]
+POSTGRES_URL = os.environ.get("MAMO_TEST_POSTGRES_URL")
+needs_postgres = pytest.mark.skipif(
+    not POSTGRES_URL,
+    reason="MAMO_TEST_POSTGRES_URL is not set; .ci/run starts a throwaway server with .ci/postgres.sh",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Real searches here are tiny; on a shared CPU a second PyTorch thread makes them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_config("quick", TINY)
+
+
+def load(directory: Path, name: str = "mamo") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{directory / 'study.db'}")
+
+
+# Crafted objectives live at module level so that spawned workers can unpickle them.
+
+
+def staircase(trial: optuna.Trial) -> float:
+    """Trials 0-2 climb 1, 2, 3 over three steps; later trials sit far below at every step."""
+    for step in (1, 2, 3):
+        trial.report(-10.0 if trial.number >= 3 else float(step), step)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+    return 3.0 if trial.number < 3 else -10.0
+
+
+FAILURES = {
+    1: FloatingPointError("the loss of task left became NaN or infinite"),
+    2: RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    3: MamoError("unknown direction 'mgdaa' (direction.name); use one of equal, mgda."),
+}
+
+
+def sometimes_failing(trial: optuna.Trial) -> float:
+    if trial.number in FAILURES:
+        raise FAILURES[trial.number]
+    if trial.number == 4:
+        return float("nan")
+    return trial.suggest_float("alpha", 0.0, 1.0)
+
+
+def buggy(trial: optuna.Trial) -> float:
+    raise ZeroDivisionError("a bug, not a bad trial")
+
+
+def which_process(trial: optuna.Trial) -> float:
+    trial.set_user_attr("pid", os.getpid())
+    return float(trial.suggest_int("T", 2, 30))
+
+
+def two_accuracies(trial: optuna.Trial) -> tuple[float, float]:
+    """Trials 0-3 trade one task for the other (all on the front); trial 4 is dominated by every one of them."""
+    points = [(0.9, 0.5), (0.8, 0.6), (0.7, 0.7), (0.5, 0.9), (0.4, 0.4)]
+    return points[trial.number]
+
+
+def test_space_checks_ranges_choices_and_pruner(tiny):
+    check_space(tiny.tune)
+    bad = [("tune.T=[30, 2]", "tune.T"), ("tune.lr=[0, 0.1]", "tune.lr"), ("tune.direction=[mgda, nope]",
+           "tune.direction"), ("tune.threshold=[topk]", "tune.threshold"), ("tune.pruner=sometimes", "tune.pruner")]
+    for override, key in bad:
+        with pytest.raises(MamoError, match=key):
+            check_space(load_config("quick", [override]).tune)
+
+
+def test_parameters_land_where_the_search_reads_them(tiny):
+    tuned = apply_params(tiny, {"T": 7, "alpha": 0.25, "rounds": 3, "lr": 0.003, "threshold": "topk:2",
+                                "direction": "central", "formulation": "thesis"})
+    assert (tuned.direction.tensioner.T, tuned.direction.tensioner.alpha, tuned.search.rounds) == (7, 0.25, 3)
+    assert (tuned.train.lr, tuned.search.threshold, tuned.direction.name) == (0.003, "topk:2", "central")
+    assert tuned.direction.tensioner.formulation == "thesis"
+    assert tiny.direction.tensioner.T == 4  # the base configuration is untouched
+
+
+@pytest.mark.parametrize(("pruner", "expected"), [("median", [TrialState.COMPLETE] * 3 + [TrialState.PRUNED] * 2),
+                                                   ("none", [TrialState.COMPLETE] * 5)])
+def test_pruner_stops_trials_below_the_median(tmp_path, pruner, expected):
+    config = load_config("quick", [f"tune.pruner={pruner}"])
+    run_tune(config, study_dir=tmp_path, trials=5, objective=staircase)
+    trials = load(tmp_path).trials
+    assert [t.state for t in trials] == expected
+    for t in trials[3:]:
+        # A pruned trial stopped at its first report; an unpruned one reported all three steps.
+        assert list(t.intermediate_values) == ([1] if pruner == "median" else [1, 2, 3])
+    log = (tmp_path / "tune.log").read_text()
+    assert ("trial 4 pruned" in log) == (pruner == "median")
+
+
+def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path):
+    result = run_tune(load_config("quick"), study_dir=tmp_path, trials=7, objective=sometimes_failing)
+    trials = load(tmp_path).trials
+    assert len(trials) == 7
+    assert [t.state for t in trials] == [TrialState.COMPLETE] + [TrialState.FAIL] * 4 + [TrialState.COMPLETE] * 2
+    reasons = [t.user_attrs["fail_reason"] for t in trials[1:5]]
+    assert reasons[0].startswith("FloatingPointError: the loss of task left")
+    assert reasons[1].startswith("RuntimeError: CUDA out of memory")
+    assert reasons[2].startswith("MamoError: unknown direction")
+    assert reasons[3].startswith("FloatingPointError: the objective returned nan")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "trial 2: RuntimeError: CUDA out of memory" in summary
+    assert result["states"]["fail"] == 4
+    assert result["best"] == max((0, 5, 6), key=lambda n: trials[n].value)
+
+
+def test_a_bug_in_the_objective_stops_the_study(tmp_path):
+    with pytest.raises(ZeroDivisionError):
+        run_tune(load_config("quick"), study_dir=tmp_path, trials=3, objective=buggy)
+    assert [t.state for t in load(tmp_path).trials] == [TrialState.FAIL]
+
+
+@pytest.mark.parametrize("url", ["postgresql://127.0.0.1:1/x", "postgresql://mamo:secret@127.0.0.1:1/x",
+                                 "not a url"])
+def test_bad_storage_url_is_one_sentence(tmp_path, capsys, url):
+    code = main(["tune", "quick", "--trials", "1", "--storage", url, "--study", "s", "--run-dir",
+                 str(tmp_path / "study")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("mamo: error: ") and err.count("\n") == 0 and err.endswith(".")
+    assert "secret" not in err
+    assert not (tmp_path / "study").exists()  # nothing is written before the storage answers
+
+
+def test_storage_needs_a_study_name(tmp_path):
+    with pytest.raises(MamoError, match="--study"):
+        run_tune(load_config("quick"), study_dir=tmp_path, storage="sqlite:///x.db", trials=1, objective=buggy)
+
+
+def test_two_sqlite_workers_share_the_trials(tmp_path):
+    run_tune(load_config("quick"), study_dir=tmp_path, trials=6, workers=2, objective=which_process)
+    trials = load(tmp_path).trials
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs["pid"] for t in trials}) == 2
+    assert os.getpid() not in {t.user_attrs["pid"] for t in trials}
+
+
+def test_multi_objective_reports_the_pareto_front(tmp_path, tiny):
+    result = run_tune(tiny, study_dir=tmp_path, trials=5, multi_objective=True, objective=two_accuracies)
+    study = load(tmp_path)
+    assert study.metric_names == ["left.accuracy", "right.accuracy"]
+    assert sorted(t.number for t in study.best_trials) == [0, 1, 2, 3]
+    table = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in table[1:]] == ["| 0", "| 1", "| 2", "| 3"]
+    assert (tmp_path / "pareto.png").stat().st_size > 5000
+    assert result["best"] in (0, 1, 2, 3)
+
+
+def test_quick_study_on_sqlite_end_to_end(tmp_path, capsys):
+    study_dir = tmp_path / "study"
+    args = ["tune", "quick", "--trials", "3", "--run-dir", str(study_dir), "--no-progress"]
+    assert main([*args, *(x for o in TINY for x in ("--set", o))]) == 0
+    out = capsys.readouterr().out
+    study = load(study_dir)
+    assert [t.number for t in study.trials] == [0, 1, 2]
+    assert sum(line.startswith("trial ") for line in out.splitlines()) == 3
+    assert all(t.state == TrialState.COMPLETE for t in study.trials), out  # the pruner waits for 3 trials
+    best = max(study.trials, key=lambda t: t.value)
+    summary = (study_dir / "summary.md").read_text()
+    assert "| trial | val_delta | test Δ | win | T | alpha | rounds |" in summary
+    assert f"trial-{best.number:04d}" in summary
+    assert (study_dir / f"trial-{best.number:04d}" / "weights.safetensors").is_file()
+    for n in (0, 1, 2):
+        assert (study_dir / f"trial-{n:04d}" / "report.md").is_file()
+        assert list((study_dir / f"trial-{n:04d}").glob("events.out.tfevents.*"))  # TensorBoard, with hparams
+    tuned = load_config(str(study_dir / "best.yaml"))
+    assert (tuned.direction.tensioner.T, tuned.direction.tensioner.alpha, tuned.search.rounds) == (
+        best.params["T"], best.params["alpha"], best.params["rounds"])
+    assert (tuned.data.train_size, tuned.search.baselines) == (128, True)
+    # STL and HPS were trained once for the study, before the trials, and every trial reused them.
+    assert len(list((study_dir / ".baselines").glob("*.json"))) == 2
+    assert "stl_val" in study.user_attrs
+    with open(study_dir / "trials.csv") as handle:
+        assert [row["trial"] for row in csv.DictReader(handle)] == ["0", "1", "2"]
+
+    # Running the command again on the folder continues the same study with the configuration it was made with.
+    assert main(["tune", "multimnist", "--trials", "1", "--run-dir", str(study_dir), "--no-progress"]) == 0
+    assert [t.number for t in load(study_dir).trials] == [0, 1, 2, 3]
+    assert load_config(str(study_dir / "trial-0003" / "config.yaml")).data.train_size == 128
+
+
+@needs_postgres
+def test_two_workers_on_postgres_run_every_trial_once(tmp_path):
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    config = load_config("quick", [*TINY, "tune.pruner=none"])
+    result = run_tune(config, study_dir=tmp_path, storage=POSTGRES_URL, study_name=name, trials=4, workers=2,
+                      progress=False)
+    trials = optuna.load_study(study_name=name, storage=open_storage(POSTGRES_URL)).trials
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs["run_dir"] for t in trials}) == 4
+    for t in trials:
+        assert (tmp_path / f"trial-{t.number:04d}" / "metrics.json").is_file()
+    assert result["best"] is not None and (tmp_path / "best.yaml").is_file()
