@@ -20,8 +20,8 @@ import yaml
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
+from mamo import drawing, plots
 from mamo import graph as g
-from mamo import plots
 from mamo.config import Config
 from mamo.conflicts import HISTOGRAM_EDGES, ConflictStats
 from mamo.errors import MamoError
@@ -156,7 +156,7 @@ class TensorBoardLogger(Callback):
             if g.branch_nodes(model.graph):
                 return
             self._submit(self._draw_architecture, copy.deepcopy(model.graph),
-                         plots.node_parameters(model.graph, model), 0, "Architecture before growth")
+                         drawing.node_parameters(model.graph, model), 0, "Architecture before growth")
 
     # ---------------------------------------------------------------------------------------- rounds
     def on_round_end(self, record: dict) -> None:
@@ -183,7 +183,7 @@ class TensorBoardLogger(Callback):
                              f"modules, {record['gmk_modules']} in all", z)
         self._histograms(stats, z)
         self._submit(self._draw_conflicts, stats, activated, z)
-        self._submit(self._draw_architecture, graph, plots.node_parameters(graph, record["model"]), z,
+        self._submit(self._draw_architecture, graph, drawing.node_parameters(graph, record["model"]), z,
                      f"Architecture after round {z}")
 
     def _histograms(self, stats: ConflictStats, z: int) -> None:
@@ -215,7 +215,7 @@ class TensorBoardLogger(Callback):
             self.writer.add_image("conflicts/histograms", histograms, z, dataformats="HWC")
 
     def _draw_architecture(self, graph, params: dict[str, int], z: int, title: str) -> None:
-        pixels = plots.figure_to_array(plots.draw_architecture(graph, params=params, title=title))
+        pixels = plots.figure_to_array(drawing.draw_architecture(graph, params=params, title=title))
         self.writer.add_image("architecture", pixels, z, dataformats="HWC")
 
     def _submit(self, job, *args) -> None:

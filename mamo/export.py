@@ -93,7 +93,7 @@ def write_dot(model: MamoNet, path: Path) -> None:
 
 
 def write_png(model: MamoNet, path: Path) -> None:
-    from mamo.plots import draw_architecture
+    from mamo.drawing import draw_architecture
 
     draw_architecture(model.graph, path)
 

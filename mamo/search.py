@@ -310,7 +310,8 @@ def _finish(
         }
     results[name] = result
     save_model(directory, model)
-    from mamo.plots import draw_architecture, report_plots
+    from mamo.drawing import draw_architecture
+    from mamo.plots import report_plots
 
     draw_architecture(model.graph, directory / "architecture.png", model=model)
     rows = build_rows(results, "STL" if baselines else None, tasks)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -162,7 +162,7 @@ class Trainer:
             self.history.append({
                 "epoch": self.epoch,
                 "seconds": seconds,
-                "train_loss": dict(zip(self.model.tasks, (train_loss / max(total, 1)).tolist())),
+                "train_loss": dict(zip(self.model.tasks, (train_loss / max(total, 1)).tolist(), strict=True)),
                 "val": metrics,
             })
             for callback in self.callbacks:

@@ -8,8 +8,8 @@ import pytest
 from matplotlib.image import AxesImage
 from PIL import Image
 
+from mamo import drawing, plots
 from mamo import graph as g
-from mamo import plots
 from mamo.config import ModelConfig
 from mamo.conflicts import ConflictStats
 from mamo.report import build_rows
@@ -153,7 +153,7 @@ def grown_graph():
 
 def test_draw_architecture_writes_a_png_with_every_node_and_its_parameters(grown_graph, tmp_path):
     path = tmp_path / "nested" / "architecture.png"
-    figure = plots.draw_architecture(grown_graph, path, title="after round 2")
+    figure = drawing.draw_architecture(grown_graph, path, title="after round 2")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == tuple(round(s * plots.DPI) for s in figure.get_size_inches())
     texts = [t.get_text() for t in figure.axes[0].texts]
@@ -168,8 +168,8 @@ def test_draw_architecture_writes_a_png_with_every_node_and_its_parameters(grown
 
 
 def test_branch_lanes_keep_one_colour_per_pair(grown_graph):
-    figure = plots.draw_architecture(grown_graph)
-    colours = plots._group_colours(grown_graph)
+    figure = drawing.draw_architecture(grown_graph)
+    colours = drawing._group_colours(grown_graph)
     thick = [p for p in figure.axes[0].patches if p.get_linewidth() > 1.5]  # branch boxes and arrows
     edges = {tuple(round(c, 3) for c in p.get_edgecolor()[:3]) for p in thick}
     expected = {tuple(round(c, 3) for c in colours[pair][:3]) for pair in [("seg", "depth"), ("depth", "normal")]}

@@ -1,7 +1,8 @@
 """The MAMO §4.4 ablations on MultiMNIST: w/o MO, w/o GMK, and the number of detection rounds Z = 0..5.
 
-Every variant trains the same number of epochs as its STL/HPS baselines (``train.epochs``): with one epoch per
-detection round, the final phase gets what the rounds leave, so more rounds never means more training. Each
+Every variant trains the same number of epochs as its STL/HPS baselines (``train.epochs``): pretraining and
+each detection round take the preset's epochs and the final phase gets what is left, so more rounds never means
+more training. The first row is the default search itself (the preset's Z). Each
 seed's baselines are trained once and shared by its variants (the baseline cache). Rows are mean ± std over
 seeds of the test metrics' relative change against STL, Δ and win rate (MAMO Table 4 layout).
 """
@@ -13,26 +14,30 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from mamo.config import load_config
+from mamo.config import SearchConfig, load_config
+from mamo.errors import MamoError
 from mamo.export import load_trained
 from mamo.report import delta, win_rate
 from mamo.search import run_search
 
-PRETRAIN = 2
 
-
-def variants(epochs: int, rounds: range) -> dict[str, list[str]]:
-    """Variant name -> overrides; every variant trains ``epochs`` epochs in all."""
+def variants(search: SearchConfig, epochs: int, rounds: range) -> dict[str, list[str]]:
+    """Variant name -> overrides. Pretraining and each detection round take the preset's epochs and the final
+    phase gets the rest of ``epochs``, so every variant trains as long as its baselines."""
     table = {
-        "MAMO": [],
+        f"MAMO (Z={search.rounds})": [],
         "w/o MO (equal weighting)": ["direction.name=equal", "direction.tensioner.formulation=off"],
         "w/o GMK (task-exclusive modules)": ["search.modules=exclusive"],
     }
-    for z in rounds:
-        table[f"MAMO Z={z}"] = [f"search.rounds={z}"]
-    budget = epochs - PRETRAIN
-    return {name: [f"search.pretrain_epochs={PRETRAIN}", "search.round_epochs=1", *extra,
-                   f"search.final_epochs={budget - _rounds(extra, default=2)}"] for name, extra in table.items()}
+    table.update({f"MAMO Z={z}": [f"search.rounds={z}"] for z in rounds if z != search.rounds})
+    out = {}
+    for name, extra in table.items():
+        final = epochs - search.pretrain_epochs - search.round_epochs * _rounds(extra, search.rounds)
+        if final < 1:
+            raise MamoError(f"the ablation '{name}' leaves {final} final epochs of train.epochs={epochs}; raise "
+                            "train.epochs or lower search.pretrain_epochs / search.round_epochs.")
+        out[name] = [*extra, f"search.final_epochs={final}"]
+    return out
 
 
 def _rounds(overrides: list[str], default: int) -> int:
@@ -55,12 +60,14 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
-    quick = ["data.train_size=512", "data.val_size=128", "data.test_size=128", "train.epochs=7"] if args.quick else []
+    quick = ["data.train_size=512", "data.val_size=128", "data.test_size=128", "train.epochs=5",
+             "search.pretrain_epochs=2", "search.round_epochs=1"] if args.quick else []
     if args.train_size:
         quick.append(f"data.train_size={args.train_size}")
     base = load_config("multimnist", quick)
     rounds = range(0, 2) if args.quick else range(0, 6)
-    table = variants(base.train.epochs, rounds)
+    table = variants(base.search, base.train.epochs, rounds)
+    main = next(iter(table))
     folder = Path(args.out) if getattr(args, "out", None) else Path(tempfile.mkdtemp(prefix="mamo-ablation-"))
     results: dict[str, list[dict]] = {name: [] for name in table}
     run_names: list[str] = []
@@ -83,8 +90,8 @@ def run(args: argparse.Namespace) -> dict:
         rows.append([name, *changes, _mean_std([r["delta"] for r in runs]),
                      f"{statistics.mean(r['win_rate'] for r in runs):.2f}",
                      f"{statistics.mean(r['gmk_modules'] for r in runs):.1f}", str(runs[0]["params"])])
-    hps = [r["baselines"]["hps"] for r in results["MAMO"]]
-    stl = [r["baselines"]["stl"] for r in results["MAMO"]]
+    hps = [r["baselines"]["hps"] for r in results[main]]
+    stl = [r["baselines"]["stl"] for r in results[main]]
     tasks = load_trained(folder / "runs" / run_names[0]).tasks
     pairs = list(zip(hps, stl, strict=True))
     rows.insert(0, [

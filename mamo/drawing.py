@@ -1,0 +1,161 @@
+"""The architecture drawn from the graph: shared trunk, GMK branches coloured by task pair, fusion, heads.
+
+Like every picture in mamo it is a plain Agg :class:`~matplotlib.figure.Figure` (see :mod:`mamo.plots`); the
+graph alone decides what is drawn, the model, when given, only supplies exact parameter counts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
+
+from mamo import graph as g
+from mamo.plots import TRUNK, new_figure, save_figure
+
+
+def _group_colours(graph: nx.DiGraph) -> dict[tuple[str, ...], tuple]:
+    """A fixed colour per possible group (pairs, then single tasks) so a pair keeps its colour across rounds.
+
+    Greys are left out: they belong to the trunk.
+    """
+    groups = g.pairs(graph) + [(t,) for t in g.task_names(graph)]
+    palette = [c for c in colormaps["tab10"].colors if len(set(c)) > 1]
+    if len(groups) > len(palette):
+        palette = [c for c in colormaps["tab20"].colors if len(set(c)) > 1]
+    return {group: (*palette[i % len(palette)], 1.0) for i, group in enumerate(groups)}
+
+
+def node_parameters(graph: nx.DiGraph, model=None) -> dict[str, int]:
+    """Parameters per node: cells and branches from the graph, heads and fusion weights from the model."""
+    counts = {node: int(data.get("params", 0)) for node, data in graph.nodes(data=True)}
+    if model is None:
+        from mamo.spaces import space_from_spec
+        from mamo.tasks import parse_tasks
+
+        space = space_from_spec(graph.graph["space"])
+        specs = parse_tasks(graph.graph["tasks"], "the architecture graph")
+        shape = tuple(graph.graph["cell_shapes"][-1])
+        for task, spec in specs.items():
+            counts[g.head_id(task)] = sum(p.numel() for p in space.build_head(spec, shape).parameters())
+    else:
+        for node, named in model.node_parameters().items():
+            counts[node] = sum(p.numel() for _, p in named)
+    for task in g.task_names(graph):
+        counts[g.fusion_id(task)] = len(g.fusion_groups(graph, task))
+    return counts
+
+
+def _layout(graph: nx.DiGraph) -> tuple[dict[str, tuple[float, float]], list[tuple[str, ...]]]:
+    """Columns: input, cells 0..L-1, fusion, head. Rows: trunk at 0, one lane per branch group below it."""
+    cells, tasks = g.num_cells(graph), g.task_names(graph)
+    firsts: dict[tuple[str, ...], int] = {}
+    for node in g.branch_nodes(graph):
+        group = tuple(graph.nodes[node]["group"])
+        firsts[group] = min(firsts.get(group, cells), graph.nodes[node]["cell"])
+    order = list(g.pairs(graph)) + [(t,) for t in tasks]
+    lanes = sorted(firsts, key=lambda grp: (firsts[grp], order.index(grp) if grp in order else len(order)))
+    span = max(len(lanes), len(tasks) - 1)
+    task_rows = np.linspace(0.0, -span, len(tasks)) if len(tasks) > 1 else np.array([-span / 2])
+    positions = {g.INPUT: (0.0, 0.0)}
+    for node, data in graph.nodes(data=True):
+        kind = data["kind"]
+        if kind == "cell":
+            positions[node] = (data["cell"] + 1.0, 0.0)
+        elif kind == "gmk":
+            positions[node] = (data["cell"] + 1.0, -1.0 - lanes.index(tuple(data["group"])))
+        elif kind in ("fusion", "head"):
+            column = cells + 1.0 + (kind == "head")
+            positions[node] = (column, float(task_rows[tasks.index(data["task"])]))
+    return positions, lanes
+
+
+def _label(graph: nx.DiGraph, node: str, params: dict[str, int]) -> str:
+    data = graph.nodes[node]
+    kind = data["kind"]
+    if kind == "input":
+        return "input\n" + "×".join(str(s) for s in data.get("shape", []))
+    if kind == "cell":
+        return f"cell {data['cell']}\n{params[node]:,} params"
+    if kind == "gmk":
+        name = "+".join(data["group"])
+        return f"{name if len(name) <= 16 else chr(10).join(data['group'])}\n{params[node]:,} params"
+    if kind == "fusion":
+        groups = g.fusion_groups(graph, data["task"])
+        added = "".join(f"\n+β·({'+'.join(grp)})" for grp in groups) or "\ntrunk only"
+        added = added if len(groups) <= 2 else f"\n+β· {len(groups)} branches"
+        return f"fusion {data['task']}{added}"
+    return f"head {data['task']}\n{params[node]:,} params"
+
+
+def draw_architecture(
+    graph: nx.DiGraph,
+    path: Path | None = None,
+    model=None,
+    title: str | None = None,
+    params: dict[str, int] | None = None,
+) -> Figure:
+    """The network drawn from its graph: shared trunk (grey), branch modules in one lane and colour per
+    group, fusions and heads per task, parameters per node; saved as PNG when ``path`` is given.
+
+    Head sizes come from ``model`` when given, else from the graph's search space; ``params`` (from
+    :func:`node_parameters`) skips that lookup.
+    """
+    positions, lanes = _layout(graph)
+    params = params if params is not None else node_parameters(graph, model)
+    colours = _group_colours(graph)
+    cells, tasks = g.num_cells(graph), g.task_names(graph)
+    rows = max(len(lanes), len(tasks) - 1) + 1
+    width, height = 1.55 * (cells + 3) + 0.4, 0.95 * rows + 1.9
+    figure = new_figure(width, height)
+    ax = figure.add_axes((0.01, 0.2 if lanes else 0.08, 0.98, 0.68 if lanes else 0.8))
+    box_w, box_h = 0.78, 0.52
+
+    def node_colour(node: str):
+        data = graph.nodes[node]
+        return colours[tuple(data["group"])] if data["kind"] == "gmk" else TRUNK
+
+    for source, target in graph.edges:
+        (sx, sy), (tx, ty) = positions[source], positions[target]
+        branch_edge = graph.nodes[source]["kind"] == "gmk"
+        colour = node_colour(source) if branch_edge else "#9a9a9a"
+        ax.add_patch(FancyArrowPatch((sx + box_w / 2, sy), (tx - box_w / 2, ty), arrowstyle="-|>", mutation_scale=9,
+                                     color=colour, lw=1.6 if branch_edge else 1.0, shrinkA=0, shrinkB=1, zorder=2))
+    for node, (x, y) in positions.items():
+        kind = graph.nodes[node]["kind"]
+        face = {"input": "#ffffff", "cell": "#e6e6e6", "fusion": "#fff7e0", "head": "#e8f1fb"}.get(kind)
+        edge = node_colour(node)
+        if kind == "gmk":
+            face = tuple(0.35 + 0.65 * c for c in edge[:3])
+        ax.add_patch(FancyBboxPatch((x - box_w / 2, y - box_h / 2), box_w, box_h, boxstyle="round,pad=0.02",
+                                    fc=face, ec=edge, lw=1.8 if kind == "gmk" else 1.0, zorder=3))
+        text = _label(graph, node, params)
+        longest = max(len(line) for line in text.split("\n"))
+        # About 18 characters fit a box at 7.5 pt; long task names get a smaller font, not an overflow.
+        ax.text(x, y, text, ha="center", va="center", fontsize=max(5.0, min(7.5, 7.5 * 18 / longest)), zorder=4)
+    ax.set_xlim(-0.6, cells + 2.6)
+    low = min(y for _, y in positions.values())
+    ax.set_ylim(low - 0.55, 0.55)
+    ax.axis("off")
+    branches = g.branch_nodes(graph)
+    total = sum(params.values())
+    heading = f"{title}: " if title else ""
+    figure.suptitle(f"{heading}{len(branches)} branch modules, {total:,} parameters "
+                    f"(shared trunk {sum(params[g.cell_id(k)] for k in range(cells)):,})", fontsize=10)
+    if lanes:
+        handles = []
+        for group in lanes:
+            nodes = [n for n in branches if tuple(graph.nodes[n]["group"]) == group]
+            rounds = sorted({graph.nodes[n]["round"] for n in nodes})
+            start = min(graph.nodes[n]["cell"] for n in nodes)
+            handles.append(Patch(fc=colours[group], label=f"{'+'.join(group)}: from cell {start}, round "
+                                 f"{', '.join(map(str, rounds))}, {len(nodes)} module{'s' * (len(nodes) > 1)}, "
+                                 f"{sum(params[n] for n in nodes):,} params"))
+        figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 2), fontsize=7.5, frameon=False)
+    if path is not None:
+        save_figure(figure, Path(path))
+    return figure

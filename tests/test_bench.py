@@ -1,0 +1,176 @@
+"""Benchmarks: the ``bench`` dispatcher, smoke runs, and the vectorised logic trainer against mamo's own step."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mamo import graph as g
+from mamo.bench import load_bench, output_dir
+from mamo.bench.ablation import variants
+from mamo.bench.logic import (
+    POINTS,
+    TARGETS,
+    TASKS,
+    VectorDirection,
+    VectorMLP,
+    initial_parameters,
+)
+from mamo.cli import main
+from mamo.config import DirectionConfig, TensionerConfig, load_config
+from mamo.data import load_data
+from mamo.directions import create_direction
+from mamo.errors import MamoError
+from mamo.model import compile_model
+from mamo.spaces import create_space
+from mamo.step import TrainStep
+
+# (base, formulation) pairs the logic benchmark trains; T = 2 so the tensioner is active within a few steps.
+# equal + tensioner too: for m = 2 and a convex base (mgda, central) the two unit pulls of the thesis formulation
+# are opposite, so only a non-convex base exercises a pull that does not reduce to (c1 - c2)·unit(g1 - g2).
+DIRECTION_CASES = [("equal", "off"), ("mgda", "off"), ("central", "off"), ("mgda", "thesis"), ("central", "thesis"),
+                   ("equal", "thesis"), ("mgda", "relative"), ("central", "relative"), ("equal", "relative")]
+
+
+def mamo_direction(base: str, formulation: str, alpha: float, T: int = 2):
+    return create_direction(DirectionConfig(name=base, tensioner=TensionerConfig(formulation=formulation, T=T,
+                                                                                 alpha=alpha)))
+
+
+@pytest.mark.parametrize("base,formulation", DIRECTION_CASES)
+def test_vector_direction_matches_the_direction_objects(base, formulation):
+    rng = np.random.default_rng(7)
+    alphas = np.array([0.0, 0.3, 1.0, 0.7])
+    vector = VectorDirection(base, formulation, T=2, alpha=alphas, runs=len(alphas))
+    objects = [mamo_direction(base, formulation, float(a)) for a in alphas]
+    for _ in range(8):
+        J = rng.standard_normal((len(alphas), 2, 6)) * np.exp(rng.uniform(0, 3, (len(alphas), 2, 1)))
+        J[1, 1] = -0.5 * J[1, 0]  # opposed gradients: the shrink that keeps g_t · v_n ≥ 0 must act
+        G = np.einsum("rtp,rsp->rts", J, J)
+        losses = np.exp(rng.uniform(-4, 1, (len(alphas), 2)))
+        got = vector(np.moveaxis(G, 0, -1), losses.T)
+        for r, direction in enumerate(objects):
+            want = direction(torch.from_numpy(G[r]), torch.from_numpy(losses[r])).weights.numpy()
+            np.testing.assert_allclose(got[:, r], want, rtol=1e-10, atol=1e-12)
+
+
+def logic_model(seed: int):
+    config = load_config("logic")
+    data = load_data(config.data)
+    graph = g.build_hps_graph(create_space(config.model, data.input_shape), data.tasks)
+    return compile_model(graph, seed=seed)
+
+
+@pytest.mark.parametrize("base,formulation", [("equal", "off"), ("mgda", "thesis"), ("central", "relative")])
+def test_vectorised_trainer_matches_train_step(base, formulation):
+    """A few SGD steps of VectorMLP + VectorDirection equal TrainStep + the direction objects on the same init."""
+    seeds, c, lr, alpha = [3, 11], 10.0, 0.05, 0.6
+    net = VectorMLP(initial_parameters(seeds), lr=np.full(len(seeds), lr))
+    vector = VectorDirection(base, formulation, T=2, alpha=np.full(len(seeds), alpha), runs=len(seeds))
+    models = [logic_model(seed) for seed in seeds]
+    steps = [TrainStep(model, mamo_direction(base, formulation, alpha),
+                       torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)) for model in models]
+    assert list(models[0].tasks) == list(TASKS)
+    targets = TARGETS * np.array([c, 1.0])
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        idx = np.stack([rng.permutation(4)[:2] for _ in seeds])
+        x, y = POINTS[idx.T].transpose(0, 2, 1), targets[idx.T].transpose(0, 2, 1)  # runs on the last axis
+        vector_losses = net.step(x, y, vector)
+        for r, step in enumerate(steps):
+            batch = {task: torch.tensor(targets[idx[r], t:t + 1], dtype=torch.float32) for t, task in enumerate(TASKS)}
+            result = step(torch.tensor(POINTS[idx[r]], dtype=torch.float32), batch)
+            np.testing.assert_allclose(vector_losses[:, r], result.losses.double().numpy(), rtol=1e-4, atol=1e-6)
+    for r, model in enumerate(models):
+        cell = [p.detach().double().numpy() for p in model.blocks[g.cell_id(0)].parameters()]
+        np.testing.assert_allclose(net.params["W"][..., r], cell[0], atol=2e-5)
+        np.testing.assert_allclose(net.params["b"][..., r], cell[1], atol=2e-5)
+        for t, task in enumerate(TASKS):
+            head = [p.detach().double().numpy() for p in model.blocks[g.head_id(task)].parameters()]
+            np.testing.assert_allclose(net.params["V"][t, :, r], head[0][0], atol=2e-5)
+            np.testing.assert_allclose(net.params["a"][t, r], head[1][0], atol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------------ dispatcher
+
+
+def test_unknown_benchmark_names_the_known_ones(capsys):
+    with pytest.raises(MamoError, match="logic, multimnist_recon, step"):
+        load_bench("nope")
+    assert main(["bench", "nope"]) == 2
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_default_output_folders_never_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first, second = output_dir(None, "logic"), output_dir(None, "logic")
+    assert first != second and first.is_dir() and second.is_dir()
+    assert first.parent.resolve() == second.parent.resolve() == tmp_path.resolve() / "runs" / "bench"
+
+
+# ---------------------------------------------------------------------------------------------- smoke runs
+
+
+def test_logic_quick_reproduces_the_single_and_row_and_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "logic"
+    assert main(["bench", "logic", "--quick", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    markdown = (out / "results.md").read_text()
+    assert "Thesis Table 3" in markdown and "Thesis Table 2: central + tensioner (relative)" in markdown
+    assert len(result["tables"]) == 2 + 2 * 2  # Tables 3-4, then Tables 1-2 per formulation
+    # The reference initialisation and data order give the thesis' single-task AND row (351.7 ± 2.6 epochs).
+    rate, mean, _, lr = result["raw"]["Single AND|off|c=1.0|alpha=0.3"]
+    assert rate == 100.0 and 340.0 < mean < 365.0 and lr == 0.05
+    # α = 0 switches both tensioners off: the sweep's first row is the central direction's own result.
+    for formulation in ("thesis", "relative"):
+        off = result["raw"][f"sweep|{formulation}|T=10|c=10.0|alpha=0.0"]
+        assert off == result["raw"]["Central|off|c=10.0|alpha=0.3"]
+    before = (out / "results.json").read_text()
+    assert main(["bench", "logic", "--quick", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+
+
+def test_multimnist_recon_quick(tmp_path):
+    out = tmp_path / "recon"
+    assert main(["bench", "multimnist_recon", "--quick", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    methods = [(row[0], row[1]) for row in result["rows"]]
+    assert methods[0] == ("STL", "-") and ("Central + tensioner", "relative") in methods
+    assert len(methods) == 8
+    for row in result["rows"]:
+        accuracy, mse = (float(cell.split(" ± ")[0]) for cell in row[3:5])
+        assert 0.0 <= accuracy <= 1.0 and 0.0 < mse < 1.0
+    assert "Thesis Table 5" in (out / "results.md").read_text()
+
+
+
+def test_ablation_variants_train_as_long_as_the_baselines_and_run_the_default_once():
+    search = load_config("multimnist").search
+    table = variants(search, 30, range(0, 6))
+    assert list(table)[0] == f"MAMO (Z={search.rounds})" and table[list(table)[0]][:-1] == []
+    assert f"MAMO Z={search.rounds}" not in table  # the default row is not trained twice
+    assert len(table) == 3 + 5
+    for name, overrides in table.items():
+        config = load_config("multimnist", overrides)
+        used = config.search.pretrain_epochs + config.search.rounds * config.search.round_epochs
+        assert used + config.search.final_epochs == 30, name
+    assert "search.modules=exclusive" in table["w/o GMK (task-exclusive modules)"]
+
+
+def test_ablation_refuses_a_budget_the_rounds_do_not_fit():
+    with pytest.raises(MamoError, match="train.epochs=8"):
+        variants(load_config("multimnist").search, 8, range(0, 6))
+
+
+def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path):
+    assert main(["bench", "ablation", "--quick", "--out", str(tmp_path / "ablation")]) == 0
+    result = json.loads((tmp_path / "ablation" / "results.json").read_text())
+    rows = {row[0]: dict(zip(result["columns"], row, strict=True)) for row in result["rows"]}
+    assert list(rows)[:4] == ["HPS (equal)", "MAMO (Z=2)", "w/o MO (equal weighting)", "w/o GMK (task-exclusive modules)"]
+    assert float(rows["MAMO Z=0"]["GMKs"]) == 0 and rows["MAMO Z=0"]["Params"] == rows["HPS (equal)"]["Params"]
+    # Task-exclusive modules grow one branch per task of the pair where a GMK grows one per pair.
+    assert float(rows["w/o GMK (task-exclusive modules)"]["GMKs"]) == 2 * float(rows["MAMO (Z=2)"]["GMKs"]) > 0
