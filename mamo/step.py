@@ -100,7 +100,7 @@ class Workspace:
 def gram_block(jac: torch.Tensor, cols: slice, width: int | None = None) -> torch.Tensor:
     """``J[:, cols] J[:, cols]ᵀ``. With ``width`` (CPU), as one batched product of column chunks of that width
     summed: a single (m × n)(n × m) product streams n-long rows through a tiny output and runs on one thread;
-    the chunks fit the cache and bmm spreads them over threads (ResNet-18, m = 3: 17 -> 4.4 ms, measured)."""
+    the chunks fit the cache and bmm spreads them over threads (ResNet-18, m = 3: docs/performance.md)."""
     piece = jac[:, cols]
     m, n = piece.shape
     if not width or n < 2 * width:
@@ -169,7 +169,7 @@ def resolve_gradient_path(name: str, device: torch.device) -> str:
 
 PRECISIONS: dict[str, Callable[[torch.device], contextlib.AbstractContextManager]] = {
     "fp32": lambda device: contextlib.nullcontext(),
-    # On CPU too: measured 25% faster for ResNet-18 on this AMX CPU, neutral for LeNet (docs/performance.md).
+    # On CPU too: autocast helps ResNet-sized convolutions on CPUs with AMX (docs/performance.md).
     "bf16": lambda device: torch.autocast(device_type=device.type, dtype=torch.bfloat16),
 }
 

@@ -170,7 +170,20 @@ def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path):
     assert main(["bench", "ablation", "--quick", "--out", str(tmp_path / "ablation")]) == 0
     result = json.loads((tmp_path / "ablation" / "results.json").read_text())
     rows = {row[0]: dict(zip(result["columns"], row, strict=True)) for row in result["rows"]}
-    assert list(rows)[:4] == ["HPS (equal)", "MAMO (Z=2)", "w/o MO (equal weighting)", "w/o GMK (task-exclusive modules)"]
+    assert list(rows)[:4] == ["HPS (equal)", "MAMO (Z=2)", "w/o MO (equal weighting)",
+                              "w/o GMK (task-exclusive modules)"]
     assert float(rows["MAMO Z=0"]["GMKs"]) == 0 and rows["MAMO Z=0"]["Params"] == rows["HPS (equal)"]["Params"]
     # Task-exclusive modules grow one branch per task of the pair where a GMK grows one per pair.
     assert float(rows["w/o GMK (task-exclusive modules)"]["GMKs"]) == 2 * float(rows["MAMO (Z=2)"]["GMKs"]) > 0
+
+    # A stopped ablation continues: finished variants are read back, a missing one retrains to the same row.
+    runs = tmp_path / "ablation" / "runs"
+    for path in (runs / "seed0-wo_MO").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    assert main(["bench", "ablation", "--quick", "--out", str(tmp_path / "again"),
+                 "--resume", str(tmp_path / "ablation")]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["rows"] == result["rows"]
+    assert any(p.name.startswith("seed0-wo_MO.incomplete-") for p in runs.iterdir())
+    assert not (tmp_path / "again" / "runs").exists()

@@ -10,10 +10,13 @@ seeds of the test metrics' relative change against STL, Δ and win rate (MAMO Ta
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
+from mamo.checkpoint import latest_checkpoint
 from mamo.config import SearchConfig, load_config
 from mamo.errors import MamoError
 from mamo.export import load_trained
@@ -56,6 +59,20 @@ def _mean_std(values: list[float]) -> str:
 def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-size", type=int, default=None,
                         help="MultiMNIST training images per variant (default: the preset's 20,000)")
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="the --out folder of a stopped ablation: finished variants are read from it, a "
+                             "variant stopped part-way resumes from its checkpoint, the rest train there")
+
+
+def _variant(config, run_dir: Path, progress: bool) -> dict:
+    """One variant's metrics: read when it finished before, resumed when it stopped after a checkpoint."""
+    if (run_dir / "metrics.json").is_file():
+        return json.loads((run_dir / "metrics.json").read_text())
+    if latest_checkpoint(run_dir / "checkpoints") is not None:
+        return run_search(config, run_dir, progress=progress, quiet=True, resume=True, loggers=False)
+    if run_dir.exists():  # stopped before its first checkpoint: kept aside, never overwritten
+        run_dir.rename(run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"))
+    return run_search(config, run_dir, progress=progress, quiet=True, loggers=False)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -69,14 +86,17 @@ def run(args: argparse.Namespace) -> dict:
     table = variants(base.search, base.train.epochs, rounds)
     main = next(iter(table))
     folder = Path(args.out) if getattr(args, "out", None) else Path(tempfile.mkdtemp(prefix="mamo-ablation-"))
+    runs_root = Path(args.resume) / "runs" if getattr(args, "resume", None) else folder / "runs"
+    if getattr(args, "resume", None) and not runs_root.is_dir():
+        raise MamoError(f"--resume {args.resume} holds no ablation runs (no runs/ folder); pass the --out folder "
+                        "of the ablation to continue.")
     results: dict[str, list[dict]] = {name: [] for name in table}
     run_names: list[str] = []
     for seed in seeds:
         for name, overrides in table.items():
             config = load_config("multimnist", [*quick, f"train.seed={seed}", f"data.seed={seed}", *overrides])
             run_names.append(f"seed{seed}-{name.split(' (')[0].replace(' ', '_').replace('/', '')}")
-            run_dir = folder / "runs" / run_names[-1]
-            results[name].append(run_search(config, run_dir, progress=not args.quick, quiet=True, loggers=False))
+            results[name].append(_variant(config, runs_root / run_names[-1], progress=not args.quick))
     first = next(iter(results.values()))[0]
     columns = [(task, metric) for task, values in first["tasks"].items() for metric in values if metric != "loss"]
     header = ["Method", *(f"{t} {m} (% vs STL)" for t, m in columns), "Δ %", "Win", "GMKs", "Params"]
@@ -89,10 +109,11 @@ def run(args: argparse.Namespace) -> dict:
             changes.append(_mean_std(per_seed))
         rows.append([name, *changes, _mean_std([r["delta"] for r in runs]),
                      f"{statistics.mean(r['win_rate'] for r in runs):.2f}",
-                     f"{statistics.mean(r['gmk_modules'] for r in runs):.1f}", str(runs[0]["params"])])
+                     f"{statistics.mean(r['gmk_modules'] for r in runs):.1f}",
+                     f"{statistics.mean(r['params'] for r in runs):.0f}"])
     hps = [r["baselines"]["hps"] for r in results[main]]
     stl = [r["baselines"]["stl"] for r in results[main]]
-    tasks = load_trained(folder / "runs" / run_names[0]).tasks
+    tasks = load_trained(runs_root / run_names[0]).tasks
     pairs = list(zip(hps, stl, strict=True))
     rows.insert(0, [
         "HPS (equal)",
@@ -110,5 +131,5 @@ def run(args: argparse.Namespace) -> dict:
         "notes": ["STL test metrics per seed: " + "; ".join(
                       f"seed {seed}: " + ", ".join(f"{t} {m} {s['tasks'][t][m]:.4f}" for t, m in columns)
                       for seed, s in zip(seeds, stl, strict=True)),
-                  f"run folders under {folder / 'runs'}"],
+                  f"run folders under {runs_root}"],
     }
