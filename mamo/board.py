@@ -60,8 +60,8 @@ def _summary(values: dict[str, float]) -> Summary:
 
 
 def _png(pixels: np.ndarray) -> bytes:
-    """PNG bytes of an H×W×3 uint8 picture at zlib level 1: our flat-coloured plots compress almost as well
-    as at PIL's default level 6 in a fraction of the time, which keeps logging under 5% of a quick search."""
+    """PNG bytes of an H×W×3 uint8 picture at zlib level 1: our flat-coloured plots compress almost as well as
+    at PIL's default level 6, in 5 instead of 31 ms for an 800×600 plot (measured; docs/tensorboard.md)."""
     from PIL import Image
 
     buffer = io.BytesIO()

@@ -166,7 +166,7 @@ def test_ablation_refuses_a_budget_the_rounds_do_not_fit():
         variants(load_config("multimnist").search, 8, range(0, 6))
 
 
-def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path):
+def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path, capsys):
     assert main(["bench", "ablation", "--quick", "--out", str(tmp_path / "ablation")]) == 0
     result = json.loads((tmp_path / "ablation" / "results.json").read_text())
     rows = {row[0]: dict(zip(result["columns"], row, strict=True)) for row in result["rows"]}
@@ -187,3 +187,7 @@ def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path):
     assert again["rows"] == result["rows"]
     assert any(p.name.startswith("seed0-wo_MO.incomplete-") for p in runs.iterdir())
     assert not (tmp_path / "again" / "runs").exists()
+    # Other options are never mixed into one table.
+    assert main(["bench", "ablation", "--quick", "--train-size", "256", "--out", str(tmp_path / "other"),
+                 "--resume", str(tmp_path / "ablation")]) == 2
+    assert "another configuration" in capsys.readouterr().err

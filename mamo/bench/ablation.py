@@ -67,7 +67,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 def _variant(config, run_dir: Path, progress: bool) -> dict:
     """One variant's metrics: read when it finished before, resumed when it stopped after a checkpoint."""
     if (run_dir / "metrics.json").is_file():
-        return json.loads((run_dir / "metrics.json").read_text())
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        if metrics.get("config") != config.to_dict():
+            raise MamoError(f"{run_dir} was trained with another configuration than this ablation asks for; resume "
+                            "with the same options (--seeds, --train-size, --quick) or start a new --out.")
+        return metrics
     if latest_checkpoint(run_dir / "checkpoints") is not None:
         return run_search(config, run_dir, progress=progress, quiet=True, resume=True, loggers=False)
     if run_dir.exists():  # stopped before its first checkpoint: kept aside, never overwritten
