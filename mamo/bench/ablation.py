@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from mamo.checkpoint import latest_checkpoint
-from mamo.config import SearchConfig, load_config
+from mamo.config import SearchConfig, config_from_dict, load_config, load_yaml
 from mamo.errors import MamoError
 from mamo.export import load_trained
 from mamo.report import delta, win_rate
@@ -66,12 +66,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 def _variant(config, run_dir: Path, progress: bool) -> dict:
     """One variant's metrics: read when it finished before, resumed when it stopped after a checkpoint."""
+    saved = run_dir / "config.yaml"  # what a finished or a resumed run trains with
+    if saved.is_file() and config_from_dict(load_yaml(saved.read_text()), str(saved)).to_dict() != config.to_dict():
+        raise MamoError(f"{run_dir} was trained with another configuration than this ablation asks for; resume "
+                        "with the same options (--seeds, --train-size, --quick) or start a new --out.")
     if (run_dir / "metrics.json").is_file():
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        if metrics.get("config") != config.to_dict():
-            raise MamoError(f"{run_dir} was trained with another configuration than this ablation asks for; resume "
-                            "with the same options (--seeds, --train-size, --quick) or start a new --out.")
-        return metrics
+        return json.loads((run_dir / "metrics.json").read_text())
     if latest_checkpoint(run_dir / "checkpoints") is not None:
         return run_search(config, run_dir, progress=progress, quiet=True, resume=True, loggers=False)
     if run_dir.exists():  # stopped before its first checkpoint: kept aside, never overwritten
