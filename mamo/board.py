@@ -3,8 +3,9 @@
 The trainer and the search loop call back into :class:`TensorBoardLogger`; nothing in the training step
 knows about TensorBoard. Per step it writes every scalar of that step as one event (one host transfer for
 the device tensors); per epoch the validation metrics and Δ against STL; per detection round the conflict
-heatmaps, cosine histograms and the architecture, rendered on a worker thread so training goes on while
-matplotlib draws. :func:`write_hparams` records one Optuna trial for TensorBoard's HPARAMS tab.
+heatmaps, cosine histograms and the architecture, rendered on a worker thread (so a training thread that
+waits on a GPU can go on; on a busy CPU it saves nothing, docs/tensorboard.md "Cost"), each PNG also saved
+under the run folder's plots/. :func:`write_hparams` records one Optuna trial for TensorBoard's HPARAMS tab.
 Tags and pictures are described in docs/tensorboard.md.
 """
 
@@ -237,14 +238,20 @@ class TensorBoardLogger(Callback):
             histograms = plots.figure_to_array(plots.histogram_figure(stats))
             images["conflicts/histograms"], shapes["conflicts/histograms"] = histograms, histograms.shape[:2]
         self.writer.file_writer.add_summary(_image_summary(images, shapes), z)
-        path = self.run_dir / "plots" / f"conflicts-round{z}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encoded)
+        self._export(f"conflicts-round{z}.png", encoded)
 
     def _draw_architecture(self, graph, params: dict[str, int], z: int, title: str) -> None:
         pixels = plots.figure_to_array(drawing.draw_architecture(graph, params=params, title=title))
-        summary = _image_summary({"architecture": pixels}, {"architecture": pixels.shape[:2]})
-        self.writer.file_writer.add_summary(summary, z)
+        encoded = _png(pixels)
+        self.writer.file_writer.add_summary(_image_summary({"architecture": encoded},
+                                                           {"architecture": pixels.shape[:2]}), z)
+        self._export(f"architecture-round{z}.png", encoded)
+
+    def _export(self, name: str, encoded: bytes) -> None:
+        """The PNG that went into the event file, also as a file under the run folder's plots/."""
+        path = self.run_dir / "plots" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encoded)
 
     def _submit(self, job, *args) -> None:
         self._raise_failures()

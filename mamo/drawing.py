@@ -114,6 +114,8 @@ def draw_architecture(
     figure = new_figure(width, height)
     ax = figure.add_axes((0.01, 0.2 if lanes else 0.08, 0.98, 0.68 if lanes else 0.8))
     box_w, box_h = 0.78, 0.52
+    # Patches go in with add_artist: the limits are set by hand below, and add_patch's per-patch limit
+    # update was a third of the drawing time.
 
     def node_colour(node: str):
         data = graph.nodes[node]
@@ -123,7 +125,7 @@ def draw_architecture(
         (sx, sy), (tx, ty) = positions[source], positions[target]
         branch_edge = graph.nodes[source]["kind"] == "gmk"
         colour = node_colour(source) if branch_edge else "#9a9a9a"
-        ax.add_patch(FancyArrowPatch((sx + box_w / 2, sy), (tx - box_w / 2, ty), arrowstyle="-|>", mutation_scale=9,
+        ax.add_artist(FancyArrowPatch((sx + box_w / 2, sy), (tx - box_w / 2, ty), arrowstyle="-|>", mutation_scale=9,
                                      color=colour, lw=1.6 if branch_edge else 1.0, shrinkA=0, shrinkB=1, zorder=2))
     for node, (x, y) in positions.items():
         kind = graph.nodes[node]["kind"]
@@ -131,7 +133,7 @@ def draw_architecture(
         edge = node_colour(node)
         if kind == "gmk":
             face = tuple(0.35 + 0.65 * c for c in edge[:3])
-        ax.add_patch(FancyBboxPatch((x - box_w / 2, y - box_h / 2), box_w, box_h, boxstyle="round,pad=0.02",
+        ax.add_artist(FancyBboxPatch((x - box_w / 2, y - box_h / 2), box_w, box_h, boxstyle="round,pad=0.02",
                                     fc=face, ec=edge, lw=1.8 if kind == "gmk" else 1.0, zorder=3))
         text = _label(graph, node, params)
         longest = max(len(line) for line in text.split("\n"))

@@ -21,6 +21,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import ScaledTranslation
 
 from mamo.conflicts import HISTOGRAM_EDGES, ConflictStats
 from mamo.tasks import TaskSpec
@@ -29,6 +30,7 @@ DPI = 100
 NO_PARAMS = "#d9d9d9"  # cells without parameters and the matrix diagonal: nothing to measure there
 TRUNK = "#4d4d4d"
 BOX = 0.6  # inches per heatmap entry
+_TITLE_ROOM = 0.5  # inches above a heatmap panel for its two-line title
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -99,6 +101,24 @@ def _text_colour(rgba: tuple) -> str:
     return "black" if luminance > 0.55 else "white"
 
 
+TASK_NAME = "task-name"  # the gid of the task-name texts along a heatmap's axes
+
+
+def _task_names(ax: Axes, tasks: list[str], fontsize: float) -> None:
+    """Task names under the columns and left of the rows, as plain texts: axis ticks carry two lines and a
+    label each and cost about a millisecond apiece to build and lay out, a third of the overview's time."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    tilt = max(map(len, tasks)) > 4  # long names would run into each other
+    inches = ax.figure.dpi_scale_trans
+    under = ax.get_xaxis_transform() + ScaledTranslation(0, -4 / 72, inches)  # x: data, y: axes fraction
+    left = ax.get_yaxis_transform() + ScaledTranslation(-4 / 72, 0, inches)  # x: axes fraction, y: data
+    for k, task in enumerate(tasks):
+        ax.text(k, 0, task, transform=under, fontsize=fontsize, gid=TASK_NAME, va="top", rotation=30 if tilt else 0,
+                ha="right" if tilt else "center", rotation_mode="anchor")
+        ax.text(0, k, task, transform=left, fontsize=fontsize, gid=TASK_NAME, ha="right", va="center")
+
+
 def conflict_heatmap(
     stats: ConflictStats,
     cell: int,
@@ -140,11 +160,7 @@ def conflict_heatmap(
     for a, b in outline or []:
         for i, j in ((tasks.index(a), tasks.index(b)), (tasks.index(b), tasks.index(a))):
             ax.add_patch(Rectangle((j - 0.47, i - 0.47), 0.94, 0.94, fill=False, lw=2.2, ec="#1a1a1a"))
-    tilt = max(map(len, tasks)) > 4  # long names would run into each other
-    ax.set_xticks(range(m), tasks, rotation=30 if tilt else 0, ha="right" if tilt else "center",
-                  rotation_mode="anchor")
-    ax.set_yticks(range(m), tasks)
-    ax.tick_params(length=0, labelsize=size + 1)
+    _task_names(ax, tasks, size + 1)
     ax.set_title(f"cell {cell}\n{stats.cell_params[cell]:,} params", fontsize=size + 1)
     # White separators as two line collections: minor-tick grids cost a tick object per line.
     ax.hlines(np.arange(0.5, m - 1), -0.5, m - 0.5, colors="white", linewidth=1.5)
@@ -174,10 +190,13 @@ def worst_conflict(stats: ConflictStats) -> str:
 
 
 def _overview(stats: ConflictStats, activated: list | None, title: str | None) -> tuple[Figure, dict, dict]:
-    """The overview figure, its heatmap axes by (kind, cell) and its colour-bar axes by kind.
+    """The overview figure, its heatmap axes by (kind, cell), and per (kind, cell) the two regions of the
+    figure (in inches, origin bottom left) that make that cell's own picture: its panel with tick labels and
+    title, and its row's colour bar with ticks and label.
 
     Axes are placed by hand in inches (a matrix entry is BOX wide whatever m is, gaps leave room for the
-    task names): much faster than a constrained layout, and text keeps one size for any m or cell count.
+    task names): much faster than a constrained layout, text keeps one size for any m or cell count, and
+    the per-cell regions are known without measuring any text.
     """
     m, cells = len(stats.tasks), stats.num_cells
     names = max(len(t) for t in stats.tasks)
@@ -195,19 +214,24 @@ def _overview(stats: ConflictStats, activated: list | None, title: str | None) -
     grown: dict[int, list[tuple[str, str]]] = {}
     for pair, cell in activated or []:
         grown.setdefault(int(cell), []).append(tuple(pair))
-    panels, bars = {}, {}
+    panels, regions = {}, {}
+    bar_x = label + cells * side + (cells - 1) * gap_x + 0.2
     for row, kind in enumerate(KINDS):
         y = height - head - side - row * (side + gap_y)
+        # Below a panel: the x tick labels; above it: its two-line title (the row gap and the head leave
+        # more room than either needs, so neighbouring rows never reach into a region).
+        low, high = y - below - 0.05, y + side + _TITLE_ROOM
+        bar_region = (bar_x - 0.05, low, min(width, bar_x + 1.25), high)
         image = None
         for cell in range(cells):
-            panels[kind, cell] = figure.add_axes(place(label + cell * (side + gap_x), y, side, side))
+            x = label + cell * (side + gap_x)
+            panels[kind, cell] = figure.add_axes(place(x, y, side, side))
             image = conflict_heatmap(stats, cell, kind, ax=panels[kind, cell], outline=grown.get(cell))
-        cax = figure.add_axes(place(label + cells * side + (cells - 1) * gap_x + 0.2, y, 0.14, side))
-        bar = figure.colorbar(image, cax=cax)
+            regions[kind, cell] = [(max(0.0, x - label), low, x + side + 0.1, high), bar_region]
+        bar = figure.colorbar(image, cax=figure.add_axes(place(bar_x, y, 0.14, side)))
         bar.ax.yaxis.set_major_locator(MaxNLocator(5))
         bar.set_label(KINDS[kind].label, fontsize=8, labelpad=4)
         bar.ax.tick_params(labelsize=7)
-        bars[kind] = bar.ax
     heading = title or "Where tasks fight"
     figure.suptitle(f"{heading} ({stats.steps} mini-batches)\n{worst_conflict(stats)}", fontsize=10.5,
                     y=1 - 0.08 / height, va="top")
@@ -216,7 +240,7 @@ def _overview(stats: ConflictStats, activated: list | None, title: str | None) -
              "Bottom: mean gradient cosine; red = the tasks pull the cell apart, blue = they agree."
              + (" Boxed: a module grew there." if activated else "")]
     figure.text(0.5, 0.08 / height, "\n".join(notes), ha="center", va="bottom", fontsize=7.5, color="#333333")
-    return figure, panels, bars
+    return figure, panels, regions
 
 
 def overview_figure(stats: ConflictStats, activated: list | None = None, title: str | None = None) -> Figure:
@@ -227,14 +251,13 @@ def overview_figure(stats: ConflictStats, activated: list | None = None, title: 
     return _overview(stats, activated, title)[0]
 
 
-def _crop(pixels: np.ndarray, boxes: list, renderer_height: int) -> np.ndarray:
-    """The pixels under the union of display-space boxes (origin bottom left), side by side per box."""
-    low = max(0, int(min(b.y0 for b in boxes)) - 2)
-    high = min(renderer_height, int(math.ceil(max(b.y1 for b in boxes))) + 2)
-    parts = []
-    for box in boxes:
-        left, right = max(0, int(box.x0) - 2), min(pixels.shape[1], int(math.ceil(box.x1)) + 2)
-        parts.append(pixels[renderer_height - high : renderer_height - low, left:right])
+def _crop(pixels: np.ndarray, regions: list[tuple[float, float, float, float]]) -> np.ndarray:
+    """The pixels under regions given in inches (x0, y0, x1, y1; origin bottom left), side by side."""
+    height, width = pixels.shape[:2]
+    top = height - round(max(r[3] for r in regions) * DPI)
+    bottom = height - round(min(r[1] for r in regions) * DPI)
+    rows = slice(max(0, top), min(height, bottom))
+    parts = [pixels[rows, max(0, round(x0 * DPI)) : min(width, round(x1 * DPI))] for x0, _, x1, _ in regions]
     return np.concatenate(parts, axis=1)
 
 
@@ -246,14 +269,9 @@ def overview_images(
     One render gives all 2·L per-cell images: they share the overview's colour scale by construction, and
     rendering once keeps per-round logging cheap.
     """
-    figure, panels, bars = _overview(stats, activated, title)
+    figure, _, regions = _overview(stats, activated, title)
     pixels = figure_to_array(figure)
-    renderer = figure.canvas.get_renderer()
-    height = pixels.shape[0]
-    bar_boxes = {kind: ax.get_tightbbox(renderer) for kind, ax in bars.items()}
-    cells = {key: _crop(pixels, [ax.get_tightbbox(renderer), bar_boxes[key[0]]], height)
-             for key, ax in panels.items()}
-    return pixels, cells
+    return pixels, {key: _crop(pixels, parts) for key, parts in regions.items()}
 
 
 def histogram_figure(stats: ConflictStats) -> Figure:

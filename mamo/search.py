@@ -345,7 +345,9 @@ def add_arguments_search(parser: argparse.ArgumentParser) -> None:
 
 def command_search(args: argparse.Namespace) -> int:
     if args.resume:
-        run_search(load_config(None), args.resume, progress=not args.no_progress, resume=True)
+        run_search(load_config(None), args.resume, progress=not args.no_progress, resume=True,
+                   loggers=not args.no_tensorboard)
     else:
-        run_search(load_config(args.preset, args.overrides), args.run_dir, progress=not args.no_progress)
+        run_search(load_config(args.preset, args.overrides), args.run_dir, progress=not args.no_progress,
+                   loggers=not args.no_tensorboard)
     return 0

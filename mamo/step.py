@@ -3,8 +3,9 @@
 This is the one place where per-task gradients are computed (DESIGN §4). Which parameters are shared comes
 from the graph: a parameter is shared when two or more tasks reach it (trunk cells, GMK branches), otherwise
 it belongs to one task and takes that task's gradient alone. The shared parameters' per-task gradients are
-written straight into one preallocated m x P buffer J (reused every step); the Gramian is the sum of per-node
-Gram blocks, which are also what the conflict statistics read, so conflicts cost no extra backward pass.
+written straight into one preallocated m x P buffer J (reused every step). The Gramian is one product J Jᵀ;
+while conflict statistics are collected it is the sum of per-node Gram blocks, which the statistics read, so
+conflicts cost no extra backward pass.
 
 How J is filled is a *gradient path* (:data:`GRADIENT_PATHS`): ``loop`` (m ``autograd.grad`` calls) or
 ``batched`` (one backward over the m one-hot cotangents under ``torch.func.vmap``). ``auto`` takes the path of
@@ -39,7 +40,7 @@ class StepResult:
     losses: torch.Tensor  # (m,) detached, float32
     weights: torch.Tensor | None = None  # (m,) the direction's task weights
     gramian: torch.Tensor | None = None  # (m, m) over all shared parameters (or the representation, for ub)
-    node_gramians: dict[str, torch.Tensor] = field(default_factory=dict)  # per shared graph node
+    node_gramians: dict[str, torch.Tensor] = field(default_factory=dict)  # per shared node, with collect_gramians
     info: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -302,13 +303,15 @@ class TrainStep:
         losses, _ = self._forward(x, targets)
         self._fill_jacobian(losses, work)
         jac = work.jac
-        blocks = [gram_block(jac, cols, work.gram_width) for cols in work.node_slices.values()]
+        # Per-node blocks only for the conflict statistics; a plain step needs G alone, in one product.
+        spans = list(work.node_slices.values()) if self.collect_gramians else [slice(0, jac.shape[1])]
+        blocks = [gram_block(jac, cols, work.gram_width) for cols in spans]
         m = len(losses)
-        host = _host(torch.stack(losses), torch.stack(blocks))
+        host = _host(torch.stack(losses), *blocks)
         self._check(host[:m])
         host_blocks = host[m:].view(len(blocks), m, m)
-        node_gramians = dict(zip(work.node_slices, host_blocks.unbind(0), strict=True))
-        gramian = host_blocks.sum(0)
+        node_gramians = dict(zip(work.node_slices, host_blocks.unbind(0), strict=True)) if self.collect_gramians else {}
+        gramian = host_blocks.sum(0) if len(blocks) > 1 else host_blocks[0]
         output = self.direction(gramian, host[:m])
         weights = output.weights.to(dtype=jac.dtype).to(jac.device, non_blocking=True)
         torch.mv(jac.T, weights, out=work.combined)

@@ -227,5 +227,6 @@ def add_arguments_train(parser) -> None:
 def command_train(args) -> int:
     from mamo.config import load_config
 
-    run_train(load_config(args.preset, args.overrides), args.run_dir, progress=not args.no_progress)
+    run_train(load_config(args.preset, args.overrides), args.run_dir, progress=not args.no_progress,
+              loggers=not args.no_tensorboard)
     return 0

@@ -66,6 +66,7 @@ class SearchObjective:
     tasks: dict[str, TaskSpec]
     stl_val: dict | None
     multi: bool
+    tensorboard: bool = True  # per trial: events, round pictures and the HPARAMS record
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         from mamo.board import write_hparams
@@ -80,7 +81,7 @@ class SearchObjective:
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         reporters = [RoundReporter(trial, self.stl_val, self.tasks)] if self.stl_val and not self.multi else []
         metrics = run_search(config, run_dir, progress=False, quiet=True, callbacks=reporters,
-                             cache_root=self.study_dir / ".baselines")
+                             cache_root=self.study_dir / ".baselines", loggers=self.tensorboard)
         val_delta = delta(metrics["val"], self.stl_val, self.tasks) if self.stl_val else None
         attrs = {"val_delta": val_delta, "delta": metrics.get("delta"), "win_rate": metrics.get("win_rate"),
                  "gmk_modules": metrics.get("gmk_modules"), "params": metrics.get("params")}
@@ -88,7 +89,8 @@ class SearchObjective:
             if value is not None:
                 trial.set_user_attr(key, value)
         values = {f"{task}.{metric}": metrics["val"][task][metric] for task, metric, _ in objective_metrics(self.tasks)}
-        write_hparams(run_dir, trial.params, {f"tune/{key}": value for key, value in {**attrs, **values}.items()})
+        if self.tensorboard:
+            write_hparams(run_dir, trial.params, {f"tune/{key}": value for key, value in {**attrs, **values}.items()})
         return tuple(values.values()) if self.multi else val_delta
 
 
@@ -331,11 +333,13 @@ def run_tune(
     multi_objective: bool = False,
     objective: Callable[[optuna.Trial], Any] | None = None,
     progress: bool = True,
+    tensorboard: bool = True,
 ) -> dict:
     """Create or join the study, run ``trials`` trials on ``workers`` processes, write the summary.
 
     ``objective`` replaces the search trial (it must be picklable, e.g. a module-level function, when
-    ``workers`` > 1); by default each trial is a :class:`SearchObjective`.
+    ``workers`` > 1); by default each trial is a :class:`SearchObjective`, writing TensorBoard events
+    unless ``tensorboard`` is false.
     """
     _quiet_optuna()
     check_space(config.tune)
@@ -354,7 +358,8 @@ def run_tune(
     tasks, stl_val = _reference(config, directory, objective is None, multi_objective, progress)
     study = _create_study(store, name, multi_objective, tasks, config, stl_val)
     if objective is None:
-        objective = SearchObjective(config, directory, tasks, study.user_attrs.get("stl_val"), multi_objective)
+        objective = SearchObjective(config, directory, tasks, study.user_attrs.get("stl_val"), multi_objective,
+                                    tensorboard)
     from sqlalchemy.engine import make_url
 
     shown = make_url(url).render_as_string(hide_password=True)
@@ -394,7 +399,7 @@ def command_tune(args: argparse.Namespace) -> int:
     result = run_tune(
         load_config(args.preset, args.overrides), overrides=args.overrides, study_dir=args.run_dir,
         storage=args.storage, study_name=args.study, trials=args.trials, workers=args.workers,
-        multi_objective=args.multi_objective, progress=not args.no_progress,
+        multi_objective=args.multi_objective, progress=not args.no_progress, tensorboard=not args.no_tensorboard,
     )
     print("\n" + result["text"], flush=True)
     if result["best"] is None:

@@ -110,6 +110,9 @@ def test_a_search_logs_heatmaps_overview_and_architecture_images(searched):
     architecture = events.Images("architecture")
     assert [e.step for e in architecture] == [0, 1, 2]  # the HPS network, then after each round
     assert all(e.width > 600 and e.height > 300 for e in architecture)
+    for event in architecture:  # the same PNG exported to the run folder
+        assert (run_dir / "plots" / f"architecture-round{event.step}.png").read_bytes() == event.encoded_image_string
+    assert (run_dir / "plots" / "conflicts-round2.png").read_bytes() == overview[1].encoded_image_string
 
 
 def test_a_search_logs_its_config_and_rounds_as_text(searched):
@@ -197,3 +200,16 @@ def test_metrics_json_rounds_feed_the_growth_plot(searched):
     saved = json.loads((run_dir / "metrics.json").read_text())
     figure = plots.growth_figure(saved["rounds"])
     assert len(figure.axes[0].patches) == len(saved["rounds"])
+
+
+def test_search_command_with_no_tensorboard_writes_the_run_but_no_events(tmp_path):
+    from mamo.cli import main
+
+    overrides = [arg for item in TINY for arg in ("--set", item)]
+    run_dir = tmp_path / "search"
+    assert main(["search", "quick", *overrides, "--set", "train.device=cpu", "--no-progress", "--no-tensorboard",
+                 "--run-dir", str(run_dir)]) == 0
+    assert not list(run_dir.rglob("events.out.tfevents.*"))
+    assert not list(run_dir.glob("plots/*-round*.png"))  # round pictures belong to the logger
+    for name in ("report.md", "report_metrics.png", "report_growth.png", "architecture.png", "metrics.json"):
+        assert (run_dir / name).is_file(), name

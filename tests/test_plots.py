@@ -36,7 +36,19 @@ def known_stats() -> ConflictStats:
 
 def annotations(ax) -> dict[tuple[int, int], str]:
     """The heatmap's value labels keyed by (row, column) of the matrix."""
-    return {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    return {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in value_texts(ax)}
+
+
+def value_texts(ax) -> list:
+    return [t for t in ax.texts if t.get_gid() != plots.TASK_NAME]
+
+
+def task_names(ax) -> tuple[list[str], list[str]]:
+    """The task names under the columns (left to right) and beside the rows (top to bottom)."""
+    names = [t for t in ax.texts if t.get_gid() == plots.TASK_NAME]
+    columns = sorted((t for t in names if t.get_va() == "top"), key=lambda t: t.get_position()[0])
+    rows = sorted((t for t in names if t.get_va() == "center"), key=lambda t: t.get_position()[1])
+    return [t.get_text() for t in columns], [t.get_text() for t in rows]
 
 
 def heatmap_images(figure) -> list[AxesImage]:
@@ -51,8 +63,13 @@ def test_counts_heatmap_annotates_every_pair_with_q_and_its_share():
     assert annotations(ax) == {
         (0, 1): "7\n70%", (1, 0): "7\n70%", (0, 2): "1\n10%", (2, 0): "1\n10%", (1, 2): "0\n0%", (2, 1): "0\n0%",
     }
-    assert [t.get_text() for t in ax.get_xticklabels()] == TASKS
-    assert [t.get_text() for t in ax.get_yticklabels()] == TASKS
+    assert task_names(ax) == (TASKS, TASKS)
+    # Under the matrix and left of it, on the picture itself.
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    for text in (t for t in ax.texts if t.get_gid() == plots.TASK_NAME):
+        extent = text.get_window_extent(renderer)
+        assert extent.y1 <= frame.y0 or extent.x1 <= frame.x0
     # Full red means "conflicts in every mini-batch": the scale runs from 0 to the round's mini-batches.
     assert image.get_clim() == (0.0, 10.0)
     assert np.ma.getmaskarray(image.get_array()).diagonal().all()  # the diagonal carries no value
@@ -76,7 +93,7 @@ def test_text_stays_readable_on_dark_cells():
     stats = known_stats()
     ax = plots.new_figure(4, 4).add_subplot()
     plots.conflict_heatmap(stats, 2, "counts", ax=ax)
-    colours = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_color() for t in ax.texts}
+    colours = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_color() for t in value_texts(ax)}
     assert colours[0, 2] == "white"  # Q = 10 of 10: darkest red
     assert colours[0, 1] == "black"  # Q = 2 of 10: light
 
@@ -84,7 +101,7 @@ def test_text_stays_readable_on_dark_cells():
 def test_a_cell_without_parameters_is_marked_not_annotated():
     ax = plots.new_figure(4, 4).add_subplot()
     plots.conflict_heatmap(known_stats(), 0, "counts", ax=ax)
-    assert [t.get_text() for t in ax.texts] == ["no\nparameters"]
+    assert [t.get_text() for t in value_texts(ax)] == ["no\nparameters"]
 
 
 def test_own_figure_gets_a_colour_bar_and_the_outline_boxes_grown_pairs():
@@ -122,6 +139,26 @@ def test_overview_images_cut_every_cell_out_of_one_render():
     for pixels in cells.values():
         assert 100 < pixels.shape[0] < overview.shape[0] / 2 + 60 and 100 < pixels.shape[1] < overview.shape[1] / 2
         assert pixels.std() > 10  # a picture, not a blank strip
+
+
+@pytest.mark.parametrize("tasks, cells", [
+    (TASKS, 3), (["left", "right"], 4), (["a", "semantic_segmentation", "b", "c"], 2),
+])
+def test_each_cells_cut_out_region_holds_its_panel_and_colour_bar_with_all_their_text(tasks, cells):
+    # The regions come from the hand-made layout, not from measuring text; check them against matplotlib's
+    # own extents (tick labels, titles, the colour bar's ticks and label), for short and long task names.
+    stats = ConflictStats(tasks, cells, [1000 * (c + 1) for c in range(cells)])
+    stats.steps = 3
+    stats.counts[:] = 1
+    figure, panels, regions = plots._overview(stats, None, "title")
+    renderer = figure.canvas.get_renderer()
+    bar_axes = sorted((ax for ax in figure.axes if ax not in panels.values()), key=lambda ax: -ax.get_position().y0)
+    bars = dict(zip(plots.KINDS, bar_axes, strict=True))  # one colour bar per row, top row first
+    for (kind, cell), (panel_region, bar_region) in regions.items():
+        for ax, (x0, y0, x1, y1) in ((panels[kind, cell], panel_region), (bars[kind], bar_region)):
+            extent = ax.get_tightbbox(renderer)
+            assert x0 * plots.DPI <= extent.x0 + 1 and extent.x1 - 1 <= x1 * plots.DPI
+            assert y0 * plots.DPI <= extent.y0 + 1 and extent.y1 - 1 <= y1 * plots.DPI
 
 
 def test_worst_conflict_without_any_conflict():

@@ -127,10 +127,19 @@ def test_each_task_parameter_gets_only_its_own_gradient_and_shared_get_weighted_
     assert result.info["active"].item() == 1.0
 
 
-def test_node_gramians_are_keyed_by_node_and_sum_to_the_gramian():
+def test_a_plain_step_computes_the_gramian_in_one_product_without_node_blocks():
     model = make_model(*MLP, grow=True)
     x, targets = batch(model)
     step = frozen_step(model)
+    result = step(x, targets)
+    assert result.node_gramians == {}
+    torch.testing.assert_close(result.gramian, step.jacobian @ step.jacobian.T, rtol=1e-5, atol=1e-6)
+
+
+def test_node_gramians_are_keyed_by_node_and_sum_to_the_gramian():
+    model = make_model(*MLP, grow=True)
+    x, targets = batch(model)
+    step = frozen_step(model, collect_gramians=True)
     result = step(x, targets)
     jac = step.jacobian
     cells = [g.cell_id(k) for k in range(g.num_cells(model.graph))]
@@ -260,7 +269,7 @@ def test_explicit_batched_path_does_not_hide_failures():
 def test_refresh_after_growth_covers_the_new_branch():
     model = make_model(*MLP)
     x, targets = batch(model)
-    step = frozen_step(model)
+    step = frozen_step(model, collect_gramians=True)
     step(x, targets)
     size = step.partition.size
     g.grow(model.graph, (("t0", "t2"), 0))

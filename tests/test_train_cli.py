@@ -112,6 +112,15 @@ def test_train_writes_the_run_folder(runs: Path) -> None:
     assert set(checkpoint) >= {"model", "graph"}
 
 
+def test_no_tensorboard_writes_no_events_and_keeps_the_run_folder(runs: Path) -> None:
+    assert list((runs / "hps_first").glob("events.out.tfevents.*"))  # the default writes events
+    run = runs / "quiet"
+    assert train("quick", *TINY, "--no-tensorboard", "--run-dir", str(run)) == 0
+    assert not list(run.rglob("events.out.tfevents.*"))
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+
+
 def test_weights_file_matches_the_best_checkpoint(runs: Path) -> None:
     from safetensors.torch import load_file
 

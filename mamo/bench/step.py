@@ -326,7 +326,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed rounds per setup (default: 2 s of equal steps, 10 to 200; --quick 2)")
-    parser.add_argument("--setups", nargs="+", default=None, choices=[*SETUPS, *QUICK_SETUPS],
+    parser.add_argument("--setups", nargs="+", default=None, choices=list({**SETUPS, **QUICK_SETUPS}),
                         help=f"setups to run (default: {', '.join(SETUPS)}; --quick: {', '.join(QUICK_SETUPS)})")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                         help="batch sizes (default 32 on CPU, 32 and 128 on CUDA; --quick 4)")

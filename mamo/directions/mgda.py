@@ -10,9 +10,9 @@ from mamo.directions.base import Direction, Info
 from mamo.directions.min_norm import min_norm_weights
 from mamo.errors import MamoError
 
-# n_t from (gradient norms, losses), as in Sener & Koltun's gradient_normalizers().
-NORMALIZERS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    "none": lambda norms, losses: np.ones_like(norms),
+# n_t from (gradient norms, losses), as in Sener & Koltun's gradient_normalizers(); None: n_t = 1.
+NORMALIZERS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray] | None] = {
+    "none": None,
     "l2": lambda norms, losses: norms,
     "loss": lambda norms, losses: losses,
     "loss+": lambda norms, losses: losses * norms,
@@ -41,6 +41,8 @@ class MGDA(Direction):
         self.non_conflicting = normalization == "none"  # see the class docstring
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, Info]:
+        if self._normalizer is None:  # n_t = 1: skip the rescaling (tens of µs of numpy on a tiny G)
+            return min_norm_weights(gramian), {}
         norms = np.sqrt(np.maximum(gramian.diagonal(), 0.0))
         n = np.asarray(self._normalizer(norms, losses), dtype=np.float64)
         top = float(n.max())

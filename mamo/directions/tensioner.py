@@ -30,33 +30,55 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy.special import expit
 
 from mamo.directions.base import Direction, Info
 from mamo.errors import MamoError
 
+# The arithmetic is on plain Python floats: m is small, and numpy's per-call overhead on m-long arrays made
+# this wrapper cost 0.18 ms of a 6.8 ms LeNet step (list code: docs/performance.md, "direction cost").
+Vector = list[float]
+Matrix = list[list[float]]
+
 _RESOLVE = 1e-8  # ||g_t − v||² below this fraction of (||g_t||² + ||v||²): the thesis term is dropped
 _PROTECT = 1e-9  # (Gw)_t ≥ −_PROTECT·max_t G_tt counts as "the base does not conflict with task t"
 _RATIO_CAP = 1e6  # ζ(i)/ζ(i−1) when ζ(i−1) = 0 < ζ(i); the sigmoid has long saturated there
+_TINY = float(np.finfo(np.float64).tiny)
 
 
-def _thesis_pull(gramian: np.ndarray, weights: np.ndarray, gw: np.ndarray, c: np.ndarray, alpha: float) -> np.ndarray:
-    vv = float(weights @ gw)
-    diag = gramian.diagonal()
-    sq_dist = diag - 2.0 * gw + vv  # ||g_t − v||²
-    keep = sq_dist > _RESOLVE * (diag + vv)
-    return np.where(keep, c / np.sqrt(np.where(keep, sq_dist, 1.0)), 0.0)
+def _dot(a: Sequence[float], b: Sequence[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
 
 
-def _relative_pull(gramian: np.ndarray, weights: np.ndarray, gw: np.ndarray, c: np.ndarray, alpha: float) -> np.ndarray:
-    return c - (1.0 - alpha)
+def _times(matrix: Matrix, vector: Vector) -> Vector:
+    return [_dot(row, vector) for row in matrix]
 
 
-# Coefficient a_t of (g_t − v) in v_n − v, so that Δw = a − (Σa)·w.
-FORMULATIONS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]] = {
+def _sigmoid(x: float) -> float:
+    if x >= 0.0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)  # no overflow for very negative x
+    return z / (1.0 + z)
+
+
+def _thesis_pull(diag: Vector, weights: Vector, gw: Vector, c: Vector, alpha: float) -> Vector:
+    vv = _dot(weights, gw)
+    pull = []
+    for g_tt, gw_t, c_t in zip(diag, gw, c, strict=True):
+        sq_dist = g_tt - 2.0 * gw_t + vv  # ||g_t − v||²
+        pull.append(c_t / math.sqrt(sq_dist) if sq_dist > _RESOLVE * (g_tt + vv) else 0.0)
+    return pull
+
+
+def _relative_pull(diag: Vector, weights: Vector, gw: Vector, c: Vector, alpha: float) -> Vector:
+    return [c_t - (1.0 - alpha) for c_t in c]
+
+
+# Coefficient a_t of (g_t − v) in v_n − v, so that Δw = a − (Σa)·w; from the Gramian's diagonal, the base
+# weights w, Gw, the tension factors c and α.
+FORMULATIONS: dict[str, Callable[[Vector, Vector, Vector, Vector, float], Vector]] = {
     "thesis": _thesis_pull,
     "relative": _relative_pull,
 }
@@ -66,23 +88,39 @@ FORMULATIONS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray
 _OFF_AT_ZERO_ALPHA = {"thesis": True, "relative": False}
 
 
+def _factors(history: Sequence[Sequence[float]], losses: Vector, alpha: float) -> tuple[Vector, Vector]:
+    c, delta = [], []
+    for norms, loss in zip(history, losses, strict=True):
+        values = list(norms)
+        window = len(values) - 1  # T
+        current = sum(values[1:]) / window  # ζ_t(i)
+        previous = sum(values[:-1]) / window  # ζ_t(i−1)
+        if previous > 0.0:
+            ratio = current / previous
+        else:
+            ratio = _RATIO_CAP if current > 0.0 else 1.0
+        delta_t = ratio + math.log10(max(loss, _TINY))
+        c.append(max(alpha * _sigmoid(math.e * delta_t - math.e) + 1.0 - alpha, 0.0))
+        delta.append(delta_t)
+    return c, delta
+
+
 def tension_factors(history: np.ndarray, losses: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """``(c, δ)`` from an m × (T+1) history of gradient norms (oldest first) and the current losses."""
-    window = history.shape[1] - 1  # T
-    current = history[:, 1:].sum(axis=1) / window  # ζ_t(i)
-    previous = history[:, :-1].sum(axis=1) / window  # ζ_t(i−1)
-    safe = np.where(previous > 0.0, previous, 1.0)
-    ratio = np.where(previous > 0.0, current / safe, np.where(current > 0.0, _RATIO_CAP, 1.0))
-    delta = ratio + np.log10(np.maximum(losses, np.finfo(np.float64).tiny))
-    c = alpha * expit(math.e * delta - math.e) + 1.0 - alpha
-    return np.maximum(c, 0.0), delta
+    c, delta = _factors(np.asarray(history, dtype=np.float64).tolist(), np.asarray(losses, dtype=np.float64).tolist(),
+                        float(alpha))
+    return np.array(c), np.array(delta)
 
 
-def _angles(gramian: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    gw = gramian @ weights
-    denominator = np.sqrt(np.maximum(gramian.diagonal(), 0.0) * max(float(weights @ gw), 0.0))
-    cos = np.where(denominator > 0.0, gw / np.where(denominator > 0.0, denominator, 1.0), 0.0)
-    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+def _angles(gramian: Matrix, weights: Vector) -> Vector:
+    gw = _times(gramian, weights)
+    vv = max(_dot(weights, gw), 0.0)
+    angles = []
+    for t, gw_t in enumerate(gw):
+        denominator = math.sqrt(max(gramian[t][t], 0.0) * vv)
+        cos = gw_t / denominator if denominator > 0.0 else 0.0
+        angles.append(math.degrees(math.acos(min(1.0, max(-1.0, cos)))))
+    return angles
 
 
 class Tensioner(Direction):
@@ -109,32 +147,36 @@ class Tensioner(Direction):
         self.iteration = 0
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, Info]:
-        weights, base_info = self.base.weigh(gramian, losses)
-        m = gramian.shape[0]
-        norms = np.sqrt(np.maximum(gramian.diagonal(), 0.0))
-        self._record(norms.tolist())
+        base_weights, base_info = self.base.weigh(gramian, losses)
+        G = gramian.tolist()
+        m = len(G)
+        self._record([math.sqrt(max(G[t][t], 0.0)) for t in range(m)])
         info: Info = {f"base_{key}": value for key, value in base_info.items()}
-        info["base_weights"] = weights
+        info["base_weights"] = base_weights
         active = len(self._history[0]) == self.T + 1
-        c = delta = np.zeros(m)
-        final, shrink = weights, 0.0
+        weights = base_weights.tolist()
+        c = delta = [0.0] * m
+        shrink = 0.0
         if active:
-            c, delta = tension_factors(np.array(self._history), losses, self.alpha)
+            c, delta = _factors(self._history, losses.tolist(), self.alpha)
             if not self._off:
-                final, shrink = self._tension(gramian, weights, c)
-        info.update(c=c, delta=delta, angle=_angles(gramian, final), shrink=shrink, active=float(active))
-        return final, info
+                weights, shrink = self._tension(G, weights, c)
+        info.update(c=c, delta=delta, angle=_angles(G, weights), shrink=shrink, active=float(active))
+        return np.array(weights), info
 
-    def _tension(self, gramian: np.ndarray, weights: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, float]:
-        gw = gramian @ weights
-        coefficients = self._pull(gramian, weights, gw, c, self.alpha)
-        step = coefficients - coefficients.sum() * weights  # Σ_t a_t (e_t − w)
-        g_step = gramian @ step
-        floor = -_PROTECT * float(gramian.diagonal().max())
+    def _tension(self, gramian: Matrix, weights: Vector, c: Vector) -> tuple[Vector, float]:
+        gw = _times(gramian, weights)
+        diag = [gramian[t][t] for t in range(len(gramian))]
+        coefficients = self._pull(diag, weights, gw, c, self.alpha)
+        total = sum(coefficients)
+        step = [a - total * w for a, w in zip(coefficients, weights, strict=True)]  # Σ_t a_t (e_t − w)
+        g_step = _times(gramian, step)
+        floor = -_PROTECT * max(diag)
         shrink = 1.0
-        for t in np.flatnonzero((gw >= floor) & (g_step < 0.0)).tolist():
-            shrink = min(shrink, max(float(gw[t]), 0.0) / -float(g_step[t]))
-        return weights + shrink * step, shrink
+        for gw_t, gs_t in zip(gw, g_step, strict=True):
+            if gw_t >= floor and gs_t < 0.0:
+                shrink = min(shrink, max(gw_t, 0.0) / -gs_t)
+        return [w + shrink * s for w, s in zip(weights, step, strict=True)], shrink
 
     def _record(self, norms: list[float]) -> None:
         if not self._history:
