@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from mamo import digits
+from mamo import digits, scenes
 from mamo.config import DataConfig
 from mamo.errors import MamoError
 from mamo.tasks import TaskSpec, parse_tasks
@@ -204,6 +204,8 @@ DATASETS: dict[str, Callable[..., dict]] = {
     "multi_fashion_mnist": build_multi_fashion_mnist,
     "logic": build_logic,
     "concave": build_concave,
+    "nyuv2": scenes.build_nyuv2,
+    "cityscapes": scenes.build_cityscapes,
 }
 
 
@@ -300,6 +302,12 @@ TARGET_CHECKS: MappingProxyType[str, Callable[[TaskSpec, Tensor], tuple[bool, st
         ),
         "regression": lambda spec, t: (t.numel() == spec.dim, f"{spec.dim} values"),
         "reconstruction": lambda spec, t: (tuple(t.shape) == spec.shape, f"shape {spec.shape}"),
+        "segmentation": lambda spec, t: (
+            tuple(t.shape) == spec.shape and not t.is_floating_point() and bool(((t >= -1) & (t < spec.classes)).all()),
+            f"integer class indices of shape {spec.shape} in [-1, {spec.classes}) (-1: unlabelled)",
+        ),
+        "depth": lambda spec, t: (tuple(t.shape) == spec.shape, f"shape {spec.shape}"),
+        "normal": lambda spec, t: (tuple(t.shape) == spec.shape, f"shape {spec.shape}"),
     }
 )
 

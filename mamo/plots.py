@@ -66,6 +66,7 @@ class HeatmapKind:
     label: str
     limits: Callable[[ConflictStats], tuple[float, float]]  # the colour scale shared by every cell
     annotate: Callable[[float, ConflictStats], str]
+    whole_ticks: bool = False  # colour-bar ticks at whole numbers only (counts)
 
 
 def _cosine_limit(stats: ConflictStats) -> float:
@@ -85,6 +86,7 @@ KINDS: dict[str, HeatmapKind] = {
         # Full red = the pair conflicts in every mini-batch of the round, so colours compare across rounds.
         limits=lambda s: (0.0, float(max(s.steps, 1))),
         annotate=lambda v, s: f"{int(v)}\n{v / max(s.steps, 1):.0%}",
+        whole_ticks=True,
     ),
     "cosine": HeatmapKind(
         matrix=lambda s: s.mean_cosine(),
@@ -229,7 +231,7 @@ def _overview(stats: ConflictStats, activated: list | None, title: str | None) -
             image = conflict_heatmap(stats, cell, kind, ax=panels[kind, cell], outline=grown.get(cell))
             regions[kind, cell] = [(max(0.0, x - label), low, x + side + 0.1, high), bar_region]
         bar = figure.colorbar(image, cax=figure.add_axes(place(bar_x, y, 0.14, side)))
-        bar.ax.yaxis.set_major_locator(MaxNLocator(5))
+        bar.ax.yaxis.set_major_locator(MaxNLocator(5, integer=KINDS[kind].whole_ticks))
         bar.set_label(KINDS[kind].label, fontsize=8, labelpad=4)
         bar.ax.tick_params(labelsize=7)
     heading = title or "Where tasks fight"
@@ -337,6 +339,7 @@ def metric_bars_figure(rows: list[dict], tasks: dict[str, TaskSpec]) -> Figure:
             ax.text(value, yy, f" {value:.4g}", va="center", fontsize=7.5)
         ax.set_yticks(y, methods if index % per_row == 0 else [])
         ax.set_xlim(0, max(max(values), 1e-12) * 1.25) if min(values) >= 0 else None
+        ax.xaxis.set_major_locator(MaxNLocator(4))  # small values (mIoU early on) get long tick labels
         ax.set_title(f"{task} {metric} ({'higher' if higher else 'lower'} is better)", fontsize=9)
         ax.tick_params(labelsize=8)
         for spine in ("top", "right"):

@@ -17,7 +17,7 @@ from torch import nn
 
 from mamo.config import ModelConfig
 from mamo.errors import MamoError
-from mamo.tasks import TaskSpec
+from mamo.tasks import TASK_TYPES, TaskSpec
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -69,10 +69,12 @@ class SearchSpace:
         return shapes
 
     def build_head(self, task: TaskSpec, feature_shape: tuple[int, ...]) -> nn.Module:
-        if task.head not in HEADS:
+        """Task ``task``'s head on the last cell's features; ``head: default`` takes its type's default head."""
+        name = TASK_TYPES[task.type].default_head if task.head == "default" else task.head
+        if name not in HEADS:
             raise MamoError(f"task '{task.name}' asks for unknown head '{task.head}'; use one of {sorted(HEADS)}.")
         hidden = int(self._spec.get("head_hidden", 50))
-        return HEADS[task.head](task, feature_shape, hidden)
+        return HEADS[name](task, feature_shape, hidden)
 
 
 def _flatten_features(feature_shape: tuple[int, ...]) -> tuple[list[nn.Module], int]:
@@ -103,8 +105,26 @@ def _identity_head(task: TaskSpec, feature_shape: tuple[int, ...], hidden: int) 
     return nn.Flatten()
 
 
+def _dense_head(task: TaskSpec, feature_shape: tuple[int, ...], hidden: int) -> nn.Module:
+    """A light decoder for per-pixel targets: 3×3 conv + ReLU, 1×1 conv to the target's channels, then bilinear
+    upsampling to the target's (H, W). Deliberately small, so that the shared trunk carries the features."""
+    if len(feature_shape) != 3:
+        raise MamoError(
+            f"task '{task.name}' predicts a {task.type} map, which needs a backbone whose last cell gives a feature "
+            f"map (C, H, W), but it gives {tuple(feature_shape)}; use model.backbone=timm:<model>, e.g. resnet18."
+        )
+    size = tuple(task.shape[-2:])
+    channels = task.output_size // math.prod(size)
+    width = hidden if hidden > 0 else feature_shape[0]
+    return nn.Sequential(
+        nn.Conv2d(feature_shape[0], width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, channels, 1),
+        nn.Upsample(size=size, mode="bilinear", align_corners=False),
+    )
+
+
 HEADS: dict[str, Callable[[TaskSpec, tuple[int, ...], int], nn.Module]] = {
-    "default": _mlp_head,
+    "mlp": _mlp_head,
+    "dense": _dense_head,
     "identity": _identity_head,
 }
 

@@ -1,8 +1,10 @@
 """Tasks: what a task's target looks like, its loss, and its metrics with their directions.
 
 A dataset describes its tasks with plain dicts (the stable plugin contract):
-``{"type": "classification", "classes": K}``, ``{"type": "regression", "dim": D}`` or
-``{"type": "reconstruction", "shape": [C, H, W]}``. :func:`parse_tasks` turns them into :class:`TaskSpec`.
+``{"type": "classification", "classes": K}``, ``{"type": "regression", "dim": D}``,
+``{"type": "reconstruction", "shape": [C, H, W]}``, and the dense-prediction types of :mod:`mamo.dense`:
+``{"type": "segmentation", "classes": K, "shape": [H, W]}``, ``{"type": "depth", "shape": [1, H, W]}``,
+``{"type": "normal", "shape": [3, H, W]}``. :func:`parse_tasks` turns them into :class:`TaskSpec`.
 Each task type is one entry of :data:`TASK_TYPES`; adding a type means adding an entry, not a branch.
 """
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mamo import dense
 from mamo.errors import MamoError
 
 
@@ -80,18 +83,32 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "cross_entropy": _cross_entropy,
     "mse": _mse,
     "exp_mse": _exp_mse,
+    "pixel_cross_entropy": dense.segmentation_loss,
+    "masked_l1": dense.depth_loss,
+    "cosine": dense.normal_loss,
 }
+
+
+def _per_sample_means(sums: dict[str, float], count: int) -> dict[str, float]:
+    return {name: value / max(count, 1) for name, value in sums.items()}
 
 
 @dataclass(frozen=True)
 class TaskType:
-    """How one kind of task is trained and scored."""
+    """How one kind of task is trained and scored.
+
+    ``batch_sums`` gives additive totals of one batch; ``finalize`` turns their totals over a split (and the
+    number of samples) into the metrics (by default: per-sample sums divided by the count). ``needs`` names
+    the spec keys the type requires; ``default_head`` is the head a task of this type gets by default.
+    """
 
     default_loss: str
     metrics: tuple[Metric, ...]
     output_size: Callable[[TaskSpec], int]
-    # Sums over a batch: metric name -> sum of per-sample values (divided by the count at the end).
     batch_sums: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] = field(repr=False)
+    needs: str = "dim"
+    default_head: str = "mlp"
+    finalize: Callable[[dict[str, float], int], dict[str, float]] = field(default=_per_sample_means, repr=False)
 
 
 def _classification_sums(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
@@ -104,12 +121,23 @@ def _regression_sums(pred: torch.Tensor, target: torch.Tensor) -> dict[str, floa
     return {"mse": (per_sample**2).mean(dim=1).sum().item(), "mae": per_sample.abs().mean(dim=1).sum().item()}
 
 
+def _map_size(spec: TaskSpec, channels: int) -> int:
+    """Outputs of a dense head: ``channels`` per pixel of the target's (H, W), or 0 (invalid) without both."""
+    return channels * math.prod(spec.shape[-2:]) if len(spec.shape) >= 2 and channels > 0 else 0
+
+
+def _map_shape(channels: int) -> Callable[[TaskSpec], int]:
+    # A (C, H, W) target of exactly ``channels`` channels.
+    return lambda spec: _map_size(spec, channels) if len(spec.shape) == 3 and spec.shape[0] == channels else 0
+
+
 TASK_TYPES: dict[str, TaskType] = {
     "classification": TaskType(
         default_loss="cross_entropy",
         metrics=(Metric("accuracy", True),),
         output_size=lambda spec: spec.classes,
         batch_sums=_classification_sums,
+        needs="classes",
     ),
     "regression": TaskType(
         default_loss="mse",
@@ -122,6 +150,35 @@ TASK_TYPES: dict[str, TaskType] = {
         metrics=(Metric("mse", False), Metric("mae", False)),
         output_size=lambda spec: math.prod(spec.shape),
         batch_sums=_regression_sums,
+        needs="shape",
+    ),
+    "segmentation": TaskType(
+        default_loss="pixel_cross_entropy",
+        metrics=(Metric("miou", True), Metric("pixel_accuracy", True)),
+        output_size=lambda spec: _map_size(spec, spec.classes) if len(spec.shape) == 2 else 0,
+        batch_sums=dense.segmentation_sums,
+        needs="classes and shape [H, W]",
+        default_head="dense",
+        finalize=dense.segmentation_metrics,
+    ),
+    "depth": TaskType(
+        default_loss="masked_l1",
+        metrics=(Metric("abs_err", False), Metric("rel_err", False)),
+        output_size=_map_shape(1),
+        batch_sums=dense.depth_sums,
+        needs="shape [1, H, W]",
+        default_head="dense",
+        finalize=dense.depth_metrics,
+    ),
+    "normal": TaskType(
+        default_loss="cosine",
+        metrics=(Metric("mean_angle", False), Metric("median_angle", False),
+                 *(Metric(dense.within_name(t), True) for t in dense.ANGLE_THRESHOLDS)),
+        output_size=_map_shape(3),
+        batch_sums=dense.normal_sums,
+        needs="shape [3, H, W]",
+        default_head="dense",
+        finalize=dense.normal_metrics,
     ),
 }
 
@@ -151,11 +208,11 @@ class MetricAccumulator:
             self.loss_sums[name] += task_loss(spec, pred.float(), target).item() * batch
 
     def compute(self) -> dict[str, dict[str, float]]:
-        """``{task: {metric: mean, ..., "loss": mean loss}}``."""
+        """``{task: {metric: value, ..., "loss": mean loss}}``."""
         n = max(self.count, 1)
         return {
-            name: {**{m: v / n for m, v in self.sums[name].items()}, "loss": self.loss_sums[name] / n}
-            for name in self.tasks
+            name: {**TASK_TYPES[spec.type].finalize(self.sums[name], self.count), "loss": self.loss_sums[name] / n}
+            for name, spec in self.tasks.items()
         }
 
 
@@ -196,7 +253,7 @@ def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
             loss=loss,
         )
         if task.output_size <= 0 or any(s <= 0 for s in task.shape):
-            need = {"classification": "classes", "regression": "dim", "reconstruction": "shape"}[task.type]
-            raise MamoError(f"task '{name}' from {source} of type {task.type} needs a positive '{need}'.")
+            need = TASK_TYPES[task.type].needs
+            raise MamoError(f"task '{name}' from {source} of type {task.type} needs positive {need}; fix its spec.")
         specs[task.name] = task
     return specs

@@ -54,7 +54,7 @@ def wrong_shape(*, seed, root):
 
 def unknown_type(*, seed, root):
     data = build(seed=seed, root=root)
-    data["tasks"]["total"] = {"type": "segmentation", "classes": 3}
+    data["tasks"]["total"] = {"type": "keypoints", "classes": 3}
     return data
 
 
@@ -269,7 +269,7 @@ def test_missing_fashion_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -
     [
         ("raises", "raised ValueError: the data server is down"),
         ("wrong_shape", "task 'total'"),
-        ("unknown_type", "unknown type 'segmentation'"),
+        ("unknown_type", "unknown type 'keypoints'"),
         ("not_a_dict", "returned list"),
         ("missing_function", "has no function 'missing_function'"),
     ],

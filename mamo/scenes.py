@@ -1,0 +1,140 @@
+"""Scene-understanding datasets in MTAN's pre-processed .npy layout: NYUv2 and Cityscapes, from a local folder.
+
+The layout (as produced for MTAN, Liu et al. 2019, and read by LibMTL and most MTL code since)::
+
+    root/train/image/0.npy ...    (H, W, 3) float RGB
+    root/train/label/0.npy ...    (H, W) class indices, -1 unlabelled       NYUv2: 13 classes
+    root/train/label_7/0.npy ...  (H, W) class indices, -1 unlabelled       Cityscapes: label_7 or label_19
+    root/train/depth/0.npy ...    (H, W, 1), 0 where missing
+    root/train/normal/0.npy ...   (H, W, 3) unit normals, 0 where missing   NYUv2 only
+    root/val/...                  the same for the evaluation images
+
+Nothing is downloaded: ``data.root`` points at that folder. Files are read lazily, one sample at a time.
+Splits: ``test`` is the ``val`` folder (what MTAN reports on); ``val`` is ``val_size`` images held out of
+the ``train`` folder by a seeded draw (default a tenth), because MTAN's loop has no validation split and
+mamo picks its best checkpoint on one; ``train`` is the rest. ``train_size``/``test_size`` cap the counts.
+Task types and metrics: :mod:`mamo.dense`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from mamo.errors import MamoError
+
+# How each target folder's arrays become one sample's target tensor (channels first).
+CONVERTERS = {
+    "segmentation": lambda array: torch.from_numpy(np.asarray(array)).long(),
+    "depth": lambda array: torch.from_numpy(np.moveaxis(np.asarray(array, dtype=np.float32), -1, 0)),
+    "normal": lambda array: torch.from_numpy(np.moveaxis(np.asarray(array, dtype=np.float32), -1, 0)),
+}
+
+
+class NpyScenes(Dataset):
+    """Samples ``(image (3, H, W), {task: target})`` of the given indices of one split folder."""
+
+    def __init__(self, folder: Path, indices: list[int], folders: dict[str, tuple[str, str]]):
+        self.folder = folder
+        self.indices = list(indices)
+        self.folders = dict(folders)  # task -> (sub-folder, task type)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        index = self.indices[i]
+        image = np.load(self.folder / "image" / f"{index}.npy")
+        x = torch.from_numpy(np.moveaxis(np.asarray(image, dtype=np.float32), -1, 0).copy())
+        targets = {task: CONVERTERS[kind](np.load(self.folder / sub / f"{index}.npy"))
+                   for task, (sub, kind) in self.folders.items()}
+        return x, {task: target.contiguous() for task, target in targets.items()}
+
+
+def _indices(folder: Path, name: str) -> list[int]:
+    """The sample numbers present in ``folder/image`` (files named ``<n>.npy``)."""
+    images = folder / "image"
+    if not images.is_dir():
+        raise MamoError(
+            f"dataset '{name}' expects {images} (MTAN's .npy layout: train/ and val/, each with image/ and one "
+            "folder per task); point data.root at the folder that holds train/ and val/."
+        )
+    numbers = sorted(int(p.stem) for p in images.glob("*.npy") if p.stem.isdigit())
+    if not numbers:
+        raise MamoError(f"dataset '{name}' found no <n>.npy files in {images}; check data.root.")
+    return numbers
+
+
+def _check_folders(folder: Path, numbers: list[int], folders: dict[str, tuple[str, str]], name: str) -> None:
+    for sub, _ in folders.values():
+        missing = [n for n in (numbers[0], numbers[-1]) if not (folder / sub / f"{n}.npy").is_file()]
+        if missing:
+            raise MamoError(
+                f"dataset '{name}' has {folder / 'image' / f'{missing[0]}.npy'} but not "
+                f"{folder / sub / f'{missing[0]}.npy'}; every image needs its {sub}/ file (MTAN's .npy layout)."
+            )
+
+
+def build_scenes(
+    name: str,
+    root: str | None,
+    folders: dict[str, tuple[str, str]],
+    classes: int,
+    seed: int,
+    sizes: tuple[int | None, int | None, int | None],
+) -> dict:
+    """The train/val/test splits and task specs of one dataset in MTAN's layout under ``root``."""
+    if root is None:
+        raise MamoError(
+            f"dataset '{name}' reads MTAN's pre-processed .npy files from a local folder; set data.root, "
+            f"e.g. --set data.root=/data/{name}."
+        )
+    base = Path(root).expanduser()
+    train_size, val_size, test_size = sizes
+    train_numbers = _indices(base / "train", name)
+    test_numbers = _indices(base / "val", name)
+    _check_folders(base / "train", train_numbers, folders, name)
+    _check_folders(base / "val", test_numbers, folders, name)
+    held_out = val_size if val_size is not None else max(1, len(train_numbers) // 10)
+    if held_out >= len(train_numbers):
+        raise MamoError(
+            f"dataset '{name}' has {len(train_numbers)} training images, too few to hold out {held_out} for "
+            "validation; lower data.val_size."
+        )
+    order = torch.randperm(len(train_numbers), generator=torch.Generator().manual_seed(seed)).tolist()
+    val_numbers = sorted(train_numbers[i] for i in order[:held_out])
+    rest = sorted(train_numbers[i] for i in order[held_out:])
+    splits = {
+        "train": NpyScenes(base / "train", rest[:train_size], folders),
+        "val": NpyScenes(base / "train", val_numbers, folders),
+        "test": NpyScenes(base / "val", test_numbers[:test_size], folders),
+    }
+    first = splits["train"][0][1]
+    tasks = {task: {"type": kind, "shape": list(first[task].shape)} for task, (_, kind) in folders.items()}
+    tasks["segmentation"]["classes"] = classes
+    return {**splits, "tasks": tasks}
+
+
+def build_nyuv2(
+    *, seed: int, root: str | None, train_size: int | None, val_size: int | None, test_size: int | None
+) -> dict:
+    """NYUv2 (795 training, 654 evaluation images at 288×384 in MTAN's files): 13-class segmentation, depth
+    and surface normals."""
+    folders = {"segmentation": ("label", "segmentation"), "depth": ("depth", "depth"), "normal": ("normal", "normal")}
+    return build_scenes("nyuv2", root, folders, 13, seed, (train_size, val_size, test_size))
+
+
+def build_cityscapes(
+    *, seed: int, root: str | None, train_size: int | None, val_size: int | None, test_size: int | None,
+    classes: int = 7,
+) -> dict:
+    """Cityscapes (2,975 training, 500 evaluation images at 128×256 in MTAN's files): segmentation into 7 or
+    19 classes (``data.options.classes``, the ``label_7``/``label_19`` folders) and depth."""
+    if classes not in (7, 19):
+        raise MamoError(f"data.options.classes is {classes!r} for cityscapes; MTAN's files have 7 or 19 classes.")
+    folders = {"segmentation": (f"label_{classes}", "segmentation"), "depth": ("depth", "depth")}
+    return build_scenes("cityscapes", root, folders, classes, seed, (train_size, val_size, test_size))

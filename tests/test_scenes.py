@@ -1,0 +1,240 @@
+"""NYUv2 and Cityscapes in MTAN's .npy layout, read from small files written here in that exact layout, and the
+dense-prediction tasks they bring: masked losses, split-level metrics, the dense head, a search end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mamo import dense
+from mamo.config import DataConfig, ModelConfig, load_config
+from mamo.data import iterate_batches, load_data
+from mamo.errors import MamoError
+from mamo.graph import build_hps_graph
+from mamo.model import compile_model
+from mamo.spaces import create_space
+from mamo.tasks import MetricAccumulator, parse_tasks, task_loss
+
+H, W = 32, 48
+
+
+def write_split(folder: Path, count: int, rng: np.random.Generator, targets: dict[str, str]) -> None:
+    """``count`` samples in MTAN's layout: float64 arrays as its pre-processing saved them."""
+    for sub in ("image", *targets):
+        (folder / sub).mkdir(parents=True)
+    for n in range(count):
+        np.save(folder / "image" / f"{n}.npy", rng.random((H, W, 3)))
+        missing = rng.random((H, W)) < 0.2
+        for sub, kind in targets.items():
+            if kind == "segmentation":
+                classes = 7 if sub == "label_7" else 19 if sub == "label_19" else 13
+                label = rng.integers(0, classes, (H, W)).astype(np.float64)
+                label[missing] = -1.0
+                np.save(folder / sub / f"{n}.npy", label)
+            elif kind == "depth":
+                depth = rng.uniform(0.5, 5.0, (H, W, 1))
+                depth[missing] = 0.0
+                np.save(folder / sub / f"{n}.npy", depth)
+            else:
+                normal = rng.normal(size=(H, W, 3))
+                normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+                normal[missing] = 0.0
+                np.save(folder / sub / f"{n}.npy", normal)
+
+
+NYU = {"label": "segmentation", "depth": "depth", "normal": "normal"}
+
+
+@pytest.fixture(scope="module")
+def nyuv2_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("nyuv2")
+    rng = np.random.default_rng(0)
+    write_split(root / "train", 20, rng, NYU)
+    write_split(root / "val", 6, rng, NYU)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+
+
+def test_nyuv2_loads_three_dense_tasks_from_mtan_files(nyuv2_root):
+    data = load_data(DataConfig(name="nyuv2", root=str(nyuv2_root)))
+    assert (len(data.train), len(data.val), len(data.test)) == (18, 2, 6)  # a tenth of train held out
+    assert data.input_shape == (3, H, W)
+    assert {name: spec.to_dict() for name, spec in data.tasks.items()} == {
+        "segmentation": {"type": "segmentation", "classes": 13, "shape": [H, W]},
+        "depth": {"type": "depth", "shape": [1, H, W]},
+        "normal": {"type": "normal", "shape": [3, H, W]},
+    }
+    x, targets = data.test[0]
+    assert x.dtype == torch.float32 and x.shape == (3, H, W)
+    label = np.load(nyuv2_root / "val" / "label" / "0.npy")
+    assert targets["segmentation"].dtype == torch.long
+    assert torch.equal(targets["segmentation"], torch.from_numpy(label).long())  # -1 kept: unlabelled
+    depth = np.load(nyuv2_root / "val" / "depth" / "0.npy")
+    torch.testing.assert_close(targets["depth"], torch.from_numpy(np.moveaxis(depth, -1, 0)).float())
+    assert targets["normal"].shape == (3, H, W)
+
+
+def test_validation_is_a_seeded_hold_out_of_the_train_folder(nyuv2_root):
+    def numbers(seed, **sizes):
+        data = load_data(DataConfig(name="nyuv2", root=str(nyuv2_root), seed=seed, **sizes))
+        return data.train.indices, data.val.indices, data.test.indices
+
+    train, val, test = numbers(0, val_size=5, train_size=10, test_size=3)
+    assert len(val) == 5 and len(train) == 10 and test == [0, 1, 2]
+    assert not set(train) & set(val)
+    assert numbers(0, val_size=5, train_size=10, test_size=3) == (train, val, test)
+    assert numbers(1, val_size=5)[1] != val
+
+
+def test_batches_stack_dense_targets(nyuv2_root):
+    data = load_data(DataConfig(name="nyuv2", root=str(nyuv2_root)))
+    x, targets = next(iterate_batches(data.train, 4, shuffle=False, generator=None))
+    assert x.shape == (4, 3, H, W)
+    assert targets["segmentation"].shape == (4, H, W) and targets["depth"].shape == (4, 1, H, W)
+
+
+def test_cityscapes_reads_the_label_folder_of_its_class_count(tmp_path):
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 6), ("val", 2)):
+        write_split(tmp_path / split, count, rng, {"label_19": "segmentation", "depth": "depth"})
+    data = load_data(DataConfig(name="cityscapes", root=str(tmp_path), options={"classes": 19}))
+    assert set(data.tasks) == {"segmentation", "depth"} and data.tasks["segmentation"].classes == 19
+    with pytest.raises(MamoError, match="label_7"):  # the default 7 classes: that folder is missing
+        load_data(DataConfig(name="cityscapes", root=str(tmp_path)))
+    with pytest.raises(MamoError, match="7 or 19"):
+        load_data(DataConfig(name="cityscapes", root=str(tmp_path), options={"classes": 8}))
+
+
+@pytest.mark.parametrize("root, message", [
+    (None, "set data.root"),
+    ("missing", "point data.root at the folder that holds train/ and val/"),
+])
+def test_a_missing_root_names_the_setting_to_fix(tmp_path, root, message):
+    with pytest.raises(MamoError, match=message):
+        load_data(DataConfig(name="nyuv2", root=None if root is None else str(tmp_path / root)))
+
+
+def test_a_missing_target_file_is_named(tmp_path):
+    rng = np.random.default_rng(2)
+    write_split(tmp_path / "train", 4, rng, NYU)
+    write_split(tmp_path / "val", 2, rng, NYU)
+    (tmp_path / "val" / "normal" / "1.npy").unlink()
+    with pytest.raises(MamoError, match=r"normal/1\.npy"):
+        load_data(DataConfig(name="nyuv2", root=str(tmp_path)))
+
+
+# ------------------------------------------------------------------------------------------------------- losses
+
+
+def test_losses_ignore_unlabelled_and_missing_pixels():
+    torch.manual_seed(0)
+    logits, label = torch.randn(2, 5, 4, 4), torch.randint(0, 5, (2, 4, 4))
+    label[:, 0] = dense.IGNORE
+    changed = logits.clone()
+    changed[:, :, 0] += 10.0  # only where the label is -1
+    assert torch.equal(dense.segmentation_loss(logits, label), dense.segmentation_loss(changed, label))
+
+    depth, target = torch.rand(2, 1, 4, 4), torch.rand(2, 1, 4, 4) + 0.5
+    target[:, :, :2] = 0.0
+    valid = target != 0
+    torch.testing.assert_close(dense.depth_loss(depth, target), (depth - target).abs()[valid].mean())
+
+    normal = torch.nn.functional.normalize(torch.randn(2, 3, 4, 4), dim=1)
+    pred = torch.randn(2, 3, 4, 4, requires_grad=True)
+    normal[:, :, 3] = 0.0
+    mask = normal.abs().sum(dim=1) > 0
+    cosine = (torch.nn.functional.normalize(pred, dim=1) * normal).sum(dim=1)[mask]
+    loss = dense.normal_loss(pred, normal)
+    torch.testing.assert_close(loss, 1.0 - cosine.mean())
+    loss.backward()
+    assert torch.isfinite(pred.grad).all()
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+
+
+def test_segmentation_metrics_from_the_confusion_matrix_over_the_split():
+    specs = parse_tasks({"seg": {"type": "segmentation", "classes": 3, "shape": [1, 4]}}, "test")
+    label = torch.tensor([[[0, 0, 1, -1]], [[2, 2, 2, 1]]])
+    guess = torch.tensor([[[0, 1, 1, 2]], [[2, 2, 0, 1]]])
+    logits = torch.nn.functional.one_hot(guess, 3).permute(0, 3, 1, 2).float()
+    whole, halves = MetricAccumulator(specs), MetricAccumulator(specs)
+    whole.update({"seg": logits}, {"seg": label})
+    for k in range(2):  # the same pixels in two batches: the same numbers (no per-batch averaging)
+        halves.update({"seg": logits[k : k + 1]}, {"seg": label[k : k + 1]})
+    confusion = np.zeros((3, 3))  # the reference: labelled pixels only
+    for true, pred in zip(label.flatten().tolist(), guess.flatten().tolist(), strict=True):
+        if true >= 0:
+            confusion[true, pred] += 1
+    ious = np.diag(confusion) / (confusion.sum(0) + confusion.sum(1) - np.diag(confusion))
+    expected = {"miou": ious.mean(), "pixel_accuracy": np.trace(confusion) / confusion.sum()}
+    for result in (whole.compute()["seg"], halves.compute()["seg"]):
+        assert result["miou"] == pytest.approx(expected["miou"])
+        assert result["pixel_accuracy"] == pytest.approx(5 / 7)
+
+
+def test_depth_and_normal_metrics_on_known_errors():
+    specs = parse_tasks({"d": {"type": "depth", "shape": [1, 1, 4]}, "n": {"type": "normal", "shape": [3, 1, 4]}},
+                        "test")
+    depth_target = torch.tensor([[[[1.0, 2.0, 4.0, 0.0]]]])
+    depth_pred = torch.tensor([[[[1.5, 2.0, 3.0, 9.0]]]])  # the last pixel has no depth: ignored
+    degrees = [0.0, 10.0, 20.0, 45.0]
+    radians = torch.deg2rad(torch.tensor(degrees))
+    normal_target = torch.tensor([[0.0, 0.0, 1.0]]).repeat(4, 1).T.reshape(1, 3, 1, 4)
+    normal_pred = torch.stack([torch.sin(radians), torch.zeros(4), torch.cos(radians)]).reshape(1, 3, 1, 4) * 2.0
+    accumulator = MetricAccumulator(specs)
+    accumulator.update({"d": depth_pred, "n": normal_pred}, {"d": depth_target, "n": normal_target})
+    metrics = accumulator.compute()
+    assert metrics["d"]["abs_err"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
+    assert metrics["d"]["rel_err"] == pytest.approx((0.5 / 1 + 0.0 + 1.0 / 4) / 3)
+    n = metrics["n"]
+    assert n["mean_angle"] == pytest.approx(np.mean(degrees), abs=1e-3)
+    assert n["median_angle"] == pytest.approx(15.0, abs=dense.ANGLE_BIN)  # between 10 and 20
+    assert n["within_11_25"] == pytest.approx(0.5) and n["within_22_5"] == pytest.approx(0.75)
+    assert n["within_30"] == pytest.approx(0.75)
+
+
+def test_dense_task_specs_need_their_shapes():
+    with pytest.raises(MamoError, match=r"needs positive shape \[3, H, W\]"):
+        parse_tasks({"n": {"type": "normal", "shape": [1, 4, 4]}}, "a plugin")
+    with pytest.raises(MamoError, match="needs positive classes and shape"):
+        parse_tasks({"s": {"type": "segmentation", "shape": [4, 4]}}, "a plugin")
+
+
+# ------------------------------------------------------------------------------------------------ model and run
+
+
+def test_dense_heads_predict_full_resolution_maps_and_need_feature_maps(nyuv2_root):
+    data = load_data(DataConfig(name="nyuv2", root=str(nyuv2_root)))
+    space = create_space(ModelConfig(backbone="timm:test_resnet", head_hidden=8), data.input_shape)
+    model = compile_model(build_hps_graph(space, data.tasks))
+    x, targets = next(iterate_batches(data.train, 2, shuffle=False, generator=None))
+    outputs = model(x)
+    assert outputs["segmentation"].shape == (2, 13, H, W)
+    assert outputs["depth"].shape == (2, 1, H, W) and outputs["normal"].shape == (2, 3, H, W)
+    losses = [task_loss(data.tasks[t], outputs[t], targets[t]) for t in data.tasks]
+    assert all(math.isfinite(loss.item()) for loss in losses)
+    with pytest.raises(MamoError, match="needs a backbone whose last cell gives a feature map"):
+        compile_model(build_hps_graph(create_space(ModelConfig(backbone="lenet"), data.input_shape), data.tasks))
+
+
+def test_a_search_on_nyuv2_files_reports_dense_metrics(nyuv2_root, tmp_path):
+    from mamo.search import run_search
+
+    overrides = [f"data.root={nyuv2_root}", "model.backbone=timm:test_resnet", "model.head_hidden=8",
+                 "train.batch_size=6", "train.epochs=1", "train.device=cpu", "search.pretrain_epochs=1",
+                 "search.round_epochs=1", "search.final_epochs=1", "search.rounds=1"]
+    metrics = run_search(load_config("nyuv2", overrides), tmp_path / "run", progress=False, quiet=True,
+                         loggers=False)
+    assert set(metrics["tasks"]["segmentation"]) >= {"miou", "pixel_accuracy"}
+    assert set(metrics["tasks"]["normal"]) >= {"mean_angle", "median_angle", "within_11_25"}
+    assert math.isfinite(metrics["delta"])
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["tasks"]["depth"]["abs_err"] == pytest.approx(metrics["tasks"]["depth"]["abs_err"])
