@@ -98,7 +98,8 @@ class TaskType:
     """How one kind of task is trained and scored.
 
     ``batch_sums`` gives additive totals of one batch; ``finalize`` turns their totals over a split (and the
-    number of samples) into the metrics (by default: per-sample sums divided by the count). ``needs`` names
+    number of samples) into the metrics (by default: per-sample sums divided by the count). ``check_target``
+    says whether one sample's target fits the spec, and what was expected (data validation); ``needs`` names
     the spec keys the type requires; ``default_head`` is the head a task of this type gets by default.
     """
 
@@ -106,9 +107,25 @@ class TaskType:
     metrics: tuple[Metric, ...]
     output_size: Callable[[TaskSpec], int]
     batch_sums: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] = field(repr=False)
+    check_target: Callable[[TaskSpec, torch.Tensor], tuple[bool, str]] = field(repr=False)
     needs: str = "dim"
     default_head: str = "mlp"
     finalize: Callable[[dict[str, float], int], dict[str, float]] = field(default=_per_sample_means, repr=False)
+
+
+def _has_shape(spec: TaskSpec, target: torch.Tensor) -> tuple[bool, str]:
+    return tuple(target.shape) == spec.shape, f"shape {spec.shape}"
+
+
+def _is_class(spec: TaskSpec, target: torch.Tensor) -> tuple[bool, str]:
+    ok = target.numel() == 1 and float(target).is_integer() and 0 <= int(target) < spec.classes
+    return ok, f"a single class index in [0, {spec.classes})"
+
+
+def _is_label_map(spec: TaskSpec, target: torch.Tensor) -> tuple[bool, str]:
+    ok = tuple(target.shape) == spec.shape and not target.is_floating_point()
+    ok = ok and bool(((target >= dense.IGNORE) & (target < spec.classes)).all())
+    return ok, f"integer class indices of shape {spec.shape} in [-1, {spec.classes}) (-1: unlabelled)"
 
 
 def _classification_sums(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
@@ -137,6 +154,7 @@ TASK_TYPES: dict[str, TaskType] = {
         metrics=(Metric("accuracy", True),),
         output_size=lambda spec: spec.classes,
         batch_sums=_classification_sums,
+        check_target=_is_class,
         needs="classes",
     ),
     "regression": TaskType(
@@ -144,12 +162,14 @@ TASK_TYPES: dict[str, TaskType] = {
         metrics=(Metric("mse", False), Metric("mae", False)),
         output_size=lambda spec: spec.dim,
         batch_sums=_regression_sums,
+        check_target=lambda spec, target: (target.numel() == spec.dim, f"{spec.dim} values"),
     ),
     "reconstruction": TaskType(
         default_loss="mse",
         metrics=(Metric("mse", False), Metric("mae", False)),
         output_size=lambda spec: math.prod(spec.shape),
         batch_sums=_regression_sums,
+        check_target=_has_shape,
         needs="shape",
     ),
     "segmentation": TaskType(
@@ -157,6 +177,7 @@ TASK_TYPES: dict[str, TaskType] = {
         metrics=(Metric("miou", True), Metric("pixel_accuracy", True)),
         output_size=lambda spec: _map_size(spec, spec.classes) if len(spec.shape) == 2 else 0,
         batch_sums=dense.segmentation_sums,
+        check_target=_is_label_map,
         needs="classes and shape [H, W]",
         default_head="dense",
         finalize=dense.segmentation_metrics,
@@ -166,6 +187,7 @@ TASK_TYPES: dict[str, TaskType] = {
         metrics=(Metric("abs_err", False), Metric("rel_err", False)),
         output_size=_map_shape(1),
         batch_sums=dense.depth_sums,
+        check_target=_has_shape,
         needs="shape [1, H, W]",
         default_head="dense",
         finalize=dense.depth_metrics,
@@ -176,6 +198,7 @@ TASK_TYPES: dict[str, TaskType] = {
                  *(Metric(dense.within_name(t), True) for t in dense.ANGLE_THRESHOLDS)),
         output_size=_map_shape(3),
         batch_sums=dense.normal_sums,
+        check_target=_has_shape,
         needs="shape [3, H, W]",
         default_head="dense",
         finalize=dense.normal_metrics,
