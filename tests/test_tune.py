@@ -205,10 +205,14 @@ def test_quick_study_on_sqlite_end_to_end(tmp_path, capsys):
     with open(study_dir / "trials.csv") as handle:
         assert [row["trial"] for row in csv.DictReader(handle)] == ["0", "1", "2"]
 
-    # Running the command again on the folder continues the same study with the configuration it was made with.
-    assert main(["tune", "multimnist", "--trials", "1", "--run-dir", str(study_dir), "--no-progress"]) == 0
+    # Running the command again on the folder continues the same study with the configuration it was made with
+    # (here without TensorBoard: the new trial writes no event file).
+    assert main(["tune", "multimnist", "--trials", "1", "--run-dir", str(study_dir), "--no-progress",
+                 "--no-tensorboard"]) == 0
     assert [t.number for t in load(study_dir).trials] == [0, 1, 2, 3]
     assert load_config(str(study_dir / "trial-0003" / "config.yaml")).data.train_size == 128
+    assert not list((study_dir / "trial-0003").rglob("events.out.tfevents.*"))
+    assert (study_dir / "trial-0003" / "report.md").is_file()
 
 
 @needs_postgres
