@@ -42,7 +42,10 @@ def _valid(target: torch.Tensor) -> torch.Tensor:
 
 
 def segmentation_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(pred, target.long(), ignore_index=IGNORE)
+    # Summed and divided by the labelled pixels: the mean over them, and 0 (not NaN) for a batch with none.
+    target = target.long()
+    total = F.cross_entropy(pred, target, ignore_index=IGNORE, reduction="sum")
+    return total / (target != IGNORE).sum().clamp_min(1)
 
 
 def depth_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

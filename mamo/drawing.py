@@ -114,8 +114,8 @@ def draw_architecture(
     figure = new_figure(width, height)
     ax = figure.add_axes((0.01, 0.2 if lanes else 0.08, 0.98, 0.68 if lanes else 0.8))
     box_w, box_h = 0.78, 0.52
-    # Patches go in with add_artist: the limits are set by hand below, and add_patch's per-patch limit
-    # update was a third of the drawing time.
+    # Patches go in with add_artist: the limits are set by hand below, and add_patch's per-patch data-limit
+    # update cost about a fifth of the drawing (61 -> 50 ms for a quick search's picture, measured).
 
     def node_colour(node: str):
         data = graph.nodes[node]

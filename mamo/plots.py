@@ -107,8 +107,8 @@ TASK_NAME = "task-name"  # the gid of the task-name texts along a heatmap's axes
 
 
 def _task_names(ax: Axes, tasks: list[str], fontsize: float) -> None:
-    """Task names under the columns and left of the rows, as plain texts: axis ticks carry two lines and a
-    label each and cost about a millisecond apiece to build and lay out, a third of the overview's time."""
+    """Task names under the columns and left of the rows, as plain texts rather than axis ticks (each tick
+    builds two lines and a label and is laid out again on every draw; about 10 ms less per overview)."""
     ax.set_xticks([])
     ax.set_yticks([])
     tilt = max(map(len, tasks)) > 4  # long names would run into each other

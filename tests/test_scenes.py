@@ -140,6 +140,9 @@ def test_losses_ignore_unlabelled_and_missing_pixels():
     changed = logits.clone()
     changed[:, :, 0] += 10.0  # only where the label is -1
     assert torch.equal(dense.segmentation_loss(logits, label), dense.segmentation_loss(changed, label))
+    torch.testing.assert_close(dense.segmentation_loss(logits, label),
+                               torch.nn.functional.cross_entropy(logits, label, ignore_index=dense.IGNORE))
+    assert dense.segmentation_loss(logits, torch.full_like(label, dense.IGNORE)).item() == 0.0  # not NaN
 
     depth, target = torch.rand(2, 1, 4, 4), torch.rand(2, 1, 4, 4) + 0.5
     target[:, :, :2] = 0.0

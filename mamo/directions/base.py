@@ -31,7 +31,7 @@ class DirectionOutput:
 
 
 def as_numpy(value: Tensor | np.ndarray | Any) -> np.ndarray:
-    """Float64 numpy view of a tensor on any device (one host transfer) or of an array-like."""
+    """Float64 numpy copy of a tensor on any device (one host transfer), or view of an array-like."""
     if isinstance(value, Tensor):  # tolist: the cheapest route for the m×m and m-long inputs this sees
         return np.array(value.detach().cpu().tolist(), dtype=np.float64)
     return np.asarray(value, dtype=np.float64)
