@@ -24,7 +24,7 @@ H, W = 32, 48
 
 
 def write_split(folder: Path, count: int, rng: np.random.Generator, targets: dict[str, str]) -> None:
-    """``count`` samples in MTAN's layout: float64 arrays as its pre-processing saved them."""
+    """``count`` samples in MTAN's layout (float64 here; the loader converts any float dtype)."""
     for sub in ("image", *targets):
         (folder / sub).mkdir(parents=True)
     for n in range(count):
