@@ -90,10 +90,7 @@ def _mlp_head(task: TaskSpec, feature_shape: tuple[int, ...], hidden: int) -> nn
         layers += [nn.Linear(width, hidden), nn.ReLU()]
         width = hidden
     layers.append(nn.Linear(width, task.output_size))
-    if task.type == "reconstruction":
-        # Targets are intensities in [0, 1].
-        layers += [nn.Sigmoid(), nn.Unflatten(1, task.shape)]
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers, *TASK_TYPES[task.type].mlp_output(task))
 
 
 def _identity_head(task: TaskSpec, feature_shape: tuple[int, ...], hidden: int) -> nn.Module:

@@ -100,7 +100,8 @@ class TaskType:
     ``batch_sums`` gives additive totals of one batch; ``finalize`` turns their totals over a split (and the
     number of samples) into the metrics (by default: per-sample sums divided by the count). ``check_target``
     says whether one sample's target fits the spec, and what was expected (data validation); ``needs`` names
-    the spec keys the type requires; ``default_head`` is the head a task of this type gets by default.
+    the spec keys the type requires; ``default_head`` is the head a task of this type gets by default, and
+    ``mlp_output`` the layers an ``mlp`` head ends with (a squashing or reshaping of its flat output).
     """
 
     default_loss: str
@@ -111,6 +112,7 @@ class TaskType:
     needs: str = "dim"
     default_head: str = "mlp"
     finalize: Callable[[dict[str, float], int], dict[str, float]] = field(default=_per_sample_means, repr=False)
+    mlp_output: Callable[[TaskSpec], list[torch.nn.Module]] = field(default=lambda spec: [], repr=False)
 
 
 def _has_shape(spec: TaskSpec, target: torch.Tensor) -> tuple[bool, str]:
@@ -171,6 +173,8 @@ TASK_TYPES: dict[str, TaskType] = {
         batch_sums=_regression_sums,
         check_target=_has_shape,
         needs="shape",
+        # Targets are intensities in [0, 1], in the target's shape.
+        mlp_output=lambda spec: [torch.nn.Sigmoid(), torch.nn.Unflatten(1, spec.shape)],
     ),
     "segmentation": TaskType(
         default_loss="pixel_cross_entropy",
