@@ -70,12 +70,13 @@ def _indices(folder: Path, name: str) -> list[int]:
 
 
 def _check_folders(folder: Path, numbers: list[int], folders: dict[str, tuple[str, str]], name: str) -> None:
+    # Every file, up front: a gap found mid-epoch would stop training with a bare FileNotFoundError.
     for sub, _ in folders.values():
-        missing = [n for n in (numbers[0], numbers[-1]) if not (folder / sub / f"{n}.npy").is_file()]
-        if missing:
+        missing = next((n for n in numbers if not (folder / sub / f"{n}.npy").is_file()), None)
+        if missing is not None:
             raise MamoError(
-                f"dataset '{name}' has {folder / 'image' / f'{missing[0]}.npy'} but not "
-                f"{folder / sub / f'{missing[0]}.npy'}; every image needs its {sub}/ file (MTAN's .npy layout)."
+                f"dataset '{name}' has {folder / 'image' / f'{missing}.npy'} but not "
+                f"{folder / sub / f'{missing}.npy'}; every image needs its {sub}/ file (MTAN's .npy layout)."
             )
 
 

@@ -124,8 +124,8 @@ def test_a_missing_root_names_the_setting_to_fix(tmp_path, root, message):
 def test_a_missing_target_file_is_named(tmp_path):
     rng = np.random.default_rng(2)
     write_split(tmp_path / "train", 4, rng, NYU)
-    write_split(tmp_path / "val", 2, rng, NYU)
-    (tmp_path / "val" / "normal" / "1.npy").unlink()
+    write_split(tmp_path / "val", 3, rng, NYU)
+    (tmp_path / "val" / "normal" / "1.npy").unlink()  # in the middle: found before training starts
     with pytest.raises(MamoError, match=r"normal/1\.npy"):
         load_data(DataConfig(name="nyuv2", root=str(tmp_path)))
 
