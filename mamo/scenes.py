@@ -27,11 +27,17 @@ from torch.utils.data import Dataset
 
 from mamo.errors import MamoError
 
+
+def _channels_first(array: np.ndarray) -> Tensor:
+    """An (H, W, C) array as a contiguous float32 (C, H, W) tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(array, dtype=np.float32), -1, 0)))
+
+
 # How each target folder's arrays become one sample's target tensor (channels first).
 CONVERTERS = {
     "segmentation": lambda array: torch.from_numpy(np.asarray(array)).long(),
-    "depth": lambda array: torch.from_numpy(np.moveaxis(np.asarray(array, dtype=np.float32), -1, 0)),
-    "normal": lambda array: torch.from_numpy(np.moveaxis(np.asarray(array, dtype=np.float32), -1, 0)),
+    "depth": _channels_first,
+    "normal": _channels_first,
 }
 
 
@@ -48,11 +54,9 @@ class NpyScenes(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
         index = self.indices[i]
-        image = np.load(self.folder / "image" / f"{index}.npy")
-        x = torch.from_numpy(np.moveaxis(np.asarray(image, dtype=np.float32), -1, 0).copy())
-        targets = {task: CONVERTERS[kind](np.load(self.folder / sub / f"{index}.npy"))
+        x = _channels_first(np.load(self.folder / "image" / f"{index}.npy"))
+        return x, {task: CONVERTERS[kind](np.load(self.folder / sub / f"{index}.npy"))
                    for task, (sub, kind) in self.folders.items()}
-        return x, {task: target.contiguous() for task, target in targets.items()}
 
 
 def _indices(folder: Path, name: str) -> list[int]:

@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from scipy.special import expit
 
 from mamo.directions.base import Direction, Info
 from mamo.errors import MamoError
@@ -55,13 +56,6 @@ def _dot(a: Sequence[float], b: Sequence[float]) -> float:
 
 def _times(matrix: Matrix, vector: Vector) -> Vector:
     return [_dot(row, vector) for row in matrix]
-
-
-def _sigmoid(x: float) -> float:
-    if x >= 0.0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)  # no overflow for very negative x
-    return z / (1.0 + z)
 
 
 def _thesis_pull(diag: Vector, weights: Vector, gw: Vector, c: Vector, alpha: float) -> Vector:
@@ -101,7 +95,7 @@ def _factors(history: Sequence[Sequence[float]], losses: Vector, alpha: float) -
         else:
             ratio = _RATIO_CAP if current > 0.0 else 1.0
         delta_t = ratio + math.log10(max(loss, _TINY))
-        c.append(max(alpha * _sigmoid(math.e * delta_t - math.e) + 1.0 - alpha, 0.0))
+        c.append(max(alpha * float(expit(math.e * delta_t - math.e)) + 1.0 - alpha, 0.0))
         delta.append(delta_t)
     return c, delta
 
