@@ -126,7 +126,7 @@ def draw_architecture(
         branch_edge = graph.nodes[source]["kind"] == "gmk"
         colour = node_colour(source) if branch_edge else "#9a9a9a"
         ax.add_artist(FancyArrowPatch((sx + box_w / 2, sy), (tx - box_w / 2, ty), arrowstyle="-|>", mutation_scale=9,
-                                     color=colour, lw=1.6 if branch_edge else 1.0, shrinkA=0, shrinkB=1, zorder=2))
+                                      color=colour, lw=1.6 if branch_edge else 1.0, shrinkA=0, shrinkB=1, zorder=2))
     for node, (x, y) in positions.items():
         kind = graph.nodes[node]["kind"]
         face = {"input": "#ffffff", "cell": "#e6e6e6", "fusion": "#fff7e0", "head": "#e8f1fb"}.get(kind)
@@ -134,7 +134,7 @@ def draw_architecture(
         if kind == "gmk":
             face = tuple(0.35 + 0.65 * c for c in edge[:3])
         ax.add_artist(FancyBboxPatch((x - box_w / 2, y - box_h / 2), box_w, box_h, boxstyle="round,pad=0.02",
-                                    fc=face, ec=edge, lw=1.8 if kind == "gmk" else 1.0, zorder=3))
+                                     fc=face, ec=edge, lw=1.8 if kind == "gmk" else 1.0, zorder=3))
         text = _label(graph, node, params)
         longest = max(len(line) for line in text.split("\n"))
         # About 18 characters fit a box at 7.5 pt; long task names get a smaller font, not an overflow.

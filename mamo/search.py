@@ -344,10 +344,8 @@ def add_arguments_search(parser: argparse.ArgumentParser) -> None:
 
 
 def command_search(args: argparse.Namespace) -> int:
-    if args.resume:
-        run_search(load_config(None), args.resume, progress=not args.no_progress, resume=True,
-                   loggers=not args.no_tensorboard)
-    else:
-        run_search(load_config(args.preset, args.overrides), args.run_dir, progress=not args.no_progress,
-                   loggers=not args.no_tensorboard)
+    # A resumed search reads its configuration from the run folder; load_config(None) is only a placeholder.
+    config = load_config(None) if args.resume else load_config(args.preset, args.overrides)
+    run_search(config, args.resume or args.run_dir, progress=not args.no_progress, resume=bool(args.resume),
+               loggers=not args.no_tensorboard)
     return 0
