@@ -145,23 +145,36 @@ def architecture_tree(model: MamoNet) -> str:
     graph = model.graph
     params = {node: sum(p.numel() for _, p in named) for node, named in model.node_parameters().items()}
     lines = [f"input {graph.nodes[g.INPUT]['shape']}"]
-    cells = g.num_cells(graph)
-    for index in range(cells):
+    branches = g.branch_nodes(graph)
+    # A branch's first cell now, not the position that created a module: a later round can grow the same
+    # group's branch from a shallower cell, and the modules below it then read from the new one.
+    first_cell: dict[tuple[str, ...], int] = {}
+    for node in branches:
+        group, cell = tuple(graph.nodes[node]["group"]), graph.nodes[node]["cell"]
+        first_cell[group] = min(first_cell.get(group, cell), cell)
+    for index in range(g.num_cells(graph)):
         lines.append(f"├─ cell{index}  ({params.get(g.cell_id(index), 0):,} params, shared by all tasks)")
-        for node in g.branch_nodes(graph):
+        for node in branches:
             data = graph.nodes[node]
             if data["cell"] == index:
-                pair, start = data["activated_by"]
+                group = tuple(data["group"])
+                start = first_cell[group]
                 origin = "starts here" if start == index else f"continues from cell{start}"
-                lines.append(f"│   └─ GMK {'+'.join(data['group'])}  ({params.get(node, 0):,} params, "
+                lines.append(f"│   └─ {_module_kind(group)} {'+'.join(group)}  ({params.get(node, 0):,} params, "
                              f"grown in round {data['round']}, {origin})")
     for task in model.tasks:
         groups = g.fusion_groups(graph, task)
         fused = " + ".join(["trunk", *(f"β·{'+'.join(grp)}" for grp in groups)])
         lines.append(f"└─ {task}: fusion [{fused}] → head ({params.get(g.head_id(task), 0):,} params)")
     total = sum(p.numel() for p in model.parameters())
-    lines.append(f"{len(g.branch_nodes(graph))} GMK modules, {total:,} parameters in all")
+    kinds = sorted({_module_kind(tuple(graph.nodes[node]["group"])) for node in branches}) or ["GMK"]
+    lines.append(f"{len(branches)} {' and '.join(kinds)} modules, {total:,} parameters in all")
     return "\n".join(lines)
+
+
+def _module_kind(group: tuple[str, ...]) -> str:
+    """What a branch module of ``group`` is called: a pair's GMK, or one task's exclusive module (w/o GMK)."""
+    return "GMK" if len(group) > 1 else "task-exclusive"
 
 
 def add_arguments_export(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ import torch
 from mamo import graph as g
 from mamo.config import DirectionConfig, ModelConfig, TensionerConfig
 from mamo.directions import create_direction
+from mamo.export import architecture_tree
 from mamo.model import compile_model
 from mamo.spaces import create_space
 from mamo.step import TrainStep
@@ -117,6 +118,19 @@ def test_a_gmk_gets_no_gradient_from_tasks_outside_its_pair():
     assert sets[g.branch_id(("a", "b"), 2)] == {"a", "b"}
     assert sets[g.cell_id(0)] == {"a", "b", "c"}
     assert sets[g.fusion_id("c")] == {"c"}
+
+
+def test_the_architecture_tree_names_each_branch_from_its_current_first_cell():
+    model = lenet_model()
+    spawn(model, (("a", "b"), 2))
+    spawn(model, (("a", "b"), 0))  # the branch now starts at cell 0; its cell-2 module reads from cell 1's
+    spawn(model, (("a", "c"), 1), modules="exclusive")
+    tree = architecture_tree(model)
+    assert "├─ cell2  (5,136 params, shared by all tasks)\n│   └─ GMK a+b  (5,136 params, grown in round 0, " \
+           "continues from cell0)\n" in tree
+    assert "│   └─ task-exclusive c  (5,020 params, grown in round 0, starts here)\n" in tree
+    assert tree.count("starts here") == 3  # a+b at cell 0, the exclusive a and c at cell 1
+    assert tree.splitlines()[-1].startswith("7 GMK and task-exclusive modules, ")
 
 
 def test_exclusive_modules_are_task_specific():
