@@ -77,6 +77,10 @@ def branch_nodes(graph: nx.DiGraph) -> list[str]:
     return [node for node, kind in graph.nodes(data="kind") if kind == "gmk"]
 
 
+# What each ``search.modules`` setting grows, as reports and plots name it.
+MODULE_NAMES: dict[str, str] = {"gmk": "GMK modules", "exclusive": "task-exclusive modules (w/o GMK)"}
+
+
 def groups_for(pair: Group, modules: str) -> list[Group]:
     """The branch groups a conflicting pair spawns: the pair itself (GMK) or one per task (exclusive)."""
     return [pair] if modules == "gmk" else [(task,) for task in pair]

@@ -350,8 +350,9 @@ def metric_bars_figure(rows: list[dict], tasks: dict[str, TaskSpec]) -> Figure:
     return figure
 
 
-def growth_figure(rounds: list[dict]) -> Figure:
-    """New modules per detection round (bars, with the activated positions) and the running total (line)."""
+def growth_figure(rounds: list[dict], module_name: str = "GMK modules") -> Figure:
+    """New modules per detection round (bars, with the activated positions) and the running total (line);
+    ``module_name`` names what grew (:data:`mamo.graph.MODULE_NAMES`)."""
     figure = new_figure(max(4.5, 1.6 * len(rounds) + 2.0), 3.4)
     ax = figure.add_subplot()
     if not rounds:
@@ -373,9 +374,9 @@ def growth_figure(rounds: list[dict]) -> Figure:
               for r in rounds]
     ax.set_xticks(numbers, labels, fontsize=8)
     ax.set_ylim(0, top * 1.3)
-    ax.set_ylabel("GMK modules")
+    ax.set_ylabel(module_name.split(" (")[0])
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("GMK modules grown per detection round", fontsize=10)
+    ax.set_title(f"{module_name[0].upper()}{module_name[1:]} grown per detection round", fontsize=10)
     ax.legend(fontsize=8, frameon=False, loc="upper left")
     for spine in ("top", "right"):
         ax.spines[spine].set_visible(False)
@@ -385,12 +386,14 @@ def growth_figure(rounds: list[dict]) -> Figure:
     return figure
 
 
-REPORT_PLOTS: dict[str, Callable[[list[dict], list[dict], dict[str, TaskSpec]], Figure]] = {
-    "report_metrics.png": lambda rows, rounds, tasks: metric_bars_figure(rows, tasks),
-    "report_growth.png": lambda rows, rounds, tasks: growth_figure(rounds),
+REPORT_PLOTS: dict[str, Callable[[list[dict], list[dict], dict[str, TaskSpec], str], Figure]] = {
+    "report_metrics.png": lambda rows, rounds, tasks, module_name: metric_bars_figure(rows, tasks),
+    "report_growth.png": lambda rows, rounds, tasks, module_name: growth_figure(rounds, module_name),
 }
 
 
-def report_plots(run_dir: Path, rows: list[dict], rounds: list[dict], tasks: dict[str, TaskSpec]) -> list[Path]:
-    """Save the report's plots beside report.md: metric bars per task and method, GMK modules per round."""
-    return [save_figure(make(rows, rounds, tasks), Path(run_dir) / name) for name, make in REPORT_PLOTS.items()]
+def report_plots(run_dir: Path, rows: list[dict], rounds: list[dict], tasks: dict[str, TaskSpec],
+                 module_name: str = "GMK modules") -> list[Path]:
+    """Save the report's plots beside report.md: metric bars per task and method, modules grown per round."""
+    return [save_figure(make(rows, rounds, tasks, module_name), Path(run_dir) / name)
+            for name, make in REPORT_PLOTS.items()]

@@ -25,8 +25,6 @@ from mamo.step import StepResult
 from mamo.train import Session, build_network, cached_baseline, make_trainer, open_run, open_session, save_model
 from mamo.trainer import Callback, KeepBest, Trainer, add_new_parameters
 
-MODULE_KINDS = ("gmk", "exclusive")
-
 
 class ConflictRecorder(Callback):
     """Accumulates :class:`ConflictStats` from the steps' per-cell Gram blocks while a round is open."""
@@ -58,8 +56,8 @@ def method_name(config: Config) -> str:
 
 
 def _validate(config: Config) -> None:
-    if config.search.modules not in MODULE_KINDS:
-        raise MamoError(f"unknown search.modules '{config.search.modules}'; use one of {', '.join(MODULE_KINDS)}.")
+    if config.search.modules not in g.MODULE_NAMES:
+        raise MamoError(f"unknown search.modules '{config.search.modules}'; use one of {', '.join(g.MODULE_NAMES)}.")
     parse_threshold(config.search.threshold)
     for key in ("rounds", "pretrain_epochs", "round_epochs", "final_epochs"):
         value = getattr(config.search, key)
@@ -315,7 +313,7 @@ def _finish(
 
     draw_architecture(model.graph, directory / "architecture.png", model=model)
     rows = build_rows(results, "STL" if baselines else None, tasks)
-    figures = report_plots(directory, rows, rounds, tasks)
+    figures = report_plots(directory, rows, rounds, tasks, g.MODULE_NAMES[config.search.modules])
     notes = _growth_notes(rounds, counts, config) + "".join(
         f"\n\n![{path.stem.replace('_', ' ')}]({path.name})" for path in figures)
     text = write_report(directory, f"mamo search: {config.name}", rows, tasks, "STL" if baselines else None, notes)
@@ -326,7 +324,8 @@ def _finish(
 
 
 def _growth_notes(rounds: list[dict], counts: dict, config: Config) -> str:
-    lines = ["## Growth", "", "GMK modules activated per detection round (MAMO Table 3 layout):", ""]
+    grown = g.MODULE_NAMES[config.search.modules]
+    lines = ["## Growth", "", f"{grown[0].upper()}{grown[1:]} grown per detection round (MAMO Table 3 layout):", ""]
     header = ["Detection", *(f"MAMO-{r['round']}" for r in rounds)] if rounds else ["Detection", "(no rounds)"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines.append("| " + " | ".join([config.data.name, *(str(r["modules"]) for r in rounds)]) + " |")

@@ -175,6 +175,10 @@ def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path, capsy
     assert float(rows["MAMO Z=0"]["GMKs"]) == 0 and rows["MAMO Z=0"]["Params"] == rows["HPS (equal)"]["Params"]
     # Task-exclusive modules grow one branch per task of the pair where a GMK grows one per pair.
     assert float(rows["w/o GMK (task-exclusive modules)"]["GMKs"]) == 2 * float(rows["MAMO (Z=2)"]["GMKs"]) > 0
+    reports = {name: (tmp_path / "ablation" / "runs" / f"seed0-{name}" / "report.md").read_text()
+               for name in ("MAMO", "wo_GMK")}
+    assert "GMK modules grown per detection round" in reports["MAMO"]
+    assert "Task-exclusive modules (w/o GMK) grown per detection round" in reports["wo_GMK"]
 
     # A stopped ablation continues: finished variants are read back, a missing one retrains to the same row.
     runs = tmp_path / "ablation" / "runs"

@@ -238,6 +238,10 @@ def test_report_plots_save_metric_bars_and_growth(tmp_path):
     growth = plots.growth_figure(rounds)
     labels = [t.get_text() for t in growth.axes[0].get_xticklabels()]
     assert labels == ["round 1\na+b@cell1", "round 2\nnone"]
+    assert growth.axes[0].get_title() == "GMK modules grown per detection round"
+    exclusive = plots.growth_figure(rounds, "task-exclusive modules (w/o GMK)").axes[0]
+    assert exclusive.get_title() == "Task-exclusive modules (w/o GMK) grown per detection round"
+    assert exclusive.get_ylabel() == "task-exclusive modules"
 
 
 def test_growth_without_rounds_says_so():
