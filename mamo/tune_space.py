@@ -63,6 +63,12 @@ def _is_formulation(name: str) -> bool:
     return name in TENSIONER_FORMULATIONS
 
 
+def _is_module_kind(name: str) -> bool:
+    from mamo.graph import MODULE_NAMES
+
+    return name in MODULE_NAMES
+
+
 SPACE: dict[str, Param] = {
     "T": Param(("direction", "tensioner", "T"), lambda t, n, r: t.suggest_int(n, r[0], r[1]), _range()),
     "alpha": Param(("direction", "tensioner", "alpha"), lambda t, n, r: t.suggest_float(n, r[0], r[1]), _range()),
@@ -74,6 +80,8 @@ SPACE: dict[str, Param] = {
                        _choices(_is_direction, "direction names (equal, mgda, central, pcgrad, cagrad)")),
     "formulation": Param(("direction", "tensioner", "formulation"), lambda t, n, c: t.suggest_categorical(n, list(c)),
                          _choices(_is_formulation, "tensioner formulations (off, thesis, relative)")),
+    "modules": Param(("search", "modules"), lambda t, n, c: t.suggest_categorical(n, list(c)),
+                     _choices(_is_module_kind, "module kinds (gmk, exclusive)")),
 }
 
 PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
