@@ -10,7 +10,7 @@ import torch
 
 from mamo import graph as g
 from mamo.bench import load_bench, output_dir
-from mamo.bench.ablation import variants
+from mamo.bench.ablation import matching_latent, network_parameters, variants
 from mamo.bench.logic import (
     POINTS,
     TARGETS,
@@ -24,9 +24,12 @@ from mamo.config import DirectionConfig, TensionerConfig, load_config
 from mamo.data import load_data
 from mamo.directions import create_direction
 from mamo.errors import MamoError
+from mamo.export import load_trained
 from mamo.model import compile_model
+from mamo.report import delta
 from mamo.spaces import create_space
 from mamo.step import TrainStep
+from mamo.tasks import parse_tasks
 
 # (base, formulation) pairs the logic benchmark trains; T = 2 so the tensioner is active within a few steps.
 # equal + tensioner too: for m = 2 and a convex base (mgda, central) the two unit pulls of the thesis formulation
@@ -166,8 +169,22 @@ def test_ablation_refuses_a_budget_the_rounds_do_not_fit():
         variants(load_config("multimnist").search, 8, range(0, 6))
 
 
+def test_matching_latent_picks_the_width_with_the_nearest_parameter_count():
+    tasks = parse_tasks({t: {"type": "classification", "classes": 10} for t in ("left", "right")}, "test")
+    space = create_space(load_config("multimnist").model, (1, 28, 28))
+    template = g.build_hps_graph(space, tasks)
+    mamo = network_parameters(template, 50, "gmk")
+    assert (network_parameters(template, 50), mamo, network_parameters(template, 50, "exclusive")) == (
+        27450, 48782, 70112)  # HPS, MAMO and w/o GMK of the ablation table
+    for modules in (None, "exclusive"):
+        width = matching_latent(template, mamo, modules)
+        gaps = [abs(network_parameters(template, w, modules) - mamo) for w in (width - 1, width, width + 1)]
+        assert gaps[1] == min(gaps), modules
+    assert (matching_latent(template, mamo), matching_latent(template, mamo, "exclusive")) == (101, 30)
+
+
 def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path, capsys):
-    assert main(["bench", "ablation", "--quick", "--out", str(tmp_path / "ablation")]) == 0
+    assert main(["bench", "ablation", "--quick", "--equal-params", "--out", str(tmp_path / "ablation")]) == 0
     result = json.loads((tmp_path / "ablation" / "results.json").read_text())
     rows = {row[0]: dict(zip(result["columns"], row, strict=True)) for row in result["rows"]}
     assert list(rows)[:4] == ["HPS (equal)", "MAMO (Z=2)", "w/o MO (equal weighting)",
@@ -179,13 +196,23 @@ def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path, capsy
                for name in ("MAMO", "wo_GMK")}
     assert "GMK modules grown per detection round" in reports["MAMO"]
     assert "Task-exclusive modules (w/o GMK) grown per detection round" in reports["wo_GMK"]
+    # --equal-params: HPS and w/o GMK at MAMO's size, each Δ against the seed's STL at the preset's width.
+    hps_row, exclusive_row = list(rows)[-2:]
+    assert hps_row == "HPS (equal), MAMO's size (latent 101)" and exclusive_row == "w/o GMK, MAMO's size (latent 30)"
+    assert rows[hps_row]["Params"] == "48921" and float(rows[hps_row]["GMKs"]) == 0
+    narrow = json.loads((tmp_path / "ablation" / "runs" / "seed0-exclusive_latent30" / "metrics.json").read_text())
+    main_run = json.loads((tmp_path / "ablation" / "runs" / "seed0-MAMO" / "metrics.json").read_text())
+    stl = main_run["baselines"]["stl"]["tasks"]
+    assert not narrow.get("baselines")  # it trained no STL or HPS of its own
+    tasks = load_trained(tmp_path / "ablation" / "runs" / "seed0-MAMO").tasks
+    assert rows[exclusive_row]["Δ %"] == f"{delta(narrow['tasks'], stl, tasks):+.2f}"
 
     # A stopped ablation continues: finished variants are read back, a missing one retrains to the same row.
     runs = tmp_path / "ablation" / "runs"
     for path in (runs / "seed0-wo_MO").rglob("*"):
         if path.is_file():
             path.unlink()
-    assert main(["bench", "ablation", "--quick", "--out", str(tmp_path / "again"),
+    assert main(["bench", "ablation", "--quick", "--equal-params", "--out", str(tmp_path / "again"),
                  "--resume", str(tmp_path / "ablation")]) == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["rows"] == result["rows"]

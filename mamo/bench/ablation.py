@@ -5,6 +5,11 @@ each detection round take the preset's epochs and the final phase gets what is l
 more training. The first row is the default search itself (the preset's Z). Each
 seed's baselines are trained once and shared by its variants (the baseline cache). Rows are mean ± std over
 seeds of the test metrics' relative change against STL, Δ and win rate (MAMO Table 4 layout).
+
+``--equal-params`` adds two rows at MAMO's parameter count, to tell growth from size: HPS and w/o GMK with the
+LeNet's shared representation (``model.latent``) set so that the network has about the parameters of MAMO's
+fully grown one (a branch from cell 0). HPS trains as the HPS baseline does; w/o GMK searches without its own
+baselines. Every row's Δ is against the same per-seed STL, the one at the preset's width.
 """
 
 from __future__ import annotations
@@ -16,12 +21,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import networkx as nx
+
+from mamo import graph as g
 from mamo.checkpoint import latest_checkpoint
-from mamo.config import SearchConfig, config_from_dict, load_config, load_yaml
+from mamo.config import Config, SearchConfig, config_from_dict, load_config, load_yaml
 from mamo.errors import MamoError
 from mamo.export import load_trained
+from mamo.model import compile_model, count_parameters
 from mamo.report import delta, win_rate
 from mamo.search import run_search
+from mamo.spaces import space_from_spec
+from mamo.tasks import parse_tasks
+from mamo.train import cached_baseline, open_session
 
 
 def variants(search: SearchConfig, epochs: int, rounds: range) -> dict[str, list[str]]:
@@ -43,6 +55,69 @@ def variants(search: SearchConfig, epochs: int, rounds: range) -> dict[str, list
     return out
 
 
+def network_parameters(template: nx.DiGraph, latent: int, modules: str | None = None) -> int:
+    """Parameters of ``template``'s LeNet network (same input, tasks, heads) at shared width ``latent``: HPS,
+    or with every pair's branch of ``modules`` grown from cell 0."""
+    graph = g.build_hps_graph(space_from_spec({**template.graph["space"], "latent": latent}),
+                              parse_tasks(template.graph["tasks"], "the ablation's template network"))
+    for pair in g.pairs(graph) if modules else []:
+        g.grow(graph, (pair, 0), modules)
+    return count_parameters(compile_model(graph))
+
+
+def matching_latent(template: nx.DiGraph, target: int, modules: str | None = None) -> int:
+    """The shared width whose network (see :func:`network_parameters`) has the parameter count nearest
+    ``target``; the count grows with the width, so a bisection finds it."""
+    def count(latent: int) -> int:
+        return network_parameters(template, latent, modules)
+
+    low, high = 1, 2
+    while count(high) < target:
+        low, high = high, high * 2
+    while high - low > 1:  # count(low) < target ≤ count(high), or low = 1
+        middle = (low + high) // 2
+        low, high = (middle, high) if count(middle) < target else (low, middle)
+    return min((low, high), key=lambda latent: abs(count(latent) - target))
+
+
+def equal_parameter_variants(template: nx.DiGraph, search: SearchConfig, epochs: int) -> dict[str, tuple]:
+    """Row name -> (how it trains, overrides) of the two ``--equal-params`` rows, sized to MAMO's fully grown
+    network."""
+    target = network_parameters(template, template.graph["space"]["latent"], "gmk")
+    hps = matching_latent(template, target)
+    exclusive = matching_latent(template, target, "exclusive")
+    final = epochs - search.pretrain_epochs - search.round_epochs * search.rounds
+    return {
+        f"HPS (equal), MAMO's size (latent {hps})": (_hps_at, [f"model.latent={hps}"]),
+        f"w/o GMK, MAMO's size (latent {exclusive})": (_search_at, [
+            f"model.latent={exclusive}", "search.modules=exclusive", "search.baselines=false",
+            f"search.final_epochs={final}"]),
+    }
+
+
+def _hps_at(config: Config, runs_root: Path, progress: bool) -> dict:
+    """The HPS baseline procedure (equal weighting, ``train.epochs``) on ``config``'s network; cached."""
+    session = open_session(config, None, progress, quiet=True, cache_root=runs_root / ".baselines")
+    return cached_baseline(session, "hps", config.train.epochs)
+
+
+def _search_at(config: Config, runs_root: Path, progress: bool) -> dict:
+    """The search of ``config`` in a run folder named by its seed and width (resumed or read back as ever)."""
+    folder = runs_root / f"seed{config.train.seed}-{config.search.modules}_latent{config.model.latent}"
+    return _variant(config, folder, progress)
+
+
+def _row(name: str, runs: list[dict], stls: list[dict], columns: list[tuple[str, str]], tasks: dict) -> list[str]:
+    """A table row: mean ± std over seeds of each metric's change, Δ and win rate against that seed's STL."""
+    pairs = list(zip(runs, stls, strict=True))
+    changes = [_mean_std([100.0 * (r["tasks"][t][m] - s["tasks"][t][m]) / s["tasks"][t][m] for r, s in pairs])
+               for t, m in columns]
+    return [name, *changes, _mean_std([delta(r["tasks"], s["tasks"], tasks) for r, s in pairs]),
+            f"{statistics.mean(win_rate(r['tasks'], s['tasks'], tasks) for r, s in pairs):.2f}",
+            f"{statistics.mean(r.get('gmk_modules', 0) for r in runs):.1f}",
+            f"{statistics.mean(r['params'] for r in runs):.0f}"]
+
+
 def _rounds(overrides: list[str], default: int) -> int:
     for item in overrides:
         if item.startswith("search.rounds="):
@@ -59,6 +134,8 @@ def _mean_std(values: list[float]) -> str:
 def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-size", type=int, default=None,
                         help="MultiMNIST training images per variant (default: the preset's 20,000)")
+    parser.add_argument("--equal-params", action="store_true",
+                        help="add HPS and w/o GMK at MAMO's parameter count (shared width model.latent)")
     parser.add_argument("--resume", default=None, metavar="DIR",
                         help="the --out folder of a stopped ablation: finished variants are read from it, a "
                              "variant stopped part-way resumes from its checkpoint, the rest train there")
@@ -101,33 +178,22 @@ def run(args: argparse.Namespace) -> dict:
             config = load_config("multimnist", [*quick, f"train.seed={seed}", f"data.seed={seed}", *overrides])
             run_names.append(f"seed{seed}-{name.split(' (')[0].replace(' ', '_').replace('/', '')}")
             results[name].append(_variant(config, runs_root / run_names[-1], progress=not args.quick))
-    first = next(iter(results.values()))[0]
+    template = load_trained(runs_root / run_names[0])
+    tasks = template.tasks
+    if getattr(args, "equal_params", False):
+        for name, (train, overrides) in equal_parameter_variants(template.graph, base.search,
+                                                                  base.train.epochs).items():
+            results[name] = [
+                train(load_config("multimnist", [*quick, f"train.seed={seed}", f"data.seed={seed}", *overrides]),
+                      runs_root, not args.quick)
+                for seed in seeds]
+    stl = [r["baselines"]["stl"] for r in results[main]]
+    first = stl[0]
     columns = [(task, metric) for task, values in first["tasks"].items() for metric in values if metric != "loss"]
     header = ["Method", *(f"{t} {m} (% vs STL)" for t, m in columns), "Δ %", "Win", "GMKs", "Params"]
-    rows = []
-    for name, runs in results.items():
-        changes = []
-        for task, metric in columns:
-            per_seed = [100.0 * (r["tasks"][task][metric] - r["baselines"]["stl"]["tasks"][task][metric])
-                        / r["baselines"]["stl"]["tasks"][task][metric] for r in runs]
-            changes.append(_mean_std(per_seed))
-        rows.append([name, *changes, _mean_std([r["delta"] for r in runs]),
-                     f"{statistics.mean(r['win_rate'] for r in runs):.2f}",
-                     f"{statistics.mean(r['gmk_modules'] for r in runs):.1f}",
-                     f"{statistics.mean(r['params'] for r in runs):.0f}"])
     hps = [r["baselines"]["hps"] for r in results[main]]
-    stl = [r["baselines"]["stl"] for r in results[main]]
-    tasks = load_trained(runs_root / run_names[0]).tasks
-    pairs = list(zip(hps, stl, strict=True))
-    rows.insert(0, [
-        "HPS (equal)",
-        *(_mean_std([100.0 * (h["tasks"][t][m] - s["tasks"][t][m]) / s["tasks"][t][m] for h, s in pairs])
-          for t, m in columns),
-        _mean_std([delta(h["tasks"], s["tasks"], tasks) for h, s in pairs]),
-        f"{statistics.mean(win_rate(h['tasks'], s['tasks'], tasks) for h, s in pairs):.2f}",
-        "0",
-        str(hps[0]["params"]),
-    ])
+    rows = [_row("HPS (equal)", hps, stl, columns, tasks)]
+    rows += [_row(name, runs, stl, columns, tasks) for name, runs in results.items()]
     return {
         "title": f"MAMO ablations on MultiMNIST (seeds {seeds}; every variant trains {base.train.epochs} epochs)",
         "columns": header,
