@@ -188,8 +188,7 @@ def run(args: argparse.Namespace) -> dict:
                       runs_root, not args.quick)
                 for seed in seeds]
     stl = [r["baselines"]["stl"] for r in results[main]]
-    first = stl[0]
-    columns = [(task, metric) for task, values in first["tasks"].items() for metric in values if metric != "loss"]
+    columns = [(task, metric) for task, values in stl[0]["tasks"].items() for metric in values if metric != "loss"]
     header = ["Method", *(f"{t} {m} (% vs STL)" for t, m in columns), "Δ %", "Win", "GMKs", "Params"]
     hps = [r["baselines"]["hps"] for r in results[main]]
     rows = [_row("HPS (equal)", hps, stl, columns, tasks)]
