@@ -29,7 +29,7 @@ from mamo.config import Config, SearchConfig, config_from_dict, load_config, loa
 from mamo.errors import MamoError
 from mamo.export import load_trained
 from mamo.model import compile_model, count_parameters
-from mamo.report import delta, win_rate
+from mamo.report import delta, metric_columns, relative_changes, win_rate
 from mamo.search import run_search
 from mamo.spaces import space_from_spec
 from mamo.tasks import parse_tasks
@@ -107,11 +107,12 @@ def _search_at(config: Config, runs_root: Path, progress: bool) -> dict:
     return _variant(config, folder, progress)
 
 
-def _row(name: str, runs: list[dict], stls: list[dict], columns: list[tuple[str, str]], tasks: dict) -> list[str]:
-    """A table row: mean ± std over seeds of each metric's change, Δ and win rate against that seed's STL."""
+def _row(name: str, runs: list[dict], stls: list[dict], tasks: dict) -> list[str]:
+    """A table row: mean ± std over seeds of each metric's change (+ is better), Δ and win rate against that
+    seed's STL."""
     pairs = list(zip(runs, stls, strict=True))
-    changes = [_mean_std([100.0 * (r["tasks"][t][m] - s["tasks"][t][m]) / s["tasks"][t][m] for r, s in pairs])
-               for t, m in columns]
+    per_seed = [relative_changes(r["tasks"], s["tasks"], tasks) for r, s in pairs]
+    changes = [_mean_std([seed[(t, m)] for seed in per_seed]) for t, m, _ in metric_columns(tasks)]
     return [name, *changes, _mean_std([delta(r["tasks"], s["tasks"], tasks) for r, s in pairs]),
             f"{statistics.mean(win_rate(r['tasks'], s['tasks'], tasks) for r, s in pairs):.2f}",
             f"{statistics.mean(r.get('gmk_modules', 0) for r in runs):.1f}",
@@ -188,11 +189,11 @@ def run(args: argparse.Namespace) -> dict:
                       runs_root, not args.quick)
                 for seed in seeds]
     stl = [r["baselines"]["stl"] for r in results[main]]
-    columns = [(task, metric) for task, values in stl[0]["tasks"].items() for metric in values if metric != "loss"]
+    columns = [(task, metric) for task, metric, _ in metric_columns(tasks)]
     header = ["Method", *(f"{t} {m} (% vs STL)" for t, m in columns), "Δ %", "Win", "GMKs", "Params"]
     hps = [r["baselines"]["hps"] for r in results[main]]
-    rows = [_row("HPS (equal)", hps, stl, columns, tasks)]
-    rows += [_row(name, runs, stl, columns, tasks) for name, runs in results.items()]
+    rows = [_row("HPS (equal)", hps, stl, tasks)]
+    rows += [_row(name, runs, stl, tasks) for name, runs in results.items()]
     return {
         "title": f"MAMO ablations on MultiMNIST (seeds {seeds}; every variant trains {base.train.epochs} epochs)",
         "columns": header,
