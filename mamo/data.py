@@ -117,6 +117,21 @@ def build_multimnist_recon(
     return _two_item(mnist, mnist, seed, (train_size, val_size, test_size), ("left", "right"), right_alone=True)
 
 
+def build_multimnist_sum(
+    *, seed: int, root: str | None, train_size: int | None, val_size: int | None, test_size: int | None
+) -> dict:
+    """MultiMNIST with a third task ``sum``: the sum of the two digits (19 classes), which needs both of them.
+
+    With three tasks a GMK's pair is not every task, so GMK mediation differs from the trunk's (DESIGN §4).
+    """
+    out = build_multimnist(seed=seed, root=root, train_size=train_size, val_size=val_size, test_size=test_size)
+    for split in digits.SPLITS:
+        targets = out[split].targets
+        targets["sum"] = targets["left"] + targets["right"]
+    out["tasks"]["sum"] = _classes(19)
+    return out
+
+
 def build_multifashion(
     *, seed: int, root: str | None, train_size: int | None, val_size: int | None, test_size: int | None
 ) -> dict:
@@ -200,6 +215,7 @@ def build_concave(
 DATASETS: dict[str, Callable[..., dict]] = {
     "multimnist": build_multimnist,
     "multimnist_recon": build_multimnist_recon,
+    "multimnist_sum": build_multimnist_sum,
     "multifashion": build_multifashion,
     "multi_fashion_mnist": build_multi_fashion_mnist,
     "logic": build_logic,

@@ -169,6 +169,22 @@ def test_ablation_refuses_a_budget_the_rounds_do_not_fit():
         variants(load_config("multimnist").search, 8, range(0, 6))
 
 
+def test_ablation_runs_on_another_preset_with_the_chosen_rounds(tmp_path, capsys):
+    out = tmp_path / "sum"
+    args = ["bench", "ablation", "--quick", "--preset", "multimnist_sum", "--rounds-sweep", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert "multimnist_sum" in result["title"]
+    assert [row[0] for row in result["rows"]] == ["HPS (equal)", "MAMO (Z=2)", "w/o MO (equal weighting)",
+                                                  "w/o GMK (task-exclusive modules)"]
+    assert [c for c in result["columns"] if c.endswith("(% vs STL)")] == [
+        f"{task} accuracy (% vs STL)" for task in ("left", "right", "sum")]
+    # --equal-params sizes a fully grown pair, which is every task only with two tasks.
+    assert main([*args[:-2], "--equal-params", "--out", str(tmp_path / "eq")]) == 2
+    assert not (tmp_path / "eq" / "runs").exists()  # refused before any training
+    assert "needs two tasks; preset 'multimnist_sum' has 3" in capsys.readouterr().err
+
+
 def test_matching_latent_picks_the_width_with_the_nearest_parameter_count():
     tasks = parse_tasks({t: {"type": "classification", "classes": 10} for t in ("left", "right")}, "test")
     space = create_space(load_config("multimnist").model, (1, 28, 28))

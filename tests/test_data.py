@@ -119,6 +119,16 @@ def test_default_sizes() -> None:
     assert dict(DEFAULT_SIZES) == {"train_size": 20_000, "val_size": 2_000, "test_size": 4_000}
 
 
+def test_sum_task_is_the_sum_of_the_two_digits_on_the_same_images(multimnist: MultiTaskData) -> None:
+    data = build("multimnist_sum")
+    assert list(data.tasks) == ["left", "right", "sum"] and data.tasks["sum"].classes == 19
+    for split, base in splits(multimnist).items():
+        ds = getattr(data, split)
+        assert torch.equal(ds.x, base.x)
+        assert torch.equal(ds.targets["sum"], base.targets["left"] + base.targets["right"])
+    assert set(data.train.targets["sum"].tolist()) <= set(range(19))
+
+
 def test_recon_target_is_the_bottom_right_digit_alone(recon: MultiTaskData, multimnist: MultiTaskData) -> None:
     assert recon.tasks["right"].to_dict() == {"type": "reconstruction", "shape": [1, 28, 28]}
     assert recon.tasks["left"].classes == 10

@@ -1,5 +1,8 @@
 """The MAMO §4.4 ablations on MultiMNIST: w/o MO, w/o GMK, and the number of detection rounds Z = 0..5.
 
+``--preset`` runs them on another preset (``multimnist_sum``: three tasks, where a GMK's pair is not every
+task) and ``--rounds-sweep`` picks the Z rows (none: only MAMO, w/o MO and w/o GMK).
+
 Every variant trains the same number of epochs as its STL/HPS baselines (``train.epochs``): pretraining and
 each detection round take the preset's epochs and the final phase gets what is left, so more rounds never means
 more training. The first row is the default search itself (the preset's Z). Each
@@ -19,6 +22,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import networkx as nx
@@ -26,6 +30,7 @@ import networkx as nx
 from mamo import graph as g
 from mamo.checkpoint import latest_checkpoint
 from mamo.config import Config, SearchConfig, config_from_dict, load_config, load_yaml
+from mamo.data import load_data
 from mamo.errors import MamoError
 from mamo.export import load_trained
 from mamo.model import compile_model, count_parameters
@@ -36,7 +41,7 @@ from mamo.tasks import parse_tasks
 from mamo.train import cached_baseline, open_session
 
 
-def variants(search: SearchConfig, epochs: int, rounds: range) -> dict[str, list[str]]:
+def variants(search: SearchConfig, epochs: int, rounds: Iterable[int]) -> dict[str, list[str]]:
     """Variant name -> overrides. Pretraining and each detection round take the preset's epochs and the final
     phase gets the rest of ``epochs``, so every variant trains as long as its baselines."""
     table = {
@@ -133,8 +138,14 @@ def _mean_std(values: list[float]) -> str:
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="multimnist",
+                        help="the preset every variant starts from (default: multimnist; multimnist_sum has "
+                             "three tasks)")
+    parser.add_argument("--rounds-sweep", type=int, nargs="*", default=None, metavar="Z",
+                        help="the numbers of detection rounds of the Z rows (default: 0 to 5, --quick 0 1; "
+                             "give none to leave the Z rows out)")
     parser.add_argument("--train-size", type=int, default=None,
-                        help="MultiMNIST training images per variant (default: the preset's 20,000)")
+                        help="training images per variant (default: the preset's)")
     parser.add_argument("--equal-params", action="store_true",
                         help="add HPS and w/o GMK at MAMO's parameter count (shared width model.latent)")
     parser.add_argument("--resume", default=None, metavar="DIR",
@@ -147,7 +158,7 @@ def _variant(config, run_dir: Path, progress: bool) -> dict:
     saved = run_dir / "config.yaml"  # what a finished or a resumed run trains with
     if saved.is_file() and config_from_dict(load_yaml(saved.read_text()), str(saved)).to_dict() != config.to_dict():
         raise MamoError(f"{run_dir} was trained with another configuration than this ablation asks for; resume "
-                        "with the same options (--seeds, --train-size, --quick) or start a new --out.")
+                        "with the same options (--preset, --seeds, --train-size, --quick) or start a new --out.")
     if (run_dir / "metrics.json").is_file():
         return json.loads((run_dir / "metrics.json").read_text())
     if latest_checkpoint(run_dir / "checkpoints") is not None:
@@ -163,9 +174,15 @@ def run(args: argparse.Namespace) -> dict:
              "search.pretrain_epochs=2", "search.round_epochs=1"] if args.quick else []
     if args.train_size:
         quick.append(f"data.train_size={args.train_size}")
-    base = load_config("multimnist", quick)
-    rounds = range(0, 2) if args.quick else range(0, 6)
+    preset = getattr(args, "preset", "multimnist")
+    base = load_config(preset, quick)
+    rounds = getattr(args, "rounds_sweep", None)
+    if rounds is None:
+        rounds = range(0, 2) if args.quick else range(0, 6)
     table = variants(base.search, base.train.epochs, rounds)
+    if getattr(args, "equal_params", False) and len(tasks := load_data(base.data).tasks) != 2:
+        raise MamoError(f"--equal-params sizes networks by a fully grown pair, which needs two tasks; preset "
+                        f"'{preset}' has {len(tasks)}. Drop --equal-params or use a two-task preset.")
     main = next(iter(table))
     folder = Path(args.out) if getattr(args, "out", None) else Path(tempfile.mkdtemp(prefix="mamo-ablation-"))
     runs_root = Path(args.resume) / "runs" if getattr(args, "resume", None) else folder / "runs"
@@ -176,7 +193,7 @@ def run(args: argparse.Namespace) -> dict:
     run_names: list[str] = []
     for seed in seeds:
         for name, overrides in table.items():
-            config = load_config("multimnist", [*quick, f"train.seed={seed}", f"data.seed={seed}", *overrides])
+            config = load_config(preset, [*quick, f"train.seed={seed}", f"data.seed={seed}", *overrides])
             run_names.append(f"seed{seed}-{name.split(' (')[0].replace(' ', '_').replace('/', '')}")
             results[name].append(_variant(config, runs_root / run_names[-1], progress=not args.quick))
     template = load_trained(runs_root / run_names[0])
@@ -185,7 +202,7 @@ def run(args: argparse.Namespace) -> dict:
         for name, (train, overrides) in equal_parameter_variants(template.graph, base.search,
                                                                   base.train.epochs).items():
             results[name] = [
-                train(load_config("multimnist", [*quick, f"train.seed={seed}", f"data.seed={seed}", *overrides]),
+                train(load_config(preset, [*quick, f"train.seed={seed}", f"data.seed={seed}", *overrides]),
                       runs_root, not args.quick)
                 for seed in seeds]
     stl = [r["baselines"]["stl"] for r in results[main]]
@@ -195,7 +212,7 @@ def run(args: argparse.Namespace) -> dict:
     rows = [_row("HPS (equal)", hps, stl, tasks)]
     rows += [_row(name, runs, stl, tasks) for name, runs in results.items()]
     return {
-        "title": f"MAMO ablations on MultiMNIST (seeds {seeds}; every variant trains {base.train.epochs} epochs)",
+        "title": f"MAMO ablations on {preset} (seeds {seeds}; every variant trains {base.train.epochs} epochs)",
         "columns": header,
         "rows": rows,
         "notes": ["STL test metrics per seed: " + "; ".join(
