@@ -179,6 +179,8 @@ def test_ablation_runs_on_another_preset_with_the_chosen_rounds(tmp_path, capsys
                                                   "w/o GMK (task-exclusive modules)"]
     assert [c for c in result["columns"] if c.endswith("(% vs STL)")] == [
         f"{task} accuracy (% vs STL)" for task in ("left", "right", "sum")]
+    per_seed = next(note for note in result["notes"] if note.startswith("Δ % per seed"))
+    assert [part.split(": ")[-1] for part in per_seed.split("; ")] == [row[-4] for row in result["rows"]]  # 1 seed
     # --equal-params sizes a fully grown pair, which is every task only with two tasks.
     assert main([*args[:-2], "--equal-params", "--out", str(tmp_path / "eq")]) == 2
     assert not (tmp_path / "eq" / "runs").exists()  # refused before any training

@@ -208,9 +208,11 @@ def run(args: argparse.Namespace) -> dict:
     stl = [r["baselines"]["stl"] for r in results[main]]
     columns = [(task, metric) for task, metric, _ in metric_columns(tasks)]
     header = ["Method", *(f"{t} {m} (% vs STL)" for t, m in columns), "Δ %", "Win", "GMKs", "Params"]
-    hps = [r["baselines"]["hps"] for r in results[main]]
-    rows = [_row("HPS (equal)", hps, stl, tasks)]
-    rows += [_row(name, runs, stl, tasks) for name, runs in results.items()]
+    every = {"HPS (equal)": [r["baselines"]["hps"] for r in results[main]], **results}
+    rows = [_row(name, runs, stl, tasks) for name, runs in every.items()]
+    per_seed = "; ".join(f"{name}: " + " / ".join(f"{delta(r['tasks'], s['tasks'], tasks):+.2f}"
+                                                  for r, s in zip(runs, stl, strict=True))
+                         for name, runs in every.items())
     return {
         "title": f"MAMO ablations on {preset} (seeds {seeds}; every variant trains {base.train.epochs} epochs)",
         "columns": header,
@@ -218,5 +220,6 @@ def run(args: argparse.Namespace) -> dict:
         "notes": ["STL test metrics per seed: " + "; ".join(
                       f"seed {seed}: " + ", ".join(f"{t} {m} {s['tasks'][t][m]:.4f}" for t, m in columns)
                       for seed, s in zip(seeds, stl, strict=True)),
+                  f"Δ % per seed (seeds {', '.join(map(str, seeds))}): {per_seed}",
                   f"run folders under {runs_root}"],
     }
