@@ -185,6 +185,8 @@ def test_ablation_runs_on_another_preset_with_the_chosen_rounds(tmp_path, capsys
     assert main([*args[:-2], "--equal-params", "--out", str(tmp_path / "eq")]) == 2
     assert not (tmp_path / "eq" / "runs").exists()  # refused before any training
     assert "needs two tasks; preset 'multimnist_sum' has 3" in capsys.readouterr().err
+    assert main(["bench", "ablation", "--quick", "--rounds-sweep", "0", "-1", "--out", str(tmp_path / "z")]) == 2
+    assert "--rounds-sweep takes numbers of detection rounds ≥ 0, got [0, -1]" in capsys.readouterr().err
 
 
 def test_matching_latent_picks_the_width_with_the_nearest_parameter_count():

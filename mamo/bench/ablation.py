@@ -179,6 +179,8 @@ def run(args: argparse.Namespace) -> dict:
     rounds = getattr(args, "rounds_sweep", None)
     if rounds is None:
         rounds = range(0, 2) if args.quick else range(0, 6)
+    if any(z < 0 for z in rounds):
+        raise MamoError(f"--rounds-sweep takes numbers of detection rounds ≥ 0, got {list(rounds)}; fix the list.")
     table = variants(base.search, base.train.epochs, rounds)
     if getattr(args, "equal_params", False) and len(tasks := load_data(base.data).tasks) != 2:
         raise MamoError(f"--equal-params sizes networks by a fully grown pair, which needs two tasks; preset "
