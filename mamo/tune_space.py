@@ -15,6 +15,7 @@ import optuna
 from mamo.config import Config, TuneConfig, config_from_dict
 from mamo.conflicts import parse_threshold
 from mamo.errors import MamoError
+from mamo.graph import MODULE_NAMES
 from mamo.tasks import TaskSpec
 
 
@@ -64,8 +65,6 @@ def _is_formulation(name: str) -> bool:
 
 
 def _is_module_kind(name: str) -> bool:
-    from mamo.graph import MODULE_NAMES
-
     return name in MODULE_NAMES
 
 
