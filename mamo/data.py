@@ -2,21 +2,16 @@
 
 A dataset, built-in or plugin, is a function returning ``{"train": Dataset, "val": Dataset, "test": Dataset,
 "tasks": {name: {"type": ..., ...}}}`` whose samples are ``(x, {task: target})``. Built-ins are entries of
-:data:`DATASETS`; a plugin is named ``path/to/file.py:function`` or ``package.module:function``.
-:func:`load_data` builds and validates either and returns a :class:`MultiTaskData`.
+:data:`DATASETS`; a plugin is named ``path/to/file.py:function`` or ``package.module:function`` (found and
+called by :mod:`mamo.data_plugins`). :func:`load_data` builds and validates either and returns a
+:class:`MultiTaskData`.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
 import math
-import re
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -26,11 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from mamo import digits, scenes
 from mamo.config import DataConfig
+from mamo.data_plugins import builder_arguments, load_plugin
 from mamo.errors import MamoError
 from mamo.tasks import TASK_TYPES, TaskSpec, parse_tasks
 
-SIZE_KEYS = ("train_size", "val_size", "test_size")
-RESERVED = ("seed", "root", *SIZE_KEYS)
 DEFAULT_SIZES = MappingProxyType({"train_size": 20_000, "val_size": 2_000, "test_size": 4_000})
 
 
@@ -225,88 +219,6 @@ DATASETS: dict[str, Callable[..., dict]] = {
 }
 
 
-# ------------------------------------------------------------------------------------------------------ plugins
-
-
-def _load_plugin(name: str) -> Callable[..., dict]:
-    target, _, func_name = name.rpartition(":")
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        path = Path(target).expanduser()
-        if not path.is_file():
-            raise MamoError(f"data plugin file '{target}' was not found; fix the path in data.name '{name}'.")
-        module_name = "mamo_data_plugin_" + re.sub(r"\W", "_", path.stem)
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        if spec is None or spec.loader is None:
-            raise MamoError(f"data plugin file '{target}' cannot be loaded as Python; give a .py file in data.name.")
-        module = importlib.util.module_from_spec(spec)
-        # Registered before running it, as importlib's recipe does, so dataclasses and pickling inside it work.
-        sys.modules[module_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except MamoError:
-            sys.modules.pop(module_name, None)
-            raise
-        except Exception as exc:
-            sys.modules.pop(module_name, None)
-            raise MamoError(
-                f"data plugin file '{target}' raised {type(exc).__name__} on import: {exc}; fix the plugin."
-            ) from exc
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise MamoError(
-                f"data plugin module '{target}' could not be imported ({exc}); fix data.name or install the module."
-            ) from exc
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise MamoError(f"data plugin '{target}' has no function '{func_name}'; define it or fix data.name '{name}'.")
-    return func
-
-
-def _accepted(func: Callable[..., Any]) -> tuple[set[str], bool] | None:
-    """Keyword names ``func`` accepts and whether it takes ``**kwargs``; None if it cannot be inspected."""
-    try:
-        params = inspect.signature(func).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    return names, any(p.kind is p.VAR_KEYWORD for p in params)
-
-
-def _call_arguments(func: Callable[..., Any], cfg: DataConfig, what: str, plugin: bool) -> dict[str, Any]:
-    sizes = {key: getattr(cfg, key) for key in SIZE_KEYS}
-    for key, value in sizes.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise MamoError(f"data.{key} must be a positive integer or null, got {value!r}; fix it.")
-    for key in cfg.options:
-        if key in RESERVED:
-            raise MamoError(f"data.options.{key} is reserved for {what}; set data.{key} instead.")
-    kwargs: dict[str, Any] = {"seed": cfg.seed, "root": cfg.root}
-    accepted = _accepted(func)
-    if accepted is None:
-        return {**kwargs, **{k: v for k, v in sizes.items() if v is not None}, **cfg.options}
-    names, var_keyword = accepted
-    if plugin:
-        if not var_keyword and not {"seed", "root"} <= names:
-            raise MamoError(f"{what} must accept the keyword arguments seed and root; add them to its signature.")
-        for key, value in sizes.items():
-            if key in names or var_keyword:
-                kwargs[key] = value
-            elif value is not None:
-                raise MamoError(f"data.{key} is set but {what} takes no '{key}' argument; remove it or add one.")
-    else:
-        kwargs.update(sizes)
-    if not var_keyword:
-        valid = sorted(names - set(RESERVED))
-        for key in cfg.options:
-            if key not in names:
-                raise MamoError(
-                    f"unknown option '{key}' in data.options for {what}; valid options: {', '.join(valid) or 'none'}."
-                )
-    return {**kwargs, **cfg.options}
-
-
 # --------------------------------------------------------------------------------------------------- validation
 
 def _check_sample(dataset: Dataset, split: str, tasks: dict[str, TaskSpec], what: str) -> tuple[int, ...]:
@@ -382,12 +294,12 @@ def load_data(cfg: DataConfig) -> MultiTaskData:
     if cfg.name in DATASETS:
         builder, what, plugin = DATASETS[cfg.name], f"dataset '{cfg.name}'", False
     elif ":" in cfg.name:
-        builder, what, plugin = _load_plugin(cfg.name), f"data plugin '{cfg.name}'", True
+        builder, what, plugin = load_plugin(cfg.name), f"data plugin '{cfg.name}'", True
     else:
         raise MamoError(
             f"unknown dataset '{cfg.name}'; use one of {', '.join(DATASETS)} or a plugin 'file.py:function'."
         )
-    kwargs = _call_arguments(builder, cfg, what, plugin)
+    kwargs = builder_arguments(builder, cfg, what, plugin)
     if not plugin:
         return _validate(builder(**kwargs), what)
     try:
