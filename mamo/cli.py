@@ -31,7 +31,7 @@ COMMANDS: dict[str, Command] = {
                       "mamo.export"),
     "show": Command("print a run's architecture as a tree with parameter counts and where GMKs grew",
                     "mamo.export"),
-    "bench": Command("run a benchmark (logic, multimnist_recon, step) and save its table", "mamo.bench"),
+    "bench": Command("run a benchmark (logic, multimnist_recon, step, ablation) and save its table", "mamo.bench"),
     "tune": Command("tune T, alpha and the detection rounds with Optuna", "mamo.tune"),
 }
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mamo import graph as g
-from mamo.bench import load_bench, output_dir
+from mamo.bench import BENCHES, load_bench, output_dir
 from mamo.bench.ablation import matching_latent, network_parameters, variants
 from mamo.bench.logic import (
     POINTS,
@@ -19,7 +19,7 @@ from mamo.bench.logic import (
     VectorMLP,
     initial_parameters,
 )
-from mamo.cli import main
+from mamo.cli import COMMANDS, main
 from mamo.config import DirectionConfig, TensionerConfig, load_config
 from mamo.data import load_data
 from mamo.directions import create_direction
@@ -105,6 +105,11 @@ def test_unknown_benchmark_names_the_known_ones(capsys):
         load_bench("nope")
     assert main(["bench", "nope"]) == 2
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_the_command_list_names_every_benchmark():
+    # The top-level help is written by hand so that `mamo --help` imports no benchmark; keep it complete.
+    assert f"({', '.join(BENCHES)})" in COMMANDS["bench"].help
 
 
 def test_default_output_folders_never_collide(tmp_path, monkeypatch):
