@@ -109,7 +109,18 @@ def _layer(stats: ConflictStats, candidates: list[Position], k: int) -> list[Pos
 def _topk(stats: ConflictStats, candidates: list[Position], k: int) -> list[Position]:
     # Stable sort: ties keep the candidates' order (shallow cells first, pairs in task order).
     ranked = sorted((p for p in candidates if stats.q(p) > 0), key=lambda p: -stats.q(p))
-    return ranked[:k]
+    # A pair's branch runs from its first active cell to the output (DESIGN §3), so a position no shallower
+    # than a cell already chosen for its pair this round grows nothing; it takes none of the K slots.
+    first_cell: dict[Pair, int] = {}
+    chosen: list[Position] = []
+    for pair, cell in ranked:
+        if len(chosen) == k:
+            break
+        if cell >= first_cell.get(pair, stats.num_cells):
+            continue
+        first_cell[pair] = cell
+        chosen.append((pair, cell))
+    return chosen
 
 
 THRESHOLDS: dict[str, Callable[[ConflictStats, list[Position], int], list[Position]]] = {
