@@ -261,8 +261,8 @@ def _run_phases(
             activated, new_nodes = _grow(trainer, stats, config, z)
             record = _round_record(z, stats, activated, new_nodes, val, val_delta, trainer, directory)
             rounds.append(_serialisable(record))
-            session.log(f"round {z}: {stats.steps} mini-batches, activated {len(activated)} positions "
-                        f"{[f'{a}+{b}@cell{c}' for (a, b), c in activated]}, {len(new_nodes)} new modules, "
+            where = ", ".join(f"{a}+{b}@cell{c}" for (a, b), c in activated) or "nothing"
+            session.log(f"round {z}: {stats.steps} mini-batches, activated {where}; {len(new_nodes)} new modules, "
                         f"{record['gmk_modules']} in all")
         phase_seconds[phase] = phase_seconds.get(phase, 0.0) + time.perf_counter() - phase_start
         _checkpoint(directory, index, phase, trainer, rounds, {"phase_seconds": phase_seconds})
