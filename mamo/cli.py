@@ -46,7 +46,7 @@ def add_preset_arguments(parser: argparse.ArgumentParser, default: str | None) -
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--no-tensorboard", action="store_true",
                         help="write no TensorBoard events or round pictures (the report and its plots are still "
-                             "written); measured: 2.2-2.5 s less on the default search, 0.8 s on the quick one")
+                             "written); measured: 2.2-2.5 s less on the default search, 0.8-1.3 s on the quick one")
 
 
 def _handler(name: str, prefix: str):
