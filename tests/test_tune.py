@@ -15,8 +15,9 @@ from optuna.trial import TrialState
 from mamo.cli import main
 from mamo.config import load_config
 from mamo.errors import MamoError
-from mamo.tune import open_storage, run_tune
+from mamo.tune import run_tune
 from mamo.tune_space import apply_params, check_space
+from mamo.tune_workers import open_storage
 
 TINY = ["data.train_size=128", "data.val_size=64", "data.test_size=64", "train.epochs=1",
         "search.final_epochs=1", "tune.rounds=[0, 1]"]
