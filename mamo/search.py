@@ -55,7 +55,8 @@ def method_name(config: Config) -> str:
     return f"MAMO ({base})" if config.search.modules == "gmk" else f"MAMO w/o GMK ({base})"
 
 
-def _validate(config: Config) -> None:
+def check_search_config(config: Config) -> None:
+    """The search section's own settings; fails before any folder is made."""
     if config.search.modules not in g.MODULE_NAMES:
         raise MamoError(f"unknown search.modules '{config.search.modules}'; use one of {', '.join(g.MODULE_NAMES)}.")
     parse_threshold(config.search.threshold)
@@ -180,10 +181,10 @@ def run_search(
     started = time.perf_counter()
     if resume:
         config, directory, state = _resume_state(run_dir)
-        _validate(config)
+        check_search_config(config)
         session = open_session(config, directory, progress, quiet, cache_root)
     else:
-        _validate(config)
+        check_search_config(config)
         session, directory = open_run(config, run_dir, "search", progress, quiet, cache_root)
         state = None
     search, tasks = config.search, session.data.tasks

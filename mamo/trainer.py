@@ -8,6 +8,7 @@ only runs the loop, shows a progress bar and evaluates.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 
@@ -29,6 +30,25 @@ OPTIMIZERS: dict[str, Callable[[list, TrainConfig], torch.optim.Optimizer]] = {
     "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay),
     "adamw": lambda params, c: torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay),
 }
+
+
+# train.KEY -> (is the value acceptable, what it must be); checked before any data loads or folder is made.
+TRAIN_BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "epochs": (lambda v: v >= 1, "an integer ≥ 1"),
+    "batch_size": (lambda v: v >= 1, "an integer ≥ 1"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
+}
+
+
+def check_train_numbers(config: TrainConfig) -> None:
+    """One sentence for a training number out of range, instead of a traceback (or silently no training)."""
+    for key, (acceptable, wanted) in TRAIN_BOUNDS.items():
+        value = getattr(config, key)
+        if not acceptable(value):
+            default = getattr(TrainConfig, key)
+            raise MamoError(f"train.{key} must be {wanted}, got {value!r}; set e.g. train.{key}={default}.")
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

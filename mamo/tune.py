@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +28,8 @@ from mamo.errors import MamoError
 from mamo.report import delta
 from mamo.runs import RUNS_ROOT
 from mamo.tasks import TaskSpec
-from mamo.trainer import Callback
-from mamo.tune_space import check_space, objective_metrics, suggest_config, trial_folder
+from mamo.trainer import Callback, check_train_numbers, resolve_device
+from mamo.tune_space import SPACE, apply_params, check_space, objective_metrics, suggest_config, trial_folder
 from mamo.tune_summary import summarize
 from mamo.tune_workers import Plan, Tickets, open_storage, optimize, quiet_optuna, run_workers
 
@@ -91,7 +92,8 @@ class SearchObjective:
 # ---------------------------------------------------------------- the command
 
 
-def _study_dir(run_dir: str | Path | None, storage: str | None, name: str, config: Config) -> Path:
+def _study_dir(run_dir: str | Path | None, storage: str | None, name: str, config: Config) -> tuple[Path, bool]:
+    """The study folder, and whether this command created it."""
     if run_dir:
         path = Path(run_dir)
     elif storage:
@@ -101,8 +103,9 @@ def _study_dir(run_dir: str | Path | None, storage: str | None, name: str, confi
     if path.is_dir() and any(path.iterdir()) and not (path / "study.yaml").is_file():
         raise MamoError(f"{path} is not empty and holds no study (study.yaml); pass a new --run-dir, or a study "
                         "folder to continue its study.")
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    return path, created
 
 
 def _study_config(store: optuna.storages.RDBStorage, name: str, config: Config, overrides: list[str] | tuple,
@@ -114,8 +117,8 @@ def _study_config(store: optuna.storages.RDBStorage, name: str, config: Config, 
     except KeyError:
         stored = None
     if stored is None:
-        if not path.is_file():
-            dump_config(config, path)
+        # Not in the storage yet: a study.yaml here is left from a start that failed on bad input; replace it.
+        dump_config(config, path)
         return config
     if not path.is_file():
         dump_config(config_from_dict(stored, f"study '{name}'"), path)
@@ -123,6 +126,20 @@ def _study_config(store: optuna.storages.RDBStorage, name: str, config: Config, 
     print(f"joining study '{name}': using the configuration it was created with ({path}); --set still applies",
           flush=True)
     return joined
+
+
+def _check_first_trial(config: Config) -> None:
+    """What a search checks before it makes its folder, on the settings of a first trial (each tuned key at its
+    low end or first choice): a setting every trial would fail on is one sentence, not a study of failed trials."""
+    from mamo.directions import create_direction
+    from mamo.search import check_search_config
+
+    probe = apply_params(config, {name: getattr(config.tune, name)[0] for name in SPACE
+                                  if getattr(config.tune, name) is not None})
+    check_search_config(probe)
+    check_train_numbers(probe.train)
+    resolve_device(probe.train.device)
+    create_direction(probe.direction)
 
 
 def _reference(config: Config, directory: Path, search: bool, multi: bool, progress: bool) -> tuple[dict, dict | None]:
@@ -188,13 +205,20 @@ def run_tune(
         raise MamoError("--storage needs --study NAME so that every worker joins the same study; add --study.")
     name = study_name or DEFAULT_STUDY
     store = open_storage(storage) if storage else None  # a bad URL fails before anything is written
-    directory = _study_dir(study_dir, storage, name, config)
+    directory, created = _study_dir(study_dir, storage, name, config)
     url = storage or f"sqlite:///{(directory / 'study.db').resolve()}"
-    store = store or open_storage(url)
-    config = _study_config(store, name, config, overrides, directory)
-    check_space(config.tune)
-    tasks, stl_val = _reference(config, directory, objective is None, multi_objective, progress)
-    study = _create_study(store, name, multi_objective, tasks, config, stl_val)
+    try:
+        store = store or open_storage(url)
+        config = _study_config(store, name, config, overrides, directory)
+        check_space(config.tune)
+        if objective is None:
+            _check_first_trial(config)
+        tasks, stl_val = _reference(config, directory, objective is None, multi_objective, progress)
+        study = _create_study(store, name, multi_objective, tasks, config, stl_val)
+    except MamoError:
+        if created:  # bad input leaves no half-made study folder behind to trip the corrected retry
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
     if objective is None:
         objective = SearchObjective(config, directory, tasks, study.user_attrs.get("stl_val"), multi_objective,
                                     tensorboard)

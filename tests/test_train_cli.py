@@ -256,6 +256,28 @@ def test_unknown_names_exit_2_with_one_sentence(
     assert expected in single_error(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.epochs=0", "train.epochs must be an integer ≥ 1, got 0"),
+        ("train.batch_size=0", "train.batch_size must be an integer ≥ 1, got 0"),
+        ("train.lr=-1", "train.lr must be a finite number > 0, got -1.0"),
+        ("train.lr=.nan", "train.lr must be a finite number > 0, got nan"),
+        ("train.momentum=1", "train.momentum must be a number in [0, 1), got 1.0"),
+        ("train.weight_decay=-0.1", "train.weight_decay must be a finite number ≥ 0, got -0.1"),
+    ],
+)
+def test_training_numbers_out_of_range_exit_2_before_a_folder_is_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture, override: str, expected: str
+) -> None:
+    # Before: batch_size=0 raised ZeroDivisionError, lr=-1 torch's ValueError, epochs=0 trained nothing.
+    run = tmp_path / "run"
+    assert train("logic", "--set", override, "--set", "train.device=cpu", "--no-progress", "--run-dir", str(run)) == 2
+    message = single_error(capsys.readouterr().err)
+    assert expected in message and "set e.g." in message
+    assert not run.exists()
+
+
 def test_logic_preset_solves_both_gates_on_its_default_seed(tmp_path: Path) -> None:
     # The thesis' protocol (mini-batches of two, 3,000 epochs): XOR is solved, not stuck at MSE 0.25.
     run = tmp_path / "logic"

@@ -155,6 +155,36 @@ def test_bad_storage_url_is_one_sentence(tmp_path, capsys, url):
     assert not (tmp_path / "study").exists()  # nothing is written before the storage answers
 
 
+@pytest.mark.parametrize(("override", "expected"), [
+    ("direction.name=x", "unknown direction 'x'"),
+    ("search.threshold=foo", "unknown search.threshold 'foo'"),
+    ("train.lr=-1", "train.lr must be a finite number > 0"),
+    ("model.backbone=vgg", "unknown backbone 'vgg'"),
+])
+def test_a_setting_every_trial_would_fail_on_is_one_sentence_before_the_study(tmp_path, capsys, override, expected):
+    # Before: the study started and each trial failed on it; the folder and its study.yaml stayed behind.
+    code = main(["tune", "quick", "--trials", "2", "--set", override, "--run-dir", str(tmp_path / "study"),
+                 "--no-progress"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # (a bad backbone shows once STL starts building)
+    assert code == 2 and error.startswith("mamo: error: ") and expected in error
+    assert not (tmp_path / "study").exists()
+
+
+def test_a_bad_base_setting_the_tuned_space_replaces_is_no_error(tmp_path):
+    config = load_config("quick", [*TINY, "direction.name=x", "tune.direction=[equal]", "tune.rounds=[0, 0]"])
+    result = run_tune(config, study_dir=tmp_path, trials=1, progress=False, tensorboard=False)
+    assert result["states"]["complete"] == 1
+
+
+def test_a_start_that_failed_in_an_existing_folder_does_not_leave_its_config_to_the_retry(tmp_path):
+    folder = tmp_path / "study"
+    folder.mkdir()  # made by the user: kept on failure, with the failed start's study.yaml in it
+    with pytest.raises(MamoError, match="unknown backbone"):
+        run_tune(load_config("quick", [*TINY, "model.backbone=vgg"]), study_dir=folder, trials=1, progress=False)
+    run_tune(load_config("quick", TINY), study_dir=folder, trials=0, progress=False)
+    assert load_config(str(folder / "study.yaml")).model.backbone == "lenet"
+
+
 def test_storage_needs_a_study_name(tmp_path):
     with pytest.raises(MamoError, match="--study"):
         run_tune(load_config("quick"), study_dir=tmp_path, storage="sqlite:///x.db", trials=1, objective=buggy)
