@@ -188,6 +188,14 @@ def _check_mode(mode: str) -> None:
         raise MamoError(f"unknown gradient mode '{mode}' (train.gradients); use one of {', '.join(STEP_MODES)}.")
 
 
+def check_step_settings(gradients: str, precision: str, gradient_path: str) -> None:
+    """train.gradients, train.precision and train.gradient_path name something the step has."""
+    _check_mode(gradients)
+    if precision not in PRECISIONS:
+        raise MamoError(f"unknown precision '{precision}' (train.precision); use one of {', '.join(PRECISIONS)}.")
+    resolve_gradient_path(gradient_path, torch.device("cpu"))  # validates the name
+
+
 def _host(*tensors: torch.Tensor) -> torch.Tensor:
     """One device-to-host copy of several small tensors (the step's single synchronisation point)."""
     return torch.cat([t.detach().float().reshape(-1) for t in tensors]).cpu()
@@ -216,10 +224,7 @@ class TrainStep:
         collect_gramians: bool = False,
         gradient_path: str = "auto",
     ):
-        _check_mode(gradients)
-        if precision not in PRECISIONS:
-            raise MamoError(f"unknown precision '{precision}' (train.precision); use one of {', '.join(PRECISIONS)}.")
-        resolve_gradient_path(gradient_path, torch.device("cpu"))  # validates the name
+        check_step_settings(gradients, precision, gradient_path)
         self.model = model
         self.direction = direction
         self.optimizer = optimizer

@@ -19,7 +19,7 @@ from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
 from mamo.runs import BaselineCache, RunLog, baseline_key, free_run_dir, new_run_dir
 from mamo.spaces import create_space
 from mamo.step import TrainStep
-from mamo.trainer import Callback, KeepBest, Trainer, check_train_numbers, make_optimizer, resolve_device
+from mamo.trainer import Callback, KeepBest, Trainer, check_train_config, make_optimizer, resolve_device
 
 EQUAL = DirectionConfig(name="equal", tensioner=TensionerConfig(formulation="off"))
 MODES = ("mtl", "stl")
@@ -57,7 +57,7 @@ def open_session(
     beside the run folder)."""
     if config.train.mode not in MODES:
         raise MamoError(f"unknown train.mode '{config.train.mode}'; use one of {', '.join(MODES)}.")
-    check_train_numbers(config.train)
+    check_train_config(config.train)
     log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
     device = resolve_device(config.train.device)
     data = load_data(config.data)

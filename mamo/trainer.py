@@ -20,7 +20,7 @@ from mamo.config import TrainConfig
 from mamo.data import iterate_batches
 from mamo.errors import MamoError
 from mamo.model import MamoNet
-from mamo.step import StepResult, TrainStep
+from mamo.step import StepResult, TrainStep, check_step_settings
 from mamo.tasks import MetricAccumulator
 
 Metrics = dict[str, dict[str, float]]
@@ -42,18 +42,25 @@ TRAIN_BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 
 
-def check_train_numbers(config: TrainConfig) -> None:
-    """One sentence for a training number out of range, instead of a traceback (or silently no training)."""
+def check_train_config(config: TrainConfig) -> None:
+    """One sentence for a bad training setting before anything loads, instead of a traceback once training
+    starts (or, for ``epochs=0``, silently no training)."""
     for key, (acceptable, wanted) in TRAIN_BOUNDS.items():
         value = getattr(config, key)
         if not acceptable(value):
             default = getattr(TrainConfig, key)
             raise MamoError(f"train.{key} must be {wanted}, got {value!r}; set e.g. train.{key}={default}.")
+    check_step_settings(config.gradients, config.precision, config.gradient_path)
+    _check_optimizer_name(config.optimizer)
+
+
+def _check_optimizer_name(name: str) -> None:
+    if name not in OPTIMIZERS:
+        raise MamoError(f"unknown optimizer '{name}' (train.optimizer); use one of {list(OPTIMIZERS)}.")
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    if config.optimizer not in OPTIMIZERS:
-        raise MamoError(f"unknown optimizer '{config.optimizer}' (train.optimizer); use one of {list(OPTIMIZERS)}.")
+    _check_optimizer_name(config.optimizer)
     return OPTIMIZERS[config.optimizer](list(model.parameters()), config)
 
 

@@ -28,7 +28,7 @@ from mamo.errors import MamoError
 from mamo.report import delta
 from mamo.runs import RUNS_ROOT
 from mamo.tasks import TaskSpec
-from mamo.trainer import Callback, check_train_numbers, resolve_device
+from mamo.trainer import Callback, check_train_config, resolve_device
 from mamo.tune_space import SPACE, apply_params, check_space, objective_metrics, suggest_config, trial_folder
 from mamo.tune_summary import summarize
 from mamo.tune_workers import Plan, Tickets, open_storage, optimize, quiet_optuna, run_workers
@@ -137,7 +137,7 @@ def _check_first_trial(config: Config) -> None:
     probe = apply_params(config, {name: getattr(config.tune, name)[0] for name in SPACE
                                   if getattr(config.tune, name) is not None})
     check_search_config(probe)
-    check_train_numbers(probe.train)
+    check_train_config(probe.train)
     resolve_device(probe.train.device)
     create_direction(probe.direction)
 
