@@ -190,29 +190,31 @@ def run_search(
     search, tasks = config.search, session.data.tasks
     session.log(f"{'resuming' if state else 'search'} in {directory} on {session.device}: {method_name(config)}, "
                 f"{search.rounds} detection rounds")
-    baselines = {}
-    if search.baselines:
-        baselines = {kind: cached_baseline(session, kind, config.train.epochs) for kind in ("stl", "hps")}
-    stl_val = baselines["stl"]["val"] if baselines else None
-
     recorder = ConflictRecorder()
     watchers = list(callbacks or [])
-    if loggers:
-        from mamo.board import TensorBoardLogger
-
-        watchers.insert(0, TensorBoardLogger(directory, config, tasks, stl_val))
-    model = build_network(session)
-    trainer = make_trainer(session, model, config.direction, [recorder, *watchers], "search")
-    rounds: list[dict] = []
-    start_index, phase_seconds = 0, {}
-    if state is not None:
-        _restore(trainer, state, session)
-        rounds, phase_seconds, start_index = state["rounds"], state["phase_seconds"], state["phase_index"] + 1
-        session.log(f"resumed after phase '{state['phase']}' from its checkpoint")
-
     try:
+        baselines = {}
+        if search.baselines:
+            baselines = {kind: cached_baseline(session, kind, config.train.epochs) for kind in ("stl", "hps")}
+        stl_val = baselines["stl"]["val"] if baselines else None
+        if loggers:
+            from mamo.board import TensorBoardLogger
+
+            watchers.insert(0, TensorBoardLogger(directory, config, tasks, stl_val))
+        model = build_network(session)
+        trainer = make_trainer(session, model, config.direction, [recorder, *watchers], "search")
+        rounds: list[dict] = []
+        start_index, phase_seconds = 0, {}
+        if state is not None:
+            _restore(trainer, state, session)
+            rounds, phase_seconds, start_index = state["rounds"], state["phase_seconds"], state["phase_index"] + 1
+            session.log(f"resumed after phase '{state['phase']}' from its checkpoint")
         metrics = _run_phases(session, trainer, recorder, watchers, directory, baselines, rounds, phase_seconds,
                               start_index, started)
+    except KeyboardInterrupt:
+        # Ctrl-C is the usual way a search stops early; say how to pick it up (finished phases are checkpointed).
+        session.log(f"stopped; continue with: python cli.py search --resume {directory}")
+        raise
     finally:
         # A pruned trial or a crash must still flush the logger's last pictures and close its files.
         for callback in watchers:

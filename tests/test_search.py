@@ -116,6 +116,8 @@ def test_a_stopped_search_resumes_to_the_same_architecture(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_search(config, tmp_path / "cut", progress=False, quiet=True, loggers=False, callbacks=[Crash()])
     assert not (tmp_path / "cut" / "metrics.json").exists()
+    log = (tmp_path / "cut" / "log.txt").read_text().splitlines()
+    assert log[-1].endswith(f"stopped; continue with: python cli.py search --resume {tmp_path / 'cut'}")
     resumed = run_search(config, tmp_path / "cut", progress=False, quiet=True, loggers=False, resume=True)
     whole_graph = json.loads((tmp_path / "whole" / "architecture.json").read_text())
     resumed_graph = json.loads((tmp_path / "cut" / "architecture.json").read_text())
