@@ -107,6 +107,19 @@ def test_unknown_benchmark_names_the_known_ones(capsys):
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("name", "option"), [
+    ("logic", "--seeds"), ("logic", "--epochs"), ("multimnist_recon", "--epochs"), ("step", "--rounds"),
+    ("step", "--threads"), ("step", "--batch-sizes"), ("ablation", "--train-size"),
+])
+def test_a_zero_count_is_refused_not_read_as_the_default(tmp_path, capsys, name, option):
+    # Before: "--epochs 0" was falsy and ran the full default benchmark (50 seeds x 3,000 epochs for logic).
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", name, option, "0", "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert f"argument {option}: must be a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_command_list_names_every_benchmark():
     # The top-level help is written by hand so that `mamo --help` imports no benchmark; keep it complete.
     assert f"({', '.join(BENCHES)})" in COMMANDS["bench"].help

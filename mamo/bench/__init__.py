@@ -43,11 +43,22 @@ def load_bench(name: str) -> ModuleType:
     return importlib.import_module(BENCHES[name])
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts (seeds, epochs, rounds, threads): 0 must not fall back to a long default run."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer; pass a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def bench_parser(name: str, module: ModuleType) -> argparse.ArgumentParser:
     """The shared options plus the benchmark's own."""
     parser = argparse.ArgumentParser(prog=f"mamo bench {name}", description=(module.__doc__ or "").split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: few seeds, small grid, short training")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the benchmark's)")
+    parser.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default: the benchmark's)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (benchmarks that train torch models)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/bench/<name>-<time>); "
                                                     "must not exist or be empty")
@@ -106,8 +117,6 @@ def to_markdown(result: dict) -> str:
 def command_bench(args: argparse.Namespace) -> int:
     module = load_bench(args.name)
     options = bench_parser(args.name, module).parse_args(args.options)
-    if options.seeds is not None and options.seeds < 1:
-        raise MamoError(f"--seeds must be a positive integer, got {options.seeds}; pass e.g. --seeds 5.")
     folder = output_dir(options.out, args.name)
     options.out = str(folder)
     start = time.perf_counter()

@@ -28,6 +28,7 @@ from pathlib import Path
 import networkx as nx
 
 from mamo import graph as g
+from mamo.bench import positive_int
 from mamo.checkpoint import latest_checkpoint
 from mamo.config import Config, SearchConfig, config_from_dict, load_config, load_yaml
 from mamo.data import load_data
@@ -144,7 +145,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds-sweep", type=int, nargs="*", default=None, metavar="Z",
                         help="the numbers of detection rounds of the Z rows (default: 0 to 5, --quick 0 1; "
                              "give none to leave the Z rows out)")
-    parser.add_argument("--train-size", type=int, default=None,
+    parser.add_argument("--train-size", type=positive_int, default=None,
                         help="training images per variant (default: the preset's)")
     parser.add_argument("--equal-params", action="store_true",
                         help="add HPS and w/o GMK at MAMO's parameter count (shared width model.latent)")

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
+from mamo.bench import positive_int
 from mamo.bench.thesis_tables import THESIS_METHODS, THESIS_SWEEP
 from mamo.errors import MamoError
 
@@ -361,7 +362,8 @@ MAIN = [Method("Single AND", "single:and"), Method("Single XOR", "single:xor"),
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=None, help=f"epoch budget (default {EPOCHS}; --quick 400)")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help=f"epoch budget (default {EPOCHS}; --quick 400)")
     parser.add_argument("--criterion", choices=list(CRITERIA), default="reference",
                         help="convergence rule (see the module docstring)")
     parser.add_argument("--init", choices=list(INITS), default="reference",
@@ -409,8 +411,6 @@ def run(args: argparse.Namespace) -> dict:
     quick = args.quick
     seeds = list(range(args.seeds or (3 if quick else 50)))
     epochs = args.epochs or (400 if quick else EPOCHS)
-    if epochs < 1:
-        raise MamoError(f"--epochs must be a positive integer, got {epochs}; pass e.g. --epochs 3000.")
     lrs = (5e-2,) if quick else LEARNING_RATES
     periods, alphas = ((10,), (0.0, 0.3, 1.0)) if quick else (PERIODS, ALPHAS)
     start = time.perf_counter()

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from mamo.bench import positive_int
 from mamo.config import DirectionConfig, TensionerConfig, load_config
 from mamo.errors import MamoError
 from mamo.train import EQUAL, open_session, train_network
@@ -48,7 +49,7 @@ QUICK_DATA = ["data.train_size=128", "data.val_size=64", "data.test_size=64"]
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per model (default 10; --quick 1)")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="epochs per model (default 10; --quick 1)")
     parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
                         help="optimizer (default: the preset's, adam; the thesis used sgd with momentum 0.9)")
     parser.add_argument("--lrs", default=None,
@@ -85,8 +86,6 @@ def run(args: argparse.Namespace) -> dict:
     quick = args.quick
     seeds = list(range(args.seeds or (1 if quick else 3)))
     epochs = args.epochs or (1 if quick else 10)
-    if epochs < 1:
-        raise MamoError(f"--epochs must be a positive integer, got {epochs}; pass e.g. --epochs 10.")
     optimizer = [f"train.optimizer={args.optimizer}"] if args.optimizer else []
     overrides = [*(QUICK_DATA if quick else []), *optimizer, f"train.device={args.device}", *args.overrides]
     base = load_config(PRESET, overrides)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from mamo import step as step_module
+from mamo.bench import positive_int
 from mamo.bench.peers import LIBMTL_LIMIT_S, Step, Unavailable, libmtl_step, torchjd_step
 from mamo.config import DirectionConfig, ModelConfig, TensionerConfig
 from mamo.conflicts import ConflictStats
@@ -323,12 +324,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="wall time, or this process' CPU time (CPU only: steadier on a shared machine; "
                              "use it with --threads 1)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--rounds", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--rounds", type=positive_int, default=None,
                         help="timed rounds per setup (default: 2 s of equal steps, 10 to 200; --quick 2)")
     parser.add_argument("--setups", nargs="+", default=None, choices=list({**SETUPS, **QUICK_SETUPS}),
                         help=f"setups to run (default: {', '.join(SETUPS)}; --quick: {', '.join(QUICK_SETUPS)})")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=None,
                         help="batch sizes (default 32 on CPU, 32 and 128 on CUDA; --quick 4)")
 
 
