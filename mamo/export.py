@@ -131,6 +131,8 @@ def export(run_dir: str | Path, formats: list[str], out_dir: str | Path | None =
         raise MamoError(f"unknown export format {', '.join(unknown)}; use any of {', '.join(FORMATS)}.")
     model = load_trained(run_dir)
     folder = Path(out_dir) if out_dir else Path(run_dir)
+    if folder.exists() and not folder.is_dir():
+        raise MamoError(f"--out {folder} is a file; --out takes a folder to write into, e.g. --out {folder.parent}.")
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name in formats:

@@ -96,6 +96,14 @@ def test_onnx_and_pt2_programs_give_the_same_outputs(finished, tmp_path):
     assert "digraph mamo" in (tmp_path / "architecture.dot").read_text()
 
 
+def test_export_out_must_be_a_folder(finished, tmp_path, capsys):
+    run_dir, _ = finished
+    a_file = tmp_path / "architecture.json"
+    a_file.write_text("{}")
+    assert main(["export", str(run_dir), "--format", "json", "--out", str(a_file)]) == 2  # was FileExistsError
+    assert f"--out {a_file} is a file; --out takes a folder" in capsys.readouterr().err
+
+
 def test_show_prints_the_tree(finished, capsys):
     run_dir, metrics = finished
     assert main(["show", str(run_dir)]) == 0
