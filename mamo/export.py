@@ -23,6 +23,7 @@ from mamo.model import MamoNet, compile_model
 
 def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> MamoNet:
     """The model of a finished run, rebuilt from architecture.json + weights.safetensors, in eval mode."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(run_dir)
@@ -36,11 +37,11 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> Mam
         if "weights" in graph.graph["space"]:
             graph.graph["space"]["weights"] = None
         state = load_file(str(paths[1]), device=str(device))
-    except (json.JSONDecodeError, KeyError, OSError, RuntimeError) as exc:
-        raise MamoError(f"the model files in {directory} are unreadable ({type(exc).__name__}); "
-                        "re-export them from the run's checkpoints or rerun it.") from exc
-    model = compile_model(graph, device=device)
-    model.load_state_dict(state)
+        model = compile_model(graph, device=device)
+        model.load_state_dict(state)  # RuntimeError when the weights do not fit the architecture
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError, RuntimeError, SafetensorError) as exc:
+        raise MamoError(f"the model files in {directory} are unreadable or do not fit together "
+                        f"({type(exc).__name__}); re-export them from the run's checkpoints or rerun it.") from exc
     return model.eval()
 
 

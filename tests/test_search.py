@@ -104,6 +104,28 @@ def test_export_out_must_be_a_folder(finished, tmp_path, capsys):
     assert f"--out {a_file} is a file; --out takes a folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["truncated weights", "json without nodes", "weights of another model"])
+def test_damaged_model_files_are_one_sentence(finished, tmp_path, damage):
+    run_dir, _ = finished
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("architecture.json", "weights.safetensors"):
+        (copy / name).write_bytes((run_dir / name).read_bytes())
+    if damage == "truncated weights":
+        (copy / "weights.safetensors").write_bytes((run_dir / "weights.safetensors").read_bytes()[:100])
+    elif damage == "json without nodes":
+        spec = json.loads((run_dir / "architecture.json").read_text())
+        (copy / "architecture.json").write_text(json.dumps({**spec, "nodes": spec["nodes"][:3]}))
+    else:
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(run_dir / "weights.safetensors"))
+        save_file({k: v for k, v in state.items() if "gmk" not in k and "branch" not in k} | {"extra": torch.ones(1)},
+                  str(copy / "weights.safetensors"))
+    with pytest.raises(MamoError, match=f"the model files in {copy} are unreadable or do not fit together"):
+        load_trained(copy)
+
+
 def test_show_prints_the_tree(finished, capsys):
     run_dir, metrics = finished
     assert main(["show", str(run_dir)]) == 0
