@@ -201,7 +201,7 @@ def test_ablation_runs_on_another_preset_with_the_chosen_rounds(tmp_path, capsys
     assert [part.split(": ")[-1] for part in per_seed.split("; ")] == [row[-4] for row in result["rows"]]  # 1 seed
     # --equal-params sizes a fully grown pair, which is every task only with two tasks.
     assert main([*args[:-2], "--equal-params", "--out", str(tmp_path / "eq")]) == 2
-    assert not (tmp_path / "eq" / "runs").exists()  # refused before any training
+    assert not (tmp_path / "eq").exists()  # refused before any training, and its empty folder removed
     assert "needs two tasks; preset 'multimnist_sum' has 3" in capsys.readouterr().err
     assert main(["bench", "ablation", "--quick", "--rounds-sweep", "0", "-1", "--out", str(tmp_path / "z")]) == 2
     assert "--rounds-sweep takes numbers of detection rounds ≥ 0, got [0, -1]" in capsys.readouterr().err

@@ -120,7 +120,12 @@ def command_bench(args: argparse.Namespace) -> int:
     folder = output_dir(options.out, args.name)
     options.out = str(folder)
     start = time.perf_counter()
-    result = module.run(options)
+    try:
+        result = module.run(options)
+    except MamoError:
+        if not any(folder.iterdir()):  # refused before it ran: no empty folder left for the retry to trip on
+            folder.rmdir()
+        raise
     result.setdefault("wall_seconds", round(time.perf_counter() - start, 1))
     result.setdefault("options", {k: v for k, v in vars(options).items()})
     text = f"# mamo bench {args.name}\n\n" + to_markdown(result)
