@@ -130,6 +130,7 @@ class TuneConfig:
     threshold: list[str] | None = None  # e.g. [global, layer, topk:2]
     direction: list[str] | None = None  # base directions, e.g. [mgda, central]
     formulation: list[str] | None = None  # tensioner formulations, e.g. [thesis, relative]
+    normalization: list[str] | None = None  # mgda gradient normalisations, e.g. [none, l2]
     modules: list[str] | None = None  # what grows, e.g. [gmk, exclusive] (MAMO's GMKs or task-exclusive modules)
     pruner: str = "median"  # median | percentile | hyperband | none
     trials: int = 20  # default of --trials

@@ -64,6 +64,12 @@ def _is_formulation(name: str) -> bool:
     return name in TENSIONER_FORMULATIONS
 
 
+def _is_normalization(name: str) -> bool:
+    from mamo.directions import NORMALIZERS
+
+    return name in NORMALIZERS
+
+
 def _is_module_kind(name: str) -> bool:
     return name in MODULE_NAMES
 
@@ -79,6 +85,8 @@ SPACE: dict[str, Param] = {
                        _choices(_is_direction, "direction names (equal, mgda, central, pcgrad, cagrad)")),
     "formulation": Param(("direction", "tensioner", "formulation"), lambda t, n, c: t.suggest_categorical(n, list(c)),
                          _choices(_is_formulation, "tensioner formulations (off, thesis, relative)")),
+    "normalization": Param(("direction", "normalization"), lambda t, n, c: t.suggest_categorical(n, list(c)),
+                           _choices(_is_normalization, "mgda normalisations (none, l2, loss, loss+)")),
     "modules": Param(("search", "modules"), lambda t, n, c: t.suggest_categorical(n, list(c)),
                      _choices(_is_module_kind, "module kinds (gmk, exclusive)")),
 }

@@ -92,7 +92,7 @@ def test_space_checks_ranges_choices_and_pruner(tiny):
     check_space(tiny.tune)
     bad = [("tune.T=[30, 2]", "tune.T"), ("tune.lr=[0, 0.1]", "tune.lr"), ("tune.direction=[mgda, nope]",
            "tune.direction"), ("tune.threshold=[topk]", "tune.threshold"), ("tune.pruner=sometimes", "tune.pruner"),
-           ("tune.modules=[gmk, pairs]", "tune.modules")]
+           ("tune.modules=[gmk, pairs]", "tune.modules"), ("tune.normalization=[l3]", "tune.normalization")]
     for override, key in bad:
         with pytest.raises(MamoError, match=key):
             check_space(load_config("quick", [override]).tune)
@@ -100,10 +100,12 @@ def test_space_checks_ranges_choices_and_pruner(tiny):
 
 def test_parameters_land_where_the_search_reads_them(tiny):
     tuned = apply_params(tiny, {"T": 7, "alpha": 0.25, "rounds": 3, "lr": 0.003, "threshold": "topk:2",
-                                "direction": "central", "formulation": "thesis", "modules": "exclusive"})
+                                "direction": "central", "formulation": "thesis", "modules": "exclusive",
+                                "normalization": "l2"})
     assert (tuned.direction.tensioner.T, tuned.direction.tensioner.alpha, tuned.search.rounds) == (7, 0.25, 3)
     assert (tuned.train.lr, tuned.search.threshold, tuned.direction.name) == (0.003, "topk:2", "central")
     assert (tuned.direction.tensioner.formulation, tuned.search.modules) == ("thesis", "exclusive")
+    assert tuned.direction.normalization == "l2"
     assert tiny.direction.tensioner.T == 4  # the base configuration is untouched
 
 
