@@ -128,18 +128,20 @@ def _study_config(store: optuna.storages.RDBStorage, name: str, config: Config, 
     return joined
 
 
-def _check_first_trial(config: Config) -> None:
-    """What a search checks before it makes its folder, on the settings of a first trial (each tuned key at its
-    low end or first choice): a setting every trial would fail on is one sentence, not a study of failed trials."""
+def _check_space_ends(config: Config) -> None:
+    """What a search checks before it makes its folder, on two trials' settings: every tuned key at its low end
+    (first choice), then every one at its high end (last choice). A setting that fails there fails a share of
+    the trials, so it is one sentence now rather than a study of failed trials."""
     from mamo.directions import create_direction
     from mamo.search import check_search_config
 
-    probe = apply_params(config, {name: getattr(config.tune, name)[0] for name in SPACE
-                                  if getattr(config.tune, name) is not None})
-    check_search_config(probe)
-    check_train_config(probe.train)
-    resolve_device(probe.train.device)
-    create_direction(probe.direction)
+    tuned = {name: getattr(config.tune, name) for name in SPACE if getattr(config.tune, name) is not None}
+    for end in (0, -1):
+        probe = apply_params(config, {name: values[end] for name, values in tuned.items()})
+        check_search_config(probe)
+        check_train_config(probe.train)
+        resolve_device(probe.train.device)
+        create_direction(probe.direction)
 
 
 def _reference(config: Config, directory: Path, search: bool, multi: bool, progress: bool) -> tuple[dict, dict | None]:
@@ -212,7 +214,7 @@ def run_tune(
         config = _study_config(store, name, config, overrides, directory)
         check_space(config.tune)
         if objective is None:
-            _check_first_trial(config)
+            _check_space_ends(config)
         tasks, stl_val = _reference(config, directory, objective is None, multi_objective, progress)
         study = _create_study(store, name, multi_objective, tasks, config, stl_val)
     except MamoError:

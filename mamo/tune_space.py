@@ -28,10 +28,12 @@ class Param:
     check: Callable[[str, list], None]
 
 
-def _range(positive: bool = False) -> Callable[[str, list], None]:
+def _range(minimum: float = 0, positive: bool = False) -> Callable[[str, list], None]:
+    """[low, high] with ``minimum`` ≤ low ≤ high (0 < low when ``positive``)."""
     def check(name: str, value: list) -> None:
-        if len(value) != 2 or value[0] > value[1] or (positive and value[0] <= 0) or (not positive and value[0] < 0):
-            need = "0 < low ≤ high" if positive else "0 ≤ low ≤ high"
+        low_ok = value[0] > 0 if positive else value[0] >= minimum
+        if len(value) != 2 or value[0] > value[1] or not low_ok:
+            need = "0 < low ≤ high" if positive else f"{minimum} ≤ low ≤ high"
             raise MamoError(f"tune.{name} must be a range [low, high] with {need}, got {value}; fix it in the preset.")
     return check
 
@@ -75,7 +77,7 @@ def _is_module_kind(name: str) -> bool:
 
 
 SPACE: dict[str, Param] = {
-    "T": Param(("direction", "tensioner", "T"), lambda t, n, r: t.suggest_int(n, r[0], r[1]), _range()),
+    "T": Param(("direction", "tensioner", "T"), lambda t, n, r: t.suggest_int(n, r[0], r[1]), _range(minimum=1)),
     "alpha": Param(("direction", "tensioner", "alpha"), lambda t, n, r: t.suggest_float(n, r[0], r[1]), _range()),
     "rounds": Param(("search", "rounds"), lambda t, n, r: t.suggest_int(n, r[0], r[1]), _range()),
     "lr": Param(("train", "lr"), lambda t, n, r: t.suggest_float(n, r[0], r[1], log=True), _range(positive=True)),

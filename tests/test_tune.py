@@ -92,7 +92,8 @@ def test_space_checks_ranges_choices_and_pruner(tiny):
     check_space(tiny.tune)
     bad = [("tune.T=[30, 2]", "tune.T"), ("tune.lr=[0, 0.1]", "tune.lr"), ("tune.direction=[mgda, nope]",
            "tune.direction"), ("tune.threshold=[topk]", "tune.threshold"), ("tune.pruner=sometimes", "tune.pruner"),
-           ("tune.modules=[gmk, pairs]", "tune.modules"), ("tune.normalization=[l3]", "tune.normalization")]
+           ("tune.modules=[gmk, pairs]", "tune.modules"), ("tune.normalization=[l3]", "tune.normalization"),
+           ("tune.T=[0, 30]", "tune.T")]
     for override, key in bad:
         with pytest.raises(MamoError, match=key):
             check_space(load_config("quick", [override]).tune)
@@ -162,6 +163,7 @@ def test_bad_storage_url_is_one_sentence(tmp_path, capsys, url):
     ("search.threshold=foo", "unknown search.threshold 'foo'"),
     ("train.lr=-1", "train.lr must be a finite number > 0"),
     ("model.backbone=vgg", "unknown backbone 'vgg'"),
+    ("search.round_epochs=0", "search.round_epochs"),  # fine at tune.rounds' low end 0, not at its high end 5
 ])
 def test_a_setting_every_trial_would_fail_on_is_one_sentence_before_the_study(tmp_path, capsys, override, expected):
     # Before: the study started and each trial failed on it; the folder and its study.yaml stayed behind.
