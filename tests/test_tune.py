@@ -165,7 +165,7 @@ def test_bad_storage_url_is_one_sentence(tmp_path, capsys, url):
     ("model.backbone=vgg", "unknown backbone 'vgg'"),
     ("search.round_epochs=0", "search.round_epochs"),  # fine at tune.rounds' low end 0, not at its high end 5
 ])
-def test_a_setting_every_trial_would_fail_on_is_one_sentence_before_the_study(tmp_path, capsys, override, expected):
+def test_a_setting_the_space_ends_fail_on_is_one_sentence_before_the_study(tmp_path, capsys, override, expected):
     # Before: the study started and each trial failed on it; the folder and its study.yaml stayed behind.
     code = main(["tune", "quick", "--trials", "2", "--set", override, "--run-dir", str(tmp_path / "study"),
                  "--no-progress"])
