@@ -218,7 +218,8 @@ def run_tune(
         tasks, stl_val = _reference(config, directory, objective is None, multi_objective, progress)
         study = _create_study(store, name, multi_objective, tasks, config, stl_val)
     except MamoError:
-        if created:  # bad input leaves no half-made study folder behind to trip the corrected retry
+        # Bad input leaves no half-made study folder to trip the corrected retry; trained baselines are kept.
+        if created and not any((directory / ".baselines").glob("*.json")):
             shutil.rmtree(directory, ignore_errors=True)
         raise
     if objective is None:

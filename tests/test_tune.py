@@ -180,6 +180,15 @@ def test_a_bad_base_setting_the_tuned_space_replaces_is_no_error(tmp_path):
     assert result["states"]["complete"] == 1
 
 
+def test_a_refused_join_keeps_the_baselines_it_trained(tmp_path, tiny):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    run_tune(tiny, study_dir=tmp_path / "a", storage=url, study_name="s", trials=0, progress=False)
+    with pytest.raises(MamoError, match="optimises"):  # a single-objective study, joined with --multi-objective
+        run_tune(tiny, study_dir=tmp_path / "b", storage=url, study_name="s", trials=0, multi_objective=True,
+                 progress=False)
+    assert list((tmp_path / "b" / ".baselines").glob("*.json"))  # the folder made for the join is not removed
+
+
 def test_a_start_that_failed_in_an_existing_folder_does_not_leave_its_config_to_the_retry(tmp_path):
     folder = tmp_path / "study"
     folder.mkdir()  # made by the user: kept on failure, with the failed start's study.yaml in it
