@@ -74,16 +74,16 @@ def add_new_parameters(optimizer: torch.optim.Optimizer, model: torch.nn.Module)
     return len(new)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU."""
+def resolve_device(name: str, option: str = "train.device") -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU; ``option`` is what errors name."""
     if name == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise MamoError(f"unknown device '{name}' (train.device); use auto, cpu, cuda or cuda:N.") from exc
+        raise MamoError(f"unknown device '{name}' ({option}); use auto, cpu, cuda or cuda:N.") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MamoError(f"train.device is '{name}' but no CUDA device is visible; set train.device=auto or cpu.")
+        raise MamoError(f"{option} is '{name}' but no CUDA device is visible; use auto or cpu.")
     return device
 
 

@@ -120,6 +120,13 @@ def test_a_zero_count_is_refused_not_read_as_the_default(tmp_path, capsys, name,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bad_device_is_named_as_the_bench_option(tmp_path, capsys):
+    # Before: the error named train.device, which the user had not written.
+    assert main(["bench", "step", "--quick", "--device", "gpu", "--out", str(tmp_path / "out")]) == 2
+    assert "unknown device 'gpu' (--device); use auto, cpu, cuda or cuda:N." in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_command_list_names_every_benchmark():
     # The top-level help is written by hand so that `mamo --help` imports no benchmark; keep it complete.
     assert f"({', '.join(BENCHES)})" in COMMANDS["bench"].help

@@ -117,6 +117,9 @@ def to_markdown(result: dict) -> str:
 def command_bench(args: argparse.Namespace) -> int:
     module = load_bench(args.name)
     options = bench_parser(args.name, module).parse_args(args.options)
+    from mamo.trainer import resolve_device
+
+    resolve_device(options.device, option="--device")  # named as the user gave it, before any folder is made
     folder = output_dir(options.out, args.name)
     options.out = str(folder)
     start = time.perf_counter()
