@@ -237,10 +237,15 @@ def run_tune(
     # machines sharing a database must not draw the same ones (no seed there).
     seed = None if storage else config.train.seed + 1000 * len(study.trials)
     tickets = Tickets(trials, context)
-    if workers == 1:
-        optimize(plan, tickets, seed)
-    else:
-        run_workers(plan, workers, tickets, seed, context)
+    try:
+        if workers == 1:
+            optimize(plan, tickets, seed)
+        else:
+            run_workers(plan, workers, tickets, seed, context)
+    except KeyboardInterrupt:
+        print(f"stopped; finished trials stay in the study: rerun the command with --run-dir {directory} to "
+              "continue it", flush=True)
+        raise
     return summarize(study, directory, config, multi_objective, shown)
 
 

@@ -140,6 +140,20 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path):
     assert result["best"] == max((0, 5, 6), key=lambda n: trials[n].value)
 
 
+def interrupted(trial: optuna.Trial) -> float:
+    if trial.number == 1:
+        raise KeyboardInterrupt
+    return 1.0
+
+
+def test_ctrl_c_says_how_to_continue_the_study(tmp_path, capsys):
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(load_config("quick"), study_dir=tmp_path, trials=3, objective=interrupted)
+    assert f"rerun the command with --run-dir {tmp_path} to continue it" in capsys.readouterr().out
+    run_tune(load_config("quick"), study_dir=tmp_path, trials=1, objective=staircase)
+    assert [t.state for t in load(tmp_path).trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+
+
 def test_a_bug_in_the_objective_stops_the_study(tmp_path):
     with pytest.raises(ZeroDivisionError):
         run_tune(load_config("quick"), study_dir=tmp_path, trials=3, objective=buggy)
