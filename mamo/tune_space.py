@@ -31,8 +31,7 @@ class Param:
 def _range(minimum: float = 0, positive: bool = False) -> Callable[[str, list], None]:
     """[low, high] with ``minimum`` ≤ low ≤ high (0 < low when ``positive``)."""
     def check(name: str, value: list) -> None:
-        low_ok = value[0] > 0 if positive else value[0] >= minimum
-        if len(value) != 2 or value[0] > value[1] or not low_ok:
+        if len(value) != 2 or value[0] > value[1] or not (value[0] > 0 if positive else value[0] >= minimum):
             need = "0 < low ≤ high" if positive else f"{minimum} ≤ low ≤ high"
             raise MamoError(f"tune.{name} must be a range [low, high] with {need}, got {value}; fix it in the preset.")
     return check

@@ -93,7 +93,7 @@ def test_space_checks_ranges_choices_and_pruner(tiny):
     bad = [("tune.T=[30, 2]", "tune.T"), ("tune.lr=[0, 0.1]", "tune.lr"), ("tune.direction=[mgda, nope]",
            "tune.direction"), ("tune.threshold=[topk]", "tune.threshold"), ("tune.pruner=sometimes", "tune.pruner"),
            ("tune.modules=[gmk, pairs]", "tune.modules"), ("tune.normalization=[l3]", "tune.normalization"),
-           ("tune.T=[0, 30]", "tune.T")]
+           ("tune.T=[0, 30]", "tune.T"), ("tune.T=[]", "tune.T")]
     for override, key in bad:
         with pytest.raises(MamoError, match=key):
             check_space(load_config("quick", [override]).tune)
