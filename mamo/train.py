@@ -50,16 +50,22 @@ class Trained:
                 "seconds_per_epoch": self.trainer.seconds_per_epoch}
 
 
-def open_session(
-    config: Config, run_dir: Path | None, progress: bool = True, quiet: bool = False, cache_root: Path | None = None
-) -> Session:
-    """Load the data and pick the device once; baselines are cached under ``cache_root`` (default runs/.baselines
-    beside the run folder)."""
+def check_train_settings(config: Config) -> torch.device:
+    """The train section, checked before anything loads (train.mode, the numbers and names, the device);
+    returns the device. The direction is checked by the callers that train with it (the baselines do not)."""
     if config.train.mode not in MODES:
         raise MamoError(f"unknown train.mode '{config.train.mode}'; use one of {', '.join(MODES)}.")
     check_train_config(config.train)
+    return resolve_device(config.train.device)
+
+
+def open_session(
+    config: Config, run_dir: Path | None, progress: bool = True, quiet: bool = False, cache_root: Path | None = None
+) -> Session:
+    """Check the train settings, load the data and pick the device once; baselines are cached under
+    ``cache_root`` (default runs/.baselines beside the run folder)."""
+    device = check_train_settings(config)
     log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
-    device = resolve_device(config.train.device)
     data = load_data(config.data)
     if cache_root is None:
         cache_root = (run_dir.parent if run_dir else Path("runs")) / ".baselines"

@@ -28,7 +28,7 @@ from mamo.errors import MamoError
 from mamo.report import delta
 from mamo.runs import RUNS_ROOT
 from mamo.tasks import TaskSpec
-from mamo.trainer import Callback, check_train_config, resolve_device
+from mamo.trainer import Callback
 from mamo.tune_space import SPACE, apply_params, check_space, objective_metrics, suggest_config, trial_folder
 from mamo.tune_summary import summarize
 from mamo.tune_workers import Plan, Tickets, open_storage, optimize, quiet_optuna, run_workers
@@ -134,13 +134,13 @@ def _check_space_ends(config: Config) -> None:
     the trials, so it is one sentence now rather than a study of failed trials."""
     from mamo.directions import create_direction
     from mamo.search import check_search_config
+    from mamo.train import check_train_settings
 
     tuned = {name: getattr(config.tune, name) for name in SPACE if getattr(config.tune, name) is not None}
     for end in (0, -1):
         probe = apply_params(config, {name: values[end] for name, values in tuned.items()})
         check_search_config(probe)
-        check_train_config(probe.train)
-        resolve_device(probe.train.device)
+        check_train_settings(probe)
         create_direction(probe.direction)
 
 
