@@ -324,8 +324,9 @@ def space_from_spec(spec: dict) -> SearchSpace:
     return SPACES[spec["family"]](spec)
 
 
-def create_space(config: ModelConfig, input_shape: tuple[int, ...]) -> SearchSpace:
-    """The search space for ``model.backbone`` on inputs of ``input_shape`` (channels first)."""
+def check_model_config(config: ModelConfig) -> None:
+    """Everything about ``model`` that does not depend on the data (names, widths), so that a typo is found
+    before the data loads or anything trains."""
     family, _, timm_name = config.backbone.partition(":")
     if family not in SPACES or (family == "timm") != bool(timm_name):
         raise MamoError(
@@ -335,22 +336,28 @@ def create_space(config: ModelConfig, input_shape: tuple[int, ...]) -> SearchSpa
         raise MamoError(f"unknown activation '{config.activation}' (model.activation); use one of {list(ACTIVATIONS)}.")
     if config.head_hidden < 0:
         raise MamoError(f"model.head_hidden is {config.head_hidden}; use 0 (a linear head) or a positive width.")
+    if family == "mlp" and (not config.hidden or any(width < 1 for width in config.hidden)):
+        raise MamoError(f"model.hidden is {config.hidden}; give the mlp at least one positive width, e.g. [64].")
+    if family == "lenet" and config.latent < 1:
+        raise MamoError(f"model.latent is {config.latent}; give the lenet a positive latent width, e.g. 50.")
+    if family == "timm":
+        _check_timm_name(timm_name)
+
+
+def create_space(config: ModelConfig, input_shape: tuple[int, ...]) -> SearchSpace:
+    """The search space for ``model.backbone`` on inputs of ``input_shape`` (channels first)."""
+    check_model_config(config)  # a wrong name is the first thing to fix, whatever the data
+    family, _, timm_name = config.backbone.partition(":")
     spec: dict = {"family": family, "input_shape": list(input_shape), "head_hidden": config.head_hidden}
     if family == "mlp":
-        if not config.hidden or any(width < 1 for width in config.hidden):
-            raise MamoError(f"model.hidden is {config.hidden}; give the mlp at least one positive width, e.g. [64].")
         spec |= {"hidden": list(config.hidden), "activation": config.activation}
         return space_from_spec(spec)
-    if family == "timm":
-        _check_timm_name(timm_name)  # a wrong name is the first thing to fix, whatever the data
     if len(input_shape) != 3:
         raise MamoError(
             f"backbone '{config.backbone}' needs image inputs (C, H, W) but the data gives {tuple(input_shape)}; "
             "use model.backbone=mlp for vector inputs."
         )
     if family == "lenet":
-        if config.latent < 1:
-            raise MamoError(f"model.latent is {config.latent}; give the lenet a positive latent width, e.g. 50.")
         spec |= {"latent": config.latent}
     else:
         spec |= {"timm_name": timm_name, "weights": config.weights}

@@ -17,7 +17,7 @@ from mamo.graph import build_hps_graph, graph_to_dict
 from mamo.model import MamoNet, compile_model, count_parameters
 from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
 from mamo.runs import BaselineCache, RunLog, baseline_key, free_run_dir, new_run_dir
-from mamo.spaces import create_space
+from mamo.spaces import check_model_config, create_space
 from mamo.step import TrainStep
 from mamo.trainer import Callback, KeepBest, Trainer, check_train_config, make_optimizer, resolve_device
 
@@ -51,11 +51,13 @@ class Trained:
 
 
 def check_train_settings(config: Config) -> torch.device:
-    """The train section, checked before anything loads (train.mode, the numbers and names, the device);
-    returns the device. The direction is checked by the callers that train with it (the baselines do not)."""
+    """The train and model sections, checked before anything loads (train.mode, the numbers and names, the
+    backbone's name and widths, the device); returns the device. The direction is checked by the callers
+    that train with it (the baselines do not)."""
     if config.train.mode not in MODES:
         raise MamoError(f"unknown train.mode '{config.train.mode}'; use one of {', '.join(MODES)}.")
     check_train_config(config.train)
+    check_model_config(config.model)
     return resolve_device(config.train.device)
 
 

@@ -177,14 +177,18 @@ def test_bad_storage_url_is_one_sentence(tmp_path, capsys, url):
     ("search.threshold=foo", "unknown search.threshold 'foo'"),
     ("train.lr=-1", "train.lr must be a finite number > 0"),
     ("model.backbone=vgg", "unknown backbone 'vgg'"),
+    ("model.backbone=timm:resnet1800", "unknown timm model 'resnet1800'"),
+    ("model.latent=0", "model.latent is 0"),
     ("search.round_epochs=0", "search.round_epochs"),  # fine at tune.rounds' low end 0, not at its high end 5
 ])
 def test_a_setting_the_space_ends_fail_on_is_one_sentence_before_the_study(tmp_path, capsys, override, expected):
     # Before: the study started and each trial failed on it; the folder and its study.yaml stayed behind.
     code = main(["tune", "quick", "--trials", "2", "--set", override, "--run-dir", str(tmp_path / "study"),
                  "--no-progress"])
-    error = capsys.readouterr().err.strip().splitlines()[-1]  # (a bad backbone shows once STL starts building)
-    assert code == 2 and error.startswith("mamo: error: ") and expected in error
+    captured = capsys.readouterr()
+    # Before: a bad backbone was found once STL started building, after the data loaded and a progress line.
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert code == 2 and captured.err.startswith("mamo: error: ") and expected in captured.err
     assert not (tmp_path / "study").exists()
 
 
