@@ -6,3 +6,8 @@ class MamoError(Exception):
 
     The CLI prints it without a traceback and exits with status 2.
     """
+
+
+class TrainingDiverged(MamoError):
+    """A loss became NaN or infinite during training; the message names the run, the epoch, the step and the
+    learning rate. A subclass so that ``tune`` can tell a diverged trial from a bad setting."""

@@ -43,12 +43,15 @@ class RunLog:
         self.stream = stream or sys.stderr
 
     def __call__(self, message: str) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {message}"
-        if self.path is not None:
-            with open(self.path, "a") as handle:
-                handle.write(line + "\n")
+        self.record(message)
         if not self.quiet:
             print(message, file=self.stream, flush=True)
+
+    def record(self, message: str) -> None:
+        """Only into the log file: for what the terminal shows another way (the CLI prints errors itself)."""
+        if self.path is not None:
+            with open(self.path, "a") as handle:
+                handle.write(f"{time.strftime('%H:%M:%S')} {message}\n")
 
 
 def baseline_key(config: Config, kind: str, epochs: int) -> str:

@@ -215,6 +215,9 @@ def run_search(
         # Ctrl-C is the usual way a search stops early; say how to pick it up (finished phases are checkpointed).
         session.log(f"stopped; continue with: python cli.py search --resume {directory}")
         raise
+    except MamoError as exc:  # e.g. a diverged loss: the folder keeps the reason beside its checkpoints
+        session.log.record(f"error: {exc}")
+        raise
     finally:
         # A pruned trial or a crash must still flush the logger's last pictures and close its files.
         for callback in watchers:

@@ -187,6 +187,15 @@ def run_train(
 ) -> dict:
     """``mamo train``: the shared network with the configured direction, or STL with ``train.mode=stl``."""
     session, directory = open_run(config, run_dir, "train", progress, quiet)
+    try:
+        return _train_and_report(session, directory, callbacks, loggers)
+    except MamoError as exc:  # e.g. a diverged loss: the folder keeps the reason
+        session.log.record(f"error: {exc}")
+        raise
+
+
+def _train_and_report(session: Session, directory: Path, callbacks: list[Callback] | None, loggers: bool) -> dict:
+    config = session.config
     epochs = config.train.epochs
     tasks = session.data.tasks
     stl_key = baseline_key(config, "stl", epochs)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from mamo.config import TrainConfig
 from mamo.data import iterate_batches
-from mamo.errors import MamoError
+from mamo.errors import MamoError, TrainingDiverged
 from mamo.model import MamoNet
 from mamo.step import StepResult, TrainStep, check_step_settings
 from mamo.tasks import MetricAccumulator
@@ -168,6 +168,16 @@ class Trainer:
         targets = {t: (y.pin_memory() if pin else y).to(self.device, non_blocking=True) for t, y in targets.items()}
         return x, targets
 
+    def _step(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> StepResult:
+        try:
+            return self.step(*self._to_device(x, targets))
+        except FloatingPointError as exc:
+            lr = self.step.optimizer.param_groups[0]["lr"]
+            raise TrainingDiverged(
+                f"training '{self.description}' diverged at step {self.global_step + 1} (epoch {self.epoch + 1} of the "
+                f"run): {exc}; lower train.lr (now {lr:g}) or check the data for NaN or infinite values."
+            ) from exc
+
     def fit(self, epochs: int) -> list[dict]:
         for _ in range(epochs):
             start = time.perf_counter()
@@ -177,7 +187,7 @@ class Trainer:
                        disable=not self.progress, leave=False, dynamic_ncols=True)
             train_loss = torch.zeros(len(self.model.tasks))
             for x, targets in bar:
-                result = self.step(*self._to_device(x, targets))
+                result = self._step(x, targets)
                 train_loss += result.losses.float().cpu()
                 self.global_step += 1
                 for callback in self.callbacks:

@@ -11,7 +11,7 @@ import torch
 from mamo import graph as g
 from mamo.cli import main
 from mamo.config import load_config
-from mamo.errors import MamoError
+from mamo.errors import MamoError, TrainingDiverged
 from mamo.export import FORMATS, architecture_tree, export, load_trained
 from mamo.search import run_search
 from mamo.trainer import Callback
@@ -155,6 +155,22 @@ def test_a_stopped_search_resumes_to_the_same_architecture(tmp_path):
     assert [r["activated"] for r in whole["rounds"]] == [r["activated"] for r in resumed["rounds"]]
     for task, values in whole["tasks"].items():
         assert values == pytest.approx(resumed["tasks"][task], rel=1e-5)
+
+
+class DivergeAfterRoundOne(Callback):
+    def on_epoch_end(self, trainer, metrics):
+        if trainer.description == "round1":
+            trainer.step.optimizer.param_groups[0]["lr"] = 1e30
+
+
+def test_a_diverged_search_keeps_its_checkpoints_and_logs_why(tmp_path):
+    config = tiny("search.rounds=1", "search.baselines=false")
+    with pytest.raises(TrainingDiverged, match="training 'final' diverged at step .*lower train.lr .now 1e.30"):
+        run_search(config, tmp_path / "r", progress=False, quiet=True, loggers=False,
+                   callbacks=[DivergeAfterRoundOne()])
+    assert (tmp_path / "r" / "checkpoints" / "phase-01-round1.pt").exists()
+    assert (tmp_path / "r" / "log.txt").read_text().splitlines()[-1].split(" ", 1)[1].startswith(
+        "error: training 'final' diverged")
 
 
 def test_a_corrupt_checkpoint_is_named(tmp_path):

@@ -281,6 +281,17 @@ def test_bad_training_settings_exit_2_before_a_folder_is_made(
     assert not run.exists()
 
 
+def test_a_diverged_loss_is_one_sentence_and_the_folder_keeps_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Before: a FloatingPointError traceback and exit 1 (DESIGN §12 asks for a sentence naming the fix).
+    run = tmp_path / "run"
+    assert train("quick", *TINY, "--set", "train.lr=1e30", "--no-tensorboard", "--run-dir", str(run)) == 2
+    message = single_error(capsys.readouterr().err)
+    assert message.startswith("training 'train' diverged at step ") and "became NaN or infinite" in message
+    assert "lower train.lr (now 1e+30)" in message
+    assert (run / "log.txt").read_text().splitlines()[-1].endswith(f"error: {message}")
+    assert (run / "config.yaml").exists()  # what was written stays
+
+
 def test_logic_preset_solves_both_gates_on_its_default_seed(tmp_path: Path) -> None:
     # The thesis' protocol (mini-batches of two, 3,000 epochs): XOR is solved, not stuck at MSE 0.25.
     run = tmp_path / "logic"

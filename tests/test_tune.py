@@ -192,6 +192,16 @@ def test_a_setting_the_space_ends_fail_on_is_one_sentence_before_the_study(tmp_p
     assert not (tmp_path / "study").exists()
 
 
+def test_a_diverged_trial_is_recorded_with_its_reason(tmp_path):
+    # The learning rate is sampled in the trial, so only training finds that it diverges.
+    config = load_config("quick", [*TINY, "tune.lr=[1e29, 1e30]", "tune.rounds=[0, 0]"])
+    result = run_tune(config, study_dir=tmp_path, trials=1, progress=False, tensorboard=False)
+    assert result["states"]["fail"] == 1
+    reason = load(tmp_path).trials[0].user_attrs["fail_reason"]
+    assert reason.startswith("TrainingDiverged: training '") and " diverged at step " in reason
+    assert "lower train.lr (now " in reason
+
+
 def test_a_bad_base_setting_the_tuned_space_replaces_is_no_error(tmp_path):
     config = load_config("quick", [*TINY, "direction.name=x", "tune.direction=[equal]", "tune.rounds=[0, 0]"])
     result = run_tune(config, study_dir=tmp_path, trials=1, progress=False, tensorboard=False)
