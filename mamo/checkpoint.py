@@ -1,21 +1,25 @@
-"""Search checkpoints: everything needed to continue a stopped search exactly where it stopped.
+"""Checkpoints: everything needed to continue a stopped ``train`` or ``search`` exactly where it stopped.
 
 A checkpoint holds the architecture graph, the weights, the optimizer state keyed by parameter *name* (the
 parameter order of a grown model rebuilt from its graph differs from the order in which growth added them),
-the direction's state (tensioner history, PCGrad's generator), the data-order generator and the round
-records. Files are written to a temporary name and renamed, so a crash never leaves a half-written one.
+the direction's state (tensioner history, PCGrad's generator), the data-order generator and the trainer's
+counters and history; a search adds its round records, ``train`` the best-so-far weights. Files are written
+to a temporary name and renamed, so a crash never leaves a half-written one.
 """
 
 from __future__ import annotations
 
 import pickle
+import time
 import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mamo import graph as g
 from mamo.errors import MamoError
+from mamo.trainer import Callback, KeepBest, Trainer
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
@@ -67,3 +71,61 @@ def latest_checkpoint(folder: Path) -> Path | None:
     """The newest ``phase-NN-*.pt`` in ``folder`` (phases are numbered in order)."""
     found = sorted(folder.glob("phase-*.pt"))
     return found[-1] if found else None
+
+
+def trainer_state(trainer: Trainer) -> dict:
+    """The trainer as a checkpoint payload: graph, weights, optimizer, direction, data order and counters."""
+    return {
+        "graph": g.graph_to_dict(trainer.model.graph),
+        "model": trainer.model.state_dict(),
+        "optimizer": optimizer_state(trainer.step.optimizer, trainer.model),
+        "direction": trainer.step.direction.state_dict(),
+        "generator": trainer.generator.get_state(),
+        "global_step": trainer.global_step,
+        "epoch": trainer.epoch,
+        "history": trainer.history,
+    }
+
+
+def restore_trainer(trainer: Trainer, state: dict, device: torch.device) -> None:
+    """Put ``trainer`` back where :func:`trainer_state` saw it; the model is rebuilt from the saved graph."""
+    model = trainer.model
+    model.graph = g.graph_from_dict(state["graph"])
+    if "weights" in model.graph.graph["space"]:  # the checkpoint's weights replace any initial ones
+        model.graph.graph["space"]["weights"] = None
+    model.sync(copy_from_trunk=False)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    trainer.step.refresh()
+    load_optimizer_state(trainer.step.optimizer, model, state["optimizer"])
+    trainer.step.direction.load_state_dict(state["direction"])
+    trainer.generator.set_state(state["generator"])
+    trainer.global_step, trainer.epoch, trainer.history = state["global_step"], state["epoch"], state["history"]
+
+
+class Throttle:
+    """Says when a checkpoint is due: at the first epoch, then once ``seconds`` have passed since the last.
+    Saving after every epoch of a run with many tiny epochs (the logic preset: 3,000 of two steps) cost more
+    than the training (37.7 s against 6.5 s for its test, measured)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.last = seconds, None
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if self.last is not None and now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True
+
+
+class EpochCheckpoint(Callback):
+    """After an epoch, when due, the trainer and ``best``'s best-so-far weights go to one file, replaced each
+    time."""
+
+    def __init__(self, path: Path, best: KeepBest, every_seconds: float = 0.0):
+        self.path, self.best, self.throttle = path, best, Throttle(every_seconds)
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
+        if self.throttle.due():
+            save_checkpoint(self.path, {**trainer_state(trainer), "best": self.best.state_dict()})

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
-from mamo.config import Config, dump_config
+from mamo.config import Config, config_from_dict, dump_config, load_yaml
 from mamo.errors import MamoError
 
 RUNS_ROOT = Path("runs")
@@ -32,6 +32,24 @@ def new_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Pat
     (path / "checkpoints").mkdir(exist_ok=True)
     dump_config(config, path / "config.yaml")
     return path
+
+
+# Which checkpoint files mark a run folder as one command's: how --resume refuses the other command's folder.
+CHECKPOINT_MARKS = {"train": ("last.pt", "best.pt"), "search": ("phase-*.pt",)}
+
+
+def read_run_config(run_dir: str | Path | None, command: str) -> tuple[Config, Path]:
+    """The config a stopped ``command`` run saved in ``run_dir``, for ``--resume``."""
+    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
+        raise MamoError(f"--resume needs an existing {command} run folder with config.yaml, got '{run_dir}'; "
+                        f"pass the folder a stopped {command} wrote.")
+    directory = Path(run_dir)
+    for other, marks in CHECKPOINT_MARKS.items():
+        if other != command and any(any((directory / "checkpoints").glob(mark)) for mark in marks):
+            raise MamoError(f"{directory} is a {other} run folder, not a {command} one; continue it with "
+                            f"python cli.py {other} --resume {directory}.")
+    path = directory / "config.yaml"
+    return config_from_dict(load_yaml(path.read_text()), str(path)), directory
 
 
 class RunLog:

@@ -3,8 +3,8 @@
 pretrain the HPS network → for z = 1..Z: train a round while counting conflicts, threshold, grow → final
 training → test. One :class:`~mamo.trainer.Trainer` (one optimizer, one data-order generator) runs every
 phase, so growth only adds parameters and never resets what was learned. After every phase the whole state
-is checkpointed; ``--resume`` continues from the newest checkpoint and reaches the same architecture as an
-uninterrupted run with the same seed.
+is checkpointed, and inside a phase now and then (:class:`PhaseCheckpoint`); ``--resume`` continues from the
+newest checkpoint and reaches the same architecture and weights as an uninterrupted run with the same seed.
 """
 
 from __future__ import annotations
@@ -15,12 +15,20 @@ import time
 from pathlib import Path
 
 from mamo import graph as g
-from mamo.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
-from mamo.config import Config, config_from_dict, load_config, load_yaml
+from mamo.checkpoint import (
+    Throttle,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_trainer,
+    save_checkpoint,
+    trainer_state,
+)
+from mamo.config import Config, load_config
 from mamo.conflicts import ConflictStats, parse_threshold, select_positions
 from mamo.errors import MamoError
 from mamo.model import count_parameters
 from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
+from mamo.runs import read_run_config
 from mamo.step import StepResult
 from mamo.train import Session, build_network, cached_baseline, make_trainer, open_run, open_session, save_model
 from mamo.trainer import Callback, KeepBest, Trainer, add_new_parameters
@@ -43,6 +51,35 @@ class ConflictRecorder(Callback):
     def on_step(self, trainer: Trainer, result: StepResult) -> None:
         if self.stats is not None:
             self.stats.update(result.node_gramians)
+
+
+IN_PHASE = "in-phase.pt"
+
+
+class PhaseCheckpoint(Callback):
+    """After an epoch, when due (``train.checkpoint_seconds``), what continuing inside the current phase needs
+    (``checkpoints/in-phase.pt``), so a stopped search does not lose a whole phase (NYUv2's final phase is 100
+    epochs)."""
+
+    def __init__(self, path: Path, recorder: ConflictRecorder, best: KeepBest, every_seconds: float = 0.0):
+        self.path, self.recorder, self.best, self.throttle = path, recorder, best, Throttle(every_seconds)
+        self.phase: dict = {}
+
+    def begin(self, index: int, phase: str, start_epoch: int, rounds: list[dict], phase_seconds: dict) -> None:
+        self.phase = {"phase_index": index, "phase": phase, "start_epoch": start_epoch, "rounds": rounds,
+                      "phase_seconds": phase_seconds, "started": time.perf_counter()}
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
+        if not self.throttle.due():
+            return
+        phase, seconds = self.phase["phase"], self.phase["phase_seconds"]
+        elapsed = seconds.get(phase, 0.0) + time.perf_counter() - self.phase["started"]
+        save_checkpoint(self.path, {
+            "phase_index": self.phase["phase_index"], "phase": phase,
+            "epochs_done": trainer.epoch - self.phase["start_epoch"], **trainer_state(trainer),
+            "rounds": self.phase["rounds"], "phase_seconds": {**seconds, phase: elapsed},
+            "stats": self.recorder.stats, "best": self.best.state_dict(),
+        })
 
 
 def phase_names(rounds: int) -> list[str]:
@@ -119,46 +156,22 @@ def _grow(trainer: Trainer, stats: ConflictStats, config: Config, z: int) -> tup
     return activated, new_nodes
 
 
-def _restore(trainer: Trainer, state: dict, session: Session) -> None:
-    model = trainer.model
-    model.graph = g.graph_from_dict(state["graph"])
-    if "weights" in model.graph.graph["space"]:  # the checkpoint's weights replace any initial ones
-        model.graph.graph["space"]["weights"] = None
-    model.sync(copy_from_trunk=False)
-    model.load_state_dict(state["model"])
-    model.to(session.device)
-    trainer.step.refresh()
-    load_optimizer_state(trainer.step.optimizer, model, state["optimizer"])
-    trainer.step.direction.load_state_dict(state["direction"])
-    trainer.generator.set_state(state["generator"])
-    trainer.global_step, trainer.epoch, trainer.history = state["global_step"], state["epoch"], state["history"]
-
-
 def _checkpoint(directory: Path, index: int, phase: str, trainer: Trainer, rounds: list[dict], extra: dict) -> None:
-    save_checkpoint(directory / "checkpoints" / f"phase-{index:02d}-{phase}.pt", {
-        "phase_index": index,
-        "phase": phase,
-        "graph": g.graph_to_dict(trainer.model.graph),
-        "model": trainer.model.state_dict(),
-        "optimizer": optimizer_state(trainer.step.optimizer, trainer.model),
-        "direction": trainer.step.direction.state_dict(),
-        "generator": trainer.generator.get_state(),
-        "global_step": trainer.global_step,
-        "epoch": trainer.epoch,
-        "history": trainer.history,
-        "rounds": rounds,
-        **extra,
-    })
+    save_checkpoint(directory / "checkpoints" / f"phase-{index:02d}-{phase}.pt",
+                    {"phase_index": index, "phase": phase, **trainer_state(trainer), "rounds": rounds, **extra})
 
 
 def _resume_state(run_dir: str | Path | None) -> tuple[Config, Path, dict | None]:
-    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
-        raise MamoError(f"--resume needs an existing search run folder with config.yaml, got '{run_dir}'; "
-                        "pass the folder a stopped search wrote.")
-    directory = Path(run_dir)
-    saved = config_from_dict(load_yaml((directory / "config.yaml").read_text()), str(directory / "config.yaml"))
+    """The folder's config and the newest state: the in-phase checkpoint when it is past the newest phase's."""
+    saved, directory = read_run_config(run_dir, "search")
     path = latest_checkpoint(directory / "checkpoints")
-    return saved, directory, (load_checkpoint(path) if path else None)
+    state = load_checkpoint(path) if path else None
+    partial = directory / "checkpoints" / IN_PHASE
+    if partial.exists():
+        inside = load_checkpoint(partial)
+        if inside["phase_index"] == (state["phase_index"] + 1 if state else 0):
+            return saved, directory, inside
+    return saved, directory, state
 
 
 def run_search(
@@ -206,11 +219,15 @@ def run_search(
         rounds: list[dict] = []
         start_index, phase_seconds = 0, {}
         if state is not None:
-            _restore(trainer, state, session)
+            restore_trainer(trainer, state, session.device)
             rounds, phase_seconds, start_index = state["rounds"], state["phase_seconds"], state["phase_index"] + 1
-            session.log(f"resumed after phase '{state['phase']}' from its checkpoint")
+            if "epochs_done" in state:  # an in-phase checkpoint: continue inside its phase
+                start_index -= 1
+                session.log(f"resumed in phase '{state['phase']}' after {state['epochs_done']} of its epochs")
+            else:
+                session.log(f"resumed after phase '{state['phase']}' from its checkpoint")
         metrics = _run_phases(session, trainer, recorder, watchers, directory, baselines, rounds, phase_seconds,
-                              start_index, started)
+                              start_index, started, state if state and "epochs_done" in state else None)
     except KeyboardInterrupt:
         # Ctrl-C is the usual way a search stops early; say how to pick it up (finished phases are checkpointed).
         session.log(f"stopped; continue with: python cli.py search --resume {directory}")
@@ -230,36 +247,42 @@ def run_search(
 def _run_phases(
     session: Session, trainer: Trainer, recorder: ConflictRecorder, watchers: list[Callback], directory: Path,
     baselines: dict, rounds: list[dict], phase_seconds: dict, start_index: int, started: float,
+    partial: dict | None = None,
 ) -> dict:
-    """Pretrain, the detection rounds and the final phase from ``start_index`` on, then test and report."""
+    """Pretrain, the detection rounds and the final phase from ``start_index`` on (inside it from ``partial``,
+    an in-phase checkpoint), then test and report."""
     config, model, search, tasks = session.config, trainer.model, session.config.search, session.data.tasks
     stl_val = baselines["stl"]["val"] if baselines else None
     best = KeepBest()
+    saver = PhaseCheckpoint(directory / "checkpoints" / IN_PHASE, recorder, best, config.train.checkpoint_seconds)
+    trainer.callbacks.append(saver)
     for index, phase in enumerate(phase_names(search.rounds)):
         if index < start_index:
             continue
+        done = partial["epochs_done"] if partial and partial["phase_index"] == index else 0
+        saver.begin(index, phase, trainer.epoch - done, rounds, phase_seconds)
         phase_start = time.perf_counter()
         for callback in watchers:
             callback.on_phase_start(phase, model)
         record = None
+        trainer.description = phase
         if phase == "pretrain":
-            trainer.description = "pretrain"
-            trainer.fit(search.pretrain_epochs)
+            trainer.fit(search.pretrain_epochs - done)
         elif phase == "final":
-            trainer.description = "final"
-            trainer.callbacks.append(best)
-            trainer.fit(search.final_epochs)
+            if done:
+                best.load_state_dict(partial["best"])
+            trainer.callbacks.insert(trainer.callbacks.index(saver), best)  # the saver sees this epoch's best
+            trainer.fit(search.final_epochs - done)
             trainer.callbacks.remove(best)
             best.restore(model)
         else:
             z = int(phase.removeprefix("round"))
-            trainer.description = phase
             step = trainer.step
             # Conflict statistics need exact per-cell gradients even when the direction itself would not.
             saved_mode = (step.collect_gramians, step.gradients)
             step.collect_gramians, step.gradients = True, "exact"
-            recorder.open(ConflictStats.for_graph(model.graph))
-            trainer.fit(search.round_epochs)
+            recorder.open(partial["stats"] if done else ConflictStats.for_graph(model.graph))
+            trainer.fit(search.round_epochs - done)
             stats = recorder.close()
             step.collect_gramians, step.gradients = saved_mode
             val = trainer.history[-1]["val"] if trainer.history else trainer.evaluate(session.data.val)
@@ -272,10 +295,11 @@ def _run_phases(
                         f"{record['gmk_modules']} in all")
         phase_seconds[phase] = phase_seconds.get(phase, 0.0) + time.perf_counter() - phase_start
         _checkpoint(directory, index, phase, trainer, rounds, {"phase_seconds": phase_seconds})
+        (directory / "checkpoints" / IN_PHASE).unlink(missing_ok=True)  # the phase's own checkpoint supersedes it
         if record is not None:
             for callback in watchers:
                 callback.on_round_end(record)
-
+    trainer.callbacks.remove(saver)
     metrics = _finish(session, trainer, directory, baselines, rounds, phase_seconds, started)
     for callback in watchers:
         callback.on_run_end(metrics)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from mamo.checkpoint import EpochCheckpoint, load_checkpoint, restore_trainer
 from mamo.config import Config, DirectionConfig, TensionerConfig
 from mamo.data import MultiTaskData, load_data
 from mamo.directions import create_direction
@@ -16,7 +17,7 @@ from mamo.errors import MamoError
 from mamo.graph import build_hps_graph, graph_to_dict
 from mamo.model import MamoNet, compile_model, count_parameters
 from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
-from mamo.runs import BaselineCache, RunLog, baseline_key, free_run_dir, new_run_dir
+from mamo.runs import BaselineCache, RunLog, baseline_key, free_run_dir, new_run_dir, read_run_config
 from mamo.spaces import check_model_config, create_space
 from mamo.step import TrainStep
 from mamo.trainer import Callback, KeepBest, Trainer, check_train_config, make_optimizer, resolve_device
@@ -112,15 +113,25 @@ def train_network(
     task_names: list[str] | None = None,
     description: str = "train",
     callbacks: list[Callback] | None = None,
+    checkpoint: Path | None = None,
 ) -> Trained:
-    """Train one network for ``epochs``, keep its best-by-validation weights, test it."""
+    """Train one network for ``epochs``, keep its best-by-validation weights, test it. With ``checkpoint``,
+    the training is saved there after an epoch at most every ``train.checkpoint_seconds`` and, when the file
+    exists already, continued from it."""
     model = build_network(session, task_names)
     best = KeepBest()
     watchers = list(callbacks or [])
-    trainer = make_trainer(session, model, direction, [best, *watchers], description)
+    every = session.config.train.checkpoint_seconds
+    saver = [EpochCheckpoint(checkpoint, best, every)] if checkpoint is not None else []
+    trainer = make_trainer(session, model, direction, [best, *saver, *watchers], description)
+    if checkpoint is not None and checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        restore_trainer(trainer, state, session.device)
+        best.load_state_dict(state["best"])
+        session.log(f"resumed after epoch {trainer.epoch} of {epochs} from {checkpoint}")
     for callback in watchers:
         callback.on_phase_start(description, model)
-    trainer.fit(epochs)
+    trainer.fit(epochs - trainer.epoch)
     best.restore(model)
     return Trained(model, trainer, trainer.evaluate(session.data.test), trainer.evaluate(session.data.val),
                    {"best_epoch": best.best_epoch})
@@ -183,15 +194,37 @@ def open_run(
 
 def run_train(
     config: Config, run_dir: str | Path | None = None, progress: bool = True, quiet: bool = False,
-    callbacks: list[Callback] | None = None, loggers: bool = True,
+    callbacks: list[Callback] | None = None, loggers: bool = True, resume: bool = False,
 ) -> dict:
-    """``mamo train``: the shared network with the configured direction, or STL with ``train.mode=stl``."""
-    session, directory = open_run(config, run_dir, "train", progress, quiet)
+    """``mamo train``: the shared network with the configured direction, or STL with ``train.mode=stl``.
+
+    The shared network is checkpointed after its first epoch and then at most every
+    ``train.checkpoint_seconds`` (checkpoints/last.pt, removed once the run has finished); ``resume=True``
+    continues the stopped run in ``run_dir`` with its saved config (``config`` is not used then)."""
+    if resume:
+        config, directory = read_run_config(run_dir, "train")
+        _check_resumable(config, directory)
+        session = open_session(config, directory, progress, quiet)
+        session.log(f"resuming {directory}")
+    else:
+        session, directory = open_run(config, run_dir, "train", progress, quiet)
     try:
         return _train_and_report(session, directory, callbacks, loggers)
+    except KeyboardInterrupt:
+        if config.train.mode == "mtl":  # say how to pick it up from checkpoints/last.pt
+            session.log(f"stopped; continue with: python cli.py train --resume {directory}")
+        raise
     except MamoError as exc:  # e.g. a diverged loss: the folder keeps the reason
         session.log.record(f"error: {exc}")
         raise
+
+
+def _check_resumable(config: Config, directory: Path) -> None:
+    if (directory / "metrics.json").exists():
+        raise MamoError(f"the train run in {directory} has finished (metrics.json is there); nothing to resume.")
+    if config.train.mode == "stl":
+        raise MamoError(f"{directory} trains STL baselines (train.mode=stl), which are not checkpointed per "
+                        "epoch; run the same command again in a new folder.")
 
 
 def _train_and_report(session: Session, directory: Path, callbacks: list[Callback] | None, loggers: bool) -> dict:
@@ -211,11 +244,14 @@ def _train_and_report(session: Session, directory: Path, callbacks: list[Callbac
     else:
         method = config.direction.name + ("" if config.direction.tensioner.formulation == "off" else "+tensioner")
         session.log(f"HPS network, direction {method}, {epochs} epochs on {session.device}")
-        trained = train_network(session, epochs, config.direction, description="train", callbacks=watchers)
+        last = directory / "checkpoints" / "last.pt"
+        trained = train_network(session, epochs, config.direction, description="train", callbacks=watchers,
+                                checkpoint=last)
         result = trained.result()
         torch.save({"model": trained.model.state_dict(), "graph": graph_to_dict(trained.model.graph),
                     "epoch": trained.extra["best_epoch"]}, directory / "checkpoints" / "best.pt")
         save_model(directory, trained.model)
+        last.unlink()  # best.pt and the weights hold what the run keeps; a finished run has nothing to resume
         stl = session.cache.get(stl_key)
         results = {"STL": stl, f"HPS ({method})": result} if stl else {f"HPS ({method})": result}
         stl_name = "STL" if stl else None
@@ -240,11 +276,16 @@ def add_arguments_train(parser) -> None:
     from mamo.cli import add_preset_arguments
 
     add_preset_arguments(parser, "multimnist")
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
+                        help="continue a stopped train run from its last finished epoch (other arguments are "
+                             "ignored)")
 
 
 def command_train(args) -> int:
     from mamo.config import load_config
 
-    run_train(load_config(args.preset, args.overrides), args.run_dir, progress=not args.no_progress,
-              loggers=not args.no_tensorboard)
+    # A resumed run reads its configuration from the run folder; load_config(None) is only a placeholder.
+    config = load_config(None) if args.resume else load_config(args.preset, args.overrides)
+    run_train(config, args.resume or args.run_dir, progress=not args.no_progress,
+              loggers=not args.no_tensorboard, resume=bool(args.resume))
     return 0

@@ -39,6 +39,7 @@ TRAIN_BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
     "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
+    "checkpoint_seconds": (lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
 }
 
 
@@ -135,6 +136,14 @@ class KeepBest(Callback):
     def restore(self, model: torch.nn.Module) -> None:
         if self.best_state is not None and set(self.best_state) == set(model.state_dict()):
             model.load_state_dict(self.best_state)
+
+    def state_dict(self) -> dict:
+        return {"reference": self.reference, "best_score": self.best_score, "best_state": self.best_state,
+                "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reference, self.best_score = state["reference"], state["best_score"]
+        self.best_state, self.best_epoch = state["best_state"], state["best_epoch"]
 
 
 class Trainer:

@@ -157,6 +157,40 @@ def test_a_stopped_search_resumes_to_the_same_architecture(tmp_path):
         assert values == pytest.approx(resumed["tasks"][task], rel=1e-5)
 
 
+class CrashInPhase(Callback):
+    """Stops the search inside ``phase``, after its second epoch (the in-phase checkpoint holds the first)."""
+
+    def __init__(self, phase: str):
+        self.phase, self.epochs = phase, 0
+
+    def on_epoch_end(self, trainer, metrics):
+        self.epochs += trainer.description == self.phase
+        if self.epochs == 2:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "round1", "final"])
+def test_a_search_stopped_inside_a_phase_resumes_inside_it(tmp_path, phase):
+    config = tiny("search.threshold=topk:1", "search.rounds=1", "search.pretrain_epochs=3",
+                  "search.round_epochs=3", "search.final_epochs=3", "search.baselines=false",
+                  "train.checkpoint_seconds=0")
+    whole = run_search(config, tmp_path / "whole", progress=False, quiet=True, loggers=False)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, cut, progress=False, quiet=True, loggers=False, callbacks=[CrashInPhase(phase)])
+    inside = torch.load(cut / "checkpoints" / "in-phase.pt", weights_only=False)
+    assert inside["phase"] == phase and inside["epochs_done"] == 1
+    assert (inside["stats"] is not None) == (phase == "round1")
+    assert (inside["best"]["best_epoch"] == inside["epoch"]) == (phase == "final")  # the final phase's best so far
+    resumed = run_search(config, cut, progress=False, quiet=True, loggers=False, resume=True)
+    assert f"resumed in phase '{phase}' after 1 of its epochs" in (cut / "log.txt").read_text()
+    assert resumed["rounds"][0]["activated"] == whole["rounds"][0]["activated"]
+    assert resumed["rounds"][0]["conflicts"] == whole["rounds"][0]["conflicts"]
+    assert resumed["tasks"] == whole["tasks"] and resumed["val"] == whole["val"]
+    assert (cut / "weights.safetensors").read_bytes() == (tmp_path / "whole" / "weights.safetensors").read_bytes()
+    assert not (cut / "checkpoints" / "in-phase.pt").exists()
+
+
 class DivergeAfterRoundOne(Callback):
     def on_epoch_end(self, trainer, metrics):
         if trainer.description == "round1":

@@ -19,7 +19,8 @@ from mamo.data import load_data
 from mamo.errors import MamoError
 from mamo.report import delta, win_rate
 from mamo.runs import baseline_key, free_run_dir
-from mamo.train import cached_baseline, open_session
+from mamo.train import cached_baseline, open_session, run_train
+from mamo.trainer import Callback
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "train.epochs=1", "--set", "data.train_size=256", "--set", "data.val_size=64",
@@ -265,6 +266,7 @@ def test_unknown_names_exit_2_with_one_sentence(
         ("train.lr=.nan", "train.lr must be a finite number > 0, got nan"),
         ("train.momentum=1", "train.momentum must be a number in [0, 1), got 1.0"),
         ("train.weight_decay=-0.1", "train.weight_decay must be a finite number ≥ 0, got -0.1"),
+        ("train.checkpoint_seconds=-1", "train.checkpoint_seconds must be a finite number ≥ 0, got -1.0"),
         ("train.precision=fp16", "unknown precision 'fp16' (train.precision); use one of fp32, bf16"),
         ("train.gradients=approx", "unknown gradient mode 'approx' (train.gradients)"),
         ("train.gradient_path=vmap", "unknown gradient path 'vmap' (train.gradient_path)"),
@@ -290,6 +292,54 @@ def test_a_diverged_loss_is_one_sentence_and_the_folder_keeps_it(tmp_path: Path,
     assert "lower train.lr (now 1e+30)" in message
     assert (run / "log.txt").read_text().splitlines()[-1].endswith(f"error: {message}")
     assert (run / "config.yaml").exists()  # what was written stays
+
+
+class StopAfterEpoch(Callback):
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer, metrics) -> None:
+        if trainer.epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+RESUMABLE = ["train.epochs=3", "data.train_size=256", "data.val_size=64", "data.test_size=64", "train.device=cpu"]
+
+
+@pytest.mark.parametrize(("seconds", "saved_epoch"), [(0, 2), (1e9, 1)])  # after every epoch | only the first
+def test_a_stopped_train_resumes_to_the_same_result(tmp_path: Path, seconds: float, saved_epoch: int) -> None:
+    config = load_config("quick", [*RESUMABLE, f"train.checkpoint_seconds={seconds}"])
+    quiet = {"progress": False, "quiet": True, "loggers": False}
+    whole = run_train(config, tmp_path / "whole", **quiet)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, cut, callbacks=[StopAfterEpoch(2)], **quiet)
+    assert (cut / "checkpoints" / "last.pt").exists() and not (cut / "metrics.json").exists()
+    assert (cut / "log.txt").read_text().splitlines()[-1].endswith(f"stopped; continue with: python cli.py train "
+                                                                   f"--resume {cut}")
+    resumed = run_train(load_config("logic"), cut, resume=True, **quiet)  # the folder's own config is used
+    assert f"resumed after epoch {saved_epoch} of 3" in (cut / "log.txt").read_text()
+    assert resumed["tasks"] == whole["tasks"] and resumed["val"] == whole["val"]
+    assert (cut / "weights.safetensors").read_bytes() == (tmp_path / "whole" / "weights.safetensors").read_bytes()
+    assert not (cut / "checkpoints" / "last.pt").exists()  # a finished run keeps best.pt and the weights
+
+
+def test_resume_refuses_finished_runs_and_the_other_commands_folders(tmp_path: Path, capsys) -> None:
+    finished = tmp_path / "finished"
+    run_train(load_config("quick", RESUMABLE), finished, progress=False, quiet=True, loggers=False)
+    assert main(["train", "--resume", str(finished)]) == 2
+    assert "has finished (metrics.json is there); nothing to resume" in single_error(capsys.readouterr().err)
+    assert main(["search", "--resume", str(finished)]) == 2
+    assert f"is a train run folder, not a search one; continue it with python cli.py train --resume {finished}" \
+        in single_error(capsys.readouterr().err)
+    searched = tmp_path / "searched"
+    (searched / "checkpoints").mkdir(parents=True)
+    (searched / "config.yaml").write_text((finished / "config.yaml").read_text())
+    (searched / "checkpoints" / "phase-00-pretrain.pt").write_bytes(b"")
+    assert main(["train", "--resume", str(searched)]) == 2
+    assert "is a search run folder, not a train one" in single_error(capsys.readouterr().err)
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "--resume needs an existing train run folder" in single_error(capsys.readouterr().err)
 
 
 def test_logic_preset_solves_both_gates_on_its_default_seed(tmp_path: Path) -> None:
