@@ -51,10 +51,18 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sav
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``payload`` to ``path`` through a temporary file; a failed write (a full disk) leaves the previous
+    checkpoint as it was and is one sentence."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise MamoError(f"could not write the checkpoint {path} ({reason}); free disk space or fix the folder's "
+                        "permissions, then resume the run with --resume.") from exc
 
 
 def load_checkpoint(path: Path) -> dict:

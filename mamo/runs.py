@@ -67,9 +67,13 @@ class RunLog:
 
     def record(self, message: str) -> None:
         """Only into the log file: for what the terminal shows another way (the CLI prints errors itself)."""
-        if self.path is not None:
+        if self.path is None:
+            return
+        try:
             with open(self.path, "a") as handle:
                 handle.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+        except OSError:  # a full disk must not hide the message the run is stopping with; the terminal has it
+            pass
 
 
 def baseline_key(config: Config, kind: str, epochs: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,6 +215,28 @@ def test_a_corrupt_checkpoint_is_named(tmp_path):
     (tmp_path / "r" / "checkpoints" / "phase-01-round1.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(MamoError, match="phase-01-round1.pt is corrupt"):
         run_search(config, tmp_path / "r", progress=False, quiet=True, loggers=False, resume=True)
+
+
+def test_a_full_disk_is_one_sentence_and_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
+    config = tiny("search.rounds=1", "search.baselines=false")
+    saves, real_save = [], torch.save
+
+    def save_until_the_disk_fills(payload, path):
+        if len(saves) == 2:  # the pretrain phase's in-phase and phase checkpoints fit, then the disk is full
+            Path(path).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        saves.append(path)
+        real_save(payload, path)
+
+    monkeypatch.setattr("mamo.checkpoint.torch.save", save_until_the_disk_fills)
+    full = r"could not write the checkpoint .*phase-01-round1.pt \(No space left on device\); free disk space"
+    with pytest.raises(MamoError, match=full + ".* resume the run with --resume"):
+        run_search(config, tmp_path / "r", progress=False, quiet=True, loggers=False)
+    checkpoints = tmp_path / "r" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["phase-00-pretrain.pt"]  # no half-written file
+    monkeypatch.undo()
+    run_search(config, tmp_path / "r", progress=False, quiet=True, loggers=False, resume=True)
+    assert (tmp_path / "r" / "metrics.json").exists()
 
 
 @pytest.mark.parametrize(
