@@ -28,7 +28,23 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 
 
 class SearchSpace:
-    """Builds cell ``index`` of the shared trunk (a GMK is a copy of one) and task heads."""
+    """Builds cell ``index`` of the shared trunk (a GMK is a copy of one) and task heads.
+
+    A family also says, before any data is loaded, which ``model`` settings it needs (:meth:`check_config`,
+    :meth:`spec_from_config`) and whether it takes image inputs (``needs_images``); ``named`` families take a
+    model name after a colon (``timm:resnet18``)."""
+
+    needs_images = True
+    named = False
+
+    @classmethod
+    def check_config(cls, config: ModelConfig, name: str) -> None:
+        """Refuse this family's settings in ``config`` that cannot work, whatever the data."""
+
+    @classmethod
+    def spec_from_config(cls, config: ModelConfig, name: str) -> dict:
+        """This family's entries of the spec, from ``config``."""
+        return {}
 
     def __init__(self, spec: dict):
         self._spec = dict(spec)
@@ -129,6 +145,17 @@ HEADS: dict[str, Callable[[TaskSpec, tuple[int, ...], int], nn.Module]] = {
 class MLPSpace(SearchSpace):
     """Fully connected cells: Linear + activation per entry of ``hidden`` (the thesis' logic net is [2])."""
 
+    needs_images = False
+
+    @classmethod
+    def check_config(cls, config: ModelConfig, name: str) -> None:
+        if not config.hidden or any(width < 1 for width in config.hidden):
+            raise MamoError(f"model.hidden is {config.hidden}; give the mlp at least one positive width, e.g. [64].")
+
+    @classmethod
+    def spec_from_config(cls, config: ModelConfig, name: str) -> dict:
+        return {"hidden": list(config.hidden), "activation": config.activation}
+
     @property
     def num_cells(self) -> int:
         return len(self._spec["hidden"])
@@ -142,6 +169,15 @@ class MLPSpace(SearchSpace):
 
 class LeNetSpace(SearchSpace):
     """The MultiMNIST LeNet of Sener & Koltun: two conv cells and a fully connected cell to ``latent``."""
+
+    @classmethod
+    def check_config(cls, config: ModelConfig, name: str) -> None:
+        if config.latent < 1:
+            raise MamoError(f"model.latent is {config.latent}; give the lenet a positive latent width, e.g. 50.")
+
+    @classmethod
+    def spec_from_config(cls, config: ModelConfig, name: str) -> dict:
+        return {"latent": config.latent}
 
     @property
     def num_cells(self) -> int:
@@ -220,6 +256,16 @@ def _check_timm_name(name: str) -> None:
 
 class TimmSpace(SearchSpace):
     """Any timm model whose ``features_only`` wrapper runs its stages in sequence: each stage is a cell."""
+
+    named = True
+
+    @classmethod
+    def check_config(cls, config: ModelConfig, name: str) -> None:
+        _check_timm_name(name)
+
+    @classmethod
+    def spec_from_config(cls, config: ModelConfig, name: str) -> dict:
+        return {"timm_name": name, "weights": config.weights}
 
     def __init__(self, spec: dict):
         super().__init__(spec)
@@ -327,8 +373,8 @@ def space_from_spec(spec: dict) -> SearchSpace:
 def check_model_config(config: ModelConfig) -> None:
     """Everything about ``model`` that does not depend on the data (names, widths), so that a typo is found
     before the data loads or anything trains."""
-    family, _, timm_name = config.backbone.partition(":")
-    if family not in SPACES or (family == "timm") != bool(timm_name):
+    family, _, name = config.backbone.partition(":")
+    if family not in SPACES or SPACES[family].named != bool(name):
         raise MamoError(
             f"unknown backbone '{config.backbone}' (model.backbone); use mlp, lenet or timm:<model name>."
         )
@@ -336,29 +382,18 @@ def check_model_config(config: ModelConfig) -> None:
         raise MamoError(f"unknown activation '{config.activation}' (model.activation); use one of {list(ACTIVATIONS)}.")
     if config.head_hidden < 0:
         raise MamoError(f"model.head_hidden is {config.head_hidden}; use 0 (a linear head) or a positive width.")
-    if family == "mlp" and (not config.hidden or any(width < 1 for width in config.hidden)):
-        raise MamoError(f"model.hidden is {config.hidden}; give the mlp at least one positive width, e.g. [64].")
-    if family == "lenet" and config.latent < 1:
-        raise MamoError(f"model.latent is {config.latent}; give the lenet a positive latent width, e.g. 50.")
-    if family == "timm":
-        _check_timm_name(timm_name)
+    SPACES[family].check_config(config, name)
 
 
 def create_space(config: ModelConfig, input_shape: tuple[int, ...]) -> SearchSpace:
     """The search space for ``model.backbone`` on inputs of ``input_shape`` (channels first)."""
     check_model_config(config)  # a wrong name is the first thing to fix, whatever the data
-    family, _, timm_name = config.backbone.partition(":")
-    spec: dict = {"family": family, "input_shape": list(input_shape), "head_hidden": config.head_hidden}
-    if family == "mlp":
-        spec |= {"hidden": list(config.hidden), "activation": config.activation}
-        return space_from_spec(spec)
-    if len(input_shape) != 3:
+    family, _, name = config.backbone.partition(":")
+    space = SPACES[family]
+    if space.needs_images and len(input_shape) != 3:
         raise MamoError(
             f"backbone '{config.backbone}' needs image inputs (C, H, W) but the data gives {tuple(input_shape)}; "
             "use model.backbone=mlp for vector inputs."
         )
-    if family == "lenet":
-        spec |= {"latent": config.latent}
-    else:
-        spec |= {"timm_name": timm_name, "weights": config.weights}
-    return space_from_spec(spec)
+    return space_from_spec({"family": family, "input_shape": list(input_shape), "head_hidden": config.head_hidden,
+                            **space.spec_from_config(config, name)})
