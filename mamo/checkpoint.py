@@ -9,6 +9,7 @@ to a temporary name and renamed, so a crash never leaves a half-written one.
 
 from __future__ import annotations
 
+import os
 import pickle
 import time
 import zipfile
@@ -53,7 +54,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sav
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write ``payload`` to ``path`` through a temporary file; a failed write (a full disk) leaves the previous
     checkpoint as it was and is one sentence."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes sharing a baseline cache never collide
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(payload, tmp)

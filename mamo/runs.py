@@ -110,6 +110,10 @@ class BaselineCache:
         except json.JSONDecodeError:
             return None  # a half-written entry is retrained rather than trusted
 
+    def checkpoint_path(self, key: str) -> Path:
+        """Where the network of ``key`` is checkpointed while it trains (removed once its result is cached)."""
+        return self.root / f"{key}.pt"
+
     def put(self, key: str, result: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self._path(key).with_suffix(".tmp")

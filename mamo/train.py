@@ -114,18 +114,19 @@ def train_network(
     description: str = "train",
     callbacks: list[Callback] | None = None,
     checkpoint: Path | None = None,
+    discard_damaged: bool = False,
 ) -> Trained:
     """Train one network for ``epochs``, keep its best-by-validation weights, test it. With ``checkpoint``,
     the training is saved there after an epoch at most every ``train.checkpoint_seconds`` and, when the file
-    exists already, continued from it."""
+    exists already, continued from it (a damaged one is an error, or with ``discard_damaged`` ignored)."""
     model = build_network(session, task_names)
     best = KeepBest()
     watchers = list(callbacks or [])
     every = session.config.train.checkpoint_seconds
     saver = [EpochCheckpoint(checkpoint, best, every)] if checkpoint is not None else []
     trainer = make_trainer(session, model, direction, [best, *saver, *watchers], description)
-    if checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint)
+    state = _read_checkpoint(session, checkpoint, discard_damaged) if checkpoint is not None else None
+    if state is not None:
         restore_trainer(trainer, state, session.device)
         best.load_state_dict(state["best"])
         session.log(f"resumed after epoch {trainer.epoch} of {epochs} from {checkpoint}")
@@ -137,12 +138,45 @@ def train_network(
                    {"best_epoch": best.best_epoch})
 
 
-def train_stl(session: Session, epochs: int) -> dict:
-    """One network per task, each trained alone; the result merges their metrics and adds their sizes."""
+def _read_checkpoint(session: Session, path: Path, discard_damaged: bool) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return load_checkpoint(path)
+    except MamoError:
+        if not discard_damaged:
+            raise
+        session.log(f"{path} is damaged; training from the start")
+        return None
+
+
+def _cached_network(
+    session: Session, kind: str, epochs: int, task_names: list[str] | None, name: str, training: str,
+    callbacks: list[Callback] | None = None,
+) -> dict:
+    """One baseline network's result: from the cache, else trained and cached. Its training is checkpointed
+    beside the cache, so a stopped run continues it (a baseline of NYUv2 is hours on a GPU)."""
+    key = baseline_key(session.config, kind, epochs)
+    cached = session.cache.get(key)
+    if cached is not None:
+        session.log(f"{name}: reusing the cached result {key}")
+        return cached
+    session.log(f"{name}: {training} for {epochs} epochs")
+    checkpoint = session.cache.checkpoint_path(key)
+    result = train_network(session, epochs, EQUAL, task_names, description=kind.replace("-", " "),
+                           callbacks=callbacks, checkpoint=checkpoint, discard_damaged=True).result()
+    session.cache.put(key, result)
+    checkpoint.unlink(missing_ok=True)
+    return result
+
+
+def train_stl(session: Session, epochs: int, callbacks: list[Callback] | None = None) -> dict:
+    """One network per task, each trained alone (and cached on its own, so a stopped STL run keeps its
+    finished tasks); the result merges their metrics and adds their sizes."""
     merged: dict = {"tasks": {}, "val": {}, "params": 0, "seconds_per_epoch": 0.0}
     for task in session.data.tasks:
-        session.log(f"STL: training '{task}' alone for {epochs} epochs")
-        result = train_network(session, epochs, EQUAL, [task], description=f"stl {task}").result()
+        result = _cached_network(session, f"stl-{task}", epochs, [task], f"STL '{task}'", "training it alone",
+                                 callbacks)
         merged["tasks"].update(result["tasks"])
         merged["val"].update(result["val"])
         merged["params"] += result["params"]
@@ -150,20 +184,19 @@ def train_stl(session: Session, epochs: int) -> dict:
     return merged
 
 
-def cached_baseline(session: Session, kind: str, epochs: int) -> dict:
-    """The STL or HPS (equal weighting) baseline for this data, backbone, budget and seed; trained once."""
+def cached_baseline(session: Session, kind: str, epochs: int, callbacks: list[Callback] | None = None) -> dict:
+    """The STL or HPS (equal weighting) baseline for this data, backbone, budget and seed; trained once
+    (``callbacks`` watch the training when there is one)."""
     key = baseline_key(session.config, kind, epochs)
     cached = session.cache.get(key)
     if cached is not None:
         session.log(f"{kind.upper()} baseline: reusing the cached result {key}")
         return cached
     if kind == "stl":
-        result = train_stl(session, epochs)
-    else:
-        session.log(f"HPS baseline: equal weighting for {epochs} epochs")
-        result = train_network(session, epochs, EQUAL, description="hps").result()
-    session.cache.put(key, result)
-    return result
+        result = train_stl(session, epochs, callbacks)
+        session.cache.put(key, result)
+        return result
+    return _cached_network(session, kind, epochs, None, "HPS baseline", "equal weighting", callbacks)
 
 
 def save_model(run_dir: Path, model: MamoNet) -> None:
@@ -223,8 +256,8 @@ def _check_resumable(config: Config, directory: Path) -> None:
     if (directory / "metrics.json").exists():
         raise MamoError(f"the train run in {directory} has finished (metrics.json is there); nothing to resume.")
     if config.train.mode == "stl":
-        raise MamoError(f"{directory} trains STL baselines (train.mode=stl), which are not checkpointed per "
-                        "epoch; run the same command again in a new folder.")
+        raise MamoError(f"{directory} trains STL baselines (train.mode=stl), which continue from the baseline "
+                        "cache instead; run the same command again with a new --run-dir.")
 
 
 def _train_and_report(session: Session, directory: Path, callbacks: list[Callback] | None, loggers: bool) -> dict:

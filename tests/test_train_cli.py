@@ -139,7 +139,7 @@ def test_stl_run_trains_one_network_per_task_and_caches_it(runs: Path) -> None:
     assert "delta" not in metrics
     assert "| STL |" in (run / "report.md").read_text()
     log = (run / "log.txt").read_text()
-    assert "STL: training 'left' alone" in log and "STL: training 'right' alone" in log
+    assert "STL 'left': training it alone" in log and "STL 'right': training it alone" in log
     config = load_config(str(run / "config.yaml"))
     cached = runs / ".baselines" / f"{baseline_key(config, 'stl', 1)}.json"
     assert json.loads(cached.read_text())["tasks"] == metrics["tasks"]
@@ -295,11 +295,11 @@ def test_a_diverged_loss_is_one_sentence_and_the_folder_keeps_it(tmp_path: Path,
 
 
 class StopAfterEpoch(Callback):
-    def __init__(self, epoch: int):
-        self.epoch = epoch
+    def __init__(self, epoch: int, description: str | None = None):
+        self.epoch, self.description = epoch, description
 
     def on_epoch_end(self, trainer, metrics) -> None:
-        if trainer.epoch == self.epoch:
+        if trainer.epoch == self.epoch and self.description in (None, trainer.description):
             raise KeyboardInterrupt
 
 
@@ -324,6 +324,22 @@ def test_a_stopped_train_resumes_to_the_same_result(tmp_path: Path, seconds: flo
     assert not (cut / "checkpoints" / "last.pt").exists()  # a finished run keeps best.pt and the weights
 
 
+def test_a_stopped_stl_baseline_keeps_its_finished_tasks_and_continues_the_stopped_one(tmp_path: Path) -> None:
+    config = load_config("quick", [*RESUMABLE, "train.checkpoint_seconds=0"])
+    whole = cached_baseline(open_session(config, None, False, True, tmp_path / "clean"), "stl", 3)
+    logs, cache = tmp_path / "logs", tmp_path / "cache"
+    logs.mkdir()
+    with pytest.raises(KeyboardInterrupt):  # stopped in task 'right', after its second epoch
+        cached_baseline(open_session(config, logs, False, True, cache), "stl", 3,
+                        callbacks=[StopAfterEpoch(2, "stl right")])
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".pt"]  # 'left' cached, 'right' checkpointed
+    again = cached_baseline(open_session(config, logs, False, True, cache), "stl", 3)
+    log = (logs / "log.txt").read_text()
+    assert "STL 'left': reusing the cached result" in log and "resumed after epoch 2 of 3" in log
+    assert {k: again[k] for k in ("tasks", "val", "params")} == {k: whole[k] for k in ("tasks", "val", "params")}
+    assert not list(cache.glob("*.pt"))
+
+
 def test_resume_refuses_finished_runs_and_the_other_commands_folders(tmp_path: Path, capsys) -> None:
     finished = tmp_path / "finished"
     run_train(load_config("quick", RESUMABLE), finished, progress=False, quiet=True, loggers=False)
@@ -340,6 +356,11 @@ def test_resume_refuses_finished_runs_and_the_other_commands_folders(tmp_path: P
     assert "is a search run folder, not a train one" in single_error(capsys.readouterr().err)
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "--resume needs an existing train run folder" in single_error(capsys.readouterr().err)
+    stl = tmp_path / "stl"
+    stl.mkdir()
+    (stl / "config.yaml").write_text((finished / "config.yaml").read_text().replace("mode: mtl", "mode: stl"))
+    assert main(["train", "--resume", str(stl)]) == 2
+    assert "continue from the baseline cache instead" in single_error(capsys.readouterr().err)
 
 
 def test_logic_preset_solves_both_gates_on_its_default_seed(tmp_path: Path) -> None:

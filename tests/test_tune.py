@@ -272,8 +272,10 @@ def test_quick_study_on_sqlite_end_to_end(tmp_path, capsys):
     assert (tuned.direction.tensioner.T, tuned.direction.tensioner.alpha, tuned.search.rounds) == (
         best.params["T"], best.params["alpha"], best.params["rounds"])
     assert (tuned.data.train_size, tuned.search.baselines) == (128, True)
-    # STL and HPS were trained once for the study, before the trials, and every trial reused them.
-    assert len(list((study_dir / ".baselines").glob("*.json"))) == 2
+    # STL (one entry per task and the merged one) and HPS were trained once for the study, before the trials,
+    # and every trial reused them; no training checkpoint is left beside them.
+    assert len(list((study_dir / ".baselines").glob("*.json"))) == 2 + 2
+    assert not list((study_dir / ".baselines").glob("*.pt"))
     assert "stl_val" in study.user_attrs
     with open(study_dir / "trials.csv") as handle:
         assert [row["trial"] for row in csv.DictReader(handle)] == ["0", "1", "2"]
