@@ -284,7 +284,6 @@ def _train_and_report(session: Session, directory: Path, callbacks: list[Callbac
         torch.save({"model": trained.model.state_dict(), "graph": graph_to_dict(trained.model.graph),
                     "epoch": trained.extra["best_epoch"]}, directory / "checkpoints" / "best.pt")
         save_model(directory, trained.model)
-        last.unlink()  # best.pt and the weights hold what the run keeps; a finished run has nothing to resume
         stl = session.cache.get(stl_key)
         results = {"STL": stl, f"HPS ({method})": result} if stl else {f"HPS ({method})": result}
         stl_name = "STL" if stl else None
@@ -299,6 +298,8 @@ def _train_and_report(session: Session, directory: Path, callbacks: list[Callbac
         "--set train.mode=stl once to get Δ and Win."
     text = write_report(directory, f"mamo train: {config.name}", rows, tasks, stl_name, note)
     write_metrics(directory, metrics)
+    # Only now: best.pt and the weights hold what the run keeps, and metrics.json marks it finished.
+    (directory / "checkpoints" / "last.pt").unlink(missing_ok=True)
     for callback in watchers:
         callback.on_run_end(metrics)
     session.log("\n" + text)
@@ -310,8 +311,7 @@ def add_arguments_train(parser) -> None:
 
     add_preset_arguments(parser, "multimnist")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
-                        help="continue a stopped train run from its last finished epoch (other arguments are "
-                             "ignored)")
+                        help="continue a stopped train run from its last checkpoint (other arguments are ignored)")
 
 
 def command_train(args) -> int:
