@@ -9,11 +9,15 @@ is removed.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from dataclasses import dataclass
 
 from mamo.errors import MamoError
+
+# A full disk, a quota or a read-only folder: the machine's fault, not a bug, so a sentence instead of a trace.
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(_handler(args.command, "command")(args) or 0)
     except MamoError as exc:
         print(f"mamo: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in WRITE_FAILURES:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"mamo: error: could not write{where} ({exc.strerror}); free disk space or fix the folder's "
+              "permissions, then run again (train and search continue with --resume).", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mamo: interrupted; finished checkpoints in the run folder are kept.", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import subprocess
@@ -292,6 +293,25 @@ def test_a_diverged_loss_is_one_sentence_and_the_folder_keeps_it(tmp_path: Path,
     assert "lower train.lr (now 1e+30)" in message
     assert (run / "log.txt").read_text().splitlines()[-1].endswith(f"error: {message}")
     assert (run / "config.yaml").exists()  # what was written stays
+
+
+def test_a_full_disk_at_the_end_is_one_sentence(tmp_path: Path, capsys, monkeypatch) -> None:
+    def full(state, filename):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    run = tmp_path / "run"
+    assert train("quick", *TINY, "--no-tensorboard", "--run-dir", str(run)) == 2
+    message = single_error(capsys.readouterr().err)
+    assert message.startswith(f"could not write {run / 'weights.safetensors'} (No space left on device); free disk")
+    assert (run / "checkpoints" / "last.pt").exists()  # nothing finished is removed: the run can --resume
+
+    def missing(state, filename):  # not a write failure of the machine: a bug, shown with its traceback
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", filename)
+
+    monkeypatch.setattr("safetensors.torch.save_file", missing)
+    with pytest.raises(FileNotFoundError):
+        train("quick", *TINY, "--no-tensorboard", "--run-dir", str(tmp_path / "other"))
 
 
 class StopAfterEpoch(Callback):
