@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
@@ -119,6 +120,13 @@ class TensorBoardLogger(Callback):
         """The trainer's step, shifted for a second trainer (the train command's STL networks) so steps grow."""
         offset = self._trainer_offsets.setdefault(id(trainer), self._step if self._trainer_offsets else 0)
         return trainer.global_step + offset
+
+    def on_resume(self, trainer: Trainer) -> None:
+        # What the stopped process wrote after its checkpoint is written again; a SessionLog START at the first
+        # repeated step makes TensorBoard drop the stale copies (as SummaryWriter's purge_step does).
+        self._step = step = self._global_step(trainer)
+        self.writer.file_writer.add_event(Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
+        self._drew_start = True  # the stopped process drew the network before growth when it started
 
     @staticmethod
     def _per_task(prefix: str, tasks: list[str], values: list[float]) -> dict[str, float]:

@@ -220,6 +220,8 @@ def run_search(
         start_index, phase_seconds = 0, {}
         if state is not None:
             restore_trainer(trainer, state, session.device)
+            for callback in watchers:
+                callback.on_resume(trainer)
             rounds, phase_seconds, start_index = state["rounds"], state["phase_seconds"], state["phase_index"] + 1
             if "epochs_done" in state:  # an in-phase checkpoint: continue inside its phase
                 start_index -= 1

@@ -130,6 +130,8 @@ def train_network(
         restore_trainer(trainer, state, session.device)
         best.load_state_dict(state["best"])
         session.log(f"resumed after epoch {trainer.epoch} of {epochs} from {checkpoint}")
+        for callback in watchers:
+            callback.on_resume(trainer)
     for callback in watchers:
         callback.on_phase_start(description, model)
     trainer.fit(epochs - trainer.epoch)

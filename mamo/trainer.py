@@ -91,8 +91,8 @@ def resolve_device(name: str, option: str = "train.device") -> torch.device:
 class Callback:
     """Hooks the trainer and the search loop call; override what you need.
 
-    ``on_step`` and ``on_epoch_end`` come from :class:`Trainer`; ``on_phase_start``, ``on_round_end`` and
-    ``on_run_end`` from the search loop (:mod:`mamo.search`) and the ``train`` command.
+    ``on_step`` and ``on_epoch_end`` come from :class:`Trainer`; ``on_resume``, ``on_phase_start``,
+    ``on_round_end`` and ``on_run_end`` from the search loop (:mod:`mamo.search`) and the ``train`` command.
     """
 
     def on_step(self, trainer: Trainer, result: StepResult) -> None:
@@ -100,6 +100,9 @@ class Callback:
 
     def on_epoch_end(self, trainer: Trainer, metrics: Metrics) -> None:
         pass
+
+    def on_resume(self, trainer: Trainer) -> None:
+        """``trainer`` was restored from a checkpoint: the steps after ``trainer.global_step`` run again."""
 
     def on_phase_start(self, phase: str, model: MamoNet) -> None:
         """A training phase begins (``pretrain``, ``round1``.., ``final``, ``train``, ``stl:<task>``, ``hps``)."""

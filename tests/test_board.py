@@ -16,7 +16,8 @@ from mamo.board import TensorBoardLogger, write_hparams
 from mamo.config import DirectionConfig, TensionerConfig, load_config
 from mamo.errors import MamoError
 from mamo.search import run_search
-from mamo.train import build_network, make_trainer, open_session
+from mamo.train import build_network, make_trainer, open_session, run_train
+from mamo.trainer import Callback
 
 TINY = [
     "data.train_size=256", "data.val_size=64", "data.test_size=64", "train.batch_size=64", "train.epochs=1",
@@ -73,6 +74,42 @@ def test_a_search_logs_every_step_and_epoch_scalar(searched):
     assert all(w >= 0 for w in weights) and sum(weights) > 0
     norms = [e.value for e in events.Scalars("train/grad_norm/left")]
     assert all(math.isfinite(v) and v > 0 for v in norms)
+
+
+class StopAfterSecondEpoch(Callback):
+    def on_epoch_end(self, trainer, metrics):
+        if trainer.epoch == 2:
+            raise KeyboardInterrupt
+
+
+def test_a_resumed_train_run_shows_each_step_once(tmp_path):
+    # Only the first epoch is checkpointed (a long interval), so the second epoch's events are written twice:
+    # once before the stop and again after --resume; TensorBoard must show the second copy only.
+    config = load_config("quick", [*TINY, "train.epochs=3", "train.checkpoint_seconds=1e9"])
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, run, progress=False, quiet=True, callbacks=[StopAfterSecondEpoch()])
+    run_train(config, run, progress=False, quiet=True, resume=True)
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2
+    events = read_events(run)
+    total = 3 * STEPS_PER_EPOCH
+    for task in TASKS:
+        assert steps(events, f"train/loss/{task}") == list(range(1, total + 1))
+        assert steps(events, f"val/loss/{task}") == list(range(STEPS_PER_EPOCH, total + 1, STEPS_PER_EPOCH))
+
+
+def test_a_resumed_search_shows_each_step_once(tmp_path):
+    config = load_config("quick", [*TINY, "search.pretrain_epochs=2", "search.baselines=false",
+                                   "train.checkpoint_seconds=1e9"])
+    run = tmp_path / "search"
+    with pytest.raises(KeyboardInterrupt):  # in pretraining; only its first epoch is checkpointed
+        run_search(config, run, progress=False, quiet=True, callbacks=[StopAfterSecondEpoch()])
+    run_search(config, run, progress=False, quiet=True, resume=True)
+    events = read_events(run)
+    total = 5 * STEPS_PER_EPOCH  # pretrain 2 + 2 rounds + final, one epoch each
+    assert steps(events, "train/loss/left") == list(range(1, total + 1))
+    assert steps(events, "val/loss/left") == list(range(STEPS_PER_EPOCH, total + 1, STEPS_PER_EPOCH))
+    assert [e.step for e in events.Images("architecture")] == [0, 1, 2]  # before growth, after each round
 
 
 def test_a_search_logs_each_round(searched):
