@@ -35,7 +35,7 @@ def new_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Pat
 
 
 # Which checkpoint files mark a run folder as one command's: how --resume refuses the other command's folder.
-CHECKPOINT_MARKS = {"train": ("last.pt", "best.pt"), "search": ("phase-*.pt",)}
+CHECKPOINT_MARKS = {"train": ("last.pt", "best.pt"), "search": ("phase-*.pt", "in-phase.pt")}
 
 
 def read_run_config(run_dir: str | Path | None, command: str) -> tuple[Config, Path]:

@@ -208,6 +208,17 @@ def test_a_diverged_search_keeps_its_checkpoints_and_logs_why(tmp_path):
         "error: training 'final' diverged")
 
 
+def test_show_on_a_stopped_search_says_how_to_finish_it(tmp_path, capsys):
+    with pytest.raises(KeyboardInterrupt):
+        run_search(tiny("search.rounds=1", "search.baselines=false"), tmp_path / "r", progress=False, quiet=True,
+                   loggers=False, callbacks=[Crash()])
+    assert main(["show", str(tmp_path / "r")]) == 2
+    run = tmp_path / "r"
+    expected = (f"{run} holds a search run that has not finished (no architecture.json); finish it with "
+                f"python cli.py search --resume {run}.")
+    assert capsys.readouterr().err.strip() == f"mamo: error: {expected}"
+
+
 def test_a_corrupt_checkpoint_is_named(tmp_path):
     config = tiny("search.rounds=1")
     with pytest.raises(KeyboardInterrupt):
