@@ -6,11 +6,12 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
-from mamo.config import Config, config_from_dict, dump_config, load_yaml
+from mamo.config import Config, dump_config, load_config, split_override
 from mamo.errors import MamoError
 
 RUNS_ROOT = Path("runs")
@@ -38,8 +39,18 @@ def new_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Pat
 CHECKPOINT_MARKS = {"train": ("last.pt", "best.pt"), "search": ("phase-*.pt", "in-phase.pt")}
 
 
-def read_run_config(run_dir: str | Path | None, command: str) -> tuple[Config, Path]:
-    """The config a stopped ``command`` run saved in ``run_dir``, for ``--resume``."""
+# What --set may change when a run resumes: where and how often it saves, never what it computes.
+RESUME_SETTINGS = ("train.device", "train.checkpoint_seconds")
+
+
+def read_run_config(run_dir: str | Path | None, command: str, settings: Sequence[str] = ()) -> tuple[Config, Path]:
+    """The config a stopped ``command`` run saved in ``run_dir``, for ``--resume``, with ``settings``
+    (``--set`` overrides of :data:`RESUME_SETTINGS` only) applied."""
+    for text in settings:
+        key = ".".join(split_override(text)[0])
+        if key not in RESUME_SETTINGS:
+            raise MamoError(f"--set {key} cannot change when a run resumes (the rest would not match what it "
+                            f"computed so far); only {' and '.join(RESUME_SETTINGS)} can, so start a new run.")
     if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
         raise MamoError(f"--resume needs an existing {command} run folder with config.yaml, got '{run_dir}'; "
                         f"pass the folder a stopped {command} wrote.")
@@ -48,8 +59,7 @@ def read_run_config(run_dir: str | Path | None, command: str) -> tuple[Config, P
         if other != command and any(any((directory / "checkpoints").glob(mark)) for mark in marks):
             raise MamoError(f"{directory} is a {other} run folder, not a {command} one; continue it with "
                             f"python cli.py {other} --resume {directory}.")
-    path = directory / "config.yaml"
-    return config_from_dict(load_yaml(path.read_text()), str(path)), directory
+    return load_config(str(directory / "config.yaml"), list(settings)), directory
 
 
 class RunLog:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from mamo import graph as g
@@ -161,9 +162,9 @@ def _checkpoint(directory: Path, index: int, phase: str, trainer: Trainer, round
                     {"phase_index": index, "phase": phase, **trainer_state(trainer), "rounds": rounds, **extra})
 
 
-def _resume_state(run_dir: str | Path | None) -> tuple[Config, Path, dict | None]:
+def _resume_state(run_dir: str | Path | None, settings: Sequence[str]) -> tuple[Config, Path, dict | None]:
     """The folder's config and the newest state: the in-phase checkpoint when it is past the newest phase's."""
-    saved, directory = read_run_config(run_dir, "search")
+    saved, directory = read_run_config(run_dir, "search", settings)
     path = latest_checkpoint(directory / "checkpoints")
     state = load_checkpoint(path) if path else None
     partial = directory / "checkpoints" / IN_PHASE
@@ -184,8 +185,12 @@ def run_search(
     callbacks: list[Callback] | None = None,
     cache_root: Path | None = None,
     loggers: bool = True,
+    resume_settings: Sequence[str] = (),
 ) -> dict:
     """MAMO Algorithm 1 end to end; writes the run folder and returns what metrics.json holds.
+
+    ``resume=True`` continues the stopped search in ``run_dir`` with the config saved there (``config`` is not
+    used then), changed only by ``resume_settings`` (``--set`` texts of :data:`mamo.runs.RESUME_SETTINGS`).
 
     ``callbacks`` see every step, epoch and round (``on_round_end`` gets: round, stats, activated, new_modules,
     graph, model, val, val_delta, gmk_modules, params, run_dir); an exception they raise stops the search
@@ -193,7 +198,7 @@ def run_search(
     """
     started = time.perf_counter()
     if resume:
-        config, directory, state = _resume_state(run_dir)
+        config, directory, state = _resume_state(run_dir, resume_settings)
         check_search_config(config)
         session = open_session(config, directory, progress, quiet, cache_root)
     else:
@@ -201,8 +206,8 @@ def run_search(
         session, directory = open_run(config, run_dir, "search", progress, quiet, cache_root)
         state = None
     search, tasks = config.search, session.data.tasks
-    session.log(f"{'resuming' if state else 'search'} in {directory} on {session.device}: {method_name(config)}, "
-                f"{search.rounds} detection rounds")
+    session.log(f"{'resuming' if resume else 'search'} in {directory} on {session.device}: {method_name(config)}, "
+                f"{search.rounds} detection rounds" + (f"; {', '.join(resume_settings)}" if resume_settings else ""))
     recorder = ConflictRecorder()
     watchers = list(callbacks or [])
     try:
@@ -371,12 +376,13 @@ def add_arguments_search(parser: argparse.ArgumentParser) -> None:
 
     add_preset_arguments(parser, "multimnist")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
-                        help="continue a stopped search from its newest checkpoint (other arguments are ignored)")
+                        help="continue a stopped search from its newest checkpoint, with the config saved in "
+                             "RUN_DIR; --set may change only train.device and train.checkpoint_seconds")
 
 
 def command_search(args: argparse.Namespace) -> int:
     # A resumed search reads its configuration from the run folder; load_config(None) is only a placeholder.
     config = load_config(None) if args.resume else load_config(args.preset, args.overrides)
     run_search(config, args.resume or args.run_dir, progress=not args.no_progress, resume=bool(args.resume),
-               loggers=not args.no_tensorboard)
+               loggers=not args.no_tensorboard, resume_settings=args.overrides if args.resume else ())
     return 0

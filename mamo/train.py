@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,17 +231,19 @@ def open_run(
 def run_train(
     config: Config, run_dir: str | Path | None = None, progress: bool = True, quiet: bool = False,
     callbacks: list[Callback] | None = None, loggers: bool = True, resume: bool = False,
+    resume_settings: Sequence[str] = (),
 ) -> dict:
     """``mamo train``: the shared network with the configured direction, or STL with ``train.mode=stl``.
 
     The shared network is checkpointed after its first epoch and then at most every
     ``train.checkpoint_seconds`` (checkpoints/last.pt, removed once the run has finished); ``resume=True``
-    continues the stopped run in ``run_dir`` with its saved config (``config`` is not used then)."""
+    continues the stopped run in ``run_dir`` with its saved config (``config`` is not used then), changed only
+    by ``resume_settings`` (``--set`` texts of :data:`mamo.runs.RESUME_SETTINGS`)."""
     if resume:
-        config, directory = read_run_config(run_dir, "train")
+        config, directory = read_run_config(run_dir, "train", resume_settings)
         _check_resumable(config, directory)
         session = open_session(config, directory, progress, quiet)
-        session.log(f"resuming {directory}")
+        session.log(f"resuming {directory}" + (f" with {', '.join(resume_settings)}" if resume_settings else ""))
     else:
         session, directory = open_run(config, run_dir, "train", progress, quiet)
     try:
@@ -313,7 +316,8 @@ def add_arguments_train(parser) -> None:
 
     add_preset_arguments(parser, "multimnist")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
-                        help="continue a stopped train run from its last checkpoint (other arguments are ignored)")
+                        help="continue a stopped train run from its last checkpoint, with the config saved in "
+                             "RUN_DIR; --set may change only train.device and train.checkpoint_seconds")
 
 
 def command_train(args) -> int:
@@ -322,5 +326,6 @@ def command_train(args) -> int:
     # A resumed run reads its configuration from the run folder; load_config(None) is only a placeholder.
     config = load_config(None) if args.resume else load_config(args.preset, args.overrides)
     run_train(config, args.resume or args.run_dir, progress=not args.no_progress,
-              loggers=not args.no_tensorboard, resume=bool(args.resume))
+              loggers=not args.no_tensorboard, resume=bool(args.resume),
+              resume_settings=args.overrides if args.resume else ())
     return 0

@@ -337,7 +337,9 @@ def test_a_stopped_train_resumes_to_the_same_result(tmp_path: Path, seconds: flo
     assert (cut / "checkpoints" / "last.pt").exists() and not (cut / "metrics.json").exists()
     assert (cut / "log.txt").read_text().splitlines()[-1].endswith(f"stopped; continue with: python cli.py train "
                                                                    f"--resume {cut}")
-    resumed = run_train(load_config("logic"), cut, resume=True, **quiet)  # the folder's own config is used
+    resumed = run_train(load_config("logic"), cut, resume=True, resume_settings=["train.device=cpu"],
+                        **quiet)  # the folder's own config is used, with a new place to run it
+    assert "resuming" in (cut / "log.txt").read_text() and "with train.device=cpu" in (cut / "log.txt").read_text()
     assert f"resumed after epoch {saved_epoch} of 3" in (cut / "log.txt").read_text()
     assert resumed["tasks"] == whole["tasks"] and resumed["val"] == whole["val"]
     assert (cut / "weights.safetensors").read_bytes() == (tmp_path / "whole" / "weights.safetensors").read_bytes()
@@ -374,6 +376,10 @@ def test_resume_refuses_finished_runs_and_the_other_commands_folders(tmp_path: P
     (searched / "checkpoints" / "phase-00-pretrain.pt").write_bytes(b"")
     assert main(["train", "--resume", str(searched)]) == 2
     assert "is a search run folder, not a train one" in single_error(capsys.readouterr().err)
+    assert main(["train", "--resume", str(finished), "--set", "train.lr=0.5"]) == 2
+    assert single_error(capsys.readouterr().err) == (
+        "--set train.lr cannot change when a run resumes (the rest would not match what it computed so far); "
+        "only train.device and train.checkpoint_seconds can, so start a new run.")
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "--resume needs an existing train run folder" in single_error(capsys.readouterr().err)
     stl = tmp_path / "stl"
