@@ -9,15 +9,11 @@ is removed.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import sys
 from dataclasses import dataclass
 
-from mamo.errors import MamoError
-
-# A full disk, a quota or a read-only folder: the machine's fault, not a bug, so a sentence instead of a trace.
-WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+from mamo.errors import WRITE_FAILURES, MamoError
 
 
 @dataclass(frozen=True)

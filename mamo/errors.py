@@ -1,4 +1,9 @@
-"""The one exception type users see: a sentence naming the bad input and the fix."""
+"""The one exception type users see (a sentence naming the bad input and the fix), and which OS errors are the machine's."""
+
+import errno
+
+# A full disk, a quota or a read-only folder: the machine's fault, not a bug, so a sentence instead of a trace.
+WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
 
 
 class MamoError(Exception):

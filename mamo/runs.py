@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TextIO
 
 from mamo.config import Config, dump_config, load_config, split_override
-from mamo.errors import MamoError
+from mamo.errors import WRITE_FAILURES, MamoError
 
 RUNS_ROOT = Path("runs")
 
@@ -82,8 +82,9 @@ class RunLog:
         try:
             with open(self.path, "a") as handle:
                 handle.write(f"{time.strftime('%H:%M:%S')} {message}\n")
-        except OSError:  # a full disk must not hide the message the run is stopping with; the terminal has it
-            pass
+        except OSError as exc:  # a full disk must not hide the message the run is stopping with; the terminal has it
+            if exc.errno not in WRITE_FAILURES:
+                raise
 
 
 def baseline_key(config: Config, kind: str, epochs: int) -> str:
