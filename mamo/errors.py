@@ -1,4 +1,4 @@
-"""The one exception type users see (a sentence naming the bad input and the fix), and which OS errors are the machine's."""
+"""The one exception type users see, a sentence naming the bad input and the fix; which OS errors are the machine's."""
 
 import errno
 
