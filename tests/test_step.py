@@ -160,11 +160,30 @@ def test_gram_blocks_in_cpu_chunks_equal_one_matmul(monkeypatch):
     torch.testing.assert_close(result.gramian, jac @ jac.T, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("grow", [False, True])
+def test_exact_steps_overwrite_every_gradient_after_a_summed_one(grow):
+    # The exact step does not clear gradients (it sets them); one left by a summed step must not leak in.
+    model = make_model(*MLP, grow=grow)
+    x, targets = batch(model)
+    step = frozen_step(model, Equal())  # equal weighting: the summed step, or the exact one with statistics
+    predictions = model(x)
+    total = sum(task_loss(model.tasks[t], predictions[t], targets[t]) for t in model.tasks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = torch.autograd.grad(total, params, allow_unused=True)
+    for collect in (False, True, True, False, True):
+        step.collect_gramians = collect  # False: one summed backward; True: the exact path
+        step(x, targets)
+        for param, grad in zip(params, expected, strict=True):
+            got = param.grad if param.grad is not None else torch.zeros_like(param)
+            torch.testing.assert_close(got, grad if grad is not None else torch.zeros_like(param),
+                                       rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("width", [None, 4, 7, 64])
 def test_gram_block_by_chunks_equals_the_plain_product(width):
     jac = torch.randn(3, 200, generator=torch.Generator().manual_seed(0))
-    for cols in (slice(0, 200), slice(13, 110), slice(50, 57)):
-        piece = jac[:, cols].double()
+    for cols in (None, slice(0, 200), slice(13, 110), slice(50, 57)):  # None: all of J
+        piece = jac[:, cols if cols is not None else slice(None)].double()
         torch.testing.assert_close(step_module.gram_block(jac, cols, width).double(), piece @ piece.T,
                                    rtol=1e-5, atol=1e-5)
 

@@ -10,6 +10,7 @@ inputs once and packs the output, adding ``info["weights"]`` for every method in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,15 +20,43 @@ from torch import Tensor
 
 from mamo.errors import MamoError
 
-Info = dict[str, Any]  # values: numpy arrays or floats inside weigh(); tensors in the DirectionOutput
+# Values inside weigh(): numpy arrays, floats, or a function computing one (a diagnostic worth computing only
+# when a logger reads it); tensors in the DirectionOutput.
+Info = dict[str, Any]
+
+
+class TensorInfo(Mapping[str, Tensor]):
+    """A direction's diagnostics as float64 tensors, each made when first read.
+
+    A training step without a logger reads none of them; making them eagerly took 20 µs of a 5 ms LeNet step
+    (measured inside the step), a third of what separates MGDA + tensioner from its floor there."""
+
+    def __init__(self, raw: Info):
+        self._raw = raw
+        self._made: dict[str, Tensor] = {}
+
+    def __getitem__(self, key: str) -> Tensor:
+        made = self._made.get(key)
+        if made is None:
+            value = self._raw[key]
+            value = value() if callable(value) else value
+            # np.array copies; torch.from_numpy then shares that private copy (cheaper than torch.tensor).
+            made = self._made[key] = torch.from_numpy(np.array(value, dtype=np.float64))
+        return made
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
 
 
 @dataclass
 class DirectionOutput:
-    """Weights (m, float64, CPU) of the task gradients, and diagnostics for logging (tensors)."""
+    """Weights (m, float64, CPU) of the task gradients, and diagnostics for logging (tensors, made on read)."""
 
     weights: Tensor
-    info: dict[str, Tensor] = field(default_factory=dict)
+    info: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 def as_numpy(value: Tensor | np.ndarray | Any) -> np.ndarray:
@@ -38,11 +67,9 @@ def as_numpy(value: Tensor | np.ndarray | Any) -> np.ndarray:
 
 
 def make_output(weights: np.ndarray, info: Info) -> DirectionOutput:
-    """Pack numpy results as tensors (copies, so callers may modify them) and record the final weights."""
-    # np.array copies; torch.from_numpy then shares that private copy (several µs cheaper than torch.tensor).
-    packed = {key: torch.from_numpy(np.array(value, dtype=np.float64)) for key, value in info.items()}
-    packed["weights"] = torch.from_numpy(np.array(weights, dtype=np.float64))
-    return DirectionOutput(weights=torch.from_numpy(np.array(weights, dtype=np.float64)), info=packed)
+    """The weights as a tensor (a copy, so callers may modify it) and the diagnostics with the final weights."""
+    return DirectionOutput(weights=torch.from_numpy(np.array(weights, dtype=np.float64)),
+                           info=TensorInfo({**info, "weights": weights}))
 
 
 class Direction(ABC):
