@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -78,6 +79,13 @@ def buggy(trial: optuna.Trial) -> float:
 
 
 def which_process(trial: optuna.Trial) -> float:
+    """Records its worker's pid, after waiting (up to 60 s) until both workers have checked in: an instant
+    objective let the first worker take all six trials before the second had started (a flaky CI run)."""
+    barrier = Path(os.environ["MAMO_TEST_BARRIER"])
+    (barrier / str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while len(list(barrier.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     trial.set_user_attr("pid", os.getpid())
     return float(trial.suggest_int("T", 2, 30))
 
@@ -231,9 +239,12 @@ def test_storage_needs_a_study_name(tmp_path):
         run_tune(load_config("quick"), study_dir=tmp_path, storage="sqlite:///x.db", trials=1, objective=buggy)
 
 
-def test_two_sqlite_workers_share_the_trials(tmp_path):
-    run_tune(load_config("quick"), study_dir=tmp_path, trials=6, workers=2, objective=which_process)
-    trials = load(tmp_path).trials
+def test_two_sqlite_workers_share_the_trials(tmp_path, monkeypatch):
+    (tmp_path / "barrier").mkdir()
+    monkeypatch.setenv("MAMO_TEST_BARRIER", str(tmp_path / "barrier"))  # read by the worker processes
+    study = tmp_path / "study"
+    run_tune(load_config("quick"), study_dir=study, trials=6, workers=2, objective=which_process)
+    trials = load(study).trials
     assert sorted(t.number for t in trials) == list(range(6))
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert len({t.user_attrs["pid"] for t in trials}) == 2
