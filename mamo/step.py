@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +41,7 @@ class StepResult:
     weights: torch.Tensor | None = None  # (m,) the direction's task weights
     gramian: torch.Tensor | None = None  # (m, m) over all shared parameters (or the representation, for ub)
     node_gramians: dict[str, torch.Tensor] = field(default_factory=dict)  # per shared node, with collect_gramians
-    info: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: Mapping[str, torch.Tensor] = field(default_factory=dict)  # made into tensors when read
 
 
 class ParameterPartition:
