@@ -373,7 +373,8 @@ def run(args: argparse.Namespace) -> dict:
         "beside equal and the floor (shuffled order each round); a ratio between two methods is the ratio of "
         "their × equal.",
         "floor = zero_grad + forward + m loss.backward(retain_graph) + optimizer step (the cost of any exact "
-        "per-task-gradient method before it combines anything).",
+        "per-task-gradient method before it combines anything; mamo's exact step skips the zero_grad, since it "
+        "sets every gradient instead of accumulating).",
         f"gradient paths: auto on {device.type} is '{step_module.resolve_gradient_path('auto', device)}'.",
         "LibMTL 1.1.5 runs with two benchmark-only workarounds: a stand-in torchvision.models.utils module for its "
         "import, and in-place zeroing of shared gradients (its _reset_grad fails on None gradients); its "
