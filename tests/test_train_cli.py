@@ -362,6 +362,19 @@ def test_a_stopped_stl_baseline_keeps_its_finished_tasks_and_continues_the_stopp
     assert not list(cache.glob("*.pt"))
 
 
+def test_a_damaged_baseline_checkpoint_is_retrained_not_fatal(tmp_path: Path) -> None:
+    config = load_config("quick", RESUMABLE)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    key = baseline_key(config, "hps", 3)
+    (cache / f"{key}.pt").write_bytes(b"half a checkpoint")  # a stop in the middle of a write, say
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    result = cached_baseline(open_session(config, logs, False, True, cache), "hps", 3)
+    assert "is damaged; training from the start" in (logs / "log.txt").read_text()
+    assert set(result["tasks"]) == {"left", "right"} and not (cache / f"{key}.pt").exists()
+
+
 def test_resume_refuses_finished_runs_and_the_other_commands_folders(tmp_path: Path, capsys) -> None:
     finished = tmp_path / "finished"
     run_train(load_config("quick", RESUMABLE), finished, progress=False, quiet=True, loggers=False)
