@@ -19,7 +19,7 @@ import torch
 from mamo import graph as g
 from mamo.errors import MamoError
 from mamo.model import MamoNet, compile_model
-from mamo.runs import CHECKPOINT_MARKS
+from mamo.runs import checkpointed_command
 
 
 def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> MamoNet:
@@ -31,8 +31,7 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> Mam
     paths = [directory / "architecture.json", directory / "weights.safetensors"]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        stopped = next((command for command, marks in CHECKPOINT_MARKS.items()
-                        if any(any((directory / "checkpoints").glob(mark)) for mark in marks)), None)
+        stopped = checkpointed_command(directory)
         if stopped:
             raise MamoError(f"{directory} holds a {stopped} run that has not finished (no {Path(missing[0]).name}); "
                             f"finish it with python cli.py {stopped} --resume {directory}.")

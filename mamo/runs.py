@@ -39,6 +39,13 @@ def new_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Pat
 CHECKPOINT_MARKS = {"train": ("last.pt", "best.pt"), "search": ("phase-*.pt", "in-phase.pt")}
 
 
+def checkpointed_command(directory: Path) -> str | None:
+    """The command whose checkpoints ``directory`` holds (``train`` or ``search``), or None."""
+    found = (directory / "checkpoints").glob
+    return next((command for command, marks in CHECKPOINT_MARKS.items()
+                 if any(any(found(mark)) for mark in marks)), None)
+
+
 # What --set may change when a run resumes: where and how often it saves, never what it computes.
 RESUME_SETTINGS = ("train.device", "train.checkpoint_seconds")
 
@@ -55,10 +62,10 @@ def read_run_config(run_dir: str | Path | None, command: str, settings: Sequence
         raise MamoError(f"--resume needs an existing {command} run folder with config.yaml, got '{run_dir}'; "
                         f"pass the folder a stopped {command} wrote.")
     directory = Path(run_dir)
-    for other, marks in CHECKPOINT_MARKS.items():
-        if other != command and any(any((directory / "checkpoints").glob(mark)) for mark in marks):
-            raise MamoError(f"{directory} is a {other} run folder, not a {command} one; continue it with "
-                            f"python cli.py {other} --resume {directory}.")
+    other = checkpointed_command(directory)
+    if other not in (None, command):
+        raise MamoError(f"{directory} is a {other} run folder, not a {command} one; continue it with "
+                        f"python cli.py {other} --resume {directory}.")
     return load_config(str(directory / "config.yaml"), list(settings)), directory
 
 

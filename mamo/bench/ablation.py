@@ -29,14 +29,14 @@ import networkx as nx
 
 from mamo import graph as g
 from mamo.bench import positive_int
-from mamo.checkpoint import latest_checkpoint
 from mamo.config import Config, SearchConfig, config_from_dict, load_config, load_yaml
 from mamo.data import load_data
 from mamo.errors import MamoError
 from mamo.export import load_trained
 from mamo.model import compile_model, count_parameters
 from mamo.report import delta, metric_columns, relative_changes, win_rate
-from mamo.search import IN_PHASE, run_search
+from mamo.runs import checkpointed_command
+from mamo.search import run_search
 from mamo.spaces import space_from_spec
 from mamo.tasks import parse_tasks
 from mamo.train import cached_baseline, open_session
@@ -162,7 +162,7 @@ def _variant(config, run_dir: Path, progress: bool) -> dict:
                         "with the same options (--preset, --seeds, --train-size, --quick) or start a new --out.")
     if (run_dir / "metrics.json").is_file():
         return json.loads((run_dir / "metrics.json").read_text())
-    if latest_checkpoint(run_dir / "checkpoints") is not None or (run_dir / "checkpoints" / IN_PHASE).exists():
+    if checkpointed_command(run_dir) == "search":
         return run_search(config, run_dir, progress=progress, quiet=True, resume=True, loggers=False)
     if run_dir.exists():  # stopped before its first checkpoint: kept aside, never overwritten
         run_dir.rename(run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"))
