@@ -135,6 +135,10 @@ class EpochCheckpoint(Callback):
     def __init__(self, path: Path, best: KeepBest, every_seconds: float = 0.0):
         self.path, self.best, self.throttle = path, best, Throttle(every_seconds)
 
+    def payload(self, trainer: Trainer) -> dict:
+        """What the file holds; subclasses add their own entries."""
+        return {**trainer_state(trainer), "best": self.best.state_dict()}
+
     def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
         if self.throttle.due():
-            save_checkpoint(self.path, {**trainer_state(trainer), "best": self.best.state_dict()})
+            save_checkpoint(self.path, self.payload(trainer))

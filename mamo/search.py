@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mamo import graph as g
 from mamo.checkpoint import (
-    Throttle,
+    EpochCheckpoint,
     latest_checkpoint,
     load_checkpoint,
     restore_trainer,
@@ -57,30 +57,28 @@ class ConflictRecorder(Callback):
 IN_PHASE = "in-phase.pt"
 
 
-class PhaseCheckpoint(Callback):
+class PhaseCheckpoint(EpochCheckpoint):
     """After an epoch, when due (``train.checkpoint_seconds``), what continuing inside the current phase needs
     (``checkpoints/in-phase.pt``), so a stopped search does not lose a whole phase (NYUv2's final phase is 100
     epochs)."""
 
     def __init__(self, path: Path, recorder: ConflictRecorder, best: KeepBest, every_seconds: float = 0.0):
-        self.path, self.recorder, self.best, self.throttle = path, recorder, best, Throttle(every_seconds)
+        super().__init__(path, best, every_seconds)
+        self.recorder = recorder
         self.phase: dict = {}
 
     def begin(self, index: int, phase: str, start_epoch: int, rounds: list[dict], phase_seconds: dict) -> None:
         self.phase = {"phase_index": index, "phase": phase, "start_epoch": start_epoch, "rounds": rounds,
                       "phase_seconds": phase_seconds, "started": time.perf_counter()}
 
-    def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
-        if not self.throttle.due():
-            return
+    def payload(self, trainer: Trainer) -> dict:
         phase, seconds = self.phase["phase"], self.phase["phase_seconds"]
         elapsed = seconds.get(phase, 0.0) + time.perf_counter() - self.phase["started"]
-        save_checkpoint(self.path, {
-            "phase_index": self.phase["phase_index"], "phase": phase,
-            "epochs_done": trainer.epoch - self.phase["start_epoch"], **trainer_state(trainer),
-            "rounds": self.phase["rounds"], "phase_seconds": {**seconds, phase: elapsed},
-            "stats": self.recorder.stats, "best": self.best.state_dict(),
-        })
+        return {
+            **super().payload(trainer), "phase_index": self.phase["phase_index"], "phase": phase,
+            "epochs_done": trainer.epoch - self.phase["start_epoch"], "rounds": self.phase["rounds"],
+            "phase_seconds": {**seconds, phase: elapsed}, "stats": self.recorder.stats,
+        }
 
 
 def phase_names(rounds: int) -> list[str]:
