@@ -164,13 +164,13 @@ def _resume_state(run_dir: str | Path | None, settings: Sequence[str]) -> tuple[
     """The folder's config and the newest state: the in-phase checkpoint when it is past the newest phase's."""
     saved, directory = read_run_config(run_dir, "search", settings)
     path = latest_checkpoint(directory / "checkpoints")
-    state = load_checkpoint(path) if path else None
+    newest = int(path.name.split("-")[1]) if path else -1  # phase-NN-<phase>.pt: read only the one resumed from
     partial = directory / "checkpoints" / IN_PHASE
     if partial.exists():
         inside = load_checkpoint(partial)
-        if inside["phase_index"] == (state["phase_index"] + 1 if state else 0):
+        if inside["phase_index"] == newest + 1:
             return saved, directory, inside
-    return saved, directory, state
+    return saved, directory, load_checkpoint(path) if path else None
 
 
 def run_search(
