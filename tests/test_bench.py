@@ -11,14 +11,8 @@ import torch
 from mamo import graph as g
 from mamo.bench import BENCHES, load_bench, output_dir
 from mamo.bench.ablation import matching_latent, network_parameters, variants
-from mamo.bench.logic import (
-    POINTS,
-    TARGETS,
-    TASKS,
-    VectorDirection,
-    VectorMLP,
-    initial_parameters,
-)
+from mamo.bench.logic import POINTS, TARGETS, TASKS, initial_parameters
+from mamo.bench.logic_numpy import VectorDirection, VectorMLP
 from mamo.cli import COMMANDS, main
 from mamo.config import DirectionConfig, TensionerConfig, load_config
 from mamo.data import load_data
