@@ -3,10 +3,11 @@
 The trainer and the search loop call back into :class:`TensorBoardLogger`; nothing in the training step
 knows about TensorBoard. Per step it writes every scalar of that step as one event (one host transfer for
 the device tensors); per epoch the validation metrics and Δ against STL; per detection round the conflict
-heatmaps, cosine histograms and the architecture, rendered on a worker thread (so a training thread that
-waits on a GPU can go on; on a busy CPU it saves nothing, docs/tensorboard.md "Cost"), each PNG also saved
-under the run folder's plots/. :func:`write_hparams` records one Optuna trial for TensorBoard's HPARAMS tab.
-Tags and pictures are described in docs/tensorboard.md.
+heatmaps, cosine histograms and the architecture. The pictures (which ``pictures=False`` leaves out) are
+rendered on a worker thread, so a training thread that waits on a GPU can go on (on a busy CPU it saves
+nothing, docs/tensorboard.md "Cost"), and each PNG is also saved under the run folder's plots/.
+:func:`write_hparams` records one Optuna trial for TensorBoard's HPARAMS tab. Tags and pictures are
+described in docs/tensorboard.md.
 """
 
 from __future__ import annotations
@@ -85,9 +86,11 @@ def _image_summary(images: dict[str, np.ndarray | bytes], shapes: dict[str, tupl
 class TensorBoardLogger(Callback):
     """Writes a run's TensorBoard events into ``run_dir`` (``tensorboard --logdir runs`` shows them).
 
-    ``stl_val`` (validation metrics of the STL baseline) adds Δ against STL per epoch. ``background=False``
-    renders round pictures on the calling thread instead of a worker. Call :meth:`close` (or let
-    ``on_run_end`` do it) to wait for pending pictures and flush the file.
+    ``stl_val`` (validation metrics of the STL baseline) adds Δ against STL per epoch. ``pictures=False``
+    leaves out the round pictures (heatmaps, architecture; nearly all of the logging's cost, docs/tensorboard.md
+    "Cost"); scalars, texts and histograms are still written. ``background=False`` renders them on the calling
+    thread instead of a worker. Call :meth:`close` (or let ``on_run_end`` do it) to wait for pending pictures
+    and flush the file.
     """
 
     def __init__(
@@ -97,13 +100,15 @@ class TensorBoardLogger(Callback):
         tasks: dict[str, TaskSpec],
         stl_val: Metrics | None = None,
         *,
+        pictures: bool = True,
         background: bool = True,
     ):
         self.run_dir = Path(run_dir)
+        self.pictures = pictures
         self.specs = dict(tasks)
         self.stl_val = stl_val
         self.writer = SummaryWriter(log_dir=str(self.run_dir), flush_secs=20)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mamo-board") if background else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mamo-board") if background and pictures else None
         self._pending: list[Future] = []
         self._step = 0  # the last global step written, across trainers
         self._trainer_offsets: dict[int, int] = {}
@@ -180,7 +185,7 @@ class TensorBoardLogger(Callback):
     def on_phase_start(self, phase: str, model) -> None:
         self.writer.add_text("run/phases", f"{phase} starts after step {self._step}", self._step)
         self.writer.add_scalar("model/params", sum(p.numel() for p in model.parameters()), self._step)
-        if not self._drew_start:
+        if self.pictures and not self._drew_start:
             # The network before any growth, as round 0 of the architecture pictures (not when a resumed
             # search starts with a network that already grew).
             self._drew_start = True
@@ -192,8 +197,7 @@ class TensorBoardLogger(Callback):
     # ---------------------------------------------------------------------------------------- rounds
     def on_round_end(self, record: dict) -> None:
         z = int(record["round"])
-        stats: ConflictStats = copy.deepcopy(record["stats"])
-        graph = copy.deepcopy(record["graph"])  # the next round grows the live graph in place
+        stats: ConflictStats = record["stats"]
         activated = [[list(pair), int(cell)] for pair, cell in record["activated"]]
         values = {
             "search/gmk_modules": record["gmk_modules"],
@@ -213,9 +217,11 @@ class TensorBoardLogger(Callback):
         self.writer.add_text("search/activated", f"round {z}: {described}; {len(record['new_modules'])} new "
                              f"modules, {record['gmk_modules']} in all", z)
         self._histograms(stats, z)
-        self._submit(self._draw_conflicts, stats, activated, z)
-        self._submit(self._draw_architecture, graph, drawing.node_parameters(graph, record["model"]), z,
-                     f"Architecture after round {z}")
+        if self.pictures:
+            graph = copy.deepcopy(record["graph"])  # copies: the next round resets the stats, grows the graph
+            self._submit(self._draw_conflicts, copy.deepcopy(stats), activated, z)
+            self._submit(self._draw_architecture, graph, drawing.node_parameters(graph, record["model"]), z,
+                         f"Architecture after round {z}")
 
     def _histograms(self, stats: ConflictStats, z: int) -> None:
         if stats.steps == 0:

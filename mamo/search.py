@@ -183,6 +183,7 @@ def run_search(
     callbacks: list[Callback] | None = None,
     cache_root: Path | None = None,
     loggers: bool = True,
+    pictures: bool = True,
     resume_settings: Sequence[str] = (),
 ) -> dict:
     """MAMO Algorithm 1 end to end; writes the run folder and returns what metrics.json holds.
@@ -192,7 +193,8 @@ def run_search(
 
     ``callbacks`` see every step, epoch and round (``on_round_end`` gets: round, stats, activated, new_modules,
     graph, model, val, val_delta, gmk_modules, params, run_dir); an exception they raise stops the search
-    after that round's checkpoint. ``loggers=False`` leaves out the TensorBoard logger.
+    after that round's checkpoint. ``loggers=False`` leaves out the TensorBoard logger, ``pictures=False`` only its
+    round pictures.
     """
     started = time.perf_counter()
     if resume:
@@ -216,7 +218,7 @@ def run_search(
         if loggers:
             from mamo.board import TensorBoardLogger
 
-            watchers.insert(0, TensorBoardLogger(directory, config, tasks, stl_val))
+            watchers.insert(0, TensorBoardLogger(directory, config, tasks, stl_val, pictures=pictures))
         model = build_network(session)
         trainer = make_trainer(session, model, config.direction, [recorder, *watchers], "search")
         rounds: list[dict] = []
@@ -382,5 +384,6 @@ def command_search(args: argparse.Namespace) -> int:
     # A resumed search reads its configuration from the run folder; load_config(None) is only a placeholder.
     config = load_config(None) if args.resume else load_config(args.preset, args.overrides)
     run_search(config, args.resume or args.run_dir, progress=not args.no_progress, resume=bool(args.resume),
-               loggers=not args.no_tensorboard, resume_settings=args.overrides if args.resume else ())
+               loggers=not args.no_tensorboard, pictures=not args.no_pictures,
+               resume_settings=args.overrides if args.resume else ())
     return 0

@@ -231,14 +231,15 @@ def open_run(
 def run_train(
     config: Config, run_dir: str | Path | None = None, progress: bool = True, quiet: bool = False,
     callbacks: list[Callback] | None = None, loggers: bool = True, resume: bool = False,
-    resume_settings: Sequence[str] = (),
+    resume_settings: Sequence[str] = (), pictures: bool = True,
 ) -> dict:
     """``mamo train``: the shared network with the configured direction, or STL with ``train.mode=stl``.
 
     The shared network is checkpointed after its first epoch and then at most every
     ``train.checkpoint_seconds`` (checkpoints/last.pt, removed once the run has finished); ``resume=True``
     continues the stopped run in ``run_dir`` with its saved config (``config`` is not used then), changed only
-    by ``resume_settings`` (``--set`` texts of :data:`mamo.runs.RESUME_SETTINGS`)."""
+    by ``resume_settings`` (``--set`` texts of :data:`mamo.runs.RESUME_SETTINGS`). ``loggers=False`` leaves out
+    the TensorBoard logger, ``pictures=False`` only its pictures."""
     if resume:
         config, directory = read_run_config(run_dir, "train", resume_settings)
         _check_resumable(config, directory)
@@ -247,7 +248,7 @@ def run_train(
     else:
         session, directory = open_run(config, run_dir, "train", progress, quiet)
     try:
-        return _train_and_report(session, directory, callbacks, loggers)
+        return _train_and_report(session, directory, callbacks, loggers, pictures)
     except KeyboardInterrupt:
         if config.train.mode == "mtl":  # say how to pick it up from checkpoints/last.pt
             session.log(f"stopped; continue with: python cli.py train --resume {directory}")
@@ -265,7 +266,8 @@ def _check_resumable(config: Config, directory: Path) -> None:
                         "cache instead; run the same command again with a new --run-dir.")
 
 
-def _train_and_report(session: Session, directory: Path, callbacks: list[Callback] | None, loggers: bool) -> dict:
+def _train_and_report(session: Session, directory: Path, callbacks: list[Callback] | None, loggers: bool,
+                      pictures: bool) -> dict:
     config = session.config
     epochs = config.train.epochs
     tasks = session.data.tasks
@@ -275,7 +277,7 @@ def _train_and_report(session: Session, directory: Path, callbacks: list[Callbac
         from mamo.board import TensorBoardLogger
 
         stl = session.cache.get(stl_key)
-        watchers.insert(0, TensorBoardLogger(directory, config, tasks, stl["val"] if stl else None))
+        watchers.insert(0, TensorBoardLogger(directory, config, tasks, stl["val"] if stl else None, pictures=pictures))
     if config.train.mode == "stl":
         result = cached_baseline(session, "stl", epochs)
         results, stl_name = {"STL": result}, "STL"
@@ -326,6 +328,6 @@ def command_train(args) -> int:
     # A resumed run reads its configuration from the run folder; load_config(None) is only a placeholder.
     config = load_config(None) if args.resume else load_config(args.preset, args.overrides)
     run_train(config, args.resume or args.run_dir, progress=not args.no_progress,
-              loggers=not args.no_tensorboard, resume=bool(args.resume),
+              loggers=not args.no_tensorboard, pictures=not args.no_pictures, resume=bool(args.resume),
               resume_settings=args.overrides if args.resume else ())
     return 0

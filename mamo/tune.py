@@ -62,6 +62,7 @@ class SearchObjective:
     stl_val: dict | None
     multi: bool
     tensorboard: bool = True  # per trial: events, round pictures and the HPARAMS record
+    pictures: bool = True  # False: the trial's events and HPARAMS record without the round pictures
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         from mamo.board import write_hparams
@@ -76,7 +77,8 @@ class SearchObjective:
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         reporters = [RoundReporter(trial, self.stl_val, self.tasks)] if self.stl_val and not self.multi else []
         metrics = run_search(config, run_dir, progress=False, quiet=True, callbacks=reporters,
-                             cache_root=self.study_dir / ".baselines", loggers=self.tensorboard)
+                             cache_root=self.study_dir / ".baselines", loggers=self.tensorboard,
+                             pictures=self.pictures)
         val_delta = delta(metrics["val"], self.stl_val, self.tasks) if self.stl_val else None
         attrs = {"val_delta": val_delta, "delta": metrics.get("delta"), "win_rate": metrics.get("win_rate"),
                  "gmk_modules": metrics.get("gmk_modules"), "params": metrics.get("params")}
@@ -191,12 +193,13 @@ def run_tune(
     objective: Callable[[optuna.Trial], Any] | None = None,
     progress: bool = True,
     tensorboard: bool = True,
+    pictures: bool = True,
 ) -> dict:
     """Create or join the study, run ``trials`` trials on ``workers`` processes, write the summary.
 
     ``objective`` replaces the search trial (it must be picklable, e.g. a module-level function, when
     ``workers`` > 1); by default each trial is a :class:`SearchObjective`, writing TensorBoard events
-    unless ``tensorboard`` is false.
+    unless ``tensorboard`` is false (``pictures=False``: without the round pictures).
     """
     quiet_optuna()
     check_space(config.tune)
@@ -224,7 +227,7 @@ def run_tune(
         raise
     if objective is None:
         objective = SearchObjective(config, directory, tasks, study.user_attrs.get("stl_val"), multi_objective,
-                                    tensorboard)
+                                    tensorboard, pictures)
     from sqlalchemy.engine import make_url
 
     shown = make_url(url).render_as_string(hide_password=True)
@@ -270,6 +273,7 @@ def command_tune(args: argparse.Namespace) -> int:
         load_config(args.preset, args.overrides), overrides=args.overrides, study_dir=args.run_dir,
         storage=args.storage, study_name=args.study, trials=args.trials, workers=args.workers,
         multi_objective=args.multi_objective, progress=not args.no_progress, tensorboard=not args.no_tensorboard,
+        pictures=not args.no_pictures,
     )
     print("\n" + result["text"], flush=True)
     if result["best"] is None:

@@ -250,3 +250,20 @@ def test_search_command_with_no_tensorboard_writes_the_run_but_no_events(tmp_pat
     assert not list(run_dir.glob("plots/*-round*.png"))  # round pictures belong to the logger
     for name in ("report.md", "report_metrics.png", "report_growth.png", "architecture.png", "metrics.json"):
         assert (run_dir / name).is_file(), name
+
+
+def test_search_command_with_no_pictures_logs_every_scalar_and_histogram_but_no_image(tmp_path, searched):
+    from mamo.cli import main
+
+    overrides = [arg for item in TINY for arg in ("--set", item)]
+    run_dir = tmp_path / "search"
+    assert main(["search", "quick", *overrides, "--set", "train.device=cpu", "--no-progress", "--no-pictures",
+                 "--run-dir", str(run_dir)]) == 0
+    events, full = read_events(run_dir), searched[2]
+    assert events.Tags()["images"] == []
+    assert not (run_dir / "plots").exists()
+    for kind in ("scalars", "histograms"):  # everything but the pictures, at the same steps
+        assert set(events.Tags()[kind]) == set(full.Tags()[kind]), kind
+    for tag in ("train/loss/left", "search/gmk_modules", "val/delta_vs_stl", "test/delta"):
+        assert steps(events, tag) == steps(full, tag), tag
+    assert (run_dir / "report.md").is_file()

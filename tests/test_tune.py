@@ -314,3 +314,18 @@ def test_two_workers_on_postgres_run_every_trial_once(tmp_path):
     for t in trials:
         assert (tmp_path / f"trial-{t.number:04d}" / "metrics.json").is_file()
     assert result["best"] is not None and (tmp_path / "best.yaml").is_file()
+
+
+def test_a_study_without_pictures_keeps_each_trials_events_and_hparams(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = load_config("quick", [*TINY, "tune.rounds=[1, 1]"])
+    result = run_tune(config, study_dir=tmp_path, trials=1, progress=False, pictures=False)
+    assert result["states"]["complete"] == 1
+    events = EventAccumulator(str(tmp_path / "trial-0000"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    assert events.Tags()["images"] == []  # the round had its conflicts, but no picture of them
+    assert "conflicts/Q/left+right/cell0" in events.Tags()["scalars"]
+    assert "tune/val_delta" in events.Tags()["scalars"]  # the HPARAMS record's metrics
+    assert "_hparams_/session_start_info" in events.summary_metadata
+    assert not (tmp_path / "trial-0000" / "plots").exists()
