@@ -9,9 +9,11 @@ inputs once and packs the output, adding ``info["weights"]`` for every method in
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -61,9 +63,19 @@ class DirectionOutput:
 
 def as_numpy(value: Tensor | np.ndarray | Any) -> np.ndarray:
     """Float64 numpy copy of a tensor on any device (one host transfer), or view of an array-like."""
-    if isinstance(value, Tensor):  # tolist: the cheapest route for the m×m and m-long inputs this sees
-        return np.array(value.detach().cpu().tolist(), dtype=np.float64)
-    return np.asarray(value, dtype=np.float64)
+    return np.array(_floats(value), dtype=np.float64) if isinstance(value, Tensor) else np.asarray(value, np.float64)
+
+
+def _floats(value: Tensor | np.ndarray | Any) -> list:
+    """The values as (nested) Python floats: tolist is the cheapest route for the tiny inputs a direction sees,
+    and works on a tensor on any device (one host transfer) or with requires_grad."""
+    return value.tolist() if isinstance(value, Tensor) else np.asarray(value, dtype=np.float64).tolist()
+
+
+def _finite(values: Iterable[float]) -> bool:
+    # Python floats, not np.isfinite: inside a training step, right after the backward pass has evicted
+    # numpy's code from the caches, four ufunc calls took 19 µs (measured on LeNet; a 5 ms step).
+    return all(map(math.isfinite, values))
 
 
 def make_output(weights: np.ndarray, info: Info) -> DirectionOutput:
@@ -81,12 +93,12 @@ class Direction(ABC):
     non_conflicting: bool = False
 
     def __call__(self, gramian: Tensor, losses: Tensor) -> DirectionOutput:
-        G = as_numpy(gramian)
-        L = as_numpy(losses).reshape(-1)
+        rows, L = _floats(gramian), as_numpy(losses).reshape(-1)
+        G = np.array(rows, dtype=np.float64)
         m = L.shape[0]
         if G.shape != (m, m):
             raise ValueError(f"gramian must be {m}×{m} for {m} losses, got shape {tuple(G.shape)}")
-        if not (np.isfinite(G).all() and np.isfinite(L).all()):
+        if not (_finite(chain.from_iterable(rows)) and _finite(L.tolist())):
             raise MamoError(
                 "the task losses or gradients are NaN or infinite at this step; "
                 "lower train.lr or check the loss functions and the data."

@@ -78,7 +78,8 @@ def min_norm_weights(gramian: np.ndarray) -> np.ndarray:
     if m == 1:
         return np.ones(1)
     if m == 2:
-        a = _pair(float(G[0, 0]), float(G[0, 1]), float(G[1, 1]))
+        (g11, g12), (_, g22) = G.tolist()
+        a = _pair(g11, g12, g22)
         return np.array([a, 1.0 - a])
     if m == 3:
         return _three(G)

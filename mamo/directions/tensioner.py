@@ -35,7 +35,6 @@ from functools import partial
 from operator import mul
 
 import numpy as np
-from scipy.special import expit
 
 from mamo.directions.base import Direction, Info
 from mamo.errors import MamoError
@@ -85,6 +84,14 @@ FORMULATIONS: dict[str, Callable[[Vector, Vector, Vector, Vector, float], Vector
 _OFF_AT_ZERO_ALPHA = {"thesis": True, "relative": False}
 
 
+def _sigmoid(x: float) -> float:
+    # math instead of scipy's expit: a ufunc call on one float costs more than the whole formula here.
+    if x >= 0.0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)  # never overflows for x < 0
+    return z / (1.0 + z)
+
+
 def _factors(history: Sequence[Sequence[float]], losses: Vector, alpha: float) -> tuple[Vector, Vector]:
     c, delta = [], []
     for norms, loss in zip(history, losses, strict=True):
@@ -97,7 +104,7 @@ def _factors(history: Sequence[Sequence[float]], losses: Vector, alpha: float) -
         else:
             ratio = _RATIO_CAP if current > 0.0 else 1.0
         delta_t = ratio + math.log10(max(loss, _TINY))
-        c.append(max(alpha * float(expit(math.e * delta_t - math.e)) + 1.0 - alpha, 0.0))
+        c.append(max(alpha * _sigmoid(math.e * delta_t - math.e) + 1.0 - alpha, 0.0))
         delta.append(delta_t)
     return c, delta
 
