@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
+from direction_cases import (
+    CASES,
+    T,
+    assert_non_conflicting,
+    build,
+    random_jacobian,
+    random_losses,
+    run,
+    sequence,
+)
 
 from mamo.config import DirectionConfig, TensionerConfig
 from mamo.directions import (
@@ -16,55 +25,15 @@ from mamo.directions import (
     MGDA,
     CAGrad,
     Central,
-    Direction,
     Equal,
     PCGrad,
     Tensioner,
     combine,
     create_direction,
     min_norm_weights,
-    tension_factors,
 )
 from mamo.directions.cagrad import _solve as _cagrad_solve
 from mamo.errors import MamoError
-
-# Every base method alone, plus both tensioner formulations around the bases the thesis uses.
-CASES = [(name, "off") for name in DIRECTIONS] + [
-    (name, formulation) for name in ("mgda", "central") for formulation in ("thesis", "relative")
-]
-T = 2  # short tensioner memory, so the property tests exercise the active tensioner too
-CALLS = T + 3
-
-
-def build(name: str, formulation: str = "off", alpha: float = 0.5, seed: int = 0, **kwargs) -> Direction:
-    config = DirectionConfig(name=name, tensioner=TensionerConfig(formulation=formulation, T=T, alpha=alpha), **kwargs)
-    return create_direction(config, generator=torch.Generator().manual_seed(seed))
-
-
-def random_jacobian(rng: np.random.Generator, m: int, d: int, spread: float = 20.0) -> torch.Tensor:
-    """m gradients of dimension d, random directions, norms spread log-uniformly over [1, spread]."""
-    J = rng.standard_normal((m, d))
-    J *= np.exp(rng.uniform(0.0, math.log(spread), m))[:, None] / np.linalg.norm(J, axis=1, keepdims=True)
-    return torch.from_numpy(J)
-
-
-def random_losses(rng: np.random.Generator, m: int) -> torch.Tensor:
-    return torch.from_numpy(np.exp(rng.uniform(-3.0, 2.0, m)))
-
-
-def sequence(seed: int, m: int, d: int, calls: int = CALLS) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    rng = np.random.default_rng(seed)
-    return [(random_jacobian(rng, m, d), random_losses(rng, m)) for _ in range(calls)]
-
-
-def assert_non_conflicting(J: torch.Tensor, v: torch.Tensor) -> None:
-    """g_t · v ≥ 0 for every task, up to rounding on the scale of the largest squared gradient norm."""
-    assert (J @ v >= -1e-9 * J.norm(dim=1).max() ** 2).all()
-
-
-def run(direction: Direction, J: torch.Tensor, losses: torch.Tensor):
-    return direction(J @ J.T, losses)
-
 
 # --- shared properties -------------------------------------------------------------------------------------
 
@@ -317,149 +286,6 @@ def test_cagrad_matches_the_official_code_and_keeps_the_mean_descending(seed):
     assert float(d @ J.mean(dim=0)) > 0.0
 
 
-# --- tensioner ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("formulation", ["thesis", "relative"])
-@pytest.mark.parametrize("base", ["mgda", "central", "equal"])
-def test_tensioner_is_inert_for_the_first_T_calls(formulation, base):
-    tensioned, plain = build(base, formulation, alpha=0.9), build(base)
-    steps = sequence(12, 4, 3, calls=T + 1)
-    for call, (J, losses) in enumerate(steps):
-        out = run(tensioned, J, losses)
-        if call < T:
-            assert torch.equal(out.weights, run(plain, J, losses).weights)
-            assert out.info["active"] == 0.0 and out.info["shrink"] == 0.0
-        else:
-            assert out.info["active"] == 1.0
-            assert not torch.equal(out.weights, run(plain, J, losses).weights)
-
-
-@pytest.mark.parametrize("base", ["mgda", "central", "equal", "pcgrad"])
-def test_relative_with_zero_alpha_is_exactly_the_base(base):
-    tensioned, plain = build(base, "relative", alpha=0.0, seed=3), build(base, seed=3)
-    for J, losses in sequence(13, 5, 4, calls=3 * T):
-        assert torch.equal(run(tensioned, J, losses).weights, run(plain, J, losses).weights)
-
-
-def test_thesis_with_zero_alpha_is_off():
-    tensioned, plain = build("mgda", "thesis", alpha=0.0), build("mgda")
-    for J, losses in sequence(14, 3, 4, calls=2 * T + 1):
-        assert torch.equal(run(tensioned, J, losses).weights, run(plain, J, losses).weights)
-
-
-def test_thesis_formula_matches_a_direct_vector_computation_of_eq_4_12():
-    alpha = 0.6
-    direction = Tensioner(Central(), "thesis", T=2, alpha=alpha)
-    base = torch.tensor([[1.0, 0.2, 0.1, 0.0], [0.3, 2.0, 0.0, 0.5], [0.2, 0.1, 0.5, 0.3]], dtype=torch.float64)
-    scales = [torch.tensor([1.0, 1.0, 1.0]), torch.tensor([2.0, 1.0, 0.5]), torch.tensor([3.0, 0.5, 0.5])]
-    jacobians = [base * s[:, None].double() for s in scales]
-    losses = torch.tensor([2.0, 0.5, 0.05], dtype=torch.float64)
-    for J in jacobians:
-        out = direction(J @ J.T, losses)
-    # By hand: norm history n_t(0..2) = s_t(k)·||base_t||; ζ(i) = mean of the last 2, ζ(i−1) = of the first 2.
-    norms = torch.stack([J.norm(dim=1) for J in jacobians], dim=1)
-    delta = norms[:, 1:].mean(1) / norms[:, :-1].mean(1) + torch.log10(losses)
-    c = alpha / (1.0 + torch.exp(-delta * math.e + math.e)) + 1.0 - alpha
-    J = jacobians[-1]
-    v = combine(Central()(J @ J.T, losses).weights, J)
-    v_n = v + sum(c[t] * (J[t] - v) / (J[t] - v).norm() for t in range(3))
-    assert (J @ v_n >= 0).all()  # so no shrink is needed and Eq 4.12 applies as is
-    torch.testing.assert_close(out.info["c"], c)
-    torch.testing.assert_close(out.info["delta"], delta)
-    assert out.info["shrink"] == 1.0
-    torch.testing.assert_close(combine(out.weights, J), v_n)
-    cos = (J @ v_n) / (J.norm(dim=1) * v_n.norm())
-    torch.testing.assert_close(out.info["angle"], torch.rad2deg(torch.arccos(cos)))
-
-
-def test_relative_formula_matches_a_direct_vector_computation():
-    alpha = 0.8
-    direction = Tensioner(MGDA(), "relative", T=1, alpha=alpha)
-    rng = np.random.default_rng(15)
-    jacobians = [random_jacobian(rng, 3, 6).abs() for _ in range(2)]  # all pairs agree: no shrink
-    losses = torch.tensor([3.0, 0.2, 1.0], dtype=torch.float64)
-    for J in jacobians:
-        out = direction(J @ J.T, losses)
-    J = jacobians[-1]
-    c, _ = tension_factors(np.stack([jacobians[0].norm(dim=1), J.norm(dim=1)], axis=1), losses.numpy(), alpha)
-    v = combine(MGDA()(J @ J.T, losses).weights, J)
-    v_n = v + sum((c[t] - (1 - alpha)) * (J[t] - v) for t in range(3))
-    assert out.info["shrink"] == 1.0
-    torch.testing.assert_close(combine(out.weights, J), v_n)
-
-
-@pytest.mark.parametrize("formulation", ["thesis", "relative"])
-@pytest.mark.parametrize("base", ["mgda", "central"])
-def test_shrink_keeps_every_task_non_conflicting_on_adversarial_inputs(formulation, base):
-    shrunk = 0
-    for m in (3, 4, 6):
-        direction = build(base, formulation, alpha=3.0)
-        rng = np.random.default_rng(40 + m)
-        for _ in range(T + 8):
-            J = random_jacobian(rng, m, 2, spread=50.0)  # many tasks in a plane: heavy conflicts
-            losses = torch.from_numpy(np.exp(rng.uniform(-6.0, 6.0, m)))
-            out = run(direction, J, losses)
-            v = combine(out.weights, J)
-            assert_non_conflicting(J, v)
-            shrunk += out.info["shrink"] < 1.0
-    assert shrunk > 0  # the inputs really needed the shrink
-
-
-def test_shrink_leaves_tasks_the_base_already_opposes_unconstrained():
-    direction = Tensioner(Equal(), "relative", T=1, alpha=1.0)
-    J = torch.tensor([[1.0, 0.0], [-3.0, 0.1], [0.0, 1.0]], dtype=torch.float64)  # Σg opposes g_1
-    for _ in range(2):
-        out = direction(J @ J.T, torch.tensor([1.0, 1.0, 10.0], dtype=torch.float64))
-    base_dots = J @ combine(out.info["base_weights"], J)
-    dots = J @ combine(out.weights, J)
-    assert base_dots[0] < 0
-    assert (dots[base_dots >= 0] >= -1e-12).all()
-
-
-def test_tension_factor_is_clipped_at_zero_for_alpha_above_one():
-    history = np.array([[1.0, 1.0, 1.0], [1.0, 2.0, 4.0]])
-    losses = np.array([1e-6, 10.0])
-    c, delta = tension_factors(history, losses, alpha=3.0)
-    raw = 3.0 / (1.0 + np.exp(-delta * math.e + math.e)) + 1.0 - 3.0
-    assert raw[0] < 0 and c[0] == 0.0
-    np.testing.assert_allclose(c[1], raw[1])
-
-
-def test_tension_factor_guards_zero_norms_and_non_positive_losses():
-    history = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    c, delta = tension_factors(history, np.array([0.0, -1.0]), alpha=0.5)
-    assert np.isfinite(c).all() and np.isfinite(delta).all()
-
-
-@pytest.mark.parametrize("base", ["mgda", "pcgrad"])
-def test_tensioner_state_dict_round_trip(base):
-    steps = sequence(16, 4, 3, calls=8)
-    direction = build(base, "thesis", alpha=0.7, seed=5)
-    for step in steps[:3]:
-        run(direction, *step)
-    buffer = io.BytesIO()
-    torch.save(direction.state_dict(), buffer)  # plain lists (and pcgrad's generator state) go into a checkpoint
-    buffer.seek(0)
-    restored = build(base, "thesis", alpha=0.7, seed=123)
-    restored.load_state_dict(torch.load(buffer, weights_only=True))
-    assert restored.iteration == direction.iteration == 3
-    for step in steps[3:]:
-        a, b = run(direction, *step), run(restored, *step)
-        assert torch.equal(a.weights, b.weights)
-        assert all(torch.equal(a.info[key], b.info[key]) for key in a.info)
-
-
-def test_tensioner_reset_forgets_the_history():
-    direction = build("mgda", "relative", alpha=0.9)
-    steps = sequence(17, 3, 3, calls=T + 1)
-    for step in steps:
-        run(direction, *step)
-    direction.reset()
-    assert direction.iteration == 0 and direction.state_dict()["norms"] == []
-    assert run(direction, *steps[-1]).info["active"] == 0.0
-
-
 # --- construction and plumbing -----------------------------------------------------------------------------
 
 
@@ -486,9 +312,16 @@ def test_bad_configuration_is_a_mamo_error_naming_the_key(config, key):
         create_direction(config)
 
 
-def test_non_finite_inputs_are_a_mamo_error():
-    with pytest.raises(MamoError, match="NaN"):
-        MGDA()(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]), torch.ones(2))
+@pytest.mark.parametrize("gramian,losses", [
+    ([[1.0, float("nan")], [float("nan"), 1.0]], [1.0, 1.0]),
+    ([[float("inf"), 0.0], [0.0, 1.0]], [1.0, 1.0]),
+    ([[1.0, 0.0], [0.0, 1.0]], [1.0, float("nan")]),
+    ([[1.0, 0.0], [0.0, 1.0]], [float("-inf"), 1.0]),
+])
+@pytest.mark.parametrize("name", ["mgda", "equal"])
+def test_non_finite_inputs_are_a_mamo_error(name, gramian, losses):
+    with pytest.raises(MamoError, match="NaN or infinite"):
+        build(name)(torch.tensor(gramian), torch.tensor(losses))
 
 
 def test_combine_is_the_weighted_sum_of_rows():
