@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_errors import single_error
 
 from mamo.cli import main
 from mamo.config import load_config, load_yaml
@@ -20,8 +21,7 @@ from mamo.data import load_data
 from mamo.errors import MamoError
 from mamo.report import delta, win_rate
 from mamo.runs import baseline_key, free_run_dir
-from mamo.train import cached_baseline, open_session, run_train
-from mamo.trainer import Callback
+from mamo.train import cached_baseline, open_session
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "train.epochs=1", "--set", "data.train_size=256", "--set", "data.val_size=64",
@@ -71,16 +71,6 @@ def train(*args: str) -> int:
 
 def read_metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
-
-
-def single_error(err: str) -> str:
-    """The one 'mamo: error:' line, checked to be one sentence with no traceback."""
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("mamo: error:")]
-    assert len(lines) == 1, err
-    message = lines[0].removeprefix("mamo: error: ")
-    assert message.endswith(".") and message.count("; ") <= 2, message
-    return message
 
 
 @pytest.fixture(scope="module")
@@ -312,94 +302,6 @@ def test_a_full_disk_at_the_end_is_one_sentence(tmp_path: Path, capsys, monkeypa
     monkeypatch.setattr("safetensors.torch.save_file", missing)
     with pytest.raises(FileNotFoundError):
         train("quick", *TINY, "--no-tensorboard", "--run-dir", str(tmp_path / "other"))
-
-
-class StopAfterEpoch(Callback):
-    def __init__(self, epoch: int, description: str | None = None):
-        self.epoch, self.description = epoch, description
-
-    def on_epoch_end(self, trainer, metrics) -> None:
-        if trainer.epoch == self.epoch and self.description in (None, trainer.description):
-            raise KeyboardInterrupt
-
-
-RESUMABLE = ["train.epochs=3", "data.train_size=256", "data.val_size=64", "data.test_size=64", "train.device=cpu"]
-
-
-@pytest.mark.parametrize(("seconds", "saved_epoch"), [(0, 2), (1e9, 1)])  # after every epoch | only the first
-def test_a_stopped_train_resumes_to_the_same_result(tmp_path: Path, seconds: float, saved_epoch: int) -> None:
-    config = load_config("quick", [*RESUMABLE, f"train.checkpoint_seconds={seconds}"])
-    quiet = {"progress": False, "quiet": True, "loggers": False}
-    whole = run_train(config, tmp_path / "whole", **quiet)
-    cut = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        run_train(config, cut, callbacks=[StopAfterEpoch(2)], **quiet)
-    assert (cut / "checkpoints" / "last.pt").exists() and not (cut / "metrics.json").exists()
-    assert (cut / "log.txt").read_text().splitlines()[-1].endswith(f"stopped; continue with: python cli.py train "
-                                                                   f"--resume {cut}")
-    resumed = run_train(load_config("logic"), cut, resume=True, resume_settings=["train.device=cpu"],
-                        **quiet)  # the folder's own config is used, with a new place to run it
-    assert "resuming" in (cut / "log.txt").read_text() and "with train.device=cpu" in (cut / "log.txt").read_text()
-    assert f"resumed after epoch {saved_epoch} of 3" in (cut / "log.txt").read_text()
-    assert resumed["tasks"] == whole["tasks"] and resumed["val"] == whole["val"]
-    assert (cut / "weights.safetensors").read_bytes() == (tmp_path / "whole" / "weights.safetensors").read_bytes()
-    assert not (cut / "checkpoints" / "last.pt").exists()  # a finished run keeps best.pt and the weights
-
-
-def test_a_stopped_stl_baseline_keeps_its_finished_tasks_and_continues_the_stopped_one(tmp_path: Path) -> None:
-    config = load_config("quick", [*RESUMABLE, "train.checkpoint_seconds=0"])
-    whole = cached_baseline(open_session(config, None, False, True, tmp_path / "clean"), "stl", 3)
-    logs, cache = tmp_path / "logs", tmp_path / "cache"
-    logs.mkdir()
-    with pytest.raises(KeyboardInterrupt):  # stopped in task 'right', after its second epoch
-        cached_baseline(open_session(config, logs, False, True, cache), "stl", 3,
-                        callbacks=[StopAfterEpoch(2, "stl right")])
-    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".pt"]  # 'left' cached, 'right' checkpointed
-    again = cached_baseline(open_session(config, logs, False, True, cache), "stl", 3)
-    log = (logs / "log.txt").read_text()
-    assert "STL 'left': reusing the cached result" in log and "resumed after epoch 2 of 3" in log
-    assert {k: again[k] for k in ("tasks", "val", "params")} == {k: whole[k] for k in ("tasks", "val", "params")}
-    assert not list(cache.glob("*.pt"))
-
-
-def test_a_damaged_baseline_checkpoint_is_retrained_not_fatal(tmp_path: Path) -> None:
-    config = load_config("quick", RESUMABLE)
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    key = baseline_key(config, "hps", 3)
-    (cache / f"{key}.pt").write_bytes(b"half a checkpoint")  # a stop in the middle of a write, say
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    result = cached_baseline(open_session(config, logs, False, True, cache), "hps", 3)
-    assert "is damaged; training from the start" in (logs / "log.txt").read_text()
-    assert set(result["tasks"]) == {"left", "right"} and not (cache / f"{key}.pt").exists()
-
-
-def test_resume_refuses_finished_runs_and_the_other_commands_folders(tmp_path: Path, capsys) -> None:
-    finished = tmp_path / "finished"
-    run_train(load_config("quick", RESUMABLE), finished, progress=False, quiet=True, loggers=False)
-    assert main(["train", "--resume", str(finished)]) == 2
-    assert "has finished (metrics.json is there); nothing to resume" in single_error(capsys.readouterr().err)
-    assert main(["search", "--resume", str(finished)]) == 2
-    assert f"is a train run folder, not a search one; continue it with python cli.py train --resume {finished}" \
-        in single_error(capsys.readouterr().err)
-    searched = tmp_path / "searched"
-    (searched / "checkpoints").mkdir(parents=True)
-    (searched / "config.yaml").write_text((finished / "config.yaml").read_text())
-    (searched / "checkpoints" / "phase-00-pretrain.pt").write_bytes(b"")
-    assert main(["train", "--resume", str(searched)]) == 2
-    assert "is a search run folder, not a train one" in single_error(capsys.readouterr().err)
-    assert main(["train", "--resume", str(finished), "--set", "train.lr=0.5"]) == 2
-    assert single_error(capsys.readouterr().err) == (
-        "--set train.lr cannot change when a run resumes (the rest would not match what it computed so far); "
-        "only train.device and train.checkpoint_seconds can, so start a new run.")
-    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
-    assert "--resume needs an existing train run folder" in single_error(capsys.readouterr().err)
-    stl = tmp_path / "stl"
-    stl.mkdir()
-    (stl / "config.yaml").write_text((finished / "config.yaml").read_text().replace("mode: mtl", "mode: stl"))
-    assert main(["train", "--resume", str(stl)]) == 2
-    assert "continue from the baseline cache instead" in single_error(capsys.readouterr().err)
 
 
 def test_logic_preset_solves_both_gates_on_its_default_seed(tmp_path: Path) -> None:
