@@ -9,7 +9,9 @@ Thresholds are entries of :data:`THRESHOLDS`, picked by name (``global``, ``laye
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -19,6 +21,7 @@ from mamo import graph as g
 from mamo.errors import MamoError
 
 HISTOGRAM_EDGES = np.linspace(-1.0, 1.0, 21)  # 20 bins of width 0.1 over [-1, 1]
+_EDGES = HISTOGRAM_EDGES.tolist()
 Pair = tuple[str, str]
 Position = tuple[Pair, int]
 
@@ -51,22 +54,29 @@ class ConflictStats:
         if not node_gramians:
             return
         self.steps += 1
-        rows, cols = np.triu_indices(len(self.tasks), k=1)
+        m = len(self.tasks)
+        # Python floats, not numpy on m×m arrays: numpy's per-call cost made this 0.2 ms of a 5 ms LeNet step
+        # (three cells; measured inside the step). Same arithmetic, same results.
         for cell in range(self.num_cells):
             block = node_gramians.get(g.cell_id(cell))
             if block is None:
                 continue
-            gram = block.detach().double().cpu().numpy()
-            norms = np.sqrt(np.maximum(gram.diagonal(), 0.0))
-            denominator = np.multiply.outer(norms, norms)
-            # A task with a zero gradient at this cell neither conflicts nor agrees: cosine 0.
-            cosine = np.where(denominator > 0.0, gram / np.where(denominator > 0.0, denominator, 1.0), 0.0)
-            np.fill_diagonal(cosine, 1.0)
-            self.cosine_sums[cell] += cosine
-            negative = (cosine < 0.0).astype(np.int64)
-            self.counts[cell] += negative
-            bins = np.clip(np.digitize(cosine[rows, cols], HISTOGRAM_EDGES) - 1, 0, len(HISTOGRAM_EDGES) - 2)
-            self.histograms[cell, np.arange(len(self.pairs)), bins] += 1
+            gram = block.tolist()
+            norms = [math.sqrt(max(gram[t][t], 0.0)) for t in range(m)]
+            sums, counts, histogram = self.cosine_sums[cell], self.counts[cell], self.histograms[cell]
+            for t in range(m):
+                sums[t, t] += 1.0
+            for p, (i, j) in enumerate(itertools.combinations(range(m), 2)):
+                denominator = norms[i] * norms[j]
+                if denominator > 0.0:
+                    upper, lower = gram[i][j] / denominator, gram[j][i] / denominator
+                else:  # a task with a zero gradient at this cell neither conflicts nor agrees: cosine 0
+                    upper = lower = 0.0
+                sums[i, j] += upper
+                sums[j, i] += lower
+                counts[i, j] += upper < 0.0
+                counts[j, i] += lower < 0.0
+                histogram[p, min(max(bisect.bisect_right(_EDGES, upper) - 1, 0), len(_EDGES) - 2)] += 1
 
     def mean_cosine(self) -> np.ndarray:
         """(L, m, m) mean cosine over the round (zeros before any update)."""

@@ -51,6 +51,49 @@ def crafted(counts: dict, cells: int = 3, params=None) -> tuple[ConflictStats, l
     return stats, candidates
 
 
+def reference_update(stats: ConflictStats, blocks: dict[int, np.ndarray]) -> None:
+    """The statistics of one mini-batch computed on whole arrays with numpy (what update did before it moved
+    to Python floats for speed): the two must agree exactly."""
+    stats.steps += 1
+    m = len(stats.tasks)
+    rows, cols = np.triu_indices(m, k=1)
+    for cell, gram in blocks.items():
+        norms = np.sqrt(np.maximum(gram.diagonal(), 0.0))
+        denominator = np.multiply.outer(norms, norms)
+        cosine = np.where(denominator > 0.0, gram / np.where(denominator > 0.0, denominator, 1.0), 0.0)
+        np.fill_diagonal(cosine, 1.0)
+        stats.cosine_sums[cell] += cosine
+        stats.counts[cell] += cosine < 0.0
+        bins = np.clip(np.digitize(cosine[rows, cols], HISTOGRAM_EDGES) - 1, 0, len(HISTOGRAM_EDGES) - 2)
+        stats.histograms[cell, np.arange(len(stats.pairs)), bins] += 1
+
+
+@pytest.mark.parametrize("m", [2, 3, 5])
+def test_update_agrees_exactly_with_a_whole_array_computation(m):
+    rng = np.random.default_rng(m)
+    tasks = [f"t{k}" for k in range(m)]
+    fast, reference = ConflictStats(tasks, 4, [10, 0, 10, 10]), ConflictStats(tasks, 4, [10, 0, 10, 10])
+    for step in range(40):
+        blocks = {}
+        for cell in (0, 2, 3):  # cell 1 has no parameters and no block
+            J = rng.standard_normal((m, 6)).astype(np.float32)
+            if step % 7 == 0:
+                J[rng.integers(m)] = 0.0  # a zero gradient
+            if step % 5 == 0:
+                J[1] = -J[0]  # cosine exactly -1, on a histogram edge
+            gram = (J.astype(np.float64) @ J.T.astype(np.float64)).astype(np.float32)
+            if step % 3 == 0:  # a block need not be exactly symmetric (chunked products): one ulp apart
+                gram[0, 1] = np.nextafter(gram[0, 1], np.float32(np.inf))
+            blocks[cell] = gram.astype(np.float64)
+        fast.update({g.cell_id(c): torch.from_numpy(b).float() for c, b in blocks.items()})
+        reference_update(reference, blocks)
+    assert fast.steps == reference.steps == 40
+    np.testing.assert_array_equal(fast.counts, reference.counts)
+    np.testing.assert_array_equal(fast.cosine_sums, reference.cosine_sums)
+    np.testing.assert_array_equal(fast.histograms, reference.histograms)
+    assert fast.histograms.sum() == 40 * 3 * len(fast.pairs)
+
+
 def test_global_threshold_takes_positions_at_or_above_the_mean_of_nonzero_counts():
     stats, candidates = crafted({(("a", "b"), 0): 6, (("a", "c"), 1): 2, (("b", "c"), 2): 4})
     assert select_positions(stats, candidates, "global") == [(("a", "b"), 0), (("b", "c"), 2)]
