@@ -1,13 +1,13 @@
 """TensorBoard logging: the one callback that writes a run's events into its run folder.
 
 The trainer and the search loop call back into :class:`TensorBoardLogger`; nothing in the training step
-knows about TensorBoard. Per step it writes every scalar of that step as one event (one host transfer for
-the device tensors); per epoch the validation metrics and Δ against STL; per detection round the conflict
-heatmaps, cosine histograms and the architecture. The pictures (which ``pictures=False`` leaves out) are
-rendered on a worker thread, so a training thread that waits on a GPU can go on (on a busy CPU it saves
-nothing, docs/tensorboard.md "Cost"), and each PNG is also saved under the run folder's plots/.
-:func:`write_hparams` records one Optuna trial for TensorBoard's HPARAMS tab. Tags and pictures are
-described in docs/tensorboard.md.
+knows about TensorBoard. Per step it writes every scalar of that step as one event (read from the step's
+host tensors, the direction's diagnostics as plain floats); per epoch the validation metrics and Δ against
+STL; per detection round the conflict heatmaps, cosine histograms and the architecture. The pictures (which
+``pictures=False`` leaves out) are rendered on a worker thread, so a training thread that waits on a GPU can
+go on (on a busy CPU it saves nothing, docs/tensorboard.md "Cost"), and each PNG is also saved under the run
+folder's plots/. Events go through :class:`~mamo.event_file.EventFileWriter`. :func:`write_hparams` records
+one Optuna trial for TensorBoard's HPARAMS tab. Tags and pictures are described in docs/tensorboard.md.
 """
 
 from __future__ import annotations
@@ -22,13 +22,16 @@ import numpy as np
 import yaml
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
-from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import custom_scalars, histogram_raw, text
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from mamo import drawing, plots
 from mamo import graph as g
 from mamo.config import Config
 from mamo.conflicts import HISTOGRAM_EDGES, ConflictStats
+from mamo.directions.base import TensorInfo
 from mamo.errors import MamoError
+from mamo.event_file import EventFileWriter
 from mamo.report import delta
 from mamo.step import StepResult
 from mamo.tasks import TaskSpec
@@ -107,18 +110,19 @@ class TensorBoardLogger(Callback):
         self.pictures = pictures
         self.specs = dict(tasks)
         self.stl_val = stl_val
-        self.writer = SummaryWriter(log_dir=str(self.run_dir), flush_secs=20)
+        self.events = EventFileWriter(self.run_dir)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mamo-board") if background and pictures else None
         self._pending: list[Future] = []
         self._step = 0  # the last global step written, across trainers
         self._trainer_offsets: dict[int, int] = {}
         self._info_tags: dict[tuple, list[str]] = {}
+        self._step_summaries: dict[tuple[str, ...], Summary] = {}
         self._drew_start = False
         self._closed = False
-        text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-        self.writer.add_text("config", "    " + text.replace("\n", "\n    "), 0)
+        config_text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+        self.events.add_summary(text("config", "    " + config_text.replace("\n", "\n    ")), 0)
         charts = {title: ["Multiline", [f"^{prefix}"]] for title, prefix in PER_TASK_CHARTS.items()}
-        self.writer.add_custom_scalars({"mamo: per task": charts})
+        self.events.add_summary(custom_scalars({"mamo: per task": charts}))
 
     # ----------------------------------------------------------------------------------------- steps
     def _global_step(self, trainer: Trainer) -> int:
@@ -130,7 +134,7 @@ class TensorBoardLogger(Callback):
         # What the stopped process wrote after its checkpoint is written again; a SessionLog START at the first
         # repeated step makes TensorBoard drop the stale copies (as SummaryWriter's purge_step does).
         self._step = step = self._global_step(trainer)
-        self.writer.file_writer.add_event(Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
+        self.events.add_event(Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
         self._drew_start = True  # the stopped process drew the network before growth when it started
 
     @staticmethod
@@ -140,19 +144,30 @@ class TensorBoardLogger(Callback):
     def on_step(self, trainer: Trainer, result: StepResult) -> None:
         self._step = step = self._global_step(trainer)
         tasks = list(trainer.model.tasks)  # an STL network has a subset of the run's tasks
-        m = len(tasks)
-        device_values = [result.losses.detach().float().reshape(-1)]
+        # StepResult's tensors are on the host: tolist copies nothing from a device.
+        values = self._per_task("train/loss", tasks, result.losses.reshape(-1).tolist())
         if result.gramian is not None:
-            device_values.append(result.gramian.detach().diagonal().float().to(result.losses.device))
-        host = _cat(device_values).tolist()  # the step's only host transfer
-        values = self._per_task("train/loss", tasks, host[:m])
-        if result.gramian is not None:
-            values |= self._per_task("train/grad_norm", tasks, [math.sqrt(max(v, 0.0)) for v in host[m:]])
+            norms = [math.sqrt(max(v, 0.0)) for v in result.gramian.diagonal().tolist()]
+            values |= self._per_task("train/grad_norm", tasks, norms)
         if result.weights is not None:
             values |= self._per_task("direction/weight", tasks, result.weights.reshape(-1).tolist())
-        for key, tensor in result.info.items():
-            values |= self._info_values(key, tasks, tensor.reshape(-1).tolist())
-        self.writer.file_writer.add_summary(_summary(values), step)
+        info = result.info
+        for key in info:
+            if INFO_TAGS.get(key, "") is not None:  # None: repeated elsewhere, not logged twice
+                flat = info.flat(key) if isinstance(info, TensorInfo) else info[key].reshape(-1).tolist()
+                values |= self._info_values(key, tasks, flat)
+        self.events.add_summary(self._step_summary(values), step)
+
+    def _step_summary(self, values: dict[str, float]) -> Summary:
+        # Steps log the same tags over and over: refilling one Summary per tag list costs a third of building
+        # one (measured); add_summary serialises it at once, so reusing it is safe.
+        summary = self._step_summaries.get(tuple(values))
+        if summary is None:
+            summary = self._step_summaries[tuple(values)] = _summary(values)
+        else:
+            for slot, value in zip(summary.value, values.values(), strict=True):
+                slot.simple_value = value
+        return summary
 
     def _info_values(self, key: str, tasks: list[str], flat: list[float]) -> dict[str, float]:
         """Tags of one info entry: one scalar, or one per task; the tag names are built once per key."""
@@ -179,12 +194,12 @@ class TensorBoardLogger(Callback):
             values |= {f"train/epoch_loss/{task}": loss for task, loss in last["train_loss"].items()}
             values["time/epoch_seconds"] = last["seconds"]
         values["time/epoch"] = trainer.epoch
-        self.writer.file_writer.add_summary(_summary(values), step)
-        self.writer.flush()
+        self.events.add_summary(_summary(values), step)
+        self.events.flush()
 
     def on_phase_start(self, phase: str, model) -> None:
-        self.writer.add_text("run/phases", f"{phase} starts after step {self._step}", self._step)
-        self.writer.add_scalar("model/params", sum(p.numel() for p in model.parameters()), self._step)
+        self.events.add_summary(text("run/phases", f"{phase} starts after step {self._step}"), self._step)
+        self.events.add_summary(_summary({"model/params": sum(p.numel() for p in model.parameters())}), self._step)
         if self.pictures and not self._drew_start:
             # The network before any growth, as round 0 of the architecture pictures (not when a resumed
             # search starts with a network that already grew).
@@ -212,10 +227,10 @@ class TensorBoardLogger(Callback):
             for cell in range(stats.num_cells):
                 if stats.cell_params[cell] > 0:
                     values[f"conflicts/Q/{a}+{b}/cell{cell}"] = float(stats.counts[cell, i, j])
-        self.writer.file_writer.add_summary(_summary(values), z)
+        self.events.add_summary(_summary(values), z)
         described = ", ".join(f"{'+'.join(pair)}@cell{cell}" for pair, cell in activated) or "none"
-        self.writer.add_text("search/activated", f"round {z}: {described}; {len(record['new_modules'])} new "
-                             f"modules, {record['gmk_modules']} in all", z)
+        self.events.add_summary(text("search/activated", f"round {z}: {described}; {len(record['new_modules'])} "
+                                     f"new modules, {record['gmk_modules']} in all"), z)
         self._histograms(stats, z)
         if self.pictures:
             graph = copy.deepcopy(record["graph"])  # copies: the next round resets the stats, grows the graph
@@ -234,12 +249,12 @@ class TensorBoardLogger(Callback):
                 if stats.cell_params[cell] == 0 or counts.sum() == 0:
                     continue
                 used = np.flatnonzero(counts)
-                self.writer.add_histogram_raw(
+                self.events.add_summary(histogram_raw(
                     f"conflicts/cosine/{a}+{b}/cell{cell}",
                     min=float(HISTOGRAM_EDGES[used[0]]), max=float(HISTOGRAM_EDGES[used[-1] + 1]),
                     num=int(counts.sum()), sum=float(stats.cosine_sums[cell, i, j]),
                     sum_squares=float(np.sum(counts * centres**2)),  # from bin centres: only the bins are kept
-                    bucket_limits=HISTOGRAM_EDGES[1:].tolist(), bucket_counts=counts.tolist(), global_step=z)
+                    bucket_limits=HISTOGRAM_EDGES[1:].tolist(), bucket_counts=counts.tolist()), z)
 
     def _draw_conflicts(self, stats: ConflictStats, activated: list, z: int) -> None:
         overview, cells = plots.overview_images(stats, activated, title=f"Where tasks fight, round {z}")
@@ -251,13 +266,13 @@ class TensorBoardLogger(Callback):
         if stats.pairs:
             histograms = plots.figure_to_array(plots.histogram_figure(stats))
             images["conflicts/histograms"], shapes["conflicts/histograms"] = histograms, histograms.shape[:2]
-        self.writer.file_writer.add_summary(_image_summary(images, shapes), z)
+        self.events.add_summary(_image_summary(images, shapes), z)
         self._export(f"conflicts-round{z}.png", encoded)
 
     def _draw_architecture(self, graph, params: dict[str, int], z: int, title: str) -> None:
         pixels = plots.figure_to_array(drawing.draw_architecture(graph, params=params, title=title))
         encoded = _png(pixels)
-        self.writer.file_writer.add_summary(_image_summary({"architecture": encoded},
+        self.events.add_summary(_image_summary({"architecture": encoded},
                                                            {"architecture": pixels.shape[:2]}), z)
         self._export(f"architecture-round{z}.png", encoded)
 
@@ -287,7 +302,7 @@ class TensorBoardLogger(Callback):
         for key in ("delta", "win_rate", "params", "gmk_modules"):
             if summary.get(key) is not None:
                 values[f"test/{key}"] = summary[key]
-        self.writer.file_writer.add_summary(_summary(values), self._step)
+        self.events.add_summary(_summary(values), self._step)
         self.close()
 
     def close(self) -> None:
@@ -302,7 +317,7 @@ class TensorBoardLogger(Callback):
             self._pending = []
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
-            self.writer.close()
+            self.events.close()
 
     def __enter__(self) -> TensorBoardLogger:
         return self
@@ -311,16 +326,8 @@ class TensorBoardLogger(Callback):
         self.close()
 
 
-def _cat(tensors: list):
-    import torch
-
-    return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
-
-
 def write_hparams(log_dir: Path, hparams: dict[str, float | int | str], metrics: dict[str, float]) -> None:
     """One Optuna trial for TensorBoard's HPARAMS tab: its parameters against its objective(s) in ``log_dir``."""
-    from torch.utils.tensorboard.summary import hparams as hparams_summaries
-
     clean: dict[str, float | int | str | bool] = {}
     for key, value in hparams.items():
         if isinstance(value, (bool, int, float, str)):
@@ -333,8 +340,7 @@ def write_hparams(log_dir: Path, hparams: dict[str, float | int | str], metrics:
     if not scores:
         raise MamoError(f"write_hparams got no metric values for {log_dir}; pass at least the trial's objective.")
     experiment, start, end = hparams_summaries(clean, scores)
-    with SummaryWriter(log_dir=str(log_dir)) as writer:
+    with EventFileWriter(log_dir) as events:
         for summary in (experiment, start, end):
-            writer.file_writer.add_summary(summary)
-        for key, value in scores.items():
-            writer.add_scalar(key, value, 0)
+            events.add_summary(summary)
+        events.add_summary(_summary(scores), 0)

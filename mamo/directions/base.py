@@ -46,6 +46,20 @@ class TensorInfo(Mapping[str, Tensor]):
             made = self._made[key] = torch.from_numpy(np.array(value, dtype=np.float64))
         return made
 
+    def flat(self, key: str) -> list[float]:
+        """The diagnostic as a flat list of Python floats, without making a tensor (what a logger needs)."""
+        made = self._made.get(key)
+        if made is not None:
+            return made.reshape(-1).tolist()
+        value = self._raw[key]
+        if callable(value):
+            value = self._raw[key] = value()  # computed once, whichever way it is read
+        if isinstance(value, float | int):
+            return [float(value)]
+        if isinstance(value, list) and all(isinstance(v, float) for v in value):
+            return list(value)
+        return np.asarray(value, dtype=np.float64).reshape(-1).tolist()
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._raw)
 

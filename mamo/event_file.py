@@ -1,0 +1,99 @@
+"""TensorBoard event files written directly: one TFRecord per event, checksummed by a compiled CRC-32C.
+
+tensorboard's own writer, which torch's ``SummaryWriter`` uses, checksums every record in pure Python (about
+0.1 ms per KB, measured) on a background thread that holds the GIL meanwhile; with a record for every
+training step, that thread competed with the training thread. :class:`EventFileWriter` serialises and
+checksums on the calling thread with google-crc32c (0.25 µs per KB) and writes through a buffered file that
+is flushed on :meth:`EventFileWriter.flush` and at least every ``flush_seconds`` while events arrive. The
+format is TensorFlow's record format, read by TensorBoard and by its Python event reader, which verifies
+both checksums of every record.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import google_crc32c
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+
+FILE_VERSION = "brain.Event:2"  # what TensorBoard expects as the first event of a file
+
+
+def masked_crc32c(data: bytes) -> int:
+    """The TFRecord checksum: CRC-32C of ``data``, rotated right by 15 bits plus a constant (mod 2³²)."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def record(data: bytes) -> bytes:
+    """One TFRecord: length (uint64), its masked CRC, the data, the data's masked CRC, little-endian."""
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+class EventFileWriter:
+    """Appends events to a new ``events.out.tfevents.*`` file in ``log_dir`` (safe to call from several threads).
+
+    The file name holds the time, host and process like TensorBoard's own, then the first free number, so two
+    writers never share a file and a later file sorts after an earlier one.
+    """
+
+    def __init__(self, log_dir: str | Path, flush_seconds: float = 20.0):
+        directory = Path(log_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        stem = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+        for number in itertools.count():
+            try:
+                self._file = open(directory / f"{stem}.{number}", "xb")  # closed by close()
+                break
+            except FileExistsError:
+                continue
+        self.path = Path(self._file.name)
+        self.flush_seconds = flush_seconds
+        self._lock = threading.Lock()
+        self._flushed = time.monotonic()
+        self.add_event(Event(file_version=FILE_VERSION))
+        self.flush()
+
+    def add_event(self, event: Event, step: int | None = None) -> None:
+        """Write ``event``, stamped with the current wall time unless it has one, and ``step`` if given."""
+        if not event.wall_time:
+            event.wall_time = time.time()
+        if step is not None:
+            event.step = int(step)
+        data = record(event.SerializeToString())
+        with self._lock:
+            self._file.write(data)
+            if time.monotonic() - self._flushed > self.flush_seconds:
+                self._flush()
+
+    def add_summary(self, summary: Summary, step: int | None = None) -> None:
+        self.add_event(Event(summary=summary), step)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+        self._flushed = time.monotonic()
+
+    def close(self) -> None:
+        """Flush and close the file (safe to call twice)."""
+        with self._lock:
+            if not self._file.closed:
+                self._file.close()
+
+    def __enter__(self) -> EventFileWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
