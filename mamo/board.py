@@ -272,8 +272,7 @@ class TensorBoardLogger(Callback):
     def _draw_architecture(self, graph, params: dict[str, int], z: int, title: str) -> None:
         pixels = plots.figure_to_array(drawing.draw_architecture(graph, params=params, title=title))
         encoded = _png(pixels)
-        self.events.add_summary(_image_summary({"architecture": encoded},
-                                                           {"architecture": pixels.shape[:2]}), z)
+        self.events.add_summary(_image_summary({"architecture": encoded}, {"architecture": pixels.shape[:2]}), z)
         self._export(f"architecture-round{z}.png", encoded)
 
     def _export(self, name: str, encoded: bytes) -> None:

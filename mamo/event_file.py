@@ -70,7 +70,7 @@ class EventFileWriter:
             event.step = int(step)
         data = record(event.SerializeToString())
         with self._lock:
-            self._file.write(data)
+            self._written(self._file.write, data)
             if time.monotonic() - self._flushed > self.flush_seconds:
                 self._flush()
 
@@ -83,14 +83,20 @@ class EventFileWriter:
 
     def _flush(self) -> None:
         if not self._file.closed:
-            self._file.flush()
+            self._written(self._file.flush)
         self._flushed = time.monotonic()
+
+    def _written(self, write, *data: bytes) -> None:
+        try:
+            write(*data)
+        except OSError as exc:  # a full disk, say: name the file, as a failed open would
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
 
     def close(self) -> None:
         """Flush and close the file (safe to call twice)."""
         with self._lock:
             if not self._file.closed:
-                self._file.close()
+                self._written(self._file.close)
 
     def __enter__(self) -> EventFileWriter:
         return self

@@ -32,6 +32,7 @@ from mamo.directions import (
     create_direction,
     min_norm_weights,
 )
+from mamo.directions.base import TensorInfo
 from mamo.directions.cagrad import _solve as _cagrad_solve
 from mamo.errors import MamoError
 
@@ -329,3 +330,18 @@ def test_combine_is_the_weighted_sum_of_rows():
     w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     torch.testing.assert_close(combine(w, J), 0.5 * J[0] + J[1] + 2.0 * J[2])
     assert combine(w, J).dtype == torch.float32
+
+
+def test_tensor_info_flat_reads_the_same_values_as_its_tensors_and_computes_once():
+    calls = []
+
+    def angles():
+        calls.append(1)
+        return [30.0, 60.0]
+
+    raw = {"shrink": 0.5, "active": 1, "c": [1.0, 2.0], "base_weights": np.array([[0.25], [0.75]]), "angle": angles}
+    info = TensorInfo(raw)
+    for key in raw:
+        assert info.flat(key) == info[key].reshape(-1).tolist(), key
+    assert len(calls) == 1  # the lazy diagnostic ran once, for flat, and its tensor reused the result
+    assert TensorInfo(raw).flat("base_weights") == [0.25, 0.75]

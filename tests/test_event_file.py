@@ -3,9 +3,11 @@ when damaged), unique file names, writes from several threads, flushing."""
 
 from __future__ import annotations
 
+import errno
 import random
 import threading
 
+import pytest
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -87,3 +89,18 @@ def test_flush_puts_every_event_on_disk_while_the_file_stays_open(tmp_path):
     events.close()
     events.close()  # twice is fine
     assert len(read(events.path)) == 22
+
+
+def test_a_failed_write_names_the_event_file(tmp_path):
+    events = EventFileWriter(tmp_path)
+
+    class FullDisk:
+        closed = False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    events._file = FullDisk()  # what a full disk does to the buffered file's writes
+    with pytest.raises(OSError) as caught:
+        events.add_summary(scalar("loss", 1.0), 1)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(events.path)
