@@ -204,7 +204,8 @@ class Trainer:
                 self.global_step += 1
                 for callback in self.callbacks:
                     callback.on_step(self, result)
-                bar.set_postfix(loss=f"{result.losses.sum().item():.4g}")
+                if self.progress:  # refresh=False: shown at the bar's next timed redraw, not redrawn every step
+                    bar.set_postfix(loss=f"{result.losses.sum().item():.4g}", refresh=False)
             seconds = time.perf_counter() - start
             self.epoch += 1
             metrics = self.evaluate(self.val_set)
