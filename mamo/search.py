@@ -136,6 +136,21 @@ def _serialisable(record: dict) -> dict:
     }
 
 
+def tensioner_window_note(config: Config, train_size: int, T: int | None = None, setting: str = "direction.tensioner.T"
+                          ) -> str | None:
+    """A log line when the tensioner (window ``T``, default the config's) could not act in the final phase after
+    a growth, which resets its window to T + 1 steps; None when it can. ``setting`` names what to lower."""
+    T = config.direction.tensioner.T if T is None else T
+    per_epoch = -(-train_size // config.train.batch_size)
+    steps = per_epoch * config.search.final_epochs
+    if config.direction.tensioner.formulation == "off" or config.search.rounds == 0 or T + 1 <= steps:
+        return None
+    return (f"note: after the network grows, the tensioner needs T + 1 = {T + 1} steps before it acts, and the "
+            f"final phase has {steps} ({config.search.final_epochs} epoch{'s' * (config.search.final_epochs != 1)} of "
+            f"{per_epoch} steps); if the last round grows, it will not act there. Lower {setting} or raise "
+            "search.final_epochs.")
+
+
 def _grow(trainer: Trainer, stats: ConflictStats, config: Config, z: int) -> tuple[list, list[str]]:
     model = trainer.model
     candidates = g.candidate_positions(model.graph, config.search.modules)
@@ -208,6 +223,9 @@ def run_search(
     search, tasks = config.search, session.data.tasks
     session.log(f"{'resuming' if resume else 'search'} in {directory} on {session.device}: {method_name(config)}, "
                 f"{search.rounds} detection rounds" + (f"; {', '.join(resume_settings)}" if resume_settings else ""))
+    note = tensioner_window_note(config, len(session.data.train))
+    if note and not resume:
+        session.log(note)
     recorder = ConflictRecorder()
     watchers = list(callbacks or [])
     try:

@@ -12,6 +12,7 @@ schema and STL trains once per study.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -155,6 +156,14 @@ def _reference(config: Config, directory: Path, search: bool, multi: bool, progr
     from mamo.train import cached_baseline, open_session
 
     session = open_session(config, None, progress, quiet=False, cache_root=directory / ".baselines")
+    if config.tune.T:  # the longest T the trials may draw, with the most rounds they may run
+        from mamo.search import tensioner_window_note
+
+        rounds = max(config.tune.rounds or [config.search.rounds])
+        widest = dataclasses.replace(config, search=dataclasses.replace(config.search, rounds=rounds))
+        note = tensioner_window_note(widest, len(session.data.train), config.tune.T[1], "tune.T's upper end")
+        if note:
+            session.log(note)
     baselines = config.search.baselines
     kinds = [kind for kind, needed in (("stl", baselines or not multi), ("hps", baselines)) if needed]
     results = {kind: cached_baseline(session, kind, config.train.epochs) for kind in kinds}

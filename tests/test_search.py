@@ -14,7 +14,7 @@ from mamo.cli import main
 from mamo.config import load_config
 from mamo.errors import MamoError, TrainingDiverged
 from mamo.export import FORMATS, architecture_tree, export, load_trained
-from mamo.search import run_search
+from mamo.search import run_search, tensioner_window_note
 from mamo.trainer import Callback
 
 TINY = [
@@ -51,6 +51,21 @@ def test_search_writes_the_run_folder(finished):
     assert checkpoints == ["phase-00-pretrain.pt", "phase-01-round1.pt", "phase-02-round2.pt", "phase-03-final.pt"]
     report = (run_dir / "report.md").read_text()
     assert "STL" in report and "HPS (equal)" in report and "MAMO-1" in report
+
+
+def test_a_tensioner_window_longer_than_the_final_phase_is_noted_in_the_log(finished):
+    run_dir, _ = finished  # 256 / 64 = 4 steps an epoch, one final epoch, the quick preset's T = 4
+    assert ("the tensioner needs T + 1 = 5 steps before it acts, and the final phase has 4 (1 epoch of 4 steps)"
+            in (run_dir / "log.txt").read_text())
+
+
+def test_the_tensioner_note_appears_only_when_the_window_cannot_fit():
+    assert tensioner_window_note(tiny("search.final_epochs=2"), 256) is None  # 8 steps for a window of 5
+    assert tensioner_window_note(tiny("search.final_epochs=2"), 256, T=7) is None  # exactly fits: 8 ≤ 8
+    assert "T + 1 = 9" in tensioner_window_note(tiny("search.final_epochs=2"), 256, T=8)
+    assert tensioner_window_note(tiny("direction.tensioner.formulation=off"), 256) is None
+    assert tensioner_window_note(tiny("search.rounds=0"), 256) is None  # nothing grows, nothing resets it
+    assert "Lower tune.T's upper end" in tensioner_window_note(tiny(), 256, T=30, setting="tune.T's upper end")
 
 
 def test_round_records_match_the_grown_graph(finished):
