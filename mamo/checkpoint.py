@@ -9,7 +9,6 @@ to a temporary name and renamed, so a crash never leaves a half-written one.
 
 from __future__ import annotations
 
-import os
 import pickle
 import time
 import zipfile
@@ -20,6 +19,7 @@ from torch import nn
 
 from mamo import graph as g
 from mamo.errors import MamoError
+from mamo.runs import replace_atomically
 from mamo.trainer import Callback, KeepBest, Trainer
 
 
@@ -54,13 +54,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sav
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write ``payload`` to ``path`` through a temporary file; a failed write (a full disk) leaves the previous
     checkpoint as it was and is one sentence."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes sharing a baseline cache never collide
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, tmp)
-        tmp.replace(path)
+        replace_atomically(path, lambda tmp: torch.save(payload, tmp))
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
-        tmp.unlink(missing_ok=True)
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
         raise MamoError(f"could not write the checkpoint {path} ({reason}); free disk space or fix the folder's "
                         "permissions, then resume the run with --resume.") from exc

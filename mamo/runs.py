@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
@@ -67,6 +68,20 @@ def read_run_config(run_dir: str | Path | None, command: str, settings: Sequence
         raise MamoError(f"{directory} is a {other} run folder, not a {command} one; continue it with "
                         f"python cli.py {other} --resume {directory}.")
     return load_config(str(directory / "config.yaml"), list(settings)), directory
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: readers see the old file
+    or the new one, never half of one. The temporary name holds the process id, so processes sharing a folder
+    (a baseline cache) never write the same one; a failed write leaves none behind."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class RunLog:
@@ -133,7 +148,5 @@ class BaselineCache:
         return self.root / f"{key}.pt"
 
     def put(self, key: str, result: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self._path(key).with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(self._path(key))
+        text = json.dumps(result, indent=1)
+        replace_atomically(self._path(key), lambda tmp: tmp.write_text(text))

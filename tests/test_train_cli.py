@@ -20,7 +20,7 @@ from mamo.config import load_config, load_yaml
 from mamo.data import load_data
 from mamo.errors import MamoError
 from mamo.report import delta, win_rate
-from mamo.runs import baseline_key, free_run_dir
+from mamo.runs import BaselineCache, baseline_key, free_run_dir
 from mamo.train import cached_baseline, open_session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -372,3 +372,19 @@ def test_run_folder_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.Cap
 def test_config_written_to_the_run_is_the_resolved_one(runs: Path) -> None:
     raw = load_yaml((runs / "stl" / "config.yaml").read_text())
     assert raw["train"]["mode"] == "stl" and raw["data"]["test_size"] == 64 and raw["train"]["device"] == "cpu"
+
+
+def test_a_failed_cache_write_keeps_the_previous_entry_and_leaves_no_temporary(tmp_path, monkeypatch):
+    cache = BaselineCache(tmp_path)
+    cache.put("key", {"tasks": {"left": {"accuracy": 0.5}}})
+
+    def full_disk(self, text):
+        Path.write_bytes(self, b"{\"tasks\": ")  # half written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError):
+        cache.put("key", {"tasks": {"left": {"accuracy": 0.9}}})
+    monkeypatch.undo()
+    assert cache.get("key") == {"tasks": {"left": {"accuracy": 0.5}}}
+    assert [p.name for p in tmp_path.iterdir()] == ["key.json"]
