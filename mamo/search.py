@@ -31,7 +31,16 @@ from mamo.model import count_parameters
 from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
 from mamo.runs import read_run_config
 from mamo.step import StepResult
-from mamo.train import Session, build_network, cached_baseline, make_trainer, open_run, open_session, save_model
+from mamo.train import (
+    Session,
+    build_network,
+    cached_baseline,
+    logging_stops,
+    make_trainer,
+    open_run,
+    open_session,
+    save_model,
+)
 from mamo.trainer import Callback, KeepBest, Trainer, add_new_parameters
 
 
@@ -229,37 +238,32 @@ def run_search(
     recorder = ConflictRecorder()
     watchers = list(callbacks or [])
     try:
-        baselines = {}
-        if search.baselines:
-            baselines = {kind: cached_baseline(session, kind, config.train.epochs) for kind in ("stl", "hps")}
-        stl_val = baselines["stl"]["val"] if baselines else None
-        if loggers:
-            from mamo.board import TensorBoardLogger
+        # Ctrl-C is the usual way a search stops early (finished phases are checkpointed).
+        with logging_stops(session, f"python cli.py search --resume {directory}"):
+            baselines = {}
+            if search.baselines:
+                baselines = {kind: cached_baseline(session, kind, config.train.epochs) for kind in ("stl", "hps")}
+            stl_val = baselines["stl"]["val"] if baselines else None
+            if loggers:
+                from mamo.board import TensorBoardLogger
 
-            watchers.insert(0, TensorBoardLogger(directory, config, tasks, stl_val, pictures=pictures))
-        model = build_network(session)
-        trainer = make_trainer(session, model, config.direction, [recorder, *watchers], "search")
-        rounds: list[dict] = []
-        start_index, phase_seconds = 0, {}
-        if state is not None:
-            restore_trainer(trainer, state, session.device)
-            for callback in watchers:
-                callback.on_resume(trainer)
-            rounds, phase_seconds, start_index = state["rounds"], state["phase_seconds"], state["phase_index"] + 1
-            if "epochs_done" in state:  # an in-phase checkpoint: continue inside its phase
-                start_index -= 1
-                session.log(f"resumed in phase '{state['phase']}' after {state['epochs_done']} of its epochs")
-            else:
-                session.log(f"resumed after phase '{state['phase']}' from its checkpoint")
-        metrics = _run_phases(session, trainer, recorder, watchers, directory, baselines, rounds, phase_seconds,
-                              start_index, started, state if state and "epochs_done" in state else None)
-    except KeyboardInterrupt:
-        # Ctrl-C is the usual way a search stops early; say how to pick it up (finished phases are checkpointed).
-        session.log(f"stopped; continue with: python cli.py search --resume {directory}")
-        raise
-    except MamoError as exc:  # e.g. a diverged loss: the folder keeps the reason beside its checkpoints
-        session.log.record(f"error: {exc}")
-        raise
+                watchers.insert(0, TensorBoardLogger(directory, config, tasks, stl_val, pictures=pictures))
+            model = build_network(session)
+            trainer = make_trainer(session, model, config.direction, [recorder, *watchers], "search")
+            rounds: list[dict] = []
+            start_index, phase_seconds = 0, {}
+            if state is not None:
+                restore_trainer(trainer, state, session.device)
+                for callback in watchers:
+                    callback.on_resume(trainer)
+                rounds, phase_seconds, start_index = state["rounds"], state["phase_seconds"], state["phase_index"] + 1
+                if "epochs_done" in state:  # an in-phase checkpoint: continue inside its phase
+                    start_index -= 1
+                    session.log(f"resumed in phase '{state['phase']}' after {state['epochs_done']} of its epochs")
+                else:
+                    session.log(f"resumed after phase '{state['phase']}' from its checkpoint")
+            metrics = _run_phases(session, trainer, recorder, watchers, directory, baselines, rounds, phase_seconds,
+                                  start_index, started, state if state and "epochs_done" in state else None)
     finally:
         # A pruned trial or a crash must still flush the logger's last pictures and close its files.
         for callback in watchers:

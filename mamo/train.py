@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,13 +248,23 @@ def run_train(
         session.log(f"resuming {directory}" + (f" with {', '.join(resume_settings)}" if resume_settings else ""))
     else:
         session, directory = open_run(config, run_dir, "train", progress, quiet)
-    try:
+    # An STL run continues from the baseline cache instead of checkpoints/last.pt: no --resume to suggest.
+    resume_command = f"python cli.py train --resume {directory}" if config.train.mode == "mtl" else None
+    with logging_stops(session, resume_command):
         return _train_and_report(session, directory, callbacks, loggers, pictures)
+
+
+@contextlib.contextmanager
+def logging_stops(session: Session, resume_command: str | None) -> Iterator[None]:
+    """Inside: a Ctrl-C logs how to continue (``resume_command``, when there is one), and a MamoError (a diverged
+    loss, a full disk) goes into the run's log.txt before it propagates, so the folder keeps the reason."""
+    try:
+        yield
     except KeyboardInterrupt:
-        if config.train.mode == "mtl":  # say how to pick it up from checkpoints/last.pt
-            session.log(f"stopped; continue with: python cli.py train --resume {directory}")
+        if resume_command:
+            session.log(f"stopped; continue with: {resume_command}")
         raise
-    except MamoError as exc:  # e.g. a diverged loss: the folder keeps the reason
+    except MamoError as exc:
         session.log.record(f"error: {exc}")
         raise
 
