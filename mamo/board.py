@@ -153,9 +153,10 @@ class TensorBoardLogger(Callback):
             values |= self._per_task("direction/weight", tasks, result.weights.reshape(-1).tolist())
         info = result.info
         for key in info:
-            if INFO_TAGS.get(key, "") is not None:  # None: repeated elsewhere, not logged twice
+            prefix = INFO_TAGS.get(key, f"direction/{key}")
+            if prefix is not None:  # None: logged under another tag already
                 flat = info.flat(key) if isinstance(info, TensorInfo) else info[key].reshape(-1).tolist()
-                values |= self._info_values(key, tasks, flat)
+                values |= self._info_values(prefix, tasks, flat)
         self.events.add_summary(self._step_summary(values), step)
 
     def _step_summary(self, values: dict[str, float]) -> Summary:
@@ -169,13 +170,12 @@ class TensorBoardLogger(Callback):
                 slot.simple_value = value
         return summary
 
-    def _info_values(self, key: str, tasks: list[str], flat: list[float]) -> dict[str, float]:
-        """Tags of one info entry: one scalar, or one per task; the tag names are built once per key."""
-        cache = (key, len(flat), *tasks)
+    def _info_values(self, prefix: str, tasks: list[str], flat: list[float]) -> dict[str, float]:
+        """Tags of one info entry under ``prefix``: one scalar, or one per task; built once per prefix."""
+        cache = (prefix, len(flat), *tasks)
         if cache not in self._info_tags:
-            prefix = INFO_TAGS.get(key, f"direction/{key}")
-            if prefix is None or len(flat) not in (1, len(tasks)):
-                tags = []  # the repeated weights, or a shape that is not per task: not a scalar series
+            if len(flat) not in (1, len(tasks)):
+                tags = []  # a shape that is not per task: not a scalar series
             elif len(flat) == 1 and len(tasks) > 1:
                 tags = [prefix]
             else:

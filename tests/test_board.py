@@ -204,6 +204,12 @@ def test_step_scalars_match_the_step_result(tmp_path):
     assert [e.value for e in losses] == pytest.approx(result.losses.tolist())
     norms = [events.Scalars(f"train/grad_norm/{t}")[0].value for t in TASKS]
     assert norms == pytest.approx(result.gramian.diagonal().sqrt().tolist(), rel=1e-5)
+    weights = [events.Scalars(f"direction/weight/{t}")[0].value for t in TASKS]
+    assert weights == pytest.approx(result.weights.tolist())
+    c = [events.Scalars(f"tensioner/c/{t}")[0].value for t in TASKS]
+    assert c == pytest.approx(result.info["c"].tolist())
+    # info["weights"] repeats the weights above: logged once, not again under direction/weights.
+    assert not [tag for tag in events.Tags()["scalars"] if tag.startswith("direction/weights")]
 
 
 def _collate(items):
