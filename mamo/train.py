@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mamo.checkpoint import EpochCheckpoint, load_checkpoint, restore_trainer
+from mamo.checkpoint import EpochCheckpoint, load_checkpoint, restore_trainer, save_checkpoint
 from mamo.config import Config, DirectionConfig, TensionerConfig
 from mamo.data import MultiTaskData, load_data
 from mamo.directions import create_direction
@@ -299,8 +299,8 @@ def _train_and_report(session: Session, directory: Path, callbacks: list[Callbac
         trained = train_network(session, epochs, config.direction, description="train", callbacks=watchers,
                                 checkpoint=last)
         result = trained.result()
-        torch.save({"model": trained.model.state_dict(), "graph": graph_to_dict(trained.model.graph),
-                    "epoch": trained.extra["best_epoch"]}, directory / "checkpoints" / "best.pt")
+        save_checkpoint(directory / "checkpoints" / "best.pt", {"model": trained.model.state_dict(),
+                        "graph": graph_to_dict(trained.model.graph), "epoch": trained.extra["best_epoch"]})
         save_model(directory, trained.model)
         stl = session.cache.get(stl_key)
         results = {"STL": stl, f"HPS ({method})": result} if stl else {f"HPS ({method})": result}
