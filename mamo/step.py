@@ -1,17 +1,11 @@
 """One training step: per-task losses, per-task gradients of the shared parameters, a direction, an update.
 
-This is the one place where per-task gradients are computed (DESIGN §4). Which parameters are shared comes
-from the graph: a parameter is shared when two or more tasks reach it (trunk cells, GMK branches), otherwise
-it belongs to one task and takes that task's gradient alone. The shared parameters' per-task gradients are
-written straight into one preallocated m x P buffer J (reused every step). The Gramian is one product J Jᵀ;
-while conflict statistics are collected it is the sum of per-node Gram blocks, which the statistics read, so
-conflicts cost no extra backward pass.
-
-How J is filled is a *gradient path* (:data:`GRADIENT_PATHS`): ``loop`` (m ``autograd.grad`` calls) or
-``batched`` (one backward over the m one-hot cotangents under ``torch.func.vmap``). ``auto`` takes the path of
-:data:`AUTO_GRADIENT_PATH` for the device. Host-device synchronisation: exactly one per step, where the losses
-(and, with a Gramian, the m×m blocks) are copied to the host in one transfer, because the NaN check and the
-min-norm solve need their values; everything else is queued asynchronously.
+The per-task gradients come from :mod:`mamo.task_gradients` (the one place that computes them, DESIGN §4):
+a gradient path computes them, a layout holds them, gives the Gramian (per node while conflict statistics
+are collected, which the statistics read, so conflicts cost no extra backward pass) and writes the weighted
+combination. Host-device synchronisation: exactly one per step, where the losses (and, with a Gramian, the
+m×m blocks) are copied to the host in one transfer, because the NaN check and the min-norm solve need their
+values; everything else is queued asynchronously.
 """
 
 from __future__ import annotations
@@ -24,13 +18,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mamo import graph as g
 from mamo.directions.equal import Equal
 from mamo.errors import MamoError
 from mamo.model import MamoNet
+from mamo.task_gradients import (
+    GRADIENT_PATHS,
+    LAYOUTS,
+    FlatLayout,
+    Layout,
+    ParameterPartition,
+    TaskRows,
+    loop_gradients,
+    resolve_gradient_path,
+    resolve_layout,
+)
 from mamo.tasks import task_loss
-
-Grads = tuple[torch.Tensor | None, ...]
 
 
 @dataclass
@@ -42,131 +44,6 @@ class StepResult:
     gramian: torch.Tensor | None = None  # (m, m) over all shared parameters (or the representation, for ub)
     node_gramians: dict[str, torch.Tensor] = field(default_factory=dict)  # per shared node, with collect_gramians
     info: Mapping[str, torch.Tensor] = field(default_factory=dict)  # made into tensors when read
-
-
-class ParameterPartition:
-    """The model's parameters split by task set, with the column slice of each shared node in J."""
-
-    def __init__(self, model: MamoNet):
-        self.tasks = list(model.tasks)
-        sets = g.task_sets(model.graph)
-        self.shared: list[torch.nn.Parameter] = []
-        self.node_slices: dict[str, slice] = {}
-        self.specific: dict[str, list[torch.nn.Parameter]] = {task: [] for task in self.tasks}
-        offset = 0
-        for node, named in model.node_parameters().items():
-            params = [p for _, p in named if p.requires_grad]
-            if len(sets[node]) >= 2:
-                size = sum(p.numel() for p in params)
-                if size:
-                    self.node_slices[node] = slice(offset, offset + size)
-                    self.shared.extend(params)
-                    offset += size
-            elif len(sets[node]) == 1:
-                self.specific[next(iter(sets[node]))].extend(params)
-        self.size = offset
-
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Views of the last dimension of ``flat`` (..., P) shaped like each shared parameter."""
-        out, offset = [], 0
-        lead = flat.shape[:-1]
-        for param in self.shared:
-            out.append(flat[..., offset : offset + param.numel()].view(*lead, *param.shape))
-            offset += param.numel()
-        return out
-
-
-class Workspace:
-    """Buffers of one partition on one device, allocated once and reused by every step.
-
-    ``jac`` is J (m × P); ``rows[t]``/``columns`` are its per-parameter views for the loop/batched paths;
-    ``combined`` holds wᵀJ, and ``grads`` are its per-parameter views that become the shared ``.grad``.
-    """
-
-    def __init__(self, part: ParameterPartition, device: torch.device):
-        m = len(part.tasks)
-        self.device = device
-        self.jac = torch.empty(m, part.size, device=device)
-        self.rows = [part.views(self.jac[t]) for t in range(m)]
-        self.columns = part.views(self.jac)
-        self.combined = torch.empty(part.size, device=device)
-        self.grads = part.views(self.combined)
-        self.inputs = [part.shared + part.specific[task] for task in part.tasks]
-        self.specific = [p for task in part.tasks for p in part.specific[task]]
-        self.owner = [t for t, task in enumerate(part.tasks) for _ in part.specific[task]]
-        self.node_slices = dict(part.node_slices)
-        self.gram_width = GRAM_CHUNK.get(device.type)
-
-
-def gram_block(jac: torch.Tensor, cols: slice | None, width: int | None = None) -> torch.Tensor:
-    """``J[:, cols] J[:, cols]ᵀ`` (``cols=None``: all of J, without indexing, 10 µs less inside a LeNet step).
-    With ``width`` (CPU), as one batched product of column chunks of that width summed: a single (m × n)(n × m)
-    product streams n-long rows through a tiny output and runs on one thread; the chunks fit the cache and bmm
-    spreads them over threads (ResNet-18, m = 3: docs/performance.md)."""
-    piece = jac if cols is None else jac[:, cols]
-    m, n = piece.shape
-    if not width or n < 2 * width:
-        return piece @ piece.T
-    k = n // width
-    chunks = piece[:, : k * width].view(m, k, width).transpose(0, 1)  # (k, m, width), a view
-    tail = piece[:, k * width :]
-    return torch.bmm(chunks, chunks.transpose(1, 2)).sum(0).addmm_(tail, tail.T)
-
-
-def _copy_into(views: list[torch.Tensor], grads: Grads) -> None:
-    for view, grad in zip(views, grads, strict=True):
-        if grad is None:  # a GMK of pair {i, j} does not reach the other tasks' losses
-            view.zero_()
-        else:
-            view.copy_(grad)
-
-
-def loop_gradients(losses: list[torch.Tensor], part: ParameterPartition, work: Workspace) -> None:
-    """m backward passes; J's row t and task t's own parameters' ``.grad`` get task t's gradient."""
-    m, n_shared = len(losses), len(part.shared)
-    for t, loss in enumerate(losses):
-        grads = torch.autograd.grad(loss, work.inputs[t], retain_graph=t < m - 1, allow_unused=True)
-        _copy_into(work.rows[t], grads[:n_shared])
-        for param, grad in zip(part.specific[part.tasks[t]], grads[n_shared:], strict=True):
-            param.grad = grad
-
-
-def batched_gradients(losses: list[torch.Tensor], part: ParameterPartition, work: Workspace) -> None:
-    """One backward of the stacked losses over the m one-hot cotangents, batched by ``torch.func.vmap``.
-
-    torch.func's batching rules batch convolution, batch-norm and pooling backward for real (the legacy
-    ``is_grads_batched`` vmap falls back to a per-slice loop for exactly those), which is what can win on a
-    GPU. The graph is retained so that a failed batched pass can still be redone by the loop (``auto``).
-    """
-    stacked = torch.stack(losses)
-    inputs = part.shared + work.specific
-    cotangents = torch.eye(len(losses), device=stacked.device, dtype=stacked.dtype)
-
-    def vjp(cotangent: torch.Tensor) -> Grads:
-        return torch.autograd.grad(stacked, inputs, cotangent, retain_graph=True, allow_unused=True)
-
-    grads = torch.func.vmap(vjp)(cotangents)
-    n_shared = len(part.shared)
-    _copy_into(work.columns, grads[:n_shared])
-    for param, t, grad in zip(work.specific, work.owner, grads[n_shared:], strict=True):
-        param.grad = None if grad is None else grad[t]
-
-
-GradientPath = Callable[[list[torch.Tensor], ParameterPartition, Workspace], None]
-GRADIENT_PATHS: dict[str, GradientPath] = {"loop": loop_gradients, "batched": batched_gradients}
-# cpu: measured (docs/performance.md): the loop is at the forward + m backward floor, batching is slower.
-# cuda: NOT yet measured; expected from torch.func's real batching of small, launch-bound kernels.
-AUTO_GRADIENT_PATH: dict[str, str] = {"cpu": "loop", "cuda": "batched"}
-GRAM_CHUNK: dict[str, int] = {"cpu": 1 << 15}  # Gram chunk width (see gram_block); absent: one matmul per node
-
-
-def resolve_gradient_path(name: str, device: torch.device) -> str:
-    """The gradient path ``name`` stands for on ``device`` (``auto``: :data:`AUTO_GRADIENT_PATH`)."""
-    if name == "auto":
-        return AUTO_GRADIENT_PATH.get(device.type, "loop")
-    if name not in GRADIENT_PATHS:
-        raise MamoError(f"unknown gradient path '{name}' (train.gradient_path); use auto, {', '.join(GRADIENT_PATHS)}.")
-    return name
 
 
 PRECISIONS: dict[str, Callable[[torch.device], contextlib.AbstractContextManager]] = {
@@ -189,12 +66,14 @@ def _check_mode(mode: str) -> None:
         raise MamoError(f"unknown gradient mode '{mode}' (train.gradients); use one of {', '.join(STEP_MODES)}.")
 
 
-def check_step_settings(gradients: str, precision: str, gradient_path: str) -> None:
-    """train.gradients, train.precision and train.gradient_path name something the step has."""
+def check_step_settings(gradients: str, precision: str, gradient_path: str, gradient_layout: str = "auto") -> None:
+    """train.gradients, train.precision, train.gradient_path and train.gradient_layout name something the
+    step has."""
     _check_mode(gradients)
     if precision not in PRECISIONS:
         raise MamoError(f"unknown precision '{precision}' (train.precision); use one of {', '.join(PRECISIONS)}.")
-    resolve_gradient_path(gradient_path, torch.device("cpu"))  # validates the name
+    resolve_gradient_path(gradient_path, torch.device("cpu"))  # validates the names
+    resolve_layout(gradient_layout, torch.device("cpu"))
 
 
 def _host(*tensors: torch.Tensor) -> torch.Tensor:
@@ -208,8 +87,9 @@ class TrainStep:
     ``gradients``: ``exact`` (per-parameter task gradients, needed for per-cell conflict statistics) or
     ``ub`` (MGDA-UB: task gradients w.r.t. the shared representation, one backward through the trunk);
     ``collect_gramians`` forces ``exact``, since the conflict statistics need per-cell blocks.
-    ``gradient_path``: ``auto`` | ``loop`` | ``batched`` (see the module docstring); if ``auto`` picked
+    ``gradient_path``: ``auto`` | ``loop`` | ``batched`` (:mod:`mamo.task_gradients`); if ``auto`` picked
     ``batched`` and an operation cannot be batched, the step warns once and uses the loop from then on.
+    ``gradient_layout``: ``auto`` | ``flat`` | ``parameters``, how the per-task gradients are held.
     ``precision``: ``fp32`` or ``bf16`` (forward under autocast; gradients, Gramian and solve in float32).
     With a direction that needs no Gramian and ``collect_gramians`` off, the step is one backward of the
     summed loss: plain linear scalarisation at its native speed.
@@ -224,8 +104,9 @@ class TrainStep:
         precision: str = "fp32",
         collect_gramians: bool = False,
         gradient_path: str = "auto",
+        gradient_layout: str = "auto",
     ):
-        check_step_settings(gradients, precision, gradient_path)
+        check_step_settings(gradients, precision, gradient_path, gradient_layout)
         self.model = model
         self.direction = direction
         self.optimizer = optimizer
@@ -233,28 +114,37 @@ class TrainStep:
         self.precision = precision
         self.collect_gramians = collect_gramians
         self.gradient_path = gradient_path
+        self.gradient_layout = gradient_layout
         self._batched_failed = False
         self.refresh()
 
     def refresh(self) -> None:
         """Re-read the parameter partition (call after the graph grew)."""
         self.partition = ParameterPartition(self.model)
-        self._work: Workspace | None = None
+        self._layout: Layout | None = None
+        self._layout_device: torch.device | None = None
 
     @property
     def jacobian(self) -> torch.Tensor | None:
-        """J (m × P) of the last exact step, in the column order of ``partition``; overwritten by the next."""
-        return None if self._work is None else self._work.jac
+        """J (m × P) of the last exact step under the ``flat`` layout, in the column order of ``partition``;
+        overwritten by the next. ``None`` under the ``parameters`` layout, which writes the combination over
+        the first task's gradients."""
+        return self._layout.jac if isinstance(self._layout, FlatLayout) else None
 
     def path_for(self, device: torch.device) -> str:
         """The gradient path this step uses on ``device``."""
         path = resolve_gradient_path(self.gradient_path, device)
         return "loop" if self._batched_failed and self.gradient_path == "auto" else path
 
-    def _workspace(self, device: torch.device) -> Workspace:
-        if self._work is None or self._work.device != device:
-            self._work = Workspace(self.partition, device)
-        return self._work
+    def layout_for(self, device: torch.device) -> str:
+        """The gradient layout this step uses on ``device``."""
+        return resolve_layout(self.gradient_layout, device, self.partition.size)
+
+    def _layout_on(self, device: torch.device) -> Layout:
+        if self._layout is None or self._layout_device != device:
+            self._layout = LAYOUTS[self.layout_for(device)](self.partition, device)
+            self._layout_device = device
+        return self._layout
 
     def _forward(self, x: torch.Tensor, targets: dict[str, torch.Tensor], features: bool = False):
         with PRECISIONS[self.precision](x.device):
@@ -294,38 +184,35 @@ class TrainStep:
         self._check(host)
         return StepResult(losses=host, weights=torch.ones(len(losses), dtype=torch.float64))
 
-    def _fill_jacobian(self, losses: list[torch.Tensor], work: Workspace) -> None:
-        path = self.path_for(work.device)
+    def _task_rows(self, losses: list[torch.Tensor], device: torch.device) -> TaskRows:
+        path = self.path_for(device)
         try:
-            GRADIENT_PATHS[path](losses, self.partition, work)
+            return GRADIENT_PATHS[path](losses, self.partition)
         except RuntimeError as exc:
             if path == "loop" or self.gradient_path != "auto":
                 raise
             warnings.warn(f"batched per-task gradients failed ({str(exc).splitlines()[0]}); using the loop "
                           "from now on (set train.gradient_path=loop to skip the attempt).", stacklevel=3)
             self._batched_failed = True
-            loop_gradients(losses, self.partition, work)
+            return loop_gradients(losses, self.partition)
 
     def _exact_step(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> StepResult:
         part = self.partition
-        work = self._workspace(part.shared[0].device)
+        device = part.shared[0].device
+        layout = self._layout_on(device)
         losses, _ = self._forward(x, targets)
-        self._fill_jacobian(losses, work)
-        jac = work.jac
-        # Per-node blocks only for the conflict statistics; a plain step needs G alone, in one product.
-        spans = list(work.node_slices.values()) if self.collect_gramians else [None]
-        blocks = [gram_block(jac, cols, work.gram_width) for cols in spans]
+        rows = self._task_rows(losses, device)
+        # Per-node blocks only for the conflict statistics; a plain step needs G alone.
+        blocks = layout.gramians(rows, by_node=self.collect_gramians)
         m = len(losses)
         host = _host(torch.stack(losses), *blocks)
         self._check(host[:m])
         host_blocks = host[m:].view(len(blocks), m, m)
-        node_gramians = dict(zip(work.node_slices, host_blocks.unbind(0), strict=True)) if self.collect_gramians else {}
+        node_gramians = dict(zip(part.node_slices, host_blocks.unbind(0), strict=True)) if self.collect_gramians else {}
         gramian = host_blocks.sum(0) if len(blocks) > 1 else host_blocks[0]
         output = self.direction(gramian, host[:m])
-        weights = output.weights.to(jac.device, jac.dtype, non_blocking=True)
-        torch.mv(jac.T, weights, out=work.combined)
-        for param, grad in zip(part.shared, work.grads, strict=True):
-            if param.grad is not grad:  # set once per workspace; the views then see every step's wᵀJ
+        for param, grad in zip(part.shared, layout.combine(rows, output.weights), strict=True):
+            if param.grad is not grad:  # flat: set once per layout; the views then see every step's wᵀJ
                 param.grad = grad
         return StepResult(host[:m], output.weights, gramian, node_gramians, output.info)
 

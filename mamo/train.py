@@ -103,6 +103,7 @@ def make_trainer(
         precision=train.precision,
         collect_gramians=collect_gramians,
         gradient_path=train.gradient_path,
+        gradient_layout=train.gradient_layout,
     )
     return Trainer(model, step, session.data.train, session.data.val, train.batch_size, session.device,
                    generator, callbacks, progress=session.progress, description=description)

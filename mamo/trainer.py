@@ -51,7 +51,7 @@ def check_train_config(config: TrainConfig) -> None:
         if not acceptable(value):
             default = getattr(TrainConfig, key)
             raise MamoError(f"train.{key} must be {wanted}, got {value!r}; set e.g. train.{key}={default}.")
-    check_step_settings(config.gradients, config.precision, config.gradient_path)
+    check_step_settings(config.gradients, config.precision, config.gradient_path, config.gradient_layout)
     _check_optimizer_name(config.optimizer)
 
 

@@ -7,22 +7,15 @@ import warnings
 
 import pytest
 import torch
+from step_cases import MLP, PATHS, RESNET, batch, frozen_step, make_model, mgda, needs_cuda, reference
 
 from mamo import graph as g
-from mamo import step as step_module
-from mamo.config import DirectionConfig, ModelConfig, TensionerConfig
-from mamo.directions import Equal, create_direction
+from mamo import task_gradients
+from mamo.directions import Equal
 from mamo.errors import MamoError
-from mamo.model import compile_model
-from mamo.spaces import create_space
-from mamo.step import GRADIENT_PATHS, ParameterPartition, TrainStep, resolve_gradient_path
-from mamo.tasks import parse_tasks, task_loss
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
-PATHS = list(GRADIENT_PATHS)
-# A tiny timm ResNet (convolution, batch-norm, pooling) and an MLP with a GMK the third task never reaches.
-RESNET = ("timm:test_resnet", (3, 16, 16))
-MLP = ("mlp", (6,))
+from mamo.step import TrainStep
+from mamo.task_gradients import ParameterPartition
+from mamo.tasks import task_loss
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,52 +25,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def make_model(backbone: str = RESNET[0], shape: tuple = RESNET[1], m: int = 3, grow: bool = False,
-               tasks: dict | None = None):
-    raw = tasks or {f"t{i}": {"type": "classification", "classes": 4} for i in range(m)}
-    space = create_space(ModelConfig(backbone=backbone, hidden=[8, 6], head_hidden=5), shape)
-    graph = g.build_hps_graph(space, parse_tasks(raw, "the test"))
-    if grow:
-        g.grow(graph, (("t0", "t1"), 1))
-    model = compile_model(graph, seed=0)
-    if grow:  # a non-zero beta, so the branch really feeds the heads of t0 and t1
-        with torch.no_grad():
-            for beta in model.betas.values():
-                beta.fill_(0.7)
-    return model
-
-
-def batch(model, n: int = 6, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *model.space.input_shape, generator=gen)
-    targets = {t: torch.randint(0, spec.classes or 1, (n,), generator=gen) for t, spec in model.tasks.items()}
-    return x, targets
-
-
-def mgda(formulation: str = "off"):
-    return create_direction(DirectionConfig(name="mgda", tensioner=TensionerConfig(formulation=formulation, T=1)))
-
-
-def frozen_step(model, direction=None, **kwargs) -> TrainStep:
-    """A step whose optimizer does not move the weights, so gradients can be compared after it."""
-    return TrainStep(model, direction or mgda(), torch.optim.SGD(model.parameters(), lr=0.0), **kwargs)
-
-
-def reference(model, x, targets):
-    """Per-task gradients by separate autograd.grad calls on a copy: (J, own head gradients, losses)."""
-    model = copy.deepcopy(model)
-    part = ParameterPartition(model)
-    predictions = model(x)
-    losses = [task_loss(model.tasks[t], predictions[t], targets[t]) for t in part.tasks]
-    rows, own = [], {}
-    for task, loss in zip(part.tasks, losses, strict=True):
-        grads = torch.autograd.grad(loss, part.shared, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if gr is None else gr).reshape(-1)
-                               for p, gr in zip(part.shared, grads, strict=True)]))
-        own[task] = torch.autograd.grad(loss, part.specific[task], retain_graph=True)
-    return torch.stack(rows), own, torch.stack(losses).detach()
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -151,15 +98,6 @@ def test_node_gramians_are_keyed_by_node_and_sum_to_the_gramian():
         torch.testing.assert_close(result.node_gramians[node], jac[:, cols] @ jac[:, cols].T, rtol=1e-5, atol=1e-6)
 
 
-def test_gram_blocks_in_cpu_chunks_equal_one_matmul(monkeypatch):
-    monkeypatch.setitem(step_module.GRAM_CHUNK, "cpu", 7)  # many ragged chunks per node
-    model = make_model(*MLP)
-    x, targets = batch(model)
-    result = frozen_step(model)(x, targets)
-    jac = reference(model, x, targets)[0]
-    torch.testing.assert_close(result.gramian, jac @ jac.T, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("grow", [False, True])
 def test_exact_steps_overwrite_every_gradient_after_a_summed_one(grow):
     # The exact step does not clear gradients (it sets them); one left by a summed step must not leak in.
@@ -177,15 +115,6 @@ def test_exact_steps_overwrite_every_gradient_after_a_summed_one(grow):
             got = param.grad if param.grad is not None else torch.zeros_like(param)
             torch.testing.assert_close(got, grad if grad is not None else torch.zeros_like(param),
                                        rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("width", [None, 4, 7, 64])
-def test_gram_block_by_chunks_equals_the_plain_product(width):
-    jac = torch.randn(3, 200, generator=torch.Generator().manual_seed(0))
-    for cols in (None, slice(0, 200), slice(13, 110), slice(50, 57)):  # None: all of J
-        piece = jac[:, cols if cols is not None else slice(None)].double()
-        torch.testing.assert_close(step_module.gram_block(jac, cols, width).double(), piece @ piece.T,
-                                   rtol=1e-5, atol=1e-5)
 
 
 def test_equal_weighting_is_one_summed_backward():
@@ -250,12 +179,6 @@ def test_unknown_names_raise_mamo_errors():
         frozen_step(model, gradients="approx")
 
 
-def test_auto_picks_the_path_of_the_device_table():
-    assert resolve_gradient_path("auto", torch.device("cpu")) == step_module.AUTO_GRADIENT_PATH["cpu"] == "loop"
-    assert resolve_gradient_path("auto", torch.device("cuda")) == step_module.AUTO_GRADIENT_PATH["cuda"]
-    assert resolve_gradient_path("batched", torch.device("cpu")) == "batched"
-
-
 def _unbatchable(model):
     # .item() inside a gradient hook cannot run under vmap: the batched path fails, the loop does not.
     first = next(iter(model.blocks[g.cell_id(0)].parameters()))
@@ -263,7 +186,7 @@ def _unbatchable(model):
 
 
 def test_auto_falls_back_to_the_loop_when_an_op_cannot_be_batched(monkeypatch):
-    monkeypatch.setitem(step_module.AUTO_GRADIENT_PATH, "cpu", "batched")
+    monkeypatch.setitem(task_gradients.AUTO_GRADIENT_PATH, "cpu", "batched")
     model = make_model(*MLP)
     x, targets = batch(model)
     jac = reference(model, x, targets)[0]

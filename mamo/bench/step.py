@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from mamo import step as step_module
+from mamo import task_gradients
 from mamo.bench import positive_int
 from mamo.bench.peers import LIBMTL_LIMIT_S, Step, Unavailable, libmtl_step, torchjd_step
 from mamo.config import DirectionConfig, ModelConfig, TensionerConfig
@@ -42,7 +43,8 @@ from mamo.directions import MGDA, create_direction, min_norm_weights
 from mamo.graph import build_hps_graph
 from mamo.model import compile_model
 from mamo.spaces import create_space
-from mamo.step import ParameterPartition, TrainStep
+from mamo.step import TrainStep
+from mamo.task_gradients import LAYOUTS, ParameterPartition, resolve_layout
 from mamo.tasks import parse_tasks, task_loss
 from mamo.trainer import resolve_device
 
@@ -112,20 +114,35 @@ def _conflicts(setup: Setup) -> Step:
 
 
 def _other_path(device: torch.device) -> str:
-    auto = step_module.resolve_gradient_path("auto", device)
-    return next(path for path in step_module.GRADIENT_PATHS if path != auto)
+    auto = task_gradients.resolve_gradient_path("auto", device)
+    return next(path for path in task_gradients.GRADIENT_PATHS if path != auto)
+
+
+
+
+def _other_layout(formulation: str) -> Callable[[Setup], Step]:
+    """MGDA + tensioner with the gradient layout that ``auto`` does not pick for this setup."""
+
+    def factory(setup: Setup) -> Step:
+        auto = resolve_layout("auto", setup.x.device, setup.part.size)
+        other = next(layout for layout in LAYOUTS if layout != auto)
+        return _mamo("mgda", formulation, gradient_layout=other)(setup)
+
+    return factory
 
 
 def methods(device: torch.device) -> dict[str, Callable[[Setup], Step]]:
     """Row name -> factory of a step closure; ``equal`` first, the reference of every ratio."""
-    auto, other = step_module.resolve_gradient_path("auto", device), _other_path(device)
+    auto, other = task_gradients.resolve_gradient_path("auto", device), _other_path(device)
+    tensioner = TensionerConfig().formulation
     return {
         EQUAL: _mamo("equal"),
         FLOOR: _floor,
         f"mgda ({auto} path)": _mamo("mgda", gradient_path=auto),
         f"mgda ({other} path)": _mamo("mgda", gradient_path=other),
-        "mgda + tensioner": _mamo("mgda", TensionerConfig().formulation),
-        "central + tensioner": _mamo("central", TensionerConfig().formulation),
+        "mgda + tensioner": _mamo("mgda", tensioner),
+        "mgda + tensioner (other layout)": _other_layout(tensioner),
+        "central + tensioner": _mamo("central", tensioner),
         "mgda-ub": _mamo("mgda", gradients="ub"),
         "conflict statistics": _conflicts,
         "torchjd mgda": torchjd_step(None),
@@ -353,8 +370,9 @@ def run(args: argparse.Namespace) -> dict:
             for batch in batches:
                 setup = build_setup(backbone, shape, m, batch, device, args.precision)
                 results, done = measure(setup, device, warmup=1 if quick else 3, rounds=rounds, clock=clock)
+                layout = resolve_layout("auto", device, setup.part.size)
                 title = (f"{label}, {'×'.join(map(str, shape[1:]))}, batch {batch} ({setup.part.size / 1e6:.3g} M "
-                         f"shared parameters; {done} rounds per method)")
+                         f"shared parameters, '{layout}' gradient layout; {done} rounds per method)")
                 tables.append(_step_table(title, results))
                 target_rows += _targets(label, results, device, args.precision, batch)
                 raw[f"{label} batch {batch}"] = results
@@ -375,7 +393,7 @@ def run(args: argparse.Namespace) -> dict:
         "floor = zero_grad + forward + m loss.backward(retain_graph) + optimizer step (the cost of any exact "
         "per-task-gradient method before it combines anything; mamo's exact step skips the zero_grad, since it "
         "sets every gradient instead of accumulating).",
-        f"gradient paths: auto on {device.type} is '{step_module.resolve_gradient_path('auto', device)}'.",
+        f"gradient paths: auto on {device.type} is '{task_gradients.resolve_gradient_path('auto', device)}'.",
         "LibMTL 1.1.5 runs with two benchmark-only workarounds: a stand-in torchvision.models.utils module for its "
         "import, and in-place zeroing of shared gradients (its _reset_grad fails on None gradients); its "
         f"min-norm loop never increments its counter, so a step is cut off after {LIBMTL_LIMIT_S} s.",

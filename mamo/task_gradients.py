@@ -1,0 +1,280 @@
+"""Per-task gradients of the shared parameters: which parameters are shared, how the gradients are computed,
+and how they are held for the Gramian and the weighted combination (DESIGN §4).
+
+Which parameters are shared comes from the graph: a parameter is shared when two or more tasks reach it
+(trunk cells, GMK branches), otherwise it belongs to one task and takes that task's gradient alone.
+
+How the m gradients are computed is a *gradient path* (:data:`GRADIENT_PATHS`): ``loop`` (m
+``autograd.grad`` calls) or ``batched`` (one backward over the m one-hot cotangents under
+``torch.func.vmap``). Both give ``rows[t][k]``, task t's gradient of shared parameter k (``None`` where the
+task does not reach it).
+
+How they are held is a *layout* (:data:`LAYOUTS`; ``auto`` picks by device and size, see
+:data:`PARAMETERS_LAYOUT_FROM`):
+
+- ``flat``: copied into one preallocated m × P matrix J, so that the Gramian is one product J Jᵀ and the
+  combination one ``wᵀJ``: few, large kernels, which is what a GPU wants.
+- ``parameters``: left where autograd put them. The Gramian is a sum of dot products over parameters (in
+  cache-sized chunks) and the combination is written over the first task's gradients with ``torch._foreach``
+  operations. On a CPU this saves the m copies into J and a pass of the combination once the shared part
+  no longer fits the cache (ResNet-18, m = 3, one thread: about 1.065 → 1.04 times the floor).
+
+Both give the Gramian as per-node blocks while conflict statistics are collected (the statistics read them),
+so counting conflicts costs no extra backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mamo import graph as g
+from mamo.errors import MamoError
+from mamo.model import MamoNet
+
+Grads = tuple[torch.Tensor | None, ...]
+TaskRows = list[list[torch.Tensor | None]]  # rows[t][k]: task t's gradient of shared parameter k
+
+
+class ParameterPartition:
+    """The model's parameters split by task set; each shared node's parameters as an index range and as the
+    column slice of that node in a flat J."""
+
+    def __init__(self, model: MamoNet):
+        self.tasks = list(model.tasks)
+        sets = g.task_sets(model.graph)
+        self.shared: list[torch.nn.Parameter] = []
+        self.node_slices: dict[str, slice] = {}
+        self.node_params: dict[str, range] = {}
+        self.specific: dict[str, list[torch.nn.Parameter]] = {task: [] for task in self.tasks}
+        offset = 0
+        for node, named in model.node_parameters().items():
+            params = [p for _, p in named if p.requires_grad]
+            if len(sets[node]) >= 2:
+                size = sum(p.numel() for p in params)
+                if size:
+                    self.node_slices[node] = slice(offset, offset + size)
+                    self.node_params[node] = range(len(self.shared), len(self.shared) + len(params))
+                    self.shared.extend(params)
+                    offset += size
+            elif len(sets[node]) == 1:
+                self.specific[next(iter(sets[node]))].extend(params)
+        self.size = offset
+        # Each task's autograd inputs: the shared parameters first, then its own.
+        self.inputs = [self.shared + self.specific[task] for task in self.tasks]
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of the last dimension of ``flat`` (..., P) shaped like each shared parameter."""
+        out, offset = [], 0
+        lead = flat.shape[:-1]
+        for param in self.shared:
+            out.append(flat[..., offset : offset + param.numel()].view(*lead, *param.shape))
+            offset += param.numel()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- gradient paths
+
+
+def loop_gradients(losses: list[torch.Tensor], part: ParameterPartition) -> TaskRows:
+    """m backward passes; task t's own parameters get their ``.grad`` on the way."""
+    m, n_shared = len(losses), len(part.shared)
+    rows: TaskRows = []
+    for t, loss in enumerate(losses):
+        grads = torch.autograd.grad(loss, part.inputs[t], retain_graph=t < m - 1, allow_unused=True)
+        rows.append(list(grads[:n_shared]))
+        for param, grad in zip(part.specific[part.tasks[t]], grads[n_shared:], strict=True):
+            param.grad = grad
+    return rows
+
+
+def batched_gradients(losses: list[torch.Tensor], part: ParameterPartition) -> TaskRows:
+    """One backward of the stacked losses over the m one-hot cotangents, batched by ``torch.func.vmap``.
+
+    torch.func's batching rules batch convolution, batch-norm and pooling backward for real (the legacy
+    ``is_grads_batched`` vmap falls back to a per-slice loop for exactly those), which is what can win on a
+    GPU. The graph is retained so that a failed batched pass can still be redone by the loop (``auto``).
+    """
+    stacked = torch.stack(losses)
+    specific = [p for task in part.tasks for p in part.specific[task]]
+    owner = [t for t, task in enumerate(part.tasks) for _ in part.specific[task]]
+    cotangents = torch.eye(len(losses), device=stacked.device, dtype=stacked.dtype)
+
+    def vjp(cotangent: torch.Tensor) -> Grads:
+        return torch.autograd.grad(stacked, part.shared + specific, cotangent, retain_graph=True,
+                                   allow_unused=True)
+
+    grads = torch.func.vmap(vjp)(cotangents)
+    n_shared = len(part.shared)
+    for param, t, grad in zip(specific, owner, grads[n_shared:], strict=True):
+        param.grad = None if grad is None else grad[t]
+    return [[None if grad is None else grad[t] for grad in grads[:n_shared]] for t in range(len(losses))]
+
+
+GradientPath = Callable[[list[torch.Tensor], ParameterPartition], TaskRows]
+GRADIENT_PATHS: dict[str, GradientPath] = {"loop": loop_gradients, "batched": batched_gradients}
+# cpu: measured (docs/performance.md): the loop is at the forward + m backward floor, batching is slower.
+# cuda: NOT yet measured; expected from torch.func's real batching of small, launch-bound kernels.
+AUTO_GRADIENT_PATH: dict[str, str] = {"cpu": "loop", "cuda": "batched"}
+
+
+def resolve_gradient_path(name: str, device: torch.device) -> str:
+    """The gradient path ``name`` stands for on ``device`` (``auto``: :data:`AUTO_GRADIENT_PATH`)."""
+    if name == "auto":
+        return AUTO_GRADIENT_PATH.get(device.type, "loop")
+    if name not in GRADIENT_PATHS:
+        raise MamoError(f"unknown gradient path '{name}' (train.gradient_path); use auto, {', '.join(GRADIENT_PATHS)}.")
+    return name
+
+
+# ------------------------------------------------------------------------------------------------------ layouts
+
+GRAM_CHUNK: dict[str, int] = {"cpu": 1 << 15}  # flat: Gram chunk width (see gram_block); absent: one matmul
+DOT_CHUNK: dict[str, int] = {"cpu": 1 << 16}  # parameters: dot-product chunk width; absent: whole parameters
+
+
+def gram_block(jac: torch.Tensor, cols: slice | None, width: int | None = None) -> torch.Tensor:
+    """``J[:, cols] J[:, cols]ᵀ`` (``cols=None``: all of J, without indexing, 10 µs less inside a LeNet step).
+    With ``width`` (CPU), as one batched product of column chunks of that width summed: a single (m × n)(n × m)
+    product streams n-long rows through a tiny output and runs on one thread; the chunks fit the cache and bmm
+    spreads them over threads (ResNet-18, m = 3: docs/performance.md)."""
+    piece = jac if cols is None else jac[:, cols]
+    m, n = piece.shape
+    if not width or n < 2 * width:
+        return piece @ piece.T
+    k = n // width
+    chunks = piece[:, : k * width].view(m, k, width).transpose(0, 1)  # (k, m, width), a view
+    tail = piece[:, k * width :]
+    return torch.bmm(chunks, chunks.transpose(1, 2)).sum(0).addmm_(tail, tail.T)
+
+
+class FlatLayout:
+    """J (m × P) allocated once and reused every step; ``grads`` are per-parameter views of the combination
+    buffer, which become the shared parameters' ``.grad`` once and then see every step's wᵀJ."""
+
+    def __init__(self, part: ParameterPartition, device: torch.device):
+        m = len(part.tasks)
+        self.jac = torch.empty(m, part.size, device=device)
+        self.rows = [part.views(self.jac[t]) for t in range(m)]
+        self.combined = torch.empty(part.size, device=device)
+        self.grads = part.views(self.combined)
+        self.node_slices = list(part.node_slices.values())
+        self.width = GRAM_CHUNK.get(device.type)
+
+    def gramians(self, rows: TaskRows, by_node: bool) -> list[torch.Tensor]:
+        for views, grads in zip(self.rows, rows, strict=True):
+            for view, grad in zip(views, grads, strict=True):
+                if grad is None:  # a GMK of pair {i, j} does not reach the other tasks' losses
+                    view.zero_()
+                else:
+                    view.copy_(grad)
+        return [gram_block(self.jac, cols, self.width) for cols in (self.node_slices if by_node else [None])]
+
+    def combine(self, rows: TaskRows, weights: torch.Tensor) -> list[torch.Tensor]:
+        torch.mv(self.jac.T, weights.to(self.jac.device, self.jac.dtype, non_blocking=True), out=self.combined)
+        return self.grads
+
+
+class ParameterLayout:
+    """The gradients where autograd left them: Gramian blocks as sums of chunked dot products, and the
+    combination written over the first reaching task's gradient of each parameter."""
+
+    def __init__(self, part: ParameterPartition, device: torch.device):
+        m = len(part.tasks)
+        self.pairs = [(i, j) for i in range(m) for j in range(i, m)]
+        pair_of = {pair: n for n, pair in enumerate(self.pairs)}
+        self.pair_index = torch.tensor([[pair_of[min(i, j), max(i, j)] for j in range(m)] for i in range(m)],
+                                       device=device)
+        self.node_params = list(part.node_params.values())
+        self.shared = part.shared
+        self.n_shared = len(part.shared)
+        self.zero = torch.zeros((), device=device)
+        self.width = DOT_CHUNK.get(device.type)
+
+    def _dots(self, rows: TaskRows, k: int) -> list[torch.Tensor]:
+        """The m(m+1)/2 pair dot products of parameter k, chunk by chunk (each chunk's m pieces stay in cache
+        while its pairs are read)."""
+        flat = [None if row[k] is None else row[k].reshape(-1) for row in rows]
+        n = next((f.numel() for f in flat if f is not None), 0)
+        if not n:  # no task reaches it (an unused parameter): it adds nothing
+            return [self.zero] * len(self.pairs)
+        width = self.width if self.width and n > self.width else n
+        out = []
+        for start in range(0, n, width):
+            pieces = [None if f is None else f[start : start + width] for f in flat]
+            for i, j in self.pairs:
+                a, b = pieces[i], pieces[j]
+                out.append(self.zero if a is None or b is None else torch.dot(a, b))
+        return out
+
+    def gramians(self, rows: TaskRows, by_node: bool) -> list[torch.Tensor]:
+        groups = self.node_params if by_node else [range(self.n_shared)]
+        sums = [torch.stack([d for k in group for d in self._dots(rows, k)]).view(-1, len(self.pairs)).sum(0)
+                for group in groups]
+        return list(torch.stack(sums)[:, self.pair_index].unbind(0))
+
+    def combine(self, rows: TaskRows, weights: torch.Tensor) -> list[torch.Tensor]:
+        w = weights.tolist()
+        m = len(rows)
+        # Parameters every task reaches go through three foreach calls; the rest (GMK branches) one by one.
+        full = [k for k in range(self.n_shared) if all(row[k] is not None for row in rows)]
+        out: list[torch.Tensor | None] = [None] * self.n_shared
+        if full:
+            target = _writable([rows[0][k] for k in full])
+            torch._foreach_mul_(target, w[0])
+            for t in range(1, m):
+                torch._foreach_add_(target, [rows[t][k] for k in full], alpha=w[t])
+            for k, grad in zip(full, target, strict=True):
+                out[k] = grad
+        for k in range(self.n_shared):
+            if out[k] is None:
+                present = [t for t in range(m) if rows[t][k] is not None]
+                if not present:
+                    out[k] = torch.zeros_like(self.shared[k])
+                    continue
+                grad = _writable([rows[present[0]][k]])[0].mul_(w[present[0]])
+                for t in present[1:]:
+                    grad.add_(rows[t][k], alpha=w[t])
+                out[k] = grad
+        return out  # type: ignore[return-value]
+
+
+def _writable(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``grads`` safe to overwrite in place: autograd may hand out expanded views (the gradient of a sum) or
+    one tensor for two parameters (the gradient of ``a + b``); those are copied."""
+    seen: set[int] = set()
+    out = []
+    for grad in grads:
+        ptr = grad.data_ptr()
+        if not grad.is_contiguous() or ptr in seen:
+            grad = grad.clone(memory_format=torch.contiguous_format)
+        seen.add(ptr)
+        out.append(grad)
+    return out
+
+
+Layout = FlatLayout | ParameterLayout
+LAYOUTS: dict[str, Callable[[ParameterPartition, torch.device], Layout]] = {
+    "flat": FlatLayout,
+    "parameters": ParameterLayout,
+}
+# Per device: from how many shared parameters on ``auto`` holds the gradients per parameter; absent: always flat.
+# cpu, measured (docs/performance.md; MGDA + tensioner ÷ the floor, one thread, flat → parameters): LeNet (21 k)
+# 1.046 → 1.066 and MobileNetV3-small-050 (272 k in 138 tensors) 1.023 → 1.037, where J sits in cache and the
+# per-parameter calls cost more than the copies; ResNet-10t (4.9 M) 1.081 → 1.056 and ResNet-18 (11.2 M, m = 3)
+# 1.065 → 1.039, where the copies are passes over memory.
+# cuda: NOT measured; few large kernels (a copy per parameter, one product, one matrix-vector product) are
+# expected to beat hundreds of small dot products there.
+PARAMETERS_LAYOUT_FROM: dict[str, int] = {"cpu": 1 << 20}
+
+
+def resolve_layout(name: str, device: torch.device, size: int = 0) -> str:
+    """The layout ``name`` stands for on ``device`` for ``size`` shared parameters (``auto``: flat below
+    :data:`PARAMETERS_LAYOUT_FROM`, parameters from there on)."""
+    if name == "auto":
+        threshold = PARAMETERS_LAYOUT_FROM.get(device.type)
+        return "parameters" if threshold is not None and size >= threshold else "flat"
+    if name not in LAYOUTS:
+        raise MamoError(f"unknown gradient layout '{name}' (train.gradient_layout); use auto, {', '.join(LAYOUTS)}.")
+    return name

@@ -1,0 +1,154 @@
+"""Per-task gradients: the two layouts give the same Gramians and updates, chunked products equal plain ones,
+gradients autograd shares are not overwritten, and ``auto`` picks by device and size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from step_cases import MLP, PATHS, RESNET, batch, frozen_step, make_model, mgda, reference
+
+from mamo import task_gradients
+from mamo.errors import MamoError
+from mamo.task_gradients import (
+    LAYOUTS,
+    ParameterLayout,
+    ParameterPartition,
+    resolve_gradient_path,
+    resolve_layout,
+)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: with two intra-op threads on a loaded machine, OpenMP barriers dominate every tiny op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("backbone, shape, grow", [(*RESNET, False), (*MLP, True)])
+@pytest.mark.parametrize("collect", [False, True], ids=["plain", "node-blocks"])
+def test_both_layouts_give_the_reference_gramians_and_update(layout, path, backbone, shape, grow, collect,
+                                                             monkeypatch):
+    monkeypatch.setitem(task_gradients.DOT_CHUNK, "cpu", 7)  # several ragged chunks in every weight
+    monkeypatch.setitem(task_gradients.GRAM_CHUNK, "cpu", 7)
+    model = make_model(backbone, shape, grow=grow)
+    x, targets = batch(model)
+    jac, own, losses = reference(model, x, targets)
+    step = frozen_step(model, mgda("relative"), gradient_path=path, gradient_layout=layout,
+                       collect_gramians=collect)
+    for _ in range(3):  # T = 1: the tensioner is active from the second call, so the weights are not MGDA's
+        result = step(x, targets)
+    assert step.layout_for(CPU) == layout
+    torch.testing.assert_close(result.losses, losses)
+    torch.testing.assert_close(result.gramian, jac @ jac.T, rtol=1e-4, atol=1e-6)
+    part = step.partition
+    if collect:
+        assert list(result.node_gramians) == list(part.node_slices)
+        for node, cols in part.node_slices.items():
+            torch.testing.assert_close(result.node_gramians[node], jac[:, cols] @ jac[:, cols].T,
+                                       rtol=1e-4, atol=1e-6)
+    else:
+        assert result.node_gramians == {}
+    flat = torch.cat([p.grad.reshape(-1) for p in part.shared])
+    torch.testing.assert_close(flat, result.weights.float() @ jac, rtol=1e-4, atol=1e-6)
+    assert all(p.grad.shape == p.shape for p in part.shared)
+    for task in part.tasks:
+        for param, expected in zip(part.specific[task], own[task], strict=True):
+            torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-7)
+    assert (step.jacobian is not None) == (layout == "flat")
+
+
+def _rows(part: ParameterPartition, missing: set[tuple[int, int]], seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = [[None if (t, k) in missing else torch.randn(p.shape, generator=gen) for k, p in enumerate(part.shared)]
+            for t in range(len(part.tasks))]
+    dense = torch.stack([torch.cat([torch.zeros(p.numel()) if grad is None else grad.reshape(-1)
+                                    for p, grad in zip(part.shared, row, strict=True)]) for row in rows])
+    return rows, dense
+
+
+@pytest.mark.parametrize("width", [None, 3, 64])
+def test_parameter_layout_on_plain_tensors_with_missing_gradients(width, monkeypatch):
+    if width:
+        monkeypatch.setitem(task_gradients.DOT_CHUNK, "cpu", width)
+    else:  # whole parameters, as on a device without an entry
+        monkeypatch.delitem(task_gradients.DOT_CHUNK, "cpu")
+    part = ParameterPartition(make_model(*MLP, grow=True))
+    n = len(part.shared)
+    # parameter 0: no task reaches it; 1: only task 2; 2: tasks 0 and 2; the rest: every task
+    missing = {(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (1, 2)}
+    rows, dense = _rows(part, missing)
+    layout = ParameterLayout(part, CPU)
+    (whole,) = layout.gramians(rows, by_node=False)
+    torch.testing.assert_close(whole, dense @ dense.T, rtol=1e-5, atol=1e-5)
+    blocks = layout.gramians(rows, by_node=True)
+    for block, cols in zip(blocks, part.node_slices.values(), strict=True):
+        torch.testing.assert_close(block, dense[:, cols] @ dense[:, cols].T, rtol=1e-5, atol=1e-5)
+    weights = torch.tensor([0.2, -0.5, 1.3], dtype=torch.float64)
+    expected = weights.float() @ dense
+    grads = layout.combine(rows, weights)
+    assert len(grads) == n and all(grad.shape == p.shape for grad, p in zip(grads, part.shared, strict=True))
+    torch.testing.assert_close(torch.cat([grad.reshape(-1) for grad in grads]), expected, rtol=1e-5, atol=1e-6)
+    assert grads[0].abs().max() == 0  # nobody reached it: a zero gradient, as the flat layout gives
+
+
+def test_the_combination_copies_gradients_that_autograd_shares_or_expands():
+    a = torch.randn(4, 3)
+    expanded = torch.ones(()).expand(4, 3)  # what autograd hands back for the gradient of a sum
+    first = torch.randn(4, 3)
+    out = task_gradients._writable([first, a, expanded, a])  # the gradient of `x + y`: one tensor twice
+    assert out[0] is first and out[1] is a  # owned and contiguous: written in place, no copy
+    assert out[2] is not expanded and out[2].is_contiguous() and torch.equal(out[2], expanded)
+    assert out[3] is not a and torch.equal(out[3], a)
+    for grad in out:
+        grad.mul_(2.0)  # writes each once: the shared one is not doubled twice
+    torch.testing.assert_close(out[1], out[3])
+
+
+def test_auto_layout_depends_on_device_and_size(monkeypatch):
+    threshold = task_gradients.PARAMETERS_LAYOUT_FROM["cpu"]
+    assert resolve_layout("auto", CPU, threshold - 1) == "flat"
+    assert resolve_layout("auto", CPU, threshold) == "parameters"
+    assert resolve_layout("auto", torch.device("cuda"), 10**9) == "flat"
+    assert resolve_layout("parameters", torch.device("cuda"), 1) == "parameters"
+    with pytest.raises(MamoError, match=r"unknown gradient layout 'dense' \(train.gradient_layout\)"):
+        resolve_layout("dense", CPU)
+    with pytest.raises(MamoError, match="train.gradient_layout"):
+        frozen_step(make_model(*MLP), gradient_layout="dense")
+    model = make_model(*MLP)
+    assert frozen_step(model).layout_for(CPU) == "flat"  # a tiny model stays in cache
+    monkeypatch.setitem(task_gradients.PARAMETERS_LAYOUT_FROM, "cpu", 1)
+    step = frozen_step(model)
+    assert step.layout_for(CPU) == "parameters"
+    step(*batch(model))
+    assert step.jacobian is None
+
+
+def test_gram_blocks_in_cpu_chunks_equal_one_matmul(monkeypatch):
+    monkeypatch.setitem(task_gradients.GRAM_CHUNK, "cpu", 7)  # many ragged chunks per node
+    model = make_model(*MLP)
+    x, targets = batch(model)
+    result = frozen_step(model, gradient_layout="flat")(x, targets)
+    jac = reference(model, x, targets)[0]
+    torch.testing.assert_close(result.gramian, jac @ jac.T, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [None, 4, 7, 64])
+def test_gram_block_by_chunks_equals_the_plain_product(width):
+    jac = torch.randn(3, 200, generator=torch.Generator().manual_seed(0))
+    for cols in (None, slice(0, 200), slice(13, 110), slice(50, 57)):  # None: all of J
+        piece = jac[:, cols if cols is not None else slice(None)].double()
+        torch.testing.assert_close(task_gradients.gram_block(jac, cols, width).double(), piece @ piece.T,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_auto_picks_the_path_of_the_device_table():
+    assert resolve_gradient_path("auto", CPU) == task_gradients.AUTO_GRADIENT_PATH["cpu"] == "loop"
+    assert resolve_gradient_path("auto", torch.device("cuda")) == task_gradients.AUTO_GRADIENT_PATH["cuda"]
+    assert resolve_gradient_path("batched", CPU) == "batched"
