@@ -27,7 +27,6 @@ from mamo.task_gradients import (
     FlatLayout,
     Layout,
     ParameterPartition,
-    TaskRows,
     loop_gradients,
     resolve_gradient_path,
     resolve_layout,
@@ -184,26 +183,26 @@ class TrainStep:
         self._check(host)
         return StepResult(losses=host, weights=torch.ones(len(losses), dtype=torch.float64))
 
-    def _task_rows(self, losses: list[torch.Tensor], device: torch.device) -> TaskRows:
+    def _task_gradients(self, losses: list[torch.Tensor], layout: Layout, device: torch.device) -> None:
         path = self.path_for(device)
         try:
-            return GRADIENT_PATHS[path](losses, self.partition)
+            GRADIENT_PATHS[path](losses, self.partition, layout)
         except RuntimeError as exc:
             if path == "loop" or self.gradient_path != "auto":
                 raise
             warnings.warn(f"batched per-task gradients failed ({str(exc).splitlines()[0]}); using the loop "
                           "from now on (set train.gradient_path=loop to skip the attempt).", stacklevel=3)
             self._batched_failed = True
-            return loop_gradients(losses, self.partition)
+            loop_gradients(losses, self.partition, layout)
 
     def _exact_step(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> StepResult:
         part = self.partition
         device = part.shared[0].device
         layout = self._layout_on(device)
         losses, _ = self._forward(x, targets)
-        rows = self._task_rows(losses, device)
+        self._task_gradients(losses, layout, device)
         # Per-node blocks only for the conflict statistics; a plain step needs G alone.
-        blocks = layout.gramians(rows, by_node=self.collect_gramians)
+        blocks = layout.gramians(by_node=self.collect_gramians)
         m = len(losses)
         host = _host(torch.stack(losses), *blocks)
         self._check(host[:m])
@@ -211,7 +210,7 @@ class TrainStep:
         node_gramians = dict(zip(part.node_slices, host_blocks.unbind(0), strict=True)) if self.collect_gramians else {}
         gramian = host_blocks.sum(0) if len(blocks) > 1 else host_blocks[0]
         output = self.direction(gramian, host[:m])
-        for param, grad in zip(part.shared, layout.combine(rows, output.weights), strict=True):
+        for param, grad in zip(part.shared, layout.combine(output.weights), strict=True):
             if param.grad is not grad:  # flat: set once per layout; the views then see every step's wᵀJ
                 param.grad = grad
         return StepResult(host[:m], output.weights, gramian, node_gramians, output.info)

@@ -6,8 +6,8 @@ Which parameters are shared comes from the graph: a parameter is shared when two
 
 How the m gradients are computed is a *gradient path* (:data:`GRADIENT_PATHS`): ``loop`` (m
 ``autograd.grad`` calls) or ``batched`` (one backward over the m one-hot cotangents under
-``torch.func.vmap``). Both give ``rows[t][k]``, task t's gradient of shared parameter k (``None`` where the
-task does not reach it).
+``torch.func.vmap``). The path hands each task's gradients of the shared parameters (``None`` where the task
+does not reach one) to a layout.
 
 How they are held is a *layout* (:data:`LAYOUTS`; ``auto`` picks by device and size, see
 :data:`PARAMETERS_LAYOUT_FROM`):
@@ -34,7 +34,6 @@ from mamo.errors import MamoError
 from mamo.model import MamoNet
 
 Grads = tuple[torch.Tensor | None, ...]
-TaskRows = list[list[torch.Tensor | None]]  # rows[t][k]: task t's gradient of shared parameter k
 
 
 class ParameterPartition:
@@ -74,61 +73,10 @@ class ParameterPartition:
         return out
 
 
-# ---------------------------------------------------------------------------------------------- gradient paths
-
-
-def loop_gradients(losses: list[torch.Tensor], part: ParameterPartition) -> TaskRows:
-    """m backward passes; task t's own parameters get their ``.grad`` on the way."""
-    m, n_shared = len(losses), len(part.shared)
-    rows: TaskRows = []
-    for t, loss in enumerate(losses):
-        grads = torch.autograd.grad(loss, part.inputs[t], retain_graph=t < m - 1, allow_unused=True)
-        rows.append(list(grads[:n_shared]))
-        for param, grad in zip(part.specific[part.tasks[t]], grads[n_shared:], strict=True):
-            param.grad = grad
-    return rows
-
-
-def batched_gradients(losses: list[torch.Tensor], part: ParameterPartition) -> TaskRows:
-    """One backward of the stacked losses over the m one-hot cotangents, batched by ``torch.func.vmap``.
-
-    torch.func's batching rules batch convolution, batch-norm and pooling backward for real (the legacy
-    ``is_grads_batched`` vmap falls back to a per-slice loop for exactly those), which is what can win on a
-    GPU. The graph is retained so that a failed batched pass can still be redone by the loop (``auto``).
-    """
-    stacked = torch.stack(losses)
-    specific = [p for task in part.tasks for p in part.specific[task]]
-    owner = [t for t, task in enumerate(part.tasks) for _ in part.specific[task]]
-    cotangents = torch.eye(len(losses), device=stacked.device, dtype=stacked.dtype)
-
-    def vjp(cotangent: torch.Tensor) -> Grads:
-        return torch.autograd.grad(stacked, part.shared + specific, cotangent, retain_graph=True,
-                                   allow_unused=True)
-
-    grads = torch.func.vmap(vjp)(cotangents)
-    n_shared = len(part.shared)
-    for param, t, grad in zip(specific, owner, grads[n_shared:], strict=True):
-        param.grad = None if grad is None else grad[t]
-    return [[None if grad is None else grad[t] for grad in grads[:n_shared]] for t in range(len(losses))]
-
-
-GradientPath = Callable[[list[torch.Tensor], ParameterPartition], TaskRows]
-GRADIENT_PATHS: dict[str, GradientPath] = {"loop": loop_gradients, "batched": batched_gradients}
-# cpu: measured (docs/performance.md): the loop is at the forward + m backward floor, batching is slower.
-# cuda: NOT yet measured; expected from torch.func's real batching of small, launch-bound kernels.
-AUTO_GRADIENT_PATH: dict[str, str] = {"cpu": "loop", "cuda": "batched"}
-
-
-def resolve_gradient_path(name: str, device: torch.device) -> str:
-    """The gradient path ``name`` stands for on ``device`` (``auto``: :data:`AUTO_GRADIENT_PATH`)."""
-    if name == "auto":
-        return AUTO_GRADIENT_PATH.get(device.type, "loop")
-    if name not in GRADIENT_PATHS:
-        raise MamoError(f"unknown gradient path '{name}' (train.gradient_path); use auto, {', '.join(GRADIENT_PATHS)}.")
-    return name
-
-
 # ------------------------------------------------------------------------------------------------------ layouts
+# A layout takes each task's gradients of the shared parameters (``load``, or ``load_batched`` for all tasks at
+# once), then gives the Gramian (``gramians``: one block, or one per shared node) and the weighted combination
+# (``combine``: one gradient per shared parameter, to become its ``.grad``).
 
 GRAM_CHUNK: dict[str, int] = {"cpu": 1 << 15}  # flat: Gram chunk width (see gram_block); absent: one matmul
 DOT_CHUNK: dict[str, int] = {"cpu": 1 << 16}  # parameters: dot-product chunk width; absent: whole parameters
@@ -149,6 +97,14 @@ def gram_block(jac: torch.Tensor, cols: slice | None, width: int | None = None) 
     return torch.bmm(chunks, chunks.transpose(1, 2)).sum(0).addmm_(tail, tail.T)
 
 
+def _copy_into(views: list[torch.Tensor], grads: Grads) -> None:
+    for view, grad in zip(views, grads, strict=True):
+        if grad is None:  # a GMK of pair {i, j} does not reach the other tasks' losses
+            view.zero_()
+        else:
+            view.copy_(grad)
+
+
 class FlatLayout:
     """J (m × P) allocated once and reused every step; ``grads`` are per-parameter views of the combination
     buffer, which become the shared parameters' ``.grad`` once and then see every step's wᵀJ."""
@@ -157,21 +113,25 @@ class FlatLayout:
         m = len(part.tasks)
         self.jac = torch.empty(m, part.size, device=device)
         self.rows = [part.views(self.jac[t]) for t in range(m)]
+        self.columns = part.views(self.jac)
         self.combined = torch.empty(part.size, device=device)
         self.grads = part.views(self.combined)
         self.node_slices = list(part.node_slices.values())
         self.width = GRAM_CHUNK.get(device.type)
 
-    def gramians(self, rows: TaskRows, by_node: bool) -> list[torch.Tensor]:
-        for views, grads in zip(self.rows, rows, strict=True):
-            for view, grad in zip(views, grads, strict=True):
-                if grad is None:  # a GMK of pair {i, j} does not reach the other tasks' losses
-                    view.zero_()
-                else:
-                    view.copy_(grad)
+    def load(self, t: int, grads: Grads) -> None:
+        """Task t's gradients of the shared parameters, copied into row t as they arrive (so that only one
+        task's fresh gradients are alive beside J)."""
+        _copy_into(self.rows[t], grads)
+
+    def load_batched(self, grads: Grads) -> None:
+        """Every task's gradients at once, one (m, ...) tensor per shared parameter."""
+        _copy_into(self.columns, grads)
+
+    def gramians(self, by_node: bool) -> list[torch.Tensor]:
         return [gram_block(self.jac, cols, self.width) for cols in (self.node_slices if by_node else [None])]
 
-    def combine(self, rows: TaskRows, weights: torch.Tensor) -> list[torch.Tensor]:
+    def combine(self, weights: torch.Tensor) -> list[torch.Tensor]:
         torch.mv(self.jac.T, weights.to(self.jac.device, self.jac.dtype, non_blocking=True), out=self.combined)
         return self.grads
 
@@ -191,11 +151,19 @@ class ParameterLayout:
         self.n_shared = len(part.shared)
         self.zero = torch.zeros((), device=device)
         self.width = DOT_CHUNK.get(device.type)
+        self.rows: list[list[torch.Tensor | None]] = [[] for _ in range(m)]
 
-    def _dots(self, rows: TaskRows, k: int) -> list[torch.Tensor]:
+    def load(self, t: int, grads: Grads) -> None:
+        self.rows[t] = list(grads)
+
+    def load_batched(self, grads: Grads) -> None:
+        for t in range(len(self.rows)):
+            self.rows[t] = [None if grad is None else grad[t] for grad in grads]
+
+    def _dots(self, k: int) -> list[torch.Tensor]:
         """The m(m+1)/2 pair dot products of parameter k, chunk by chunk (each chunk's m pieces stay in cache
         while its pairs are read)."""
-        flat = [None if row[k] is None else row[k].reshape(-1) for row in rows]
+        flat = [None if row[k] is None else row[k].reshape(-1) for row in self.rows]
         n = next((f.numel() for f in flat if f is not None), 0)
         if not n:  # no task reaches it (an unused parameter): it adds nothing
             return [self.zero] * len(self.pairs)
@@ -208,36 +176,32 @@ class ParameterLayout:
                 out.append(self.zero if a is None or b is None else torch.dot(a, b))
         return out
 
-    def gramians(self, rows: TaskRows, by_node: bool) -> list[torch.Tensor]:
+    def gramians(self, by_node: bool) -> list[torch.Tensor]:
         groups = self.node_params if by_node else [range(self.n_shared)]
-        sums = [torch.stack([d for k in group for d in self._dots(rows, k)]).view(-1, len(self.pairs)).sum(0)
+        sums = [torch.stack([d for k in group for d in self._dots(k)]).view(-1, len(self.pairs)).sum(0)
                 for group in groups]
         return list(torch.stack(sums)[:, self.pair_index].unbind(0))
 
-    def combine(self, rows: TaskRows, weights: torch.Tensor) -> list[torch.Tensor]:
-        w = weights.tolist()
-        m = len(rows)
-        # Parameters every task reaches go through three foreach calls; the rest (GMK branches) one by one.
-        full = [k for k in range(self.n_shared) if all(row[k] is not None for row in rows)]
-        out: list[torch.Tensor | None] = [None] * self.n_shared
+    def combine(self, weights: torch.Tensor) -> list[torch.Tensor]:
+        rows, self.rows = self.rows, [[] for _ in self.rows]  # overwritten below: not to be read again
+        w, m = weights.tolist(), len(rows)
+        present = [[t for t in range(m) if rows[t][k] is not None] for k in range(self.n_shared)]
+        reached = [k for k in range(self.n_shared) if present[k]]
+        out = dict(zip(reached, _writable([rows[present[k][0]][k] for k in reached]), strict=True))
+        # Parameters every task reaches: one foreach call per task; the rest (GMK branches) one by one.
+        full = [k for k in reached if len(present[k]) == m]
         if full:
-            target = _writable([rows[0][k] for k in full])
-            torch._foreach_mul_(target, w[0])
+            group = [out[k] for k in full]
+            torch._foreach_mul_(group, w[0])
             for t in range(1, m):
-                torch._foreach_add_(target, [rows[t][k] for k in full], alpha=w[t])
-            for k, grad in zip(full, target, strict=True):
-                out[k] = grad
-        for k in range(self.n_shared):
-            if out[k] is None:
-                present = [t for t in range(m) if rows[t][k] is not None]
-                if not present:
-                    out[k] = torch.zeros_like(self.shared[k])
-                    continue
-                grad = _writable([rows[present[0]][k]])[0].mul_(w[present[0]])
-                for t in present[1:]:
-                    grad.add_(rows[t][k], alpha=w[t])
-                out[k] = grad
-        return out  # type: ignore[return-value]
+                torch._foreach_add_(group, [rows[t][k] for k in full], alpha=w[t])
+        for k in reached:
+            if len(present[k]) < m:
+                first, *rest = present[k]
+                out[k].mul_(w[first])
+                for t in rest:
+                    out[k].add_(rows[t][k], alpha=w[t])
+        return [out[k] if k in out else torch.zeros_like(param) for k, param in enumerate(self.shared)]
 
 
 def _writable(grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -267,6 +231,58 @@ LAYOUTS: dict[str, Callable[[ParameterPartition, torch.device], Layout]] = {
 # cuda: NOT measured; few large kernels (a copy per parameter, one product, one matrix-vector product) are
 # expected to beat hundreds of small dot products there.
 PARAMETERS_LAYOUT_FROM: dict[str, int] = {"cpu": 1 << 20}
+
+
+# ---------------------------------------------------------------------------------------------- gradient paths
+
+
+def loop_gradients(losses: list[torch.Tensor], part: ParameterPartition, layout: Layout) -> None:
+    """m backward passes; task t's own parameters get their ``.grad`` on the way."""
+    m, n_shared = len(losses), len(part.shared)
+    for t, loss in enumerate(losses):
+        grads = torch.autograd.grad(loss, part.inputs[t], retain_graph=t < m - 1, allow_unused=True)
+        layout.load(t, grads[:n_shared])
+        for param, grad in zip(part.specific[part.tasks[t]], grads[n_shared:], strict=True):
+            param.grad = grad
+
+
+def batched_gradients(losses: list[torch.Tensor], part: ParameterPartition, layout: Layout) -> None:
+    """One backward of the stacked losses over the m one-hot cotangents, batched by ``torch.func.vmap``.
+
+    torch.func's batching rules batch convolution, batch-norm and pooling backward for real (the legacy
+    ``is_grads_batched`` vmap falls back to a per-slice loop for exactly those), which is what can win on a
+    GPU. The graph is retained so that a failed batched pass can still be redone by the loop (``auto``).
+    """
+    stacked = torch.stack(losses)
+    specific = [p for task in part.tasks for p in part.specific[task]]
+    owner = [t for t, task in enumerate(part.tasks) for _ in part.specific[task]]
+    cotangents = torch.eye(len(losses), device=stacked.device, dtype=stacked.dtype)
+
+    def vjp(cotangent: torch.Tensor) -> Grads:
+        return torch.autograd.grad(stacked, part.shared + specific, cotangent, retain_graph=True,
+                                   allow_unused=True)
+
+    grads = torch.func.vmap(vjp)(cotangents)
+    n_shared = len(part.shared)
+    for param, t, grad in zip(specific, owner, grads[n_shared:], strict=True):
+        param.grad = None if grad is None else grad[t]
+    layout.load_batched(grads[:n_shared])
+
+
+GradientPath = Callable[[list[torch.Tensor], ParameterPartition, Layout], None]
+GRADIENT_PATHS: dict[str, GradientPath] = {"loop": loop_gradients, "batched": batched_gradients}
+# cpu: measured (docs/performance.md): the loop is at the forward + m backward floor, batching is slower.
+# cuda: NOT yet measured; expected from torch.func's real batching of small, launch-bound kernels.
+AUTO_GRADIENT_PATH: dict[str, str] = {"cpu": "loop", "cuda": "batched"}
+
+
+def resolve_gradient_path(name: str, device: torch.device) -> str:
+    """The gradient path ``name`` stands for on ``device`` (``auto``: :data:`AUTO_GRADIENT_PATH`)."""
+    if name == "auto":
+        return AUTO_GRADIENT_PATH.get(device.type, "loop")
+    if name not in GRADIENT_PATHS:
+        raise MamoError(f"unknown gradient path '{name}' (train.gradient_path); use auto, {', '.join(GRADIENT_PATHS)}.")
+    return name
 
 
 def resolve_layout(name: str, device: torch.device, size: int = 0) -> str:

@@ -85,17 +85,39 @@ def test_parameter_layout_on_plain_tensors_with_missing_gradients(width, monkeyp
     missing = {(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (1, 2)}
     rows, dense = _rows(part, missing)
     layout = ParameterLayout(part, CPU)
-    (whole,) = layout.gramians(rows, by_node=False)
+    for t, row in enumerate(rows):
+        layout.load(t, tuple(row))
+    (whole,) = layout.gramians(by_node=False)
     torch.testing.assert_close(whole, dense @ dense.T, rtol=1e-5, atol=1e-5)
-    blocks = layout.gramians(rows, by_node=True)
+    blocks = layout.gramians(by_node=True)
     for block, cols in zip(blocks, part.node_slices.values(), strict=True):
         torch.testing.assert_close(block, dense[:, cols] @ dense[:, cols].T, rtol=1e-5, atol=1e-5)
     weights = torch.tensor([0.2, -0.5, 1.3], dtype=torch.float64)
     expected = weights.float() @ dense
-    grads = layout.combine(rows, weights)
+    grads = layout.combine(weights)
     assert len(grads) == n and all(grad.shape == p.shape for grad, p in zip(grads, part.shared, strict=True))
     torch.testing.assert_close(torch.cat([grad.reshape(-1) for grad in grads]), expected, rtol=1e-5, atol=1e-6)
     assert grads[0].abs().max() == 0  # nobody reached it: a zero gradient, as the flat layout gives
+
+
+def test_parameter_layout_does_not_write_through_shared_or_expanded_gradients():
+    part = ParameterPartition(make_model(*MLP))
+    rows, _ = _rows(part, set())
+    big = max(range(len(part.shared)), key=lambda k: part.shared[k].numel())
+    small = min(range(len(part.shared)), key=lambda k: part.shared[k].numel())
+    # Task 0's gradient of `small` is the start of its gradient of `big` (one storage, as autograd can hand
+    # out), and another parameter's is an expanded scalar (the gradient of a sum).
+    rows[0][small] = rows[0][big].reshape(-1)[: part.shared[small].numel()].view(part.shared[small].shape)
+    expanded = next(k for k in range(len(part.shared)) if k not in (big, small))
+    rows[0][expanded] = torch.full((), 0.5).expand(part.shared[expanded].shape)
+    dense = torch.stack([torch.cat([grad.reshape(-1).clone() for grad in row]) for row in rows])
+    layout = ParameterLayout(part, CPU)
+    for t, row in enumerate(rows):
+        layout.load(t, tuple(row))
+    weights = torch.tensor([0.3, 0.9, -0.4], dtype=torch.float64)
+    grads = layout.combine(weights)
+    torch.testing.assert_close(torch.cat([grad.reshape(-1) for grad in grads]), weights.float() @ dense,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_the_combination_copies_gradients_that_autograd_shares_or_expands():
