@@ -137,7 +137,7 @@ class TrainStep:
 
     def layout_for(self, device: torch.device) -> str:
         """The gradient layout this step uses on ``device``."""
-        return resolve_layout(self.gradient_layout, device, self.partition.size)
+        return resolve_layout(self.gradient_layout, device, self.partition.size, len(self.partition.tasks))
 
     def _layout_on(self, device: torch.device) -> Layout:
         if self._layout is None or self._layout_device != device:

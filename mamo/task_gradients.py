@@ -9,15 +9,16 @@ How the m gradients are computed is a *gradient path* (:data:`GRADIENT_PATHS`): 
 ``torch.func.vmap``). The path hands each task's gradients of the shared parameters (``None`` where the task
 does not reach one) to a layout.
 
-How they are held is a *layout* (:data:`LAYOUTS`; ``auto`` picks by device and size, see
-:data:`PARAMETERS_LAYOUT_FROM`):
+How they are held is a *layout* (:data:`LAYOUTS`; ``auto`` picks by device, size and number of tasks, see
+:data:`PARAMETERS_LAYOUT`):
 
 - ``flat``: copied into one preallocated m × P matrix J, so that the Gramian is one product J Jᵀ and the
   combination one ``wᵀJ``: few, large kernels, which is what a GPU wants.
 - ``parameters``: left where autograd put them. The Gramian is a sum of dot products over parameters (in
   cache-sized chunks) and the combination is written over the first task's gradients with ``torch._foreach``
-  operations. On a CPU this saves the m copies into J and a pass of the combination once the shared part
-  no longer fits the cache (ResNet-18, m = 3, one thread: about 1.065 → 1.04 times the floor).
+  operations. On a CPU this saves the m copies into J, a pass of the combination and J's memory once the
+  shared part no longer fits the cache, while the m(m+1)/2 dot products stay cheaper than the copies
+  (ResNet-18, m = 3).
 
 Both give the Gramian as per-node blocks while conflict statistics are collected (the statistics read them),
 so counting conflicts costs no extra backward pass.
@@ -26,6 +27,7 @@ so counting conflicts costs no extra backward pass.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -223,14 +225,22 @@ LAYOUTS: dict[str, Callable[[ParameterPartition, torch.device], Layout]] = {
     "flat": FlatLayout,
     "parameters": ParameterLayout,
 }
-# Per device: from how many shared parameters on ``auto`` holds the gradients per parameter; absent: always flat.
-# cpu, measured (docs/performance.md; MGDA + tensioner ÷ the floor, one thread, flat → parameters): LeNet (21 k)
-# 1.046 → 1.066 and MobileNetV3-small-050 (272 k in 138 tensors) 1.023 → 1.037, where J sits in cache and the
-# per-parameter calls cost more than the copies; ResNet-10t (4.9 M) 1.081 → 1.056 and ResNet-18 (11.2 M, m = 3)
-# 1.065 → 1.039, where the copies are passes over memory.
-# cuda: NOT measured; few large kernels (a copy per parameter, one product, one matrix-vector product) are
-# expected to beat hundreds of small dot products there.
-PARAMETERS_LAYOUT_FROM: dict[str, int] = {"cpu": 1 << 20}
+class ParametersLayoutRule(NamedTuple):
+    """When ``auto`` holds the gradients per parameter: from ``min_size`` shared parameters, up to ``max_tasks``."""
+
+    min_size: int
+    max_tasks: int
+
+
+# Per device; absent: always flat. cpu, measured (docs/performance.md; MGDA + tensioner ÷ the floor, the two
+# layouts alternated in one process, flat → parameters): LeNet (21 k) 1.046 → 1.066 and MobileNetV3-small-050
+# (272 k in 138 tensors) 1.023 → 1.037 on one thread, where J sits in cache and the per-parameter calls cost
+# more than the copies; ResNet-18 (11.2 M) m = 3 1.061–1.080 → 1.039–1.073 on one thread and 1.019–1.041 →
+# 1.009–1.012 on two, where the copies are passes over memory. The dot products grow with the m(m+1)/2 pairs:
+# on two threads m = 4 1.026 → 1.035 and m = 5 1.078–1.099 → 1.121–1.127 (on one thread m = 5 still won, 1.116
+# → 1.067). cuda: NOT measured; few large kernels (a copy per parameter, one product, one matrix-vector
+# product) are expected to beat hundreds of small dot products there.
+PARAMETERS_LAYOUT: dict[str, ParametersLayoutRule] = {"cpu": ParametersLayoutRule(min_size=1 << 20, max_tasks=3)}
 
 
 # ---------------------------------------------------------------------------------------------- gradient paths
@@ -285,12 +295,12 @@ def resolve_gradient_path(name: str, device: torch.device) -> str:
     return name
 
 
-def resolve_layout(name: str, device: torch.device, size: int = 0) -> str:
-    """The layout ``name`` stands for on ``device`` for ``size`` shared parameters (``auto``: flat below
-    :data:`PARAMETERS_LAYOUT_FROM`, parameters from there on)."""
+def resolve_layout(name: str, device: torch.device, size: int = 0, tasks: int = 2) -> str:
+    """The layout ``name`` stands for on ``device`` for ``size`` shared parameters and ``tasks`` tasks
+    (``auto``: :data:`PARAMETERS_LAYOUT`)."""
     if name == "auto":
-        threshold = PARAMETERS_LAYOUT_FROM.get(device.type)
-        return "parameters" if threshold is not None and size >= threshold else "flat"
+        rule = PARAMETERS_LAYOUT.get(device.type)
+        return "parameters" if rule and size >= rule.min_size and tasks <= rule.max_tasks else "flat"
     if name not in LAYOUTS:
         raise MamoError(f"unknown gradient layout '{name}' (train.gradient_layout); use auto, {', '.join(LAYOUTS)}.")
     return name

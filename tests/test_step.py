@@ -246,8 +246,9 @@ def test_bf16_on_cpu_trains_and_stays_close_to_fp32(path):
 
 # ----- CUDA: skipped where no CUDA device exists ------------------------------------------------------------
 @needs_cuda
+@pytest.mark.parametrize("layout", list(task_gradients.LAYOUTS))
 @pytest.mark.parametrize("path", PATHS)
-def test_cuda_paths_match_cpu_reference(path):
+def test_cuda_paths_match_cpu_reference(path, layout):
     model = make_model()
     x, targets = batch(model)
     jac = reference(model, x, targets)[0]
@@ -257,11 +258,16 @@ def test_cuda_paths_match_cpu_reference(path):
     assert pinned_x.is_pinned()
     x_dev = pinned_x.to(cuda, non_blocking=True)
     t_dev = {t: y.pin_memory().to(cuda, non_blocking=True) for t, y in targets.items()}
-    step = frozen_step(model, gradient_path=path)
+    step = frozen_step(model, gradient_path=path, gradient_layout=layout)
     result = step(x_dev, t_dev)
-    assert step.jacobian.device.type == "cuda" and result.losses.device.type == "cpu"
-    torch.testing.assert_close(step.jacobian.cpu(), jac, rtol=1e-3, atol=1e-5)
+    assert result.losses.device.type == "cpu"
+    if layout == "flat":
+        assert step.jacobian.device.type == "cuda"
+        torch.testing.assert_close(step.jacobian.cpu(), jac, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(result.gramian, jac @ jac.T, rtol=1e-3, atol=1e-5)
     assert all(p.grad.device.type == "cuda" for p in step.partition.shared)
+    flat = torch.cat([p.grad.reshape(-1).cpu() for p in step.partition.shared])
+    torch.testing.assert_close(flat, result.weights.float() @ jac, rtol=1e-3, atol=1e-5)
 
 
 @needs_cuda

@@ -133,23 +133,25 @@ def test_the_combination_copies_gradients_that_autograd_shares_or_expands():
     torch.testing.assert_close(out[1], out[3])
 
 
-def test_auto_layout_depends_on_device_and_size(monkeypatch):
-    threshold = task_gradients.PARAMETERS_LAYOUT_FROM["cpu"]
-    assert resolve_layout("auto", CPU, threshold - 1) == "flat"
-    assert resolve_layout("auto", CPU, threshold) == "parameters"
-    assert resolve_layout("auto", torch.device("cuda"), 10**9) == "flat"
-    assert resolve_layout("parameters", torch.device("cuda"), 1) == "parameters"
+def test_auto_layout_depends_on_device_size_and_tasks(monkeypatch):
+    rule = task_gradients.PARAMETERS_LAYOUT["cpu"]
+    assert resolve_layout("auto", CPU, rule.min_size - 1, 2) == "flat"
+    assert resolve_layout("auto", CPU, rule.min_size, rule.max_tasks) == "parameters"
+    assert resolve_layout("auto", CPU, rule.min_size, rule.max_tasks + 1) == "flat"
+    assert resolve_layout("auto", torch.device("cuda"), 10**9, 2) == "flat"
+    assert resolve_layout("parameters", torch.device("cuda"), 1, 9) == "parameters"
     with pytest.raises(MamoError, match=r"unknown gradient layout 'dense' \(train.gradient_layout\)"):
         resolve_layout("dense", CPU)
     with pytest.raises(MamoError, match="train.gradient_layout"):
         frozen_step(make_model(*MLP), gradient_layout="dense")
     model = make_model(*MLP)
     assert frozen_step(model).layout_for(CPU) == "flat"  # a tiny model stays in cache
-    monkeypatch.setitem(task_gradients.PARAMETERS_LAYOUT_FROM, "cpu", 1)
+    monkeypatch.setitem(task_gradients.PARAMETERS_LAYOUT, "cpu", task_gradients.ParametersLayoutRule(1, 3))
     step = frozen_step(model)
     assert step.layout_for(CPU) == "parameters"
     step(*batch(model))
     assert step.jacobian is None
+    assert frozen_step(make_model(*MLP, m=4)).layout_for(CPU) == "flat"  # four tasks: more pairs than copies
 
 
 def test_gram_blocks_in_cpu_chunks_equal_one_matmul(monkeypatch):

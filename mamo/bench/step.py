@@ -124,7 +124,7 @@ def _other_layout(formulation: str) -> Callable[[Setup], Step]:
     """MGDA + tensioner with the gradient layout that ``auto`` does not pick for this setup."""
 
     def factory(setup: Setup) -> Step:
-        auto = resolve_layout("auto", setup.x.device, setup.part.size)
+        auto = resolve_layout("auto", setup.x.device, setup.part.size, len(setup.part.tasks))
         other = next(layout for layout in LAYOUTS if layout != auto)
         return _mamo("mgda", formulation, gradient_layout=other)(setup)
 
@@ -370,7 +370,7 @@ def run(args: argparse.Namespace) -> dict:
             for batch in batches:
                 setup = build_setup(backbone, shape, m, batch, device, args.precision)
                 results, done = measure(setup, device, warmup=1 if quick else 3, rounds=rounds, clock=clock)
-                layout = resolve_layout("auto", device, setup.part.size)
+                layout = resolve_layout("auto", device, setup.part.size, m)
                 title = (f"{label}, {'×'.join(map(str, shape[1:]))}, batch {batch} ({setup.part.size / 1e6:.3g} M "
                          f"shared parameters, '{layout}' gradient layout; {done} rounds per method)")
                 tables.append(_step_table(title, results))
