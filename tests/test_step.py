@@ -17,14 +17,7 @@ from mamo.step import TrainStep
 from mamo.task_gradients import ParameterPartition
 from mamo.tasks import task_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: with two intra-op threads on a loaded machine, OpenMP barriers dominate every tiny op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("path", PATHS)
