@@ -91,7 +91,7 @@ class TrainConfig:
     gradients: str = "exact"  # exact: per-parameter task gradients | ub: MGDA-UB on the shared representation
     precision: str = "fp32"  # fp32 | bf16 (autocast forward; gradients, Gramian and solve stay fp32)
     gradient_path: str = "auto"  # auto | loop | batched: how per-task gradients are computed (auto: per device)
-    gradient_layout: str = "auto"  # auto | flat | parameters: how they are held (auto: per device)
+    gradient_layout: str = "auto"  # auto | flat | parameters: how they are held (auto: by device, size, tasks)
     checkpoint_seconds: float = 60.0  # at most this long between in-run checkpoints (0: after every epoch)
 
 

@@ -261,6 +261,8 @@ def test_unknown_names_exit_2_with_one_sentence(
         ("train.precision=fp16", "unknown precision 'fp16' (train.precision); use one of fp32, bf16"),
         ("train.gradients=approx", "unknown gradient mode 'approx' (train.gradients)"),
         ("train.gradient_path=vmap", "unknown gradient path 'vmap' (train.gradient_path)"),
+        ("train.gradient_layout=dense", "unknown gradient layout 'dense' (train.gradient_layout); use auto, flat, "
+         "parameters"),
     ],
 )
 def test_bad_training_settings_exit_2_before_a_folder_is_made(

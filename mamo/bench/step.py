@@ -118,8 +118,6 @@ def _other_path(device: torch.device) -> str:
     return next(path for path in task_gradients.GRADIENT_PATHS if path != auto)
 
 
-
-
 def _other_layout(formulation: str) -> Callable[[Setup], Step]:
     """MGDA + tensioner with the gradient layout that ``auto`` does not pick for this setup."""
 
