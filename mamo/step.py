@@ -167,7 +167,7 @@ class TrainStep:
             mode = "exact" if self.collect_gramians else self.gradients
             _check_mode(mode)  # search.py switches modes by attribute
         if mode != "exact":
-            # The exact step sets every trainable parameter's .grad itself (the shared ones to views of wᵀJ, the
+            # The exact step sets every trainable parameter's .grad itself (the shared ones to the layout's wᵀJ, the
             # others to their task's gradient) instead of accumulating, so it has nothing to clear: 30-40 µs of a
             # 5 ms LeNet step, measured between steps.
             self.optimizer.zero_grad(set_to_none=True)

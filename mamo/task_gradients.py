@@ -227,6 +227,8 @@ LAYOUTS: dict[str, Callable[[ParameterPartition, torch.device], Layout]] = {
     "flat": FlatLayout,
     "parameters": ParameterLayout,
 }
+
+
 class ParametersLayoutRule(NamedTuple):
     """When ``auto`` holds the gradients per parameter: from ``min_size`` shared parameters, up to ``max_tasks``."""
 

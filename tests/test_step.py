@@ -91,12 +91,13 @@ def test_node_gramians_are_keyed_by_node_and_sum_to_the_gramian():
         torch.testing.assert_close(result.node_gramians[node], jac[:, cols] @ jac[:, cols].T, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", list(task_gradients.LAYOUTS))
 @pytest.mark.parametrize("grow", [False, True])
-def test_exact_steps_overwrite_every_gradient_after_a_summed_one(grow):
+def test_exact_steps_overwrite_every_gradient_after_a_summed_one(grow, layout):
     # The exact step does not clear gradients (it sets them); one left by a summed step must not leak in.
     model = make_model(*MLP, grow=grow)
     x, targets = batch(model)
-    step = frozen_step(model, Equal())  # equal weighting: the summed step, or the exact one with statistics
+    step = frozen_step(model, Equal(), gradient_layout=layout)  # summed, or exact while collecting statistics
     predictions = model(x)
     total = sum(task_loss(model.tasks[t], predictions[t], targets[t]) for t in model.tasks)
     params = [p for p in model.parameters() if p.requires_grad]
