@@ -239,11 +239,12 @@ class ParametersLayoutRule(NamedTuple):
 # Per device; absent: always flat. cpu, measured (docs/performance.md; MGDA + tensioner ÷ the floor, the two
 # layouts alternated in one process, flat → parameters): LeNet (21 k) 1.046 → 1.066 and MobileNetV3-small-050
 # (272 k in 138 tensors) 1.023 → 1.037 on one thread, where J sits in cache and the per-parameter calls cost
-# more than the copies; ResNet-18 (11.2 M) m = 3, medians of eight paired runs on one thread 1.071 → 1.050,
-# and 1.019 / 1.041 → 1.012 / 1.009 on two, where the copies are passes over memory. The dot products grow
-# with the m(m+1)/2 pairs: on two threads m = 4 1.026 → 1.035 and m = 5 1.078 / 1.089 → 1.121 / 1.125 (on one
-# thread m = 5 was mixed: 1.116 → 1.067, 1.079 → 1.084). cuda: NOT measured; few large kernels (a copy per
-# parameter, one product, one matrix-vector product) are expected to beat hundreds of small dot products there.
+# more than the copies; ResNet-18 (11.2 M) m = 3, medians of nine paired runs on one thread 1.070 → 1.052,
+# and 1.019 / 1.041 / 1.065 → 1.012 / 1.009 / 1.052 on two, where the copies are passes over memory. The dot
+# products grow with the m(m+1)/2 pairs: on two threads m = 4 1.026 → 1.035 and m = 5 1.078 / 1.089 → 1.121 /
+# 1.125 (on one thread m = 5 was mixed: 1.116 → 1.067, 1.079 → 1.084). cuda: NOT measured; few large kernels
+# (a copy per parameter, one product, one matrix-vector product) are expected to beat hundreds of small dot
+# products there.
 PARAMETERS_LAYOUT: dict[str, ParametersLayoutRule] = {"cpu": ParametersLayoutRule(min_size=1 << 20, max_tasks=3)}
 
 
