@@ -1,5 +1,5 @@
 """Per-task gradients: the two layouts give the same Gramians and updates, chunked products equal plain ones,
-gradients autograd shares are not overwritten, and ``auto`` picks by device and size."""
+gradients autograd shares are not overwritten, and ``auto`` picks by device, size and number of tasks."""
 
 from __future__ import annotations
 
