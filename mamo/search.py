@@ -232,8 +232,8 @@ def run_search(
     search, tasks = config.search, session.data.tasks
     session.log(f"{'resuming' if resume else 'search'} in {directory} on {session.device}: {method_name(config)}, "
                 f"{search.rounds} detection rounds" + (f"; {', '.join(resume_settings)}" if resume_settings else ""))
-    note = tensioner_window_note(config, len(session.data.train))
-    if note and not resume:
+    note = None if resume else tensioner_window_note(config, len(session.data.train))  # said when it started
+    if note:
         session.log(note)
     recorder = ConflictRecorder()
     watchers = list(callbacks or [])
