@@ -118,6 +118,7 @@ class TensorBoardLogger(Callback):
         self._info_tags: dict[tuple, list[str]] = {}
         self._step_summaries: dict[tuple[str, ...], Summary] = {}
         self._drew_start = False
+        self._resumed = False  # the next phase start is where a resumed process picked up, not a new phase
         self._closed = False
         config_text = yaml.safe_dump(config.to_dict(), sort_keys=False)
         self.events.add_summary(text("config", "    " + config_text.replace("\n", "\n    ")), 0)
@@ -136,6 +137,7 @@ class TensorBoardLogger(Callback):
         self._step = step = self._global_step(trainer)
         self.events.add_event(Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
         self._drew_start = True  # the stopped process drew the network before growth when it started
+        self._resumed = True
 
     @staticmethod
     def _per_task(prefix: str, tasks: list[str], values: list[float]) -> dict[str, float]:
@@ -198,7 +200,10 @@ class TensorBoardLogger(Callback):
         self.events.flush()
 
     def on_phase_start(self, phase: str, model) -> None:
-        self.events.add_summary(text("run/phases", f"{phase} starts after step {self._step}"), self._step)
+        # The stopped process logged this phase's start (or is stopped inside it); say where it picked up.
+        how = "resumes from a checkpoint" if self._resumed else "starts"
+        self._resumed = False
+        self.events.add_summary(text("run/phases", f"{phase} {how} after step {self._step}"), self._step)
         self.events.add_summary(_summary({"model/params": sum(p.numel() for p in model.parameters())}), self._step)
         if self.pictures and not self._drew_start:
             # The network before any growth, as round 0 of the architecture pictures (not when a resumed

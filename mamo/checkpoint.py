@@ -78,6 +78,22 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
+IN_PHASE = "in-phase.pt"  # a search's checkpoint inside a phase, beside the phases' own
+
+
+def newest_state(folder: Path) -> dict | None:
+    """The newest state in a search's checkpoint folder: the in-phase checkpoint when it is inside the phase after
+    the newest phase checkpoint (an older one is stale), else that phase checkpoint; None when there is none."""
+    path = latest_checkpoint(folder)
+    newest = int(path.name.split("-")[1]) if path else -1  # phase-NN-<phase>.pt
+    partial = folder / IN_PHASE
+    if partial.exists():
+        inside = load_checkpoint(partial)
+        if inside["phase_index"] == newest + 1:
+            return inside
+    return load_checkpoint(path) if path else None
+
+
 def trainer_state(trainer: Trainer) -> dict:
     """The trainer as a checkpoint payload: graph, weights, optimizer, direction, data order and counters."""
     return {

@@ -130,5 +130,17 @@ def write_report(
     return text
 
 
+def growth_notes(rounds: list[dict], counts: dict[str, int], dataset: str, module_name: str = "GMK modules") -> str:
+    """The report's growth section: modules per detection round (MAMO Table 3's layout) and per position."""
+    lines = ["## Growth", "", f"{module_name[0].upper()}{module_name[1:]} grown per detection round (MAMO Table 3 "
+             "layout):", ""]
+    header = ["Detection", *(f"MAMO-{r['round']}" for r in rounds)] if rounds else ["Detection", "(no rounds)"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines.append("| " + " | ".join([dataset, *(str(r["modules"]) for r in rounds)]) + " |")
+    lines += ["", "Modules per activated (pair, cell):", ""]
+    lines += [f"- {key}: {n}" for key, n in counts.items()] or ["- none (the network stayed HPS)"]
+    return "\n".join(lines)
+
+
 def write_metrics(run_dir: Path, metrics: dict) -> None:
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))

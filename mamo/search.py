@@ -16,19 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mamo import graph as g
-from mamo.checkpoint import (
-    EpochCheckpoint,
-    latest_checkpoint,
-    load_checkpoint,
-    restore_trainer,
-    save_checkpoint,
-    trainer_state,
-)
+from mamo.checkpoint import IN_PHASE, EpochCheckpoint, newest_state, restore_trainer, save_checkpoint, trainer_state
 from mamo.config import Config, load_config
 from mamo.conflicts import ConflictStats, parse_threshold, select_positions
 from mamo.errors import MamoError
 from mamo.model import count_parameters
-from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
+from mamo.report import build_rows, delta, growth_notes, win_rate, write_metrics, write_report
 from mamo.runs import read_run_config
 from mamo.step import StepResult
 from mamo.train import (
@@ -61,9 +54,6 @@ class ConflictRecorder(Callback):
     def on_step(self, trainer: Trainer, result: StepResult) -> None:
         if self.stats is not None:
             self.stats.update(result.node_gramians)
-
-
-IN_PHASE = "in-phase.pt"
 
 
 class PhaseCheckpoint(EpochCheckpoint):
@@ -184,19 +174,6 @@ def _checkpoint(directory: Path, index: int, phase: str, trainer: Trainer, round
                     {"phase_index": index, "phase": phase, **trainer_state(trainer), "rounds": rounds, **extra})
 
 
-def _resume_state(run_dir: str | Path | None, settings: Sequence[str]) -> tuple[Config, Path, dict | None]:
-    """The folder's config and the newest state: the in-phase checkpoint when it is past the newest phase's."""
-    saved, directory = read_run_config(run_dir, "search", settings)
-    path = latest_checkpoint(directory / "checkpoints")
-    newest = int(path.name.split("-")[1]) if path else -1  # phase-NN-<phase>.pt: read only the one resumed from
-    partial = directory / "checkpoints" / IN_PHASE
-    if partial.exists():
-        inside = load_checkpoint(partial)
-        if inside["phase_index"] == newest + 1:
-            return saved, directory, inside
-    return saved, directory, load_checkpoint(path) if path else None
-
-
 def run_search(
     config: Config,
     run_dir: str | Path | None = None,
@@ -222,7 +199,8 @@ def run_search(
     """
     started = time.perf_counter()
     if resume:
-        config, directory, state = _resume_state(run_dir, resume_settings)
+        config, directory = read_run_config(run_dir, "search", resume_settings)
+        state = newest_state(directory / "checkpoints")
         check_search_config(config)
         session = open_session(config, directory, progress, quiet, cache_root)
     else:
@@ -373,24 +351,13 @@ def _finish(
     draw_architecture(model.graph, directory / "architecture.png", model=model)
     rows = build_rows(results, "STL" if baselines else None, tasks)
     figures = report_plots(directory, rows, rounds, tasks, g.MODULE_NAMES[config.search.modules])
-    notes = _growth_notes(rounds, counts, config) + "".join(
+    notes = growth_notes(rounds, counts, config.data.name, g.MODULE_NAMES[config.search.modules]) + "".join(
         f"\n\n![{path.stem.replace('_', ' ')}]({path.name})" for path in figures)
     text = write_report(directory, f"mamo search: {config.name}", rows, tasks, "STL" if baselines else None, notes)
     write_metrics(directory, metrics)
     session.log("\n" + text)
     session.log(f"search finished in {metrics['seconds']:.1f} s; run folder {directory}")
     return metrics
-
-
-def _growth_notes(rounds: list[dict], counts: dict, config: Config) -> str:
-    grown = g.MODULE_NAMES[config.search.modules]
-    lines = ["## Growth", "", f"{grown[0].upper()}{grown[1:]} grown per detection round (MAMO Table 3 layout):", ""]
-    header = ["Detection", *(f"MAMO-{r['round']}" for r in rounds)] if rounds else ["Detection", "(no rounds)"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.append("| " + " | ".join([config.data.name, *(str(r["modules"]) for r in rounds)]) + " |")
-    lines += ["", "Modules per activated (pair, cell):", ""]
-    lines += [f"- {key}: {n}" for key, n in counts.items()] or ["- none (the network stayed HPS)"]
-    return "\n".join(lines)
 
 
 def add_arguments_search(parser: argparse.ArgumentParser) -> None:

@@ -110,6 +110,11 @@ def test_a_resumed_search_shows_each_step_once(tmp_path):
     assert steps(events, "train/loss/left") == list(range(1, total + 1))
     assert steps(events, "val/loss/left") == list(range(STEPS_PER_EPOCH, total + 1, STEPS_PER_EPOCH))
     assert [e.step for e in events.Images("architecture")] == [0, 1, 2]  # before growth, after each round
+    phases = [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors("run/phases/text_summary")]
+    assert phases == [(0, "pretrain starts after step 0"),
+                      (STEPS_PER_EPOCH, f"pretrain resumes from a checkpoint after step {STEPS_PER_EPOCH}"),
+                      (8, "round1 starts after step 8"), (12, "round2 starts after step 12"),
+                      (16, "final starts after step 16")]
 
 
 def test_a_search_logs_each_round(searched):
