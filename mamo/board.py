@@ -200,7 +200,8 @@ class TensorBoardLogger(Callback):
         self.events.flush()
 
     def on_phase_start(self, phase: str, model) -> None:
-        # The stopped process logged this phase's start (or is stopped inside it); say where it picked up.
+        # Right after a resume the stopped process has already logged this phase's start (or stopped inside the
+        # phase), so the text says where this process picked up instead of announcing a new start.
         how = "resumes from a checkpoint" if self._resumed else "starts"
         self._resumed = False
         self.events.add_summary(text("run/phases", f"{phase} {how} after step {self._step}"), self._step)
