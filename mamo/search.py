@@ -350,8 +350,9 @@ def _finish(
 
     draw_architecture(model.graph, directory / "architecture.png", model=model)
     rows = build_rows(results, "STL" if baselines else None, tasks)
-    figures = report_plots(directory, rows, rounds, tasks, g.MODULE_NAMES[config.search.modules])
-    notes = growth_notes(rounds, counts, config.data.name, g.MODULE_NAMES[config.search.modules]) + "".join(
+    grown = g.MODULE_NAMES[config.search.modules]
+    figures = report_plots(directory, rows, rounds, tasks, grown)
+    notes = growth_notes(rounds, counts, config.data.name, grown) + "".join(
         f"\n\n![{path.stem.replace('_', ' ')}]({path.name})" for path in figures)
     text = write_report(directory, f"mamo search: {config.name}", rows, tasks, "STL" if baselines else None, notes)
     write_metrics(directory, metrics)
