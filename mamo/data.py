@@ -9,6 +9,7 @@ called by :mod:`mamo.data_plugins`). :func:`load_data` builds and validates eith
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -314,20 +315,31 @@ def load_data(cfg: DataConfig) -> MultiTaskData:
 # ----------------------------------------------------------------------------------------------------- batching
 
 
+def batches_per_epoch(size: int, batch_size: int, drop_single: bool = False) -> int:
+    """How many batches :func:`iterate_batches` yields for ``size`` samples."""
+    full, rest = divmod(size, batch_size)
+    return full + (rest > 1 or (rest == 1 and not (drop_single and full)))
+
+
 def iterate_batches(
-    dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None
+    dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None, drop_single: bool = False
 ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
     """One epoch of ``(x, {task: target})`` batches; the order depends only on ``generator`` when shuffling.
+
+    ``drop_single`` (training) skips a last batch of one sample after full ones: batch-norm in training mode
+    raises on one value per channel, which one image gives once its feature map has shrunk to 1 × 1 (timm's
+    ResNets on 32 × 32 inputs). With shuffling a different sample sits out each epoch.
 
     A :class:`TensorTaskDataset` is sliced directly (a DataLoader would collate sample by sample, which
     dominates the time on small models); any other Dataset goes through a DataLoader in the main process.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MamoError(f"batch size must be a positive integer, got {batch_size!r}; fix train.batch_size.")
+    count = batches_per_epoch(len(dataset), batch_size, drop_single)
     if isinstance(dataset, TensorTaskDataset):
         n = len(dataset)
         order = torch.randperm(n, generator=generator) if shuffle else None
-        for start in range(0, n, batch_size):
+        for start in range(0, count * batch_size, batch_size):
             if order is None:
                 rows: slice | Tensor = slice(start, start + batch_size)
             else:
@@ -335,6 +347,6 @@ def iterate_batches(
             yield dataset.x[rows], {name: target[rows] for name, target in dataset.targets.items()}
         return
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
-    for batch in loader:
+    for batch in itertools.islice(loader, count):
         # default_collate turns the (x, targets) pair into a list; keep the promised tuple.
         yield batch[0], batch[1]

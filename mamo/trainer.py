@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from mamo.config import TrainConfig
-from mamo.data import iterate_batches
+from mamo.data import batches_per_epoch, iterate_batches
 from mamo.errors import MamoError, TrainingDiverged
 from mamo.model import MamoNet
 from mamo.step import StepResult, TrainStep, check_step_settings
@@ -193,8 +193,9 @@ class Trainer:
     def fit(self, epochs: int) -> list[dict]:
         for _ in range(epochs):
             start = time.perf_counter()
-            batches = iterate_batches(self.train_set, self.batch_size, shuffle=True, generator=self.generator)
-            total = -(-len(self.train_set) // self.batch_size)
+            batches = iterate_batches(self.train_set, self.batch_size, shuffle=True, generator=self.generator,
+                                      drop_single=True)
+            total = batches_per_epoch(len(self.train_set), self.batch_size, drop_single=True)
             bar = tqdm(batches, total=total, desc=f"{self.description} epoch {self.epoch + 1}",
                        disable=not self.progress, leave=False, dynamic_ncols=True)
             train_loss = torch.zeros(len(self.model.tasks))

@@ -150,6 +150,31 @@ def test_ub_uses_representation_gradients():
         torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
 
 
+
+def test_switching_between_ub_and_exact_restarts_the_tensioner_history():
+    # The search runs detection rounds in exact mode inside ub training: a tensioner must not compare
+    # representation-gradient norms with parameter-gradient norms.
+    from mamo.directions import MGDA, Tensioner
+
+    model = make_model()
+    x, targets = batch(model)
+    direction = Tensioner(MGDA(), "relative", T=2, alpha=0.5)
+    step = frozen_step(model, direction, gradients="ub")
+    for _ in range(3):
+        step(x, targets)
+    assert direction.iteration == 3
+    ub_norms = [list(queue) for queue in direction.state_dict()["norms"]]
+    step.collect_gramians = True  # what a detection round does
+    step(x, targets)
+    assert direction.iteration == 1  # a fresh history, holding this step's parameter-gradient norms only
+    exact_norms = [queue[-1] for queue in direction.state_dict()["norms"]]
+    assert all(abs(e - u[-1]) > 1e-3 * u[-1] for e, u in zip(exact_norms, ub_norms, strict=True))
+    step(x, targets)
+    assert direction.iteration == 2  # no reset while the mode stays
+    step.collect_gramians = False
+    step(x, targets)
+    assert direction.iteration == 1
+
 @pytest.mark.parametrize("direction", [Equal(), mgda()], ids=["summed", "exact"])
 def test_nan_loss_raises_naming_the_task(direction):
     tasks = {"good": {"type": "classification", "classes": 3}, "bad": {"type": "regression", "dim": 2}}

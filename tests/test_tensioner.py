@@ -114,6 +114,49 @@ def test_shrink_keeps_every_task_non_conflicting_on_adversarial_inputs(formulati
     assert shrunk > 0  # the inputs really needed the shrink
 
 
+def _float32_gramian(J: np.ndarray) -> torch.Tensor:
+    """What the training step hands a direction: the Gramian of a float32 J, computed in float32."""
+    J32 = torch.from_numpy(J).float()
+    return J32 @ J32.T
+
+
+@pytest.mark.parametrize("formulation", ["thesis", "relative"])
+@pytest.mark.parametrize("base", ["mgda", "central"])
+def test_shrink_protects_every_task_at_a_pareto_stationary_point_of_a_float32_gramian(formulation, base):
+    # Nearly opposed gradients: the base's (Gw)_t are 0 in exact arithmetic, slightly negative in float32.
+    # A floor that reads them as conflicts lets the pull push against a task.
+    rng = np.random.default_rng(7)
+    for _ in range(6):
+        g = rng.standard_normal(200_000)
+        J = np.stack([g, -1.3 * g + 1e-4 * rng.standard_normal(g.size)])
+        direction = build(base, formulation, alpha=0.5)
+        for _ in range(T + 1):
+            out = direction(_float32_gramian(J), torch.tensor([2.0, 0.1]))
+        dots = J @ combine(out.weights, torch.from_numpy(J)).numpy() / (J * J).sum(1)
+        assert dots.min() > -1e-4, dots
+
+
+def test_thesis_pull_keeps_only_unit_vectors_a_float32_gramian_resolves():
+    # g_2 within 0.1–1% of g_1: ||g_t − v|| comes from a difference of float32 Gramian entries. A kept term
+    # c_t (g_t − v)/||g_t − v|| must have length c_t, not a multiple of it.
+    rng = np.random.default_rng(3)
+    for spread in (1e-2, 3e-3, 1e-3):
+        g = rng.standard_normal(1_000_000)
+        J = np.stack([g, g + spread * rng.standard_normal(g.size)])
+        direction = Tensioner(MGDA(), "thesis", T=1, alpha=1.0)
+        for _ in range(2):
+            out = direction(_float32_gramian(J), torch.tensor([1.0, 1.0]))
+        v, v_n = (combine(w, torch.from_numpy(J)).numpy() for w in (out.info["base_weights"], out.weights))
+        pull = v_n - v
+        if out.info["shrink"] == 1.0 and np.linalg.norm(pull) > 0:
+            # With m = 2 and equal losses both terms have the same c; each unit term has length c.
+            c = out.info["c"][0].item()
+            units = [J[t] - v for t in range(2)]
+            lengths = [np.linalg.norm(u) for u in units]
+            expected = sum(c * u / n for u, n in zip(units, lengths, strict=True) if n > 3e-3 * np.linalg.norm(g))
+            assert np.linalg.norm(pull - expected) <= 0.05 * c, spread
+
+
 def test_shrink_leaves_tasks_the_base_already_opposes_unconstrained():
     direction = Tensioner(Equal(), "relative", T=1, alpha=1.0)
     J = torch.tensor([[1.0, 0.0], [-3.0, 0.1], [0.0, 1.0]], dtype=torch.float64)  # Σg opposes g_1

@@ -61,11 +61,14 @@ BASES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+NON_CONFLICTING = {"mgda", "central"}  # the bases whose Direction objects promise g_t · d ≥ 0
+
+
 def _thesis_pull(G, w, gw, c, alpha):
     diag = np.stack([G[0, 0], G[1, 1]])
     vv = (w * gw).sum(axis=0)
     sq = diag - 2.0 * gw + vv
-    keep = sq > 1e-8 * (diag + vv)
+    keep = sq > 1e-8 * (diag + vv)  # float64 Gramians here: resolvable far below the step's float32 1e-5
     return np.where(keep, c / np.sqrt(np.where(keep, sq, 1.0)), 0.0)
 
 
@@ -78,12 +81,15 @@ class VectorDirection:
     losses (2, R).
 
     Mirrors :class:`mamo.directions.Tensioner` step for step (history of T + 1 norms, ζ, δ, c, the pull, the
-    shrink that keeps ``g_t · v_n ≥ 0``), with one α per run.
+    shrink that keeps ``g_t · v_n ≥ 0``), with one α per run. Its Gramians are float64, exact for a
+    12-parameter network, so its two tolerances sit at float64's scale (1e-8, 1e-9) where the Tensioner's
+    sit at the training step's float32 Gramian (1e-5, 1e-6).
     """
 
     def __init__(self, base: str, formulation: str = "off", T: int = 10, alpha: np.ndarray | None = None,
                  runs: int = 1):
         self.base, self.formulation, self.T = BASES[base], formulation, T
+        self.non_conflicting = base in NON_CONFLICTING  # every task constrained, as Tensioner does
         self.alpha = np.zeros(runs) if alpha is None else np.asarray(alpha, dtype=float)
         self.history = np.zeros((2, T + 1, runs))
         self.calls = 0
@@ -108,7 +114,8 @@ class VectorDirection:
         a = PULLS[self.formulation](G, w, gw, c, self.alpha)
         step = a - a.sum(axis=0) * w
         g_step = (G * step[None]).sum(axis=1)
-        cand = (gw >= -1e-9 * diag.max(axis=0)) & (g_step < 0.0)
+        floor = -np.inf if self.non_conflicting else -1e-9 * diag.max(axis=0)  # float64: 1e-9, not 1e-6
+        cand = (gw >= floor) & (g_step < 0.0)
         limit = np.where(cand, np.maximum(gw, 0.0) / np.where(cand, -g_step, 1.0), np.inf)
         shrink = np.minimum(limit.min(axis=0), 1.0)
         off = (self.alpha == 0.0) & OFF_AT_ZERO_ALPHA[self.formulation]
