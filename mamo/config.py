@@ -115,7 +115,7 @@ class SearchConfig:
     rounds: int = 2  # Z, the number of conflict-detection rounds (0 = HPS)
     pretrain_epochs: int = 2
     round_epochs: int = 1
-    final_epochs: int = 4
+    final_epochs: int | None = None  # None: the rest of train.epochs (the baselines' budget), whatever Z is
     threshold: str = "global"  # global | layer | topk:K
     modules: str = "gmk"  # gmk: pair modules (MAMO) | exclusive: task-exclusive modules (CoNAL, 'w/o GMK')
     baselines: bool = True  # train (or reuse cached) STL and HPS for the report

@@ -90,15 +90,41 @@ def method_name(config: Config) -> str:
     return f"MAMO ({base})" if config.search.modules == "gmk" else f"MAMO w/o GMK ({base})"
 
 
-def check_search_config(config: Config) -> None:
-    """The search section's own settings; fails before any folder is made."""
+def check_search_config(config: Config, rounds_setting: str = "search.rounds") -> None:
+    """The search section's own settings; fails before any folder is made. ``rounds_setting`` names what sets
+    the number of rounds (tune checks its range's ends)."""
     if config.search.modules not in g.MODULE_NAMES:
         raise MamoError(f"unknown search.modules '{config.search.modules}'; use one of {', '.join(g.MODULE_NAMES)}.")
     parse_threshold(config.search.threshold)
     for key in ("rounds", "pretrain_epochs", "round_epochs", "final_epochs"):
         value = getattr(config.search, key)
-        if value < 0 or (key == "round_epochs" and value < 1 and config.search.rounds > 0):
+        if value is not None and (value < 0 or (key == "round_epochs" and value < 1 and config.search.rounds > 0)):
             raise MamoError(f"search.{key} must be a non-negative integer (round_epochs ≥ 1), got {value}; fix it.")
+    search = config.search
+    before_final = search.pretrain_epochs + search.rounds * search.round_epochs
+    if search.final_epochs is None and before_final > config.train.epochs:
+        raise MamoError(f"search.pretrain_epochs + search.rounds × search.round_epochs = {search.pretrain_epochs} + "
+                        f"{search.rounds} × {search.round_epochs} = {before_final} epochs leave "
+                        f"nothing of the budget train.epochs = {config.train.epochs} for the final phase; raise "
+                        f"train.epochs, lower {rounds_setting} or set search.final_epochs.")
+
+
+def final_epochs(config: Config) -> int:
+    """The final phase's epochs: ``search.final_epochs``, or (None) what pretraining and the rounds leave of
+    ``train.epochs``, so that the search trains as long as each baseline whatever the number of rounds."""
+    search = config.search
+    if search.final_epochs is not None:
+        return search.final_epochs
+    return config.train.epochs - search.pretrain_epochs - search.rounds * search.round_epochs
+
+
+def budget_note(config: Config) -> str | None:
+    """A log line when the search's epochs differ from the baselines' budget (an explicit final_epochs)."""
+    total = config.search.pretrain_epochs + config.search.rounds * config.search.round_epochs + final_epochs(config)
+    if not config.search.baselines or total == config.train.epochs:
+        return None
+    return (f"note: the search trains {total} epochs and the STL/HPS baselines train.epochs = {config.train.epochs}, "
+            "so the report compares different budgets; leave search.final_epochs unset (null) to match them.")
 
 
 def _round_record(
@@ -141,13 +167,13 @@ def tensioner_window_note(config: Config, train_size: int, T: int | None = None,
     a growth, which resets its window to T + 1 steps; None when it can. ``setting`` names what to lower."""
     T = config.direction.tensioner.T if T is None else T
     per_epoch = -(-train_size // config.train.batch_size)
-    steps = per_epoch * config.search.final_epochs
+    final = final_epochs(config)
+    steps = per_epoch * final
     if config.direction.tensioner.formulation == "off" or config.search.rounds == 0 or T + 1 <= steps:
         return None
     return (f"note: after the network grows, the tensioner needs T + 1 = {T + 1} steps before it acts, and the "
-            f"final phase has {steps} ({config.search.final_epochs} epoch{'s' * (config.search.final_epochs != 1)} of "
-            f"{per_epoch} steps); if the last round grows, it will not act there. Lower {setting} or raise "
-            "search.final_epochs.")
+            f"final phase has {steps} ({final} epoch{'s' * (final != 1)} of {per_epoch} steps); if the last round "
+            f"grows, it will not act there. Lower {setting} or raise search.final_epochs (or train.epochs).")
 
 
 def _grow(trainer: Trainer, stats: ConflictStats, config: Config, z: int) -> tuple[list, list[str]]:
@@ -210,9 +236,9 @@ def run_search(
     search, tasks = config.search, session.data.tasks
     session.log(f"{'resuming' if resume else 'search'} in {directory} on {session.device}: {method_name(config)}, "
                 f"{search.rounds} detection rounds" + (f"; {', '.join(resume_settings)}" if resume_settings else ""))
-    note = None if resume else tensioner_window_note(config, len(session.data.train))  # said when it started
-    if note:
-        session.log(note)
+    for note in ([] if resume else [budget_note(config), tensioner_window_note(config, len(session.data.train))]):
+        if note:  # said when it started
+            session.log(note)
     recorder = ConflictRecorder()
     watchers = list(callbacks or [])
     try:
@@ -279,7 +305,7 @@ def _run_phases(
             if done:
                 best.load_state_dict(partial["best"])
             trainer.callbacks.insert(trainer.callbacks.index(saver), best)  # the saver sees this epoch's best
-            trainer.fit(search.final_epochs - done)
+            trainer.fit(final_epochs(config) - done)
             trainer.callbacks.remove(best)
             best.restore(model)
         else:

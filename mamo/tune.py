@@ -142,7 +142,7 @@ def _check_space_ends(config: Config) -> None:
     tuned = {name: getattr(config.tune, name) for name in SPACE if getattr(config.tune, name) is not None}
     for end in (0, -1):
         probe = apply_params(config, {name: values[end] for name, values in tuned.items()})
-        check_search_config(probe)
+        check_search_config(probe, rounds_setting="tune.rounds' upper end")
         check_train_settings(probe)
         create_direction(probe.direction)
 
@@ -164,6 +164,11 @@ def _reference(config: Config, directory: Path, search: bool, multi: bool, progr
         note = tensioner_window_note(widest, len(session.data.train), config.tune.T[1], "tune.T's upper end")
         if note:
             session.log(note)
+    if config.search.final_epochs is not None and config.tune.rounds and config.tune.rounds[0] != config.tune.rounds[1]:
+        session.log(f"note: search.final_epochs = {config.search.final_epochs} is fixed, so a trial with more rounds "
+                    f"trains longer than one with fewer, and than the STL reference (train.epochs = "
+                    f"{config.train.epochs}); leave search.final_epochs unset (null) to keep every trial at that "
+                    "budget.")
     baselines = config.search.baselines
     kinds = [kind for kind, needed in (("stl", baselines or not multi), ("hps", baselines)) if needed]
     results = {kind: cached_baseline(session, kind, config.train.epochs) for kind in kinds}

@@ -21,6 +21,7 @@ from mamo.errors import MamoError
 from mamo.export import load_trained
 from mamo.model import compile_model
 from mamo.report import delta
+from mamo.search import final_epochs
 from mamo.spaces import create_space
 from mamo.step import TrainStep
 from mamo.tasks import parse_tasks
@@ -179,7 +180,7 @@ def test_ablation_variants_train_as_long_as_the_baselines_and_run_the_default_on
     for name, overrides in table.items():
         config = load_config("multimnist", overrides)
         used = config.search.pretrain_epochs + config.search.rounds * config.search.round_epochs
-        assert used + config.search.final_epochs == 30, name
+        assert used + final_epochs(config) == 30, name
     assert "search.modules=exclusive" in table["w/o GMK (task-exclusive modules)"]
 
 

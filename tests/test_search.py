@@ -14,7 +14,7 @@ from mamo.cli import main
 from mamo.config import load_config
 from mamo.errors import MamoError, TrainingDiverged
 from mamo.export import FORMATS, architecture_tree, export, load_trained
-from mamo.search import run_search, tensioner_window_note
+from mamo.search import budget_note, check_search_config, final_epochs, run_search, tensioner_window_note
 from mamo.trainer import Callback
 
 TINY = [
@@ -66,6 +66,30 @@ def test_the_tensioner_note_appears_only_when_the_window_cannot_fit():
     assert tensioner_window_note(tiny("direction.tensioner.formulation=off"), 256) is None
     assert tensioner_window_note(tiny("search.rounds=0"), 256) is None  # nothing grows, nothing resets it
     assert "Lower tune.T's upper end" in tensioner_window_note(tiny(), 256, T=30, setting="tune.T's upper end")
+
+
+def test_the_final_phase_takes_the_rest_of_the_baselines_budget_unless_set():
+    budget = ["train.epochs=30", "search.pretrain_epochs=4", "search.round_epochs=3", "search.final_epochs=null"]
+    assert [final_epochs(tiny(*budget, f"search.rounds={z}")) for z in (0, 2, 5)] == [26, 20, 11]
+    assert final_epochs(tiny(*budget, "search.final_epochs=7")) == 7
+    with pytest.raises(MamoError, match=r"4 \+ .* = 34 epochs leave nothing of the budget train.epochs = 30"):
+        check_search_config(tiny(*budget, "search.rounds=10"))
+
+
+def test_a_search_longer_or_shorter_than_its_baselines_is_noted():
+    assert budget_note(tiny("search.final_epochs=null")) is None
+    assert "trains 5 epochs and the STL/HPS baselines train.epochs = 2" in budget_note(tiny("search.final_epochs=2"))
+    assert budget_note(tiny("search.final_epochs=2", "search.baselines=false")) is None
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(__file__).parents[1] / "search_spaces").glob("*.yaml")))
+def test_every_preset_searches_with_its_baselines_budget(preset):
+    from mamo.tune import _check_space_ends
+
+    config = load_config(preset)
+    check_search_config(config)
+    assert budget_note(config) is None, preset
+    _check_space_ends(config)  # `tune PRESET` too: its range of Z leaves every trial's final phase ≥ 0 epochs
 
 
 def test_round_records_match_the_grown_graph(finished):
