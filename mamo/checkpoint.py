@@ -72,10 +72,13 @@ def load_checkpoint(path: Path) -> dict:
         ) from exc
 
 
+def _phase_number(path: Path) -> int:
+    return int(path.name.split("-")[1])  # phase-NN-<phase>.pt
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest ``phase-NN-*.pt`` in ``folder`` (phases are numbered in order)."""
-    found = sorted(folder.glob("phase-*.pt"))
-    return found[-1] if found else None
+    """The newest ``phase-NN-*.pt`` in ``folder``, by number: from 100 phases on, names no longer sort in order."""
+    return max(folder.glob("phase-*.pt"), key=_phase_number, default=None)
 
 
 IN_PHASE = "in-phase.pt"  # a search's checkpoint inside a phase, beside the phases' own
@@ -85,7 +88,7 @@ def newest_state(folder: Path) -> dict | None:
     """The newest state in a search's checkpoint folder: the in-phase checkpoint when it is inside the phase after
     the newest phase checkpoint (an older one is stale), else that phase checkpoint; None when there is none."""
     path = latest_checkpoint(folder)
-    newest = int(path.name.split("-")[1]) if path else -1  # phase-NN-<phase>.pt
+    newest = _phase_number(path) if path else -1
     partial = folder / IN_PHASE
     if partial.exists():
         inside = load_checkpoint(partial)

@@ -226,6 +226,8 @@ def resolve_preset(preset: str | None) -> Path | None:
         return None
     path = Path(preset)
     if path.suffix in (".yaml", ".yml") and path.exists():
+        if not path.is_file():
+            raise MamoError(f"preset {path} is a folder, not a YAML file; pass the file inside it or another preset.")
         return path
     named = PRESET_DIR / f"{preset}.yaml"
     if named.exists():
@@ -263,9 +265,14 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     raw: dict = {}
     if path is not None:
         try:
-            raw = load_yaml(path.read_text()) or {}
+            raw = load_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise MamoError(f"preset {path} is not valid YAML ({exc.__class__.__name__}); fix its syntax.") from exc
+        except UnicodeDecodeError as exc:
+            raise MamoError(f"preset {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML.") from exc
+        except OSError as exc:
+            raise MamoError(f"preset {path} cannot be read ({exc.strerror or exc}); make it readable or pass "
+                            "another preset.") from exc
         if not isinstance(raw, dict):
             raise MamoError(f"preset {path} holds a {type(raw).__name__}, not a mapping of sections; "
                             "write it as 'section: {key: value}'.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -19,19 +20,38 @@ RUNS_ROOT = Path("runs")
 
 
 def free_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Path:
-    """The run folder a command will create (``run_dir``, else runs/<timestamp>-<command>-<preset>), checked to be
-    free; nothing is created, so a command can validate its inputs first and leave no folder behind on bad input."""
-    path = Path(run_dir) if run_dir else RUNS_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{config.name}"
+    """The run folder a command will create (``run_dir``, else runs/<timestamp>-<command>-<preset>, with -2, -3,
+    ... when that is taken), checked to be free; nothing is created, so a command can validate its inputs first
+    and leave no folder behind on bad input."""
+    if not run_dir:
+        base = RUNS_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{config.name}"
+        candidates = (base if n == 1 else base.with_name(f"{base.name}-{n}") for n in itertools.count(1))
+        return next(path for path in candidates if not path.exists())
+    path = Path(run_dir)
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise MamoError(f"--run-dir {path} lies below {blocking}, which is a file; pick another --run-dir.")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise MamoError(f"run folder {path} already exists and is not empty; pass a new --run-dir or remove it.")
     return path
 
 
-def new_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Path:
-    """Create the run folder (see :func:`free_run_dir`) with checkpoints/ and the resolved config.yaml."""
-    path = free_run_dir(run_dir, config, command)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "checkpoints").mkdir(exist_ok=True)
+def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: Path | None = None) -> Path:
+    """Create the run folder ``path`` (default: :func:`free_run_dir`) with checkpoints/ and the resolved
+    config.yaml. Creating checkpoints/ claims the folder: of two runs that picked the same one (two commands
+    started in the same second), the second takes the next free default name, or is refused if ``run_dir``
+    named the folder."""
+    path = path or free_run_dir(run_dir, config, command)
+    while True:
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            (path / "checkpoints").mkdir()
+            break
+        except FileExistsError:
+            if run_dir:
+                raise MamoError(f"run folder {path} was taken by another run meanwhile; pass a new --run-dir."
+                                ) from None
+            path = free_run_dir(None, config, command)
     dump_config(config, path / "config.yaml")
     return path
 

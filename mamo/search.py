@@ -18,11 +18,19 @@ from pathlib import Path
 from mamo import graph as g
 from mamo.checkpoint import IN_PHASE, EpochCheckpoint, newest_state, restore_trainer, save_checkpoint, trainer_state
 from mamo.config import Config, load_config
-from mamo.conflicts import ConflictStats, parse_threshold, select_positions
+from mamo.conflicts import ConflictStats, select_positions
 from mamo.errors import MamoError
 from mamo.model import count_parameters
 from mamo.report import build_rows, delta, growth_notes, win_rate, write_metrics, write_report
 from mamo.runs import read_run_config
+from mamo.search_plan import (
+    budget_note,
+    check_search_config,
+    final_epochs,
+    method_name,
+    phase_names,
+    tensioner_window_note,
+)
 from mamo.step import StepResult
 from mamo.train import (
     Session,
@@ -66,9 +74,10 @@ class PhaseCheckpoint(EpochCheckpoint):
         self.recorder = recorder
         self.phase: dict = {}
 
-    def begin(self, index: int, phase: str, start_epoch: int, rounds: list[dict], phase_seconds: dict) -> None:
+    def begin(self, index: int, phase: str, start_epoch: int, rounds: list[dict], phase_seconds: dict,
+              run_started: float) -> None:
         self.phase = {"phase_index": index, "phase": phase, "start_epoch": start_epoch, "rounds": rounds,
-                      "phase_seconds": phase_seconds, "started": time.perf_counter()}
+                      "phase_seconds": phase_seconds, "started": time.perf_counter(), "run_started": run_started}
 
     def payload(self, trainer: Trainer) -> dict:
         phase, seconds = self.phase["phase"], self.phase["phase_seconds"]
@@ -77,54 +86,8 @@ class PhaseCheckpoint(EpochCheckpoint):
             **super().payload(trainer), "phase_index": self.phase["phase_index"], "phase": phase,
             "epochs_done": trainer.epoch - self.phase["start_epoch"], "rounds": self.phase["rounds"],
             "phase_seconds": {**seconds, phase: elapsed}, "stats": self.recorder.stats,
+            "seconds": time.perf_counter() - self.phase["run_started"],
         }
-
-
-def phase_names(rounds: int) -> list[str]:
-    return ["pretrain", *(f"round{z}" for z in range(1, rounds + 1)), "final"]
-
-
-def method_name(config: Config) -> str:
-    tensioner = config.direction.tensioner.formulation
-    base = config.direction.name + ("" if tensioner == "off" else f"+tensioner({tensioner})")
-    return f"MAMO ({base})" if config.search.modules == "gmk" else f"MAMO w/o GMK ({base})"
-
-
-def check_search_config(config: Config, rounds_setting: str = "search.rounds") -> None:
-    """The search section's own settings; fails before any folder is made. ``rounds_setting`` names what sets
-    the number of rounds (tune checks its range's ends)."""
-    if config.search.modules not in g.MODULE_NAMES:
-        raise MamoError(f"unknown search.modules '{config.search.modules}'; use one of {', '.join(g.MODULE_NAMES)}.")
-    parse_threshold(config.search.threshold)
-    for key in ("rounds", "pretrain_epochs", "round_epochs", "final_epochs"):
-        value = getattr(config.search, key)
-        if value is not None and (value < 0 or (key == "round_epochs" and value < 1 and config.search.rounds > 0)):
-            raise MamoError(f"search.{key} must be a non-negative integer (round_epochs ≥ 1), got {value}; fix it.")
-    search = config.search
-    before_final = search.pretrain_epochs + search.rounds * search.round_epochs
-    if search.final_epochs is None and before_final > config.train.epochs:
-        raise MamoError(f"search.pretrain_epochs + search.rounds × search.round_epochs = {search.pretrain_epochs} + "
-                        f"{search.rounds} × {search.round_epochs} = {before_final} epochs leave "
-                        f"nothing of the budget train.epochs = {config.train.epochs} for the final phase; raise "
-                        f"train.epochs, lower {rounds_setting} or set search.final_epochs.")
-
-
-def final_epochs(config: Config) -> int:
-    """The final phase's epochs: ``search.final_epochs``, or (None) what pretraining and the rounds leave of
-    ``train.epochs``, so that the search trains as long as each baseline whatever the number of rounds."""
-    search = config.search
-    if search.final_epochs is not None:
-        return search.final_epochs
-    return config.train.epochs - search.pretrain_epochs - search.rounds * search.round_epochs
-
-
-def budget_note(config: Config) -> str | None:
-    """A log line when the search's epochs differ from the baselines' budget (an explicit final_epochs)."""
-    total = config.search.pretrain_epochs + config.search.rounds * config.search.round_epochs + final_epochs(config)
-    if not config.search.baselines or total == config.train.epochs:
-        return None
-    return (f"note: the search trains {total} epochs and the STL/HPS baselines train.epochs = {config.train.epochs}, "
-            "so the report compares different budgets; leave search.final_epochs unset (null) to match them.")
 
 
 def _round_record(
@@ -159,21 +122,6 @@ def _serialisable(record: dict) -> dict:
         "val_delta": record["val_delta"],
         "conflicts": record["stats"].to_dict(),
     }
-
-
-def tensioner_window_note(config: Config, train_size: int, T: int | None = None, setting: str = "direction.tensioner.T"
-                          ) -> str | None:
-    """A log line when the tensioner (window ``T``, default the config's) could not act in the final phase after
-    a growth, which resets its window to T + 1 steps; None when it can. ``setting`` names what to lower."""
-    T = config.direction.tensioner.T if T is None else T
-    per_epoch = -(-train_size // config.train.batch_size)
-    final = final_epochs(config)
-    steps = per_epoch * final
-    if config.direction.tensioner.formulation == "off" or config.search.rounds == 0 or T + 1 <= steps:
-        return None
-    return (f"note: after the network grows, the tensioner needs T + 1 = {T + 1} steps before it acts, and the "
-            f"final phase has {steps} ({final} epoch{'s' * (final != 1)} of {per_epoch} steps); if the last round "
-            f"grows, it will not act there. Lower {setting} or raise search.final_epochs (or train.epochs).")
 
 
 def _grow(trainer: Trainer, stats: ConflictStats, config: Config, z: int) -> tuple[list, list[str]]:
@@ -226,7 +174,11 @@ def run_search(
     started = time.perf_counter()
     if resume:
         config, directory = read_run_config(run_dir, "search", resume_settings)
+        if (directory / "metrics.json").exists():
+            raise MamoError(f"the search in {directory} has finished (metrics.json is there); nothing to resume.")
         state = newest_state(directory / "checkpoints")
+        # The run's time before the stop (up to its newest checkpoint) counts in metrics.json's seconds.
+        started -= state.get("seconds", 0.0) if state else 0.0
         check_search_config(config)
         session = open_session(config, directory, progress, quiet, cache_root)
     else:
@@ -293,7 +245,7 @@ def _run_phases(
         if index < start_index:
             continue
         done = partial["epochs_done"] if partial and partial["phase_index"] == index else 0
-        saver.begin(index, phase, trainer.epoch - done, rounds, phase_seconds)
+        saver.begin(index, phase, trainer.epoch - done, rounds, phase_seconds, started)
         phase_start = time.perf_counter()
         for callback in watchers:
             callback.on_phase_start(phase, model)
@@ -327,7 +279,8 @@ def _run_phases(
             session.log(f"round {z}: {stats.steps} mini-batches, activated {where}; {len(new_nodes)} new modules, "
                         f"{record['gmk_modules']} in all")
         phase_seconds[phase] = phase_seconds.get(phase, 0.0) + time.perf_counter() - phase_start
-        _checkpoint(directory, index, phase, trainer, rounds, {"phase_seconds": phase_seconds})
+        _checkpoint(directory, index, phase, trainer, rounds,
+                    {"phase_seconds": phase_seconds, "seconds": time.perf_counter() - started})
         (directory / "checkpoints" / IN_PHASE).unlink(missing_ok=True)  # the phase's own checkpoint supersedes it
         if record is not None:
             for callback in watchers:

@@ -224,7 +224,7 @@ def open_run(
     model = build_network(session)
     create_direction(config.direction)
     make_optimizer(model, config.train)
-    directory = new_run_dir(path, config, command)
+    directory = new_run_dir(run_dir, config, command, path)
     session.log.path = directory / "log.txt"
     session.log(f"run folder: {directory}")
     return session, directory

@@ -40,6 +40,8 @@ TRAIN_BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
     "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
     "checkpoint_seconds": (lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
+    # torch's generators take 64-bit seeds, and seed + 1 seeds the direction's own generator.
+    "seed": (lambda v: -(2**63) <= v < 2**63 - 1, "an integer in [-2**63, 2**63 - 1)"),
 }
 
 

@@ -21,7 +21,7 @@ from mamo.errors import MamoError
 from mamo.export import load_trained
 from mamo.model import compile_model
 from mamo.report import delta
-from mamo.search import final_epochs
+from mamo.search_plan import final_epochs
 from mamo.spaces import create_space
 from mamo.step import TrainStep
 from mamo.tasks import parse_tasks

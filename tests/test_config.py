@@ -148,6 +148,22 @@ def test_invalid_yaml_is_refused(tmp_path: Path) -> None:
     assert str(path) in message and "YAML" in message
 
 
+
+def test_a_preset_that_cannot_be_read_as_utf8_text_is_refused(tmp_path: Path, monkeypatch) -> None:
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe train: 1\n")
+    assert "is not UTF-8 text" in error_of(str(binary))
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    assert "is a folder, not a YAML file" in error_of(str(folder))
+    locked = write(tmp_path, "train: {epochs: 1}\n")
+
+    def denied(self, *args, **kwargs):  # root reads any file, so permissions cannot be tested directly
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert "cannot be read (Permission denied)" in error_of(str(locked))
+
 # ------------------------------------------------------------------------------------------------- --set
 
 

@@ -57,6 +57,37 @@ def test_growth_preserves_the_function(position, modules):
         torch.testing.assert_close(after[task], before[task], rtol=0, atol=1e-6)
 
 
+def test_a_new_branch_is_an_exact_fork_of_the_trunk():
+    # β = 0 hides the branch from the outputs, so the preservation test above cannot see how a GMK starts:
+    # copied from the trunk (DESIGN §3), the branch's last features equal the trunk's exactly.
+    model = lenet_model()
+    step = make_step(model)
+    for seed in range(3):
+        step(*batch(seed=seed))
+    model.eval()
+    spawn(model, (("a", "b"), 1))
+    with torch.no_grad():
+        features = model.forward_features(batch(seed=9)[0])
+    torch.testing.assert_close(features[g.branch_id(("a", "b"), 2)], features[g.cell_id(2)], rtol=0, atol=0)
+
+
+def test_a_branch_module_reads_the_mean_of_the_trunk_and_branch_streams():
+    model = lenet_model()
+    spawn(model, (("a", "b"), 1))
+    with torch.no_grad():
+        for param in model.blocks[g.branch_id(("a", "b"), 1)].parameters():
+            param.add_(0.1)  # the branch stream now differs from the trunk's
+    model.eval()
+    x, _ = batch()
+    with torch.no_grad():
+        trunk0 = model.blocks[g.cell_id(0)](x)
+        trunk1 = model.blocks[g.cell_id(1)](trunk0)
+        branch1 = model.blocks[g.branch_id(("a", "b"), 1)](trunk0)  # at its first cell: the trunk's input
+        expected = model.blocks[g.branch_id(("a", "b"), 2)]((trunk1 + branch1) / 2)
+        got = model.forward_features(x)[g.branch_id(("a", "b"), 2)]
+    torch.testing.assert_close(got, expected)
+
+
 def test_growth_into_an_existing_branch_preserves_the_function():
     model = lenet_model()
     spawn(model, (("a", "b"), 2))

@@ -14,7 +14,8 @@ from mamo.cli import main
 from mamo.config import load_config
 from mamo.errors import MamoError, TrainingDiverged
 from mamo.export import FORMATS, architecture_tree, export, load_trained
-from mamo.search import budget_note, check_search_config, final_epochs, run_search, tensioner_window_note
+from mamo.search import run_search
+from mamo.search_plan import budget_note, check_search_config, final_epochs, tensioner_window_note
 from mamo.trainer import Callback
 
 TINY = [
@@ -195,6 +196,12 @@ def test_a_stopped_search_resumes_to_the_same_architecture(tmp_path):
     assert [r["activated"] for r in whole["rounds"]] == [r["activated"] for r in resumed["rounds"]]
     for task, values in whole["tasks"].items():
         assert values == pytest.approx(resumed["tasks"][task], rel=1e-5)
+    # The time before the stop counts: the whole run is at least as long as its phases.
+    assert resumed["seconds"] >= sum(resumed["phase_seconds"].values())
+    finished = (tmp_path / "cut" / "metrics.json").read_bytes()
+    with pytest.raises(MamoError, match=r"has finished \(metrics.json is there\); nothing to resume"):
+        run_search(config, tmp_path / "cut", progress=False, quiet=True, loggers=False, resume=True)
+    assert (tmp_path / "cut" / "metrics.json").read_bytes() == finished
 
 
 class CrashInPhase(Callback):
@@ -340,3 +347,13 @@ def test_bad_search_settings_fail_before_anything_runs(tmp_path, overrides, mess
 def test_resume_needs_a_run_folder(tmp_path, capsys):
     assert main(["search", "--resume", str(tmp_path / "nothing")]) == 2
     assert "--resume needs an existing search run folder" in capsys.readouterr().err
+
+
+def test_the_newest_phase_checkpoint_is_found_by_number_past_99_phases(tmp_path):
+    from mamo.checkpoint import latest_checkpoint
+
+    names = ["phase-00-pretrain.pt", *(f"phase-{k:02d}-round{k}.pt" for k in range(1, 100)), "phase-100-final.pt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert latest_checkpoint(tmp_path).name == "phase-100-final.pt"
+    assert latest_checkpoint(tmp_path / "none") is None

@@ -20,7 +20,7 @@ from mamo.config import load_config, load_yaml
 from mamo.data import load_data
 from mamo.errors import MamoError
 from mamo.report import delta, win_rate
-from mamo.runs import BaselineCache, baseline_key, free_run_dir
+from mamo.runs import BaselineCache, baseline_key, free_run_dir, new_run_dir
 from mamo.train import cached_baseline, open_session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -258,6 +258,7 @@ def test_unknown_names_exit_2_with_one_sentence(
         ("train.momentum=1", "train.momentum must be a number in [0, 1), got 1.0"),
         ("train.weight_decay=-0.1", "train.weight_decay must be a finite number ≥ 0, got -0.1"),
         ("train.checkpoint_seconds=-1", "train.checkpoint_seconds must be a finite number ≥ 0, got -1.0"),
+        ("train.seed=18446744073709551615", "train.seed must be an integer in [-2**63, 2**63 - 1), got 1844"),
         ("train.precision=fp16", "unknown precision 'fp16' (train.precision); use one of fp32, bf16"),
         ("train.gradients=approx", "unknown gradient mode 'approx' (train.gradients)"),
         ("train.gradient_path=vmap", "unknown gradient path 'vmap' (train.gradient_path)"),
@@ -361,6 +362,27 @@ def test_free_run_dir_checks_without_creating(tmp_path: Path) -> None:
     (tmp_path / "empty" / "x").write_text("")
     with pytest.raises(MamoError, match="already exists"):
         free_run_dir(tmp_path / "empty", config, "train")
+
+
+def test_runs_started_in_the_same_second_get_their_own_default_folders(tmp_path: Path, monkeypatch) -> None:
+    import mamo.runs
+
+    monkeypatch.setattr(mamo.runs, "RUNS_ROOT", tmp_path)
+    monkeypatch.setattr(mamo.runs.time, "strftime", lambda fmt: "20261124-120000")
+    config = load_config("logic")
+    planned = [free_run_dir(None, config, "search") for _ in range(2)]  # both planned before either creates
+    assert planned[0] == planned[1] == tmp_path / "20261124-120000-search-logic"
+    made = [new_run_dir(None, config, "search", path) for path in planned]
+    assert [path.name for path in made] == ["20261124-120000-search-logic", "20261124-120000-search-logic-2"]
+    assert free_run_dir(None, config, "search").name == "20261124-120000-search-logic-3"
+    with pytest.raises(MamoError, match="taken by another run"):  # a folder the user named is not renamed
+        new_run_dir(made[0], config, "search", made[0])
+
+
+def test_a_run_folder_below_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("")
+    with pytest.raises(MamoError, match=r"lies below .*config.yaml, which is a file; pick another --run-dir"):
+        free_run_dir(tmp_path / "config.yaml" / "sub", load_config("logic"), "train")
 
 
 def test_run_folder_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,0 +1,73 @@
+"""What a search will do before it runs: its phases and their epochs, its name in reports, and the checks and
+notes on its settings (a budget that differs from the baselines', a tensioner window longer than the final
+phase). Shared by ``search`` and ``tune``, which checks the ends of its ranges with them."""
+
+from __future__ import annotations
+
+from mamo import graph as g
+from mamo.config import Config
+from mamo.conflicts import parse_threshold
+from mamo.data import batches_per_epoch
+from mamo.errors import MamoError
+
+
+def phase_names(rounds: int) -> list[str]:
+    return ["pretrain", *(f"round{z}" for z in range(1, rounds + 1)), "final"]
+
+
+def method_name(config: Config) -> str:
+    tensioner = config.direction.tensioner.formulation
+    base = config.direction.name + ("" if tensioner == "off" else f"+tensioner({tensioner})")
+    return f"MAMO ({base})" if config.search.modules == "gmk" else f"MAMO w/o GMK ({base})"
+
+
+def check_search_config(config: Config, rounds_setting: str = "search.rounds") -> None:
+    """The search section's own settings; fails before any folder is made. ``rounds_setting`` names what sets
+    the number of rounds (tune checks its range's ends)."""
+    if config.search.modules not in g.MODULE_NAMES:
+        raise MamoError(f"unknown search.modules '{config.search.modules}'; use one of {', '.join(g.MODULE_NAMES)}.")
+    parse_threshold(config.search.threshold)
+    for key in ("rounds", "pretrain_epochs", "round_epochs", "final_epochs"):
+        value = getattr(config.search, key)
+        if value is not None and (value < 0 or (key == "round_epochs" and value < 1 and config.search.rounds > 0)):
+            raise MamoError(f"search.{key} must be a non-negative integer (round_epochs ≥ 1), got {value}; fix it.")
+    search = config.search
+    before_final = search.pretrain_epochs + search.rounds * search.round_epochs
+    if search.final_epochs is None and before_final > config.train.epochs:
+        raise MamoError(f"search.pretrain_epochs + search.rounds × search.round_epochs = {search.pretrain_epochs} + "
+                        f"{search.rounds} × {search.round_epochs} = {before_final} epochs leave "
+                        f"nothing of the budget train.epochs = {config.train.epochs} for the final phase; raise "
+                        f"train.epochs, lower {rounds_setting} or set search.final_epochs.")
+
+
+def final_epochs(config: Config) -> int:
+    """The final phase's epochs: ``search.final_epochs``, or (None) what pretraining and the rounds leave of
+    ``train.epochs``, so that the search trains as long as each baseline whatever the number of rounds."""
+    search = config.search
+    if search.final_epochs is not None:
+        return search.final_epochs
+    return config.train.epochs - search.pretrain_epochs - search.rounds * search.round_epochs
+
+
+def budget_note(config: Config) -> str | None:
+    """A log line when the search's epochs differ from the baselines' budget (an explicit final_epochs)."""
+    total = config.search.pretrain_epochs + config.search.rounds * config.search.round_epochs + final_epochs(config)
+    if not config.search.baselines or total == config.train.epochs:
+        return None
+    return (f"note: the search trains {total} epochs and the STL/HPS baselines train.epochs = {config.train.epochs}, "
+            "so the report compares different budgets; leave search.final_epochs unset (null) to match them.")
+
+
+def tensioner_window_note(config: Config, train_size: int, T: int | None = None, setting: str = "direction.tensioner.T"
+                          ) -> str | None:
+    """A log line when the tensioner (window ``T``, default the config's) could not act in the final phase after
+    a growth, which resets its window to T + 1 steps; None when it can. ``setting`` names what to lower."""
+    T = config.direction.tensioner.T if T is None else T
+    per_epoch = batches_per_epoch(train_size, config.train.batch_size, drop_single=True)
+    final = final_epochs(config)
+    steps = per_epoch * final
+    if config.direction.tensioner.formulation == "off" or config.search.rounds == 0 or T + 1 <= steps:
+        return None
+    return (f"note: after the network grows, the tensioner needs T + 1 = {T + 1} steps before it acts, and the "
+            f"final phase has {steps} ({final} epoch{'s' * (final != 1)} of {per_epoch} steps); if the last round "
+            f"grows, it will not act there. Lower {setting} or raise search.final_epochs (or train.epochs).")
