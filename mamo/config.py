@@ -51,6 +51,13 @@ class YamlLoader(yaml.SafeLoader):
     yaml_implicit_resolvers = _core_schema_resolvers()
 
 
+class YamlDumper(yaml.SafeDumper):
+    """Writes what :class:`YamlLoader` reads back unchanged: a string that the core schema would read as a number
+    or a boolean (a preset named ``1e3``) is quoted."""
+
+    yaml_implicit_resolvers = _core_schema_resolvers()
+
+
 def load_yaml(text: str) -> Any:
     """Parse YAML text as presets and ``--set`` values are parsed (see :class:`YamlLoader`)."""
     return yaml.load(text, Loader=YamlLoader)  # a SafeLoader: no arbitrary objects
@@ -286,7 +293,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
 
 
 def dump_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    path.write_text(yaml.dump(config.to_dict(), Dumper=YamlDumper, sort_keys=False, allow_unicode=True))
 
 
 def config_from_dict(raw: dict, source: str) -> Config:

@@ -258,6 +258,17 @@ def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
     assert load_config(str(path)) == config
 
 
+def test_strings_that_look_like_numbers_survive_the_round_trip(tmp_path: Path) -> None:
+    # A preset named 1e3.yaml: PyYAML's own dumper writes the name unquoted (a string in YAML 1.1), and mamo's
+    # core-schema loader would read it back as 1000.0, so --resume and re-running from config.yaml failed.
+    preset = tmp_path / "1e3.yaml"
+    preset.write_text("train: {epochs: 2}\n")
+    config = load_config(str(preset), ["data.root='0x1f'", "direction.tensioner.formulation=off"])
+    dump_config(config, tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml")) == config
+    assert load_config(str(tmp_path / "config.yaml")).name == "1e3"
+
+
 def test_config_from_dict_validates_like_a_preset() -> None:
     raw = dataclasses.asdict(Config())
     raw["data"] = {**raw["data"], "sede": 1}
