@@ -132,9 +132,13 @@ class KeepBest(Callback):
         self.best_epoch = -1
 
     def on_epoch_end(self, trainer: Trainer, metrics: Metrics) -> None:
-        self.reference = self.reference or metrics
+        # A NaN validation loss is never the best, and never the reference: every later ratio would be NaN too.
+        if self.reference is None and all(math.isfinite(m["loss"]) for m in metrics.values()):
+            self.reference = metrics
+        if self.reference is None:
+            return
         score = selection_score(metrics, self.reference)
-        if score <= self.best_score:
+        if math.isfinite(score) and score <= self.best_score:
             self.best_score, self.best_epoch = score, trainer.epoch
             self.best_state = copy.deepcopy(trainer.model.state_dict())
 

@@ -101,3 +101,21 @@ def test_resume_refuses_finished_runs_and_the_other_commands_folders(tmp_path: P
     (stl / "config.yaml").write_text((finished / "config.yaml").read_text().replace("mode: mtl", "mode: stl"))
     assert main(["train", "--resume", str(stl)]) == 2
     assert "continue from the baseline cache instead" in single_error(capsys.readouterr().err)
+
+
+def test_keep_best_skips_epochs_with_a_nan_validation_loss() -> None:
+    import types
+
+    import torch
+
+    from mamo.trainer import KeepBest
+
+    model = torch.nn.Linear(1, 1)
+    keep = KeepBest()
+    for epoch, loss in enumerate([float("nan"), 2.0, 1.0, float("nan"), 1.5], start=1):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        keep.on_epoch_end(types.SimpleNamespace(epoch=epoch, model=model), {"a": {"loss": loss}})
+    assert keep.best_epoch == 3  # a NaN first epoch used to poison every later score, so nothing was kept
+    keep.restore(model)
+    assert model.weight.item() == 3.0
