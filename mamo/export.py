@@ -87,13 +87,16 @@ def write_graphml(model: MamoNet, path: Path) -> None:
 
 
 def write_dot(model: MamoNet, path: Path) -> None:
-    def quote(text: object) -> str:
-        return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    def quote(*parts: object) -> str:
+        # Escape each line's backslashes and quotes, then join with DOT's own line break (escaping the break
+        # too would show a literal "\n").
+        escaped = (str(part).replace("\\", "\\\\").replace('"', '\\"') for part in parts)
+        return '"' + "\\n".join(escaped) + '"'
 
     lines = ["digraph mamo {", "  rankdir=LR;"]
     for node, data in model.graph.nodes(data=True):
-        label = node if "params" not in data else f"{node}\\n{data['params']} params"
-        lines.append(f"  {quote(node)} [label={quote(label)}, kind={quote(data['kind'])}];")
+        label = quote(node) if "params" not in data else quote(node, f"{data['params']} params")
+        lines.append(f"  {quote(node)} [label={label}, kind={quote(data['kind'])}];")
     lines += [f"  {quote(a)} -> {quote(b)};" for a, b in model.graph.edges]
     path.write_text("\n".join(lines + ["}"]) + "\n")
 

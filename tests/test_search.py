@@ -134,7 +134,9 @@ def test_onnx_and_pt2_programs_give_the_same_outputs(finished, tmp_path):
     import networkx as nx
 
     assert set(nx.read_graphml(tmp_path / "architecture.graphml").nodes) == set(model.graph.nodes)
-    assert "digraph mamo" in (tmp_path / "architecture.dot").read_text()
+    dot = (tmp_path / "architecture.dot").read_text()
+    assert "digraph mamo" in dot
+    assert '"cell0" [label="cell0\\n' in dot and "\\\\n" not in dot  # a line break, not a printed backslash
 
 
 def test_export_out_must_be_a_folder(finished, tmp_path, capsys):
