@@ -231,6 +231,8 @@ def _check_sample(dataset: Dataset, split: str, tasks: dict[str, TaskSpec], what
         raise MamoError(f"{what} returned an empty '{split}' split; give every split at least one sample.")
     try:
         sample = dataset[0]
+    except MamoError:
+        raise  # already one sentence naming what to fix (a built-in dataset's bad file)
     except Exception as exc:
         raise MamoError(
             f"{what} has a '{split}' dataset whose first sample raised {type(exc).__name__}: {exc}; fix the dataset."
@@ -258,7 +260,14 @@ def _check_sample(dataset: Dataset, split: str, tasks: dict[str, TaskSpec], what
         ok, expected = TASK_TYPES[spec.type].check_target(spec, targets[name])
         if not ok:
             target = targets[name]
-            got = f"{target.item()!r}" if target.numel() == 1 else f"shape {tuple(target.shape)}"
+            if target.numel() == 1:
+                got = f"{target.item()!r}"
+            elif spec.shape and tuple(target.shape) == spec.shape:
+                # The shape is right, so the values are what is wrong (a label map with 255 for "void", floats).
+                dtype = str(target.dtype).removeprefix("torch.")
+                got = f"{dtype} values from {target.min().item()!r} to {target.max().item()!r}"
+            else:
+                got = f"shape {tuple(target.shape)}"
             raise MamoError(
                 f"task '{name}' from {what} expects {expected} per sample but a '{split}' sample has "
                 f"{got}; fix the targets or the task spec."

@@ -10,6 +10,8 @@ of the train/val/test pools, chosen with a fixed seed, so no test item is ever s
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,19 +71,29 @@ def load_mnist() -> Source:
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
-    with gzip.open(path, "rb") as handle:
-        raw = handle.read()
+    try:
+        with gzip.open(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise MamoError(f"{path} is not a readable gzip file ({exc}); replace it with the original file.") from exc
     header = np.frombuffer(raw[:4], dtype=">u4")
     if len(header) != 1 or int(header[0]) != magic:
         raise MamoError(f"{path} is not an idx file (bad magic number); replace it with the original file.")
     ndim = magic & 0xFF
     shape = tuple(int(s) for s in np.frombuffer(raw[4 : 4 + 4 * ndim], dtype=">u4"))
+    # A whole gzip can hold a cut idx file (cut before it was compressed), which reshape would not name.
+    expected, found = math.prod(shape), len(raw) - 4 - 4 * ndim
+    if len(shape) != ndim or found != expected:
+        raise MamoError(
+            f"{path} holds {max(found, 0)} bytes of data where its header promises {expected}; "
+            "replace it with the original file."
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def load_fashion(root: str | None) -> Source:
     """Fashion-MNIST from the four idx .gz files in ``root``; val pool from the training files, test pool t10k."""
-    folder = Path(root or DEFAULT_FASHION_ROOT)
+    folder = Path(root or DEFAULT_FASHION_ROOT).expanduser()
     paths = {part: [folder / name for name in names] for part, names in FASHION_FILES.items()}
     if not all(path.is_file() for pair in paths.values() for path in pair):
         raise MamoError(

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mamo import dense
 from mamo.errors import MamoError
 
 
@@ -41,22 +42,66 @@ CONVERTERS = {
 }
 
 
-class NpyScenes(Dataset):
-    """Samples ``(image (3, H, W), {task: target})`` of the given indices of one split folder."""
+def _read(path: Path, header_only: bool = False) -> np.ndarray:
+    """One .npy file; ``header_only`` maps it instead of reading it, which still fails if it is cut short."""
+    try:
+        array = np.load(path, mmap_mode="r" if header_only else None)
+    except (OSError, ValueError, EOFError) as exc:
+        raise MamoError(f"{path} is not a readable .npy file ({exc}); replace it with the original file.") from exc
+    if not isinstance(array, np.ndarray):
+        raise MamoError(f"{path} holds {type(array).__name__}, not one array; save it with np.save.")
+    return array
 
-    def __init__(self, folder: Path, indices: list[int], folders: dict[str, tuple[str, str]]):
+
+class NpyScenes(Dataset):
+    """Samples ``(image (3, H, W), {task: target})`` of the given indices of one split folder.
+
+    ``shapes`` gives each sub-folder's array shape (as stored, channels last) and ``classes`` the segmentation
+    classes: every file read is checked against them, so a bad file stops mamo with its path, not a traceback
+    from deep in a training step.
+    """
+
+    def __init__(
+        self, folder: Path, indices: list[int], folders: dict[str, tuple[str, str]],
+        shapes: dict[str, tuple[int, ...]], classes: int,
+    ):
         self.folder = folder
         self.indices = list(indices)
         self.folders = dict(folders)  # task -> (sub-folder, task type)
+        self.shapes = dict(shapes)
+        self.classes = classes
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def path(self, sub: str, i: int) -> Path:
+        """The file of sample ``i`` (a position in this split) in sub-folder ``sub``."""
+        return self.folder / sub / f"{self.indices[i]}.npy"
+
+    def check_shape(self, sub: str, i: int, array: np.ndarray) -> None:
+        if array.shape != self.shapes[sub]:
+            raise MamoError(
+                f"{self.path(sub, i)} has shape {array.shape} where the first training sample's {sub}/ file has "
+                f"{self.shapes[sub]}; give every {sub}/ file that shape (MTAN's .npy layout)."
+            )
+
+    def _target(self, sub: str, kind: str, i: int) -> Tensor:
+        array = _read(self.path(sub, i))
+        self.check_shape(sub, i, array)
+        if kind == "segmentation":
+            low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+            # Written as a negation so that a NaN label fails too.
+            if not (low >= dense.IGNORE and high < self.classes):
+                raise MamoError(
+                    f"{self.path(sub, i)} has labels from {low:g} to {high:g}, outside [-1, {self.classes}) for "
+                    f"{self.classes} classes; map unlabelled pixels (e.g. 255) to -1."
+                )
+        return CONVERTERS[kind](array)
+
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
-        index = self.indices[i]
-        x = _channels_first(np.load(self.folder / "image" / f"{index}.npy"))
-        return x, {task: CONVERTERS[kind](np.load(self.folder / sub / f"{index}.npy"))
-                   for task, (sub, kind) in self.folders.items()}
+        image = _read(self.path("image", i))
+        self.check_shape("image", i, image)
+        return _channels_first(image), {task: self._target(sub, kind, i) for task, (sub, kind) in self.folders.items()}
 
 
 def _indices(folder: Path, name: str) -> list[int]:
@@ -113,11 +158,19 @@ def build_scenes(
     order = torch.randperm(len(train_numbers), generator=torch.Generator().manual_seed(seed)).tolist()
     val_numbers = sorted(train_numbers[i] for i in order[:held_out])
     rest = sorted(train_numbers[i] for i in order[held_out:])
+    subs = ["image", *(sub for sub, _ in folders.values())]
+    shapes = {sub: _read(base / "train" / sub / f"{rest[0]}.npy", header_only=True).shape for sub in subs}
     splits = {
-        "train": NpyScenes(base / "train", rest[:train_size], folders),
-        "val": NpyScenes(base / "train", val_numbers, folders),
-        "test": NpyScenes(base / "val", test_numbers[:test_size], folders),
+        "train": NpyScenes(base / "train", rest[:train_size], folders, shapes, classes),
+        "val": NpyScenes(base / "train", val_numbers, folders, shapes, classes),
+        "test": NpyScenes(base / "val", test_numbers[:test_size], folders, shapes, classes),
     }
+    # Every file's header up front (about 0.1 ms a file with warm caches): a cut or mis-shaped file found mid-run
+    # would stop training late, in the test split only at the final evaluation. Label values are checked as read.
+    for split in splits.values():
+        for i in range(len(split)):
+            for sub in subs:
+                split.check_shape(sub, i, _read(split.path(sub, i), header_only=True))
     first = splits["train"][0][1]
     tasks = {task: {"type": kind, "shape": list(first[task].shape)} for task, (_, kind) in folders.items()}
     tasks["segmentation"]["classes"] = classes

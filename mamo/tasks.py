@@ -70,9 +70,10 @@ def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _exp_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    # Pareto MTL Eq 19: 1 - exp(-||x - t||^2), a concave front.
+    # Pareto MTL Eq 19: 1 - exp(-||x - t||^2), a concave front. The norm runs over each sample's whole target:
+    # summing over the last axis alone would sum over the batch for (B,) targets and over rows for images.
     diff = pred.reshape(target.shape) - target.to(pred.dtype)
-    return (1.0 - torch.exp(-(diff**2).sum(dim=-1))).mean()
+    return (1.0 - torch.exp(-(diff**2).reshape(diff.shape[0], -1).sum(dim=1))).mean()
 
 
 def _cross_entropy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -102,9 +103,12 @@ class TaskType:
     says whether one sample's target fits the spec, and what was expected (data validation); ``needs`` names
     the spec keys the type requires; ``default_head`` is the head a task of this type gets by default, and
     ``mlp_output`` the layers an ``mlp`` head ends with (a squashing or reshaping of its flat output).
+    ``losses`` are the entries of :data:`LOSSES` that can score the type (the default first): each takes the
+    type's targets and the predictions of its heads, and means on them what its name says.
     """
 
     default_loss: str
+    losses: tuple[str, ...]
     metrics: tuple[Metric, ...]
     output_size: Callable[[TaskSpec], int]
     batch_sums: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] = field(repr=False)
@@ -153,6 +157,8 @@ def _map_shape(channels: int) -> Callable[[TaskSpec], int]:
 TASK_TYPES: dict[str, TaskType] = {
     "classification": TaskType(
         default_loss="cross_entropy",
+        # pixel_cross_entropy on a (B, K) prediction is plain cross-entropy (class targets are never -1).
+        losses=("cross_entropy", "pixel_cross_entropy"),
         metrics=(Metric("accuracy", True),),
         output_size=lambda spec: spec.classes,
         batch_sums=_classification_sums,
@@ -161,6 +167,8 @@ TASK_TYPES: dict[str, TaskType] = {
     ),
     "regression": TaskType(
         default_loss="mse",
+        # Not masked_l1 or cosine: they read 0 as missing and dim 1 as channels, which a (B,) target lacks.
+        losses=("mse", "exp_mse"),
         metrics=(Metric("mse", False), Metric("mae", False)),
         output_size=lambda spec: spec.dim,
         batch_sums=_regression_sums,
@@ -168,6 +176,7 @@ TASK_TYPES: dict[str, TaskType] = {
     ),
     "reconstruction": TaskType(
         default_loss="mse",
+        losses=("mse", "exp_mse"),
         metrics=(Metric("mse", False), Metric("mae", False)),
         output_size=lambda spec: math.prod(spec.shape),
         batch_sums=_regression_sums,
@@ -178,6 +187,8 @@ TASK_TYPES: dict[str, TaskType] = {
     ),
     "segmentation": TaskType(
         default_loss="pixel_cross_entropy",
+        # Not cross_entropy: it fails on the -1 of unlabelled pixels.
+        losses=("pixel_cross_entropy",),
         metrics=(Metric("miou", True), Metric("pixel_accuracy", True)),
         output_size=lambda spec: _map_size(spec, spec.classes) if len(spec.shape) == 2 else 0,
         batch_sums=dense.segmentation_sums,
@@ -185,9 +196,13 @@ TASK_TYPES: dict[str, TaskType] = {
         needs="classes and shape [H, W]",
         default_head="dense",
         finalize=dense.segmentation_metrics,
+        # An mlp head's flat output as the (K, H, W) logits the loss and metrics read.
+        mlp_output=lambda spec: [torch.nn.Unflatten(1, (spec.classes, *spec.shape))],
     ),
     "depth": TaskType(
         default_loss="masked_l1",
+        # Not exp_mse: its norm over a whole map saturates, so the loss stops giving gradient.
+        losses=("masked_l1", "mse"),
         metrics=(Metric("abs_err", False), Metric("rel_err", False)),
         output_size=_map_shape(1),
         batch_sums=dense.depth_sums,
@@ -195,9 +210,11 @@ TASK_TYPES: dict[str, TaskType] = {
         needs="shape [1, H, W]",
         default_head="dense",
         finalize=dense.depth_metrics,
+        mlp_output=lambda spec: [torch.nn.Unflatten(1, spec.shape)],
     ),
     "normal": TaskType(
         default_loss="cosine",
+        losses=("cosine", "masked_l1", "mse"),
         metrics=(Metric("mean_angle", False), Metric("median_angle", False),
                  *(Metric(dense.within_name(t), True) for t in dense.ANGLE_THRESHOLDS)),
         output_size=_map_shape(3),
@@ -206,6 +223,7 @@ TASK_TYPES: dict[str, TaskType] = {
         needs="shape [3, H, W]",
         default_head="dense",
         finalize=dense.normal_metrics,
+        mlp_output=lambda spec: [torch.nn.Unflatten(1, spec.shape)],
     ),
 }
 
@@ -256,7 +274,15 @@ def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
         raise MamoError(f"{source} must return 'tasks' as a non-empty dict of task name -> spec, got {raw!r}.")
     specs: dict[str, TaskSpec] = {}
     for name, spec in raw.items():
-        kind = spec.get("type") if isinstance(spec, dict) else spec
+        if not isinstance(spec, dict):
+            raise MamoError(
+                f"task '{name}' from {source} has spec {spec!r}, not a mapping; give a dict such as "
+                "{'type': 'classification', 'classes': 10}."
+            )
+        if "." in str(name):
+            # Heads live in a torch ModuleDict, whose keys cannot hold a dot; metric names join as task.metric.
+            raise MamoError(f"task '{name}' from {source} has a '.' in its name; rename the task without one.")
+        kind = spec.get("type")
         if not isinstance(kind, str) or kind not in TASK_TYPES:
             raise MamoError(
                 f"task '{name}' from {source} has unknown type {kind!r}; use one of {sorted(TASK_TYPES)}."
@@ -265,8 +291,14 @@ def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
         if extra:
             raise MamoError(f"task '{name}' from {source} has unknown keys {sorted(extra)}; remove them.")
         loss = spec.get("loss", "default")
-        if loss != "default" and loss not in LOSSES:
+        if loss != "default" and (not isinstance(loss, str) or loss not in LOSSES):
             raise MamoError(f"task '{name}' from {source} has unknown loss {loss!r}; use one of {sorted(LOSSES)}.")
+        fitting = TASK_TYPES[kind].losses
+        if loss != "default" and loss not in fitting:
+            raise MamoError(
+                f"task '{name}' from {source} is a {kind} task, which loss {loss!r} cannot score; "
+                f"use one of {list(fitting)} or leave loss out."
+            )
         shape = spec.get("shape", ())
         if not isinstance(shape, (list, tuple)):
             raise MamoError(f"task '{name}' from {source} has shape {shape!r}; give a list such as [1, 28, 28].")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -13,6 +15,7 @@ from mamo import digits
 from mamo.config import DataConfig
 from mamo.data import DATASETS, DEFAULT_SIZES, MultiTaskData, TensorTaskDataset, iterate_batches, load_data
 from mamo.errors import MamoError
+from mamo.tasks import LOSSES, TASK_TYPES, parse_tasks, task_loss
 
 SMALL = {"train_size": 300, "val_size": 100, "test_size": 200}
 FASHION_ROOT = Path(digits.DEFAULT_FASHION_ROOT)
@@ -180,6 +183,46 @@ def test_missing_fashion_root_says_how_to_install(tmp_path: Path) -> None:
         build("multifashion", root=str(tmp_path))
 
 
+def write_idx(path: Path, magic: int, shape: tuple[int, ...], data: bytes | None = None) -> None:
+    """An idx .gz file: big-endian magic and sizes, then ``data`` (by default, zeros for the whole shape)."""
+    header = np.array([magic, *shape], dtype=">u4").tobytes()
+    path.write_bytes(gzip.compress(header + (bytes(int(np.prod(shape))) if data is None else data)))
+
+
+def fake_fashion(folder: Path, n: int = 3) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for images, labels in digits.FASHION_FILES.values():
+        write_idx(folder / images, 2051, (n, 28, 28))
+        write_idx(folder / labels, 2049, (n,))
+
+
+def test_fashion_root_may_start_with_a_tilde(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    fake_fashion(tmp_path / "fashion")
+    source = digits.load_fashion("~/fashion")
+    assert source.images.shape == (6, 28, 28) and source.labels.shape == (6,)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda raw: raw[: len(raw) // 2], r"is not a readable gzip file .*; replace it with the original file"),
+        (lambda raw: b"not gzip at all", r"is not a readable gzip file .*; replace it with the original file"),
+        (None, r"holds 100 bytes of data where its header promises 2352; replace it with the original file"),
+    ],
+    ids=["cut gzip", "not gzip", "cut idx"],
+)
+def test_a_damaged_fashion_file_is_named(tmp_path: Path, damage, message: str) -> None:
+    fake_fashion(tmp_path)
+    path = tmp_path / digits.FASHION_FILES["t10k"][0]
+    if damage is None:
+        write_idx(path, 2051, (3, 28, 28), bytes(100))
+    else:
+        path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(MamoError, match=rf"{path.name} {message}"):
+        digits.load_fashion(str(tmp_path))
+
+
 # ----------------------------------------------------------------------------------------------- logic, concave
 
 
@@ -260,6 +303,25 @@ def wrong_dim(seed, root):
 
 def not_a_dict(seed, root):
     return [1, 2, 3]
+
+
+def _one_task(task, target):
+    ds = TensorTaskDataset(torch.zeros(2, 1), {"t": target})
+    return {"train": ds, "val": ds, "test": ds, "tasks": {"t": task}}
+
+
+def wrong_loss(seed, root):
+    return _one_task({"type": "regression", "dim": 3, "loss": "cross_entropy"}, torch.zeros(2, 3))
+
+
+def string_spec(seed, root):
+    return _one_task("classification", torch.zeros(2))
+
+
+def void_labels(seed, root):
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)
+    labels[:, 0, 0] = 255
+    return _one_task({"type": "segmentation", "classes": 13, "shape": [4, 4]}, labels)
 """
 
 
@@ -294,12 +356,64 @@ def test_plugin_from_module(plugin_file: str, monkeypatch: pytest.MonkeyPatch) -
         ("bad_type", r"task 'a' from data plugin .* has unknown type 'ranking'"),
         ("wrong_dim", r"task 'a' from data plugin .* expects 2 values per sample"),
         ("not_a_dict", r"returned list, not a dict with train, val, test and tasks"),
+        ("wrong_loss", r"task 't' from data plugin .* is a regression task, which loss 'cross_entropy' cannot "
+                       r"score; use one of \['mse', 'exp_mse'\] or leave loss out\."),
+        ("string_spec", r"task 't' from data plugin .* has spec 'classification', not a mapping; give a dict such as "
+                        r"\{'type': 'classification', 'classes': 10\}\."),
+        # The shape is right: the message gives the values that are wrong.
+        ("void_labels", r"expects integer class indices of shape \(4, 4\) in \[-1, 13\) .* but a 'train' sample "
+                        r"has int64 values from 0 to 255; fix the targets"),
         ("nowhere", r"has no function 'nowhere'"),
     ],
 )
 def test_bad_plugins_are_named(plugin_file: str, function: str, message: str) -> None:
     with pytest.raises(MamoError, match=message):
         load_data(DataConfig(name=f"{plugin_file}:{function}"))
+
+
+def test_a_task_name_with_a_dot_is_refused() -> None:
+    # torch's ModuleDict, which holds the heads, raises a bare KeyError on it much later.
+    with pytest.raises(MamoError, match=r"task 'depth\.v2' from a plugin has a '\.' in its name; rename the task"):
+        parse_tasks({"depth.v2": {"type": "depth", "shape": [1, 4, 4]}}, "a plugin")
+
+
+def sample_batch(kind: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A prediction and target batch of task type ``kind``, as its heads and a valid dataset give them."""
+    torch.manual_seed(0)
+    if kind == "classification":
+        return torch.randn(4, 5), torch.randint(0, 5, (4,)), {"classes": 5}
+    if kind == "regression":  # dim 1 as a (B,) target: the layout that breaks losses reading dim 1 as channels
+        return torch.randn(4, 1), torch.randn(4), {"dim": 1}
+    if kind == "reconstruction":
+        return torch.rand(4, 1, 6, 6), torch.rand(4, 1, 6, 6), {"shape": [1, 6, 6]}
+    if kind == "segmentation":
+        return torch.randn(4, 5, 6, 6), torch.randint(-1, 5, (4, 6, 6)), {"classes": 5, "shape": [6, 6]}
+    if kind == "depth":
+        return torch.randn(4, 1, 6, 6), torch.rand(4, 1, 6, 6), {"shape": [1, 6, 6]}
+    normal = torch.nn.functional.normalize(torch.randn(4, 3, 6, 6), dim=1)
+    return torch.randn(4, 3, 6, 6), normal, {"shape": [3, 6, 6]}
+
+
+@pytest.mark.parametrize("kind", sorted(TASK_TYPES))
+def test_losses_fit_the_task_types_that_list_them_and_no_others(kind: str) -> None:
+    pred, target, sizes = sample_batch(kind)
+    fitting = TASK_TYPES[kind].losses
+    assert fitting[0] == TASK_TYPES[kind].default_loss
+    for loss in fitting:
+        spec = parse_tasks({"t": {"type": kind, **sizes, "loss": loss}}, "test")["t"]
+        value = task_loss(spec, pred.clone().requires_grad_(), target)
+        assert value.shape == () and torch.isfinite(value), loss
+    for loss in set(LOSSES) - set(fitting):
+        with pytest.raises(MamoError, match=rf"is a {kind} task, which loss '{loss}' cannot score; use one of"):
+            parse_tasks({"t": {"type": kind, **sizes, "loss": loss}}, "test")
+
+
+def test_exp_mse_takes_the_norm_over_each_sample() -> None:
+    # Pareto MTL Eq 19 per sample; for (B,) targets the old sum over the last axis ran over the batch.
+    pred, target = torch.tensor([[1.0], [2.0]]), torch.tensor([0.0, 0.0])
+    spec = parse_tasks({"t": {"type": "regression", "dim": 1, "loss": "exp_mse"}}, "test")["t"]
+    expected = (1 - torch.exp(-torch.tensor([1.0, 4.0]))).mean()
+    torch.testing.assert_close(task_loss(spec, pred, target), expected)
 
 
 def test_plugin_error_chains_the_original(plugin_file: str) -> None:

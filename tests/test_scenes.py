@@ -130,6 +130,43 @@ def test_a_missing_target_file_is_named(tmp_path):
         load_data(DataConfig(name="nyuv2", root=str(tmp_path)))
 
 
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    # Not the first sample of a split: those alone used to be read before training.
+    (lambda root: _cut(root / "val" / "normal" / "2.npy"),
+     r"val/normal/2\.npy is not a readable \.npy file \(.*\); replace it with the original file\."),
+    (lambda root: np.save(root / "train" / "depth" / "3.npy", np.ones((H // 2, W, 1))),
+     rf"train/depth/3\.npy has shape \({H // 2}, {W}, 1\) where the first training sample's depth/ file has "
+     rf"\({H}, {W}, 1\); give every depth/ file that shape"),
+    (lambda root: np.save(root / "val" / "image" / "1.npy", np.ones((H, W))),
+     r"val/image/1\.npy has shape"),
+    (lambda root: np.save(root / "train" / "label" / "0.npy", np.full((H, W), 255.0)),
+     r"train/label/0\.npy has labels from 255 to 255, outside \[-1, 13\) for 13 classes; map unlabelled pixels"),
+], ids=["cut file", "depth shape", "image shape", "first label"])
+def test_a_bad_file_is_named_before_training(tmp_path, damage, message):
+    rng = np.random.default_rng(3)
+    write_split(tmp_path / "train", 5, rng, NYU)
+    write_split(tmp_path / "val", 3, rng, NYU)
+    damage(tmp_path)
+    with pytest.raises(MamoError, match=message):
+        load_data(DataConfig(name="nyuv2", root=str(tmp_path), val_size=1, seed=0))
+
+
+def test_a_later_out_of_range_label_is_named_when_read(tmp_path):
+    rng = np.random.default_rng(4)
+    write_split(tmp_path / "train", 4, rng, NYU)
+    write_split(tmp_path / "val", 3, rng, NYU)
+    label = np.load(tmp_path / "val" / "label" / "2.npy")
+    label[0, :5] = 255.0  # "void" in some label sets; MTAN's files use -1
+    np.save(tmp_path / "val" / "label" / "2.npy", label)
+    data = load_data(DataConfig(name="nyuv2", root=str(tmp_path)))  # label values are read lazily
+    with pytest.raises(MamoError, match=r"val/label/2\.npy has labels from -1 to 255, outside \[-1, 13\)"):
+        list(iterate_batches(data.test, 2, shuffle=False, generator=None))
+
+
 # ------------------------------------------------------------------------------------------------------- losses
 
 
@@ -226,6 +263,22 @@ def test_dense_heads_predict_full_resolution_maps_and_need_feature_maps(nyuv2_ro
     assert all(math.isfinite(loss.item()) for loss in losses)
     with pytest.raises(MamoError, match="needs a backbone whose last cell gives a feature map"):
         compile_model(build_hps_graph(create_space(ModelConfig(backbone="lenet"), data.input_shape), data.tasks))
+
+
+def test_mlp_heads_on_dense_tasks_predict_maps(nyuv2_root):
+    # An mlp head's flat output is reshaped to the map each dense loss and metric reads.
+    data = load_data(DataConfig(name="nyuv2", root=str(nyuv2_root)))
+    tasks = parse_tasks({name: {**spec.to_dict(), "head": "mlp"} for name, spec in data.tasks.items()}, "test")
+    space = create_space(ModelConfig(backbone="timm:test_resnet", head_hidden=4), data.input_shape)
+    model = compile_model(build_hps_graph(space, tasks))
+    x, targets = next(iterate_batches(data.train, 2, shuffle=False, generator=None))
+    outputs = model(x)
+    assert outputs["segmentation"].shape == (2, 13, H, W)
+    assert outputs["depth"].shape == (2, 1, H, W) and outputs["normal"].shape == (2, 3, H, W)
+    sum(task_loss(tasks[t], outputs[t], targets[t]) for t in tasks).backward()
+    accumulator = MetricAccumulator(tasks)
+    accumulator.update(outputs, targets)
+    assert all(math.isfinite(value) for metrics in accumulator.compute().values() for value in metrics.values())
 
 
 def test_a_search_on_nyuv2_files_reports_dense_metrics(nyuv2_root, tmp_path):
