@@ -522,3 +522,9 @@ def test_iterate_batches_on_a_built_dataset(multimnist: MultiTaskData) -> None:
 def test_tensor_dataset_checks_lengths() -> None:
     with pytest.raises(MamoError, match=r"target 'y' has 3 samples but x has 4"):
         TensorTaskDataset(torch.zeros(4, 2), {"y": torch.zeros(3)})
+
+
+def test_a_data_seed_beyond_64_bits_is_refused() -> None:
+    # torch.Generator.manual_seed raised "Overflow when unpacking long long" mid-load for the scene datasets.
+    with pytest.raises(MamoError, match=r"data.seed must be an integer in \[-2\*\*63, 2\*\*63\), got 1"):
+        load_data(DataConfig(name="logic", seed=10**23))
