@@ -15,13 +15,16 @@ from __future__ import annotations
 import copy
 import io
 import math
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from torch.utils.tensorboard.summary import custom_scalars, histogram_raw, text
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
@@ -36,6 +39,9 @@ from mamo.report import delta
 from mamo.step import StepResult
 from mamo.tasks import TaskSpec
 from mamo.trainer import Callback, Metrics, Trainer
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 # Where each entry of StepResult.info goes; other keys land under direction/<key>. "weights" repeats
 # StepResult.weights, which is logged as direction/weight.
@@ -84,6 +90,20 @@ def _image_summary(images: dict[str, np.ndarray | bytes], shapes: dict[str, tupl
         values.append(Summary.Value(tag=tag, image=Summary.Image(height=height, width=width, colorspace=3,
                                                                  encoded_image_string=encoded)))
     return Summary(value=values)
+
+
+def grown_positions(graph: nx.DiGraph, new_modules: list[str]) -> list[list]:
+    """The (pair, cell) positions where ``new_modules`` (a round's new branch modules) sit, as
+    ``[[task_a, task_b], cell]`` entries, shallowest first: the conflict heatmap's boxes.
+
+    Not the round's activated positions: a branch grows from its activated cell to the output (modules at the
+    deeper cells too), and an activated position that an earlier branch already covers grows nothing."""
+    positions = set()
+    for node in new_modules:
+        data = graph.nodes[node]
+        # activated_by names the pair also for task-exclusive modules, whose group is a single task.
+        positions.add((tuple(data["activated_by"][0]), int(data["cell"])))
+    return [[list(pair), cell] for pair, cell in sorted(positions, key=lambda p: (p[1], p[0]))]
 
 
 class TensorBoardLogger(Callback):
@@ -240,7 +260,7 @@ class TensorBoardLogger(Callback):
         self._histograms(stats, z)
         if self.pictures:
             graph = copy.deepcopy(record["graph"])  # copies: the next round resets the stats, grows the graph
-            self._submit(self._draw_conflicts, copy.deepcopy(stats), activated, z)
+            self._submit(self._draw_conflicts, copy.deepcopy(stats), grown_positions(graph, record["new_modules"]), z)
             self._submit(self._draw_architecture, graph, drawing.node_parameters(graph, record["model"]), z,
                          f"Architecture after round {z}")
 
@@ -262,8 +282,8 @@ class TensorBoardLogger(Callback):
                     sum_squares=float(np.sum(counts * centres**2)),  # from bin centres: only the bins are kept
                     bucket_limits=HISTOGRAM_EDGES[1:].tolist(), bucket_counts=counts.tolist()), z)
 
-    def _draw_conflicts(self, stats: ConflictStats, activated: list, z: int) -> None:
-        overview, cells = plots.overview_images(stats, activated, title=f"Where tasks fight, round {z}")
+    def _draw_conflicts(self, stats: ConflictStats, grown: list, z: int) -> None:
+        overview, cells = plots.overview_images(stats, grown, title=f"Where tasks fight, round {z}")
         encoded = _png(overview)
         images: dict[str, np.ndarray | bytes] = {"conflicts/overview": encoded}
         shapes = {"conflicts/overview": overview.shape[:2]}
@@ -331,10 +351,25 @@ class TensorBoardLogger(Callback):
         self.close()
 
 
-def write_hparams(log_dir: Path, hparams: dict[str, float | int | str], metrics: dict[str, float]) -> None:
-    """One Optuna trial for TensorBoard's HPARAMS tab: its parameters against its objective(s) in ``log_dir``."""
+# A trial's Optuna state, recorded as the hparam "state", and the TensorBoard session status it ends with.
+TRIAL_STATES = {"complete": "STATUS_SUCCESS", "pruned": "STATUS_SUCCESS", "failed": "STATUS_FAILURE"}
+
+
+def write_hparams(
+    log_dir: Path,
+    hparams: dict[str, float | int | str],
+    metrics: dict[str, float | None],
+    *,
+    state: str = "complete",
+    metric_names: Sequence[str] = (),
+) -> None:
+    """One Optuna trial for TensorBoard's HPARAMS tab: its parameters and ``state`` (complete, pruned or failed)
+    against its metrics in ``log_dir``. ``metric_names`` are declared as columns too, values or not: TensorBoard
+    takes the columns from whichever trial it reads first, so every trial of a study should declare the same."""
+    if state not in TRIAL_STATES:
+        raise ValueError(f"unknown trial state {state!r}; one of {', '.join(TRIAL_STATES)}")
     clean: dict[str, float | int | str | bool] = {}
-    for key, value in hparams.items():
+    for key, value in {**hparams, "state": state}.items():
         if isinstance(value, (bool, int, float, str)):
             clean[key] = value
         elif isinstance(value, np.generic):
@@ -342,10 +377,18 @@ def write_hparams(log_dir: Path, hparams: dict[str, float | int | str], metrics:
         else:
             clean[key] = "none" if value is None else str(value)  # lists, None: shown as text
     scores = {key: float(value) for key, value in metrics.items() if value is not None}
-    if not scores:
+    if not scores and state == "complete":
         raise MamoError(f"write_hparams got no metric values for {log_dir}; pass at least the trial's objective.")
-    experiment, start, end = hparams_summaries(clean, scores)
+    # torch's helper declares a column per key of its metric dict and writes no values.
+    columns = dict.fromkeys([*metric_names, *scores], 0.0)
+    experiment, start, end = hparams_summaries(clean, columns)
+    if TRIAL_STATES[state] != "STATUS_SUCCESS":
+        plugin = end.value[0].metadata.plugin_data
+        content = plugin_data_pb2.HParamsPluginData.FromString(plugin.content)
+        content.session_end_info.status = api_pb2.Status.Value(TRIAL_STATES[state])
+        plugin.content = content.SerializeToString()
     with EventFileWriter(log_dir) as events:
         for summary in (experiment, start, end):
             events.add_summary(summary)
-        events.add_summary(_summary(scores), 0)
+        if scores:
+            events.add_summary(_summary(scores), 0)

@@ -24,6 +24,9 @@ from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
 
 FILE_VERSION = "brain.Event:2"  # what TensorBoard expects as the first event of a file
+# Unpadded, the 11th writer of one process in one second (".10") would sort before the 3rd (".2"); a million
+# writers in one second is beyond any run.
+NUMBER_DIGITS = 6
 
 
 def masked_crc32c(data: bytes) -> int:
@@ -41,8 +44,9 @@ def record(data: bytes) -> bytes:
 class EventFileWriter:
     """Appends events to a new ``events.out.tfevents.*`` file in ``log_dir`` (safe to call from several threads).
 
-    The file name holds the time, host and process like TensorBoard's own, then the first free number, so two
-    writers never share a file and a later file sorts after an earlier one.
+    The file name holds the time, host and process like TensorBoard's own, then the first free number, zero-padded
+    so that name order is creation order (TensorBoard reads a folder's files in name order): two writers never
+    share a file and a later file sorts after an earlier one.
     """
 
     def __init__(self, log_dir: str | Path, flush_seconds: float = 20.0):
@@ -51,7 +55,7 @@ class EventFileWriter:
         stem = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
         for number in itertools.count():
             try:
-                self._file = open(directory / f"{stem}.{number}", "xb")  # closed by close()
+                self._file = open(directory / f"{stem}.{number:0{NUMBER_DIGITS}d}", "xb")  # closed by close()
                 break
             except FileExistsError:
                 continue

@@ -133,7 +133,8 @@ def conflict_heatmap(
     """Annotated m×m heatmap of one cell: conflict counts Q or mean cosine, task names on both axes.
 
     Without ``ax`` a figure of its own is made (with a colour bar). ``vmin``/``vmax`` default to the scale
-    shared by every cell of ``stats``; ``outline`` boxes the pairs where a module grew. Returns the image.
+    shared by every cell of ``stats``; ``outline`` boxes these pairs (the overview: those that got a new module
+    at this cell). Returns the image.
     """
     spec = KINDS[kind]
     low, high = spec.limits(stats)
@@ -191,7 +192,7 @@ def worst_conflict(stats: ConflictStats) -> str:
             f"({q / stats.steps:.0%}), mean cosine {mean:+.2f}")
 
 
-def _overview(stats: ConflictStats, activated: list | None, title: str | None) -> tuple[Figure, dict, dict]:
+def _overview(stats: ConflictStats, grown: list | None, title: str | None) -> tuple[Figure, dict, dict]:
     """The overview figure, its heatmap axes by (kind, cell), and per (kind, cell) the two regions of the
     figure (in inches, origin bottom left) that make that cell's own picture: its panel with tick labels and
     title, and its row's colour bar with ticks and label.
@@ -213,9 +214,9 @@ def _overview(stats: ConflictStats, activated: list | None, title: str | None) -
     def place(x: float, y: float, w: float, h: float) -> tuple[float, float, float, float]:
         return x / width, y / height, w / width, h / height
 
-    grown: dict[int, list[tuple[str, str]]] = {}
-    for pair, cell in activated or []:
-        grown.setdefault(int(cell), []).append(tuple(pair))
+    boxed: dict[int, list[tuple[str, str]]] = {}
+    for pair, cell in grown or []:
+        boxed.setdefault(int(cell), []).append(tuple(pair))
     panels, regions = {}, {}
     bar_x = label + cells * side + (cells - 1) * gap_x + 0.2
     for row, kind in enumerate(KINDS):
@@ -228,7 +229,7 @@ def _overview(stats: ConflictStats, activated: list | None, title: str | None) -
         for cell in range(cells):
             x = label + cell * (side + gap_x)
             panels[kind, cell] = figure.add_axes(place(x, y, side, side))
-            image = conflict_heatmap(stats, cell, kind, ax=panels[kind, cell], outline=grown.get(cell))
+            image = conflict_heatmap(stats, cell, kind, ax=panels[kind, cell], outline=boxed.get(cell))
             regions[kind, cell] = [(max(0.0, x - label), low, x + side + 0.1, high), bar_region]
         bar = figure.colorbar(image, cax=figure.add_axes(place(bar_x, y, 0.14, side)))
         bar.ax.yaxis.set_major_locator(MaxNLocator(5, integer=KINDS[kind].whole_ticks))
@@ -239,18 +240,20 @@ def _overview(stats: ConflictStats, activated: list | None, title: str | None) -
                     y=1 - 0.08 / height, va="top")
     notes = ["Top: Q = mini-batches in which the two tasks' gradients at that cell point apart (cos < 0), "
              "and its share of the round.",
-             "Bottom: mean gradient cosine; red = the tasks pull the cell apart, blue = they agree."
-             + (" Boxed: a module grew there." if activated else "")]
+             "Bottom: mean gradient cosine; red = the tasks pull the cell apart, blue = they agree.",
+             *(["Boxed: the pair got a new module at that cell this round (its branch runs from the activated "
+                "cell to the output)."] if grown else [])]
     figure.text(0.5, 0.08 / height, "\n".join(notes), ha="center", va="bottom", fontsize=7.5, color="#333333")
     return figure, panels, regions
 
 
-def overview_figure(stats: ConflictStats, activated: list | None = None, title: str | None = None) -> Figure:
+def overview_figure(stats: ConflictStats, grown: list | None = None, title: str | None = None) -> Figure:
     """Every cell side by side: conflict counts on top, mean cosine below, one colour scale per row.
 
-    ``activated`` ([[task_a, task_b], cell] entries) boxes the positions where the search grew a module.
+    ``grown`` ([[task_a, task_b], cell] entries, :func:`mamo.board.grown_positions`) boxes the positions where
+    the round created a module: from each activated cell to the output, none where an earlier branch ran.
     """
-    return _overview(stats, activated, title)[0]
+    return _overview(stats, grown, title)[0]
 
 
 def _crop(pixels: np.ndarray, regions: list[tuple[float, float, float, float]]) -> np.ndarray:
@@ -264,14 +267,14 @@ def _crop(pixels: np.ndarray, regions: list[tuple[float, float, float, float]]) 
 
 
 def overview_images(
-    stats: ConflictStats, activated: list | None = None, title: str | None = None
+    stats: ConflictStats, grown: list | None = None, title: str | None = None
 ) -> tuple[np.ndarray, dict[tuple[str, int], np.ndarray]]:
     """The overview as an array, and every cell's heatmap (with its row's colour bar) cut out of it.
 
     One render gives all 2·L per-cell images: they share the overview's colour scale by construction, and
     rendering once keeps per-round logging cheap.
     """
-    figure, _, regions = _overview(stats, activated, title)
+    figure, _, regions = _overview(stats, grown, title)
     pixels = figure_to_array(figure)
     return pixels, {key: _crop(pixels, parts) for key, parts in regions.items()}
 

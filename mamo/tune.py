@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import multiprocessing
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ import optuna
 from mamo.config import Config, config_from_dict, dump_config, load_config
 from mamo.errors import MamoError
 from mamo.report import delta
-from mamo.runs import RUNS_ROOT
+from mamo.runs import RUNS_ROOT, replace_atomically
 from mamo.tasks import TaskSpec
 from mamo.trainer import Callback
 from mamo.tune_space import SPACE, apply_params, check_space, objective_metrics, suggest_config, trial_folder
@@ -45,9 +47,11 @@ class RoundReporter(Callback):
 
     def __init__(self, trial: optuna.Trial, stl_val: dict, tasks: dict[str, TaskSpec]):
         self.trial, self.stl_val, self.tasks = trial, stl_val, tasks
+        self.last: tuple[int, float] | None = None  # (round, validation Δ) last reported
 
     def on_round_end(self, record: dict) -> None:
         z, value = record["round"], delta(record["val"], self.stl_val, self.tasks)
+        self.last = (z, value)
         self.trial.report(value, z)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"validation Δ {value:+.2f} after round {z} is below the pruner's bar")
@@ -76,10 +80,26 @@ class SearchObjective:
             config.search.baselines = False
         run_dir = self.study_dir / trial_folder(trial.number)
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
-        reporters = [RoundReporter(trial, self.stl_val, self.tasks)] if self.stl_val and not self.multi else []
-        metrics = run_search(config, run_dir, progress=False, quiet=True, callbacks=reporters,
-                             cache_root=self.study_dir / ".baselines", loggers=self.tensorboard,
-                             pictures=self.pictures)
+        reporter = RoundReporter(trial, self.stl_val, self.tasks) if self.stl_val and not self.multi else None
+        columns = self._columns(config, reporter is not None)
+        fresh = not run_dir.exists()
+        try:
+            metrics = run_search(config, run_dir, progress=False, quiet=True, callbacks=[reporter] if reporter else [],
+                                 cache_root=self.study_dir / ".baselines", loggers=self.tensorboard,
+                                 pictures=self.pictures)
+        except optuna.TrialPruned:
+            if self.tensorboard:
+                write_hparams(run_dir, trial.params, self._stopped(reporter), state="pruned", metric_names=columns)
+            raise
+        except Exception as error:
+            # Not into a folder that was there before the trial: it may be another run's (the trial failed on it).
+            if self.tensorboard and fresh:
+                try:
+                    write_hparams(run_dir, trial.params, self._stopped(reporter), state="failed",
+                                  metric_names=columns)
+                except Exception as problem:  # the trial's own error is what the study must record
+                    error.add_note(f"Its TensorBoard HPARAMS record could not be written either: {problem}")
+            raise
         val_delta = delta(metrics["val"], self.stl_val, self.tasks) if self.stl_val else None
         attrs = {"val_delta": val_delta, "delta": metrics.get("delta"), "win_rate": metrics.get("win_rate"),
                  "gmk_modules": metrics.get("gmk_modules"), "params": metrics.get("params")}
@@ -88,8 +108,24 @@ class SearchObjective:
                 trial.set_user_attr(key, value)
         values = {f"{task}.{metric}": metrics["val"][task][metric] for task, metric, _ in objective_metrics(self.tasks)}
         if self.tensorboard:
-            write_hparams(run_dir, trial.params, {f"tune/{key}": value for key, value in {**attrs, **values}.items()})
+            write_hparams(run_dir, trial.params, {f"tune/{key}": value for key, value in {**attrs, **values}.items()},
+                          metric_names=columns)
         return tuple(values.values()) if self.multi else val_delta
+
+    def _columns(self, config: Config, reported: bool) -> list[str]:
+        """The HPARAMS metrics every trial of the study declares, whether it completed, was pruned or failed."""
+        names = ["val_delta"] if self.stl_val else []
+        names += ["delta", "win_rate"] if config.search.baselines else []
+        names += ["gmk_modules", "params", *(f"{task}.{metric}" for task, metric, _ in objective_metrics(self.tasks))]
+        return [f"tune/{name}" for name in names] + (["tune/last_round"] if reported else [])
+
+    @staticmethod
+    def _stopped(reporter: RoundReporter | None) -> dict[str, float]:
+        """A pruned or failed trial's metrics: the validation Δ of the last round it reported, and that round."""
+        if reporter is None or reporter.last is None:
+            return {}
+        z, value = reporter.last
+        return {"tune/val_delta": value, "tune/last_round": z}
 
 
 # ---------------------------------------------------------------- the command
@@ -111,24 +147,71 @@ def _study_dir(run_dir: str | Path | None, storage: str | None, name: str, confi
     return path, created
 
 
-def _study_config(store: optuna.storages.RDBStorage, name: str, config: Config, overrides: list[str] | tuple,
-                  directory: Path) -> Config:
-    """A new study tunes ``config``; joining one uses the configuration it was created with, plus ``--set``."""
-    path = directory / "study.yaml"
+STUDY_ID = "study-id.json"  # the study whose trials the folder holds: {"study": name, "uid": the study's uid}
+
+
+def _stored_study(store: optuna.storages.RDBStorage | None, name: str) -> dict | None:
+    """The study's user attributes in the storage (its config, uid, STL reference); None if it is not there."""
+    if store is None:
+        return None
     try:
-        stored = store.get_study_user_attrs(store.get_study_id_from_name(name)).get("config")
+        return store.get_study_user_attrs(store.get_study_id_from_name(name))
     except KeyError:
-        stored = None
+        return None
+
+
+def _folder_study(directory: Path) -> dict | None:
+    path = directory / STUDY_ID
+    if not path.is_file():
+        return None
+    try:
+        mark = json.loads(path.read_text(encoding="utf-8"))
+        return {"study": str(mark["study"]), "uid": str(mark["uid"])}
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise MamoError(f"{path} cannot be read as the name of the folder's study ({type(exc).__name__}); pass "
+                        "another --run-dir, or delete that file if you know which study the folder holds.") from exc
+
+
+def _check_folder(directory: Path, name: str, attrs: dict | None) -> None:
+    """Refuses a folder that holds another study: that study's trial folders have the numbers this one's trials
+    get (from 0 in each study), and study.yaml would be taken from whichever joined last."""
+    mark = _folder_study(directory)
+    if mark is not None and mark["study"] != name:
+        raise MamoError(f"{directory} holds study '{mark['study']}', not '{name}'; pass a new --run-dir for study "
+                        f"'{name}', or --study {mark['study']} to continue that one.")
+    if mark is not None and (attrs is None or attrs.get("uid") != mark["uid"]):
+        raise MamoError(f"{directory} holds a study '{name}' of another storage (or one since deleted from this "
+                        "storage); pass a new --run-dir, or the --storage that study lives in.")
+    if mark is None and attrs is None and any(directory.glob("trial-[0-9]*")):
+        # A study folder from before study-id.json: a new study's trial-0000 would collide with its trials.
+        raise MamoError(f"{directory} holds trial folders of another study; pass a new --run-dir for study "
+                        f"'{name}'.")
+
+
+def _study_config(name: str, config: Config, overrides: list[str] | tuple, directory: Path,
+                  attrs: dict | None) -> Config:
+    """A new study tunes ``config``; joining one uses the configuration stored in the study, plus ``--set``."""
+    path = directory / "study.yaml"
+    stored = (attrs or {}).get("config")
     if stored is None:
         # Not in the storage yet: a study.yaml here is left from a start that failed on bad input; replace it.
-        dump_config(config, path)
+        replace_atomically(path, lambda partial: dump_config(config, partial))
         return config
-    if not path.is_file():
-        dump_config(config_from_dict(stored, f"study '{name}'"), path)
+    # The storage is the record: study.yaml is its copy, whatever an edit or an earlier command left there.
+    recorded = config_from_dict(stored, f"study '{name}'")
+    replace_atomically(path, lambda partial: dump_config(recorded, partial))
     joined = load_config(str(path), overrides)
     print(f"joining study '{name}': using the configuration it was created with ({path}); --set still applies",
           flush=True)
     return joined
+
+
+def _claim_folder(directory: Path, name: str, uid: str) -> None:
+    """Marks the folder as the study's, once the study exists, so that another study is refused here; a start
+    that failed on bad input marks nothing and leaves the folder to the corrected retry."""
+    mark = {"study": name, "uid": uid}
+    if _folder_study(directory) != mark:
+        replace_atomically(directory / STUDY_ID, lambda partial: partial.write_text(json.dumps(mark) + "\n"))
 
 
 def _check_space_ends(config: Config) -> None:
@@ -189,6 +272,8 @@ def _create_study(store: optuna.storages.RDBStorage, name: str, multi: bool, tas
         study.set_metric_names(names)
     if "config" not in study.user_attrs:
         study.set_user_attr("config", config.to_dict())
+    if "uid" not in study.user_attrs:  # tells this study's folders from those of another one with its name
+        study.set_user_attr("uid", uuid.uuid4().hex)
     if stl_val is not None and "stl_val" not in study.user_attrs:
         study.set_user_attr("stl_val", stl_val)
     return study
@@ -227,8 +312,13 @@ def run_tune(
     directory, created = _study_dir(study_dir, storage, name, config)
     url = storage or f"sqlite:///{(directory / 'study.db').resolve()}"
     try:
+        if store is None and (directory / "study.db").is_file():
+            store = open_storage(url)
+        # Checked before anything is written here (study.db included): the folder may hold another study.
+        attrs = _stored_study(store, name)
+        _check_folder(directory, name, attrs)
         store = store or open_storage(url)
-        config = _study_config(store, name, config, overrides, directory)
+        config = _study_config(name, config, overrides, directory, attrs)
         check_space(config.tune)
         if objective is None:
             _check_space_ends(config)
@@ -239,6 +329,7 @@ def run_tune(
         if created and not any((directory / ".baselines").glob("*.json")):
             shutil.rmtree(directory, ignore_errors=True)
         raise
+    _claim_folder(directory, name, study.user_attrs["uid"])
     if objective is None:
         objective = SearchObjective(config, directory, tasks, study.user_attrs.get("stl_val"), multi_objective,
                                     tensorboard, pictures)

@@ -278,3 +278,44 @@ def test_search_command_with_no_pictures_logs_every_scalar_and_histogram_but_no_
     for tag in ("train/loss/left", "search/gmk_modules", "val/delta_vs_stl", "test/delta"):
         assert steps(events, tag) == steps(full, tag), tag
     assert (run_dir / "report.md").is_file()
+
+
+def test_the_conflict_heatmap_boxes_the_modules_a_round_created_not_its_activated_positions(tmp_path, monkeypatch):
+    from mamo import graph as g
+    from mamo import plots
+    from mamo.config import ModelConfig
+    from mamo.conflicts import ConflictStats
+    from mamo.spaces import create_space
+    from mamo.tasks import parse_tasks
+
+    tasks = parse_tasks({t: {"type": "classification", "classes": 10} for t in ("seg", "depth", "normal")}, "test")
+    graph = g.build_hps_graph(create_space(ModelConfig(backbone="lenet"), (1, 28, 28)), tasks)
+    assert g.num_cells(graph) == 3 and all(graph.graph["cell_params"])
+    # What the search does with a round's activated positions: shallowest first, skipping covered ones. seg+depth
+    # at cell 0 grows cells 0-2, so its cell-2 activation grows nothing; depth+normal at cell 1 grows cells 1-2.
+    activated = [(("seg", "depth"), 0), (("seg", "depth"), 2), (("depth", "normal"), 1)]
+    new_modules = []
+    for position in sorted(activated, key=lambda p: p[1]):
+        if not g.is_grown(graph, position, "gmk"):
+            new_modules += g.grow(graph, position, "gmk", round_index=1)
+    record = {"round": 1, "stats": ConflictStats.for_graph(graph), "activated": [[list(p), c] for p, c in activated],
+              "new_modules": new_modules, "graph": graph, "model": None, "gmk_modules": len(new_modules),
+              "params": 0, "val_delta": None}
+    drawn = []
+    overview_images = plots.overview_images
+    monkeypatch.setattr(plots, "overview_images", lambda stats, grown=None, title=None: (
+        drawn.append(grown) or overview_images(stats, grown, title)))
+    with TensorBoardLogger(tmp_path, load_config("quick"), tasks, background=False) as logger:
+        logger.on_round_end(record)
+    expected = [[["seg", "depth"], 0], [["depth", "normal"], 1], [["seg", "depth"], 1], [["depth", "normal"], 2],
+                [["seg", "depth"], 2]]
+    assert drawn == [expected]  # before: the activated positions, without seg+depth@cell1 and depth+normal@cell2
+    figure, panels, _ = plots._overview(record["stats"], drawn[0], None)
+    names = list(tasks)
+    for cell, pairs in ((0, [("seg", "depth")]), (1, [("seg", "depth"), ("depth", "normal")]),
+                        (2, [("seg", "depth"), ("depth", "normal")])):
+        boxes = [p for p in panels["counts", cell].patches if not p.get_fill()]
+        centres = {(round(p.get_y() + p.get_height() / 2), round(p.get_x() + p.get_width() / 2)) for p in boxes}
+        assert centres == {rc for a, b in pairs for rc in ((names.index(a), names.index(b)),
+                                                           (names.index(b), names.index(a)))}, cell
+    assert "Boxed: the pair got a new module at that cell this round" in figure.texts[-1].get_text()

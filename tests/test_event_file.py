@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import random
 import threading
+import time
+import types
 
 import pytest
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
@@ -13,6 +15,7 @@ from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference_crc
 
+from mamo import event_file
 from mamo.event_file import FILE_VERSION, EventFileWriter, masked_crc32c
 
 
@@ -60,6 +63,18 @@ def test_two_writers_in_one_folder_write_two_files_in_order(tmp_path):
     second.close()
     assert first.path != second.path and sorted([second.path, first.path]) == [first.path, second.path]
     assert all(p.name.startswith("events.out.tfevents.") for p in tmp_path.iterdir())
+
+
+def test_a_dozen_writers_in_one_second_sort_in_the_order_they_were_made(tmp_path, monkeypatch):
+    # One second for all: only the number after the stem orders the names. Before: ".10" sorted before ".2".
+    clock = types.SimpleNamespace(time=lambda: 1_700_000_000.5, monotonic=time.monotonic)
+    monkeypatch.setattr(event_file, "time", clock)
+    paths = []
+    for _ in range(12):
+        with EventFileWriter(tmp_path) as events:
+            paths.append(events.path)
+    assert len(set(paths)) == 12 and sorted(paths) == paths
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]
 
 
 def test_events_from_several_threads_all_arrive_whole(tmp_path):

@@ -115,7 +115,7 @@ def test_own_figure_gets_a_colour_bar_and_the_outline_boxes_grown_pairs():
 
 def test_overview_has_one_axes_per_cell_and_kind_on_one_shared_scale():
     stats = known_stats()
-    figure = plots.overview_figure(stats, activated=[[["seg", "normal"], 2]])
+    figure = plots.overview_figure(stats, grown=[[["seg", "normal"], 2]])
     images = heatmap_images(figure)
     assert len(images) == 2 * stats.num_cells
     counts, cosine = images[: stats.num_cells], images[stats.num_cells :]

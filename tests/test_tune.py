@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 import uuid
@@ -45,6 +46,29 @@ def tiny():
 
 def load(directory: Path, name: str = "mamo") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{directory / 'study.db'}")
+
+
+# What every trial of a single-objective study on TINY declares in the HPARAMS tab, whatever its state.
+HPARAMS_COLUMNS = ["tune/val_delta", "tune/delta", "tune/win_rate", "tune/gmk_modules", "tune/params",
+                   "tune/left.accuracy", "tune/right.accuracy", "tune/last_round"]
+
+
+def hparams_record(folder: Path) -> tuple[dict, str, list[str], dict[str, float]]:
+    """A trial's HPARAMS record read back: its hparams, its session's end status, the metric columns it
+    declares, and the values of its tune/ metrics."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+    events = EventAccumulator(str(folder), size_guidance={"images": 1, "scalars": 0, "tensors": 1})
+    events.Reload()
+    content = {tag: plugin_data_pb2.HParamsPluginData.FromString(data)
+               for tag, data in events.PluginTagToContent("hparams").items()}
+    start = content["_hparams_/session_start_info"].session_start_info.hparams
+    hparams = {key: getattr(value, value.WhichOneof("kind")) for key, value in start.items()}
+    status = api_pb2.Status.Name(content["_hparams_/session_end_info"].session_end_info.status)
+    columns = [m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos]
+    values = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.startswith("tune/")}
+    return hparams, status, columns, values
 
 
 # Crafted objectives live at module level so that spawned workers can unpickle them.
@@ -200,14 +224,20 @@ def test_a_setting_the_space_ends_fail_on_is_one_sentence_before_the_study(tmp_p
     assert not (tmp_path / "study").exists()
 
 
-def test_a_diverged_trial_is_recorded_with_its_reason(tmp_path):
+def test_a_diverged_trial_is_recorded_with_its_reason_and_in_the_hparams_tab(tmp_path):
     # The learning rate is sampled in the trial, so only training finds that it diverges.
     config = load_config("quick", [*TINY, "tune.lr=[1e29, 1e30]", "tune.rounds=[0, 0]"])
-    result = run_tune(config, study_dir=tmp_path, trials=1, progress=False, tensorboard=False)
+    result = run_tune(config, study_dir=tmp_path, trials=1, progress=False, pictures=False)
     assert result["states"]["fail"] == 1
-    reason = load(tmp_path).trials[0].user_attrs["fail_reason"]
+    trial = load(tmp_path).trials[0]
+    reason = trial.user_attrs["fail_reason"]
     assert reason.startswith("TrainingDiverged: training '") and " diverged at step " in reason
     assert "lower train.lr (now " in reason
+    # Before: a failed trial had no HPARAMS record. It reported no round, so it has parameters but no values.
+    hparams, status, columns, values = hparams_record(tmp_path / "trial-0000")
+    assert hparams == {**trial.params, "state": "failed"} and status == "STATUS_FAILURE"
+    assert values == {}
+    assert columns == [c for c in HPARAMS_COLUMNS if c not in ("tune/delta", "tune/win_rate")]  # tune.lr: no baselines
 
 
 def test_a_bad_base_setting_the_tuned_space_replaces_is_no_error(tmp_path):
@@ -230,8 +260,39 @@ def test_a_start_that_failed_in_an_existing_folder_does_not_leave_its_config_to_
     folder.mkdir()  # made by the user: kept on failure, with the failed start's study.yaml in it
     with pytest.raises(MamoError, match="unknown backbone"):
         run_tune(load_config("quick", [*TINY, "model.backbone=vgg"]), study_dir=folder, trials=1, progress=False)
-    run_tune(load_config("quick", TINY), study_dir=folder, trials=0, progress=False)
+    assert not (folder / "study-id.json").exists()  # the failed start claimed nothing: free for any study
+    run_tune(load_config("quick", TINY), study_dir=folder, study_name="retry", trials=0, progress=False)
     assert load_config(str(folder / "study.yaml")).model.backbone == "lenet"
+    assert json.loads((folder / "study-id.json").read_text())["study"] == "retry"
+
+
+def test_a_folder_holding_one_study_refuses_another(tmp_path):
+    folder = tmp_path / "study"
+    run_tune(load_config("quick"), study_dir=folder, study_name="a", trials=1, objective=staircase)
+    # Before: study b's trial numbers restarted at 0 in a's folder (trial-0000 was taken), and its config
+    # replaced study.yaml, which a's next join then ran with.
+    with pytest.raises(MamoError, match=f"^{folder} holds study 'a', not 'b'; pass a new --run-dir"):
+        run_tune(load_config("quick", ["train.lr=0.005"]), study_dir=folder, study_name="b", trials=1,
+                 objective=staircase)
+    assert optuna.get_all_study_names(f"sqlite:///{folder / 'study.db'}") == ["a"]
+    assert load_config(str(folder / "study.yaml")).train.lr == load_config("quick").train.lr
+    # A study of the same name in another storage is another study too: its trial numbers start at 0 as well.
+    with pytest.raises(MamoError, match="holds a study 'a' of another storage"):
+        run_tune(load_config("quick"), study_dir=folder, storage=f"sqlite:///{tmp_path / 'other.db'}",
+                 study_name="a", trials=1, objective=staircase)
+    assert [t.number for t in load(folder, "a").trials] == [0]
+
+
+def test_joining_a_study_takes_its_configuration_from_the_storage_not_from_study_yaml(tmp_path):
+    folder = tmp_path / "study"
+    run_tune(load_config("quick"), study_dir=folder, study_name="a", trials=1, objective=staircase)
+    created_with = load_config("quick").train.lr
+    # What a second study's start wrote here before it was refused (or an edit by hand).
+    (folder / "study.yaml").write_text((folder / "study.yaml").read_text().replace(f"lr: {created_with}", "lr: 0.005"))
+    assert load_config(str(folder / "study.yaml")).train.lr == 0.005
+    run_tune(load_config("quick"), study_dir=folder, study_name="a", trials=1, objective=staircase)
+    assert load_config(str(folder / "study.yaml")).train.lr == created_with
+    assert load_config(str(folder / "best.yaml")).train.lr == created_with
 
 
 def test_storage_needs_a_study_name(tmp_path):
@@ -276,9 +337,13 @@ def test_quick_study_on_sqlite_end_to_end(tmp_path, capsys):
     assert "| trial | val_delta | test Δ | win | T | alpha | rounds |" in summary
     assert f"trial-{best.number:04d}" in summary
     assert (study_dir / f"trial-{best.number:04d}" / "weights.safetensors").is_file()
-    for n in (0, 1, 2):
-        assert (study_dir / f"trial-{n:04d}" / "report.md").is_file()
-        assert list((study_dir / f"trial-{n:04d}").glob("events.out.tfevents.*"))  # TensorBoard, with hparams
+    for trial in study.trials:
+        assert (study_dir / f"trial-{trial.number:04d}" / "report.md").is_file()
+        hparams, status, columns, values = hparams_record(study_dir / f"trial-{trial.number:04d}")
+        assert hparams == {**trial.params, "state": "complete"} and status == "STATUS_SUCCESS"
+        assert values["tune/val_delta"] == pytest.approx(trial.value, abs=1e-4)
+        assert values["tune/gmk_modules"] == trial.user_attrs["gmk_modules"]
+        assert columns == HPARAMS_COLUMNS
     tuned = load_config(str(study_dir / "best.yaml"))
     assert (tuned.direction.tensioner.T, tuned.direction.tensioner.alpha, tuned.search.rounds) == (
         best.params["T"], best.params["alpha"], best.params["rounds"])
@@ -331,3 +396,54 @@ def test_a_study_without_pictures_keeps_each_trials_events_and_hparams(tmp_path,
     assert "tune/val_delta" in events.Tags()["scalars"]  # the HPARAMS record's metrics
     assert "_hparams_/session_start_info" in events.summary_metadata
     assert not (tmp_path / "trial-0000" / "plots").exists()
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return True
+
+
+def test_a_pruned_trial_is_in_the_hparams_tab_with_its_last_round(tmp_path, monkeypatch):
+    from mamo.tune_space import PRUNERS
+
+    monkeypatch.setitem(PRUNERS, "median", AlwaysPrune)  # the dict the workers look the pruner up in
+    config = load_config("quick", [*TINY, "tune.rounds=[1, 1]"])
+    result = run_tune(config, study_dir=tmp_path, trials=1, progress=False, pictures=False)
+    assert result["states"]["pruned"] == 1
+    trial = load(tmp_path).trials[0]
+    assert list(trial.intermediate_values) == [1]
+    # Before: RoundReporter's TrialPruned went past write_hparams, so a pruned trial had no HPARAMS record.
+    hparams, status, columns, values = hparams_record(tmp_path / "trial-0000")
+    assert hparams == {**trial.params, "state": "pruned"} and status == "STATUS_SUCCESS"
+    assert values == {"tune/val_delta": pytest.approx(trial.intermediate_values[1], abs=1e-4), "tune/last_round": 1}
+    assert columns == HPARAMS_COLUMNS  # as a complete trial's: TensorBoard shows the first trial's columns
+
+
+def test_a_failed_trials_record_never_hides_its_error_nor_lands_in_a_folder_it_did_not_make(tmp_path, monkeypatch):
+    import mamo.board
+    import mamo.search
+    from mamo.tune import SearchObjective
+
+    def failing_search(config, run_dir, **kwargs):
+        Path(run_dir).mkdir(exist_ok=True)
+        raise RuntimeError("CUDA out of memory")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mamo.search, "run_search", failing_search)
+    objective = SearchObjective(load_config("quick"), tmp_path, {}, None, False)
+    study = optuna.create_study(direction="maximize")
+    (tmp_path / "trial-0000").mkdir()  # not this trial's: another run's folder, which the trial failed on
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        objective(study.ask())
+    assert not list((tmp_path / "trial-0000").iterdir())
+    with pytest.raises(RuntimeError, match="CUDA out of memory") as caught:
+        objective(study.ask())  # its own folder: the record is written
+    assert list((tmp_path / "trial-0001").glob("events.out.tfevents.*"))
+    assert not getattr(caught.value, "__notes__", [])
+    monkeypatch.setattr(mamo.board, "write_hparams", full_disk)
+    with pytest.raises(RuntimeError, match="CUDA out of memory") as caught:
+        objective(study.ask())
+    assert caught.value.__notes__ == ["Its TensorBoard HPARAMS record could not be written either: "
+                                      "[Errno 28] No space left on device"]
