@@ -115,7 +115,10 @@ def _identity_head(task: TaskSpec, feature_shape: tuple[int, ...], hidden: int) 
             f"task '{task.name}' asks for an identity head but the trunk gives {math.prod(feature_shape)} "
             f"features for {task.output_size} outputs; make the last cell's width {task.output_size}."
         )
-    return nn.Flatten()
+    # The trunk's features are the prediction: shaped as the task's loss reads it (a map for dense and
+    # reconstruction tasks), but not squashed as an mlp head's output is.
+    reshape = [layer for layer in TASK_TYPES[task.type].mlp_output(task) if isinstance(layer, nn.Unflatten)]
+    return nn.Sequential(nn.Flatten(), *reshape)
 
 
 def _dense_head(task: TaskSpec, feature_shape: tuple[int, ...], hidden: int) -> nn.Module:

@@ -146,6 +146,16 @@ def test_identity_head_passes_the_trunk_through_and_checks_width() -> None:
         network(create_space(ModelConfig(backbone="mlp", hidden=[4]), (1,)), tasks)
 
 
+def test_identity_heads_on_map_tasks_shape_the_trunk_without_squashing_it() -> None:
+    tasks = parse_tasks({"depth": {"type": "depth", "shape": [1, 4, 4], "head": "identity"},
+                         "picture": {"type": "reconstruction", "shape": [1, 4, 4], "head": "identity"}}, "test")
+    model = network(create_space(ModelConfig(backbone="mlp", hidden=[16], activation="identity"), (3,)), tasks)
+    x = torch.randn(2, 3)
+    trunk = model.blocks["cell0"](x)
+    for task in tasks:  # the losses read maps; before, a flat (2, 16) prediction failed them
+        assert torch.equal(model(x)[task], trunk.view(2, 1, 4, 4))  # no sigmoid, unlike the mlp head's
+
+
 def test_unknown_head_is_named() -> None:
     tasks = parse_tasks({"f": {"type": "regression", "dim": 3, "head": "fancy"}}, "test")
     with pytest.raises(MamoError, match="unknown head 'fancy'"):
