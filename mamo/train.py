@@ -70,6 +70,9 @@ def open_session(
     """Check the train settings, load the data and pick the device once; baselines are cached under
     ``cache_root`` (default runs/.baselines beside the run folder)."""
     device = check_train_settings(config)
+    if device.type == "cuda" and device.index is not None:
+        # Pinned host memory and new contexts go to the current device: without this, cuda:1 also sets up 0.
+        torch.cuda.set_device(device)
     log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
     data = load_data(config.data)
     if cache_root is None:

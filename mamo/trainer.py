@@ -87,6 +87,10 @@ def resolve_device(name: str, option: str = "train.device") -> torch.device:
         raise MamoError(f"unknown device '{name}' ({option}); use auto, cpu, cuda or cuda:N.") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MamoError(f"{option} is '{name}' but no CUDA device is visible; use auto or cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise MamoError(f"{option} is '{name}' but only {count} CUDA device(s) are visible; use cuda:0 to "
+                        f"cuda:{count - 1}.")
     return device
 
 
@@ -181,10 +185,14 @@ class Trainer:
         self.history: list[dict] = []
 
     def _to_device(self, x: torch.Tensor, targets: dict[str, torch.Tensor]):
-        pin = self.device.type == "cuda"
-        x = (x.pin_memory() if pin else x).to(self.device, non_blocking=True)
-        targets = {t: (y.pin_memory() if pin else y).to(self.device, non_blocking=True) for t, y in targets.items()}
-        return x, targets
+        return self._move(x), {t: self._move(y) for t, y in targets.items()}
+
+    def _move(self, tensor: torch.Tensor) -> torch.Tensor:
+        # Only a CPU tensor can be pinned (a plugin may hand out tensors already on the GPU), and a pinned one
+        # need not be copied again.
+        if self.device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def _step(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> StepResult:
         try:

@@ -264,7 +264,18 @@ def test_bf16_on_cpu_trains_and_stays_close_to_fp32(path):
 
 
 # ----- CUDA: skipped where no CUDA device exists ------------------------------------------------------------
+@pytest.fixture
+def ieee_float32():
+    """cuDNN runs float32 convolutions in TF32 by default (about 5e-4 relative error a product): a comparison
+    with the CPU's float32 at 1e-3 must turn that off, as `train.precision=fp32` on a GPU does not."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @needs_cuda
+@pytest.mark.usefixtures("ieee_float32")
 @pytest.mark.parametrize("layout", list(task_gradients.LAYOUTS))
 @pytest.mark.parametrize("path", PATHS)
 def test_cuda_paths_match_cpu_reference(path, layout):

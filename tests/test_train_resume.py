@@ -119,3 +119,33 @@ def test_keep_best_skips_epochs_with_a_nan_validation_loss() -> None:
     assert keep.best_epoch == 3  # a NaN first epoch used to poison every later score, so nothing was kept
     keep.restore(model)
     assert model.weight.item() == 3.0
+
+
+def test_a_cuda_ordinal_beyond_the_visible_devices_is_one_sentence(monkeypatch) -> None:
+    import torch
+
+    from mamo.errors import MamoError
+    from mamo.trainer import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(MamoError, match=r"'cuda:7' but only 2 CUDA device\(s\) are visible; use cuda:0 to cuda:1"):
+        resolve_device("cuda:7")
+
+
+def test_batches_are_pinned_only_when_they_are_unpinned_cpu_tensors(monkeypatch) -> None:
+    # A plugin may hand out tensors already on the GPU; pin_memory raises on anything but a CPU tensor.
+    import types
+
+    import torch
+
+    from mamo.trainer import Trainer
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self.device.type) or self)
+    moved = types.SimpleNamespace(device=torch.device("cuda"))
+    moved._move = lambda tensor: Trainer._move(moved, tensor)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device, non_blocking=False: self)
+    Trainer._to_device(moved, torch.zeros(2), {"a": torch.zeros(2, device="meta")})
+    assert pinned == ["cpu"]
