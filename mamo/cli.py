@@ -36,13 +36,18 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def add_preset_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
-    """The arguments every command that reads a preset shares."""
+def add_preset_arguments(parser: argparse.ArgumentParser, default: str | None, command: str) -> None:
+    """The arguments every command that reads a preset shares; ``command`` names its default run folder."""
     parser.add_argument("preset", nargs="?", default=default,
                         help=f"a preset name in search_spaces/ or a YAML file (default: {default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.epochs=3 (repeatable)")
-    parser.add_argument("--run-dir", default=None, help="the run folder to create (default: runs/<time>-<preset>)")
+    run_dir_help = (
+        "the study folder (default: runs/tune-<time>-<preset>, or runs/tune-<study> with --storage); an existing "
+        "one continues its study" if command == "tune"
+        else f"the run folder to create (default: runs/<time>-{command}-<preset>)"
+    )
+    parser.add_argument("--run-dir", default=None, help=run_dir_help)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--no-tensorboard", action="store_true",
                         help="write no TensorBoard events or round pictures (the report and its plots are still "

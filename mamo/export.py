@@ -17,9 +17,18 @@ import networkx as nx
 import torch
 
 from mamo import graph as g
+from mamo.config import load_config
 from mamo.errors import MamoError
 from mamo.model import MamoNet, compile_model
 from mamo.runs import checkpointed_command
+
+
+def _trains_per_task(directory: Path) -> bool:
+    """Whether ``directory`` is a ``train.mode=stl`` run (its config.yaml says so)."""
+    try:
+        return load_config(str(directory / "config.yaml")).train.mode == "stl"
+    except MamoError:  # no or no readable config.yaml: not a run this question can answer
+        return False
 
 
 def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> MamoNet:
@@ -35,6 +44,9 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> Mam
         if stopped:
             raise MamoError(f"{directory} holds a {stopped} run that has not finished (no {Path(missing[0]).name}); "
                             f"finish it with python cli.py {stopped} --resume {directory}.")
+        if _trains_per_task(directory):
+            raise MamoError(f"{directory} holds an STL run (train.mode=stl: one network per task), which has no "
+                            "single architecture to show or export; pass a search run or an HPS train run.")
         raise MamoError(f"{', '.join(missing)} not found; pass the folder of a finished train or search run.")
     try:
         graph = g.graph_from_dict(json.loads(paths[0].read_text()))
@@ -107,11 +119,18 @@ def write_png(model: MamoNet, path: Path) -> None:
     draw_architecture(model.graph, path)
 
 
+ONNX_INLINE_BYTES = 1 << 30  # weights up to this size go inside the .onnx file (protobuf's limit is 2 GiB)
+
+
 def write_onnx(model: MamoNet, path: Path) -> None:
+    """One self-contained .onnx file; only weights above :data:`ONNX_INLINE_BYTES` go to ``<name>.data`` beside
+    it (torch's default writes them there always, and the .onnx copied alone does not load)."""
     wrapped = _TupleOutputs(model).eval()
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     try:
         torch.onnx.export(wrapped, (example_input(model),), str(path), input_names=["x"], output_names=wrapped.tasks,
-                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True, verbose=False)
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True, verbose=False,
+                          external_data=size > ONNX_INLINE_BYTES)
     except ImportError as exc:
         raise MamoError(f"ONNX export needs the onnx package ({exc}); pip install 'mamo[onnx]'.") from exc
 

@@ -343,7 +343,7 @@ def _finish(
 def add_arguments_search(parser: argparse.ArgumentParser) -> None:
     from mamo.cli import add_preset_arguments
 
-    add_preset_arguments(parser, "multimnist")
+    add_preset_arguments(parser, "multimnist", "search")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue a stopped search from its newest checkpoint, with the config saved in "
                              "RUN_DIR; --set may change only train.device and train.checkpoint_seconds")

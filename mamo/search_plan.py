@@ -29,8 +29,11 @@ def check_search_config(config: Config, rounds_setting: str = "search.rounds") -
     parse_threshold(config.search.threshold)
     for key in ("rounds", "pretrain_epochs", "round_epochs", "final_epochs"):
         value = getattr(config.search, key)
-        if value is not None and (value < 0 or (key == "round_epochs" and value < 1 and config.search.rounds > 0)):
-            raise MamoError(f"search.{key} must be a non-negative integer (round_epochs ≥ 1), got {value}; fix it.")
+        if value is not None and value < 0:
+            raise MamoError(f"search.{key} must be a non-negative integer, got {value}; fix it.")
+    if config.search.round_epochs < 1 and config.search.rounds > 0:
+        raise MamoError(f"search.round_epochs must be ≥ 1 when search.rounds > 0 (a round counts conflicts while it "
+                        f"trains), got {config.search.round_epochs}; fix it.")
     search = config.search
     before_final = search.pretrain_epochs + search.rounds * search.round_epochs
     if search.final_epochs is None and before_final > config.train.epochs:

@@ -331,7 +331,7 @@ def _train_and_report(session: Session, directory: Path, callbacks: list[Callbac
 def add_arguments_train(parser) -> None:
     from mamo.cli import add_preset_arguments
 
-    add_preset_arguments(parser, "multimnist")
+    add_preset_arguments(parser, "multimnist", "train")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue a stopped train run from its last checkpoint, with the config saved in "
                              "RUN_DIR; --set may change only train.device and train.checkpoint_seconds")

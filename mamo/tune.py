@@ -360,7 +360,7 @@ def run_tune(
 def add_arguments_tune(parser: argparse.ArgumentParser) -> None:
     from mamo.cli import add_preset_arguments
 
-    add_preset_arguments(parser, "multimnist")
+    add_preset_arguments(parser, "multimnist", "tune")
     parser.add_argument("--trials", type=int, default=None,
                         help="trials this command runs, shared by its workers (default: tune.trials of the preset)")
     parser.add_argument("--workers", type=int, default=1, help="local worker processes on the study (default 1)")

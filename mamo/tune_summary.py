@@ -76,13 +76,14 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
     trials = study.get_trials(deepcopy=False)
     names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
     tuned = [name for name in SPACE if any(name in t.params for t in trials)]
+    attrs = [name for name in CSV_ATTRS if name not in names]  # the objective val_delta is a column already
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["trial", "state", *names, *tuned, *CSV_ATTRS])
+        writer.writerow(["trial", "state", *names, *tuned, *attrs])
         for t in trials:
             values = t.values or [None] * len(names)
             writer.writerow([t.number, t.state.name.lower(), *values, *(t.params.get(n) for n in tuned),
-                             *(t.user_attrs.get(a) for a in CSV_ATTRS)])
+                             *(t.user_attrs.get(a) for a in attrs)])
 
 
 def plot_pareto(study: optuna.Study, path: Path) -> None:

@@ -258,6 +258,10 @@ def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path, capsy
     assert again["rows"] == result["rows"]
     assert any(p.name.startswith("seed0-wo_MO.incomplete-") for p in runs.iterdir())
     assert not (tmp_path / "again" / "runs").exists()
+    # Without --out the tables go back into the folder it continues (they used to land in a new runs/bench one).
+    (tmp_path / "ablation" / "results.json").unlink()
+    assert main(["bench", "ablation", "--quick", "--equal-params", "--resume", str(tmp_path / "ablation")]) == 0
+    assert json.loads((tmp_path / "ablation" / "results.json").read_text())["rows"] == result["rows"]
     # Other options are never mixed into one table.
     assert main(["bench", "ablation", "--quick", "--train-size", "256", "--out", str(tmp_path / "other"),
                  "--resume", str(tmp_path / "ablation")]) == 2

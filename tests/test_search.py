@@ -78,6 +78,14 @@ def test_the_final_phase_takes_the_rest_of_the_baselines_budget_unless_set():
         check_search_config(tiny(*budget, "search.rounds=10"))
 
 
+def test_round_epochs_must_be_positive_only_when_there_are_rounds():
+    with pytest.raises(MamoError, match=r"search.round_epochs must be ≥ 1 when search.rounds > 0 .*got 0"):
+        check_search_config(tiny("search.round_epochs=0"))
+    check_search_config(tiny("search.round_epochs=0", "search.rounds=0"))
+    with pytest.raises(MamoError, match=r"search.pretrain_epochs must be a non-negative integer, got -1"):
+        check_search_config(tiny("search.pretrain_epochs=-1"))
+
+
 def test_a_search_longer_or_shorter_than_its_baselines_is_noted():
     assert budget_note(tiny("search.final_epochs=null")) is None
     assert "trains 5 epochs and the STL/HPS baselines train.epochs = 2" in budget_note(tiny("search.final_epochs=2"))
@@ -126,7 +134,11 @@ def test_onnx_and_pt2_programs_give_the_same_outputs(finished, tmp_path):
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
         expected = model(x)
-    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    alone = tmp_path / "alone"  # the .onnx is the whole program: copied without anything beside it, it runs
+    alone.mkdir()
+    (alone / "model.onnx").write_bytes((tmp_path / "model.onnx").read_bytes())
+    assert not (tmp_path / "model.onnx.data").exists()
+    session = onnxruntime.InferenceSession(str(alone / "model.onnx"))
     outputs = session.run(None, {"x": x.numpy()})
     program = torch.export.load(str(tmp_path / "model.pt2")).module()
     for index, task in enumerate(model.tasks):

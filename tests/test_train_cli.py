@@ -138,6 +138,13 @@ def test_stl_run_trains_one_network_per_task_and_caches_it(runs: Path) -> None:
     assert metrics["params"] > read_metrics(runs / "hps_first")["params"]
 
 
+def test_show_on_an_stl_run_says_it_has_no_single_architecture(runs: Path, capsys: pytest.CaptureFixture) -> None:
+    from mamo.cli import main
+
+    assert main(["show", str(runs / "stl")]) == 2
+    assert "holds an STL run (train.mode=stl: one network per task)" in single_error(capsys.readouterr().err)
+
+
 def test_hps_after_stl_reports_delta_and_win_rate(runs: Path) -> None:
     metrics = read_metrics(runs / "hps_again")
     stl = read_metrics(runs / "stl")

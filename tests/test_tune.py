@@ -357,7 +357,9 @@ def test_quick_study_on_sqlite_end_to_end(tmp_path, capsys):
     assert not list((study_dir / ".baselines").glob("*.pt"))
     assert "stl_val" in study.user_attrs
     with open(study_dir / "trials.csv") as handle:
-        assert [row["trial"] for row in csv.DictReader(handle)] == ["0", "1", "2"]
+        header, *rows = list(csv.reader(handle))
+    assert len(header) == len(set(header)) and header[:3] == ["trial", "state", "val_delta"]  # val_delta once
+    assert [row[0] for row in rows] == ["0", "1", "2"]
 
     # Running the command again on the folder continues the same study with the configuration it was made with
     # (here without TensorBoard: the new trial writes no event file).

@@ -120,13 +120,15 @@ def command_bench(args: argparse.Namespace) -> int:
     from mamo.trainer import resolve_device
 
     resolve_device(options.device, option="--device")  # named as the user gave it, before any folder is made
-    folder = output_dir(options.out, args.name)
+    resumed = getattr(options, "resume", None)
+    # A resumed bench writes its tables back into the folder it continues (unless --out names another).
+    folder = Path(resumed) if resumed and options.out is None else output_dir(options.out, args.name)
     options.out = str(folder)
     start = time.perf_counter()
     try:
         result = module.run(options)
     except MamoError:
-        if not any(folder.iterdir()):  # refused before it ran: no empty folder left for the retry to trip on
+        if folder.is_dir() and not any(folder.iterdir()):  # refused before it ran: no empty folder left behind
             folder.rmdir()
         raise
     result.setdefault("wall_seconds", round(time.perf_counter() - start, 1))
