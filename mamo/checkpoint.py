@@ -104,6 +104,7 @@ def trainer_state(trainer: Trainer) -> dict:
         "model": trainer.model.state_dict(),
         "optimizer": optimizer_state(trainer.step.optimizer, trainer.model),
         "direction": trainer.step.direction.state_dict(),
+        "gradient_space": trainer.step.gradient_space,  # a resumed step resets the history where the run did
         "generator": trainer.generator.get_state(),
         "global_step": trainer.global_step,
         "epoch": trainer.epoch,
@@ -123,6 +124,7 @@ def restore_trainer(trainer: Trainer, state: dict, device: torch.device) -> None
     trainer.step.refresh()
     load_optimizer_state(trainer.step.optimizer, model, state["optimizer"])
     trainer.step.direction.load_state_dict(state["direction"])
+    trainer.step.gradient_space = state.get("gradient_space")  # absent before 2026-11-24: None, as then
     trainer.generator.set_state(state["generator"])
     trainer.global_step, trainer.epoch, trainer.history = state["global_step"], state["epoch"], state["history"]
 

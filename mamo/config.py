@@ -293,7 +293,8 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
 
 
 def dump_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.dump(config.to_dict(), Dumper=YamlDumper, sort_keys=False, allow_unicode=True))
+    path.write_text(yaml.dump(config.to_dict(), Dumper=YamlDumper, sort_keys=False, allow_unicode=True),
+                    encoding="utf-8")  # what load_config reads, whatever the locale
 
 
 def config_from_dict(raw: dict, source: str) -> Config:

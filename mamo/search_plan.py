@@ -36,11 +36,12 @@ def check_search_config(config: Config, rounds_setting: str = "search.rounds") -
                         f"trains), got {config.search.round_epochs}; fix it.")
     search = config.search
     before_final = search.pretrain_epochs + search.rounds * search.round_epochs
-    if search.final_epochs is None and before_final > config.train.epochs:
+    # With rounds, the final phase must get an epoch: it is what trains the modules the last round grew.
+    if search.final_epochs is None and before_final >= config.train.epochs + (search.rounds == 0):
         raise MamoError(f"search.pretrain_epochs + search.rounds × search.round_epochs = {search.pretrain_epochs} + "
-                        f"{search.rounds} × {search.round_epochs} = {before_final} epochs leave "
-                        f"nothing of the budget train.epochs = {config.train.epochs} for the final phase; raise "
-                        f"train.epochs, lower {rounds_setting} or set search.final_epochs.")
+                        f"{search.rounds} × {search.round_epochs} = {before_final} epochs leave no epoch of the "
+                        f"budget train.epochs = {config.train.epochs} for the final phase; raise train.epochs, "
+                        f"lower {rounds_setting} or set search.final_epochs.")
 
 
 def final_epochs(config: Config) -> int:

@@ -115,7 +115,8 @@ class TrainStep:
         self.gradient_path = gradient_path
         self.gradient_layout = gradient_layout
         self._batched_failed = False
-        self._space: str | None = None  # the gradient mode of the last step that called the direction
+        # The gradient mode ("exact" or "ub") the direction's history was built in; checkpointed with it.
+        self.gradient_space: str | None = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -167,11 +168,11 @@ class TrainStep:
         if self.partition.size and needs_gramian:
             mode = "exact" if self.collect_gramians else self.gradients
             _check_mode(mode)  # search.py switches modes by attribute
-            if self._space not in (None, mode):
+            if self.gradient_space not in (None, mode):
                 # ||∂L/∂z|| (ub) and ||∂L/∂θ|| (exact) differ in scale: a history holding both would read the
                 # switch as a jump of the gradient norms (the tensioner's ζ ratio, ~100× on a ResNet).
                 self.direction.reset()
-            self._space = mode
+            self.gradient_space = mode
         if mode != "exact":
             # The exact step sets every trainable parameter's .grad itself (the shared ones to the layout's wᵀJ, the
             # others to their task's gradient) instead of accumulating, so it has nothing to clear: 30-40 µs of a

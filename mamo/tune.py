@@ -225,7 +225,7 @@ def _check_space_ends(config: Config) -> None:
     tuned = {name: getattr(config.tune, name) for name in SPACE if getattr(config.tune, name) is not None}
     for end in (0, -1):
         probe = apply_params(config, {name: values[end] for name, values in tuned.items()})
-        check_search_config(probe, rounds_setting="tune.rounds' upper end")
+        check_search_config(probe, rounds_setting="tune.rounds' upper end" if config.tune.rounds else "search.rounds")
         check_train_settings(probe)
         create_direction(probe.direction)
 
@@ -343,7 +343,8 @@ def run_tune(
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and open connections
     # Seeded TPE reproduces a local study; a continued one must not redraw its first trials' parameters, and
     # machines sharing a database must not draw the same ones (no seed there).
-    seed = None if storage else config.train.seed + 1000 * len(study.trials)
+    # Optuna's samplers take seeds in [0, 2**32), train.seed any 64-bit integer.
+    seed = None if storage else (config.train.seed + 1000 * len(study.trials)) % 2**32
     tickets = Tickets(trials, context)
     try:
         if workers == 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,13 @@ def test_the_final_phase_takes_the_rest_of_the_baselines_budget_unless_set():
     budget = ["train.epochs=30", "search.pretrain_epochs=4", "search.round_epochs=3", "search.final_epochs=null"]
     assert [final_epochs(tiny(*budget, f"search.rounds={z}")) for z in (0, 2, 5)] == [26, 20, 11]
     assert final_epochs(tiny(*budget, "search.final_epochs=7")) == 7
-    with pytest.raises(MamoError, match=r"4 \+ .* = 34 epochs leave nothing of the budget train.epochs = 30"):
+    with pytest.raises(MamoError, match=r"4 \+ 10 × 3 = 34 epochs leave no epoch of the budget train.epochs = 30"):
         check_search_config(tiny(*budget, "search.rounds=10"))
+    with pytest.raises(MamoError, match=r"= 30 epochs leave no epoch"):  # the last round's modules need training
+        check_search_config(tiny("train.epochs=30", "search.pretrain_epochs=28", "search.round_epochs=1",
+                                 "search.rounds=2", "search.final_epochs=null"))
+    check_search_config(tiny("train.epochs=30", "search.pretrain_epochs=30", "search.rounds=0",
+                             "search.final_epochs=null"))  # no rounds: nothing grows, a final phase may be 0
 
 
 def test_round_epochs_must_be_positive_only_when_there_are_rounds():
@@ -196,12 +202,22 @@ class Crash(Callback):
             raise KeyboardInterrupt
 
 
+class SlowThenCrash(Crash):
+    """Spends 1.5 s in pretraining before the stop, so that the time before a stop is visible after a resume."""
+
+    def on_epoch_end(self, trainer, metrics) -> None:
+        if trainer.description == "pretrain":
+            time.sleep(1.5)
+
+
 def test_a_stopped_search_resumes_to_the_same_architecture(tmp_path):
     config = tiny("search.threshold=topk:1", "search.rounds=2")
     whole = run_search(config, tmp_path / "whole", progress=False, quiet=True, loggers=False)
     with pytest.raises(KeyboardInterrupt):
-        run_search(config, tmp_path / "cut", progress=False, quiet=True, loggers=False, callbacks=[Crash()])
+        run_search(config, tmp_path / "cut", progress=False, quiet=True, loggers=False, callbacks=[SlowThenCrash()])
     assert not (tmp_path / "cut" / "metrics.json").exists()
+    before_stop = torch.load(tmp_path / "cut" / "checkpoints" / "phase-01-round1.pt", weights_only=False)["seconds"]
+    assert before_stop >= 1.5
     log = (tmp_path / "cut" / "log.txt").read_text().splitlines()
     assert log[-1].endswith(f"stopped; continue with: python cli.py search --resume {tmp_path / 'cut'}")
     resumed = run_search(config, tmp_path / "cut", progress=False, quiet=True, loggers=False, resume=True)
@@ -211,12 +227,31 @@ def test_a_stopped_search_resumes_to_the_same_architecture(tmp_path):
     assert [r["activated"] for r in whole["rounds"]] == [r["activated"] for r in resumed["rounds"]]
     for task, values in whole["tasks"].items():
         assert values == pytest.approx(resumed["tasks"][task], rel=1e-5)
-    # The time before the stop counts: the whole run is at least as long as its phases.
-    assert resumed["seconds"] >= sum(resumed["phase_seconds"].values())
+    # The time before the stop counts (it used to start again from 0 in the resumed process).
+    assert resumed["seconds"] >= before_stop + resumed["phase_seconds"]["round2"] + resumed["phase_seconds"]["final"]
     finished = (tmp_path / "cut" / "metrics.json").read_bytes()
     with pytest.raises(MamoError, match=r"has finished \(metrics.json is there\); nothing to resume"):
         run_search(config, tmp_path / "cut", progress=False, quiet=True, loggers=False, resume=True)
     assert (tmp_path / "cut" / "metrics.json").read_bytes() == finished
+
+
+class CrashAtRoundOne(Callback):
+    def on_phase_start(self, phase, model) -> None:
+        if phase == "round1":
+            raise KeyboardInterrupt
+
+
+def test_a_stopped_mgda_ub_search_resumes_to_the_same_weights(tmp_path):
+    # Rounds switch MGDA-UB to exact gradients, which restarts the tensioner's history; a resumed run must
+    # know which kind of gradient norms its restored history holds.
+    config = tiny("train.gradients=ub", "search.rounds=1", "search.pretrain_epochs=2", "search.final_epochs=1",
+                  "search.baselines=false")
+    run_search(config, tmp_path / "whole", progress=False, quiet=True, loggers=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, tmp_path / "cut", progress=False, quiet=True, loggers=False, callbacks=[CrashAtRoundOne()])
+    run_search(config, tmp_path / "cut", progress=False, quiet=True, loggers=False, resume=True)
+    assert (tmp_path / "cut" / "weights.safetensors").read_bytes() == (
+        tmp_path / "whole" / "weights.safetensors").read_bytes()
 
 
 class CrashInPhase(Callback):
