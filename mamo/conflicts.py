@@ -119,18 +119,15 @@ def _layer(stats: ConflictStats, candidates: list[Position], k: int) -> list[Pos
 def _topk(stats: ConflictStats, candidates: list[Position], k: int) -> list[Position]:
     # Stable sort: ties keep the candidates' order (shallow cells first, pairs in task order).
     ranked = sorted((p for p in candidates if stats.q(p) > 0), key=lambda p: -stats.q(p))
-    # A pair's branch runs from its first active cell to the output (DESIGN §3), so a position no shallower
-    # than a cell already chosen for its pair this round grows nothing; it takes none of the K slots.
+    # A pair's branch runs from its first active cell to the output (DESIGN §3): a slot is a pair, at the
+    # shallowest of its ranked cells. A deeper position of a chosen pair grows nothing, and a shallower one
+    # replaces the pair's cell (the deeper one would then grow nothing); neither takes another of the K slots.
     first_cell: dict[Pair, int] = {}
-    chosen: list[Position] = []
     for pair, cell in ranked:
-        if len(chosen) == k:
+        if len(first_cell) == k:
             break
-        if cell >= first_cell.get(pair, stats.num_cells):
-            continue
-        first_cell[pair] = cell
-        chosen.append((pair, cell))
-    return chosen
+        first_cell[pair] = min(cell, first_cell.get(pair, cell))
+    return list(first_cell.items())
 
 
 THRESHOLDS: dict[str, Callable[[ConflictStats, list[Position], int], list[Position]]] = {

@@ -114,12 +114,13 @@ def test_topk_spends_no_slot_on_a_position_its_pairs_branch_already_covers():
     # ab@1 lies on the branch ab@0 grows, so the second slot goes to the next pair.
     stats, candidates = crafted({(("a", "b"), 0): 9, (("a", "b"), 1): 8, (("a", "c"), 2): 3})
     assert select_positions(stats, candidates, "topk:2") == [(("a", "b"), 0), (("a", "c"), 2)]
-    # A shallower position of a chosen pair does grow modules (cells 0-1 here), so it takes a slot; the deeper
-    # ab@1 that follows is then covered and skipped.
-    stats, candidates = crafted({(("a", "b"), 2): 9, (("a", "b"), 0): 8, (("a", "b"), 1): 7})
-    assert select_positions(stats, candidates, "topk:2") == [(("a", "b"), 2), (("a", "b"), 0)]
-    assert select_positions(stats, candidates, "topk:3") == [(("a", "b"), 2), (("a", "b"), 0)]
-    assert select_positions(stats, candidates, "topk:1") == [(("a", "b"), 2)]
+    # A shallower position of a chosen pair moves the pair's branch up and keeps its slot: the deeper ab@2 would
+    # grow nothing under ab@0's branch (on the three-task preset topk:2 used to pick left+right at cells 1 and
+    # 0 and so grow one branch).
+    stats, candidates = crafted({(("a", "b"), 2): 9, (("a", "b"), 0): 8, (("a", "b"), 1): 7, (("a", "c"), 1): 5})
+    assert select_positions(stats, candidates, "topk:2") == [(("a", "b"), 0), (("a", "c"), 1)]
+    assert select_positions(stats, candidates, "topk:3") == [(("a", "b"), 0), (("a", "c"), 1)]
+    assert select_positions(stats, candidates, "topk:1") == [(("a", "b"), 2)]  # the slots fill before ab@0
 
 
 def test_nothing_grows_when_no_pair_conflicts():
