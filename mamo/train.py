@@ -209,11 +209,13 @@ def cached_baseline(session: Session, kind: str, epochs: int, callbacks: list[Ca
 
 def save_model(run_dir: Path, model: MamoNet) -> None:
     """The architecture (node-link JSON) and its weights (safetensors): together they rebuild the model."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     (run_dir / "architecture.json").write_text(json.dumps(graph_to_dict(model.graph), indent=1))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(run_dir / "weights.safetensors"))
+    # As bytes through Python's own file: safetensors' save_file creates the file readable by its owner only
+    # (0600), unlike every other file of the run folder.
+    (run_dir / "weights.safetensors").write_bytes(save(state))
 
 
 def open_run(

@@ -90,6 +90,8 @@ def test_train_writes_the_run_folder(runs: Path) -> None:
     run = runs / "hps_first"
     for name in RUN_FILES:
         assert (run / name).is_file(), name
+    # The weights are as readable as the report beside them (safetensors' own writer made them 0600).
+    assert (run / "weights.safetensors").stat().st_mode & 0o777 == (run / "metrics.json").stat().st_mode & 0o777
     metrics = read_metrics(run)
     assert set(metrics["tasks"]) == {"left", "right"}
     for task in ("left", "right"):
