@@ -298,20 +298,24 @@ def test_a_diverged_loss_is_one_sentence_and_the_folder_keeps_it(tmp_path: Path,
 
 
 def test_a_full_disk_at_the_end_is_one_sentence(tmp_path: Path, capsys, monkeypatch) -> None:
-    def full(state, filename):
-        raise OSError(errno.ENOSPC, "No space left on device", filename)
+    write_bytes = Path.write_bytes
 
-    monkeypatch.setattr("safetensors.torch.save_file", full)
+    def failing(error: type[OSError], code: int, reason: str):
+        def write(self, data):  # the weights file fails; checkpoints (torch.save) are written as usual
+            if self.name == "weights.safetensors":
+                raise error(code, reason, str(self))
+            return write_bytes(self, data)
+        return write
+
+    monkeypatch.setattr(Path, "write_bytes", failing(OSError, errno.ENOSPC, "No space left on device"))
     run = tmp_path / "run"
     assert train("quick", *TINY, "--no-tensorboard", "--run-dir", str(run)) == 2
     message = single_error(capsys.readouterr().err)
     assert message.startswith(f"could not write {run / 'weights.safetensors'} (No space left on device); free disk")
     assert (run / "checkpoints" / "last.pt").exists()  # nothing finished is removed: the run can --resume
 
-    def missing(state, filename):  # not a write failure of the machine: a bug, shown with its traceback
-        raise FileNotFoundError(errno.ENOENT, "No such file or directory", filename)
-
-    monkeypatch.setattr("safetensors.torch.save_file", missing)
+    # Not a write failure of the machine: a bug, shown with its traceback.
+    monkeypatch.setattr(Path, "write_bytes", failing(FileNotFoundError, errno.ENOENT, "No such file or directory"))
     with pytest.raises(FileNotFoundError):
         train("quick", *TINY, "--no-tensorboard", "--run-dir", str(tmp_path / "other"))
 
