@@ -16,3 +16,8 @@ class MamoError(Exception):
 class TrainingDiverged(MamoError):
     """A loss became NaN or infinite during training; the message names the run, the epoch, the step and the
     learning rate. A subclass so that ``tune`` can tell a diverged trial from a bad setting."""
+
+
+class NonFiniteGradients(MamoError, FloatingPointError):
+    """A direction got NaN or infinite losses or gradients. Also a FloatingPointError, so that a trainer reports
+    it as a diverged run (naming the step and the learning rate) like a NaN loss."""

@@ -91,7 +91,7 @@ class SearchObjective:
             if self.tensorboard:
                 write_hparams(run_dir, trial.params, self._stopped(reporter), state="pruned", metric_names=columns)
             raise
-        except Exception as error:
+        except (Exception, KeyboardInterrupt) as error:  # Ctrl-C too: the trial is recorded as failed
             # Not into a folder that was there before the trial: it may be another run's (the trial failed on it).
             if self.tensorboard and fresh:
                 try:

@@ -11,7 +11,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mamo.config import Config, dump_config
+from mamo.config import Config, dump_config, load_config
+from mamo.errors import MamoError
 from mamo.tune_space import SPACE, apply_params
 
 BEST_SHOWN = 5
@@ -111,6 +112,19 @@ def plot_pareto(study: optuna.Study, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def _trial_config(trial: FrozenTrial, base: Config) -> Config:
+    """The configuration ``trial`` ran with: its run folder's config.yaml (a later command's --set must not leak
+    into best.yaml), or, where that folder is not readable here (another machine), ``base`` with its params.
+    Baselines as in ``base``: trials that tune the learning rate skip their own, a rerun of best.yaml wants them."""
+    saved = Path(trial.user_attrs.get("run_dir", "")) / "config.yaml"
+    try:
+        config = load_config(str(saved)) if saved.is_file() else apply_params(base, trial.params)
+    except MamoError:
+        config = apply_params(base, trial.params)
+    config.search.baselines = base.search.baselines
+    return config
+
+
 def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, shown: str) -> dict:
     """summary.md, trials.csv, best.yaml (and pareto.png) in the study folder; returns what they say."""
     trials = study.get_trials(deepcopy=False)
@@ -123,7 +137,7 @@ def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, s
         title = "Pareto front (validation metrics)" if multi else "Best trials (objective: validation Δ vs STL, %)"
         lines += [f"## {title}", "", *trials_table(study, best_trials(study, multi), multi), ""]
         best_path = directory / "best.yaml"
-        tuned = apply_params(base, chosen.params)
+        tuned = _trial_config(chosen, base)
         tuned.name = f"{base.name}-tuned"
         dump_config(tuned, best_path)
         lines += [f"Best configuration: {best_path} (trial {chosen.number}, run folder {_where(chosen)}); "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -45,6 +46,9 @@ class Recorded:
             return value
         except CATCH as exc:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+            raise
+        except KeyboardInterrupt:  # Optuna marks the trial failed; say why in summary.md and trials.csv
+            trial.set_user_attr("fail_reason", "stopped by Ctrl-C before it finished")
             raise
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - start, 3))
@@ -168,9 +172,18 @@ def optimize(plan: Plan, tickets: Tickets, seed: int | None) -> None:
                        gc_after_trial=True)
 
 
+def _worker(plan: Plan, tickets: Tickets, seed: int | None) -> None:
+    """A spawned worker: on Ctrl-C (which reaches every process of the terminal) it stops quietly; the parent
+    says how to continue, once."""
+    try:
+        optimize(plan, tickets, seed)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
 def run_workers(plan: Plan, workers: int, tickets: Tickets, seed: int | None, context: Any) -> None:
     """``workers`` spawned processes on the same study, each with its own sampler seed; waits for all."""
-    processes = [context.Process(target=optimize, args=(plan, tickets, None if seed is None else seed + k))
+    processes = [context.Process(target=_worker, args=(plan, tickets, None if seed is None else seed + k))
                  for k in range(workers)]
     for process in processes:
         process.start()

@@ -321,8 +321,10 @@ def test_bad_configuration_is_a_mamo_error_naming_the_key(config, key):
 ])
 @pytest.mark.parametrize("name", ["mgda", "equal"])
 def test_non_finite_inputs_are_a_mamo_error(name, gramian, losses):
-    with pytest.raises(MamoError, match="NaN or infinite"):
+    with pytest.raises(MamoError, match="NaN or infinite") as info:
         build(name)(torch.tensor(gramian), torch.tensor(losses))
+    # Also a FloatingPointError, which the trainer reports as a diverged run naming the step and the rate.
+    assert isinstance(info.value, FloatingPointError)
 
 
 def test_combine_is_the_weighted_sum_of_rows():

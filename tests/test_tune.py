@@ -452,3 +452,37 @@ def test_a_failed_trials_record_never_hides_its_error_nor_lands_in_a_folder_it_d
         objective(study.ask())
     assert caught.value.__notes__ == ["Its TensorBoard HPARAMS record could not be written either: "
                                       "[Errno 28] No space left on device"]
+
+
+def test_best_yaml_is_the_chosen_trials_own_configuration(tmp_path):
+    # A continuation with --set (another lr, more epochs) used to leak into best.yaml, which then no longer
+    # described the trial it named.
+    from optuna.distributions import IntDistribution
+
+    from mamo.config import dump_config
+    from mamo.tune_summary import summarize
+
+    trial_dir = tmp_path / "trial-0000"
+    trial_dir.mkdir()
+    ran = load_config("quick", ["train.lr=0.003", "direction.tensioner.T=5", "search.baselines=false"])
+    dump_config(ran, trial_dir / "config.yaml")
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={"T": 5}, distributions={"T": IntDistribution(2, 30)},
+                                              value=1.0, user_attrs={"run_dir": str(trial_dir)}))
+    later = load_config("quick", ["train.lr=0.5", "train.epochs=9"])
+    summarize(study, tmp_path, later, multi=False, shown="memory")
+    best = load_config(str(tmp_path / "best.yaml"))
+    assert (best.train.lr, best.train.epochs, best.direction.tensioner.T) == (0.003, 4, 5)
+    assert best.search.baselines  # as the study's configuration: a rerun of best.yaml reports against STL
+
+
+def test_a_trial_stopped_by_ctrl_c_is_recorded_with_its_reason():
+    from mamo.tune_workers import Recorded
+
+    def stopped(trial):
+        raise KeyboardInterrupt
+
+    study = optuna.create_study()
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(Recorded(stopped), n_trials=1)
+    assert study.trials[0].user_attrs["fail_reason"] == "stopped by Ctrl-C before it finished"

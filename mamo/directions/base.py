@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mamo.errors import MamoError
+from mamo.errors import NonFiniteGradients
 
 # Values inside weigh(): numpy arrays, floats, or a function computing one (a diagnostic worth computing only
 # when a logger reads it); tensors in the DirectionOutput.
@@ -113,7 +113,7 @@ class Direction(ABC):
         if G.shape != (m, m):
             raise ValueError(f"gramian must be {m}×{m} for {m} losses, got shape {tuple(G.shape)}")
         if not (_finite(chain.from_iterable(rows)) and _finite(L.tolist())):
-            raise MamoError(
+            raise NonFiniteGradients(
                 "the task losses or gradients are NaN or infinite at this step; "
                 "lower train.lr or check the loss functions and the data."
             )
