@@ -116,9 +116,9 @@ def _trial_config(trial: FrozenTrial, base: Config) -> Config:
     """The configuration ``trial`` ran with: its run folder's config.yaml (a later command's --set must not leak
     into best.yaml), or, where that folder is not readable here (another machine), ``base`` with its params.
     Baselines as in ``base``: trials that tune the learning rate skip their own, a rerun of best.yaml wants them."""
-    saved = Path(trial.user_attrs.get("run_dir", "")) / "config.yaml"
+    saved = Path(trial.user_attrs["run_dir"]) / "config.yaml" if "run_dir" in trial.user_attrs else None
     try:
-        config = load_config(str(saved)) if saved.is_file() else apply_params(base, trial.params)
+        config = load_config(str(saved)) if saved and saved.is_file() else apply_params(base, trial.params)
     except MamoError:
         config = apply_params(base, trial.params)
     config.search.baselines = base.search.baselines
