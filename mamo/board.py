@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import yaml
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
@@ -30,7 +29,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from mamo import drawing, plots
 from mamo import graph as g
-from mamo.config import Config
+from mamo.config import Config, config_text
 from mamo.conflicts import HISTOGRAM_EDGES, ConflictStats
 from mamo.directions.base import TensorInfo
 from mamo.errors import MamoError
@@ -140,8 +139,8 @@ class TensorBoardLogger(Callback):
         self._drew_start = False
         self._resumed = False  # the next phase start is where a resumed process picked up, not a new phase
         self._closed = False
-        config_text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-        self.events.add_summary(text("config", "    " + config_text.replace("\n", "\n    ")), 0)
+        resolved = config_text(config)  # the same text as the run's config.yaml
+        self.events.add_summary(text("config", "    " + resolved.replace("\n", "\n    ")), 0)
         charts = {title: ["Multiline", [f"^{prefix}"]] for title, prefix in PER_TASK_CHARTS.items()}
         self.events.add_summary(custom_scalars({"mamo: per task": charts}))
 

@@ -292,9 +292,13 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     return config
 
 
+def config_text(config: Config) -> str:
+    """The resolved config as YAML that :func:`load_config` reads back unchanged (config.yaml, TensorBoard's text)."""
+    return yaml.dump(config.to_dict(), Dumper=YamlDumper, sort_keys=False, allow_unicode=True)
+
+
 def dump_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.dump(config.to_dict(), Dumper=YamlDumper, sort_keys=False, allow_unicode=True),
-                    encoding="utf-8")  # what load_config reads, whatever the locale
+    path.write_text(config_text(config), encoding="utf-8")  # what load_config reads, whatever the locale
 
 
 def config_from_dict(raw: dict, source: str) -> Config:
