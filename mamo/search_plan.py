@@ -5,7 +5,7 @@ phase). Shared by ``search`` and ``tune``, which checks the ends of its ranges w
 from __future__ import annotations
 
 from mamo import graph as g
-from mamo.config import Config
+from mamo.config import Config, SearchConfig
 from mamo.conflicts import parse_threshold
 from mamo.data import batches_per_epoch
 from mamo.errors import MamoError
@@ -35,7 +35,7 @@ def check_search_config(config: Config, rounds_setting: str = "search.rounds") -
         raise MamoError(f"search.round_epochs must be ≥ 1 when search.rounds > 0 (a round counts conflicts while it "
                         f"trains), got {config.search.round_epochs}; fix it.")
     search = config.search
-    before_final = search.pretrain_epochs + search.rounds * search.round_epochs
+    before_final = epochs_before_final(search)
     # With rounds, the final phase must get an epoch: it is what trains the modules the last round grew.
     if search.final_epochs is None and before_final >= config.train.epochs + (search.rounds == 0):
         raise MamoError(f"search.pretrain_epochs + search.rounds × search.round_epochs = {search.pretrain_epochs} + "
@@ -44,18 +44,23 @@ def check_search_config(config: Config, rounds_setting: str = "search.rounds") -
                         f"lower {rounds_setting} or set search.final_epochs.")
 
 
+def epochs_before_final(search: SearchConfig, rounds: int | None = None) -> int:
+    """Pretraining plus ``rounds`` detection rounds (default ``search.rounds``), in epochs."""
+    return search.pretrain_epochs + (search.rounds if rounds is None else rounds) * search.round_epochs
+
+
 def final_epochs(config: Config) -> int:
     """The final phase's epochs: ``search.final_epochs``, or (None) what pretraining and the rounds leave of
     ``train.epochs``, so that the search trains as long as each baseline whatever the number of rounds."""
     search = config.search
     if search.final_epochs is not None:
         return search.final_epochs
-    return config.train.epochs - search.pretrain_epochs - search.rounds * search.round_epochs
+    return config.train.epochs - epochs_before_final(search)
 
 
 def budget_note(config: Config) -> str | None:
     """A log line when the search's epochs differ from the baselines' budget (an explicit final_epochs)."""
-    total = config.search.pretrain_epochs + config.search.rounds * config.search.round_epochs + final_epochs(config)
+    total = epochs_before_final(config.search) + final_epochs(config)
     if not config.search.baselines or total == config.train.epochs:
         return None
     return (f"note: the search trains {total} epochs and the STL/HPS baselines train.epochs = {config.train.epochs}, "

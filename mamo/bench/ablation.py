@@ -37,6 +37,7 @@ from mamo.model import compile_model, count_parameters
 from mamo.report import delta, metric_columns, relative_changes, win_rate
 from mamo.runs import checkpointed_command
 from mamo.search import run_search
+from mamo.search_plan import epochs_before_final
 from mamo.spaces import space_from_spec
 from mamo.tasks import parse_tasks
 from mamo.train import cached_baseline, open_session
@@ -53,7 +54,7 @@ def variants(search: SearchConfig, epochs: int, rounds: Iterable[int]) -> dict[s
     table.update({f"MAMO Z={z}": [f"search.rounds={z}"] for z in rounds if z != search.rounds})
     out = {}
     for name, extra in table.items():
-        final = epochs - search.pretrain_epochs - search.round_epochs * _rounds(extra, search.rounds)
+        final = epochs - epochs_before_final(search, _rounds(extra, search.rounds))
         if final < 1:
             raise MamoError(f"the ablation '{name}' leaves {final} final epochs of train.epochs={epochs}; raise "
                             "train.epochs or lower search.pretrain_epochs / search.round_epochs.")
@@ -92,7 +93,7 @@ def equal_parameter_variants(template: nx.DiGraph, search: SearchConfig, epochs:
     target = network_parameters(template, template.graph["space"]["latent"], "gmk")
     hps = matching_latent(template, target)
     exclusive = matching_latent(template, target, "exclusive")
-    final = epochs - search.pretrain_epochs - search.round_epochs * search.rounds
+    final = epochs - epochs_before_final(search)
     return {
         f"HPS (equal), MAMO's size (latent {hps})": (_hps_at, [f"model.latent={hps}"]),
         f"w/o GMK, MAMO's size (latent {exclusive})": (_search_at, [
