@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
@@ -19,14 +19,32 @@ from mamo.errors import WRITE_FAILURES, MamoError
 RUNS_ROOT = Path("runs")
 
 
+def numbered(base: Path) -> Iterator[Path]:
+    """``base``, then ``base-2``, ``base-3``, ...: the default folder names of two commands started in the same
+    second."""
+    return (base if n == 1 else base.with_name(f"{base.name}-{n}") for n in itertools.count(1))
+
+
+def claim_new_folder(base: Path) -> Path:
+    """Create the first of :func:`numbered` ``base`` that does not exist; ``mkdir`` fails on a folder that exists,
+    so of two commands that picked the same name, the second takes the next."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for path in numbered(base):
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable: numbered() never ends")
+
+
 def free_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Path:
     """The run folder a command will create (``run_dir``, else runs/<timestamp>-<command>-<preset>, with -2, -3,
     ... when that is taken), checked to be free; nothing is created, so a command can validate its inputs first
     and leave no folder behind on bad input."""
     if not run_dir:
         base = RUNS_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{config.name}"
-        candidates = (base if n == 1 else base.with_name(f"{base.name}-{n}") for n in itertools.count(1))
-        return next(path for path in candidates if not path.exists())
+        return next(path for path in numbered(base) if not path.exists())
     path = Path(run_dir)
     blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:

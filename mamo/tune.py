@@ -29,7 +29,7 @@ import optuna
 from mamo.config import Config, config_from_dict, dump_config, load_config
 from mamo.errors import MamoError
 from mamo.report import delta
-from mamo.runs import RUNS_ROOT, replace_atomically
+from mamo.runs import RUNS_ROOT, claim_new_folder, replace_atomically
 from mamo.tasks import TaskSpec
 from mamo.trainer import Callback
 from mamo.tune_space import SPACE, apply_params, check_space, objective_metrics, suggest_config, trial_folder
@@ -137,8 +137,8 @@ def _study_dir(run_dir: str | Path | None, storage: str | None, name: str, confi
         path = Path(run_dir)
     elif storage:
         path = RUNS_ROOT / f"tune-{name}"
-    else:
-        path = RUNS_ROOT / f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{config.name}"
+    else:  # a new local study: a folder of its own, even beside a tune started in the same second
+        return claim_new_folder(RUNS_ROOT / f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{config.name}"), True
     if path.is_dir() and any(path.iterdir()) and not (path / "study.yaml").is_file():
         raise MamoError(f"{path} is not empty and holds no study (study.yaml); pass a new --run-dir, or a study "
                         "folder to continue its study.")

@@ -128,9 +128,13 @@ def test_the_command_list_names_every_benchmark():
 
 
 def test_default_output_folders_never_collide(tmp_path, monkeypatch):
+    import mamo.bench
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mamo.bench.time, "strftime", lambda fmt: "20261124-120000")
     first, second = output_dir(None, "logic"), output_dir(None, "logic")
-    assert first != second and first.is_dir() and second.is_dir()
+    assert first.is_dir() and second.is_dir()
+    assert [first.name, second.name] == ["logic-20261124-120000", "logic-20261124-120000-2"]
     assert first.parent.resolve() == second.parent.resolve() == tmp_path.resolve() / "runs" / "bench"
 
 

@@ -283,6 +283,19 @@ def test_a_folder_holding_one_study_refuses_another(tmp_path):
     assert [t.number for t in load(folder, "a").trials] == [0]
 
 
+def test_two_tunes_started_in_the_same_second_get_their_own_default_folders(tmp_path, monkeypatch):
+    import mamo.tune
+
+    monkeypatch.setattr(mamo.tune, "RUNS_ROOT", tmp_path)
+    monkeypatch.setattr(mamo.tune.time, "strftime", lambda fmt: "20261124-120000")
+    # Before: both took runs/tune-<second>-quick; the second joined the first's study.db and folder.
+    for _ in range(2):
+        run_tune(load_config("quick"), trials=1, objective=staircase)
+    folders = sorted(path.name for path in tmp_path.iterdir())
+    assert folders == ["tune-20261124-120000-quick", "tune-20261124-120000-quick-2"]
+    assert [len(load(tmp_path / name).trials) for name in folders] == [1, 1]
+
+
 def test_joining_a_study_takes_its_configuration_from_the_storage_not_from_study_yaml(tmp_path):
     folder = tmp_path / "study"
     run_tune(load_config("quick"), study_dir=folder, study_name="a", trials=1, objective=staircase)

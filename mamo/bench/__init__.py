@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from mamo.errors import MamoError
+from mamo.runs import claim_new_folder
 
 BENCHES: dict[str, str] = {
     "logic": "mamo.bench.logic",
@@ -75,12 +76,7 @@ def output_dir(out: str | None, name: str) -> Path:
             raise MamoError(f"output folder {path} already exists and is not empty; pass a new --out.")
         path.mkdir(parents=True, exist_ok=True)
         return path
-    stem = BENCH_ROOT / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, n = stem, 1
-    while path.exists():
-        path, n = Path(f"{stem}-{n}"), n + 1
-    path.mkdir(parents=True)
-    return path
+    return claim_new_folder(BENCH_ROOT / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def tables_of(result: dict) -> list[dict]:
