@@ -20,4 +20,9 @@ class TrainingDiverged(MamoError):
 
 class NonFiniteGradients(MamoError, FloatingPointError):
     """A direction got NaN or infinite losses or gradients. Also a FloatingPointError, so that a trainer reports
-    it as a diverged run (naming the step and the learning rate) like a NaN loss."""
+    it as a diverged run (naming the step and the learning rate) like a NaN loss; ``problem`` is the message
+    without its fix, for a message that gives its own."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(f"{problem}; {fix}")
+        self.problem = problem

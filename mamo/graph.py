@@ -2,7 +2,9 @@
 
 Nodes (``kind``): ``input``, ``cell`` (shared trunk cell ``cell``), ``gmk`` (a branch module of a task group at
 cell ``cell``; a pair for MAMO's gradient mediative kernels, a single task for CoNAL-style exclusive modules),
-``fusion`` (per task) and ``head`` (per task). Edges are data flow. Graph-level attributes hold the search
+``fusion`` (per task) and ``head`` (per task). Modules carry their ``builder`` (the search space's
+``build_cell`` or ``build_head``) with its ``args``, and every node but the input its parameter count
+``params`` (a fusion's are its β, one per branch group). Edges are data flow. Graph-level attributes hold the search
 space spec, the task specs and the trunk's cell shapes, so :func:`mamo.model.compile_model` needs nothing else.
 """
 
@@ -12,6 +14,7 @@ import itertools
 import json
 
 import networkx as nx
+import torch
 
 from mamo.spaces import SearchSpace
 from mamo.tasks import TaskSpec
@@ -50,12 +53,18 @@ def build_hps_graph(space: SearchSpace, tasks: dict[str, TaskSpec]) -> nx.DiGrap
     graph.add_node(INPUT, kind="input", shape=list(space.input_shape))
     previous = INPUT
     for index in range(space.num_cells):
-        graph.add_node(cell_id(index), kind="cell", cell=index, builder="cell", params=params[index])
+        graph.add_node(cell_id(index), kind="cell", cell=index, builder="cell", args={"cell": index},
+                       params=params[index])
         graph.add_edge(previous, cell_id(index))
         previous = cell_id(index)
+    features = list(shapes[-1])
+    with torch.random.fork_rng(devices=[]):  # counting builds the heads; the model's init is compile_model's
+        head_params = {name: sum(p.numel() for p in space.build_head(spec, shapes[-1]).parameters())
+                       for name, spec in tasks.items()}
     for task in tasks:
-        graph.add_node(fusion_id(task), kind="fusion", task=task, groups=[])
-        graph.add_node(head_id(task), kind="head", task=task, builder="head")
+        graph.add_node(fusion_id(task), kind="fusion", task=task, groups=[], params=0)  # one β per group
+        graph.add_node(head_id(task), kind="head", task=task, builder="head",
+                       args={"task": task, "features": features}, params=head_params[task])
         graph.add_edge(previous, fusion_id(task))
         graph.add_edge(fusion_id(task), head_id(task))
     return graph
@@ -125,6 +134,7 @@ def grow(graph: nx.DiGraph, position: Position, modules: str = "gmk", round_inde
                 cell=index,
                 group=list(group),
                 builder="cell",
+                args={"cell": index},
                 params=graph.graph["cell_params"][index],
                 round=round_index,
                 activated_by=[list(pair), start],
@@ -139,7 +149,9 @@ def grow(graph: nx.DiGraph, position: Position, modules: str = "gmk", round_inde
         if added and branch_id(group, last) in added:
             for task in group:
                 graph.add_edge(branch_id(group, last), fusion_id(task))
-                graph.nodes[fusion_id(task)]["groups"].append(list(group))
+                fusion = graph.nodes[fusion_id(task)]
+                fusion["groups"].append(list(group))
+                fusion["params"] = len(fusion["groups"])
     return added
 
 

@@ -208,10 +208,15 @@ def cached_baseline(session: Session, kind: str, epochs: int, callbacks: list[Ca
 
 
 def save_model(run_dir: Path, model: MamoNet) -> None:
-    """The architecture (node-link JSON) and its weights (safetensors): together they rebuild the model."""
+    """The architecture (node-link JSON) and its weights (safetensors), which together rebuild the model, and
+    the architecture as GraphML and DOT for graph tools."""
     from safetensors.torch import save
 
+    from mamo.export import write_dot, write_graphml
+
     (run_dir / "architecture.json").write_text(json.dumps(graph_to_dict(model.graph), indent=1))
+    write_graphml(model, run_dir / "architecture.graphml")
+    write_dot(model, run_dir / "architecture.dot")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # As bytes through Python's own file: safetensors' save_file creates the file readable by its owner only
     # (0600), unlike every other file of the run folder.

@@ -201,7 +201,8 @@ class Trainer:
             lr = self.step.optimizer.param_groups[0]["lr"]
             raise TrainingDiverged(
                 f"training '{self.description}' diverged at step {self.global_step + 1} (epoch {self.epoch + 1} of the "
-                f"run): {exc}; lower train.lr (now {lr:g}) or check the data for NaN or infinite values."
+                f"run): {getattr(exc, 'problem', exc)}; lower train.lr (now {lr:g}) or check the data for NaN or "
+                "infinite values."
             ) from exc
 
     def fit(self, epochs: int) -> list[dict]:

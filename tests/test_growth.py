@@ -196,3 +196,20 @@ def test_growth_keeps_the_optimizer_state_of_old_parameters():
     held = {id(p) for group in step.optimizer.param_groups for p in group["params"]}
     assert all(id(p) in held for p in model.parameters())
     assert torch.equal(step.optimizer.state[trunk]["exp_avg"], moment)
+
+
+@pytest.mark.parametrize("modules", ["gmk", "exclusive"])
+def test_every_node_records_its_builder_and_its_parameter_count(modules):
+    model = lenet_model()
+    spawn(model, (("a", "b"), 1), modules)
+    spawn(model, (("a", "c"), 2), modules)
+    graph = model.graph
+    for node, named in model.node_parameters().items():
+        assert graph.nodes[node]["params"] == sum(p.numel() for _, p in named), node
+    assert sum(params for _, params in graph.nodes(data="params", default=0)) == sum(
+        p.numel() for p in model.parameters())
+    for node, data in graph.nodes(data=True):
+        if data["kind"] in ("cell", "gmk"):
+            assert data["builder"] == "cell" and data["args"] == {"cell": data["cell"]}
+        elif data["kind"] == "head":
+            assert data["builder"] == "head" and data["args"]["task"] == data["task"]

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import networkx as nx
 import numpy as np
 import pytest
 import torch
@@ -43,8 +44,11 @@ def finished(tmp_path_factory):
 def test_search_writes_the_run_folder(finished):
     run_dir, metrics = finished
     for name in ("config.yaml", "log.txt", "metrics.json", "report.md", "report.csv", "architecture.json",
-                 "weights.safetensors"):
+                 "architecture.graphml", "architecture.dot", "architecture.png", "weights.safetensors"):
         assert (run_dir / name).is_file(), name
+    graph = g.graph_from_dict(json.loads((run_dir / "architecture.json").read_text()))
+    assert set(nx.read_graphml(run_dir / "architecture.graphml").nodes) == set(graph.nodes)
+    assert all(f'"{node}" [label=' in (run_dir / "architecture.dot").read_text() for node in graph.nodes)
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert set(saved["tasks"]) == {"left", "right"}
     assert isinstance(saved["gmk_modules"], int) and len(saved["rounds"]) == 2
@@ -150,7 +154,6 @@ def test_onnx_and_pt2_programs_give_the_same_outputs(finished, tmp_path):
     for index, task in enumerate(model.tasks):
         np.testing.assert_allclose(outputs[index], expected[task].numpy(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(program(x)[index], expected[task])
-    import networkx as nx
 
     assert set(nx.read_graphml(tmp_path / "architecture.graphml").nodes) == set(model.graph.nodes)
     dot = (tmp_path / "architecture.dot").read_text()

@@ -297,6 +297,17 @@ def test_a_diverged_loss_is_one_sentence_and_the_folder_keeps_it(tmp_path: Path,
     assert (run / "config.yaml").exists()  # what was written stays
 
 
+def test_gradients_a_direction_finds_non_finite_are_a_diverged_run_naming_the_fix_once(tmp_path: Path, capsys) -> None:
+    # SGD at 1e8: the losses are still finite at step 2, the gradients are not; the direction's check catches
+    # them. Before, its own fix and the trainer's were both in the sentence.
+    run = tmp_path / "run"
+    assert train("quick", *TINY, "--set", "train.optimizer=sgd", "--set", "train.lr=1e8", "--no-tensorboard",
+                 "--run-dir", str(run)) == 2
+    message = single_error(capsys.readouterr().err)
+    assert message.startswith("training 'train' diverged at step ") and "gradients are NaN or infinite" in message
+    assert message.count("lower train.lr") == 1 and "lower train.lr (now 1e+08)" in message
+
+
 def test_a_full_disk_at_the_end_is_one_sentence(tmp_path: Path, capsys, monkeypatch) -> None:
     write_bytes = Path.write_bytes
 

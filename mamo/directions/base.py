@@ -113,10 +113,8 @@ class Direction(ABC):
         if G.shape != (m, m):
             raise ValueError(f"gramian must be {m}×{m} for {m} losses, got shape {tuple(G.shape)}")
         if not (_finite(chain.from_iterable(rows)) and _finite(L.tolist())):
-            raise NonFiniteGradients(
-                "the task losses or gradients are NaN or infinite at this step; "
-                "lower train.lr or check the loss functions and the data."
-            )
+            raise NonFiniteGradients("the task losses or gradients are NaN or infinite at this step",
+                                     "lower train.lr or check the loss functions and the data.")
         weights, info = self.weigh(G, L)
         return make_output(weights, info)
 
