@@ -136,7 +136,7 @@ def growth_notes(rounds: list[dict], counts: dict[str, int], dataset: str, modul
              "layout):", ""]
     header = ["Detection", *(f"MAMO-{r['round']}" for r in rounds)] if rounds else ["Detection", "(no rounds)"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.append("| " + " | ".join([dataset, *(str(r["modules"]) for r in rounds)]) + " |")
+    lines.append("| " + " | ".join([dataset, *(str(r["modules"]) for r in rounds or [{"modules": "–"}])]) + " |")
     lines += ["", "Modules per activated (pair, cell):", ""]
     lines += [f"- {key}: {n}" for key, n in counts.items()] or ["- none (the network stayed HPS)"]
     return "\n".join(lines)

@@ -42,6 +42,10 @@ def check_search_config(config: Config, rounds_setting: str = "search.rounds") -
                         f"{search.rounds} × {search.round_epochs} = {before_final} epochs leave no epoch of the "
                         f"budget train.epochs = {config.train.epochs} for the final phase; raise train.epochs, "
                         f"lower {rounds_setting} or set search.final_epochs.")
+    if before_final + final_epochs(config) < 1:
+        raise MamoError("search.pretrain_epochs, search.rounds × search.round_epochs and search.final_epochs are all "
+                        "0, so the search would train nothing; leave search.final_epochs unset (null) to train "
+                        "train.epochs, or give a phase epochs.")
 
 
 def epochs_before_final(search: SearchConfig, rounds: int | None = None) -> int:

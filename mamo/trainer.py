@@ -85,6 +85,8 @@ def resolve_device(name: str, option: str = "train.device") -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise MamoError(f"unknown device '{name}' ({option}); use auto, cpu, cuda or cuda:N.") from exc
+    if device.type not in ("cpu", "cuda"):  # torch names more (meta, mps, xla, ...); mamo trains on these two
+        raise MamoError(f"{option} '{name}' is not a device mamo trains on; use auto, cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MamoError(f"{option} is '{name}' but no CUDA device is visible; use auto or cpu.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -198,12 +200,14 @@ class Trainer:
         try:
             return self.step(*self._to_device(x, targets))
         except FloatingPointError as exc:
-            lr = self.step.optimizer.param_groups[0]["lr"]
-            raise TrainingDiverged(
-                f"training '{self.description}' diverged at step {self.global_step + 1} (epoch {self.epoch + 1} of the "
-                f"run): {getattr(exc, 'problem', exc)}; lower train.lr (now {lr:g}) or check the data for NaN or "
-                "infinite values."
-            ) from exc
+            raise self._diverged(self.global_step + 1, str(getattr(exc, "problem", exc))) from exc
+
+    def _diverged(self, step: int, problem: str) -> TrainingDiverged:
+        lr = self.step.optimizer.param_groups[0]["lr"]
+        return TrainingDiverged(
+            f"training '{self.description}' diverged at step {step} (epoch {self.epoch + 1} of the run): {problem}; "
+            f"lower train.lr (now {lr:g}) or check the data for NaN or infinite values."
+        )
 
     def fit(self, epochs: int) -> list[dict]:
         for _ in range(epochs):
@@ -223,8 +227,14 @@ class Trainer:
                 if self.progress:  # refresh=False: shown at the bar's next timed redraw, not redrawn every step
                     bar.set_postfix(loss=f"{result.losses.sum().item():.4g}", refresh=False)
             seconds = time.perf_counter() - start
-            self.epoch += 1
             metrics = self.evaluate(self.val_set)
+            # A step's NaN loss is caught by the next step; after the epoch's last step there is none, and a model
+            # that scores NaN would otherwise be kept and reported as a result.
+            broken = [task for task, values in metrics.items() if not math.isfinite(values["loss"])]
+            if broken:
+                raise self._diverged(self.global_step, f"the validation loss of task {', '.join(broken)} is NaN or "
+                                                       "infinite after the epoch's last step")
+            self.epoch += 1
             self.history.append({
                 "epoch": self.epoch,
                 "seconds": seconds,

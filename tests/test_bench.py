@@ -47,6 +47,7 @@ def test_vector_direction_matches_the_direction_objects(base, formulation):
     for _ in range(8):
         J = rng.standard_normal((len(alphas), 2, 6)) * np.exp(rng.uniform(0, 3, (len(alphas), 2, 1)))
         J[1, 1] = -0.5 * J[1, 0]  # opposed gradients: the shrink that keeps g_t · v_n ≥ 0 must act
+        J[2, 1] = 3.0 * J[2, 0] + 0.3 * rng.standard_normal(6) * np.abs(J[2, 0]).mean()  # MGDA at its vertex
         G = np.einsum("rtp,rsp->rts", J, J)
         losses = np.exp(rng.uniform(-4, 1, (len(alphas), 2)))
         got = vector(np.moveaxis(G, 0, -1), losses.T)
@@ -113,6 +114,16 @@ def test_a_zero_count_is_refused_not_read_as_the_default(tmp_path, capsys, name,
     assert stop.value.code == 2
     assert f"argument {option}: must be a positive integer, got 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["logic", "--quick", "--sweep-lr", "inf"], "--sweep-lr must be a finite positive learning rate, got inf"),
+    (["multimnist_recon", "--quick", "--lrs", "0.01,inf"], "--lrs '0.01,inf' must hold finite positive learning rates"),
+])
+def test_an_infinite_learning_rate_is_refused_before_the_benchmark_runs(tmp_path, capsys, args, expected):
+    # Before: exit 0 with every MSE nan, or 0% converged everywhere.
+    assert main(["bench", *args, "--out", str(tmp_path / "out")]) == 2
+    assert expected in capsys.readouterr().err
 
 
 def test_a_bad_device_is_named_as_the_bench_option(tmp_path, capsys):

@@ -161,3 +161,10 @@ def test_report_without_stl_is_absolute_only(tmp_path: Path) -> None:
 def test_write_metrics_is_json(tmp_path: Path) -> None:
     write_metrics(tmp_path, {"tasks": HPS, "params": 1200, "delta": 3.5})
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"tasks": HPS, "params": 1200, "delta": 3.5}
+
+
+def test_growth_table_of_a_search_without_rounds_has_a_cell_under_each_header():
+    from mamo.report import growth_notes
+
+    header, rule, row = growth_notes([], {}, "multimnist").splitlines()[4:7]
+    assert header == "| Detection | (no rounds) |" and row.count("|") == header.count("|") == 3

@@ -92,6 +92,9 @@ def test_round_epochs_must_be_positive_only_when_there_are_rounds():
     with pytest.raises(MamoError, match=r"search.round_epochs must be ≥ 1 when search.rounds > 0 .*got 0"):
         check_search_config(tiny("search.round_epochs=0"))
     check_search_config(tiny("search.round_epochs=0", "search.rounds=0"))
+    # Before: exit 0 with an untrained model (train refuses epochs=0 for that reason).
+    with pytest.raises(MamoError, match=r"are all 0, so the search would train nothing"):
+        check_search_config(tiny("search.rounds=0", "search.pretrain_epochs=0", "search.final_epochs=0"))
     with pytest.raises(MamoError, match=r"search.pretrain_epochs must be a non-negative integer, got -1"):
         check_search_config(tiny("search.pretrain_epochs=-1"))
 

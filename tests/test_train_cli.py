@@ -308,6 +308,17 @@ def test_gradients_a_direction_finds_non_finite_are_a_diverged_run_naming_the_fi
     assert message.count("lower train.lr") == 1 and "lower train.lr (now 1e+08)" in message
 
 
+def test_a_model_that_scores_nan_after_the_last_step_is_a_diverged_run(tmp_path: Path, capsys) -> None:
+    # One step at 1e30: its loss is finite, the weights it leaves are not usable, and no step follows to
+    # notice. Before, the run exited 0 and reported accuracies, with NaN losses in metrics.json.
+    run = tmp_path / "run"
+    assert train("quick", *TINY, "--set", "train.optimizer=sgd", "--set", "train.lr=1e30", "--set",
+                 "train.batch_size=256", "--no-tensorboard", "--run-dir", str(run)) == 2
+    message = single_error(capsys.readouterr().err)
+    assert message.startswith("training 'train' diverged at step 1 (epoch 1 of the run): the validation loss of task")
+    assert not (run / "metrics.json").exists()
+
+
 def test_a_full_disk_at_the_end_is_one_sentence(tmp_path: Path, capsys, monkeypatch) -> None:
     write_bytes = Path.write_bytes
 

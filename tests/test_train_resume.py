@@ -121,6 +121,16 @@ def test_keep_best_skips_epochs_with_a_nan_validation_loss() -> None:
     assert model.weight.item() == 3.0
 
 
+@pytest.mark.parametrize("name", ["meta", "mps", "xla"])
+def test_a_device_torch_knows_but_mamo_does_not_train_on_is_one_sentence(name) -> None:
+    from mamo.errors import MamoError
+    from mamo.trainer import resolve_device
+
+    # Before: meta raised NotImplementedError mid-run, mps and xla a RuntimeError traceback.
+    with pytest.raises(MamoError, match=f"^train.device '{name}' is not a device mamo trains on; use auto, cpu"):
+        resolve_device(name)
+
+
 def test_a_cuda_ordinal_beyond_the_visible_devices_is_one_sentence(monkeypatch) -> None:
     import torch
 

@@ -267,8 +267,8 @@ def run(args: argparse.Namespace) -> dict:
     lrs = (5e-2,) if quick else LEARNING_RATES
     periods, alphas = ((10,), (0.0, 0.3, 1.0)) if quick else (PERIODS, ALPHAS)
     start = time.perf_counter()
-    if not args.sweep_lr > 0.0:
-        raise MamoError(f"--sweep-lr must be a positive learning rate, got {args.sweep_lr}; pass e.g. 0.05.")
+    if not 0.0 < args.sweep_lr < math.inf:
+        raise MamoError(f"--sweep-lr must be a finite positive learning rate, got {args.sweep_lr}; pass e.g. 0.05.")
     common = dict(cs=SCALES, seeds=seeds, init=INITS[args.init], orders=shuffles(seeds, epochs),
                   criterion=CRITERIA[args.criterion])
     results = {(m.label, m.formulation): run_method(m, lrs=lrs, alphas=(0.3,), T=10, **common) for m in MAIN}

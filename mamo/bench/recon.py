@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import statistics
 import sys
 import time
@@ -67,8 +68,8 @@ def _learning_rates(text: str | None, default: float) -> list[float]:
     except ValueError as exc:
         raise MamoError(f"--lrs '{text}' is not a comma-separated list of numbers; write e.g. --lrs 0.01,0.05."
                         ) from exc
-    if not rates or any(not rate > 0.0 for rate in rates):
-        raise MamoError(f"--lrs '{text}' must hold positive learning rates; write e.g. --lrs 0.01,0.05.")
+    if not rates or any(not 0.0 < rate < math.inf for rate in rates):
+        raise MamoError(f"--lrs '{text}' must hold finite positive learning rates; write e.g. --lrs 0.01,0.05.")
     return rates
 
 

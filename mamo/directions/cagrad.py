@@ -10,6 +10,8 @@ from scipy.optimize import minimize
 from mamo.directions.base import Direction, Info
 from mamo.errors import MamoError
 
+MAX_C = 1e3
+
 
 class CAGrad(Direction):
     """The official ``cagrad(grads, alpha, rescale=1)``, from the Gramian alone.
@@ -25,8 +27,9 @@ class CAGrad(Direction):
     non_conflicting = False
 
     def __init__(self, alpha: float = 0.5) -> None:
-        if not (math.isfinite(alpha) and alpha >= 0.0):
-            raise MamoError(f"direction.cagrad_c must be a finite number ≥ 0, got {alpha!r}; set e.g. 0.5.")
+        # The direction is divided by 1 + c²: far beyond the paper's c < 1 it vanishes (and c² overflows).
+        if not (math.isfinite(alpha) and 0.0 <= alpha <= MAX_C):
+            raise MamoError(f"direction.cagrad_c must be a number in [0, {MAX_C:g}], got {alpha!r}; set e.g. 0.5.")
         self.alpha = float(alpha)
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, Info]:
