@@ -81,6 +81,39 @@ def test_thesis_formula_matches_a_direct_vector_computation_of_eq_4_12():
     torch.testing.assert_close(out.info["angle"], torch.rad2deg(torch.arccos(cos)))
 
 
+@pytest.mark.parametrize("x", [0.5, 0.99, 0.99999, 1.0, 1.5])
+def test_thesis_pull_is_continuous_up_to_and_at_an_mgda_vertex(x):
+    # g_1 = (1, 0), g_2 = (x, 1): MGDA's weight on g_1 tends to 1 as x → 1 and is 1 from there (v = g_1).
+    # Eq 4.12's two unit vectors are opposite on the segment, so the pull is (c_1 − c_2)·unit(g_1 − g_2);
+    # before, the term of g_1 was dropped near and at the vertex and g_2's pulled alone, by c_2 ≥ 1 − α.
+    J = torch.tensor([[1.0, 0.0], [x, 1.0]], dtype=torch.float64)
+    direction = Tensioner(MGDA(), "thesis", T=1, alpha=0.5)
+    for _ in range(2):
+        out = direction(J @ J.T, torch.tensor([0.01, 1.0], dtype=torch.float64))
+    c = out.info["c"]
+    assert c[1] - c[0] > 0.1 and out.info["shrink"] == 1.0
+    pull = combine(out.weights, J) - combine(out.info["base_weights"], J)
+    expected = (c[0] - c[1]) * (J[0] - J[1]) / (J[0] - J[1]).norm()
+    torch.testing.assert_close(pull, expected, rtol=0, atol=1e-9)
+
+
+def test_thesis_pull_at_a_vertex_of_three_tasks_is_the_limit_of_the_inside():
+    from mamo.directions import FORMULATIONS
+
+    rng = np.random.default_rng(21)
+    J = rng.standard_normal((3, 5))
+    G = (J @ J.T).tolist()
+    c = [0.9, 0.75, 0.8]
+
+    def pull(weights):
+        gw = [sum(a * b for a, b in zip(row, weights, strict=True)) for row in G]
+        return np.array(FORMULATIONS["thesis"](G, list(weights), gw, c, 0.5))
+
+    at_vertex = pull([1.0, 0.0, 0.0])
+    for eps in (1e-4, 1e-7, 1e-10):
+        np.testing.assert_allclose(pull([1.0 - 2 * eps, eps, eps]), at_vertex, atol=10 * eps)
+
+
 def test_relative_formula_matches_a_direct_vector_computation():
     alpha = 0.8
     direction = Tensioner(MGDA(), "relative", T=1, alpha=alpha)

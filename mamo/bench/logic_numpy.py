@@ -64,15 +64,27 @@ BASES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 NON_CONFLICTING = {"mgda", "central"}  # the bases whose Direction objects promise g_t · d ≥ 0
 
 
+def _toward(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return a - a.sum(axis=0) * w  # Σ_t a_t (e_t − w)
+
+
 def _thesis_pull(G, w, gw, c, alpha):
+    # float64 Gramians here: resolvable far below the step's float32 1e-5, hence 1e-8.
     diag = np.stack([G[0, 0], G[1, 1]])
     vv = (w * gw).sum(axis=0)
     sq = diag - 2.0 * gw + vv
-    keep = sq > 1e-8 * (diag + vv)  # float64 Gramians here: resolvable far below the step's float32 1e-5
-    return np.where(keep, c / np.sqrt(np.where(keep, sq, 1.0)), 0.0)
+    keep = sq > 1e-8 * (diag + vv)
+    general = _toward(np.where(keep, c / np.sqrt(np.where(keep, sq, 1.0)), 0.0), w)
+    # On the simplex (mgda, central): unit(g_1 − u_1) = unit(g_1 − g_2) = −unit(g_2 − u_2), as the Tensioner's
+    # _thesis_pull_on_simplex, also at a vertex.
+    spread = G[0, 0] - 2.0 * G[0, 1] + G[1, 1]
+    resolved = spread > 1e-8 * (G[0, 0] + G[1, 1])
+    along = np.where(resolved, (c[0] - c[1]) / np.sqrt(np.where(resolved, spread, 1.0)), 0.0)
+    simplex = (w >= 0.0).all(axis=0) & (np.abs(w.sum(axis=0) - 1.0) <= 1e-9)
+    return np.where(simplex, np.stack([along, -along]), general)
 
 
-PULLS = {"thesis": _thesis_pull, "relative": lambda G, w, gw, c, alpha: c - (1.0 - alpha)}
+PULLS = {"thesis": _thesis_pull, "relative": lambda G, w, gw, c, alpha: _toward(c - (1.0 - alpha), w)}
 OFF_AT_ZERO_ALPHA = {"thesis": True, "relative": False}  # as mamo.directions.tensioner
 
 
@@ -111,8 +123,7 @@ class VectorDirection:
         delta = ratio + np.log10(np.maximum(losses, np.finfo(np.float64).tiny))
         c = np.maximum(self.alpha * expit(math.e * delta - math.e) + 1.0 - self.alpha, 0.0)
         gw = (G * w[None]).sum(axis=1)
-        a = PULLS[self.formulation](G, w, gw, c, self.alpha)
-        step = a - a.sum(axis=0) * w
+        step = PULLS[self.formulation](G, w, gw, c, self.alpha)
         g_step = (G * step[None]).sum(axis=1)
         floor = -np.inf if self.non_conflicting else -1e-9 * diag.max(axis=0)  # float64: 1e-9, not 1e-6
         cand = (gw >= floor) & (g_step < 0.0)

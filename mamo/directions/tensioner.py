@@ -10,11 +10,13 @@ Per task t, the tensioner keeps the last T + 1 gradient norms ``||g_t|| = sqrt(G
 For the first T calls it is inert (the base weights are returned unchanged). Two formulations of the pull,
 both expressed on weights (``v = wᵀJ``, ``g_t − v = (e_t − w)ᵀJ``, every norm from G):
 
-* ``thesis``: ``v_n = v + Σ_t c_t (g_t − v)/||g_t − v||`` (Eq 4.12 and the reference implementation). A term
-  whose ``g_t`` is within about 3e-3 (relative) of v is dropped: its unit vector is not resolvable from a
-  float32 Gramian (the step's; ``||g_t − v||²`` is a difference of entries that carry ~1e-6 relative error on
-  an 11 M-parameter network, so a length computed below 1e-5 of ``||g_t||² + ||v||²`` can be off by several
-  times), and v already points along that gradient. α = 0 is treated as off, as the thesis' tables do.
+* ``thesis``: ``v_n = v + Σ_t c_t (g_t − v)/||g_t − v||`` (Eq 4.12 and the reference implementation). For a
+  base whose weights lie on the simplex (mgda, central) each unit vector is taken as that of ``g_t − u_t``, u_t
+  the other tasks' weighted mean: the same vector where ``g_t ≠ v``, and its limit at a vertex (``v = g_t``),
+  where Eq 4.12 is undefined (see :func:`_thesis_pull_on_simplex`). A term whose unit vector is not resolvable
+  from a float32 Gramian is dropped (the step's; a squared distance is a difference of entries that carry
+  ~1e-6 relative error on an 11 M-parameter network, so one computed below 1e-5 of the two squared norms can
+  be off by several times). α = 0 is treated as off, as the thesis' tables do.
 * ``relative``: ``v_n = v + Σ_t (c_t − (1 − α)) (g_t − v)``: α = 0 gives v exactly, and the pull is a
   fraction of the distance to each gradient, so it scales with the gradients.
 
@@ -52,6 +54,7 @@ Vector = list[float]
 Matrix = list[list[float]]
 
 _RESOLVE = 1e-5  # ||g_t − v||² below this fraction of (||g_t||² + ||v||²): the thesis term is dropped
+_SIMPLEX = 1e-9  # base weights ≥ 0 summing to 1 within this: v is in the gradients' convex hull
 _PROTECT = 1e-6  # for a base that may conflict: (Gw)_t ≥ −_PROTECT·max_t G_tt counts as "no conflict with t"
 _RATIO_CAP = 1e6  # ζ(i)/ζ(i−1) when ζ(i−1) = 0 < ζ(i); the sigmoid has long saturated there
 _TINY = float(np.finfo(np.float64).tiny)
@@ -65,22 +68,56 @@ def _times(matrix: Matrix, vector: Vector) -> Vector:
     return [_dot(row, vector) for row in matrix]
 
 
-def _thesis_pull(diag: Vector, weights: Vector, gw: Vector, c: Vector, alpha: float) -> Vector:
+def _toward(coefficients: Vector, weights: Vector) -> Vector:
+    """Σ_t a_t (e_t − w): the weights of Σ_t a_t (g_t − v)."""
+    total = sum(coefficients)
+    return [a - total * w for a, w in zip(coefficients, weights, strict=True)]
+
+
+def _thesis_pull(gramian: Matrix, weights: Vector, gw: Vector, c: Vector, alpha: float) -> Vector:
+    if min(weights) >= 0.0 and abs(sum(weights) - 1.0) <= _SIMPLEX and len(weights) > 1:
+        return _thesis_pull_on_simplex(gramian, weights, c)
     vv = _dot(weights, gw)
-    pull = []
-    for g_tt, gw_t, c_t in zip(diag, gw, c, strict=True):
-        sq_dist = g_tt - 2.0 * gw_t + vv  # ||g_t − v||²
-        pull.append(c_t / math.sqrt(sq_dist) if sq_dist > _RESOLVE * (g_tt + vv) else 0.0)
-    return pull
+    coefficients = []
+    for t, (gw_t, c_t) in enumerate(zip(gw, c, strict=True)):
+        sq_dist = gramian[t][t] - 2.0 * gw_t + vv  # ||g_t − v||²
+        coefficients.append(c_t / math.sqrt(sq_dist) if sq_dist > _RESOLVE * (gramian[t][t] + vv) else 0.0)
+    return _toward(coefficients, weights)
 
 
-def _relative_pull(diag: Vector, weights: Vector, gw: Vector, c: Vector, alpha: float) -> Vector:
-    return [c_t - (1.0 - alpha) for c_t in c]
+def _thesis_pull_on_simplex(gramian: Matrix, weights: Vector, c: Vector) -> Vector:
+    """Eq 4.12 for a base in the convex hull of the gradients (mgda, central): v = w_t g_t + (1 − w_t) u_t with
+    u_t the other tasks' weighted mean, so g_t − v = (1 − w_t)(g_t − u_t) and the unit vector is that of
+    g_t − u_t. That is exact wherever Eq 4.12 is defined and its limit where it is not (v = g_t at a vertex,
+    where the term would otherwise be dropped and the other tasks' unit vectors pull alone, by c_t ≥ 1 − α
+    whatever the gradients' scale), and ||g_t − u_t|| stays resolvable from a float32 Gramian as w_t → 1.
+    At the vertex itself u_t is the plain mean of the others."""
+    m = len(weights)
+    if m == 2:  # u_1 = g_2 and u_2 = g_1, and the two unit vectors are opposite; the general loop, 25 µs faster
+        sq_dist = gramian[0][0] - 2.0 * gramian[0][1] + gramian[1][1]
+        if sq_dist <= _RESOLVE * (gramian[0][0] + gramian[1][1]):
+            return [0.0, 0.0]
+        along = (c[0] - c[1]) / math.sqrt(sq_dist)
+        return [along, -along]
+    step = [0.0] * m
+    for t in range(m):
+        rest = sum(w for s, w in enumerate(weights) if s != t)  # 1 − w_t without the cancellation
+        mean = [0.0 if s == t else (w / rest if rest > 0.0 else 1.0 / (m - 1)) for s, w in enumerate(weights)]
+        g_mean = _times(gramian, mean)
+        uu = _dot(mean, g_mean)
+        sq_dist = gramian[t][t] - 2.0 * g_mean[t] + uu  # ||g_t − u_t||²
+        if sq_dist > _RESOLVE * (gramian[t][t] + uu):
+            scale = c[t] / math.sqrt(sq_dist)
+            step = [x + scale * ((s == t) - u) for s, (x, u) in enumerate(zip(step, mean, strict=True))]
+    return step
 
 
-# Coefficient a_t of (g_t − v) in v_n − v, so that Δw = a − (Σa)·w; from the Gramian's diagonal, the base
-# weights w, Gw, the tension factors c and α.
-FORMULATIONS: dict[str, Callable[[Vector, Vector, Vector, Vector, float], Vector]] = {
+def _relative_pull(gramian: Matrix, weights: Vector, gw: Vector, c: Vector, alpha: float) -> Vector:
+    return _toward([c_t - (1.0 - alpha) for c_t in c], weights)
+
+
+# The pull Δw (weights of v_n − v) from the Gramian, the base weights w, Gw, the tension factors c and α.
+FORMULATIONS: dict[str, Callable[[Matrix, Vector, Vector, Vector, float], Vector]] = {
     "thesis": _thesis_pull,
     "relative": _relative_pull,
 }
@@ -176,12 +213,9 @@ class Tensioner(Direction):
 
     def _tension(self, gramian: Matrix, weights: Vector, c: Vector) -> tuple[Vector, float]:
         gw = _times(gramian, weights)
-        diag = [gramian[t][t] for t in range(len(gramian))]
-        coefficients = self._pull(diag, weights, gw, c, self.alpha)
-        total = sum(coefficients)
-        step = [a - total * w for a, w in zip(coefficients, weights, strict=True)]  # Σ_t a_t (e_t − w)
+        step = self._pull(gramian, weights, gw, c, self.alpha)
         g_step = _times(gramian, step)
-        floor = -math.inf if self.non_conflicting else -_PROTECT * max(diag)
+        floor = -math.inf if self.non_conflicting else -_PROTECT * max(gramian[t][t] for t in range(len(gramian)))
         shrink = 1.0
         for gw_t, gs_t in zip(gw, g_step, strict=True):
             if gw_t >= floor and gs_t < 0.0:
