@@ -208,7 +208,7 @@ def test_every_node_records_its_builder_and_its_parameter_count(modules):
         assert graph.nodes[node]["params"] == sum(p.numel() for _, p in named), node
     assert sum(params for _, params in graph.nodes(data="params", default=0)) == sum(
         p.numel() for p in model.parameters())
-    for node, data in graph.nodes(data=True):
+    for _, data in graph.nodes(data=True):
         if data["kind"] in ("cell", "gmk"):
             assert data["builder"] == "cell" and data["args"] == {"cell": data["cell"]}
         elif data["kind"] == "head":
