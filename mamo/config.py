@@ -33,12 +33,25 @@ def _core_schema_resolvers() -> dict:
         ("tag:yaml.org,2002:" + tag, re.compile(f"^(?:{pattern})$"))
         for tag, pattern in (
             ("bool", r"true|True|TRUE|false|False|FALSE"),
-            ("int", r"[-+]?(?:0|[1-9][0-9]*)|0x[0-9a-fA-F]+"),
+            # Leading zeros are decimal (01 is 1): YAML 1.2 core, unlike 1.1's octal; octal is written 0o17.
+            ("int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+"),
             ("float", r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
              r"|\.(?:nan|NaN|NAN)"),
         )
     ]
     return resolvers
+
+
+def _construct_core_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """A YAML 1.2 core int. PyYAML's own constructor reads a leading zero as YAML 1.1 octal (``010`` is 8, ``09``
+    fails), where the core schema, and users writing ``epochs: 01``, mean decimal."""
+    text = str(loader.construct_scalar(node))
+    try:
+        if text.startswith(("0x", "0o")):
+            return int(text[2:], 16 if text[1] == "x" else 8)
+        return int(text, 10)
+    except ValueError:  # an explicit !!int tag on text that is no integer
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer", node.start_mark) from None
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -49,6 +62,9 @@ class YamlLoader(yaml.SafeLoader):
     """
 
     yaml_implicit_resolvers = _core_schema_resolvers()
+
+
+YamlLoader.add_constructor("tag:yaml.org,2002:int", _construct_core_int)
 
 
 class YamlDumper(yaml.SafeDumper):

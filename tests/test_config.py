@@ -137,6 +137,19 @@ def test_ints_are_accepted_where_floats_are_expected(tmp_path: Path) -> None:
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
 
 
+@pytest.mark.parametrize(("text", "value"), [("01", 1), ("010", 10), ("-007", -7), ("0o17", 15), ("0x1f", 31)])
+def test_a_leading_zero_is_a_decimal_int_as_in_yaml_1_2(tmp_path: Path, text: str, value: int) -> None:
+    # PyYAML's 1.1 rules read 01 as a float here ("must be int, got 1.0") and 010 as octal 8.
+    assert load_config(None, [f"train.epochs={text}"]).train.epochs == value
+    assert load_config(str(write(tmp_path, f"train:\n  epochs: {text}\n"))).train.epochs == value
+
+
+def test_a_string_of_digits_with_a_leading_zero_survives_the_round_trip(tmp_path: Path) -> None:
+    config = load_config(None, ["data.root='007'"])
+    dump_config(config, tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml")).data.root == "007"
+
+
 def test_a_preset_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "- a\n- b\n")
     assert str(path) in error_of(str(path))
