@@ -54,14 +54,41 @@ def _construct_core_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
         raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer", node.start_mark) from None
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping holds one key twice; ``key`` is the key and ``line`` the 1-based line of its second occurrence."""
+
+    def __init__(self, key: Any, mark: yaml.Mark):
+        super().__init__(None, None, f"duplicate key {key!r}", mark)
+        self.key = key
+        self.line = mark.line + 1
+
+
 class YamlLoader(yaml.SafeLoader):
-    """Safe YAML with the YAML 1.2 core schema's plain scalars.
+    """Safe YAML with the YAML 1.2 core schema's plain scalars, refusing a key given twice in one mapping.
 
     PyYAML follows YAML 1.1, where ``off``/``on``/``yes``/``no`` are booleans and ``1e-3`` is a string; in a preset
     (``formulation: off``) or an override (``--set train.lr=1e-3``) users mean the string and the number.
     """
 
     yaml_implicit_resolvers = _core_schema_resolvers()
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        # PyYAML keeps the last of two equal keys silently, so one of two settings would be dropped unseen. Keys
+        # merged in with << are not checked: overriding a merged key is what merging is for.
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: PyYAML's own check below refuses it
+                    continue
+                if duplicate:
+                    raise DuplicateKeyError(key, key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 YamlLoader.add_constructor("tag:yaml.org,2002:int", _construct_core_int)
@@ -267,6 +294,8 @@ def split_override(text: str) -> tuple[list[str], Any]:
         raise MamoError(f"--set '{text}' is not of the form section.key=value; write e.g. --set train.epochs=3.")
     try:
         parsed = load_yaml(value) if value.strip() else None
+    except DuplicateKeyError as exc:
+        raise MamoError(f"--set '{text}' has the key '{exc.key}' twice; keep one of them.") from exc
     except yaml.YAMLError as exc:
         raise MamoError(
             f"--set '{text}' has a value that is not valid YAML; quote the value, e.g. {key.strip()}='...'."
@@ -289,6 +318,9 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     if path is not None:
         try:
             raw = load_yaml(path.read_text(encoding="utf-8")) or {}
+        except DuplicateKeyError as exc:
+            raise MamoError(f"preset {path} has the key '{exc.key}' twice (again on line {exc.line}); keep one of "
+                            "them.") from exc
         except yaml.YAMLError as exc:
             raise MamoError(f"preset {path} is not valid YAML ({exc.__class__.__name__}); fix its syntax.") from exc
         except UnicodeDecodeError as exc:

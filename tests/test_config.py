@@ -150,6 +150,24 @@ def test_a_string_of_digits_with_a_leading_zero_survives_the_round_trip(tmp_path
     assert load_config(str(tmp_path / "config.yaml")).data.root == "007"
 
 
+def test_a_key_given_twice_in_a_preset_is_refused_with_the_key_and_the_file(tmp_path: Path) -> None:
+    # PyYAML keeps the last of the two silently: one of the user's settings was dropped unseen.
+    path = write(tmp_path, "train:\n  epochs: 2\n  lr: 0.1\n  epochs: 5\n")
+    message = error_of(str(path))
+    assert "'epochs' twice" in message and str(path) in message and "line 4" in message
+    assert "'train' twice" in error_of(str(write(tmp_path, "train: {epochs: 2}\ntrain: {lr: 0.1}\n", "two.yaml")))
+
+
+def test_a_key_given_twice_in_a_set_value_is_refused() -> None:
+    message = error_of(None, ["data.options={a: 1, a: 2}"])
+    assert "'a' twice" in message and "--set 'data.options={a: 1, a: 2}'" in message
+
+
+def test_a_merged_key_may_still_be_overridden() -> None:
+    # << merges are not duplicates: overriding a merged key is their purpose.
+    assert load_yaml("a: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 3\n")["c"] == {"x": 3, "y": 2}
+
+
 def test_a_preset_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "- a\n- b\n")
     assert str(path) in error_of(str(path))
