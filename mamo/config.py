@@ -255,6 +255,22 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+NAME_MAX_BYTES = 200  # a folder name may hold 255 bytes; run folders add a time stamp and the command to the name
+
+
+def _check_name(config: Config, source: str) -> Config:
+    """``config`` after checking that its ``name`` fits in one folder name: run folders are
+    runs/<time>-<command>-<name>, so a '/' in it made nested folders and '../..' left runs/."""
+    name = config.name
+    bad = (not name.strip() or name in (".", "..") or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name)
+           or len(name.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES)
+    if bad:
+        raise MamoError(f"'name' in {source} is {name!r}, which cannot be part of a run folder name; use letters, "
+                        f"digits, spaces and punctuation other than '/' and '\\', at most {NAME_MAX_BYTES} bytes and "
+                        "not '.' or '..', e.g. my-run.")
+    return config
+
+
 def _set_path(raw: dict, path: list[str], value: Any) -> dict:
     """A copy of ``raw`` with the value at ``path`` replaced; sections along the path are copied, not shared.
 
@@ -333,10 +349,10 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
                             "write it as 'section: {key: value}'.")
         raw.setdefault("name", path.stem)
     source = str(path) if path else "the defaults"
-    config = _build(Config, raw, "", source)
+    config = _check_name(_build(Config, raw, "", source), source)
     for text in overrides:
         raw = _set_path(raw, *split_override(text))
-        config = _build(Config, raw, "", f"--set {text}")
+        config = _check_name(_build(Config, raw, "", f"--set {text}"), f"--set {text}")
     return config
 
 
@@ -350,4 +366,4 @@ def dump_config(config: Config, path: Path) -> None:
 
 
 def config_from_dict(raw: dict, source: str) -> Config:
-    return _build(Config, raw, "", source)
+    return _check_name(_build(Config, raw, "", source), source)
