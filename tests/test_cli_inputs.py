@@ -117,3 +117,29 @@ def test_an_architecture_with_damaged_edges_is_one_sentence(
     assert f"the model files in {copy} are unreadable or do not fit together (architecture.json is damaged: {said}" \
         in message
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------- --out
+
+
+def test_export_out_below_a_file_is_one_sentence(run_dir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+    code, err = run_cli(["export", str(run_dir), "--format", "json", "--out", str(a_file / "sub")], capsys)
+    assert code == 2  # was a NotADirectoryError traceback from mkdir
+    assert f"--out {a_file / 'sub'} lies below {a_file}, which is a file" in single_error(err)
+
+
+@pytest.mark.parametrize(("below", "said"), [(False, "is a file"), (True, "lies below")])
+def test_bench_out_that_is_or_lies_below_a_file_is_one_sentence(
+        below: bool, said: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+    out = a_file / "sub" if below else a_file
+    code, err = run_cli(["bench", "step", "--quick", "--device", "cpu", "--out", str(out)], capsys)
+    assert code == 2  # was a NotADirectoryError traceback (from iterdir, or mkdir below the file)
+    assert f"--out {out} {said}" in single_error(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

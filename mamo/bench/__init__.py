@@ -72,6 +72,12 @@ def output_dir(out: str | None, name: str) -> Path:
     """Create the output folder; an existing non-empty one is refused, a default name never collides."""
     if out is not None:
         path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise MamoError(f"--out {path} is a file; --out takes a new or empty folder, e.g. --out {path}.bench.")
+        # mkdir would fail with NotADirectoryError below a file: name the file instead.
+        blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+        if blocking is not None:
+            raise MamoError(f"--out {path} lies below {blocking}, which is a file; pass a folder elsewhere to --out.")
         if path.exists() and any(path.iterdir()):
             raise MamoError(f"output folder {path} already exists and is not empty; pass a new --out.")
         path.mkdir(parents=True, exist_ok=True)
