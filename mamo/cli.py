@@ -9,9 +9,12 @@ is removed.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from mamo.errors import WRITE_FAILURES, MamoError
 
@@ -73,6 +76,30 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _virtual_folder(folder: Path) -> bool:
+    """Whether ``folder`` is on a file system without storage (procfs, sysfs: no blocks at all)."""
+    try:
+        return folder.is_dir() and os.statvfs(folder).f_blocks == 0
+    except OSError:
+        return False
+
+
+def os_failure(exc: OSError) -> str | None:
+    """The sentence for an OS error that the machine or the path causes, not mamo (None: a bug, keep the trace)."""
+    where = f" {exc.filename}" if exc.filename else ""
+    if exc.errno == errno.ENAMETOOLONG:
+        return (f"could not use{where} ({exc.strerror}); shorten the path: a file or folder name holds at most "
+                "255 bytes.")
+    if exc.errno == errno.ENOENT and exc.filename and _virtual_folder(Path(exc.filename).parent):
+        # /proc refuses a new folder with ENOENT although its parent exists; any other ENOENT is a bug.
+        return (f"could not create{where} ({exc.strerror}): {Path(exc.filename).parent} is a virtual file system "
+                "that takes no new files; pass a path on a disk.")
+    if exc.errno in WRITE_FAILURES:
+        return (f"could not write{where} ({exc.strerror}); free disk space or fix the folder's permissions, then "
+                "run again (train and search continue with --resume).")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(next((a for a in argv if a in COMMANDS), None)).parse_args(argv)
@@ -82,11 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mamo: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        if exc.errno not in WRITE_FAILURES:
+        message = os_failure(exc)
+        if message is None:
             raise
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"mamo: error: could not write{where} ({exc.strerror}); free disk space or fix the folder's "
-              "permissions, then run again (train and search continue with --resume).", file=sys.stderr)
+        print(f"mamo: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mamo: interrupted; finished checkpoints in the run folder are kept.", file=sys.stderr)

@@ -2,8 +2,9 @@
 
 import errno
 
-# A full disk, a quota or a read-only folder: the machine's fault, not a bug, so a sentence instead of a trace.
-WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
+# A full disk, a quota, a read-only or immutable folder (EPERM) or a path too long for the file system: the
+# machine's or the path's fault, not a bug, so a sentence instead of a trace.
+WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG})
 
 
 class MamoError(Exception):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,9 @@ from mamo.model import compile_model
 from mamo.spaces import create_space
 from mamo.tasks import TaskSpec
 from mamo.train import save_model
+
+TINY = ["--set", "train.epochs=1", "--set", "data.train_size=256", "--set", "data.val_size=64",
+        "--set", "data.test_size=64", "--set", "train.device=cpu", "--no-progress", "--no-tensorboard"]
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -143,3 +148,46 @@ def test_bench_out_that_is_or_lies_below_a_file_is_one_sentence(
     assert code == 2  # was a NotADirectoryError traceback (from iterdir, or mkdir below the file)
     assert f"--out {out} {said}" in single_error(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+# --------------------------------------------------------------------------------------- the machine's refusals
+
+
+def test_a_run_dir_with_a_name_over_255_bytes_is_one_sentence(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / ("x" * 300) / "run"
+    code, err = run_cli(["train", "quick", *TINY, "--run-dir", str(run)], capsys)
+    assert code == 2  # was an OSError (Errno 36) traceback from free_run_dir
+    message = single_error(err)
+    assert "(File name too long); shorten the path" in message and "255 bytes" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not (Path("/proc").is_dir() and os.statvfs("/proc").f_blocks == 0), reason="needs Linux's /proc")
+def test_a_run_dir_in_proc_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["train", "quick", *TINY, "--run-dir", "/proc/mamo-test-run"], capsys)
+    assert code == 2  # was a FileNotFoundError traceback from mkdir
+    assert "could not create /proc/mamo-test-run (No such file or directory): /proc is a virtual file system" \
+        in single_error(err)
+
+
+def test_an_immutable_out_folder_is_one_sentence(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # chattr +i makes writes fail with EPERM, not EACCES, even for root; simulated, as chattr needs root.
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+
+    monkeypatch.setattr(Path, "write_text", refuse)
+    out = tmp_path / "out"
+    code, err = run_cli(["export", str(run_dir), "--format", "json", "--out", str(out)], capsys)
+    assert code == 2  # was a PermissionError traceback
+    assert f"could not write {out / 'architecture.json'} (Operation not permitted)" in single_error(err)
+
+
+def test_a_missing_file_elsewhere_is_still_a_bug_with_its_traceback(tmp_path: Path) -> None:
+    from mamo.cli import os_failure
+
+    assert os_failure(FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "gone"))) is None
+    assert os_failure(OSError(errno.EIO, "Input/output error", str(tmp_path))) is None
