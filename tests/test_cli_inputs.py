@@ -5,14 +5,17 @@ from __future__ import annotations
 import errno
 import json
 import os
+import types
 from pathlib import Path
 
 import pytest
 from cli_errors import single_error
 
+from mamo import bench
 from mamo import graph as g
 from mamo.cli import main
 from mamo.config import ModelConfig
+from mamo.errors import MamoError
 from mamo.export import load_trained
 from mamo.model import compile_model
 from mamo.spaces import create_space
@@ -191,3 +194,41 @@ def test_a_missing_file_elsewhere_is_still_a_bug_with_its_traceback(tmp_path: Pa
 
     assert os_failure(FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "gone"))) is None
     assert os_failure(OSError(errno.EIO, "Input/output error", str(tmp_path))) is None
+
+
+# --------------------------------------------------------------------------------------------------- bench
+
+
+def failing_bench(error: BaseException) -> types.ModuleType:
+    """A benchmark that stops with ``error`` before it writes anything."""
+    module = types.ModuleType("failing", "A benchmark that fails.")
+
+    def run(options: object) -> dict:
+        raise error
+
+    module.run = run  # type: ignore[attr-defined]
+    return module
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("a bug"), MamoError("refused.")])
+@pytest.mark.parametrize("given", ["default", "--out"])
+def test_bench_removes_the_folder_it_made_whatever_stops_it(
+        error: BaseException, given: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Only a MamoError removed it: Ctrl-C or a crash left an empty runs/bench/<name>-<time> behind.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "load_bench", lambda name: failing_bench(error))
+    out = ["--out", str(tmp_path / "out")] if given == "--out" else []
+    if isinstance(error, RuntimeError):
+        with pytest.raises(RuntimeError, match="a bug"):
+            main(["bench", "step", "--device", "cpu", *out])
+    else:
+        assert main(["bench", "step", "--device", "cpu", *out]) == (130 if isinstance(error, KeyboardInterrupt) else 2)
+    assert [p for p in tmp_path.rglob("*") if p.is_dir() and p.name not in ("runs", "bench")] == []
+
+
+def test_bench_keeps_an_empty_out_folder_the_user_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "load_bench", lambda name: failing_bench(MamoError("refused.")))
+    (tmp_path / "out").mkdir()
+    assert main(["bench", "step", "--device", "cpu", "--out", str(tmp_path / "out")]) == 2
+    assert (tmp_path / "out").is_dir()

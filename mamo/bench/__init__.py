@@ -124,13 +124,18 @@ def command_bench(args: argparse.Namespace) -> int:
     resolve_device(options.device, option="--device")  # named as the user gave it, before any folder is made
     resumed = getattr(options, "resume", None)
     # A resumed bench writes its tables back into the folder it continues (unless --out names another).
-    folder = Path(resumed) if resumed and options.out is None else output_dir(options.out, args.name)
+    if resumed and options.out is None:
+        folder, created = Path(resumed), False
+    else:
+        created = options.out is None or not Path(options.out).exists()  # an empty --out the user made stays
+        folder = output_dir(options.out, args.name)
     options.out = str(folder)
     start = time.perf_counter()
     try:
         result = module.run(options)
-    except MamoError:
-        if folder.is_dir() and not any(folder.iterdir()):  # refused before it ran: no empty folder left behind
+    except BaseException:
+        # Refused, interrupted (Ctrl-C) or crashed before it wrote anything: no empty folder left behind.
+        if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
         raise
     result.setdefault("wall_seconds", round(time.perf_counter() - start, 1))
