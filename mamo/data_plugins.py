@@ -90,9 +90,11 @@ def builder_arguments(func: Callable[..., Any], cfg: DataConfig, what: str, plug
         if not var_keyword and not {"seed", "root"} <= names:
             raise MamoError(f"{what} must accept the keyword arguments seed and root; add them to its signature.")
         for key, value in sizes.items():
+            if value is None:
+                continue  # unset: the plugin's own default applies, as None passed would override it
             if key in names or var_keyword:
                 kwargs[key] = value
-            elif value is not None:
+            else:
                 raise MamoError(f"data.{key} is set but {what} takes no '{key}' argument; remove it or add one.")
     else:
         kwargs.update(sizes)

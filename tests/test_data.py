@@ -340,6 +340,24 @@ def test_plugin_from_file(plugin_file: str) -> None:
     assert torch.equal(data.train.x, again.train.x)
 
 
+def test_a_plugin_gets_only_the_split_sizes_that_are_set(tmp_path: Path) -> None:
+    # With data.train_size=null the plugin was called with train_size=None, overriding its own default of 5.
+    path = tmp_path / "sized.py"
+    path.write_text(PLUGIN + """
+
+def sized(seed, root, train_size=5, val_size=3, test_size=2):
+    return make(seed, root, train_size)
+
+
+def keywords(seed, root, **kwargs):
+    assert set(kwargs) == {"val_size"}, kwargs
+    return make(seed, root)
+""")
+    data = load_data(DataConfig(name=f"{path}:sized", train_size=None, val_size=4))
+    assert len(data.train) == 5
+    assert load_data(DataConfig(name=f"{path}:keywords", val_size=4)).input_shape == (4,)
+
+
 def test_plugin_from_module(plugin_file: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(Path(plugin_file).parent))
     monkeypatch.delitem(sys.modules, "my_data", raising=False)
