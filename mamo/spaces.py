@@ -36,6 +36,7 @@ class SearchSpace:
 
     needs_images = True
     named = False
+    smaller = "a smaller model.backbone"  # the model settings that shrink this family's cells, for a memory error
 
     @classmethod
     def check_config(cls, config: ModelConfig, name: str) -> None:
@@ -75,7 +76,13 @@ class SearchSpace:
             for index in range(self.num_cells):
                 try:
                     x = self.build_cell(index).eval()(x)
-                except (RuntimeError, AssertionError, ValueError) as exc:  # what torch and timm raise on bad sizes
+                except (RuntimeError, AssertionError, ValueError, MemoryError) as exc:  # torch and timm on bad sizes
+                    if _out_of_memory(exc):  # too large a model, not too small an input: say which setting shrinks it
+                        raise MamoError(
+                            f"backbone '{self.backbone}' needs more memory than this machine can give at cell {index} "
+                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); use a smaller model: "
+                            f"{self.smaller}."
+                        ) from exc
                     raise MamoError(
                         f"backbone '{self.backbone}' fails at cell {index} "
                         f"on inputs of shape {list(self.input_shape)} ({str(exc).splitlines()[0]}); "
@@ -91,6 +98,17 @@ class SearchSpace:
             raise MamoError(f"task '{task.name}' asks for unknown head '{task.head}'; use one of {sorted(HEADS)}.")
         hidden = int(self._spec.get("head_hidden", 50))
         return HEADS[name](task, feature_shape, hidden)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: torch's CPU allocator raises a plain RuntimeError for one, and for
+    a tensor whose byte count overflows 64 bits."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        words in text for words in ("can't allocate memory", "not enough memory", "out of memory",
+                                    "Storage size calculation overflowed"))
 
 
 def _flatten_features(feature_shape: tuple[int, ...]) -> tuple[list[nn.Module], int]:
@@ -149,6 +167,7 @@ class MLPSpace(SearchSpace):
     """Fully connected cells: Linear + activation per entry of ``hidden`` (the thesis' logic net is [2])."""
 
     needs_images = False
+    smaller = "lower the widths in model.hidden"
 
     @classmethod
     def check_config(cls, config: ModelConfig, name: str) -> None:
@@ -172,6 +191,8 @@ class MLPSpace(SearchSpace):
 
 class LeNetSpace(SearchSpace):
     """The MultiMNIST LeNet of Sener & Koltun: two conv cells and a fully connected cell to ``latent``."""
+
+    smaller = "lower model.latent"
 
     @classmethod
     def check_config(cls, config: ModelConfig, name: str) -> None:
@@ -261,6 +282,7 @@ class TimmSpace(SearchSpace):
     """Any timm model whose ``features_only`` wrapper runs its stages in sequence: each stage is a cell."""
 
     named = True
+    smaller = "pick a smaller timm model in model.backbone=timm:<name>"
 
     @classmethod
     def check_config(cls, config: ModelConfig, name: str) -> None:

@@ -216,6 +216,33 @@ def test_input_too_small_for_the_backbone_is_explained() -> None:
         create_space(ModelConfig(backbone="lenet"), (1, 8, 8)).cell_shapes()
 
 
+@pytest.mark.parametrize(("settings", "setting", "said"), [
+    ({"backbone": "mlp", "hidden": [4, 10**17]}, "model.hidden", "can't allocate memory"),
+    ({"backbone": "lenet", "latent": 10**15}, "model.latent", "can't allocate memory"),
+    ({"backbone": "mlp", "hidden": [10**18]}, "model.hidden", "Storage size calculation overflowed"),
+])
+def test_a_model_too_large_to_allocate_asks_for_a_smaller_model(settings: dict, setting: str, said: str) -> None:
+    # Over 1e18 bytes: more than any machine can map, so the allocator refuses at once. This was blamed on the
+    # input size ("use larger inputs or a backbone that downsamples less").
+    with pytest.raises(MamoError, match=f"needs more memory than this machine can give at cell .*{said}"
+                                        f".*; use a smaller model: lower (the widths in )?{setting}\\.$") as info:
+        create_space(ModelConfig(**settings), (1, 28, 28)).cell_shapes()
+    assert "larger inputs" not in str(info.value)
+
+
+@pytest.mark.parametrize("error", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate")])
+def test_other_allocation_failures_ask_for_a_smaller_model(error: BaseException,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    space = create_space(ModelConfig(backbone="timm:test_resnet"), (1, 32, 32))
+
+    def fail(index: int) -> torch.nn.Module:
+        raise error
+
+    monkeypatch.setattr(space, "build_cell", fail)
+    with pytest.raises(MamoError, match="needs more memory .*; use a smaller model: pick a smaller timm model"):
+        space.cell_shapes()
+
+
 @pytest.mark.parametrize("backbone", ["lenet", "timm:resnet18"])
 def test_image_backbones_refuse_vector_inputs(backbone: str) -> None:
     with pytest.raises(MamoError, match=f"'{backbone}' needs image inputs.*model.backbone=mlp"):
