@@ -235,6 +235,39 @@ def test_pcgrad_state_dict_restores_the_projection_order():
         assert torch.equal(run(restored, *step).weights, weights)
 
 
+def reference_pcgrad(J: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Yu et al.'s PCGrad on the gradient vectors themselves: each g_i, in turn, is projected off every other
+    g_j it conflicts with, the conflict re-measured with the already-projected g_i; the order for task i is
+    a permutation of the other tasks drawn from ``generator`` in the same sequence as the implementation
+    draws it (one randperm(m − 1) per task, tasks in index order)."""
+    m = J.shape[0]
+    projected = []
+    for i in range(m):
+        others = [j for j in range(m) if j != i]
+        order = torch.randperm(m - 1, generator=generator).tolist()
+        g = J[i].clone()
+        for position in order:
+            j = others[position]
+            dot = g @ J[j]
+            if dot < 0 and J[j] @ J[j] > 0:
+                g = g - dot / (J[j] @ J[j]) * J[j]
+        projected.append(g)
+    return torch.stack(projected).sum(0)
+
+
+@pytest.mark.parametrize("m", [3, 4, 5])
+def test_pcgrad_matches_a_vector_reference_for_more_than_two_tasks(m):
+    # With m > 2 a gradient can be projected more than once, and each later conflict must be measured with
+    # the already-projected gradient (the m = 2 hand computation cannot tell that from the raw g_i · g_j).
+    # Low dimension (d = 3) makes several conflicts per task likely.
+    rng = np.random.default_rng(60 + m)
+    for seed in range(5):
+        J = random_jacobian(rng, m, 3)
+        w = PCGrad(torch.Generator().manual_seed(seed))(J @ J.T, torch.ones(m)).weights
+        expected = reference_pcgrad(J, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(combine(w, J), expected, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("seed", range(10))
 def test_pcgrad_never_opposes_either_of_two_tasks(seed):
     J = random_jacobian(np.random.default_rng(seed), 2, 3)
