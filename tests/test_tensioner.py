@@ -169,6 +169,24 @@ def test_shrink_protects_every_task_at_a_pareto_stationary_point_of_a_float32_gr
         assert dots.min() > -1e-4, dots
 
 
+
+@pytest.mark.parametrize("formulation", ["thesis", "relative"])
+@pytest.mark.parametrize("base", ["equal", "cagrad"])
+def test_shrink_protects_tasks_a_conflicting_base_meets_at_float32_noise(formulation, base):
+    # Exactly opposed gradients plus 1e-4 noise: v = Σ g_t (or CAGrad's) is nearly zero, and each (Gw)_t is
+    # float32 noise of either sign, far inside the −1e-6·max G_tt floor. A base that may conflict (equal,
+    # cagrad) must still count such a task as not opposed: read as opposed, it is left out of the shrink and
+    # the pull toward the high-loss task runs straight against it.
+    rng = np.random.default_rng(8)
+    for _ in range(6):
+        g = rng.standard_normal(200_000)
+        J = np.stack([g, -g + 1e-4 * rng.standard_normal(g.size)])
+        direction = build(base, formulation, alpha=0.5)
+        for _ in range(T + 1):
+            out = direction(_float32_gramian(J), torch.tensor([2.0, 0.1]))
+        dots = J @ combine(out.weights, torch.from_numpy(J)).numpy() / (J * J).sum(1)
+        assert dots.min() > -1e-4, dots
+
 def test_thesis_pull_keeps_only_unit_vectors_a_float32_gramian_resolves():
     # g_2 within 0.1–1% of g_1: ||g_t − v|| comes from a difference of float32 Gramian entries. A kept term
     # c_t (g_t − v)/||g_t − v|| must have length c_t, not a multiple of it.
@@ -199,6 +217,14 @@ def test_shrink_leaves_tasks_the_base_already_opposes_unconstrained():
     dots = J @ combine(out.weights, J)
     assert base_dots[0] < 0
     assert (dots[base_dots >= 0] >= -1e-12).all()
+    # The pull toward the high-loss task 2 lowers g_1 · v further (G Δw is negative for task 1), but no s
+    # could lift g_1 · v to ≥ 0 from −2, so task 1 must not constrain it: the whole pull is applied (task 3
+    # allows s ≤ 1.1/1.01). Constraining task 1 would clamp s to max(−2, 0)/… = 0.
+    direction = Tensioner(Equal(), "relative", T=1, alpha=1.0)
+    for _ in range(2):
+        out = direction(J @ J.T, torch.tensor([0.1, 10.0, 0.1], dtype=torch.float64))
+    assert out.info["shrink"] == 1.0
+    assert not torch.equal(out.weights, out.info["base_weights"])
 
 
 def test_tension_factor_is_clipped_at_zero_for_alpha_above_one():
