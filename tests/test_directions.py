@@ -126,6 +126,16 @@ def gramian_instances():
                 J[1] = 2.5 * J[0]
                 J[-1] = -0.3 * J[0]
             yield pytest.param(J @ J.T, id=f"m{m}-{kind}")
+    # Nearly degenerate hulls whose min-norm point is inside: a triangle and a tetrahedron in the plane
+    # (hyperplane) at distance 1 from the origin, ε thin in one direction, so their last Cholesky pivot is
+    # O(ε²) but far above rounding. Reading that pivot as zero drops a gradient and lands on a face, about
+    # ε² away from the optimum.
+    for eps in (1e-2, 3e-3):
+        triangle = np.array([[-1.0, -eps, 1.0], [1.0, -eps, 1.0], [0.0, eps, 1.0]])
+        tetrahedron = np.array([[-1.0, -1.0, -eps, 1.0], [1.0, -1.0, -eps, 1.0], [0.0, 1.0, -eps, 1.0],
+                                [0.0, 0.0, eps, 1.0]])
+        for name, J in (("thin-triangle", triangle), ("thin-tetrahedron", tetrahedron)):
+            yield pytest.param(J @ J.T, id=f"m{len(J)}-{name}-{eps:g}")
 
 
 @pytest.mark.parametrize("G", list(gramian_instances()))
