@@ -267,6 +267,22 @@ def test_bf16_on_cpu_trains_and_stays_close_to_fp32(path):
     torch.testing.assert_close(last16, last32, rtol=0.05, atol=0.01)
 
 
+@pytest.mark.parametrize("gradients", ["exact", "ub"])
+def test_bf16_losses_are_float32_losses_of_the_autocast_predictions(gradients):
+    # Only the forward runs under autocast: the losses take the bf16 predictions up to float32 first, so they
+    # are not rounded to bf16's 8-bit mantissa (≈ 4e-3 relative), and neither are their gradients.
+    model = make_model(*MLP)
+    x, targets = batch(model)
+    ref = copy.deepcopy(model).train()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        predictions = ref(x)
+    assert all(p.dtype == torch.bfloat16 for p in predictions.values())  # autocast really rounds the forward
+    expected = torch.stack([task_loss(ref.tasks[t], predictions[t].float(), targets[t]) for t in ref.tasks])
+    result = frozen_step(model, precision="bf16", gradients=gradients)(x, targets)
+    assert result.losses.dtype == torch.float32
+    torch.testing.assert_close(result.losses, expected.detach(), rtol=1e-6, atol=0.0)
+
+
 # ----- CUDA: skipped where no CUDA device exists ------------------------------------------------------------
 @pytest.fixture
 def ieee_float32():
