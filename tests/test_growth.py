@@ -99,6 +99,17 @@ def test_growth_into_an_existing_branch_preserves_the_function():
     assert added == [g.branch_id(("a", "b"), 0), g.branch_id(("a", "b"), 1)]
     for task, value in model(x).items():
         torch.testing.assert_close(value, before[task], rtol=0, atol=1e-6)
+    # The prepended cells must feed the branch that was already there: the preservation above would hold
+    # even if they were left dangling, since a module nothing reads changes no output.
+    assert model.graph.has_edge(g.branch_id(("a", "b"), 1), g.branch_id(("a", "b"), 2))
+    sets = g.task_sets(model.graph)
+    assert all(sets[node] == {"a", "b"} for node in g.branch_nodes(model.graph))
+    model.train()
+    step = make_step(model, "equal")  # MGDA may put zero weight on both a and b at a step
+    step(*batch(seed=4))
+    for node in g.branch_nodes(model.graph):
+        for name, param in model.blocks[node].named_parameters():
+            assert param.grad is not None and param.grad.abs().sum() > 0, f"{node}.{name} has no gradient"
 
 
 def test_timm_batchnorm_growth_preserves_train_and_eval_outputs():
