@@ -184,6 +184,22 @@ def test_exclusive_modules_are_task_specific():
     assert step.partition.node_slices.keys() == {g.cell_id(k) for k in range(3)}
 
 
+def test_an_exclusive_pair_sharing_a_grown_task_still_grows_the_other_task():
+    # Exclusive modules: (a, b) at cell 1 grew a's and b's. (a, c) at cell 1 is grown only once c has its own
+    # module too; a's existing one does not cover it.
+    model = lenet_model()
+    spawn(model, (("a", "b"), 1), modules="exclusive")
+    candidates = g.candidate_positions(model.graph, "exclusive")
+    assert (("a", "b"), 1) not in candidates and (("a", "b"), 2) not in candidates
+    assert (("a", "c"), 1) in candidates and (("b", "c"), 1) in candidates
+    assert not g.is_grown(model.graph, (("a", "c"), 1), "exclusive")
+    added = spawn(model, (("a", "c"), 1), modules="exclusive")
+    assert added == [g.branch_id(("c",), 1), g.branch_id(("c",), 2)]
+    assert g.is_grown(model.graph, (("a", "c"), 1), "exclusive")
+    assert g.fusion_groups(model.graph, "a") == [("a",)]  # a's module is not duplicated
+    assert g.fusion_groups(model.graph, "c") == [("c",)]
+
+
 def test_the_same_position_cannot_grow_twice():
     model = lenet_model()
     spawn(model, (("a", "b"), 1))
