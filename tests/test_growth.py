@@ -162,6 +162,37 @@ def test_a_gmk_gets_no_gradient_from_tasks_outside_its_pair():
     assert sets[g.fusion_id("c")] == {"c"}
 
 
+def test_a_task_in_two_groups_fuses_both_branches():
+    # a belongs to a+b and a+c: its fusion adds both branches to the trunk, each with its own β.
+    model = lenet_model()
+    spawn(model, (("a", "b"), 2))
+    spawn(model, (("a", "c"), 2))
+    assert g.fusion_groups(model.graph, "a") == [("a", "b"), ("a", "c")]
+    last = g.num_cells(model.graph) - 1
+    ab, ac = g.branch_id(("a", "b"), last), g.branch_id(("a", "c"), last)
+    with torch.no_grad():
+        model.betas["a|a+b"].fill_(0.7)
+        model.betas["a|a+c"].fill_(0.3)
+        for offset, node in ((0.05, ab), (0.02, ac)):  # the branches now differ from the trunk and each other
+            for param in model.blocks[node].parameters():
+                param.add_(offset)
+    model.eval()
+    x, targets = batch()
+    with torch.no_grad():
+        below = x
+        for k in range(last):
+            below = model.blocks[g.cell_id(k)](below)
+        trunk = model.blocks[g.cell_id(last)](below)
+        # A branch starting at the last cell reads the trunk's input to that cell.
+        fused = trunk + 0.7 * model.blocks[ab](below) + 0.3 * model.blocks[ac](below)
+        expected = model.blocks[g.head_id("a")](fused)
+    out = model(x)
+    torch.testing.assert_close(out["a"], expected)
+    loss = torch.nn.functional.cross_entropy(out["a"], targets["a"])
+    grads = torch.autograd.grad(loss, [model.betas["a|a+b"], model.betas["a|a+c"]], allow_unused=True)
+    assert all(grad is not None and grad.abs() > 0 for grad in grads)
+
+
 def test_the_architecture_tree_names_each_branch_from_its_current_first_cell():
     model = lenet_model()
     spawn(model, (("a", "b"), 2))
