@@ -193,6 +193,34 @@ def test_a_task_in_two_groups_fuses_both_branches():
     assert all(grad is not None and grad.abs() > 0 for grad in grads)
 
 
+def test_growing_restarts_the_tensioner_window_only_when_something_grew():
+    # The tensioner's norm history describes the old parameter set; after growth it must start a new window.
+    from types import SimpleNamespace
+
+    from mamo.config import Config
+    from mamo.conflicts import ConflictStats
+    from mamo.directions import MGDA, Tensioner
+    from mamo.search import _grow
+
+    model = lenet_model()
+    direction = Tensioner(MGDA(), "relative", T=2, alpha=0.5)
+    step = TrainStep(model, direction, torch.optim.Adam(model.parameters(), lr=1e-3))
+    for seed in range(3):
+        result = step(*batch(seed=seed))
+    assert direction.iteration == 3 and result.info["active"].item() == 1.0
+    trainer = SimpleNamespace(model=model, step=step)
+    config = Config()  # search.modules gmk, search.threshold global
+    stats = ConflictStats.for_graph(model.graph)
+    activated, new_nodes = _grow(trainer, stats, config, 1)  # no conflicts counted: nothing grows
+    assert activated == [] and new_nodes == []
+    assert direction.iteration == 3 and all(len(norms) == 3 for norms in direction.state_dict()["norms"])
+    stats.counts[1, 0, 1] = stats.counts[1, 1, 0] = 4  # a and b conflicted at cell 1 in 4 mini-batches
+    activated, new_nodes = _grow(trainer, stats, config, 1)
+    assert activated == [(("a", "b"), 1)] and new_nodes == [g.branch_id(("a", "b"), 1), g.branch_id(("a", "b"), 2)]
+    assert direction.iteration == 0 and direction.state_dict()["norms"] == []
+    result = step(*batch(seed=3))  # the grown network's first step opens a new window
+    assert direction.iteration == 1 and result.info["active"].item() == 0.0
+
 def test_the_architecture_tree_names_each_branch_from_its_current_first_cell():
     model = lenet_model()
     spawn(model, (("a", "b"), 2))
