@@ -147,14 +147,16 @@ class Throttle:
 
 class EpochCheckpoint(Callback):
     """After an epoch, when due, the trainer and ``best``'s best-so-far weights go to one file, replaced each
-    time."""
+    time; with ``config`` (a run's resolved config as a dict) that too, so that --resume can refuse a config.yaml
+    edited since (a baseline's checkpoint has none: baselines are shared by runs of different configs)."""
 
-    def __init__(self, path: Path, best: KeepBest, every_seconds: float = 0.0):
-        self.path, self.best, self.throttle = path, best, Throttle(every_seconds)
+    def __init__(self, path: Path, best: KeepBest, every_seconds: float = 0.0, config: dict | None = None):
+        self.path, self.best, self.throttle, self.config = path, best, Throttle(every_seconds), config
 
     def payload(self, trainer: Trainer) -> dict:
         """What the file holds; subclasses add their own entries."""
-        return {**trainer_state(trainer), "best": self.best.state_dict()}
+        recorded = {} if self.config is None else {"config": self.config}
+        return {**trainer_state(trainer), "best": self.best.state_dict(), **recorded}
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
         if self.throttle.due():

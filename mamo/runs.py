@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from mamo.config import Config, dump_config, load_config, split_override
 from mamo.errors import WRITE_FAILURES, MamoError
@@ -106,6 +106,37 @@ def read_run_config(run_dir: str | Path | None, command: str, settings: Sequence
         raise MamoError(f"{directory} is a {other} run folder, not a {command} one; continue it with "
                         f"python cli.py {other} --resume {directory}.")
     return load_config(str(directory / "config.yaml"), list(settings)), directory
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A config's dict as dotted keys (``data.options.d``), so that the one edited key can be named."""
+    if isinstance(value, dict) and value:
+        return {key: leaf for name, inner in value.items()
+                for key, leaf in _flat(inner, f"{prefix}.{name}" if prefix else str(name)).items()}
+    return {prefix: value}
+
+
+_UNSET = object()  # a key one of two configs does not have (a data.options entry)
+
+
+def _shown(value: Any) -> str:
+    return "nothing" if value is _UNSET else repr(value)
+
+
+def check_resumed_config(config: Config, state: dict | None, directory: Path) -> None:
+    """Refuse to continue a run whose config.yaml was edited after ``state`` (its newest checkpoint) was saved:
+    the rest of the run would not continue what the checkpoints computed. Only :data:`RESUME_SETTINGS` may differ;
+    a checkpoint without a recorded config (written before checkpoints recorded it) is not checked."""
+    if state is None or "config" not in state:
+        return
+    # A key newer than the checkpoint is missing from its config; the run computed with the key's default then.
+    defaults, saved, now = _flat(Config().to_dict()), _flat(state["config"]), _flat(config.to_dict())
+    for key in [*now, *(key for key in saved if key not in now)]:
+        before, after = saved.get(key, defaults.get(key, _UNSET)), now.get(key, _UNSET)
+        if key not in RESUME_SETTINGS and before != after:
+            raise MamoError(f"{directory / 'config.yaml'} sets {key} to {_shown(after)} but the run's checkpoints "
+                            f"were computed with {_shown(before)}; undo the edit, or start a new run for the new "
+                            "value.")
 
 
 def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:

@@ -22,7 +22,7 @@ from mamo.conflicts import ConflictStats, select_positions
 from mamo.errors import MamoError
 from mamo.model import count_parameters
 from mamo.report import build_rows, delta, growth_notes, win_rate, write_metrics, write_report
-from mamo.runs import read_run_config
+from mamo.runs import check_resumed_config, read_run_config
 from mamo.search_plan import (
     budget_note,
     check_search_config,
@@ -69,8 +69,9 @@ class PhaseCheckpoint(EpochCheckpoint):
     (``checkpoints/in-phase.pt``), so a stopped search does not lose a whole phase (NYUv2's final phase is 100
     epochs)."""
 
-    def __init__(self, path: Path, recorder: ConflictRecorder, best: KeepBest, every_seconds: float = 0.0):
-        super().__init__(path, best, every_seconds)
+    def __init__(self, path: Path, recorder: ConflictRecorder, best: KeepBest, every_seconds: float = 0.0,
+                 config: dict | None = None):
+        super().__init__(path, best, every_seconds, config)
         self.recorder = recorder
         self.phase: dict = {}
 
@@ -177,6 +178,7 @@ def run_search(
         if (directory / "metrics.json").exists():
             raise MamoError(f"the search in {directory} has finished (metrics.json is there); nothing to resume.")
         state = newest_state(directory / "checkpoints")
+        check_resumed_config(config, state, directory)  # before anything loads: an edited config.yaml is refused
         # The run's time before the stop (up to its newest checkpoint) counts in metrics.json's seconds.
         started -= state.get("seconds", 0.0) if state else 0.0
         check_search_config(config)
@@ -239,7 +241,8 @@ def _run_phases(
     config, model, search, tasks = session.config, trainer.model, session.config.search, session.data.tasks
     stl_val = baselines["stl"]["val"] if baselines else None
     best = KeepBest()
-    saver = PhaseCheckpoint(directory / "checkpoints" / IN_PHASE, recorder, best, config.train.checkpoint_seconds)
+    saver = PhaseCheckpoint(directory / "checkpoints" / IN_PHASE, recorder, best, config.train.checkpoint_seconds,
+                            config.to_dict())
     trainer.callbacks.append(saver)
     for index, phase in enumerate(phase_names(search.rounds)):
         if index < start_index:
@@ -280,7 +283,8 @@ def _run_phases(
                         f"{record['gmk_modules']} in all")
         phase_seconds[phase] = phase_seconds.get(phase, 0.0) + time.perf_counter() - phase_start
         _checkpoint(directory, index, phase, trainer, rounds,
-                    {"phase_seconds": phase_seconds, "seconds": time.perf_counter() - started})
+                    {"phase_seconds": phase_seconds, "seconds": time.perf_counter() - started,
+                     "config": config.to_dict()})  # what --resume checks config.yaml against
         (directory / "checkpoints" / IN_PHASE).unlink(missing_ok=True)  # the phase's own checkpoint supersedes it
         if record is not None:
             for callback in watchers:

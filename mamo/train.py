@@ -19,7 +19,15 @@ from mamo.errors import MamoError
 from mamo.graph import build_hps_graph, graph_to_dict
 from mamo.model import MamoNet, compile_model, count_parameters
 from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
-from mamo.runs import BaselineCache, RunLog, baseline_key, free_run_dir, new_run_dir, read_run_config
+from mamo.runs import (
+    BaselineCache,
+    RunLog,
+    baseline_key,
+    check_resumed_config,
+    free_run_dir,
+    new_run_dir,
+    read_run_config,
+)
 from mamo.spaces import check_model_config, create_space
 from mamo.step import TrainStep
 from mamo.trainer import Callback, KeepBest, Trainer, check_train_config, make_optimizer, resolve_device
@@ -121,17 +129,22 @@ def train_network(
     callbacks: list[Callback] | None = None,
     checkpoint: Path | None = None,
     discard_damaged: bool = False,
+    state: dict | None = None,
+    run_config: dict | None = None,
 ) -> Trained:
     """Train one network for ``epochs``, keep its best-by-validation weights, test it. With ``checkpoint``,
     the training is saved there after an epoch at most every ``train.checkpoint_seconds`` and, when the file
-    exists already, continued from it (a damaged one is an error, or with ``discard_damaged`` ignored)."""
+    exists already, continued from it (a damaged one is an error, or with ``discard_damaged`` ignored);
+    ``state`` is that file's content when the caller has read it already, ``run_config`` the run's config the
+    checkpoints record."""
     model = build_network(session, task_names)
     best = KeepBest()
     watchers = list(callbacks or [])
     every = session.config.train.checkpoint_seconds
-    saver = [EpochCheckpoint(checkpoint, best, every)] if checkpoint is not None else []
+    saver = [EpochCheckpoint(checkpoint, best, every, run_config)] if checkpoint is not None else []
     trainer = make_trainer(session, model, direction, [best, *saver, *watchers], description)
-    state = _read_checkpoint(session, checkpoint, discard_damaged) if checkpoint is not None else None
+    if state is None and checkpoint is not None:
+        state = _read_checkpoint(session, checkpoint, discard_damaged)
     if state is not None:
         restore_trainer(trainer, state, session.device)
         best.load_state_dict(state["best"])
@@ -252,9 +265,14 @@ def run_train(
     continues the stopped run in ``run_dir`` with its saved config (``config`` is not used then), changed only
     by ``resume_settings`` (``--set`` texts of :data:`mamo.runs.RESUME_SETTINGS`). ``loggers=False`` leaves out
     the TensorBoard logger, ``pictures=False`` only its pictures."""
+    state = None
     if resume:
         config, directory = read_run_config(run_dir, "train", resume_settings)
         _check_resumable(config, directory)
+        # Read once, before the data loads: an edited config.yaml is refused before anything else happens.
+        last = directory / "checkpoints" / "last.pt"
+        state = load_checkpoint(last) if last.exists() else None
+        check_resumed_config(config, state, directory)
         session = open_session(config, directory, progress, quiet)
         session.log(f"resuming {directory}" + (f" with {', '.join(resume_settings)}" if resume_settings else ""))
     else:
@@ -262,7 +280,7 @@ def run_train(
     # An STL run continues from the baseline cache instead of checkpoints/last.pt: no --resume to suggest.
     resume_command = f"python cli.py train --resume {directory}" if config.train.mode == "mtl" else None
     with logging_stops(session, resume_command):
-        return _train_and_report(session, directory, callbacks, loggers, pictures)
+        return _train_and_report(session, directory, callbacks, loggers, pictures, state)
 
 
 @contextlib.contextmanager
@@ -289,7 +307,7 @@ def _check_resumable(config: Config, directory: Path) -> None:
 
 
 def _train_and_report(session: Session, directory: Path, callbacks: list[Callback] | None, loggers: bool,
-                      pictures: bool) -> dict:
+                      pictures: bool, state: dict | None = None) -> dict:
     config = session.config
     epochs = config.train.epochs
     tasks = session.data.tasks
@@ -308,7 +326,7 @@ def _train_and_report(session: Session, directory: Path, callbacks: list[Callbac
         session.log(f"HPS network, direction {method}, {epochs} epochs on {session.device}")
         last = directory / "checkpoints" / "last.pt"
         trained = train_network(session, epochs, config.direction, description="train", callbacks=watchers,
-                                checkpoint=last)
+                                checkpoint=last, state=state, run_config=config.to_dict())
         result = trained.result()
         save_checkpoint(directory / "checkpoints" / "best.pt", {"model": trained.model.state_dict(),
                         "graph": graph_to_dict(trained.model.graph), "epoch": trained.extra["best_epoch"]})

@@ -413,3 +413,29 @@ def test_the_newest_phase_checkpoint_is_found_by_number_past_99_phases(tmp_path)
         (tmp_path / name).write_bytes(b"")
     assert latest_checkpoint(tmp_path).name == "phase-100-final.pt"
     assert latest_checkpoint(tmp_path / "none") is None
+
+
+def test_resume_refuses_a_config_yaml_edited_since_the_checkpoints(tmp_path, capsys):
+    from cli_errors import single_error
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):  # stopped after round 1 of 2
+        run_search(tiny("search.rounds=2", "search.baselines=false"), cut, progress=False, quiet=True,
+                   loggers=False, callbacks=[Crash()])
+    saved = (cut / "config.yaml").read_text()
+    for edit, key, before, after in [
+        (("rounds: 2", "rounds: 1"), "search.rounds", 2, 1),  # resumed, it skipped the final phase
+        (("name: mgda", "name: pcgrad"), "direction.name", "'mgda'", "'pcgrad'"),
+        (("modules: gmk", "modules: exclusive"), "search.modules", "'gmk'", "'exclusive'"),
+        (("gradients: exact", "gradients: ub"), "train.gradients", "'exact'", "'ub'"),
+    ]:
+        assert edit[0] in saved
+        (cut / "config.yaml").write_text(saved.replace(edit[0], edit[1], 1))
+        assert main(["search", "--resume", str(cut), "--no-progress", "--no-tensorboard"]) == 2
+        assert single_error(capsys.readouterr().err) == (
+            f"{cut / 'config.yaml'} sets {key} to {after} but the run's checkpoints were computed with {before}; "
+            "undo the edit, or start a new run for the new value.")
+    assert not (cut / "metrics.json").exists()
+    (cut / "config.yaml").write_text(saved.replace("checkpoint_seconds: 60.0", "checkpoint_seconds: 0.0"))
+    assert main(["search", "--resume", str(cut), "--no-progress", "--no-tensorboard"]) == 0  # an allowed key
+    assert len(json.loads((cut / "metrics.json").read_text())["rounds"]) == 2

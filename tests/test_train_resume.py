@@ -159,3 +159,33 @@ def test_batches_are_pinned_only_when_they_are_unpinned_cpu_tensors(monkeypatch)
     monkeypatch.setattr(torch.Tensor, "to", lambda self, device, non_blocking=False: self)
     Trainer._to_device(moved, torch.zeros(2), {"a": torch.zeros(2, device="meta")})
     assert pinned == ["cpu"]
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (("optimizer: adam", "optimizer: sgd"), "sets train.optimizer to 'sgd' but the run's checkpoints were computed "
+                                            "with 'adam'"),
+    (("name: multimnist\n", "name: multimnist_sum\n"), "sets data.name to 'multimnist_sum' but"),  # was a KeyError
+])
+def test_resume_refuses_a_config_yaml_edited_since_the_checkpoint(tmp_path: Path, capsys, edit, message) -> None:
+    import torch
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run_train(load_config("quick", RESUMABLE), cut, progress=False, quiet=True, loggers=False,
+                  callbacks=[StopAfterEpoch(1)])
+    saved = (cut / "config.yaml").read_text()
+    assert edit[0] in saved
+    (cut / "config.yaml").write_text(saved.replace(edit[0], edit[1], 1))
+    assert main(["train", "--resume", str(cut), "--set", "train.device=cpu"]) == 2
+    error = single_error(capsys.readouterr().err)
+    assert message in error and error.endswith("; undo the edit, or start a new run for the new value.")
+    assert main(["train", "--resume", str(cut), "--set", "train.checkpoint_seconds=5"]) == 2  # still refused
+    capsys.readouterr()
+    # A checkpoint written before checkpoints recorded the config is not checked (and still loads).
+    last = cut / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    assert state.pop("config")["train"]["optimizer"] == "adam"
+    torch.save(state, last)
+    (cut / "config.yaml").write_text(saved.replace("device: auto", "device: cpu"))
+    assert main(["train", "--resume", str(cut), "--no-progress", "--no-tensorboard"]) == 0
+    assert (cut / "metrics.json").exists()
