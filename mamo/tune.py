@@ -201,9 +201,27 @@ def _study_config(name: str, config: Config, overrides: list[str] | tuple, direc
     recorded = config_from_dict(stored, f"study '{name}'")
     replace_atomically(path, lambda partial: dump_config(recorded, partial))
     joined = load_config(str(path), overrides)
+    _check_same_space(name, recorded, joined)
     print(f"joining study '{name}': using the configuration it was created with ({path}); --set still applies",
           flush=True)
     return joined
+
+
+def _shown_setting(value: Any) -> str:
+    """A tune key's value as --set writes it: [a, b] or null."""
+    return "null" if value is None else "[" + ", ".join(str(v) for v in value) + "]"
+
+
+def _check_same_space(name: str, recorded: Config, joined: Config) -> None:
+    """Refuse a --set that changes what a joined study samples: Optuna cannot draw a categorical parameter from
+    other choices than its earlier trials did (each retry recorded one more failed trial), and trials drawn
+    from different ranges are not one study's to compare."""
+    for key in SPACE:
+        before, after = getattr(recorded.tune, key), getattr(joined.tune, key)
+        if before != after:
+            raise MamoError(f"--set tune.{key}={_shown_setting(after)} would change what study '{name}' samples "
+                            f"(tune.{key} is {_shown_setting(before)} there); leave it out to continue the study, "
+                            "or pass a new --run-dir (or --study) for a study of the new space.")
 
 
 def _claim_folder(directory: Path, name: str, uid: str) -> None:

@@ -499,3 +499,25 @@ def test_a_trial_stopped_by_ctrl_c_is_recorded_with_its_reason():
     with pytest.raises(KeyboardInterrupt):
         study.optimize(Recorded(stopped), n_trials=1)
     assert study.trials[0].user_attrs["fail_reason"] == "stopped by Ctrl-C before it finished"
+
+
+def test_joining_a_study_refuses_a_set_that_changes_its_space(tmp_path, capsys):
+    folder = tmp_path / "study"
+    created = ["tune.direction=[mgda, equal]"]
+    run_tune(load_config("quick", created), overrides=created, study_dir=folder, trials=1, objective=staircase)
+    for changed, message in [
+        ("tune.direction=[central, pcgrad]", "--set tune.direction=[central, pcgrad] would change what study 'mamo' "
+                                             "samples (tune.direction is [mgda, equal] there)"),
+        ("tune.direction=[equal, mgda]", "tune.direction is [mgda, equal] there"),  # another order is another space
+        ("tune.lr=[0.001, 0.1]", "--set tune.lr=[0.001, 0.1] would change what study 'mamo' samples (tune.lr is "
+                                 "null there)"),
+    ]:
+        with pytest.raises(MamoError, match="leave it out to continue the study, or pass a new --run-dir") as error:
+            run_tune(load_config("quick", [changed]), overrides=[changed], study_dir=folder, trials=1,
+                     objective=staircase)
+        assert message in str(error.value)
+    assert len(load(folder).trials) == 1  # refused before a trial ran: no failed trial recorded
+    same = [*created, "train.device=cpu"]  # the space as it was, and a setting that may change
+    run_tune(load_config("quick", same), overrides=same, study_dir=folder, trials=1, objective=staircase)
+    assert len(load(folder).trials) == 2
+
