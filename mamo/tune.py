@@ -320,9 +320,13 @@ def run_tune(
     """
     quiet_optuna()
     check_space(config.tune)
+    # Named where the number came from: without --trials it is the preset's (or --set's) tune.trials.
+    source = "tune.trials" if trials is None else "--trials"
     trials = config.tune.trials if trials is None else trials
-    if trials < 0 or workers < 1:
-        raise MamoError(f"--trials must be ≥ 0 and --workers ≥ 1, got {trials} and {workers}; fix the numbers.")
+    if trials < 0:
+        raise MamoError(f"{source} must be ≥ 0, got {trials}; fix the number.")
+    if workers < 1:
+        raise MamoError(f"--workers must be ≥ 1, got {workers}; fix the number.")
     if storage and not study_name:
         raise MamoError("--storage needs --study NAME so that every worker joins the same study; add --study.")
     name = study_name or DEFAULT_STUDY

@@ -6,6 +6,7 @@ the Optuna ``suggest_*`` call and a check that fails before the study starts on 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,11 +30,14 @@ class Param:
 
 
 def _range(minimum: float = 0, positive: bool = False) -> Callable[[str, list], None]:
-    """[low, high] with ``minimum`` ≤ low ≤ high (0 < low when ``positive``)."""
+    """[low, high] of finite numbers with ``minimum`` ≤ low ≤ high (0 < low when ``positive``). An infinite end
+    (YAML's .inf) would pass the order checks and fail later naming the setting it lands on, not tune.<name>."""
     def check(name: str, value: list) -> None:
-        if len(value) != 2 or value[0] > value[1] or not (value[0] > 0 if positive else value[0] >= minimum):
+        if (len(value) != 2 or not all(math.isfinite(v) for v in value) or value[0] > value[1]
+                or not (value[0] > 0 if positive else value[0] >= minimum)):
             need = "0 < low ≤ high" if positive else f"{minimum} ≤ low ≤ high"
-            raise MamoError(f"tune.{name} must be a range [low, high] with {need}, got {value}; fix it in the preset.")
+            raise MamoError(f"tune.{name} must be a range [low, high] of finite numbers with {need}, got {value}; "
+                            "fix it in the preset.")
     return check
 
 

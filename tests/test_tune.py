@@ -521,3 +521,19 @@ def test_joining_a_study_refuses_a_set_that_changes_its_space(tmp_path, capsys):
     run_tune(load_config("quick", same), overrides=same, study_dir=folder, trials=1, objective=staircase)
     assert len(load(folder).trials) == 2
 
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--set", "tune.lr=[1e-3, .inf]"], "tune.lr must be a range [low, high] of finite numbers with 0 < low ≤ high, "
+                                        "got [0.001, inf]; fix it in the preset."),  # named train.lr
+    (["--set", "tune.alpha=[0, .inf]"], "tune.alpha must be a range"),  # named direction.tensioner.alpha
+    (["--set", "tune.alpha=[.nan, 1]"], "tune.alpha must be a range"),
+    (["--set", "tune.trials=-1"], "tune.trials must be ≥ 0, got -1; fix the number."),  # named --trials
+    (["--trials", "-1"], "--trials must be ≥ 0, got -1; fix the number."),
+    (["--workers", "0"], "--workers must be ≥ 1, got 0; fix the number."),
+])
+def test_bad_tune_numbers_name_the_setting_they_came_from(tmp_path, capsys, args, message):
+    from cli_errors import single_error
+
+    assert main(["tune", "quick", *args, "--run-dir", str(tmp_path / "study"), "--no-progress"]) == 2
+    assert message in single_error(capsys.readouterr().err)
+    assert not (tmp_path / "study").exists()
