@@ -85,8 +85,9 @@ def checkpointed_command(directory: Path) -> str | None:
                  if any(any(found(mark)) for mark in marks)), None)
 
 
-# What --set may change when a run resumes: where and how often it saves, never what it computes.
-RESUME_SETTINGS = ("train.device", "train.checkpoint_seconds")
+# What --set (or an edit of config.yaml) may change when a run resumes: where it runs, where its data lies (the
+# same files on another machine) and how often it saves, never what it computes.
+RESUME_SETTINGS = ("train.device", "data.root", "train.checkpoint_seconds")
 
 
 def read_run_config(run_dir: str | Path | None, command: str, settings: Sequence[str] = ()) -> tuple[Config, Path]:
@@ -95,8 +96,9 @@ def read_run_config(run_dir: str | Path | None, command: str, settings: Sequence
     for text in settings:
         key = ".".join(split_override(text)[0])
         if key not in RESUME_SETTINGS:
+            allowed = f"{', '.join(RESUME_SETTINGS[:-1])} and {RESUME_SETTINGS[-1]}"
             raise MamoError(f"--set {key} cannot change when a run resumes (the rest would not match what it "
-                            f"computed so far); only {' and '.join(RESUME_SETTINGS)} can, so start a new run.")
+                            f"computed so far); only {allowed} can, so start a new run.")
     if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
         raise MamoError(f"--resume needs an existing {command} run folder with config.yaml, got '{run_dir}'; "
                         f"pass the folder a stopped {command} wrote.")

@@ -350,7 +350,7 @@ def add_arguments_search(parser: argparse.ArgumentParser) -> None:
     add_preset_arguments(parser, "multimnist", "search")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue a stopped search from its newest checkpoint, with the config saved in "
-                             "RUN_DIR; --set may change only train.device and train.checkpoint_seconds")
+                             "RUN_DIR; --set may change only train.device, data.root and train.checkpoint_seconds")
 
 
 def command_search(args: argparse.Namespace) -> int:

@@ -359,7 +359,7 @@ def add_arguments_train(parser) -> None:
     add_preset_arguments(parser, "multimnist", "train")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue a stopped train run from its last checkpoint, with the config saved in "
-                             "RUN_DIR; --set may change only train.device and train.checkpoint_seconds")
+                             "RUN_DIR; --set may change only train.device, data.root and train.checkpoint_seconds")
 
 
 def command_train(args) -> int:

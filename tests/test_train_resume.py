@@ -93,7 +93,7 @@ def test_resume_refuses_finished_runs_and_the_other_commands_folders(tmp_path: P
     assert main(["train", "--resume", str(finished), "--set", "train.lr=0.5"]) == 2
     assert single_error(capsys.readouterr().err) == (
         "--set train.lr cannot change when a run resumes (the rest would not match what it computed so far); "
-        "only train.device and train.checkpoint_seconds can, so start a new run.")
+        "only train.device, data.root and train.checkpoint_seconds can, so start a new run.")
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "--resume needs an existing train run folder" in single_error(capsys.readouterr().err)
     stl = tmp_path / "stl"
@@ -189,3 +189,14 @@ def test_resume_refuses_a_config_yaml_edited_since_the_checkpoint(tmp_path: Path
     (cut / "config.yaml").write_text(saved.replace("device: auto", "device: cpu"))
     assert main(["train", "--resume", str(cut), "--no-progress", "--no-tensorboard"]) == 0
     assert (cut / "metrics.json").exists()
+
+
+def test_where_it_runs_and_where_its_data_lies_may_change_on_resume_what_it_computes_may_not(tmp_path: Path) -> None:
+    from mamo.errors import MamoError
+    from mamo.runs import check_resumed_config
+
+    state = {"config": load_config("quick").to_dict()}
+    moved = load_config("quick", ["train.device=cpu", "data.root=/elsewhere", "train.checkpoint_seconds=5"])
+    check_resumed_config(moved, state, tmp_path)  # another machine, the same computation
+    with pytest.raises(MamoError, match="sets data.seed to 7 but the run's checkpoints were computed with 0"):
+        check_resumed_config(load_config("quick", ["data.seed=7"]), state, tmp_path)
