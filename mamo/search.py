@@ -26,6 +26,7 @@ from mamo.runs import check_resumed_config, read_run_config
 from mamo.search_plan import (
     budget_note,
     check_search_config,
+    check_search_tasks,
     final_epochs,
     method_name,
     phase_names,
@@ -185,7 +186,7 @@ def run_search(
         session = open_session(config, directory, progress, quiet, cache_root)
     else:
         check_search_config(config)
-        session, directory = open_run(config, run_dir, "search", progress, quiet, cache_root)
+        session, directory = open_run(config, run_dir, "search", progress, quiet, cache_root, check_search_tasks)
         state = None
     search, tasks = config.search, session.data.tasks
     session.log(f"{'resuming' if resume else 'search'} in {directory} on {session.device}: {method_name(config)}, "

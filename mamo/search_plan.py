@@ -7,7 +7,7 @@ from __future__ import annotations
 from mamo import graph as g
 from mamo.config import Config, SearchConfig
 from mamo.conflicts import parse_threshold
-from mamo.data import batches_per_epoch
+from mamo.data import MultiTaskData, batches_per_epoch
 from mamo.errors import MamoError
 
 
@@ -46,6 +46,14 @@ def check_search_config(config: Config, rounds_setting: str = "search.rounds") -
         raise MamoError("search.pretrain_epochs, search.rounds × search.round_epochs and search.final_epochs are all "
                         "0, so the search would train nothing; leave search.final_epochs unset (null) to train "
                         "train.epochs, or give a phase epochs.")
+
+
+def check_search_tasks(data: MultiTaskData) -> None:
+    """A search grows modules between pairs of tasks: one task has no pair."""
+    if len(data.tasks) < 2:
+        raise MamoError(f"the data has {len(data.tasks)} task ({', '.join(data.tasks)}), and a search grows modules "
+                        "between pairs of tasks; give the data two or more tasks, or use `python cli.py train` for "
+                        "one.")
 
 
 def epochs_before_final(search: SearchConfig, rounds: int | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,12 +238,14 @@ def save_model(run_dir: Path, model: MamoNet) -> None:
 
 def open_run(
     config: Config, run_dir: str | Path | None, command: str, progress: bool = True, quiet: bool = False,
-    cache_root: Path | None = None,
+    cache_root: Path | None = None, check_data: Callable[[MultiTaskData], None] | None = None,
 ) -> tuple[Session, Path]:
-    """Check every input (data, backbone, direction, optimizer) first, then create the run folder, so bad
-    input never leaves a folder behind that would block the corrected retry."""
+    """Check every input (data and what ``check_data`` asks of it, backbone, direction, optimizer) first, then
+    create the run folder, so bad input never leaves a folder behind that would block the corrected retry."""
     path = free_run_dir(run_dir, config, command)
     session = open_session(config, None, progress, quiet, cache_root or path.parent / ".baselines")
+    if check_data is not None:
+        check_data(session.data)
     model = build_network(session)
     create_direction(config.direction)
     make_optimizer(model, config.train)

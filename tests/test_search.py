@@ -439,3 +439,25 @@ def test_resume_refuses_a_config_yaml_edited_since_the_checkpoints(tmp_path, cap
     (cut / "config.yaml").write_text(saved.replace("checkpoint_seconds: 60.0", "checkpoint_seconds: 0.0"))
     assert main(["search", "--resume", str(cut), "--no-progress", "--no-tensorboard"]) == 0  # an allowed key
     assert len(json.loads((cut / "metrics.json").read_text())["rounds"]) == 2
+
+
+ONE_TASK_PLUGIN = """
+import torch
+from mamo.data import TensorTaskDataset
+
+
+def one(seed, root):
+    ds = TensorTaskDataset(torch.randn(16, 4), {"y": torch.randn(16, 1)})
+    return {"train": ds, "val": ds, "test": ds, "tasks": {"y": {"type": "regression", "dim": 1}}}
+"""
+
+
+def test_a_search_of_one_task_is_refused_before_its_folder_is_made(tmp_path, capsys):
+    # Before: it ran every detection round, which could never find a pair to grow modules for.
+    plugin = tmp_path / "one_task.py"
+    plugin.write_text(ONE_TASK_PLUGIN)
+    run = tmp_path / "run"
+    assert main(["search", "logic", "--set", f"data.name={plugin}:one", "--set", "data.options={}", "--no-progress",
+                 "--run-dir", str(run)]) == 2
+    assert "the data has 1 task (y), and a search grows modules between pairs of tasks" in capsys.readouterr().err
+    assert not run.exists()
