@@ -53,7 +53,7 @@ from mamo.errors import MamoError
 Vector = list[float]
 Matrix = list[list[float]]
 
-_RESOLVE = 1e-5  # ||g_t − v||² below this fraction of (||g_t||² + ||v||²): the thesis term is dropped
+_RESOLVE = 1e-5  # a thesis term's squared distance below this fraction of the two squared norms: dropped
 _SIMPLEX = 1e-9  # base weights ≥ 0 summing to 1 within this: v is in the gradients' convex hull
 _PROTECT = 1e-6  # for a base that may conflict: (Gw)_t ≥ −_PROTECT·max_t G_tt counts as "no conflict with t"
 _RATIO_CAP = 1e6  # ζ(i)/ζ(i−1) when ζ(i−1) = 0 < ζ(i); the sigmoid has long saturated there
@@ -93,7 +93,7 @@ def _thesis_pull_on_simplex(gramian: Matrix, weights: Vector, c: Vector) -> Vect
     whatever the gradients' scale), and ||g_t − u_t|| stays resolvable from a float32 Gramian as w_t → 1.
     At the vertex itself u_t is the plain mean of the others."""
     m = len(weights)
-    if m == 2:  # u_1 = g_2 and u_2 = g_1, and the two unit vectors are opposite; the general loop, 25 µs faster
+    if m == 2:  # u_1 = g_2 and u_2 = g_1: the two unit vectors are opposite (closed form, 25 µs under the loop)
         sq_dist = gramian[0][0] - 2.0 * gramian[0][1] + gramian[1][1]
         if sq_dist <= _RESOLVE * (gramian[0][0] + gramian[1][1]):
             return [0.0, 0.0]
