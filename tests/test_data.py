@@ -546,3 +546,22 @@ def test_a_data_seed_beyond_64_bits_is_refused() -> None:
     # torch.Generator.manual_seed raised "Overflow when unpacking long long" mid-load for the scene datasets.
     with pytest.raises(MamoError, match=r"data.seed must be an integer in \[-2\*\*63, 2\*\*63\), got 1"):
         load_data(DataConfig(name="logic", seed=10**23))
+
+
+def test_split_sizes_beyond_the_machines_memory_are_one_sentence(monkeypatch) -> None:
+    # Before: data.train_size=10000000 took ~30 GB and the kernel killed the process (exit 137, no message).
+    import mamo.data
+
+    monkeypatch.setattr(mamo.data, "available_memory", lambda: 10**9)
+    with pytest.raises(MamoError, match=r"^data.train_size = 100000 \(with the other splits, 100128 images\) needs "
+                                        r"about 1.8 GB to build, and this machine has 1.0 GB available; lower"):
+        load_data(DataConfig(name="multimnist", train_size=100_000, val_size=64, test_size=64))
+    assert len(load_data(DataConfig(name="multimnist", train_size=64, val_size=64, test_size=64)).train) == 64
+
+
+def test_the_machines_available_memory_is_read_where_linux_reports_it() -> None:
+    from mamo.data import available_memory
+
+    free = available_memory()
+    if sys.platform.startswith("linux"):  # /proc/meminfo's MemAvailable; elsewhere None and no check is made
+        assert isinstance(free, int) and free > 0
