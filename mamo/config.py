@@ -349,10 +349,10 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
                             "write it as 'section: {key: value}'.")
         raw.setdefault("name", path.stem)
     source = str(path) if path else "the defaults"
-    config = _check_name(_build(Config, raw, "", source), source)
+    config = config_from_dict(raw, source)
     for text in overrides:
         raw = _set_path(raw, *split_override(text))
-        config = _check_name(_build(Config, raw, "", f"--set {text}"), f"--set {text}")
+        config = config_from_dict(raw, f"--set {text}")
     return config
 
 

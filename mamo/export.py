@@ -20,7 +20,7 @@ from mamo import graph as g
 from mamo.config import load_config
 from mamo.errors import MamoError
 from mamo.model import MamoNet, compile_model
-from mamo.runs import checkpointed_command
+from mamo.runs import checkpointed_command, file_above
 
 
 def _trains_per_task(directory: Path) -> bool:
@@ -218,8 +218,7 @@ def export(run_dir: str | Path, formats: list[str], out_dir: str | Path | None =
     folder = Path(out_dir) if out_dir else Path(run_dir)
     if folder.exists() and not folder.is_dir():
         raise MamoError(f"--out {folder} is a file; --out takes a folder to write into, e.g. --out {folder.parent}.")
-    # mkdir would fail with NotADirectoryError below a file: name the file instead.
-    blocking = next((parent for parent in folder.parents if parent.exists() and not parent.is_dir()), None)
+    blocking = file_above(folder)
     if blocking is not None:
         raise MamoError(f"--out {folder} lies below {blocking}, which is a file; pass a folder elsewhere to --out.")
     folder.mkdir(parents=True, exist_ok=True)

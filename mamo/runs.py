@@ -38,6 +38,12 @@ def claim_new_folder(base: Path) -> Path:
     raise AssertionError("unreachable: numbered() never ends")
 
 
+def file_above(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` that is a file, below which no folder can be made (mkdir would
+    fail with NotADirectoryError); None when there is none."""
+    return next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+
+
 def free_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Path:
     """The run folder a command will create (``run_dir``, else runs/<timestamp>-<command>-<preset>, with -2, -3,
     ... when that is taken), checked to be free; nothing is created, so a command can validate its inputs first
@@ -46,7 +52,7 @@ def free_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Pa
         base = RUNS_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{config.name}"
         return next(path for path in numbered(base) if not path.exists())
     path = Path(run_dir)
-    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    blocking = file_above(path)
     if blocking is not None:
         raise MamoError(f"--run-dir {path} lies below {blocking}, which is a file; pick another --run-dir.")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):

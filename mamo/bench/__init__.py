@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from mamo.errors import MamoError
-from mamo.runs import claim_new_folder
+from mamo.runs import claim_new_folder, file_above
 
 BENCHES: dict[str, str] = {
     "logic": "mamo.bench.logic",
@@ -74,8 +74,7 @@ def output_dir(out: str | None, name: str) -> Path:
         path = Path(out)
         if path.exists() and not path.is_dir():
             raise MamoError(f"--out {path} is a file; --out takes a new or empty folder, e.g. --out {path}.bench.")
-        # mkdir would fail with NotADirectoryError below a file: name the file instead.
-        blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+        blocking = file_above(path)
         if blocking is not None:
             raise MamoError(f"--out {path} lies below {blocking}, which is a file; pass a folder elsewhere to --out.")
         if path.exists() and any(path.iterdir()):
