@@ -35,49 +35,6 @@ class _Damaged(Exception):
     """What :func:`load_trained` found wrong in architecture.json, for its one error sentence."""
 
 
-def _graph_damage(graph: nx.DiGraph) -> str | None:
-    """What is wrong with the structure of a loaded architecture graph, or None when the model can run it.
-
-    The model reads each cell's and branch module's inputs off the edges and each task's prediction off its head;
-    an edited or truncated architecture.json (its edges emptied, say) otherwise compiles and fails only inside
-    a forward pass or torch.export."""
-    if not nx.is_directed_acyclic_graph(graph):
-        return "its edges form a cycle"
-    if g.INPUT not in graph:
-        return f"it has no '{g.INPUT}' node"
-    for node, data in graph.nodes(data=True):
-        kind = data.get("kind")
-        if kind not in ("input", "cell", "gmk", "fusion", "head"):
-            return f"node '{node}' has an unknown kind {kind!r}"
-        if kind in ("cell", "gmk"):
-            index = data.get("cell")
-            if not isinstance(index, int) or isinstance(index, bool):
-                return f"node '{node}' has no cell index"
-            # What MamoNet._run reads: the trunk stream, and for a branch module its own stream before it.
-            trunk = g.INPUT if index == 0 else g.cell_id(index - 1)
-            allowed = {trunk}
-            if kind == "gmk":
-                allowed.add(g.branch_id(tuple(data.get("group") or ()), index - 1))
-            preds = set(graph.predecessors(node))
-            if trunk not in preds or not preds <= allowed:
-                return f"node '{node}' does not read from '{trunk}'" if trunk not in preds else (
-                    f"node '{node}' reads from {sorted(preds - allowed)}")
-    reachable = nx.descendants(graph, g.INPUT)
-    last = g.num_cells(graph) - 1
-    for task in graph.graph["tasks"]:
-        fusion, head = g.fusion_id(task), g.head_id(task)
-        for node in (fusion, head):
-            if node not in reachable:
-                return f"node '{node}' of task '{task}' is missing or not reachable from the input"
-        # A fusion adds the last trunk cell and its groups' last branch modules; the head reads the fusion.
-        fused = {g.cell_id(last), *(g.branch_id(tuple(group), last) for group in graph.nodes[fusion]["groups"])}
-        if set(graph.predecessors(fusion)) != fused:
-            return f"node '{fusion}' reads from {sorted(graph.predecessors(fusion))}, not {sorted(fused)}"
-        if set(graph.predecessors(head)) != {fusion}:
-            return f"node '{head}' reads from {sorted(graph.predecessors(head))}, not ['{fusion}']"
-    return None
-
-
 def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> MamoNet:
     """The model of a finished run, rebuilt from architecture.json + weights.safetensors, in eval mode."""
     from safetensors import SafetensorError
@@ -102,7 +59,7 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> Mam
             kind = kinds.get(type(data), "a number")
             raise _Damaged(f"architecture.json holds {kind}, not a graph object")
         graph = g.graph_from_dict(data)
-        damage = _graph_damage(graph)
+        damage = g.structure_error(graph)
         if damage:
             raise _Damaged(f"architecture.json is damaged: {damage}")
         # The trained weights replace the initial ones, so a timm weights file need not exist any more.

@@ -185,6 +185,49 @@ def module_counts(graph: nx.DiGraph) -> dict[tuple[Group, int], int]:
     return counts
 
 
+def structure_error(graph: nx.DiGraph) -> str | None:
+    """What is wrong with the wiring of an architecture graph, or None when :class:`mamo.model.MamoNet` can run it.
+
+    The wiring rules live here, beside :func:`build_hps_graph` and :func:`grow` that follow them: the model reads
+    each cell's and branch module's inputs off the edges and each task's prediction off its head, so an edited
+    or truncated architecture.json (its edges emptied, say) would otherwise compile and fail only inside a
+    forward pass or torch.export."""
+    if not nx.is_directed_acyclic_graph(graph):
+        return "its edges form a cycle"
+    if INPUT not in graph:
+        return f"it has no '{INPUT}' node"
+    for node, data in graph.nodes(data=True):
+        kind = data.get("kind")
+        if kind not in ("input", "cell", "gmk", "fusion", "head"):
+            return f"node '{node}' has an unknown kind {kind!r}"
+        if kind in ("cell", "gmk"):
+            index = data.get("cell")
+            if not isinstance(index, int) or isinstance(index, bool):
+                return f"node '{node}' has no cell index"
+            # What MamoNet._run reads (the wiring grow() makes): the trunk stream, and for a branch module
+            # its own stream before it where the branch already ran there.
+            wanted = {INPUT if index == 0 else cell_id(index - 1)}
+            if kind == "gmk" and index > 0 and branch_id(tuple(data.get("group") or ()), index - 1) in graph:
+                wanted.add(branch_id(tuple(data.get("group") or ()), index - 1))
+            preds = set(graph.predecessors(node))
+            if preds != wanted:
+                return f"node '{node}' reads from {sorted(preds)}, not {sorted(wanted)}"
+    reachable = nx.descendants(graph, INPUT)
+    last = num_cells(graph) - 1
+    for task in graph.graph["tasks"]:
+        fusion, head = fusion_id(task), head_id(task)
+        for node in (fusion, head):
+            if node not in reachable:
+                return f"node '{node}' of task '{task}' is missing or not reachable from the input"
+        # A fusion adds the last trunk cell and its groups' last branch modules; the head reads the fusion.
+        fused = {cell_id(last), *(branch_id(tuple(group), last) for group in graph.nodes[fusion]["groups"])}
+        if set(graph.predecessors(fusion)) != fused:
+            return f"node '{fusion}' reads from {sorted(graph.predecessors(fusion))}, not {sorted(fused)}"
+        if set(graph.predecessors(head)) != {fusion}:
+            return f"node '{head}' reads from {sorted(graph.predecessors(head))}, not ['{fusion}']"
+    return None
+
+
 def graph_to_dict(graph: nx.DiGraph) -> dict:
     """Node-link JSON form (the canonical export)."""
     return nx.node_link_data(graph, edges="edges")

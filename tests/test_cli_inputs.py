@@ -95,7 +95,7 @@ def test_an_architecture_that_is_not_a_json_object_is_one_sentence(
 
 
 @pytest.mark.parametrize(("damage", "said"), [
-    ("no edges", "node 'cell0' does not read from 'input'"),
+    ("no edges", "node 'cell0' reads from [], not ['input']"),
     ("no branch edge into a fusion", "node 'fusion_b' reads from ['cell1'], not ['cell1', 'gmk_a+b_1']"),
     ("a cycle", "its edges form a cycle"),
     ("no head", "node 'head_a' of task 'a' is missing"),

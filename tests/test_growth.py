@@ -299,3 +299,28 @@ def test_every_node_records_its_builder_and_its_parameter_count(modules):
             assert data["builder"] == "cell" and data["args"] == {"cell": data["cell"]}
         elif data["kind"] == "head":
             assert data["builder"] == "head" and data["args"]["task"] == data["task"]
+
+
+@pytest.mark.parametrize("modules", ["gmk", "exclusive"])
+@pytest.mark.parametrize("order_seed", [0, 1, 2])
+def test_every_edge_of_a_grown_graph_is_one_the_model_reads(modules, order_seed):
+    # Grow every position in a random order; the wiring check accepts each graph on the way, rejects the
+    # final one with any single edge removed or any single edge added (so an edited architecture.json
+    # cannot compile to a model that silently reads the wrong streams).
+    graph = lenet_model().graph
+    generator = torch.Generator().manual_seed(order_seed)
+    while positions := g.candidate_positions(graph, modules):
+        g.grow(graph, positions[int(torch.randint(len(positions), (1,), generator=generator))], modules)
+        assert g.structure_error(graph) is None
+    assert g.branch_nodes(graph), "the test should cover a fully grown graph"
+    for edge in list(graph.edges):
+        graph.remove_edge(*edge)
+        assert g.structure_error(graph) is not None, f"removing {edge} went unnoticed"
+        graph.add_edge(*edge)
+    for source in list(graph.nodes):
+        for target in list(graph.nodes):
+            if source != target and not graph.has_edge(source, target):
+                graph.add_edge(source, target)
+                assert g.structure_error(graph) is not None, f"adding {source} -> {target} went unnoticed"
+                graph.remove_edge(source, target)
+    assert g.structure_error(graph) is None
