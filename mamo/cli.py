@@ -67,10 +67,11 @@ def _handler(name: str, prefix: str):
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported (so one command's imports never slow or break another)."""
-    parser = argparse.ArgumentParser(prog="mamo", description="Grow multi-task networks where tasks fight.")
+    parser = argparse.ArgumentParser(prog="mamo", description="Grow multi-task networks where tasks fight.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, spec in COMMANDS.items():
-        subparser = sub.add_parser(name, help=spec.help, description=spec.help)
+        subparser = sub.add_parser(name, help=spec.help, description=spec.help, allow_abbrev=False)
         if name == command:
             _handler(name, "add_arguments")(subparser)
     return parser

@@ -374,6 +374,7 @@ def run_tune(
         else:
             run_workers(plan, workers, tickets, seed, context)
     except KeyboardInterrupt:
+        summarize(study, directory, config, multi_objective, shown)  # the stopped trial's reason included
         print(f"stopped; finished trials stay in the study: rerun the command with --run-dir {directory} to "
               "continue it", flush=True)
         raise

@@ -37,7 +37,7 @@ def _range(minimum: float = 0, positive: bool = False) -> Callable[[str, list], 
                 or not (value[0] > 0 if positive else value[0] >= minimum)):
             need = "0 < low ≤ high" if positive else f"{minimum} ≤ low ≤ high"
             raise MamoError(f"tune.{name} must be a range [low, high] of finite numbers with {need}, got {value}; "
-                            "fix it in the preset.")
+                            "fix it in the preset or --set.")
     return check
 
 
@@ -45,7 +45,8 @@ def _choices(valid: Callable[[str], bool], hint: str) -> Callable[[str, list], N
     def check(name: str, value: list) -> None:
         bad = [v for v in value if not valid(v)]
         if not value or bad:
-            raise MamoError(f"tune.{name} must be a non-empty list of {hint}, got {value}; fix it in the preset.")
+            raise MamoError(f"tune.{name} must be a non-empty list of {hint}, got {value}; "
+                            "fix it in the preset or --set.")
     return check
 
 

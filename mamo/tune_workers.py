@@ -29,11 +29,15 @@ from mamo.tune_summary import short_value
 CATCH = (MamoError, FloatingPointError, RuntimeError, MemoryError)
 
 
+STOPPED = "stopped by Ctrl-C before it finished"
+
+
 @dataclass
 class Recorded:
     """Wraps any objective: a failure's reason and the trial's host and duration become trial attributes."""
 
     objective: Callable[[optuna.Trial], Any]
+    log: TrialLine | None = None  # where a trial stopped by Ctrl-C gets its line (Optuna's callbacks never run)
 
     def __call__(self, trial: optuna.Trial) -> Any:
         trial.set_user_attr("host", socket.gethostname())
@@ -48,7 +52,9 @@ class Recorded:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
             raise
         except KeyboardInterrupt:  # Optuna marks the trial failed; say why in summary.md and trials.csv
-            trial.set_user_attr("fail_reason", "stopped by Ctrl-C before it finished")
+            trial.set_user_attr("fail_reason", STOPPED)
+            if self.log is not None:
+                self.log.write(trial.number, f"failed: {STOPPED}", trial.params, time.perf_counter() - start)
             raise
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - start, 3))
@@ -131,9 +137,11 @@ class TrialLine:
     log_path: Path
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        params = ", ".join(f"{k}={short_value(v)}" for k, v in trial.params.items())
-        line = (f"trial {trial.number} {LINES[trial.state](study, trial)} ({params}) "
-                f"in {trial.user_attrs.get('seconds', 0):.1f} s")
+        self.write(trial.number, LINES[trial.state](study, trial), trial.params, trial.user_attrs.get("seconds", 0))
+
+    def write(self, number: int, outcome: str, params: dict[str, Any], seconds: float) -> None:
+        shown = ", ".join(f"{k}={short_value(v)}" for k, v in params.items())
+        line = f"trial {number} {outcome} ({shown}) in {seconds:.1f} s"
         print(line, flush=True)
         with open(self.log_path, "a") as handle:
             handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
@@ -168,8 +176,8 @@ def optimize(plan: Plan, tickets: Tickets, seed: int | None) -> None:
                               sampler=optuna.samplers.TPESampler(seed=seed), pruner=PRUNERS[plan.pruner]())
     while tickets.take():
         # gc after each trial: a trial that ran out of memory must not leave its tensors to the next one.
-        study.optimize(Recorded(plan.objective), n_trials=1, catch=CATCH, callbacks=[TrialLine(plan.log_path)],
-                       gc_after_trial=True)
+        line = TrialLine(plan.log_path)
+        study.optimize(Recorded(plan.objective, line), n_trials=1, catch=CATCH, callbacks=[line], gc_after_trial=True)
 
 
 def _worker(plan: Plan, tickets: Tickets, seed: int | None) -> None:

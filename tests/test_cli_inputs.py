@@ -232,3 +232,18 @@ def test_bench_keeps_an_empty_out_folder_the_user_made(tmp_path: Path, monkeypat
     (tmp_path / "out").mkdir()
     assert main(["bench", "step", "--device", "cpu", "--out", str(tmp_path / "out")]) == 2
     assert (tmp_path / "out").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("argv, unknown", [
+    (["bench", "step", "--set", "train.lr=1"], "--set"),  # was read as --setups and refused the value instead
+    (["search", "no-such-preset", "--run", "x"], "--run"),  # was read as --run-dir
+])
+def test_an_abbreviated_option_is_not_taken_for_another(argv: list[str], unknown: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert f"unrecognized arguments: {unknown}" in capsys.readouterr().err

@@ -182,6 +182,10 @@ def test_ctrl_c_says_how_to_continue_the_study(tmp_path, capsys):
     with pytest.raises(KeyboardInterrupt):
         run_tune(load_config("quick"), study_dir=tmp_path, trials=3, objective=interrupted)
     assert f"rerun the command with --run-dir {tmp_path} to continue it" in capsys.readouterr().out
+    # The stopped trial is in the log, summary.md and trials.csv at once, not only after a continuation.
+    assert "trial 1 failed: stopped by Ctrl-C before it finished" in (tmp_path / "tune.log").read_text()
+    assert "- trial 1: stopped by Ctrl-C before it finished" in (tmp_path / "summary.md").read_text()
+    assert "stopped by Ctrl-C" in (tmp_path / "trials.csv").read_text()
     run_tune(load_config("quick"), study_dir=tmp_path, trials=1, objective=staircase)
     assert [t.state for t in load(tmp_path).trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
 
@@ -524,7 +528,7 @@ def test_joining_a_study_refuses_a_set_that_changes_its_space(tmp_path, capsys):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--set", "tune.lr=[1e-3, .inf]"], "tune.lr must be a range [low, high] of finite numbers with 0 < low ≤ high, "
-                                        "got [0.001, inf]; fix it in the preset."),  # named train.lr
+                                        "got [0.001, inf]; fix it in the preset or --set."),  # named train.lr
     (["--set", "tune.alpha=[0, .inf]"], "tune.alpha must be a range"),  # named direction.tensioner.alpha
     (["--set", "tune.alpha=[.nan, 1]"], "tune.alpha must be a range"),
     (["--set", "tune.trials=-1"], "tune.trials must be ≥ 0, got -1; fix the number."),  # named --trials

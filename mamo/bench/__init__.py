@@ -57,7 +57,9 @@ def positive_int(text: str) -> int:
 
 def bench_parser(name: str, module: ModuleType) -> argparse.ArgumentParser:
     """The shared options plus the benchmark's own."""
-    parser = argparse.ArgumentParser(prog=f"mamo bench {name}", description=(module.__doc__ or "").split("\n")[0])
+    # No abbreviations: `--set` would otherwise be read as `--setups` of `bench step` and fail naming the wrong option.
+    parser = argparse.ArgumentParser(prog=f"mamo bench {name}", description=(module.__doc__ or "").split("\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="a smoke run: few seeds, small grid, short training")
     parser.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default: the benchmark's)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (benchmarks that train torch models)")

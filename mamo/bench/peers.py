@@ -35,7 +35,7 @@ def torchjd_step(chunk: int | None) -> Callable[[Setup], Step]:
             from torchjd.aggregation import MGDA as TorchjdMGDA
             from torchjd.autojac import jac_to_grad, mtl_backward
         except ImportError as exc:
-            raise Unavailable(f"torchjd is not installed ({exc}); pip install 'mamo[bench]'") from exc
+            raise Unavailable(f"torchjd is not installed ({exc}); pip install -e '.[bench]' in the checkout") from exc
         optimizer, aggregator, part = setup.optimizer(), TorchjdMGDA(), setup.part
 
         def step() -> None:
@@ -72,7 +72,7 @@ def libmtl_step(setup: Setup) -> Step:
     try:
         base = _libmtl_mgda()
     except ImportError as exc:
-        raise Unavailable(f"LibMTL is not installed ({exc}); pip install --no-deps LibMTL") from exc
+        raise Unavailable(f"LibMTL is not installed ({exc}); pip install -e '.[bench]' in the checkout") from exc
     part = setup.part
 
     class Weighting(base):  # the attributes LibMTL's trainer would mix in
