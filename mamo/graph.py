@@ -207,8 +207,9 @@ def structure_error(graph: nx.DiGraph) -> str | None:
             # What MamoNet._run reads (the wiring grow() makes): the trunk stream, and for a branch module
             # its own stream before it where the branch already ran there.
             wanted = {INPUT if index == 0 else cell_id(index - 1)}
-            if kind == "gmk" and index > 0 and branch_id(tuple(data.get("group") or ()), index - 1) in graph:
-                wanted.add(branch_id(tuple(data.get("group") or ()), index - 1))
+            before = branch_id(tuple(data.get("group") or ()), index - 1)
+            if kind == "gmk" and index > 0 and before in graph:
+                wanted.add(before)
             preds = set(graph.predecessors(node))
             if preds != wanted:
                 return f"node '{node}' reads from {sorted(preds)}, not {sorted(wanted)}"
