@@ -55,9 +55,19 @@ def free_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Pa
     blocking = file_above(path)
     if blocking is not None:
         raise MamoError(f"--run-dir {path} lies below {blocking}, which is a file; pick another --run-dir.")
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not _never_started(path):
         raise MamoError(f"run folder {path} already exists and is not empty; pass a new --run-dir or remove it.")
     return path
+
+
+def _never_started(path: Path) -> bool:
+    """Whether ``path`` is a run folder whose command was killed between claiming it and writing config.yaml
+    (an empty checkpoints/, perhaps config.yaml's temporary file): nothing ran there, so a new run may take it."""
+    entries = list(path.iterdir()) if path.is_dir() else []
+    return bool(entries) and all(
+        (entry.name == "checkpoints" and entry.is_dir() and not any(entry.iterdir()))
+        or (entry.name.startswith("config.yaml.") and entry.name.endswith(".tmp") and entry.is_file())
+        for entry in entries)
 
 
 def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: Path | None = None) -> Path:
@@ -68,6 +78,9 @@ def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: 
     path = path or free_run_dir(run_dir, config, command)
     while True:
         path.mkdir(parents=True, exist_ok=True)
+        if _never_started(path):  # what a killed command left: free_run_dir gave it to this run
+            for entry in path.iterdir():
+                entry.rmdir() if entry.is_dir() else entry.unlink()
         try:
             (path / "checkpoints").mkdir()
             break
@@ -76,7 +89,9 @@ def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: 
                 raise MamoError(f"run folder {path} was taken by another run meanwhile; pass a new --run-dir."
                                 ) from None
             path = free_run_dir(None, config, command)
-    dump_config(config, path / "config.yaml")
+    # Atomic: a command killed while writing it leaves no config.yaml, never an empty one that --resume would
+    # read as the built-in defaults.
+    replace_atomically(path / "config.yaml", lambda tmp: dump_config(config, tmp))
     return path
 
 
@@ -105,14 +120,23 @@ def read_run_config(run_dir: str | Path | None, command: str, settings: Sequence
             allowed = f"{', '.join(RESUME_SETTINGS[:-1])} and {RESUME_SETTINGS[-1]}"
             raise MamoError(f"--set {key} cannot change when a run resumes (the rest would not match what it "
                             f"computed so far); only {allowed} can, so start a new run.")
+    if run_dir is not None and _never_started(Path(run_dir)):
+        raise MamoError(f"{run_dir} holds no config.yaml: the {command} that made it stopped before it started, so "
+                        f"there is nothing to resume; run the {command} again with --run-dir {run_dir}.")
     if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
         raise MamoError(f"--resume needs an existing {command} run folder with config.yaml, got '{run_dir}'; "
                         f"pass the folder a stopped {command} wrote.")
     directory = Path(run_dir)
+    if not (directory / "config.yaml").read_text(encoding="utf-8", errors="replace").strip():
+        # Read as a preset, an empty file is the built-in defaults: the resumed run would compute something else.
+        raise MamoError(f"{directory / 'config.yaml'} is empty (its command was killed while writing it), so the "
+                        "run's settings are lost; start a new run.")
     other = checkpointed_command(directory)
     if other not in (None, command):
         raise MamoError(f"{directory} is a {other} run folder, not a {command} one; continue it with "
                         f"python cli.py {other} --resume {directory}.")
+    for partial in (directory / "checkpoints").glob("*.tmp"):
+        partial.unlink(missing_ok=True)  # a checkpoint a killed process was writing; the resumed run writes its own
     return load_config(str(directory / "config.yaml"), list(settings)), directory
 
 

@@ -27,6 +27,7 @@ from mamo.runs import (
     free_run_dir,
     new_run_dir,
     read_run_config,
+    replace_atomically,
 )
 from mamo.spaces import check_model_config, create_space
 from mamo.step import TrainStep
@@ -227,7 +228,8 @@ def save_model(run_dir: Path, model: MamoNet) -> None:
 
     from mamo.export import write_dot, write_graphml
 
-    (run_dir / "architecture.json").write_text(json.dumps(graph_to_dict(model.graph), indent=1))
+    text = json.dumps(graph_to_dict(model.graph), indent=1)
+    replace_atomically(run_dir / "architecture.json", lambda tmp: tmp.write_text(text))
     write_graphml(model, run_dir / "architecture.graphml")
     write_dot(model, run_dir / "architecture.dot")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

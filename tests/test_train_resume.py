@@ -38,6 +38,7 @@ def test_a_stopped_train_resumes_to_the_same_result(tmp_path: Path, seconds: flo
     assert (cut / "checkpoints" / "last.pt").exists() and not (cut / "metrics.json").exists()
     assert (cut / "log.txt").read_text().splitlines()[-1].endswith(f"stopped; continue with: python cli.py train "
                                                                    f"--resume {cut}")
+    (cut / "checkpoints" / "last.pt.4242.tmp").write_bytes(b"half")  # a save a SIGKILL cut short
     resumed = run_train(load_config("logic"), cut, resume=True, resume_settings=["train.device=cpu"],
                         **quiet)  # the folder's own config is used, with a new place to run it
     assert "resuming" in (cut / "log.txt").read_text() and "with train.device=cpu" in (cut / "log.txt").read_text()
@@ -45,6 +46,7 @@ def test_a_stopped_train_resumes_to_the_same_result(tmp_path: Path, seconds: flo
     assert resumed["tasks"] == whole["tasks"] and resumed["val"] == whole["val"]
     assert (cut / "weights.safetensors").read_bytes() == (tmp_path / "whole" / "weights.safetensors").read_bytes()
     assert not (cut / "checkpoints" / "last.pt").exists()  # a finished run keeps best.pt and the weights
+    assert not list((cut / "checkpoints").glob("*.tmp"))
 
 
 def test_a_stopped_stl_baseline_keeps_its_finished_tasks_and_continues_the_stopped_one(tmp_path: Path) -> None:
@@ -101,6 +103,51 @@ def test_resume_refuses_finished_runs_and_the_other_commands_folders(tmp_path: P
     (stl / "config.yaml").write_text((finished / "config.yaml").read_text().replace("mode: mtl", "mode: stl"))
     assert main(["train", "--resume", str(stl)]) == 2
     assert "continue from the baseline cache instead" in single_error(capsys.readouterr().err)
+
+
+def test_a_run_killed_before_it_wrote_its_config_can_be_started_again_in_its_folder(
+        tmp_path: Path, capsys) -> None:
+    # What a SIGKILL between claiming the folder and writing config.yaml leaves (found by a kill sweep): the
+    # same command with the same --run-dir was refused ("not empty") and --resume said to pass a stopped run.
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.yaml.4242.tmp").write_text("name: qu")
+    assert main(["train", "--resume", str(folder)]) == 2
+    assert single_error(capsys.readouterr().err) == (
+        f"{folder} holds no config.yaml: the train that made it stopped before it started, so there is nothing to "
+        f"resume; run the train again with --run-dir {folder}.")
+    sets = [arg for text in RESUMABLE for arg in ("--set", text)]
+    assert main(["train", "quick", *sets, "--run-dir", str(folder), "--no-progress", "--no-tensorboard"]) == 0
+    assert (folder / "metrics.json").is_file() and not list(folder.glob("*.tmp"))
+
+
+def test_an_empty_config_yaml_is_not_resumed_as_the_defaults(tmp_path: Path, capsys) -> None:
+    # Written before config.yaml was atomic: the kill sweep's resume trained the built-in defaults instead.
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.yaml").write_text("")
+    assert main(["train", "--resume", str(folder)]) == 2
+    assert single_error(capsys.readouterr().err) == (
+        f"{folder / 'config.yaml'} is empty (its command was killed while writing it), so the run's settings are "
+        "lost; start a new run.")
+
+
+@pytest.mark.parametrize("written", ["config.yaml", "metrics.json"])
+def test_a_write_cut_short_leaves_no_half_file(tmp_path: Path, monkeypatch, written: str) -> None:
+    # metrics.json marks a finished run and config.yaml is what --resume reads: a half-written one of either
+    # made a killed run unfinishable or resumed it with the wrong settings.
+    real_write = Path.write_text
+
+    def cut_short(self: Path, text: str, *args, **kwargs) -> int:
+        if self.name.startswith(written):
+            real_write(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return real_write(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(load_config("quick", RESUMABLE), tmp_path / "run", progress=False, quiet=True, loggers=False)
+    assert not (tmp_path / "run" / written).exists()
 
 
 def test_keep_best_skips_epochs_with_a_nan_validation_loss() -> None:

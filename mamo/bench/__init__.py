@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from mamo.errors import MamoError
-from mamo.runs import claim_new_folder, file_above
+from mamo.runs import claim_new_folder, file_above, replace_atomically
 
 BENCHES: dict[str, str] = {
     "logic": "mamo.bench.logic",
@@ -142,8 +142,9 @@ def command_bench(args: argparse.Namespace) -> int:
     result.setdefault("wall_seconds", round(time.perf_counter() - start, 1))
     result.setdefault("options", {k: v for k, v in vars(options).items()})
     text = f"# mamo bench {args.name}\n\n" + to_markdown(result)
-    (folder / "results.md").write_text(text)
-    (folder / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    data = json.dumps(result, indent=1, default=str)
+    replace_atomically(folder / "results.md", lambda tmp: tmp.write_text(text))
+    replace_atomically(folder / "results.json", lambda tmp: tmp.write_text(data))
     print(text)
     print(f"saved {folder / 'results.md'} and {folder / 'results.json'} ({result['wall_seconds']} s)")
     return 0
