@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from mamo.config import Config, config_from_dict, dump_config, load_config
 from mamo.errors import MamoError
@@ -34,9 +35,10 @@ from mamo.tasks import TaskSpec
 from mamo.trainer import Callback
 from mamo.tune_space import SPACE, apply_params, check_space, objective_metrics, suggest_config, trial_folder
 from mamo.tune_summary import summarize
-from mamo.tune_workers import Plan, Tickets, open_storage, optimize, quiet_optuna, run_workers
+from mamo.tune_workers import RETRY_OF, STOPPED, Plan, Tickets, open_storage, optimize, quiet_optuna, run_workers
 
 DEFAULT_STUDY = "mamo"
+KILLED = "its command was killed before it finished (retried by the next command on the study)"
 
 
 # ---------------------------------------------------------------- the objective
@@ -78,15 +80,25 @@ class SearchObjective:
             # The baseline cache is keyed by lr: a per-trial STL would cost more than the search; the objective
             # uses the study's STL reference either way.
             config.search.baselines = False
-        run_dir = self.study_dir / trial_folder(trial.number)
+        # A retry continues the interrupted trial's own folder (same parameters) from its newest checkpoint.
+        retried = trial.user_attrs.get(RETRY_OF)
+        folder = (trial.study.get_trials(deepcopy=False)[retried].user_attrs.get("run_dir")
+                  if retried is not None else None)
+        if not (folder and Path(folder).is_dir()):  # no folder yet, or one on another machine: a fresh start
+            retried, folder = None, None
+        run_dir = Path(folder) if folder else self.study_dir / trial_folder(trial.number)
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         reporter = RoundReporter(trial, self.stl_val, self.tasks) if self.stl_val and not self.multi else None
         columns = self._columns(config, reporter is not None)
-        fresh = not run_dir.exists()
+        fresh = not run_dir.exists() or retried is not None
         try:
-            metrics = run_search(config, run_dir, progress=False, quiet=True, callbacks=[reporter] if reporter else [],
-                                 cache_root=self.study_dir / ".baselines", loggers=self.tensorboard,
-                                 pictures=self.pictures)
+            if retried is not None and (run_dir / "metrics.json").is_file():  # killed after the search finished
+                metrics = json.loads((run_dir / "metrics.json").read_text())
+            else:
+                resume = retried is not None and (run_dir / "config.yaml").is_file()
+                metrics = run_search(config, run_dir, progress=False, quiet=True, resume=resume,
+                                     callbacks=[reporter] if reporter else [], cache_root=self.study_dir / ".baselines",
+                                     loggers=self.tensorboard, pictures=self.pictures)
         except optuna.TrialPruned:
             if self.tensorboard:
                 write_hparams(run_dir, trial.params, self._stopped(reporter), state="pruned", metric_names=columns)
@@ -297,6 +309,24 @@ def _create_study(store: optuna.storages.RDBStorage, name: str, multi: bool, tas
     return study
 
 
+def _retry_interrupted(study: optuna.Study) -> None:
+    """Queue a retry of every trial an earlier command left unfinished: RUNNING (its command was killed) or
+    failed by Ctrl-C. The retry takes the same parameters and continues the trial's folder from its newest
+    checkpoint. Only for a study in its own folder's SQLite: in a shared database a RUNNING trial may be
+    running on another machine."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    for trial in trials:
+        killed = trial.state == TrialState.RUNNING
+        stopped = trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") == STOPPED
+        if not (killed or stopped) or trial.number in retried:
+            continue
+        if killed:
+            optuna.Trial(study, trial._trial_id).set_user_attr("fail_reason", KILLED)
+            study.tell(trial.number, state=TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
+
+
 def run_tune(
     config: Config,
     *,
@@ -355,6 +385,8 @@ def run_tune(
     if objective is None:
         objective = SearchObjective(config, directory, tasks, study.user_attrs.get("stl_val"), multi_objective,
                                     tensorboard, pictures)
+    if storage is None:
+        _retry_interrupted(study)
     from sqlalchemy.engine import make_url
 
     shown = make_url(url).render_as_string(hide_password=True)

@@ -30,6 +30,12 @@ CATCH = (MamoError, FloatingPointError, RuntimeError, MemoryError)
 
 
 STOPPED = "stopped by Ctrl-C before it finished"
+RETRY_OF = "retry_of"  # a trial's user attribute: the number of the interrupted trial it continues
+
+
+def retry_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a retry (same parameters) of a trial Optuna failed because its worker's heartbeat stopped."""
+    study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
 
 
 @dataclass
@@ -87,9 +93,10 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
         if found:
             url = parsed.set(drivername=f"{parsed.drivername}+{found[0]}").render_as_string(hide_password=False)
     try:
-        # A heartbeat lets a worker on another machine fail the trial of a worker that was killed.
+        # A heartbeat lets a worker on another machine fail the trial of a worker that was killed, and retry it.
         return optuna.storages.RDBStorage(url, engine_kwargs=ENGINE_ARGS.get(parsed.get_backend_name(), {}),
-                                          heartbeat_interval=60, grace_period=300, skip_table_creation=not create)
+                                          heartbeat_interval=60, grace_period=300, heartbeat_stale_trial_callback=retry_stale,
+                                          skip_table_creation=not create)
     except ImportError as exc:
         raise MamoError(f"storage {shown} needs a database driver that is not installed; install it, e.g. "
                         "pip install psycopg2-binary for postgresql://.") from exc

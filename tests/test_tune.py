@@ -187,7 +187,58 @@ def test_ctrl_c_says_how_to_continue_the_study(tmp_path, capsys):
     assert "- trial 1: stopped by Ctrl-C before it finished" in (tmp_path / "summary.md").read_text()
     assert "stopped by Ctrl-C" in (tmp_path / "trials.csv").read_text()
     run_tune(load_config("quick"), study_dir=tmp_path, trials=1, objective=staircase)
-    assert [t.state for t in load(tmp_path).trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    trials = load(tmp_path).trials  # the stopped trial is retried with its parameters by the next command
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[2].user_attrs["retry_of"] == 1 and trials[2].params == trials[1].params
+
+
+def test_a_trial_killed_mid_search_is_retried_from_its_checkpoint_by_the_next_command(tmp_path, monkeypatch):
+    # Found by a kill sweep: a SIGKILL mid-trial left the trial RUNNING forever and the rerun never resumed it.
+    # SystemExit out of the objective leaves the trial RUNNING the same way (Optuna records nothing).
+    from mamo.tune import KILLED, RoundReporter
+
+    config = load_config("quick", [*TINY, "train.epochs=3", "search.pretrain_epochs=1", "search.round_epochs=1",
+                                   "tune.rounds=[1, 1]", "tune.pruner=none"])
+    quiet = {"progress": False, "tensorboard": False}
+    run_tune(config, study_dir=tmp_path / "whole", trials=1, **quiet)
+    reference = load(tmp_path / "whole").trials[0]
+
+    report = RoundReporter.on_round_end
+
+    def killed_after_round_1(self, record):
+        report(self, record)
+        raise SystemExit(137)
+
+    monkeypatch.setattr(RoundReporter, "on_round_end", killed_after_round_1)
+    with pytest.raises(SystemExit):
+        run_tune(config, study_dir=tmp_path / "cut", trials=1, **quiet)
+    assert load(tmp_path / "cut").trials[0].state == TrialState.RUNNING
+    monkeypatch.setattr(RoundReporter, "on_round_end", report)
+    run_tune(config, study_dir=tmp_path / "cut", trials=1, **quiet)
+    killed, retry = load(tmp_path / "cut").trials
+    assert killed.state == TrialState.FAIL and killed.user_attrs["fail_reason"] == KILLED
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["retry_of"] == 0
+    assert retry.params == killed.params == reference.params
+    assert retry.user_attrs["run_dir"] == str((tmp_path / "cut" / "trial-0000").resolve())
+    assert "resuming" in (tmp_path / "cut" / "trial-0000" / "log.txt").read_text()
+    assert not (tmp_path / "cut" / "trial-0001").exists()
+    assert retry.value == reference.value  # the same search, continued from its round-1 checkpoint
+
+
+def test_a_trial_failed_by_its_stopped_heartbeat_is_retried_with_its_parameters(tmp_path):
+    # On a shared database the trial of a killed worker is failed by Optuna after the heartbeat's grace period;
+    # the storage's callback queues it again, which any worker on the study then runs.
+    from mamo.tune_workers import retry_stale
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    assert storage.get_heartbeat_stale_trial_callback() is retry_stale
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    trial.suggest_float("alpha", 0, 1)
+    study.tell(trial, state=TrialState.FAIL)
+    retry_stale(study, study.trials[0])
+    study.optimize(lambda t: t.suggest_float("alpha", 0, 1), n_trials=1)
+    assert study.trials[1].params == study.trials[0].params and study.trials[1].user_attrs["retry_of"] == 0
 
 
 def test_a_bug_in_the_objective_stops_the_study(tmp_path):
