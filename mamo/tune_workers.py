@@ -95,8 +95,8 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
     try:
         # A heartbeat lets a worker on another machine fail the trial of a worker that was killed, and retry it.
         return optuna.storages.RDBStorage(url, engine_kwargs=ENGINE_ARGS.get(parsed.get_backend_name(), {}),
-                                          heartbeat_interval=60, grace_period=300, heartbeat_stale_trial_callback=retry_stale,
-                                          skip_table_creation=not create)
+                                          heartbeat_interval=60, grace_period=300,
+                                          heartbeat_stale_trial_callback=retry_stale, skip_table_creation=not create)
     except ImportError as exc:
         raise MamoError(f"storage {shown} needs a database driver that is not installed; install it, e.g. "
                         "pip install psycopg2-binary for postgresql://.") from exc
