@@ -135,8 +135,8 @@ def read_run_config(run_dir: str | Path | None, command: str, settings: Sequence
     if other not in (None, command):
         raise MamoError(f"{directory} is a {other} run folder, not a {command} one; continue it with "
                         f"python cli.py {other} --resume {directory}.")
-    for partial in (directory / "checkpoints").glob("*.tmp"):
-        partial.unlink(missing_ok=True)  # a checkpoint a killed process was writing; the resumed run writes its own
+    for partial in [*directory.glob("*.tmp"), *(directory / "checkpoints").glob("*.tmp")]:
+        partial.unlink(missing_ok=True)  # a file a killed process was writing; the resumed run writes its own
     return load_config(str(directory / "config.yaml"), list(settings)), directory
 
 

@@ -122,6 +122,7 @@ def _serialisable(record: dict) -> dict:
         "gmk_modules": record["gmk_modules"],
         "params": record["params"],
         "val_delta": record["val_delta"],
+        "val": record["val"],
         "conflicts": record["stats"].to_dict(),
     }
 
@@ -213,9 +214,10 @@ def run_search(
             start_index, phase_seconds = 0, {}
             if state is not None:
                 restore_trainer(trainer, state, session.device)
+                rounds, phase_seconds, start_index = state["rounds"], state["phase_seconds"], state["phase_index"] + 1
                 for callback in watchers:
                     callback.on_resume(trainer)
-                rounds, phase_seconds, start_index = state["rounds"], state["phase_seconds"], state["phase_index"] + 1
+                    callback.on_rounds_restored(rounds)
                 if "epochs_done" in state:  # an in-phase checkpoint: continue inside its phase
                     start_index -= 1
                     session.log(f"resumed in phase '{state['phase']}' after {state['epochs_done']} of its epochs")

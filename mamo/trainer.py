@@ -118,6 +118,10 @@ class Callback:
     def on_round_end(self, record: dict) -> None:
         """A detection round ended; see :func:`mamo.search.run_search` for the record's keys."""
 
+    def on_rounds_restored(self, rounds: list[dict]) -> None:
+        """A resumed search's rounds before its checkpoint (metrics.json's ``rounds`` records, with ``val``),
+        which will not end again: a callback that decides on them (a pruner) sees them here."""
+
     def on_run_end(self, summary: dict) -> None:
         """The run finished; ``summary`` is what metrics.json holds."""
 

@@ -35,10 +35,21 @@ from mamo.tasks import TaskSpec
 from mamo.trainer import Callback
 from mamo.tune_space import SPACE, apply_params, check_space, objective_metrics, suggest_config, trial_folder
 from mamo.tune_summary import summarize
-from mamo.tune_workers import RETRY_OF, STOPPED, Plan, Tickets, open_storage, optimize, quiet_optuna, run_workers
+from mamo.tune_workers import (
+    RETRY_OF,
+    STOPPED,
+    Plan,
+    Tickets,
+    TrialLine,
+    open_storage,
+    optimize,
+    quiet_optuna,
+    run_workers,
+)
 
 DEFAULT_STUDY = "mamo"
 KILLED = "its command was killed before it finished (retried by the next command on the study)"
+KILLED_EARLY = "its command was killed before the trial drew its parameters"
 
 
 # ---------------------------------------------------------------- the objective
@@ -57,6 +68,12 @@ class RoundReporter(Callback):
         self.trial.report(value, z)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"validation Δ {value:+.2f} after round {z} is below the pruner's bar")
+
+    def on_rounds_restored(self, rounds: list[dict]) -> None:
+        # A retried trial reports the rounds its interrupted run finished, so the pruner decides as it would have.
+        for record in rounds:
+            if "val" in record:  # checkpoints before 2026-11-24 did not keep it
+                self.on_round_end(record)
 
 
 @dataclass
@@ -309,22 +326,24 @@ def _create_study(store: optuna.storages.RDBStorage, name: str, multi: bool, tas
     return study
 
 
-def _retry_interrupted(study: optuna.Study) -> None:
+def _retry_interrupted(study: optuna.Study, log: TrialLine) -> None:
     """Queue a retry of every trial an earlier command left unfinished: RUNNING (its command was killed) or
     failed by Ctrl-C. The retry takes the same parameters and continues the trial's folder from its newest
-    checkpoint. Only for a study in its own folder's SQLite: in a shared database a RUNNING trial may be
-    running on another machine."""
+    checkpoint. A trial killed before it drew its parameters computed nothing and is not retried. Only for a
+    study in its own folder's SQLite: in a shared database a RUNNING trial may be running on another machine."""
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get(RETRY_OF) for t in trials}
     for trial in trials:
         killed = trial.state == TrialState.RUNNING
         stopped = trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") == STOPPED
-        if not (killed or stopped) or trial.number in retried:
-            continue
+        # Queued before the kill is recorded: a command killed in between leaves a RUNNING trial to retry again.
+        if (killed or stopped) and trial.params and trial.number not in retried:
+            study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
         if killed:
-            optuna.Trial(study, trial._trial_id).set_user_attr("fail_reason", KILLED)
+            reason = KILLED if trial.params else KILLED_EARLY
+            optuna.Trial(study, trial._trial_id).set_user_attr("fail_reason", reason)
             study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
+            log.write(trial.number, f"failed: {reason}", trial.params, None)
 
 
 def run_tune(
@@ -386,7 +405,7 @@ def run_tune(
         objective = SearchObjective(config, directory, tasks, study.user_attrs.get("stl_val"), multi_objective,
                                     tensorboard, pictures)
     if storage is None:
-        _retry_interrupted(study)
+        _retry_interrupted(study, TrialLine(directory / "tune.log"))
     from sqlalchemy.engine import make_url
 
     shown = make_url(url).render_as_string(hide_password=True)
@@ -397,8 +416,11 @@ def run_tune(
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and open connections
     # Seeded TPE reproduces a local study; a continued one must not redraw its first trials' parameters, and
     # machines sharing a database must not draw the same ones (no seed there).
-    # Optuna's samplers take seeds in [0, 2**32), train.seed any 64-bit integer.
-    seed = None if storage else (config.train.seed + 1000 * len(study.trials)) % 2**32
+    # Optuna's samplers take seeds in [0, 2**32), train.seed any 64-bit integer. Counted are the trials that drew
+    # their parameters: a trial killed before drawing (and a retry, which draws none) leaves the next draws as
+    # they were.
+    drawn = sum(1 for t in study.get_trials(deepcopy=False) if t.params and RETRY_OF not in t.user_attrs)
+    seed = None if storage else (config.train.seed + 1000 * drawn) % 2**32
     tickets = Tickets(trials, context)
     try:
         if workers == 1:

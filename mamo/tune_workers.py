@@ -146,9 +146,9 @@ class TrialLine:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.write(trial.number, LINES[trial.state](study, trial), trial.params, trial.user_attrs.get("seconds", 0))
 
-    def write(self, number: int, outcome: str, params: dict[str, Any], seconds: float) -> None:
+    def write(self, number: int, outcome: str, params: dict[str, Any], seconds: float | None) -> None:
         shown = ", ".join(f"{k}={short_value(v)}" for k, v in params.items())
-        line = f"trial {number} {outcome} ({shown}) in {seconds:.1f} s"
+        line = f"trial {number} {outcome} ({shown})" + ("" if seconds is None else f" in {seconds:.1f} s")
         print(line, flush=True)
         with open(self.log_path, "a") as handle:
             handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")

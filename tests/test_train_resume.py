@@ -38,7 +38,8 @@ def test_a_stopped_train_resumes_to_the_same_result(tmp_path: Path, seconds: flo
     assert (cut / "checkpoints" / "last.pt").exists() and not (cut / "metrics.json").exists()
     assert (cut / "log.txt").read_text().splitlines()[-1].endswith(f"stopped; continue with: python cli.py train "
                                                                    f"--resume {cut}")
-    (cut / "checkpoints" / "last.pt.4242.tmp").write_bytes(b"half")  # a save a SIGKILL cut short
+    (cut / "checkpoints" / "last.pt.4242.tmp").write_bytes(b"half")  # saves a SIGKILL cut short
+    (cut / "metrics.json.4242.tmp").write_bytes(b"")
     resumed = run_train(load_config("logic"), cut, resume=True, resume_settings=["train.device=cpu"],
                         **quiet)  # the folder's own config is used, with a new place to run it
     assert "resuming" in (cut / "log.txt").read_text() and "with train.device=cpu" in (cut / "log.txt").read_text()
@@ -46,7 +47,7 @@ def test_a_stopped_train_resumes_to_the_same_result(tmp_path: Path, seconds: flo
     assert resumed["tasks"] == whole["tasks"] and resumed["val"] == whole["val"]
     assert (cut / "weights.safetensors").read_bytes() == (tmp_path / "whole" / "weights.safetensors").read_bytes()
     assert not (cut / "checkpoints" / "last.pt").exists()  # a finished run keeps best.pt and the weights
-    assert not list((cut / "checkpoints").glob("*.tmp"))
+    assert not list((cut / "checkpoints").glob("*.tmp")) and not list(cut.glob("*.tmp"))
 
 
 def test_a_stopped_stl_baseline_keeps_its_finished_tasks_and_continues_the_stopped_one(tmp_path: Path) -> None:

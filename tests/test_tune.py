@@ -173,6 +173,7 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path):
 
 
 def interrupted(trial: optuna.Trial) -> float:
+    trial.suggest_float("alpha", 0, 1)
     if trial.number == 1:
         raise KeyboardInterrupt
     return 1.0
@@ -186,7 +187,7 @@ def test_ctrl_c_says_how_to_continue_the_study(tmp_path, capsys):
     assert "trial 1 failed: stopped by Ctrl-C before it finished" in (tmp_path / "tune.log").read_text()
     assert "- trial 1: stopped by Ctrl-C before it finished" in (tmp_path / "summary.md").read_text()
     assert "stopped by Ctrl-C" in (tmp_path / "trials.csv").read_text()
-    run_tune(load_config("quick"), study_dir=tmp_path, trials=1, objective=staircase)
+    run_tune(load_config("quick"), study_dir=tmp_path, trials=1, objective=interrupted)
     trials = load(tmp_path).trials  # the stopped trial is retried with its parameters by the next command
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert trials[2].user_attrs["retry_of"] == 1 and trials[2].params == trials[1].params
@@ -223,6 +224,68 @@ def test_a_trial_killed_mid_search_is_retried_from_its_checkpoint_by_the_next_co
     assert "resuming" in (tmp_path / "cut" / "trial-0000" / "log.txt").read_text()
     assert not (tmp_path / "cut" / "trial-0001").exists()
     assert retry.value == reference.value  # the same search, continued from its round-1 checkpoint
+
+
+def test_a_retried_trial_reports_the_rounds_before_its_checkpoint_to_the_pruner(tmp_path, monkeypatch):
+    # Killed after round 1's checkpoint but before its report, the retry skipped the pruner at round 1 and was
+    # pruned later with another value than the uninterrupted trial (found by a kill sweep).
+    from mamo.tune import RoundReporter
+    from mamo.tune_space import PRUNERS
+
+    monkeypatch.setitem(PRUNERS, "median", AlwaysPrune)
+    config = load_config("quick", [*TINY, "train.epochs=3", "search.pretrain_epochs=1", "search.round_epochs=1",
+                                   "tune.rounds=[1, 1]"])
+    quiet = {"progress": False, "tensorboard": False}
+    run_tune(config, study_dir=tmp_path / "whole", trials=1, **quiet)
+    reference = load(tmp_path / "whole").trials[0]
+    assert reference.state == TrialState.PRUNED
+
+    def killed_before_reporting(self, record):
+        raise SystemExit(137)
+
+    report = RoundReporter.on_round_end
+    monkeypatch.setattr(RoundReporter, "on_round_end", killed_before_reporting)
+    with pytest.raises(SystemExit):
+        run_tune(config, study_dir=tmp_path / "cut", trials=1, **quiet)
+    monkeypatch.setattr(RoundReporter, "on_round_end", report)
+    run_tune(config, study_dir=tmp_path / "cut", trials=1, **quiet)
+    killed, retry = load(tmp_path / "cut").trials
+    assert killed.intermediate_values == {}
+    assert retry.state == TrialState.PRUNED and retry.intermediate_values == reference.intermediate_values
+
+
+def draws_alpha(trial: optuna.Trial) -> float:
+    return trial.suggest_float("alpha", 0, 1)
+
+
+def killed_before_drawing(trial: optuna.Trial) -> float:
+    raise SystemExit(137)
+
+
+def test_a_trial_killed_before_drawing_is_not_retried_and_leaves_the_draws_as_they_were(tmp_path):
+    config = load_config("quick")
+    run_tune(config, study_dir=tmp_path / "whole", trials=2, objective=draws_alpha)
+    with pytest.raises(SystemExit):
+        run_tune(config, study_dir=tmp_path / "cut", trials=2, objective=killed_before_drawing)
+    run_tune(config, study_dir=tmp_path / "cut", trials=2, objective=draws_alpha)
+    killed, *drawn = load(tmp_path / "cut").trials
+    assert killed.state == TrialState.FAIL and killed.params == {} and "retry_of" not in drawn[0].user_attrs
+    assert [t.params for t in drawn] == [t.params for t in load(tmp_path / "whole").trials]
+    assert "trial 0 failed: its command was killed before the trial drew its parameters" in (
+        tmp_path / "cut" / "tune.log").read_text()
+
+
+def test_a_command_killed_between_queueing_a_retry_and_failing_the_trial_still_retries_it_once(tmp_path):
+    from mamo.tune import _retry_interrupted
+    from mamo.tune_workers import TrialLine
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'study.db'}"))
+    trial = study.ask()
+    trial.suggest_float("alpha", 0, 1)
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": 0})  # the first half of an earlier retry
+    _retry_interrupted(study, TrialLine(tmp_path / "tune.log"))
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.FAIL, TrialState.WAITING]  # failed now, and queued once, not twice
 
 
 def test_a_trial_failed_by_its_stopped_heartbeat_is_retried_with_its_parameters(tmp_path):
