@@ -181,9 +181,9 @@ def optimize(plan: Plan, tickets: Tickets, seed: int | None) -> None:
         torch.set_num_threads(plan.threads)
     study = optuna.load_study(study_name=plan.study, storage=open_storage(plan.url, create=False),
                               sampler=optuna.samplers.TPESampler(seed=seed), pruner=PRUNERS[plan.pruner]())
+    line = TrialLine(plan.log_path)
     while tickets.take():
         # gc after each trial: a trial that ran out of memory must not leave its tensors to the next one.
-        line = TrialLine(plan.log_path)
         study.optimize(Recorded(plan.objective, line), n_trials=1, catch=CATCH, callbacks=[line], gc_after_trial=True)
 
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from mamo.bench.step import Setup
 
 LIBMTL_LIMIT_S = 120  # LibMTL's min-norm loop never increments its iteration counter: a step may never end
+INSTALL = "pip install -e '.[bench]' in the checkout"  # the optional peers of the step benchmark
 
 Step = Callable[[], object]
 
@@ -35,7 +36,7 @@ def torchjd_step(chunk: int | None) -> Callable[[Setup], Step]:
             from torchjd.aggregation import MGDA as TorchjdMGDA
             from torchjd.autojac import jac_to_grad, mtl_backward
         except ImportError as exc:
-            raise Unavailable(f"torchjd is not installed ({exc}); pip install -e '.[bench]' in the checkout") from exc
+            raise Unavailable(f"torchjd is not installed ({exc}); {INSTALL}") from exc
         optimizer, aggregator, part = setup.optimizer(), TorchjdMGDA(), setup.part
 
         def step() -> None:
@@ -72,7 +73,7 @@ def libmtl_step(setup: Setup) -> Step:
     try:
         base = _libmtl_mgda()
     except ImportError as exc:
-        raise Unavailable(f"LibMTL is not installed ({exc}); pip install -e '.[bench]' in the checkout") from exc
+        raise Unavailable(f"LibMTL is not installed ({exc}); {INSTALL}") from exc
     part = setup.part
 
     class Weighting(base):  # the attributes LibMTL's trainer would mix in
