@@ -226,11 +226,25 @@ def baseline_key(config: Config, kind: str, epochs: int) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: A temporary file untouched this long was left by a killed writer: a save takes seconds, never an hour.
+ABANDONED_AFTER_SECONDS = 3600.0
+
+
 class BaselineCache:
-    """STL and HPS results keyed by :func:`baseline_key`, shared by every run under one runs root."""
+    """STL and HPS results keyed by :func:`baseline_key`, shared by every run under one runs root.
+
+    Opening it removes the temporary files of saves a kill interrupted (:data:`ABANDONED_AFTER_SECONDS`): several
+    processes, maybe on several machines, share the folder, so a recent one may still be written and is left."""
 
     def __init__(self, root: Path):
         self.root = root
+        cutoff = time.time() - ABANDONED_AFTER_SECONDS
+        for partial in root.glob("*.tmp") if root.is_dir() else []:
+            try:
+                if partial.stat().st_mtime < cutoff:
+                    partial.unlink()
+            except FileNotFoundError:
+                pass  # another process opening the cache removed it first
 
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.json"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from mamo.config import load_config, load_yaml
 from mamo.data import load_data
 from mamo.errors import MamoError
 from mamo.report import delta, win_rate
-from mamo.runs import BaselineCache, baseline_key, free_run_dir, new_run_dir
+from mamo.runs import ABANDONED_AFTER_SECONDS, BaselineCache, baseline_key, free_run_dir, new_run_dir
 from mamo.train import cached_baseline, open_session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -447,3 +449,20 @@ def test_a_failed_cache_write_keeps_the_previous_entry_and_leaves_no_temporary(t
     monkeypatch.undo()
     assert cache.get("key") == {"tasks": {"left": {"accuracy": 0.5}}}
     assert [p.name for p in tmp_path.iterdir()] == ["key.json"]
+
+
+def test_opening_the_cache_removes_only_abandoned_temporaries(tmp_path: Path) -> None:
+    # A kill during a save leaves `<key>.json.<pid>.tmp` or a checkpoint's temporary; another process, maybe on
+    # another machine sharing the folder, may be writing a fresh one right now.
+    cache = BaselineCache(tmp_path)
+    cache.put("key", {"tasks": {}})
+    abandoned = tmp_path / "other.pt.4242.tmp"
+    fresh = tmp_path / "key.json.4343.tmp"
+    for partial in (abandoned, fresh):
+        partial.write_bytes(b"half a save")
+    old = time.time() - ABANDONED_AFTER_SECONDS - 60
+    os.utime(abandoned, (old, old))
+    os.utime(tmp_path / "key.json", (old, old))  # an old finished entry is a result, not a temporary
+    BaselineCache(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key.json", "key.json.4343.tmp"]
+    BaselineCache(tmp_path / "not-yet-made")  # a cache folder no run has made yet is fine
