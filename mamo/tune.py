@@ -18,26 +18,24 @@ import multiprocessing
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
-from mamo.config import Config, config_from_dict, dump_config, load_config
+from mamo.config import Config, load_config
 from mamo.errors import MamoError
 from mamo.report import delta
-from mamo.runs import RUNS_ROOT, claim_new_folder, replace_atomically
+from mamo.runs import RUNS_ROOT, claim_new_folder
 from mamo.tasks import TaskSpec
 from mamo.trainer import Callback
 from mamo.tune_space import SPACE, apply_params, check_space, objective_metrics, suggest_config, trial_folder
+from mamo.tune_study import check_folder, claim_folder, create_study, retry_interrupted, stored_study, study_config
 from mamo.tune_summary import summarize
 from mamo.tune_workers import (
     RETRY_OF,
-    STOPPED,
     Plan,
     Tickets,
     TrialLine,
@@ -48,8 +46,6 @@ from mamo.tune_workers import (
 )
 
 DEFAULT_STUDY = "mamo"
-KILLED = "its command was killed before it finished (retried by the next command on the study)"
-KILLED_EARLY = "its command was killed before the trial drew its parameters"
 
 
 # ---------------------------------------------------------------- the objective
@@ -176,91 +172,6 @@ def _study_dir(run_dir: str | Path | None, storage: str | None, name: str, confi
     return path, created
 
 
-STUDY_ID = "study-id.json"  # the study whose trials the folder holds: {"study": name, "uid": the study's uid}
-
-
-def _stored_study(store: optuna.storages.RDBStorage | None, name: str) -> dict | None:
-    """The study's user attributes in the storage (its config, uid, STL reference); None if it is not there."""
-    if store is None:
-        return None
-    try:
-        return store.get_study_user_attrs(store.get_study_id_from_name(name))
-    except KeyError:
-        return None
-
-
-def _folder_study(directory: Path) -> dict | None:
-    path = directory / STUDY_ID
-    if not path.is_file():
-        return None
-    try:
-        mark = json.loads(path.read_text(encoding="utf-8"))
-        return {"study": str(mark["study"]), "uid": str(mark["uid"])}
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        raise MamoError(f"{path} cannot be read as the name of the folder's study ({type(exc).__name__}); pass "
-                        "another --run-dir, or delete that file if you know which study the folder holds.") from exc
-
-
-def _check_folder(directory: Path, name: str, attrs: dict | None) -> None:
-    """Refuses a folder that holds another study: that study's trial folders have the numbers this one's trials
-    get (from 0 in each study), and study.yaml would be taken from whichever joined last."""
-    mark = _folder_study(directory)
-    if mark is not None and mark["study"] != name:
-        raise MamoError(f"{directory} holds study '{mark['study']}', not '{name}'; pass a new --run-dir for study "
-                        f"'{name}', or --study {mark['study']} to continue that one.")
-    if mark is not None and (attrs is None or attrs.get("uid") != mark["uid"]):
-        raise MamoError(f"{directory} holds a study '{name}' of another storage (or one since deleted from this "
-                        "storage); pass a new --run-dir, or the --storage that study lives in.")
-    if mark is None and attrs is None and any(directory.glob("trial-[0-9]*")):
-        # A study folder from before study-id.json: a new study's trial-0000 would collide with its trials.
-        raise MamoError(f"{directory} holds trial folders of another study; pass a new --run-dir for study "
-                        f"'{name}'.")
-
-
-def _study_config(name: str, config: Config, overrides: list[str] | tuple, directory: Path,
-                  attrs: dict | None) -> Config:
-    """A new study tunes ``config``; joining one uses the configuration stored in the study, plus ``--set``."""
-    path = directory / "study.yaml"
-    stored = (attrs or {}).get("config")
-    if stored is None:
-        # Not in the storage yet: a study.yaml here is left from a start that failed on bad input; replace it.
-        replace_atomically(path, lambda partial: dump_config(config, partial))
-        return config
-    # The storage is the record: study.yaml is its copy, whatever an edit or an earlier command left there.
-    recorded = config_from_dict(stored, f"study '{name}'")
-    replace_atomically(path, lambda partial: dump_config(recorded, partial))
-    joined = load_config(str(path), overrides)
-    _check_same_space(name, recorded, joined)
-    print(f"joining study '{name}': using the configuration it was created with ({path}); --set still applies",
-          flush=True)
-    return joined
-
-
-def _shown_setting(value: Any) -> str:
-    """A tune key's value as --set writes it: [a, b] or null."""
-    return "null" if value is None else "[" + ", ".join(str(v) for v in value) + "]"
-
-
-def _check_same_space(name: str, recorded: Config, joined: Config) -> None:
-    """Refuse a --set that changes what a joined study samples: Optuna cannot draw a categorical parameter from
-    other choices than its earlier trials did (each retry recorded one more failed trial), and trials drawn
-    from different ranges are not one study's to compare."""
-    for key in SPACE:
-        before, after = getattr(recorded.tune, key), getattr(joined.tune, key)
-        if before != after:
-            raise MamoError(f"--set tune.{key}={_shown_setting(after)} would change what study '{name}' samples "
-                            f"(tune.{key} is {_shown_setting(before)} there); leave it out to continue the study, "
-                            "or pass a new --run-dir (or --study) for a study of the new space.")
-
-
-def _claim_folder(directory: Path, name: str, uid: str) -> None:
-    """Marks the folder as the study's, once the study exists, so that another study is refused here; a start
-    that failed on bad input marks nothing and leaves the folder to the corrected retry."""
-    mark = {"study": name, "uid": uid}
-    if _folder_study(directory) != mark:
-        replace_atomically(directory / STUDY_ID, lambda partial: partial.write_text(json.dumps(mark) + "\n"))
-
-
 def _check_space_ends(config: Config) -> None:
     """What a search checks before it makes its folder, on two trials' settings: every tuned key at its low end
     (first choice), then every one at its high end (last choice). A setting that fails there fails a share of
@@ -305,47 +216,6 @@ def _reference(config: Config, directory: Path, search: bool, multi: bool, progr
     return session.data.tasks, results["stl"]["val"] if "stl" in results else None
 
 
-def _create_study(store: optuna.storages.RDBStorage, name: str, multi: bool, tasks: dict, config: Config,
-                  stl_val: dict | None) -> optuna.Study:
-    """Created here, once, before any worker starts; an existing study must have the same objectives."""
-    targets = objective_metrics(tasks) if multi else [("val_delta", "", True)]
-    names = [f"{task}.{metric}" if metric else task for task, metric, _ in targets]
-    directions = ["maximize" if higher else "minimize" for *_, higher in targets]
-    study = optuna.create_study(storage=store, study_name=name, directions=directions, load_if_exists=True)
-    if [d.name.lower() for d in study.directions] != directions or study.metric_names not in (None, names):
-        raise MamoError(f"study '{name}' optimises {study.metric_names or len(study.directions)}, not {names}; pass "
-                        "another --study, or the same objective (with or without --multi-objective) as before.")
-    if study.metric_names is None:
-        study.set_metric_names(names)
-    if "config" not in study.user_attrs:
-        study.set_user_attr("config", config.to_dict())
-    if "uid" not in study.user_attrs:  # tells this study's folders from those of another one with its name
-        study.set_user_attr("uid", uuid.uuid4().hex)
-    if stl_val is not None and "stl_val" not in study.user_attrs:
-        study.set_user_attr("stl_val", stl_val)
-    return study
-
-
-def _retry_interrupted(study: optuna.Study, log: TrialLine) -> None:
-    """Queue a retry of every trial an earlier command left unfinished: RUNNING (its command was killed) or
-    failed by Ctrl-C. The retry takes the same parameters and continues the trial's folder from its newest
-    checkpoint. A trial killed before it drew its parameters computed nothing and is not retried. Only for a
-    study in its own folder's SQLite: in a shared database a RUNNING trial may be running on another machine."""
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
-    for trial in trials:
-        killed = trial.state == TrialState.RUNNING
-        stopped = trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") == STOPPED
-        # Queued before the kill is recorded: a command killed in between leaves a RUNNING trial to retry again.
-        if (killed or stopped) and trial.params and trial.number not in retried:
-            study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
-        if killed:
-            reason = KILLED if trial.params else KILLED_EARLY
-            optuna.Trial(study, trial._trial_id).set_user_attr("fail_reason", reason)
-            study.tell(trial.number, state=TrialState.FAIL)
-            log.write(trial.number, f"failed: {reason}", trial.params, None)
-
-
 def run_tune(
     config: Config,
     *,
@@ -386,26 +256,26 @@ def run_tune(
         if store is None and (directory / "study.db").is_file():
             store = open_storage(url)
         # Checked before anything is written here (study.db included): the folder may hold another study.
-        attrs = _stored_study(store, name)
-        _check_folder(directory, name, attrs)
+        attrs = stored_study(store, name)
+        check_folder(directory, name, attrs)
         store = store or open_storage(url)
-        config = _study_config(name, config, overrides, directory, attrs)
+        config = study_config(name, config, overrides, directory, attrs)
         check_space(config.tune)
         if objective is None:
             _check_space_ends(config)
         tasks, stl_val = _reference(config, directory, objective is None, multi_objective, progress)
-        study = _create_study(store, name, multi_objective, tasks, config, stl_val)
+        study = create_study(store, name, multi_objective, tasks, config, stl_val)
     except MamoError:
         # Bad input leaves no half-made study folder to trip the corrected retry; trained baselines are kept.
         if created and not any((directory / ".baselines").glob("*.json")):
             shutil.rmtree(directory, ignore_errors=True)
         raise
-    _claim_folder(directory, name, study.user_attrs["uid"])
+    claim_folder(directory, name, study.user_attrs["uid"])
     if objective is None:
         objective = SearchObjective(config, directory, tasks, study.user_attrs.get("stl_val"), multi_objective,
                                     tensorboard, pictures)
     if storage is None:
-        _retry_interrupted(study, TrialLine(directory / "tune.log"))
+        retry_interrupted(study, TrialLine(directory / "tune.log"))
     from sqlalchemy.engine import make_url
 
     shown = make_url(url).render_as_string(hide_password=True)

@@ -196,7 +196,8 @@ def test_ctrl_c_says_how_to_continue_the_study(tmp_path, capsys):
 def test_a_trial_killed_mid_search_is_retried_from_its_checkpoint_by_the_next_command(tmp_path, monkeypatch):
     # Found by a kill sweep: a SIGKILL mid-trial left the trial RUNNING forever and the rerun never resumed it.
     # SystemExit out of the objective leaves the trial RUNNING the same way (Optuna records nothing).
-    from mamo.tune import KILLED, RoundReporter
+    from mamo.tune import RoundReporter
+    from mamo.tune_study import KILLED
 
     config = load_config("quick", [*TINY, "train.epochs=3", "search.pretrain_epochs=1", "search.round_epochs=1",
                                    "tune.rounds=[1, 1]", "tune.pruner=none"])
@@ -276,14 +277,14 @@ def test_a_trial_killed_before_drawing_is_not_retried_and_leaves_the_draws_as_th
 
 
 def test_a_command_killed_between_queueing_a_retry_and_failing_the_trial_still_retries_it_once(tmp_path):
-    from mamo.tune import _retry_interrupted
+    from mamo.tune_study import retry_interrupted
     from mamo.tune_workers import TrialLine
 
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'study.db'}"))
     trial = study.ask()
     trial.suggest_float("alpha", 0, 1)
     study.enqueue_trial(trial.params, user_attrs={"retry_of": 0})  # the first half of an earlier retry
-    _retry_interrupted(study, TrialLine(tmp_path / "tune.log"))
+    retry_interrupted(study, TrialLine(tmp_path / "tune.log"))
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL, TrialState.WAITING]  # failed now, and queued once, not twice
 
