@@ -67,7 +67,7 @@ def check_folder(directory: Path, name: str, attrs: dict | None) -> None:
 
 
 def study_config(name: str, config: Config, overrides: list[str] | tuple, directory: Path,
-                  attrs: dict | None) -> Config:
+                 attrs: dict | None) -> Config:
     """A new study tunes ``config``; joining one uses the configuration stored in the study, plus ``--set``."""
     path = directory / "study.yaml"
     stored = (attrs or {}).get("config")
@@ -111,7 +111,7 @@ def claim_folder(directory: Path, name: str, uid: str) -> None:
 
 
 def create_study(store: optuna.storages.RDBStorage, name: str, multi: bool, tasks: dict, config: Config,
-                  stl_val: dict | None) -> optuna.Study:
+                 stl_val: dict | None) -> optuna.Study:
     """Created here, once, before any worker starts; an existing study must have the same objectives."""
     targets = objective_metrics(tasks) if multi else [("val_delta", "", True)]
     names = [f"{task}.{metric}" if metric else task for task, metric, _ in targets]
