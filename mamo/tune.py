@@ -32,7 +32,7 @@ from mamo.runs import RUNS_ROOT, claim_new_folder
 from mamo.tasks import TaskSpec
 from mamo.trainer import Callback
 from mamo.tune_space import SPACE, apply_params, check_space, objective_metrics, suggest_config, trial_folder
-from mamo.tune_study import check_folder, claim_folder, create_study, retry_interrupted, stored_study, study_config
+from mamo.tune_study import check_folder, claim_folder, open_study, retry_interrupted, stored_study, study_config
 from mamo.tune_summary import summarize
 from mamo.tune_workers import (
     RETRY_OF,
@@ -264,7 +264,7 @@ def run_tune(
         if objective is None:
             _check_space_ends(config)
         tasks, stl_val = _reference(config, directory, objective is None, multi_objective, progress)
-        study = create_study(store, name, multi_objective, tasks, config, stl_val)
+        study = open_study(store, name, multi_objective, tasks, config, stl_val)
     except MamoError:
         # Bad input leaves no half-made study folder to trip the corrected retry; trained baselines are kept.
         if created and not any((directory / ".baselines").glob("*.json")):

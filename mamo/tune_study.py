@@ -110,9 +110,10 @@ def claim_folder(directory: Path, name: str, uid: str) -> None:
         replace_atomically(directory / STUDY_ID, lambda partial: partial.write_text(json.dumps(mark) + "\n"))
 
 
-def create_study(store: optuna.storages.RDBStorage, name: str, multi: bool, tasks: dict, config: Config,
-                 stl_val: dict | None) -> optuna.Study:
-    """Created here, once, before any worker starts; an existing study must have the same objectives."""
+def open_study(store: optuna.storages.RDBStorage, name: str, multi: bool, tasks: dict, config: Config,
+               stl_val: dict | None) -> optuna.Study:
+    """Creates the study, or opens the stored one of that name, once before any worker starts; an existing study
+    must have the same objectives. (Named apart from optuna.create_study, which it calls.)"""
     targets = objective_metrics(tasks) if multi else [("val_delta", "", True)]
     names = [f"{task}.{metric}" if metric else task for task, metric, _ in targets]
     directions = ["maximize" if higher else "minimize" for *_, higher in targets]
