@@ -42,6 +42,8 @@ from mamo.trainer import Callback, Metrics, Trainer
 if TYPE_CHECKING:
     import networkx as nx
 
+    from mamo.model import MamoNet
+
 # Where each entry of StepResult.info goes; other keys land under direction/<key>. "weights" repeats
 # StepResult.weights, which is logged as direction/weight.
 INFO_TAGS: dict[str, str | None] = {
@@ -218,7 +220,7 @@ class TensorBoardLogger(Callback):
         self.events.add_summary(_summary(values), step)
         self.events.flush()
 
-    def on_phase_start(self, phase: str, model) -> None:
+    def on_phase_start(self, phase: str, model: MamoNet) -> None:
         # Right after a resume the stopped process has already logged this phase's start (or stopped inside the
         # phase), so the text says where this process picked up instead of announcing a new start.
         how = "resumes from a checkpoint" if self._resumed else "starts"

@@ -70,6 +70,9 @@ def load_checkpoint(path: Path) -> dict:
         raise MamoError(
             f"checkpoint {path} is corrupt ({type(exc).__name__}); delete it to resume from the previous one."
         ) from exc
+    except PermissionError as exc:  # the CLI's sentence for OS errors would call it a failed write
+        raise MamoError(f"could not read the checkpoint {path} ({exc.strerror}); fix its permissions, then "
+                        "resume again.") from exc
 
 
 def _phase_number(path: Path) -> int:

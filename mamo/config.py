@@ -237,7 +237,9 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
 
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if not isinstance(raw, dict):
-        raise MamoError(f"'{prefix or 'the preset'}' in {source} must be a mapping of keys; got {raw!r}.")
+        example = f"{prefix}.{dataclasses.fields(cls)[0].name}" if prefix else "train.epochs"
+        raise MamoError(f"'{prefix or 'the preset'}' in {source} must be a mapping of keys, got {raw!r}; set its "
+                        f"keys (such as {example}), not the section itself.")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -317,14 +319,6 @@ def split_override(text: str) -> tuple[list[str], Any]:
             f"--set '{text}' has a value that is not valid YAML; quote the value, e.g. {key.strip()}='...'."
         ) from exc
     return [part.strip() for part in path], parsed
-
-
-def parse_override(text: str) -> dict:
-    """``train.lr=0.1`` -> ``{"train": {"lr": 0.1}}``."""
-    path, nested = split_override(text)
-    for part in reversed(path):
-        nested = {part: nested}
-    return nested
 
 
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -14,6 +14,7 @@ import itertools
 import math
 from collections.abc import Callable
 
+import networkx as nx
 import numpy as np
 import torch
 
@@ -46,7 +47,8 @@ class ConflictStats:
         self.steps = 0
 
     @classmethod
-    def for_graph(cls, graph) -> ConflictStats:
+    def for_graph(cls, graph: nx.DiGraph) -> ConflictStats:
+        """Empty statistics for every cell and task pair of ``graph``."""
         return cls(g.task_names(graph), g.num_cells(graph), graph.graph["cell_params"])
 
     def update(self, node_gramians: dict[str, torch.Tensor]) -> None:

@@ -7,6 +7,7 @@ graph alone decides what is drawn, the model, when given, only supplies exact pa
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import networkx as nx
 import numpy as np
@@ -16,6 +17,9 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 
 from mamo import graph as g
 from mamo.plots import TRUNK, new_figure, save_figure
+
+if TYPE_CHECKING:
+    from mamo.model import MamoNet
 
 
 def _group_colours(graph: nx.DiGraph) -> dict[tuple[str, ...], tuple]:
@@ -30,7 +34,7 @@ def _group_colours(graph: nx.DiGraph) -> dict[tuple[str, ...], tuple]:
     return {group: (*palette[i % len(palette)], 1.0) for i, group in enumerate(groups)}
 
 
-def node_parameters(graph: nx.DiGraph, model=None) -> dict[str, int]:
+def node_parameters(graph: nx.DiGraph, model: MamoNet | None = None) -> dict[str, int]:
     """Parameters per node: cells and branches from the graph, heads and fusion weights from the model."""
     counts = {node: int(data.get("params", 0)) for node, data in graph.nodes(data=True)}
     if model is None:
@@ -95,7 +99,7 @@ def _label(graph: nx.DiGraph, node: str, params: dict[str, int]) -> str:
 def draw_architecture(
     graph: nx.DiGraph,
     path: Path | None = None,
-    model=None,
+    model: MamoNet | None = None,
     title: str | None = None,
     params: dict[str, int] | None = None,
 ) -> Figure:

@@ -53,7 +53,7 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> Mam
                             "single architecture to show or export; pass a search run or an HPS train run.")
         raise MamoError(f"{', '.join(missing)} not found; pass the folder of a finished train or search run.")
     try:
-        data = json.loads(paths[0].read_text())
+        data = json.loads(paths[0].read_text(encoding="utf-8"))
         if not isinstance(data, dict):  # valid JSON, but not the node-link object save_model writes
             kinds = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}
             kind = kinds.get(type(data), "a number")
@@ -105,7 +105,7 @@ def _flat_graph(graph: nx.DiGraph) -> nx.DiGraph:
 
 
 def write_json(model: MamoNet, path: Path) -> None:
-    path.write_text(g.graph_to_json(model.graph))
+    path.write_text(g.graph_to_json(model.graph), encoding="utf-8")
 
 
 def write_graphml(model: MamoNet, path: Path) -> None:
@@ -124,7 +124,7 @@ def write_dot(model: MamoNet, path: Path) -> None:
         label = quote(node) if "params" not in data else quote(node, f"{data['params']} params")
         lines.append(f"  {quote(node)} [label={label}, kind={quote(data['kind'])}];")
     lines += [f"  {quote(a)} -> {quote(b)};" for a, b in model.graph.edges]
-    path.write_text("\n".join(lines + ["}"]) + "\n")
+    path.write_text("\n".join(lines + ["}"]) + "\n", encoding="utf-8")
 
 
 def write_png(model: MamoNet, path: Path) -> None:

@@ -42,8 +42,13 @@ def head_id(task: str) -> str:
 
 def build_hps_graph(space: SearchSpace, tasks: dict[str, TaskSpec]) -> nx.DiGraph:
     """The hard-parameter-sharing network: input -> shared cells -> one fusion and head per task."""
-    shapes = space.cell_shapes()
-    params = [sum(p.numel() for p in space.build_cell(k).parameters()) for k in range(space.num_cells)]
+    # Measuring builds cells and heads, which draws random weights: the caller's RNG stays as it was (the
+    # model's init is compile_model's, from its own seed).
+    with torch.random.fork_rng(devices=[]):
+        shapes = space.cell_shapes()
+        params = [sum(p.numel() for p in space.build_cell(k).parameters()) for k in range(space.num_cells)]
+        head_params = {name: sum(p.numel() for p in space.build_head(spec, shapes[-1]).parameters())
+                       for name, spec in tasks.items()}
     graph = nx.DiGraph(
         space=space.spec(),
         tasks={name: spec.to_dict() for name, spec in tasks.items()},
@@ -58,9 +63,6 @@ def build_hps_graph(space: SearchSpace, tasks: dict[str, TaskSpec]) -> nx.DiGrap
         graph.add_edge(previous, cell_id(index))
         previous = cell_id(index)
     features = list(shapes[-1])
-    with torch.random.fork_rng(devices=[]):  # counting builds the heads; the model's init is compile_model's
-        head_params = {name: sum(p.numel() for p in space.build_head(spec, shapes[-1]).parameters())
-                       for name, spec in tasks.items()}
     for task in tasks:
         graph.add_node(fusion_id(task), kind="fusion", task=task, groups=[], params=0)  # one β per group
         graph.add_node(head_id(task), kind="head", task=task, builder="head",

@@ -87,7 +87,7 @@ class MamoNet(nn.Module):
     # ----- computation -----------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Outputs of the last trunk cell and of every branch's last module: what the fusions read."""
-        outputs = self._run(x, until_fusion=True)
+        outputs = self._run_cells(x)
         last = g.num_cells(self.graph) - 1
         return {
             node: value
@@ -110,7 +110,8 @@ class MamoNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_heads(self.forward_features(x))
 
-    def _run(self, x: torch.Tensor, until_fusion: bool) -> dict[str, torch.Tensor]:
+    def _run_cells(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every trunk cell's and GMK module's output, by node."""
         outputs = {g.INPUT: x}
         for node in self._order:
             kind = self.graph.nodes[node]["kind"]

@@ -19,6 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import ScaledTranslation
@@ -129,7 +130,7 @@ def conflict_heatmap(
     vmin: float | None = None,
     vmax: float | None = None,
     outline: list[tuple[str, str]] | None = None,
-):
+) -> AxesImage:
     """Annotated m×m heatmap of one cell: conflict counts Q or mean cosine, task names on both axes.
 
     Without ``ax`` a figure of its own is made (with a colour bar). ``vmin``/``vmax`` default to the scale

@@ -118,8 +118,8 @@ def write_report(
     if notes:
         parts += ["", notes]
     text = "\n".join(parts) + "\n"
-    (run_dir / "report.md").write_text(text)
-    with open(run_dir / "report.csv", "w", newline="") as handle:
+    (run_dir / "report.md").write_text(text, encoding="utf-8")
+    with open(run_dir / "report.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["method", "task", "metric", "value", "relative_to_stl_percent", "delta", "win_rate", "params"])
         for row in rows:
@@ -146,4 +146,4 @@ def growth_notes(rounds: list[dict], counts: dict[str, int], dataset: str, modul
 def write_metrics(run_dir: Path, metrics: dict) -> None:
     """metrics.json, written last: its presence marks a finished run, so it is never there half-written."""
     text = json.dumps(metrics, indent=2, default=float)
-    replace_atomically(run_dir / "metrics.json", lambda tmp: tmp.write_text(text))
+    replace_atomically(run_dir / "metrics.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))

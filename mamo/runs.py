@@ -203,7 +203,7 @@ class RunLog:
         if self.path is None:
             return
         try:
-            with open(self.path, "a") as handle:
+            with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(f"{time.strftime('%H:%M:%S')} {message}\n")
         except OSError as exc:  # a full disk must not hide the message the run is stopping with; the terminal has it
             if exc.errno not in WRITE_FAILURES:
@@ -254,7 +254,7 @@ class BaselineCache:
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text())
+            return json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             return None  # a half-written entry is retrained rather than trusted
 
@@ -264,4 +264,4 @@ class BaselineCache:
 
     def put(self, key: str, result: dict) -> None:
         text = json.dumps(result, indent=1)
-        replace_atomically(self._path(key), lambda tmp: tmp.write_text(text))
+        replace_atomically(self._path(key), lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -95,7 +95,8 @@ class SearchSpace:
         """Task ``task``'s head on the last cell's features; ``head: default`` takes its type's default head."""
         name = TASK_TYPES[task.type].default_head if task.head == "default" else task.head
         if name not in HEADS:
-            raise MamoError(f"task '{task.name}' asks for unknown head '{task.head}'; use one of {sorted(HEADS)}.")
+            raise MamoError(f"task '{task.name}' asks for unknown head '{task.head}'; use one of "
+                            f"{', '.join(sorted(HEADS))}.")
         hidden = int(self._spec.get("head_hidden", 50))
         return HEADS[name](task, feature_shape, hidden)
 
@@ -404,7 +405,8 @@ def check_model_config(config: ModelConfig) -> None:
             f"unknown backbone '{config.backbone}' (model.backbone); use mlp, lenet or timm:<model name>."
         )
     if config.activation not in ACTIVATIONS:
-        raise MamoError(f"unknown activation '{config.activation}' (model.activation); use one of {list(ACTIVATIONS)}.")
+        raise MamoError(f"unknown activation '{config.activation}' (model.activation); use one of "
+                        f"{', '.join(ACTIVATIONS)}.")
     if config.head_hidden < 0:
         raise MamoError(f"model.head_hidden is {config.head_hidden}; use 0 (a linear head) or a positive width.")
     SPACES[family].check_config(config, name)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mamo.directions.base import Direction
 from mamo.directions.equal import Equal
 from mamo.errors import MamoError
 from mamo.model import MamoNet
@@ -97,7 +98,7 @@ class TrainStep:
     def __init__(
         self,
         model: MamoNet,
-        direction,
+        direction: Direction,
         optimizer: torch.optim.Optimizer,
         gradients: str = "exact",
         precision: str = "fp32",

@@ -271,7 +271,8 @@ def _size(value: object, key: str, name: str, source: str) -> int:
 def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
     """Validate a dataset's ``tasks`` dict and build specs; ``source`` names where it came from."""
     if not isinstance(raw, dict) or not raw:
-        raise MamoError(f"{source} must return 'tasks' as a non-empty dict of task name -> spec, got {raw!r}.")
+        raise MamoError(f"the tasks of {source} must be a non-empty dict of task name -> spec, got {raw!r}; give "
+                        "at least one, such as {'digit': {'type': 'classification', 'classes': 10}}.")
     specs: dict[str, TaskSpec] = {}
     for name, spec in raw.items():
         if not isinstance(spec, dict):
@@ -285,19 +286,20 @@ def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
         kind = spec.get("type")
         if not isinstance(kind, str) or kind not in TASK_TYPES:
             raise MamoError(
-                f"task '{name}' from {source} has unknown type {kind!r}; use one of {sorted(TASK_TYPES)}."
+                f"task '{name}' from {source} has unknown type {kind!r}; use one of {', '.join(sorted(TASK_TYPES))}."
             )
         extra = set(spec) - {"type", "classes", "dim", "shape", "head", "loss"}
         if extra:
             raise MamoError(f"task '{name}' from {source} has unknown keys {sorted(extra)}; remove them.")
         loss = spec.get("loss", "default")
         if loss != "default" and (not isinstance(loss, str) or loss not in LOSSES):
-            raise MamoError(f"task '{name}' from {source} has unknown loss {loss!r}; use one of {sorted(LOSSES)}.")
+            raise MamoError(f"task '{name}' from {source} has unknown loss {loss!r}; use one of "
+                            f"{', '.join(sorted(LOSSES))}.")
         fitting = TASK_TYPES[kind].losses
         if loss != "default" and loss not in fitting:
             raise MamoError(
                 f"task '{name}' from {source} is a {kind} task, which loss {loss!r} cannot score; "
-                f"use one of {list(fitting)} or leave loss out."
+                f"use one of {', '.join(fitting)} or leave loss out."
             )
         shape = spec.get("shape", ())
         if not isinstance(shape, (list, tuple)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -20,6 +21,7 @@ from mamo.graph import build_hps_graph, graph_to_dict
 from mamo.model import MamoNet, compile_model, count_parameters
 from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
 from mamo.runs import (
+    RUNS_ROOT,
     BaselineCache,
     RunLog,
     baseline_key,
@@ -85,7 +87,7 @@ def open_session(
     log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
     data = load_data(config.data)
     if cache_root is None:
-        cache_root = (run_dir.parent if run_dir else Path("runs")) / ".baselines"
+        cache_root = (run_dir.parent if run_dir else RUNS_ROOT) / ".baselines"
     return Session(config, data, device, log, BaselineCache(Path(cache_root)), progress)
 
 
@@ -103,8 +105,9 @@ def make_trainer(
     direction: DirectionConfig,
     callbacks: list[Callback] | None = None,
     description: str = "train",
-    collect_gramians: bool = False,
 ) -> Trainer:
+    """A trainer of ``model`` on the session's data with ``direction`` and the config's optimizer and step
+    settings, its batch order and the direction's randomness seeded from ``train.seed``."""
     train = session.config.train
     generator = torch.Generator().manual_seed(train.seed)
     step = TrainStep(
@@ -113,7 +116,6 @@ def make_trainer(
         make_optimizer(model, train),
         gradients=train.gradients,
         precision=train.precision,
-        collect_gramians=collect_gramians,
         gradient_path=train.gradient_path,
         gradient_layout=train.gradient_layout,
     )
@@ -229,7 +231,7 @@ def save_model(run_dir: Path, model: MamoNet) -> None:
     from mamo.export import write_dot, write_graphml
 
     text = json.dumps(graph_to_dict(model.graph), indent=1)
-    replace_atomically(run_dir / "architecture.json", lambda tmp: tmp.write_text(text))
+    replace_atomically(run_dir / "architecture.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     write_graphml(model, run_dir / "architecture.graphml")
     write_dot(model, run_dir / "architecture.dot")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -312,18 +314,25 @@ def _check_resumable(config: Config, directory: Path) -> None:
 
 def _train_and_report(session: Session, directory: Path, callbacks: list[Callback] | None, loggers: bool,
                       pictures: bool, state: dict | None = None) -> dict:
+    watchers = list(callbacks or [])
+    if not loggers:
+        return _train_and_write(session, directory, watchers, state)
+    from mamo.board import TensorBoardLogger
+
+    stl = session.cache.get(baseline_key(session.config, "stl", session.config.train.epochs))
+    # Closed on every way out, a diverged loss or Ctrl-C included, so the events logged so far reach the file.
+    with TensorBoardLogger(directory, session.config, session.data.tasks, stl["val"] if stl else None,
+                           pictures=pictures) as logger:
+        return _train_and_write(session, directory, [logger, *watchers], state)
+
+
+def _train_and_write(session: Session, directory: Path, watchers: list[Callback], state: dict | None) -> dict:
     config = session.config
     epochs = config.train.epochs
     tasks = session.data.tasks
     stl_key = baseline_key(config, "stl", epochs)
-    watchers = list(callbacks or [])
-    if loggers:
-        from mamo.board import TensorBoardLogger
-
-        stl = session.cache.get(stl_key)
-        watchers.insert(0, TensorBoardLogger(directory, config, tasks, stl["val"] if stl else None, pictures=pictures))
     if config.train.mode == "stl":
-        result = cached_baseline(session, "stl", epochs)
+        result = cached_baseline(session, "stl", epochs, watchers)
         results, stl_name = {"STL": result}, "STL"
     else:
         method = config.direction.name + ("" if config.direction.tensioner.formulation == "off" else "+tensioner")
@@ -357,7 +366,7 @@ def _train_and_report(session: Session, directory: Path, callbacks: list[Callbac
     return metrics
 
 
-def add_arguments_train(parser) -> None:
+def add_arguments_train(parser: argparse.ArgumentParser) -> None:
     from mamo.cli import add_preset_arguments
 
     add_preset_arguments(parser, "multimnist", "train")
@@ -366,7 +375,7 @@ def add_arguments_train(parser) -> None:
                              "RUN_DIR; --set may change only train.device, data.root and train.checkpoint_seconds")
 
 
-def command_train(args) -> int:
+def command_train(args: argparse.Namespace) -> int:
     from mamo.config import load_config
 
     # A resumed run reads its configuration from the run folder; load_config(None) is only a placeholder.

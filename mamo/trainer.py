@@ -59,7 +59,7 @@ def check_train_config(config: TrainConfig) -> None:
 
 def _check_optimizer_name(name: str) -> None:
     if name not in OPTIMIZERS:
-        raise MamoError(f"unknown optimizer '{name}' (train.optimizer); use one of {list(OPTIMIZERS)}.")
+        raise MamoError(f"unknown optimizer '{name}' (train.optimizer); use one of {', '.join(OPTIMIZERS)}.")
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -113,7 +113,8 @@ class Callback:
         """``trainer`` was restored from a checkpoint: the steps after ``trainer.global_step`` run again."""
 
     def on_phase_start(self, phase: str, model: MamoNet) -> None:
-        """A training phase begins (``pretrain``, ``round1``.., ``final``, ``train``, ``stl:<task>``, ``hps``)."""
+        """A training phase begins: ``pretrain``, ``round1``.., ``final`` (search), ``train``, or ``stl <task>``
+        for each network of ``train.mode=stl``."""
 
     def on_round_end(self, record: dict) -> None:
         """A detection round ended; see :func:`mamo.search.run_search` for the record's keys."""

@@ -106,7 +106,7 @@ class SearchObjective:
         fresh = not run_dir.exists() or retried is not None
         try:
             if retried is not None and (run_dir / "metrics.json").is_file():  # killed after the search finished
-                metrics = json.loads((run_dir / "metrics.json").read_text())
+                metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
             else:
                 resume = retried is not None and (run_dir / "config.yaml").is_file()
                 metrics = run_search(config, run_dir, progress=False, quiet=True, resume=resume,

@@ -66,7 +66,7 @@ def check_folder(directory: Path, name: str, attrs: dict | None) -> None:
                         f"'{name}'.")
 
 
-def study_config(name: str, config: Config, overrides: list[str] | tuple, directory: Path,
+def study_config(name: str, config: Config, overrides: list[str] | tuple[str, ...], directory: Path,
                  attrs: dict | None) -> Config:
     """A new study tunes ``config``; joining one uses the configuration stored in the study, plus ``--set``."""
     path = directory / "study.yaml"
@@ -107,7 +107,8 @@ def claim_folder(directory: Path, name: str, uid: str) -> None:
     that failed on bad input marks nothing and leaves the folder to the corrected retry."""
     mark = {"study": name, "uid": uid}
     if folder_study(directory) != mark:
-        replace_atomically(directory / STUDY_ID, lambda partial: partial.write_text(json.dumps(mark) + "\n"))
+        text = json.dumps(mark) + "\n"
+        replace_atomically(directory / STUDY_ID, lambda partial: partial.write_text(text, encoding="utf-8"))
 
 
 def open_study(store: optuna.storages.RDBStorage, name: str, multi: bool, tasks: dict, config: Config,

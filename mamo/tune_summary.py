@@ -78,7 +78,7 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
     names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
     tuned = [name for name in SPACE if any(name in t.params for t in trials)]
     attrs = [name for name in CSV_ATTRS if name not in names]  # the objective val_delta is a column already
-    with open(path, "w", newline="") as handle:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["trial", "state", *names, *tuned, *attrs])
         for t in trials:
@@ -153,7 +153,7 @@ def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, s
         lines += [f"- trial {t.number}: {t.user_attrs.get('fail_reason', 'unknown reason')}" for t in failed]
         lines.append("")
     text = "\n".join(lines)
-    (directory / "summary.md").write_text(text)
+    (directory / "summary.md").write_text(text, encoding="utf-8")
     write_trials_csv(study, directory / "trials.csv")
     return {"study_dir": directory, "study": study.study_name, "states": states, "text": text,
             "best": None if chosen is None else chosen.number, "best_config": best_path}

@@ -150,7 +150,7 @@ class TrialLine:
         shown = ", ".join(f"{k}={short_value(v)}" for k, v in params.items())
         line = f"trial {number} {outcome} ({shown})" + ("" if seconds is None else f" in {seconds:.1f} s")
         print(line, flush=True)
-        with open(self.log_path, "a") as handle:
+        with open(self.log_path, "a", encoding="utf-8") as handle:
             handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
 
@@ -198,7 +198,7 @@ def _worker(plan: Plan, tickets: Tickets, seed: int | None) -> None:
 
 def run_workers(plan: Plan, workers: int, tickets: Tickets, seed: int | None, context: Any) -> None:
     """``workers`` spawned processes on the same study, each with its own sampler seed; waits for all."""
-    processes = [context.Process(target=_worker, args=(plan, tickets, None if seed is None else seed + k))
+    processes = [context.Process(target=_worker, args=(plan, tickets, None if seed is None else (seed + k) % 2**32))
                  for k in range(workers)]
     for process in processes:
         process.start()

@@ -219,7 +219,7 @@ def test_ablation_runs_on_another_preset_with_the_chosen_rounds(tmp_path, capsys
     # --equal-params sizes a fully grown pair, which is every task only with two tasks.
     assert main([*args[:-2], "--equal-params", "--out", str(tmp_path / "eq")]) == 2
     assert not (tmp_path / "eq").exists()  # refused before any training, and its empty folder removed
-    assert "needs two tasks; preset 'multimnist_sum' has 3" in capsys.readouterr().err
+    assert "needs two tasks, and preset 'multimnist_sum' has 3; drop --equal-params" in capsys.readouterr().err
     assert main(["bench", "ablation", "--quick", "--rounds-sweep", "0", "-1", "--out", str(tmp_path / "z")]) == 2
     assert "--rounds-sweep takes numbers of detection rounds ≥ 0, got [0, -1]" in capsys.readouterr().err
 
@@ -239,7 +239,11 @@ def test_matching_latent_picks_the_width_with_the_nearest_parameter_count():
 
 
 def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path, capsys):
-    assert main(["bench", "ablation", "--quick", "--equal-params", "--out", str(tmp_path / "ablation")]) == 0
+    args = ["bench", "ablation", "--quick", "--equal-params", "--device", "cpu", "--out", str(tmp_path / "ablation")]
+    assert main(args) == 0
+    for variant in ("MAMO", "exclusive_latent30"):  # --device reaches every variant (it used to reach none)
+        saved = load_config(str(tmp_path / "ablation" / "runs" / f"seed0-{variant}" / "config.yaml"))
+        assert saved.train.device == "cpu", variant
     result = json.loads((tmp_path / "ablation" / "results.json").read_text())
     rows = {row[0]: dict(zip(result["columns"], row, strict=True)) for row in result["rows"]}
     assert list(rows)[:4] == ["HPS (equal)", "MAMO (Z=2)", "w/o MO (equal weighting)",
@@ -262,7 +266,8 @@ def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path, capsy
     tasks = load_trained(tmp_path / "ablation" / "runs" / "seed0-MAMO").tasks
     assert rows[exclusive_row]["Δ %"] == f"{delta(narrow['tasks'], stl, tasks):+.2f}"
 
-    # A stopped ablation continues: finished variants are read back, a missing one retrains to the same row.
+    # A stopped ablation continues: finished variants are read back, a missing one retrains to the same row,
+    # on another device if asked (here the default, auto).
     runs = tmp_path / "ablation" / "runs"
     for path in (runs / "seed0-wo_MO").rglob("*"):
         if path.is_file():

@@ -16,7 +16,7 @@ from mamo.config import (
     dump_config,
     load_config,
     load_yaml,
-    parse_override,
+    split_override,
 )
 from mamo.errors import MamoError
 
@@ -173,6 +173,14 @@ def test_a_preset_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
     assert str(path) in error_of(str(path))
 
 
+def test_a_section_set_to_a_value_names_a_key_to_set_instead(tmp_path: Path) -> None:
+    assert error_of(None, ["train=3"]) == ("'train' in --set train=3 must be a mapping of keys, got 3; set its keys "
+                                           "(such as train.mode), not the section itself.")
+    path = write(tmp_path, "direction:\n  tensioner: off\n")
+    assert "'direction.tensioner' in " in error_of(str(path)) and "(such as direction.tensioner.formulation)" in (
+        error_of(str(path)))
+
+
 def test_invalid_yaml_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "train: [unclosed\n")
     message = error_of(str(path))
@@ -268,10 +276,10 @@ def test_set_with_invalid_yaml_value_is_refused() -> None:
     assert "data.name=[unclosed" in message and "YAML" in message
 
 
-def test_parse_override_builds_the_nested_dict() -> None:
-    assert parse_override("a.b.c=1") == {"a": {"b": {"c": 1}}}
-    assert parse_override("train.device=cuda:0") == {"train": {"device": "cuda:0"}}
-    assert parse_override("data.root=") == {"data": {"root": None}}
+def test_split_override_reads_the_key_path_and_a_yaml_value() -> None:
+    assert split_override("a.b.c=1") == (["a", "b", "c"], 1)
+    assert split_override("train.device=cuda:0") == (["train", "device"], "cuda:0")
+    assert split_override(" data.root =") == (["data", "root"], None)
 
 
 # -------------------------------------------------------------------------------------------- round trip

@@ -375,7 +375,7 @@ def test_plugin_from_module(plugin_file: str, monkeypatch: pytest.MonkeyPatch) -
         ("wrong_dim", r"task 'a' from data plugin .* expects 2 values per sample"),
         ("not_a_dict", r"returned list, not a dict with train, val, test and tasks"),
         ("wrong_loss", r"task 't' from data plugin .* is a regression task, which loss 'cross_entropy' cannot "
-                       r"score; use one of \['mse', 'exp_mse'\] or leave loss out\."),
+                       r"score; use one of mse, exp_mse or leave loss out\."),
         ("string_spec", r"task 't' from data plugin .* has spec 'classification', not a mapping; give a dict such as "
                         r"\{'type': 'classification', 'classes': 10\}\."),
         # The shape is right: the message gives the values that are wrong.
@@ -387,6 +387,12 @@ def test_plugin_from_module(plugin_file: str, monkeypatch: pytest.MonkeyPatch) -
 def test_bad_plugins_are_named(plugin_file: str, function: str, message: str) -> None:
     with pytest.raises(MamoError, match=message):
         load_data(DataConfig(name=f"{plugin_file}:{function}"))
+
+
+def test_an_empty_task_dict_is_refused_with_an_example() -> None:
+    with pytest.raises(MamoError, match=r"^the tasks of a plugin must be a non-empty dict of task name -> spec, "
+                                        r"got \{\}; give at least one, such as \{'digit': "):
+        parse_tasks({}, "a plugin")
 
 
 def test_a_task_name_with_a_dot_is_refused() -> None:

@@ -164,6 +164,12 @@ def test_min_norm_two_tasks_closed_form(G, expected):
     np.testing.assert_array_equal(min_norm_weights(G), expected)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7])
+def test_min_norm_of_all_zero_gradients_is_uniform(m):
+    # Every point of the simplex is optimal; the symmetric one (m = 3 used to return [0.5, 0.5, 0]).
+    np.testing.assert_allclose(min_norm_weights(np.zeros((m, m))), np.full(m, 1.0 / m), rtol=0, atol=1e-15)
+
+
 def test_mgda_normalisations_follow_sener_and_koltun():
     rng = np.random.default_rng(3)
     J = random_jacobian(rng, 4, 6)

@@ -40,6 +40,15 @@ def spawn(model, position, modules: str = "gmk") -> list[str]:
     return added
 
 
+def test_building_the_graph_leaves_the_callers_random_state_alone():
+    # It builds cells to measure their shapes and sizes; those draws used to advance the global RNG.
+    space = create_space(ModelConfig(backbone="lenet", latent=16, head_hidden=8), (1, 28, 28))
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    g.build_hps_graph(space, TASKS3)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 @pytest.mark.parametrize("position", [(("a", "b"), 0), (("b", "c"), 1), (("a", "c"), 2)])
 @pytest.mark.parametrize("modules", ["gmk", "exclusive"])
 def test_growth_preserves_the_function(position, modules):

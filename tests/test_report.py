@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,6 +152,23 @@ def test_report_md_and_csv(tmp_path: Path) -> None:
     assert float(mse["win_rate"]) == pytest.approx(2 / 3)
     assert mse["params"] == "1200"
     assert records[0]["relative_to_stl_percent"] == ""  # STL is the reference, not relative to itself
+
+
+def test_report_is_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    # Δ and the arrows used to be written in the locale's encoding: under a plain C locale (no UTF-8 coercion)
+    # write_report raised UnicodeEncodeError after the whole run had trained.
+    script = (  # ASCII only: the command line itself is read in the C locale
+        "import sys; from pathlib import Path; from mamo.tasks import parse_tasks; "
+        "from mamo.report import build_rows, write_report; "
+        "tasks = parse_tasks({'a': {'type': 'classification', 'classes': 2}}, 'test'); "
+        "result = {'tasks': {'a': {'accuracy': 0.5}}, 'params': 1, 'seconds_per_epoch': 1.0}; "
+        "rows = build_rows({'STL': result, 'HPS': result}, 'STL', tasks); "
+        "write_report(Path(sys.argv[1]), 'mamo', rows, tasks, 'STL')"
+    )
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "| Δ % ↑ |" in (tmp_path / "report.md").read_text(encoding="utf-8")
 
 
 def test_report_without_stl_is_absolute_only(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mamo import graph as g
-from mamo.checkpoint import IN_PHASE, newest_state, save_checkpoint
+from mamo.checkpoint import IN_PHASE, load_checkpoint, newest_state, save_checkpoint
 from mamo.cli import main
 from mamo.config import load_config
 from mamo.errors import MamoError, TrainingDiverged
@@ -371,6 +371,16 @@ def test_a_corrupt_checkpoint_is_named(tmp_path):
     (tmp_path / "r" / "checkpoints" / "phase-01-round1.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(MamoError, match="phase-01-round1.pt is corrupt"):
         run_search(config, tmp_path / "r", progress=False, quiet=True, loggers=False, resume=True)
+
+
+def test_an_unreadable_checkpoint_is_named_as_a_read(tmp_path, monkeypatch):
+    # Simulated: root reads any file. It used to reach the CLI as "could not write <checkpoint>".
+    def refuse(path, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(MamoError, match=r"^could not read the checkpoint .*last.pt \(Permission denied\); fix its"):
+        load_checkpoint(tmp_path / "last.pt")
 
 
 def test_a_full_disk_is_one_sentence_and_keeps_the_previous_checkpoints(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from direction_cases import (
     sequence,
 )
 
+from mamo.config import TensionerConfig
 from mamo.directions import (
     MGDA,
     Central,
@@ -26,6 +27,12 @@ from mamo.directions import (
     combine,
     tension_factors,
 )
+
+
+def test_the_class_defaults_are_the_configs():
+    # Built in Python without arguments, the tensioner used to default to `relative` while the config's is `thesis`.
+    direction, defaults = Tensioner(MGDA()), TensionerConfig()
+    assert (direction.formulation, direction.T, direction.alpha) == (defaults.formulation, defaults.T, defaults.alpha)
 
 
 @pytest.mark.parametrize("formulation", ["thesis", "relative"])

@@ -128,10 +128,20 @@ def test_weights_file_matches_the_best_checkpoint(runs: Path) -> None:
 
 
 def test_stl_run_trains_one_network_per_task_and_caches_it(runs: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     run = runs / "stl"
     metrics = read_metrics(run)
     assert set(metrics["tasks"]) == {"left", "right"}
     assert "delta" not in metrics
+    # Its TensorBoard events show both networks' training, the second's steps after the first's.
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = 256 // load_config("quick").train.batch_size  # one epoch of data.train_size=256
+    assert [e.step for e in events.Scalars("train/loss/left")] == list(range(1, steps + 1))
+    assert [e.step for e in events.Scalars("train/loss/right")] == list(range(steps + 1, 2 * steps + 1))
+    assert [e.step for e in events.Scalars("val/accuracy/right")] == [2 * steps]
+    assert {f"test/accuracy/{task}" for task in ("left", "right")} <= set(events.Tags()["scalars"])
     assert "| STL |" in (run / "report.md").read_text()
     log = (run / "log.txt").read_text()
     assert "STL 'left': training it alone" in log and "STL 'right': training it alone" in log
@@ -299,6 +309,27 @@ def test_a_diverged_loss_is_one_sentence_and_the_folder_keeps_it(tmp_path: Path,
     assert (run / "config.yaml").exists()  # what was written stays
 
 
+def test_a_stopped_train_run_closes_its_tensorboard_logger(tmp_path: Path) -> None:
+    # Before: the train command left its logger open on an error (a search closes its own), so an in-process
+    # caller that still held the trainer kept an open event file with unflushed steps and a drawing thread.
+    from mamo.board import TensorBoardLogger
+    from mamo.train import run_train
+    from mamo.trainer import Callback
+
+    class StopAtStepTwo(Callback):
+        def on_step(self, trainer, result) -> None:
+            self.trainer = trainer
+            if trainer.global_step == 2:
+                raise MamoError("stopped by the test")
+
+    stopper = StopAtStepTwo()
+    config = load_config("quick", [text for text in TINY if "=" in text])
+    with pytest.raises(MamoError, match="stopped by the test"):
+        run_train(config, tmp_path / "run", progress=False, quiet=True, callbacks=[stopper])
+    logger = next(c for c in stopper.trainer.callbacks if isinstance(c, TensorBoardLogger))
+    assert logger.events._file.closed
+
+
 def test_gradients_a_direction_finds_non_finite_are_a_diverged_run_naming_the_fix_once(tmp_path: Path, capsys) -> None:
     # SGD at 1e8: the losses are still finite at step 2, the gradients are not; the direction's check catches
     # them. Before, its own fix and the trainer's were both in the sentence.
@@ -439,7 +470,7 @@ def test_a_failed_cache_write_keeps_the_previous_entry_and_leaves_no_temporary(t
     cache = BaselineCache(tmp_path)
     cache.put("key", {"tasks": {"left": {"accuracy": 0.5}}})
 
-    def full_disk(self, text):
+    def full_disk(self, text, **kwargs):
         Path.write_bytes(self, b"{\"tasks\": ")  # half written, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 

@@ -143,8 +143,8 @@ def command_bench(args: argparse.Namespace) -> int:
     result.setdefault("options", {k: v for k, v in vars(options).items()})
     text = f"# mamo bench {args.name}\n\n" + to_markdown(result)
     data = json.dumps(result, indent=1, default=str)
-    replace_atomically(folder / "results.md", lambda tmp: tmp.write_text(text))
-    replace_atomically(folder / "results.json", lambda tmp: tmp.write_text(data))
+    replace_atomically(folder / "results.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    replace_atomically(folder / "results.json", lambda tmp: tmp.write_text(data, encoding="utf-8"))
     print(text)
     print(f"saved {folder / 'results.md'} and {folder / 'results.json'} ({result['wall_seconds']} s)")
     return 0

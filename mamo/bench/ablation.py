@@ -35,7 +35,7 @@ from mamo.errors import MamoError
 from mamo.export import load_trained
 from mamo.model import compile_model, count_parameters
 from mamo.report import delta, metric_columns, relative_changes, win_rate
-from mamo.runs import checkpointed_command
+from mamo.runs import RESUME_SETTINGS, checkpointed_command
 from mamo.search import run_search
 from mamo.search_plan import epochs_before_final
 from mamo.spaces import space_from_spec
@@ -155,14 +155,25 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                              "variant stopped part-way resumes from its checkpoint, the rest train there")
 
 
-def _variant(config, run_dir: Path, progress: bool) -> dict:
+def _computed(config: Config) -> dict:
+    """The settings that decide what a run computes: all but where it runs and how often it saves
+    (:data:`mamo.runs.RESUME_SETTINGS`), which a resumed ablation may change (``--device``, say)."""
+    settings = config.to_dict()
+    for key in RESUME_SETTINGS:
+        section, name = key.split(".")
+        settings[section].pop(name)
+    return settings
+
+
+def _variant(config: Config, run_dir: Path, progress: bool) -> dict:
     """One variant's metrics: read when it finished before, resumed when it stopped after a checkpoint."""
     saved = run_dir / "config.yaml"  # what a finished or a resumed run trains with
-    if saved.is_file() and config_from_dict(load_yaml(saved.read_text()), str(saved)).to_dict() != config.to_dict():
+    before = config_from_dict(load_yaml(saved.read_text(encoding="utf-8")), str(saved)) if saved.is_file() else None
+    if before is not None and _computed(before) != _computed(config):
         raise MamoError(f"{run_dir} was trained with another configuration than this ablation asks for; resume "
                         "with the same options (--preset, --seeds, --train-size, --quick) or start a new --out.")
     if (run_dir / "metrics.json").is_file():
-        return json.loads((run_dir / "metrics.json").read_text())
+        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     if checkpointed_command(run_dir) == "search":
         return run_search(config, run_dir, progress=progress, quiet=True, resume=True, loggers=False)
     if run_dir.exists():  # stopped before its first checkpoint: kept aside, never overwritten
@@ -172,12 +183,13 @@ def _variant(config, run_dir: Path, progress: bool) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
-    quick = ["data.train_size=512", "data.val_size=128", "data.test_size=128", "train.epochs=5",
-             "search.pretrain_epochs=2", "search.round_epochs=1"] if args.quick else []
+    shared = ["data.train_size=512", "data.val_size=128", "data.test_size=128", "train.epochs=5",
+              "search.pretrain_epochs=2", "search.round_epochs=1"] if args.quick else []
     if args.train_size:
-        quick.append(f"data.train_size={args.train_size}")
+        shared.append(f"data.train_size={args.train_size}")
+    shared.append(f"train.device={args.device}")
     preset = getattr(args, "preset", "multimnist")
-    base = load_config(preset, quick)
+    base = load_config(preset, shared)
     rounds = getattr(args, "rounds_sweep", None)
     if rounds is None:
         rounds = range(0, 2) if args.quick else range(0, 6)
@@ -185,8 +197,8 @@ def run(args: argparse.Namespace) -> dict:
         raise MamoError(f"--rounds-sweep takes numbers of detection rounds ≥ 0, got {list(rounds)}; fix the list.")
     table = variants(base.search, base.train.epochs, rounds)
     if getattr(args, "equal_params", False) and len(tasks := load_data(base.data).tasks) != 2:
-        raise MamoError(f"--equal-params sizes networks by a fully grown pair, which needs two tasks; preset "
-                        f"'{preset}' has {len(tasks)}. Drop --equal-params or use a two-task preset.")
+        raise MamoError(f"--equal-params sizes networks by a fully grown pair, which needs two tasks, and preset "
+                        f"'{preset}' has {len(tasks)}; drop --equal-params or use a two-task preset.")
     main = next(iter(table))
     folder = Path(args.out) if getattr(args, "out", None) else Path(tempfile.mkdtemp(prefix="mamo-ablation-"))
     runs_root = Path(args.resume) / "runs" if getattr(args, "resume", None) else folder / "runs"
@@ -197,7 +209,7 @@ def run(args: argparse.Namespace) -> dict:
     run_names: list[str] = []
     for seed in seeds:
         for name, overrides in table.items():
-            config = load_config(preset, [*quick, f"train.seed={seed}", f"data.seed={seed}", *overrides])
+            config = load_config(preset, [*shared, f"train.seed={seed}", f"data.seed={seed}", *overrides])
             run_names.append(f"seed{seed}-{name.split(' (')[0].replace(' ', '_').replace('/', '')}")
             results[name].append(_variant(config, runs_root / run_names[-1], progress=not args.quick))
     template = load_trained(runs_root / run_names[0])
@@ -206,7 +218,7 @@ def run(args: argparse.Namespace) -> dict:
         for name, (train, overrides) in equal_parameter_variants(template.graph, base.search,
                                                                   base.train.epochs).items():
             results[name] = [
-                train(load_config(preset, [*quick, f"train.seed={seed}", f"data.seed={seed}", *overrides]),
+                train(load_config(preset, [*shared, f"train.seed={seed}", f"data.seed={seed}", *overrides]),
                       runs_root, not args.quick)
                 for seed in seeds]
     stl = [r["baselines"]["stl"] for r in results[main]]

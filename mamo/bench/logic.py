@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -191,7 +191,9 @@ def fmt(rate: float, mean: float, std: float) -> str:
     return f"{mean:.1f} ± {std:.1f} ({rate:.0f}%)" if math.isfinite(mean) else f"– ({rate:.0f}%)"
 
 
-def run_method(method: Method, cs, lrs, alphas, seeds, init, orders, criterion, T) -> dict:
+def run_method(method: Method, cs: Sequence[float], lrs: Sequence[float], alphas: Sequence[float], seeds: list[int],
+               init: Callable[[list[int], Method | None], dict[str, np.ndarray]], orders: np.ndarray,
+               criterion: Criterion, T: int) -> dict:
     """{(c, α): (rate, mean, std, lr)} of one method over the grid; ``init(seeds, method)`` gives the weights."""
     c, lr, alpha, seed = (a.ravel() for a in np.meshgrid(cs, lrs, alphas, np.arange(len(seeds)), indexing="ij"))
     grid = {"c": c, "lr": lr, "alpha": alpha, "seed": seed}

@@ -40,6 +40,8 @@ def _pair(g11: float, g12: float, g22: float) -> float:
 
 def _three(gramian: np.ndarray) -> np.ndarray:
     (g11, g12, g13), (_, g22, g23), (_, _, g33) = gramian.tolist()
+    if not max(g11, g22, g33) > 0.0:  # all three are zero: every point is optimal, the uniform one is symmetric
+        return np.full(3, 1.0 / 3.0)
     # In the frame p1 + a(p2 - p1) + b(p3 - p1): d_ij are the Gram entries of the differences.
     d22 = g22 - 2.0 * g12 + g11
     d33 = g33 - 2.0 * g13 + g11

@@ -173,7 +173,7 @@ def _angles(gramian: Matrix, weights: Vector) -> Vector:
 class Tensioner(Direction):
     """Wraps a base :class:`Direction` and applies the task tensioners (see the module docstring)."""
 
-    def __init__(self, base: Direction, formulation: str = "relative", T: int = 10, alpha: float = 0.3) -> None:
+    def __init__(self, base: Direction, formulation: str = "thesis", T: int = 10, alpha: float = 0.3) -> None:
         if formulation not in FORMULATIONS:
             raise MamoError(
                 f"unknown tensioner formulation '{formulation}' (direction.tensioner.formulation); "
