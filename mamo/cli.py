@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import io
 import os
 import sys
 from dataclasses import dataclass
@@ -101,8 +102,17 @@ def os_failure(exc: OSError) -> str | None:
     return None
 
 
+def _tolerate_narrow_terminals() -> None:
+    """A terminal whose encoding lacks Δ, ± or the tree's lines shows '?' for them: printing the summary at the
+    end of a run (or ``show``, or a help text) used to crash there with UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="replace")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _tolerate_narrow_terminals()
     args = build_parser(next((a for a in argv if a in COMMANDS), None)).parse_args(argv)
     try:
         return int(_handler(args.command, "command")(args) or 0)

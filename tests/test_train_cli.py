@@ -205,6 +205,16 @@ def test_console_script_is_the_same_cli() -> None:
         assert installed.stdout == wrapper.stdout
 
 
+def test_a_terminal_without_unicode_gets_question_marks_not_a_crash() -> None:
+    # The ablation's help names MAMO §4.4; with an ASCII (or Latin-1) terminal printing it, or a run's summary,
+    # raised UnicodeEncodeError.
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "bench", "ablation", "--help"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "MAMO ?4.4 ablations" in done.stdout
+
+
 # ----------------------------------------------------------------------------------------------- plugins
 
 
