@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -241,6 +242,15 @@ def add_arguments_show(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a finished train or search run folder")
 
 
+# The tree's lines and arrow in ASCII, for a terminal whose encoding has no box-drawing characters.
+ASCII_TREE = str.maketrans({"├": "|", "└": "`", "│": "|", "─": "-", "→": "->", "β": "beta", "·": "*"})
+
+
 def command_show(args: argparse.Namespace) -> int:
-    print(architecture_tree(load_trained(args.run_dir)))
+    tree = architecture_tree(load_trained(args.run_dir))
+    try:
+        tree.encode(sys.stdout.encoding or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        tree = tree.translate(ASCII_TREE)
+    print(tree)
     return 0

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -202,6 +205,13 @@ def test_show_prints_the_tree(finished, capsys):
     out = capsys.readouterr().out
     assert "cell0" in out and f"{metrics['gmk_modules']} GMK modules" in out
     assert architecture_tree(load_trained(run_dir)) in out
+    # A terminal without box-drawing characters gets the same tree in ASCII (it used to crash printing it).
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    ascii_tree = subprocess.run([sys.executable, "-m", "mamo.cli", "show", str(run_dir)], env=env,
+                                capture_output=True, text=True)
+    assert ascii_tree.returncode == 0, ascii_tree.stderr
+    assert ascii_tree.stdout.isascii() and "\n`- left: fusion [trunk + beta*" in ascii_tree.stdout
+    assert len(ascii_tree.stdout.splitlines()) == len(out.splitlines())
 
 
 class Crash(Callback):
