@@ -230,6 +230,27 @@ def test_growing_restarts_the_tensioner_window_only_when_something_grew():
     result = step(*batch(seed=3))  # the grown network's first step opens a new window
     assert direction.iteration == 1 and result.info["active"].item() == 0.0
 
+
+def test_a_pair_activated_at_two_cells_grows_one_branch_from_the_shallower():
+    # DESIGN §3: shallowest first, so the deeper position is covered and creates nothing. Deepest first gave the
+    # same wiring but split the modules between the two positions in metrics.json's modules_per_position.
+    from types import SimpleNamespace
+
+    from mamo.config import Config
+    from mamo.conflicts import ConflictStats
+    from mamo.search import _grow
+
+    model = lenet_model()
+    step = TrainStep(model, create_direction(DirectionConfig()), torch.optim.SGD(model.parameters(), lr=0.1))
+    stats = ConflictStats.for_graph(model.graph)
+    for cell in (0, 2):
+        stats.counts[cell, 0, 1] = stats.counts[cell, 1, 0] = 4
+    activated, new_nodes = _grow(SimpleNamespace(model=model, step=step), stats, Config(), 1)
+    assert sorted(activated) == [(("a", "b"), 0), (("a", "b"), 2)]
+    assert new_nodes == [g.branch_id(("a", "b"), cell) for cell in range(3)]
+    assert g.module_counts(model.graph) == {(("a", "b"), 0): 3}
+
+
 def test_the_architecture_tree_names_each_branch_from_its_current_first_cell():
     model = lenet_model()
     spawn(model, (("a", "b"), 2))

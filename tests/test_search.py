@@ -21,6 +21,7 @@ from mamo.cli import main
 from mamo.config import load_config
 from mamo.errors import MamoError, TrainingDiverged
 from mamo.export import FORMATS, architecture_tree, export, load_trained
+from mamo.report import delta, win_rate
 from mamo.search import run_search
 from mamo.search_plan import budget_note, check_search_config, final_epochs, tensioner_window_note
 from mamo.trainer import Callback
@@ -63,6 +64,19 @@ def test_search_writes_the_run_folder(finished):
     assert checkpoints == ["phase-00-pretrain.pt", "phase-01-round1.pt", "phase-02-round2.pt", "phase-03-final.pt"]
     report = (run_dir / "report.md").read_text()
     assert "STL" in report and "HPS (equal)" in report and "MAMO-1" in report
+
+
+def test_the_headline_numbers_compare_the_right_splits(finished):
+    # Δ and Win are the test split's against STL's test metrics, val_delta (final and per round) the validation
+    # split's against STL's validation metrics (swapping either went unnoticed before).
+    run_dir, _ = finished
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    tasks, stl = load_trained(run_dir).tasks, saved["baselines"]["stl"]
+    assert saved["tasks"] != saved["val"] and stl["tasks"] != stl["val"]  # so a swap shows
+    assert saved["delta"] == delta(saved["tasks"], stl["tasks"], tasks)
+    assert saved["win_rate"] == win_rate(saved["tasks"], stl["tasks"], tasks)
+    assert saved["val_delta"] == delta(saved["val"], stl["val"], tasks)
+    assert [r["val_delta"] for r in saved["rounds"]] == [delta(r["val"], stl["val"], tasks) for r in saved["rounds"]]
 
 
 def test_a_tensioner_window_longer_than_the_final_phase_is_noted_in_the_log(finished):
@@ -415,22 +429,32 @@ def test_a_full_disk_is_one_sentence_and_keeps_the_previous_checkpoints(tmp_path
     assert (tmp_path / "r" / "metrics.json").exists()
 
 
+class StepSettings(Callback):
+    """What the training step of the final phase ran with."""
+
+    def on_step(self, trainer, result) -> None:
+        self.direction, self.gradients = repr(trainer.step.direction), trainer.step.gradients
+
+
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "direction", "gradients"),
     [
-        ["search.modules=exclusive"],  # "w/o GMK"
-        ["direction.name=equal", "direction.tensioner.formulation=off"],  # "w/o MO"
-        ["search.rounds=0"],  # HPS
-        ["direction.name=central", "search.threshold=layer", "train.gradients=ub"],
+        (["search.modules=exclusive"], "Tensioner(MGDA(", "exact"),  # "w/o GMK"
+        (["direction.name=equal", "direction.tensioner.formulation=off"], "Equal()", "exact"),  # "w/o MO"
+        (["search.rounds=0"], "Tensioner(MGDA(", "exact"),  # HPS
+        (["direction.name=central", "search.threshold=layer", "train.gradients=ub"], "Tensioner(Central()", "ub"),
     ],
 )
-def test_ablations_run(tmp_path, overrides):
-    metrics = run_search(tiny(*overrides), tmp_path / "r", progress=False, quiet=True, loggers=False)
+def test_ablations_run(tmp_path, overrides, direction, gradients):
+    settings = StepSettings()
+    metrics = run_search(tiny(*overrides), tmp_path / "r", progress=False, quiet=True, loggers=False,
+                         callbacks=[settings])
     graph = load_trained(tmp_path / "r").graph
+    assert settings.direction.startswith(direction) and settings.gradients == gradients
     if "search.rounds=0" in overrides:
         assert metrics["gmk_modules"] == 0 and metrics["rounds"] == []
     if "search.modules=exclusive" in overrides:
-        assert all(len(graph.nodes[n]["group"]) == 1 for n in g.branch_nodes(graph))
+        assert g.branch_nodes(graph) and all(len(graph.nodes[n]["group"]) == 1 for n in g.branch_nodes(graph))
 
 
 @pytest.mark.parametrize(

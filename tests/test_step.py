@@ -36,6 +36,29 @@ def test_per_task_gradients_equal_separate_autograd(path, backbone, shape, grow)
         assert step.jacobian[2, cols].abs().max() == 0 and step.jacobian[0, cols].abs().max() > 0
 
 
+@pytest.mark.parametrize("gradients", ["exact", "ub"])
+def test_the_direction_gets_each_tasks_loss_beside_its_gramian_row(gradients):
+    # Distinct targets give each task its own loss; the tensioner reads L_t by position, so a permutation of the
+    # losses against the Gramian's rows would pull toward the wrong task (only the bench test noticed before).
+    from mamo.directions import MGDA
+
+    class Spy(MGDA):
+        def weigh(self, gramian, losses):
+            self.seen = (gramian.copy(), losses.copy())
+            return super().weigh(gramian, losses)
+
+    model = make_model(*MLP)
+    x, targets = batch(model)
+    spy = Spy()
+    frozen_step(model, spy, gradients=gradients)(x, targets)
+    jac, _, losses = reference(model, x, targets)
+    gramian, seen_losses = spy.seen
+    assert len(set(losses.tolist())) == len(losses)
+    torch.testing.assert_close(torch.from_numpy(seen_losses), losses.double(), rtol=1e-6, atol=0)
+    if gradients == "exact":  # ub's Gramian is of the shared representation's gradients, not of J
+        torch.testing.assert_close(torch.from_numpy(gramian), (jac @ jac.T).double(), rtol=1e-4, atol=1e-7)
+
+
 def test_loop_and_batched_paths_agree():
     model = make_model()
     x, targets = batch(model)
@@ -227,7 +250,7 @@ def test_auto_falls_back_to_the_loop_when_an_op_cannot_be_batched(monkeypatch):
 def test_explicit_batched_path_does_not_hide_failures():
     model = make_model(*MLP)
     _unbatchable(model)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"vmap: .*calling \.item\(\)"):  # torch's own error, not a retry's
         frozen_step(model, gradient_path="batched")(*batch(model))
 
 

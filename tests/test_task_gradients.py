@@ -16,11 +16,34 @@ from mamo.task_gradients import (
     resolve_gradient_path,
     resolve_layout,
 )
+from mamo.tasks import task_loss
 
 CPU = torch.device("cpu")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_the_partition_is_what_autograd_connects_to_each_task(m):
+    # An oracle apart from the graph's task sets (which the reference gradients use too): a parameter is shared
+    # when two or more task losses reach it, specific to a task when only that one does. With m = 2 the trunk
+    # and the grown module are reached by both tasks, so a wrong "at least two" reads all of them as specific.
+    model = make_model(*MLP, m=m, grow=True)
+    x, targets = batch(model)
+    predictions = model(x)
+    reached: dict[int, set[str]] = {id(p): set() for p in model.parameters()}
+    for task in model.tasks:
+        loss = task_loss(model.tasks[task], predictions[task], targets[task])
+        grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True, allow_unused=True)
+        for param, grad in zip(model.parameters(), grads, strict=True):
+            if grad is not None:
+                reached[id(param)].add(task)
+    part = ParameterPartition(model)
+    assert {id(p) for p in part.shared} == {key for key, tasks in reached.items() if len(tasks) >= 2}
+    for task in model.tasks:
+        assert {id(p) for p in part.specific[task]} == {key for key, tasks in reached.items() if tasks == {task}}
+    assert part.shared and all(part.specific.values())
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

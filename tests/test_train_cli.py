@@ -186,6 +186,43 @@ def test_cached_stl_is_reused_not_retrained(runs: Path, capsys: pytest.CaptureFi
     assert path.read_text() == before
 
 
+def test_the_hps_baseline_trains_with_equal_weighting_whatever_the_direction(tmp_path: Path, monkeypatch) -> None:
+    import mamo.train as train_module
+
+    directions, real = [], train_module.train_network
+
+    def spy(session, epochs, direction, *args, **kwargs):
+        directions.append(direction)
+        return real(session, epochs, direction, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_network", spy)
+    settings = [text for text in TINY if "=" in text]
+    config = load_config("quick", [*settings, "direction.name=mgda", "direction.tensioner.formulation=thesis"])
+    cached_baseline(open_session(config, None, progress=False, quiet=True, cache_root=tmp_path), "hps", 1)
+    assert [(d.name, d.tensioner.formulation) for d in directions] == [("equal", "off")]
+
+
+BASELINE_INPUTS = ["train.seed=7", "train.lr=0.123", "train.batch_size=17", "train.optimizer=adamw",
+                   "train.momentum=0.5", "train.weight_decay=0.01", "train.precision=bf16", "data.seed=7",
+                   "data.train_size=300", "model.latent=7"]
+NOT_BASELINE_INPUTS = ["direction.name=pcgrad", "direction.tensioner.T=3", "search.rounds=5", "train.device=cpu",
+                       "train.checkpoint_seconds=5", "train.gradients=ub", "name=other"]
+
+
+@pytest.mark.parametrize("override", BASELINE_INPUTS + NOT_BASELINE_INPUTS)
+def test_the_baseline_key_follows_data_backbone_budget_and_seed_only(override: str) -> None:
+    # Dropping the seed from the key made a search with another train.seed reuse seed 0's baselines, unnoticed.
+    base = load_config("quick")
+    changed = load_config("quick", [override])
+    assert changed.to_dict() != base.to_dict(), "the override must change the config for this test to mean anything"
+    assert (baseline_key(changed, "stl", 3) != baseline_key(base, "stl", 3)) == (override in BASELINE_INPUTS)
+
+
+def test_the_baseline_key_follows_the_kind_and_the_epochs() -> None:
+    config = load_config("quick")
+    assert len({baseline_key(config, "stl", 3), baseline_key(config, "stl", 4), baseline_key(config, "hps", 3)}) == 3
+
+
 def test_a_seeded_cpu_run_is_repeatable(runs: Path) -> None:
     first, again = read_metrics(runs / "hps_first"), read_metrics(runs / "hps_again")
     assert first["tasks"] == again["tasks"]
