@@ -67,13 +67,14 @@ class ConflictRecorder(Callback):
 
 class PhaseCheckpoint(EpochCheckpoint):
     """After an epoch, when due (``train.checkpoint_seconds``), what continuing inside the current phase needs
-    (``checkpoints/in-phase.pt``), so a stopped search does not lose a whole phase (NYUv2's final phase is 100
+    (``checkpoints/in-phase.pt``), so a stopped search does not lose a whole phase (NYUv2's final phase is 60
     epochs)."""
 
     def __init__(self, path: Path, recorder: ConflictRecorder, best: KeepBest, every_seconds: float = 0.0,
-                 config: dict | None = None):
+                 config: dict | None = None, baselines: dict | None = None):
         super().__init__(path, best, every_seconds, config)
         self.recorder = recorder
+        self.baselines = baselines or {}
         self.phase: dict = {}
 
     def begin(self, index: int, phase: str, start_epoch: int, rounds: list[dict], phase_seconds: dict,
@@ -88,7 +89,7 @@ class PhaseCheckpoint(EpochCheckpoint):
             **super().payload(trainer), "phase_index": self.phase["phase_index"], "phase": phase,
             "epochs_done": trainer.epoch - self.phase["start_epoch"], "rounds": self.phase["rounds"],
             "phase_seconds": {**seconds, phase: elapsed}, "stats": self.recorder.stats,
-            "seconds": time.perf_counter() - self.phase["run_started"],
+            "seconds": time.perf_counter() - self.phase["run_started"], "baselines": self.baselines,
         }
 
 
@@ -201,7 +202,11 @@ def run_search(
         # Ctrl-C is the usual way a search stops early (finished phases are checkpointed).
         with logging_stops(session, f"python cli.py search --resume {directory}"):
             baselines = {}
-            if search.baselines:
+            if state is not None and "baselines" in state:
+                # Kept in the checkpoints: a search continued on another machine (or with another data.root,
+                # which is part of the cache key) needs neither the baseline cache nor hours to retrain it.
+                baselines = state["baselines"]
+            elif search.baselines:
                 baselines = {kind: cached_baseline(session, kind, config.train.epochs) for kind in ("stl", "hps")}
             stl_val = baselines["stl"]["val"] if baselines else None
             if loggers:
@@ -245,7 +250,7 @@ def _run_phases(
     stl_val = baselines["stl"]["val"] if baselines else None
     best = KeepBest()
     saver = PhaseCheckpoint(directory / "checkpoints" / IN_PHASE, recorder, best, config.train.checkpoint_seconds,
-                            config.to_dict())
+                            config.to_dict(), baselines)
     trainer.callbacks.append(saver)
     for index, phase in enumerate(phase_names(search.rounds)):
         if index < start_index:
@@ -287,7 +292,7 @@ def _run_phases(
         phase_seconds[phase] = phase_seconds.get(phase, 0.0) + time.perf_counter() - phase_start
         _checkpoint(directory, index, phase, trainer, rounds,
                     {"phase_seconds": phase_seconds, "seconds": time.perf_counter() - started,
-                     "config": config.to_dict()})  # what --resume checks config.yaml against
+                     "config": config.to_dict(), "baselines": baselines})  # what --resume checks config.yaml against
         (directory / "checkpoints" / IN_PHASE).unlink(missing_ok=True)  # the phase's own checkpoint supersedes it
         if record is not None:
             for callback in watchers:

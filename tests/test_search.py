@@ -388,6 +388,27 @@ def test_show_on_a_stopped_search_says_how_to_finish_it(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"mamo: error: {expected}"
 
 
+def test_a_resumed_search_takes_its_baselines_from_the_checkpoint(tmp_path):
+    # Continued on another machine, without the baseline cache (or with another data.root, part of its key), the
+    # search used to retrain STL and HPS before going on: hours for NYUv2.
+    config = tiny("search.rounds=1")
+    cache = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, tmp_path / "r", progress=False, quiet=True, loggers=False, callbacks=[Crash()],
+                   cache_root=cache)
+    for entry in cache.iterdir():
+        entry.unlink()
+    resumed = run_search(config, tmp_path / "r", progress=False, quiet=True, loggers=False, resume=True,
+                         cache_root=cache)
+    assert not list(cache.iterdir())  # nothing was trained again
+    whole = run_search(config, tmp_path / "whole", progress=False, quiet=True, loggers=False,
+                       cache_root=tmp_path / "other")
+    for kind in ("stl", "hps"):
+        assert {k: resumed["baselines"][kind][k] for k in ("tasks", "val", "params")} == {
+            k: whole["baselines"][kind][k] for k in ("tasks", "val", "params")}
+    assert resumed["delta"] == whole["delta"] and resumed["tasks"] == whole["tasks"]
+
+
 def test_a_corrupt_checkpoint_is_named(tmp_path):
     config = tiny("search.rounds=1")
     with pytest.raises(KeyboardInterrupt):
