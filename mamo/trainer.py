@@ -96,6 +96,17 @@ def resolve_device(name: str, option: str = "train.device") -> torch.device:
     return device
 
 
+# Evaluation keeps no graph, so it takes batches of up to 256, but never more input values than this: 256
+# NYUv2 images (3 × 288 × 384) made 1.5 GB of segmentation logits and a 15 GB peak RSS in a search (measured).
+EVALUATION_INPUT_VALUES = 2**22
+
+
+def evaluation_batch_size(train_batch: int, input_shape: tuple[int, ...]) -> int:
+    """Samples per evaluation batch: 256 for small inputs (digits: 256), fewer for large ones (NYUv2: 12), never
+    fewer than the training batch."""
+    return max(train_batch, min(256, EVALUATION_INPUT_VALUES // max(1, math.prod(input_shape))))
+
+
 class Callback:
     """Hooks the trainer and the search loop call; override what you need.
 
@@ -254,7 +265,8 @@ class Trainer:
     def evaluate(self, dataset: Dataset) -> Metrics:
         self.model.eval()
         accumulator = MetricAccumulator(self.model.tasks)
-        for x, targets in iterate_batches(dataset, max(self.batch_size, 256), shuffle=False, generator=None):
+        size = evaluation_batch_size(self.batch_size, self.model.space.input_shape)
+        for x, targets in iterate_batches(dataset, size, shuffle=False, generator=None):
             x, targets = self._to_device(x, targets)
             accumulator.update(self.model(x), targets)
         return accumulator.compute()

@@ -202,6 +202,29 @@ def test_the_hps_baseline_trains_with_equal_weighting_whatever_the_direction(tmp
     assert [(d.name, d.tensioner.formulation) for d in directions] == [("equal", "off")]
 
 
+def test_evaluation_batches_shrink_for_large_inputs(tmp_path: Path, monkeypatch) -> None:
+    # 256 NYUv2 images per evaluation batch peaked at 15 GB RSS (logits of 256 × 13 × 288 × 384).
+    import mamo.trainer as trainer_module
+    from mamo.train import build_network, make_trainer
+
+    assert trainer_module.evaluation_batch_size(256, (1, 28, 28)) == 256
+    assert trainer_module.evaluation_batch_size(4, (3, 288, 384)) == 12  # NYUv2
+    assert trainer_module.evaluation_batch_size(64, (3, 288, 384)) == 64  # never below the training batch
+    sizes, real = [], trainer_module.iterate_batches
+
+    def spy(dataset, batch_size, **kwargs):
+        sizes.append(batch_size)
+        return real(dataset, batch_size, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "iterate_batches", spy)
+    monkeypatch.setattr(trainer_module, "EVALUATION_INPUT_VALUES", 784 * 200)  # 200 digits, not 256
+    session = open_session(load_config("quick", [t for t in TINY if "=" in t]), None, progress=False, quiet=True,
+                           cache_root=tmp_path)
+    trainer = make_trainer(session, build_network(session), session.config.direction)
+    trainer.evaluate(session.data.val)
+    assert sizes == [200]
+
+
 BASELINE_INPUTS = ["train.seed=7", "train.lr=0.123", "train.batch_size=17", "train.optimizer=adamw",
                    "train.momentum=0.5", "train.weight_decay=0.01", "train.precision=bf16", "data.seed=7",
                    "data.train_size=300", "model.latent=7"]
