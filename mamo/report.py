@@ -11,7 +11,7 @@ import csv
 import json
 from pathlib import Path
 
-from mamo.runs import replace_atomically
+from mamo.runs import write_text_atomically
 from mamo.tasks import TaskSpec
 
 Metrics = dict[str, dict[str, float]]
@@ -146,4 +146,4 @@ def growth_notes(rounds: list[dict], counts: dict[str, int], dataset: str, modul
 def write_metrics(run_dir: Path, metrics: dict) -> None:
     """metrics.json, written last: its presence marks a finished run, so it is never there half-written."""
     text = json.dumps(metrics, indent=2, default=float)
-    replace_atomically(run_dir / "metrics.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text_atomically(run_dir / "metrics.json", text)

@@ -161,14 +161,25 @@ def check_resumed_config(config: Config, state: dict | None, directory: Path) ->
     a checkpoint without a recorded config (written before checkpoints recorded it) is not checked."""
     if state is None or "config" not in state:
         return
-    # A key newer than the checkpoint is missing from its config; the run computed with the key's default then.
-    defaults, saved, now = _flat(Config().to_dict()), _flat(state["config"]), _flat(config.to_dict())
-    for key in [*now, *(key for key in saved if key not in now)]:
-        before, after = saved.get(key, defaults.get(key, _UNSET)), now.get(key, _UNSET)
+    changes = computed_changes(state["config"], config.to_dict())
+    if changes:
+        key, before, after = changes[0]
+        raise MamoError(f"{directory / 'config.yaml'} sets {key} to {_shown(after)} but the run's checkpoints "
+                        f"were computed with {_shown(before)}; undo the edit, or start a new run for the new "
+                        "value.")
+
+
+def computed_changes(saved: dict, now: dict) -> list[tuple[str, object, object]]:
+    """``(key, saved value, new value)`` of every setting outside :data:`RESUME_SETTINGS` in which two resolved
+    configs (``Config.to_dict()``) differ: what a continued run would compute differently."""
+    # A key newer than ``saved`` is missing from it; that run computed with the key's default.
+    defaults, before_flat, now_flat = _flat(Config().to_dict()), _flat(saved), _flat(now)
+    changes = []
+    for key in [*now_flat, *(key for key in before_flat if key not in now_flat)]:
+        before, after = before_flat.get(key, defaults.get(key, _UNSET)), now_flat.get(key, _UNSET)
         if key not in RESUME_SETTINGS and before != after:
-            raise MamoError(f"{directory / 'config.yaml'} sets {key} to {_shown(after)} but the run's checkpoints "
-                            f"were computed with {_shown(before)}; undo the edit, or start a new run for the new "
-                            "value.")
+            changes.append((key, before, after))
+    return changes
 
 
 def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
@@ -183,6 +194,11 @@ def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """:func:`replace_atomically` for a text file, always UTF-8 (reports hold Δ and arrows, whatever the locale)."""
+    replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 class RunLog:
@@ -264,4 +280,4 @@ class BaselineCache:
 
     def put(self, key: str, result: dict) -> None:
         text = json.dumps(result, indent=1)
-        replace_atomically(self._path(key), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        write_text_atomically(self._path(key), text)

@@ -29,7 +29,7 @@ from mamo.runs import (
     free_run_dir,
     new_run_dir,
     read_run_config,
-    replace_atomically,
+    write_text_atomically,
 )
 from mamo.spaces import check_model_config, create_space
 from mamo.step import TrainStep
@@ -231,7 +231,7 @@ def save_model(run_dir: Path, model: MamoNet) -> None:
     from mamo.export import write_dot, write_graphml
 
     text = json.dumps(graph_to_dict(model.graph), indent=1)
-    replace_atomically(run_dir / "architecture.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text_atomically(run_dir / "architecture.json", text)
     write_graphml(model, run_dir / "architecture.graphml")
     write_dot(model, run_dir / "architecture.dot")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from mamo.config import Config, config_from_dict, dump_config, load_config
 from mamo.errors import MamoError
-from mamo.runs import replace_atomically
+from mamo.runs import replace_atomically, write_text_atomically
 from mamo.tune_space import SPACE, objective_metrics
 from mamo.tune_workers import RETRY_OF, STOPPED, TrialLine
 
@@ -107,8 +107,7 @@ def claim_folder(directory: Path, name: str, uid: str) -> None:
     that failed on bad input marks nothing and leaves the folder to the corrected retry."""
     mark = {"study": name, "uid": uid}
     if folder_study(directory) != mark:
-        text = json.dumps(mark) + "\n"
-        replace_atomically(directory / STUDY_ID, lambda partial: partial.write_text(text, encoding="utf-8"))
+        write_text_atomically(directory / STUDY_ID, json.dumps(mark) + "\n")
 
 
 def open_study(store: optuna.storages.RDBStorage, name: str, multi: bool, tasks: dict, config: Config,

@@ -28,6 +28,7 @@ from mamo.train import cached_baseline, open_session
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "train.epochs=1", "--set", "data.train_size=256", "--set", "data.val_size=64",
         "--set", "data.test_size=64", "--set", "train.device=cpu", "--no-progress"]
+TINY_SETTINGS = [text for text in TINY if "=" in text]  # the same budget for load_config
 RUN_FILES = ("metrics.json", "report.md", "report.csv", "config.yaml", "weights.safetensors", "checkpoints/best.pt")
 
 PLUGIN = '''
@@ -196,8 +197,7 @@ def test_the_hps_baseline_trains_with_equal_weighting_whatever_the_direction(tmp
         return real(session, epochs, direction, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_network", spy)
-    settings = [text for text in TINY if "=" in text]
-    config = load_config("quick", [*settings, "direction.name=mgda", "direction.tensioner.formulation=thesis"])
+    config = load_config("quick", [*TINY_SETTINGS, "direction.name=mgda", "direction.tensioner.formulation=thesis"])
     cached_baseline(open_session(config, None, progress=False, quiet=True, cache_root=tmp_path), "hps", 1)
     assert [(d.name, d.tensioner.formulation) for d in directions] == [("equal", "off")]
 
@@ -218,7 +218,7 @@ def test_evaluation_batches_shrink_for_large_inputs(tmp_path: Path, monkeypatch)
 
     monkeypatch.setattr(trainer_module, "iterate_batches", spy)
     monkeypatch.setattr(trainer_module, "EVALUATION_INPUT_VALUES", 784 * 200)  # 200 digits, not 256
-    session = open_session(load_config("quick", [t for t in TINY if "=" in t]), None, progress=False, quiet=True,
+    session = open_session(load_config("quick", TINY_SETTINGS), None, progress=False, quiet=True,
                            cache_root=tmp_path)
     trainer = make_trainer(session, build_network(session), session.config.direction)
     trainer.evaluate(session.data.val)
@@ -393,7 +393,7 @@ def test_a_stopped_train_run_closes_its_tensorboard_logger(tmp_path: Path) -> No
                 raise MamoError("stopped by the test")
 
     stopper = StopAtStepTwo()
-    config = load_config("quick", [text for text in TINY if "=" in text])
+    config = load_config("quick", TINY_SETTINGS)
     with pytest.raises(MamoError, match="stopped by the test"):
         run_train(config, tmp_path / "run", progress=False, quiet=True, callbacks=[stopper])
     logger = next(c for c in stopper.trainer.callbacks if isinstance(c, TensorBoardLogger))

@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from mamo.errors import MamoError
-from mamo.runs import claim_new_folder, file_above, replace_atomically
+from mamo.runs import claim_new_folder, file_above, write_text_atomically
 
 BENCHES: dict[str, str] = {
     "logic": "mamo.bench.logic",
@@ -143,8 +143,8 @@ def command_bench(args: argparse.Namespace) -> int:
     result.setdefault("options", {k: v for k, v in vars(options).items()})
     text = f"# mamo bench {args.name}\n\n" + to_markdown(result)
     data = json.dumps(result, indent=1, default=str)
-    replace_atomically(folder / "results.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    replace_atomically(folder / "results.json", lambda tmp: tmp.write_text(data, encoding="utf-8"))
+    write_text_atomically(folder / "results.md", text)
+    write_text_atomically(folder / "results.json", data)
     print(text)
     print(f"saved {folder / 'results.md'} and {folder / 'results.json'} ({result['wall_seconds']} s)")
     return 0

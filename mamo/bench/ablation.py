@@ -35,7 +35,7 @@ from mamo.errors import MamoError
 from mamo.export import load_trained
 from mamo.model import compile_model, count_parameters
 from mamo.report import delta, metric_columns, relative_changes, win_rate
-from mamo.runs import RESUME_SETTINGS, checkpointed_command
+from mamo.runs import checkpointed_command, computed_changes
 from mamo.search import run_search
 from mamo.search_plan import epochs_before_final
 from mamo.spaces import space_from_spec
@@ -155,21 +155,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                              "variant stopped part-way resumes from its checkpoint, the rest train there")
 
 
-def _computed(config: Config) -> dict:
-    """The settings that decide what a run computes: all but where it runs and how often it saves
-    (:data:`mamo.runs.RESUME_SETTINGS`), which a resumed ablation may change (``--device``, say)."""
-    settings = config.to_dict()
-    for key in RESUME_SETTINGS:
-        section, name = key.split(".")
-        settings[section].pop(name)
-    return settings
-
-
 def _variant(config: Config, run_dir: Path, progress: bool) -> dict:
     """One variant's metrics: read when it finished before, resumed when it stopped after a checkpoint."""
     saved = run_dir / "config.yaml"  # what a finished or a resumed run trains with
     before = config_from_dict(load_yaml(saved.read_text(encoding="utf-8")), str(saved)) if saved.is_file() else None
-    if before is not None and _computed(before) != _computed(config):
+    # Where it runs and how often it saves may change (a resumed ablation on another --device), nothing else.
+    if before is not None and computed_changes(before.to_dict(), config.to_dict()):
         raise MamoError(f"{run_dir} was trained with another configuration than this ablation asks for; resume "
                         "with the same options (--preset, --seeds, --train-size, --quick) or start a new --out.")
     if (run_dir / "metrics.json").is_file():
