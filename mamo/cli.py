@@ -52,13 +52,21 @@ def add_preset_arguments(parser: argparse.ArgumentParser, default: str | None, c
         else f"the run folder to create (default: runs/<time>-{command}-<preset>)"
     )
     parser.add_argument("--run-dir", default=None, help=run_dir_help)
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="hide progress bars and print a line per epoch instead (the default when stderr is not "
+                             "a terminal: a file or a pipe)")
     parser.add_argument("--no-tensorboard", action="store_true",
                         help="write no TensorBoard events or round pictures (the report and its plots are still "
                              "written)")
     parser.add_argument("--no-pictures", action="store_true",
                         help="TensorBoard events without the round pictures (heatmaps, architecture), which are "
                              "nearly all of the logging's cost: for many-trial studies of short searches")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars only on a terminal: redirected to a file they are thousands of carriage returns, so the
+    epoch lines (:class:`mamo.trainer.EpochLines`) take their place there, as with ``--no-progress``."""
+    return not args.no_progress and sys.stderr.isatty()
 
 
 def _handler(name: str, prefix: str):

@@ -11,7 +11,7 @@ import csv
 import json
 from pathlib import Path
 
-from mamo.runs import write_text_atomically
+from mamo.runs import format_duration, write_text_atomically
 from mamo.tasks import TaskSpec
 
 Metrics = dict[str, dict[str, float]]
@@ -112,8 +112,12 @@ def write_report(
         parts += [
             f"Relative change against {stl_name} in % (+ is better than {stl_name}); the {stl_name} row is absolute.",
             "Δ is MAMO Eq 15 over every metric; Win is the share of metrics better than STL.",
-            "",
         ]
+    parts += [
+        "s/epoch is the training time of one epoch (validation excluded); STL's adds its networks' and a grown "
+        "model's is its final phase's.",
+        "",
+    ]
     parts += [markdown_table(rows, tasks, stl_name), "", "Absolute test metrics:", "", absolute_table(rows, tasks)]
     if notes:
         parts += ["", notes]
@@ -140,6 +144,20 @@ def growth_notes(rounds: list[dict], counts: dict[str, int], dataset: str, modul
     lines.append("| " + " | ".join([dataset, *(str(r["modules"]) for r in rounds or [{"modules": "–"}])]) + " |")
     lines += ["", "Modules per activated (pair, cell):", ""]
     lines += [f"- {key}: {n}" for key, n in counts.items()] or ["- none (the network stayed HPS)"]
+    return "\n".join(lines)
+
+
+def time_notes(history: list[dict], phase_seconds: dict[str, float], total_seconds: float) -> str:
+    """The report's time section: each search phase's epochs, wall time and training seconds per epoch, what
+    the rest of the run took (loading the data, the baselines, testing) and the whole."""
+    lines = ["## Time", "", "| Phase | Epochs | Wall time | Training s/epoch |", "|---|---|---|---|"]
+    for phase, seconds in phase_seconds.items():
+        times = [h["seconds"] for h in history if h.get("phase") == phase]
+        per_epoch = _fmt(sum(times) / len(times), 3) if times else "-"
+        lines.append(f"| {phase} | {len(times) or '-'} | {format_duration(seconds)} | {per_epoch} |")
+    rest = max(0.0, total_seconds - sum(phase_seconds.values()))
+    lines.append(f"| other: data, baselines, test | - | {format_duration(rest)} | - |")
+    lines.append(f"| all | {len(history)} | {format_duration(total_seconds)} | - |")
     return "\n".join(lines)
 
 

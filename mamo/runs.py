@@ -201,6 +201,20 @@ def write_text_atomically(path: Path, text: str) -> None:
     replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def format_duration(seconds: float) -> str:
+    """``0.4 s``, ``42 s``, ``3 min 05 s``, ``2 h 14 min``: what a person reads off a log line."""
+    if seconds < 9.95:
+        return f"{max(0.0, seconds):.1f} s"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
 class RunLog:
     """Writes timestamped lines to the run's log file and, unless quiet, to the terminal."""
 

@@ -21,7 +21,7 @@ from mamo.config import Config, load_config
 from mamo.conflicts import ConflictStats, select_positions
 from mamo.errors import MamoError
 from mamo.model import count_parameters
-from mamo.report import build_rows, delta, growth_notes, win_rate, write_metrics, write_report
+from mamo.report import build_rows, delta, growth_notes, time_notes, win_rate, write_metrics, write_report
 from mamo.runs import check_resumed_config, read_run_config
 from mamo.search_plan import (
     budget_note,
@@ -43,7 +43,7 @@ from mamo.train import (
     open_session,
     save_model,
 )
-from mamo.trainer import Callback, KeepBest, Trainer, add_new_parameters
+from mamo.trainer import Callback, KeepBest, Trainer, add_new_parameters, mean_epoch_seconds
 
 
 class ConflictRecorder(Callback):
@@ -263,12 +263,12 @@ def _run_phases(
         record = None
         trainer.description = phase
         if phase == "pretrain":
-            trainer.fit(search.pretrain_epochs - done)
+            trainer.fit(search.pretrain_epochs - done, done)
         elif phase == "final":
             if done:
                 best.load_state_dict(partial["best"])
             trainer.callbacks.insert(trainer.callbacks.index(saver), best)  # the saver sees this epoch's best
-            trainer.fit(final_epochs(config) - done)
+            trainer.fit(final_epochs(config) - done, done)
             trainer.callbacks.remove(best)
             best.restore(model)
         else:
@@ -278,7 +278,7 @@ def _run_phases(
             saved_mode = (step.collect_gramians, step.gradients)
             step.collect_gramians, step.gradients = True, "exact"
             recorder.open(partial["stats"] if done else ConflictStats.for_graph(model.graph))
-            trainer.fit(search.round_epochs - done)
+            trainer.fit(search.round_epochs - done, done)
             stats = recorder.close()
             step.collect_gramians, step.gradients = saved_mode
             val = trainer.history[-1]["val"] if trainer.history else trainer.evaluate(session.data.val)
@@ -312,8 +312,10 @@ def _finish(
     test, val = trainer.evaluate(session.data.test), trainer.evaluate(session.data.val)
     name = method_name(config)
     counts = {f"{'+'.join(pair)}@cell{cell}": n for (pair, cell), n in sorted(g.module_counts(model.graph).items())}
-    result = {"tasks": test, "val": val, "params": count_parameters(model),
-              "seconds_per_epoch": trainer.seconds_per_epoch}
+    # The grown network's cost, as comparable to the baselines' single networks: not the mean over phases of
+    # other sizes (the rounds also collect per-cell Gramians), which understated it.
+    per_epoch = mean_epoch_seconds(trainer.history, "final") or trainer.seconds_per_epoch
+    result = {"tasks": test, "val": val, "params": count_parameters(model), "seconds_per_epoch": per_epoch}
     metrics: dict = {
         **result,
         "method": name,
@@ -345,6 +347,7 @@ def _finish(
     figures = report_plots(directory, rows, rounds, tasks, grown)
     notes = growth_notes(rounds, counts, config.data.name, grown) + "".join(
         f"\n\n![{path.stem.replace('_', ' ')}]({path.name})" for path in figures)
+    notes += "\n\n" + time_notes(trainer.history, phase_seconds, metrics["seconds"])
     text = write_report(directory, f"mamo search: {config.name}", rows, tasks, "STL" if baselines else None, notes)
     write_metrics(directory, metrics)
     session.log("\n" + text)
@@ -362,9 +365,11 @@ def add_arguments_search(parser: argparse.ArgumentParser) -> None:
 
 
 def command_search(args: argparse.Namespace) -> int:
+    from mamo.cli import show_progress
+
     # A resumed search reads its configuration from the run folder; load_config(None) is only a placeholder.
     config = load_config(None) if args.resume else load_config(args.preset, args.overrides)
-    run_search(config, args.resume or args.run_dir, progress=not args.no_progress, resume=bool(args.resume),
+    run_search(config, args.resume or args.run_dir, progress=show_progress(args), resume=bool(args.resume),
                loggers=not args.no_tensorboard, pictures=not args.no_pictures,
                resume_settings=args.overrides if args.resume else ())
     return 0

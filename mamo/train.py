@@ -33,7 +33,7 @@ from mamo.runs import (
 )
 from mamo.spaces import check_model_config, create_space
 from mamo.step import TrainStep
-from mamo.trainer import Callback, KeepBest, Trainer, check_train_config, make_optimizer, resolve_device
+from mamo.trainer import Callback, EpochLines, KeepBest, Trainer, check_train_config, make_optimizer, resolve_device
 
 EQUAL = DirectionConfig(name="equal", tensioner=TensionerConfig(formulation="off"))
 MODES = ("mtl", "stl")
@@ -119,8 +119,10 @@ def make_trainer(
         gradient_path=train.gradient_path,
         gradient_layout=train.gradient_layout,
     )
+    # Without progress bars the epoch lines are what the terminal shows; with them, only the log file keeps them.
+    lines = EpochLines(session.log.record if session.progress else session.log)
     return Trainer(model, step, session.data.train, session.data.val, train.batch_size, session.device,
-                   generator, callbacks, progress=session.progress, description=description)
+                   generator, [lines, *(callbacks or [])], progress=session.progress, description=description)
 
 
 def train_network(
@@ -156,7 +158,7 @@ def train_network(
             callback.on_resume(trainer)
     for callback in watchers:
         callback.on_phase_start(description, model)
-    trainer.fit(epochs - trainer.epoch)
+    trainer.fit(epochs - trainer.epoch, done=trainer.epoch)
     best.restore(model)
     return Trained(model, trainer, trainer.evaluate(session.data.test), trainer.evaluate(session.data.val),
                    {"best_epoch": best.best_epoch})
@@ -376,11 +378,12 @@ def add_arguments_train(parser: argparse.ArgumentParser) -> None:
 
 
 def command_train(args: argparse.Namespace) -> int:
+    from mamo.cli import show_progress
     from mamo.config import load_config
 
     # A resumed run reads its configuration from the run folder; load_config(None) is only a placeholder.
     config = load_config(None) if args.resume else load_config(args.preset, args.overrides)
-    run_train(config, args.resume or args.run_dir, progress=not args.no_progress,
+    run_train(config, args.resume or args.run_dir, progress=show_progress(args),
               loggers=not args.no_tensorboard, pictures=not args.no_pictures, resume=bool(args.resume),
               resume_settings=args.overrides if args.resume else ())
     return 0

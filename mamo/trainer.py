@@ -20,6 +20,7 @@ from mamo.config import TrainConfig
 from mamo.data import batches_per_epoch, iterate_batches
 from mamo.errors import MamoError, TrainingDiverged
 from mamo.model import MamoNet
+from mamo.runs import format_duration
 from mamo.step import StepResult, TrainStep, check_step_settings
 from mamo.tasks import MetricAccumulator
 
@@ -177,6 +178,36 @@ class KeepBest(Callback):
         self.best_state, self.best_epoch = state["best_state"], state["best_epoch"]
 
 
+def epoch_line(trainer: Trainer, metrics: Metrics) -> str:
+    """The epoch just finished as one line: phase, epoch of the phase, each task's validation loss and first
+    metric, the epoch's wall time and, from the mean so far, the time the phase has left."""
+    done, total = trainer.phase_epochs
+    first_epoch, started = trainer.fit_start
+    this_fit = trainer.epoch - first_epoch
+    ran = done + this_fit
+    # Wall time, not the history's training seconds: what is left includes validation and checkpoints too.
+    per_epoch = (time.perf_counter() - started) / max(this_fit, 1)
+    scores = []
+    for task, values in metrics.items():
+        shown = [("loss", values["loss"])] + [(k, v) for k, v in values.items() if k != "loss"][:1]
+        scores.append(f"{task} " + " ".join(f"{name} {value:.4g}" for name, value in shown))
+    line = f"{trainer.description} epoch {ran}/{total}: val {', '.join(scores)}; {format_duration(per_epoch)}/epoch"
+    if ran < total:
+        line += f", about {format_duration(per_epoch * (total - ran))} left in this phase"
+    return line
+
+
+class EpochLines(Callback):
+    """Writes :func:`epoch_line` after every epoch through ``write`` (the run's log: the only sign of life of a
+    run without progress bars, and a record of how it went)."""
+
+    def __init__(self, write: Callable[[str], None]):
+        self.write = write
+
+    def on_epoch_end(self, trainer: Trainer, metrics: Metrics) -> None:
+        self.write(epoch_line(trainer, metrics))
+
+
 class Trainer:
     """Runs epochs of ``step`` over ``train_set``, validates on ``val_set`` after each, calls callbacks."""
 
@@ -201,6 +232,9 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict] = []
+        # Set by fit: (epochs of the phase done before it, the phase's epochs), (first epoch, start time).
+        self.phase_epochs = (0, 0)
+        self.fit_start = (0, time.perf_counter())
 
     def _to_device(self, x: torch.Tensor, targets: dict[str, torch.Tensor]):
         return self._move(x), {t: self._move(y) for t, y in targets.items()}
@@ -225,7 +259,11 @@ class Trainer:
             f"lower train.lr (now {lr:g}) or check the data for NaN or infinite values."
         )
 
-    def fit(self, epochs: int) -> list[dict]:
+    def fit(self, epochs: int, done: int = 0) -> list[dict]:
+        """Run ``epochs`` more epochs of a phase that has ``done`` behind it (a resumed one), which only the
+        epoch lines' count (``phase_epochs``) shows."""
+        self.phase_epochs = (done, done + epochs)
+        self.fit_start = (self.epoch, time.perf_counter())
         for _ in range(epochs):
             start = time.perf_counter()
             batches = iterate_batches(self.train_set, self.batch_size, shuffle=True, generator=self.generator,
@@ -253,6 +291,7 @@ class Trainer:
             self.epoch += 1
             self.history.append({
                 "epoch": self.epoch,
+                "phase": self.description,
                 "seconds": seconds,
                 "train_loss": dict(zip(self.model.tasks, (train_loss / max(total, 1)).tolist(), strict=True)),
                 "val": metrics,
@@ -273,5 +312,11 @@ class Trainer:
 
     @property
     def seconds_per_epoch(self) -> float:
-        times = [h["seconds"] for h in self.history]
-        return sum(times) / len(times) if times else 0.0
+        """Mean training seconds per epoch (validation excluded) over the whole history."""
+        return mean_epoch_seconds(self.history)
+
+
+def mean_epoch_seconds(history: list[dict], phase: str | None = None) -> float:
+    """Mean training seconds of the epochs in ``history`` (of ``phase`` only, when given; 0 when there are none)."""
+    times = [h["seconds"] for h in history if phase is None or h.get("phase") == phase]
+    return sum(times) / len(times) if times else 0.0

@@ -322,10 +322,12 @@ def add_arguments_tune(parser: argparse.ArgumentParser) -> None:
 
 
 def command_tune(args: argparse.Namespace) -> int:
+    from mamo.cli import show_progress
+
     result = run_tune(
         load_config(args.preset, args.overrides), overrides=args.overrides, study_dir=args.run_dir,
         storage=args.storage, study_name=args.study, trials=args.trials, workers=args.workers,
-        multi_objective=args.multi_objective, progress=not args.no_progress, tensorboard=not args.no_tensorboard,
+        multi_objective=args.multi_objective, progress=show_progress(args), tensorboard=not args.no_tensorboard,
         pictures=not args.no_pictures,
     )
     print("\n" + result["text"], flush=True)

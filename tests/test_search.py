@@ -66,6 +66,17 @@ def test_search_writes_the_run_folder(finished):
     assert "STL" in report and "HPS (equal)" in report and "MAMO-1" in report
 
 
+def test_the_report_times_each_phase_and_the_grown_network_by_its_final_phase(finished):
+    run_dir, metrics = finished
+    history = torch.load(run_dir / "checkpoints" / "phase-03-final.pt", weights_only=False)["history"]
+    assert [h["phase"] for h in history] == ["pretrain", "round1", "round2", "final"]
+    # Not the mean over every phase (other network sizes, and the rounds' per-cell Gramians).
+    assert metrics["seconds_per_epoch"] == history[-1]["seconds"]
+    time_section = (run_dir / "report.md").read_text().split("## Time")[1]
+    assert [line.split(" | ")[0] for line in time_section.splitlines() if line.startswith("| ")][1:] == [
+        "| pretrain", "| round1", "| round2", "| final", "| other: data, baselines, test", "| all"]
+
+
 def test_the_headline_numbers_compare_the_right_splits(finished):
     # Δ and Win are the test split's against STL's test metrics, val_delta (final and per round) the validation
     # split's against STL's validation metrics (swapping either went unnoticed before).
@@ -353,7 +364,10 @@ def test_a_search_stopped_inside_a_phase_resumes_inside_it(tmp_path, phase):
     assert (inside["stats"] is not None) == (phase == "round1")
     assert (inside["best"]["best_epoch"] == inside["epoch"]) == (phase == "final")  # the final phase's best so far
     resumed = run_search(config, cut, progress=False, quiet=True, loggers=False, resume=True)
-    assert f"resumed in phase '{phase}' after 1 of its epochs" in (cut / "log.txt").read_text()
+    log = (cut / "log.txt").read_text()
+    assert f"resumed in phase '{phase}' after 1 of its epochs" in log
+    after = log.split("resumed in phase")[1]  # the phase's epoch lines count on from the checkpoint's epoch
+    assert [f"{phase} epoch {e}/3:" in after for e in (1, 2, 3)] == [False, True, True]
     assert resumed["rounds"][0]["activated"] == whole["rounds"][0]["activated"]
     assert resumed["rounds"][0]["conflicts"] == whole["rounds"][0]["conflicts"]
     assert resumed["tasks"] == whole["tasks"] and resumed["val"] == whole["val"]

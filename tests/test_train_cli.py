@@ -118,6 +118,42 @@ def test_no_tensorboard_writes_no_events_and_keeps_the_run_folder(runs: Path) ->
         assert (run / name).is_file(), name
 
 
+@pytest.mark.parametrize("progress", [False, True])
+def test_each_epoch_is_a_line_in_the_log_and_on_the_terminal_when_no_bar_shows_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, progress: bool
+) -> None:
+    from mamo.train import run_train
+
+    config = load_config("quick", [*TINY_SETTINGS, "train.epochs=3"])
+    run_train(config, tmp_path / "run", progress=progress, loggers=False)
+    logged = [line.split(" ", 1)[1] for line in (tmp_path / "run" / "log.txt").read_text().splitlines()
+              if " train epoch " in line]
+    assert [line.split(":")[0] for line in logged] == ["train epoch 1/3", "train epoch 2/3", "train epoch 3/3"]
+    assert all("val left loss " in line and " accuracy " in line and ", right loss " in line for line in logged)
+    assert ["left in this phase" in line for line in logged] == [True, True, False]  # none after the last
+    shown = [line for line in capsys.readouterr().err.splitlines() if ": val " in line]
+    assert shown == ([] if progress else logged)  # the bar replaces them on the terminal
+
+
+def test_without_a_terminal_there_are_no_progress_bars(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mamo.cli import build_parser, show_progress
+
+    args = build_parser("train").parse_args(["train"])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert show_progress(args)
+    assert not show_progress(build_parser("train").parse_args(["train", "--no-progress"]))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # a file or a pipe: carriage returns, not bars
+    assert not show_progress(args)
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0.04, "0.0 s"), (3.26, "3.3 s"), (42.4, "42 s"), (59.6, "1 min 00 s"),
+                                               (185, "3 min 05 s"), (8040, "2 h 14 min")])
+def test_durations_read_like_a_person_writes_them(seconds: float, text: str) -> None:
+    from mamo.runs import format_duration
+
+    assert format_duration(seconds) == text
+
+
 def test_weights_file_matches_the_best_checkpoint(runs: Path) -> None:
     from safetensors.torch import load_file
 

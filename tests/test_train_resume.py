@@ -43,7 +43,11 @@ def test_a_stopped_train_resumes_to_the_same_result(tmp_path: Path, seconds: flo
     resumed = run_train(load_config("logic"), cut, resume=True, resume_settings=["train.device=cpu"],
                         **quiet)  # the folder's own config is used, with a new place to run it
     assert "resuming" in (cut / "log.txt").read_text() and "with train.device=cpu" in (cut / "log.txt").read_text()
-    assert f"resumed after epoch {saved_epoch} of 3" in (cut / "log.txt").read_text()
+    log = (cut / "log.txt").read_text()
+    assert f"resumed after epoch {saved_epoch} of 3" in log
+    # The epoch lines count on from the checkpoint's epoch: the epochs after it ran again.
+    after = log.split("resumed after")[1]
+    assert [f"train epoch {e}/3:" in after for e in (1, 2, 3)] == [False, saved_epoch < 2, True]
     assert resumed["tasks"] == whole["tasks"] and resumed["val"] == whole["val"]
     assert (cut / "weights.safetensors").read_bytes() == (tmp_path / "whole" / "weights.safetensors").read_bytes()
     assert not (cut / "checkpoints" / "last.pt").exists()  # a finished run keeps best.pt and the weights
