@@ -30,6 +30,7 @@ from mamo.search_plan import (
     final_epochs,
     method_name,
     phase_names,
+    plan_line,
     tensioner_window_note,
 )
 from mamo.step import StepResult
@@ -193,6 +194,7 @@ def run_search(
     search, tasks = config.search, session.data.tasks
     session.log(f"{'resuming' if resume else 'search'} in {directory} on {session.device}: {method_name(config)}, "
                 f"{search.rounds} detection rounds" + (f"; {', '.join(resume_settings)}" if resume_settings else ""))
+    session.log(plan_line(config, len(tasks)))
     for note in ([] if resume else [budget_note(config), tensioner_window_note(config, len(session.data.train))]):
         if note:  # said when it started
             session.log(note)

@@ -23,7 +23,7 @@ from mamo.errors import MamoError, TrainingDiverged
 from mamo.export import FORMATS, architecture_tree, export, load_trained
 from mamo.report import delta, win_rate
 from mamo.search import run_search
-from mamo.search_plan import budget_note, check_search_config, final_epochs, tensioner_window_note
+from mamo.search_plan import budget_note, check_search_config, final_epochs, plan_line, tensioner_window_note
 from mamo.trainer import Callback
 
 TINY = [
@@ -94,6 +94,14 @@ def test_a_tensioner_window_longer_than_the_final_phase_is_noted_in_the_log(fini
     run_dir, _ = finished  # 256 / 64 = 4 steps an epoch, one final epoch, the quick preset's T = 4
     assert ("the tensioner needs T + 1 = 5 steps before it acts, and the final phase has 4 (1 epoch of 4 steps)"
             in (run_dir / "log.txt").read_text())
+
+
+def test_the_search_says_its_plan_when_it_starts(finished):
+    run_dir, _ = finished
+    assert ("plan: pretrain 1 epoch, 2 detection rounds of 1 epoch, final 1 epoch; first the baselines (STL: 2 "
+            "networks, HPS: one), 2 epochs each unless cached") in (run_dir / "log.txt").read_text()
+    assert plan_line(tiny("search.rounds=0", "search.baselines=false", "search.pretrain_epochs=2"), 3) == (
+        "plan: pretrain 2 epochs, no detection round, final 1 epoch")
 
 
 def test_the_tensioner_note_appears_only_when_the_window_cannot_fit():
