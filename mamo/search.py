@@ -192,8 +192,8 @@ def run_search(
         session, directory = open_run(config, run_dir, "search", progress, quiet, cache_root, check_search_tasks)
         state = None
     search, tasks = config.search, session.data.tasks
-    session.log(f"{'resuming' if resume else 'search'} in {directory} on {session.device}: {method_name(config)}, "
-                f"{search.rounds} detection rounds" + (f"; {', '.join(resume_settings)}" if resume_settings else ""))
+    session.log(f"{'resuming' if resume else 'search'} in {directory} on {session.device}: {method_name(config)}"
+                + (f"; {', '.join(resume_settings)}" if resume_settings else ""))
     session.log(plan_line(config, len(tasks)))
     for note in ([] if resume else [budget_note(config), tensioner_window_note(config, len(session.data.train))]):
         if note:  # said when it started
