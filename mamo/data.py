@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -24,50 +23,9 @@ from mamo import digits, scenes
 from mamo.config import DataConfig
 from mamo.data_plugins import builder_arguments, load_plugin
 from mamo.errors import MamoError
-from mamo.tasks import TASK_TYPES, TaskSpec, parse_tasks
+from mamo.samples import SPLITS, MultiTaskData, TensorTaskDataset, validate
 
 DEFAULT_SIZES = MappingProxyType({"train_size": 20_000, "val_size": 2_000, "test_size": 4_000})
-
-
-@dataclass
-class MultiTaskData:
-    """The three splits, the task specs and the shape of one input."""
-
-    train: Dataset
-    val: Dataset
-    test: Dataset
-    tasks: dict[str, TaskSpec]
-    input_shape: tuple[int, ...]
-
-
-class TensorTaskDataset(Dataset):
-    """Samples ``(x[i], {task: targets[task][i]})`` from tensors held in memory.
-
-    ``source_indices`` optionally records where each sample came from (the two-item image datasets store the
-    indices of their two source images, shape (N, 2)).
-    """
-
-    def __init__(self, x: Tensor, targets: dict[str, Tensor], source_indices: Tensor | None = None):
-        if not isinstance(x, Tensor):
-            raise MamoError(f"TensorTaskDataset needs x as a torch.Tensor, got {type(x).__name__}; convert it first.")
-        if not isinstance(targets, dict) or not targets:
-            raise MamoError("TensorTaskDataset needs targets as a non-empty dict of task name -> tensor; pass one.")
-        for name, target in targets.items():
-            if not isinstance(target, Tensor) or len(target) != len(x):
-                size = len(target) if isinstance(target, Tensor) else type(target).__name__
-                raise MamoError(
-                    f"TensorTaskDataset target '{name}' has {size} samples but x has {len(x)}; "
-                    "give every target a tensor with the same first dimension as x."
-                )
-        self.x = x
-        self.targets = dict(targets)
-        self.source_indices = source_indices
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.x[i], {name: target[i] for name, target in self.targets.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- built-ins
@@ -115,7 +73,7 @@ def _two_item(
 ) -> dict:
     out: dict[str, Any] = {}
     counts = {split: default if size is None else size
-              for split, size, default in zip(digits.SPLITS, sizes, DEFAULT_SIZES.values(), strict=True)}
+              for split, size, default in zip(SPLITS, sizes, DEFAULT_SIZES.values(), strict=True)}
     _check_memory(counts)
     for split, n in counts.items():
         part = digits.make_split(left, right, split, n, seed, right_alone)
@@ -150,7 +108,7 @@ def build_multimnist_sum(
     With three tasks a GMK's pair is not every task, so GMK mediation differs from the trunk's (DESIGN §4).
     """
     out = build_multimnist(seed=seed, root=root, train_size=train_size, val_size=val_size, test_size=test_size)
-    for split in digits.SPLITS:
+    for split in SPLITS:
         targets = out[split].targets
         targets["sum"] = targets["left"] + targets["right"]
     out["tasks"]["sum"] = _classes(19)
@@ -250,85 +208,6 @@ DATASETS: dict[str, Callable[..., dict]] = {
 }
 
 
-# --------------------------------------------------------------------------------------------------- validation
-
-def _check_sample(dataset: Dataset, split: str, tasks: dict[str, TaskSpec], what: str) -> tuple[int, ...]:
-    try:
-        size = len(dataset)  # type: ignore[arg-type]
-    except TypeError as exc:
-        raise MamoError(f"{what} returned a '{split}' dataset without __len__; give it one.") from exc
-    if size < 1:
-        raise MamoError(f"{what} returned an empty '{split}' split; give every split at least one sample.")
-    try:
-        sample = dataset[0]
-    except MamoError:
-        raise  # already one sentence naming what to fix (a built-in dataset's bad file)
-    except Exception as exc:
-        raise MamoError(
-            f"{what} has a '{split}' dataset whose first sample raised {type(exc).__name__}: {exc}; fix the dataset."
-        ) from exc
-    if not isinstance(sample, (tuple, list)) or len(sample) != 2 or not isinstance(sample[1], dict):
-        raise MamoError(
-            f"{what} gives '{split}' samples of type {type(sample).__name__}; "
-            "make each sample a pair (x, {task: target})."
-        )
-    x, targets = sample
-    try:
-        x, targets = torch.as_tensor(x), {k: torch.as_tensor(v) for k, v in targets.items()}
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise MamoError(f"{what} gives '{split}' samples that are not tensors ({exc}); return tensors.") from exc
-    if x.dtype != torch.float32:
-        raise MamoError(
-            f"{what} gives '{split}' inputs of dtype {x.dtype}; return float32 tensors (e.g. x.float())."
-        )
-    for name, spec in tasks.items():
-        if name not in targets:
-            raise MamoError(
-                f"task '{name}' from {what} is missing from the targets of a '{split}' sample "
-                f"(which has {list(targets)}); add it to the targets or remove the task."
-            )
-        ok, expected = TASK_TYPES[spec.type].check_target(spec, targets[name])
-        if not ok:
-            target = targets[name]
-            if target.numel() == 1:
-                got = f"{target.item()!r}"
-            elif spec.shape and tuple(target.shape) == spec.shape:
-                # The shape is right, so the values are what is wrong (a label map with 255 for "void", floats).
-                dtype = str(target.dtype).removeprefix("torch.")
-                got = f"{dtype} values from {target.min().item()!r} to {target.max().item()!r}"
-            else:
-                got = f"shape {tuple(target.shape)}"
-            raise MamoError(
-                f"task '{name}' from {what} expects {expected} per sample but a '{split}' sample has "
-                f"{got}; fix the targets or the task spec."
-            )
-    return tuple(x.shape)
-
-
-def _validate(result: object, what: str) -> MultiTaskData:
-    if not isinstance(result, dict):
-        raise MamoError(
-            f"{what} returned {type(result).__name__}, not a dict with train, val, test and tasks; return that dict."
-        )
-    missing = [key for key in ("train", "val", "test", "tasks") if key not in result]
-    if missing:
-        raise MamoError(
-            f"{what} returned a dict without {', '.join(repr(k) for k in missing)}; "
-            "return keys train, val, test and tasks."
-        )
-    for split in digits.SPLITS:
-        if not isinstance(result[split], Dataset):
-            raise MamoError(
-                f"{what} returned '{split}' as {type(result[split]).__name__}, not a torch Dataset; "
-                "wrap it, e.g. in mamo.data.TensorTaskDataset."
-            )
-    tasks = parse_tasks(result["tasks"], what)
-    shapes = {split: _check_sample(result[split], split, tasks, what) for split in digits.SPLITS}
-    if len(set(shapes.values())) > 1:
-        raise MamoError(f"{what} gives inputs of different shapes per split ({shapes}); make them equal.")
-    return MultiTaskData(result["train"], result["val"], result["test"], tasks, shapes["train"])
-
-
 def load_data(cfg: DataConfig) -> MultiTaskData:
     """Build the dataset ``cfg.name`` (built-in or plugin) with ``cfg.options`` and validate what it returns."""
     if not -(2**63) <= cfg.seed < 2**63:  # torch's generators (the scene splits) take 64-bit seeds
@@ -343,14 +222,14 @@ def load_data(cfg: DataConfig) -> MultiTaskData:
         )
     kwargs = builder_arguments(builder, cfg, what, plugin)
     if not plugin:
-        return _validate(builder(**kwargs), what)
+        return validate(builder(**kwargs), what)
     try:
         result = builder(**kwargs)
     except MamoError:
         raise
     except Exception as exc:
         raise MamoError(f"{what} raised {type(exc).__name__}: {exc}; fix the plugin.") from exc
-    return _validate(result, what)
+    return validate(result, what, plugin=True)
 
 
 # ----------------------------------------------------------------------------------------------------- batching

@@ -8,6 +8,7 @@ turns ``data.*`` into the builder's keyword arguments (``seed``, ``root``, the s
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -24,13 +25,46 @@ SIZE_KEYS = ("train_size", "val_size", "test_size")
 RESERVED = ("seed", "root", *SIZE_KEYS)
 
 
+def _is_file_plugin(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
+def plugin_source_digest(name: str) -> str | None:
+    """The sha256 of the source file of the plugin ``data.name`` names (None for a built-in dataset, or when
+    there is no file to read): the baseline cache's key includes it, so editing a plugin retrains the baselines
+    instead of comparing against results of the old data. Files the plugin imports or reads are not covered."""
+    target, colon, _ = name.rpartition(":")
+    if not colon:
+        return None
+    if _is_file_plugin(target):
+        path: str | Path | None = Path(target).expanduser()
+    else:
+        try:
+            spec = importlib.util.find_spec(target)
+        except (ImportError, ValueError):
+            return None
+        path = spec.origin if spec is not None else None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+    except OSError:
+        return None
+
+
 def load_plugin(name: str) -> Callable[..., dict]:
     """The function named by ``data.name`` (``file.py:function`` or ``module:function``)."""
     target, _, func_name = name.rpartition(":")
-    if target.endswith(".py") or "/" in target or "\\" in target:
+    if _is_file_plugin(target):
         path = Path(target).expanduser()
+        if path.is_dir():
+            raise MamoError(f"data plugin '{target}' is a folder, not a .py file; name the file in data.name "
+                            f"'{name}'.")
         if not path.is_file():
-            raise MamoError(f"data plugin file '{target}' was not found; fix the path in data.name '{name}'.")
+            where = "" if path.is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()})"
+            raise MamoError(f"data plugin file '{target}' was not found{where}; fix the path in data.name '{name}'.")
+        # As with `python file.py`, the plugin's own folder is importable, so it can import its helper modules.
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.append(folder)  # last: it never shadows an installed package
         module_name = "mamo_data_plugin_" + re.sub(r"\W", "_", path.stem)
         spec = importlib.util.spec_from_file_location(module_name, path)
         if spec is None or spec.loader is None:

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from mamo.errors import MamoError
+from mamo.samples import SPLITS
 
 ITEM = 28  # side of one source image
 CANVAS = 36  # side of the canvas the two items are placed on
 MAX_SHIFT = 4  # each item moves independently by 0..MAX_SHIFT px in y and in x
 OUT = 28  # side of the resized composite
-SPLITS = ("train", "val", "test")
 # Fixed on purpose: if the pools moved with data.seed, a test digit of one seed would be a training digit of another.
 POOL_SEED = 5_021_993
 MNIST_POOL_FRACTIONS = (0.70, 0.15, 0.15)

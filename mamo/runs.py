@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mamo.config import Config, dump_config, load_config, split_override
+from mamo.data_plugins import plugin_source_digest
 from mamo.errors import WRITE_FAILURES, MamoError
 
 RUNS_ROOT = Path("runs")
@@ -241,7 +242,8 @@ class RunLog:
 
 
 def baseline_key(config: Config, kind: str, epochs: int) -> str:
-    """Cache key of a baseline: the data, the backbone, the training budget and the seed, nothing else."""
+    """Cache key of a baseline: the data (with a plugin's source file), the backbone, the training budget and the
+    seed, nothing else."""
     train = config.train
     payload = {
         "kind": kind,
@@ -253,6 +255,9 @@ def baseline_key(config: Config, kind: str, epochs: int) -> str:
         },
         "seed": train.seed,
     }
+    source = plugin_source_digest(config.data.name)
+    if source is not None:  # only for plugins, so the keys of the built-in datasets' caches stay what they were
+        payload["plugin_source"] = source
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

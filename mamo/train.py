@@ -187,7 +187,7 @@ def _cached_network(
     if cached is not None:
         session.log(f"{name}: reusing the cached result {key}")
         return cached
-    session.log(f"{name}: {training} for {epochs} epochs")
+    session.log(f"{name}: {training} for {epochs} epoch{'s' * (epochs != 1)}")
     checkpoint = session.cache.checkpoint_path(key)
     result = train_network(session, epochs, EQUAL, task_names, description=kind.replace("-", " "),
                            callbacks=callbacks, checkpoint=checkpoint, discard_damaged=True).result()
@@ -338,7 +338,7 @@ def _train_and_write(session: Session, directory: Path, watchers: list[Callback]
         results, stl_name = {"STL": result}, "STL"
     else:
         method = config.direction.name + ("" if config.direction.tensioner.formulation == "off" else "+tensioner")
-        session.log(f"HPS network, direction {method}, {epochs} epochs on {session.device}")
+        session.log(f"HPS network, direction {method}, {epochs} epoch{'s' * (epochs != 1)} on {session.device}")
         last = directory / "checkpoints" / "last.pt"
         trained = train_network(session, epochs, config.direction, description="train", callbacks=watchers,
                                 checkpoint=last, state=state, run_config=config.to_dict())

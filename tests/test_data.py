@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import sys
 from pathlib import Path
 
@@ -370,7 +371,8 @@ def test_plugin_from_module(plugin_file: str, monkeypatch: pytest.MonkeyPatch) -
     [
         ("boom", r"data plugin '.*:boom' raised ValueError: boom; fix the plugin\."),
         ("no_tasks", r"returned a dict without 'tasks'"),
-        ("missing_target", r"task 'c' from data plugin .* is missing from the targets of a 'train' sample"),
+        ("missing_target", r"task 'c' from data plugin .* is missing from the targets of sample 0 of the 'train' "
+                           r"split"),
         ("bad_type", r"task 'a' from data plugin .* has unknown type 'ranking'"),
         ("wrong_dim", r"task 'a' from data plugin .* expects 2 values per sample"),
         ("not_a_dict", r"returned list, not a dict with train, val, test and tasks"),
@@ -379,8 +381,8 @@ def test_plugin_from_module(plugin_file: str, monkeypatch: pytest.MonkeyPatch) -
         ("string_spec", r"task 't' from data plugin .* has spec 'classification', not a mapping; give a dict such as "
                         r"\{'type': 'classification', 'classes': 10\}\."),
         # The shape is right: the message gives the values that are wrong.
-        ("void_labels", r"expects integer class indices of shape \(4, 4\) in \[-1, 13\) .* but a 'train' sample "
-                        r"has int64 values from 0 to 255; fix the targets"),
+        ("void_labels", r"expects integer class indices of shape \(4, 4\) in \[-1, 13\) .* but sample 0 of the "
+                        r"'train' split has int64 values from 0 to 255; fix the targets"),
         ("nowhere", r"has no function 'nowhere'"),
     ],
 )
@@ -446,11 +448,118 @@ def test_plugin_error_chains_the_original(plugin_file: str) -> None:
     assert isinstance(info.value.__cause__, ValueError)
 
 
-def test_missing_plugin_file_and_module(tmp_path: Path) -> None:
+LATE_FAULTS = """
+import torch
+from torch.utils.data import Dataset
+from mamo.data import TensorTaskDataset
+
+TASKS = {"digit": {"type": "classification", "classes": 3}, "size": {"type": "regression", "dim": 1}}
+
+
+def _in_memory(x, digit, size):
+    data = TensorTaskDataset(x, {"digit": digit, "size": size})
+    return {"train": data, "val": data, "test": data, "tasks": TASKS}
+
+
+def label_out_of_range(*, seed, root):
+    digit = torch.zeros(10, dtype=torch.long)
+    digit[9] = 3
+    return _in_memory(torch.zeros(10, 2), digit, torch.zeros(10, 1))
+
+
+def nan_input(*, seed, root):
+    x = torch.zeros(10, 2)
+    x[6, 1] = float("nan")
+    return _in_memory(x, torch.zeros(10, dtype=torch.long), torch.zeros(10, 1))
+
+
+def infinite_target(*, seed, root):
+    size = torch.zeros(10, 1)
+    size[4] = float("inf")
+    return _in_memory(torch.zeros(10, 2), torch.zeros(10, dtype=torch.long), size)
+
+
+class Lazy(Dataset):
+    def __init__(self, fault):
+        self.fault = fault
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        x, digit, size = torch.zeros(2), torch.tensor(0), torch.zeros(1)
+        if i == 7:
+            if self.fault == "label":
+                digit = torch.tensor(5)
+            elif self.fault == "dtype":
+                x = x.double()
+            elif self.fault == "shape":
+                x = torch.zeros(3)
+            elif self.fault == "raises":
+                raise OSError("the disk went away")
+        return x, {"digit": digit, "size": size}
+
+
+def lazy(*, seed, root, fault):
+    return {"train": Lazy(fault), "val": Lazy(None), "test": Lazy(None), "tasks": TASKS}
+"""
+
+
+@pytest.mark.parametrize(("function", "message"), [
+    ("label_out_of_range", r"task 'digit' .* expects a single class index in \[0, 3\) per sample but sample 9 of the "
+                           r"'train' split has 3; fix the targets"),
+    ("nan_input", r"gives sample 6 of the 'train' split an input with NaN or infinite values; clean or drop"),
+    ("infinite_target", r"task 'size' .* expects finite values per sample but sample 4 of the 'train' split has inf"),
+])
+def test_every_sample_of_a_plugins_in_memory_data_is_checked_when_it_loads(
+    tmp_path: Path, function: str, message: str
+) -> None:
+    # Only sample 0 was checked: a label out of range at sample 9 stopped training with "IndexError: Target 3 is
+    # out of bounds" and a traceback, after the run folder was made.
+    (tmp_path / "late.py").write_text(LATE_FAULTS)
+    with pytest.raises(MamoError, match=message):
+        load_data(DataConfig(name=f"{tmp_path / 'late.py'}:{function}"))
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    ("label", r"expects a single class index in \[0, 3\) per sample but sample 7 of the 'train' split has 5"),
+    ("dtype", r"gives sample 7 of the 'train' split an input of dtype torch.float64; return float32"),
+    ("shape", r"gives sample 7 of the 'train' split an input of shape \(3,\), not \(2,\) like sample 0"),
+    ("raises", r"raised OSError reading sample 7 of the 'train' split: the disk went away; fix the dataset\."),
+])
+def test_a_plugins_lazy_samples_are_checked_as_they_are_read(tmp_path: Path, fault: str, message: str) -> None:
+    (tmp_path / "late.py").write_text(LATE_FAULTS)
+    data = load_data(DataConfig(name=f"{tmp_path / 'late.py'}:lazy", options={"fault": fault}))
+    assert data.train[6][1]["digit"] == 0  # the samples before it read as they are
+    with pytest.raises(MamoError, match=message):
+        list(iterate_batches(data.train, 4, shuffle=False, generator=None))
+
+
+def test_missing_plugin_file_and_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(MamoError, match=r"data plugin file '.*nope\.py' was not found"):
         load_data(DataConfig(name=f"{tmp_path}/nope.py:make"))
     with pytest.raises(MamoError, match=r"data plugin module 'no_such_pkg_xyz\.data' could not be imported"):
         load_data(DataConfig(name="no_such_pkg_xyz.data:make"))
+    with pytest.raises(MamoError, match=r"data plugin '.*' is a folder, not a \.py file; name the file"):
+        load_data(DataConfig(name=f"{tmp_path}:make"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MamoError, match=rf"was not found \(a relative path is read from the current folder, "
+                                        rf"{re.escape(str(tmp_path))}\)"):
+        load_data(DataConfig(name="plugins/nope.py:make"))
+
+
+def test_a_file_plugin_imports_the_modules_beside_it(tmp_path: Path) -> None:
+    # A plugin split into files failed with "No module named 'helpers'": its folder was not importable.
+    (tmp_path / "mamo_test_helpers_beside.py").write_text(
+        "import torch\nfrom mamo.data import TensorTaskDataset\n\n"
+        "def split(n):\n    x = torch.randn(n, 3)\n    return TensorTaskDataset(x, {'a': (x[:, 0] > 0).long(), "
+        "'b': (x[:, 1] > 0).long()})\n")
+    (tmp_path / "uses_helper.py").write_text(
+        "from mamo_test_helpers_beside import split\n\n"
+        "def make(*, seed, root):\n    return {'train': split(8), 'val': split(4), 'test': split(4), 'tasks': "
+        "{'a': {'type': 'classification', 'classes': 2}, 'b': {'type': 'classification', 'classes': 2}}}\n")
+    data = load_data(DataConfig(name=f"{tmp_path / 'uses_helper.py'}:make"))
+    assert set(data.tasks) == {"a", "b"} and len(data.train) == 8
 
 
 def test_plugin_size_it_does_not_take(plugin_file: str) -> None:

@@ -33,6 +33,7 @@ RUN_FILES = ("metrics.json", "report.md", "report.csv", "config.yaml", "weights.
 
 PLUGIN = '''
 import torch
+from torch.utils.data import Dataset
 from mamo.data import TensorTaskDataset
 
 
@@ -65,6 +66,21 @@ def unknown_type(*, seed, root):
 
 def not_a_dict(*, seed, root):
     return [1, 2, 3]
+
+
+class LabelOutOfRangeAt40(Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        x = torch.full((6,), float(i))
+        return x, {"sign": torch.tensor(2 if i == 40 else 1), "total": x.sum(dim=0, keepdim=True)}
+
+
+def late_fault(*, seed, root):
+    data = build(seed=seed, root=root)
+    data["train"] = LabelOutOfRangeAt40()
+    return data
 '''
 
 
@@ -280,6 +296,24 @@ def test_the_baseline_key_follows_data_backbone_budget_and_seed_only(override: s
 def test_the_baseline_key_follows_the_kind_and_the_epochs() -> None:
     config = load_config("quick")
     assert len({baseline_key(config, "stl", 3), baseline_key(config, "stl", 4), baseline_key(config, "hps", 3)}) == 3
+
+
+def test_editing_a_plugin_changes_the_baseline_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An edited plugin reused the STL results of its old data: a report with Δ of -5,557 %.
+    path = tmp_path / "my_plugin.py"
+    path.write_text(PLUGIN)
+    config = load_config("logic", [f"data.name={path}:build"])
+    before = baseline_key(config, "stl", 3)
+    assert baseline_key(config, "stl", 3) == before  # the same source, the same key
+    path.write_text(PLUGIN.replace("x[:, 0] > 0", "x[:, 1] > 0"))
+    assert baseline_key(config, "stl", 3) != before
+    # A module plugin is fingerprinted by its module's file.
+    (tmp_path / "my_module.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = load_config("logic", ["data.name=my_module:build"])
+    first = baseline_key(module, "stl", 3)
+    (tmp_path / "my_module.py").write_text(PLUGIN + "\n# edited\n")
+    assert baseline_key(module, "stl", 3) != first
 
 
 def test_a_seeded_cpu_run_is_repeatable(runs: Path) -> None:
@@ -513,6 +547,17 @@ def test_bad_plugins_exit_2_with_one_sentence(
     assert train(*plugin_args(plugin, function, tmp_path / "run")) == 2
     message = single_error(capsys.readouterr().err)
     assert expected in message and str(plugin) in message
+
+
+def test_a_bad_sample_deep_in_a_plugins_lazy_split_stops_the_run_with_one_sentence(
+    plugin: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # It stopped with "IndexError: Target 2 is out of bounds" and a traceback in the middle of the first epoch.
+    run = tmp_path / "run"
+    assert train(*plugin_args(plugin, "late_fault", run)) == 2
+    message = single_error(capsys.readouterr().err)
+    assert "sample 40 of the 'train' split has 2; fix the targets or the task spec." in message
+    assert (run / "log.txt").read_text().strip().endswith(message)  # the folder keeps why it stopped
 
 
 def test_existing_run_folder_is_never_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

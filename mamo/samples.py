@@ -1,0 +1,206 @@
+"""The sample contract every dataset meets, built-in or plugin: samples ``(x, {task: target})``, the in-memory
+:class:`TensorTaskDataset`, the :class:`MultiTaskData` a builder's result becomes, and the checks that result
+passes (:func:`validate`): its structure, the first sample of each split, and for a plugin every sample (in
+memory at once, otherwise as each is read), each fault one sentence naming the split and the sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from mamo import dense
+from mamo.errors import MamoError
+from mamo.tasks import TASK_TYPES, TaskSpec, parse_tasks
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class MultiTaskData:
+    """The three splits, the task specs and the shape of one input."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    tasks: dict[str, TaskSpec]
+    input_shape: tuple[int, ...]
+
+
+class TensorTaskDataset(Dataset):
+    """Samples ``(x[i], {task: targets[task][i]})`` from tensors held in memory.
+
+    ``source_indices`` optionally records where each sample came from (the two-item image datasets store the
+    indices of their two source images, shape (N, 2)).
+    """
+
+    def __init__(self, x: Tensor, targets: dict[str, Tensor], source_indices: Tensor | None = None):
+        if not isinstance(x, Tensor):
+            raise MamoError(f"TensorTaskDataset needs x as a torch.Tensor, got {type(x).__name__}; convert it first.")
+        if not isinstance(targets, dict) or not targets:
+            raise MamoError("TensorTaskDataset needs targets as a non-empty dict of task name -> tensor; pass one.")
+        for name, target in targets.items():
+            if not isinstance(target, Tensor) or len(target) != len(x):
+                size = len(target) if isinstance(target, Tensor) else type(target).__name__
+                raise MamoError(
+                    f"TensorTaskDataset target '{name}' has {size} samples but x has {len(x)}; "
+                    "give every target a tensor with the same first dimension as x."
+                )
+        self.x = x
+        self.targets = dict(targets)
+        self.source_indices = source_indices
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.x[i], {name: target[i] for name, target in self.targets.items()}
+
+
+def _read_sample(dataset: Dataset, index: int, split: str, what: str) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sample ``index`` of ``split`` as tensors; a sample that cannot be read or is no (x, {task: target}) pair
+    of tensors is one sentence naming it."""
+    where = f"sample {index} of the '{split}' split"
+    try:
+        sample = dataset[index]
+    except MamoError:
+        raise  # already one sentence naming what to fix (a built-in dataset's bad file)
+    except Exception as exc:
+        raise MamoError(f"{what} raised {type(exc).__name__} reading {where}: {exc}; fix the dataset.") from exc
+    if not isinstance(sample, (tuple, list)) or len(sample) != 2 or not isinstance(sample[1], dict):
+        got = f"a {type(sample).__name__}" if not isinstance(sample, (tuple, list)) or len(sample) != 2 else (
+            f"a pair whose targets are a {type(sample[1]).__name__}")
+        raise MamoError(f"{what} gives {got} as {where}; make each sample a pair (x, {{task: target}}).")
+    x, targets = sample
+    try:
+        return torch.as_tensor(x), {k: torch.as_tensor(v) for k, v in targets.items()}
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise MamoError(f"{what} gives {where} with values that are not tensors ({exc}); return tensors.") from exc
+
+
+def _check_values(x: Tensor, targets: dict[str, Tensor], where: str, tasks: dict[str, TaskSpec], what: str) -> None:
+    """One sample's input dtype and finiteness, and each task's target against its spec."""
+    if x.dtype != torch.float32:
+        raise MamoError(f"{what} gives {where} an input of dtype {x.dtype}; return float32 tensors (e.g. x.float()).")
+    if not bool(torch.isfinite(x).all()):
+        raise MamoError(f"{what} gives {where} an input with NaN or infinite values; clean or drop the sample.")
+    for name, spec in tasks.items():
+        if name not in targets:
+            raise MamoError(
+                f"task '{name}' from {what} is missing from the targets of {where} (which has "
+                f"{', '.join(targets) or 'none'}); add it to the targets or remove the task."
+            )
+        target = targets[name]
+        ok, expected = TASK_TYPES[spec.type].check_target(spec, target)
+        if ok and target.is_floating_point() and not bool(torch.isfinite(target).all()):
+            ok, expected = False, "finite values"
+        if not ok:
+            if target.numel() == 1:
+                got = f"{target.item()!r}"
+            elif spec.shape and tuple(target.shape) == spec.shape:
+                # The shape is right, so the values are what is wrong (a label map with 255 for "void", floats).
+                dtype = str(target.dtype).removeprefix("torch.")
+                got = f"{dtype} values from {target.min().item()!r} to {target.max().item()!r}"
+            else:
+                got = f"shape {tuple(target.shape)}"
+            raise MamoError(
+                f"task '{name}' from {what} expects {expected} per sample but {where} has {got}; fix the targets or "
+                "the task spec."
+            )
+
+
+def _checked_sample(
+    dataset: Dataset, index: int, split: str, tasks: dict[str, TaskSpec], what: str
+) -> tuple[Tensor, dict[str, Tensor]]:
+    x, targets = _read_sample(dataset, index, split, what)
+    _check_values(x, targets, f"sample {index} of the '{split}' split", tasks, what)
+    return x, targets
+
+
+def _check_sample(dataset: Dataset, split: str, tasks: dict[str, TaskSpec], what: str) -> tuple[int, ...]:
+    """The split's length and its first sample; returns the input's shape."""
+    try:
+        size = len(dataset)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise MamoError(f"{what} returned a '{split}' dataset without __len__; give it one.") from exc
+    if size < 1:
+        raise MamoError(f"{what} returned an empty '{split}' split; give every split at least one sample.")
+    return tuple(_checked_sample(dataset, 0, split, tasks, what)[0].shape)
+
+
+def _first_bad_row(dataset: TensorTaskDataset, tasks: dict[str, TaskSpec]) -> int | None:
+    """The first sample of an in-memory split whose values :func:`_check_values` would refuse (its dtypes and
+    shapes are the first sample's), found with whole-tensor operations; None when every sample passes."""
+    rows = len(dataset)
+    bad = ~torch.isfinite(dataset.x.reshape(rows, -1)).all(dim=1)
+    for name, spec in tasks.items():
+        target = dataset.targets[name].reshape(rows, -1)
+        if spec.type == "classification":
+            bad |= ((target != target.floor()) | (target < 0) | (target >= spec.classes)).any(dim=1)
+        elif spec.type == "segmentation":
+            bad |= ((target < dense.IGNORE) | (target >= spec.classes)).any(dim=1)
+        elif target.is_floating_point():
+            bad |= ~torch.isfinite(target).all(dim=1)
+    found = bad.nonzero()
+    return int(found[0]) if len(found) else None
+
+
+class CheckedDataset(Dataset):
+    """A plugin's Dataset whose every sample is checked as it is read (load time checks the first one only):
+    a bad label or dtype deep in a split is then one sentence naming the sample, not a traceback mid-training."""
+
+    def __init__(self, dataset: Dataset, split: str, tasks: dict[str, TaskSpec], what: str, input_shape: tuple):
+        self.dataset, self.split, self.tasks, self.what, self.input_shape = dataset, split, tasks, what, input_shape
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        x, targets = _checked_sample(self.dataset, index, self.split, self.tasks, self.what)
+        if tuple(x.shape) != self.input_shape:
+            raise MamoError(f"{self.what} gives sample {index} of the '{self.split}' split an input of shape "
+                            f"{tuple(x.shape)}, not {self.input_shape} like sample 0; give every input one shape.")
+        return x, targets
+
+
+def _check_every_sample(dataset: Dataset, split: str, tasks: dict[str, TaskSpec], what: str,
+                        input_shape: tuple) -> Dataset:
+    """A plugin's split with all of it checked: in memory at once, otherwise sample by sample as it is read."""
+    if not isinstance(dataset, TensorTaskDataset):
+        return CheckedDataset(dataset, split, tasks, what, input_shape)
+    row = _first_bad_row(dataset, tasks)
+    if row is not None:
+        _checked_sample(dataset, row, split, tasks, what)  # raises the sentence that names what is wrong
+    return dataset
+
+
+def validate(result: object, what: str, plugin: bool = False) -> MultiTaskData:
+    """``result`` of the builder ``what`` names, checked, as a :class:`MultiTaskData`."""
+    if not isinstance(result, dict):
+        raise MamoError(
+            f"{what} returned {type(result).__name__}, not a dict with train, val, test and tasks; return that dict."
+        )
+    missing = [key for key in ("train", "val", "test", "tasks") if key not in result]
+    if missing:
+        raise MamoError(
+            f"{what} returned a dict without {', '.join(repr(k) for k in missing)}; "
+            "return keys train, val, test and tasks."
+        )
+    for split in SPLITS:
+        if not isinstance(result[split], Dataset):
+            raise MamoError(
+                f"{what} returned '{split}' as {type(result[split]).__name__}, not a torch Dataset; "
+                "wrap it, e.g. in mamo.data.TensorTaskDataset."
+            )
+    tasks = parse_tasks(result["tasks"], what)
+    shapes = {split: _check_sample(result[split], split, tasks, what) for split in SPLITS}
+    if len(set(shapes.values())) > 1:
+        raise MamoError(f"{what} gives inputs of different shapes per split ({shapes}); make them equal.")
+    splits = {split: result[split] for split in SPLITS}
+    if plugin:  # the built-ins are tested; a user's data is checked beyond its first sample
+        splits = {split: _check_every_sample(data, split, tasks, what, shapes["train"])
+                  for split, data in splits.items()}
+    return MultiTaskData(splits["train"], splits["val"], splits["test"], tasks, shapes["train"])
