@@ -202,22 +202,28 @@ def architecture_tree(model: MamoNet) -> str:
         first_cell[group] = min(first_cell.get(group, cell), cell)
     for index in range(g.num_cells(graph)):
         lines.append(f"├─ cell{index}  ({params.get(g.cell_id(index), 0):,} params, shared by all tasks)")
-        for node in branches:
+        here = [node for node in branches if graph.nodes[node]["cell"] == index]
+        for position, node in enumerate(here):
             data = graph.nodes[node]
-            if data["cell"] == index:
-                group = tuple(data["group"])
-                start = first_cell[group]
-                origin = "starts here" if start == index else f"continues from cell{start}"
-                lines.append(f"│   └─ {_module_kind(group)} {'+'.join(group)}  ({params.get(node, 0):,} params, "
-                             f"grown in round {data['round']}, {origin})")
-    for task in model.tasks:
+            group = tuple(data["group"])
+            start = first_cell[group]
+            origin = "starts here" if start == index else f"continues from cell{start}"
+            lines.append(f"│   {_twig(position, len(here))} {_module_kind(group)} {'+'.join(group)}  "
+                         f"({params.get(node, 0):,} params, grown in round {data['round']}, {origin})")
+    for position, task in enumerate(model.tasks):
         groups = g.fusion_groups(graph, task)
         fused = " + ".join(["trunk", *(f"β·{'+'.join(grp)}" for grp in groups)])
-        lines.append(f"└─ {task}: fusion [{fused}] → head ({params.get(g.head_id(task), 0):,} params)")
+        lines.append(f"{_twig(position, len(model.tasks))} {task}: fusion [{fused}] → head "
+                     f"({params.get(g.head_id(task), 0):,} params)")
     total = sum(p.numel() for p in model.parameters())
     kinds = sorted({_module_kind(tuple(graph.nodes[node]["group"])) for node in branches}) or ["GMK"]
     lines.append(f"{len(branches)} {' and '.join(kinds)} modules, {total:,} parameters in all")
     return "\n".join(lines)
+
+
+def _twig(position: int, count: int) -> str:
+    """The tree's connector for item ``position`` of ``count`` siblings: the last one closes the list."""
+    return "└─" if position == count - 1 else "├─"
 
 
 def _module_kind(group: tuple[str, ...]) -> str:

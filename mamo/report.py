@@ -136,7 +136,9 @@ def write_report(
 
 
 def growth_notes(rounds: list[dict], counts: dict[str, int], dataset: str, module_name: str = "GMK modules") -> str:
-    """The report's growth section: modules per detection round (MAMO Table 3's layout) and per position."""
+    """The report's growth section: modules per detection round (MAMO Table 3's layout) and per position. A
+    plugin's ``dataset`` (``data.name``) is shown without its folders."""
+    dataset = dataset.replace("\\", "/").rsplit("/", 1)[-1]
     lines = ["## Growth", "", f"{module_name[0].upper()}{module_name[1:]} grown per detection round (MAMO Table 3 "
              "layout):", ""]
     header = ["Detection", *(f"MAMO-{r['round']}" for r in rounds)] if rounds else ["Detection", "(no rounds)"]

@@ -78,7 +78,12 @@ class NpyScenes(Dataset):
         """The file of sample ``i`` (a position in this split) in sub-folder ``sub``."""
         return self.folder / sub / f"{self.indices[i]}.npy"
 
-    def check_shape(self, sub: str, i: int, array: np.ndarray) -> None:
+    def check_header(self, sub: str, i: int, array: np.ndarray) -> None:
+        """The file's shape against the first training sample's, and an image's dtype."""
+        if sub == "image" and not np.issubdtype(array.dtype, np.floating):
+            # 0..255 integers would train on inputs 255 times the scale of MTAN's files, without a word.
+            raise MamoError(f"{self.path(sub, i)} holds {array.dtype} values where MTAN's layout has float RGB in "
+                            "[0, 1]; save the images as (array / 255).astype('float32').")
         if array.shape != self.shapes[sub]:
             raise MamoError(
                 f"{self.path(sub, i)} has shape {array.shape} where the first training sample's {sub}/ file has "
@@ -87,7 +92,7 @@ class NpyScenes(Dataset):
 
     def _target(self, sub: str, kind: str, i: int) -> Tensor:
         array = _read(self.path(sub, i))
-        self.check_shape(sub, i, array)
+        self.check_header(sub, i, array)
         if kind == "segmentation":
             low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
             # Written as a negation so that a NaN label fails too.
@@ -100,7 +105,7 @@ class NpyScenes(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
         image = _read(self.path("image", i))
-        self.check_shape("image", i, image)
+        self.check_header("image", i, image)
         return _channels_first(image), {task: self._target(sub, kind, i) for task, (sub, kind) in self.folders.items()}
 
 
@@ -165,12 +170,13 @@ def build_scenes(
         "val": NpyScenes(base / "train", val_numbers, folders, shapes, classes),
         "test": NpyScenes(base / "val", test_numbers[:test_size], folders, shapes, classes),
     }
-    # Every file's header up front (about 0.1 ms a file with warm caches): a cut or mis-shaped file found mid-run
-    # would stop training late, in the test split only at the final evaluation. Label values are checked as read.
+    # Every file's header up front (about 0.1 ms a file with warm caches): a cut or mis-shaped file, or an integer
+    # image, found mid-run would stop training late (in the test split only at the final evaluation). Label values
+    # are checked as read.
     for split in splits.values():
         for i in range(len(split)):
             for sub in subs:
-                split.check_shape(sub, i, _read(split.path(sub, i), header_only=True))
+                split.check_header(sub, i, _read(split.path(sub, i), header_only=True))
     first = splits["train"][0][1]
     tasks = {task: {"type": kind, "shape": list(first[task].shape)} for task, (_, kind) in folders.items()}
     tasks["segmentation"]["classes"] = classes

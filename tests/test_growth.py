@@ -257,9 +257,11 @@ def test_the_architecture_tree_names_each_branch_from_its_current_first_cell():
     spawn(model, (("a", "b"), 0))  # the branch now starts at cell 0; its cell-2 module reads from cell 1's
     spawn(model, (("a", "c"), 1), modules="exclusive")
     tree = architecture_tree(model)
-    assert "├─ cell2  (5,136 params, shared by all tasks)\n│   └─ GMK a+b  (5,136 params, grown in round 0, " \
+    assert "├─ cell2  (5,136 params, shared by all tasks)\n│   ├─ GMK a+b  (5,136 params, grown in round 0, " \
            "continues from cell0)\n" in tree
-    assert "│   └─ task-exclusive c  (5,020 params, grown in round 0, starts here)\n" in tree
+    assert "│   ├─ task-exclusive a  (5,020 params, grown in round 0, starts here)\n" \
+           "│   └─ task-exclusive c  (5,020 params, grown in round 0, starts here)\n├─ cell2" in tree  # the last closes
+    assert [line[:5] for line in tree.splitlines() if ": fusion" in line] == ["├─ a:", "├─ b:", "└─ c:"]
     assert tree.count("starts here") == 3  # a+b at cell 0, the exclusive a and c at cell 1
     assert tree.splitlines()[-1].startswith("7 GMK and task-exclusive modules, ")
 

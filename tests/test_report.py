@@ -205,3 +205,11 @@ def test_the_time_section_gives_each_phase_its_epochs_and_the_rest_of_the_run() 
     rows = time_notes(history, {"pretrain": 2.5, "round1": 3.5, "final": 11.0}, 100.0).splitlines()[4:]
     assert rows == ["| pretrain | 1 | 2.5 s | 2 |", "| round1 | 1 | 3.5 s | 3 |", "| final | 2 | 11 s | 5 |",
                     "| other: data, baselines, test | - | 1 min 23 s | - |", "| all | 4 | 1 min 40 s | - |"]
+
+
+def test_the_growth_table_names_a_plugin_by_its_file_not_its_folders() -> None:
+    from mamo.report import growth_notes
+
+    rounds = [{"round": 1, "modules": 2}]
+    assert "| digits.py:make | 2 |" in growth_notes(rounds, {}, "/home/me/data/digits.py:make")
+    assert "| multimnist | 2 |" in growth_notes(rounds, {}, "multimnist")

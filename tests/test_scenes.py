@@ -145,7 +145,10 @@ def _cut(path: Path) -> None:
      r"val/image/1\.npy has shape"),
     (lambda root: np.save(root / "train" / "label" / "0.npy", np.full((H, W), 255.0)),
      r"train/label/0\.npy has labels from 255 to 255, outside \[-1, 13\) for 13 classes; map unlabelled pixels"),
-], ids=["cut file", "depth shape", "image shape", "first label"])
+    # Accepted before and trained on inputs 255 times the scale of MTAN's.
+    (lambda root: np.save(root / "val" / "image" / "2.npy", np.zeros((H, W, 3), dtype=np.uint8)),
+     r"val/image/2\.npy holds uint8 values where MTAN's layout has float RGB in \[0, 1\]; save the images as"),
+], ids=["cut file", "depth shape", "image shape", "first label", "integer image"])
 def test_a_bad_file_is_named_before_training(tmp_path, damage, message):
     rng = np.random.default_rng(3)
     write_split(tmp_path / "train", 5, rng, NYU)

@@ -243,7 +243,7 @@ def test_show_prints_the_tree(finished, capsys):
     ascii_tree = subprocess.run([sys.executable, "-m", "mamo.cli", "show", str(run_dir)], env=env,
                                 capture_output=True, text=True)
     assert ascii_tree.returncode == 0, ascii_tree.stderr
-    assert ascii_tree.stdout.isascii() and "\n`- left: fusion [trunk + beta*" in ascii_tree.stdout
+    assert ascii_tree.stdout.isascii() and "\n|- left: fusion [trunk + beta*" in ascii_tree.stdout
     assert len(ascii_tree.stdout.splitlines()) == len(out.splitlines())
 
 
