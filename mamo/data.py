@@ -23,7 +23,7 @@ from mamo import digits, scenes
 from mamo.config import DataConfig
 from mamo.data_plugins import builder_arguments, load_plugin
 from mamo.errors import MamoError
-from mamo.samples import SPLITS, MultiTaskData, TensorTaskDataset, validate
+from mamo.samples import SPLITS, CheckedDataset, MultiTaskData, TensorTaskDataset, validate
 
 DEFAULT_SIZES = MappingProxyType({"train_size": 20_000, "val_size": 2_000, "test_size": 4_000})
 
@@ -265,6 +265,16 @@ def iterate_batches(
             else:
                 rows = order[start : start + batch_size]
             yield dataset.x[rows], {name: target[rows] for name, target in dataset.targets.items()}
+        return
+    if isinstance(dataset, CheckedDataset):
+        # The batches a DataLoader gives, in its order, but with their indices, so that a batch that fails its
+        # check can name the sample. A DataLoader draws its workers' base seed from the generator, then shuffles.
+        order = list(range(len(dataset)))
+        if shuffle:
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            order = torch.randperm(len(dataset), generator=generator).tolist()
+        for start in range(0, count * batch_size, batch_size):
+            yield dataset.batch(order[start : start + batch_size])
         return
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
     for batch in itertools.islice(loader, count):

@@ -497,7 +497,12 @@ class Lazy(Dataset):
                 x = torch.zeros(3)
             elif self.fault == "raises":
                 raise OSError("the disk went away")
-        return x, {"digit": digit, "size": size}
+            elif self.fault == "nan":
+                x = torch.tensor([0.0, float("nan")])
+        targets = {"digit": digit, "size": size}
+        if self.fault == "extra" and i != 7:
+            targets["note"] = torch.tensor(1)  # a key sample 7 lacks: the batch cannot be stacked
+        return x, targets
 
 
 def lazy(*, seed, root, fault):
@@ -526,6 +531,8 @@ def test_every_sample_of_a_plugins_in_memory_data_is_checked_when_it_loads(
     ("dtype", r"gives sample 7 of the 'train' split an input of dtype torch.float64; return float32"),
     ("shape", r"gives sample 7 of the 'train' split an input of shape \(3,\), not \(2,\) like sample 0"),
     ("raises", r"raised OSError reading sample 7 of the 'train' split: the disk went away; fix the dataset\."),
+    ("nan", r"gives sample 7 of the 'train' split an input with NaN or infinite values"),
+    ("extra", r"gives the 'train' split samples that do not stack into one batch \(samples 4\.\.7\); give every"),
 ])
 def test_a_plugins_lazy_samples_are_checked_as_they_are_read(tmp_path: Path, fault: str, message: str) -> None:
     (tmp_path / "late.py").write_text(LATE_FAULTS)
@@ -533,6 +540,20 @@ def test_a_plugins_lazy_samples_are_checked_as_they_are_read(tmp_path: Path, fau
     assert data.train[6][1]["digit"] == 0  # the samples before it read as they are
     with pytest.raises(MamoError, match=message):
         list(iterate_batches(data.train, 4, shuffle=False, generator=None))
+
+
+def test_a_checked_lazy_split_gives_the_batches_a_dataloader_gives(tmp_path: Path) -> None:
+    (tmp_path / "late.py").write_text(LATE_FAULTS.replace("torch.zeros(2), torch.tensor(0), torch.zeros(1)",
+                                                          "torch.full((2,), float(i)), torch.tensor(i % 3), "
+                                                          "torch.full((1,), float(i))"))
+    data = load_data(DataConfig(name=f"{tmp_path / 'late.py'}:lazy", options={"fault": None}))
+    raw = data.train.dataset
+    for shuffle in (False, True):
+        checked = list(iterate_batches(data.train, 4, shuffle, torch.Generator().manual_seed(3), drop_single=True))
+        plain = list(iterate_batches(raw, 4, shuffle, torch.Generator().manual_seed(3), drop_single=True))
+        assert len(checked) == len(plain) == 3  # 10 samples: 4 + 4 + 2
+        for (x, targets), (x_raw, targets_raw) in zip(checked, plain, strict=True):
+            assert torch.equal(x, x_raw) and all(torch.equal(targets[k], targets_raw[k]) for k in targets_raw)
 
 
 def test_missing_plugin_file_and_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
