@@ -1,20 +1,17 @@
-"""Run folders: created once and never overwritten, a log file, the resolved config, the baseline cache."""
+"""Run folders: created once and never overwritten, a log file, the resolved config, atomic writes."""
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
 from mamo.config import Config, dump_config, load_config, split_override
-from mamo.data_plugins import plugin_source_digest
 from mamo.errors import WRITE_FAILURES, MamoError
 
 RUNS_ROOT = Path("runs")
@@ -185,9 +182,10 @@ def computed_changes(saved: dict, now: dict) -> list[tuple[str, object, object]]
 
 def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: readers see the old file
-    or the new one, never half of one. The temporary name holds the process id, so processes sharing a folder
-    (a baseline cache) never write the same one; a failed write leaves none behind."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    or the new one, never half of one. The temporary name holds the host and the process id, so processes sharing
+    a folder (a baseline cache, maybe from several machines) never write the same one; a failed write leaves none
+    behind."""
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
@@ -241,62 +239,3 @@ class RunLog:
                 raise
 
 
-def baseline_key(config: Config, kind: str, epochs: int) -> str:
-    """Cache key of a baseline: the data (with a plugin's source file), the backbone, the training budget and the
-    seed, nothing else."""
-    train = config.train
-    payload = {
-        "kind": kind,
-        "data": asdict(config.data),
-        "model": asdict(config.model),
-        "budget": {
-            "epochs": epochs, "batch_size": train.batch_size, "lr": train.lr, "optimizer": train.optimizer,
-            "momentum": train.momentum, "weight_decay": train.weight_decay, "precision": train.precision,
-        },
-        "seed": train.seed,
-    }
-    source = plugin_source_digest(config.data.name)
-    if source is not None:  # only for plugins, so the keys of the built-in datasets' caches stay what they were
-        payload["plugin_source"] = source
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-#: A temporary file untouched this long was left by a killed writer: a save takes seconds, never an hour.
-ABANDONED_AFTER_SECONDS = 3600.0
-
-
-class BaselineCache:
-    """STL and HPS results keyed by :func:`baseline_key`, shared by every run under one runs root.
-
-    Opening it removes the temporary files of saves a kill interrupted (:data:`ABANDONED_AFTER_SECONDS`): several
-    processes, maybe on several machines, share the folder, so a recent one may still be written and is left."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        cutoff = time.time() - ABANDONED_AFTER_SECONDS
-        for partial in root.glob("*.tmp") if root.is_dir() else []:
-            try:
-                if partial.stat().st_mtime < cutoff:
-                    partial.unlink()
-            except FileNotFoundError:
-                pass  # another process opening the cache removed it first
-
-    def _path(self, key: str) -> Path:
-        return self.root / f"{key}.json"
-
-    def get(self, key: str) -> dict | None:
-        path = self._path(key)
-        if not path.exists():
-            return None
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            return None  # a half-written entry is retrained rather than trusted
-
-    def checkpoint_path(self, key: str) -> Path:
-        """Where the network of ``key`` is checkpointed while it trains (removed once its result is cached)."""
-        return self.root / f"{key}.pt"
-
-    def put(self, key: str, result: dict) -> None:
-        text = json.dumps(result, indent=1)
-        write_text_atomically(self._path(key), text)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from mamo.cache import BaselineCache, Claim, baseline_key
 from mamo.checkpoint import EpochCheckpoint, load_checkpoint, restore_trainer, save_checkpoint
 from mamo.config import Config, DirectionConfig, TensionerConfig
 from mamo.data import MultiTaskData, load_data
@@ -22,9 +23,7 @@ from mamo.model import MamoNet, compile_model, count_parameters
 from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
 from mamo.runs import (
     RUNS_ROOT,
-    BaselineCache,
     RunLog,
-    baseline_key,
     check_resumed_config,
     free_run_dir,
     new_run_dir,
@@ -165,10 +164,10 @@ def train_network(
 
 
 def _read_checkpoint(session: Session, path: Path, discard_damaged: bool) -> dict | None:
-    if not path.exists():
-        return None
     try:
         return load_checkpoint(path)
+    except FileNotFoundError:  # none, or one a process sharing the baseline cache removed after an exists()
+        return None
     except MamoError:
         if not discard_damaged:
             raise
@@ -187,13 +186,28 @@ def _cached_network(
     if cached is not None:
         session.log(f"{name}: reusing the cached result {key}")
         return cached
-    session.log(f"{name}: {training} for {epochs} epoch{'s' * (epochs != 1)}")
-    checkpoint = session.cache.checkpoint_path(key)
-    result = train_network(session, epochs, EQUAL, task_names, description=kind.replace("-", " "),
-                           callbacks=callbacks, checkpoint=checkpoint, discard_damaged=True).result()
-    session.cache.put(key, result)
-    checkpoint.unlink(missing_ok=True)
+    with session.cache.claim(key, session.log, name) as claim:
+        if claim is None:  # another process trained it meanwhile
+            session.log(f"{name}: reusing the result another process cached meanwhile, {key}")
+            return session.cache.get(key)
+        session.log(f"{name}: {training} for {epochs} epoch{'s' * (epochs != 1)}")
+        checkpoint = session.cache.checkpoint_path(key)
+        result = train_network(session, epochs, EQUAL, task_names, description=kind.replace("-", " "),
+                               callbacks=[*(callbacks or []), KeepClaim(claim)], checkpoint=checkpoint,
+                               discard_damaged=True).result()
+        session.cache.put(key, result)
+        checkpoint.unlink(missing_ok=True)
     return result
+
+
+class KeepClaim(Callback):
+    """Touches the claim on a baseline while it trains, so that processes waiting for it keep waiting."""
+
+    def __init__(self, claim: Claim):
+        self.claim = claim
+
+    def on_step(self, trainer: Trainer, result: object) -> None:
+        self.claim.touch()
 
 
 def train_stl(session: Session, epochs: int, callbacks: list[Callback] | None = None) -> dict:

@@ -167,9 +167,11 @@ def _study_dir(run_dir: str | Path | None, storage: str | None, name: str, confi
     if path.is_dir() and any(path.iterdir()) and not (path / "study.yaml").is_file():
         raise MamoError(f"{path} is not empty and holds no study (study.yaml); pass a new --run-dir, or a study "
                         "folder to continue its study.")
-    created = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
-    return path, created
+    try:  # exclusive: of two commands started together on one folder, only one created it (and may remove it)
+        path.mkdir(parents=True)
+    except FileExistsError:
+        return path, False
+    return path, True
 
 
 def _check_space_ends(config: Config) -> None:

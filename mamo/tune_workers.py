@@ -102,6 +102,9 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
                         "pip install psycopg2-binary for postgresql://.") from exc
     except (SQLAlchemyError, ValueError, RuntimeError) as exc:
         reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "already exists" in reason:  # two commands created the study's tables at the same moment
+            raise MamoError(f"storage {shown} was being set up by another command at the same moment ({reason}); "
+                            "run this command again to join the study.") from exc
         raise MamoError(f"storage {shown} could not be opened ({reason}); start the database or pass a reachable "
                         "--storage URL.") from exc
 

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -17,12 +18,13 @@ import torch
 import yaml
 from cli_errors import single_error
 
+from mamo.cache import ABANDONED_AFTER_SECONDS, BaselineCache, baseline_key
 from mamo.cli import main
 from mamo.config import load_config, load_yaml
 from mamo.data import load_data
 from mamo.errors import MamoError
 from mamo.report import delta, win_rate
-from mamo.runs import ABANDONED_AFTER_SECONDS, BaselineCache, baseline_key, free_run_dir, new_run_dir
+from mamo.runs import free_run_dir, new_run_dir
 from mamo.train import cached_baseline, open_session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -645,6 +647,77 @@ def test_opening_the_cache_removes_only_abandoned_temporaries(tmp_path: Path) ->
     old = time.time() - ABANDONED_AFTER_SECONDS - 60
     os.utime(abandoned, (old, old))
     os.utime(tmp_path / "key.json", (old, old))  # an old finished entry is a result, not a temporary
+    # A checkpoint beside its cached result: a kill between caching it and removing the checkpoint.
+    (tmp_path / "key.pt").write_bytes(b"weights")
+    (tmp_path / "training.pt").write_bytes(b"weights")  # no result yet: a stopped training, kept for the resume
+    for path in ("key.pt", "training.pt"):
+        os.utime(tmp_path / path, (old, old))
     BaselineCache(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["key.json", "key.json.4343.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key.json", "key.json.4343.tmp", "training.pt"]
     BaselineCache(tmp_path / "not-yet-made")  # a cache folder no run has made yet is fine
+
+
+def _hold_claim(cache: Path, key: str, owner: str, age: float = 0.0) -> Path:
+    cache.mkdir(parents=True, exist_ok=True)
+    claim = cache / f"{key}.claim"
+    claim.write_text(owner)
+    os.utime(claim, (time.time() - age, time.time() - age))
+    return claim
+
+
+def test_a_baseline_another_live_process_trains_is_waited_for_not_trained_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two searches started together each trained every baseline, the later ones "resuming" the first one's live
+    # checkpoint. Here the test process's parent stands for the live process that holds the claim.
+    import threading
+
+    import mamo.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "WAIT_POLL_SECONDS", 0.05)
+    config = load_config("quick", [*TINY_SETTINGS])
+    key, cache = baseline_key(config, "hps", 1), tmp_path / "cache"
+    claim = _hold_claim(cache, key, f"{socket.gethostname()} {os.getppid()}")
+    result = {"tasks": {"left": {"accuracy": 0.25}, "right": {"accuracy": 0.5}}, "val": {}, "params": 1,
+              "seconds_per_epoch": 1.0}
+    timer = threading.Timer(0.5, lambda: BaselineCache(cache).put(key, result))
+    timer.start()
+    session = open_session(config, tmp_path / "logs", progress=False, quiet=True, cache_root=cache)
+    (tmp_path / "logs").mkdir()
+    assert cached_baseline(session, "hps", 1) == result  # the other process's, after it appeared
+    timer.join()
+    log = (tmp_path / "logs" / "log.txt").read_text()
+    assert f"HPS baseline: waiting for the process that trains it ({socket.gethostname()} {os.getppid()}" in log
+    assert "equal weighting for" not in log and claim.exists()  # trained nothing, left the holder's claim alone
+
+
+@pytest.mark.parametrize("holder", ["killed here", "silent elsewhere"])
+def test_an_abandoned_claim_is_taken_over_and_released(tmp_path: Path, holder: str) -> None:
+    from mamo.cache import CLAIM_STALE_SECONDS
+
+    config = load_config("quick", [*TINY_SETTINGS])
+    key, cache = baseline_key(config, "hps", 1), tmp_path / "cache"
+    if holder == "killed here":
+        gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        _hold_claim(cache, key, f"{socket.gethostname()} {gone}")
+    else:
+        _hold_claim(cache, key, "another-machine 77", age=CLAIM_STALE_SECONDS + 5)
+    session = open_session(config, None, progress=False, quiet=True, cache_root=cache)
+    result = cached_baseline(session, "hps", 1)
+    assert BaselineCache(cache).get(key) == result
+    assert sorted(p.name for p in cache.iterdir()) == [f"{key}.json"]  # no claim, no checkpoint left
+
+
+def test_a_checkpoint_removed_by_another_process_just_before_it_is_read_is_no_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # exists() said yes, then another process cached the result and removed the checkpoint: FileNotFoundError.
+    import mamo.train as train_module
+
+    config = load_config("quick", [*TINY_SETTINGS])
+    session = open_session(config, None, progress=False, quiet=True, cache_root=tmp_path)
+    monkeypatch.setattr(train_module, "load_checkpoint", lambda path: (_ for _ in ()).throw(
+        FileNotFoundError(2, "No such file or directory", str(path))))
+    (tmp_path / "gone.pt").write_bytes(b"there when looked at")
+    assert train_module._read_checkpoint(session, tmp_path / "gone.pt", discard_damaged=True) is None

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from cli_errors import single_error
 
+from mamo.cache import baseline_key
 from mamo.cli import main
 from mamo.config import load_config
-from mamo.runs import baseline_key
 from mamo.train import cached_baseline, open_session, run_train
 from mamo.trainer import Callback
 

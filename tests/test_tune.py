@@ -323,6 +323,30 @@ def test_bad_storage_url_is_one_sentence(tmp_path, capsys, url):
     assert not (tmp_path / "study").exists()  # nothing is written before the storage answers
 
 
+def test_two_commands_setting_up_one_study_at_once_are_told_to_run_again(tmp_path, monkeypatch):
+    # Optuna's table creation raced: "could not be opened (table studies already exists); start the database".
+    from sqlalchemy.exc import OperationalError
+
+    def racing(*args, **kwargs):
+        raise OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    with pytest.raises(MamoError, match=r"was being set up by another command at the same moment \(table studies "
+                                        r"already exists\); run this command again to join the study\."):
+        open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+
+
+def test_of_two_tunes_started_on_one_folder_only_one_created_it(tmp_path, monkeypatch):
+    # Both saw no folder and both "created" it; the one that then failed removed it under the other's study.db.
+    from mamo.tune import _study_dir
+
+    folder = tmp_path / "study"
+    folder.mkdir()  # made by the other command between this one's look and its mkdir
+    monkeypatch.setattr(Path, "exists", lambda self: False if self == folder else Path.is_file(self) or
+                        Path.is_dir(self))
+    assert _study_dir(folder, None, "s", load_config("quick")) == (folder, False)
+
+
 @pytest.mark.parametrize(("override", "expected"), [
     ("direction.name=x", "unknown direction 'x'"),
     ("search.threshold=foo", "unknown search.threshold 'foo'"),

@@ -1,0 +1,161 @@
+"""The baseline cache: STL and HPS results keyed by what determines them, shared by every run under one runs root.
+
+Several processes, maybe on several machines, may share the folder. A result is written atomically; while a
+baseline trains, its network is checkpointed beside it (``<key>.pt``) and the training process holds a claim
+(``<key>.claim``: its host and process id, touched as it trains), so that another process that needs the
+same baseline waits for the result instead of training it a second time, and takes the training over, from
+the checkpoint, only once the claim is abandoned (its process gone, or silent for :data:`CLAIM_STALE_SECONDS`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+from mamo.config import Config
+from mamo.data_plugins import plugin_source_digest
+from mamo.runs import write_text_atomically
+
+#: A temporary file untouched this long was left by a killed writer: a save takes seconds, never an hour.
+ABANDONED_AFTER_SECONDS = 3600.0
+#: A claim untouched this long is abandoned (its owner touches it every CLAIM_TOUCH_SECONDS while training;
+#: evaluating a large test split can keep it from touching for minutes).
+CLAIM_STALE_SECONDS = 600.0
+CLAIM_TOUCH_SECONDS = 30.0
+WAIT_POLL_SECONDS = 2.0
+
+
+def baseline_key(config: Config, kind: str, epochs: int) -> str:
+    """Cache key of a baseline: the data (with a plugin's source file), the backbone, the training budget and the
+    seed, nothing else."""
+    train = config.train
+    payload = {
+        "kind": kind,
+        "data": asdict(config.data),
+        "model": asdict(config.model),
+        "budget": {
+            "epochs": epochs, "batch_size": train.batch_size, "lr": train.lr, "optimizer": train.optimizer,
+            "momentum": train.momentum, "weight_decay": train.weight_decay, "precision": train.precision,
+        },
+        "seed": train.seed,
+    }
+    source = plugin_source_digest(config.data.name)
+    if source is not None:  # only for plugins, so the keys of the built-in datasets' caches stay what they were
+        payload["plugin_source"] = source
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
+def _abandoned(path: Path) -> bool:
+    """Whether the claim at ``path`` is one nobody holds any more (a missing one counts as abandoned)."""
+    try:
+        owner, age = path.read_text(encoding="utf-8").split(), time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return True
+    if age > CLAIM_STALE_SECONDS:
+        return True
+    if len(owner) == 2 and owner[0] == socket.gethostname() and owner[1].isdigit():
+        try:
+            os.kill(int(owner[1]), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return True  # killed on this machine: no need to wait out the silence
+        except PermissionError:
+            pass  # another user's live process
+    return False
+
+
+class Claim:
+    """The right to train one baseline, held through a file; :meth:`touch` keeps it alive."""
+
+    def __init__(self, path: Path):
+        self.path, self.owner, self.touched = path, _owner(), time.monotonic()
+
+    def touch(self) -> None:
+        if time.monotonic() - self.touched >= CLAIM_TOUCH_SECONDS:
+            self.touched = time.monotonic()
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.path)
+
+    def release(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.read_text(encoding="utf-8") == self.owner:  # not a claim taken over since
+                self.path.unlink()
+
+
+class BaselineCache:
+    """Results under ``root``: ``<key>.json``, with ``<key>.pt`` and ``<key>.claim`` while one trains.
+
+    Opening it removes what kills left behind: temporary files of interrupted saves and checkpoints of results
+    that were cached since, once :data:`ABANDONED_AFTER_SECONDS` old (a recent one may be another process's)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        cutoff = time.time() - ABANDONED_AFTER_SECONDS
+        leftovers = [*root.glob("*.tmp"), *(p for p in root.glob("*.pt") if self._path(p.stem).exists())]
+        for leftover in leftovers if root.is_dir() else []:
+            with contextlib.suppress(FileNotFoundError):  # another process opening the cache removed it first
+                if leftover.stat().st_mtime < cutoff:
+                    leftover.unlink()
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        path = self._path(key)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:
+            return None  # a half-written entry is retrained rather than trusted
+
+    def checkpoint_path(self, key: str) -> Path:
+        """Where the network of ``key`` is checkpointed while it trains (removed once its result is cached)."""
+        return self.root / f"{key}.pt"
+
+    def put(self, key: str, result: dict) -> None:
+        write_text_atomically(self._path(key), json.dumps(result, indent=1))
+
+    @contextlib.contextmanager
+    def claim(self, key: str, log: Callable[[str], None], name: str) -> Iterator[Claim | None]:
+        """Hold the claim on training ``key`` (``name`` in messages) while the block runs: yields the claim, or
+        None when the result appeared while another process held it. Waits, saying so once, while a live
+        process holds it; takes over an abandoned one."""
+        path = self.root / f"{key}.claim"
+        said = False
+        while True:
+            if self.get(key) is not None:
+                yield None
+                return
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                with open(path, "x", encoding="utf-8") as handle:  # exclusive: one process wins
+                    handle.write(_owner())
+                break
+            except FileExistsError:
+                pass
+            if _abandoned(path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            if not said:
+                holder = path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
+                log(f"{name}: waiting for the process that trains it ({holder}, {path}); delete that file if no "
+                    "such process runs")
+                said = True
+            time.sleep(WAIT_POLL_SECONDS)
+        held = Claim(path)
+        try:
+            yield held
+        finally:
+            held.release()
