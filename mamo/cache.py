@@ -126,35 +126,43 @@ class BaselineCache:
     def put(self, key: str, result: dict) -> None:
         write_text_atomically(self._path(key), json.dumps(result, indent=1))
 
-    @contextlib.contextmanager
-    def claim(self, key: str, log: Callable[[str], None], name: str) -> Iterator[Claim | None]:
-        """Hold the claim on training ``key`` (``name`` in messages) while the block runs: yields the claim, or
-        None when the result appeared while another process held it. Waits, saying so once, while a live
-        process holds it; takes over an abandoned one."""
+    def try_claim(self, key: str) -> Claim | None:
+        """The claim on training ``key``, taken now (an abandoned one taken over), or None while a live process
+        holds it."""
         path = self.root / f"{key}.claim"
-        said = False
         while True:
-            if self.get(key) is not None:
-                yield None
-                return
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 with open(path, "x", encoding="utf-8") as handle:  # exclusive: one process wins
                     handle.write(_owner())
-                break
+                return Claim(path)
             except FileExistsError:
                 pass
-            if _abandoned(path):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
+            if not _abandoned(path):
+                return None
+            # Two processes may both find it abandoned and the slower remove the faster's new claim: then both
+            # train it, as before claims, and the second result written wins (they are the same computation).
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    @contextlib.contextmanager
+    def claim(self, key: str, log: Callable[[str], None], name: str, wait: bool = True) -> Iterator[Claim | None]:
+        """Hold the claim on training ``key`` (``name`` in messages) while the block runs. Yields the claim, or
+        None when the result is cached (it appeared while another process trained it) or, with ``wait=False``,
+        while another process holds the claim; with ``wait``, waits for that process, saying so once."""
+        said = False
+        while (held := None if self.get(key) is not None else self.try_claim(key)) is None:
+            if self.get(key) is not None or not wait:
+                yield None
+                return
             if not said:
-                holder = path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
-                log(f"{name}: waiting for the process that trains it ({holder}, {path}); delete that file if no "
-                    "such process runs")
+                path = self.root / f"{key}.claim"
+                with contextlib.suppress(FileNotFoundError):
+                    holder = path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
+                    log(f"{name}: waiting for the process that trains it ({holder}, {path}); delete that file if "
+                        "no such process runs")
                 said = True
             time.sleep(WAIT_POLL_SECONDS)
-        held = Claim(path)
         try:
             yield held
         finally:

@@ -177,19 +177,22 @@ def _read_checkpoint(session: Session, path: Path, discard_damaged: bool) -> dic
 
 def _cached_network(
     session: Session, kind: str, epochs: int, task_names: list[str] | None, name: str, training: str,
-    callbacks: list[Callback] | None = None,
-) -> dict:
+    callbacks: list[Callback] | None = None, wait: bool = True,
+) -> dict | None:
     """One baseline network's result: from the cache, else trained and cached. Its training is checkpointed
-    beside the cache, so a stopped run continues it (a baseline of NYUv2 is hours on a GPU)."""
+    beside the cache, so a stopped run continues it (a baseline of NYUv2 is hours on a GPU). While another
+    process trains it, waits for its result, or with ``wait=False`` returns None."""
     key = baseline_key(session.config, kind, epochs)
     cached = session.cache.get(key)
     if cached is not None:
         session.log(f"{name}: reusing the cached result {key}")
         return cached
-    with session.cache.claim(key, session.log, name) as claim:
-        if claim is None:  # another process trained it meanwhile
-            session.log(f"{name}: reusing the result another process cached meanwhile, {key}")
-            return session.cache.get(key)
+    with session.cache.claim(key, session.log, name, wait) as claim:
+        if claim is None:
+            cached = session.cache.get(key)  # None: another process still trains it
+            if cached is not None:
+                session.log(f"{name}: reusing the result another process cached meanwhile, {key}")
+            return cached
         session.log(f"{name}: {training} for {epochs} epoch{'s' * (epochs != 1)}")
         checkpoint = session.cache.checkpoint_path(key)
         result = train_network(session, epochs, EQUAL, task_names, description=kind.replace("-", " "),
@@ -213,10 +216,17 @@ class KeepClaim(Callback):
 def train_stl(session: Session, epochs: int, callbacks: list[Callback] | None = None) -> dict:
     """One network per task, each trained alone (and cached on its own, so a stopped STL run keeps its
     finished tasks); the result merges their metrics and adds their sizes."""
+    results: dict[str, dict] = {}
+    for wait in (False, True):  # first the tasks no other process trains, then wait for the rest: runs started
+        for task in session.data.tasks:  # together share the work
+            if task not in results:
+                result = _cached_network(session, f"stl-{task}", epochs, [task], f"STL '{task}'",
+                                         "training it alone", callbacks, wait)
+                if result is not None:
+                    results[task] = result
     merged: dict = {"tasks": {}, "val": {}, "params": 0, "seconds_per_epoch": 0.0}
     for task in session.data.tasks:
-        result = _cached_network(session, f"stl-{task}", epochs, [task], f"STL '{task}'", "training it alone",
-                                 callbacks)
+        result = results[task]
         merged["tasks"].update(result["tasks"])
         merged["val"].update(result["val"])
         merged["params"] += result["params"]
@@ -236,7 +246,9 @@ def cached_baseline(session: Session, kind: str, epochs: int, callbacks: list[Ca
         result = train_stl(session, epochs, callbacks)
         session.cache.put(key, result)
         return result
-    return _cached_network(session, kind, epochs, None, "HPS baseline", "equal weighting", callbacks)
+    result = _cached_network(session, kind, epochs, None, "HPS baseline", "equal weighting", callbacks)
+    assert result is not None  # it waited for any other process training it
+    return result
 
 
 def save_model(run_dir: Path, model: MamoNet) -> None:

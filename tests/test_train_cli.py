@@ -691,6 +691,37 @@ def test_a_baseline_another_live_process_trains_is_waited_for_not_trained_twice(
     assert "equal weighting for" not in log and claim.exists()  # trained nothing, left the holder's claim alone
 
 
+def test_stl_trains_the_tasks_no_other_process_trains_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Runs started together share the STL work instead of queueing behind the first one's task 'left'.
+    import threading
+
+    import mamo.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "WAIT_POLL_SECONDS", 0.05)
+    config = load_config("quick", [*TINY_SETTINGS])
+    left, cache = baseline_key(config, "stl-left", 1), tmp_path / "cache"
+    _hold_claim(cache, left, f"{socket.gethostname()} {os.getppid()}")
+    other = {"tasks": {"left": {"accuracy": 0.25}}, "val": {"left": {"accuracy": 0.2, "loss": 2.0}}, "params": 7,
+             "seconds_per_epoch": 1.0}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    session = open_session(config, logs, progress=False, quiet=True, cache_root=cache)
+    real = cache_module.BaselineCache.put
+
+    def put(self, key, result):  # the other process finishes 'left' once this one has trained 'right'
+        real(self, key, result)
+        if key == baseline_key(config, "stl-right", 1):
+            threading.Timer(0.2, lambda: real(self, left, other)).start()
+
+    monkeypatch.setattr(cache_module.BaselineCache, "put", put)
+    merged = cached_baseline(session, "stl", 1)
+    lines = [line.split(" ", 1)[1] for line in (logs / "log.txt").read_text().splitlines()]
+    assert lines.index("STL 'right': training it alone for 1 epoch") < next(
+        i for i, line in enumerate(lines) if line.startswith("STL 'left': waiting for the process that trains it"))
+    assert merged["tasks"]["left"] == other["tasks"]["left"] and list(merged["tasks"]) == ["left", "right"]
+    assert merged["params"] == 7 + BaselineCache(cache).get(baseline_key(config, "stl-right", 1))["params"]
+
+
 @pytest.mark.parametrize("holder", ["killed here", "silent elsewhere"])
 def test_an_abandoned_claim_is_taken_over_and_released(tmp_path: Path, holder: str) -> None:
     from mamo.cache import CLAIM_STALE_SECONDS
