@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -52,8 +53,17 @@ def baseline_key(config: Config, kind: str, epochs: int) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace (Linux), so that a process id is only checked where it means the same
+    process: containers sharing a host name (``--uts=host``) have their own process ids."""
+    try:
+        return os.readlink("/proc/self/ns/pid").removeprefix("pid:")
+    except OSError:
+        return "?"
+
+
 def _owner() -> str:
-    return f"{socket.gethostname()} {os.getpid()}"
+    return f"{socket.gethostname()} {os.getpid()} {_pid_namespace()}"
 
 
 def _abandoned(path: Path) -> bool:
@@ -64,7 +74,8 @@ def _abandoned(path: Path) -> bool:
         return True
     if age > CLAIM_STALE_SECONDS:
         return True
-    if len(owner) == 2 and owner[0] == socket.gethostname() and owner[1].isdigit():
+    here = _owner().split()
+    if len(owner) == 3 and owner[1].isdigit() and owner[0] == here[0] and owner[2] == here[2] != "?":
         try:
             os.kill(int(owner[1]), 0)  # signal 0: only asks whether the process exists
         except ProcessLookupError:
@@ -75,18 +86,23 @@ def _abandoned(path: Path) -> bool:
 
 
 class Claim:
-    """The right to train one baseline, held through a file; :meth:`touch` keeps it alive."""
+    """The right to train one baseline, held through a file that a background thread touches every
+    :data:`CLAIM_TOUCH_SECONDS` until :meth:`release` (so through long evaluations too, not only steps)."""
 
     def __init__(self, path: Path):
-        self.path, self.owner, self.touched = path, _owner(), time.monotonic()
+        self.path, self.owner = path, _owner()
+        self._released = threading.Event()
+        self._toucher = threading.Thread(target=self._touch, name=f"claim {path.name}", daemon=True)
+        self._toucher.start()
 
-    def touch(self) -> None:
-        if time.monotonic() - self.touched >= CLAIM_TOUCH_SECONDS:
-            self.touched = time.monotonic()
-            with contextlib.suppress(FileNotFoundError):
+    def _touch(self) -> None:
+        while not self._released.wait(CLAIM_TOUCH_SECONDS):
+            with contextlib.suppress(OSError):  # gone (taken over) or a full disk: the next touch may work
                 os.utime(self.path)
 
     def release(self) -> None:
+        self._released.set()
+        self._toucher.join()
         with contextlib.suppress(FileNotFoundError):
             if self.path.read_text(encoding="utf-8") == self.owner:  # not a claim taken over since
                 self.path.unlink()
@@ -131,13 +147,19 @@ class BaselineCache:
         holds it."""
         path = self.root / f"{key}.claim"
         while True:
+            self.root.mkdir(parents=True, exist_ok=True)
             try:
-                self.root.mkdir(parents=True, exist_ok=True)
-                with open(path, "x", encoding="utf-8") as handle:  # exclusive: one process wins
-                    handle.write(_owner())
-                return Claim(path)
+                handle = open(path, "x", encoding="utf-8")  # exclusive: one process wins
             except FileExistsError:
                 pass
+            else:
+                try:
+                    with handle:
+                        handle.write(_owner())
+                except BaseException:  # a full disk: an empty claim would make others wait out its silence
+                    path.unlink(missing_ok=True)
+                    raise
+                return Claim(path)
             if not _abandoned(path):
                 return None
             # Two processes may both find it abandoned and the slower remove the faster's new claim: then both
@@ -151,7 +173,13 @@ class BaselineCache:
         None when the result is cached (it appeared while another process trained it) or, with ``wait=False``,
         while another process holds the claim; with ``wait``, waits for that process, saying so once."""
         said = False
-        while (held := None if self.get(key) is not None else self.try_claim(key)) is None:
+        while True:
+            held = None if self.get(key) is not None else self.try_claim(key)
+            if held is not None and self.get(key) is not None:  # its owner cached it and let go between the looks
+                held.release()
+                held = None
+            if held is not None:
+                break
             if self.get(key) is not None or not wait:
                 yield None
                 return

@@ -267,16 +267,29 @@ def iterate_batches(
             yield dataset.x[rows], {name: target[rows] for name, target in dataset.targets.items()}
         return
     if isinstance(dataset, CheckedDataset):
-        # The batches a DataLoader gives, in its order, but with their indices, so that a batch that fails its
-        # check can name the sample. A DataLoader draws its workers' base seed from the generator, then shuffles.
-        order = list(range(len(dataset)))
-        if shuffle:
-            torch.empty((), dtype=torch.int64).random_(generator=generator)
-            order = torch.randperm(len(dataset), generator=generator).tolist()
-        for start in range(0, count * batch_size, batch_size):
-            yield dataset.batch(order[start : start + batch_size])
+        yield from _checked_batches(dataset, batch_size, shuffle, generator, count)
         return
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
     for batch in itertools.islice(loader, count):
         # default_collate turns the (x, targets) pair into a list; keep the promised tuple.
         yield batch[0], batch[1]
+
+
+def _checked_batches(
+    dataset: CheckedDataset, batch_size: int, shuffle: bool, generator: torch.Generator | None, count: int
+) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+    """The ``count`` batches a DataLoader gives, in its order and with its random draws (so results, and the
+    random streams after them, are what they were), but with their indices, so that a batch that fails its
+    check can name the sample."""
+    n = len(dataset)
+    torch.empty((), dtype=torch.int64).random_(generator=generator)  # the DataLoader's workers' base seed
+    order = list(range(n))
+    if shuffle:
+        if generator is None:  # RandomSampler's own generator, seeded from the global one
+            generator = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        order = torch.randperm(n, generator=generator).tolist()
+    for start in range(0, count * batch_size, batch_size):
+        if shuffle and start + batch_size > n:
+            # A last, partial batch exhausts RandomSampler, which then draws an empty tail: randperm(n)[:0].
+            torch.randperm(n, generator=generator)
+        yield dataset.batch(order[start : start + batch_size])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
@@ -131,6 +132,11 @@ def _check_sample(dataset: Dataset, split: str, tasks: dict[str, TaskSpec], what
     return tuple(_checked_sample(dataset, 0, split, tasks, what)[0].shape)
 
 
+def _float32_input(value: object) -> bool:
+    return (isinstance(value, Tensor) and value.dtype == torch.float32) or (
+        isinstance(value, np.ndarray) and value.dtype == np.float32)
+
+
 def _first_bad_row(x: Tensor, targets: dict[str, Tensor], tasks: dict[str, TaskSpec]) -> int | None:
     """The first row of a split's or a batch's tensors whose values :func:`_check_values` would refuse (shapes
     and dtypes are checked apart), found with whole-tensor operations; None when every row passes."""
@@ -139,16 +145,20 @@ def _first_bad_row(x: Tensor, targets: dict[str, Tensor], tasks: dict[str, TaskS
                    and spec.type not in ("classification", "segmentation"))]
     # A sum is finite when every value is (and rarely when not: finite values can overflow it); torch.isfinite
     # row by row takes 17 times as long on a CPU, so it runs only to find the row of a non-finite sum.
-    bad = torch.zeros(rows, dtype=torch.bool)
+    bad = torch.zeros(rows, dtype=torch.bool, device=x.device)  # a plugin may hand out tensors on a GPU
     for values in floats:
         if not bool(torch.isfinite(values.sum())):
-            bad |= ~torch.isfinite(values.reshape(rows, -1)).all(dim=1)
+            bad |= ~torch.isfinite(values.reshape(rows, -1)).all(dim=1).to(bad.device)
     for name, spec in tasks.items():
         target = targets[name].reshape(rows, -1)
-        if spec.type == "classification":
-            bad |= ((target != target.floor()) | (target < 0) | (target >= spec.classes)).any(dim=1)
-        elif spec.type == "segmentation":
-            bad |= ((target < dense.IGNORE) | (target >= spec.classes)).any(dim=1)
+        if target.dtype == torch.bool:  # accepted as class 0/1, but bool tensors have no floor or order
+            target = target.to(torch.uint8)
+        if spec.type in ("classification", "segmentation"):
+            low = 0 if spec.type == "classification" else dense.IGNORE
+            wrong = (target < low) | (target >= spec.classes)
+            if target.is_floating_point():
+                wrong |= target != target.floor()
+            bad |= wrong.any(dim=1).to(bad.device)
     found = bad.nonzero()
     return int(found[0]) if len(found) else None
 
@@ -164,6 +174,7 @@ class CheckedDataset(Dataset):
         self.dataset, self.split, self.tasks, self.what, self.input_shape = dataset, split, tasks, what, input_shape
         first = _checked_sample(dataset, 0, split, tasks, what)[1]
         self.target_shapes = {name: tuple(first[name].shape) for name in tasks}
+        self._check_input_type(0)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -181,14 +192,17 @@ class CheckedDataset(Dataset):
         """The samples at ``indices`` stacked (as a DataLoader would), checked."""
         samples = [self[index] for index in indices]
         try:
+            # Each input's dtype before stacking, which would promote a uint8 or float16 one without a word.
+            fits = all(_float32_input(sample[0]) for sample in samples)
             x, targets = default_collate(samples)
-            fits = self._fits(x, targets) and _first_bad_row(x, targets, self.tasks) is None
+            fits = fits and self._fits(x, targets) and _first_bad_row(x, targets, self.tasks) is None
         except Exception:  # samples that do not stack (shapes, structure): the sample check below names which
             fits = False
         if fits:
             return x, targets
         for index in indices:
             x, _ = _checked_sample(self.dataset, index, self.split, self.tasks, self.what)
+            self._check_input_type(index)
             if tuple(x.shape) != self.input_shape:
                 raise MamoError(f"{self.what} gives sample {index} of the '{self.split}' split an input of shape "
                                 f"{tuple(x.shape)}, not {self.input_shape} like sample 0; give every input one "
@@ -200,6 +214,13 @@ class CheckedDataset(Dataset):
                                     "of a task one shape.")
         raise MamoError(f"{self.what} gives the '{self.split}' split samples that do not stack into one batch "
                         f"(samples {indices[0]}..{indices[-1]}); give every sample the same structure.")
+
+    def _check_input_type(self, index: int) -> None:
+        raw = self[index][0]
+        if not _float32_input(raw):  # a list passes the tensor conversion of the sample check, but not a batch
+            raise MamoError(f"{self.what} gives sample {index} of the '{self.split}' split an input of type "
+                            f"{type(raw).__name__}; return a float32 tensor, e.g. torch.as_tensor(x, "
+                            "dtype=torch.float32).")
 
     def _fits(self, x: object, targets: object) -> bool:
         """The stacked batch's types, dtypes and shapes are sample 0's."""

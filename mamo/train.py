@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mamo.cache import BaselineCache, Claim, baseline_key
+from mamo.cache import BaselineCache, baseline_key
 from mamo.checkpoint import EpochCheckpoint, load_checkpoint, restore_trainer, save_checkpoint
 from mamo.config import Config, DirectionConfig, TensionerConfig
 from mamo.data import MultiTaskData, load_data
@@ -196,21 +196,12 @@ def _cached_network(
         session.log(f"{name}: {training} for {epochs} epoch{'s' * (epochs != 1)}")
         checkpoint = session.cache.checkpoint_path(key)
         result = train_network(session, epochs, EQUAL, task_names, description=kind.replace("-", " "),
-                               callbacks=[*(callbacks or []), KeepClaim(claim)], checkpoint=checkpoint,
+                               callbacks=callbacks, checkpoint=checkpoint,
                                discard_damaged=True).result()
         session.cache.put(key, result)
         checkpoint.unlink(missing_ok=True)
     return result
 
-
-class KeepClaim(Callback):
-    """Touches the claim on a baseline while it trains, so that processes waiting for it keep waiting."""
-
-    def __init__(self, claim: Claim):
-        self.claim = claim
-
-    def on_step(self, trainer: Trainer, result: object) -> None:
-        self.claim.touch()
 
 
 def train_stl(session: Session, epochs: int, callbacks: list[Callback] | None = None) -> dict:

@@ -37,6 +37,7 @@ from mamo.tune_summary import summarize
 from mamo.tune_workers import (
     RETRY_OF,
     Plan,
+    StorageBusy,
     Tickets,
     TrialLine,
     open_storage,
@@ -267,9 +268,10 @@ def run_tune(
             _check_space_ends(config)
         tasks, stl_val = _reference(config, directory, objective is None, multi_objective, progress)
         study = open_study(store, name, multi_objective, tasks, config, stl_val)
-    except MamoError:
-        # Bad input leaves no half-made study folder to trip the corrected retry; trained baselines are kept.
-        if created and not any((directory / ".baselines").glob("*.json")):
+    except MamoError as exc:
+        # Bad input leaves no half-made study folder to trip the corrected retry; trained baselines are kept, and
+        # so is a folder whose study another command is setting up.
+        if created and not isinstance(exc, StorageBusy) and not any((directory / ".baselines").glob("*.json")):
             shutil.rmtree(directory, ignore_errors=True)
         raise
     claim_folder(directory, name, study.user_attrs["uid"])

@@ -73,6 +73,12 @@ ENGINE_ARGS: dict[str, dict] = {
 }
 
 
+TABLE_RACE_ATTEMPTS = 3
+
+
+class StorageBusy(MamoError):
+    """Another command was creating the study's tables at the same moment (it owns what it made)."""
+
 DRIVERS: dict[str, tuple[str, ...]] = {"postgresql": ("psycopg", "psycopg2"), "mysql": ("MySQLdb", "pymysql")}
 
 
@@ -93,20 +99,34 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
         if found:
             url = parsed.set(drivername=f"{parsed.drivername}+{found[0]}").render_as_string(hide_password=False)
     try:
-        # A heartbeat lets a worker on another machine fail the trial of a worker that was killed, and retry it.
-        return optuna.storages.RDBStorage(url, engine_kwargs=ENGINE_ARGS.get(parsed.get_backend_name(), {}),
-                                          heartbeat_interval=60, grace_period=300,
-                                          heartbeat_stale_trial_callback=retry_stale, skip_table_creation=not create)
+        return _rdb_storage(url, ENGINE_ARGS.get(parsed.get_backend_name(), {}), create)
     except ImportError as exc:
         raise MamoError(f"storage {shown} needs a database driver that is not installed; install it, e.g. "
                         "pip install psycopg2-binary for postgresql://.") from exc
     except (SQLAlchemyError, ValueError, RuntimeError) as exc:
         reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
         if "already exists" in reason:  # two commands created the study's tables at the same moment
-            raise MamoError(f"storage {shown} was being set up by another command at the same moment ({reason}); "
-                            "run this command again to join the study.") from exc
+            raise StorageBusy(f"storage {shown} was being set up by another command at the same moment ({reason}); "
+                              "run this command again to join the study.") from exc
         raise MamoError(f"storage {shown} could not be opened ({reason}); start the database or pass a reachable "
                         "--storage URL.") from exc
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, create: bool) -> optuna.storages.RDBStorage:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(TABLE_RACE_ATTEMPTS):
+        try:
+            # A heartbeat lets a worker on another machine fail the trial of a worker that was killed, and retry it.
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
+                                              grace_period=300, heartbeat_stale_trial_callback=retry_stale,
+                                              skip_table_creation=not create)
+        except SQLAlchemyError as exc:
+            # Two commands creating the tables at once: one fails with "already exists"; a retry finds them made.
+            if "already exists" not in str(exc) or attempt == TABLE_RACE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 class Tickets:

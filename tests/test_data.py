@@ -499,6 +499,12 @@ class Lazy(Dataset):
                 raise OSError("the disk went away")
             elif self.fault == "nan":
                 x = torch.tensor([0.0, float("nan")])
+            elif self.fault == "uint8":  # stacked with float32 inputs, it would be promoted without a word
+                x = torch.zeros(2, dtype=torch.uint8)
+            elif self.fault == "list":
+                x = [0.0, 0.0]
+        if self.fault == "bool":
+            digit = torch.tensor(i % 2 == 0)
         targets = {"digit": digit, "size": size}
         if self.fault == "extra" and i != 7:
             targets["note"] = torch.tensor(1)  # a key sample 7 lacks: the batch cannot be stacked
@@ -532,6 +538,8 @@ def test_every_sample_of_a_plugins_in_memory_data_is_checked_when_it_loads(
     ("shape", r"gives sample 7 of the 'train' split an input of shape \(3,\), not \(2,\) like sample 0"),
     ("raises", r"raised OSError reading sample 7 of the 'train' split: the disk went away; fix the dataset\."),
     ("nan", r"gives sample 7 of the 'train' split an input with NaN or infinite values"),
+    ("uint8", r"gives sample 7 of the 'train' split an input of dtype torch.uint8; return float32"),
+    ("list", r"gives sample 7 of the 'train' split an input of type list; return a float32 tensor"),
     ("extra", r"gives the 'train' split samples that do not stack into one batch \(samples 4\.\.7\); give every"),
 ])
 def test_a_plugins_lazy_samples_are_checked_as_they_are_read(tmp_path: Path, fault: str, message: str) -> None:
@@ -542,18 +550,53 @@ def test_a_plugins_lazy_samples_are_checked_as_they_are_read(tmp_path: Path, fau
         list(iterate_batches(data.train, 4, shuffle=False, generator=None))
 
 
+def test_bool_class_labels_are_still_accepted(tmp_path: Path) -> None:
+    # The whole-split check called floor() on them, which bool tensors lack (they trained before it).
+    (tmp_path / "late.py").write_text(LATE_FAULTS + """
+
+def bool_labels(*, seed, root):
+    return _in_memory(torch.zeros(10, 2), torch.arange(10) % 2 == 0, torch.zeros(10, 1))
+""")
+    in_memory = load_data(DataConfig(name=f"{tmp_path / 'late.py'}:bool_labels"))
+    lazy = load_data(DataConfig(name=f"{tmp_path / 'late.py'}:lazy", options={"fault": "bool"}))
+    for data in (in_memory, lazy):
+        (_, targets), *_ = iterate_batches(data.train, 4, shuffle=False, generator=None)
+        assert targets["digit"].tolist() == [True, False, True, False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_a_plugins_data_on_the_gpu_is_checked_where_it_is() -> None:
+    from mamo.samples import _first_bad_row
+    from mamo.tasks import parse_tasks
+
+    tasks = parse_tasks({"digit": {"type": "classification", "classes": 3}}, "test")
+    x, digit = torch.zeros(6, 2, device="cuda"), torch.tensor([0, 1, 2, 3, 0, 1], device="cuda")
+    assert _first_bad_row(x, {"digit": digit}, tasks) == 3
+
+
 def test_a_checked_lazy_split_gives_the_batches_a_dataloader_gives(tmp_path: Path) -> None:
     (tmp_path / "late.py").write_text(LATE_FAULTS.replace("torch.zeros(2), torch.tensor(0), torch.zeros(1)",
                                                           "torch.full((2,), float(i)), torch.tensor(i % 3), "
                                                           "torch.full((1,), float(i))"))
     data = load_data(DataConfig(name=f"{tmp_path / 'late.py'}:lazy", options={"fault": None}))
     raw = data.train.dataset
-    for shuffle in (False, True):
-        checked = list(iterate_batches(data.train, 4, shuffle, torch.Generator().manual_seed(3), drop_single=True))
-        plain = list(iterate_batches(raw, 4, shuffle, torch.Generator().manual_seed(3), drop_single=True))
-        assert len(checked) == len(plain) == 3  # 10 samples: 4 + 4 + 2
-        for (x, targets), (x_raw, targets_raw) in zip(checked, plain, strict=True):
-            assert torch.equal(x, x_raw) and all(torch.equal(targets[k], targets_raw[k]) for k in targets_raw)
+
+    def epochs(dataset, batch_size: int, shuffle: bool, seeded: bool) -> tuple[list, torch.Tensor]:
+        # Three epochs from one generator (a partial last batch advances it once more in a DataLoader), then
+        # the global random state, which a DataLoader draws from too.
+        torch.manual_seed(11)
+        generator = torch.Generator().manual_seed(3) if seeded else None
+        batches = [batch for _ in range(3) for batch in iterate_batches(dataset, batch_size, shuffle, generator,
+                                                                        drop_single=True)]
+        return batches, torch.get_rng_state()
+
+    for batch_size in (4, 3, 5):  # 10 samples: a partial last batch, a single sample left out, none left
+        for shuffle, seeded in ((True, True), (False, False), (True, False)):
+            (checked, state), (plain, plain_state) = (epochs(d, batch_size, shuffle, seeded) for d in (data.train, raw))
+            assert torch.equal(state, plain_state)
+            assert len(checked) == len(plain)
+            for (x, targets), (x_raw, targets_raw) in zip(checked, plain, strict=True):
+                assert torch.equal(x, x_raw) and all(torch.equal(targets[k], targets_raw[k]) for k in targets_raw)
 
 
 def test_missing_plugin_file_and_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

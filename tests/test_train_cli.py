@@ -18,7 +18,7 @@ import torch
 import yaml
 from cli_errors import single_error
 
-from mamo.cache import ABANDONED_AFTER_SECONDS, BaselineCache, baseline_key
+from mamo.cache import ABANDONED_AFTER_SECONDS, BaselineCache, _pid_namespace, baseline_key
 from mamo.cli import main
 from mamo.config import load_config, load_yaml
 from mamo.data import load_data
@@ -677,7 +677,7 @@ def test_a_baseline_another_live_process_trains_is_waited_for_not_trained_twice(
     monkeypatch.setattr(cache_module, "WAIT_POLL_SECONDS", 0.05)
     config = load_config("quick", [*TINY_SETTINGS])
     key, cache = baseline_key(config, "hps", 1), tmp_path / "cache"
-    claim = _hold_claim(cache, key, f"{socket.gethostname()} {os.getppid()}")
+    claim = _hold_claim(cache, key, f"{socket.gethostname()} {os.getppid()} {_pid_namespace()}")
     result = {"tasks": {"left": {"accuracy": 0.25}, "right": {"accuracy": 0.5}}, "val": {}, "params": 1,
               "seconds_per_epoch": 1.0}
     timer = threading.Timer(0.5, lambda: BaselineCache(cache).put(key, result))
@@ -687,7 +687,7 @@ def test_a_baseline_another_live_process_trains_is_waited_for_not_trained_twice(
     assert cached_baseline(session, "hps", 1) == result  # the other process's, after it appeared
     timer.join()
     log = (tmp_path / "logs" / "log.txt").read_text()
-    assert f"HPS baseline: waiting for the process that trains it ({socket.gethostname()} {os.getppid()}" in log
+    assert f"HPS baseline: waiting for the process that trains it ({socket.gethostname()} {os.getppid()} " in log
     assert "equal weighting for" not in log and claim.exists()  # trained nothing, left the holder's claim alone
 
 
@@ -700,7 +700,7 @@ def test_stl_trains_the_tasks_no_other_process_trains_first(tmp_path: Path, monk
     monkeypatch.setattr(cache_module, "WAIT_POLL_SECONDS", 0.05)
     config = load_config("quick", [*TINY_SETTINGS])
     left, cache = baseline_key(config, "stl-left", 1), tmp_path / "cache"
-    _hold_claim(cache, left, f"{socket.gethostname()} {os.getppid()}")
+    _hold_claim(cache, left, f"{socket.gethostname()} {os.getppid()} {_pid_namespace()}")
     other = {"tasks": {"left": {"accuracy": 0.25}}, "val": {"left": {"accuracy": 0.2, "loss": 2.0}}, "params": 7,
              "seconds_per_epoch": 1.0}
     logs = tmp_path / "logs"
@@ -731,13 +731,67 @@ def test_an_abandoned_claim_is_taken_over_and_released(tmp_path: Path, holder: s
     if holder == "killed here":
         gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True).stdout.strip()
-        _hold_claim(cache, key, f"{socket.gethostname()} {gone}")
+        _hold_claim(cache, key, f"{socket.gethostname()} {gone} {_pid_namespace()}")
     else:
         _hold_claim(cache, key, "another-machine 77", age=CLAIM_STALE_SECONDS + 5)
     session = open_session(config, None, progress=False, quiet=True, cache_root=cache)
     result = cached_baseline(session, "hps", 1)
     assert BaselineCache(cache).get(key) == result
     assert sorted(p.name for p in cache.iterdir()) == [f"{key}.json"]  # no claim, no checkpoint left
+
+
+def test_a_dead_process_id_means_an_abandoned_claim_only_in_the_same_pid_namespace(tmp_path: Path) -> None:
+    # Containers sharing a host name have their own process ids: a live owner's pid may not exist here.
+    from mamo.cache import _abandoned
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    here = _hold_claim(tmp_path, "here", f"{socket.gethostname()} {gone} {_pid_namespace()}")
+    container = _hold_claim(tmp_path, "container", f"{socket.gethostname()} {gone} [4026530000]")
+    assert _abandoned(here) and not _abandoned(container)
+
+
+def test_a_claim_is_kept_alive_by_its_thread_and_released(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It was touched on training steps only: a long evaluation looked like a dead owner to the waiters.
+    import mamo.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "CLAIM_TOUCH_SECONDS", 0.02)
+    claim = BaselineCache(tmp_path).try_claim("key")
+    assert claim is not None and BaselineCache(tmp_path).try_claim("key") is None  # held: a second one waits
+    os.utime(claim.path, (0, 0))
+    time.sleep(0.2)
+    assert claim.path.stat().st_mtime > time.time() - 5
+    claim.release()
+    assert not claim.path.exists() and not claim._toucher.is_alive()
+
+
+def test_a_claim_taken_just_after_its_result_was_cached_is_let_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Looked for the result, none; the owner cached it and let go; this process took the claim: it trained again.
+    cache = BaselineCache(tmp_path)
+    real = BaselineCache.try_claim
+
+    def owner_finishes_first(self, key):
+        cache.put(key, {"tasks": {}})
+        return real(self, key)
+
+    monkeypatch.setattr(BaselineCache, "try_claim", owner_finishes_first)
+    with cache.claim("key", lambda line: None, "HPS baseline") as claim:
+        assert claim is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key.json"]
+
+
+def test_a_claim_that_cannot_be_written_is_not_left_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mamo.cache as cache_module
+
+    def full_disk() -> str:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_module, "_owner", full_disk)
+    with pytest.raises(OSError):
+        BaselineCache(tmp_path).try_claim("key")
+    assert not (tmp_path / "key.claim").exists()  # an empty one would make others wait out its silence
 
 
 def test_a_checkpoint_removed_by_another_process_just_before_it_is_read_is_no_crash(

@@ -323,13 +323,22 @@ def test_bad_storage_url_is_one_sentence(tmp_path, capsys, url):
     assert not (tmp_path / "study").exists()  # nothing is written before the storage answers
 
 
-def test_two_commands_setting_up_one_study_at_once_are_told_to_run_again(tmp_path, monkeypatch):
+def test_two_commands_setting_up_one_study_at_once_retry_then_are_told_to_run_again(tmp_path, monkeypatch):
     # Optuna's table creation raced: "could not be opened (table studies already exists); start the database".
     from sqlalchemy.exc import OperationalError
 
     def racing(*args, **kwargs):
         raise OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
 
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing_once(*args, **kwargs):  # the other command made the tables meanwhile: the retry opens them
+        calls.append(1)
+        return racing() if len(calls) == 1 else real(*args, **kwargs)
+
+    monkeypatch.setattr("mamo.tune_workers.time.sleep", lambda seconds: None)
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing_once)
+    assert isinstance(open_storage(f"sqlite:///{tmp_path / 'study.db'}"), real) and len(calls) == 2
     monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
     with pytest.raises(MamoError, match=r"was being set up by another command at the same moment \(table studies "
                                         r"already exists\); run this command again to join the study\."):
