@@ -2,9 +2,10 @@
 
 Several processes, maybe on several machines, may share the folder. A result is written atomically; while a
 baseline trains, its network is checkpointed beside it (``<key>.pt``) and the training process holds a claim
-(``<key>.claim``: its host and process id, touched as it trains), so that another process that needs the
-same baseline waits for the result instead of training it a second time, and takes the training over, from
-the checkpoint, only once the claim is abandoned (its process gone, or silent for :data:`CLAIM_STALE_SECONDS`).
+(``<key>.claim``: its host, process id and PID namespace, touched by a thread), so that another process that
+needs the same baseline waits for the result instead of training it a second time, and takes the training
+over, from the checkpoint, only once the claim is abandoned (its process gone, or the claim silent for
+:data:`CLAIM_STALE_SECONDS`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from mamo.runs import write_text_atomically
 
 #: A temporary file untouched this long was left by a killed writer: a save takes seconds, never an hour.
 ABANDONED_AFTER_SECONDS = 3600.0
-#: A claim untouched this long is abandoned (its owner touches it every CLAIM_TOUCH_SECONDS while training;
-#: evaluating a large test split can keep it from touching for minutes).
+#: A claim untouched this long is abandoned: its owner's thread touches it every CLAIM_TOUCH_SECONDS, so only a
+#: killed process or a machine that stopped (or lost the shared folder) goes silent.
 CLAIM_STALE_SECONDS = 600.0
 CLAIM_TOUCH_SECONDS = 30.0
 WAIT_POLL_SECONDS = 2.0

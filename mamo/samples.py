@@ -201,17 +201,17 @@ class CheckedDataset(Dataset):
         if fits:
             return x, targets
         for index in indices:
-            x, _ = _checked_sample(self.dataset, index, self.split, self.tasks, self.what)
+            x, targets = _checked_sample(self.dataset, index, self.split, self.tasks, self.what)
             self._check_input_type(index)
             if tuple(x.shape) != self.input_shape:
                 raise MamoError(f"{self.what} gives sample {index} of the '{self.split}' split an input of shape "
                                 f"{tuple(x.shape)}, not {self.input_shape} like sample 0; give every input one "
                                 "shape.")
             for name, shape in self.target_shapes.items():
-                if tuple(_[name].shape) != shape:
+                if tuple(targets[name].shape) != shape:
                     raise MamoError(f"{self.what} gives sample {index} of the '{self.split}' split a '{name}' target "
-                                    f"of shape {tuple(_[name].shape)}, not {shape} like sample 0; give every target "
-                                    "of a task one shape.")
+                                    f"of shape {tuple(targets[name].shape)}, not {shape} like sample 0; give every "
+                                    "target of a task one shape.")
         raise MamoError(f"{self.what} gives the '{self.split}' split samples that do not stack into one batch "
                         f"(samples {indices[0]}..{indices[-1]}); give every sample the same structure.")
 

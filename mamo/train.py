@@ -196,12 +196,10 @@ def _cached_network(
         session.log(f"{name}: {training} for {epochs} epoch{'s' * (epochs != 1)}")
         checkpoint = session.cache.checkpoint_path(key)
         result = train_network(session, epochs, EQUAL, task_names, description=kind.replace("-", " "),
-                               callbacks=callbacks, checkpoint=checkpoint,
-                               discard_damaged=True).result()
+                               callbacks=callbacks, checkpoint=checkpoint, discard_damaged=True).result()
         session.cache.put(key, result)
         checkpoint.unlink(missing_ok=True)
     return result
-
 
 
 def train_stl(session: Session, epochs: int, callbacks: list[Callback] | None = None) -> dict:
