@@ -29,25 +29,41 @@ def _is_file_plugin(target: str) -> bool:
     return target.endswith(".py") or "/" in target or "\\" in target
 
 
-def plugin_source_digest(name: str) -> str | None:
-    """The sha256 of the source file of the plugin ``data.name`` names (None for a built-in dataset, or when
-    there is no file to read): the baseline cache's key includes it, so editing a plugin retrains the baselines
-    instead of comparing against results of the old data. Files the plugin imports or reads are not covered."""
+def plugin_source(name: str) -> Path | None:
+    """The source file of the plugin ``data.name`` names (None for a built-in dataset, or when there is none)."""
     target, colon, _ = name.rpartition(":")
     if not colon:
         return None
     if _is_file_plugin(target):
-        path: str | Path | None = Path(target).expanduser()
-    else:
-        try:
-            spec = importlib.util.find_spec(target)
-        except (ImportError, ValueError):
-            return None
-        path = spec.origin if spec is not None else None
+        return Path(target).expanduser()
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+        spec = importlib.util.find_spec(target)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec is not None and spec.origin else None
+
+
+def plugin_source_digest(name: str) -> str | None:
+    """The sha256 of :func:`plugin_source`: the baseline cache's key includes it, so editing a plugin retrains
+    the baselines instead of comparing against results of the old data. Files the plugin imports or reads are
+    not covered."""
+    path = plugin_source(name)
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path else None
     except OSError:
         return None
+
+
+def plugin_edited_note(name: str, started: Path) -> str | None:
+    """A log line for a resumed run whose plugin was edited after ``started`` (the run's config.yaml) was written."""
+    path = plugin_source(name)
+    try:
+        if path is None or path.stat().st_mtime <= started.stat().st_mtime:
+            return None
+    except OSError:
+        return None
+    return (f"note: the data plugin {path} changed after this run started; the resumed run trains and tests on "
+            "what it returns now, while its epochs before the stop (and a search's baselines) saw the old data.")
 
 
 def load_plugin(name: str) -> Callable[..., dict]:

@@ -19,6 +19,7 @@ from mamo import graph as g
 from mamo.checkpoint import IN_PHASE, EpochCheckpoint, newest_state, restore_trainer, save_checkpoint, trainer_state
 from mamo.config import Config, load_config
 from mamo.conflicts import ConflictStats, select_positions
+from mamo.data_plugins import plugin_edited_note
 from mamo.errors import MamoError
 from mamo.model import count_parameters
 from mamo.report import build_rows, delta, growth_notes, time_notes, win_rate, write_metrics, write_report
@@ -195,8 +196,9 @@ def run_search(
     session.log(f"{'resuming' if resume else 'search'} in {directory} on {session.device}: {method_name(config)}"
                 + (f"; {', '.join(resume_settings)}" if resume_settings else ""))
     session.log(plan_line(config, len(tasks)))
-    for note in ([] if resume else [budget_note(config), tensioner_window_note(config, len(session.data.train))]):
-        if note:  # said when it started
+    for note in ([plugin_edited_note(config.data.name, directory / "config.yaml")] if resume else
+                 [budget_note(config), tensioner_window_note(config, len(session.data.train))]):
+        if note:  # the notes on the settings were said when it started
             session.log(note)
     recorder = ConflictRecorder()
     watchers = list(callbacks or [])

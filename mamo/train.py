@@ -16,6 +16,7 @@ from mamo.cache import BaselineCache, baseline_key
 from mamo.checkpoint import EpochCheckpoint, load_checkpoint, restore_trainer, save_checkpoint
 from mamo.config import Config, DirectionConfig, TensionerConfig
 from mamo.data import MultiTaskData, load_data
+from mamo.data_plugins import plugin_edited_note
 from mamo.directions import create_direction
 from mamo.errors import MamoError
 from mamo.graph import build_hps_graph, graph_to_dict
@@ -298,6 +299,8 @@ def run_train(
         check_resumed_config(config, state, directory)
         session = open_session(config, directory, progress, quiet)
         session.log(f"resuming {directory}" + (f" with {', '.join(resume_settings)}" if resume_settings else ""))
+        if note := plugin_edited_note(config.data.name, directory / "config.yaml"):
+            session.log(note)
     else:
         session, directory = open_run(config, run_dir, "train", progress, quiet)
     # An STL run continues from the baseline cache instead of checkpoints/last.pt: no --resume to suggest.

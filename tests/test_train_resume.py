@@ -252,3 +252,36 @@ def test_where_it_runs_and_where_its_data_lies_may_change_on_resume_what_it_comp
     check_resumed_config(moved, state, tmp_path)  # another machine, the same computation
     with pytest.raises(MamoError, match="sets data.seed to 7 but the run's checkpoints were computed with 0"):
         check_resumed_config(load_config("quick", ["data.seed=7"]), state, tmp_path)
+
+
+EDITABLE_PLUGIN = """
+import torch
+from mamo.data import TensorTaskDataset
+
+
+def build(*, seed, root):
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(seed))
+    data = TensorTaskDataset(x, {"a": (x[:, 0] > 0).long(), "b": (x[:, 1] > 0).long()})
+    two = {"type": "classification", "classes": 2}
+    return {"train": data, "val": data, "test": data, "tasks": {"a": two, "b": two}}
+"""
+
+
+@pytest.mark.parametrize("edited", [False, True])
+def test_a_run_resumed_after_its_plugin_was_edited_says_so(tmp_path: Path, edited: bool) -> None:
+    import os
+    import time
+
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(EDITABLE_PLUGIN)
+    os.utime(plugin, (time.time() - 60, time.time() - 60))
+    config = load_config("logic", [f"data.name={plugin}:build", "data.options={}", "model.hidden=[8]",
+                                   "train.epochs=2", "train.checkpoint_seconds=0", "train.device=cpu"])
+    quiet = {"progress": False, "quiet": True, "loggers": False}
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, tmp_path / "run", callbacks=[StopAfterEpoch(1)], **quiet)
+    if edited:
+        plugin.write_text(EDITABLE_PLUGIN.replace("> 0).long()}", "> 1).long()}"))
+    run_train(config, tmp_path / "run", resume=True, **quiet)
+    noted = "note: the data plugin" in (tmp_path / "run" / "log.txt").read_text()
+    assert noted == edited
