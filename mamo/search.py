@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mamo import graph as g
+from mamo.baselines import cached_baselines
 from mamo.checkpoint import IN_PHASE, EpochCheckpoint, newest_state, restore_trainer, save_checkpoint, trainer_state
 from mamo.config import Config, load_config
 from mamo.conflicts import ConflictStats, select_positions
@@ -38,7 +39,6 @@ from mamo.step import StepResult
 from mamo.train import (
     Session,
     build_network,
-    cached_baseline,
     logging_stops,
     make_trainer,
     open_run,
@@ -211,7 +211,7 @@ def run_search(
                 # which is part of the cache key) needs neither the baseline cache nor hours to retrain it.
                 baselines = state["baselines"]
             elif search.baselines:
-                baselines = {kind: cached_baseline(session, kind, config.train.epochs) for kind in ("stl", "hps")}
+                baselines = cached_baselines(session, ("stl", "hps"), config.train.epochs)
             stl_val = baselines["stl"]["val"] if baselines else None
             if loggers:
                 from mamo.board import TensorBoardLogger

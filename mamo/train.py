@@ -176,71 +176,6 @@ def _read_checkpoint(session: Session, path: Path, discard_damaged: bool) -> dic
         return None
 
 
-def _cached_network(
-    session: Session, kind: str, epochs: int, task_names: list[str] | None, name: str, training: str,
-    callbacks: list[Callback] | None = None, wait: bool = True,
-) -> dict | None:
-    """One baseline network's result: from the cache, else trained and cached. Its training is checkpointed
-    beside the cache, so a stopped run continues it (a baseline of NYUv2 is hours on a GPU). While another
-    process trains it, waits for its result, or with ``wait=False`` returns None."""
-    key = baseline_key(session.config, kind, epochs)
-    cached = session.cache.get(key)
-    if cached is not None:
-        session.log(f"{name}: reusing the cached result {key}")
-        return cached
-    with session.cache.claim(key, session.log, name, wait) as claim:
-        if claim is None:
-            cached = session.cache.get(key)  # None: another process still trains it
-            if cached is not None:
-                session.log(f"{name}: reusing the result another process cached meanwhile, {key}")
-            return cached
-        session.log(f"{name}: {training} for {epochs} epoch{'s' * (epochs != 1)}")
-        checkpoint = session.cache.checkpoint_path(key)
-        result = train_network(session, epochs, EQUAL, task_names, description=kind.replace("-", " "),
-                               callbacks=callbacks, checkpoint=checkpoint, discard_damaged=True).result()
-        session.cache.put(key, result)
-        checkpoint.unlink(missing_ok=True)
-    return result
-
-
-def train_stl(session: Session, epochs: int, callbacks: list[Callback] | None = None) -> dict:
-    """One network per task, each trained alone (and cached on its own, so a stopped STL run keeps its
-    finished tasks); the result merges their metrics and adds their sizes."""
-    results: dict[str, dict] = {}
-    for wait in (False, True):  # first the tasks no other process trains, then wait for the rest: runs started
-        for task in session.data.tasks:  # together share the work
-            if task not in results:
-                result = _cached_network(session, f"stl-{task}", epochs, [task], f"STL '{task}'",
-                                         "training it alone", callbacks, wait)
-                if result is not None:
-                    results[task] = result
-    merged: dict = {"tasks": {}, "val": {}, "params": 0, "seconds_per_epoch": 0.0}
-    for task in session.data.tasks:
-        result = results[task]
-        merged["tasks"].update(result["tasks"])
-        merged["val"].update(result["val"])
-        merged["params"] += result["params"]
-        merged["seconds_per_epoch"] += result["seconds_per_epoch"]
-    return merged
-
-
-def cached_baseline(session: Session, kind: str, epochs: int, callbacks: list[Callback] | None = None) -> dict:
-    """The STL or HPS (equal weighting) baseline for this data, backbone, budget and seed; trained once
-    (``callbacks`` watch the training when there is one)."""
-    key = baseline_key(session.config, kind, epochs)
-    cached = session.cache.get(key)
-    if cached is not None:
-        session.log(f"{kind.upper()} baseline: reusing the cached result {key}")
-        return cached
-    if kind == "stl":
-        result = train_stl(session, epochs, callbacks)
-        session.cache.put(key, result)
-        return result
-    result = _cached_network(session, kind, epochs, None, "HPS baseline", "equal weighting", callbacks)
-    assert result is not None  # it waited for any other process training it
-    return result
-
-
 def save_model(run_dir: Path, model: MamoNet) -> None:
     """The architecture (node-link JSON) and its weights (safetensors), which together rebuild the model, and
     the architecture as GraphML and DOT for graph tools."""
@@ -352,6 +287,8 @@ def _train_and_write(session: Session, directory: Path, watchers: list[Callback]
     tasks = session.data.tasks
     stl_key = baseline_key(config, "stl", epochs)
     if config.train.mode == "stl":
+        from mamo.baselines import cached_baseline  # it trains with this module's train_network
+
         result = cached_baseline(session, "stl", epochs, watchers)
         results, stl_name = {"STL": result}, "STL"
     else:

@@ -197,7 +197,8 @@ def _reference(config: Config, directory: Path, search: bool, multi: bool, progr
         from mamo.data import load_data
 
         return (load_data(config.data).tasks if multi else {}), None
-    from mamo.train import cached_baseline, open_session
+    from mamo.baselines import cached_baselines
+    from mamo.train import open_session
 
     session = open_session(config, None, progress, quiet=False, cache_root=directory / ".baselines")
     if config.tune.T:  # the longest T the trials may draw, with the most rounds they may run
@@ -215,7 +216,7 @@ def _reference(config: Config, directory: Path, search: bool, multi: bool, progr
                     "budget.")
     baselines = config.search.baselines
     kinds = [kind for kind, needed in (("stl", baselines or not multi), ("hps", baselines)) if needed]
-    results = {kind: cached_baseline(session, kind, config.train.epochs) for kind in kinds}
+    results = cached_baselines(session, kinds, config.train.epochs)
     return session.data.tasks, results["stl"]["val"] if "stl" in results else None
 
 

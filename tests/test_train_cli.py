@@ -18,6 +18,7 @@ import torch
 import yaml
 from cli_errors import single_error
 
+from mamo.baselines import cached_baseline
 from mamo.cache import ABANDONED_AFTER_SECONDS, BaselineCache, _pid_namespace, baseline_key
 from mamo.cli import main
 from mamo.config import load_config, load_yaml
@@ -25,7 +26,7 @@ from mamo.data import load_data
 from mamo.errors import MamoError
 from mamo.report import delta, win_rate
 from mamo.runs import free_run_dir, new_run_dir
-from mamo.train import cached_baseline, open_session
+from mamo.train import open_session
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "train.epochs=1", "--set", "data.train_size=256", "--set", "data.val_size=64",
@@ -242,15 +243,15 @@ def test_cached_stl_is_reused_not_retrained(runs: Path, capsys: pytest.CaptureFi
 
 
 def test_the_hps_baseline_trains_with_equal_weighting_whatever_the_direction(tmp_path: Path, monkeypatch) -> None:
-    import mamo.train as train_module
+    import mamo.baselines as baselines_module
 
-    directions, real = [], train_module.train_network
+    directions, real = [], baselines_module.train_network
 
     def spy(session, epochs, direction, *args, **kwargs):
         directions.append(direction)
         return real(session, epochs, direction, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_network", spy)
+    monkeypatch.setattr(baselines_module, "train_network", spy)
     config = load_config("quick", [*TINY_SETTINGS, "direction.name=mgda", "direction.tensioner.formulation=thesis"])
     cached_baseline(open_session(config, None, progress=False, quiet=True, cache_root=tmp_path), "hps", 1)
     assert [(d.name, d.tensioner.formulation) for d in directions] == [("equal", "off")]
@@ -691,11 +692,12 @@ def test_a_baseline_another_live_process_trains_is_waited_for_not_trained_twice(
     assert "equal weighting for" not in log and claim.exists()  # trained nothing, left the holder's claim alone
 
 
-def test_stl_trains_the_tasks_no_other_process_trains_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Runs started together share the STL work instead of queueing behind the first one's task 'left'.
+def test_the_networks_no_other_process_trains_come_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Runs started together share the baselines' work instead of queueing behind the first one's STL 'left'.
     import threading
 
     import mamo.cache as cache_module
+    from mamo.baselines import cached_baselines
 
     monkeypatch.setattr(cache_module, "WAIT_POLL_SECONDS", 0.05)
     config = load_config("quick", [*TINY_SETTINGS])
@@ -708,18 +710,21 @@ def test_stl_trains_the_tasks_no_other_process_trains_first(tmp_path: Path, monk
     session = open_session(config, logs, progress=False, quiet=True, cache_root=cache)
     real = cache_module.BaselineCache.put
 
-    def put(self, key, result):  # the other process finishes 'left' once this one has trained 'right'
+    def put(self, key, result):  # the other process finishes 'left' once this one has trained the rest
         real(self, key, result)
-        if key == baseline_key(config, "stl-right", 1):
+        if key == baseline_key(config, "hps", 1):
             threading.Timer(0.2, lambda: real(self, left, other)).start()
 
     monkeypatch.setattr(cache_module.BaselineCache, "put", put)
-    merged = cached_baseline(session, "stl", 1)
+    results = cached_baselines(session, ("stl", "hps"), 1)
     lines = [line.split(" ", 1)[1] for line in (logs / "log.txt").read_text().splitlines()]
-    assert lines.index("STL 'right': training it alone for 1 epoch") < next(
-        i for i, line in enumerate(lines) if line.startswith("STL 'left': waiting for the process that trains it"))
+    order = [next(i for i, line in enumerate(lines) if line.startswith(start)) for start in (
+        "STL 'right': training it alone", "HPS baseline: equal weighting", "STL 'left': waiting for the process")]
+    assert order == sorted(order)
+    merged = results["stl"]
     assert merged["tasks"]["left"] == other["tasks"]["left"] and list(merged["tasks"]) == ["left", "right"]
     assert merged["params"] == 7 + BaselineCache(cache).get(baseline_key(config, "stl-right", 1))["params"]
+    assert BaselineCache(cache).get(baseline_key(config, "stl", 1)) == merged
 
 
 @pytest.mark.parametrize("holder", ["killed here", "silent elsewhere"])

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from cli_errors import single_error
 
+from mamo.baselines import cached_baseline
 from mamo.cache import baseline_key
 from mamo.cli import main
 from mamo.config import load_config
-from mamo.train import cached_baseline, open_session, run_train
+from mamo.train import open_session, run_train
 from mamo.trainer import Callback
 
 

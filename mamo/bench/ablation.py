@@ -28,6 +28,7 @@ from pathlib import Path
 import networkx as nx
 
 from mamo import graph as g
+from mamo.baselines import cached_baseline
 from mamo.bench import positive_int
 from mamo.config import Config, SearchConfig, config_from_dict, load_config, load_yaml
 from mamo.data import load_data
@@ -40,7 +41,7 @@ from mamo.search import run_search
 from mamo.search_plan import epochs_before_final
 from mamo.spaces import space_from_spec
 from mamo.tasks import parse_tasks
-from mamo.train import cached_baseline, open_session
+from mamo.train import open_session
 
 
 def variants(search: SearchConfig, epochs: int, rounds: Iterable[int]) -> dict[str, list[str]]:
