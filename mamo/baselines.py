@@ -85,7 +85,7 @@ def cached_baselines(
             results[kind] = _merge_stl(parts) if kind == "stl" else parts[0]
             if kind == "stl":
                 session.cache.put(baseline_key(session.config, kind, epochs), results[kind])
-    return results
+    return {kind: results[kind] for kind in kinds}
 
 
 def cached_baseline(session: Session, kind: str, epochs: int, callbacks: list[Callback] | None = None) -> dict:
