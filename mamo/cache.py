@@ -175,12 +175,10 @@ class BaselineCache:
         while another process holds the claim; with ``wait``, waits for that process, saying so once."""
         said = False
         while True:
-            held = None if self.get(key) is not None else self.try_claim(key)
-            if held is not None and self.get(key) is not None:  # its owner cached it and let go between the looks
-                held.release()
-                held = None
-            if held is not None:
-                break
+            if self.get(key) is None and (held := self.try_claim(key)) is not None:
+                if self.get(key) is None:
+                    break
+                held.release()  # its owner cached it and let go between the two looks
             if self.get(key) is not None or not wait:
                 yield None
                 return

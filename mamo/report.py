@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mamo.runs import format_duration, write_text_atomically
 from mamo.tasks import TaskSpec
+from mamo.trainer import mean_epoch_seconds
 
 Metrics = dict[str, dict[str, float]]
 
@@ -154,9 +155,9 @@ def time_notes(history: list[dict], phase_seconds: dict[str, float], total_secon
     the rest of the run took (loading the data, the baselines, testing) and the whole."""
     lines = ["## Time", "", "| Phase | Epochs | Wall time | Training s/epoch |", "|---|---|---|---|"]
     for phase, seconds in phase_seconds.items():
-        times = [h["seconds"] for h in history if h.get("phase") == phase]
-        per_epoch = _fmt(sum(times) / len(times), 3) if times else "-"
-        lines.append(f"| {phase} | {len(times) or '-'} | {format_duration(seconds)} | {per_epoch} |")
+        epochs = sum(h.get("phase") == phase for h in history)
+        per_epoch = _fmt(mean_epoch_seconds(history, phase), 3) if epochs else "-"
+        lines.append(f"| {phase} | {epochs or '-'} | {format_duration(seconds)} | {per_epoch} |")
     rest = max(0.0, total_seconds - sum(phase_seconds.values()))
     lines.append(f"| other: data, baselines, test | - | {format_duration(rest)} | - |")
     lines.append(f"| all | {len(history)} | {format_duration(total_seconds)} | - |")

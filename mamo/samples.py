@@ -61,16 +61,23 @@ class TensorTaskDataset(Dataset):
         return self.x[i], {name: target[i] for name, target in self.targets.items()}
 
 
-def _read_sample(dataset: Dataset, index: int, split: str, what: str) -> tuple[Tensor, dict[str, Tensor]]:
-    """Sample ``index`` of ``split`` as tensors; a sample that cannot be read or is no (x, {task: target}) pair
-    of tensors is one sentence naming it."""
-    where = f"sample {index} of the '{split}' split"
+def _where(index: int, split: str) -> str:
+    return f"sample {index} of the '{split}' split"
+
+
+def _fetch(dataset: Dataset, index: int, split: str, what: str) -> object:
+    """``dataset[index]``; an error reading it is one sentence naming the sample."""
     try:
-        sample = dataset[index]
+        return dataset[index]
     except MamoError:
         raise  # already one sentence naming what to fix (a built-in dataset's bad file)
     except Exception as exc:
-        raise MamoError(f"{what} raised {type(exc).__name__} reading {where}: {exc}; fix the dataset.") from exc
+        raise MamoError(f"{what} raised {type(exc).__name__} reading {_where(index, split)}: {exc}; fix the "
+                        "dataset.") from exc
+
+
+def _as_tensors(sample: object, where: str, what: str) -> tuple[Tensor, dict[str, Tensor]]:
+    """A sample as tensors; one that is no (x, {task: target}) pair of tensors is one sentence naming it."""
     if not isinstance(sample, (tuple, list)) or len(sample) != 2 or not isinstance(sample[1], dict):
         got = f"a {type(sample).__name__}" if not isinstance(sample, (tuple, list)) or len(sample) != 2 else (
             f"a pair whose targets are a {type(sample[1]).__name__}")
@@ -113,12 +120,19 @@ def _check_values(x: Tensor, targets: dict[str, Tensor], where: str, tasks: dict
             )
 
 
+def _checked(
+    sample: object, index: int, split: str, tasks: dict[str, TaskSpec], what: str
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sample ``index`` (already read) as tensors, checked against the task specs."""
+    x, targets = _as_tensors(sample, _where(index, split), what)
+    _check_values(x, targets, _where(index, split), tasks, what)
+    return x, targets
+
+
 def _checked_sample(
     dataset: Dataset, index: int, split: str, tasks: dict[str, TaskSpec], what: str
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    x, targets = _read_sample(dataset, index, split, what)
-    _check_values(x, targets, f"sample {index} of the '{split}' split", tasks, what)
-    return x, targets
+    return _checked(_fetch(dataset, index, split, what), index, split, tasks, what)
 
 
 def _check_sample(dataset: Dataset, split: str, tasks: dict[str, TaskSpec], what: str) -> tuple[int, ...]:
@@ -172,21 +186,16 @@ class CheckedDataset(Dataset):
 
     def __init__(self, dataset: Dataset, split: str, tasks: dict[str, TaskSpec], what: str, input_shape: tuple):
         self.dataset, self.split, self.tasks, self.what, self.input_shape = dataset, split, tasks, what, input_shape
-        first = _checked_sample(dataset, 0, split, tasks, what)[1]
-        self.target_shapes = {name: tuple(first[name].shape) for name in tasks}
-        self._check_input_type(0)
+        first = self[0]
+        targets = _checked(first, 0, split, tasks, what)[1]
+        self.target_shapes = {name: tuple(targets[name].shape) for name in tasks}
+        self._check_input_type(0, first[0])
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
-        try:
-            return self.dataset[index]
-        except MamoError:
-            raise
-        except Exception as exc:
-            raise MamoError(f"{self.what} raised {type(exc).__name__} reading sample {index} of the '{self.split}' "
-                            f"split: {exc}; fix the dataset.") from exc
+    def __getitem__(self, index: int) -> object:
+        return _fetch(self.dataset, index, self.split, self.what)
 
     def batch(self, indices: list[int]) -> tuple[Tensor, dict[str, Tensor]]:
         """The samples at ``indices`` stacked (as a DataLoader would), checked."""
@@ -200,9 +209,9 @@ class CheckedDataset(Dataset):
             fits = False
         if fits:
             return x, targets
-        for index in indices:
-            x, targets = _checked_sample(self.dataset, index, self.split, self.tasks, self.what)
-            self._check_input_type(index)
+        for index, sample in zip(indices, samples, strict=True):
+            x, targets = _checked(sample, index, self.split, self.tasks, self.what)
+            self._check_input_type(index, sample[0])
             if tuple(x.shape) != self.input_shape:
                 raise MamoError(f"{self.what} gives sample {index} of the '{self.split}' split an input of shape "
                                 f"{tuple(x.shape)}, not {self.input_shape} like sample 0; give every input one "
@@ -215,8 +224,7 @@ class CheckedDataset(Dataset):
         raise MamoError(f"{self.what} gives the '{self.split}' split samples that do not stack into one batch "
                         f"(samples {indices[0]}..{indices[-1]}); give every sample the same structure.")
 
-    def _check_input_type(self, index: int) -> None:
-        raw = self[index][0]
+    def _check_input_type(self, index: int, raw: object) -> None:
         if not _float32_input(raw):  # a list passes the tensor conversion of the sample check, but not a batch
             raise MamoError(f"{self.what} gives sample {index} of the '{self.split}' split an input of type "
                             f"{type(raw).__name__}; return a float32 tensor, e.g. torch.as_tensor(x, "

@@ -115,18 +115,20 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
 def _rdb_storage(url: str, engine_kwargs: dict, create: bool) -> optuna.storages.RDBStorage:
     from sqlalchemy.exc import SQLAlchemyError
 
-    for attempt in range(TABLE_RACE_ATTEMPTS):
+    def connect() -> optuna.storages.RDBStorage:
+        # A heartbeat lets a worker on another machine fail the trial of a worker that was killed, and retry it.
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60, grace_period=300,
+                                          heartbeat_stale_trial_callback=retry_stale, skip_table_creation=not create)
+
+    for _ in range(TABLE_RACE_ATTEMPTS - 1):
         try:
-            # A heartbeat lets a worker on another machine fail the trial of a worker that was killed, and retry it.
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
-                                              grace_period=300, heartbeat_stale_trial_callback=retry_stale,
-                                              skip_table_creation=not create)
+            return connect()
         except SQLAlchemyError as exc:
             # Two commands creating the tables at once: one fails with "already exists"; a retry finds them made.
-            if "already exists" not in str(exc) or attempt == TABLE_RACE_ATTEMPTS - 1:
+            if "already exists" not in str(exc):
                 raise
-            time.sleep(0.5)
-    raise AssertionError("unreachable")
+        time.sleep(0.5)
+    return connect()
 
 
 class Tickets:
