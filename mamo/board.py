@@ -113,8 +113,9 @@ class TensorBoardLogger(Callback):
     ``stl_val`` (validation metrics of the STL baseline) adds Δ against STL per epoch. ``pictures=False``
     leaves out the round pictures (heatmaps, architecture; nearly all of the logging's cost, docs/tensorboard.md
     "Cost"); scalars, texts and histograms are still written. ``background=False`` renders them on the calling
-    thread instead of a worker. Call :meth:`close` (or let ``on_run_end`` do it) to wait for pending pictures
-    and flush the file.
+    thread instead of a worker. ``start_over`` (a resumed run that had no checkpoint yet, so starts again) makes
+    TensorBoard drop the events the stopped process wrote into ``run_dir``. Call :meth:`close` (or let
+    ``on_run_end`` do it) to wait for pending pictures and flush the file.
     """
 
     def __init__(
@@ -126,12 +127,15 @@ class TensorBoardLogger(Callback):
         *,
         pictures: bool = True,
         background: bool = True,
+        start_over: bool = False,
     ):
         self.run_dir = Path(run_dir)
         self.pictures = pictures
         self.specs = dict(tasks)
         self.stl_val = stl_val
         self.events = EventFileWriter(self.run_dir)
+        if start_over:  # a resumed run with no checkpoint: TensorBoard drops what the stopped process logged
+            self.events.add_event(Event(step=0, session_log=SessionLog(status=SessionLog.START)))
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mamo-board") if background and pictures else None
         self._pending: list[Future] = []
         self._step = 0  # the last global step written, across trainers

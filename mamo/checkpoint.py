@@ -132,6 +132,28 @@ def restore_trainer(trainer: Trainer, state: dict, device: torch.device) -> None
     trainer.global_step, trainer.epoch, trainer.history = state["global_step"], state["epoch"], state["history"]
 
 
+def check_resumed_data(input_shape: tuple[int, ...], tasks: dict, state: dict | None, directory: Path) -> None:
+    """Refuse data (another ``data.root`` on resume) whose inputs or tasks (``name → TaskSpec``) differ from those
+    the network in ``state`` (a checkpoint) was built for: its heads would be rebuilt for the new data while its
+    architecture, metrics and baselines describe the old."""
+    if state is None or "graph" not in state:
+        return
+    graph = g.graph_from_dict(state["graph"])
+    before, now = list(graph.nodes[g.INPUT]["shape"]), list(input_shape)
+    if before != now:
+        raise MamoError(f"the data gives inputs of shape {tuple(now)} but the checkpoints in {directory} were "
+                        f"trained on {tuple(before)}; point data.root at the run's own data, or start a new run.")
+    saved = graph.graph["tasks"]
+    for name, spec in tasks.items():
+        if saved.get(name) != spec.to_dict():
+            was = f"was {saved[name]}" if name in saved else "was not a task"
+            raise MamoError(f"the data's task '{name}' is {spec.to_dict()} but in the checkpoints in {directory} it "
+                            f"{was}; point data.root at the run's own data, or start a new run.")
+    if list(saved) != list(tasks):
+        raise MamoError(f"the data has the tasks {', '.join(tasks)} but the checkpoints in {directory} were trained "
+                        f"on {', '.join(saved)}; point data.root at the run's own data, or start a new run.")
+
+
 class Throttle:
     """Says when a checkpoint is due: at the first epoch, then once ``seconds`` have passed since the last.
     Saving after every epoch of a run with many tiny epochs (the logic preset: 3,000 of two steps) cost more

@@ -21,7 +21,7 @@ from mamo import graph as g
 from mamo.config import load_config
 from mamo.errors import MamoError
 from mamo.model import MamoNet, compile_model
-from mamo.runs import checkpointed_command, file_above
+from mamo.runs import file_above, run_command
 
 
 def _trains_per_task(directory: Path) -> bool:
@@ -45,13 +45,13 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> Mam
     paths = [directory / "architecture.json", directory / "weights.safetensors"]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        stopped = checkpointed_command(directory)
-        if stopped:
-            raise MamoError(f"{directory} holds a {stopped} run that has not finished (no {Path(missing[0]).name}); "
-                            f"finish it with python cli.py {stopped} --resume {directory}.")
         if _trains_per_task(directory):
             raise MamoError(f"{directory} holds an STL run (train.mode=stl: one network per task), which has no "
                             "single architecture to show or export; pass a search run or an HPS train run.")
+        stopped = run_command(directory)
+        if stopped and not (directory / "metrics.json").exists():
+            raise MamoError(f"{directory} holds a {stopped} run that has not finished (no {Path(missing[0]).name}); "
+                            f"finish it with python cli.py {stopped} --resume {directory}.")
         raise MamoError(f"{', '.join(missing)} not found; pass the folder of a finished train or search run.")
     try:
         data = json.loads(paths[0].read_text(encoding="utf-8"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import socket
 import sys
 import time
@@ -11,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from mamo.config import Config, dump_config, load_config, split_override
+from mamo.config import Config, config_text, load_config, split_override
 from mamo.errors import WRITE_FAILURES, MamoError
 
 RUNS_ROOT = Path("runs")
@@ -89,11 +90,14 @@ def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: 
             path = free_run_dir(None, config, command)
     # Atomic: a command killed while writing it leaves no config.yaml, never an empty one that --resume would
     # read as the built-in defaults.
-    replace_atomically(path / "config.yaml", lambda tmp: dump_config(config, tmp))
+    header = f"{RUN_HEADER} {command} run: its resolved config (a preset to copy; --resume reads it back)\n"
+    replace_atomically(path / "config.yaml", lambda tmp: tmp.write_text(header + config_text(config), encoding="utf-8"))
     return path
 
 
-# Which checkpoint files mark a run folder as one command's: how --resume refuses the other command's folder.
+RUN_HEADER = "# mamo"  # config.yaml's first line names the command that made the folder: "# mamo search run: ..."
+
+# Which checkpoint files mark a run folder as one command's (folders made before config.yaml named it).
 CHECKPOINT_MARKS = {"train": ("last.pt", "best.pt"), "search": ("phase-*.pt", "in-phase.pt")}
 
 
@@ -104,9 +108,27 @@ def checkpointed_command(directory: Path) -> str | None:
                  if any(any(found(mark)) for mark in marks)), None)
 
 
-# What --set (or an edit of config.yaml) may change when a run resumes: where it runs, where its data lies (the
-# same files on another machine) and how often it saves, never what it computes.
-RESUME_SETTINGS = ("train.device", "data.root", "train.checkpoint_seconds")
+def run_command(directory: Path) -> str | None:
+    """The command that made the run folder ``directory`` (``train`` or ``search``), from its config.yaml's first
+    line or else its checkpoints, or None: how --resume refuses the other command's folder, also one stopped
+    before its first checkpoint."""
+    try:
+        with open(directory / "config.yaml", encoding="utf-8", errors="replace") as file:
+            first = file.readline()
+    except OSError:
+        first = ""
+    named = re.match(rf"{re.escape(RUN_HEADER)} (train|search) run:", first)
+    return named.group(1) if named else checkpointed_command(directory)
+
+
+# What --set (or an edit of config.yaml) may change when a run resumes: where it runs, where its files lie (the
+# same data and initial weights on another machine) and how often it saves, never what it computes.
+RESUME_SETTINGS = ("train.device", "data.root", "model.weights", "train.checkpoint_seconds")
+
+
+def resume_settings_text() -> str:
+    """The settings --set may change on --resume, for help texts and errors: "a, b and c"."""
+    return f"{', '.join(RESUME_SETTINGS[:-1])} and {RESUME_SETTINGS[-1]}"
 
 
 def read_run_config(run_dir: str | Path | None, command: str, settings: Sequence[str] = ()) -> tuple[Config, Path]:
@@ -115,9 +137,8 @@ def read_run_config(run_dir: str | Path | None, command: str, settings: Sequence
     for text in settings:
         key = ".".join(split_override(text)[0])
         if key not in RESUME_SETTINGS:
-            allowed = f"{', '.join(RESUME_SETTINGS[:-1])} and {RESUME_SETTINGS[-1]}"
             raise MamoError(f"--set {key} cannot change when a run resumes (the rest would not match what it "
-                            f"computed so far); only {allowed} can, so start a new run.")
+                            f"computed so far); only {resume_settings_text()} can, so start a new run.")
     if run_dir is not None and _never_started(Path(run_dir)):
         raise MamoError(f"{run_dir} holds no config.yaml: the {command} that made it stopped before it started, so "
                         f"there is nothing to resume; run the {command} again with --run-dir {run_dir}.")
@@ -129,8 +150,11 @@ def read_run_config(run_dir: str | Path | None, command: str, settings: Sequence
         # Read as a preset, an empty file is the built-in defaults: the resumed run would compute something else.
         raise MamoError(f"{directory / 'config.yaml'} is empty (its command was killed while writing it), so the "
                         "run's settings are lost; start a new run.")
-    other = checkpointed_command(directory)
+    other = run_command(directory)
     if other not in (None, command):
+        if (directory / "metrics.json").exists():
+            raise MamoError(f"{directory} is a finished {other} run folder, not a {command} one; there is nothing "
+                            "to resume.")
         raise MamoError(f"{directory} is a {other} run folder, not a {command} one; continue it with "
                         f"python cli.py {other} --resume {directory}.")
     for partial in [*directory.glob("*.tmp"), *(directory / "checkpoints").glob("*.tmp")]:
@@ -150,7 +174,12 @@ _UNSET = object()  # a key one of two configs does not have (a data.options entr
 
 
 def _shown(value: Any) -> str:
-    return "nothing" if value is _UNSET else repr(value)
+    """A setting's value as config.yaml writes it (``null``, ``true``, quoted strings)."""
+    if value is _UNSET:
+        return "nothing"
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value)
 
 
 def check_resumed_config(config: Config, state: dict | None, directory: Path) -> None:
@@ -167,6 +196,12 @@ def check_resumed_config(config: Config, state: dict | None, directory: Path) ->
                         "value.")
 
 
+def _label_or_tuning(key: str) -> bool:
+    """The run's name and the tune section (read by ``tune`` alone, which writes each trial's resolved values into
+    the other sections): nothing a train or search run computes with."""
+    return key == "name" or key.startswith("tune.")
+
+
 def computed_changes(saved: dict, now: dict) -> list[tuple[str, object, object]]:
     """``(key, saved value, new value)`` of every setting outside :data:`RESUME_SETTINGS` in which two resolved
     configs (``Config.to_dict()``) differ: what a continued run would compute differently."""
@@ -175,7 +210,7 @@ def computed_changes(saved: dict, now: dict) -> list[tuple[str, object, object]]
     changes = []
     for key in [*now_flat, *(key for key in before_flat if key not in now_flat)]:
         before, after = before_flat.get(key, defaults.get(key, _UNSET)), now_flat.get(key, _UNSET)
-        if key not in RESUME_SETTINGS and before != after:
+        if key not in RESUME_SETTINGS and not _label_or_tuning(key) and before != after:
             changes.append((key, before, after))
     return changes
 

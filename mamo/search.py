@@ -17,14 +17,22 @@ from pathlib import Path
 
 from mamo import graph as g
 from mamo.baselines import cached_baselines
-from mamo.checkpoint import IN_PHASE, EpochCheckpoint, newest_state, restore_trainer, save_checkpoint, trainer_state
+from mamo.checkpoint import (
+    IN_PHASE,
+    EpochCheckpoint,
+    check_resumed_data,
+    newest_state,
+    restore_trainer,
+    save_checkpoint,
+    trainer_state,
+)
 from mamo.config import Config, load_config
 from mamo.conflicts import ConflictStats, select_positions
 from mamo.data_plugins import plugin_edited_note
 from mamo.errors import MamoError
 from mamo.model import count_parameters
 from mamo.report import build_rows, delta, growth_notes, time_notes, win_rate, write_metrics, write_report
-from mamo.runs import check_resumed_config, read_run_config
+from mamo.runs import check_resumed_config, read_run_config, resume_settings_text
 from mamo.search_plan import (
     budget_note,
     check_search_config,
@@ -184,10 +192,12 @@ def run_search(
             raise MamoError(f"the search in {directory} has finished (metrics.json is there); nothing to resume.")
         state = newest_state(directory / "checkpoints")
         check_resumed_config(config, state, directory)  # before anything loads: an edited config.yaml is refused
+        _check_resumed_phase(config, state, directory)
         # The run's time before the stop (up to its newest checkpoint) counts in metrics.json's seconds.
         started -= state.get("seconds", 0.0) if state else 0.0
         check_search_config(config)
         session = open_session(config, directory, progress, quiet, cache_root)
+        check_resumed_data(session.data.input_shape, session.data.tasks, state, directory)
     else:
         check_search_config(config)
         session, directory = open_run(config, run_dir, "search", progress, quiet, cache_root, check_search_tasks)
@@ -216,8 +226,9 @@ def run_search(
             if loggers:
                 from mamo.board import TensorBoardLogger
 
-                watchers.insert(0, TensorBoardLogger(directory, config, tasks, stl_val, pictures=pictures))
-            model = build_network(session)
+                watchers.insert(0, TensorBoardLogger(directory, config, tasks, stl_val, pictures=pictures,
+                                                     start_over=resume and state is None))
+            model = build_network(session, initial_weights=state is None)
             trainer = make_trainer(session, model, config.direction, [recorder, *watchers], "search")
             rounds: list[dict] = []
             start_index, phase_seconds = 0, {}
@@ -232,6 +243,9 @@ def run_search(
                     session.log(f"resumed in phase '{state['phase']}' after {state['epochs_done']} of its epochs")
                 else:
                     session.log(f"resumed after phase '{state['phase']}' from its checkpoint")
+            elif resume:
+                session.log(f"no checkpoint in {directory / 'checkpoints'} yet: the search starts again from "
+                            "the beginning")
             metrics = _run_phases(session, trainer, recorder, watchers, directory, baselines, rounds, phase_seconds,
                                   start_index, started, state if state and "epochs_done" in state else None)
     finally:
@@ -241,6 +255,19 @@ def run_search(
             if close is not None:
                 close()
     return metrics
+
+
+def _check_resumed_phase(config: Config, state: dict | None, directory: Path) -> None:
+    """Refuse a config.yaml whose phases (``search.rounds``) no longer put the checkpoint's phase where it was
+    saved; also caught for checkpoints that predate the recorded config (not compared then)."""
+    if state is None:
+        return
+    names = phase_names(config.search.rounds)
+    index = state["phase_index"]
+    if index >= len(names) or names[index] != state["phase"]:
+        raise MamoError(f"{directory / 'config.yaml'} sets search.rounds to {config.search.rounds}, but the run's "
+                        f"newest checkpoint was saved in phase '{state['phase']}' of another plan; undo the edit, "
+                        "or start a new run for the new value.")
 
 
 def _run_phases(
@@ -365,7 +392,7 @@ def add_arguments_search(parser: argparse.ArgumentParser) -> None:
     add_preset_arguments(parser, "multimnist", "search")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue a stopped search from its newest checkpoint, with the config saved in "
-                             "RUN_DIR; --set may change only train.device, data.root and train.checkpoint_seconds")
+                             f"RUN_DIR; --set may change only {resume_settings_text()}")
 
 
 def command_search(args: argparse.Namespace) -> int:

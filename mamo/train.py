@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mamo.cache import BaselineCache, baseline_key
-from mamo.checkpoint import EpochCheckpoint, load_checkpoint, restore_trainer, save_checkpoint
+from mamo.checkpoint import EpochCheckpoint, check_resumed_data, load_checkpoint, restore_trainer, save_checkpoint
 from mamo.config import Config, DirectionConfig, TensionerConfig
 from mamo.data import MultiTaskData, load_data
 from mamo.data_plugins import plugin_edited_note
@@ -29,6 +29,7 @@ from mamo.runs import (
     free_run_dir,
     new_run_dir,
     read_run_config,
+    resume_settings_text,
     write_text_atomically,
 )
 from mamo.spaces import check_model_config, create_space
@@ -91,11 +92,14 @@ def open_session(
     return Session(config, data, device, log, BaselineCache(Path(cache_root)), progress)
 
 
-def build_network(session: Session, task_names: list[str] | None = None) -> MamoNet:
-    """The HPS network of the configured backbone for ``task_names`` (default: every task)."""
+def build_network(session: Session, task_names: list[str] | None = None, initial_weights: bool = True) -> MamoNet:
+    """The HPS network of the configured backbone for ``task_names`` (default: every task). Without
+    ``initial_weights``, ``model.weights`` is not read: a network about to take a checkpoint's weights does not
+    need the file (a run resumed on a machine where it is gone)."""
     tasks = session.data.tasks
     chosen = {name: tasks[name] for name in (task_names or list(tasks))}
-    space = create_space(session.config.model, session.data.input_shape)
+    model_config = session.config.model if initial_weights else dataclasses.replace(session.config.model, weights=None)
+    space = create_space(model_config, session.data.input_shape)
     return compile_model(build_hps_graph(space, chosen), seed=session.config.train.seed, device=session.device)
 
 
@@ -142,14 +146,14 @@ def train_network(
     exists already, continued from it (a damaged one is an error, or with ``discard_damaged`` ignored);
     ``state`` is that file's content when the caller has read it already, ``run_config`` the run's config the
     checkpoints record."""
-    model = build_network(session, task_names)
+    if state is None and checkpoint is not None:
+        state = _read_checkpoint(session, checkpoint, discard_damaged)
+    model = build_network(session, task_names, initial_weights=state is None)
     best = KeepBest()
     watchers = list(callbacks or [])
     every = session.config.train.checkpoint_seconds
     saver = [EpochCheckpoint(checkpoint, best, every, run_config)] if checkpoint is not None else []
     trainer = make_trainer(session, model, direction, [best, *saver, *watchers], description)
-    if state is None and checkpoint is not None:
-        state = _read_checkpoint(session, checkpoint, discard_damaged)
     if state is not None:
         restore_trainer(trainer, state, session.device)
         best.load_state_dict(state["best"])
@@ -233,15 +237,20 @@ def run_train(
         state = load_checkpoint(last) if last.exists() else None
         check_resumed_config(config, state, directory)
         session = open_session(config, directory, progress, quiet)
+        check_resumed_data(session.data.input_shape, session.data.tasks, state, directory)
         session.log(f"resuming {directory}" + (f" with {', '.join(resume_settings)}" if resume_settings else ""))
         if note := plugin_edited_note(config.data.name, directory / "config.yaml"):
             session.log(note)
+        if state is None:
+            session.log(f"no checkpoint in {directory / 'checkpoints'} yet: the training starts again from its "
+                        "first epoch")
     else:
         session, directory = open_run(config, run_dir, "train", progress, quiet)
     # An STL run continues from the baseline cache instead of checkpoints/last.pt: no --resume to suggest.
     resume_command = f"python cli.py train --resume {directory}" if config.train.mode == "mtl" else None
     with logging_stops(session, resume_command):
-        return _train_and_report(session, directory, callbacks, loggers, pictures, state)
+        return _train_and_report(session, directory, callbacks, loggers, pictures, state,
+                                 start_over=resume and state is None)
 
 
 @contextlib.contextmanager
@@ -268,7 +277,7 @@ def _check_resumable(config: Config, directory: Path) -> None:
 
 
 def _train_and_report(session: Session, directory: Path, callbacks: list[Callback] | None, loggers: bool,
-                      pictures: bool, state: dict | None = None) -> dict:
+                      pictures: bool, state: dict | None = None, start_over: bool = False) -> dict:
     watchers = list(callbacks or [])
     if not loggers:
         return _train_and_write(session, directory, watchers, state)
@@ -277,7 +286,7 @@ def _train_and_report(session: Session, directory: Path, callbacks: list[Callbac
     stl = session.cache.get(baseline_key(session.config, "stl", session.config.train.epochs))
     # Closed on every way out, a diverged loss or Ctrl-C included, so the events logged so far reach the file.
     with TensorBoardLogger(directory, session.config, session.data.tasks, stl["val"] if stl else None,
-                           pictures=pictures) as logger:
+                           pictures=pictures, start_over=start_over) as logger:
         return _train_and_write(session, directory, [logger, *watchers], state)
 
 
@@ -329,7 +338,7 @@ def add_arguments_train(parser: argparse.ArgumentParser) -> None:
     add_preset_arguments(parser, "multimnist", "train")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue a stopped train run from its last checkpoint, with the config saved in "
-                             "RUN_DIR; --set may change only train.device, data.root and train.checkpoint_seconds")
+                             f"RUN_DIR; --set may change only {resume_settings_text()}")
 
 
 def command_train(args: argparse.Namespace) -> int:

@@ -98,6 +98,39 @@ def test_a_resumed_train_run_shows_each_step_once(tmp_path):
         assert steps(events, f"val/loss/{task}") == list(range(STEPS_PER_EPOCH, total + 1, STEPS_PER_EPOCH))
 
 
+class StopAtThirdStep(Callback):
+    def on_step(self, trainer, result):
+        if trainer.global_step == 3:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_a_resumed_run_without_a_checkpoint_starts_again_and_drops_what_the_stopped_one_logged(tmp_path, command):
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    run_command = {"train": run_train, "search": run_search}[command]
+    config = load_config("quick", [*TINY, "search.baselines=false"])
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):  # in the first epoch: before the first checkpoint
+        run_command(config, run, progress=False, quiet=True, pictures=False, callbacks=[StopAtThirdStep()])
+    assert not list((run / "checkpoints").iterdir())
+    first = next(run.glob("events.out.tfevents.*"))
+    run_command(config, run, progress=False, quiet=True, pictures=False, resume=True)
+    assert "yet: the " in (run / "log.txt").read_text() and (run / "metrics.json").exists()
+    (second,) = set(run.glob("events.out.tfevents.*")) - {first}
+    # The new file starts by telling TensorBoard to drop every step the stopped process wrote (a SessionLog START
+    # at step 0, as purge_step=0 would), then logs the run from its start.
+    written = [Event.FromString(data) for data in RawEventFileLoader(str(second)).Load()]
+    assert written[0].HasField("file_version")
+    assert written[1].session_log.status == SessionLog.START and written[1].step == 0
+    events = read_events(run)
+    assert steps(events, "train/loss/left")[:4] == [1, 2, 3, 4]
+    phases = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("run/phases/text_summary")]
+    assert phases[0] == f"{'train' if command == 'train' else 'pretrain'} starts after step 0"
+    assert not any("resumes" in phase for phase in phases)
+
+
 def test_a_resumed_search_shows_each_step_once(tmp_path):
     config = load_config("quick", [*TINY, "search.pretrain_epochs=2", "search.baselines=false",
                                    "train.checkpoint_seconds=1e9"])

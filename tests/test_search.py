@@ -558,6 +558,7 @@ def test_resume_refuses_a_config_yaml_edited_since_the_checkpoints(tmp_path, cap
         (("name: mgda", "name: pcgrad"), "direction.name", "'mgda'", "'pcgrad'"),
         (("modules: gmk", "modules: exclusive"), "search.modules", "'gmk'", "'exclusive'"),
         (("gradients: exact", "gradients: ub"), "train.gradients", "'exact'", "'ub'"),
+        (("baselines: false", "baselines: true"), "search.baselines", "false", "true"),  # as config.yaml says
     ]:
         assert edit[0] in saved
         (cut / "config.yaml").write_text(saved.replace(edit[0], edit[1], 1))
@@ -566,6 +567,17 @@ def test_resume_refuses_a_config_yaml_edited_since_the_checkpoints(tmp_path, cap
             f"{cut / 'config.yaml'} sets {key} to {after} but the run's checkpoints were computed with {before}; "
             "undo the edit, or start a new run for the new value.")
     assert not (cut / "metrics.json").exists()
+    # A checkpoint written before checkpoints recorded the config: the phase it was saved in still catches an
+    # edit that moves it (round 1 of 2 would have become the final phase).
+    newest = cut / "checkpoints" / "phase-01-round1.pt"
+    state = load_checkpoint(newest)
+    state.pop("config")
+    save_checkpoint(newest, state)
+    (cut / "config.yaml").write_text(saved.replace("rounds: 2", "rounds: 0", 1))
+    assert main(["search", "--resume", str(cut), "--no-progress", "--no-tensorboard"]) == 2
+    assert single_error(capsys.readouterr().err) == (
+        f"{cut / 'config.yaml'} sets search.rounds to 0, but the run's newest checkpoint was saved in phase "
+        "'round1' of another plan; undo the edit, or start a new run for the new value.")
     (cut / "config.yaml").write_text(saved.replace("checkpoint_seconds: 60.0", "checkpoint_seconds: 0.0"))
     assert main(["search", "--resume", str(cut), "--no-progress", "--no-tensorboard"]) == 0  # an allowed key
     assert len(json.loads((cut / "metrics.json").read_text())["rounds"]) == 2

@@ -90,18 +90,29 @@ def test_resume_refuses_finished_runs_and_the_other_commands_folders(tmp_path: P
     assert main(["train", "--resume", str(finished)]) == 2
     assert "has finished (metrics.json is there); nothing to resume" in single_error(capsys.readouterr().err)
     assert main(["search", "--resume", str(finished)]) == 2
-    assert f"is a train run folder, not a search one; continue it with python cli.py train --resume {finished}" \
-        in single_error(capsys.readouterr().err)
+    assert single_error(capsys.readouterr().err) == (
+        f"{finished} is a finished train run folder, not a search one; there is nothing to resume.")
+    header, body = (finished / "config.yaml").read_text().split("\n", 1)
+    assert header.startswith("# mamo train run:")
+    # A search folder stopped before its first checkpoint is known by config.yaml's first line...
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints").mkdir(parents=True)
+    (stopped / "config.yaml").write_text(header.replace("train run", "search run") + "\n" + body)
+    assert main(["train", "--resume", str(stopped)]) == 2
+    assert single_error(capsys.readouterr().err) == (
+        f"{stopped} is a search run folder, not a train one; continue it with python cli.py search --resume "
+        f"{stopped}.")
+    # ... and one written before config.yaml named its command, by its checkpoints.
     searched = tmp_path / "searched"
     (searched / "checkpoints").mkdir(parents=True)
-    (searched / "config.yaml").write_text((finished / "config.yaml").read_text())
+    (searched / "config.yaml").write_text(body)
     (searched / "checkpoints" / "phase-00-pretrain.pt").write_bytes(b"")
     assert main(["train", "--resume", str(searched)]) == 2
     assert "is a search run folder, not a train one" in single_error(capsys.readouterr().err)
     assert main(["train", "--resume", str(finished), "--set", "train.lr=0.5"]) == 2
     assert single_error(capsys.readouterr().err) == (
         "--set train.lr cannot change when a run resumes (the rest would not match what it computed so far); "
-        "only train.device, data.root and train.checkpoint_seconds can, so start a new run.")
+        "only train.device, data.root, model.weights and train.checkpoint_seconds can, so start a new run.")
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "--resume needs an existing train run folder" in single_error(capsys.readouterr().err)
     stl = tmp_path / "stl"
@@ -253,6 +264,12 @@ def test_where_it_runs_and_where_its_data_lies_may_change_on_resume_what_it_comp
     check_resumed_config(moved, state, tmp_path)  # another machine, the same computation
     with pytest.raises(MamoError, match="sets data.seed to 7 but the run's checkpoints were computed with 0"):
         check_resumed_config(load_config("quick", ["data.seed=7"]), state, tmp_path)
+    with pytest.raises(MamoError, match="sets search.final_epochs to 1 but the run's checkpoints were computed with "
+                                        "null;"):  # the value as config.yaml writes it
+        check_resumed_config(load_config("quick", ["search.final_epochs=1"]), state, tmp_path)
+    # Neither the run's name nor the tune section (read by tune only) changes what a run computes.
+    check_resumed_config(load_config("quick", ["name=renamed", "tune.trials=5", "tune.lr=[0.01, 0.1]"]), state,
+                         tmp_path)
 
 
 EDITABLE_PLUGIN = """
@@ -286,3 +303,50 @@ def test_a_run_resumed_after_its_plugin_was_edited_says_so(tmp_path: Path, edite
     run_train(config, tmp_path / "run", resume=True, **quiet)
     noted = "note: the data plugin" in (tmp_path / "run" / "log.txt").read_text()
     assert noted == edited
+
+
+def test_a_run_resumes_after_its_initial_weights_file_is_gone(tmp_path: Path) -> None:
+    # The checkpoint holds every weight: continuing on a machine without the model.weights file needs no file.
+    import timm
+    import torch
+
+    weights = tmp_path / "test_resnet.pt"
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), weights)
+    config = load_config("quick", [*RESUMABLE, "model.backbone=timm:test_resnet", f"model.weights={weights}"])
+    quiet = {"progress": False, "quiet": True, "loggers": False}
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, cut, callbacks=[StopAfterEpoch(1)], **quiet)
+    weights.unlink()
+    run_train(config, cut, resume=True, **quiet)
+    assert (cut / "metrics.json").exists()
+    assert "resumed after epoch 1 of 3" in (cut / "log.txt").read_text()
+
+
+def test_resume_refuses_data_of_other_shapes_than_the_checkpoint_was_trained_on(tmp_path: Path) -> None:
+    from mamo.checkpoint import check_resumed_data
+    from mamo.errors import MamoError
+    from mamo.graph import build_hps_graph, graph_to_dict
+    from mamo.spaces import create_space
+    from mamo.tasks import parse_tasks
+
+    tasks = parse_tasks({"depth": {"type": "depth", "shape": [1, 32, 48]},
+                         "seg": {"type": "segmentation", "classes": 3, "shape": [32, 48]}}, "test")
+    graph = build_hps_graph(create_space(load_config("quick", ["model.backbone=timm:test_resnet"]).model, (3, 32, 48)),
+                            tasks)
+    state = {"graph": graph_to_dict(graph)}
+    check_resumed_data((3, 32, 48), tasks, state, tmp_path)  # the same data elsewhere: accepted
+    check_resumed_data((3, 24, 40), tasks, None, tmp_path)  # no checkpoint: nothing to compare
+    with pytest.raises(MamoError) as raised:
+        check_resumed_data((3, 24, 40), tasks, state, tmp_path)
+    assert str(raised.value) == (f"the data gives inputs of shape (3, 24, 40) but the checkpoints in {tmp_path} were "
+                                 "trained on (3, 32, 48); point data.root at the run's own data, or start a new run.")
+    other = parse_tasks({"depth": {"type": "depth", "shape": [1, 32, 48]},
+                         "seg": {"type": "segmentation", "classes": 7, "shape": [32, 48]}}, "test")
+    with pytest.raises(MamoError, match="the data's task 'seg' is .*'classes': 7.* but in the checkpoints in .* it "
+                                        "was .*'classes': 3"):
+        check_resumed_data((3, 32, 48), other, state, tmp_path)
+    fewer = {"depth": tasks["depth"]}
+    with pytest.raises(MamoError, match="the data has the tasks depth but the checkpoints .* on depth, seg"):
+        check_resumed_data((3, 32, 48), fewer, state, tmp_path)
+
