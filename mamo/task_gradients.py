@@ -195,10 +195,7 @@ class ParameterLayout:
         # Parameters every task reaches: one foreach call per task; the rest (GMK branches) one by one.
         full = [k for k in reached if len(present[k]) == m]
         if full:
-            group = [out[k] for k in full]
-            torch._foreach_mul_(group, w[0])
-            for t in range(1, m):
-                torch._foreach_add_(group, [rows[t][k] for k in full], alpha=w[t])
+            _weighted_sum_([out[k] for k in full], [[rows[t][k] for k in full] for t in range(1, m)], w)
         for k in reached:
             if len(present[k]) < m:
                 first, *rest = present[k]
@@ -206,6 +203,27 @@ class ParameterLayout:
                 for t in rest:
                     out[k].add_(rows[t][k], alpha=w[t])
         return [out[k] if k in out else torch.zeros_like(param) for k, param in enumerate(self.shared)]
+
+
+SIMPLEX_SUM = 1e-7  # weights ≥ 0 summing to 1 within this are combined by lerps (the result is off by ≤ this factor)
+
+
+def _weighted_sum_(acc: list[torch.Tensor], others: list[list[torch.Tensor]], weights: list[float]) -> None:
+    """``acc ← weights[0]·acc + Σ_t weights[t]·others[t − 1]``, in place. Weights on the simplex (MGDA's, and
+    the tensioner's while they stay ≥ 0, since its pull keeps their sum) take m − 1 lerps toward each task's
+    gradient by its share of the running sum: two passes over the gradients fewer than a scale and m − 1 adds
+    (ResNet-18, m = 3, one thread: 19.3 → 15.7 ms, docs/performance.md)."""
+    if min(weights) >= 0.0 and abs(sum(weights) - 1.0) <= SIMPLEX_SUM:
+        running = weights[0]
+        for weight, other in zip(weights[1:], others, strict=True):
+            running += weight
+            # A zero running sum means acc's coefficient is still 0: any share works; the next non-zero weight
+            # takes a share of 1 and replaces it exactly.
+            torch._foreach_lerp_(acc, other, weight / running if running > 0.0 else 0.0)
+        return
+    torch._foreach_mul_(acc, weights[0])
+    for weight, other in zip(weights[1:], others, strict=True):
+        torch._foreach_add_(acc, other, alpha=weight)
 
 
 def _writable(grads: list[torch.Tensor]) -> list[torch.Tensor]:

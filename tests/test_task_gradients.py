@@ -117,6 +117,22 @@ def test_parameter_layout_on_plain_tensors_with_missing_gradients(width, monkeyp
     assert grads[0].abs().max() == 0  # nobody reached it: a zero gradient, as the flat layout gives
 
 
+@pytest.mark.parametrize("weights", [[0.2, 0.5, 0.3], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0],
+                                     [0.6, 0.4, 0.0], [0.2, -0.5, 1.3], [0.5, 0.5, 0.5]])
+def test_the_combination_is_the_weighted_sum_on_and_off_the_simplex(weights):
+    # On the simplex the combination lerps toward each task (zero weights and zero running sums included);
+    # off it (a negative weight, a sum other than 1) it scales and adds. Both are the same weighted sum.
+    part = ParameterPartition(make_model(*MLP, grow=True))
+    rows, dense = _rows(part, {(1, 2), (0, 3)}, seed=3)
+    layout = ParameterLayout(part, CPU)
+    for t, row in enumerate(rows):
+        layout.load(t, tuple(row))
+    w = torch.tensor(weights, dtype=torch.float64)
+    grads = layout.combine(w)
+    torch.testing.assert_close(torch.cat([grad.reshape(-1) for grad in grads]), w.float() @ dense,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_parameter_layout_does_not_write_through_shared_or_expanded_gradients():
     part = ParameterPartition(make_model(*MLP))
     rows, _ = _rows(part, set())
