@@ -63,27 +63,33 @@ def _pid_namespace() -> str:
         return "?"
 
 
-def _owner() -> str:
+def process_owner() -> str:
+    """This process as "host pid pid-namespace": what :func:`owner_gone` checks (claims, tune's trials)."""
     return f"{socket.gethostname()} {os.getpid()} {_pid_namespace()}"
+
+
+def owner_gone(owner: str) -> bool:
+    """Whether the process :func:`process_owner` described as ``owner`` has exited. Known only for a process of
+    this machine and PID namespace; of any other (or an unreadable ``owner``) it is False: not known gone."""
+    parts, here = owner.split(), process_owner().split()
+    if len(parts) == 3 and parts[1].isdigit() and parts[0] == here[0] and parts[2] == here[2] != "?":
+        try:
+            os.kill(int(parts[1]), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # another user's live process
+    return False
 
 
 def _abandoned(path: Path) -> bool:
     """Whether the claim at ``path`` is one nobody holds any more (a missing one counts as abandoned)."""
     try:
-        owner, age = path.read_text(encoding="utf-8").split(), time.time() - path.stat().st_mtime
+        owner, age = path.read_text(encoding="utf-8"), time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return True
-    if age > CLAIM_STALE_SECONDS:
-        return True
-    here = _owner().split()
-    if len(owner) == 3 and owner[1].isdigit() and owner[0] == here[0] and owner[2] == here[2] != "?":
-        try:
-            os.kill(int(owner[1]), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            return True  # killed on this machine: no need to wait out the silence
-        except PermissionError:
-            pass  # another user's live process
-    return False
+    # Killed on this machine: no need to wait out the silence.
+    return age > CLAIM_STALE_SECONDS or owner_gone(owner)
 
 
 class Claim:
@@ -91,7 +97,7 @@ class Claim:
     :data:`CLAIM_TOUCH_SECONDS` until :meth:`release` (so through long evaluations too, not only steps)."""
 
     def __init__(self, path: Path):
-        self.path, self.owner = path, _owner()
+        self.path, self.owner = path, process_owner()
         self._released = threading.Event()
         self._toucher = threading.Thread(target=self._touch, name=f"claim {path.name}", daemon=True)
         self._toucher.start()
@@ -156,7 +162,7 @@ class BaselineCache:
             else:
                 try:
                     with handle:
-                        handle.write(_owner())
+                        handle.write(process_owner())
                 except BaseException:  # a full disk: an empty claim would make others wait out its silence
                     path.unlink(missing_ok=True)
                     raise

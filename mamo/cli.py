@@ -9,11 +9,15 @@ is removed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import io
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +110,7 @@ def os_failure(exc: OSError) -> str | None:
                 "that takes no new files; pass a path on a disk.")
     if exc.errno in WRITE_FAILURES:
         return (f"could not write{where} ({exc.strerror}); free disk space or fix the folder's permissions, then "
-                "run again (train and search continue with --resume).")
+                "run again (train and search continue with --resume, tune with the same --run-dir).")
     return None
 
 
@@ -118,12 +122,41 @@ def _tolerate_narrow_terminals() -> None:
             stream.reconfigure(errors="replace")
 
 
+def interrupt_once(number: int, frame: object) -> None:
+    """A signal handler: the first SIGINT, SIGTERM or SIGHUP raises KeyboardInterrupt, later ones are ignored
+    (the terminal's Ctrl-C and a parent's SIGTERM can reach a tune worker both, and a second interrupt would
+    cut the recording of its stopped trial short)."""
+    for each in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(each, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM and SIGHUP (a kill, a batch system's stop, a closed terminal) stop a command as Ctrl-C
+    does: a train or search logs how to continue, a tune records its running trials as stopped, stops its
+    workers and writes its summary. Only in the main thread, where Python delivers signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    # SIGINT keeps Python's handler; it is restored too, since interrupt_once ignores it after the first signal.
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, interrupt_once)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     _tolerate_narrow_terminals()
     args = build_parser(next((a for a in argv if a in COMMANDS), None)).parse_args(argv)
     try:
-        return int(_handler(args.command, "command")(args) or 0)
+        with stop_signals_interrupt():
+            return int(_handler(args.command, "command")(args) or 0)
     except MamoError as exc:
         print(f"mamo: error: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ import optuna
 from mamo.config import Config, load_config
 from mamo.errors import MamoError
 from mamo.report import delta
-from mamo.runs import RUNS_ROOT, claim_new_folder
+from mamo.runs import RUNS_ROOT, claim_new_folder, file_above
 from mamo.tasks import TaskSpec
 from mamo.trainer import Callback
 from mamo.tune_space import SPACE, apply_params, check_space, objective_metrics, suggest_config, trial_folder
@@ -47,6 +47,7 @@ from mamo.tune_workers import (
 )
 
 DEFAULT_STUDY = "mamo"
+LOCAL_STORAGE_FIX = "make the study folder writable, or pass another --run-dir"  # its study.db, not a --storage
 
 
 # ---------------------------------------------------------------- the objective
@@ -165,7 +166,14 @@ def _study_dir(run_dir: str | Path | None, storage: str | None, name: str, confi
         path = RUNS_ROOT / f"tune-{name}"
     else:  # a new local study: a folder of its own, even beside a tune started in the same second
         return claim_new_folder(RUNS_ROOT / f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{config.name}"), True
-    if path.is_dir() and any(path.iterdir()) and not (path / "study.yaml").is_file():
+    if path.exists() and not path.is_dir():
+        raise MamoError(f"--run-dir {path} is a file, not a study folder; pass a new --run-dir.")
+    blocking = file_above(path)
+    if blocking is not None:
+        raise MamoError(f"--run-dir {path} lies below {blocking}, which is a file; pick another --run-dir.")
+    # study.db without study.yaml: another command is setting the study up this moment (it writes study.yaml next).
+    marks = ("study.yaml", "study.db")
+    if path.is_dir() and any(path.iterdir()) and not any((path / name).is_file() for name in marks):
         raise MamoError(f"{path} is not empty and holds no study (study.yaml); pass a new --run-dir, or a study "
                         "folder to continue its study.")
     try:  # exclusive: of two commands started together on one folder, only one created it (and may remove it)
@@ -189,6 +197,19 @@ def _check_space_ends(config: Config) -> None:
         check_search_config(probe, rounds_setting="tune.rounds' upper end" if config.tune.rounds else "search.rounds")
         check_train_settings(probe)
         create_direction(probe.direction)
+
+
+def _inert_keys_note(config: Config) -> str | None:
+    """A note when the study tunes the tensioner's T or α while every trial runs without it: those draws change
+    nothing, and trials that differ only in them repeat one search."""
+    tune = config.tune
+    inert = [key for key, value in (("tune.T", tune.T), ("tune.alpha", tune.alpha)) if value]
+    if not inert or config.direction.tensioner.formulation != "off" or (tune.formulation and any(
+            formulation != "off" for formulation in tune.formulation)):
+        return None
+    return (f"note: direction.tensioner.formulation is off and not tuned, so {' and '.join(inert)} change nothing "
+            f"in the trials; set {' and '.join(f'{key}=null' for key in inert)}, or tune a formulation "
+            "(e.g. --set 'tune.formulation=[off, thesis]').")
 
 
 def _reference(config: Config, directory: Path, search: bool, multi: bool, progress: bool) -> tuple[dict, dict | None]:
@@ -243,11 +264,10 @@ def run_tune(
     """
     quiet_optuna()
     check_space(config.tune)
-    # Named where the number came from: without --trials it is the preset's (or --set's) tune.trials.
-    source = "tune.trials" if trials is None else "--trials"
-    trials = config.tune.trials if trials is None else trials
-    if trials < 0:
-        raise MamoError(f"{source} must be ≥ 0, got {trials}; fix the number.")
+    # Named where the number came from: without --trials it is tune.trials (a joined study's own, see below).
+    for source, count in (("--trials", trials), ("tune.trials", config.tune.trials)):
+        if count is not None and count < 0:
+            raise MamoError(f"{source} must be ≥ 0, got {count}; fix the number.")
     if workers < 1:
         raise MamoError(f"--workers must be ≥ 1, got {workers}; fix the number.")
     if storage and not study_name:
@@ -258,15 +278,19 @@ def run_tune(
     url = storage or f"sqlite:///{(directory / 'study.db').resolve()}"
     try:
         if store is None and (directory / "study.db").is_file():
-            store = open_storage(url)
+            store = open_storage(url, fix=LOCAL_STORAGE_FIX)
         # Checked before anything is written here (study.db included): the folder may hold another study.
         attrs = stored_study(store, name)
         check_folder(directory, name, attrs)
-        store = store or open_storage(url)
+        store = store or open_storage(url, fix=LOCAL_STORAGE_FIX)
         config = study_config(name, config, overrides, directory, attrs)
+        if trials is None:  # a joined study's tune.trials, not the preset's of this command
+            trials = config.tune.trials
         check_space(config.tune)
         if objective is None:
             _check_space_ends(config)
+            if note := _inert_keys_note(config):
+                print(note, flush=True)
         tasks, stl_val = _reference(config, directory, objective is None, multi_objective, progress)
         study = open_study(store, name, multi_objective, tasks, config, stl_val)
     except MamoError as exc:
@@ -274,6 +298,10 @@ def run_tune(
         # so is a folder whose study another command is setting up.
         if created and not isinstance(exc, StorageBusy) and not any((directory / ".baselines").glob("*.json")):
             shutil.rmtree(directory, ignore_errors=True)
+        raise
+    except KeyboardInterrupt:  # in the reference's training, say: its finished networks are cached in the folder
+        print(f"stopped while setting the study up; rerun the command with --run-dir {directory} to continue "
+              "it (what the reference trained is kept)", flush=True)
         raise
     claim_folder(directory, name, study.user_attrs["uid"])
     if objective is None:
@@ -287,16 +315,13 @@ def run_tune(
     print(f"study '{name}' ({shown}): {trials} trials on {workers} worker(s), trial folders in {directory}",
           flush=True)
     plan = Plan(url, name, objective, config.tune.pruner, directory / "tune.log",
-                threads=max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None)
+                threads=max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else None)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and open connections
-    # Seeded TPE reproduces a local study; a continued one must not redraw its first trials' parameters, and
-    # machines sharing a database must not draw the same ones (no seed there).
-    # Optuna's samplers take seeds in [0, 2**32), train.seed any 64-bit integer. Counted are the trials that drew
-    # their parameters: a trial killed before drawing (and a retry, which draws none) leaves the next draws as
-    # they were.
-    drawn = sum(1 for t in study.get_trials(deepcopy=False) if t.params and RETRY_OF not in t.user_attrs)
-    seed = None if storage else (config.train.seed + 1000 * drawn) % 2**32
-    tickets = Tickets(trials, context)
+    # Seeded TPE reproduces a local study (each trial's draws follow from the seed and its draw index, so a
+    # continued study draws on, and two commands on it draw apart); machines sharing a database are not seeded.
+    # Optuna's samplers take seeds in [0, 2**32), train.seed any 64-bit integer.
+    seed = None if storage else config.train.seed % 2**32
+    tickets = Tickets(trials, context if workers > 1 else None)
     try:
         if workers == 1:
             optimize(plan, tickets, seed)
@@ -337,6 +362,8 @@ def command_tune(args: argparse.Namespace) -> int:
     )
     print("\n" + result["text"], flush=True)
     if result["best"] is None:
-        print("mamo: no trial of the study completed; the reasons are listed above.", flush=True)
+        ended = sum(result["states"][state] for state in ("fail", "pruned"))
+        why = "the reasons are listed above" if ended else "none has ended yet; run more with --trials N"
+        print(f"mamo: no trial of the study completed; {why}.", flush=True)
         return 1
     return 0

@@ -7,19 +7,21 @@ made once, by the command that starts the study, before any worker asks for a tr
 
 from __future__ import annotations
 
+import datetime
 import json
 import uuid
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
+from mamo.cache import owner_gone, process_owner
 from mamo.config import Config, config_from_dict, dump_config, load_config
 from mamo.errors import MamoError
 from mamo.runs import replace_atomically, write_text_atomically
 from mamo.tune_space import SPACE, objective_metrics
-from mamo.tune_workers import RETRY_OF, STOPPED, TrialLine
+from mamo.tune_workers import OWNER, RETRY_OF, STOPPED, TrialLine
 
 KILLED = "its command was killed before it finished (retried by the next command on the study)"
 KILLED_EARLY = "its command was killed before the trial drew its parameters"
@@ -132,15 +134,31 @@ def open_study(store: optuna.storages.RDBStorage, name: str, multi: bool, tasks:
     return study
 
 
+ORPHAN_SECONDS = 60.0  # a RUNNING trial without an owner this old was left by a command killed as it made it
+
+
+def left_running(trial: FrozenTrial) -> bool:
+    """Whether a RUNNING trial's command was killed: its owner (the process that runs it) is this process, whose
+    earlier command has ended, or one that has exited on this machine. A trial whose owner lives, or runs on
+    another machine sharing the folder (whose stopped heartbeat fails it after five minutes), is running;
+    one without an owner (made a moment ago, before its objective started) only after a minute."""
+    owner = trial.user_attrs.get(OWNER)
+    if owner is None:
+        started = trial.datetime_start
+        return started is None or (datetime.datetime.now() - started).total_seconds() > ORPHAN_SECONDS
+    return owner == process_owner() or owner_gone(owner)
+
+
 def retry_interrupted(study: optuna.Study, log: TrialLine) -> None:
-    """Queue a retry of every trial an earlier command left unfinished: RUNNING (its command was killed) or
-    failed by Ctrl-C. The retry takes the same parameters and continues the trial's folder from its newest
-    checkpoint. A trial killed before it drew its parameters computed nothing and is not retried. Only for a
-    study in its own folder's SQLite: in a shared database a RUNNING trial may be running on another machine."""
+    """Queue a retry of every trial an earlier command left unfinished: RUNNING (its command was killed, see
+    :func:`left_running`; not the trials of another command running on the study) or failed by Ctrl-C. The
+    retry takes the same parameters and continues the trial's folder from its newest checkpoint. A trial killed
+    before it drew its parameters computed nothing and is not retried. Only for a study in its own folder's
+    SQLite: a shared database's trials are left to the heartbeat."""
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get(RETRY_OF) for t in trials}
     for trial in trials:
-        killed = trial.state == TrialState.RUNNING
+        killed = trial.state == TrialState.RUNNING and left_running(trial)
         stopped = trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") == STOPPED
         # Queued before the kill is recorded: a command killed in between leaves a RUNNING trial to retry again.
         if (killed or stopped) and trial.params and trial.number not in retried:

@@ -130,8 +130,9 @@ def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, s
     trials = study.get_trials(deepcopy=False)
     states = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
     chosen = chosen_trial(study, multi)
+    counts = ", ".join(f"{n} {s}" for s, n in states.items() if n)
     lines = [f"# mamo tune: study '{study.study_name}'", "", f"Storage: {shown}. Study folder: {directory}.", "",
-             f"{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in states.items() if n) + ".", ""]
+             f"{len(trials)} trials" + (f": {counts}" if counts else "") + ".", ""]
     best_path = None
     if chosen is not None:
         title = "Pareto front (validation metrics)" if multi else "Best trials (objective: validation Δ vs STL, %)"

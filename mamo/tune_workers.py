@@ -7,10 +7,13 @@ of trials asked for, and writes one line per finished trial.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -21,6 +24,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from mamo.cache import process_owner
+from mamo.cli import interrupt_once
 from mamo.errors import MamoError
 from mamo.tune_space import PRUNERS
 from mamo.tune_summary import short_value
@@ -31,6 +36,7 @@ CATCH = (MamoError, FloatingPointError, RuntimeError, MemoryError)
 
 STOPPED = "stopped by Ctrl-C before it finished"
 RETRY_OF = "retry_of"  # a trial's user attribute: the number of the interrupted trial it continues
+OWNER = "owner"  # a trial's user attribute: the process running it (mamo.cache.process_owner)
 
 
 def retry_stale(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -47,6 +53,7 @@ class Recorded:
 
     def __call__(self, trial: optuna.Trial) -> Any:
         trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr(OWNER, process_owner())  # a later command tells a running trial from a killed one by it
         start = time.perf_counter()
         try:
             value = self.objective(trial)
@@ -74,6 +81,13 @@ ENGINE_ARGS: dict[str, dict] = {
 
 
 TABLE_RACE_ATTEMPTS = 3
+# What the loser of two commands creating a study's tables at once is told: a table, or the schema version row
+# Optuna's migration inserts (SQLite's and PostgreSQL's wordings).
+TABLE_RACE_ERRORS = ("already exists", "UNIQUE constraint failed: alembic_version", "duplicate key value")
+
+
+def _table_race(reason: str) -> bool:
+    return any(text in reason for text in TABLE_RACE_ERRORS)
 
 
 class StorageBusy(MamoError):
@@ -82,8 +96,10 @@ class StorageBusy(MamoError):
 DRIVERS: dict[str, tuple[str, ...]] = {"postgresql": ("psycopg", "psycopg2"), "mysql": ("MySQLdb", "pymysql")}
 
 
-def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
-    """The study database; a URL that is malformed or does not answer is one sentence, not a traceback."""
+def open_storage(url: str, create: bool = True, fix: str = "start the database or pass a reachable --storage URL",
+                 ) -> optuna.storages.RDBStorage:
+    """The study database; a URL that is malformed or does not answer is one sentence ending in ``fix``, not a
+    traceback."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -105,11 +121,10 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
                         "pip install psycopg2-binary for postgresql://.") from exc
     except (SQLAlchemyError, ValueError, RuntimeError) as exc:
         reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
-        if "already exists" in reason:  # two commands created the study's tables at the same moment
+        if _table_race(reason):  # two commands created the study's tables at the same moment
             raise StorageBusy(f"storage {shown} was being set up by another command at the same moment ({reason}); "
                               "run this command again to join the study.") from exc
-        raise MamoError(f"storage {shown} could not be opened ({reason}); start the database or pass a reachable "
-                        "--storage URL.") from exc
+        raise MamoError(f"storage {shown} could not be opened ({reason}); {fix}.") from exc
 
 
 def _rdb_storage(url: str, engine_kwargs: dict, create: bool) -> optuna.storages.RDBStorage:
@@ -124,20 +139,26 @@ def _rdb_storage(url: str, engine_kwargs: dict, create: bool) -> optuna.storages
         try:
             return connect()
         except SQLAlchemyError as exc:
-            # Two commands creating the tables at once: one fails with "already exists"; a retry finds them made.
-            if "already exists" not in str(exc):
+            # Two commands creating the tables at once: one fails; a retry finds them made.
+            if not _table_race(str(exc)):
                 raise
         time.sleep(0.5)
     return connect()
 
 
 class Tickets:
-    """Trials still to start, shared by the local workers so that together they run exactly N."""
+    """Trials still to start, shared by the local workers (``context``: a multiprocessing context) so that
+    together they run exactly N; without a context, a plain counter for one in-process worker (no semaphore, so
+    no resource tracker to warn when the process is killed)."""
 
-    def __init__(self, count: int, context: Any):
-        self.left = context.Value("i", count)
+    def __init__(self, count: int, context: Any = None):
+        self.left = context.Value("q", count) if context is not None else None  # 64-bit: 2**32 + 1 is not 1
+        self.count = count
 
     def take(self) -> bool:
+        if self.left is None:
+            self.count -= 1
+            return self.count >= 0
         with self.left.get_lock():
             if self.left.value <= 0:
                 return False
@@ -197,6 +218,33 @@ class Plan:
     threads: int | None = None  # torch threads per worker, so that K workers do not oversubscribe the cores
 
 
+def draw_index(study: optuna.Study, trial: FrozenTrial) -> int:
+    """How many of the study's earlier trials drew parameters or are about to: retries and trials killed before
+    they drew are not counted, so a stop leaves later draws as an uninterrupted study's; trials still running
+    are, so two commands' trials never share an index."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.number < trial.number and RETRY_OF not in t.user_attrs
+               and not (t.state == TrialState.FAIL and not t.params))
+
+
+class TrialSeededTPE(optuna.samplers.TPESampler):
+    """TPE whose draws for a trial follow from ``seed`` and the trial's :func:`draw_index` alone, not from the
+    draws one process made before: one command reproduces a local study, while commands and workers sharing it
+    draw apart (with one sampler seed per process they drew the same parameters twice). ``seed=None``: unseeded."""
+
+    def __init__(self, seed: int | None):
+        super().__init__(seed=seed)
+        self._study_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        super().before_trial(study, trial)
+        if self._study_seed is not None:
+            seed = (self._study_seed + draw_index(study, trial)) % 2**32
+            # The two generators TPESampler.reseed_rng reseeds (from the OS's entropy; here from the seed).
+            self._rng.rng.seed(seed)
+            self._random_sampler._rng.rng.seed(seed)
+
+
 def optimize(plan: Plan, tickets: Tickets, seed: int | None) -> None:
     """One worker: joins the study and runs trials while tickets are left (in-process or spawned)."""
     quiet_optuna()
@@ -205,30 +253,81 @@ def optimize(plan: Plan, tickets: Tickets, seed: int | None) -> None:
 
         torch.set_num_threads(plan.threads)
     study = optuna.load_study(study_name=plan.study, storage=open_storage(plan.url, create=False),
-                              sampler=optuna.samplers.TPESampler(seed=seed), pruner=PRUNERS[plan.pruner]())
+                              sampler=TrialSeededTPE(seed), pruner=PRUNERS[plan.pruner]())
     line = TrialLine(plan.log_path)
     while tickets.take():
-        # gc after each trial: a trial that ran out of memory must not leave its tensors to the next one.
-        study.optimize(Recorded(plan.objective, line), n_trials=1, catch=CATCH, callbacks=[line], gc_after_trial=True)
+        try:
+            # gc after each trial: a trial that ran out of memory must not leave its tensors to the next one.
+            study.optimize(Recorded(plan.objective, line), n_trials=1, catch=CATCH, callbacks=[line],
+                           gc_after_trial=True)
+        except Exception as exc:
+            failure = _storage_failure(exc)
+            if failure is None:
+                raise
+            from sqlalchemy.engine import make_url
+
+            shown = make_url(plan.url).render_as_string(hide_password=True)
+            raise MamoError(f"the study's storage {shown} failed while recording a trial ({failure}); free disk "
+                            "space or fix the study folder's permissions (or the database), then rerun the same "
+                            "command to continue the study.") from exc
+
+
+def _storage_failure(exc: BaseException) -> str | None:
+    """The first line of the database error behind ``exc`` (Optuna may raise its own error while handling it),
+    or None when the storage is not what failed."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (SQLAlchemyError, optuna.exceptions.StorageInternalError)):
+            cause = getattr(exc, "orig", None) or exc.__cause__ or exc
+            return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _worker(plan: Plan, tickets: Tickets, seed: int | None) -> None:
-    """A spawned worker: on Ctrl-C (which reaches every process of the terminal) it stops quietly; the parent
-    says how to continue, once."""
+    """A spawned worker: on Ctrl-C (which reaches every process of the terminal) or the parent's SIGTERM it
+    records its trial as stopped and exits quietly; the parent says how to continue, once. It starts with Ctrl-C
+    ignored (see :func:`run_workers`) and takes it from here on."""
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, interrupt_once)
     try:
         optimize(plan, tickets, seed)
     except KeyboardInterrupt:
         sys.exit(130)
+    except MamoError as exc:  # one sentence, as the command prints its own; the parent names the worker
+        print(f"mamo: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def run_workers(plan: Plan, workers: int, tickets: Tickets, seed: int | None, context: Any) -> None:
-    """``workers`` spawned processes on the same study, each with its own sampler seed; waits for all."""
-    processes = [context.Process(target=_worker, args=(plan, tickets, None if seed is None else (seed + k) % 2**32))
-                 for k in range(workers)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join()
+    """``workers`` spawned processes on the same study (one seed: their trials' draw indices differ); waits for
+    all. Stopped itself (Ctrl-C, SIGTERM), it stops them with SIGTERM and waits until they have recorded their
+    trials, so that no worker outlives the command and the summary it writes next is complete."""
+    processes = [context.Process(target=_worker, args=(plan, tickets, seed)) for _ in range(workers)]
+    # Started with Ctrl-C ignored, which a spawned interpreter keeps until _worker takes it: a Ctrl-C while it
+    # imports would print its traceback; the SIGTERM below ends it quietly instead.
+    default = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        if default is not None:
+            signal.signal(signal.SIGINT, default)
+    try:
+        for process in processes:
+            process.join()
+    except BaseException:
+        for process in processes:
+            if process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()
+        for process in processes:
+            process.join()
+        raise
     failed = [f"{k} (exit code {p.exitcode})" for k, p in enumerate(processes) if p.exitcode != 0]
     if failed:
         raise MamoError(f"tune worker {', '.join(failed)} stopped with an error printed above; the finished trials "

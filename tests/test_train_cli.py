@@ -793,7 +793,7 @@ def test_a_claim_that_cannot_be_written_is_not_left_empty(tmp_path: Path, monkey
     def full_disk() -> str:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cache_module, "_owner", full_disk)
+    monkeypatch.setattr(cache_module, "process_owner", full_disk)
     with pytest.raises(OSError):
         BaselineCache(tmp_path).try_claim("key")
     assert not (tmp_path / "key.claim").exists()  # an empty one would make others wait out its silence

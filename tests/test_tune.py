@@ -114,6 +114,13 @@ def which_process(trial: optuna.Trial) -> float:
     return float(trial.suggest_int("T", 2, 30))
 
 
+def slow_alpha(trial: optuna.Trial) -> float:
+    """Records its worker's pid and takes a second: a trial a stop signal finds running."""
+    trial.set_user_attr("pid", os.getpid())
+    time.sleep(1.0)
+    return trial.suggest_float("alpha", 0.0, 1.0)
+
+
 def two_accuracies(trial: optuna.Trial) -> tuple[float, float]:
     """Trials 0-3 trade one task for the other (all on the front); trial 4 is dominated by every one of them."""
     points = [(0.9, 0.5), (0.8, 0.6), (0.7, 0.7), (0.5, 0.9), (0.4, 0.4)]
@@ -282,11 +289,100 @@ def test_a_command_killed_between_queueing_a_retry_and_failing_the_trial_still_r
 
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'study.db'}"))
     trial = study.ask()
+    trial.set_user_attr("owner", dead_owner())
     trial.suggest_float("alpha", 0, 1)
     study.enqueue_trial(trial.params, user_attrs={"retry_of": 0})  # the first half of an earlier retry
     retry_interrupted(study, TrialLine(tmp_path / "tune.log"))
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL, TrialState.WAITING]  # failed now, and queued once, not twice
+
+
+def dead_owner() -> str:
+    """The owner record of a process of this machine that has exited."""
+    import subprocess
+
+    from mamo.cache import process_owner
+
+    host, _, namespace = process_owner().split()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return f"{host} {gone.pid} {namespace}"
+
+
+def test_a_running_trial_is_retried_only_when_its_command_is_gone(tmp_path, monkeypatch):
+    # A second command joining a local study took the first one's running trial for a killed one: it failed
+    # it, ran its retry in the same folder, and the first command crashed ("Cannot tell a FAIL trial").
+    import subprocess
+
+    from mamo import tune_study
+    from mamo.cache import process_owner
+    from mamo.tune_workers import TrialLine
+
+    host, _, namespace = process_owner().split()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'study.db'}"))
+        owners = {"another command, running": f"{host} {alive.pid} {namespace}", "a killed command": dead_owner(),
+                  "an earlier command of this process": process_owner(),
+                  "another machine": f"elsewhere {alive.pid} {namespace}", "nobody yet": None}
+        for owner in owners.values():
+            trial = study.ask()
+            trial.suggest_float("alpha", 0, 1)
+            if owner is not None:
+                trial.set_user_attr("owner", owner)
+        tune_study.retry_interrupted(study, TrialLine(tmp_path / "tune.log"))
+        states = dict(zip(owners, (t.state for t in study.trials[: len(owners)]), strict=True))
+        assert states == {"another command, running": TrialState.RUNNING, "a killed command": TrialState.FAIL,
+                          "an earlier command of this process": TrialState.FAIL,
+                          "another machine": TrialState.RUNNING,  # left to the heartbeat
+                          "nobody yet": TrialState.RUNNING}  # made a moment ago: its objective is starting
+        assert [t.user_attrs["retry_of"] for t in study.trials[len(owners):]] == [1, 2]
+        monkeypatch.setattr(tune_study, "ORPHAN_SECONDS", -1.0)  # now a minute later, still without an owner
+        tune_study.retry_interrupted(study, TrialLine(tmp_path / "tune.log"))
+        assert study.trials[4].state == TrialState.FAIL and study.trials[-1].user_attrs["retry_of"] == 4
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_each_trial_draws_from_the_seed_and_its_place_so_two_commands_draw_apart(tmp_path):
+    # Two commands on one local study used to seed their samplers alike and drew every trial twice.
+    from mamo.tune_workers import TrialSeededTPE
+
+    def draw(study: optuna.Study) -> optuna.Trial:
+        trial = study.ask()
+        trial.suggest_float("alpha", 0, 1)
+        return trial
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    alone = optuna.create_study(storage=storage, study_name="alone", sampler=TrialSeededTPE(7))
+    sequential = []
+    for _ in range(3):
+        trial = draw(alone)
+        alone.tell(trial, trial.params["alpha"])
+        sequential.append(trial.params["alpha"])
+    # Two commands, each with its own sampler of the same seed, with trials running at the same time.
+    optuna.create_study(storage=storage, study_name="shared")
+    first, second = (optuna.load_study(study_name="shared", storage=storage, sampler=TrialSeededTPE(7))
+                     for _ in range(2))
+    together = [draw(first), draw(second), draw(first)]
+    drawn = [trial.params["alpha"] for trial in together]
+    assert len(set(drawn)) == 3
+    assert drawn == sequential  # the same draws as one command's, trial by trial
+    unseeded = optuna.create_study(storage=storage, study_name="unseeded", sampler=TrialSeededTPE(None))
+    assert draw(unseeded).params["alpha"] not in sequential
+
+
+def test_tickets_count_exactly_across_processes_and_in_one(tmp_path):
+    import multiprocessing
+
+    from mamo.tune_workers import Tickets
+
+    local = Tickets(2)
+    assert [local.take() for _ in range(4)] == [True, True, False, False]
+    shared = Tickets(2**32 + 1, multiprocessing.get_context("spawn"))  # a C int wrapped this around to 1
+    assert shared.take() and shared.take()
+    assert Tickets(0, multiprocessing.get_context("spawn")).take() is False
 
 
 def test_a_trial_failed_by_its_stopped_heartbeat_is_retried_with_its_parameters(tmp_path):
@@ -477,6 +573,57 @@ def test_two_sqlite_workers_share_the_trials(tmp_path, monkeypatch):
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert len({t.user_attrs["pid"] for t in trials}) == 2
     assert os.getpid() not in {t.user_attrs["pid"] for t in trials}
+
+
+SIGTERM_SCRIPT = """
+import sys
+
+from mamo.cli import stop_signals_interrupt
+from mamo.config import load_config
+from mamo.tune import run_tune
+from test_tune import slow_alpha
+
+if __name__ == "__main__":  # spawned workers import this file again
+    try:
+        with stop_signals_interrupt():  # as mamo.cli.main runs every command
+            run_tune(load_config("quick"), study_dir=sys.argv[1], trials=40, workers=2, objective=slow_alpha)
+    except KeyboardInterrupt:
+        sys.exit(130)
+"""
+
+
+def test_a_tune_stopped_by_sigterm_stops_its_workers_and_records_their_trials(tmp_path):
+    # Before: the parent died at once, its workers ran the study on without it, and no summary was written.
+    import signal
+    import subprocess
+    import sys
+
+    from mamo.tune_workers import STOPPED
+
+    script, study = tmp_path / "study.py", tmp_path / "study"
+    script.write_text(SIGTERM_SCRIPT)
+    paths = [str(Path(__file__).parent), str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    process = subprocess.Popen([sys.executable, str(script), str(study)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    log = study / "tune.log"
+    while time.monotonic() < deadline and " complete" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "stopped; finished trials stay in the study" in out
+    assert "Traceback" not in err and "leaked" not in err
+    trials = load(study).trials
+    assert all(t.state != TrialState.RUNNING for t in trials)
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    assert stopped and all(t.user_attrs["fail_reason"] == STOPPED for t in stopped)
+    assert len(trials) < 40
+    for pid in {t.user_attrs["pid"] for t in trials}:  # no worker outlives the command
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert "running" not in (study / "summary.md").read_text()  # written after the workers recorded theirs
 
 
 def test_multi_objective_reports_the_pareto_front(tmp_path, tiny):
@@ -674,6 +821,85 @@ def test_joining_a_study_refuses_a_set_that_changes_its_space(tmp_path, capsys):
     same = [*created, "train.device=cpu"]  # the space as it was, and a setting that may change
     run_tune(load_config("quick", same), overrides=same, study_dir=folder, trials=1, objective=staircase)
     assert len(load(folder).trials) == 2
+
+
+def test_zero_trials_write_a_summary_that_says_so(tmp_path, capsys):
+    result = run_tune(load_config("quick"), study_dir=tmp_path / "crafted", trials=0, objective=draws_alpha)
+    assert "0 trials.\n" in result["text"] and result["best"] is None
+    tiny_sets = [arg for setting in TINY for arg in ("--set", setting)]
+    assert main(["tune", "quick", "--trials", "0", "--run-dir", str(tmp_path / "cli"), "--no-progress",
+                 *tiny_sets]) == 1
+    assert "no trial of the study completed; none has ended yet; run more with --trials N." in capsys.readouterr().out
+
+
+def test_a_joined_study_runs_its_own_tune_trials_not_the_presets(tmp_path):
+    run_tune(load_config("quick", ["tune.trials=2"]), study_dir=tmp_path, objective=draws_alpha)
+    assert len(load(tmp_path).trials) == 2
+    run_tune(load_config("multimnist"), study_dir=tmp_path, objective=draws_alpha)  # its tune.trials is 20
+    assert len(load(tmp_path).trials) == 4
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("file", "--run-dir {path} is a file, not a study folder; pass a new --run-dir."),
+    ("below", "--run-dir {path} lies below {file}, which is a file; pick another --run-dir."),
+])
+def test_a_run_dir_that_cannot_be_a_folder_is_one_sentence(tmp_path, capsys, target, message):
+    from cli_errors import single_error
+
+    file = tmp_path / "afile"
+    file.write_text("")
+    path = file if target == "file" else file / "study"
+    assert main(["tune", "quick", "--trials", "1", "--run-dir", str(path), "--no-progress"]) == 2
+    assert single_error(capsys.readouterr().err) == message.format(path=path, file=file)
+
+
+def test_a_folder_another_command_is_setting_up_is_joined_not_refused(tmp_path):
+    # Between its study.db and its study.yaml, the other command's folder used to be "not empty and holds no
+    # study" to a second command started at the same moment.
+    open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    run_tune(load_config("quick"), study_dir=tmp_path, trials=1, objective=draws_alpha)
+    assert len(load(tmp_path).trials) == 1
+
+
+def test_the_schema_version_race_counts_as_a_table_race():
+    from mamo.tune_workers import _table_race
+
+    assert _table_race("(sqlite3.IntegrityError) UNIQUE constraint failed: alembic_version.version_num")
+    assert _table_race('duplicate key value violates unique constraint "alembic_version_pkc"')
+    assert _table_race("table studies already exists")
+    assert not _table_race("unable to open database file")
+
+
+def test_a_storage_that_fails_while_a_trial_is_recorded_is_one_sentence(tmp_path, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    run_tune(load_config("quick"), study_dir=tmp_path, trials=1, objective=draws_alpha)
+
+    def failing(*args, **kwargs):
+        raise OperationalError("UPDATE trials", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_state_values", failing)
+    with pytest.raises(MamoError) as raised:
+        run_tune(load_config("quick"), study_dir=tmp_path, trials=1, objective=draws_alpha)
+    assert str(raised.value) == (
+        f"the study's storage sqlite:///{(tmp_path / 'study.db').resolve()} failed while recording a trial (disk "
+        "I/O error); free disk space or fix the study folder's permissions (or the database), then rerun the same "
+        "command to continue the study.")
+
+
+def test_tuning_t_and_alpha_without_a_tensioner_is_noted():
+    from mamo.tune import _inert_keys_note
+
+    off = load_config("quick", ["direction.tensioner.formulation=off"])
+    assert _inert_keys_note(off) == (
+        "note: direction.tensioner.formulation is off and not tuned, so tune.T and tune.alpha change nothing in the "
+        "trials; set tune.T=null and tune.alpha=null, or tune a formulation (e.g. --set "
+        "'tune.formulation=[off, thesis]').")
+    assert _inert_keys_note(load_config("quick")) is None
+    assert _inert_keys_note(load_config("quick", ["direction.tensioner.formulation=off",
+                                                  "tune.formulation=[off, relative]"])) is None
+    assert _inert_keys_note(load_config("quick", ["direction.tensioner.formulation=off", "tune.T=null",
+                                                  "tune.alpha=null"])) is None
 
 
 @pytest.mark.parametrize(("args", "message"), [
