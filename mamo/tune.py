@@ -312,6 +312,7 @@ def run_tune(
     from sqlalchemy.engine import make_url
 
     shown = make_url(url).render_as_string(hide_password=True)
+    workers = max(1, min(workers, trials))  # a worker without a trial would only import PyTorch
     print(f"study '{name}' ({shown}): {trials} trials on {workers} worker(s), trial folders in {directory}",
           flush=True)
     plan = Plan(url, name, objective, config.tune.pruner, directory / "tune.log",

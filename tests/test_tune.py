@@ -853,6 +853,14 @@ def test_a_run_dir_that_cannot_be_a_folder_is_one_sentence(tmp_path, capsys, tar
     assert single_error(capsys.readouterr().err) == message.format(path=path, file=file)
 
 
+def test_no_more_workers_start_than_there_are_trials(tmp_path, capsys):
+    run_tune(load_config("quick"), study_dir=tmp_path, trials=1, workers=3, objective=draws_alpha)
+    assert "1 trials on 1 worker(s)" in capsys.readouterr().out
+    from mamo.cache import process_owner
+
+    assert [t.user_attrs["owner"] for t in load(tmp_path).trials] == [process_owner()]  # run here, none spawned
+
+
 def test_a_folder_another_command_is_setting_up_is_joined_not_refused(tmp_path):
     # Between its study.db and its study.yaml, the other command's folder used to be "not empty and holds no
     # study" to a second command started at the same moment.
