@@ -38,6 +38,7 @@ from mamo.search_plan import (
     check_search_config,
     check_search_tasks,
     final_epochs,
+    label_phases,
     method_name,
     phase_names,
     plan_line,
@@ -234,6 +235,7 @@ def run_search(
             start_index, phase_seconds = 0, {}
             if state is not None:
                 restore_trainer(trainer, state, session.device)
+                label_phases(trainer.history, config)
                 rounds, phase_seconds, start_index = state["rounds"], state["phase_seconds"], state["phase_index"] + 1
                 for callback in watchers:
                     callback.on_resume(trainer)

@@ -15,6 +15,18 @@ def phase_names(rounds: int) -> list[str]:
     return ["pretrain", *(f"round{z}" for z in range(1, rounds + 1)), "final"]
 
 
+def label_phases(history: list[dict], config: Config) -> None:
+    """Name the phase of history entries (one per epoch) that checkpoints written before 2026-11-25 restored
+    without it, from the plan, so that a search resumed across that version has every epoch in its time table."""
+    if all("phase" in entry for entry in history):
+        return
+    search = config.search
+    epochs = {"pretrain": search.pretrain_epochs, "final": final_epochs(config)}
+    plan = [name for name in phase_names(search.rounds) for _ in range(epochs.get(name, search.round_epochs))]
+    for entry, name in zip(history, plan, strict=False):
+        entry.setdefault("phase", name)
+
+
 def method_name(config: Config) -> str:
     tensioner = config.direction.tensioner.formulation
     base = config.direction.name + ("" if tensioner == "off" else f"+tensioner({tensioner})")

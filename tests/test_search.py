@@ -535,6 +535,19 @@ def test_resume_needs_a_run_folder(tmp_path, capsys):
     assert "--resume needs an existing search run folder" in capsys.readouterr().err
 
 
+def test_history_restored_without_phases_is_named_by_the_plan():
+    # Checkpoints before 2026-11-25 kept no phase per epoch: a search resumed from one showed "-" in its time table.
+    from mamo.search_plan import label_phases
+
+    config = tiny("search.rounds=2", "search.pretrain_epochs=2", "search.round_epochs=1", "search.final_epochs=2")
+    history = [{"epoch": k} for k in range(1, 5)]  # stopped in round 2
+    label_phases(history, config)
+    assert [entry["phase"] for entry in history] == ["pretrain", "pretrain", "round1", "round2"]
+    named = [{"phase": "final"}]
+    label_phases(named, config)
+    assert named == [{"phase": "final"}]  # recorded phases are kept
+
+
 def test_the_newest_phase_checkpoint_is_found_by_number_past_99_phases(tmp_path):
     from mamo.checkpoint import latest_checkpoint
 
