@@ -122,12 +122,8 @@ def _tolerate_narrow_terminals() -> None:
             stream.reconfigure(errors="replace")
 
 
-def interrupt_once(number: int, frame: object) -> None:
-    """A signal handler: the first SIGINT, SIGTERM or SIGHUP raises KeyboardInterrupt, later ones are ignored
-    (the terminal's Ctrl-C and a parent's SIGTERM can reach a tune worker both, and a second interrupt would
-    cut the recording of its stopped trial short)."""
-    for each in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(each, signal.SIG_IGN)
+def interrupt(number: int, frame: object) -> None:
+    """A signal handler that does what Ctrl-C does: raise KeyboardInterrupt, at every signal."""
     raise KeyboardInterrupt
 
 
@@ -139,10 +135,9 @@ def stop_signals_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    # SIGINT keeps Python's handler; it is restored too, since interrupt_once ignores it after the first signal.
-    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    for number in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(number, interrupt_once)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGHUP)}
+    for number in previous:
+        signal.signal(number, interrupt)
     try:
         yield
     finally:

@@ -102,6 +102,8 @@ class SearchObjective:
         if not (folder and Path(folder).is_dir()):  # no folder yet, or one on another machine: a fresh start
             retried, folder = None, None
         run_dir = Path(folder) if folder else self.study_dir / trial_folder(trial.number)
+        if retried is not None and not (run_dir / "config.yaml").is_file():
+            _clear_records(run_dir)
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         reporter = RoundReporter(trial, self.stl_val, self.tasks) if self.stl_val and not self.multi else None
         columns = self._columns(config, reporter is not None)
@@ -153,6 +155,15 @@ class SearchObjective:
             return {}
         z, value = reporter.last
         return {"tune/val_delta": value, "tune/last_round": z}
+
+
+def _clear_records(run_dir: Path) -> None:
+    """Empty the folder of a trial stopped before its search wrote config.yaml, when it holds only the stopped
+    trial's HPARAMS record, so that its retry starts the search there (a non-empty run folder is refused)."""
+    entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
+    if entries and all(entry.is_file() and entry.name.startswith("events.out.tfevents.") for entry in entries):
+        for entry in entries:
+            entry.unlink()
 
 
 # ---------------------------------------------------------------- the command
@@ -329,6 +340,8 @@ def run_tune(
         else:
             run_workers(plan, workers, tickets, seed, context)
     except KeyboardInterrupt:
+        if storage is None:  # a worker killed while recording its stop left its trial running: retried next time
+            retry_interrupted(study, TrialLine(directory / "tune.log"))
         summarize(study, directory, config, multi_objective, shown)  # the stopped trial's reason included
         print(f"stopped; finished trials stay in the study: rerun the command with --run-dir {directory} to "
               "continue it", flush=True)
@@ -364,7 +377,7 @@ def command_tune(args: argparse.Namespace) -> int:
     print("\n" + result["text"], flush=True)
     if result["best"] is None:
         ended = sum(result["states"][state] for state in ("fail", "pruned"))
-        why = "the reasons are listed above" if ended else "none has ended yet; run more with --trials N"
-        print(f"mamo: no trial of the study completed; {why}.", flush=True)
+        print("mamo: no trial of the study completed; the reasons are listed above." if ended else
+              "mamo: no trial of the study has ended yet; run some with --trials N.", flush=True)
         return 1
     return 0

@@ -7,7 +7,6 @@ of trials asked for, and writes one line per finished trial.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import signal
@@ -25,7 +24,6 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mamo.cache import process_owner
-from mamo.cli import interrupt_once
 from mamo.errors import MamoError
 from mamo.tune_space import PRUNERS
 from mamo.tune_summary import short_value
@@ -44,18 +42,33 @@ def retry_stale(study: optuna.Study, trial: FrozenTrial) -> None:
     study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
 
 
+class WorkerStop:
+    """A spawned worker's handler of SIGINT, SIGTERM and SIGHUP: KeyboardInterrupt, as Ctrl-C, until the worker
+    records its stopped trial; from then on a signal is ignored, so the terminal's Ctrl-C and the parent's
+    SIGTERM, which both reach it, do not cut the record short. A stop Python dropped (raised inside a weakref
+    callback, where it is only reported) is raised again by the next signal, which the parent sends."""
+
+    def __init__(self) -> None:
+        self.recording = False
+
+    def __call__(self, number: int, frame: Any) -> None:
+        if not self.recording:
+            raise KeyboardInterrupt
+
+
 @dataclass
 class Recorded:
     """Wraps any objective: a failure's reason and the trial's host and duration become trial attributes."""
 
     objective: Callable[[optuna.Trial], Any]
     log: TrialLine | None = None  # where a trial stopped by Ctrl-C gets its line (Optuna's callbacks never run)
+    stop: WorkerStop | None = None  # a spawned worker's signal handler, told when the stop is being recorded
 
     def __call__(self, trial: optuna.Trial) -> Any:
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr(OWNER, process_owner())  # a later command tells a running trial from a killed one by it
         start = time.perf_counter()
         try:
+            trial.set_user_attr("host", socket.gethostname())
+            trial.set_user_attr(OWNER, process_owner())  # a later command tells a running trial from a killed one
             value = self.objective(trial)
             values = value if isinstance(value, (tuple, list)) else (value,)
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
@@ -65,6 +78,8 @@ class Recorded:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
             raise
         except KeyboardInterrupt:  # Optuna marks the trial failed; say why in summary.md and trials.csv
+            if self.stop is not None:
+                self.stop.recording = True
             trial.set_user_attr("fail_reason", STOPPED)
             if self.log is not None:
                 self.log.write(trial.number, f"failed: {STOPPED}", trial.params, time.perf_counter() - start)
@@ -166,6 +181,31 @@ class Tickets:
             return True
 
 
+# A stopped command's wait for its workers: for the terminal's Ctrl-C to reach them (then SIGTERM), and for the
+# stopped trials' records (then SIGKILL, which leaves a trial the next command, or this one, retries).
+STOP_WAITS = (2.0, 60.0)
+
+
+def _stop_workers(processes: list) -> None:
+    """Stop the command's workers, none left behind: they may have the terminal's Ctrl-C already; SIGTERM the
+    rest; SIGKILL what has not ended after :data:`STOP_WAITS` (a record stuck on a locked database). Another
+    Ctrl-C meanwhile skips to SIGKILL."""
+    try:
+        for wait, send in zip(STOP_WAITS, ("terminate", "kill"), strict=True):
+            deadline = time.monotonic() + wait
+            for process in processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+            for process in processes:
+                if process.is_alive():
+                    getattr(process, send)()
+    except KeyboardInterrupt:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+    for process in processes:
+        process.join()
+
+
 def _values_text(study: optuna.Study, trial: FrozenTrial) -> str:
     names = study.metric_names or [f"objective {i}" for i in range(len(trial.values))]
     return ", ".join(f"{name} {value:.4g}" for name, value in zip(names, trial.values, strict=True))
@@ -194,7 +234,8 @@ class TrialLine:
 
     def write(self, number: int, outcome: str, params: dict[str, Any], seconds: float | None) -> None:
         shown = ", ".join(f"{k}={short_value(v)}" for k, v in params.items())
-        line = f"trial {number} {outcome} ({shown})" + ("" if seconds is None else f" in {seconds:.1f} s")
+        line = f"trial {number} {outcome}" + (f" ({shown})" if shown else "") + (
+            "" if seconds is None else f" in {seconds:.1f} s")
         print(line, flush=True)
         with open(self.log_path, "a", encoding="utf-8") as handle:
             handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
@@ -245,8 +286,9 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
             self._random_sampler._rng.rng.seed(seed)
 
 
-def optimize(plan: Plan, tickets: Tickets, seed: int | None) -> None:
-    """One worker: joins the study and runs trials while tickets are left (in-process or spawned)."""
+def optimize(plan: Plan, tickets: Tickets, seed: int | None, stop: WorkerStop | None = None) -> None:
+    """One worker: joins the study and runs trials while tickets are left (in-process or spawned, with its
+    signal handler ``stop``)."""
     quiet_optuna()
     if plan.threads:
         import torch
@@ -258,7 +300,7 @@ def optimize(plan: Plan, tickets: Tickets, seed: int | None) -> None:
     while tickets.take():
         try:
             # gc after each trial: a trial that ran out of memory must not leave its tensors to the next one.
-            study.optimize(Recorded(plan.objective, line), n_trials=1, catch=CATCH, callbacks=[line],
+            study.optimize(Recorded(plan.objective, line, stop), n_trials=1, catch=CATCH, callbacks=[line],
                            gc_after_trial=True)
         except Exception as exc:
             failure = _storage_failure(exc)
@@ -291,10 +333,11 @@ def _worker(plan: Plan, tickets: Tickets, seed: int | None) -> None:
     """A spawned worker: on Ctrl-C (which reaches every process of the terminal) or the parent's SIGTERM it
     records its trial as stopped and exits quietly; the parent says how to continue, once. It starts with Ctrl-C
     ignored (see :func:`run_workers`) and takes it from here on."""
+    stop = WorkerStop()
     for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(number, interrupt_once)
+        signal.signal(number, stop)
     try:
-        optimize(plan, tickets, seed)
+        optimize(plan, tickets, seed, stop)
     except KeyboardInterrupt:
         sys.exit(130)
     except MamoError as exc:  # one sentence, as the command prints its own; the parent names the worker
@@ -321,12 +364,7 @@ def run_workers(plan: Plan, workers: int, tickets: Tickets, seed: int | None, co
         for process in processes:
             process.join()
     except BaseException:
-        for process in processes:
-            if process.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    process.terminate()
-        for process in processes:
-            process.join()
+        _stop_workers(processes)
         raise
     failed = [f"{k} (exit code {p.exitcode})" for k, p in enumerate(processes) if p.exitcode != 0]
     if failed:
