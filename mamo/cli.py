@@ -17,11 +17,12 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from mamo.errors import WRITE_FAILURES, MamoError
+from mamo.errors import STOP_REQUESTED, WRITE_FAILURES, MamoError
 
 
 @dataclass(frozen=True)
@@ -123,26 +124,46 @@ def _tolerate_narrow_terminals() -> None:
 
 
 def interrupt(number: int, frame: object) -> None:
-    """A signal handler that does what Ctrl-C does: raise KeyboardInterrupt, at every signal."""
+    """A signal handler that does what Ctrl-C does, raise KeyboardInterrupt at every signal, and also requests
+    the stop (:data:`mamo.errors.STOP_REQUESTED`), in case Python drops this raise."""
+    STOP_REQUESTED.set()
     raise KeyboardInterrupt
+
+
+def hide_dropped_stops(previous: Callable[[Any], object]) -> Callable[[Any], object]:
+    """An unraisable-exception hook that keeps quiet about a stop's KeyboardInterrupt Python dropped (it printed
+    "Exception ignored in ... weakref" tracebacks; :data:`mamo.errors.STOP_REQUESTED` stops the run instead)
+    and hands everything else to ``previous``."""
+
+    def hook(unraisable: Any) -> object:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and STOP_REQUESTED.is_set():
+            return None
+        return previous(unraisable)
+
+    return hook
 
 
 @contextlib.contextmanager
 def stop_signals_interrupt() -> Iterator[None]:
     """Inside, SIGTERM and SIGHUP (a kill, a batch system's stop, a closed terminal) stop a command as Ctrl-C
-    does: a train or search logs how to continue, a tune records its running trials as stopped, stops its
-    workers and writes its summary. Only in the main thread, where Python delivers signals."""
+    (SIGINT) does, and a stop Python dropped is raised again at the next training step or trial: a train or
+    search logs how to continue, a tune records its running trials as stopped, stops its workers and writes its
+    summary. Only in the main thread, where Python delivers signals."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     for number in previous:
         signal.signal(number, interrupt)
+    unraisable = sys.unraisablehook
+    sys.unraisablehook = hide_dropped_stops(unraisable)
     try:
         yield
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+        sys.unraisablehook = unraisable
+        STOP_REQUESTED.clear()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from mamo.config import TrainConfig
 from mamo.data import batches_per_epoch, iterate_batches
-from mamo.errors import MamoError, TrainingDiverged
+from mamo.errors import STOP_REQUESTED, MamoError, TrainingDiverged
 from mamo.model import MamoNet
 from mamo.runs import format_duration
 from mamo.step import StepResult, TrainStep, check_step_settings
@@ -273,6 +273,8 @@ class Trainer:
                        disable=not self.progress, leave=False, dynamic_ncols=True)
             train_loss = torch.zeros(len(self.model.tasks))
             for x, targets in bar:
+                if STOP_REQUESTED.is_set():  # a stop signal whose KeyboardInterrupt Python dropped
+                    raise KeyboardInterrupt
                 result = self._step(x, targets)
                 train_loss += result.losses.float().cpu()
                 self.global_step += 1

@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mamo.cache import process_owner
-from mamo.errors import MamoError
+from mamo.errors import STOP_REQUESTED, MamoError
 from mamo.tune_space import PRUNERS
 from mamo.tune_summary import short_value
 
@@ -46,12 +46,14 @@ class WorkerStop:
     """A spawned worker's handler of SIGINT, SIGTERM and SIGHUP: KeyboardInterrupt, as Ctrl-C, until the worker
     records its stopped trial; from then on a signal is ignored, so the terminal's Ctrl-C and the parent's
     SIGTERM, which both reach it, do not cut the record short. A stop Python dropped (raised inside a weakref
-    callback, where it is only reported) is raised again by the next signal, which the parent sends."""
+    callback, where it is only reported) is raised again at the next training step or trial
+    (:data:`mamo.errors.STOP_REQUESTED`)."""
 
     def __init__(self) -> None:
         self.recording = False
 
     def __call__(self, number: int, frame: Any) -> None:
+        STOP_REQUESTED.set()  # raised again between steps and trials if Python drops this raise
         if not self.recording:
             raise KeyboardInterrupt
 
@@ -297,7 +299,7 @@ def optimize(plan: Plan, tickets: Tickets, seed: int | None, stop: WorkerStop | 
     study = optuna.load_study(study_name=plan.study, storage=open_storage(plan.url, create=False),
                               sampler=TrialSeededTPE(seed), pruner=PRUNERS[plan.pruner]())
     line = TrialLine(plan.log_path)
-    while tickets.take():
+    while not STOP_REQUESTED.is_set() and tickets.take():
         try:
             # gc after each trial: a trial that ran out of memory must not leave its tensors to the next one.
             study.optimize(Recorded(plan.objective, line, stop), n_trials=1, catch=CATCH, callbacks=[line],
@@ -312,6 +314,8 @@ def optimize(plan: Plan, tickets: Tickets, seed: int | None, stop: WorkerStop | 
             raise MamoError(f"the study's storage {shown} failed while recording a trial ({failure}); free disk "
                             "space or fix the study folder's permissions (or the database), then rerun the same "
                             "command to continue the study.") from exc
+    if STOP_REQUESTED.is_set():  # stopped between trials, or a dropped raise: the stop still ends the command
+        raise KeyboardInterrupt
 
 
 def _storage_failure(exc: BaseException) -> str | None:
@@ -333,9 +337,12 @@ def _worker(plan: Plan, tickets: Tickets, seed: int | None) -> None:
     """A spawned worker: on Ctrl-C (which reaches every process of the terminal) or the parent's SIGTERM it
     records its trial as stopped and exits quietly; the parent says how to continue, once. It starts with Ctrl-C
     ignored (see :func:`run_workers`) and takes it from here on."""
+    from mamo.cli import hide_dropped_stops
+
     stop = WorkerStop()
     for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, stop)
+    sys.unraisablehook = hide_dropped_stops(sys.unraisablehook)
     try:
         optimize(plan, tickets, seed, stop)
     except KeyboardInterrupt:

@@ -350,3 +350,46 @@ def test_resume_refuses_data_of_other_shapes_than_the_checkpoint_was_trained_on(
     with pytest.raises(MamoError, match="the data has the tasks depth but the checkpoints .* on depth, seg"):
         check_resumed_data((3, 32, 48), fewer, state, tmp_path)
 
+
+
+def test_a_stop_python_dropped_is_raised_again_at_the_next_step() -> None:
+    # A KeyboardInterrupt raised while a weakref callback runs (the garbage collector's, often, in training) is
+    # only reported; a stop signal's handler also sets STOP_REQUESTED, which the trainer checks every step.
+    from mamo.errors import STOP_REQUESTED
+    from mamo.train import build_network, make_trainer
+
+    config = load_config("quick", RESUMABLE)
+    session = open_session(config, None, progress=False, quiet=True)
+    trainer = make_trainer(session, build_network(session), config.direction)
+    STOP_REQUESTED.set()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit(1)
+        assert trainer.global_step == 0
+    finally:
+        STOP_REQUESTED.clear()
+
+
+def test_sigterm_stops_a_train_run_as_ctrl_c_does(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    root = Path(__file__).parents[1]
+    command = [sys.executable, str(root / "cli.py"), "train", "quick", "--set", "train.epochs=200", "--set",
+               "data.train_size=256", "--set", "data.val_size=64", "--set", "data.test_size=64", "--set",
+               "train.device=cpu", "--no-tensorboard", "--no-progress", "--run-dir", str(run)]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = run / "log.txt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "epoch 2/200" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert log.read_text().splitlines()[-1].endswith(f"stopped; continue with: python cli.py train --resume {run}")
+    assert "mamo: interrupted" in err and "Traceback" not in err

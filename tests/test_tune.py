@@ -623,7 +623,7 @@ def test_a_tune_stopped_by_sigterm_stops_its_workers_and_records_their_trials(tm
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "stopped; finished trials stay in the study" in out
-    assert "Traceback" not in err and "leaked" not in err
+    assert "Traceback" not in err and "leaked" not in err and "Exception ignored" not in err
     trials = load(study).trials
     assert all(t.state != TrialState.RUNNING for t in trials)
     stopped = [t for t in trials if t.state == TrialState.FAIL]
@@ -653,16 +653,54 @@ def test_a_stopped_command_kills_the_workers_a_signal_does_not_stop(monkeypatch)
     assert [process.exitcode for process in stuck] == [-9, -9] and time.monotonic() - started < 30
 
 
+def test_a_dropped_stop_is_not_reported_but_other_unraisable_errors_are():
+    import types
+
+    from mamo.cli import hide_dropped_stops
+    from mamo.errors import STOP_REQUESTED
+
+    seen = []
+    hook = hide_dropped_stops(seen.append)
+    dropped = types.SimpleNamespace(exc_value=KeyboardInterrupt())
+    other = types.SimpleNamespace(exc_value=ValueError("a real one"))
+    STOP_REQUESTED.set()
+    try:
+        hook(dropped)
+        hook(other)
+    finally:
+        STOP_REQUESTED.clear()
+    hook(dropped)  # a KeyboardInterrupt with no stop requested is reported
+    assert seen == [other, dropped]
+
+
+def test_a_stop_requested_between_trials_ends_the_study_as_ctrl_c(tmp_path):
+    from mamo.errors import STOP_REQUESTED
+
+    run_tune(load_config("quick"), study_dir=tmp_path, trials=1, objective=draws_alpha)
+    STOP_REQUESTED.set()  # a stop signal whose KeyboardInterrupt Python dropped
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_tune(load_config("quick"), study_dir=tmp_path, trials=3, objective=draws_alpha)
+    finally:
+        STOP_REQUESTED.clear()
+    assert len(load(tmp_path).trials) == 1  # no trial started after the stop
+
+
 def test_a_worker_takes_signals_as_ctrl_c_until_it_records_its_stopped_trial():
     import signal
 
+    from mamo.errors import STOP_REQUESTED
     from mamo.tune_workers import WorkerStop
 
     stop = WorkerStop()
-    with pytest.raises(KeyboardInterrupt):
-        stop(signal.SIGTERM, None)
-    stop.recording = True
-    stop(signal.SIGTERM, None)  # the parent's SIGTERM after the terminal's Ctrl-C: ignored, the record goes on
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            stop(signal.SIGTERM, None)
+        assert STOP_REQUESTED.is_set()
+        stop.recording = True
+        stop(signal.SIGTERM, None)  # the parent's SIGTERM after the terminal's Ctrl-C: ignored, the record goes on
+    finally:
+        STOP_REQUESTED.clear()
 
 
 def test_a_retry_clears_the_folder_its_stopped_trial_left_only_a_record_in(tmp_path):
