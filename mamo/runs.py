@@ -69,6 +69,9 @@ def _never_started(path: Path) -> bool:
         for entry in entries)
 
 
+RUN_HEADER = "# mamo"  # config.yaml's first line names the command that made the folder: "# mamo search run: ..."
+
+
 def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: Path | None = None) -> Path:
     """Create the run folder ``path`` (default: :func:`free_run_dir`) with checkpoints/ and the resolved
     config.yaml. Creating checkpoints/ claims the folder: of two runs that picked the same one (two commands
@@ -94,8 +97,6 @@ def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: 
     replace_atomically(path / "config.yaml", lambda tmp: tmp.write_text(header + config_text(config), encoding="utf-8"))
     return path
 
-
-RUN_HEADER = "# mamo"  # config.yaml's first line names the command that made the folder: "# mamo search run: ..."
 
 # Which checkpoint files mark a run folder as one command's (folders made before config.yaml named it).
 CHECKPOINT_MARKS = {"train": ("last.pt", "best.pt"), "search": ("phase-*.pt", "in-phase.pt")}

@@ -35,6 +35,7 @@ from mamo.report import build_rows, delta, growth_notes, time_notes, win_rate, w
 from mamo.runs import check_resumed_config, read_run_config, resume_settings_text
 from mamo.search_plan import (
     budget_note,
+    check_resumed_phase,
     check_search_config,
     check_search_tasks,
     final_epochs,
@@ -193,7 +194,7 @@ def run_search(
             raise MamoError(f"the search in {directory} has finished (metrics.json is there); nothing to resume.")
         state = newest_state(directory / "checkpoints")
         check_resumed_config(config, state, directory)  # before anything loads: an edited config.yaml is refused
-        _check_resumed_phase(config, state, directory)
+        check_resumed_phase(config, state, directory)
         # The run's time before the stop (up to its newest checkpoint) counts in metrics.json's seconds.
         started -= state.get("seconds", 0.0) if state else 0.0
         check_search_config(config)
@@ -257,19 +258,6 @@ def run_search(
             if close is not None:
                 close()
     return metrics
-
-
-def _check_resumed_phase(config: Config, state: dict | None, directory: Path) -> None:
-    """Refuse a config.yaml whose phases (``search.rounds``) no longer put the checkpoint's phase where it was
-    saved; also caught for checkpoints that predate the recorded config (not compared then)."""
-    if state is None:
-        return
-    names = phase_names(config.search.rounds)
-    index = state["phase_index"]
-    if index >= len(names) or names[index] != state["phase"]:
-        raise MamoError(f"{directory / 'config.yaml'} sets search.rounds to {config.search.rounds}, but the run's "
-                        f"newest checkpoint was saved in phase '{state['phase']}' of another plan; undo the edit, "
-                        "or start a new run for the new value.")
 
 
 def _run_phases(

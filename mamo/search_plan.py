@@ -4,6 +4,8 @@ phase). Shared by ``search`` and ``tune``, which checks the ends of its ranges w
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mamo import graph as g
 from mamo.config import Config, SearchConfig
 from mamo.conflicts import parse_threshold
@@ -25,6 +27,19 @@ def label_phases(history: list[dict], config: Config) -> None:
     plan = [name for name in phase_names(search.rounds) for _ in range(epochs.get(name, search.round_epochs))]
     for entry, name in zip(history, plan, strict=False):
         entry.setdefault("phase", name)
+
+
+def check_resumed_phase(config: Config, state: dict | None, directory: Path) -> None:
+    """Refuse a config.yaml whose phases (``search.rounds``) no longer put the checkpoint's phase where it was
+    saved; also caught for checkpoints that predate the recorded config (not compared then)."""
+    if state is None:
+        return
+    names = phase_names(config.search.rounds)
+    index = state["phase_index"]
+    if index >= len(names) or names[index] != state["phase"]:
+        raise MamoError(f"{directory / 'config.yaml'} sets search.rounds to {config.search.rounds}, but the run's "
+                        f"newest checkpoint was saved in phase '{state['phase']}' of another plan; undo the edit, "
+                        "or start a new run for the new value.")
 
 
 def method_name(config: Config) -> str:

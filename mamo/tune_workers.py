@@ -354,11 +354,11 @@ def _worker(plan: Plan, tickets: Tickets, seed: int | None) -> None:
 
 def run_workers(plan: Plan, workers: int, tickets: Tickets, seed: int | None, context: Any) -> None:
     """``workers`` spawned processes on the same study (one seed: their trials' draw indices differ); waits for
-    all. Stopped itself (Ctrl-C, SIGTERM), it stops them with SIGTERM and waits until they have recorded their
-    trials, so that no worker outlives the command and the summary it writes next is complete."""
+    all. Stopped itself (Ctrl-C, SIGTERM), it stops them (:func:`_stop_workers`) before it lets the stop on, so
+    that no worker outlives the command and the summary it writes next is complete."""
     processes = [context.Process(target=_worker, args=(plan, tickets, seed)) for _ in range(workers)]
     # Started with Ctrl-C ignored, which a spawned interpreter keeps until _worker takes it: a Ctrl-C while it
-    # imports would print its traceback; the SIGTERM below ends it quietly instead.
+    # imports would print its traceback; _stop_workers's SIGTERM ends it quietly instead.
     default = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is threading.main_thread() \
         else None
     try:
