@@ -85,6 +85,7 @@ class SearchObjective:
     multi: bool
     tensorboard: bool = True  # per trial: events, round pictures and the HPARAMS record
     pictures: bool = True  # False: the trial's events and HPARAMS record without the round pictures
+    progress: bool = False  # the trial's epoch bars (one worker on a terminal; several would draw over each other)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         from mamo.board import write_hparams
@@ -113,7 +114,7 @@ class SearchObjective:
                 metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
             else:
                 resume = retried is not None and (run_dir / "config.yaml").is_file()
-                metrics = run_search(config, run_dir, progress=False, quiet=True, resume=resume,
+                metrics = run_search(config, run_dir, progress=self.progress, quiet=True, resume=resume,
                                      callbacks=[reporter] if reporter else [], cache_root=self.study_dir / ".baselines",
                                      loggers=self.tensorboard, pictures=self.pictures)
         except optuna.TrialPruned:
@@ -315,15 +316,15 @@ def run_tune(
               "it (what the reference trained is kept)", flush=True)
         raise
     claim_folder(directory, name, study.user_attrs["uid"])
+    workers = max(1, min(workers, trials))  # a worker without a trial would only import PyTorch
     if objective is None:
         objective = SearchObjective(config, directory, tasks, study.user_attrs.get("stl_val"), multi_objective,
-                                    tensorboard, pictures)
+                                    tensorboard, pictures, progress and workers == 1)
     if storage is None:
         retry_interrupted(study, TrialLine(directory / "tune.log"))
     from sqlalchemy.engine import make_url
 
     shown = make_url(url).render_as_string(hide_password=True)
-    workers = max(1, min(workers, trials))  # a worker without a trial would only import PyTorch
     print(f"study '{name}' ({shown}): {trials} trials on {workers} worker(s), trial folders in {directory}",
           flush=True)
     plan = Plan(url, name, objective, config.tune.pruner, directory / "tune.log",
