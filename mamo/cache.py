@@ -142,6 +142,9 @@ class BaselineCache:
         except json.JSONDecodeError:
             return None  # a half-written entry is retrained rather than trusted
 
+    def _claim_path(self, key: str) -> Path:
+        return self.root / f"{key}.claim"
+
     def checkpoint_path(self, key: str) -> Path:
         """Where the network of ``key`` is checkpointed while it trains (removed once its result is cached)."""
         return self.root / f"{key}.pt"
@@ -152,7 +155,7 @@ class BaselineCache:
     def try_claim(self, key: str) -> Claim | None:
         """The claim on training ``key``, taken now (an abandoned one taken over), or None while a live process
         holds it."""
-        path = self.root / f"{key}.claim"
+        path = self._claim_path(key)
         while True:
             self.root.mkdir(parents=True, exist_ok=True)
             try:
@@ -189,7 +192,7 @@ class BaselineCache:
                 yield None
                 return
             if not said:
-                path = self.root / f"{key}.claim"
+                path = self._claim_path(key)
                 with contextlib.suppress(FileNotFoundError):
                     holder = path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
                     log(f"{name}: waiting for the process that trains it ({holder}, {path}); delete that file if "

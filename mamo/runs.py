@@ -94,7 +94,7 @@ def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: 
     # Atomic: a command killed while writing it leaves no config.yaml, never an empty one that --resume would
     # read as the built-in defaults.
     header = f"{RUN_HEADER} {command} run: its resolved config (a preset to copy; --resume reads it back)\n"
-    replace_atomically(path / "config.yaml", lambda tmp: tmp.write_text(header + config_text(config), encoding="utf-8"))
+    write_text_atomically(path / "config.yaml", header + config_text(config))
     return path
 
 

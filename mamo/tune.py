@@ -44,6 +44,7 @@ from mamo.tune_workers import (
     optimize,
     quiet_optuna,
     run_workers,
+    shown_url,
 )
 
 DEFAULT_STUDY = "mamo"
@@ -320,14 +321,13 @@ def run_tune(
     if objective is None:
         objective = SearchObjective(config, directory, tasks, study.user_attrs.get("stl_val"), multi_objective,
                                     tensorboard, pictures, progress and workers == 1)
+    line = TrialLine(directory / "tune.log")
     if storage is None:
-        retry_interrupted(study, TrialLine(directory / "tune.log"))
-    from sqlalchemy.engine import make_url
-
-    shown = make_url(url).render_as_string(hide_password=True)
+        retry_interrupted(study, line)
+    shown = shown_url(url)
     print(f"study '{name}' ({shown}): {trials} trials on {workers} worker(s), trial folders in {directory}",
           flush=True)
-    plan = Plan(url, name, objective, config.tune.pruner, directory / "tune.log",
+    plan = Plan(url, name, objective, config.tune.pruner, line.log_path,
                 threads=max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else None)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and open connections
     # Seeded TPE reproduces a local study (each trial's draws follow from the seed and its draw index, so a
@@ -342,7 +342,7 @@ def run_tune(
             run_workers(plan, workers, tickets, seed, context)
     except KeyboardInterrupt:
         if storage is None:  # a worker killed while recording its stop left its trial running: retried next time
-            retry_interrupted(study, TrialLine(directory / "tune.log"))
+            retry_interrupted(study, line)
         summarize(study, directory, config, multi_objective, shown)  # the stopped trial's reason included
         print(f"stopped; finished trials stay in the study: rerun the command with --run-dir {directory} to "
               "continue it", flush=True)

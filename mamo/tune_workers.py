@@ -114,6 +114,18 @@ class StorageBusy(MamoError):
 DRIVERS: dict[str, tuple[str, ...]] = {"postgresql": ("psycopg", "psycopg2"), "mysql": ("MySQLdb", "pymysql")}
 
 
+def shown_url(url: str) -> str:
+    """A storage URL as messages show it: its password masked."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _first_line(error: BaseException) -> str:
+    """An error as a one-sentence message quotes it: its first line, or its type's name when it says nothing."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def open_storage(url: str, create: bool = True, fix: str = "start the database or pass a reachable --storage URL",
                  ) -> optuna.storages.RDBStorage:
     """The study database; a URL that is malformed or does not answer is one sentence ending in ``fix``, not a
@@ -138,7 +150,7 @@ def open_storage(url: str, create: bool = True, fix: str = "start the database o
         raise MamoError(f"storage {shown} needs a database driver that is not installed; install it, e.g. "
                         "pip install psycopg2-binary for postgresql://.") from exc
     except (SQLAlchemyError, ValueError, RuntimeError) as exc:
-        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = _first_line(getattr(exc, "orig", None) or exc)
         if _table_race(reason):  # two commands created the study's tables at the same moment
             raise StorageBusy(f"storage {shown} was being set up by another command at the same moment ({reason}); "
                               "run this command again to join the study.") from exc
@@ -310,12 +322,9 @@ def optimize(plan: Plan, tickets: Tickets, seed: int | None, stop: WorkerStop | 
             failure = _storage_failure(exc)
             if failure is None:
                 raise
-            from sqlalchemy.engine import make_url
-
-            shown = make_url(plan.url).render_as_string(hide_password=True)
-            raise MamoError(f"the study's storage {shown} failed while recording a trial ({failure}); free disk "
-                            "space or fix the study folder's permissions (or the database), then rerun the same "
-                            "command to continue the study.") from exc
+            raise MamoError(f"the study's storage {shown_url(plan.url)} failed while recording a trial ({failure}); "
+                            "free disk space or fix the study folder's permissions (or the database), then rerun the "
+                            "same command to continue the study.") from exc
     if STOP_REQUESTED.is_set():  # stopped between trials, or a dropped raise: the stop still ends the command
         raise KeyboardInterrupt
 
@@ -329,8 +338,7 @@ def _storage_failure(exc: BaseException) -> str | None:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, (SQLAlchemyError, optuna.exceptions.StorageInternalError)):
-            cause = getattr(exc, "orig", None) or exc.__cause__ or exc
-            return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            return _first_line(getattr(exc, "orig", None) or exc.__cause__ or exc)
         exc = exc.__cause__ or exc.__context__
     return None
 
