@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mamo.errors import STOP_REQUESTED, WRITE_FAILURES, MamoError
+from mamo.errors import STOP_REQUESTED, WRITE_FAILURES, MamoError, StopExplained
 
 
 @dataclass(frozen=True)
@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mamo: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mamo: interrupted; finished checkpoints in the run folder are kept.", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        if not isinstance(stop, StopExplained):
+            print("mamo: interrupted; finished checkpoints in the run folder are kept.", file=sys.stderr)
         return 130
 
 

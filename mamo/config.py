@@ -321,25 +321,26 @@ def split_override(text: str) -> tuple[list[str], Any]:
     return [part.strip() for part in path], parsed
 
 
-def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The preset's values over the defaults, then each ``--set`` override; validated as a whole."""
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (), kind: str = "preset",
+                ) -> Config:
+    """The preset's values over the defaults, then each ``--set`` override; validated as a whole. ``kind`` is
+    what messages call the file (a run's saved config.yaml is not a preset to its user)."""
     path = resolve_preset(preset)
     raw: dict = {}
     if path is not None:
         try:
             raw = load_yaml(path.read_text(encoding="utf-8")) or {}
         except DuplicateKeyError as exc:
-            raise MamoError(f"preset {path} has the key '{exc.key}' twice (again on line {exc.line}); keep one of "
+            raise MamoError(f"{kind} {path} has the key '{exc.key}' twice (again on line {exc.line}); keep one of "
                             "them.") from exc
         except yaml.YAMLError as exc:
-            raise MamoError(f"preset {path} is not valid YAML ({exc.__class__.__name__}); fix its syntax.") from exc
+            raise MamoError(f"{kind} {path} is not valid YAML ({exc.__class__.__name__}); fix its syntax.") from exc
         except UnicodeDecodeError as exc:
-            raise MamoError(f"preset {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML.") from exc
+            raise MamoError(f"{kind} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML.") from exc
         except OSError as exc:
-            raise MamoError(f"preset {path} cannot be read ({exc.strerror or exc}); make it readable or pass "
-                            "another preset.") from exc
+            raise MamoError(f"{kind} {path} cannot be read ({exc.strerror or exc}); make it readable.") from exc
         if not isinstance(raw, dict):
-            raise MamoError(f"preset {path} holds a {type(raw).__name__}, not a mapping of sections; "
+            raise MamoError(f"{kind} {path} holds a {type(raw).__name__}, not a mapping of sections; "
                             "write it as 'section: {key: value}'.")
         raw.setdefault("name", path.stem)
     source = str(path) if path else "the defaults"

@@ -21,6 +21,11 @@ class MamoError(Exception):
     """
 
 
+class StopExplained(KeyboardInterrupt):
+    """A stop (Ctrl-C, a stop signal) whose command has already said what it keeps and how to continue it, so
+    the CLI adds no generic line."""
+
+
 class TrainingDiverged(MamoError):
     """A loss became NaN or infinite during training; the message names the run, the epoch, the step and the
     learning rate. A subclass so that ``tune`` can tell a diverged trial from a bad setting."""

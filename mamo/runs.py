@@ -160,7 +160,7 @@ def read_run_config(run_dir: str | Path | None, command: str, settings: Sequence
                         f"python cli.py {other} --resume {directory}.")
     for partial in [*directory.glob("*.tmp"), *(directory / "checkpoints").glob("*.tmp")]:
         partial.unlink(missing_ok=True)  # a file a killed process was writing; the resumed run writes its own
-    return load_config(str(directory / "config.yaml"), list(settings)), directory
+    return load_config(str(directory / "config.yaml"), list(settings), kind="the run's config"), directory
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:

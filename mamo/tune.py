@@ -26,7 +26,7 @@ from typing import Any
 import optuna
 
 from mamo.config import Config, load_config
-from mamo.errors import MamoError
+from mamo.errors import MamoError, StopExplained
 from mamo.report import delta
 from mamo.runs import RUNS_ROOT, claim_new_folder, file_above
 from mamo.tasks import TaskSpec
@@ -315,7 +315,7 @@ def run_tune(
     except KeyboardInterrupt:  # in the reference's training, say: its finished networks are cached in the folder
         print(f"stopped while setting the study up; rerun the command with --run-dir {directory} to continue "
               "it (what the reference trained is kept)", flush=True)
-        raise
+        raise StopExplained from None
     claim_folder(directory, name, study.user_attrs["uid"])
     workers = max(1, min(workers, trials))  # a worker without a trial would only import PyTorch
     if objective is None:
@@ -346,7 +346,7 @@ def run_tune(
         summarize(study, directory, config, multi_objective, shown)  # the stopped trial's reason included
         print(f"stopped; finished trials stay in the study: rerun the command with --run-dir {directory} to "
               "continue it", flush=True)
-        raise
+        raise StopExplained from None
     return summarize(study, directory, config, multi_objective, shown)
 
 

@@ -37,6 +37,16 @@ def _where(trial: FrozenTrial) -> str:
     return str(path) if host in (None, socket.gethostname()) else f"{host}:{path}"
 
 
+def fail_reason(trial: FrozenTrial) -> str:
+    """Why a failed trial failed. Only a stop between Optuna making a trial and calling the objective leaves no
+    reason: :class:`mamo.tune_workers.Recorded` records the host first thing, and a reason on every failure."""
+    if "fail_reason" in trial.user_attrs:
+        return trial.user_attrs["fail_reason"]
+    if "host" not in trial.user_attrs:
+        return "stopped before its objective started (it drew nothing)"
+    return "unknown reason"
+
+
 def best_trials(study: optuna.Study, multi: bool) -> list[FrozenTrial]:
     """The Pareto front (multi-objective) or the best few complete trials, best first."""
     if multi:
@@ -83,8 +93,9 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
         writer.writerow(["trial", "state", *names, *tuned, *attrs])
         for t in trials:
             values = t.values or [None] * len(names)
+            recorded = {**t.user_attrs, "fail_reason": fail_reason(t)} if t.state == TrialState.FAIL else t.user_attrs
             writer.writerow([t.number, t.state.name.lower(), *values, *(t.params.get(n) for n in tuned),
-                             *(t.user_attrs.get(a) for a in attrs)])
+                             *(recorded.get(a) for a in attrs)])
 
 
 def plot_pareto(study: optuna.Study, path: Path) -> None:
@@ -151,7 +162,7 @@ def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, s
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
         lines += ["## Failed trials", ""]
-        lines += [f"- trial {t.number}: {t.user_attrs.get('fail_reason', 'unknown reason')}" for t in failed]
+        lines += [f"- trial {t.number}: {fail_reason(t)}" for t in failed]
         lines.append("")
     text = "\n".join(lines)
     (directory / "summary.md").write_text(text, encoding="utf-8")

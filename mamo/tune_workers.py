@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mamo.cache import process_owner
 from mamo.errors import STOP_REQUESTED, MamoError
 from mamo.tune_space import PRUNERS
-from mamo.tune_summary import short_value
+from mamo.tune_summary import fail_reason, short_value
 
 # What a trial may raise without stopping the study: bad sampled settings, NaN losses, out of memory.
 CATCH = (MamoError, FloatingPointError, RuntimeError, MemoryError)
@@ -234,7 +234,7 @@ def _pruned_text(trial: FrozenTrial) -> str:
 LINES: dict[TrialState, Callable[[optuna.Study, FrozenTrial], str]] = {
     TrialState.COMPLETE: lambda study, t: f"complete: {_values_text(study, t)}",
     TrialState.PRUNED: lambda study, t: _pruned_text(t),
-    TrialState.FAIL: lambda study, t: f"failed: {t.user_attrs.get('fail_reason', 'unknown reason')}",
+    TrialState.FAIL: lambda study, t: f"failed: {fail_reason(t)}",
 }
 
 

@@ -149,6 +149,15 @@ def test_an_empty_config_yaml_is_not_resumed_as_the_defaults(tmp_path: Path, cap
         "lost; start a new run.")
 
 
+def test_a_broken_config_yaml_on_resume_is_called_the_runs_config_not_a_preset(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.yaml").write_text("train: {lr: [\n")
+    assert main(["search", "--resume", str(folder)]) == 2
+    assert single_error(capsys.readouterr().err) == (
+        f"the run's config {folder / 'config.yaml'} is not valid YAML (ParserError); fix its syntax.")
+
+
 @pytest.mark.parametrize("written", ["config.yaml", "metrics.json"])
 def test_a_write_cut_short_leaves_no_half_file(tmp_path: Path, monkeypatch, written: str) -> None:
     # metrics.json marks a finished run and config.yaml is what --resume reads: a half-written one of either

@@ -589,6 +589,7 @@ import sys
 
 from mamo.cli import stop_signals_interrupt
 from mamo.config import load_config
+from mamo.errors import StopExplained
 from mamo.tune import run_tune
 from test_tune import slow_alpha
 
@@ -596,8 +597,10 @@ if __name__ == "__main__":  # spawned workers import this file again
     try:
         with stop_signals_interrupt():  # as mamo.cli.main runs every command
             run_tune(load_config("quick"), study_dir=sys.argv[1], trials=40, workers=2, objective=slow_alpha)
-    except KeyboardInterrupt:
+    except StopExplained:  # the stop line is printed: the CLI adds nothing
         sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(129)
 """
 
 
@@ -897,6 +900,23 @@ def test_a_trial_stopped_by_ctrl_c_is_recorded_with_its_reason():
     assert study.trials[0].user_attrs["fail_reason"] == "stopped by Ctrl-C before it finished"
 
 
+def test_a_trial_stopped_before_its_objective_started_is_named_so_in_the_summary_and_csv(tmp_path):
+    # A stop between Optuna's making a trial and its calling the objective: summary.md said "unknown reason".
+    import csv
+
+    from mamo.tune_summary import summarize
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"host": "here"}))
+    summarize(study, tmp_path, load_config("quick"), multi=False, shown="memory")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "- trial 0: stopped before its objective started (it drew nothing)" in summary
+    assert "- trial 1: unknown reason" in summary
+    rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert rows[0]["fail_reason"].startswith("stopped before its objective started")
+
+
 def test_joining_a_study_refuses_a_set_that_changes_its_space(tmp_path, capsys):
     folder = tmp_path / "study"
     created = ["tune.direction=[mgda, equal]"]
@@ -1020,3 +1040,19 @@ def test_bad_tune_numbers_name_the_setting_they_came_from(tmp_path, capsys, args
     assert main(["tune", "quick", *args, "--run-dir", str(tmp_path / "study"), "--no-progress"]) == 2
     assert message in single_error(capsys.readouterr().err)
     assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize(("stop", "generic"), [("explained", False), ("plain", True)])
+def test_a_tune_stop_that_said_how_to_continue_gets_no_generic_line_from_the_cli(monkeypatch, capsys, stop, generic):
+    # After tune's own "stopped; ... rerun the command with --run-dir" the CLI added "interrupted; finished
+    # checkpoints in the run folder are kept", about folders the study line had already covered.
+    import mamo.tune
+    from mamo.cli import main
+    from mamo.errors import StopExplained
+
+    def stopped(*args, **kwargs):
+        raise StopExplained if stop == "explained" else KeyboardInterrupt
+
+    monkeypatch.setattr(mamo.tune, "run_tune", stopped)
+    assert main(["tune", "quick"]) == 130
+    assert ("mamo: interrupted" in capsys.readouterr().err) == generic
