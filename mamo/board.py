@@ -35,6 +35,7 @@ from mamo.directions.base import TensorInfo
 from mamo.errors import MamoError
 from mamo.event_file import EventFileWriter
 from mamo.report import delta
+from mamo.runs import counted
 from mamo.step import StepResult
 from mamo.tasks import TaskSpec
 from mamo.trainer import Callback, Metrics, Trainer
@@ -133,6 +134,9 @@ class TensorBoardLogger(Callback):
         self.pictures = pictures
         self.specs = dict(tasks)
         self.stl_val = stl_val
+        # A resumed run's folder holds the stopped process's events, config text included (TensorBoard's Python
+        # reader would list each copy at step 0), unless it starts over.
+        continued = any(self.run_dir.glob("events.out.tfevents.*")) and not start_over
         self.events = EventFileWriter(self.run_dir)
         if start_over:  # a resumed run with no checkpoint: TensorBoard drops what the stopped process logged
             self.events.add_event(Event(step=0, session_log=SessionLog(status=SessionLog.START)))
@@ -145,10 +149,11 @@ class TensorBoardLogger(Callback):
         self._drew_start = False
         self._resumed = False  # the next phase start is where a resumed process picked up, not a new phase
         self._closed = False
-        resolved = config_text(config)  # the same text as the run's config.yaml
-        self.events.add_summary(text("config", "    " + resolved.replace("\n", "\n    ")), 0)
-        charts = {title: ["Multiline", [f"^{prefix}"]] for title, prefix in PER_TASK_CHARTS.items()}
-        self.events.add_summary(custom_scalars({"mamo: per task": charts}))
+        if not continued:
+            resolved = config_text(config)  # the same text as the run's config.yaml
+            self.events.add_summary(text("config", "    " + resolved.replace("\n", "\n    ")), 0)
+            charts = {title: ["Multiline", [f"^{prefix}"]] for title, prefix in PER_TASK_CHARTS.items()}
+            self.events.add_summary(custom_scalars({"mamo: per task": charts}))
 
     # ----------------------------------------------------------------------------------------- steps
     def _global_step(self, trainer: Trainer) -> int:
@@ -226,11 +231,12 @@ class TensorBoardLogger(Callback):
 
     def on_phase_start(self, phase: str, model: MamoNet) -> None:
         # Right after a resume the stopped process has already logged this phase's start (or stopped inside the
-        # phase), so the text says where this process picked up instead of announcing a new start.
-        how = "resumes from a checkpoint" if self._resumed else "starts"
+        # phase), so the text says where this process picked up, at the first step it writes: a start logged at
+        # the checkpoint's step is before the restart marker and stays.
+        how, at = ("resumes from a checkpoint", self._step + 1) if self._resumed else ("starts", self._step)
         self._resumed = False
-        self.events.add_summary(text("run/phases", f"{phase} {how} after step {self._step}"), self._step)
-        self.events.add_summary(_summary({"model/params": sum(p.numel() for p in model.parameters())}), self._step)
+        self.events.add_summary(text("run/phases", f"{phase} {how} after step {self._step}"), at)
+        self.events.add_summary(_summary({"model/params": sum(p.numel() for p in model.parameters())}), at)
         if self.pictures and not self._drew_start:
             # The network before any growth, as round 0 of the architecture pictures (not when a resumed
             # search starts with a network that already grew).
@@ -260,14 +266,23 @@ class TensorBoardLogger(Callback):
                     values[f"conflicts/Q/{a}+{b}/cell{cell}"] = float(stats.counts[cell, i, j])
         self.events.add_summary(_summary(values), z)
         described = ", ".join(f"{'+'.join(pair)}@cell{cell}" for pair, cell in activated) or "none"
-        self.events.add_summary(text("search/activated", f"round {z}: {described}; {len(record['new_modules'])} "
-                                     f"new modules, {record['gmk_modules']} in all"), z)
+        self.events.add_summary(text("search/activated", f"round {z}: {described}; "
+                                     f"{counted(len(record['new_modules']), 'new module')}, "
+                                     f"{record['gmk_modules']} in all"), z)
         self._histograms(stats, z)
         if self.pictures:
             graph = copy.deepcopy(record["graph"])  # copies: the next round resets the stats, grows the graph
             self._submit(self._draw_conflicts, copy.deepcopy(stats), grown_positions(graph, record["new_modules"]), z)
             self._submit(self._draw_architecture, graph, drawing.node_parameters(graph, record["model"]), z,
                          f"Architecture after round {z}")
+        self._settle()  # the search checkpoints the round next, and a resume never ends it again
+
+    def _settle(self) -> None:
+        """Wait for the pictures submitted so far and flush the event file, so all of it is on disk."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+        self.events.flush()
 
     def _histograms(self, stats: ConflictStats, z: int) -> None:
         if stats.steps == 0:
@@ -358,6 +373,14 @@ class TensorBoardLogger(Callback):
 
 # A trial's Optuna state, recorded as the hparam "state", and the TensorBoard session status it ends with.
 TRIAL_STATES = {"complete": "STATUS_SUCCESS", "pruned": "STATUS_SUCCESS", "failed": "STATUS_FAILURE"}
+HPARAMS_SUFFIX = ".hparams"  # ends the name of the event file that holds a trial's HPARAMS record
+
+
+def drop_hparams(log_dir: Path) -> None:
+    """Remove the HPARAMS records in ``log_dir``: a retried trial's stopped run wrote "failed", and TensorBoard
+    keeps the first record it reads of a run, so the retry's own would not show."""
+    for path in Path(log_dir).glob(f"events.out.tfevents.*{HPARAMS_SUFFIX}"):
+        path.unlink()
 
 
 def write_hparams(
@@ -392,7 +415,7 @@ def write_hparams(
         content = plugin_data_pb2.HParamsPluginData.FromString(plugin.content)
         content.session_end_info.status = api_pb2.Status.Value(TRIAL_STATES[state])
         plugin.content = content.SerializeToString()
-    with EventFileWriter(log_dir) as events:
+    with EventFileWriter(log_dir, suffix=HPARAMS_SUFFIX) as events:
         for summary in (experiment, start, end):
             events.add_summary(summary)
         if scores:

@@ -29,19 +29,22 @@ from mamo.errors import STOP_REQUESTED, WRITE_FAILURES, MamoError, StopExplained
 class Command:
     help: str
     module: str
+    again: str = "run the command again"  # how to go on once a failed write's cause is fixed
 
 
 COMMANDS: dict[str, Command] = {
     "train": Command("train the shared (HPS) network with the configured direction, or STL with "
-                     "--set train.mode=stl", "mamo.train"),
+                     "--set train.mode=stl", "mamo.train", "continue with --resume"),
     "search": Command("grow GMK modules where tasks conflict (MAMO Algorithm 1) and report against STL/HPS",
-                      "mamo.search"),
+                      "mamo.search", "continue with --resume"),
     "export": Command("write a run's architecture and deployable programs (json, graphml, dot, png, onnx, pt2)",
                       "mamo.export"),
     "show": Command("print a run's architecture as a tree with parameter counts and where GMKs grew",
                     "mamo.export"),
-    "bench": Command("run a benchmark (logic, multimnist_recon, step, ablation) and save its table", "mamo.bench"),
-    "tune": Command("tune T, alpha and the detection rounds with Optuna", "mamo.tune"),
+    "bench": Command("run a benchmark (logic, multimnist_recon, step, ablation) and save its table", "mamo.bench",
+                     "run the command again (bench ablation continues with --resume)"),
+    "tune": Command("tune T, alpha and the detection rounds with Optuna", "mamo.tune",
+                    "rerun the command with the same --run-dir"),
 }
 
 
@@ -99,9 +102,16 @@ def _virtual_folder(folder: Path) -> bool:
         return False
 
 
-def os_failure(exc: OSError) -> str | None:
-    """The sentence for an OS error that the machine or the path causes, not mamo (None: a bug, keep the trace)."""
+def os_failure(exc: OSError, again: str = "run the command again") -> str | None:
+    """The sentence for an OS error that the machine or the path causes, not mamo (None: a bug, keep the trace);
+    ``again`` says how the command goes on once the cause is fixed."""
     where = f" {exc.filename}" if exc.filename else ""
+    path = Path(exc.filename) if isinstance(exc.filename, str) and exc.filename else None
+    if exc.errno == errno.EEXIST and path is not None and path.is_symlink() and not path.exists():
+        return (f"{path} is a link to {os.readlink(path)}, which does not exist; create what it points to or pass "
+                "another path.")
+    if exc.errno == errno.EISDIR and path is not None:
+        return f"could not write {path}: a folder has that name; move the folder away or pass another path."
     if exc.errno == errno.ENAMETOOLONG:
         return (f"could not use{where} ({exc.strerror}); shorten the path: a file or folder name holds at most "
                 "255 bytes.")
@@ -111,7 +121,7 @@ def os_failure(exc: OSError) -> str | None:
                 "that takes no new files; pass a path on a disk.")
     if exc.errno in WRITE_FAILURES:
         return (f"could not write{where} ({exc.strerror}); free disk space or fix the folder's permissions, then "
-                "run again (train and search continue with --resume, tune with the same --run-dir).")
+                f"{again}.")
     return None
 
 
@@ -177,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mamo: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        message = os_failure(exc)
+        message = os_failure(exc, COMMANDS[args.command].again)
         if message is None:
             raise
         print(f"mamo: error: {message}", file=sys.stderr)

@@ -17,6 +17,7 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 
 from mamo import graph as g
 from mamo.plots import TRUNK, new_figure, save_figure
+from mamo.runs import counted
 
 if TYPE_CHECKING:
     from mamo.model import MamoNet
@@ -150,7 +151,7 @@ def draw_architecture(
     branches = g.branch_nodes(graph)
     total = sum(params.values())
     heading = f"{title}: " if title else ""
-    figure.suptitle(f"{heading}{len(branches)} branch modules, {total:,} parameters "
+    figure.suptitle(f"{heading}{counted(len(branches), 'branch module')}, {total:,} parameters "
                     f"(shared trunk {sum(params[g.cell_id(k)] for k in range(cells)):,})", fontsize=10)
     if lanes:
         handles = []

@@ -46,16 +46,17 @@ class EventFileWriter:
 
     The file name holds the time, host and process like TensorBoard's own, then the first free number, zero-padded
     so that name order is creation order (TensorBoard reads a folder's files in name order): two writers never
-    share a file and a later file sorts after an earlier one.
+    share a file and a later file sorts after an earlier one. ``suffix`` ends the name (a kind of record that
+    must be found again, say).
     """
 
-    def __init__(self, log_dir: str | Path, flush_seconds: float = 20.0):
+    def __init__(self, log_dir: str | Path, flush_seconds: float = 20.0, suffix: str = ""):
         directory = Path(log_dir)
         directory.mkdir(parents=True, exist_ok=True)
         stem = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
         for number in itertools.count():
             try:
-                self._file = open(directory / f"{stem}.{number:0{NUMBER_DIGITS}d}", "xb")  # closed by close()
+                self._file = open(directory / f"{stem}.{number:0{NUMBER_DIGITS}d}{suffix}", "xb")  # closed by close()
                 break
             except FileExistsError:
                 continue

@@ -21,7 +21,7 @@ from mamo import graph as g
 from mamo.config import load_config
 from mamo.errors import MamoError
 from mamo.model import MamoNet, compile_model
-from mamo.runs import file_above, run_command
+from mamo.runs import counted, file_above, run_command
 
 
 def _trains_per_task(directory: Path) -> bool:
@@ -43,16 +43,9 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> Mam
 
     directory = Path(run_dir)
     paths = [directory / "architecture.json", directory / "weights.safetensors"]
-    missing = [str(p) for p in paths if not p.is_file()]
+    missing = [p for p in paths if not p.is_file()]
     if missing:
-        if _trains_per_task(directory):
-            raise MamoError(f"{directory} holds an STL run (train.mode=stl: one network per task), which has no "
-                            "single architecture to show or export; pass a search run or an HPS train run.")
-        stopped = run_command(directory)
-        if stopped and not (directory / "metrics.json").exists():
-            raise MamoError(f"{directory} holds a {stopped} run that has not finished (no {Path(missing[0]).name}); "
-                            f"finish it with python cli.py {stopped} --resume {directory}.")
-        raise MamoError(f"{', '.join(missing)} not found; pass the folder of a finished train or search run.")
+        raise MamoError(_no_model(directory, missing))
     try:
         data = json.loads(paths[0].read_text(encoding="utf-8"))
         if not isinstance(data, dict):  # valid JSON, but not the node-link object save_model writes
@@ -73,8 +66,39 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> Mam
             SafetensorError, nx.NetworkXException, _Damaged) as exc:  # what a damaged file makes networkx, torch raise
         what = str(exc) if isinstance(exc, _Damaged) else type(exc).__name__
         raise MamoError(f"the model files in {directory} are unreadable or do not fit together "
-                        f"({what}); re-export them from the run's checkpoints or rerun it.") from exc
+                        f"({what}); restore them from a copy or {_rerun(directory)}.") from exc
     return model.eval()
+
+
+def _no_model(directory: Path, missing: list[Path]) -> str:
+    """Why ``directory`` has no model to load, and what to pass or do instead."""
+    if directory.is_file():
+        return f"{directory} is a file; pass the run folder that holds it, e.g. {directory.parent}."
+    if _trains_per_task(directory):
+        return (f"{directory} holds an STL run (train.mode=stl: one network per task), which has no single "
+                "architecture to show or export; pass a search run or an HPS train run.")
+    if (directory / "study.yaml").is_file():
+        trials = sorted(p.parent for p in directory.glob("trial-*/architecture.json"))
+        return (f"{directory} is a tune study folder; pass one of its trial folders, e.g. {trials[0]} (summary.md "
+                "names the best)." if trials else f"{directory} is a tune study folder none of whose trials has "
+                "finished yet; pass a trial folder once one has.")
+    command = run_command(directory)
+    names = " and ".join(p.name for p in missing)
+    if command and not (directory / "metrics.json").exists():
+        return (f"{directory} holds a {command} run that has not finished (no {missing[0].name}); finish it with "
+                f"python cli.py {command} --resume {directory}.")
+    if command:
+        return (f"{directory} is a finished {command} run whose {names} is gone; restore it from a copy or "
+                f"{_rerun(directory)}.")
+    return f"{', '.join(map(str, missing))} not found; pass the folder of a finished train or search run."
+
+
+def _rerun(directory: Path) -> str:
+    """How to make a run's model files again: its saved config, run anew (seeded, so it trains the same)."""
+    command = run_command(directory)
+    if command is None:
+        return "rerun it"
+    return f"rerun it with python cli.py {command} {directory / 'config.yaml'} --run-dir NEW_FOLDER"
 
 
 def example_input(model: MamoNet, batch: int = 2) -> torch.Tensor:
@@ -213,11 +237,13 @@ def architecture_tree(model: MamoNet) -> str:
     for position, task in enumerate(model.tasks):
         groups = g.fusion_groups(graph, task)
         fused = " + ".join(["trunk", *(f"β·{'+'.join(grp)}" for grp in groups)])
-        lines.append(f"{_twig(position, len(model.tasks))} {task}: fusion [{fused}] → head "
+        betas = params.get(g.fusion_id(task), 0)
+        weighed = f" ({betas:,} param{'s' * (betas != 1)})" if betas else ""
+        lines.append(f"{_twig(position, len(model.tasks))} {task}: fusion [{fused}]{weighed} → head "
                      f"({params.get(g.head_id(task), 0):,} params)")
     total = sum(p.numel() for p in model.parameters())
     kinds = sorted({_module_kind(tuple(graph.nodes[node]["group"])) for node in branches}) or ["GMK"]
-    lines.append(f"{len(branches)} {' and '.join(kinds)} modules, {total:,} parameters in all")
+    lines.append(f"{counted(len(branches), ' and '.join(kinds) + ' module')}, {total:,} parameters in all")
     return "\n".join(lines)
 
 

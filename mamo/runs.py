@@ -236,6 +236,11 @@ def write_text_atomically(path: Path, text: str) -> None:
     replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def counted(number: int, noun: str) -> str:
+    """``1 new module``, ``3 new modules``: a count with its noun (a regular plural) as a log line reads."""
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
+
+
 def format_duration(seconds: float) -> str:
     """``0.4 s``, ``42 s``, ``3 min 05 s``, ``2 h 14 min``: what a person reads off a log line."""
     if seconds < 9.95:

@@ -32,7 +32,7 @@ from mamo.data_plugins import plugin_edited_note
 from mamo.errors import MamoError
 from mamo.model import count_parameters
 from mamo.report import build_rows, delta, growth_notes, time_notes, win_rate, write_metrics, write_report
-from mamo.runs import check_resumed_config, read_run_config, resume_settings_text
+from mamo.runs import check_resumed_config, counted, read_run_config, resume_settings_text
 from mamo.search_plan import (
     budget_note,
     check_resumed_phase,
@@ -308,16 +308,18 @@ def _run_phases(
             record = _round_record(z, stats, activated, new_nodes, val, val_delta, trainer, directory)
             rounds.append(_serialisable(record))
             where = ", ".join(f"{a}+{b}@cell{c}" for (a, b), c in activated) or "nothing"
-            session.log(f"round {z}: {stats.steps} mini-batches, activated {where}; {len(new_nodes)} new modules, "
-                        f"{record['gmk_modules']} in all")
+            session.log(f"round {z}: {stats.steps} mini-batches, activated {where}; "
+                        f"{counted(len(new_nodes), 'new module')}, {record['gmk_modules']} in all")
         phase_seconds[phase] = phase_seconds.get(phase, 0.0) + time.perf_counter() - phase_start
+        if record is not None:
+            # Before the round's checkpoint: a resume starts after it and never ends this round again, so what a
+            # callback records for it must be kept by then (a kill in between redoes the round, logged twice).
+            for callback in watchers:
+                callback.on_round_end(record)
         _checkpoint(directory, index, phase, trainer, rounds,
                     {"phase_seconds": phase_seconds, "seconds": time.perf_counter() - started,
                      "config": config.to_dict(), "baselines": baselines})  # what --resume checks config.yaml against
         (directory / "checkpoints" / IN_PHASE).unlink(missing_ok=True)  # the phase's own checkpoint supersedes it
-        if record is not None:
-            for callback in watchers:
-                callback.on_round_end(record)
     trainer.callbacks.remove(saver)
     metrics = _finish(session, trainer, directory, baselines, rounds, phase_seconds, started)
     for callback in watchers:

@@ -247,21 +247,23 @@ def run_train(
     else:
         session, directory = open_run(config, run_dir, "train", progress, quiet)
     # An STL run continues from the baseline cache instead of checkpoints/last.pt: no --resume to suggest.
-    resume_command = f"python cli.py train --resume {directory}" if config.train.mode == "mtl" else None
-    with logging_stops(session, resume_command):
+    # STL networks continue from the baseline cache, which any run of the same settings reads.
+    how_to_continue = (f"python cli.py train --resume {directory}" if config.train.mode == "mtl" else
+                       "the same train command with a new --run-dir (the baseline cache keeps the finished networks "
+                       "and the stopped one's epochs)")
+    with logging_stops(session, how_to_continue):
         return _train_and_report(session, directory, callbacks, loggers, pictures, state,
                                  start_over=resume and state is None)
 
 
 @contextlib.contextmanager
-def logging_stops(session: Session, resume_command: str | None) -> Iterator[None]:
-    """Inside: a Ctrl-C logs how to continue (``resume_command``, when there is one), and a MamoError (a diverged
-    loss, a full disk) goes into the run's log.txt before it propagates, so the folder keeps the reason."""
+def logging_stops(session: Session, how_to_continue: str) -> Iterator[None]:
+    """Inside: a Ctrl-C logs how to continue, and a MamoError (a diverged loss, a full disk) goes into the run's
+    log.txt before it propagates, so the folder keeps the reason."""
     try:
         yield
     except KeyboardInterrupt:
-        if resume_command:
-            session.log(f"stopped; continue with: {resume_command}")
+        session.log(f"stopped; continue with: {how_to_continue}")
         raise
     except MamoError as exc:
         session.log.record(f"error: {exc}")

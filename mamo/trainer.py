@@ -129,7 +129,8 @@ class Callback:
         for each network of ``train.mode=stl``."""
 
     def on_round_end(self, record: dict) -> None:
-        """A detection round ended; see :func:`mamo.search.run_search` for the record's keys."""
+        """A detection round ended; see :func:`mamo.search.run_search` for the record's keys. Called before the
+        round's checkpoint, which a resume starts after: keep what the round needs recorded before returning."""
 
     def on_rounds_restored(self, rounds: list[dict]) -> None:
         """A resumed search's rounds before its checkpoint (metrics.json's ``rounds`` records, with ``val``),

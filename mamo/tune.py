@@ -89,7 +89,7 @@ class SearchObjective:
     progress: bool = False  # the trial's epoch bars (one worker on a terminal; several would draw over each other)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
-        from mamo.board import write_hparams
+        from mamo.board import drop_hparams, write_hparams
         from mamo.search import run_search
 
         config = suggest_config(trial, self.base)
@@ -104,8 +104,10 @@ class SearchObjective:
         if not (folder and Path(folder).is_dir()):  # no folder yet, or one on another machine: a fresh start
             retried, folder = None, None
         run_dir = Path(folder) if folder else self.study_dir / trial_folder(trial.number)
-        if retried is not None and not (run_dir / "config.yaml").is_file():
-            _clear_records(run_dir)
+        if retried is not None:
+            drop_hparams(run_dir)  # the stopped run's "failed"
+            if not (run_dir / "config.yaml").is_file():
+                _clear_records(run_dir)
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         reporter = RoundReporter(trial, self.stl_val, self.tasks) if self.stl_val and not self.multi else None
         columns = self._columns(config, reporter is not None)

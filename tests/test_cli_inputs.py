@@ -127,6 +127,39 @@ def test_an_architecture_with_damaged_edges_is_one_sentence(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["show", "export"])
+def test_what_is_not_a_run_folder_says_what_it_is_and_what_to_pass(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    # A file was looked into ("x.json/architecture.json not found"), a finished run missing its model was called
+    # no run at all, a tune study folder got the generic text, and damaged files were to be "re-exported from
+    # the run's checkpoints", which no command does.
+    def error(folder: Path) -> str:
+        code, err = run_cli([command, str(folder), *(["--format", "json"] if command == "export" else [])], capsys)
+        assert code == 2
+        return single_error(err)
+
+    assert error(run_dir / "architecture.json") == (
+        f"{run_dir / 'architecture.json'} is a file; pass the run folder that holds it, e.g. {run_dir}.")
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "config.yaml").write_text("# mamo search run: 2026-11-25\nname: quick\n")
+    (finished / "metrics.json").write_text("{}")
+    (finished / "weights.safetensors").write_bytes((run_dir / "weights.safetensors").read_bytes())
+    rerun = f"python cli.py search {finished / 'config.yaml'} --run-dir NEW_FOLDER"
+    assert error(finished) == (f"{finished} is a finished search run whose architecture.json is gone; restore it "
+                               f"from a copy or rerun it with {rerun}.")
+    (finished / "architecture.json").write_text("{")
+    assert error(finished).endswith(f"(JSONDecodeError); restore them from a copy or rerun it with {rerun}.")
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.yaml").write_text("name: quick\n")
+    assert error(study) == (f"{study} is a tune study folder none of whose trials has finished yet; pass a trial "
+                            "folder once one has.")
+    (study / "trial-0001").symlink_to(run_dir)
+    assert error(study) == (f"{study} is a tune study folder; pass one of its trial folders, e.g. "
+                            f"{study / 'trial-0001'} (summary.md names the best).")
+
+
 # ---------------------------------------------------------------------------------------------------- --out
 
 
@@ -187,6 +220,31 @@ def test_an_immutable_out_folder_is_one_sentence(run_dir: Path, tmp_path: Path, 
     code, err = run_cli(["export", str(run_dir), "--format", "json", "--out", str(out)], capsys)
     assert code == 2  # was a PermissionError traceback
     assert f"could not write {out / 'architecture.json'} (Operation not permitted)" in single_error(err)
+
+
+def test_an_out_folder_that_is_a_dangling_link_or_holds_a_folder_by_a_files_name_is_one_sentence(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Both were tracebacks with exit 1 (FileExistsError from mkdir, IsADirectoryError from the write).
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    code, err = run_cli(["export", str(run_dir), "--format", "json", "--out", str(link)], capsys)
+    assert code == 2
+    assert single_error(err) == (f"{link} is a link to {tmp_path / 'nowhere'}, which does not exist; create what it "
+                                 "points to or pass another path.")
+    (tmp_path / "out" / "architecture.json").mkdir(parents=True)
+    code, err = run_cli(["export", str(run_dir), "--format", "json", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert single_error(err) == (f"could not write {tmp_path / 'out' / 'architecture.json'}: a folder has that name; "
+                                 "move the folder away or pass another path.")
+
+
+def test_a_write_failure_says_how_its_command_goes_on(tmp_path: Path) -> None:
+    from mamo.cli import COMMANDS, os_failure
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+    assert os_failure(full, COMMANDS["export"].again).endswith("then run the command again.")
+    assert os_failure(full, COMMANDS["search"].again).endswith("then continue with --resume.")
+    assert os_failure(OSError(errno.EEXIST, "File exists", str(tmp_path))) is None  # not a link: a bug
 
 
 def test_a_missing_file_elsewhere_is_still_a_bug_with_its_traceback(tmp_path: Path) -> None:

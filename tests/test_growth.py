@@ -264,6 +264,12 @@ def test_the_architecture_tree_names_each_branch_from_its_current_first_cell():
     assert [line[:5] for line in tree.splitlines() if ": fusion" in line] == ["├─ a:", "├─ b:", "└─ c:"]
     assert tree.count("starts here") == 3  # a+b at cell 0, the exclusive a and c at cell 1
     assert tree.splitlines()[-1].startswith("7 GMK and task-exclusive modules, ")
+    # Every parameter is on a line: the fusions' betas were left out, so the lines fell short of the total.
+    import re
+
+    listed = sum(int(n.replace(",", "")) for n in re.findall(r"\(([\d,]+) params?\b", tree))
+    assert listed == sum(p.numel() for p in model.parameters())
+    assert "a: fusion [trunk + β·a+b + β·a] (2 params) → head" in tree
 
 
 def test_exclusive_modules_are_task_specific():

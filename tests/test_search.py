@@ -248,8 +248,17 @@ def test_show_prints_the_tree(finished, capsys):
 
 
 class Crash(Callback):
+    """Stops the search as the phase after round 1 starts: round 1 is checkpointed (it ends before its checkpoint,
+    so a stop in on_round_end would redo it)."""
+
+    def __init__(self):
+        self.ended = False
+
     def on_round_end(self, record: dict) -> None:
-        if record["round"] == 1:
+        self.ended = self.ended or record["round"] == 1
+
+    def on_phase_start(self, phase, model) -> None:
+        if self.ended:
             raise KeyboardInterrupt
 
 

@@ -55,6 +55,17 @@ def test_a_stopped_train_resumes_to_the_same_result(tmp_path: Path, seconds: flo
     assert not list((cut / "checkpoints").glob("*.tmp")) and not list(cut.glob("*.tmp"))
 
 
+def test_a_stopped_stl_train_says_how_it_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its log ended without a word: --resume refuses an STL folder, and the way on is a new run.
+    monkeypatch.chdir(tmp_path)  # the baseline cache is runs/.baselines below the working folder
+    config = load_config("quick", [*RESUMABLE, "train.mode=stl"])
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, tmp_path / "stl", progress=False, quiet=True, loggers=False, callbacks=[StopAfterEpoch(2)])
+    assert (tmp_path / "stl" / "log.txt").read_text().splitlines()[-1].endswith(
+        "stopped; continue with: the same train command with a new --run-dir (the baseline cache keeps the finished "
+        "networks and the stopped one's epochs)")
+
+
 def test_a_stopped_stl_baseline_keeps_its_finished_tasks_and_continues_the_stopped_one(tmp_path: Path) -> None:
     config = load_config("quick", [*RESUMABLE, "train.checkpoint_seconds=0"])
     whole = cached_baseline(open_session(config, None, False, True, tmp_path / "clean"), "stl", 3)

@@ -209,6 +209,37 @@ def test_ctrl_c_says_how_to_continue_the_study(tmp_path, capsys):
     assert trials[2].user_attrs["retry_of"] == 1 and trials[2].params == trials[1].params
 
 
+def test_a_retried_trials_hparams_record_is_its_own_not_the_stopped_runs_failed_one(tmp_path, monkeypatch):
+    # The stopped run's "failed" HPARAMS record stayed beside the retry's "complete": TensorBoard's HPARAMS tab
+    # keeps the first record of a run, so the completed trial showed as failed.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from mamo.tune import RoundReporter
+
+    config = load_config("quick", [*TINY, "train.epochs=3", "search.pretrain_epochs=1", "search.round_epochs=1",
+                                   "tune.rounds=[1, 1]", "tune.pruner=none"])
+    report = RoundReporter.on_round_end
+
+    def stopped_after_round_1(self, record):
+        report(self, record)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RoundReporter, "on_round_end", stopped_after_round_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(config, study_dir=tmp_path, trials=1, progress=False, pictures=False)
+    monkeypatch.setattr(RoundReporter, "on_round_end", report)
+    run_tune(config, study_dir=tmp_path, trials=1, progress=False, pictures=False)
+    folder = tmp_path / "trial-0000"
+    assert load(tmp_path).trials[1].user_attrs["run_dir"] == str(folder.resolve())
+    (record,) = folder.glob("events.out.tfevents.*.hparams")
+    events = EventAccumulator(str(record))
+    events.Reload()
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["state"].string_value == "complete"
+
+
 def test_a_trial_killed_mid_search_is_retried_from_its_checkpoint_by_the_next_command(tmp_path, monkeypatch):
     # Found by a kill sweep: a SIGKILL mid-trial left the trial RUNNING forever and the rerun never resumed it.
     # SystemExit out of the objective leaves the trial RUNNING the same way (Optuna records nothing).
