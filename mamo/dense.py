@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mamo.errors import MamoError
+
 IGNORE = -1  # segmentation label of an unlabelled pixel
 ANGLE_BIN = 0.1  # degrees per bin of the angle-error histogram
 ANGLE_THRESHOLDS = (11.25, 22.5, 30.0)
@@ -64,6 +66,13 @@ def normal_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- metrics
 
 
+def _check_pixels(pixels: float, task_type: str, marker: str) -> None:
+    """A split without one valid pixel has no metrics: they were 0 there, a perfect depth or angle error."""
+    if pixels == 0:
+        raise MamoError(f"no pixel of the evaluated split has a {task_type} target ({marker}), so its {task_type} "
+                        f"metrics are undefined; check that split's {task_type} files.")
+
+
 def segmentation_sums(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     """The batch's confusion matrix, flattened as ``confusion/<true>/<predicted>`` counts."""
     classes = pred.shape[1]
@@ -78,11 +87,12 @@ def segmentation_metrics(sums: dict[str, float], count: int) -> dict[str, float]
     """mIoU over the classes that occur (in the labels or the predictions), and pixel accuracy."""
     classes = math.isqrt(sum(key.startswith("confusion/") for key in sums))
     matrix = [[sums.get(f"confusion/{i}/{j}", 0.0) for j in range(classes)] for i in range(classes)]
+    total = sum(map(sum, matrix))
+    _check_pixels(total, "segmentation", "-1 marks an unlabelled pixel")
     hits = [matrix[k][k] for k in range(classes)]
     unions = [sum(matrix[k]) + sum(row[k] for row in matrix) - hits[k] for k in range(classes)]
     ious = [hit / union for hit, union in zip(hits, unions, strict=True) if union > 0]
-    total = sum(map(sum, matrix))
-    return {"miou": sum(ious) / len(ious) if ious else 0.0, "pixel_accuracy": sum(hits) / total if total else 0.0}
+    return {"miou": sum(ious) / len(ious), "pixel_accuracy": sum(hits) / total}
 
 
 def depth_sums(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
@@ -94,7 +104,8 @@ def depth_sums(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
 
 
 def depth_metrics(sums: dict[str, float], count: int) -> dict[str, float]:
-    pixels = max(sums.get("pixels", 0.0), 1.0)
+    pixels = sums.get("pixels", 0.0)
+    _check_pixels(pixels, "depth", "0 marks missing depth")
     return {"abs_err": sums.get("abs_sum", 0.0) / pixels, "rel_err": sums.get("rel_sum", 0.0) / pixels}
 
 
@@ -112,6 +123,7 @@ def normal_sums(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
 
 def normal_metrics(sums: dict[str, float], count: int) -> dict[str, float]:
     pixels = sums.get("pixels", 0.0)
+    _check_pixels(pixels, "normal", "all 0 marks a missing normal")
     histogram = sorted((int(key.split("/")[1]), n) for key, n in sums.items() if key.startswith("angles/"))
 
     def ranked(rank: float) -> float:
@@ -124,10 +136,10 @@ def normal_metrics(sums: dict[str, float], count: int) -> dict[str, float]:
         return 0.0
 
     # As numpy's median: the middle angle, or the mean of the two middle ones; within half a bin.
-    median = (ranked((pixels - 1) // 2) + ranked(pixels // 2)) / 2 if pixels else 0.0
-    metrics = {"mean_angle": sums.get("angle_sum", 0.0) / max(pixels, 1.0), "median_angle": median}
+    median = (ranked((pixels - 1) // 2) + ranked(pixels // 2)) / 2
+    metrics = {"mean_angle": sums.get("angle_sum", 0.0) / pixels, "median_angle": median}
     for threshold in ANGLE_THRESHOLDS:
         # A bin counts when it lies wholly below the threshold (11.25 splits a bin: its share is interpolated).
         below = sum(n * min(1.0, max(0.0, threshold / ANGLE_BIN - b)) for b, n in histogram)
-        metrics[within_name(threshold)] = below / pixels if pixels else 0.0
+        metrics[within_name(threshold)] = below / pixels
     return metrics

@@ -108,6 +108,8 @@ def _check_values(x: Tensor, targets: dict[str, Tensor], where: str, tasks: dict
         if not ok:
             if target.numel() == 1:
                 got = f"{target.item()!r}"
+            elif expected == "finite values":
+                got = "NaN or infinite values"
             elif spec.shape and tuple(target.shape) == spec.shape:
                 # The shape is right, so the values are what is wrong (a label map with 255 for "void", floats).
                 dtype = str(target.dtype).removeprefix("torch.")

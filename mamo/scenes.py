@@ -18,6 +18,7 @@ Task types and metrics: :mod:`mamo.dense`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,12 @@ def _channels_first(array: np.ndarray) -> Tensor:
     """An (H, W, C) array as a contiguous float32 (C, H, W) tensor."""
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(array, dtype=np.float32), -1, 0)))
 
+
+# Each folder's array as MTAN stores it: (H, W), then these axes (channels last).
+TRAILING_AXES = {"image": (3,), "segmentation": (), "depth": (1,), "normal": (3,)}
+# Above this an image is not float RGB in [0, 1] (or standardised RGB, within a few units): 0..255 values
+# would train on inputs 255 times the scale of MTAN's files.
+IMAGE_LIMIT = 10.0
 
 # How each target folder's arrays become one sample's target tensor (channels first).
 CONVERTERS = {
@@ -90,23 +97,35 @@ class NpyScenes(Dataset):
                 f"{self.shapes[sub]}; give every {sub}/ file that shape (MTAN's .npy layout)."
             )
 
-    def _target(self, sub: str, kind: str, i: int) -> Tensor:
+    def check_values(self, sub: str, kind: str, i: int, array: np.ndarray) -> None:
+        """What a training step or a metric would take silently: NaN or infinite values (a NaN in the test split
+        made every metric NaN, exit 0), an image not in [0, 1], labels that are no class indices."""
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        path = self.path(sub, i)
+        if not (math.isfinite(low) and math.isfinite(high)):  # min and max are NaN when any value is
+            raise MamoError(f"{path} holds NaN or infinite values; replace it with the original file (MTAN's files "
+                            "mark missing depth and normals with 0, unlabelled pixels with -1).")
+        if kind == "image" and high > IMAGE_LIMIT:
+            raise MamoError(f"{path} holds values up to {high:g} where MTAN's layout has float RGB in [0, 1]; divide "
+                            "the images by 255.")
+        if kind != "segmentation":
+            return
+        if not (low >= dense.IGNORE and high < self.classes):
+            raise MamoError(f"{path} has labels from {low:g} to {high:g}, outside [-1, {self.classes}) for "
+                            f"{self.classes} classes; map unlabelled pixels (e.g. 255) to -1.")
+        if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.floor(array)):
+            raise MamoError(f"{path} has fractional labels; labels are class indices, so resize label maps with "
+                            "nearest-neighbour interpolation.")
+
+    def _array(self, sub: str, kind: str, i: int) -> np.ndarray:
         array = _read(self.path(sub, i))
         self.check_header(sub, i, array)
-        if kind == "segmentation":
-            low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
-            # Written as a negation so that a NaN label fails too.
-            if not (low >= dense.IGNORE and high < self.classes):
-                raise MamoError(
-                    f"{self.path(sub, i)} has labels from {low:g} to {high:g}, outside [-1, {self.classes}) for "
-                    f"{self.classes} classes; map unlabelled pixels (e.g. 255) to -1."
-                )
-        return CONVERTERS[kind](array)
+        self.check_values(sub, kind, i, array)
+        return array
 
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
-        image = _read(self.path("image", i))
-        self.check_header("image", i, image)
-        return _channels_first(image), {task: self._target(sub, kind, i) for task, (sub, kind) in self.folders.items()}
+        image = _channels_first(self._array("image", "image", i))
+        return image, {task: CONVERTERS[kind](self._array(sub, kind, i)) for task, (sub, kind) in self.folders.items()}
 
 
 def _indices(folder: Path, name: str) -> list[int]:
@@ -117,7 +136,12 @@ def _indices(folder: Path, name: str) -> list[int]:
             f"dataset '{name}' expects {images} (MTAN's .npy layout: train/ and val/, each with image/ and one "
             "folder per task); point data.root at the folder that holds train/ and val/."
         )
-    numbers = sorted(int(p.stem) for p in images.glob("*.npy") if p.stem.isdigit())
+    stems = [p.stem for p in images.glob("*.npy") if p.stem.isdigit()]
+    padded = next((stem for stem in stems if stem != str(int(stem))), None)
+    if padded is not None:  # 03.npy beside 3.npy was read as sample 3 twice, and itself never
+        raise MamoError(f"{images / f'{padded}.npy'} is numbered with a leading zero; MTAN's files are named 0.npy, "
+                        f"1.npy, ..., so rename it to {int(padded)}.npy (in every folder of the sample).")
+    numbers = sorted(int(stem) for stem in stems)
     if not numbers:
         raise MamoError(f"dataset '{name}' found no <n>.npy files in {images}; check data.root.")
     return numbers
@@ -132,6 +156,22 @@ def _check_folders(folder: Path, numbers: list[int], folders: dict[str, tuple[st
                 f"dataset '{name}' has {folder / 'image' / f'{missing}.npy'} but not "
                 f"{folder / sub / f'{missing}.npy'}; every image needs its {sub}/ file (MTAN's .npy layout)."
             )
+
+
+def _check_layout(folder: Path, number: int, folders: dict[str, tuple[str, str]],
+                  shapes: dict[str, tuple[int, ...]]) -> None:
+    """The first training sample's shapes against MTAN's layout (:data:`TRAILING_AXES`): a (3, H, W) image was
+    read as 48 channels of 3 × 32 pixels, and trained on."""
+    image = shapes["image"]
+    if len(image) != 3 or image[-1] != 3:
+        raise MamoError(f"{folder / 'image' / f'{number}.npy'} has shape {image} where MTAN's layout has (H, W, 3) "
+                        "float RGB; save each image channels last (a (3, H, W) array as array.transpose(1, 2, 0)).")
+    height, width = image[:2]
+    for sub, kind in folders.values():
+        expected = (height, width, *TRAILING_AXES[kind])
+        if shapes[sub] != expected:
+            raise MamoError(f"{folder / sub / f'{number}.npy'} has shape {shapes[sub]} where MTAN's layout has "
+                            f"{expected} beside a {height} × {width} image; save every {sub}/ file in that shape.")
 
 
 def build_scenes(
@@ -165,6 +205,7 @@ def build_scenes(
     rest = sorted(train_numbers[i] for i in order[held_out:])
     subs = ["image", *(sub for sub, _ in folders.values())]
     shapes = {sub: _read(base / "train" / sub / f"{rest[0]}.npy", header_only=True).shape for sub in subs}
+    _check_layout(base / "train", rest[0], folders, shapes)
     splits = {
         "train": NpyScenes(base / "train", rest[:train_size], folders, shapes, classes),
         "val": NpyScenes(base / "train", val_numbers, folders, shapes, classes),

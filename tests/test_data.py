@@ -479,6 +479,17 @@ def infinite_target(*, seed, root):
     return _in_memory(torch.zeros(10, 2), torch.zeros(10, dtype=torch.long), size)
 
 
+def nan_in_a_vector_target(*, seed, root):
+    x, digits = torch.zeros(10, 2), torch.zeros(10, dtype=torch.long)
+    sizes = torch.zeros(10, 2)
+    sizes[4, 1] = float("nan")
+    return {"train": TensorTaskDataset(x, {"digit": digits, "size": sizes}),
+            "val": TensorTaskDataset(x, {"digit": digits, "size": torch.zeros(10, 2)}),
+            "test": TensorTaskDataset(x, {"digit": digits, "size": torch.zeros(10, 2)}),
+            "tasks": {"digit": {"type": "classification", "classes": 3},
+                      "size": {"type": "regression", "dim": 2}}}
+
+
 class Lazy(Dataset):
     def __init__(self, fault):
         self.fault = fault
@@ -521,6 +532,9 @@ def lazy(*, seed, root, fault):
                            r"'train' split has 3; fix the targets"),
     ("nan_input", r"gives sample 6 of the 'train' split an input with NaN or infinite values; clean or drop"),
     ("infinite_target", r"task 'size' .* expects finite values per sample but sample 4 of the 'train' split has inf"),
+    # Said "has shape (2,)", the right shape.
+    ("nan_in_a_vector_target", r"task 'size' .* expects finite values per sample but sample 4 of the 'train' split "
+                               r"has NaN or infinite values; fix the targets"),
 ])
 def test_every_sample_of_a_plugins_in_memory_data_is_checked_when_it_loads(
     tmp_path: Path, function: str, message: str

@@ -170,6 +170,91 @@ def test_a_later_out_of_range_label_is_named_when_read(tmp_path):
         list(iterate_batches(data.test, 2, shuffle=False, generator=None))
 
 
+def _every(root: Path, sub: str, change) -> None:
+    """Rewrite every file of ``sub`` in both splits with ``change`` applied."""
+    for path in (root / "train" / sub).glob("*.npy"):
+        np.save(path, change(np.load(path)))
+    for path in (root / "val" / sub).glob("*.npy"):
+        np.save(path, change(np.load(path)))
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    # All four trained silently, exit 0: a (3, H, W) image as 48 channels of 3 × 32 pixels, ...
+    (lambda root: _every(root, "image", lambda a: a.transpose(2, 0, 1)),
+     rf"train/image/\d+\.npy has shape \(3, {H}, {W}\) where MTAN's layout has \(H, W, 3\) float RGB; save each "
+     r"image channels last"),
+    (lambda root: _every(root, "depth", lambda a: a[..., 0]),
+     rf"train/depth/\d+\.npy has shape \({H}, {W}\) where MTAN's layout has \({H}, {W}, 1\) beside a {H} × {W} "
+     r"image; save every depth/ file in that shape\."),
+    (lambda root: _every(root, "label", lambda a: a[..., None]),
+     rf"train/label/\d+\.npy has shape \({H}, {W}, 1\) where MTAN's layout has \({H}, {W}\)"),
+    (lambda root: _every(root, "image", lambda a: a[..., 0]),
+     rf"train/image/\d+\.npy has shape \({H}, {W}\) where MTAN's layout has \(H, W, 3\)"),
+    (lambda root: (root / "train" / "image" / "3.npy").rename(root / "train" / "image" / "03.npy"),
+     r"train/image/03\.npy is numbered with a leading zero; MTAN's files are named 0\.npy, 1\.npy, \.\.\., so "
+     r"rename it to 3\.npy"),
+], ids=["channels first", "depth without its axis", "label with an axis", "grey image", "leading zero"])
+def test_a_layout_that_is_not_mtans_is_refused_before_training(tmp_path, damage, message):
+    rng = np.random.default_rng(5)
+    write_split(tmp_path / "train", 5, rng, NYU)
+    write_split(tmp_path / "val", 3, rng, NYU)
+    damage(tmp_path)
+    with pytest.raises(MamoError, match=message):
+        load_data(DataConfig(name="nyuv2", root=str(tmp_path), val_size=1, seed=0))
+
+
+def _set(path: Path, change) -> None:
+    array = np.load(path)
+    change(array)
+    np.save(path, array)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    # Each went through: NaN made every test metric NaN (exit 0), 0..255 floats trained on 255 times MTAN's input
+    # scale, and fractional labels were truncated to classes.
+    (lambda p: _set(p / "depth" / "2.npy", lambda a: a.__setitem__((0, 0, 0), np.nan)),
+     r"val/depth/2\.npy holds NaN or infinite values; replace it with the original file"),
+    (lambda p: _set(p / "image" / "1.npy", lambda a: a.__setitem__((3, 4, 0), np.inf)),
+     r"val/image/1\.npy holds NaN or infinite values"),
+    (lambda p: _set(p / "label" / "2.npy", lambda a: a.__setitem__((0, 0), np.nan)),
+     r"val/label/2\.npy holds NaN or infinite values"),
+    (lambda p: _set(p / "image" / "2.npy", lambda a: a.__imul__(255.0)),
+     r"val/image/2\.npy holds values up to 2\d\d(\.\d+)? where MTAN's layout has float RGB in \[0, 1\]; divide the "
+     r"images by 255\."),
+    (lambda p: _set(p / "label" / "1.npy", lambda a: a.__iadd__(0.5 * (a >= 0))),
+     r"val/label/1\.npy has fractional labels; labels are class indices, so resize label maps with "
+     r"nearest-neighbour interpolation\."),
+], ids=["NaN depth", "infinite pixel", "NaN label", "0..255 image", "fractional labels"])
+def test_bad_values_in_a_later_file_are_named_when_read(tmp_path, damage, message):
+    rng = np.random.default_rng(6)
+    write_split(tmp_path / "train", 4, rng, NYU)
+    write_split(tmp_path / "val", 3, rng, NYU)
+    damage(tmp_path / "val")
+    data = load_data(DataConfig(name="nyuv2", root=str(tmp_path)))  # values are checked as each file is read
+    with pytest.raises(MamoError, match=message):
+        list(iterate_batches(data.test, 2, shuffle=False, generator=None))
+
+
+@pytest.mark.parametrize(("task", "marker"), [("segmentation", -1.0), ("depth", 0.0), ("normal", 0.0)])
+def test_a_split_without_one_valid_pixel_has_no_metrics(tmp_path, task, marker):
+    # All-missing depth scored abs_err 0 and rel_err 0, a perfect model; normals a mean angle of 0.
+    rng = np.random.default_rng(7)
+    write_split(tmp_path / "train", 4, rng, NYU)
+    write_split(tmp_path / "val", 2, rng, NYU)
+    sub = {"segmentation": "label"}.get(task, task)
+    for path in (tmp_path / "val" / sub).glob("*.npy"):
+        np.save(path, np.full_like(np.load(path), marker))
+    data = load_data(DataConfig(name="nyuv2", root=str(tmp_path)))
+    accumulator = MetricAccumulator(data.tasks)
+    for x, targets in iterate_batches(data.test, 2, shuffle=False, generator=None):
+        accumulator.update({name: torch.ones((len(x), *spec.shape)) if spec.type != "segmentation" else
+                            torch.ones((len(x), spec.classes, *spec.shape)) for name, spec in data.tasks.items()},
+                           targets)
+    with pytest.raises(MamoError, match=rf"no pixel of the evaluated split has a {task} target .*, so its {task} "
+                                        rf"metrics are undefined; check that split's {task} files\."):
+        accumulator.compute()
+
+
 # ------------------------------------------------------------------------------------------------------- losses
 
 
@@ -297,3 +382,29 @@ def test_a_search_on_nyuv2_files_reports_dense_metrics(nyuv2_root, tmp_path):
     assert math.isfinite(metrics["delta"])
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert written["tasks"]["depth"]["abs_err"] == pytest.approx(metrics["tasks"]["depth"]["abs_err"])
+
+
+def test_a_bad_test_file_found_at_the_final_evaluation_is_fixed_and_resumed(nyuv2_root, tmp_path):
+    # The test split's values are read only at the end: the run must keep everything and finish once the file
+    # is fixed, with what an uninterrupted run on the good file gives.
+    import shutil
+
+    from mamo.search import run_search
+
+    root = tmp_path / "nyuv2"
+    shutil.copytree(nyuv2_root, root)
+    overrides = [f"data.root={root}", "model.backbone=timm:test_resnet", "model.head_hidden=8",
+                 "train.batch_size=6", "train.epochs=1", "train.device=cpu", "search.pretrain_epochs=1",
+                 "search.round_epochs=1", "search.final_epochs=1", "search.rounds=1", "search.baselines=false"]
+    quiet = {"progress": False, "quiet": True, "loggers": False}
+    whole = run_search(load_config("nyuv2", overrides), tmp_path / "whole", **quiet)
+    good = np.load(root / "val" / "depth" / "4.npy")
+    bad = good.copy()
+    bad[3, 3, 0] = np.nan
+    np.save(root / "val" / "depth" / "4.npy", bad)
+    with pytest.raises(MamoError, match=r"val/depth/4\.npy holds NaN or infinite values"):
+        run_search(load_config("nyuv2", overrides), tmp_path / "cut", **quiet)
+    assert "holds NaN" in (tmp_path / "cut" / "log.txt").read_text().splitlines()[-1]
+    np.save(root / "val" / "depth" / "4.npy", good)
+    resumed = run_search(None, tmp_path / "cut", resume=True, **quiet)
+    assert resumed["tasks"] == whole["tasks"]
