@@ -126,6 +126,35 @@ def test_an_infinite_learning_rate_is_refused_before_the_benchmark_runs(tmp_path
     assert expected in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("name", "option"), [("step", ["--seeds", "3"]), ("logic", ["--device", "cpu"])])
+def test_a_shared_option_the_benchmark_does_not_read_is_refused(tmp_path, capsys, name, option):
+    # Both were accepted, recorded in results.json and ignored.
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", name, *option, "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert f"unrecognized arguments: {' '.join(option)}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("setting", "instead"), [
+    ("train.epochs=3", "use --epochs"), ("train.seed=7", "use --seeds (seeds 0 to N-1)"),
+    ("direction.name=pcgrad", "the benchmark trains each row's direction itself"),
+])
+def test_multimnist_recon_refuses_a_set_it_would_not_use(tmp_path, capsys, setting, instead):
+    # The run trained 1 epoch of seed 0 with its own directions while results.json recorded the --set.
+    assert main(["bench", "multimnist_recon", "--quick", "--set", setting, "--out", str(tmp_path / "out")]) == 2
+    key = setting.split("=")[0]
+    assert f"--set {key} is set by the multimnist_recon benchmark itself; {instead}." in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_results_json_has_null_where_a_table_has_nan_or_infinity():
+    from mamo.bench import finite_or_null
+
+    assert finite_or_null({"a": [1.0, float("nan"), ("x", float("-inf"))], "b": {"c": float("inf")}, "d": 2}) == {
+        "a": [1.0, None, ["x", None]], "b": {"c": None}, "d": 2}
+
+
 def test_a_bad_device_is_named_as_the_bench_option(tmp_path, capsys):
     # Before: the error named train.device, which the user had not written.
     assert main(["bench", "step", "--quick", "--device", "gpu", "--out", str(tmp_path / "out")]) == 2
@@ -155,7 +184,8 @@ def test_default_output_folders_never_collide(tmp_path, monkeypatch):
 def test_logic_quick_reproduces_the_single_and_row_and_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "logic"
     assert main(["bench", "logic", "--quick", "--out", str(out)]) == 0
-    result = json.loads((out / "results.json").read_text())
+    # Strict JSON: Python's bare NaN tokens (in "raw") made other readers fail.
+    result = json.loads((out / "results.json").read_text(), parse_constant=lambda token: pytest.fail(token))
     markdown = (out / "results.md").read_text()
     assert "Thesis Table 3" in markdown and "Thesis Table 2: central + tensioner (relative)" in markdown
     assert len(result["tables"]) == 2 + 2 * 2  # Tables 3-4, then Tables 1-2 per formulation
@@ -282,6 +312,9 @@ def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path, capsy
     (tmp_path / "ablation" / "results.json").unlink()
     assert main(["bench", "ablation", "--quick", "--equal-params", "--resume", str(tmp_path / "ablation")]) == 0
     assert json.loads((tmp_path / "ablation" / "results.json").read_text())["rows"] == result["rows"]
+    # --out naming the folder it continues is the same (it was refused: "already exists and is not empty").
+    assert main(["bench", "ablation", "--quick", "--equal-params", "--out", str(tmp_path / "ablation"),
+                 "--resume", str(tmp_path / "ablation")]) == 0
     # Other options are never mixed into one table.
     assert main(["bench", "ablation", "--quick", "--train-size", "256", "--out", str(tmp_path / "other"),
                  "--resume", str(tmp_path / "ablation")]) == 2

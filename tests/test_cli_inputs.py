@@ -282,7 +282,25 @@ def test_bench_removes_the_folder_it_made_whatever_stops_it(
             main(["bench", "step", "--device", "cpu", *out])
     else:
         assert main(["bench", "step", "--device", "cpu", *out]) == (130 if isinstance(error, KeyboardInterrupt) else 2)
-    assert [p for p in tmp_path.rglob("*") if p.is_dir() and p.name not in ("runs", "bench")] == []
+    assert list(tmp_path.iterdir()) == []  # runs/bench and runs too, which the command made (they stayed)
+
+
+def test_a_stopped_resumable_bench_says_how_to_continue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # A stopped ablation printed only the generic "interrupted; finished checkpoints ... are kept".
+    module = types.ModuleType("resumable", "A benchmark that stops after writing a variant.")
+
+    def run(options: object) -> dict:
+        (Path(options.out) / "variant").mkdir()  # type: ignore[attr-defined]
+        raise KeyboardInterrupt
+
+    module.run = run  # type: ignore[attr-defined]
+    module.add_options = lambda parser: parser.add_argument("--resume")  # type: ignore[attr-defined]
+    monkeypatch.setattr(bench, "load_bench", lambda name: module)
+    assert main(["bench", "ablation", "--out", str(tmp_path / "out")]) == 130
+    out, err = capsys.readouterr()
+    assert out.strip() == f"stopped; continue with: python cli.py bench ablation --resume {tmp_path / 'out'}"
+    assert "interrupted" not in err
 
 
 def test_bench_keeps_an_empty_out_folder_the_user_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,8 +3,9 @@
 A benchmark is a module named in :data:`BENCHES`, imported only when chosen (so one benchmark's imports never
 slow or break another). It exposes ``run(args) -> dict`` and optionally ``add_options(parser)`` for its own
 flags. The result holds ``title``, ``columns``, ``rows`` and ``notes`` (one table), or ``tables`` (a list of
-``{title, columns, rows}``), plus anything else worth keeping in the JSON. Every benchmark gets the shared
-options ``--quick``, ``--seeds``, ``--device`` and ``--out``; ``args.out`` is the created output folder.
+``{title, columns, rows}``), plus anything else worth keeping in the JSON. Every benchmark gets ``--out``
+(``args.out`` is the created output folder) and of the shared options ``--quick``, ``--seeds`` and ``--device``
+those its ``SHARED_OPTIONS`` names (default: all three), so none is accepted and then ignored.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ BENCHES: dict[str, str] = {
     "ablation": "mamo.bench.ablation",
 }
 BENCH_ROOT = Path("runs") / "bench"
+SHARED_OPTIONS = ("quick", "seeds", "device")  # a benchmark's SHARED_OPTIONS names those it reads
 
 
 def add_arguments_bench(parser: argparse.ArgumentParser) -> None:
@@ -60,9 +62,14 @@ def bench_parser(name: str, module: ModuleType) -> argparse.ArgumentParser:
     # No abbreviations: `--set` would otherwise be read as `--setups` of `bench step` and fail naming the wrong option.
     parser = argparse.ArgumentParser(prog=f"mamo bench {name}", description=(module.__doc__ or "").split("\n")[0],
                                      allow_abbrev=False)
-    parser.add_argument("--quick", action="store_true", help="a smoke run: few seeds, small grid, short training")
-    parser.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default: the benchmark's)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (benchmarks that train torch models)")
+    shared = getattr(module, "SHARED_OPTIONS", SHARED_OPTIONS)
+    if "quick" in shared:
+        parser.add_argument("--quick", action="store_true", help="a smoke run: few seeds, small grid, short training")
+    if "seeds" in shared:
+        parser.add_argument("--seeds", type=positive_int, default=None,
+                            help="number of seeds (default: the benchmark's)")
+    if "device" in shared:
+        parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--out", default=None, help="output folder (default: runs/bench/<name>-<time>); "
                                                     "must not exist or be empty")
     if hasattr(module, "add_options"):
@@ -117,32 +124,53 @@ def to_markdown(result: dict) -> str:
     return "\n".join(parts)
 
 
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None: JSON has neither, and strict readers refuse Python's
+    bare NaN and Infinity tokens (the markdown table keeps them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
 def command_bench(args: argparse.Namespace) -> int:
-    module = load_bench(args.name)
-    options = bench_parser(args.name, module).parse_args(args.options)
+    from mamo.errors import StopExplained
     from mamo.trainer import resolve_device
 
-    resolve_device(options.device, option="--device")  # named as the user gave it, before any folder is made
+    module = load_bench(args.name)
+    options = bench_parser(args.name, module).parse_args(args.options)
+    if hasattr(options, "device"):
+        resolve_device(options.device, option="--device")  # named as the user gave it, before any folder is made
     resumed = getattr(options, "resume", None)
     # A resumed bench writes its tables back into the folder it continues (unless --out names another).
-    if resumed and options.out is None:
-        folder, created = Path(resumed), False
+    if resumed and (options.out is None or Path(options.out).resolve() == Path(resumed).resolve()):
+        folder, created, made = Path(resumed), False, []
     else:
         created = options.out is None or not Path(options.out).exists()  # an empty --out the user made stays
+        made = [] if options.out else [p for p in (BENCH_ROOT, BENCH_ROOT.parent) if not p.exists()]
         folder = output_dir(options.out, args.name)
     options.out = str(folder)
     start = time.perf_counter()
     try:
         result = module.run(options)
-    except BaseException:
+    except BaseException as error:
         # Refused, interrupted (Ctrl-C) or crashed before it wrote anything: no empty folder left behind.
         if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
+            for parent in made:  # runs/bench (and runs) when this command made them
+                if not any(parent.iterdir()):
+                    parent.rmdir()
+        if isinstance(error, KeyboardInterrupt) and hasattr(options, "resume") and folder.is_dir():
+            print(f"stopped; continue with: python cli.py bench {args.name} --resume {folder}", flush=True)
+            raise StopExplained from None
         raise
     result.setdefault("wall_seconds", round(time.perf_counter() - start, 1))
     result.setdefault("options", {k: v for k, v in vars(options).items()})
     text = f"# mamo bench {args.name}\n\n" + to_markdown(result)
-    data = json.dumps(result, indent=1, default=str)
+    data = json.dumps(finite_or_null(result), indent=1, default=str, allow_nan=False)
     write_text_atomically(folder / "results.md", text)
     write_text_atomically(folder / "results.json", data)
     print(text)

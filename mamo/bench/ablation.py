@@ -52,13 +52,16 @@ def variants(search: SearchConfig, epochs: int, rounds: Iterable[int]) -> dict[s
         "w/o MO (equal weighting)": ["direction.name=equal", "direction.tensioner.formulation=off"],
         "w/o GMK (task-exclusive modules)": ["search.modules=exclusive"],
     }
-    table.update({f"MAMO Z={z}": [f"search.rounds={z}"] for z in rounds if z != search.rounds})
+    swept = {f"MAMO Z={z}": [f"search.rounds={z}"] for z in rounds if z != search.rounds}
+    table.update(swept)
     out = {}
     for name, extra in table.items():
         final = epochs - epochs_before_final(search, _rounds(extra, search.rounds))
         if final < 1:
-            raise MamoError(f"the ablation '{name}' leaves {final} final epochs of train.epochs={epochs}; raise "
-                            "train.epochs or lower search.pretrain_epochs / search.round_epochs.")
+            raise MamoError(f"the ablation '{name}' leaves {final} final epochs of train.epochs={epochs}; "
+                            + ("drop its Z from --rounds-sweep, or " if name in swept else "")
+                            + "pass --preset a YAML file with more train.epochs or fewer search.pretrain_epochs / "
+                            "search.round_epochs.")
         out[name] = [*extra, f"search.final_epochs={final}"]
     return out
 

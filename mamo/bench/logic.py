@@ -51,6 +51,7 @@ PERIODS = (5, 10, 15)
 ALPHAS = tuple(round(0.1 * k, 1) for k in range(11))
 THRESHOLD, EPOCHS, BATCH = 1e-3, 3000, 2
 REFERENCE_SEED = 136  # the reference code's torch seed for every run's initial weights
+SHARED_OPTIONS = ("quick", "seeds")  # numpy on the CPU: no --device
 SWEEP_LR = 5e-2  # the reference code's rate; the thesis' sweep reports rates below 100%, so one rate for all cells
 
 # --------------------------------------------------------------------------- rows, initial weights, the network
@@ -283,7 +284,7 @@ def run(args: argparse.Namespace) -> dict:
         f"{len(seeds)} seeds, initialisation '{args.init}', learning rates {list(lrs)} (sweep: {args.sweep_lr:g}), "
         f"{epochs} epochs, "
         f"mini-batches of {BATCH}, momentum {MOMENTUM}, convergence rule '{args.criterion}', threshold "
-        f"{THRESHOLD}; wall time {wall:.0f} s (numpy, one process, CPU; --device does not apply).",
+        f"{THRESHOLD}; wall time {wall:.0f} s (numpy, one process, CPU).",
         "Cells: mean ± population std of the epochs of the converged runs (convergence rate %); Tables 3–4 at "
         "the learning rate that converged most often, then fastest; thesis values typed from its Tables 1–4.",
         "Uniform (mean) and Min-norm (clipped) are the thesis' definitions (gradient mean; min-norm weights "

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from mamo.bench import positive_int
-from mamo.config import DirectionConfig, TensionerConfig, load_config
+from mamo.config import DirectionConfig, TensionerConfig, load_config, split_override
 from mamo.errors import MamoError
 from mamo.train import EQUAL, open_session, train_network
 from mamo.trainer import OPTIMIZERS, selection_score
@@ -83,7 +83,22 @@ def _best(candidates: list[tuple[float, dict]]) -> tuple[float, dict]:
     return min(candidates, key=lambda item: item[1]["score"])
 
 
+# What the benchmark sets itself, and what sets it instead: a --set of these was recorded in results.json and
+# not used.
+OWN_SETTINGS = {"train.epochs": "use --epochs", "train.seed": "use --seeds (seeds 0 to N-1)",
+                "direction": "the benchmark trains each row's direction itself"}
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    for text in overrides:
+        path = split_override(text)[0]
+        for key, instead in OWN_SETTINGS.items():
+            if ".".join(path[: key.count(".") + 1]) == key:
+                raise MamoError(f"--set {'.'.join(path)} is set by the multimnist_recon benchmark itself; {instead}.")
+
+
 def run(args: argparse.Namespace) -> dict:
+    _check_overrides(args.overrides)
     quick = args.quick
     seeds = list(range(args.seeds or (1 if quick else 3)))
     epochs = args.epochs or (1 if quick else 10)
