@@ -13,7 +13,6 @@ one Optuna trial for TensorBoard's HPARAMS tab. Tags and pictures are described 
 from __future__ import annotations
 
 import copy
-import io
 import math
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +32,7 @@ from mamo.config import Config, config_text
 from mamo.conflicts import HISTOGRAM_EDGES, ConflictStats
 from mamo.directions.base import TensorInfo
 from mamo.errors import MamoError
-from mamo.event_file import EventFileWriter
+from mamo.event_file import EventFileWriter, image_summary, png_bytes, scalar_summary
 from mamo.report import delta
 from mamo.runs import counted
 from mamo.step import StepResult
@@ -67,31 +66,6 @@ PER_TASK_CHARTS = {
     "tensioner delta_t": "tensioner/delta/",
     "angle to the update (degrees)": "tensioner/angle_deg/",
 }
-
-
-def _summary(values: dict[str, float]) -> Summary:
-    return Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    """PNG bytes of an H×W×3 uint8 picture at zlib level 1: our flat-coloured plots compress almost as well as
-    at PIL's default level 6, in 5 instead of 31 ms for an 800×600 plot (measured; docs/tensorboard.md)."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def _image_summary(images: dict[str, np.ndarray | bytes], shapes: dict[str, tuple[int, int]]) -> Summary:
-    """One event holding several pictures (tag -> pixels or PNG bytes; ``shapes`` gives (H, W) per tag)."""
-    values = []
-    for tag, image in images.items():
-        height, width = shapes[tag]
-        encoded = image if isinstance(image, bytes) else _png(image)
-        values.append(Summary.Value(tag=tag, image=Summary.Image(height=height, width=width, colorspace=3,
-                                                                 encoded_image_string=encoded)))
-    return Summary(value=values)
 
 
 def grown_positions(graph: nx.DiGraph, new_modules: list[str]) -> list[list]:
@@ -196,7 +170,7 @@ class TensorBoardLogger(Callback):
         # one (measured); add_summary serialises it at once, so reusing it is safe.
         summary = self._step_summaries.get(tuple(values))
         if summary is None:
-            summary = self._step_summaries[tuple(values)] = _summary(values)
+            summary = self._step_summaries[tuple(values)] = scalar_summary(values)
         else:
             for slot, value in zip(summary.value, values.values(), strict=True):
                 slot.simple_value = value
@@ -226,7 +200,7 @@ class TensorBoardLogger(Callback):
             values |= {f"train/epoch_loss/{task}": loss for task, loss in last["train_loss"].items()}
             values["time/epoch_seconds"] = last["seconds"]
         values["time/epoch"] = trainer.epoch
-        self.events.add_summary(_summary(values), step)
+        self.events.add_summary(scalar_summary(values), step)
         self.events.flush()
 
     def on_phase_start(self, phase: str, model: MamoNet) -> None:
@@ -236,7 +210,7 @@ class TensorBoardLogger(Callback):
         how, at = ("resumes from a checkpoint", self._step + 1) if self._resumed else ("starts", self._step)
         self._resumed = False
         self.events.add_summary(text("run/phases", f"{phase} {how} after step {self._step}"), at)
-        self.events.add_summary(_summary({"model/params": sum(p.numel() for p in model.parameters())}), at)
+        self.events.add_summary(scalar_summary({"model/params": sum(p.numel() for p in model.parameters())}), at)
         if self.pictures and not self._drew_start:
             # The network before any growth, as round 0 of the architecture pictures (not when a resumed
             # search starts with a network that already grew).
@@ -264,7 +238,7 @@ class TensorBoardLogger(Callback):
             for cell in range(stats.num_cells):
                 if stats.cell_params[cell] > 0:
                     values[f"conflicts/Q/{a}+{b}/cell{cell}"] = float(stats.counts[cell, i, j])
-        self.events.add_summary(_summary(values), z)
+        self.events.add_summary(scalar_summary(values), z)
         described = ", ".join(f"{'+'.join(pair)}@cell{cell}" for pair, cell in activated) or "none"
         self.events.add_summary(text("search/activated", f"round {z}: {described}; "
                                      f"{counted(len(record['new_modules']), 'new module')}, "
@@ -304,7 +278,7 @@ class TensorBoardLogger(Callback):
 
     def _draw_conflicts(self, stats: ConflictStats, grown: list, z: int) -> None:
         overview, cells = plots.overview_images(stats, grown, title=f"Where tasks fight, round {z}")
-        encoded = _png(overview)
+        encoded = png_bytes(overview)
         images: dict[str, np.ndarray | bytes] = {"conflicts/overview": encoded}
         shapes = {"conflicts/overview": overview.shape[:2]}
         for (kind, cell), pixels in cells.items():
@@ -312,13 +286,13 @@ class TensorBoardLogger(Callback):
         if stats.pairs:
             histograms = plots.figure_to_array(plots.histogram_figure(stats))
             images["conflicts/histograms"], shapes["conflicts/histograms"] = histograms, histograms.shape[:2]
-        self.events.add_summary(_image_summary(images, shapes), z)
+        self.events.add_summary(image_summary(images, shapes), z)
         self._export(f"conflicts-round{z}.png", encoded)
 
     def _draw_architecture(self, graph, params: dict[str, int], z: int, title: str) -> None:
         pixels = plots.figure_to_array(drawing.draw_architecture(graph, params=params, title=title))
-        encoded = _png(pixels)
-        self.events.add_summary(_image_summary({"architecture": encoded}, {"architecture": pixels.shape[:2]}), z)
+        encoded = png_bytes(pixels)
+        self.events.add_summary(image_summary({"architecture": encoded}, {"architecture": pixels.shape[:2]}), z)
         self._export(f"architecture-round{z}.png", encoded)
 
     def _export(self, name: str, encoded: bytes) -> None:
@@ -347,7 +321,7 @@ class TensorBoardLogger(Callback):
         for key in ("delta", "win_rate", "params", "gmk_modules"):
             if summary.get(key) is not None:
                 values[f"test/{key}"] = summary[key]
-        self.events.add_summary(_summary(values), self._step)
+        self.events.add_summary(scalar_summary(values), self._step)
         self.close()
 
     def close(self) -> None:
@@ -419,4 +393,4 @@ def write_hparams(
         for summary in (experiment, start, end):
             events.add_summary(summary)
         if scores:
-            events.add_summary(_summary(scores), 0)
+            events.add_summary(scalar_summary(scores), 0)

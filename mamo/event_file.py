@@ -1,4 +1,5 @@
-"""TensorBoard event files written directly: one TFRecord per event, checksummed by a compiled CRC-32C.
+"""TensorBoard event files written directly: one TFRecord per event, checksummed by a compiled CRC-32C; and the
+summaries of scalars and pictures that go into them.
 
 tensorboard's own writer, which torch's ``SummaryWriter`` uses, checksums every record in pure Python (about
 0.1 ms per KB, measured) on a background thread that holds the GIL meanwhile; with a record for every
@@ -11,6 +12,7 @@ both checksums of every record.
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import socket
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 import google_crc32c
+import numpy as np
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
 
@@ -108,3 +111,29 @@ class EventFileWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def scalar_summary(values: dict[str, float]) -> Summary:
+    """One event's scalars, tag -> value."""
+    return Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """PNG bytes of an H×W×3 uint8 picture at zlib level 1: our flat-coloured plots compress almost as well as
+    at PIL's default level 6, in 5 instead of 31 ms for an 800×600 plot (measured; docs/tensorboard.md)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def image_summary(images: dict[str, np.ndarray | bytes], shapes: dict[str, tuple[int, int]]) -> Summary:
+    """One event holding several pictures (tag -> pixels or PNG bytes; ``shapes`` gives (H, W) per tag)."""
+    values = []
+    for tag, image in images.items():
+        height, width = shapes[tag]
+        encoded = image if isinstance(image, bytes) else png_bytes(image)
+        values.append(Summary.Value(tag=tag, image=Summary.Image(height=height, width=width, colorspace=3,
+                                                                 encoded_image_string=encoded)))
+    return Summary(value=values)
