@@ -66,11 +66,22 @@ def normal_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- metrics
 
 
+class NoValidPixels(MamoError):
+    """A split without one valid pixel for a task has no metrics for it (they were 0: a perfect error)."""
+
+    def __init__(self, task_type: str, marker: str, split: str = "evaluated"):
+        super().__init__(f"no pixel of the {split} split has a {task_type} target ({marker}), so its {task_type} "
+                         f"metrics are undefined; check that split's {task_type} files.")
+        self.task_type, self.marker = task_type, marker
+
+    def of_split(self, split: str) -> NoValidPixels:
+        """The same sentence naming the split (the metrics do not know which split they sum)."""
+        return NoValidPixels(self.task_type, self.marker, f"'{split}'")
+
+
 def _check_pixels(pixels: float, task_type: str, marker: str) -> None:
-    """A split without one valid pixel has no metrics: they were 0 there, a perfect depth or angle error."""
     if pixels == 0:
-        raise MamoError(f"no pixel of the evaluated split has a {task_type} target ({marker}), so its {task_type} "
-                        f"metrics are undefined; check that split's {task_type} files.")
+        raise NoValidPixels(task_type, marker)
 
 
 def segmentation_sums(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:

@@ -73,7 +73,8 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> Mam
 def _no_model(directory: Path, missing: list[Path]) -> str:
     """Why ``directory`` has no model to load, and what to pass or do instead."""
     if directory.is_file():
-        return f"{directory} is a file; pass the run folder that holds it, e.g. {directory.parent}."
+        holder = next((p for p in directory.parents if (p / "config.yaml").is_file()), directory.parent)
+        return f"{directory} is a file; pass the run folder that holds it, e.g. {holder}."
     if _trains_per_task(directory):
         return (f"{directory} holds an STL run (train.mode=stl: one network per task), which has no single "
                 "architecture to show or export; pass a search run or an HPS train run.")

@@ -268,6 +268,13 @@ class RunLog:
         if not self.quiet:
             print(message, file=self.stream, flush=True)
 
+    def result(self, message: str) -> None:
+        """What the run computed (its report), into the log file and, unless quiet, to stdout: `> file` and
+        `| tee` keep it, while progress and notes stay on stderr, as tune, bench and show print theirs."""
+        self.record(message)
+        if not self.quiet:
+            print(message, flush=True)
+
     def record(self, message: str) -> None:
         """Only into the log file: for what the terminal shows another way (the CLI prints errors itself)."""
         if self.path is None:

@@ -332,7 +332,7 @@ def _finish(
     phase_seconds: dict, started: float,
 ) -> dict:
     config, model, tasks = session.config, trainer.model, session.data.tasks
-    test, val = trainer.evaluate(session.data.test), trainer.evaluate(session.data.val)
+    test, val = trainer.evaluate(session.data.test, "test"), trainer.evaluate(session.data.val)
     name = method_name(config)
     counts = {f"{'+'.join(pair)}@cell{cell}": n for (pair, cell), n in sorted(g.module_counts(model.graph).items())}
     # The grown network's cost, as comparable to the baselines' single networks: not the mean over phases of
@@ -373,8 +373,8 @@ def _finish(
     notes += "\n\n" + time_notes(trainer.history, phase_seconds, metrics["seconds"])
     text = write_report(directory, f"mamo search: {config.name}", rows, tasks, "STL" if baselines else None, notes)
     write_metrics(directory, metrics)
-    session.log("\n" + text)
-    session.log(f"search finished in {metrics['seconds']:.1f} s; run folder {directory}")
+    session.log.result("\n" + text)
+    session.log.result(f"search finished in {metrics['seconds']:.1f} s; run folder {directory}")
     return metrics
 
 

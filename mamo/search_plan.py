@@ -11,6 +11,7 @@ from mamo.config import Config, SearchConfig
 from mamo.conflicts import parse_threshold
 from mamo.data import MultiTaskData, batches_per_epoch
 from mamo.errors import MamoError
+from mamo.runs import counted
 
 
 def phase_names(rounds: int) -> list[str]:
@@ -132,5 +133,5 @@ def tensioner_window_note(config: Config, train_size: int, T: int | None = None,
     if config.direction.tensioner.formulation == "off" or config.search.rounds == 0 or T + 1 <= steps:
         return None
     return (f"note: after the network grows, the tensioner needs T + 1 = {T + 1} steps before it acts, and the "
-            f"final phase has {steps} ({final} epoch{'s' * (final != 1)} of {per_epoch} steps); if the last round "
+            f"final phase has {steps} ({counted(final, 'epoch')} of {counted(per_epoch, 'step')}); if the last round "
             f"grows, it will not act there. Lower {setting} or raise search.final_epochs (or train.epochs).")

@@ -18,7 +18,7 @@ from mamo.config import Config, DirectionConfig, TensionerConfig
 from mamo.data import MultiTaskData, load_data
 from mamo.data_plugins import plugin_edited_note
 from mamo.directions import create_direction
-from mamo.errors import MamoError
+from mamo.errors import MamoError, StopExplained
 from mamo.graph import build_hps_graph, graph_to_dict
 from mamo.model import MamoNet, compile_model, count_parameters
 from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
@@ -153,7 +153,9 @@ def train_network(
     watchers = list(callbacks or [])
     every = session.config.train.checkpoint_seconds
     saver = [EpochCheckpoint(checkpoint, best, every, run_config)] if checkpoint is not None else []
-    trainer = make_trainer(session, model, direction, [best, *saver, *watchers], description)
+    # The saver last, as in a search: what the watchers record of an epoch (TensorBoard's scalars) is written
+    # before the checkpoint a resume starts after.
+    trainer = make_trainer(session, model, direction, [best, *watchers, *saver], description)
     if state is not None:
         restore_trainer(trainer, state, session.device)
         best.load_state_dict(state["best"])
@@ -164,7 +166,7 @@ def train_network(
         callback.on_phase_start(description, model)
     trainer.fit(epochs - trainer.epoch, done=trainer.epoch)
     best.restore(model)
-    return Trained(model, trainer, trainer.evaluate(session.data.test), trainer.evaluate(session.data.val),
+    return Trained(model, trainer, trainer.evaluate(session.data.test, "test"), trainer.evaluate(session.data.val),
                    {"best_epoch": best.best_epoch})
 
 
@@ -246,11 +248,12 @@ def run_train(
                         "first epoch")
     else:
         session, directory = open_run(config, run_dir, "train", progress, quiet)
-    # An STL run continues from the baseline cache instead of checkpoints/last.pt: no --resume to suggest.
-    # STL networks continue from the baseline cache, which any run of the same settings reads.
+    # STL networks continue from the baseline cache beside the run folder, which any run of the same settings
+    # there reads: a new run, not --resume.
     how_to_continue = (f"python cli.py train --resume {directory}" if config.train.mode == "mtl" else
-                       "the same train command with a new --run-dir (the baseline cache keeps the finished networks "
-                       "and the stopped one's epochs)")
+                       f"the same train command with a new --run-dir in {directory.parent} (its baseline cache, "
+                       f"{directory.parent / '.baselines'}, keeps the finished networks and the stopped one's "
+                       "epochs)")
     with logging_stops(session, how_to_continue):
         return _train_and_report(session, directory, callbacks, loggers, pictures, state,
                                  start_over=resume and state is None)
@@ -264,7 +267,7 @@ def logging_stops(session: Session, how_to_continue: str) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         session.log(f"stopped; continue with: {how_to_continue}")
-        raise
+        raise StopExplained from None
     except MamoError as exc:
         session.log.record(f"error: {exc}")
         raise
@@ -330,7 +333,7 @@ def _train_and_write(session: Session, directory: Path, watchers: list[Callback]
     (directory / "checkpoints" / "last.pt").unlink(missing_ok=True)
     for callback in watchers:
         callback.on_run_end(metrics)
-    session.log("\n" + text)
+    session.log.result("\n" + text)
     return metrics
 
 

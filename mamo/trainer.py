@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from mamo.config import TrainConfig
 from mamo.data import batches_per_epoch, iterate_batches
+from mamo.dense import NoValidPixels
 from mamo.errors import STOP_REQUESTED, MamoError, TrainingDiverged
 from mamo.model import MamoNet
 from mamo.runs import format_duration
@@ -304,14 +305,18 @@ class Trainer:
         return self.history
 
     @torch.no_grad()
-    def evaluate(self, dataset: Dataset) -> Metrics:
+    def evaluate(self, dataset: Dataset, split: str = "val") -> Metrics:
+        """The metrics of the model on ``dataset``, the ``split`` messages name."""
         self.model.eval()
         accumulator = MetricAccumulator(self.model.tasks)
         size = evaluation_batch_size(self.batch_size, self.model.space.input_shape)
         for x, targets in iterate_batches(dataset, size, shuffle=False, generator=None):
             x, targets = self._to_device(x, targets)
             accumulator.update(self.model(x), targets)
-        return accumulator.compute()
+        try:
+            return accumulator.compute()
+        except NoValidPixels as exc:
+            raise exc.of_split(split) from None
 
     @property
     def seconds_per_epoch(self) -> float:

@@ -194,6 +194,8 @@ def _study_dir(run_dir: str | Path | None, storage: str | None, name: str, confi
     try:  # exclusive: of two commands started together on one folder, only one created it (and may remove it)
         path.mkdir(parents=True)
     except FileExistsError:
+        if path.is_symlink() and not path.exists():
+            raise  # a link to nothing: the CLI names it (it failed later as a study.db that cannot be opened)
         return path, False
     return path, True
 

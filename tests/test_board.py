@@ -98,6 +98,30 @@ def test_a_resumed_train_run_shows_each_step_once(tmp_path):
         assert steps(events, f"val/loss/{task}") == list(range(STEPS_PER_EPOCH, total + 1, STEPS_PER_EPOCH))
 
 
+def test_a_train_stopped_right_after_an_epochs_checkpoint_keeps_that_epochs_scalars(tmp_path, monkeypatch):
+    # The checkpoint was written before the logger recorded the epoch, and a resume starts after it: the
+    # epoch's validation scalars were lost for good (a helper's SIGKILL right after the checkpoint).
+    from mamo.checkpoint import EpochCheckpoint
+
+    save = EpochCheckpoint.on_epoch_end
+
+    def saved_then_stopped(self, trainer, metrics):
+        save(self, trainer, metrics)
+        if trainer.epoch == 2:
+            raise KeyboardInterrupt
+
+    config = load_config("quick", [*TINY, "train.epochs=3", "train.checkpoint_seconds=0"])
+    run = tmp_path / "run"
+    monkeypatch.setattr(EpochCheckpoint, "on_epoch_end", saved_then_stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, run, progress=False, quiet=True, pictures=False)
+    monkeypatch.undo()
+    run_train(config, run, progress=False, quiet=True, pictures=False, resume=True)
+    events = read_events(run)
+    total = 3 * STEPS_PER_EPOCH
+    assert steps(events, "val/loss/left") == list(range(STEPS_PER_EPOCH, total + 1, STEPS_PER_EPOCH))
+
+
 class StopAtThirdStep(Callback):
     def on_step(self, trainer, result):
         if trainer.global_step == 3:

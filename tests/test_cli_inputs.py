@@ -145,6 +145,10 @@ def test_what_is_not_a_run_folder_says_what_it_is_and_what_to_pass(
     (finished / "config.yaml").write_text("# mamo search run: 2026-11-25\nname: quick\n")
     (finished / "metrics.json").write_text("{}")
     (finished / "weights.safetensors").write_bytes((run_dir / "weights.safetensors").read_bytes())
+    (finished / "checkpoints").mkdir()
+    (finished / "checkpoints" / "best.pt").write_bytes(b"")
+    assert error(finished / "checkpoints" / "best.pt") == (  # the run folder, not checkpoints/
+        f"{finished / 'checkpoints' / 'best.pt'} is a file; pass the run folder that holds it, e.g. {finished}.")
     rerun = f"python cli.py search {finished / 'config.yaml'} --run-dir NEW_FOLDER"
     assert error(finished) == (f"{finished} is a finished search run whose architecture.json is gone; restore it "
                                f"from a copy or rerun it with {rerun}.")
@@ -297,9 +301,11 @@ def test_a_stopped_resumable_bench_says_how_to_continue(tmp_path: Path, monkeypa
     module.run = run  # type: ignore[attr-defined]
     module.add_options = lambda parser: parser.add_argument("--resume")  # type: ignore[attr-defined]
     monkeypatch.setattr(bench, "load_bench", lambda name: module)
-    assert main(["bench", "ablation", "--out", str(tmp_path / "out")]) == 130
+    assert main(["bench", "ablation", "--quick", "--out", str(tmp_path / "out"), "--seeds", "2"]) == 130
     out, err = capsys.readouterr()
-    assert out.strip() == f"stopped; continue with: python cli.py bench ablation --resume {tmp_path / 'out'}"
+    # With the options it ran with: a resume refuses other ones (or, for some, quietly drops rows).
+    assert out.strip() == ("stopped; continue with: python cli.py bench ablation --quick --seeds 2 --resume "
+                           f"{tmp_path / 'out'}")
     assert "interrupted" not in err
 
 

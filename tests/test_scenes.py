@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from mamo import dense
-from mamo.config import DataConfig, ModelConfig, load_config
+from mamo.config import DataConfig, DirectionConfig, ModelConfig, load_config
 from mamo.data import iterate_batches, load_data
 from mamo.errors import MamoError
 from mamo.graph import build_hps_graph
 from mamo.model import compile_model
 from mamo.spaces import create_space
 from mamo.tasks import MetricAccumulator, parse_tasks, task_loss
+from mamo.train import make_trainer, open_session
 
 H, W = 32, 48
 
@@ -253,6 +254,12 @@ def test_a_split_without_one_valid_pixel_has_no_metrics(tmp_path, task, marker):
     with pytest.raises(MamoError, match=rf"no pixel of the evaluated split has a {task} target .*, so its {task} "
                                         rf"metrics are undefined; check that split's {task} files\."):
         accumulator.compute()
+    trainer = make_trainer(open_session(load_config("quick", ["train.device=cpu"]), None, False, True),
+                           compile_model(build_hps_graph(create_space(ModelConfig(backbone="timm:test_resnet"),
+                                                                      data.input_shape), data.tasks)),
+                           DirectionConfig(), [], "train")
+    with pytest.raises(MamoError, match=rf"no pixel of the 'test' split has a {task} target"):  # names the split
+        trainer.evaluate(data.test, "test")
 
 
 # ------------------------------------------------------------------------------------------------------- losses

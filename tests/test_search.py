@@ -601,8 +601,13 @@ def test_resume_refuses_a_config_yaml_edited_since_the_checkpoints(tmp_path, cap
         f"{cut / 'config.yaml'} sets search.rounds to 0, but the run's newest checkpoint was saved in phase "
         "'round1' of another plan; undo the edit, or start a new run for the new value.")
     (cut / "config.yaml").write_text(saved.replace("checkpoint_seconds: 60.0", "checkpoint_seconds: 0.0"))
+    capsys.readouterr()
     assert main(["search", "--resume", str(cut), "--no-progress", "--no-tensorboard"]) == 0  # an allowed key
     assert len(json.loads((cut / "metrics.json").read_text())["rounds"]) == 2
+    # The report is the command's result, on stdout (`> file` and `| tee` kept nothing); progress on stderr.
+    out, err = capsys.readouterr()
+    assert "Absolute test metrics" in out and "search finished in" in out and "Absolute test metrics" not in err
+    assert "resuming in" in err
 
 
 ONE_TASK_PLUGIN = """

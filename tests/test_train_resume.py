@@ -20,7 +20,7 @@ class StopAfterEpoch(Callback):
     def __init__(self, epoch: int, description: str | None = None):
         self.epoch, self.description = epoch, description
 
-    def on_epoch_end(self, trainer, metrics) -> None:
+    def on_step(self, trainer, result) -> None:  # in the next epoch: the epoch's checkpoint is written by then
         if trainer.epoch == self.epoch and self.description in (None, trainer.description):
             raise KeyboardInterrupt
 
@@ -55,15 +55,19 @@ def test_a_stopped_train_resumes_to_the_same_result(tmp_path: Path, seconds: flo
     assert not list((cut / "checkpoints").glob("*.tmp")) and not list(cut.glob("*.tmp"))
 
 
-def test_a_stopped_stl_train_says_how_it_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Its log ended without a word: --resume refuses an STL folder, and the way on is a new run.
-    monkeypatch.chdir(tmp_path)  # the baseline cache is runs/.baselines below the working folder
+def test_a_stopped_stl_train_says_how_it_continues(tmp_path: Path) -> None:
+    # Its log ended without a word: --resume refuses an STL folder, and the way on is a new run beside it.
+    from mamo.errors import StopExplained
+
     config = load_config("quick", [*RESUMABLE, "train.mode=stl"])
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(StopExplained):  # said how to continue: the CLI adds no generic line
         run_train(config, tmp_path / "stl", progress=False, quiet=True, loggers=False, callbacks=[StopAfterEpoch(2)])
     assert (tmp_path / "stl" / "log.txt").read_text().splitlines()[-1].endswith(
-        "stopped; continue with: the same train command with a new --run-dir (the baseline cache keeps the finished "
-        "networks and the stopped one's epochs)")
+        f"stopped; continue with: the same train command with a new --run-dir in {tmp_path} (its baseline cache, "
+        f"{tmp_path / '.baselines'}, keeps the finished networks and the stopped one's epochs)")
+    (stopped,) = (tmp_path / ".baselines").glob("*.pt")  # the stopped network's epochs, where the advice says
+    run_train(config, tmp_path / "again", progress=False, quiet=True, loggers=False)
+    assert not stopped.exists()  # taken up by the new run and finished
 
 
 def test_a_stopped_stl_baseline_keeps_its_finished_tasks_and_continues_the_stopped_one(tmp_path: Path) -> None:
@@ -412,4 +416,6 @@ def test_sigterm_stops_a_train_run_as_ctrl_c_does(tmp_path: Path) -> None:
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert log.read_text().splitlines()[-1].endswith(f"stopped; continue with: python cli.py train --resume {run}")
-    assert "mamo: interrupted" in err and "Traceback" not in err
+    # The log line, on the terminal too, says how to continue: no generic "interrupted" line after it.
+    assert f"stopped; continue with: python cli.py train --resume {run}" in err
+    assert "mamo: interrupted" not in err and "Traceback" not in err

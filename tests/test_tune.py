@@ -988,15 +988,20 @@ def test_a_joined_study_runs_its_own_tune_trials_not_the_presets(tmp_path):
 @pytest.mark.parametrize(("target", "message"), [
     ("file", "--run-dir {path} is a file, not a study folder; pass a new --run-dir."),
     ("below", "--run-dir {path} lies below {file}, which is a file; pick another --run-dir."),
+    # Was "storage sqlite:///.../study.db could not be opened ...; make the study folder writable".
+    ("dangling link", "{path} is a link to {nowhere}, which does not exist; create what it points to or pass "
+                      "another path."),
 ])
 def test_a_run_dir_that_cannot_be_a_folder_is_one_sentence(tmp_path, capsys, target, message):
     from cli_errors import single_error
 
     file = tmp_path / "afile"
     file.write_text("")
-    path = file if target == "file" else file / "study"
+    path = {"file": file, "below": file / "study", "dangling link": tmp_path / "link"}[target]
+    if target == "dangling link":
+        path.symlink_to(tmp_path / "nowhere")
     assert main(["tune", "quick", "--trials", "1", "--run-dir", str(path), "--no-progress"]) == 2
-    assert single_error(capsys.readouterr().err) == message.format(path=path, file=file)
+    assert single_error(capsys.readouterr().err) == message.format(path=path, file=file, nowhere=tmp_path / "nowhere")
 
 
 def test_no_more_workers_start_than_there_are_trials(tmp_path, capsys):

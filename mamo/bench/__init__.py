@@ -14,6 +14,7 @@ import argparse
 import importlib
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 from types import ModuleType
@@ -136,6 +137,19 @@ def finite_or_null(value: Any) -> Any:
     return value
 
 
+def resume_command(name: str, given: list[str], folder: Path) -> str:
+    """The command that continues a stopped benchmark in ``folder``: the options it was given (a resume checks
+    they are the same), with ``--resume folder`` in place of any ``--out`` or earlier ``--resume``."""
+    kept, skip = [], False
+    for text in given:
+        if skip or text in ("--out", "--resume"):
+            skip = not skip
+            continue
+        if not text.startswith(("--out=", "--resume=")):
+            kept.append(text)
+    return shlex.join(["python", "cli.py", "bench", name, *kept, "--resume", str(folder)])
+
+
 def command_bench(args: argparse.Namespace) -> int:
     from mamo.errors import StopExplained
     from mamo.trainer import resolve_device
@@ -164,7 +178,7 @@ def command_bench(args: argparse.Namespace) -> int:
                 if not any(parent.iterdir()):
                     parent.rmdir()
         if isinstance(error, KeyboardInterrupt) and hasattr(options, "resume") and folder.is_dir():
-            print(f"stopped; continue with: python cli.py bench {args.name} --resume {folder}", flush=True)
+            print(f"stopped; continue with: {resume_command(args.name, args.options, folder)}", flush=True)
             raise StopExplained from None
         raise
     result.setdefault("wall_seconds", round(time.perf_counter() - start, 1))
