@@ -4,10 +4,11 @@ The trainer and the search loop call back into :class:`TensorBoardLogger`; nothi
 knows about TensorBoard. Per step it writes every scalar of that step as one event (read from the step's
 host tensors, the direction's diagnostics as plain floats); per epoch the validation metrics and Δ against
 STL; per detection round the conflict heatmaps, cosine histograms and the architecture. The pictures (which
-``pictures=False`` leaves out) are rendered on a worker thread, so a training thread that waits on a GPU can
-go on (on a busy CPU it saves nothing, docs/tensorboard.md "Cost"), and each PNG is also saved under the run
-folder's plots/. Events go through :class:`~mamo.event_file.EventFileWriter`. :func:`write_hparams` records
-one Optuna trial for TensorBoard's HPARAMS tab. Tags and pictures are described in docs/tensorboard.md.
+``pictures=False`` leaves out) are rendered on a worker thread (on a busy CPU it saves nothing,
+docs/tensorboard.md "Cost"); a round's are waited for, and the events flushed, before the search writes the
+round's checkpoint. Each PNG is also saved under the run folder's plots/. Events go through
+:class:`~mamo.event_file.EventFileWriter`. :func:`write_hparams` records one Optuna trial for TensorBoard's
+HPARAMS tab. Tags and pictures are described in docs/tensorboard.md.
 """
 
 from __future__ import annotations

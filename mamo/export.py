@@ -80,9 +80,11 @@ def _no_model(directory: Path, missing: list[Path]) -> str:
                 "architecture to show or export; pass a search run or an HPS train run.")
     if (directory / "study.yaml").is_file():
         trials = sorted(p.parent for p in directory.glob("trial-*/architecture.json"))
+        if not trials:
+            return (f"{directory} is a tune study folder none of whose trials has finished yet; pass a trial "
+                    "folder once one has.")
         return (f"{directory} is a tune study folder; pass one of its trial folders, e.g. {trials[0]} (summary.md "
-                "names the best)." if trials else f"{directory} is a tune study folder none of whose trials has "
-                "finished yet; pass a trial folder once one has.")
+                "names the best).")
     command = run_command(directory)
     names = " and ".join(p.name for p in missing)
     if command and not (directory / "metrics.json").exists():

@@ -99,7 +99,7 @@ class NpyScenes(Dataset):
 
     def check_values(self, sub: str, kind: str, i: int, array: np.ndarray) -> None:
         """What a training step or a metric would take silently: NaN or infinite values (a NaN in the test split
-        made every metric NaN, exit 0), an image not in [0, 1], labels that are no class indices."""
+        made every metric NaN, exit 0), an image of 0..255 floats, labels that are no class indices."""
         low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
         path = self.path(sub, i)
         if not (math.isfinite(low) and math.isfinite(high)):  # min and max are NaN when any value is
