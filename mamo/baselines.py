@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mamo.cache import baseline_key
+from mamo.runs import counted
 from mamo.train import EQUAL, Session, train_network
 from mamo.trainer import Callback
 
@@ -29,7 +30,7 @@ def _cached_network(
             if cached is not None:
                 session.log(f"{name}: reusing the result another process cached meanwhile, {key}")
             return cached
-        session.log(f"{name}: {training} for {epochs} epoch{'s' * (epochs != 1)}")
+        session.log(f"{name}: {training} for {counted(epochs, 'epoch')}")
         checkpoint = session.cache.checkpoint_path(key)
         result = train_network(session, epochs, EQUAL, task_names, description=kind.replace("-", " "),
                                callbacks=callbacks, checkpoint=checkpoint, discard_damaged=True).result()

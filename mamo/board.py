@@ -331,10 +331,8 @@ class TensorBoardLogger(Callback):
             return
         self._closed = True
         try:
-            for future in self._pending:
-                future.result()
+            self._settle()
         finally:
-            self._pending = []
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
             self.events.close()

@@ -160,7 +160,7 @@ def draw_architecture(
             rounds = sorted({graph.nodes[n]["round"] for n in nodes})
             start = min(graph.nodes[n]["cell"] for n in nodes)
             handles.append(Patch(fc=colours[group], label=f"{'+'.join(group)}: from cell {start}, round "
-                                 f"{', '.join(map(str, rounds))}, {len(nodes)} module{'s' * (len(nodes) > 1)}, "
+                                 f"{', '.join(map(str, rounds))}, {counted(len(nodes), 'module')}, "
                                  f"{sum(params[n] for n in nodes):,} params"))
         figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 2), fontsize=7.5, frameon=False)
     if path is not None:

@@ -66,7 +66,7 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> Mam
             SafetensorError, nx.NetworkXException, _Damaged) as exc:  # what a damaged file makes networkx, torch raise
         what = str(exc) if isinstance(exc, _Damaged) else type(exc).__name__
         raise MamoError(f"the model files in {directory} are unreadable or do not fit together "
-                        f"({what}); restore them from a copy or {_rerun(directory)}.") from exc
+                        f"({what}); restore them from a copy or {_rerun(directory, run_command(directory))}.") from exc
     return model.eval()
 
 
@@ -92,13 +92,13 @@ def _no_model(directory: Path, missing: list[Path]) -> str:
                 f"python cli.py {command} --resume {directory}.")
     if command:
         return (f"{directory} is a finished {command} run whose {names} is gone; restore it from a copy or "
-                f"{_rerun(directory)}.")
+                f"{_rerun(directory, command)}.")
     return f"{', '.join(map(str, missing))} not found; pass the folder of a finished train or search run."
 
 
-def _rerun(directory: Path) -> str:
-    """How to make a run's model files again: its saved config, run anew (seeded, so it trains the same)."""
-    command = run_command(directory)
+def _rerun(directory: Path, command: str | None) -> str:
+    """How to make a run's model files again: its saved config, run anew by ``command`` (seeded, so it trains
+    the same)."""
     if command is None:
         return "rerun it"
     return f"rerun it with python cli.py {command} {directory / 'config.yaml'} --run-dir NEW_FOLDER"
@@ -241,7 +241,7 @@ def architecture_tree(model: MamoNet) -> str:
         groups = g.fusion_groups(graph, task)
         fused = " + ".join(["trunk", *(f"β·{'+'.join(grp)}" for grp in groups)])
         betas = params.get(g.fusion_id(task), 0)
-        weighed = f" ({betas:,} param{'s' * (betas != 1)})" if betas else ""
+        weighed = f" ({counted(betas, 'param')})" if betas else ""
         lines.append(f"{_twig(position, len(model.tasks))} {task}: fusion [{fused}]{weighed} → head "
                      f"({params.get(g.head_id(task), 0):,} params)")
     total = sum(p.numel() for p in model.parameters())

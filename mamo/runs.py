@@ -238,7 +238,7 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 def counted(number: int, noun: str) -> str:
     """``1 new module``, ``3 new modules``: a count with its noun (a regular plural) as a log line reads."""
-    return f"{number:,} {noun}{'' if number == 1 else 's'}"
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def format_duration(seconds: float) -> str:

@@ -98,19 +98,15 @@ def final_epochs(config: Config) -> int:
     return config.train.epochs - epochs_before_final(search)
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'s' * (n != 1)}"
-
-
 def plan_line(config: Config, tasks: int) -> str:
     """The search's phases and their epochs, said when it starts (what the epoch lines then count through)."""
     search = config.search
-    rounds = (f"{_count(search.rounds, 'detection round')} of {_count(search.round_epochs, 'epoch')}" if search.rounds
+    rounds = (f"{counted(search.rounds, 'detection round')} of {counted(search.round_epochs, 'epoch')}" if search.rounds
               else "no detection round")
-    baselines = (f"; first the baselines (STL: {_count(tasks, 'network')}, HPS: one), "
-                 f"{_count(config.train.epochs, 'epoch')} each unless cached") if search.baselines else ""
-    return (f"plan: pretrain {_count(search.pretrain_epochs, 'epoch')}, {rounds}, final "
-            f"{_count(final_epochs(config), 'epoch')}{baselines}")
+    baselines = (f"; first the baselines (STL: {counted(tasks, 'network')}, HPS: one), "
+                 f"{counted(config.train.epochs, 'epoch')} each unless cached") if search.baselines else ""
+    return (f"plan: pretrain {counted(search.pretrain_epochs, 'epoch')}, {rounds}, final "
+            f"{counted(final_epochs(config), 'epoch')}{baselines}")
 
 
 def budget_note(config: Config) -> str | None:

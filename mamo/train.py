@@ -26,6 +26,7 @@ from mamo.runs import (
     RUNS_ROOT,
     RunLog,
     check_resumed_config,
+    counted,
     free_run_dir,
     new_run_dir,
     read_run_config,
@@ -307,7 +308,7 @@ def _train_and_write(session: Session, directory: Path, watchers: list[Callback]
         results, stl_name = {"STL": result}, "STL"
     else:
         method = config.direction.name + ("" if config.direction.tensioner.formulation == "off" else "+tensioner")
-        session.log(f"HPS network, direction {method}, {epochs} epoch{'s' * (epochs != 1)} on {session.device}")
+        session.log(f"HPS network, direction {method}, {counted(epochs, 'epoch')} on {session.device}")
         last = directory / "checkpoints" / "last.pt"
         trained = train_network(session, epochs, config.direction, description="train", callbacks=watchers,
                                 checkpoint=last, state=state, run_config=config.to_dict())

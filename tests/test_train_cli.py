@@ -173,7 +173,7 @@ def test_durations_read_like_a_person_writes_them(seconds: float, text: str) -> 
     assert format_duration(seconds) == text
 
 
-@pytest.mark.parametrize(("number", "text"), [(0, "0 new modules"), (1, "1 new module"), (12000, "12,000 new modules")])
+@pytest.mark.parametrize(("number", "text"), [(0, "0 new modules"), (1, "1 new module"), (12000, "12000 new modules")])
 def test_counts_take_their_nouns_plural_only_when_not_one(number: int, text: str) -> None:
     # The round line said "1 new modules, 1 in all" and show "1 GMK modules".
     from mamo.runs import counted
