@@ -11,7 +11,8 @@ Targets, one sample each (the layout of MTAN's pre-processed .npy files, channel
   pixels within 11.25°, 22.5° and 30°.
 
 Metrics are computed over every pixel of a split (a confusion matrix for mIoU, pixel counts otherwise), not
-averaged per batch as MTAN's and LibMTL's evaluation loops do, so they do not depend on the batch size. Each
+averaged per batch as MTAN's evaluation loop does, so they do not depend on the batch size (LibMTL's
+segmentation and depth metrics are whole-split too). Each
 ``*_sums`` function returns additive counts for one batch; the matching ``*_metrics`` turns their totals
 over a split into the metrics. The median angle is read off a 0.1° histogram (to within 0.05°).
 """
@@ -36,8 +37,19 @@ def within_name(threshold: float) -> str:
 
 
 def _valid(target: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) mask of pixels whose target has any non-zero channel (MTAN's binary mask)."""
+    """(B, 1, H, W) mask of pixels whose target has any non-zero channel (MTAN and LibMTL test the channels'
+    sum, which also drops a unit normal whose components sum to 0)."""
     return (target != 0).any(dim=1, keepdim=True)
+
+
+def valid_pixels(target: torch.Tensor) -> float:
+    """How many pixels of a depth or normal batch the masked losses average over."""
+    return float(_valid(target).sum())
+
+
+def labelled_pixels(target: torch.Tensor) -> float:
+    """How many pixels of a segmentation batch its loss averages over."""
+    return float((target.long() != IGNORE).sum())
 
 
 # ----------------------------------------------------------------------------------------------------- losses

@@ -228,19 +228,38 @@ TASK_TYPES: dict[str, TaskType] = {
 }
 
 
+# What each masked loss averages over in a batch (the others average over its samples), so that an evaluation
+# weighs every batch's loss by it and a split's loss does not depend on the evaluation batch size.
+LOSS_COUNTS: dict[str, Callable[[torch.Tensor], float]] = {
+    "pixel_cross_entropy": dense.labelled_pixels,
+    "masked_l1": dense.valid_pixels,
+    "cosine": dense.valid_pixels,
+}
+
+
+def loss_name(spec: TaskSpec) -> str:
+    """The entry of :data:`LOSSES` that trains ``spec``."""
+    return TASK_TYPES[spec.type].default_loss if spec.loss == "default" else spec.loss
+
+
 def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The training loss of one task on one batch (a scalar)."""
-    name = TASK_TYPES[spec.type].default_loss if spec.loss == "default" else spec.loss
-    return LOSSES[name](pred, target)
+    return LOSSES[loss_name(spec)](pred, target)
+
+
+def _samples(target: torch.Tensor) -> float:
+    return float(target.shape[0])
 
 
 class MetricAccumulator:
-    """Sums per-sample metric values over batches; :meth:`compute` gives the means."""
+    """Sums per-sample metric values over batches; :meth:`compute` gives the means. A task's loss is the mean
+    over everything its loss averages (samples, or valid pixels for the masked losses) in the whole split."""
 
     def __init__(self, tasks: dict[str, TaskSpec]):
         self.tasks = tasks
         self.sums: dict[str, dict[str, float]] = {name: {} for name in tasks}
         self.loss_sums: dict[str, float] = {name: 0.0 for name in tasks}
+        self.loss_counts: dict[str, float] = {name: 0.0 for name in tasks}
         self.count = 0
 
     def update(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> None:
@@ -250,13 +269,15 @@ class MetricAccumulator:
             pred, target = outputs[name].detach(), targets[name]
             for metric, value in TASK_TYPES[spec.type].batch_sums(pred, target).items():
                 self.sums[name][metric] = self.sums[name].get(metric, 0.0) + value
-            self.loss_sums[name] += task_loss(spec, pred.float(), target).item() * batch
+            weight = LOSS_COUNTS.get(loss_name(spec), _samples)(target)
+            self.loss_sums[name] += task_loss(spec, pred.float(), target).item() * weight
+            self.loss_counts[name] += weight
 
     def compute(self) -> dict[str, dict[str, float]]:
         """``{task: {metric: value, ..., "loss": mean loss}}``."""
-        n = max(self.count, 1)
         return {
-            name: {**TASK_TYPES[spec.type].finalize(self.sums[name], self.count), "loss": self.loss_sums[name] / n}
+            name: {**TASK_TYPES[spec.type].finalize(self.sums[name], self.count),
+                   "loss": self.loss_sums[name] / max(self.loss_counts[name], 1.0)}
             for name, spec in self.tasks.items()
         }
 

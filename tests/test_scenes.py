@@ -326,6 +326,32 @@ def test_depth_and_normal_metrics_on_known_errors():
     assert n["within_30"] == pytest.approx(0.75)
 
 
+@pytest.mark.parametrize("kind", ["segmentation", "depth", "normal"])
+def test_a_splits_dense_loss_is_the_mean_over_its_valid_pixels_whatever_the_batches(kind):
+    shape = {"segmentation": [4, 5], "depth": [1, 4, 5], "normal": [3, 4, 5]}[kind]
+    specs = parse_tasks({"t": {"type": kind, "classes": 3, "shape": shape}}, "test")
+    generator = torch.Generator().manual_seed(0)
+    channels = 3 if kind != "depth" else 1
+    pred = torch.randn(6, channels, 4, 5, generator=generator)
+    if kind == "segmentation":
+        target = torch.randint(0, 3, (6, 4, 5), generator=generator)
+        target[:2] = dense.IGNORE  # two samples without a labelled pixel, one with a single one
+        target[2] = dense.IGNORE
+        target[2, 0, 0] = 1
+    else:
+        target = torch.rand(6, channels, 4, 5, generator=generator) + 0.5
+        target[:2] = 0.0  # as above: no valid pixel, then one
+        target[2] = 0.0
+        target[2, :, 0, 0] = 1.0
+    whole = task_loss(specs["t"], pred, target)  # one batch: the mean over every valid pixel
+    for sizes in ([6], [2, 4], [3, 3], [1, 1, 1, 1, 1, 1]):
+        accumulator, start = MetricAccumulator(specs), 0
+        for size in sizes:
+            accumulator.update({"t": pred[start : start + size]}, {"t": target[start : start + size]})
+            start += size
+        assert accumulator.compute()["t"]["loss"] == pytest.approx(float(whole), rel=1e-6), sizes
+
+
 def test_dense_task_specs_need_their_shapes():
     with pytest.raises(MamoError, match=r"needs positive shape \[3, H, W\]"):
         parse_tasks({"n": {"type": "normal", "shape": [1, 4, 4]}}, "a plugin")
