@@ -111,7 +111,8 @@ def write_report(
     parts = [f"# {title}", ""]
     if stl_name:
         parts += [
-            f"Relative change against {stl_name} in % (+ is better than {stl_name}); the {stl_name} row is absolute.",
+            f"Test metrics as the relative change against {stl_name} in % (+ is better than {stl_name}); the "
+            f"{stl_name} row is absolute.",
             "Δ is MAMO Eq 15 over every metric; Win is the share of metrics better than STL.",
         ]
     parts += [

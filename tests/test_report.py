@@ -140,6 +140,7 @@ def test_report_md_and_csv(tmp_path: Path) -> None:
     assert (tmp_path / "report.md").read_text() == text
     lines = text.splitlines()
     assert lines[0] == "# mamo train: unit"
+    assert lines[2].startswith("Test metrics as the relative change against STL in %")  # which split the tables show
     header = next(line for line in lines if line.startswith("| Method"))
     assert header == "| Method | a accuracy ↑ | b mse ↓ | b mae ↓ | Δ % ↑ | Win ↑ | Params | s/epoch |"
     assert "| STL | 0.8 | 0.5 | 0.25 | +0.00 | 0% | 2000 | 2 |" in lines
