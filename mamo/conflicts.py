@@ -30,9 +30,12 @@ Position = tuple[Pair, int]
 class ConflictStats:
     """Conflict counts, mean cosines and cosine histograms of one detection round.
 
-    ``counts[ℓ, i, j]`` (symmetric, zero diagonal) is Q of pair {i, j} at cell ℓ; ``cosine_sums`` and ``steps``
-    give the mean; ``histograms[ℓ, p]`` counts cosines of pair ``pairs[p]`` per bin of :data:`HISTOGRAM_EDGES`.
-    Cells without parameters keep zeros and are never candidates.
+    ``counts[ℓ, i, j]`` (symmetric, zero diagonal) is Q of pair {i, j} at cell ℓ; ``cosine_sums`` over
+    ``measured`` (the mini-batches in which both tasks had a non-zero gradient there) give the mean;
+    ``histograms[ℓ, p]`` counts cosines of pair ``pairs[p]`` per bin of :data:`HISTOGRAM_EDGES`. A mini-batch
+    in which either task's gradient at a cell is zero has no cosine there: it is neither a conflict nor an
+    agreement and stays out of the mean and the histogram. Cells without parameters keep zeros and are never
+    candidates.
     """
 
     def __init__(self, tasks: list[str], num_cells: int, cell_params: list[int]):
@@ -43,8 +46,16 @@ class ConflictStats:
         m = len(self.tasks)
         self.counts = np.zeros((num_cells, m, m), dtype=np.int64)
         self.cosine_sums = np.zeros((num_cells, m, m))
+        self.measured = np.zeros((num_cells, m, m), dtype=np.int64)
         self.histograms = np.zeros((num_cells, len(self.pairs), len(HISTOGRAM_EDGES) - 1), dtype=np.int64)
         self.steps = 0
+
+    def __setstate__(self, state: dict) -> None:
+        # A round checkpointed before `measured` existed counted every mini-batch, a zero gradient as cosine 0.
+        if "measured" not in state:
+            m = len(state["tasks"])
+            state["measured"] = np.full((state["num_cells"], m, m), state["steps"], dtype=np.int64)
+        self.__dict__.update(state)
 
     @classmethod
     def for_graph(cls, graph: nx.DiGraph) -> ConflictStats:
@@ -66,14 +77,17 @@ class ConflictStats:
             gram = block.tolist()
             norms = [math.sqrt(max(gram[t][t], 0.0)) for t in range(m)]
             sums, counts, histogram = self.cosine_sums[cell], self.counts[cell], self.histograms[cell]
+            measured = self.measured[cell]
             for t in range(m):
                 sums[t, t] += 1.0
+                measured[t, t] += 1
             for p, (i, j) in enumerate(itertools.combinations(range(m), 2)):
                 denominator = norms[i] * norms[j]
-                if denominator > 0.0:
-                    upper, lower = gram[i][j] / denominator, gram[j][i] / denominator
-                else:  # a task with a zero gradient at this cell neither conflicts nor agrees: cosine 0
-                    upper = lower = 0.0
+                if denominator == 0.0:  # the cosine of a zero gradient is undefined, not 0: leave it out
+                    continue
+                upper, lower = gram[i][j] / denominator, gram[j][i] / denominator
+                measured[i, j] += 1
+                measured[j, i] += 1
                 sums[i, j] += upper
                 sums[j, i] += lower
                 counts[i, j] += upper < 0.0
@@ -81,8 +95,8 @@ class ConflictStats:
                 histogram[p, min(max(bisect.bisect_right(_EDGES, upper) - 1, 0), len(_EDGES) - 2)] += 1
 
     def mean_cosine(self) -> np.ndarray:
-        """(L, m, m) mean cosine over the round (zeros before any update)."""
-        return self.cosine_sums / max(self.steps, 1)
+        """(L, m, m) mean cosine over the round's measured mini-batches (0 where none was measured)."""
+        return self.cosine_sums / np.maximum(self.measured, 1)
 
     def q(self, position: Position) -> int:
         (a, b), cell = position
@@ -94,6 +108,7 @@ class ConflictStats:
             "steps": self.steps,
             "counts": self.counts.tolist(),
             "mean_cosine": self.mean_cosine().round(6).tolist(),
+            "measured": self.measured.tolist(),
             "histogram_edges": HISTOGRAM_EDGES.tolist(),
             "histograms": {f"{a}+{b}": self.histograms[:, p].tolist() for p, (a, b) in enumerate(self.pairs)},
         }

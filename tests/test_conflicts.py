@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -35,10 +37,29 @@ def test_counts_mean_cosine_and_histogram_follow_the_gram_blocks():
     assert stats.q((("a", "b"), 0)) == 2
 
 
-def test_a_zero_gradient_counts_as_no_conflict():
+def test_a_zero_gradient_has_no_cosine_it_is_no_conflict_and_stays_out_of_the_mean():
     stats = ConflictStats(["a", "b"], num_cells=1, cell_params=[5])
     stats.update({g.cell_id(0): gram_from_vectors([0.0, 0.0], [1.0, 0.0])})
-    assert stats.counts.sum() == 0 and stats.mean_cosine()[0, 0, 1] == 0.0
+    assert stats.counts.sum() == 0 and stats.mean_cosine()[0, 0, 1] == 0.0 and stats.histograms.sum() == 0
+    stats.update({g.cell_id(0): gram_from_vectors([1.0, 1.0], [1.0, 0.0])})  # cosine 1/√2
+    stats.update({g.cell_id(0): gram_from_vectors([0.0, 0.0], [1.0, 0.0])})
+    assert stats.steps == 3 and stats.measured[0, 0, 1] == stats.measured[0, 1, 0] == 1
+    assert stats.mean_cosine()[0, 0, 1] == pytest.approx(2**-0.5)  # the one measured cosine, not a third of it
+    assert stats.histograms.sum() == 1 and stats.mean_cosine()[0, 0, 0] == 1.0
+
+
+def test_a_round_checkpointed_before_measured_existed_resumes_with_its_old_mean():
+    stats = ConflictStats(["a", "b"], num_cells=1, cell_params=[5])
+    for vectors in (([1.0, 0.0], [1.0, 1.0]), ([0.0, 0.0], [1.0, 0.0])):
+        stats.update({g.cell_id(0): gram_from_vectors(*vectors)})
+    old = ConflictStats.__new__(ConflictStats)
+    old.__dict__.update({k: v for k, v in stats.__dict__.items() if k != "measured"})
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored.measured.tolist() == [[[2, 2], [2, 2]]]
+    # The mean it had when it was saved: the old update added cosine 0 for the zero gradient and divided by 2.
+    assert restored.mean_cosine()[0, 0, 1] == pytest.approx(2**-0.5 / 2)
+    restored.update({g.cell_id(0): gram_from_vectors([1.0, 0.0], [1.0, 0.0])})
+    assert restored.steps == 3 and restored.measured[0, 0, 1] == 3
 
 
 def crafted(counts: dict, cells: int = 3, params=None) -> tuple[ConflictStats, list]:
@@ -60,12 +81,16 @@ def reference_update(stats: ConflictStats, blocks: dict[int, np.ndarray]) -> Non
     for cell, gram in blocks.items():
         norms = np.sqrt(np.maximum(gram.diagonal(), 0.0))
         denominator = np.multiply.outer(norms, norms)
-        cosine = np.where(denominator > 0.0, gram / np.where(denominator > 0.0, denominator, 1.0), 0.0)
+        defined = denominator > 0.0
+        cosine = np.where(defined, gram / np.where(defined, denominator, 1.0), 0.0)
         np.fill_diagonal(cosine, 1.0)
+        np.fill_diagonal(defined, True)
         stats.cosine_sums[cell] += cosine
+        stats.measured[cell] += defined
         stats.counts[cell] += cosine < 0.0
         bins = np.clip(np.digitize(cosine[rows, cols], HISTOGRAM_EDGES) - 1, 0, len(HISTOGRAM_EDGES) - 2)
-        stats.histograms[cell, np.arange(len(stats.pairs)), bins] += 1
+        pairs = np.flatnonzero(defined[rows, cols])
+        stats.histograms[cell, pairs, bins[pairs]] += 1
 
 
 @pytest.mark.parametrize("m", [2, 3, 5])
@@ -91,7 +116,10 @@ def test_update_agrees_exactly_with_a_whole_array_computation(m):
     np.testing.assert_array_equal(fast.counts, reference.counts)
     np.testing.assert_array_equal(fast.cosine_sums, reference.cosine_sums)
     np.testing.assert_array_equal(fast.histograms, reference.histograms)
-    assert fast.histograms.sum() == 40 * 3 * len(fast.pairs)
+    np.testing.assert_array_equal(fast.measured, reference.measured)
+    rows, cols = np.triu_indices(m, k=1)
+    measured = fast.measured[:, rows, cols].sum()  # every measured cosine is in the histogram, and only those
+    assert fast.histograms.sum() == measured < 40 * 3 * len(fast.pairs)
 
 
 def test_global_threshold_takes_positions_at_or_above_the_mean_of_nonzero_counts():

@@ -30,6 +30,7 @@ def known_stats() -> ConflictStats:
             stats.counts[cell, i, j] = stats.counts[cell, j, i] = value
             stats.cosine_sums[cell, i, j] = stats.cosine_sums[cell, j, i] = mean[cell][i, j] * stats.steps
         np.fill_diagonal(stats.cosine_sums[cell], stats.steps)
+        stats.measured[cell] = stats.steps  # both gradients non-zero in every mini-batch
     stats.histograms[2, 1, 2] = 10  # seg vs normal at cell 2: every cosine in [-0.8, -0.7)
     return stats
 
