@@ -143,6 +143,7 @@ class TrainConfig:
     gradient_path: str = "auto"  # auto | loop | batched: how per-task gradients are computed (auto: per device)
     gradient_layout: str = "auto"  # auto | flat | parameters: how they are held (auto: by device, size, tasks)
     checkpoint_seconds: float = 60.0  # at most this long between in-run checkpoints (0: after every epoch)
+    threads: int | None = None  # torch's CPU threads for the run (None: torch's default); CPU results depend on it
 
 
 @dataclass

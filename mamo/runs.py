@@ -122,9 +122,10 @@ def run_command(directory: Path) -> str | None:
     return named.group(1) if named else checkpointed_command(directory)
 
 
-# What --set (or an edit of config.yaml) may change when a run resumes: where it runs, where its files lie (the
-# same data and initial weights on another machine) and how often it saves, never what it computes.
-RESUME_SETTINGS = ("train.device", "data.root", "model.weights", "train.checkpoint_seconds")
+# What --set (or an edit of config.yaml) may change when a run resumes: where it runs (its device and CPU threads,
+# which move the numbers only as far as another machine would), where its files lie (the same data and initial
+# weights on another machine) and how often it saves, never what it computes.
+RESUME_SETTINGS = ("train.device", "train.threads", "data.root", "model.weights", "train.checkpoint_seconds")
 
 
 def resume_settings_text() -> str:

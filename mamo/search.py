@@ -55,7 +55,7 @@ from mamo.train import (
     open_session,
     save_model,
 )
-from mamo.trainer import Callback, KeepBest, Trainer, add_new_parameters, mean_epoch_seconds
+from mamo.trainer import Callback, KeepBest, Trainer, add_new_parameters, intra_op_threads, mean_epoch_seconds
 
 
 class ConflictRecorder(Callback):
@@ -216,7 +216,8 @@ def run_search(
     watchers = list(callbacks or [])
     try:
         # Ctrl-C is the usual way a search stops early (finished phases are checkpointed).
-        with logging_stops(session, f"python cli.py search --resume {directory}"):
+        with (logging_stops(session, f"python cli.py search --resume {directory}"),
+              intra_op_threads(config.train.threads)):
             baselines = {}
             if state is not None and "baselines" in state:
                 # Kept in the checkpoints: a search continued on another machine (or with another data.root,

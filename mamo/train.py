@@ -35,7 +35,16 @@ from mamo.runs import (
 )
 from mamo.spaces import check_model_config, create_space
 from mamo.step import TrainStep
-from mamo.trainer import Callback, EpochLines, KeepBest, Trainer, check_train_config, make_optimizer, resolve_device
+from mamo.trainer import (
+    Callback,
+    EpochLines,
+    KeepBest,
+    Trainer,
+    check_train_config,
+    intra_op_threads,
+    make_optimizer,
+    resolve_device,
+)
 
 EQUAL = DirectionConfig(name="equal", tensioner=TensionerConfig(formulation="off"))
 MODES = ("mtl", "stl")
@@ -255,7 +264,7 @@ def run_train(
                        f"the same train command with a new --run-dir in {directory.parent} (its baseline cache, "
                        f"{directory.parent / '.baselines'}, keeps the finished networks and the stopped one's "
                        "epochs)")
-    with logging_stops(session, how_to_continue):
+    with logging_stops(session, how_to_continue), intra_op_threads(config.train.threads):
         return _train_and_report(session, directory, callbacks, loggers, pictures, state,
                                  start_over=resume and state is None)
 

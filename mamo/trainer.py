@@ -7,10 +7,11 @@ only runs the loop, shows a progress bar and evaluates.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import Dataset
@@ -44,6 +45,7 @@ TRAIN_BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
     "checkpoint_seconds": (lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
     # torch's generators take 64-bit seeds, and seed + 1 seeds the direction's own generator.
     "seed": (lambda v: -(2**63) <= v < 2**63 - 1, "an integer in [-2**63, 2**63 - 1)"),
+    "threads": (lambda v: v is None or v >= 1, "an integer ≥ 1 or null (torch's default)"),
 }
 
 
@@ -54,7 +56,8 @@ def check_train_config(config: TrainConfig) -> None:
         value = getattr(config, key)
         if not acceptable(value):
             default = getattr(TrainConfig, key)
-            raise MamoError(f"train.{key} must be {wanted}, got {value!r}; set e.g. train.{key}={default}.")
+            raise MamoError(f"train.{key} must be {wanted}, got {value!r}; set e.g. train.{key}="
+                            f"{'null' if default is None else default}.")
     check_step_settings(config.gradients, config.precision, config.gradient_path, config.gradient_layout)
     _check_optimizer_name(config.optimizer)
 
@@ -77,6 +80,20 @@ def add_new_parameters(optimizer: torch.optim.Optimizer, model: torch.nn.Module)
         defaults = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
         optimizer.add_param_group({"params": new, **defaults})
     return len(new)
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int | None) -> Iterator[None]:
+    """torch's CPU threads at ``count`` inside (``train.threads``; None leaves them), as they were after: results
+    on a CPU depend slightly on the thread count, so a run that sets it repeats on any machine."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count is not None:
+            torch.set_num_threads(before)
 
 
 def resolve_device(name: str, option: str = "train.device") -> torch.device:

@@ -30,7 +30,7 @@ from mamo.errors import MamoError, StopExplained
 from mamo.report import delta
 from mamo.runs import RUNS_ROOT, claim_new_folder, file_above
 from mamo.tasks import TaskSpec
-from mamo.trainer import Callback
+from mamo.trainer import Callback, intra_op_threads
 from mamo.tune_space import SPACE, apply_params, check_space, objective_metrics, suggest_config, trial_folder
 from mamo.tune_study import check_folder, claim_folder, open_study, retry_interrupted, stored_study, study_config
 from mamo.tune_summary import summarize
@@ -87,12 +87,16 @@ class SearchObjective:
     tensorboard: bool = True  # per trial: events, round pictures and the HPARAMS record
     pictures: bool = True  # False: the trial's events and HPARAMS record without the round pictures
     progress: bool = False  # the trial's epoch bars (one worker on a terminal; several would draw over each other)
+    threads: int | None = None  # a worker's share of the cores, when train.threads does not say
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         from mamo.board import drop_hparams, write_hparams
         from mamo.search import run_search
 
         config = suggest_config(trial, self.base)
+        if config.train.threads is None:
+            # Recorded in the trial's config.yaml (and so in best.yaml): CPU results depend on the thread count.
+            config.train.threads = self.threads
         if "lr" in trial.params:
             # The baseline cache is keyed by lr: a per-trial STL would cost more than the search; the objective
             # uses the study's STL reference either way.
@@ -303,12 +307,16 @@ def run_tune(
         config = study_config(name, config, overrides, directory, attrs)
         if trials is None:  # a joined study's tune.trials, not the preset's of this command
             trials = config.tune.trials
+        workers = max(1, min(workers, trials))  # a worker without a trial would only import PyTorch
+        threads = max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else None
         check_space(config.tune)
         if objective is None:
             _check_space_ends(config)
             if note := _inert_keys_note(config):
                 print(note, flush=True)
-        tasks, stl_val = _reference(config, directory, objective is None, multi_objective, progress)
+        # At the trials' thread count: a search of best.yaml, which records it, then trains the same STL.
+        with intra_op_threads(config.train.threads or threads):
+            tasks, stl_val = _reference(config, directory, objective is None, multi_objective, progress)
         study = open_study(store, name, multi_objective, tasks, config, stl_val)
     except MamoError as exc:
         # Bad input leaves no half-made study folder to trip the corrected retry; trained baselines are kept, and
@@ -321,18 +329,16 @@ def run_tune(
               "it (what the reference trained is kept)", flush=True)
         raise StopExplained from None
     claim_folder(directory, name, study.user_attrs["uid"])
-    workers = max(1, min(workers, trials))  # a worker without a trial would only import PyTorch
     if objective is None:
         objective = SearchObjective(config, directory, tasks, study.user_attrs.get("stl_val"), multi_objective,
-                                    tensorboard, pictures, progress and workers == 1)
+                                    tensorboard, pictures, progress and workers == 1, threads)
     line = TrialLine(directory / "tune.log")
     if storage is None:
         retry_interrupted(study, line)
     shown = shown_url(url)
     print(f"study '{name}' ({shown}): {trials} trials on {workers} worker(s), trial folders in {directory}",
           flush=True)
-    plan = Plan(url, name, objective, config.tune.pruner, line.log_path,
-                threads=max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else None)
+    plan = Plan(url, name, objective, config.tune.pruner, line.log_path, threads=threads)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and open connections
     # Seeded TPE reproduces a local study (each trial's draws follow from the seed and its draw index, so a
     # continued study draws on, and two commands on it draw apart); machines sharing a database are not seeded.

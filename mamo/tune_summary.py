@@ -136,6 +136,20 @@ def _trial_config(trial: FrozenTrial, base: Config) -> Config:
     return config
 
 
+def _rerun_notes(tuned: Config, base: Config, trial: FrozenTrial) -> list[str]:
+    """What a search of best.yaml computes differently from the trial it repeats, or keeps so as not to."""
+    notes = []
+    if tuned.train.threads is not None and base.train.threads is None:
+        notes.append(f"It keeps train.threads={tuned.train.threads}, the thread count its trial's worker ran "
+                     "with, so that a CPU repeats the trial; set it to null to use every core (the numbers then "
+                     "move slightly).")
+    if "lr" in trial.params:
+        notes.append(f"Its train.lr is the trial's, not the {base.train.lr:g} the study's STL reference trained "
+                     "with: its search trains STL and HPS at the tuned rate, so its Δ is against those and not "
+                     "the objective's; its validation metrics are the trial's.")
+    return notes
+
+
 def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, shown: str) -> dict:
     """summary.md, trials.csv, best.yaml (and pareto.png) in the study folder; returns what they say."""
     trials = study.get_trials(deepcopy=False)
@@ -153,7 +167,7 @@ def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, s
         tuned.name = f"{base.name}-tuned"
         dump_config(tuned, best_path)
         lines += [f"Best configuration: {best_path} (trial {chosen.number}, run folder {_where(chosen)}); "
-                  f"run it with `mamo search {best_path}`.", ""]
+                  f"run it with `mamo search {best_path}`.", *_rerun_notes(tuned, base, chosen), ""]
         if multi and 2 <= len(study.directions) <= 3:
             plot_pareto(study, directory / "pareto.png")
             lines += [f"Pareto scatter: {directory / 'pareto.png'}.", ""]

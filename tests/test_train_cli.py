@@ -154,6 +154,23 @@ def test_each_epoch_is_a_line_in_the_log_and_on_the_terminal_when_no_bar_shows_i
     assert shown == ([] if progress else logged)  # the bar replaces them on the terminal
 
 
+def test_a_train_runs_at_its_train_threads_and_restores_torchs_after(tmp_path: Path) -> None:
+    from mamo.train import run_train
+    from mamo.trainer import Callback
+
+    seen = set()
+
+    class Threads(Callback):
+        def on_step(self, trainer, result) -> None:
+            seen.add(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2
+    run_train(load_config("quick", [*TINY_SETTINGS, f"train.threads={wanted}"]), tmp_path / "run", progress=False,
+              loggers=False, callbacks=[Threads()])
+    assert seen == {wanted} and torch.get_num_threads() == before
+
+
 def test_without_a_terminal_there_are_no_progress_bars(monkeypatch: pytest.MonkeyPatch) -> None:
     from mamo.cli import build_parser, show_progress
 
