@@ -203,8 +203,15 @@ class Config:
         return dataclasses.asdict(self)
 
 
+_PLAIN_TYPES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false",
+                type(None): "null"}
+
+
 def _type_name(kind: Any) -> str:
-    return getattr(kind, "__name__", str(kind).replace("typing.", ""))
+    """The type a setting takes, as a user writes it in YAML ("a whole number or null", not "int | None")."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(map(_type_name, typing.get_args(kind)))
+    return _PLAIN_TYPES.get(kind, getattr(kind, "__name__", str(kind).replace("typing.", "")))
 
 
 def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:

@@ -139,7 +139,7 @@ def test_ints_are_accepted_where_floats_are_expected(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("text", "value"), [("01", 1), ("010", 10), ("-007", -7), ("0o17", 15), ("0x1f", 31)])
 def test_a_leading_zero_is_a_decimal_int_as_in_yaml_1_2(tmp_path: Path, text: str, value: int) -> None:
-    # PyYAML's 1.1 rules read 01 as a float here ("must be int, got 1.0") and 010 as octal 8.
+    # PyYAML's 1.1 rules read 01 as a float here ("must be a whole number, got 1.0") and 010 as octal 8.
     assert load_config(None, [f"train.epochs={text}"]).train.epochs == value
     assert load_config(str(write(tmp_path, f"train:\n  epochs: {text}\n"))).train.epochs == value
 
@@ -262,6 +262,16 @@ def test_set_with_an_unknown_key_names_the_override_and_valid_keys() -> None:
 def test_set_with_a_wrong_type_names_the_override() -> None:
     message = error_of("quick", ["train.batch_size=big"])
     assert "'train.batch_size'" in message and "--set train.batch_size=big" in message
+
+
+@pytest.mark.parametrize(("override", "wanted"), [
+    ("train.batch_size=big", "a whole number, got 'big'"), ("train.lr=fast", "a number, got 'fast'"),
+    ("train.optimizer=3", "a string, got 3"), ("search.baselines=maybe", "true or false, got 'maybe'"),
+    ("search.final_epochs=abc", "a whole number or null, got 'abc'"),
+    ("train.threads=1.5", "a whole number or null, got 1.5"),
+])
+def test_a_wrong_type_is_named_as_yaml_writes_it(override: str, wanted: str) -> None:
+    assert error_of("quick", [override]).endswith(f"must be {wanted}; fix the value.")
 
 
 @pytest.mark.parametrize("text", ["train.epochs", "=3", " =3", "train.epochs 3", "train..lr=1", "train.=1"])
