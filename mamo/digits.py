@@ -1,8 +1,9 @@
 """Two-item image datasets (MultiMNIST and relatives): source images, disjoint pools, vectorised composition.
 
 An image puts one 28x28 item at the top-left and one at the bottom-right of a 36x36 canvas, each with an
-independent shift of 0..4 px, overlays them by pixel-wise max and resizes the result to 28x28 (Sener & Koltun's
-MultiMNIST; Lin et al.'s Multi-Fashion and Multi-(Fashion+MNIST)). Every source image belongs to exactly one
+independent shift of 0..4 px, overlays them by pixel-wise max and resizes the result to 28x28 (after Lin et al.'s
+MultiMNIST, Multi-Fashion and Multi-(Fashion+MNIST); docs/datasets.md lists where each paper differs). Every
+source image belongs to exactly one
 of the train/val/test pools, chosen with a fixed seed, so no test item is ever seen in training whatever
 ``data.seed`` is; ``data.seed`` only decides which pairs and shifts are drawn.
 """
