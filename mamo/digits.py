@@ -96,9 +96,11 @@ def load_fashion(root: str | None) -> Source:
     """Fashion-MNIST from the four idx .gz files in ``root``; val pool from the training files, test pool t10k."""
     folder = Path(root or DEFAULT_FASHION_ROOT).expanduser()
     paths = {part: [folder / name for name in names] for part, names in FASHION_FILES.items()}
-    if not all(path.is_file() for pair in paths.values() for path in pair):
+    missing = [path.name for pair in paths.values() for path in pair if not path.is_file()]
+    if missing:
+        what = "was not found" if len(missing) == 4 else f"is incomplete ({', '.join(missing)} missing)"
         raise MamoError(
-            f"Fashion-MNIST was not found in {folder}; install Debian's dataset-fashion-mnist "
+            f"Fashion-MNIST {what} in {folder}; install Debian's dataset-fashion-mnist "
             "(apt-get install dataset-fashion-mnist) or set data.root to a folder with the four idx .gz files."
         )
     parts = [(_read_idx(pair[0], 2051), _read_idx(pair[1], 2049)) for pair in paths.values()]

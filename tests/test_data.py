@@ -197,6 +197,13 @@ def fake_fashion(folder: Path, n: int = 3) -> None:
         write_idx(folder / labels, 2049, (n,))
 
 
+def test_a_fashion_folder_missing_some_files_names_them(tmp_path: Path) -> None:
+    fake_fashion(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(MamoError, match=r"^Fashion-MNIST is incomplete \(t10k-labels-idx1-ubyte.gz missing\) in "):
+        build("multifashion", root=str(tmp_path))
+
+
 def test_fashion_root_may_start_with_a_tilde(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     fake_fashion(tmp_path / "fashion")
