@@ -57,12 +57,15 @@ INFO_TAGS: dict[str, str | None] = {
     "active": "tensioner/active",
 }
 
+GRAMIAN_NORM_TAGS = {"parameters": "train/grad_norm", "representation": "train/grad_norm_representation"}
+
 # TensorBoard's CUSTOM SCALARS tab: one chart per quantity with every task on it.
 PER_TASK_CHARTS = {
     "train loss": "train/loss/",
     "validation loss": "val/loss/",
     "direction weights": "direction/weight/",
     "gradient norms": "train/grad_norm/",
+    "gradient norms at the shared representation (ub)": "train/grad_norm_representation/",
     "tensioner c_t": "tensioner/c/",
     "tensioner delta_t": "tensioner/delta/",
     "angle to the update (degrees)": "tensioner/angle_deg/",
@@ -155,7 +158,8 @@ class TensorBoardLogger(Callback):
         values = self._per_task("train/loss", tasks, result.losses.reshape(-1).tolist())
         if result.gramian is not None:
             norms = [math.sqrt(max(v, 0.0)) for v in result.gramian.diagonal().tolist()]
-            values |= self._per_task("train/grad_norm", tasks, norms)
+            # ub's norms (w.r.t. the representation) get their own tag: a search's detection rounds are exact.
+            values |= self._per_task(GRAMIAN_NORM_TAGS[result.gramian_space], tasks, norms)
         if result.weights is not None:
             values |= self._per_task("direction/weight", tasks, result.weights.reshape(-1).tolist())
         info = result.info

@@ -44,6 +44,7 @@ class StepResult:
     gramian: torch.Tensor | None = None  # (m, m) over all shared parameters (or the representation, for ub)
     node_gramians: dict[str, torch.Tensor] = field(default_factory=dict)  # per shared node, with collect_gramians
     info: Mapping[str, torch.Tensor] = field(default_factory=dict)  # made into tensors when read
+    gramian_space: str = "parameters"  # what ``gramian``'s gradients are taken w.r.t.: parameters | representation
 
 
 PRECISIONS: dict[str, Callable[[torch.device], contextlib.AbstractContextManager]] = {
@@ -247,7 +248,7 @@ class TrainStep:
         # their own task's gradient from the loop above.
         torch.autograd.backward(reps, [c.view_as(r).to(r.dtype) for c, r in zip(combined, reps, strict=True)],
                                 inputs=part.shared)
-        return StepResult(host[:m], output.weights, gramian, {}, output.info)
+        return StepResult(host[:m], output.weights, gramian, {}, output.info, gramian_space="representation")
 
 
 STEP_MODES: dict[str, Callable[[TrainStep, torch.Tensor, dict[str, torch.Tensor]], StepResult]] = {

@@ -76,6 +76,18 @@ def test_a_search_logs_every_step_and_epoch_scalar(searched):
     assert all(math.isfinite(v) and v > 0 for v in norms)
 
 
+def test_ub_norms_have_their_own_tag_so_neither_changes_meaning_between_phases(tmp_path):
+    # Under train.gradients=ub the Gramian is over the representation; the detection rounds are exact.
+    config = load_config("quick", [*TINY, "search.rounds=1", "search.baselines=false", "train.gradients=ub"])
+    run_search(config, tmp_path / "run", progress=False, quiet=True, pictures=False)
+    events = read_events(tmp_path / "run")
+    round_steps = list(range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))  # pretrain, round 1, final
+    ub_steps = [s for s in range(1, 3 * STEPS_PER_EPOCH + 1) if s not in round_steps]
+    for task in TASKS:
+        assert steps(events, f"train/grad_norm/{task}") == round_steps
+        assert steps(events, f"train/grad_norm_representation/{task}") == ub_steps
+
+
 class StopAfterSecondEpoch(Callback):
     def on_epoch_end(self, trainer, metrics):
         if trainer.epoch == 2:
