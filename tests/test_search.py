@@ -631,22 +631,3 @@ def test_a_search_of_one_task_is_refused_before_its_folder_is_made(tmp_path, cap
     assert "the data has 1 task (y), and a search grows modules between pairs of tasks" in capsys.readouterr().err
     assert not run.exists()
 
-
-def test_train_threads_hold_for_the_whole_search_and_are_restored_after(tmp_path):
-    # CPU results depend slightly on the thread count; a tune worker's trial records its count so best.yaml repeats it.
-    seen = set()
-
-    class Threads(Callback):
-        def on_step(self, trainer, result) -> None:
-            seen.add(torch.get_num_threads())
-
-    before = torch.get_num_threads()
-    wanted = 1 if before > 1 else 2
-    run_search(tiny("search.rounds=1", "search.baselines=false", f"train.threads={wanted}"), tmp_path / "run",
-               progress=False, quiet=True, loggers=False, callbacks=[Threads()])
-    assert seen == {wanted} and torch.get_num_threads() == before
-    assert load_config(str(tmp_path / "run" / "config.yaml")).train.threads == wanted
-    with pytest.raises(MamoError, match=r"^train.threads must be an integer ≥ 1 or null \(torch's default\), got 0; "
-                                        r"set e.g. train.threads=null.$"):
-        run_search(tiny("train.threads=0"), tmp_path / "bad", progress=False, quiet=True, loggers=False)
-    assert not (tmp_path / "bad").exists()

@@ -154,7 +154,10 @@ def test_each_epoch_is_a_line_in_the_log_and_on_the_terminal_when_no_bar_shows_i
     assert shown == ([] if progress else logged)  # the bar replaces them on the terminal
 
 
-def test_a_train_runs_at_its_train_threads_and_restores_torchs_after(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_a_run_holds_its_train_threads_throughout_and_restores_torchs_after(tmp_path: Path, command: str) -> None:
+    # CPU results depend slightly on the thread count; a tune worker's trial records its count so best.yaml repeats it.
+    from mamo.search import run_search
     from mamo.train import run_train
     from mamo.trainer import Callback
 
@@ -164,11 +167,20 @@ def test_a_train_runs_at_its_train_threads_and_restores_torchs_after(tmp_path: P
         def on_step(self, trainer, result) -> None:
             seen.add(torch.get_num_threads())
 
+    run = {"train": run_train, "search": run_search}[command]
     before = torch.get_num_threads()
     wanted = 1 if before > 1 else 2
-    run_train(load_config("quick", [*TINY_SETTINGS, f"train.threads={wanted}"]), tmp_path / "run", progress=False,
-              loggers=False, callbacks=[Threads()])
+    settings = [*TINY_SETTINGS, "search.rounds=1", "search.pretrain_epochs=1", "search.final_epochs=1",
+                "search.baselines=false"]
+    run(load_config("quick", [*settings, f"train.threads={wanted}"]), tmp_path / "run", progress=False, quiet=True,
+        loggers=False, callbacks=[Threads()])
     assert seen == {wanted} and torch.get_num_threads() == before
+    assert load_config(str(tmp_path / "run" / "config.yaml")).train.threads == wanted
+    with pytest.raises(MamoError, match=r"^train.threads must be an integer ≥ 1 or null \(torch's default\), got 0; "
+                                        r"set e.g. train.threads=null.$"):
+        run(load_config("quick", [*settings, "train.threads=0"]), tmp_path / "bad", progress=False, quiet=True,
+            loggers=False)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_without_a_terminal_there_are_no_progress_bars(monkeypatch: pytest.MonkeyPatch) -> None:
