@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_errors import single_error
 
 from mamo import graph as g
 from mamo.bench import BENCHES, load_bench, output_dir
@@ -315,7 +316,17 @@ def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path, capsy
     # --out naming the folder it continues is the same (it was refused: "already exists and is not empty").
     assert main(["bench", "ablation", "--quick", "--equal-params", "--out", str(tmp_path / "ablation"),
                  "--resume", str(tmp_path / "ablation")]) == 0
-    # Other options are never mixed into one table.
+    # Other options are never mixed into one table, nor do fewer options silently drop rows from it.
+    capsys.readouterr()
     assert main(["bench", "ablation", "--quick", "--train-size", "256", "--out", str(tmp_path / "other"),
                  "--resume", str(tmp_path / "ablation")]) == 2
+    assert "--quick --rounds-sweep 0 1 --train-size 256; resume it with the options" in capsys.readouterr().err
+    assert main(["bench", "ablation", "--quick", "--resume", str(tmp_path / "ablation")]) == 2
+    assert single_error(capsys.readouterr().err) == (
+        f"{tmp_path / 'ablation'} holds an ablation with --preset multimnist --seeds 1 --quick --rounds-sweep 0 1 "
+        "--equal-params but this command asks for --preset multimnist --seeds 1 --quick --rounds-sweep 0 1; resume "
+        "it with the options it was started with (more seeds, Z rows or --equal-params may be added), or pass a new "
+        "--out.")
+    (tmp_path / "ablation" / "ablation.json").unlink()  # a folder from before the options were recorded
+    assert main(["bench", "ablation", "--quick", "--train-size", "256", "--resume", str(tmp_path / "ablation")]) == 2
     assert "another configuration" in capsys.readouterr().err

@@ -36,7 +36,7 @@ from mamo.errors import MamoError
 from mamo.export import load_trained
 from mamo.model import compile_model, count_parameters
 from mamo.report import delta, metric_columns, relative_changes, win_rate
-from mamo.runs import checkpointed_command, computed_changes
+from mamo.runs import checkpointed_command, computed_changes, write_text_atomically
 from mamo.search import run_search
 from mamo.search_plan import epochs_before_final
 from mamo.spaces import space_from_spec
@@ -159,6 +159,33 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                              "variant stopped part-way resumes from its checkpoint, the rest train there")
 
 
+RECORD = "ablation.json"  # the options an ablation folder was started with, for its --resume
+
+
+def _options_text(options: dict) -> str:
+    z = options["rounds_sweep"]
+    parts = [f"--preset {options['preset']}", f"--seeds {options['seeds']}", "--quick" * options["quick"],
+             f"--rounds-sweep {' '.join(map(str, z))}".rstrip(), f"--train-size {options['train_size']}"
+             * bool(options["train_size"]), "--equal-params" * options["equal_params"]]
+    return " ".join(part for part in parts if part)
+
+
+def _check_resumed_options(folder: Path, options: dict) -> None:
+    """Refuse to continue an ablation with options that change its variants or leave some of its rows out (its
+    table would silently lose them); more seeds, Z rows or the equal-parameter rows may be added."""
+    recorded_path = folder / RECORD
+    if not recorded_path.is_file():  # started before the options were recorded: the variants' configs still are
+        return
+    recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+    same = all(recorded[key] == options[key] for key in ("preset", "quick", "train_size"))
+    adds = (options["seeds"] >= recorded["seeds"] and set(options["rounds_sweep"]) >= set(recorded["rounds_sweep"])
+            and options["equal_params"] >= recorded["equal_params"])
+    if not (same and adds):
+        raise MamoError(f"{folder} holds an ablation with {_options_text(recorded)} but this command asks for "
+                        f"{_options_text(options)}; resume it with the options it was started with (more seeds, "
+                        "Z rows or --equal-params may be added), or pass a new --out.")
+
+
 def _variant(config: Config, run_dir: Path, progress: bool) -> dict:
     """One variant's metrics: read when it finished before, resumed when it stopped after a checkpoint."""
     saved = run_dir / "config.yaml"  # what a finished or a resumed run trains with
@@ -200,6 +227,11 @@ def run(args: argparse.Namespace) -> dict:
     if getattr(args, "resume", None) and not runs_root.is_dir():
         raise MamoError(f"--resume {args.resume} holds no ablation runs (no runs/ folder); pass the --out folder "
                         "of the ablation to continue.")
+    options = {"preset": preset, "seeds": len(seeds), "quick": bool(args.quick), "rounds_sweep": list(rounds),
+               "train_size": args.train_size, "equal_params": bool(getattr(args, "equal_params", False))}
+    if getattr(args, "resume", None):
+        _check_resumed_options(Path(args.resume), options)
+    write_text_atomically(Path(args.resume or folder) / RECORD, json.dumps(options))
     results: dict[str, list[dict]] = {name: [] for name in table}
     run_names: list[str] = []
     for seed in seeds:
