@@ -35,8 +35,8 @@ WAIT_POLL_SECONDS = 2.0
 
 
 def baseline_key(config: Config, kind: str, epochs: int) -> str:
-    """Cache key of a baseline: the data (with a plugin's source file), the backbone, the training budget and the
-    seed, nothing else."""
+    """Cache key of a baseline: the data (with a plugin's source file), the backbone, the training budget (with
+    ``train.threads`` when set: CPU results depend on it) and the seed, nothing else."""
     train = config.train
     payload = {
         "kind": kind,
@@ -48,6 +48,8 @@ def baseline_key(config: Config, kind: str, epochs: int) -> str:
         },
         "seed": train.seed,
     }
+    if train.threads is not None:  # an explicit thread count asks for its own numbers; null keeps the old keys
+        payload["budget"]["threads"] = train.threads
     source = plugin_source_digest(config.data.name)
     if source is not None:  # only for plugins, so the keys of the built-in datasets' caches stay what they were
         payload["plugin_source"] = source

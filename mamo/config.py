@@ -209,9 +209,21 @@ _PLAIN_TYPES = {int: "a whole number", float: "a number", str: "a string", bool:
 
 def _type_name(kind: Any) -> str:
     """The type a setting takes, as a user writes it in YAML ("a whole number or null", not "int | None")."""
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
         return " or ".join(map(_type_name, typing.get_args(kind)))
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
     return _PLAIN_TYPES.get(kind, getattr(kind, "__name__", str(kind).replace("typing.", "")))
+
+
+def yaml_text(value: Any) -> str:
+    """A value as config.yaml writes it: ``null``, ``true``, ``false``, quoted strings, numbers."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value)
 
 
 def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
@@ -226,7 +238,7 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
                     return _coerce(value, option, key, source)
                 except MamoError:
                     continue
-        raise MamoError(f"'{key}' in {source} must be {_type_name(kind)}, got {value!r}; fix the value.")
+        raise MamoError(f"'{key}' in {source} must be {_type_name(kind)}, got {yaml_text(value)}; fix the value.")
     if origin is list:
         (item,) = typing.get_args(kind)
         if not isinstance(value, list):
@@ -240,7 +252,7 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
         return float(value)
     if kind is Any or (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
         return value
-    raise MamoError(f"'{key}' in {source} must be {_type_name(kind)}, got {value!r}; fix the value.")
+    raise MamoError(f"'{key}' in {source} must be {_type_name(kind)}, got {yaml_text(value)}; fix the value.")
 
 
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:

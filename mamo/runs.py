@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from mamo.config import Config, config_text, load_config, split_override
+from mamo.config import Config, config_text, load_config, split_override, yaml_text
 from mamo.errors import WRITE_FAILURES, MamoError
 
 RUNS_ROOT = Path("runs")
@@ -177,11 +177,7 @@ _UNSET = object()  # a key one of two configs does not have (a data.options entr
 
 def _shown(value: Any) -> str:
     """A setting's value as config.yaml writes it (``null``, ``true``, quoted strings)."""
-    if value is _UNSET:
-        return "nothing"
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    return repr(value)
+    return "nothing" if value is _UNSET else yaml_text(value)
 
 
 def check_resumed_config(config: Config, state: dict | None, directory: Path) -> None:

@@ -314,9 +314,12 @@ def run_tune(
             _check_space_ends(config)
             if note := _inert_keys_note(config):
                 print(note, flush=True)
-        # At the trials' thread count: a search of best.yaml, which records it, then trains the same STL.
-        with intra_op_threads(config.train.threads or threads):
-            tasks, stl_val = _reference(config, directory, objective is None, multi_objective, progress)
+        # At the trials' thread count, under the key their searches (and best.yaml's, which records the count) look
+        # the baselines up with: they reuse the reference, and a search of best.yaml trains the same STL.
+        reference = config if config.train.threads or not threads else dataclasses.replace(
+            config, train=dataclasses.replace(config.train, threads=threads))
+        with intra_op_threads(reference.train.threads):
+            tasks, stl_val = _reference(reference, directory, objective is None, multi_objective, progress)
         study = open_study(store, name, multi_objective, tasks, config, stl_val)
     except MamoError as exc:
         # Bad input leaves no half-made study folder to trip the corrected retry; trained baselines are kept, and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from cli_errors import single_error
 from mamo.baselines import cached_baseline
 from mamo.cache import ABANDONED_AFTER_SECONDS, BaselineCache, _pid_namespace, baseline_key
 from mamo.cli import main
-from mamo.config import load_config, load_yaml
+from mamo.config import Config, DataConfig, ModelConfig, load_config, load_yaml
 from mamo.data import load_data
 from mamo.errors import MamoError
 from mamo.report import delta, win_rate
@@ -319,7 +321,7 @@ def test_evaluation_batches_shrink_for_large_inputs(tmp_path: Path, monkeypatch)
 
 BASELINE_INPUTS = ["train.seed=7", "train.lr=0.123", "train.batch_size=17", "train.optimizer=adamw",
                    "train.momentum=0.5", "train.weight_decay=0.01", "train.precision=bf16", "data.seed=7",
-                   "data.train_size=300", "model.latent=7"]
+                   "data.train_size=300", "model.latent=7", "train.threads=1"]
 NOT_BASELINE_INPUTS = ["direction.name=pcgrad", "direction.tensioner.T=3", "search.rounds=5", "train.device=cpu",
                        "train.checkpoint_seconds=5", "train.gradients=ub", "name=other"]
 
@@ -331,6 +333,15 @@ def test_the_baseline_key_follows_data_backbone_budget_and_seed_only(override: s
     changed = load_config("quick", [override])
     assert changed.to_dict() != base.to_dict(), "the override must change the config for this test to mean anything"
     assert (baseline_key(changed, "stl", 3) != baseline_key(base, "stl", 3)) == (override in BASELINE_INPUTS)
+
+
+def test_a_null_thread_count_keeps_the_keys_caches_were_written_with() -> None:
+    # train.threads joined the key on 2026-11-25, only when set: the caches written before stay valid.
+    payload = {"kind": "stl", "data": asdict(DataConfig()), "model": asdict(ModelConfig()), "seed": 0, "budget": {
+        "epochs": 3, "batch_size": 256, "lr": 0.01, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0,
+        "precision": "fp32"}}
+    before = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    assert baseline_key(Config(), "stl", 3) == before
 
 
 def test_the_baseline_key_follows_the_kind_and_the_epochs() -> None:
