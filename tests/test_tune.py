@@ -815,6 +815,19 @@ def test_quick_study_on_sqlite_end_to_end(tmp_path, capsys):
     assert (study_dir / "trial-0003" / "report.md").is_file()
 
 
+def test_workers_trials_record_their_threads_and_reuse_the_reference_trained_at_them(tmp_path):
+    # The reference is trained under the key the trials (and best.yaml) look baselines up with: one set in the cache.
+    study_dir = tmp_path / "study"
+    run_tune(load_config("quick", [*TINY, "tune.rounds=[1, 1]", "tune.pruner=none"]), study_dir=study_dir,
+             trials=2, workers=2, tensorboard=False)
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    for number in (0, 1):
+        assert load_config(str(study_dir / f"trial-{number:04d}" / "config.yaml")).train.threads == share
+        assert "STL baseline: reusing the cached result" in (study_dir / f"trial-{number:04d}" / "log.txt").read_text()
+    assert load_config(str(study_dir / "best.yaml")).train.threads == share
+    assert len(list((study_dir / ".baselines").glob("*.json"))) == 2 + 2
+
+
 @needs_postgres
 def test_two_workers_on_postgres_run_every_trial_once(tmp_path):
     name = f"test-{uuid.uuid4().hex[:8]}"
