@@ -163,11 +163,16 @@ RECORD = "ablation.json"  # the options an ablation folder was started with, for
 
 
 def _options_text(options: dict) -> str:
-    z = options["rounds_sweep"]
-    parts = [f"--preset {options['preset']}", f"--seeds {options['seeds']}", "--quick" * options["quick"],
-             f"--rounds-sweep {' '.join(map(str, z))}".rstrip(), f"--train-size {options['train_size']}"
-             * bool(options["train_size"]), "--equal-params" * options["equal_params"]]
-    return " ".join(part for part in parts if part)
+    """The recorded options as a command line gives them."""
+    parts = [f"--preset {options['preset']}", f"--seeds {options['seeds']}"]
+    if options["quick"]:
+        parts.append("--quick")
+    parts.append(" ".join(["--rounds-sweep", *map(str, options["rounds_sweep"])]))
+    if options["train_size"]:
+        parts.append(f"--train-size {options['train_size']}")
+    if options["equal_params"]:
+        parts.append("--equal-params")
+    return " ".join(parts)
 
 
 def _check_resumed_options(folder: Path, options: dict) -> None:
