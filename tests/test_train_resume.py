@@ -154,24 +154,19 @@ def test_a_run_killed_before_it_wrote_its_config_can_be_started_again_in_its_fol
     assert (folder / "metrics.json").is_file() and not list(folder.glob("*.tmp"))
 
 
-def test_an_empty_config_yaml_is_not_resumed_as_the_defaults(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize(("command", "text", "message"), [
     # Written before config.yaml was atomic: the kill sweep's resume trained the built-in defaults instead.
+    ("train", "", "{config} is empty (its command was killed while writing it), so the run's settings are lost; "
+                  "start a new run."),
+    # A broken file is the run's config, not a preset.
+    ("search", "train: {lr: [\n", "the run's config {config} is not valid YAML (ParserError); fix its syntax."),
+])
+def test_a_config_yaml_that_cannot_be_resumed_is_one_sentence(tmp_path: Path, capsys, command, text, message) -> None:
     folder = tmp_path / "run"
     (folder / "checkpoints").mkdir(parents=True)
-    (folder / "config.yaml").write_text("")
-    assert main(["train", "--resume", str(folder)]) == 2
-    assert single_error(capsys.readouterr().err) == (
-        f"{folder / 'config.yaml'} is empty (its command was killed while writing it), so the run's settings are "
-        "lost; start a new run.")
-
-
-def test_a_broken_config_yaml_on_resume_is_called_the_runs_config_not_a_preset(tmp_path: Path, capsys) -> None:
-    folder = tmp_path / "run"
-    (folder / "checkpoints").mkdir(parents=True)
-    (folder / "config.yaml").write_text("train: {lr: [\n")
-    assert main(["search", "--resume", str(folder)]) == 2
-    assert single_error(capsys.readouterr().err) == (
-        f"the run's config {folder / 'config.yaml'} is not valid YAML (ParserError); fix its syntax.")
+    (folder / "config.yaml").write_text(text)
+    assert main([command, "--resume", str(folder)]) == 2
+    assert single_error(capsys.readouterr().err) == message.format(config=folder / "config.yaml")
 
 
 @pytest.mark.parametrize("written", ["config.yaml", "metrics.json"])
