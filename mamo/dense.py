@@ -47,9 +47,14 @@ def valid_pixels(target: torch.Tensor) -> float:
     return float(_valid(target).sum())
 
 
+def _labelled(target: torch.Tensor) -> torch.Tensor:
+    """How many pixels of a segmentation batch carry a label (a 0-d tensor)."""
+    return (target.long() != IGNORE).sum()
+
+
 def labelled_pixels(target: torch.Tensor) -> float:
     """How many pixels of a segmentation batch its loss averages over."""
-    return float((target.long() != IGNORE).sum())
+    return float(_labelled(target))
 
 
 # ----------------------------------------------------------------------------------------------------- losses
@@ -59,7 +64,7 @@ def segmentation_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     # Summed and divided by the labelled pixels: the mean over them, and 0 (not NaN) for a batch with none.
     target = target.long()
     total = F.cross_entropy(pred, target, ignore_index=IGNORE, reduction="sum")
-    return total / (target != IGNORE).sum().clamp_min(1)
+    return total / _labelled(target).clamp_min(1)
 
 
 def depth_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
