@@ -10,6 +10,7 @@ from mamo import graph as g
 from mamo.config import Config, SearchConfig
 from mamo.conflicts import parse_threshold
 from mamo.data import MultiTaskData, batches_per_epoch
+from mamo.directions import direction_label
 from mamo.errors import MamoError
 from mamo.runs import counted
 
@@ -44,8 +45,7 @@ def check_resumed_phase(config: Config, state: dict | None, directory: Path) -> 
 
 
 def method_name(config: Config) -> str:
-    tensioner = config.direction.tensioner.formulation
-    base = config.direction.name + ("" if tensioner == "off" else f"+tensioner({tensioner})")
+    base = direction_label(config.direction, config.train.gradients)
     return f"MAMO ({base})" if config.search.modules == "gmk" else f"MAMO w/o GMK ({base})"
 
 
@@ -121,13 +121,17 @@ def budget_note(config: Config) -> str | None:
 def tensioner_window_note(config: Config, train_size: int, T: int | None = None, setting: str = "direction.tensioner.T"
                           ) -> str | None:
     """A log line when the tensioner (window ``T``, default the config's) could not act in the final phase after
-    a growth, which resets its window to T + 1 steps; None when it can. ``setting`` names what to lower."""
+    a growth (or, under ``train.gradients=ub``, after any round), which resets its window to T + 1 steps; None
+    when it can. ``setting`` names what to lower."""
     T = config.direction.tensioner.T if T is None else T
     per_epoch = batches_per_epoch(train_size, config.train.batch_size, drop_single=True)
     final = final_epochs(config)
     steps = per_epoch * final
     if config.direction.tensioner.formulation == "off" or config.search.rounds == 0 or T + 1 <= steps:
         return None
+    # Under ub the final phase always starts a new window: the rounds measured exact gradients.
+    when = ("under train.gradients=ub that phase always starts a new window, so" if config.train.gradients == "ub"
+            else "if the last round grows,")
     return (f"note: after the network grows, the tensioner needs T + 1 = {T + 1} steps before it acts, and the "
-            f"final phase has {steps} ({counted(final, 'epoch')} of {counted(per_epoch, 'step')}); if the last round "
-            f"grows, it will not act there. Lower {setting} or raise search.final_epochs (or train.epochs).")
+            f"final phase has {steps} ({counted(final, 'epoch')} of {counted(per_epoch, 'step')}); {when} it will "
+            f"not act there. Lower {setting} or raise search.final_epochs (or train.epochs).")

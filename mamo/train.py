@@ -17,7 +17,7 @@ from mamo.checkpoint import EpochCheckpoint, check_resumed_data, load_checkpoint
 from mamo.config import Config, DirectionConfig, TensionerConfig
 from mamo.data import MultiTaskData, load_data
 from mamo.data_plugins import plugin_edited_note
-from mamo.directions import create_direction
+from mamo.directions import create_direction, direction_label
 from mamo.errors import MamoError, StopExplained
 from mamo.graph import build_hps_graph, graph_to_dict
 from mamo.model import MamoNet, compile_model, count_parameters
@@ -316,7 +316,7 @@ def _train_and_write(session: Session, directory: Path, watchers: list[Callback]
         result = cached_baseline(session, "stl", epochs, watchers)
         results, stl_name = {"STL": result}, "STL"
     else:
-        method = config.direction.name + ("" if config.direction.tensioner.formulation == "off" else "+tensioner")
+        method = direction_label(config.direction, config.train.gradients)
         session.log(f"HPS network, direction {method}, {counted(epochs, 'epoch')} on {session.device}")
         last = directory / "checkpoints" / "last.pt"
         trained = train_network(session, epochs, config.direction, description="train", callbacks=watchers,

@@ -23,7 +23,14 @@ from mamo.errors import MamoError, TrainingDiverged
 from mamo.export import FORMATS, architecture_tree, export, load_trained
 from mamo.report import delta, win_rate
 from mamo.search import run_search
-from mamo.search_plan import budget_note, check_search_config, final_epochs, plan_line, tensioner_window_note
+from mamo.search_plan import (
+    budget_note,
+    check_search_config,
+    final_epochs,
+    method_name,
+    plan_line,
+    tensioner_window_note,
+)
 from mamo.trainer import Callback
 
 TINY = [
@@ -111,6 +118,19 @@ def test_the_tensioner_note_appears_only_when_the_window_cannot_fit():
     assert tensioner_window_note(tiny("direction.tensioner.formulation=off"), 256) is None
     assert tensioner_window_note(tiny("search.rounds=0"), 256) is None  # nothing grows, nothing resets it
     assert "Lower tune.T's upper end" in tensioner_window_note(tiny(), 256, T=30, setting="tune.T's upper end")
+    assert "if the last round grows, it will not act there" in tensioner_window_note(tiny(), 256, T=30)
+    # Under ub the final phase always restarts the window, grown or not.
+    ub = tensioner_window_note(tiny("train.gradients=ub"), 256, T=30)
+    assert "under train.gradients=ub that phase always starts a new window, so it will not act there" in ub
+
+
+def test_a_reports_method_name_tells_apart_every_setting_the_direction_reads():
+    names = {method_name(tiny(*settings)) for settings in [
+        (), ("train.gradients=ub",), ("direction.normalization=l2",), ("direction.tensioner.formulation=relative",),
+        ("direction.tensioner.formulation=off",), ("search.modules=exclusive",)]}
+    assert len(names) == 6
+    assert method_name(tiny("train.gradients=ub")) == "MAMO (mgda+tensioner(thesis), ub)"
+    assert method_name(tiny("direction.name=cagrad", "direction.tensioner.formulation=off")) == "MAMO (cagrad(c=0.5))"
 
 
 def test_the_final_phase_takes_the_rest_of_the_baselines_budget_unless_set():

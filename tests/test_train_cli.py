@@ -265,7 +265,7 @@ def test_hps_after_stl_reports_delta_and_win_rate(runs: Path) -> None:
     table = [line for line in report if line.startswith("| ")]
     assert table[0].startswith("| Method | left accuracy ↑ | right accuracy ↑ | Δ % ↑ | Win ↑")
     assert table[1].startswith(f"| STL | {stl['tasks']['left']['accuracy']:.4g} |")
-    assert table[2].startswith("| HPS (mgda+tensioner) | ")
+    assert table[2].startswith("| HPS (mgda+tensioner(thesis)) | ")
 
 
 def test_cached_stl_is_reused_not_retrained(runs: Path, capsys: pytest.CaptureFixture) -> None:

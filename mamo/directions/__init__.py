@@ -39,6 +39,7 @@ __all__ = [
     "Tensioner",
     "combine",
     "create_direction",
+    "direction_label",
     "min_norm_weights",
     "tension_factors",
 ]
@@ -54,6 +55,12 @@ DIRECTIONS: dict[str, Factory] = {
 }
 
 TENSIONER_FORMULATIONS: tuple[str, ...] = ("off", *FORMULATIONS)
+
+# The settings a method reads beyond its name, as a report shows them ("" when at their plain default).
+_LABEL_SETTINGS: dict[str, Callable[[DirectionConfig], str]] = {
+    "mgda": lambda config: "" if config.normalization == "none" else f"({config.normalization})",
+    "cagrad": lambda config: f"(c={config.cagrad_c:g})",
+}
 
 
 def create_direction(config: DirectionConfig, generator: torch.Generator | None = None) -> Direction:
@@ -74,6 +81,18 @@ def create_direction(config: DirectionConfig, generator: torch.Generator | None 
     if tensioner.formulation == "off":
         return base
     return Tensioner(base, tensioner.formulation, tensioner.T, tensioner.alpha)
+
+
+def direction_label(config: DirectionConfig, gradients: str = "exact") -> str:
+    """How reports and logs name a run's direction, e.g. ``mgda+tensioner(thesis)`` or
+    ``cagrad(c=0.5), ub``: the method with the settings it reads, the tensioner's formulation, and ``ub`` when
+    the task gradients were taken on the shared representation (``train.gradients``). Runs that differ in
+    any of these never share a row label."""
+    settings = _LABEL_SETTINGS.get(config.name)
+    label = config.name + (settings(config) if settings else "")
+    if config.tensioner.formulation != "off":
+        label += f"+tensioner({config.tensioner.formulation})"
+    return label + (", ub" if gradients == "ub" else "")
 
 
 def combine(weights: Tensor, jacobian: Tensor) -> Tensor:
