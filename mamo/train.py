@@ -335,8 +335,12 @@ def _train_and_write(session: Session, directory: Path, watchers: list[Callback]
         metrics["win_rate"] = win_rate(result["tasks"], results["STL"]["tasks"], tasks)
         metrics["baselines"] = {"stl": results["STL"]}
     rows = build_rows(results, stl_name, tasks)
-    note = "" if stl_name else "No cached STL baseline for this data, backbone, budget and seed: run with " \
-        "--set train.mode=stl once to get Δ and Win."
+    threads = config.train.threads
+    # A set thread count is part of the baseline's key (cache.baseline_key), so the STL run must set it too.
+    key_parts, same = ("budget, seed and thread count", f" --set train.threads={threads}") if threads is not None \
+        else ("budget and seed", "")
+    note = "" if stl_name else f"No cached STL baseline for this data, backbone, {key_parts}: run with " \
+        f"--set train.mode=stl{same} once to get Δ and Win."
     text = write_report(directory, f"mamo train: {config.name}", rows, tasks, stl_name, note)
     write_metrics(directory, metrics)
     # Only now: best.pt and the weights hold what the run keeps, and metrics.json marks it finished.

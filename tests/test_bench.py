@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import statistics
+from importlib import metadata
 
 import numpy as np
 import pytest
@@ -328,5 +331,42 @@ def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path, capsy
         "it with the options it was started with (more seeds, Z rows or --equal-params may be added), or pass a new "
         "--out.")
     (tmp_path / "ablation" / "ablation.json").unlink()  # a folder from before the options were recorded
-    assert main(["bench", "ablation", "--quick", "--train-size", "256", "--resume", str(tmp_path / "ablation")]) == 2
+    assert main(["bench", "ablation", "--quick", "--equal-params", "--train-size", "256",
+                 "--resume", str(tmp_path / "ablation")]) == 2
     assert "another configuration" in capsys.readouterr().err
+    assert not (tmp_path / "ablation" / "ablation.json").exists()  # the refused options are not recorded as its own
+    # Its run folders name its seeds and variants: a command that would leave some out of the table is refused.
+    assert main(["bench", "ablation", "--quick", "--rounds-sweep", "--resume", str(tmp_path / "ablation")]) == 2
+    assert single_error(capsys.readouterr().err) == (
+        f"{tmp_path / 'ablation'} holds runs this command would leave out of its table (seed0-MAMO_Z=0, "
+        "seed0-MAMO_Z=1, seed0-exclusive_latent30); resume it with the options it was started with (--seeds, "
+        "--rounds-sweep, --equal-params), or pass a new --out.")
+    # With its own options it continues, and from then on has a record of them.
+    assert main(["bench", "ablation", "--quick", "--equal-params", "--resume", str(tmp_path / "ablation")]) == 0
+    assert json.loads((tmp_path / "ablation" / "results.json").read_text())["rows"] == result["rows"]
+    assert json.loads((tmp_path / "ablation" / "ablation.json").read_text())["equal_params"] is True
+
+
+def test_step_benchmark_saves_both_floor_targets_its_peers_and_the_ratios_behind_its_columns(tmp_path, capsys):
+    out = tmp_path / "step"
+    assert main(["bench", "step", "--quick", "--setups", "lenet-m2", "--rounds", "2", "--threads", "1",
+                 "--out", str(out)]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    targets = {(row[0], row[1]): row[3] for row in saved["tables"][-1]["rows"]}
+    assert ("LeNet m=2", "mgda + tensioner ÷ floor, the update out of both") in targets
+    assert ("LeNet m=2", "mgda + tensioner ÷ floor (both with the update)") in targets
+    table = saved["tables"][0]
+    raw = saved["raw_times"][next(iter(saved["raw_times"]))]
+    for row in table["rows"]:
+        if row[0] in raw:  # the × columns are the medians of the saved per-round ratios
+            assert row[2] == pytest.approx(statistics.median(raw[row[0]]["equal"]))
+            assert row[3] == pytest.approx(statistics.median(raw[row[0]]["forward + m backward"]))
+    ran = {row[0] for row in table["rows"] if row[1] != "—"}
+    workaround = any("benchmark-only workarounds" in note for note in saved["notes"])
+    assert workaround == ("libmtl mgda" in ran)  # the LibMTL note only where LibMTL ran
+    installed = []
+    for package in ("torchjd", "LibMTL"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            installed.append(f"{package} {metadata.version(package)}")
+    assert [note for note in saved["notes"] if note.startswith("peers: ")] == (
+        [f"peers: {', '.join(installed)}."] if installed else [])

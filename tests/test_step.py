@@ -369,3 +369,26 @@ def test_step_benchmark_times_every_method_beside_equal_and_the_floor():
     assert results["equal"]["equal"] == [1.0] * len(results["equal"]["equal"])
     table = bench._step_table("t", results)
     assert [row[0] for row in table["rows"]] == list(results)
+    assert {"pcgrad", "cagrad", "optimizer update alone"} <= set(ran)  # every direction mamo ships has a row
+    # The floor target without the update: (method - update) / (floor - update), from the × equal medians.
+    method, floor, update = (bench._ratio(results, name, "equal")
+                             for name in ("mgda + tensioner", "forward + m backward", "optimizer update alone"))
+    assert bench._passes_ratio(results) == pytest.approx((method - update) / (floor - update))
+
+
+def test_the_benchmark_floor_sets_each_tasks_gradients_like_the_exact_step():
+    from mamo.bench import step as bench
+
+    setup = bench.build_setup("lenet", (1, 28, 28), 2, 4, torch.device("cpu"), "fp32")
+    part = setup.part
+    for param in setup.model.parameters():
+        param.grad = torch.full_like(param, 7.0)  # a previous row's gradients: to be replaced, not added to
+    setup.optimizer = lambda: torch.optim.SGD(setup.model.parameters(), lr=0.0)  # keep the weights for the check
+    bench._floor(setup)()
+    losses = setup.losses(setup.model(setup.x))
+    last = torch.autograd.grad(losses[-1], part.inputs[-1], retain_graph=True)
+    first_own = torch.autograd.grad(losses[0], part.specific[part.tasks[0]])
+    for param, grad in zip(part.inputs[-1], last, strict=True):
+        torch.testing.assert_close(param.grad, grad)  # shared: the last task's gradients, set
+    for param, grad in zip(part.specific[part.tasks[0]], first_own, strict=True):
+        torch.testing.assert_close(param.grad, grad)

@@ -178,6 +178,9 @@ def test_a_run_holds_its_train_threads_throughout_and_restores_torchs_after(tmp_
         loggers=False, callbacks=[Threads()])
     assert seen == {wanted} and torch.get_num_threads() == before
     assert load_config(str(tmp_path / "run" / "config.yaml")).train.threads == wanted
+    if command == "train":  # the thread count is part of the baseline's key: the advice says to set it
+        assert ("No cached STL baseline for this data, backbone, budget, seed and thread count: run with --set "
+                f"train.mode=stl --set train.threads={wanted} once") in (tmp_path / "run" / "report.md").read_text()
     with pytest.raises(MamoError, match=r"^train.threads must be an integer ≥ 1 or null \(torch's default\), got 0; "
                                         r"set e.g. train.threads=null.$"):
         run(load_config("quick", [*settings, "train.threads=0"]), tmp_path / "bad", progress=False, quiet=True,

@@ -175,11 +175,13 @@ def _options_text(options: dict) -> str:
     return " ".join(parts)
 
 
-def _check_resumed_options(folder: Path, options: dict) -> None:
+def _check_resumed_options(folder: Path, options: dict, expected: set[str]) -> None:
     """Refuse to continue an ablation with options that change its variants or leave some of its rows out (its
-    table would silently lose them); more seeds, Z rows or the equal-parameter rows may be added."""
+    table would silently lose them); more seeds, Z rows or the equal-parameter rows may be added. ``expected``:
+    the run folders this command trains or reads, for a folder that has no record of its options."""
     recorded_path = folder / RECORD
-    if not recorded_path.is_file():  # started before the options were recorded: the variants' configs still are
+    if not recorded_path.is_file():  # started before the options were recorded: its run folders tell
+        _check_unrecorded_folder(folder, options, expected)
         return
     recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
     same = all(recorded[key] == options[key] for key in ("preset", "quick", "train_size"))
@@ -189,6 +191,21 @@ def _check_resumed_options(folder: Path, options: dict) -> None:
         raise MamoError(f"{folder} holds an ablation with {_options_text(recorded)} but this command asks for "
                         f"{_options_text(options)}; resume it with the options it was started with (more seeds, "
                         "Z rows or --equal-params may be added), or pass a new --out.")
+
+
+def _check_unrecorded_folder(folder: Path, options: dict, expected: set[str]) -> None:
+    """An ablation started before its options were recorded: refuse when it holds runs this command would leave
+    out of its table (its seeds and variants are in its run folders' names)."""
+    left_out = sorted(run.name for run in (folder / "runs").glob("seed*") if ".incomplete-" not in run.name
+                      and run.name not in expected and not (options["equal_params"] and "_latent" in run.name))
+    if left_out:
+        raise MamoError(f"{folder} holds runs this command would leave out of its table ({', '.join(left_out)}); "
+                        "resume it with the options it was started with (--seeds, --rounds-sweep, --equal-params), "
+                        "or pass a new --out.")
+
+
+def _run_name(seed: int, variant: str) -> str:
+    return f"seed{seed}-{variant.split(' (')[0].replace(' ', '_').replace('/', '')}"
 
 
 def _variant(config: Config, run_dir: Path, progress: bool) -> dict:
@@ -235,15 +252,23 @@ def run(args: argparse.Namespace) -> dict:
     options = {"preset": preset, "seeds": len(seeds), "quick": bool(args.quick), "rounds_sweep": list(rounds),
                "train_size": args.train_size, "equal_params": bool(getattr(args, "equal_params", False))}
     if getattr(args, "resume", None):
-        _check_resumed_options(Path(args.resume), options)
-    write_text_atomically(Path(args.resume or folder) / RECORD, json.dumps(options))
+        _check_resumed_options(Path(args.resume), options, {_run_name(seed, name) for seed in seeds for name in table})
+    record = Path(args.resume or folder) / RECORD
+    # A folder without a record gets one only once a run of it has matched this command's configuration: a
+    # refused resume must not leave its options behind as the folder's.
+    unrecorded = bool(getattr(args, "resume", None)) and not record.is_file()
+    if not unrecorded:
+        write_text_atomically(record, json.dumps(options))
     results: dict[str, list[dict]] = {name: [] for name in table}
     run_names: list[str] = []
     for seed in seeds:
         for name, overrides in table.items():
             config = load_config(preset, [*shared, f"train.seed={seed}", f"data.seed={seed}", *overrides])
-            run_names.append(f"seed{seed}-{name.split(' (')[0].replace(' ', '_').replace('/', '')}")
+            run_names.append(_run_name(seed, name))
             results[name].append(_variant(config, runs_root / run_names[-1], progress=not args.quick))
+            if unrecorded:
+                write_text_atomically(record, json.dumps(options))
+                unrecorded = False
     template = load_trained(runs_root / run_names[0])
     tasks = template.tasks
     if getattr(args, "equal_params", False):

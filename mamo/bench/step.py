@@ -2,17 +2,19 @@
 
 Per setup (LeNet m = 2 on 28×28; timm ResNet-18 m = 3 and m = 5 on 64×64; batch 32, on CUDA also 128), built
 with mamo's own search space, graph and model and synthetic classification tasks on random inputs, every
-method below runs complete steps (zero_grad, forward, backward, optimizer step) on the same model and batch.
+method below runs complete steps (forward, backward passes, optimizer update) on the same model and batch.
 Each method is timed in a session of its own beside the two references, equal and the floor: per round one
 step of each of the three in a shuffled order, so load drifts hit them alike; a ratio is the median over
 rounds of the method's time over the reference's in the same round (see :func:`measure` for why sessions).
 
-Rows: ``equal`` (linear scalarisation, one backward), the floor ``forward + m backward``, ``mgda`` (exact, by
-the device's gradient path and by the other one), ``mgda + tensioner``, ``central + tensioner``, ``mgda-ub``,
-``conflict statistics`` (an equal-weight step that also computes the per-cell Gram blocks and updates the
-conflict counts), and the peers torchjd (``mtl_backward`` + ``jac_to_grad`` with its MGDA, by its default
-vmap path and with ``parallel_chunk_size=1``) and LibMTL (its ``MGDA`` weighting on our model) when
-installed. Memory: the peak added by a method's first step (which allocates its buffers) on top of what was
+Rows: ``equal`` (linear scalarisation, one backward), the floor ``forward + m backward`` (and the optimizer
+update, which every row pays; ``optimizer update alone`` times it, so the floor target can leave it out),
+``mgda`` (exact, by the device's gradient path and by the other one), ``mgda + tensioner`` (and by the other
+gradient layout), ``central + tensioner``, ``pcgrad``, ``cagrad``, ``mgda-ub``, ``conflict statistics`` (an
+equal-weight step that also computes the per-cell Gram blocks and updates the conflict counts), and the peers
+torchjd (``mtl_backward`` + ``jac_to_grad`` with its MGDA, by its default vmap path and with
+``parallel_chunk_size=1``) and LibMTL (its ``MGDA`` weighting on our model) when installed, with their
+versions. Memory: the peak added by a method's first step (which allocates its buffers) on top of what was
 resident before it (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process' resident-set high-water
 mark, reset through /proc/self/clear_refs, after returning freed heap to the system).
 """
@@ -20,26 +22,25 @@ mark, reset through /proc/self/clear_refs, after returning freed heap to the sys
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import random
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import metadata
 
-import numpy as np
 import torch
 
 from mamo import step as step_module
 from mamo import task_gradients
 from mamo.bench import positive_int
 from mamo.bench.peers import LIBMTL_LIMIT_S, Step, Unavailable, libmtl_step, torchjd_step
+from mamo.bench.resources import CLOCKS, memory_mark, memory_peak, sync
+from mamo.bench.solver import solver_table
 from mamo.config import DirectionConfig, ModelConfig, TensionerConfig
 from mamo.conflicts import ConflictStats
-from mamo.directions import MGDA, create_direction, min_norm_weights
+from mamo.directions import create_direction
 from mamo.graph import build_hps_graph
 from mamo.model import compile_model
 from mamo.spaces import create_space
@@ -48,7 +49,8 @@ from mamo.task_gradients import LAYOUTS, ParameterPartition, resolve_layout
 from mamo.tasks import parse_tasks, task_loss
 from mamo.trainer import resolve_device
 
-SHARED_OPTIONS = ("quick", "device")  # timing, not training: no seeds
+SHARED_OPTIONS = ("quick", "device")
+PEER_PACKAGES = ("torchjd", "LibMTL")  # recorded with their versions when installed  # timing, not training: no seeds
 
 # key -> (label, backbone, input shape, number of tasks). --quick is a smoke run of seconds: LeNet and timm's
 # tiny test ResNet (convolution, batch-norm, pooling like ResNet-18, 0.4 M parameters) at batch 4.
@@ -62,8 +64,8 @@ QUICK_SETUPS = {
     "test_resnet-m3": ("timm test_resnet m=3 (smoke)", "timm:test_resnet", (3, 32, 32), 3),
 }
 BATCHES = {"cpu": [32], "cuda": [32, 128]}
-MiB = 2**20
 EQUAL, FLOOR = "equal", "forward + m backward"  # the two reference rows every method is timed beside
+UPDATE = "optimizer update alone"  # in every row: taken out of both sides for the floor target as the issue words it
 
 
 @dataclass
@@ -96,14 +98,33 @@ def _mamo(name: str, formulation: str = "off", **kwargs) -> Callable[[Setup], St
 
 
 def _floor(setup: Setup) -> Step:
-    optimizer, m = setup.optimizer(), len(setup.part.tasks)
+    """Forward, m backward passes (each task's gradients of its inputs set as ``.grad``) and the optimizer's
+    update: what an exact per-task-gradient step does before it combines anything. Like mamo's exact step it
+    sets gradients instead of accumulating them, so it has no zero_grad either."""
+    optimizer, part = setup.optimizer(), setup.part
+    m = len(part.tasks)
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
         with setup.autocast():
             predictions = setup.model(setup.x)
         for t, loss in enumerate(setup.losses(predictions)):
-            loss.backward(retain_graph=t < m - 1)
+            for param, grad in zip(part.inputs[t], torch.autograd.grad(loss, part.inputs[t], retain_graph=t < m - 1),
+                                   strict=True):
+                param.grad = grad
+        optimizer.step()
+
+    return step
+
+
+def _update(setup: Setup) -> Step:
+    """The optimizer's update alone, on gradients of every trainable parameter: every row pays it once."""
+    optimizer = setup.optimizer()
+    params = [p for p in setup.model.parameters() if p.requires_grad]
+    grads = [torch.zeros_like(p) for p in params]  # zeros: the same arithmetic, and the model does not drift
+
+    def step() -> None:
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = grad
         optimizer.step()
 
     return step
@@ -138,57 +159,20 @@ def methods(device: torch.device) -> dict[str, Callable[[Setup], Step]]:
     return {
         EQUAL: _mamo("equal"),
         FLOOR: _floor,
+        UPDATE: _update,
         f"mgda ({auto} path)": _mamo("mgda", gradient_path=auto),
         f"mgda ({other} path)": _mamo("mgda", gradient_path=other),
         "mgda + tensioner": _mamo("mgda", tensioner),
         "mgda + tensioner (other layout)": _other_layout(tensioner),
         "central + tensioner": _mamo("central", tensioner),
+        "pcgrad": _mamo("pcgrad"),
+        "cagrad": _mamo("cagrad"),
         "mgda-ub": _mamo("mgda", gradients="ub"),
         "conflict statistics": _conflicts,
         "torchjd mgda": torchjd_step(None),
         "torchjd mgda (chunk 1)": torchjd_step(1),
         "libmtl mgda": libmtl_step,
     }
-
-
-# ----------------------------------------------------------------------------------------- clocks and memory
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
-
-
-def _memory_mark(device: torch.device) -> float | None:
-    """Reset the peak counter; the baseline it is read against (None: this platform cannot measure it)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return float(torch.cuda.memory_allocated(device))
-    try:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, or the baseline hides it
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return float(_status_kib("VmRSS") * 1024)
-    except OSError:
-        return None
-
-
-def _memory_peak(device: torch.device, base: float | None) -> float | None:
-    if base is None:
-        return None
-    if device.type == "cuda":
-        return (torch.cuda.max_memory_allocated(device) - base) / MiB
-    return (_status_kib("VmHWM") * 1024 - base) / MiB
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -205,13 +189,13 @@ def build_setup(backbone: str, shape: tuple, m: int, batch: int, device: torch.d
 def _first_call(step: Step, setup: Setup, device: torch.device) -> dict:
     """Run a step once (it allocates its persistent buffers then): its peak added memory, or why it failed."""
     setup.model.zero_grad(set_to_none=True)
-    base = _memory_mark(device)
+    base = memory_mark(device)
     try:
         step()
-        _sync(device)
+        sync(device)
     except (RuntimeError, TimeoutError) as exc:
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
-    return {"memory": _memory_peak(device, base), "times": [], EQUAL: [], FLOOR: []}
+    return {"memory": memory_peak(device, base), "times": [], EQUAL: [], FLOOR: []}
 
 
 def measure(setup: Setup, device: torch.device, warmup: int, rounds: int | None,
@@ -231,10 +215,10 @@ def measure(setup: Setup, device: torch.device, warmup: int, rounds: int | None,
     del warm
     base = {name: factories.pop(name)(setup) for name in (EQUAL, FLOOR)}
     out = {name: _first_call(step, setup, device) for name, step in base.items()}
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     base[EQUAL]()
-    _sync(device)
+    sync(device)
     rounds = rounds or min(200, max(10, int(2.0 / max(time.perf_counter() - start, 1e-6))))
     tick, order = CLOCKS[clock], random.Random(0)
     for name, factory in factories.items():
@@ -255,10 +239,10 @@ def measure(setup: Setup, device: torch.device, warmup: int, rounds: int | None,
             order.shuffle(names)
             times = {}
             for key in names:
-                _sync(device)
+                sync(device)
                 begin = tick()
                 session[key]()
-                _sync(device)
+                sync(device)
                 times[key] = tick() - begin
             for key, elapsed in times.items():
                 out[key]["times"].append(elapsed)
@@ -292,39 +276,16 @@ def _step_table(title: str, results: dict[str, dict]) -> dict:
             "rows": rows}
 
 
-def solver_table(quick: bool) -> tuple[dict, float]:
-    """Exact min-norm solve and the whole MGDA direction call on random Gramians (gradient norms spread 20×)."""
-    rng = np.random.default_rng(0)
-    instances, calls = (5, 5) if quick else (20, 50)
-    rows, at_ten = [], float("nan")
-    for m in (2, 3, 5, 10):
-        solve, call = [], []
-        direction = MGDA()
-        for _ in range(instances):
-            a = rng.standard_normal((m, 64)) * rng.uniform(1.0, 20.0, (m, 1))
-            gram = a @ a.T
-            gram_t, losses = torch.tensor(gram, dtype=torch.float32), torch.rand(m)
-            solve.append(_best_us(lambda gram=gram: min_norm_weights(gram), calls))
-            call.append(_best_us(lambda d=direction, g=gram_t, losses=losses: d(g, losses), calls))
-        rows.append([m, statistics.median(solve), max(solve), statistics.median(call), max(call)])
-        at_ten = statistics.median(solve) if m == 10 else at_ten
-    table = {"title": "Exact min-norm solve (µs; per instance the best of 5 means of repeated calls)",
-             "columns": ["m", "solve median", "solve max", "MGDA call median", "MGDA call max"], "rows": rows}
-    return table, at_ten
-
-
-def _best_us(fn: Callable[[], object], calls: int) -> float:
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best * 1e6
+def _passes_ratio(results: dict[str, dict]) -> float:
+    """MGDA + tensioner over the bare forward and m backward passes, the optimizer's update taken out of both
+    (from the medians of their × equal, since the update runs in a session of its own)."""
+    method, floor, update = (_ratio(results, name, EQUAL) for name in ("mgda + tensioner", FLOOR, UPDATE))
+    return (method - update) / (floor - update) if floor > update else float("nan")
 
 
 def _targets(label: str, results: dict[str, dict], device: torch.device, precision: str, batch: int) -> list:
-    rows = [[label, "mgda + tensioner ÷ floor", "≤ 1.05", _ratio(results, "mgda + tensioner", FLOOR)],
+    rows = [[label, "mgda + tensioner ÷ floor, the update out of both", "≤ 1.05", _passes_ratio(results)],
+            [label, "mgda + tensioner ÷ floor (both with the update)", "", _ratio(results, "mgda + tensioner", FLOOR)],
             [label, "mgda-ub ÷ equal", "≤ 1.1", _ratio(results, "mgda-ub", "equal")]]
     for peer in ("torchjd mgda", "torchjd mgda (chunk 1)", "libmtl mgda"):
         rows.append([label, f"mgda + tensioner ÷ {peer}", "≤ 0.65" if "m=3" in label else "< 1",
@@ -390,18 +351,33 @@ def run(args: argparse.Namespace) -> dict:
         "× equal and × floor are medians of per-round ratios; each method runs in its own session of rounds "
         "beside equal and the floor (shuffled order each round); a ratio between two methods is the ratio of "
         "their × equal.",
-        "floor = zero_grad + forward + m loss.backward(retain_graph) + optimizer step (the cost of any exact "
-        "per-task-gradient method before it combines anything; mamo's exact step skips the zero_grad, since it "
-        "sets every gradient instead of accumulating).",
+        "floor = forward + m autograd.grad passes, each task's gradients set as .grad (no zero_grad: like "
+        "mamo's exact step it sets gradients, never accumulates) + the optimizer's update: what any exact "
+        "per-task-gradient step does before it combines anything. Every row includes the update; the first "
+        "target row takes it (the 'optimizer update alone' row) out of both sides, as the issue words the target.",
         f"gradient paths: auto on {device.type} is '{task_gradients.resolve_gradient_path('auto', device)}'.",
-        "LibMTL 1.1.5 runs with two benchmark-only workarounds: a stand-in torchvision.models.utils module for its "
-        "import, and in-place zeroing of shared gradients (its _reset_grad fails on None gradients); its "
-        f"min-norm loop never increments its counter, so a step is cut off after {LIBMTL_LIMIT_S} s.",
     ]
+    peers = {name: version for name, version in ((name, _version(name)) for name in PEER_PACKAGES) if version}
+    if peers:
+        notes.append("peers: " + ", ".join(f"{name} {version}" for name, version in peers.items()) + ".")
+    if any("libmtl mgda" in results and "error" not in results["libmtl mgda"] for results in raw.values()):
+        notes.append(f"LibMTL {peers.get('LibMTL', '')} runs with two benchmark-only workarounds: a stand-in "
+                     "torchvision.models.utils module for its import, and in-place zeroing of shared gradients "
+                     "(its _reset_grad fails on None gradients); its min-norm loop never increments its counter, "
+                     f"so a step is cut off after {LIBMTL_LIMIT_S} s.")
     for key, results in raw.items():
         notes += [f"{key}: {name} did not run: {res['error']}" for name, res in results.items() if "error" in res]
     if device.type == "cpu":
         notes.append("CPU memory is the resident-set high-water mark above the resident set before the step "
                      "(allocator caching can hide or add a few MiB); n/a where /proc/self/clear_refs is absent.")
-    raw_times = {k: {n: r.get("times") for n, r in v.items()} for k, v in raw.items()}
+    # Per method its step times and its per-round ratios to equal and the floor: the × columns are their medians.
+    raw_times = {k: {n: {key: r[key] for key in ("times", EQUAL, FLOOR)} for n, r in v.items() if "error" not in r}
+                 for k, v in raw.items()}
     return {"title": "Step time per method", "tables": tables, "notes": notes, "raw_times": raw_times}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
