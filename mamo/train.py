@@ -335,12 +335,11 @@ def _train_and_write(session: Session, directory: Path, watchers: list[Callback]
         metrics["win_rate"] = win_rate(result["tasks"], results["STL"]["tasks"], tasks)
         metrics["baselines"] = {"stl": results["STL"]}
     rows = build_rows(results, stl_name, tasks)
-    threads = config.train.threads
-    # A set thread count is part of the baseline's key (cache.baseline_key), so the STL run must set it too.
-    key_parts, same = ("budget, seed and thread count", f" --set train.threads={threads}") if threads is not None \
-        else ("budget and seed", "")
-    note = "" if stl_name else f"No cached STL baseline for this data, backbone, {key_parts}: run with " \
-        f"--set train.mode=stl{same} once to get Δ and Win."
+    key_parts, same = "budget and seed", ""
+    if config.train.threads is not None:  # part of the baseline's key (cache.baseline_key): the STL run sets it too
+        key_parts, same = "budget, seed and thread count", f" --set train.threads={config.train.threads}"
+    note = "" if stl_name else (f"No cached STL baseline for this data, backbone, {key_parts}: run with "
+                                f"--set train.mode=stl{same} once to get Δ and Win.")
     text = write_report(directory, f"mamo train: {config.name}", rows, tasks, stl_name, note)
     write_metrics(directory, metrics)
     # Only now: best.pt and the weights hold what the run keeps, and metrics.json marks it finished.

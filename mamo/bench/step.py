@@ -49,8 +49,8 @@ from mamo.task_gradients import LAYOUTS, ParameterPartition, resolve_layout
 from mamo.tasks import parse_tasks, task_loss
 from mamo.trainer import resolve_device
 
-SHARED_OPTIONS = ("quick", "device")
-PEER_PACKAGES = ("torchjd", "LibMTL")  # recorded with their versions when installed  # timing, not training: no seeds
+SHARED_OPTIONS = ("quick", "device")  # timing, not training: no seeds
+PEER_PACKAGES = ("torchjd", "LibMTL")  # recorded with their versions when installed
 
 # key -> (label, backbone, input shape, number of tasks). --quick is a smoke run of seconds: LeNet and timm's
 # tiny test ResNet (convolution, batch-norm, pooling like ResNet-18, 0.4 M parameters) at batch 4.
