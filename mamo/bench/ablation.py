@@ -112,9 +112,12 @@ def _hps_at(config: Config, runs_root: Path, progress: bool) -> dict:
     return cached_baseline(session, "hps", config.train.epochs)
 
 
+WIDTH_TAG = "_latent"  # in the run folder names of the --equal-params searches, before their width
+
+
 def _search_at(config: Config, runs_root: Path, progress: bool) -> dict:
     """The search of ``config`` in a run folder named by its seed and width (resumed or read back as ever)."""
-    folder = runs_root / f"seed{config.train.seed}-{config.search.modules}_latent{config.model.latent}"
+    folder = runs_root / f"seed{config.train.seed}-{config.search.modules}{WIDTH_TAG}{config.model.latent}"
     return _variant(config, folder, progress)
 
 
@@ -197,7 +200,7 @@ def _check_unrecorded_folder(folder: Path, options: dict, expected: set[str]) ->
     """An ablation started before its options were recorded: refuse when it holds runs this command would leave
     out of its table (its seeds and variants are in its run folders' names)."""
     left_out = sorted(run.name for run in (folder / "runs").glob("seed*") if ".incomplete-" not in run.name
-                      and run.name not in expected and not (options["equal_params"] and "_latent" in run.name))
+                      and run.name not in expected and not (options["equal_params"] and WIDTH_TAG in run.name))
     if left_out:
         raise MamoError(f"{folder} holds runs this command would leave out of its table ({', '.join(left_out)}); "
                         "resume it with the options it was started with (--seeds, --rounds-sweep, --equal-params), "
