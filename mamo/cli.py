@@ -71,6 +71,28 @@ def add_preset_arguments(parser: argparse.ArgumentParser, default: str | None, c
                              "nearly all of the logging's cost: for many-trial studies of short searches")
 
 
+def add_resumable_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """``train``'s and ``search``'s arguments: a preset's, plus ``--resume``."""
+    from mamo.runs import resume_settings_text
+
+    add_preset_arguments(parser, "multimnist", command)
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
+                        help=f"continue a stopped {command} run from its newest checkpoint, with the config saved "
+                             f"in RUN_DIR; --set may change only {resume_settings_text()}")
+
+
+def run_resumable(args: argparse.Namespace, runner: Callable[..., object]) -> int:
+    """Start ``runner`` (``run_train`` or ``run_search``) on the preset, or continue the run in ``args.resume``."""
+    from mamo.config import load_config
+
+    # A resumed run reads its configuration from the run folder; load_config(None) is only a placeholder.
+    config = load_config(None) if args.resume else load_config(args.preset, args.overrides)
+    runner(config, args.resume or args.run_dir, progress=show_progress(args), resume=bool(args.resume),
+           loggers=not args.no_tensorboard, pictures=not args.no_pictures,
+           resume_settings=args.overrides if args.resume else ())
+    return 0
+
+
 def show_progress(args: argparse.Namespace) -> bool:
     """Progress bars only on a terminal: redirected to a file they are thousands of carriage returns, so the
     epoch lines (:class:`mamo.trainer.EpochLines`) take their place there, as with ``--no-progress``."""

@@ -26,13 +26,13 @@ from mamo.checkpoint import (
     save_checkpoint,
     trainer_state,
 )
-from mamo.config import Config, load_config
+from mamo.config import Config
 from mamo.conflicts import ConflictStats, select_positions
 from mamo.data_plugins import plugin_edited_note
 from mamo.errors import MamoError
 from mamo.model import count_parameters
 from mamo.report import build_rows, delta, growth_notes, time_notes, win_rate, write_metrics, write_report
-from mamo.runs import check_resumed_config, counted, read_run_config, resume_settings_text
+from mamo.runs import check_resumed_config, counted, read_run_config
 from mamo.search_plan import (
     budget_note,
     check_resumed_phase,
@@ -380,20 +380,12 @@ def _finish(
 
 
 def add_arguments_search(parser: argparse.ArgumentParser) -> None:
-    from mamo.cli import add_preset_arguments
+    from mamo.cli import add_resumable_arguments
 
-    add_preset_arguments(parser, "multimnist", "search")
-    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
-                        help="continue a stopped search from its newest checkpoint, with the config saved in "
-                             f"RUN_DIR; --set may change only {resume_settings_text()}")
+    add_resumable_arguments(parser, "search")
 
 
 def command_search(args: argparse.Namespace) -> int:
-    from mamo.cli import show_progress
+    from mamo.cli import run_resumable
 
-    # A resumed search reads its configuration from the run folder; load_config(None) is only a placeholder.
-    config = load_config(None) if args.resume else load_config(args.preset, args.overrides)
-    run_search(config, args.resume or args.run_dir, progress=show_progress(args), resume=bool(args.resume),
-               loggers=not args.no_tensorboard, pictures=not args.no_pictures,
-               resume_settings=args.overrides if args.resume else ())
-    return 0
+    return run_resumable(args, run_search)

@@ -30,7 +30,6 @@ from mamo.runs import (
     free_run_dir,
     new_run_dir,
     read_run_config,
-    resume_settings_text,
     write_text_atomically,
 )
 from mamo.spaces import check_model_config, create_space
@@ -351,21 +350,12 @@ def _train_and_write(session: Session, directory: Path, watchers: list[Callback]
 
 
 def add_arguments_train(parser: argparse.ArgumentParser) -> None:
-    from mamo.cli import add_preset_arguments
+    from mamo.cli import add_resumable_arguments
 
-    add_preset_arguments(parser, "multimnist", "train")
-    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
-                        help="continue a stopped train run from its last checkpoint, with the config saved in "
-                             f"RUN_DIR; --set may change only {resume_settings_text()}")
+    add_resumable_arguments(parser, "train")
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from mamo.cli import show_progress
-    from mamo.config import load_config
+    from mamo.cli import run_resumable
 
-    # A resumed run reads its configuration from the run folder; load_config(None) is only a placeholder.
-    config = load_config(None) if args.resume else load_config(args.preset, args.overrides)
-    run_train(config, args.resume or args.run_dir, progress=show_progress(args),
-              loggers=not args.no_tensorboard, pictures=not args.no_pictures, resume=bool(args.resume),
-              resume_settings=args.overrides if args.resume else ())
-    return 0
+    return run_resumable(args, run_train)
