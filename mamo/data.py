@@ -210,7 +210,7 @@ DATASETS: dict[str, Callable[..., dict]] = {
 
 def load_data(cfg: DataConfig) -> MultiTaskData:
     """Build the dataset ``cfg.name`` (built-in or plugin) with ``cfg.options`` and validate what it returns."""
-    if not -(2**63) <= cfg.seed < 2**63:  # torch's generators (the scene splits) take 64-bit seeds
+    if not -(2**63) <= cfg.seed < 2**63:  # what a 64-bit generator (numpy's, torch's, a plugin's) can take
         raise MamoError(f"data.seed must be an integer in [-2**63, 2**63), got {cfg.seed}; set e.g. data.seed=0.")
     if cfg.name in DATASETS:
         builder, what, plugin = DATASETS[cfg.name], f"dataset '{cfg.name}'", False

@@ -106,6 +106,14 @@ def load_fashion(root: str | None) -> Source:
     parts = [(_read_idx(pair[0], 2051), _read_idx(pair[1], 2049)) for pair in paths.values()]
     if any(len(images) != len(labels) for images, labels in parts):
         raise MamoError(f"Fashion-MNIST in {folder} has image and label files of different lengths; replace them.")
+    # A well-formed idx file of other images or labels would otherwise fail later, mid-run, without a file name.
+    for (images, labels), (image_path, label_path) in zip(parts, paths.values(), strict=True):
+        if images.shape[1:] != (28, 28):
+            raise MamoError(f"{image_path} holds images of shape {images.shape[1:]}, not Fashion-MNIST's (28, 28); "
+                            "replace it with the original file.")
+        if len(labels) and int(labels.max()) > 9:
+            raise MamoError(f"{label_path} holds label {int(labels.max())}, outside Fashion-MNIST's 0-9; replace it "
+                            "with the original file.")
     images = np.concatenate([images for images, _ in parts])
     labels = np.concatenate([labels for _, labels in parts]).astype(np.int64)
     n_train = len(parts[0][0])

@@ -183,6 +183,10 @@ def build_scenes(
     sizes: tuple[int | None, int | None, int | None],
 ) -> dict:
     """The train/val/test splits and task specs of one dataset in MTAN's layout under ``root``."""
+    # torch's CPU generator keeps a seed's low 32 bits, so a wider seed would silently repeat another's split.
+    if not 0 <= seed < 2**32:
+        raise MamoError(f"dataset '{name}' draws its validation split with a 32-bit seed, but data.seed is {seed}; "
+                        "set data.seed to an integer in [0, 2**32), e.g. data.seed=0.")
     if root is None:
         raise MamoError(
             f"dataset '{name}' reads MTAN's pre-processed .npy files from a local folder; set data.root, "

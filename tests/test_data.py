@@ -231,6 +231,22 @@ def test_a_damaged_fashion_file_is_named(tmp_path: Path, damage, message: str) -
         digits.load_fashion(str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("part", "magic", "shape", "data", "message"),
+    [
+        (0, 2051, (3, 32, 32), None, r"holds images of shape \(32, 32\), not Fashion-MNIST's \(28, 28\)"),
+        (1, 2049, (3,), bytes([1, 10, 2]), r"holds label 10, outside Fashion-MNIST's 0-9"),
+    ],
+    ids=["other image size", "label out of range"],
+)
+def test_a_well_formed_idx_file_of_other_data_is_named(tmp_path: Path, part, magic, shape, data, message) -> None:
+    fake_fashion(tmp_path)
+    path = tmp_path / digits.FASHION_FILES["t10k"][part]
+    write_idx(path, magic, shape, data)
+    with pytest.raises(MamoError, match=rf"^{tmp_path / path.name} {message}; replace it with the original file"):
+        digits.load_fashion(str(tmp_path))
+
+
 # ----------------------------------------------------------------------------------------------- logic, concave
 
 

@@ -94,6 +94,14 @@ def test_validation_is_a_seeded_hold_out_of_the_train_folder(nyuv2_root):
     assert numbers(1, val_size=5)[1] != val
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**63 - 1])
+def test_a_seed_wider_than_the_split_generator_is_refused(nyuv2_root, seed):
+    # torch's CPU generator keeps the low 32 bits: 2**32 would draw seed 0's split, -1 that of 2**32 - 1.
+    with pytest.raises(MamoError, match=rf"^dataset 'nyuv2' draws its validation split with a 32-bit seed, but "
+                                        rf"data.seed is {seed}; set data.seed to an integer in \[0, 2\*\*32\)"):
+        load_data(DataConfig(name="nyuv2", root=str(nyuv2_root), seed=seed))
+
+
 def test_batches_stack_dense_targets(nyuv2_root):
     data = load_data(DataConfig(name="nyuv2", root=str(nyuv2_root)))
     x, targets = next(iterate_batches(data.train, 4, shuffle=False, generator=None))
