@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -294,7 +294,7 @@ class TensorBoardLogger(Callback):
         self.events.add_summary(image_summary(images, shapes), z)
         self._export(f"conflicts-round{z}.png", encoded)
 
-    def _draw_architecture(self, graph, params: dict[str, int], z: int, title: str) -> None:
+    def _draw_architecture(self, graph: nx.DiGraph, params: dict[str, int], z: int, title: str) -> None:
         pixels = plots.figure_to_array(drawing.draw_architecture(graph, params=params, title=title))
         encoded = png_bytes(pixels)
         self.events.add_summary(image_summary({"architecture": encoded}, {"architecture": pixels.shape[:2]}), z)
@@ -306,7 +306,7 @@ class TensorBoardLogger(Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(encoded)
 
-    def _submit(self, job, *args) -> None:
+    def _submit(self, job: Callable[..., None], *args: object) -> None:
         self._raise_failures()
         if self._pool is None:
             job(*args)

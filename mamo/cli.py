@@ -99,7 +99,7 @@ def show_progress(args: argparse.Namespace) -> bool:
     return not args.no_progress and sys.stderr.isatty()
 
 
-def _handler(name: str, prefix: str):
+def _handler(name: str, prefix: str) -> Callable[..., Any]:
     module = importlib.import_module(COMMANDS[name].module)
     return getattr(module, f"{prefix}_{name}")
 

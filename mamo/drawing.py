@@ -122,7 +122,7 @@ def draw_architecture(
     # Patches go in with add_artist: the limits are set by hand below, and add_patch's per-patch data-limit
     # update cost about a fifth of the drawing (61 -> 50 ms for a quick search's picture, measured).
 
-    def node_colour(node: str):
+    def node_colour(node: str) -> tuple[float, ...]:
         data = graph.nodes[node]
         return colours[tuple(data["group"])] if data["kind"] == "gmk" else TRUNK
 

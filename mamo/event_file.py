@@ -19,6 +19,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import google_crc32c
@@ -94,7 +95,7 @@ class EventFileWriter:
             self._written(self._file.flush)
         self._flushed = time.monotonic()
 
-    def _written(self, write, *data: bytes) -> None:
+    def _written(self, write: Callable[..., object], *data: bytes) -> None:
         try:
             write(*data)
         except OSError as exc:  # a full disk, say: name the file, as a failed open would

@@ -58,7 +58,7 @@ PRECISIONS: dict[str, Callable[[torch.device], contextlib.AbstractContextManager
 GRAMIAN_FREE: tuple[type, ...] = (Equal,)
 
 
-def _needs_gramian(direction) -> bool:
+def _needs_gramian(direction: Direction) -> bool:
     return getattr(direction, "needs_gramian", not isinstance(direction, GRAMIAN_FREE))
 
 
@@ -149,7 +149,8 @@ class TrainStep:
             self._layout_device = device
         return self._layout
 
-    def _forward(self, x: torch.Tensor, targets: dict[str, torch.Tensor], features: bool = False):
+    def _forward(self, x: torch.Tensor, targets: dict[str, torch.Tensor], features: bool = False
+                 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         with PRECISIONS[self.precision](x.device):
             outputs = self.model.forward_features(x) if features else self.model(x)
             predictions = self.model.forward_heads(outputs) if features else outputs

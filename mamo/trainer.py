@@ -255,7 +255,8 @@ class Trainer:
         self.phase_epochs = (0, 0)
         self.fit_start = (0, time.perf_counter())
 
-    def _to_device(self, x: torch.Tensor, targets: dict[str, torch.Tensor]):
+    def _to_device(self, x: torch.Tensor, targets: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self._move(x), {t: self._move(y) for t, y in targets.items()}
 
     def _move(self, tensor: torch.Tensor) -> torch.Tensor:

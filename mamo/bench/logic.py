@@ -34,6 +34,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -41,6 +42,9 @@ from mamo.bench import positive_int
 from mamo.bench.logic_numpy import MOMENTUM, VectorDirection, VectorMLP
 from mamo.bench.thesis_tables import THESIS_METHODS, THESIS_SWEEP
 from mamo.errors import MamoError
+
+if TYPE_CHECKING:
+    import torch
 
 TASKS = ("xor", "and")  # the logic dataset's task order
 POINTS = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
@@ -76,7 +80,7 @@ def _stack(per_seed: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {key: np.stack([p[key] for p in per_seed], axis=-1) for key in per_seed[0]}
 
 
-def _layers(shared, heads: dict) -> dict[str, np.ndarray]:
+def _layers(shared: torch.nn.Module, heads: dict[str, torch.nn.Module]) -> dict[str, np.ndarray]:
     """W (out, in), b, V (task, hidden), a (task) from torch layers, tasks in :data:`TASKS` order."""
     weight, bias = (p.detach().double().numpy() for p in shared.parameters())
     head = {t: [p.detach().double().numpy() for p in heads[t].parameters()] for t in TASKS}
@@ -244,7 +248,7 @@ def _method_tables(results: dict, seeds: list[int]) -> list[dict]:
     return tables
 
 
-def _sweep_tables(sweep: dict, periods, alphas, lr: float) -> list[dict]:
+def _sweep_tables(sweep: dict, periods: Sequence[int], alphas: Sequence[float], lr: float) -> list[dict]:
     tables = []
     for formulation in dict.fromkeys(form for form, _ in sweep):
         for c, number in zip(SCALES, (1, 2), strict=True):

@@ -68,7 +68,7 @@ def _toward(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     return a - a.sum(axis=0) * w  # Σ_t a_t (e_t − w)
 
 
-def _thesis_pull(G, w, gw, c, alpha):
+def _thesis_pull(G: np.ndarray, w: np.ndarray, gw: np.ndarray, c: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     # float64 Gramians here: resolvable far below the step's float32 1e-5, hence 1e-8.
     diag = np.stack([G[0, 0], G[1, 1]])
     vv = (w * gw).sum(axis=0)

@@ -82,10 +82,10 @@ def libmtl_step(setup: Setup) -> Step:
             self.task_num, self.rep_grad, self.device = len(part.tasks), False, setup.x.device
             self.task_name = list(part.tasks)
 
-        def get_share_params(self):
+        def get_share_params(self) -> list[torch.nn.Parameter]:
             return part.shared
 
-        def zero_grad_share_params(self):
+        def zero_grad_share_params(self) -> None:
             # In place: LibMTL's _reset_grad writes into param.grad and crashes when it is None (what
             # zero_grad() leaves since torch 2.0).
             for param in part.shared:
@@ -109,7 +109,7 @@ def _time_limited(step: Step, seconds: int) -> Step:
     if not hasattr(signal, "setitimer"):
         return step
 
-    def alarm(signum, frame):
+    def alarm(signum: int, frame: object) -> None:
         raise TimeoutError(f"one step ran longer than {seconds} s")
 
     def guarded() -> object:

@@ -22,6 +22,7 @@ mark, reset through /proc/self/clear_refs, after returning freed heap to the sys
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import random
 import statistics
@@ -79,7 +80,7 @@ class Setup:
     def optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager:
         return step_module.PRECISIONS[self.precision](self.x.device)
 
     def losses(self, predictions: dict[str, torch.Tensor]) -> list[torch.Tensor]:
