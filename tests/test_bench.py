@@ -15,7 +15,7 @@ from cli_errors import single_error
 from mamo import graph as g
 from mamo.bench import BENCHES, load_bench, output_dir
 from mamo.bench.ablation import matching_latent, network_parameters, variants
-from mamo.bench.logic import POINTS, TARGETS, TASKS, initial_parameters
+from mamo.bench.logic import POINTS, TARGETS, TASKS, best_rate, initial_parameters
 from mamo.bench.logic_numpy import VectorDirection, VectorMLP
 from mamo.cli import COMMANDS, main
 from mamo.config import DirectionConfig, TensionerConfig, load_config
@@ -58,6 +58,26 @@ def test_vector_direction_matches_the_direction_objects(base, formulation):
         for r, direction in enumerate(objects):
             want = direction(torch.from_numpy(G[r]), torch.from_numpy(losses[r])).weights.numpy()
             np.testing.assert_allclose(got[:, r], want, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_min_norm_solver_replaces_only_a_vertex_answer():
+    # (g11, g12, g22) -> weight of the first task in the reference code's m = 2 solver (Sener & Koltun's).
+    cases = {(1.0, 0.0, 1e-4 / 0.9999): 1e-4,  # inside the segment: exact, even below 0.001 (was clipped to it)
+             (1.0, 2.0, 9.0): 0.999, (9.0, 2.0, 1.0): 0.001, (1.0, 1.0, 1.0): 0.999,  # vertices: 0.999 / 0.001
+             (4.0, -1.0, 1.0): 2.0 / 7.0}
+    G = np.array([[[g11 for g11, _, _ in cases], [g12 for _, g12, _ in cases]],
+                  [[g12 for _, g12, _ in cases], [g22 for _, _, g22 in cases]]])
+    weights = VectorDirection("mgda-reference", runs=len(cases))(G, np.ones((2, len(cases))))
+    np.testing.assert_allclose(weights[0], list(cases.values()), rtol=1e-12)
+    np.testing.assert_allclose(weights.sum(axis=0), 1.0, rtol=1e-12)
+
+
+def test_converged_epochs_are_reported_from_zero_as_the_reference_code_counts():
+    # Epochs trained until convergence (0: never) -> rate over all runs, mean and std of the 0-based index.
+    rate, mean, std, lr = best_rate(np.array([0, 5, 7, 3, 3]), np.array([0.05, 0.05, 0.05, 0.01, 0.01]))
+    assert (rate, mean, std, lr) == (100.0, 2.0, 0.0, 0.01)
+    rate, mean, std, lr = best_rate(np.array([0, 5, 7]), np.array([0.05, 0.05, 0.05]))
+    assert (round(rate, 4), mean, std, lr) == (66.6667, 5.0, 1.0, 0.05)
 
 
 def logic_model(seed: int):

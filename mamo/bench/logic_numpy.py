@@ -45,8 +45,11 @@ def _single(task: int) -> Callable[[np.ndarray], np.ndarray]:
     return lambda G: np.repeat(np.eye(2)[:, task : task + 1], G.shape[-1], axis=1)
 
 
-def _mgda_clipped(G: np.ndarray) -> np.ndarray:
-    a = np.clip(_pair(G[0, 0], G[0, 1], G[1, 1]), 0.001, 0.999)  # the thesis' solver, not mamo's
+def _mgda_reference(G: np.ndarray) -> np.ndarray:
+    """The m = 2 answer of the min-norm solver the thesis' code ships (Sener & Koltun's): exact inside the
+    segment, but 0.999 / 0.001 in place of a vertex's 1 / 0, so a solved task never takes all the weight."""
+    g11, g12, g22 = G[0, 0], G[0, 1], G[1, 1]
+    a = np.where(g12 >= g11, 0.999, np.where(g12 >= g22, 0.001, _pair(g11, g12, g22)))
     return np.stack([a, 1.0 - a])
 
 
@@ -54,7 +57,7 @@ BASES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "equal": lambda G: np.ones((2, G.shape[-1])),
     "mean": lambda G: np.full((2, G.shape[-1]), 0.5),  # the thesis' uniform weighting
     "mgda": _mgda,
-    "mgda-clipped": _mgda_clipped,
+    "mgda-reference": _mgda_reference,
     "central": _central,
     "single:xor": _single(0),
     "single:and": _single(1),

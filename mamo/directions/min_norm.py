@@ -15,7 +15,7 @@ How (exact, finite, float64):
   and NNLS is skipped. A rank-deficient ``H`` (identical, collinear or too many gradients for their
   dimension) takes a pivoted Cholesky factor of its numerical rank instead.
 
-There is no 0.999/0.001 clipping (it makes the m = 2 answer inexact in the public reference solvers).
+A vertex is returned as it is, not as 0.999/0.001 (what the public reference solvers answer there for m = 2).
 """
 
 from __future__ import annotations
