@@ -162,6 +162,10 @@ class Throttle:
     def __init__(self, seconds: float):
         self.seconds, self.last = seconds, None
 
+    def restart(self) -> None:
+        """The next epoch is due again, as a first one is."""
+        self.last = None
+
     def due(self) -> bool:
         now = time.monotonic()
         if self.last is not None and now - self.last < self.seconds:

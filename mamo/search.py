@@ -78,9 +78,9 @@ class ConflictRecorder(Callback):
 
 
 class PhaseCheckpoint(EpochCheckpoint):
-    """After an epoch, when due (``train.checkpoint_seconds``), what continuing inside the current phase needs
-    (``checkpoints/in-phase.pt``), so a stopped search does not lose a whole phase (NYUv2's final phase is 60
-    epochs)."""
+    """After a phase's first epoch, then when due (``train.checkpoint_seconds``), what continuing inside the
+    current phase needs (``checkpoints/in-phase.pt``), so a stopped search does not lose a whole phase (NYUv2's
+    final phase is 60 epochs). A phase's last epoch is left to the phase's own checkpoint, written right after."""
 
     def __init__(self, path: Path, recorder: ConflictRecorder, best: KeepBest, every_seconds: float = 0.0,
                  config: dict | None = None, baselines: dict | None = None):
@@ -89,10 +89,19 @@ class PhaseCheckpoint(EpochCheckpoint):
         self.baselines = baselines or {}
         self.phase: dict = {}
 
-    def begin(self, index: int, phase: str, start_epoch: int, rounds: list[dict], phase_seconds: dict,
+    def begin(self, index: int, phase: str, start_epoch: int, epochs: int, rounds: list[dict], phase_seconds: dict,
               run_started: float) -> None:
-        self.phase = {"phase_index": index, "phase": phase, "start_epoch": start_epoch, "rounds": rounds,
-                      "phase_seconds": phase_seconds, "started": time.perf_counter(), "run_started": run_started}
+        """Phase ``index`` starts (or resumes) at the trainer's epoch ``start_epoch``; it has ``epochs`` in all."""
+        self.phase = {"phase_index": index, "phase": phase, "start_epoch": start_epoch, "epochs": epochs,
+                      "rounds": rounds, "phase_seconds": phase_seconds, "started": time.perf_counter(),
+                      "run_started": run_started}
+        # One clock for the whole search let a short phase pass unsaved after a long one (a stopped final phase
+        # of 5 epochs lost them all, found in an audit).
+        self.throttle.restart()
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
+        if trainer.epoch - self.phase["start_epoch"] < self.phase["epochs"]:
+            super().on_epoch_end(trainer, metrics)
 
     def payload(self, trainer: Trainer) -> dict:
         phase, seconds = self.phase["phase"], self.phase["phase_seconds"]
@@ -278,19 +287,20 @@ def _run_phases(
         if index < start_index:
             continue
         done = partial["epochs_done"] if partial and partial["phase_index"] == index else 0
-        saver.begin(index, phase, trainer.epoch - done, rounds, phase_seconds, started)
+        epochs = {"pretrain": search.pretrain_epochs, "final": final_epochs(config)}.get(phase, search.round_epochs)
+        saver.begin(index, phase, trainer.epoch - done, epochs, rounds, phase_seconds, started)
         phase_start = time.perf_counter()
         for callback in watchers:
             callback.on_phase_start(phase, model)
         record = None
         trainer.description = phase
         if phase == "pretrain":
-            trainer.fit(search.pretrain_epochs - done, done)
+            trainer.fit(epochs - done, done)
         elif phase == "final":
             if done:
                 best.load_state_dict(partial["best"])
             trainer.callbacks.insert(trainer.callbacks.index(saver), best)  # the saver sees this epoch's best
-            trainer.fit(final_epochs(config) - done, done)
+            trainer.fit(epochs - done, done)
             trainer.callbacks.remove(best)
             best.restore(model)
         else:
@@ -300,7 +310,7 @@ def _run_phases(
             saved_mode = (step.collect_gramians, step.gradients)
             step.collect_gramians, step.gradients = True, "exact"
             recorder.open(partial["stats"] if done else ConflictStats.for_graph(model.graph))
-            trainer.fit(search.round_epochs - done, done)
+            trainer.fit(epochs - done, done)
             stats = recorder.close()
             step.collect_gramians, step.gradients = saved_mode
             val = trainer.history[-1]["val"] if trainer.history else trainer.evaluate(session.data.val)

@@ -412,6 +412,23 @@ def test_a_search_stopped_inside_a_phase_resumes_inside_it(tmp_path, phase):
     assert not (cut / "checkpoints" / "in-phase.pt").exists()
 
 
+def test_every_phase_saves_in_phase_after_its_first_epoch_whatever_the_clock(tmp_path, monkeypatch):
+    # One clock for the whole search let a later phase go unsaved for checkpoint_seconds (a stopped final phase of
+    # five epochs lost them all); a phase's last epoch is left to the phase's own checkpoint.
+    config = tiny("search.rounds=2", "search.pretrain_epochs=2", "search.round_epochs=1", "search.final_epochs=3",
+                  "search.baselines=false", "train.checkpoint_seconds=1e9")
+    saved, real_save = [], save_checkpoint
+
+    def record(path, payload):
+        if path.name == IN_PHASE:
+            saved.append((payload["phase"], payload["epochs_done"]))
+        real_save(path, payload)
+
+    monkeypatch.setattr("mamo.checkpoint.save_checkpoint", record)
+    run_search(config, tmp_path / "r", progress=False, quiet=True, loggers=False)
+    assert saved == [("pretrain", 1), ("final", 1)]
+
+
 class DivergeAfterRoundOne(Callback):
     def on_epoch_end(self, trainer, metrics):
         if trainer.description == "round1":
@@ -484,7 +501,7 @@ def test_a_full_disk_is_one_sentence_and_keeps_the_previous_checkpoints(tmp_path
     saves, real_save = [], torch.save
 
     def save_until_the_disk_fills(payload, path):
-        if len(saves) == 2:  # the pretrain phase's in-phase and phase checkpoints fit, then the disk is full
+        if len(saves) == 1:  # the pretrain phase's checkpoint fits (its one epoch needs no in-phase one), then no more
             Path(path).write_bytes(b"partial")
             raise OSError(28, "No space left on device")
         saves.append(path)
