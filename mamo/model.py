@@ -9,14 +9,21 @@ the head maps the fused features to the task's prediction. Growth edits the grap
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import networkx as nx
 import torch
 from torch import nn
 
 from mamo import graph as g
-from mamo.spaces import space_from_spec
+from mamo.spaces import SearchSpace, space_from_spec
 from mamo.tasks import TaskSpec, parse_tasks
+
+# How a module node is made: its ``builder`` names the search space's method, its ``args`` the arguments.
+BUILDERS: dict[str, Callable[[SearchSpace, dict, dict[str, TaskSpec]], nn.Module]] = {
+    "cell": lambda space, args, tasks: space.build_cell(args["cell"]),
+    "head": lambda space, args, tasks: space.build_head(tasks[args["task"]], tuple(args["features"])),
+}
 
 
 def _beta_name(task: str, group: g.Group) -> str:
@@ -43,16 +50,13 @@ class MamoNet(nn.Module):
         A new branch module is a copy of its trunk cell's current weights (``copy_from_trunk``), which with the
         mean input makes a new branch an exact fork of the trunk; a new fusion weight starts at 0.
         """
-        shapes = self.graph.graph["cell_shapes"]
         added = []
         for node, data in self.graph.nodes(data=True):
-            if data["kind"] in ("cell", "gmk", "head") and node not in self.blocks:
-                if data["kind"] == "head":
-                    module = self.space.build_head(self.tasks[data["task"]], tuple(shapes[-1]))
-                elif data["kind"] == "gmk" and copy_from_trunk:
+            if "builder" in data and node not in self.blocks:
+                if data["kind"] == "gmk" and copy_from_trunk:
                     module = copy.deepcopy(self.blocks[g.cell_id(data["cell"])])
                 else:
-                    module = self.space.build_cell(data["cell"])
+                    module = BUILDERS[data["builder"]](self.space, data["args"], self.tasks)
                 self.blocks[node] = module.to(self._device())
                 added.append(node)
         for task in self.tasks:

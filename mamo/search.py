@@ -38,9 +38,9 @@ from mamo.search_plan import (
     check_resumed_phase,
     check_search_config,
     check_search_tasks,
-    final_epochs,
     label_phases,
     method_name,
+    phase_epochs,
     phase_names,
     plan_line,
     tensioner_window_note,
@@ -287,7 +287,7 @@ def _run_phases(
         if index < start_index:
             continue
         done = partial["epochs_done"] if partial and partial["phase_index"] == index else 0
-        epochs = {"pretrain": search.pretrain_epochs, "final": final_epochs(config)}.get(phase, search.round_epochs)
+        epochs = phase_epochs(config, phase)
         saver.begin(index, phase, trainer.epoch - done, epochs, rounds, phase_seconds, started)
         phase_start = time.perf_counter()
         for callback in watchers:

@@ -19,14 +19,18 @@ def phase_names(rounds: int) -> list[str]:
     return ["pretrain", *(f"round{z}" for z in range(1, rounds + 1)), "final"]
 
 
+def phase_epochs(config: Config, phase: str) -> int:
+    """How many epochs the search phase ``phase`` (``pretrain``, ``round<z>`` or ``final``) trains."""
+    search = config.search
+    return {"pretrain": search.pretrain_epochs, "final": final_epochs(config)}.get(phase, search.round_epochs)
+
+
 def label_phases(history: list[dict], config: Config) -> None:
     """Name the phase of history entries (one per epoch) that checkpoints written before 2026-11-25 restored
     without it, from the plan, so that a search resumed across that version has every epoch in its time table."""
     if all("phase" in entry for entry in history):
         return
-    search = config.search
-    epochs = {"pretrain": search.pretrain_epochs, "final": final_epochs(config)}
-    plan = [name for name in phase_names(search.rounds) for _ in range(epochs.get(name, search.round_epochs))]
+    plan = [name for name in phase_names(config.search.rounds) for _ in range(phase_epochs(config, name))]
     for entry, name in zip(history, plan, strict=False):
         entry.setdefault("phase", name)
 

@@ -6,6 +6,7 @@ the Optuna ``suggest_*`` call and a check that fails before the study starts on 
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,26 +59,13 @@ def _is_threshold(text: str) -> bool:
     return True
 
 
-def _is_direction(name: str) -> bool:
-    from mamo.directions import DIRECTIONS
-
-    return name in DIRECTIONS
-
-
-def _is_formulation(name: str) -> bool:
-    from mamo.directions import TENSIONER_FORMULATIONS
-
-    return name in TENSIONER_FORMULATIONS
-
-
-def _is_normalization(name: str) -> bool:
-    from mamo.directions import NORMALIZERS
-
-    return name in NORMALIZERS
-
-
-def _is_module_kind(name: str) -> bool:
-    return name in MODULE_NAMES
+def _member_of(table: str, what: str) -> Callable[[str, list], None]:
+    """Every choice must be a key of ``mamo.directions.<table>`` (imported when checked: it imports torch), the
+    valid keys named in the error, so the hint never lags the table."""
+    def check(name: str, value: list) -> None:
+        keys = list(getattr(importlib.import_module("mamo.directions"), table))
+        _choices(lambda choice: choice in keys, f"{what} ({', '.join(keys)})")(name, value)
+    return check
 
 
 SPACE: dict[str, Param] = {
@@ -88,13 +76,13 @@ SPACE: dict[str, Param] = {
     "threshold": Param(("search", "threshold"), lambda t, n, c: t.suggest_categorical(n, list(c)),
                        _choices(_is_threshold, "thresholds (global, layer, topk:K)")),
     "direction": Param(("direction", "name"), lambda t, n, c: t.suggest_categorical(n, list(c)),
-                       _choices(_is_direction, "direction names (equal, mgda, central, pcgrad, cagrad)")),
+                       _member_of("DIRECTIONS", "direction names")),
     "formulation": Param(("direction", "tensioner", "formulation"), lambda t, n, c: t.suggest_categorical(n, list(c)),
-                         _choices(_is_formulation, "tensioner formulations (off, thesis, relative)")),
+                         _member_of("TENSIONER_FORMULATIONS", "tensioner formulations")),
     "normalization": Param(("direction", "normalization"), lambda t, n, c: t.suggest_categorical(n, list(c)),
-                           _choices(_is_normalization, "mgda normalisations (none, l2, loss, loss+)")),
+                           _member_of("NORMALIZERS", "mgda normalisations")),
     "modules": Param(("search", "modules"), lambda t, n, c: t.suggest_categorical(n, list(c)),
-                     _choices(_is_module_kind, "module kinds (gmk, exclusive)")),
+                     _choices(MODULE_NAMES.__contains__, f"module kinds ({', '.join(MODULE_NAMES)})")),
 }
 
 PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
