@@ -119,8 +119,7 @@ def restore_trainer(trainer: Trainer, state: dict, device: torch.device) -> None
     """Put ``trainer`` back where :func:`trainer_state` saw it; the model is rebuilt from the saved graph."""
     model = trainer.model
     model.graph = g.graph_from_dict(state["graph"])
-    if "weights" in model.graph.graph["space"]:  # the checkpoint's weights replace any initial ones
-        model.graph.graph["space"]["weights"] = None
+    g.drop_initial_weights(model.graph)
     model.sync(copy_from_trunk=False)
     model.load_state_dict(state["model"])
     model.to(device)

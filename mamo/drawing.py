@@ -58,10 +58,7 @@ def node_parameters(graph: nx.DiGraph, model: MamoNet | None = None) -> dict[str
 def _layout(graph: nx.DiGraph) -> tuple[dict[str, tuple[float, float]], list[tuple[str, ...]]]:
     """Columns: input, cells 0..L-1, fusion, head. Rows: trunk at 0, one lane per branch group below it."""
     cells, tasks = g.num_cells(graph), g.task_names(graph)
-    firsts: dict[tuple[str, ...], int] = {}
-    for node in g.branch_nodes(graph):
-        group = tuple(graph.nodes[node]["group"])
-        firsts[group] = min(firsts.get(group, cells), graph.nodes[node]["cell"])
+    firsts = g.branch_first_cells(graph)
     order = list(g.pairs(graph)) + [(t,) for t in tasks]
     lanes = sorted(firsts, key=lambda grp: (firsts[grp], order.index(grp) if grp in order else len(order)))
     span = max(len(lanes), len(tasks) - 1)

@@ -56,9 +56,7 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> Mam
         damage = g.structure_error(graph)
         if damage:
             raise _Damaged(f"architecture.json is damaged: {damage}")
-        # The trained weights replace the initial ones, so a timm weights file need not exist any more.
-        if "weights" in graph.graph["space"]:
-            graph.graph["space"]["weights"] = None
+        g.drop_initial_weights(graph)
         state = load_file(str(paths[1]), device=str(device))
         model = compile_model(graph, device=device)
         model.load_state_dict(state)  # RuntimeError when the weights do not fit the architecture
@@ -221,12 +219,7 @@ def architecture_tree(model: MamoNet) -> str:
     params = {node: sum(p.numel() for _, p in named) for node, named in model.node_parameters().items()}
     lines = [f"input {graph.nodes[g.INPUT]['shape']}"]
     branches = g.branch_nodes(graph)
-    # A branch's first cell now, not the position that created a module: a later round can grow the same
-    # group's branch from a shallower cell, and the modules below it then read from the new one.
-    first_cell: dict[tuple[str, ...], int] = {}
-    for node in branches:
-        group, cell = tuple(graph.nodes[node]["group"]), graph.nodes[node]["cell"]
-        first_cell[group] = min(first_cell.get(group, cell), cell)
+    first_cell = g.branch_first_cells(graph)
     for index in range(g.num_cells(graph)):
         lines.append(f"├─ cell{index}  ({params.get(g.cell_id(index), 0):,} params, shared by all tasks)")
         here = [node for node in branches if graph.nodes[node]["cell"] == index]

@@ -88,6 +88,23 @@ def branch_nodes(graph: nx.DiGraph) -> list[str]:
     return [node for node, kind in graph.nodes(data="kind") if kind == "gmk"]
 
 
+def branch_first_cells(graph: nx.DiGraph) -> dict[tuple[str, ...], int]:
+    """Each branch group's first cell now, not the position that created a module: a later round can grow the
+    same group's branch from a shallower cell, and the modules below it then read from the new one."""
+    first: dict[tuple[str, ...], int] = {}
+    for node in branch_nodes(graph):
+        group, cell = tuple(graph.nodes[node]["group"]), graph.nodes[node]["cell"]
+        first[group] = min(first.get(group, cell), cell)
+    return first
+
+
+def drop_initial_weights(graph: nx.DiGraph) -> None:
+    """Forget the space's initial-weights file (timm's ``model.weights``): trained weights replace it, so a
+    rebuilt model must not need the file any more."""
+    if "weights" in graph.graph["space"]:
+        graph.graph["space"]["weights"] = None
+
+
 # What each ``search.modules`` setting grows, as reports and plots name it.
 MODULE_NAMES: dict[str, str] = {"gmk": "GMK modules", "exclusive": "task-exclusive modules (w/o GMK)"}
 

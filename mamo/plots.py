@@ -1,4 +1,5 @@
-"""mamo's pictures: conflict heatmaps, cosine histograms and the report's plots (the architecture: drawing.py).
+"""mamo's conflict pictures: heatmaps and cosine histograms (the architecture: drawing.py; report.md's plots:
+report_plots.py), and the figure helpers all three share.
 
 Figures are plain :class:`matplotlib.figure.Figure` objects on the Agg canvas, never pyplot: nothing here
 touches matplotlib's global state or needs a display, so rendering works headless and from any caller.
@@ -25,7 +26,6 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
 from mamo.conflicts import HISTOGRAM_EDGES, ConflictStats
-from mamo.tasks import TaskSpec
 
 DPI = 100
 NO_PARAMS = "#d9d9d9"  # cells without parameters and the matrix diagonal: nothing to measure there
@@ -314,90 +314,3 @@ def histogram_figure(stats: ConflictStats) -> Figure:
     figure.subplots_adjust(left=0.6 / figure.get_figwidth(), right=0.98, top=1 - 0.7 / height,
                            bottom=0.55 / height, wspace=0.3, hspace=0.6)
     return figure
-
-
-# ------------------------------------------------------------------------------------------------ report plots
-
-
-def metric_bars_figure(rows: list[dict], tasks: dict[str, TaskSpec]) -> Figure:
-    """One panel per (task, metric): a bar per method (STL, HPS, the grown model, ...) with its value."""
-    from mamo.report import metric_columns
-
-    columns = metric_columns(tasks)
-    methods = [row["method"] + (f"\nΔ {row['delta']:+.1f}%" if "relative" in row else "") for row in rows]
-    palette = colormaps["tab10"]
-    per_row = min(len(columns), 3)
-    grid_rows = math.ceil(len(columns) / per_row)
-    label_width = 0.075 * max(len(line) for name in methods for line in name.split("\n"))
-    figure = new_figure(label_width + 3.2 * per_row, 0.35 * len(methods) * grid_rows + 1.1 * grid_rows + 0.4)
-    axes = figure.subplots(grid_rows, per_row, squeeze=False)
-    for index, ax in enumerate(axes.flat):
-        if index >= len(columns):
-            ax.set_visible(False)
-            continue
-        task, metric, higher = columns[index]
-        values = [row["tasks"][task][metric] for row in rows]
-        y = np.arange(len(methods))[::-1]
-        ax.barh(y, values, color=[palette(i % 10) for i in range(len(methods))], height=0.65)
-        for yy, value in zip(y, values, strict=True):
-            ax.text(value, yy, f" {value:.4g}", va="center", fontsize=7.5)
-        ax.set_yticks(y, methods if index % per_row == 0 else [])
-        ax.set_xlim(0, max(max(values), 1e-12) * 1.25) if min(values) >= 0 else None
-        ax.xaxis.set_major_locator(MaxNLocator(4))  # small values (mIoU early on) get long tick labels
-        ax.set_title(f"{task} {metric} ({'higher' if higher else 'lower'} is better)", fontsize=9)
-        ax.tick_params(labelsize=8)
-        for spine in ("top", "right"):
-            ax.spines[spine].set_visible(False)
-    figure.suptitle("Test metrics per task", fontsize=10)
-    figure.subplots_adjust(left=(label_width + 0.2) / figure.get_figwidth(), right=0.97, top=0.8 if grid_rows == 1
-                           else 0.9, bottom=0.12 if grid_rows == 1 else 0.07, wspace=0.25, hspace=0.6)
-    return figure
-
-
-def growth_figure(rounds: list[dict], module_name: str = "GMK modules") -> Figure:
-    """New modules per detection round (bars, with the activated positions) and the running total (line);
-    ``module_name`` names what grew (:data:`mamo.graph.MODULE_NAMES`)."""
-    figure = new_figure(max(4.5, 1.6 * len(rounds) + 2.0), 3.4)
-    ax = figure.add_subplot()
-    if not rounds:
-        ax.text(0.5, 0.5, "no detection rounds: the network stayed HPS", ha="center", va="center")
-        ax.axis("off")
-        return figure
-    numbers = [r["round"] for r in rounds]
-    modules = [r["modules"] for r in rounds]
-    totals = np.cumsum(modules)
-    ax.bar(numbers, modules, color="#d62728", width=0.55, label="new modules this round")
-    ax.plot(numbers, totals, color="#333333", marker="o", label="modules in the network")
-    top = max(int(totals.max()), 1)
-    for number, count, total in zip(numbers, modules, totals, strict=True):
-        if count:
-            ax.text(number, count / 2, f"+{count}", ha="center", va="center", fontsize=9, color="white")
-        ax.text(number, total + 0.04 * top, f"{total}", ha="center", va="bottom", fontsize=8)
-    # The activated (pair, cell) positions go under each round's tick, where they never hit the bars.
-    labels = [f"round {r['round']}\n" + ("\n".join(f"{'+'.join(p)}@cell{c}" for p, c in r["activated"]) or "none")
-              for r in rounds]
-    ax.set_xticks(numbers, labels, fontsize=8)
-    ax.set_ylim(0, top * 1.3)
-    ax.set_ylabel(module_name.split(" (")[0])
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"{module_name[0].upper()}{module_name[1:]} grown per detection round", fontsize=10)
-    ax.legend(fontsize=8, frameon=False, loc="upper left")
-    for spine in ("top", "right"):
-        ax.spines[spine].set_visible(False)
-    lines = max(len(r["activated"]) for r in rounds) + 1
-    figure.set_figheight(3.0 + 0.15 * lines)
-    figure.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=(0.35 + 0.15 * lines) / figure.get_figheight())
-    return figure
-
-
-REPORT_PLOTS: dict[str, Callable[[list[dict], list[dict], dict[str, TaskSpec], str], Figure]] = {
-    "report_metrics.png": lambda rows, rounds, tasks, module_name: metric_bars_figure(rows, tasks),
-    "report_growth.png": lambda rows, rounds, tasks, module_name: growth_figure(rounds, module_name),
-}
-
-
-def report_plots(run_dir: Path, rows: list[dict], rounds: list[dict], tasks: dict[str, TaskSpec],
-                 module_name: str = "GMK modules") -> list[Path]:
-    """Save the report's plots beside report.md: metric bars per task and method, modules grown per round."""
-    return [save_figure(make(rows, rounds, tasks, module_name), Path(run_dir) / name)
-            for name, make in REPORT_PLOTS.items()]

@@ -373,7 +373,7 @@ def _finish(
     results[name] = result
     save_model(directory, model)
     from mamo.drawing import draw_architecture
-    from mamo.plots import report_plots
+    from mamo.report_plots import report_plots
 
     draw_architecture(model.graph, directory / "architecture.png", model=model)
     rows = build_rows(results, "STL" if baselines else None, tasks)

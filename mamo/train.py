@@ -1,11 +1,11 @@
-"""Training one network end to end, the STL and HPS baselines (cached), and the ``train`` command."""
+"""Training one network end to end (the session, network, trainer and checkpoint plumbing that search, tune, the
+baselines and the benchmarks share) and the ``train`` command; the cached STL/HPS baselines are baselines.py's."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ from mamo.data import MultiTaskData, load_data
 from mamo.data_plugins import plugin_edited_note
 from mamo.directions import create_direction, direction_label
 from mamo.errors import MamoError, StopExplained
-from mamo.graph import build_hps_graph, graph_to_dict
+from mamo.graph import build_hps_graph, graph_to_dict, graph_to_json
 from mamo.model import MamoNet, compile_model, count_parameters
 from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
 from mamo.runs import (
@@ -198,8 +198,7 @@ def save_model(run_dir: Path, model: MamoNet) -> None:
 
     from mamo.export import write_dot, write_graphml
 
-    text = json.dumps(graph_to_dict(model.graph), indent=1)
-    write_text_atomically(run_dir / "architecture.json", text)
+    write_text_atomically(run_dir / "architecture.json", graph_to_json(model.graph))
     write_graphml(model, run_dir / "architecture.graphml")
     write_dot(model, run_dir / "architecture.dot")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -1,4 +1,5 @@
-"""A short generic trainer: epochs of steps, validation, callbacks. Nothing here knows about methods or logs.
+"""A short generic trainer: epochs of steps, validation, callbacks, and the settings it runs with (optimizers,
+device, threads, the bounds of ``train.*``). Nothing here knows about descent methods, conflicts or TensorBoard.
 
 In the manner of minGPT's trainer: the step (:class:`mamo.step.TrainStep`) owns the method, callbacks own
 everything that watches training (conflict statistics, TensorBoard, best-checkpointing), and the trainer

@@ -343,11 +343,11 @@ def test_write_hparams_needs_an_objective(tmp_path):
 
 
 def test_metrics_json_rounds_feed_the_growth_plot(searched):
-    from mamo import plots
+    from mamo import report_plots
 
     run_dir, metrics, _ = searched
     saved = json.loads((run_dir / "metrics.json").read_text())
-    figure = plots.growth_figure(saved["rounds"])
+    figure = report_plots.growth_figure(saved["rounds"])
     assert len(figure.axes[0].patches) == len(saved["rounds"])
 
 

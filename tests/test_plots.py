@@ -8,7 +8,7 @@ import pytest
 from matplotlib.image import AxesImage
 from PIL import Image
 
-from mamo import drawing, plots
+from mamo import drawing, plots, report_plots
 from mamo import graph as g
 from mamo.config import ModelConfig
 from mamo.conflicts import ConflictStats
@@ -223,12 +223,12 @@ def test_report_plots_save_metric_bars_and_growth(tmp_path):
     }
     rows = build_rows(results, "STL", tasks)
     rounds = [{"round": 1, "activated": [[["a", "b"], 1]], "modules": 2}, {"round": 2, "activated": [], "modules": 0}]
-    paths = plots.report_plots(tmp_path, rows, rounds, tasks)
+    paths = report_plots.report_plots(tmp_path, rows, rounds, tasks)
     assert [p.name for p in paths] == ["report_metrics.png", "report_growth.png"]
     for path in paths:
         with Image.open(path) as image:
             assert image.format == "PNG" and min(image.size) > 200
-    bars = plots.metric_bars_figure(rows, tasks)
+    bars = report_plots.metric_bars_figure(rows, tasks)
     panels = [ax for ax in bars.axes if ax.get_visible()]
     assert [ax.get_title() for ax in panels] == [
         "a accuracy (higher is better)", "b mse (lower is better)", "b mae (lower is better)"]
@@ -236,17 +236,17 @@ def test_report_plots_save_metric_bars_and_growth(tmp_path):
     # STL is the reference (no Δ); MAMO's Δ = (12.5 + 20 + 20) / 3 = 17.5.
     assert [t.get_text() for t in panels[0].get_yticklabels()] == ["STL", "HPS (equal)\nΔ -17.5%", "MAMO\nΔ +17.5%"]
     assert panels[0].get_yticks().tolist() == [2, 1, 0]  # the first row on top
-    growth = plots.growth_figure(rounds)
+    growth = report_plots.growth_figure(rounds)
     labels = [t.get_text() for t in growth.axes[0].get_xticklabels()]
     assert labels == ["round 1\na+b@cell1", "round 2\nnone"]
     assert growth.axes[0].get_title() == "GMK modules grown per detection round"
-    exclusive = plots.growth_figure(rounds, "task-exclusive modules (w/o GMK)").axes[0]
+    exclusive = report_plots.growth_figure(rounds, "task-exclusive modules (w/o GMK)").axes[0]
     assert exclusive.get_title() == "Task-exclusive modules (w/o GMK) grown per detection round"
     assert exclusive.get_ylabel() == "task-exclusive modules"
 
 
 def test_growth_without_rounds_says_so():
-    figure = plots.growth_figure([])
+    figure = report_plots.growth_figure([])
     assert "stayed HPS" in figure.axes[0].texts[0].get_text()
 
 
