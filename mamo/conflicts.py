@@ -98,7 +98,8 @@ class ConflictStats:
         """(L, m, m) mean cosine over the round's measured mini-batches (0 where none was measured)."""
         return self.cosine_sums / np.maximum(self.measured, 1)
 
-    def q(self, position: Position) -> int:
+    def conflict_count(self, position: Position) -> int:
+        """Q of MAMO Algorithm 1: mini-batches in which the pair at ``position`` had a negative cosine."""
         (a, b), cell = position
         return int(self.counts[cell, self.tasks.index(a), self.tasks.index(b)])
 
@@ -118,7 +119,7 @@ class ConflictStats:
 
 
 def _global(stats: ConflictStats, candidates: list[Position], k: int) -> list[Position]:
-    values = [stats.q(p) for p in candidates]
+    values = [stats.conflict_count(p) for p in candidates]
     nonzero = [v for v in values if v > 0]
     if not nonzero:
         return []
@@ -135,7 +136,7 @@ def _layer(stats: ConflictStats, candidates: list[Position], k: int) -> list[Pos
 
 def _topk(stats: ConflictStats, candidates: list[Position], k: int) -> list[Position]:
     # Stable sort: ties keep the candidates' order (shallow cells first, pairs in task order).
-    ranked = sorted((p for p in candidates if stats.q(p) > 0), key=lambda p: -stats.q(p))
+    ranked = sorted((p for p in candidates if stats.conflict_count(p) > 0), key=lambda p: -stats.conflict_count(p))
     # A pair's branch runs from its first active cell to the output (DESIGN §3): a slot is a pair, at the
     # shallowest of its ranked cells. A deeper position of a chosen pair grows nothing, and a shallower one
     # replaces the pair's cell (the deeper one would then grow nothing); neither takes another of the K slots.

@@ -184,7 +184,7 @@ def worst_conflict(stats: ConflictStats) -> str:
     if not usable or not stats.pairs or stats.steps == 0:
         return "no conflicts measured"
     cosine = stats.mean_cosine()
-    best = max((stats.q((pair, c)), -c, pair) for c in usable for pair in stats.pairs)
+    best = max((stats.conflict_count((pair, c)), -c, pair) for c in usable for pair in stats.pairs)
     q, cell, (a, b) = best[0], -best[1], best[2]
     if q == 0:
         return "no pair conflicted in any mini-batch"

@@ -34,7 +34,7 @@ def test_counts_mean_cosine_and_histogram_follow_the_gram_blocks():
     # Pair (a, b) at cell 0: both cosines -0.707 fall in the bin [-0.8, -0.7).
     bin_index = np.digitize(-np.sqrt(0.5), HISTOGRAM_EDGES) - 1
     assert stats.histograms[0, 0, bin_index] == 2 and stats.histograms[0].sum() == 2 * 3
-    assert stats.q((("a", "b"), 0)) == 2
+    assert stats.conflict_count((("a", "b"), 0)) == 2
 
 
 def test_a_zero_gradient_has_no_cosine_it_is_no_conflict_and_stays_out_of_the_mean():
