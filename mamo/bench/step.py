@@ -48,7 +48,7 @@ from mamo.spaces import create_space
 from mamo.step import TrainStep
 from mamo.task_gradients import LAYOUTS, ParameterPartition, resolve_layout
 from mamo.tasks import parse_tasks, task_loss
-from mamo.trainer import resolve_device
+from mamo.trainer import intra_op_threads, resolve_device
 
 SHARED_OPTIONS = ("quick", "device")  # timing, not training: no seeds
 PEER_PACKAGES = ("torchjd", "LibMTL")  # recorded with their versions when installed
@@ -322,14 +322,12 @@ def _chosen(keys: list[str] | None, quick: bool) -> list[tuple]:
 def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     clock = "wall" if device.type == "cuda" else args.clock  # CPU time says nothing about a GPU's work
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     quick = args.quick
     rounds = args.rounds or (2 if quick else None)
     batches = args.batch_sizes or ([4] if quick else BATCHES.get(device.type, [32]))
     tables, target_rows, raw = [], [], {}
-    try:
+    with intra_op_threads(args.threads):
+        threads = torch.get_num_threads()
         for label, backbone, shape, m in _chosen(args.setups, quick):
             for batch in batches:
                 setup = build_setup(backbone, shape, m, batch, device, args.precision)
@@ -342,13 +340,11 @@ def run(args: argparse.Namespace) -> dict:
                 raw[f"{label} batch {batch}"] = results
                 del setup
         solver, at_ten = solver_table(quick)
-    finally:
-        torch.set_num_threads(threads)
     target_rows.append(["min-norm", "exact solve at m = 10 (µs, median)", "≤ 50", at_ten])
     tables += [solver, {"title": "Targets (issue 3; the ≤ 1.6 row is issue 7's H100 target)",
                         "columns": ["setup", "quantity", "target", "measured"], "rows": target_rows}]
     notes = [
-        f"device {device}; torch {torch.__version__}; {args.threads or threads} intra-op threads; "
+        f"device {device}; torch {torch.__version__}; {threads} intra-op threads; "
         f"precision {args.precision}; clock {clock}; "
         f"{rounds or '10 to 200 (2 s of equal steps)'} rounds after warm-up.",
         "× equal and × floor are medians of per-round ratios; each method runs in its own session of rounds "
