@@ -11,7 +11,7 @@ import csv
 import json
 from pathlib import Path
 
-from mamo.runs import format_duration, write_text_atomically
+from mamo.runs import format_duration, table_lines, write_text_atomically
 from mamo.tasks import TaskSpec
 from mamo.trainer import mean_epoch_seconds
 
@@ -80,7 +80,7 @@ def markdown_table(rows: list[dict], tasks: dict[str, TaskSpec], stl_name: str |
     header = ["Method"] + [f"{t} {m} {'↑' if h else '↓'}" for t, m, h in columns]
     extra = ["Δ % ↑", "Win ↑"] if stl_name else []
     header += extra + ["Params", "s/epoch"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for row in rows:
         cells = [row["method"]]
         for task, metric, _ in columns:
@@ -91,17 +91,15 @@ def markdown_table(rows: list[dict], tasks: dict[str, TaskSpec], stl_name: str |
         if stl_name:
             cells += [f"{row['delta']:+.2f}", f"{row['win_rate']:.0%}"]
         cells += [str(row["params"] or "-"), _fmt(row["seconds_per_epoch"], 3)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return "\n".join(table_lines(header, body))
 
 
 def absolute_table(rows: list[dict], tasks: dict[str, TaskSpec]) -> str:
     columns = metric_columns(tasks)
     header = ["Method"] + [f"{t} {m}" for t, m, _ in columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        lines.append("| " + " | ".join([row["method"]] + [_fmt(row["tasks"][t][m]) for t, m, _ in columns]) + " |")
-    return "\n".join(lines)
+    body = [[row["method"], *(_fmt(row["tasks"][t][m]) for t, m, _ in columns)] for row in rows]
+    return "\n".join(table_lines(header, body))
 
 
 def write_report(
@@ -144,8 +142,7 @@ def growth_notes(rounds: list[dict], counts: dict[str, int], dataset: str, modul
     lines = ["## Growth", "", f"{module_name[0].upper()}{module_name[1:]} grown per detection round (MAMO Table 3 "
              "layout):", ""]
     header = ["Detection", *(f"MAMO-{r['round']}" for r in rounds)] if rounds else ["Detection", "(no rounds)"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.append("| " + " | ".join([dataset, *(str(r["modules"]) for r in rounds or [{"modules": "–"}])]) + " |")
+    lines += table_lines(header, [[dataset, *(str(r["modules"]) for r in rounds or [{"modules": "–"}])]])
     lines += ["", "Modules per activated (pair, cell):", ""]
     lines += [f"- {key}: {n}" for key, n in counts.items()] or ["- none (the network stayed HPS)"]
     return "\n".join(lines)

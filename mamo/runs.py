@@ -8,7 +8,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -236,6 +236,12 @@ def write_text_atomically(path: Path, text: str) -> None:
 def counted(number: int, noun: str) -> str:
     """``1 new module``, ``3 new modules``: a count with its noun (a regular plural) as a log line reads."""
     return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def table_lines(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """A markdown table's lines: the header row, its rule, one line per row of cell texts."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
 
 
 def format_duration(seconds: float) -> str:

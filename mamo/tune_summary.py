@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mamo.config import Config, dump_config, load_config
 from mamo.errors import MamoError
+from mamo.runs import table_lines
 from mamo.tune_space import SPACE, apply_params
 
 BEST_SHOWN = 5
@@ -68,15 +69,14 @@ def trials_table(study: optuna.Study, trials: list[FrozenTrial], multi: bool) ->
     tuned = [name for name in SPACE if any(name in t.params for t in trials)]
     header = ["trial", *names, *(["val Δ"] if multi else []), "test Δ", "win", *tuned, "GMKs", "parameters",
               "run folder"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for t in trials:
         attrs = t.user_attrs
-        cells = [str(t.number), *(_cell(v, signed=not multi) for v in t.values),
-                 *([_cell(attrs.get("val_delta"), True)] if multi else []), _cell(attrs.get("delta"), True),
-                 _cell(attrs.get("win_rate")), *(_cell(t.params.get(n)) for n in tuned),
-                 _cell(attrs.get("gmk_modules")), _cell(attrs.get("params")), _where(t)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        body.append([str(t.number), *(_cell(v, signed=not multi) for v in t.values),
+                     *([_cell(attrs.get("val_delta"), True)] if multi else []), _cell(attrs.get("delta"), True),
+                     _cell(attrs.get("win_rate")), *(_cell(t.params.get(n)) for n in tuned),
+                     _cell(attrs.get("gmk_modules")), _cell(attrs.get("params")), _where(t)])
+    return table_lines(header, body)
 
 
 CSV_ATTRS = ("val_delta", "delta", "win_rate", "gmk_modules", "params", "seconds", "host",

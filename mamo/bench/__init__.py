@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from mamo.errors import MamoError
-from mamo.runs import claim_new_folder, file_above, write_text_atomically
+from mamo.runs import claim_new_folder, file_above, table_lines, write_text_atomically
 
 BENCHES: dict[str, str] = {
     "logic": "mamo.bench.logic",
@@ -113,9 +113,8 @@ def to_markdown(result: dict) -> str:
     parts = []
     for table in tables_of(result):
         parts.append(f"## {table['title']}\n")
-        parts.append("| " + " | ".join(cell(c) for c in table["columns"]) + " |")
-        parts.append("|" + "---|" * len(table["columns"]))
-        parts.extend("| " + " | ".join(cell(v) for v in row) + " |" for row in table["rows"])
+        body = ([cell(v) for v in row] for row in table["rows"])
+        parts.extend(table_lines([cell(c) for c in table["columns"]], body))
         parts.append("")
     notes = result.get("notes") or []
     if notes:
