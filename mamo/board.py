@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     import networkx as nx
 
     from mamo.model import MamoNet
+    from mamo.search_phases import RoundRecord
 
 # Where each entry of StepResult.info goes; other keys land under direction/<key>. "weights" repeats
 # StepResult.weights, which is logged as direction/weight.
@@ -226,18 +227,16 @@ class TensorBoardLogger(Callback):
                          drawing.node_parameters(model.graph, model), 0, "Architecture before growth")
 
     # ---------------------------------------------------------------------------------------- rounds
-    def on_round_end(self, record: dict) -> None:
-        z = int(record["round"])
-        stats: ConflictStats = record["stats"]
-        activated = [[list(pair), int(cell)] for pair, cell in record["activated"]]
+    def on_round_end(self, record: RoundRecord) -> None:
+        z, stats, activated = record.round, record.stats, record.activated
         values = {
-            "search/gmk_modules": record["gmk_modules"],
-            "search/params": record["params"],
-            "search/new_modules": len(record["new_modules"]),
+            "search/gmk_modules": record.gmk_modules,
+            "search/params": record.params,
+            "search/new_modules": len(record.new_modules),
             "search/activated_positions": len(activated),
         }
-        if record.get("val_delta") is not None:
-            values["search/val_delta_vs_stl"] = record["val_delta"]
+        if record.val_delta is not None:
+            values["search/val_delta_vs_stl"] = record.val_delta
         for a, b in stats.pairs:
             i, j = stats.tasks.index(a), stats.tasks.index(b)
             for cell in range(stats.num_cells):
@@ -246,13 +245,13 @@ class TensorBoardLogger(Callback):
         self.events.add_summary(scalar_summary(values), z)
         described = ", ".join(f"{'+'.join(pair)}@cell{cell}" for pair, cell in activated) or "none"
         self.events.add_summary(text("search/activated", f"round {z}: {described}; "
-                                     f"{counted(len(record['new_modules']), 'new module')}, "
-                                     f"{record['gmk_modules']} in all"), z)
+                                     f"{counted(len(record.new_modules), 'new module')}, "
+                                     f"{record.gmk_modules} in all"), z)
         self._histograms(stats, z)
         if self.pictures:
-            graph = copy.deepcopy(record["graph"])  # copies: the next round resets the stats, grows the graph
-            self._submit(self._draw_conflicts, copy.deepcopy(stats), grown_positions(graph, record["new_modules"]), z)
-            self._submit(self._draw_architecture, graph, drawing.node_parameters(graph, record["model"]), z,
+            graph = copy.deepcopy(record.graph)  # copies: the next round resets the stats, grows the graph
+            self._submit(self._draw_conflicts, copy.deepcopy(stats), grown_positions(graph, record.new_modules), z)
+            self._submit(self._draw_architecture, graph, drawing.node_parameters(graph, record.model), z,
                          f"Architecture after round {z}")
         self._settle()  # the search checkpoints the round next, and a resume never ends it again
 

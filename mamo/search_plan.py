@@ -4,6 +4,7 @@ phase). Shared by ``search`` and ``tune``, which checks the ends of its ranges w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from mamo import graph as g
@@ -15,8 +16,27 @@ from mamo.errors import MamoError
 from mamo.runs import counted
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a search's plan: the ``index``-th, named ``pretrain``, ``round<z>`` or ``final``."""
+
+    index: int
+    name: str
+    kind: str  # pretrain | round | final: which runner trains it (mamo.search_phases.PHASE_RUNNERS)
+    epochs: int
+    round: int = 0  # z, for a detection round
+
+
 def phase_names(rounds: int) -> list[str]:
     return ["pretrain", *(f"round{z}" for z in range(1, rounds + 1)), "final"]
+
+
+def search_phases(config: Config) -> list[Phase]:
+    """The search's plan: pretrain, ``search.rounds`` detection rounds, final."""
+    kinds = [("pretrain", 0), *(("round", z) for z in range(1, config.search.rounds + 1)), ("final", 0)]
+    names = phase_names(config.search.rounds)
+    return [Phase(index, name, kind, phase_epochs(config, name), z)
+            for index, (name, (kind, z)) in enumerate(zip(names, kinds, strict=True))]
 
 
 def phase_epochs(config: Config, phase: str) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +121,16 @@ class TrainStep:
         self.gradient_space: str | None = None
         self.refresh()
 
+    @contextlib.contextmanager
+    def collecting_conflicts(self) -> Iterator[None]:
+        """Per-node Gram blocks in every step's result while inside (exact gradients, whatever ``gradients``
+        says): what the conflict statistics of a detection round read."""
+        saved, self.collect_gramians = self.collect_gramians, True
+        try:
+            yield
+        finally:
+            self.collect_gramians = saved
+
     def refresh(self) -> None:
         """Re-read the parameter partition (call after the graph grew)."""
         self.partition = ParameterPartition(self.model)
@@ -170,7 +180,7 @@ class TrainStep:
         mode = None
         if self.partition.size and needs_gramian:
             mode = "exact" if self.collect_gramians else self.gradients
-            _check_mode(mode)  # search.py switches modes by attribute
+            _check_mode(mode)  # ``gradients`` is a plain attribute: a later assignment is checked here
             if self.gradient_space not in (None, mode):
                 # ||∂L/∂z|| (ub) and ||∂L/∂θ|| (exact) differ in scale: a history holding both would read the
                 # switch as a jump of the gradient norms (the tensioner's ζ ratio, ~100× on a ResNet).

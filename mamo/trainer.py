@@ -13,6 +13,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Dataset
@@ -26,6 +27,9 @@ from mamo.model import MamoNet
 from mamo.runs import format_duration
 from mamo.step import StepResult, TrainStep, check_step_settings
 from mamo.tasks import MetricAccumulator
+
+if TYPE_CHECKING:
+    from mamo.search_phases import RoundRecord
 
 Metrics = dict[str, dict[str, float]]
 
@@ -147,9 +151,9 @@ class Callback:
         """A training phase begins: ``pretrain``, ``round1``.., ``final`` (search), ``train``, or ``stl <task>``
         for each network of ``train.mode=stl``."""
 
-    def on_round_end(self, record: dict) -> None:
-        """A detection round ended; see :func:`mamo.search.run_search` for the record's keys. Called before the
-        round's checkpoint, which a resume starts after: keep what the round needs recorded before returning."""
+    def on_round_end(self, record: RoundRecord) -> None:
+        """A detection round ended with ``record``. Called before the round's checkpoint, which a resume starts
+        after: keep what the round needs recorded before returning."""
 
     def on_rounds_restored(self, rounds: list[dict]) -> None:
         """A resumed search's rounds before its checkpoint (metrics.json's ``rounds`` records, with ``val``),

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
@@ -47,6 +47,9 @@ from mamo.tune_workers import (
     shown_url,
 )
 
+if TYPE_CHECKING:
+    from mamo.search_phases import RoundRecord
+
 DEFAULT_STUDY = "mamo"
 LOCAL_STORAGE_FIX = "make the study folder writable, or pass another --run-dir"  # its study.db, not a --storage
 
@@ -61,8 +64,11 @@ class RoundReporter(Callback):
         self.trial, self.stl_val, self.tasks = trial, stl_val, tasks
         self.last: tuple[int, float] | None = None  # (round, validation Δ) last reported
 
-    def on_round_end(self, record: dict) -> None:
-        z, value = record["round"], delta(record["val"], self.stl_val, self.tasks)
+    def on_round_end(self, record: RoundRecord) -> None:
+        self._report(record.round, record.val)
+
+    def _report(self, z: int, val: dict) -> None:
+        value = delta(val, self.stl_val, self.tasks)
         self.last = (z, value)
         self.trial.report(value, z)
         if self.trial.should_prune():
@@ -72,7 +78,7 @@ class RoundReporter(Callback):
         # A retried trial reports the rounds its interrupted run finished, so the pruner decides as it would have.
         for record in rounds:
             if "val" in record:  # checkpoints before 2026-11-24 did not keep it
-                self.on_round_end(record)
+                self._report(record["round"], record["val"])
 
 
 @dataclass
@@ -209,7 +215,7 @@ def _check_space_ends(config: Config) -> None:
     (first choice), then every one at its high end (last choice). A setting that fails there fails a share of
     the trials, so it is one sentence now rather than a study of failed trials."""
     from mamo.directions import create_direction
-    from mamo.search import check_search_config
+    from mamo.search_plan import check_search_config
     from mamo.train import check_train_settings
 
     tuned = {name: getattr(config.tune, name) for name in SPACE if getattr(config.tune, name) is not None}
@@ -244,7 +250,7 @@ def _reference(config: Config, directory: Path, search: bool, multi: bool, progr
 
     session = open_session(config, None, progress, quiet=False, cache_root=directory / ".baselines")
     if config.tune.T:  # the longest T the trials may draw, with the most rounds they may run
-        from mamo.search import tensioner_window_note
+        from mamo.search_plan import tensioner_window_note
 
         rounds = max(config.tune.rounds or [config.search.rounds])
         widest = dataclasses.replace(config, search=dataclasses.replace(config.search, rounds=rounds))

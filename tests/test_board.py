@@ -193,20 +193,21 @@ class StopAfterRoundOneCheckpoint:
     def __init__(self, checkpoint):
         self.checkpoint = checkpoint
 
-    def __call__(self, directory, index, phase, *args, **kwargs):
-        self.checkpoint(directory, index, phase, *args, **kwargs)
-        if phase == "round1":
+    def __call__(self, directory, phase, *args, **kwargs):
+        self.checkpoint(directory, phase, *args, **kwargs)
+        if phase.name == "round1":
             raise KeyboardInterrupt
 
 
 def test_a_search_stopped_right_after_a_rounds_checkpoint_keeps_that_rounds_record(tmp_path, monkeypatch):
     # The round was logged after its checkpoint, and a resume starts after it: round 1's pictures, scalars and
     # PNGs were lost for good (a helper's SIGKILL sweep; with SIGINT a 0.9 ms window).
-    import mamo.search
+    import mamo.search_phases
 
     config = load_config("quick", [*TINY, "search.baselines=false"])
     run = tmp_path / "search"
-    monkeypatch.setattr(mamo.search, "_checkpoint", StopAfterRoundOneCheckpoint(mamo.search._checkpoint))
+    monkeypatch.setattr(mamo.search_phases, "save_phase_checkpoint",
+                        StopAfterRoundOneCheckpoint(mamo.search_phases.save_phase_checkpoint))
     with pytest.raises(KeyboardInterrupt):
         run_search(config, run, progress=False, quiet=True)
     monkeypatch.undo()
@@ -386,6 +387,7 @@ def test_the_conflict_heatmap_boxes_the_modules_a_round_created_not_its_activate
     from mamo import plots
     from mamo.config import ModelConfig
     from mamo.conflicts import ConflictStats
+    from mamo.search_phases import RoundRecord
     from mamo.spaces import create_space
     from mamo.tasks import parse_tasks
 
@@ -399,9 +401,9 @@ def test_the_conflict_heatmap_boxes_the_modules_a_round_created_not_its_activate
     for position in sorted(activated, key=lambda p: p[1]):
         if not g.is_grown(graph, position, "gmk"):
             new_modules += g.grow(graph, position, "gmk", round_index=1)
-    record = {"round": 1, "stats": ConflictStats.for_graph(graph), "activated": [[list(p), c] for p, c in activated],
-              "new_modules": new_modules, "graph": graph, "model": None, "gmk_modules": len(new_modules),
-              "params": 0, "val_delta": None}
+    record = RoundRecord(round=1, stats=ConflictStats.for_graph(graph), activated=activated, new_modules=new_modules,
+                         gmk_modules=len(new_modules), params=0, val={}, val_delta=None, graph=graph, model=None,
+                         run_dir=tmp_path)
     drawn = []
     overview_images = plots.overview_images
     monkeypatch.setattr(plots, "overview_images", lambda stats, grown=None, title=None: (
@@ -411,7 +413,7 @@ def test_the_conflict_heatmap_boxes_the_modules_a_round_created_not_its_activate
     expected = [[["seg", "depth"], 0], [["depth", "normal"], 1], [["seg", "depth"], 1], [["depth", "normal"], 2],
                 [["seg", "depth"], 2]]
     assert drawn == [expected]  # before: the activated positions, without seg+depth@cell1 and depth+normal@cell2
-    figure, panels, _ = plots._overview(record["stats"], drawn[0], None)
+    figure, panels, _ = plots._overview(record.stats, drawn[0], None)
     names = list(tasks)
     for cell, pairs in ((0, [("seg", "depth")]), (1, [("seg", "depth"), ("depth", "normal")]),
                         (2, [("seg", "depth"), ("depth", "normal")])):

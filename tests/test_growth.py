@@ -209,7 +209,7 @@ def test_growing_restarts_the_tensioner_window_only_when_something_grew():
     from mamo.config import Config
     from mamo.conflicts import ConflictStats
     from mamo.directions import MGDA, Tensioner
-    from mamo.search import _grow
+    from mamo.search_phases import grow_network
 
     model = lenet_model()
     direction = Tensioner(MGDA(), "relative", T=2, alpha=0.5)
@@ -220,11 +220,11 @@ def test_growing_restarts_the_tensioner_window_only_when_something_grew():
     trainer = SimpleNamespace(model=model, step=step)
     config = Config()  # search.modules gmk, search.threshold global
     stats = ConflictStats.for_graph(model.graph)
-    activated, new_nodes = _grow(trainer, stats, config, 1)  # no conflicts counted: nothing grows
+    activated, new_nodes = grow_network(trainer, stats, config, 1)  # no conflicts counted: nothing grows
     assert activated == [] and new_nodes == []
     assert direction.iteration == 3 and all(len(norms) == 3 for norms in direction.state_dict()["norms"])
     stats.counts[1, 0, 1] = stats.counts[1, 1, 0] = 4  # a and b conflicted at cell 1 in 4 mini-batches
-    activated, new_nodes = _grow(trainer, stats, config, 1)
+    activated, new_nodes = grow_network(trainer, stats, config, 1)
     assert activated == [(("a", "b"), 1)] and new_nodes == [g.branch_id(("a", "b"), 1), g.branch_id(("a", "b"), 2)]
     assert direction.iteration == 0 and direction.state_dict()["norms"] == []
     result = step(*batch(seed=3))  # the grown network's first step opens a new window
@@ -238,14 +238,14 @@ def test_a_pair_activated_at_two_cells_grows_one_branch_from_the_shallower():
 
     from mamo.config import Config
     from mamo.conflicts import ConflictStats
-    from mamo.search import _grow
+    from mamo.search_phases import grow_network
 
     model = lenet_model()
     step = TrainStep(model, create_direction(DirectionConfig()), torch.optim.SGD(model.parameters(), lr=0.1))
     stats = ConflictStats.for_graph(model.graph)
     for cell in (0, 2):
         stats.counts[cell, 0, 1] = stats.counts[cell, 1, 0] = 4
-    activated, new_nodes = _grow(SimpleNamespace(model=model, step=step), stats, Config(), 1)
+    activated, new_nodes = grow_network(SimpleNamespace(model=model, step=step), stats, Config(), 1)
     assert sorted(activated) == [(("a", "b"), 0), (("a", "b"), 2)]
     assert new_nodes == [g.branch_id(("a", "b"), cell) for cell in range(3)]
     assert g.module_counts(model.graph) == {(("a", "b"), 0): 3}

@@ -29,6 +29,7 @@ from mamo.search_plan import (
     final_epochs,
     method_name,
     plan_line,
+    search_phases,
     tensioner_window_note,
 )
 from mamo.trainer import Callback
@@ -144,6 +145,18 @@ def test_the_final_phase_takes_the_rest_of_the_baselines_budget_unless_set():
                                  "search.rounds=2", "search.final_epochs=null"))
     check_search_config(tiny("train.epochs=30", "search.pretrain_epochs=30", "search.rounds=0",
                              "search.final_epochs=null"))  # no rounds: nothing grows, a final phase may be 0
+
+
+def test_the_plan_gives_each_phase_its_kind_round_and_epochs_and_every_kind_has_a_runner():
+    from mamo.search_phases import PHASE_RUNNERS
+
+    plan = search_phases(tiny("train.epochs=30", "search.pretrain_epochs=4", "search.round_epochs=3",
+                              "search.rounds=2", "search.final_epochs=null"))
+    assert [(p.index, p.name, p.kind, p.round, p.epochs) for p in plan] == [
+        (0, "pretrain", "pretrain", 0, 4), (1, "round1", "round", 1, 3), (2, "round2", "round", 2, 3),
+        (3, "final", "final", 0, 20)]
+    assert {p.kind for p in plan} == set(PHASE_RUNNERS)
+    assert [p.kind for p in search_phases(tiny("search.rounds=0"))] == ["pretrain", "final"]
 
 
 def test_round_epochs_must_be_positive_only_when_there_are_rounds():
@@ -274,8 +287,8 @@ class Crash(Callback):
     def __init__(self):
         self.ended = False
 
-    def on_round_end(self, record: dict) -> None:
-        self.ended = self.ended or record["round"] == 1
+    def on_round_end(self, record) -> None:
+        self.ended = self.ended or record.round == 1
 
     def on_phase_start(self, phase, model) -> None:
         if self.ended:

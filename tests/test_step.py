@@ -153,6 +153,22 @@ def test_collect_gramians_forces_exact_per_cell_blocks_even_in_ub_mode():
     torch.testing.assert_close(result.weights, torch.ones(3, dtype=torch.float64))
 
 
+def test_collecting_conflicts_gives_node_blocks_inside_and_restores_the_step_after_an_error():
+    # A detection round trains inside it; a stop or a crash in the round must not leave a step that keeps
+    # paying for per-node blocks (and exact gradients under ub) after the round.
+    model = make_model()
+    x, targets = batch(model)
+    step = frozen_step(model, gradients="ub")
+    with step.collecting_conflicts():
+        inside = step(x, targets)
+    assert set(inside.node_gramians) >= {g.cell_id(k) for k in range(g.num_cells(model.graph))}
+    assert inside.gramian_space == "parameters"
+    with pytest.raises(KeyboardInterrupt), step.collecting_conflicts():
+        raise KeyboardInterrupt
+    after = step(x, targets)
+    assert not step.collect_gramians and after.node_gramians == {} and after.gramian_space == "representation"
+
+
 def test_ub_uses_representation_gradients():
     model = make_model()
     x, targets = batch(model)
@@ -191,14 +207,13 @@ def test_switching_between_ub_and_exact_restarts_the_tensioner_history():
         step(x, targets)
     assert direction.iteration == 3
     ub_norms = [list(queue) for queue in direction.state_dict()["norms"]]
-    step.collect_gramians = True  # what a detection round does
-    step(x, targets)
-    assert direction.iteration == 1  # a fresh history, holding this step's parameter-gradient norms only
-    exact_norms = [queue[-1] for queue in direction.state_dict()["norms"]]
-    assert all(abs(e - u[-1]) > 1e-3 * u[-1] for e, u in zip(exact_norms, ub_norms, strict=True))
-    step(x, targets)
-    assert direction.iteration == 2  # no reset while the mode stays
-    step.collect_gramians = False
+    with step.collecting_conflicts():  # what a detection round does
+        step(x, targets)
+        assert direction.iteration == 1  # a fresh history, holding this step's parameter-gradient norms only
+        exact_norms = [queue[-1] for queue in direction.state_dict()["norms"]]
+        assert all(abs(e - u[-1]) > 1e-3 * u[-1] for e, u in zip(exact_norms, ub_norms, strict=True))
+        step(x, targets)
+        assert direction.iteration == 2  # no reset while the mode stays
     step(x, targets)
     assert direction.iteration == 1
 
