@@ -32,20 +32,10 @@ from mamo.runs import RUNS_ROOT, claim_new_folder, file_above
 from mamo.tasks import TaskSpec
 from mamo.trainer import Callback, intra_op_threads
 from mamo.tune_space import SPACE, apply_params, check_space, objective_metrics, suggest_config, trial_folder
+from mamo.tune_storage import RETRY_OF, StorageBusy, open_storage, shown_url
 from mamo.tune_study import check_folder, claim_folder, open_study, retry_interrupted, stored_study, study_config
 from mamo.tune_summary import summarize
-from mamo.tune_workers import (
-    RETRY_OF,
-    Plan,
-    StorageBusy,
-    Tickets,
-    TrialLine,
-    open_storage,
-    optimize,
-    quiet_optuna,
-    run_workers,
-    shown_url,
-)
+from mamo.tune_workers import Plan, Tickets, TrialLine, optimize, quiet_optuna, run_workers
 
 if TYPE_CHECKING:
     from mamo.search_phases import RoundRecord

@@ -21,7 +21,8 @@ from mamo.config import Config, config_from_dict, dump_config, load_config
 from mamo.errors import MamoError
 from mamo.runs import replace_atomically, write_text_atomically
 from mamo.tune_space import SPACE, objective_metrics
-from mamo.tune_workers import OWNER, RETRY_OF, STOPPED, TrialLine
+from mamo.tune_storage import RETRY_OF
+from mamo.tune_workers import OWNER, STOPPED, TrialLine
 
 KILLED = "its command was killed before it finished (retried by the next command on the study)"
 KILLED_EARLY = "its command was killed before the trial drew its parameters"

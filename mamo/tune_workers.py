@@ -1,13 +1,12 @@
-"""Running a study's trials: the storage, each trial's record, and the local worker processes.
+"""Running a study's trials: each trial's record and the local worker processes.
 
-The study lives in an Optuna storage that every worker opens by URL (SQLite in the study folder or a shared
-database). Each local worker takes tickets from a shared counter so that together they run exactly the number
-of trials asked for, and writes one line per finished trial.
+The study lives in an Optuna storage that every worker opens by URL (:mod:`mamo.tune_storage`). Each local
+worker takes tickets from a shared counter so that together they run exactly the number of trials asked for,
+and writes one line per finished trial.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import signal
 import socket
@@ -27,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mamo.cache import process_owner
 from mamo.errors import STOP_REQUESTED, MamoError
 from mamo.tune_space import PRUNERS
+from mamo.tune_storage import RETRY_OF, open_storage, shown_url, storage_failure
 from mamo.tune_summary import fail_reason, short_value
 
 # What a trial may raise without stopping the study: bad sampled settings, NaN losses, out of memory.
@@ -34,13 +34,7 @@ CATCH = (MamoError, FloatingPointError, RuntimeError, MemoryError)
 
 
 STOPPED = "stopped by Ctrl-C before it finished"
-RETRY_OF = "retry_of"  # a trial's user attribute: the number of the interrupted trial it continues
 OWNER = "owner"  # a trial's user attribute: the process running it (mamo.cache.process_owner)
-
-
-def retry_stale(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue a retry (same parameters) of a trial Optuna failed because its worker's heartbeat stopped."""
-    study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
 
 
 class WorkerStop:
@@ -89,91 +83,6 @@ class Recorded:
             raise
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - start, 3))
-
-
-ENGINE_ARGS: dict[str, dict] = {
-    "sqlite": {"connect_args": {"timeout": 60}},  # several local workers wait for the file lock
-    "postgresql": {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}},
-    "mysql": {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}},
-}
-
-
-TABLE_RACE_ATTEMPTS = 3
-# What the loser of two commands creating a study's tables at once is told: a table, or the schema version row
-# Optuna's migration inserts (SQLite's and PostgreSQL's wordings).
-TABLE_RACE_ERRORS = ("already exists", "UNIQUE constraint failed: alembic_version", "duplicate key value")
-
-
-def _table_race(reason: str) -> bool:
-    return any(text in reason for text in TABLE_RACE_ERRORS)
-
-
-class StorageBusy(MamoError):
-    """Another command was creating the study's tables at the same moment (it owns what it made)."""
-
-DRIVERS: dict[str, tuple[str, ...]] = {"postgresql": ("psycopg", "psycopg2"), "mysql": ("MySQLdb", "pymysql")}
-
-
-def shown_url(url: str) -> str:
-    """A storage URL as messages show it: its password masked."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def _first_line(error: BaseException) -> str:
-    """An error as a one-sentence message quotes it: its first line, or its type's name when it says nothing."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def open_storage(url: str, create: bool = True, fix: str = "start the database or pass a reachable --storage URL",
-                 ) -> optuna.storages.RDBStorage:
-    """The study database; a URL that is malformed or does not answer is one sentence ending in ``fix``, not a
-    traceback."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-
-    try:
-        parsed = make_url(url)
-    except ArgumentError as exc:
-        raise MamoError(f"--storage '{url}' is not a database URL; write e.g. postgresql://user:password@host/db "
-                        "or sqlite:///path/study.db.") from exc
-    shown = parsed.render_as_string(hide_password=True)
-    if parsed.drivername in DRIVERS:
-        # SQLAlchemy 2.1 reads postgresql:// as psycopg 3; use whichever driver is installed.
-        found = [d for d in DRIVERS[parsed.drivername] if importlib.util.find_spec(d) is not None]
-        if found:
-            url = parsed.set(drivername=f"{parsed.drivername}+{found[0]}").render_as_string(hide_password=False)
-    try:
-        return _rdb_storage(url, ENGINE_ARGS.get(parsed.get_backend_name(), {}), create)
-    except ImportError as exc:
-        raise MamoError(f"storage {shown} needs a database driver that is not installed; install it, e.g. "
-                        "pip install psycopg2-binary for postgresql://.") from exc
-    except (SQLAlchemyError, ValueError, RuntimeError) as exc:
-        reason = _first_line(getattr(exc, "orig", None) or exc)
-        if _table_race(reason):  # two commands created the study's tables at the same moment
-            raise StorageBusy(f"storage {shown} was being set up by another command at the same moment ({reason}); "
-                              "run this command again to join the study.") from exc
-        raise MamoError(f"storage {shown} could not be opened ({reason}); {fix}.") from exc
-
-
-def _rdb_storage(url: str, engine_kwargs: dict, create: bool) -> optuna.storages.RDBStorage:
-    from sqlalchemy.exc import SQLAlchemyError
-
-    def connect() -> optuna.storages.RDBStorage:
-        # A heartbeat lets a worker on another machine fail the trial of a worker that was killed, and retry it.
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60, grace_period=300,
-                                          heartbeat_stale_trial_callback=retry_stale, skip_table_creation=not create)
-
-    for _ in range(TABLE_RACE_ATTEMPTS - 1):
-        try:
-            return connect()
-        except SQLAlchemyError as exc:
-            # Two commands creating the tables at once: one fails; a retry finds them made.
-            if not _table_race(str(exc)):
-                raise
-        time.sleep(0.5)
-    return connect()
 
 
 class Tickets:
@@ -319,7 +228,7 @@ def optimize(plan: Plan, tickets: Tickets, seed: int | None, stop: WorkerStop | 
             study.optimize(Recorded(plan.objective, line, stop), n_trials=1, catch=CATCH, callbacks=[line],
                            gc_after_trial=True)
         except Exception as exc:
-            failure = _storage_failure(exc)
+            failure = storage_failure(exc)
             if failure is None:
                 raise
             raise MamoError(f"the study's storage {shown_url(plan.url)} failed while recording a trial ({failure}); "
@@ -327,20 +236,6 @@ def optimize(plan: Plan, tickets: Tickets, seed: int | None, stop: WorkerStop | 
                             "same command to continue the study.") from exc
     if STOP_REQUESTED.is_set():  # stopped between trials, or a dropped raise: the stop still ends the command
         raise KeyboardInterrupt
-
-
-def _storage_failure(exc: BaseException) -> str | None:
-    """The first line of the database error behind ``exc`` (Optuna may raise its own error while handling it),
-    or None when the storage is not what failed."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (SQLAlchemyError, optuna.exceptions.StorageInternalError)):
-            return _first_line(getattr(exc, "orig", None) or exc.__cause__ or exc)
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _worker(plan: Plan, tickets: Tickets, seed: int | None) -> None:

@@ -20,7 +20,7 @@ from mamo.config import load_config
 from mamo.errors import MamoError
 from mamo.tune import run_tune
 from mamo.tune_space import apply_params, check_space
-from mamo.tune_workers import open_storage
+from mamo.tune_storage import open_storage
 
 TINY = ["data.train_size=128", "data.val_size=64", "data.test_size=64", "train.epochs=1",
         "search.final_epochs=1", "tune.rounds=[0, 1]"]
@@ -429,7 +429,7 @@ def test_tickets_count_exactly_across_processes_and_in_one(tmp_path):
 def test_a_trial_failed_by_its_stopped_heartbeat_is_retried_with_its_parameters(tmp_path):
     # On a shared database the trial of a killed worker is failed by Optuna after the heartbeat's grace period;
     # the storage's callback queues it again, which any worker on the study then runs.
-    from mamo.tune_workers import retry_stale
+    from mamo.tune_storage import retry_stale
 
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     assert storage.get_heartbeat_stale_trial_callback() is retry_stale
@@ -473,7 +473,7 @@ def test_two_commands_setting_up_one_study_at_once_retry_then_are_told_to_run_ag
         calls.append(1)
         return racing() if len(calls) == 1 else real(*args, **kwargs)
 
-    monkeypatch.setattr("mamo.tune_workers.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("mamo.tune_storage.time.sleep", lambda seconds: None)
     monkeypatch.setattr(optuna.storages, "RDBStorage", racing_once)
     assert isinstance(open_storage(f"sqlite:///{tmp_path / 'study.db'}"), real) and len(calls) == 2
     monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
@@ -1071,7 +1071,7 @@ def test_a_folder_another_command_is_setting_up_is_joined_not_refused(tmp_path):
 
 
 def test_the_schema_version_race_counts_as_a_table_race():
-    from mamo.tune_workers import _table_race
+    from mamo.tune_storage import _table_race
 
     assert _table_race("(sqlite3.IntegrityError) UNIQUE constraint failed: alembic_version.version_num")
     assert _table_race('duplicate key value violates unique constraint "alembic_version_pkc"')
