@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from mamo.cache import baseline_key
 from mamo.runs import counted
-from mamo.train import EQUAL, Session, train_network
+from mamo.session import EQUAL, Session, train_network
 from mamo.trainer import Callback
 
 

@@ -24,8 +24,8 @@ from mamo.model import MamoNet, count_parameters
 from mamo.report import delta
 from mamo.runs import counted
 from mamo.search_plan import Phase
+from mamo.session import Session
 from mamo.step import StepResult
-from mamo.train import Session
 from mamo.trainer import Callback, KeepBest, Metrics, Trainer, add_new_parameters
 
 Position = tuple[tuple[str, ...], int]  # (task pair, cell)

@@ -206,7 +206,7 @@ def _check_space_ends(config: Config) -> None:
     the trials, so it is one sentence now rather than a study of failed trials."""
     from mamo.directions import create_direction
     from mamo.search_plan import check_search_config
-    from mamo.train import check_train_settings
+    from mamo.session import check_train_settings
 
     tuned = {name: getattr(config.tune, name) for name in SPACE if getattr(config.tune, name) is not None}
     for end in (0, -1):
@@ -236,7 +236,7 @@ def _reference(config: Config, directory: Path, search: bool, multi: bool, progr
 
         return (load_data(config.data).tasks if multi else {}), None
     from mamo.baselines import cached_baselines
-    from mamo.train import open_session
+    from mamo.session import open_session
 
     session = open_session(config, None, progress, quiet=False, cache_root=directory / ".baselines")
     if config.tune.T:  # the longest T the trials may draw, with the most rounds they may run
@@ -280,15 +280,7 @@ def run_tune(
     unless ``tensorboard`` is false (``pictures=False``: without the round pictures).
     """
     quiet_optuna()
-    check_space(config.tune)
-    # Named where the number came from: without --trials it is tune.trials (a joined study's own, see below).
-    for source, count in (("--trials", trials), ("tune.trials", config.tune.trials)):
-        if count is not None and count < 0:
-            raise MamoError(f"{source} must be ≥ 0, got {count}; fix the number.")
-    if workers < 1:
-        raise MamoError(f"--workers must be ≥ 1, got {workers}; fix the number.")
-    if storage and not study_name:
-        raise MamoError("--storage needs --study NAME so that every worker joins the same study; add --study.")
+    _check_arguments(config, trials, workers, storage, study_name)
     name = study_name or DEFAULT_STUDY
     store = open_storage(storage) if storage else None  # a bad URL fails before anything is written
     directory, created = _study_dir(study_dir, storage, name, config)
@@ -357,6 +349,20 @@ def run_tune(
               "continue it", flush=True)
         raise StopExplained from None
     return summarize(study, directory, config, multi_objective, shown)
+
+
+def _check_arguments(config: Config, trials: int | None, workers: int, storage: str | None,
+                     study_name: str | None) -> None:
+    """The command's own numbers and names, before any storage or folder is touched."""
+    check_space(config.tune)
+    # Named where the number came from: without --trials it is tune.trials (a joined study's own, see below).
+    for source, count in (("--trials", trials), ("tune.trials", config.tune.trials)):
+        if count is not None and count < 0:
+            raise MamoError(f"{source} must be ≥ 0, got {count}; fix the number.")
+    if workers < 1:
+        raise MamoError(f"--workers must be ≥ 1, got {workers}; fix the number.")
+    if storage and not study_name:
+        raise MamoError("--storage needs --study NAME so that every worker joins the same study; add --study.")
 
 
 def add_arguments_tune(parser: argparse.ArgumentParser) -> None:

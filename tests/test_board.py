@@ -16,7 +16,8 @@ from mamo.board import TensorBoardLogger, write_hparams
 from mamo.config import DirectionConfig, TensionerConfig, load_config
 from mamo.errors import MamoError
 from mamo.search import run_search
-from mamo.train import build_network, make_trainer, open_session, run_train
+from mamo.session import build_network, make_trainer, open_session
+from mamo.train import run_train
 from mamo.trainer import Callback
 
 TINY = [

@@ -18,9 +18,9 @@ from mamo.config import ModelConfig
 from mamo.errors import MamoError
 from mamo.export import load_trained
 from mamo.model import compile_model
+from mamo.session import save_model
 from mamo.spaces import create_space
 from mamo.tasks import TaskSpec
-from mamo.train import save_model
 
 TINY = ["--set", "train.epochs=1", "--set", "data.train_size=256", "--set", "data.val_size=64",
         "--set", "data.test_size=64", "--set", "train.device=cpu", "--no-progress", "--no-tensorboard"]

@@ -17,9 +17,9 @@ from mamo.data import iterate_batches, load_data
 from mamo.errors import MamoError
 from mamo.graph import build_hps_graph
 from mamo.model import compile_model
+from mamo.session import make_trainer, open_session
 from mamo.spaces import create_space
 from mamo.tasks import MetricAccumulator, parse_tasks, task_loss
-from mamo.train import make_trainer, open_session
 
 H, W = 32, 48
 

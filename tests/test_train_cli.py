@@ -28,7 +28,7 @@ from mamo.data import load_data
 from mamo.errors import MamoError
 from mamo.report import delta, win_rate
 from mamo.runs import free_run_dir, new_run_dir
-from mamo.train import open_session
+from mamo.session import open_session
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "train.epochs=1", "--set", "data.train_size=256", "--set", "data.val_size=64",
@@ -302,7 +302,7 @@ def test_the_hps_baseline_trains_with_equal_weighting_whatever_the_direction(tmp
 def test_evaluation_batches_shrink_for_large_inputs(tmp_path: Path, monkeypatch) -> None:
     # 256 NYUv2 images per evaluation batch peaked at 15 GB RSS (logits of 256 × 13 × 288 × 384).
     import mamo.trainer as trainer_module
-    from mamo.train import build_network, make_trainer
+    from mamo.session import build_network, make_trainer
 
     assert trainer_module.evaluation_batch_size(256, (1, 28, 28)) == 256
     assert trainer_module.evaluation_batch_size(4, (3, 288, 384)) == 12  # NYUv2
@@ -854,11 +854,11 @@ def test_a_checkpoint_removed_by_another_process_just_before_it_is_read_is_no_cr
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # exists() said yes, then another process cached the result and removed the checkpoint: FileNotFoundError.
-    import mamo.train as train_module
+    import mamo.session as session_module
 
     config = load_config("quick", [*TINY_SETTINGS])
     session = open_session(config, None, progress=False, quiet=True, cache_root=tmp_path)
-    monkeypatch.setattr(train_module, "load_checkpoint", lambda path: (_ for _ in ()).throw(
+    monkeypatch.setattr(session_module, "load_checkpoint", lambda path: (_ for _ in ()).throw(
         FileNotFoundError(2, "No such file or directory", str(path))))
     (tmp_path / "gone.pt").write_bytes(b"there when looked at")
-    assert train_module._read_checkpoint(session, tmp_path / "gone.pt", discard_damaged=True) is None
+    assert session_module._read_checkpoint(session, tmp_path / "gone.pt", discard_damaged=True) is None

@@ -12,7 +12,8 @@ from mamo.baselines import cached_baseline
 from mamo.cache import baseline_key
 from mamo.cli import main
 from mamo.config import load_config
-from mamo.train import open_session, run_train
+from mamo.session import open_session
+from mamo.train import run_train
 from mamo.trainer import Callback
 
 
@@ -376,7 +377,7 @@ def test_a_stop_python_dropped_is_raised_again_at_the_next_step() -> None:
     # A KeyboardInterrupt raised while a weakref callback runs (the garbage collector's, often, in training) is
     # only reported; a stop signal's handler also sets STOP_REQUESTED, which the trainer checks every step.
     from mamo.errors import STOP_REQUESTED
-    from mamo.train import build_network, make_trainer
+    from mamo.session import build_network, make_trainer
 
     config = load_config("quick", RESUMABLE)
     session = open_session(config, None, progress=False, quiet=True)

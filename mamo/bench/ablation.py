@@ -39,9 +39,9 @@ from mamo.report import delta, metric_columns, relative_changes, win_rate
 from mamo.runs import checkpointed_command, computed_changes, write_text_atomically
 from mamo.search import run_search
 from mamo.search_plan import epochs_before_final
+from mamo.session import open_session
 from mamo.spaces import space_from_spec
 from mamo.tasks import parse_tasks
-from mamo.train import open_session
 
 
 def variants(search: SearchConfig, epochs: int, rounds: Iterable[int]) -> dict[str, list[str]]:

@@ -12,7 +12,7 @@ Protocol (thesis §5.3), as far as this machine allows; what differs is said in 
   the one whose model is best on validation (mean over tasks of validation loss relative to STL's); STL picks
   per task by its own validation loss;
 * the thesis trains until ten epochs bring no validation gain; here every model trains ``--epochs`` epochs and
-  keeps its best validation epoch (:func:`mamo.train.train_network`);
+  keeps its best validation epoch (:func:`mamo.session.train_network`);
 * the thesis uses ten seeds; here ``--seeds`` (default 3) training seeds on one fixed data draw;
 * tensioners: T = 10, α = 0.3 (the thesis' choice), both formulations;
 * the Uniform row is mamo's ``equal``, the sum of the gradients, where the logic benchmark finds the thesis'
@@ -33,7 +33,7 @@ from pathlib import Path
 from mamo.bench import positive_int
 from mamo.config import DirectionConfig, TensionerConfig, load_config, split_override
 from mamo.errors import MamoError
-from mamo.train import EQUAL, open_session, train_network
+from mamo.session import EQUAL, open_session, train_network
 from mamo.trainer import OPTIMIZERS, selection_score
 
 PRESET = "multimnist_recon"

@@ -1,0 +1,229 @@
+"""The parts every training in a command shares: the :class:`Session` (config, data, device, log, baseline
+cache), the checks before a run folder is made, the network and its trainer, training one network end to end
+with its checkpoints, and saving the trained model. ``train``, ``search``, ``tune``, the baselines and the
+benchmarks build on them."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mamo.cache import BaselineCache
+from mamo.checkpoint import EpochCheckpoint, load_checkpoint, restore_trainer
+from mamo.config import Config, DirectionConfig, TensionerConfig
+from mamo.data import MultiTaskData, load_data
+from mamo.directions import create_direction
+from mamo.errors import MamoError, StopExplained
+from mamo.graph import build_hps_graph, graph_to_json
+from mamo.model import MamoNet, compile_model, count_parameters
+from mamo.runs import RUNS_ROOT, RunLog, free_run_dir, new_run_dir, write_text_atomically
+from mamo.spaces import check_model_config, create_space
+from mamo.step import TrainStep
+from mamo.trainer import (
+    Callback,
+    EpochLines,
+    KeepBest,
+    Trainer,
+    check_train_config,
+    make_optimizer,
+    resolve_device,
+)
+
+EQUAL = DirectionConfig(name="equal", tensioner=TensionerConfig(formulation="off"))
+MODES = ("mtl", "stl")
+
+
+@dataclass
+class Session:
+    """What every training in one command shares: config, data, device, log and the baseline cache."""
+
+    config: Config
+    data: MultiTaskData
+    device: torch.device
+    log: RunLog
+    cache: BaselineCache
+    progress: bool = True
+
+
+@dataclass
+class Trained:
+    model: MamoNet
+    trainer: Trainer
+    test: dict
+    val: dict
+    extra: dict = field(default_factory=dict)
+
+    def result(self) -> dict:
+        return {"tasks": self.test, "val": self.val, "params": count_parameters(self.model),
+                "seconds_per_epoch": self.trainer.seconds_per_epoch}
+
+
+def check_train_settings(config: Config) -> torch.device:
+    """The train and model sections, checked before anything loads (train.mode, the numbers and names, the
+    backbone's name and widths, the device); returns the device. The direction is checked by the callers
+    that train with it (the baselines do not)."""
+    if config.train.mode not in MODES:
+        raise MamoError(f"unknown train.mode '{config.train.mode}'; use one of {', '.join(MODES)}.")
+    check_train_config(config.train)
+    check_model_config(config.model)
+    return resolve_device(config.train.device)
+
+
+def open_session(
+    config: Config, run_dir: Path | None, progress: bool = True, quiet: bool = False, cache_root: Path | None = None
+) -> Session:
+    """Check the train settings, load the data and pick the device once; baselines are cached under
+    ``cache_root`` (default runs/.baselines beside the run folder)."""
+    device = check_train_settings(config)
+    if device.type == "cuda" and device.index is not None:
+        # Pinned host memory and new contexts go to the current device: without this, cuda:1 also sets up 0.
+        torch.cuda.set_device(device)
+    log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
+    data = load_data(config.data)
+    if cache_root is None:
+        cache_root = (run_dir.parent if run_dir else RUNS_ROOT) / ".baselines"
+    return Session(config, data, device, log, BaselineCache(Path(cache_root)), progress)
+
+
+def build_network(session: Session, task_names: list[str] | None = None, initial_weights: bool = True) -> MamoNet:
+    """The HPS network of the configured backbone for ``task_names`` (default: every task). Without
+    ``initial_weights``, ``model.weights`` is not read: a network about to take a checkpoint's weights does not
+    need the file (a run resumed on a machine where it is gone)."""
+    tasks = session.data.tasks
+    chosen = {name: tasks[name] for name in (task_names or list(tasks))}
+    model_config = session.config.model if initial_weights else dataclasses.replace(session.config.model, weights=None)
+    space = create_space(model_config, session.data.input_shape)
+    return compile_model(build_hps_graph(space, chosen), seed=session.config.train.seed, device=session.device)
+
+
+def make_trainer(
+    session: Session,
+    model: MamoNet,
+    direction: DirectionConfig,
+    callbacks: list[Callback] | None = None,
+    description: str = "train",
+) -> Trainer:
+    """A trainer of ``model`` on the session's data with ``direction`` and the config's optimizer and step
+    settings, its batch order and the direction's randomness seeded from ``train.seed``."""
+    train = session.config.train
+    generator = torch.Generator().manual_seed(train.seed)
+    step = TrainStep(
+        model,
+        create_direction(direction, generator=torch.Generator().manual_seed(train.seed + 1)),
+        make_optimizer(model, train),
+        gradients=train.gradients,
+        precision=train.precision,
+        gradient_path=train.gradient_path,
+        gradient_layout=train.gradient_layout,
+    )
+    # Without progress bars the epoch lines are what the terminal shows; with them, only the log file keeps them.
+    lines = EpochLines(session.log.record if session.progress else session.log)
+    return Trainer(model, step, session.data.train, session.data.val, train.batch_size, session.device,
+                   generator, [lines, *(callbacks or [])], progress=session.progress, description=description)
+
+
+def train_network(
+    session: Session,
+    epochs: int,
+    direction: DirectionConfig,
+    task_names: list[str] | None = None,
+    description: str = "train",
+    callbacks: list[Callback] | None = None,
+    checkpoint: Path | None = None,
+    discard_damaged: bool = False,
+    state: dict | None = None,
+    run_config: dict | None = None,
+) -> Trained:
+    """Train one network for ``epochs``, keep its best-by-validation weights, test it. With ``checkpoint``,
+    the training is saved there after an epoch at most every ``train.checkpoint_seconds`` and, when the file
+    exists already, continued from it (a damaged one is an error, or with ``discard_damaged`` ignored);
+    ``state`` is that file's content when the caller has read it already, ``run_config`` the run's config the
+    checkpoints record."""
+    if state is None and checkpoint is not None:
+        state = _read_checkpoint(session, checkpoint, discard_damaged)
+    model = build_network(session, task_names, initial_weights=state is None)
+    best = KeepBest()
+    watchers = list(callbacks or [])
+    every = session.config.train.checkpoint_seconds
+    saver = [EpochCheckpoint(checkpoint, best, every, run_config)] if checkpoint is not None else []
+    # The saver last, as in a search: what the watchers record of an epoch (TensorBoard's scalars) is written
+    # before the checkpoint a resume starts after.
+    trainer = make_trainer(session, model, direction, [best, *watchers, *saver], description)
+    if state is not None:
+        restore_trainer(trainer, state, session.device)
+        best.load_state_dict(state["best"])
+        session.log(f"resumed after epoch {trainer.epoch} of {epochs} from {checkpoint}")
+        for callback in watchers:
+            callback.on_resume(trainer)
+    for callback in watchers:
+        callback.on_phase_start(description, model)
+    trainer.fit(epochs - trainer.epoch, done=trainer.epoch)
+    best.restore(model)
+    return Trained(model, trainer, trainer.evaluate(session.data.test, "test"), trainer.evaluate(session.data.val),
+                   {"best_epoch": best.best_epoch})
+
+
+def _read_checkpoint(session: Session, path: Path, discard_damaged: bool) -> dict | None:
+    try:
+        return load_checkpoint(path)
+    except FileNotFoundError:  # none, or one a process sharing the baseline cache removed after an exists()
+        return None
+    except MamoError:
+        if not discard_damaged:
+            raise
+        session.log(f"{path} is damaged; training from the start")
+        return None
+
+
+def save_model(run_dir: Path, model: MamoNet) -> None:
+    """The architecture (node-link JSON) and its weights (safetensors), which together rebuild the model, and
+    the architecture as GraphML and DOT for graph tools."""
+    from safetensors.torch import save
+
+    from mamo.export import write_dot, write_graphml
+
+    write_text_atomically(run_dir / "architecture.json", graph_to_json(model.graph))
+    write_graphml(model, run_dir / "architecture.graphml")
+    write_dot(model, run_dir / "architecture.dot")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # As bytes through Python's own file: safetensors' save_file creates the file readable by its owner only
+    # (0600), unlike every other file of the run folder.
+    (run_dir / "weights.safetensors").write_bytes(save(state))
+
+
+def open_run(
+    config: Config, run_dir: str | Path | None, command: str, progress: bool = True, quiet: bool = False,
+    cache_root: Path | None = None, check_data: Callable[[MultiTaskData], None] | None = None,
+) -> tuple[Session, Path]:
+    """Check every input (data and what ``check_data`` asks of it, backbone, direction, optimizer) first, then
+    create the run folder, so bad input never leaves a folder behind that would block the corrected retry."""
+    path = free_run_dir(run_dir, config, command)
+    session = open_session(config, None, progress, quiet, cache_root or path.parent / ".baselines")
+    if check_data is not None:
+        check_data(session.data)
+    model = build_network(session)
+    create_direction(config.direction)
+    make_optimizer(model, config.train)
+    directory = new_run_dir(run_dir, config, command, path)
+    session.log.path = directory / "log.txt"
+    session.log(f"run folder: {directory}")
+    return session, directory
+
+
+@contextlib.contextmanager
+def logging_stops(session: Session, how_to_continue: str) -> Iterator[None]:
+    """Inside: a Ctrl-C logs how to continue, and a MamoError (a diverged loss, a full disk) goes into the run's
+    log.txt before it propagates, so the folder keeps the reason."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        session.log(f"stopped; continue with: {how_to_continue}")
+        raise StopExplained from None
+    except MamoError as exc:
+        session.log.record(f"error: {exc}")
+        raise
