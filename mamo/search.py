@@ -36,7 +36,7 @@ from mamo.search_plan import (
     search_phases,
     tensioner_window_note,
 )
-from mamo.train import build_network, logging_stops, make_trainer, open_run, open_session, save_model
+from mamo.session import Session, build_network, logging_stops, make_trainer, open_run, open_session, save_model
 from mamo.trainer import Callback, intra_op_threads, mean_epoch_seconds
 
 
@@ -64,17 +64,9 @@ def run_search(
     """
     started = time.perf_counter()
     if resume:
-        config, directory = read_run_config(run_dir, "search", resume_settings)
-        if (directory / "metrics.json").exists():
-            raise MamoError(f"the search in {directory} has finished (metrics.json is there); nothing to resume.")
-        state = newest_state(directory / "checkpoints")
-        check_resumed_config(config, state, directory)  # before anything loads: an edited config.yaml is refused
-        check_resumed_phase(config, state, directory)
+        config, session, directory, state = _open_stopped(run_dir, resume_settings, progress, quiet, cache_root)
         # The run's time before the stop (up to its newest checkpoint) counts in metrics.json's seconds.
         started -= state.get("seconds", 0.0) if state else 0.0
-        check_search_config(config)
-        session = open_session(config, directory, progress, quiet, cache_root)
-        check_resumed_data(session.data.input_shape, session.data.tasks, state, directory)
     else:
         check_search_config(config)
         session, directory = open_run(config, run_dir, "search", progress, quiet, cache_root, check_search_tasks)
@@ -109,21 +101,8 @@ def run_search(
             model = build_network(session, initial_weights=state is None)
             trainer = make_trainer(session, model, config.direction, [recorder, *watchers], "search")
             run = SearchRun(session, trainer, recorder, watchers, directory, baselines)
-            start_index = 0
-            if state is not None:
-                restore_trainer(trainer, state, session.device)
-                label_phases(trainer.history, config)
-                run.rounds, run.phase_seconds = state["rounds"], state["phase_seconds"]
-                start_index = state["phase_index"] + 1
-                for callback in watchers:
-                    callback.on_resume(trainer)
-                    callback.on_rounds_restored(run.rounds)
-                if "epochs_done" in state:  # an in-phase checkpoint: continue inside its phase
-                    start_index -= 1
-                    session.log(f"resumed in phase '{state['phase']}' after {state['epochs_done']} of its epochs")
-                else:
-                    session.log(f"resumed after phase '{state['phase']}' from its checkpoint")
-            elif resume:
+            start_index = _restore(run, state) if state is not None else 0
+            if state is None and resume:
                 session.log(f"no checkpoint in {directory / 'checkpoints'} yet: the search starts again from "
                             "the beginning")
             run_phases(run, search_phases(config)[start_index:], started,
@@ -138,6 +117,39 @@ def run_search(
             if close is not None:
                 close()
     return metrics
+
+
+def _open_stopped(
+    run_dir: str | Path | None, resume_settings: Sequence[str], progress: bool, quiet: bool, cache_root: Path | None,
+) -> tuple[Config, Session, Path, dict | None]:
+    """The stopped search in ``run_dir``: its config, session, folder and newest checkpoint, each checked."""
+    config, directory = read_run_config(run_dir, "search", resume_settings)
+    if (directory / "metrics.json").exists():
+        raise MamoError(f"the search in {directory} has finished (metrics.json is there); nothing to resume.")
+    state = newest_state(directory / "checkpoints")
+    check_resumed_config(config, state, directory)  # before anything loads: an edited config.yaml is refused
+    check_resumed_phase(config, state, directory)
+    check_search_config(config)
+    session = open_session(config, directory, progress, quiet, cache_root)
+    check_resumed_data(session.data.input_shape, session.data.tasks, state, directory)
+    return config, session, directory, state
+
+
+def _restore(run: SearchRun, state: dict) -> int:
+    """Put the checkpoint ``state`` back into ``run``; returns the index of the phase to run next (the saved one
+    again when the checkpoint was saved inside it)."""
+    trainer = run.trainer
+    restore_trainer(trainer, state, run.session.device)
+    label_phases(trainer.history, run.session.config)
+    run.rounds, run.phase_seconds = state["rounds"], state["phase_seconds"]
+    for callback in run.watchers:
+        callback.on_resume(trainer)
+        callback.on_rounds_restored(run.rounds)
+    if "epochs_done" in state:  # an in-phase checkpoint: continue inside its phase
+        run.session.log(f"resumed in phase '{state['phase']}' after {state['epochs_done']} of its epochs")
+        return state["phase_index"]
+    run.session.log(f"resumed after phase '{state['phase']}' from its checkpoint")
+    return state["phase_index"] + 1
 
 
 def _finish(run: SearchRun, started: float) -> dict:
