@@ -101,12 +101,11 @@ def run_search(
             model = build_network(session, initial_weights=state is None)
             trainer = make_trainer(session, model, config.direction, [recorder, *watchers], "search")
             run = SearchRun(session, trainer, recorder, watchers, directory, baselines)
-            start_index = _restore(run, state) if state is not None else 0
+            start_index, partial = _restore(run, state) if state is not None else (0, None)
             if state is None and resume:
                 session.log(f"no checkpoint in {directory / 'checkpoints'} yet: the search starts again from "
                             "the beginning")
-            run_phases(run, search_phases(config)[start_index:], started,
-                       state if state and "epochs_done" in state else None)
+            run_phases(run, search_phases(config)[start_index:], started, partial)
             metrics = _finish(run, started)
             for callback in watchers:
                 callback.on_run_end(metrics)
@@ -135,9 +134,9 @@ def _open_stopped(
     return config, session, directory, state
 
 
-def _restore(run: SearchRun, state: dict) -> int:
-    """Put the checkpoint ``state`` back into ``run``; returns the index of the phase to run next (the saved one
-    again when the checkpoint was saved inside it)."""
+def _restore(run: SearchRun, state: dict) -> tuple[int, dict | None]:
+    """Put the checkpoint ``state`` back into ``run``; returns the index of the phase to run next and, when the
+    checkpoint was saved inside that phase, the checkpoint to continue it from."""
     trainer = run.trainer
     restore_trainer(trainer, state, run.session.device)
     label_phases(trainer.history, run.session.config)
@@ -147,9 +146,9 @@ def _restore(run: SearchRun, state: dict) -> int:
         callback.on_rounds_restored(run.rounds)
     if "epochs_done" in state:  # an in-phase checkpoint: continue inside its phase
         run.session.log(f"resumed in phase '{state['phase']}' after {state['epochs_done']} of its epochs")
-        return state["phase_index"]
+        return state["phase_index"], state
     run.session.log(f"resumed after phase '{state['phase']}' from its checkpoint")
-    return state["phase_index"] + 1
+    return state["phase_index"] + 1, None
 
 
 def _finish(run: SearchRun, started: float) -> dict:

@@ -19,7 +19,7 @@ import networkx as nx
 from mamo import graph as g
 from mamo.checkpoint import IN_PHASE, EpochCheckpoint, save_checkpoint, trainer_state
 from mamo.config import Config
-from mamo.conflicts import ConflictStats, select_positions
+from mamo.conflicts import ConflictStats, Position, select_positions
 from mamo.model import MamoNet, count_parameters
 from mamo.report import delta
 from mamo.runs import counted
@@ -27,8 +27,6 @@ from mamo.search_plan import Phase
 from mamo.session import Session
 from mamo.step import StepResult
 from mamo.trainer import Callback, KeepBest, Metrics, Trainer, add_new_parameters
-
-Position = tuple[tuple[str, ...], int]  # (task pair, cell)
 
 
 class ConflictRecorder(Callback):
@@ -104,7 +102,7 @@ class RoundRecord:
     model: MamoNet
     run_dir: Path
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         """The part that goes into metrics.json's ``rounds`` and the checkpoints."""
         return {
             "round": self.round,
@@ -156,7 +154,7 @@ class SearchRun:
     watchers: list[Callback]  # the callbacks that see phases and rounds
     directory: Path
     baselines: dict
-    rounds: list[dict] = field(default_factory=list)  # the rounds' to_json() records so far
+    rounds: list[dict] = field(default_factory=list)  # the rounds' to_dict() records so far
     phase_seconds: dict[str, float] = field(default_factory=dict)
     best: KeepBest = field(default_factory=KeepBest)
     saver: PhaseCheckpoint | None = None  # set while the phases run
@@ -175,6 +173,7 @@ def _train_keeping_best(run: SearchRun, phase: Phase, done: int, partial: dict |
     trainer = run.trainer
     if partial:
         run.best.load_state_dict(partial["best"])
+    assert run.saver is not None, "run_phases sets the in-phase saver before any phase runs"
     trainer.callbacks.insert(trainer.callbacks.index(run.saver), run.best)  # the saver sees this epoch's best
     try:
         trainer.fit(phase.epochs - done, done)
@@ -231,7 +230,7 @@ def run_phases(run: SearchRun, plan: list[Phase], started: float, partial: dict 
         record = PHASE_RUNNERS[phase.kind](run, phase, done, resumed)
         run.phase_seconds[phase.name] = run.phase_seconds.get(phase.name, 0.0) + time.perf_counter() - phase_start
         if record is not None:
-            run.rounds.append(record.to_json())
+            run.rounds.append(record.to_dict())
             # Before the round's checkpoint: a resume starts after it and never ends this round again, so what a
             # callback records for it must be kept by then (a kill in between redoes the round, logged twice).
             for callback in run.watchers:

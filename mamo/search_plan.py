@@ -4,6 +4,7 @@ phase). Shared by ``search`` and ``tune``, which checks the ends of its ranges w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,27 +23,32 @@ class Phase:
 
     index: int
     name: str
-    kind: str  # pretrain | round | final: which runner trains it (mamo.search_phases.PHASE_RUNNERS)
+    kind: str  # a key of PHASE_KINDS and of the runners' table (mamo.search_phases.PHASE_RUNNERS)
     epochs: int
     round: int = 0  # z, for a detection round
 
 
+# Each kind of phase: how its phases are named (``z`` is the round) and how many epochs each trains.
+PHASE_KINDS: dict[str, tuple[str, Callable[[Config], int]]] = {
+    "pretrain": ("pretrain", lambda config: config.search.pretrain_epochs),
+    "round": ("round{z}", lambda config: config.search.round_epochs),
+    "final": ("final", lambda config: final_epochs(config)),
+}
+
+
+def _kinds(rounds: int) -> list[tuple[str, int]]:
+    return [("pretrain", 0), *(("round", z) for z in range(1, rounds + 1)), ("final", 0)]
+
+
 def phase_names(rounds: int) -> list[str]:
-    return ["pretrain", *(f"round{z}" for z in range(1, rounds + 1)), "final"]
+    """The phases' names of a search with ``rounds`` detection rounds, in order."""
+    return [PHASE_KINDS[kind][0].format(z=z) for kind, z in _kinds(rounds)]
 
 
 def search_phases(config: Config) -> list[Phase]:
     """The search's plan: pretrain, ``search.rounds`` detection rounds, final."""
-    kinds = [("pretrain", 0), *(("round", z) for z in range(1, config.search.rounds + 1)), ("final", 0)]
-    names = phase_names(config.search.rounds)
-    return [Phase(index, name, kind, phase_epochs(config, name), z)
-            for index, (name, (kind, z)) in enumerate(zip(names, kinds, strict=True))]
-
-
-def phase_epochs(config: Config, phase: str) -> int:
-    """How many epochs the search phase ``phase`` (``pretrain``, ``round<z>`` or ``final``) trains."""
-    search = config.search
-    return {"pretrain": search.pretrain_epochs, "final": final_epochs(config)}.get(phase, search.round_epochs)
+    return [Phase(index, PHASE_KINDS[kind][0].format(z=z), kind, PHASE_KINDS[kind][1](config), z)
+            for index, (kind, z) in enumerate(_kinds(config.search.rounds))]
 
 
 def label_phases(history: list[dict], config: Config) -> None:
@@ -50,7 +56,7 @@ def label_phases(history: list[dict], config: Config) -> None:
     without it, from the plan, so that a search resumed across that version has every epoch in its time table."""
     if all("phase" in entry for entry in history):
         return
-    plan = [name for name in phase_names(config.search.rounds) for _ in range(phase_epochs(config, name))]
+    plan = [phase.name for phase in search_phases(config) for _ in range(phase.epochs)]
     for entry, name in zip(history, plan, strict=False):
         entry.setdefault("phase", name)
 

@@ -180,7 +180,6 @@ class TrainStep:
         mode = None
         if self.partition.size and needs_gramian:
             mode = "exact" if self.collect_gramians else self.gradients
-            _check_mode(mode)  # ``gradients`` is a plain attribute: a later assignment is checked here
             if self.gradient_space not in (None, mode):
                 # ||∂L/∂z|| (ub) and ||∂L/∂θ|| (exact) differ in scale: a history holding both would read the
                 # switch as a jump of the gradient norms (the tensioner's ζ ratio, ~100× on a ResNet).

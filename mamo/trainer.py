@@ -132,10 +132,13 @@ def evaluation_batch_size(train_batch: int, input_shape: tuple[int, ...]) -> int
 
 
 class Callback:
-    """Hooks the trainer and the search loop call; override what you need.
+    """Hooks the trainer, the search and the ``train`` command call; override what you need.
 
-    ``on_step`` and ``on_epoch_end`` come from :class:`Trainer`; ``on_resume``, ``on_phase_start``,
-    ``on_round_end`` and ``on_run_end`` from the search loop (:mod:`mamo.search`) and the ``train`` command.
+    ``on_step`` and ``on_epoch_end`` come from :class:`Trainer`; ``on_phase_start`` and ``on_round_end`` from
+    the search's phases (:func:`mamo.search_phases.run_phases`; ``on_phase_start`` also from
+    :func:`mamo.session.train_network`); ``on_resume``, ``on_rounds_restored`` and ``on_run_end`` from
+    :func:`mamo.search.run_search` and the ``train`` command. One protocol for both, so that one logger
+    watches any run.
     """
 
     def on_step(self, trainer: Trainer, result: StepResult) -> None:
