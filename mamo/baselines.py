@@ -4,9 +4,11 @@ after the networks nobody trains, so runs started together share the work."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from mamo.cache import baseline_key
+from mamo.errors import MamoError
 from mamo.runs import counted
 from mamo.session import EQUAL, Session, train_network
 from mamo.trainer import Callback
@@ -39,13 +41,6 @@ def _cached_network(
     return result
 
 
-def _networks(session: Session, kind: str) -> list[tuple[str, list[str] | None, str, str]]:
-    """The networks a baseline consists of, each (cache kind, its tasks, its name in the log, how it trains)."""
-    if kind == "stl":
-        return [(f"stl-{task}", [task], f"STL '{task}'", "training it alone") for task in session.data.tasks]
-    return [(kind, None, "HPS baseline", "equal weighting")]
-
-
 def _merge_stl(results: list[dict]) -> dict:
     """STL's result: its networks' metrics side by side, their sizes and epoch times added."""
     merged: dict = {"tasks": {}, "val": {}, "params": 0, "seconds_per_epoch": 0.0}
@@ -57,6 +52,25 @@ def _merge_stl(results: list[dict]) -> dict:
     return merged
 
 
+Network = tuple[str, list[str] | None, str, str]  # (cache kind, its tasks, its name in the log, how it trains)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A kind of baseline: the networks it consists of and how their results make its own."""
+
+    networks: Callable[[Session], list[Network]]
+    merge: Callable[[list[dict]], dict] | None = None  # None: one network, whose cached result is the baseline's
+
+
+BASELINES: dict[str, Baseline] = {
+    # One network per task, each cached on its own, so a stopped STL keeps its finished tasks.
+    "stl": Baseline(lambda session: [(f"stl-{task}", [task], f"STL '{task}'", "training it alone")
+                                     for task in session.data.tasks], _merge_stl),
+    "hps": Baseline(lambda session: [("hps", None, "HPS baseline", "equal weighting")]),
+}
+
+
 def cached_baselines(
     session: Session, kinds: Sequence[str], epochs: int, callbacks: list[Callback] | None = None
 ) -> dict[str, dict]:
@@ -64,6 +78,9 @@ def cached_baselines(
     and cached (STL one network per task, each cached on its own, so a stopped STL keeps its finished tasks).
     Networks another process is training are left to the end and waited for, so runs started together share
     the work; ``callbacks`` watch the trainings there are."""
+    unknown = [kind for kind in kinds if kind not in BASELINES]
+    if unknown:
+        raise MamoError(f"unknown baseline kind '{unknown[0]}'; use one of {', '.join(BASELINES)}.")
     results, networks = {}, []
     for kind in kinds:
         key = baseline_key(session.config, kind, epochs)
@@ -72,7 +89,7 @@ def cached_baselines(
             session.log(f"{kind.upper()} baseline: reusing the cached result {key}")
             results[kind] = cached
         else:
-            networks += _networks(session, kind)
+            networks += BASELINES[kind].networks(session)
     trained: dict[str, dict] = {}
     for wait in (False, True):
         for network, task_names, name, training in networks:
@@ -82,9 +99,12 @@ def cached_baselines(
                     trained[network] = result
     for kind in kinds:
         if kind not in results:
-            parts = [trained[network] for network, *_ in _networks(session, kind)]
-            results[kind] = _merge_stl(parts) if kind == "stl" else parts[0]
-            if kind == "stl":
+            baseline = BASELINES[kind]
+            parts = [trained[network] for network, *_ in baseline.networks(session)]
+            if baseline.merge is None:
+                results[kind] = parts[0]
+            else:
+                results[kind] = baseline.merge(parts)
                 session.cache.put(baseline_key(session.config, kind, epochs), results[kind])
     return {kind: results[kind] for kind in kinds}
 

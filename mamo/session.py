@@ -35,7 +35,7 @@ from mamo.trainer import (
 )
 
 EQUAL = DirectionConfig(name="equal", tensioner=TensionerConfig(formulation="off"))
-MODES = ("mtl", "stl")
+MODES = ("mtl", "stl")  # train.mode: what mamo.train.TRAIN_MODES trains
 
 
 @dataclass

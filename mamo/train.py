@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from mamo.baselines import cached_baseline
 from mamo.cache import baseline_key
 from mamo.checkpoint import check_resumed_data, load_checkpoint, save_checkpoint
 from mamo.config import Config
@@ -52,12 +54,7 @@ def run_train(
                         "first epoch")
     else:
         session, directory = open_run(config, run_dir, "train", progress, quiet)
-    # STL networks continue from the baseline cache beside the run folder, which any run of the same settings
-    # there reads: a new run, not --resume.
-    how_to_continue = (f"python cli.py train --resume {directory}" if config.train.mode == "mtl" else
-                       f"the same train command with a new --run-dir in {directory.parent} (its baseline cache, "
-                       f"{directory.parent / '.baselines'}, keeps the finished networks and the stopped one's "
-                       "epochs)")
+    how_to_continue = TRAIN_MODES[config.train.mode].how_to_continue(directory)
     with logging_stops(session, how_to_continue), intra_op_threads(config.train.threads):
         return _train_and_report(session, directory, callbacks, loggers, pictures, state,
                                  start_over=resume and state is None)
@@ -66,9 +63,9 @@ def run_train(
 def _check_resumable(config: Config, directory: Path) -> None:
     if (directory / "metrics.json").exists():
         raise MamoError(f"the train run in {directory} has finished (metrics.json is there); nothing to resume.")
-    if config.train.mode == "stl":
-        raise MamoError(f"{directory} trains STL baselines (train.mode=stl), which continue from the baseline "
-                        "cache instead; run the same command again with a new --run-dir.")
+    refusal = TRAIN_MODES[config.train.mode].resume_refusal
+    if refusal:
+        raise MamoError(refusal.format(directory=directory))
 
 
 def _train_and_report(session: Session, directory: Path, callbacks: list[Callback] | None, loggers: bool,
@@ -85,32 +82,62 @@ def _train_and_report(session: Session, directory: Path, callbacks: list[Callbac
         return _train_and_write(session, directory, [logger, *watchers], state)
 
 
-def _train_and_write(session: Session, directory: Path, watchers: list[Callback], state: dict | None) -> dict:
+def _train_shared(session: Session, directory: Path, watchers: list[Callback], state: dict | None
+                  ) -> tuple[str, dict, dict[str, dict]]:
+    """The shared network with the configured direction, checkpointed in the run folder; its row beside the
+    cached STL's when there is one."""
     config = session.config
     epochs = config.train.epochs
-    tasks = session.data.tasks
-    stl_key = baseline_key(config, "stl", epochs)
-    if config.train.mode == "stl":
-        from mamo.baselines import cached_baseline  # it trains with this module's train_network
+    method = direction_label(config.direction, config.train.gradients)
+    session.log(f"HPS network, direction {method}, {counted(epochs, 'epoch')} on {session.device}")
+    trained = train_network(session, epochs, config.direction, description="train", callbacks=watchers,
+                            checkpoint=directory / "checkpoints" / "last.pt", state=state, run_config=config.to_dict())
+    save_checkpoint(directory / "checkpoints" / "best.pt", {"model": trained.model.state_dict(),
+                    "graph": graph_to_dict(trained.model.graph), "epoch": trained.extra["best_epoch"]})
+    save_model(directory, trained.model)
+    name, result = f"HPS ({method})", trained.result()
+    stl = session.cache.get(baseline_key(config, "stl", epochs))
+    return name, result, ({"STL": stl} if stl else {}) | {name: result}
 
-        result = cached_baseline(session, "stl", epochs, watchers)
-        results, stl_name = {"STL": result}, "STL"
-    else:
-        method = direction_label(config.direction, config.train.gradients)
-        session.log(f"HPS network, direction {method}, {counted(epochs, 'epoch')} on {session.device}")
-        last = directory / "checkpoints" / "last.pt"
-        trained = train_network(session, epochs, config.direction, description="train", callbacks=watchers,
-                                checkpoint=last, state=state, run_config=config.to_dict())
-        result = trained.result()
-        save_checkpoint(directory / "checkpoints" / "best.pt", {"model": trained.model.state_dict(),
-                        "graph": graph_to_dict(trained.model.graph), "epoch": trained.extra["best_epoch"]})
-        save_model(directory, trained.model)
-        stl = session.cache.get(stl_key)
-        results = {"STL": stl, f"HPS ({method})": result} if stl else {f"HPS ({method})": result}
-        stl_name = "STL" if stl else None
+
+def _train_stl(session: Session, directory: Path, watchers: list[Callback], state: dict | None
+               ) -> tuple[str, dict, dict[str, dict]]:
+    """One network per task, through the baseline cache: what a stopped one trained continues from there."""
+    result = cached_baseline(session, "stl", session.config.train.epochs, watchers)
+    return "STL", result, {"STL": result}
+
+
+@dataclass(frozen=True)
+class TrainMode:
+    """What ``train.mode`` trains (its row's name, its result, every row of the report) and how it continues."""
+
+    train: Callable[[Session, Path, list[Callback], dict | None], tuple[str, dict, dict[str, dict]]]
+    how_to_continue: Callable[[Path], str]  # after a stop, for the run folder given
+    resume_refusal: str | None = None  # why --resume refuses such a folder ({directory} is filled in)
+
+
+TRAIN_MODES: dict[str, TrainMode] = {
+    "mtl": TrainMode(_train_shared, lambda directory: f"python cli.py train --resume {directory}"),
+    # STL networks continue from the baseline cache beside the run folder, which any run of the same settings
+    # there reads: a new run, not --resume.
+    "stl": TrainMode(
+        _train_stl,
+        lambda directory: (f"the same train command with a new --run-dir in {directory.parent} (its baseline "
+                           f"cache, {directory.parent / '.baselines'}, keeps the finished networks and the stopped "
+                           "one's epochs)"),
+        "{directory} trains STL baselines (train.mode=stl), which continue from the baseline cache instead; run "
+        "the same command again with a new --run-dir.",
+    ),
+}
+
+
+def _train_and_write(session: Session, directory: Path, watchers: list[Callback], state: dict | None) -> dict:
+    config, tasks = session.config, session.data.tasks
+    name, result, results = TRAIN_MODES[config.train.mode].train(session, directory, watchers, state)
+    stl_name = "STL" if "STL" in results else None
     metrics = {"tasks": result["tasks"], "params": result["params"], "val": result["val"],
                "seconds_per_epoch": result["seconds_per_epoch"], "config": dataclasses.asdict(config)}
-    if stl_name and config.train.mode == "mtl":
+    if stl_name and name != stl_name:
         metrics["delta"] = delta(result["tasks"], results["STL"]["tasks"], tasks)
         metrics["win_rate"] = win_rate(result["tasks"], results["STL"]["tasks"], tasks)
         metrics["baselines"] = {"stl": results["STL"]}

@@ -284,6 +284,14 @@ def test_cached_stl_is_reused_not_retrained(runs: Path, capsys: pytest.CaptureFi
     assert path.read_text() == before
 
 
+def test_an_unknown_baseline_kind_is_refused_by_name(runs: Path) -> None:
+    # Before the table, any kind but "stl" was trained and cached as an HPS network under its own name.
+    config = load_config(str(runs / "stl" / "config.yaml"))
+    session = open_session(config, None, progress=False, quiet=True, cache_root=runs / ".baselines")
+    with pytest.raises(MamoError, match=r"unknown baseline kind 'hsp'; use one of stl, hps\."):
+        cached_baseline(session, "hsp", 1)
+
+
 def test_the_hps_baseline_trains_with_equal_weighting_whatever_the_direction(tmp_path: Path, monkeypatch) -> None:
     import mamo.baselines as baselines_module
 
@@ -461,6 +469,14 @@ def test_unknown_names_exit_2_with_one_sentence(
     assert train("logic", "--set", override, "--set", "train.device=cpu", "--no-progress",
                  "--run-dir", str(tmp_path / "run")) == 2
     assert expected in single_error(capsys.readouterr().err)
+
+
+def test_every_accepted_train_mode_has_a_way_to_train() -> None:
+    # train.mode is checked in mamo.session (search and tune check it too); the train command reads the table.
+    from mamo.session import MODES
+    from mamo.train import TRAIN_MODES
+
+    assert set(MODES) == set(TRAIN_MODES)
 
 
 @pytest.mark.parametrize(
