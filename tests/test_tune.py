@@ -216,7 +216,7 @@ def test_a_retried_trials_hparams_record_is_its_own_not_the_stopped_runs_failed_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    from mamo.tune import RoundReporter
+    from mamo.tune_objective import RoundReporter
 
     config = load_config("quick", [*TINY, "train.epochs=3", "search.pretrain_epochs=1", "search.round_epochs=1",
                                    "tune.rounds=[1, 1]", "tune.pruner=none"])
@@ -244,7 +244,7 @@ def test_a_retried_trials_hparams_record_is_its_own_not_the_stopped_runs_failed_
 def test_a_trial_killed_mid_search_is_retried_from_its_checkpoint_by_the_next_command(tmp_path, monkeypatch):
     # Found by a kill sweep: a SIGKILL mid-trial left the trial RUNNING forever and the rerun never resumed it.
     # SystemExit out of the objective leaves the trial RUNNING the same way (Optuna records nothing).
-    from mamo.tune import RoundReporter
+    from mamo.tune_objective import RoundReporter
     from mamo.tune_study import KILLED
 
     config = load_config("quick", [*TINY, "train.epochs=3", "search.pretrain_epochs=1", "search.round_epochs=1",
@@ -278,7 +278,7 @@ def test_a_trial_killed_mid_search_is_retried_from_its_checkpoint_by_the_next_co
 def test_a_retried_trial_reports_the_rounds_before_its_checkpoint_to_the_pruner(tmp_path, monkeypatch):
     # Killed after round 1's checkpoint but before its report, the retry skipped the pruner at round 1 and was
     # pruned later with another value than the uninterrupted trial (found by a kill sweep).
-    from mamo.tune import RoundReporter
+    from mamo.tune_objective import RoundReporter
     from mamo.tune_space import PRUNERS
 
     monkeypatch.setitem(PRUNERS, "median", AlwaysPrune)
@@ -741,7 +741,7 @@ def test_a_worker_takes_signals_as_ctrl_c_until_it_records_its_stopped_trial():
 def test_a_retry_clears_the_folder_its_stopped_trial_left_only_a_record_in(tmp_path):
     # A trial stopped before its search wrote config.yaml left its HPARAMS record alone in its folder, and every
     # retry failed there: "run folder ... already exists and is not empty".
-    from mamo.tune import _clear_records
+    from mamo.tune_objective import _clear_records
 
     records = tmp_path / "records"
     records.mkdir()
@@ -884,7 +884,7 @@ def test_a_pruned_trial_is_in_the_hparams_tab_with_its_last_round(tmp_path, monk
 def test_a_failed_trials_record_never_hides_its_error_nor_lands_in_a_folder_it_did_not_make(tmp_path, monkeypatch):
     import mamo.board
     import mamo.search
-    from mamo.tune import SearchObjective
+    from mamo.tune_objective import SearchObjective
 
     def failing_search(config, run_dir, **kwargs):
         Path(run_dir).mkdir(exist_ok=True)
@@ -958,7 +958,7 @@ def test_best_yaml_keeps_a_workers_thread_count_and_says_what_its_search_repeats
 
 
 def test_a_worker_share_of_the_cores_is_the_trials_train_threads_unless_the_preset_sets_them(tmp_path, tiny):
-    from mamo.tune import SearchObjective
+    from mamo.tune_objective import SearchObjective
 
     study = optuna.create_study(direction="maximize")
     for base, expected in ((tiny, 1), (dataclasses.replace(tiny, train=dataclasses.replace(tiny.train, threads=2)), 2)):
