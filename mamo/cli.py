@@ -9,20 +9,18 @@ is removed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import importlib
 import io
 import os
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mamo.errors import STOP_REQUESTED, WRITE_FAILURES, MamoError, StopExplained
+from mamo.errors import WRITE_FAILURES, MamoError, StopExplained
+from mamo.stops import stop_signals_interrupt
 
 
 @dataclass(frozen=True)
@@ -153,49 +151,6 @@ def _tolerate_narrow_terminals() -> None:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
             stream.reconfigure(errors="replace")
-
-
-def interrupt(number: int, frame: object) -> None:
-    """A signal handler that does what Ctrl-C does, raise KeyboardInterrupt at every signal, and also requests
-    the stop (:data:`mamo.errors.STOP_REQUESTED`), in case Python drops this raise."""
-    STOP_REQUESTED.set()
-    raise KeyboardInterrupt
-
-
-def hide_dropped_stops(previous: Callable[[Any], object]) -> Callable[[Any], object]:
-    """An unraisable-exception hook that keeps quiet about a stop's KeyboardInterrupt Python dropped (it printed
-    "Exception ignored in ... weakref" tracebacks; :data:`mamo.errors.STOP_REQUESTED` stops the run instead)
-    and hands everything else to ``previous``."""
-
-    def hook(unraisable: Any) -> object:
-        if isinstance(unraisable.exc_value, KeyboardInterrupt) and STOP_REQUESTED.is_set():
-            return None
-        return previous(unraisable)
-
-    return hook
-
-
-@contextlib.contextmanager
-def stop_signals_interrupt() -> Iterator[None]:
-    """Inside, SIGTERM and SIGHUP (a kill, a batch system's stop, a closed terminal) stop a command as Ctrl-C
-    (SIGINT) does, and a stop Python dropped is raised again at the next training step or trial: a train or
-    search logs how to continue, a tune records its running trials as stopped, stops its workers and writes its
-    summary. Only in the main thread, where Python delivers signals."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    for number in previous:
-        signal.signal(number, interrupt)
-    unraisable = sys.unraisablehook
-    sys.unraisablehook = hide_dropped_stops(unraisable)
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        sys.unraisablehook = unraisable
-        STOP_REQUESTED.clear()
 
 
 def main(argv: list[str] | None = None) -> int:

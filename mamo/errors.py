@@ -1,13 +1,6 @@
 """The one exception type users see, a sentence naming the bad input and the fix; which OS errors are the machine's."""
 
 import errno
-import threading
-
-# Set by mamo's stop-signal handlers (SIGINT, SIGTERM, SIGHUP under the CLI; a tune worker's), which also raise
-# KeyboardInterrupt. Python drops a KeyboardInterrupt raised while a weakref callback or a finaliser runs (the
-# garbage collector's, often, in training): the trainer and a tune worker check this between steps and trials
-# and raise it again there. Process-wide because signals are; the CLI clears it when its command ends.
-STOP_REQUESTED = threading.Event()
 
 # A full disk, a quota, a read-only or immutable folder (EPERM) or a path too long for the file system: the
 # machine's or the path's fault, not a bug, so a sentence instead of a trace.

@@ -22,10 +22,11 @@ from tqdm import tqdm
 from mamo.config import TrainConfig
 from mamo.data import batches_per_epoch, iterate_batches
 from mamo.dense import NoValidPixels
-from mamo.errors import STOP_REQUESTED, MamoError, TrainingDiverged
+from mamo.errors import MamoError, TrainingDiverged
 from mamo.model import MamoNet
 from mamo.runs import format_duration
 from mamo.step import StepResult, TrainStep, check_step_settings
+from mamo.stops import STOP_REQUESTED
 from mamo.tasks import MetricAccumulator
 
 if TYPE_CHECKING:

@@ -24,7 +24,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mamo.cache import process_owner
-from mamo.errors import STOP_REQUESTED, MamoError
+from mamo.errors import MamoError
+from mamo.stops import STOP_REQUESTED, hide_dropped_stops
 from mamo.tune_space import PRUNERS
 from mamo.tune_storage import RETRY_OF, open_storage, shown_url, storage_failure
 from mamo.tune_summary import fail_reason, short_value
@@ -42,7 +43,7 @@ class WorkerStop:
     records its stopped trial; from then on a signal is ignored, so the terminal's Ctrl-C and the parent's
     SIGTERM, which both reach it, do not cut the record short. A stop Python dropped (raised inside a weakref
     callback, where it is only reported) is raised again at the next training step or trial
-    (:data:`mamo.errors.STOP_REQUESTED`)."""
+    (:data:`mamo.stops.STOP_REQUESTED`)."""
 
     def __init__(self) -> None:
         self.recording = False
@@ -242,8 +243,6 @@ def _worker(plan: Plan, tickets: Tickets, seed: int | None) -> None:
     """A spawned worker: on Ctrl-C (which reaches every process of the terminal) or the parent's SIGTERM it
     records its trial as stopped and exits quietly; the parent says how to continue, once. It starts with Ctrl-C
     ignored (see :func:`run_workers`) and takes it from here on."""
-    from mamo.cli import hide_dropped_stops
-
     stop = WorkerStop()
     for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, stop)

@@ -376,8 +376,8 @@ def test_resume_refuses_data_of_other_shapes_than_the_checkpoint_was_trained_on(
 def test_a_stop_python_dropped_is_raised_again_at_the_next_step() -> None:
     # A KeyboardInterrupt raised while a weakref callback runs (the garbage collector's, often, in training) is
     # only reported; a stop signal's handler also sets STOP_REQUESTED, which the trainer checks every step.
-    from mamo.errors import STOP_REQUESTED
     from mamo.session import build_network, make_trainer
+    from mamo.stops import STOP_REQUESTED
 
     config = load_config("quick", RESUMABLE)
     session = open_session(config, None, progress=False, quiet=True)

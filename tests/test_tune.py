@@ -619,7 +619,7 @@ def test_two_sqlite_workers_share_the_trials(tmp_path, monkeypatch):
 SIGTERM_SCRIPT = """
 import sys
 
-from mamo.cli import stop_signals_interrupt
+from mamo.stops import stop_signals_interrupt
 from mamo.config import load_config
 from mamo.errors import StopExplained
 from mamo.tune import run_tune
@@ -691,8 +691,7 @@ def test_a_stopped_command_kills_the_workers_a_signal_does_not_stop(monkeypatch)
 def test_a_dropped_stop_is_not_reported_but_other_unraisable_errors_are():
     import types
 
-    from mamo.cli import hide_dropped_stops
-    from mamo.errors import STOP_REQUESTED
+    from mamo.stops import STOP_REQUESTED, hide_dropped_stops
 
     seen = []
     hook = hide_dropped_stops(seen.append)
@@ -709,7 +708,7 @@ def test_a_dropped_stop_is_not_reported_but_other_unraisable_errors_are():
 
 
 def test_a_stop_requested_between_trials_ends_the_study_as_ctrl_c(tmp_path):
-    from mamo.errors import STOP_REQUESTED
+    from mamo.stops import STOP_REQUESTED
 
     run_tune(load_config("quick"), study_dir=tmp_path, trials=1, objective=draws_alpha)
     STOP_REQUESTED.set()  # a stop signal whose KeyboardInterrupt Python dropped
@@ -724,7 +723,7 @@ def test_a_stop_requested_between_trials_ends_the_study_as_ctrl_c(tmp_path):
 def test_a_worker_takes_signals_as_ctrl_c_until_it_records_its_stopped_trial():
     import signal
 
-    from mamo.errors import STOP_REQUESTED
+    from mamo.stops import STOP_REQUESTED
     from mamo.tune_workers import WorkerStop
 
     stop = WorkerStop()

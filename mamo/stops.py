@@ -1,0 +1,60 @@
+"""Stops: SIGINT, SIGTERM and SIGHUP become a KeyboardInterrupt, as Ctrl-C is, plus a flag for the raise Python
+drops. Process-wide, as signals are; the CLI installs the handlers around every command."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+# Set by mamo's stop-signal handlers (SIGINT, SIGTERM, SIGHUP under the CLI; a tune worker's), which also raise
+# KeyboardInterrupt. Python drops a KeyboardInterrupt raised while a weakref callback or a finaliser runs (the
+# garbage collector's, often, in training): the trainer and a tune worker check this between steps and trials
+# and raise it again there. Process-wide because signals are; the CLI clears it when its command ends.
+STOP_REQUESTED = threading.Event()
+
+
+def interrupt(number: int, frame: object) -> None:
+    """A signal handler that does what Ctrl-C does, raise KeyboardInterrupt at every signal, and also requests
+    the stop (:data:`STOP_REQUESTED`), in case Python drops this raise."""
+    STOP_REQUESTED.set()
+    raise KeyboardInterrupt
+
+
+def hide_dropped_stops(previous: Callable[[Any], object]) -> Callable[[Any], object]:
+    """An unraisable-exception hook that keeps quiet about a stop's KeyboardInterrupt Python dropped (it printed
+    "Exception ignored in ... weakref" tracebacks; :data:`STOP_REQUESTED` stops the run instead)
+    and hands everything else to ``previous``."""
+
+    def hook(unraisable: Any) -> object:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and STOP_REQUESTED.is_set():
+            return None
+        return previous(unraisable)
+
+    return hook
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM and SIGHUP (a kill, a batch system's stop, a closed terminal) stop a command as Ctrl-C
+    (SIGINT) does, and a stop Python dropped is raised again at the next training step or trial: a train or
+    search logs how to continue, a tune records its running trials as stopped, stops its workers and writes its
+    summary. Only in the main thread, where Python delivers signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for number in previous:
+        signal.signal(number, interrupt)
+    unraisable = sys.unraisablehook
+    sys.unraisablehook = hide_dropped_stops(unraisable)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        sys.unraisablehook = unraisable
+        STOP_REQUESTED.clear()
