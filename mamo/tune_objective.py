@@ -75,11 +75,13 @@ class SearchObjective:
             config.search.baselines = False
         # A retry continues the interrupted trial's own folder (same parameters) from its newest checkpoint.
         retried = trial.user_attrs.get(RETRY_OF)
-        folder = (trial.study.get_trials(deepcopy=False)[retried].user_attrs.get("run_dir")
-                  if retried is not None else None)
-        if not (folder and Path(folder).is_dir()):  # no folder yet, or one on another machine: a fresh start
+        stored = None if retried is None else trial.study.get_trials(deepcopy=False)[retried].user_attrs.get("run_dir")
+        # Its folder in this study folder, whatever path the storage recorded: a copied or moved study must not
+        # continue the trial in the folder it was copied from (another study's, from then on).
+        folder = self.study_dir / Path(stored).name if stored else None
+        if not (folder and folder.is_dir()):  # no folder yet, or one on another machine: a fresh start
             retried, folder = None, None
-        run_dir = Path(folder) if folder else self.study_dir / trial_folder(trial.number)
+        run_dir = folder or self.study_dir / trial_folder(trial.number)
         if retried is not None:
             drop_hparams(run_dir)  # the stopped run's "failed"
             if not (run_dir / "config.yaml").is_file():

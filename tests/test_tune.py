@@ -275,6 +275,35 @@ def test_a_trial_killed_mid_search_is_retried_from_its_checkpoint_by_the_next_co
     assert retry.value == reference.value  # the same search, continued from its round-1 checkpoint
 
 
+def test_a_copied_study_retries_its_killed_trial_in_its_own_folder_not_the_original(tmp_path, monkeypatch):
+    # The storage records a trial's folder as an absolute path: continuing a copy of a study folder resumed the
+    # killed trial in the folder it was copied from, writing into the original study (found by a helper).
+    import shutil
+
+    from mamo.tune_objective import RoundReporter
+
+    config = load_config("quick", [*TINY, "train.epochs=3", "search.pretrain_epochs=1", "search.round_epochs=1",
+                                   "tune.rounds=[1, 1]", "tune.pruner=none"])
+    quiet = {"progress": False, "tensorboard": False}
+    report = RoundReporter.on_round_end
+
+    def killed_after_round_1(self, record):
+        report(self, record)
+        raise SystemExit(137)
+
+    monkeypatch.setattr(RoundReporter, "on_round_end", killed_after_round_1)
+    with pytest.raises(SystemExit):
+        run_tune(config, study_dir=tmp_path / "original", trials=1, **quiet)
+    monkeypatch.setattr(RoundReporter, "on_round_end", report)
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    before = {path: path.stat().st_mtime_ns for path in (tmp_path / "original").rglob("*")}
+    run_tune(config, study_dir=tmp_path / "copy", trials=1, **quiet)
+    _, retry = load(tmp_path / "copy").trials
+    assert retry.user_attrs["run_dir"] == str((tmp_path / "copy" / "trial-0000").resolve())
+    assert "resuming" in (tmp_path / "copy" / "trial-0000" / "log.txt").read_text()
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "original").rglob("*")} == before
+
+
 def test_a_retried_trial_reports_the_rounds_before_its_checkpoint_to_the_pruner(tmp_path, monkeypatch):
     # Killed after round 1's checkpoint but before its report, the retry skipped the pruner at round 1 and was
     # pruned later with another value than the uninterrupted trial (found by a kill sweep).
