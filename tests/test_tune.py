@@ -16,7 +16,7 @@ import torch
 from optuna.trial import TrialState
 
 from mamo.cli import main
-from mamo.config import load_config
+from mamo.config import Config, load_config
 from mamo.errors import MamoError
 from mamo.tune import run_tune
 from mamo.tune_space import apply_params, check_space
@@ -241,30 +241,38 @@ def test_a_retried_trials_hparams_record_is_its_own_not_the_stopped_runs_failed_
     assert start.session_start_info.hparams["state"].string_value == "complete"
 
 
-def test_a_trial_killed_mid_search_is_retried_from_its_checkpoint_by_the_next_command(tmp_path, monkeypatch):
-    # Found by a kill sweep: a SIGKILL mid-trial left the trial RUNNING forever and the rerun never resumed it.
-    # SystemExit out of the objective leaves the trial RUNNING the same way (Optuna records nothing).
-    from mamo.tune_objective import RoundReporter
-    from mamo.tune_study import KILLED
+ONE_ROUND = [*TINY, "train.epochs=3", "search.pretrain_epochs=1", "search.round_epochs=1", "tune.rounds=[1, 1]",
+             "tune.pruner=none"]
+QUIET = {"progress": False, "tensorboard": False}
 
-    config = load_config("quick", [*TINY, "train.epochs=3", "search.pretrain_epochs=1", "search.round_epochs=1",
-                                   "tune.rounds=[1, 1]", "tune.pruner=none"])
-    quiet = {"progress": False, "tensorboard": False}
-    run_tune(config, study_dir=tmp_path / "whole", trials=1, **quiet)
-    reference = load(tmp_path / "whole").trials[0]
+
+def _killed_after_round_1(config: Config, study_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study of one trial whose command is killed after the trial's round 1 checkpoint and report. SystemExit
+    out of the objective leaves the trial RUNNING as a SIGKILL does (Optuna records nothing)."""
+    from mamo.tune_objective import RoundReporter
 
     report = RoundReporter.on_round_end
 
-    def killed_after_round_1(self, record):
+    def killed(self, record):
         report(self, record)
         raise SystemExit(137)
 
-    monkeypatch.setattr(RoundReporter, "on_round_end", killed_after_round_1)
-    with pytest.raises(SystemExit):
-        run_tune(config, study_dir=tmp_path / "cut", trials=1, **quiet)
+    with monkeypatch.context() as patch:
+        patch.setattr(RoundReporter, "on_round_end", killed)
+        with pytest.raises(SystemExit):
+            run_tune(config, study_dir=study_dir, trials=1, **QUIET)
+
+
+def test_a_trial_killed_mid_search_is_retried_from_its_checkpoint_by_the_next_command(tmp_path, monkeypatch):
+    # Found by a kill sweep: a SIGKILL mid-trial left the trial RUNNING forever and the rerun never resumed it.
+    from mamo.tune_study import KILLED
+
+    config = load_config("quick", ONE_ROUND)
+    run_tune(config, study_dir=tmp_path / "whole", trials=1, **QUIET)
+    reference = load(tmp_path / "whole").trials[0]
+    _killed_after_round_1(config, tmp_path / "cut", monkeypatch)
     assert load(tmp_path / "cut").trials[0].state == TrialState.RUNNING
-    monkeypatch.setattr(RoundReporter, "on_round_end", report)
-    run_tune(config, study_dir=tmp_path / "cut", trials=1, **quiet)
+    run_tune(config, study_dir=tmp_path / "cut", trials=1, **QUIET)
     killed, retry = load(tmp_path / "cut").trials
     assert killed.state == TrialState.FAIL and killed.user_attrs["fail_reason"] == KILLED
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["retry_of"] == 0
@@ -280,24 +288,11 @@ def test_a_copied_study_retries_its_killed_trial_in_its_own_folder_not_the_origi
     # killed trial in the folder it was copied from, writing into the original study (found by a helper).
     import shutil
 
-    from mamo.tune_objective import RoundReporter
-
-    config = load_config("quick", [*TINY, "train.epochs=3", "search.pretrain_epochs=1", "search.round_epochs=1",
-                                   "tune.rounds=[1, 1]", "tune.pruner=none"])
-    quiet = {"progress": False, "tensorboard": False}
-    report = RoundReporter.on_round_end
-
-    def killed_after_round_1(self, record):
-        report(self, record)
-        raise SystemExit(137)
-
-    monkeypatch.setattr(RoundReporter, "on_round_end", killed_after_round_1)
-    with pytest.raises(SystemExit):
-        run_tune(config, study_dir=tmp_path / "original", trials=1, **quiet)
-    monkeypatch.setattr(RoundReporter, "on_round_end", report)
+    config = load_config("quick", ONE_ROUND)
+    _killed_after_round_1(config, tmp_path / "original", monkeypatch)
     shutil.copytree(tmp_path / "original", tmp_path / "copy")
     before = {path: path.stat().st_mtime_ns for path in (tmp_path / "original").rglob("*")}
-    run_tune(config, study_dir=tmp_path / "copy", trials=1, **quiet)
+    run_tune(config, study_dir=tmp_path / "copy", trials=1, **QUIET)
     _, retry = load(tmp_path / "copy").trials
     assert retry.user_attrs["run_dir"] == str((tmp_path / "copy" / "trial-0000").resolve())
     assert "resuming" in (tmp_path / "copy" / "trial-0000" / "log.txt").read_text()
