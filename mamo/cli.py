@@ -46,10 +46,12 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def add_preset_arguments(parser: argparse.ArgumentParser, default: str | None, command: str) -> None:
-    """The arguments every command that reads a preset shares; ``command`` names its default run folder."""
+def add_preset_arguments(parser: argparse.ArgumentParser, default: str | None, command: str,
+                         default_text: str | None = None) -> None:
+    """The arguments every command that reads a preset shares; ``command`` names its default run folder,
+    ``default_text`` says what the preset defaults to when that is not ``default`` alone."""
     parser.add_argument("preset", nargs="?", default=default,
-                        help=f"a preset name in search_spaces/ or a YAML file (default: {default})")
+                        help=f"a preset name in search_spaces/ or a YAML file (default: {default_text or default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.epochs=3 (repeatable)")
     run_dir_help = (

@@ -35,6 +35,7 @@ from mamo.tune_summary import summarize
 from mamo.tune_workers import Plan, Tickets, TrialLine, optimize, quiet_optuna, run_workers
 
 DEFAULT_STUDY = "mamo"
+DEFAULT_PRESET = "multimnist"
 LOCAL_STORAGE_FIX = "make the study folder writable, or pass another --run-dir"  # its study.db, not a --storage
 
 
@@ -230,10 +231,23 @@ def _check_arguments(config: Config, trials: int | None, workers: int, storage: 
         raise MamoError("--storage needs --study NAME so that every worker joins the same study; add --study.")
 
 
+def _preset(args: argparse.Namespace) -> str:
+    """The preset named, else the study folder's study.yaml, else the default. A joined study takes its
+    configuration from the storage anyway; study.yaml matters when the storage has none yet: a start stopped
+    while it trained the STL reference left only study.yaml, and continuing it with the default preset made a
+    MultiMNIST study of a quick one (found by a helper)."""
+    if args.preset is not None:
+        return args.preset
+    folder = Path(args.run_dir) if args.run_dir else RUNS_ROOT / f"tune-{args.study}" if args.storage else None
+    saved = folder / "study.yaml" if folder else None
+    return str(saved) if saved is not None and saved.is_file() else DEFAULT_PRESET
+
+
 def add_arguments_tune(parser: argparse.ArgumentParser) -> None:
     from mamo.cli import add_preset_arguments
 
-    add_preset_arguments(parser, "multimnist", "tune")
+    add_preset_arguments(parser, None, "tune", f"{DEFAULT_PRESET}, or the study folder's study.yaml when --run-dir "
+                         "names an existing study")
     parser.add_argument("--trials", type=int, default=None,
                         help="trials this command runs, shared by its workers (default: tune.trials of the preset)")
     parser.add_argument("--workers", type=int, default=1, help="local worker processes on the study (default 1)")
@@ -250,7 +264,7 @@ def command_tune(args: argparse.Namespace) -> int:
     from mamo.cli import show_progress
 
     result = run_tune(
-        load_config(args.preset, args.overrides), overrides=args.overrides, study_dir=args.run_dir,
+        load_config(_preset(args), args.overrides), overrides=args.overrides, study_dir=args.run_dir,
         storage=args.storage, study_name=args.study, trials=args.trials, workers=args.workers,
         multi_objective=args.multi_objective, progress=show_progress(args), tensorboard=not args.no_tensorboard,
         pictures=not args.no_pictures,

@@ -537,6 +537,25 @@ def test_a_setting_the_space_ends_fail_on_is_one_sentence_before_the_study(tmp_p
     assert not (tmp_path / "study").exists()
 
 
+def test_a_study_stopped_while_its_reference_trained_continues_with_its_own_preset(tmp_path, monkeypatch):
+    # Killed before the study existed in the storage, a quick study left only study.yaml; continuing it without
+    # naming the preset made it a MultiMNIST study (the default preset) and rewrote study.yaml (found by a helper).
+    import mamo.tune
+
+    folder = tmp_path / "study"
+    with monkeypatch.context() as patch:
+        patch.setattr(mamo.tune, "_reference", lambda *args, **kwargs: (_ for _ in ()).throw(SystemExit(137)))
+        with pytest.raises(SystemExit):
+            main(["tune", "quick", *(f"--set={s}" for s in [*TINY, "tune.rounds=[1, 1]"]), "--trials", "1",
+                  "--run-dir", str(folder), "--no-progress", "--no-tensorboard"])
+    assert load_config(str(folder / "study.yaml")).name == "quick" and not (folder / "study-id.json").exists()
+    assert main(["tune", "--trials", "1", "--run-dir", str(folder), "--no-progress", "--no-tensorboard"]) == 0
+    assert load_config(str(folder / "study.yaml")).name == "quick"
+    trial = load(folder).trials[0]
+    assert trial.params["rounds"] == 1
+    assert load_config(str(folder / "trial-0000" / "config.yaml")).data.train_size == 128
+
+
 def test_a_diverged_trial_is_recorded_with_its_reason_and_in_the_hparams_tab(tmp_path):
     # The learning rate is sampled in the trial, so only training finds that it diverges.
     config = load_config("quick", [*TINY, "tune.lr=[1e29, 1e30]", "tune.rounds=[0, 0]"])
