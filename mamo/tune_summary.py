@@ -29,10 +29,21 @@ def _cell(value: Any, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed and isinstance(value, float) else short_value(value)
 
 
-def _where(trial: FrozenTrial) -> str:
+def run_folder(trial: FrozenTrial, directory: Path) -> Path | None:
+    """The trial's run folder: its ``trial-NNNN`` in the study folder ``directory`` when it is there, else the
+    path the storage recorded (another machine's). The recorded path is absolute, so it goes stale when a study
+    folder is copied or moved: best.yaml was then read from the old folder, or another study's at that path."""
+    stored = trial.user_attrs.get("run_dir")
+    if stored is None:
+        return None
+    here = directory / Path(stored).name
+    return here if here.is_dir() else Path(stored)
+
+
+def _where(trial: FrozenTrial, directory: Path) -> str:
     """The trial's run folder, relative when it lies below here, prefixed by its host when it ran elsewhere."""
-    path = Path(trial.user_attrs.get("run_dir", "?"))
-    if path.is_relative_to(Path.cwd()):
+    path = run_folder(trial, directory) or Path("?")
+    if path.is_absolute() and path.is_relative_to(Path.cwd()):
         path = path.relative_to(Path.cwd())
     host = trial.user_attrs.get("host")
     return str(path) if host in (None, socket.gethostname()) else f"{host}:{path}"
@@ -64,7 +75,7 @@ def chosen_trial(study: optuna.Study, multi: bool) -> FrozenTrial | None:
     return max(trials, key=lambda t: t.user_attrs.get("val_delta", -math.inf)) if multi else trials[0]
 
 
-def trials_table(study: optuna.Study, trials: list[FrozenTrial], multi: bool) -> list[str]:
+def trials_table(study: optuna.Study, trials: list[FrozenTrial], multi: bool, directory: Path) -> list[str]:
     names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
     tuned = [name for name in SPACE if any(name in t.params for t in trials)]
     header = ["trial", *names, *(["val Δ"] if multi else []), "test Δ", "win", *tuned, "GMKs", "parameters",
@@ -75,7 +86,7 @@ def trials_table(study: optuna.Study, trials: list[FrozenTrial], multi: bool) ->
         body.append([str(t.number), *(_cell(v, signed=not multi) for v in t.values),
                      *([_cell(attrs.get("val_delta"), True)] if multi else []), _cell(attrs.get("delta"), True),
                      _cell(attrs.get("win_rate")), *(_cell(t.params.get(n)) for n in tuned),
-                     _cell(attrs.get("gmk_modules")), _cell(attrs.get("params")), _where(t)])
+                     _cell(attrs.get("gmk_modules")), _cell(attrs.get("params")), _where(t, directory)])
     return table_lines(header, body)
 
 
@@ -84,6 +95,7 @@ CSV_ATTRS = ("val_delta", "delta", "win_rate", "gmk_modules", "params", "seconds
 
 
 def write_trials_csv(study: optuna.Study, path: Path) -> None:
+    """One row per trial; ``run_dir`` as :func:`run_folder` finds it from the study folder holding ``path``."""
     trials = study.get_trials(deepcopy=False)
     names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
     tuned = [name for name in SPACE if any(name in t.params for t in trials)]
@@ -94,6 +106,8 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
         for t in trials:
             values = t.values or [None] * len(names)
             recorded = {**t.user_attrs, "fail_reason": fail_reason(t)} if t.state == TrialState.FAIL else t.user_attrs
+            folder = run_folder(t, path.parent)
+            recorded = {**recorded, "run_dir": None if folder is None else str(folder.resolve())}
             writer.writerow([t.number, t.state.name.lower(), *values, *(t.params.get(n) for n in tuned),
                              *(recorded.get(a) for a in attrs)])
 
@@ -123,11 +137,12 @@ def plot_pareto(study: optuna.Study, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def _trial_config(trial: FrozenTrial, base: Config) -> Config:
+def _trial_config(trial: FrozenTrial, base: Config, directory: Path) -> Config:
     """The configuration ``trial`` ran with: its run folder's config.yaml (a later command's --set must not leak
     into best.yaml), or, where that folder is not readable here (another machine), ``base`` with its params.
     Baselines as in ``base``: trials that tune the learning rate skip their own, a rerun of best.yaml wants them."""
-    saved = Path(trial.user_attrs["run_dir"]) / "config.yaml" if "run_dir" in trial.user_attrs else None
+    folder = run_folder(trial, directory)
+    saved = folder / "config.yaml" if folder else None
     try:
         config = load_config(str(saved)) if saved and saved.is_file() else apply_params(base, trial.params)
     except MamoError:
@@ -161,12 +176,12 @@ def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, s
     best_path = None
     if chosen is not None:
         title = "Pareto front (validation metrics)" if multi else "Best trials (objective: validation Δ vs STL, %)"
-        lines += [f"## {title}", "", *trials_table(study, best_trials(study, multi), multi), ""]
+        lines += [f"## {title}", "", *trials_table(study, best_trials(study, multi), multi, directory), ""]
         best_path = directory / "best.yaml"
-        tuned = _trial_config(chosen, base)
+        tuned = _trial_config(chosen, base, directory)
         tuned.name = f"{base.name}-tuned"
         dump_config(tuned, best_path)
-        lines += [f"Best configuration: {best_path} (trial {chosen.number}, run folder {_where(chosen)}); "
+        lines += [f"Best configuration: {best_path} (trial {chosen.number}, run folder {_where(chosen, directory)}); "
                   f"run it with `mamo search {best_path}`.", *_rerun_notes(tuned, base, chosen), ""]
         if multi and 2 <= len(study.directions) <= 3:
             plot_pareto(study, directory / "pareto.png")

@@ -16,7 +16,7 @@ import torch
 from optuna.trial import TrialState
 
 from mamo.cli import main
-from mamo.config import Config, load_config
+from mamo.config import Config, dump_config, load_config
 from mamo.errors import MamoError
 from mamo.tune import run_tune
 from mamo.tune_space import apply_params, check_space
@@ -556,6 +556,27 @@ def test_a_study_stopped_while_its_reference_trained_continues_with_its_own_pres
     assert load_config(str(folder / "trial-0000" / "config.yaml")).data.train_size == 128
 
 
+def test_a_moved_study_reads_its_own_trial_folders_not_the_paths_the_storage_recorded(tmp_path):
+    # The storage keeps each trial's folder as an absolute path: after a move, best.yaml was built from
+    # whatever config.yaml lay at the old path (another study's there), and summary.md pointed at it.
+    import csv
+    import shutil
+
+    config = load_config("quick", [*TINY, "tune.rounds=[0, 0]", "tune.T=null", "tune.alpha=null"])
+    run_tune(config, study_dir=tmp_path / "old", trials=1, progress=False, tensorboard=False)
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    stranger = tmp_path / "old" / "trial-0000"  # another run at the old path
+    stranger.mkdir(parents=True)
+    dump_config(load_config("quick", ["train.lr=0.5"]), stranger / "config.yaml")
+    run_tune(config, study_dir=tmp_path / "new", trials=0, progress=False, tensorboard=False)
+    ran = load_config(str(tmp_path / "new" / "trial-0000" / "config.yaml"))
+    assert load_config(str(tmp_path / "new" / "best.yaml")).train.lr == ran.train.lr != 0.5
+    summary = (tmp_path / "new" / "summary.md").read_text()
+    assert str(tmp_path / "new" / "trial-0000") in summary and str(stranger) not in summary
+    (row,) = csv.DictReader((tmp_path / "new" / "trials.csv").open())
+    assert row["run_dir"] == str((tmp_path / "new" / "trial-0000").resolve())
+
+
 def test_a_diverged_trial_is_recorded_with_its_reason_and_in_the_hparams_tab(tmp_path):
     # The learning rate is sampled in the trial, so only training finds that it diverges.
     config = load_config("quick", [*TINY, "tune.lr=[1e29, 1e30]", "tune.rounds=[0, 0]"])
@@ -958,7 +979,6 @@ def test_best_yaml_is_the_chosen_trials_own_configuration(tmp_path):
     # described the trial it named.
     from optuna.distributions import IntDistribution
 
-    from mamo.config import dump_config
     from mamo.tune_summary import summarize
 
     trial_dir = tmp_path / "trial-0000"
