@@ -24,7 +24,7 @@ from mamo.errors import MamoError
 from mamo.model import count_parameters
 from mamo.report import build_rows, delta, growth_notes, time_notes, win_rate, write_metrics, write_report
 from mamo.runs import check_resumed_config, read_run_config
-from mamo.search_phases import ConflictRecorder, SearchRun, run_phases
+from mamo.search_phases import ConflictRecorder, SearchRun, run_phases, stl_validation
 from mamo.search_plan import (
     budget_note,
     check_resumed_phase,
@@ -92,7 +92,7 @@ def run_search(
                 baselines = state["baselines"]
             elif search.baselines:
                 baselines = cached_baselines(session, ("stl", "hps"), config.train.epochs)
-            stl_val = baselines["stl"]["val"] if baselines else None
+            stl_val = stl_validation(baselines)
             if loggers:
                 from mamo.board import TensorBoardLogger
 

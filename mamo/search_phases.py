@@ -144,6 +144,11 @@ def save_phase_checkpoint(directory: Path, phase: Phase, trainer: Trainer, round
                      **extra})
 
 
+def stl_validation(baselines: dict) -> Metrics | None:
+    """The STL baseline's validation metrics, what Δ is measured against (None: the search has no baselines)."""
+    return baselines["stl"]["val"] if baselines else None
+
+
 @dataclass
 class SearchRun:
     """What the phases of one search share."""
@@ -161,7 +166,7 @@ class SearchRun:
 
     @property
     def stl_val(self) -> Metrics | None:
-        return self.baselines["stl"]["val"] if self.baselines else None
+        return stl_validation(self.baselines)
 
 
 def _train(run: SearchRun, phase: Phase, done: int, partial: dict | None) -> RoundRecord | None:

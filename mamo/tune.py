@@ -39,12 +39,17 @@ DEFAULT_PRESET = "multimnist"
 LOCAL_STORAGE_FIX = "make the study folder writable, or pass another --run-dir"  # its study.db, not a --storage
 
 
+def _shared_study_folder(name: str) -> Path:
+    """The default study folder of a study in a shared --storage: one per study name, so every command joins it."""
+    return RUNS_ROOT / f"tune-{name}"
+
+
 def _study_dir(run_dir: str | Path | None, storage: str | None, name: str, config: Config) -> tuple[Path, bool]:
     """The study folder, and whether this command created it."""
     if run_dir:
         path = Path(run_dir)
     elif storage:
-        path = RUNS_ROOT / f"tune-{name}"
+        path = _shared_study_folder(name)
     else:  # a new local study: a folder of its own, even beside a tune started in the same second
         return claim_new_folder(RUNS_ROOT / f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{config.name}"), True
     if path.exists() and not path.is_dir():
@@ -238,7 +243,7 @@ def _preset(args: argparse.Namespace) -> str:
     MultiMNIST study of a quick one (found by a helper)."""
     if args.preset is not None:
         return args.preset
-    folder = Path(args.run_dir) if args.run_dir else RUNS_ROOT / f"tune-{args.study}" if args.storage else None
+    folder = Path(args.run_dir) if args.run_dir else _shared_study_folder(args.study) if args.storage else None
     saved = folder / "study.yaml" if folder else None
     return str(saved) if saved is not None and saved.is_file() else DEFAULT_PRESET
 
