@@ -62,7 +62,7 @@ class SearchObjective:
     threads: int | None = None  # a worker's share of the cores, when train.threads does not say
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
-        from mamo.board import drop_hparams, write_hparams
+        from mamo.hparams import drop_hparams, write_hparams
         from mamo.search import run_search
 
         config = suggest_config(trial, self.base)

@@ -12,9 +12,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from mamo.board import TensorBoardLogger, write_hparams
+from mamo.board import TensorBoardLogger
 from mamo.config import DirectionConfig, TensionerConfig, load_config
 from mamo.errors import MamoError
+from mamo.hparams import write_hparams
 from mamo.search import run_search
 from mamo.session import build_network, make_trainer, open_session
 from mamo.train import run_train

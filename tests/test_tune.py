@@ -945,7 +945,7 @@ def test_a_pruned_trial_is_in_the_hparams_tab_with_its_last_round(tmp_path, monk
 
 
 def test_a_failed_trials_record_never_hides_its_error_nor_lands_in_a_folder_it_did_not_make(tmp_path, monkeypatch):
-    import mamo.board
+    import mamo.hparams
     import mamo.search
     from mamo.tune_objective import SearchObjective
 
@@ -967,7 +967,7 @@ def test_a_failed_trials_record_never_hides_its_error_nor_lands_in_a_folder_it_d
         objective(study.ask())  # its own folder: the record is written
     assert list((tmp_path / "trial-0001").glob("events.out.tfevents.*"))
     assert not getattr(caught.value, "__notes__", [])
-    monkeypatch.setattr(mamo.board, "write_hparams", full_disk)
+    monkeypatch.setattr(mamo.hparams, "write_hparams", full_disk)
     with pytest.raises(RuntimeError, match="CUDA out of memory") as caught:
         objective(study.ask())
     assert caught.value.__notes__ == ["Its TensorBoard HPARAMS record could not be written either: "
