@@ -129,6 +129,63 @@ def _reference(config: Config, directory: Path, search: bool, multi: bool, progr
     return session.data.tasks, results["stl"]["val"] if "stl" in results else None
 
 
+@dataclasses.dataclass
+class _OpenStudy:
+    """What setting a study up gives its trials."""
+
+    study: optuna.Study
+    directory: Path  # the study folder
+    url: str  # its storage
+    config: Config  # the study's resolved config (a joined study's own)
+    tasks: dict
+    trials: int
+    workers: int
+    threads: int | None  # each worker's share of the cores, unless train.threads says
+
+
+def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_dir: str | Path | None,
+                storage: str | None, name: str, trials: int | None, workers: int, multi_objective: bool,
+                search: bool, progress: bool) -> _OpenStudy:
+    """Create or join the study and train its STL reference; bad input leaves no half-made study folder."""
+    store = open_storage(storage) if storage else None  # a bad URL fails before anything is written
+    directory, created = _study_dir(study_dir, storage, name, config)
+    url = storage or f"sqlite:///{(directory / 'study.db').resolve()}"
+    try:
+        if store is None and (directory / "study.db").is_file():
+            store = open_storage(url, fix=LOCAL_STORAGE_FIX)
+        # Checked before anything is written here (study.db included): the folder may hold another study.
+        attrs = stored_study(store, name)
+        check_folder(directory, name, attrs)
+        store = store or open_storage(url, fix=LOCAL_STORAGE_FIX)
+        config = study_config(name, config, overrides, directory, attrs)
+        if trials is None:  # a joined study's tune.trials, not the preset's of this command
+            trials = config.tune.trials
+        workers = max(1, min(workers, trials))  # a worker without a trial would only import PyTorch
+        threads = max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else None
+        check_space(config.tune)
+        if search:
+            _check_space_ends(config)
+            if note := _inert_keys_note(config):
+                print(note, flush=True)
+        # At the trials' thread count, under the key their searches (and best.yaml's, which records the count) look
+        # the baselines up with: they reuse the reference, and a search of best.yaml trains the same STL.
+        reference = config if config.train.threads or not threads else dataclasses.replace(
+            config, train=dataclasses.replace(config.train, threads=threads))
+        with intra_op_threads(reference.train.threads):
+            tasks, stl_val = _reference(reference, directory, search, multi_objective, progress)
+        study = open_study(store, name, multi_objective, tasks, config, stl_val)
+    except MamoError as exc:
+        # Trained baselines are kept, and so is a folder whose study another command is setting up.
+        if created and not isinstance(exc, StorageBusy) and not any((directory / ".baselines").glob("*.json")):
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+    except KeyboardInterrupt:  # in the reference's training, say: its finished networks are cached in the folder
+        print(f"stopped while setting the study up; rerun the command with --run-dir {directory} to continue "
+              "it (what the reference trained is kept)", flush=True)
+        raise StopExplained from None
+    return _OpenStudy(study, directory, url, config, tasks, trials, workers, threads)
+
+
 def run_tune(
     config: Config,
     *,
@@ -153,65 +210,32 @@ def run_tune(
     quiet_optuna()
     _check_arguments(config, trials, workers, storage, study_name)
     name = study_name or DEFAULT_STUDY
-    store = open_storage(storage) if storage else None  # a bad URL fails before anything is written
-    directory, created = _study_dir(study_dir, storage, name, config)
-    url = storage or f"sqlite:///{(directory / 'study.db').resolve()}"
-    try:
-        if store is None and (directory / "study.db").is_file():
-            store = open_storage(url, fix=LOCAL_STORAGE_FIX)
-        # Checked before anything is written here (study.db included): the folder may hold another study.
-        attrs = stored_study(store, name)
-        check_folder(directory, name, attrs)
-        store = store or open_storage(url, fix=LOCAL_STORAGE_FIX)
-        config = study_config(name, config, overrides, directory, attrs)
-        if trials is None:  # a joined study's tune.trials, not the preset's of this command
-            trials = config.tune.trials
-        workers = max(1, min(workers, trials))  # a worker without a trial would only import PyTorch
-        threads = max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else None
-        check_space(config.tune)
-        if objective is None:
-            _check_space_ends(config)
-            if note := _inert_keys_note(config):
-                print(note, flush=True)
-        # At the trials' thread count, under the key their searches (and best.yaml's, which records the count) look
-        # the baselines up with: they reuse the reference, and a search of best.yaml trains the same STL.
-        reference = config if config.train.threads or not threads else dataclasses.replace(
-            config, train=dataclasses.replace(config.train, threads=threads))
-        with intra_op_threads(reference.train.threads):
-            tasks, stl_val = _reference(reference, directory, objective is None, multi_objective, progress)
-        study = open_study(store, name, multi_objective, tasks, config, stl_val)
-    except MamoError as exc:
-        # Bad input leaves no half-made study folder to trip the corrected retry; trained baselines are kept, and
-        # so is a folder whose study another command is setting up.
-        if created and not isinstance(exc, StorageBusy) and not any((directory / ".baselines").glob("*.json")):
-            shutil.rmtree(directory, ignore_errors=True)
-        raise
-    except KeyboardInterrupt:  # in the reference's training, say: its finished networks are cached in the folder
-        print(f"stopped while setting the study up; rerun the command with --run-dir {directory} to continue "
-              "it (what the reference trained is kept)", flush=True)
-        raise StopExplained from None
+    opened = _open_study(config, overrides, study_dir, storage, name, trials, workers, multi_objective,
+                         objective is None, progress)
+    study, directory, config = opened.study, opened.directory, opened.config
     claim_folder(directory, name, study.user_attrs["uid"])
     if objective is None:
-        objective = SearchObjective(config, directory, tasks, study.user_attrs.get("stl_val"), multi_objective,
-                                    tensorboard, pictures, progress and workers == 1, threads)
+        objective = SearchObjective(config, directory, opened.tasks, study.user_attrs.get("stl_val"),
+                                    multi_objective, tensorboard, pictures, progress and opened.workers == 1,
+                                    opened.threads)
     line = TrialLine(directory / "tune.log")
     if storage is None:
         retry_interrupted(study, line)
-    shown = shown_url(url)
-    print(f"study '{name}' ({shown}): {trials} trials on {workers} worker(s), trial folders in {directory}",
-          flush=True)
-    plan = Plan(url, name, objective, config.tune.pruner, line.log_path, threads=threads)
+    shown = shown_url(opened.url)
+    print(f"study '{name}' ({shown}): {opened.trials} trials on {opened.workers} worker(s), trial folders in "
+          f"{directory}", flush=True)
+    plan = Plan(opened.url, name, objective, config.tune.pruner, line.log_path, threads=opened.threads)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and open connections
     # Seeded TPE reproduces a local study (each trial's draws follow from the seed and its draw index, so a
     # continued study draws on, and two commands on it draw apart); machines sharing a database are not seeded.
     # Optuna's samplers take seeds in [0, 2**32), train.seed any 64-bit integer.
     seed = None if storage else config.train.seed % 2**32
-    tickets = Tickets(trials, context if workers > 1 else None)
+    tickets = Tickets(opened.trials, context if opened.workers > 1 else None)
     try:
-        if workers == 1:
+        if opened.workers == 1:
             optimize(plan, tickets, seed)
         else:
-            run_workers(plan, workers, tickets, seed, context)
+            run_workers(plan, opened.workers, tickets, seed, context)
     except KeyboardInterrupt:
         if storage is None:  # a worker killed while recording its stop left its trial running: retried next time
             retry_interrupted(study, line)
