@@ -137,7 +137,7 @@ class _OpenStudy:
     directory: Path  # the study folder
     url: str  # its storage
     config: Config  # the study's resolved config (a joined study's own)
-    tasks: dict
+    tasks: dict  # task name → TaskSpec
     trials: int
     workers: int
     threads: int | None  # each worker's share of the cores, unless train.threads says
@@ -146,7 +146,8 @@ class _OpenStudy:
 def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_dir: str | Path | None,
                 storage: str | None, name: str, trials: int | None, workers: int, multi_objective: bool,
                 search: bool, progress: bool) -> _OpenStudy:
-    """Create or join the study and train its STL reference; bad input leaves no half-made study folder."""
+    """Create or join the study and train its STL reference (``search``: the trials are searches, not a
+    caller's objective); bad input leaves no half-made study folder."""
     store = open_storage(storage) if storage else None  # a bad URL fails before anything is written
     directory, created = _study_dir(study_dir, storage, name, config)
     url = storage or f"sqlite:///{(directory / 'study.db').resolve()}"
