@@ -10,6 +10,7 @@ to a temporary name and renamed, so a crash never leaves a half-written one.
 from __future__ import annotations
 
 import pickle
+import re
 import time
 import zipfile
 from pathlib import Path
@@ -62,17 +63,29 @@ def save_checkpoint(path: Path, payload: dict) -> None:
                         "permissions, then resume the run with --resume.") from exc
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint; a damaged file gives one sentence naming it and the way out."""
+# What every checkpoint of a run holds (trainer_state's entries): a file without them is no mamo checkpoint.
+TRAINER_KEYS = ("graph", "model", "optimizer", "direction", "generator", "global_step", "epoch", "history")
+
+
+def load_checkpoint(path: Path, required: tuple[str, ...] = TRAINER_KEYS) -> dict:
+    """Read a checkpoint holding at least ``required``; a damaged or foreign file gives one sentence naming it
+    and the way out (a missing file stays FileNotFoundError)."""
+    way_out = "delete it to resume from the previous one."
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
-        raise MamoError(
-            f"checkpoint {path} is corrupt ({type(exc).__name__}); delete it to resume from the previous one."
-        ) from exc
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
     except PermissionError as exc:  # the CLI's sentence for OS errors would call it a failed write
         raise MamoError(f"could not read the checkpoint {path} ({exc.strerror}); fix its permissions, then "
                         "resume again.") from exc
+    # A truncated zip makes torch's reader raise OSError (EINVAL) or RuntimeError, depending on where it ends.
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise MamoError(f"checkpoint {path} is corrupt ({type(exc).__name__}); {way_out}") from exc
+    missing = [key for key in required if key not in state] if isinstance(state, dict) else list(required)
+    if missing:
+        raise MamoError(f"checkpoint {path} is not one of this run's checkpoints (it lacks {', '.join(missing)}); "
+                        f"{way_out}")
+    return state
 
 
 def _phase_number(path: Path) -> int:
@@ -81,10 +94,13 @@ def _phase_number(path: Path) -> int:
 
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest ``phase-NN-*.pt`` in ``folder``, by number: from 100 phases on, names no longer sort in order."""
-    return max(folder.glob("phase-*.pt"), key=_phase_number, default=None)
+    # Only names the search writes: a stray phase-final.pt (a copy, say) has no number to order by.
+    named = (path for path in folder.glob("phase-*.pt") if re.fullmatch(r"phase-\d+-.+\.pt", path.name))
+    return max(named, key=_phase_number, default=None)
 
 
 IN_PHASE = "in-phase.pt"  # a search's checkpoint inside a phase, beside the phases' own
+PHASE_KEYS = (*TRAINER_KEYS, "phase_index", "phase")  # what a search's checkpoints add
 
 
 def newest_state(folder: Path) -> dict | None:
@@ -94,10 +110,10 @@ def newest_state(folder: Path) -> dict | None:
     newest = _phase_number(path) if path else -1
     partial = folder / IN_PHASE
     if partial.exists():
-        inside = load_checkpoint(partial)
+        inside = load_checkpoint(partial, PHASE_KEYS)
         if inside["phase_index"] == newest + 1:
             return inside
-    return load_checkpoint(path) if path else None
+    return load_checkpoint(path, PHASE_KEYS) if path else None
 
 
 def trainer_state(trainer: Trainer) -> dict:

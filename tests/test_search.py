@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mamo import graph as g
-from mamo.checkpoint import IN_PHASE, load_checkpoint, newest_state, save_checkpoint
+from mamo.checkpoint import IN_PHASE, PHASE_KEYS, load_checkpoint, newest_state, save_checkpoint
 from mamo.cli import main
 from mamo.config import load_config
 from mamo.errors import MamoError, TrainingDiverged
@@ -381,7 +381,9 @@ def test_a_search_resumed_inside_the_final_phase_keeps_the_best_epoch_from_befor
 
 
 def _save(folder, name: str, phase_index: int, **extra) -> None:
-    save_checkpoint(folder / name, {"phase_index": phase_index, "which": name, **extra})
+    # Only the keys a search's checkpoint must have: their values do not matter to newest_state.
+    keys = dict.fromkeys(PHASE_KEYS)
+    save_checkpoint(folder / name, {**keys, "phase_index": phase_index, "which": name, **extra})
 
 
 def test_newest_state_prefers_the_in_phase_checkpoint_only_inside_the_phase_after_the_newest(tmp_path):
@@ -490,13 +492,33 @@ def test_a_resumed_search_takes_its_baselines_from_the_checkpoint(tmp_path):
     assert resumed["delta"] == whole["delta"] and resumed["tasks"] == whole["tasks"]
 
 
-def test_a_corrupt_checkpoint_is_named(tmp_path):
+# torch's zip reader raises RuntimeError or OSError (EINVAL) depending on where a file ends; the latter crashed.
+DAMAGES = {"garbage": lambda data: b"not a checkpoint", "cut at 5 kB": lambda data: data[:5000],
+           "cut at 50 kB": lambda data: data[:50_000]}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_corrupt_checkpoint_is_named(tmp_path, damage):
     config = tiny("search.rounds=1")
     with pytest.raises(KeyboardInterrupt):
         run_search(config, tmp_path / "r", progress=False, quiet=True, loggers=False, callbacks=[Crash()])
-    (tmp_path / "r" / "checkpoints" / "phase-01-round1.pt").write_bytes(b"not a checkpoint")
+    path = tmp_path / "r" / "checkpoints" / "phase-01-round1.pt"
+    path.write_bytes(DAMAGES[damage](path.read_bytes()))
     with pytest.raises(MamoError, match="phase-01-round1.pt is corrupt"):
         run_search(config, tmp_path / "r", progress=False, quiet=True, loggers=False, resume=True)
+
+
+def test_a_foreign_checkpoint_is_named_and_a_stray_phase_file_ignored(tmp_path):
+    config = tiny("search.rounds=1")
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, tmp_path / "r", progress=False, quiet=True, loggers=False, callbacks=[Crash()])
+    checkpoints = tmp_path / "r" / "checkpoints"
+    (checkpoints / "phase-final.pt").write_bytes((checkpoints / "phase-01-round1.pt").read_bytes())  # a user's copy
+    torch.save({"epoch": 3, "model": {}}, checkpoints / IN_PHASE)  # another program's file, say
+    with pytest.raises(MamoError, match=f"{IN_PHASE} is not one of this run's checkpoints \\(it lacks graph, "):
+        run_search(config, tmp_path / "r", progress=False, quiet=True, loggers=False, resume=True)
+    (checkpoints / IN_PHASE).unlink()
+    assert newest_state(checkpoints)["phase"] == "round1"  # the copy has no phase number: not a phase checkpoint
 
 
 def test_an_unreadable_checkpoint_is_named_as_a_read(tmp_path, monkeypatch):
