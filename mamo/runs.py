@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import os
 import re
@@ -133,9 +135,40 @@ def resume_settings_text() -> str:
     return f"{', '.join(RESUME_SETTINGS[:-1])} and {RESUME_SETTINGS[-1]}"
 
 
-def read_run_config(run_dir: str | Path | None, command: str, settings: Sequence[str] = ()) -> tuple[Config, Path]:
+class FolderLock:
+    """An exclusive lock on a run folder while a command works in it: a ``--resume`` of a run that is still
+    running (another terminal, a batch system's second start) is refused instead of both writing its files.
+    The kernel drops the lock when the process ends, however it ends, so a killed run leaves nothing stale."""
+
+    def __init__(self, directory: Path):
+        self._fd: int | None = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            raise MamoError(f"{directory} is in use by another mamo command that is still running; wait for it to "
+                            "end or stop it, then resume.") from None
+        except OSError:  # a file system without locks: run unguarded, as before locks existed
+            pass
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def read_run_config(
+    run_dir: str | Path | None, command: str, settings: Sequence[str] = (), held: contextlib.ExitStack | None = None
+) -> tuple[Config, Path]:
     """The config a stopped ``command`` run saved in ``run_dir``, for ``--resume``, with ``settings``
-    (``--set`` overrides of :data:`RESUME_SETTINGS` only) applied."""
+    (``--set`` overrides of :data:`RESUME_SETTINGS` only) applied; the folder's :class:`FolderLock` goes into
+    ``held``, to last while the resumed run works there."""
     for text in settings:
         key = ".".join(split_override(text)[0])
         if key not in RESUME_SETTINGS:
@@ -159,6 +192,8 @@ def read_run_config(run_dir: str | Path | None, command: str, settings: Sequence
                             "to resume.")
         raise MamoError(f"{directory} is a {other} run folder, not a {command} one; continue it with "
                         f"python cli.py {other} --resume {directory}.")
+    if held is not None:  # before the temporary files go: they may be a running process's
+        held.enter_context(FolderLock(directory))
     for partial in [*directory.glob("*.tmp"), *(directory / "checkpoints").glob("*.tmp")]:
         partial.unlink(missing_ok=True)  # a file a killed process was writing; the resumed run writes its own
     return load_config(str(directory / "config.yaml"), list(settings), kind="the run's config"), directory

@@ -10,6 +10,7 @@ newest checkpoint and reaches the same architecture and weights as an uninterrup
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from mamo.data_plugins import plugin_edited_note
 from mamo.errors import MamoError
 from mamo.model import count_parameters
 from mamo.report import build_rows, delta, growth_notes, time_notes, win_rate, write_metrics, write_report
-from mamo.runs import check_resumed_config, read_run_config
+from mamo.runs import FolderLock, check_resumed_config, read_run_config
 from mamo.search_phases import ConflictRecorder, SearchRun, run_phases, stl_validation
 from mamo.search_plan import (
     budget_note,
@@ -63,66 +64,71 @@ def run_search(
     ``pictures=False`` only its round pictures.
     """
     started = time.perf_counter()
-    if resume:
-        config, session, directory, state = _open_stopped(run_dir, resume_settings, progress, quiet, cache_root)
-        # The run's time before the stop (up to its newest checkpoint) counts in metrics.json's seconds.
-        started -= state.get("seconds", 0.0) if state else 0.0
-    else:
-        check_search_config(config)
-        session, directory = open_run(config, run_dir, "search", progress, quiet, cache_root, check_search_tasks)
-        state = None
-    search, tasks = config.search, session.data.tasks
-    session.log(f"{'resuming' if resume else 'search'} in {directory} on {session.device}: {method_name(config)}"
-                + (f"; {', '.join(resume_settings)}" if resume_settings else ""))
-    session.log(plan_line(config, len(tasks)))
-    for note in ([plugin_edited_note(config.data.name, directory / "config.yaml")] if resume else
-                 [budget_note(config), tensioner_window_note(config, len(session.data.train))]):
-        if note:  # the notes on the settings were said when it started
-            session.log(note)
-    recorder = ConflictRecorder()
-    watchers = list(callbacks or [])
-    try:
-        # Ctrl-C is the usual way a search stops early (finished phases are checkpointed).
-        with (logging_stops(session, f"python cli.py search --resume {directory}"),
-              intra_op_threads(config.train.threads)):
-            baselines = {}
-            if state is not None and "baselines" in state:
-                # Kept in the checkpoints: a search continued on another machine (or with another data.root,
-                # which is part of the cache key) needs neither the baseline cache nor hours to retrain it.
-                baselines = state["baselines"]
-            elif search.baselines:
-                baselines = cached_baselines(session, ("stl", "hps"), config.train.epochs)
-            stl_val = stl_validation(baselines)
-            if loggers:
-                from mamo.board import TensorBoardLogger
+    with contextlib.ExitStack() as held:  # the run folder's lock, for as long as the search works in it
+        if resume:
+            config, session, directory, state = _open_stopped(run_dir, resume_settings, progress, quiet, cache_root,
+                                                              held)
+            # The run's time before the stop (up to its newest checkpoint) counts in metrics.json's seconds.
+            started -= state.get("seconds", 0.0) if state else 0.0
+        else:
+            check_search_config(config)
+            session, directory = open_run(config, run_dir, "search", progress, quiet, cache_root, check_search_tasks)
+            held.enter_context(FolderLock(directory))
+            state = None
+        search, tasks = config.search, session.data.tasks
+        session.log(f"{'resuming' if resume else 'search'} in {directory} on {session.device}: {method_name(config)}"
+                    + (f"; {', '.join(resume_settings)}" if resume_settings else ""))
+        session.log(plan_line(config, len(tasks)))
+        for note in ([plugin_edited_note(config.data.name, directory / "config.yaml")] if resume else
+                     [budget_note(config), tensioner_window_note(config, len(session.data.train))]):
+            if note:  # the notes on the settings were said when it started
+                session.log(note)
+        recorder = ConflictRecorder()
+        watchers = list(callbacks or [])
+        try:
+            # Ctrl-C is the usual way a search stops early (finished phases are checkpointed).
+            with (logging_stops(session, f"python cli.py search --resume {directory}"),
+                  intra_op_threads(config.train.threads)):
+                baselines = {}
+                if state is not None and "baselines" in state:
+                    # Kept in the checkpoints: a search continued on another machine (or with another data.root,
+                    # which is part of the cache key) needs neither the baseline cache nor hours to retrain it.
+                    baselines = state["baselines"]
+                elif search.baselines:
+                    baselines = cached_baselines(session, ("stl", "hps"), config.train.epochs)
+                stl_val = stl_validation(baselines)
+                if loggers:
+                    from mamo.board import TensorBoardLogger
 
-                watchers.insert(0, TensorBoardLogger(directory, config, tasks, stl_val, pictures=pictures,
-                                                     start_over=resume and state is None))
-            model = build_network(session, initial_weights=state is None)
-            trainer = make_trainer(session, model, config.direction, [recorder, *watchers], "search")
-            run = SearchRun(session, trainer, recorder, watchers, directory, baselines)
-            start_index, partial = _restore(run, state) if state is not None else (0, None)
-            if state is None and resume:
-                session.log(f"no checkpoint in {directory / 'checkpoints'} yet: the search starts again from "
-                            "the beginning")
-            run_phases(run, search_phases(config)[start_index:], started, partial)
-            metrics = _finish(run, started)
+                    watchers.insert(0, TensorBoardLogger(directory, config, tasks, stl_val, pictures=pictures,
+                                                         start_over=resume and state is None))
+                model = build_network(session, initial_weights=state is None)
+                trainer = make_trainer(session, model, config.direction, [recorder, *watchers], "search")
+                run = SearchRun(session, trainer, recorder, watchers, directory, baselines)
+                start_index, partial = _restore(run, state) if state is not None else (0, None)
+                if state is None and resume:
+                    session.log(f"no checkpoint in {directory / 'checkpoints'} yet: the search starts again from "
+                                "the beginning")
+                run_phases(run, search_phases(config)[start_index:], started, partial)
+                metrics = _finish(run, started)
+                for callback in watchers:
+                    callback.on_run_end(metrics)
+        finally:
+            # A pruned trial or a crash must still flush the logger's last pictures and close its files.
             for callback in watchers:
-                callback.on_run_end(metrics)
-    finally:
-        # A pruned trial or a crash must still flush the logger's last pictures and close its files.
-        for callback in watchers:
-            close = getattr(callback, "close", None)
-            if close is not None:
-                close()
-    return metrics
+                close = getattr(callback, "close", None)
+                if close is not None:
+                    close()
+        return metrics
 
 
 def _open_stopped(
     run_dir: str | Path | None, resume_settings: Sequence[str], progress: bool, quiet: bool, cache_root: Path | None,
+    held: contextlib.ExitStack,
 ) -> tuple[Config, Session, Path, dict | None]:
-    """The stopped search in ``run_dir``: its config, session, folder and newest checkpoint, each checked."""
-    config, directory = read_run_config(run_dir, "search", resume_settings)
+    """The stopped search in ``run_dir``: its config, session, folder and newest checkpoint, each checked; the
+    folder's lock goes into ``held``."""
+    config, directory = read_run_config(run_dir, "search", resume_settings, held)
     if (directory / "metrics.json").exists():
         raise MamoError(f"the search in {directory} has finished (metrics.json is there); nothing to resume.")
     state = newest_state(directory / "checkpoints")

@@ -5,6 +5,7 @@ shares with the other commands are :mod:`mamo.session`'s, the cached STL/HPS bas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from mamo.directions import direction_label
 from mamo.errors import MamoError
 from mamo.graph import graph_to_dict
 from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
-from mamo.runs import check_resumed_config, counted, read_run_config
+from mamo.runs import FolderLock, check_resumed_config, counted, read_run_config
 from mamo.session import Session, logging_stops, open_run, open_session, save_model, train_network
 from mamo.trainer import Callback, intra_op_threads
 
@@ -37,27 +38,29 @@ def run_train(
     by ``resume_settings`` (``--set`` texts of :data:`mamo.runs.RESUME_SETTINGS`). ``loggers=False`` leaves out
     the TensorBoard logger, ``pictures=False`` only its pictures."""
     state = None
-    if resume:
-        config, directory = read_run_config(run_dir, "train", resume_settings)
-        _check_resumable(config, directory)
-        # Read once, before the data loads: an edited config.yaml is refused before anything else happens.
-        last = directory / "checkpoints" / "last.pt"
-        state = load_checkpoint(last) if last.exists() else None
-        check_resumed_config(config, state, directory)
-        session = open_session(config, directory, progress, quiet)
-        check_resumed_data(session.data.input_shape, session.data.tasks, state, directory)
-        session.log(f"resuming {directory}" + (f" with {', '.join(resume_settings)}" if resume_settings else ""))
-        if note := plugin_edited_note(config.data.name, directory / "config.yaml"):
-            session.log(note)
-        if state is None:
-            session.log(f"no checkpoint in {directory / 'checkpoints'} yet: the training starts again from its "
-                        "first epoch")
-    else:
-        session, directory = open_run(config, run_dir, "train", progress, quiet)
-    how_to_continue = TRAIN_MODES[config.train.mode].how_to_continue(directory)
-    with logging_stops(session, how_to_continue), intra_op_threads(config.train.threads):
-        return _train_and_report(session, directory, callbacks, loggers, pictures, state,
-                                 start_over=resume and state is None)
+    with contextlib.ExitStack() as held:  # the run folder's lock, for as long as the run works in it
+        if resume:
+            config, directory = read_run_config(run_dir, "train", resume_settings, held)
+            _check_resumable(config, directory)
+            # Read once, before the data loads: an edited config.yaml is refused before anything else happens.
+            last = directory / "checkpoints" / "last.pt"
+            state = load_checkpoint(last) if last.exists() else None
+            check_resumed_config(config, state, directory)
+            session = open_session(config, directory, progress, quiet)
+            check_resumed_data(session.data.input_shape, session.data.tasks, state, directory)
+            session.log(f"resuming {directory}" + (f" with {', '.join(resume_settings)}" if resume_settings else ""))
+            if note := plugin_edited_note(config.data.name, directory / "config.yaml"):
+                session.log(note)
+            if state is None:
+                session.log(f"no checkpoint in {directory / 'checkpoints'} yet: the training starts again from its "
+                            "first epoch")
+        else:
+            session, directory = open_run(config, run_dir, "train", progress, quiet)
+            held.enter_context(FolderLock(directory))
+        how_to_continue = TRAIN_MODES[config.train.mode].how_to_continue(directory)
+        with logging_stops(session, how_to_continue), intra_op_threads(config.train.threads):
+            return _train_and_report(session, directory, callbacks, loggers, pictures, state,
+                                     start_over=resume and state is None)
 
 
 def _check_resumable(config: Config, directory: Path) -> None:

@@ -22,6 +22,7 @@ from mamo.config import load_config
 from mamo.errors import MamoError, TrainingDiverged
 from mamo.export import FORMATS, architecture_tree, export, load_trained
 from mamo.report import delta, win_rate
+from mamo.runs import FolderLock
 from mamo.search import run_search
 from mamo.search_plan import (
     budget_note,
@@ -519,6 +520,40 @@ def test_a_foreign_checkpoint_is_named_and_a_stray_phase_file_ignored(tmp_path):
         run_search(config, tmp_path / "r", progress=False, quiet=True, loggers=False, resume=True)
     (checkpoints / IN_PHASE).unlink()
     assert newest_state(checkpoints)["phase"] == "round1"  # the copy has no phase number: not a phase checkpoint
+
+
+class TryTheFolder(Callback):
+    """After the first epoch, what a second command on the run folder gets."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.refusal = folder, None
+
+    def on_epoch_end(self, trainer, metrics) -> None:
+        if self.refusal is None:
+            with pytest.raises(MamoError) as refused:
+                FolderLock(self.folder)
+            self.refusal = str(refused.value)
+
+
+def test_a_search_still_running_in_its_folder_is_not_resumed_beside_it(tmp_path):
+    # Before: a second `search --resume` of a running search trained too, both writing the same files, and the
+    # second deleted the first's temporary files.
+    config = tiny("search.rounds=1")
+    folder = tmp_path / "r"
+    first = TryTheFolder(folder)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, folder, progress=False, quiet=True, loggers=False, callbacks=[first, Crash()])
+    assert first.refusal == f"{folder} is in use by another mamo command that is still running; wait for it to end " \
+                            "or stop it, then resume."
+    writing = folder / "checkpoints" / "in-phase.pt.tmp"  # the running search's checkpoint, half written
+    with FolderLock(folder):  # the search, still running in another process
+        writing.write_bytes(b"half")
+        with pytest.raises(MamoError, match="is in use by another mamo command"):
+            run_search(config, folder, progress=False, quiet=True, loggers=False, resume=True)
+        assert writing.read_bytes() == b"half"
+    resumed = TryTheFolder(folder)
+    run_search(config, folder, progress=False, quiet=True, loggers=False, resume=True, callbacks=[resumed])
+    assert resumed.refusal == first.refusal and not writing.exists()
 
 
 def test_an_unreadable_checkpoint_is_named_as_a_read(tmp_path, monkeypatch):

@@ -12,6 +12,8 @@ from mamo.baselines import cached_baseline
 from mamo.cache import baseline_key
 from mamo.cli import main
 from mamo.config import load_config
+from mamo.errors import MamoError
+from mamo.runs import FolderLock
 from mamo.session import open_session
 from mamo.train import run_train
 from mamo.trainer import Callback
@@ -98,6 +100,28 @@ def test_a_damaged_baseline_checkpoint_is_retrained_not_fatal(tmp_path: Path) ->
     result = cached_baseline(open_session(config, logs, False, True, cache), "hps", 3)
     assert "is damaged; training from the start" in (logs / "log.txt").read_text()
     assert set(result["tasks"]) == {"left", "right"} and not (cache / f"{key}.pt").exists()
+
+
+def test_a_train_run_holds_its_folder_while_it_runs_and_a_resume_beside_it_is_refused(tmp_path: Path, capsys) -> None:
+    refusals = []
+
+    class TryTheFolder(Callback):
+        def on_epoch_end(self, trainer, metrics) -> None:
+            with pytest.raises(MamoError) as refused:
+                FolderLock(tmp_path / "r")
+            refusals.append(str(refused.value))
+
+    with pytest.raises(KeyboardInterrupt):
+        run_train(load_config("quick", RESUMABLE), tmp_path / "r", progress=False, quiet=True, loggers=False,
+                  callbacks=[TryTheFolder(), StopAfterEpoch(1)])
+    assert refusals and "is in use by another mamo command that is still running" in refusals[0]
+    with FolderLock(tmp_path / "r"):
+        assert main(["train", "--resume", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert single_error(capsys.readouterr().err) == (
+        f"{tmp_path / 'r'} is in use by another mamo command that is still running; wait for it to end or stop it, "
+        "then resume.")
+    run_train(None, tmp_path / "r", progress=False, quiet=True, loggers=False, resume=True, callbacks=[TryTheFolder()])
+    assert len(refusals) == 3  # the resumed run's epochs 2 and 3
 
 
 def test_resume_refuses_finished_runs_and_the_other_commands_folders(tmp_path: Path, capsys) -> None:
