@@ -21,7 +21,7 @@ from mamo import graph as g
 from mamo.config import load_config
 from mamo.errors import MamoError
 from mamo.model import MamoNet, compile_model
-from mamo.runs import counted, file_above, run_command
+from mamo.runs import counted, file_above, replace_atomically, run_command, write_text_atomically
 
 
 def _trains_per_task(directory: Path) -> bool:
@@ -131,11 +131,11 @@ def _flat_graph(graph: nx.DiGraph) -> nx.DiGraph:
 
 
 def write_json(model: MamoNet, path: Path) -> None:
-    path.write_text(g.graph_to_json(model.graph), encoding="utf-8")
+    write_text_atomically(path, g.graph_to_json(model.graph))
 
 
 def write_graphml(model: MamoNet, path: Path) -> None:
-    nx.write_graphml(_flat_graph(model.graph), path)
+    replace_atomically(path, lambda tmp: nx.write_graphml(_flat_graph(model.graph), tmp))
 
 
 def write_dot(model: MamoNet, path: Path) -> None:
@@ -150,7 +150,7 @@ def write_dot(model: MamoNet, path: Path) -> None:
         label = quote(node) if "params" not in data else quote(node, f"{data['params']} params")
         lines.append(f"  {quote(node)} [label={label}, kind={quote(data['kind'])}];")
     lines += [f"  {quote(a)} -> {quote(b)};" for a, b in model.graph.edges]
-    path.write_text("\n".join(lines + ["}"]) + "\n", encoding="utf-8")
+    write_text_atomically(path, "\n".join(lines + ["}"]) + "\n")
 
 
 def write_png(model: MamoNet, path: Path) -> None:

@@ -21,7 +21,7 @@ from mamo.directions import create_direction
 from mamo.errors import MamoError, StopExplained
 from mamo.graph import build_hps_graph, graph_to_json
 from mamo.model import MamoNet, compile_model, count_parameters
-from mamo.runs import RUNS_ROOT, RunLog, free_run_dir, new_run_dir, write_text_atomically
+from mamo.runs import RUNS_ROOT, RunLog, free_run_dir, new_run_dir, replace_atomically, write_text_atomically
 from mamo.spaces import check_model_config, create_space
 from mamo.step import TrainStep
 from mamo.trainer import (
@@ -193,7 +193,7 @@ def save_model(run_dir: Path, model: MamoNet) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # As bytes through Python's own file: safetensors' save_file creates the file readable by its owner only
     # (0600), unlike every other file of the run folder.
-    (run_dir / "weights.safetensors").write_bytes(save(state))
+    replace_atomically(run_dir / "weights.safetensors", lambda tmp: tmp.write_bytes(save(state)))
 
 
 def open_run(

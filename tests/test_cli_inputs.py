@@ -251,6 +251,30 @@ def test_a_write_failure_says_how_its_command_goes_on(tmp_path: Path) -> None:
     assert os_failure(OSError(errno.EEXIST, "File exists", str(tmp_path))) is None  # not a link: a bug
 
 
+def test_a_model_file_that_could_not_be_written_is_named_and_no_half_of_it_is_left(tmp_path: Path, monkeypatch) -> None:
+    # Before: a full disk while a search saved its model left half a weights.safetensors, and the sentence named
+    # no file ("could not write (No space left on device)"): a failed write() carries no file name.
+    from mamo.cli import os_failure
+
+    folder = make_run(tmp_path / "run")
+    model = load_trained(folder)
+    before = (folder / "weights.safetensors").read_bytes()
+
+    def full_disk(self: Path, data: bytes) -> int:
+        with open(self, "wb") as handle:
+            handle.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError) as failed:
+        save_model(folder, model)
+    assert (folder / "weights.safetensors").read_bytes() == before
+    assert not list(folder.glob("*.tmp"))
+    assert os_failure(failed.value, "continue with --resume") == (
+        f"could not write {folder / 'weights.safetensors'} (No space left on device); free disk space or fix the "
+        "folder's permissions, then continue with --resume.")
+
+
 def test_a_missing_file_elsewhere_is_still_a_bug_with_its_traceback(tmp_path: Path) -> None:
     from mamo.cli import os_failure
 
