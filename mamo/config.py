@@ -103,7 +103,12 @@ class YamlDumper(yaml.SafeDumper):
 
 def load_yaml(text: str) -> Any:
     """Parse YAML text as presets and ``--set`` values are parsed (see :class:`YamlLoader`)."""
-    return yaml.load(text, Loader=YamlLoader)  # a SafeLoader: no arbitrary objects
+    try:
+        return yaml.load(text, Loader=YamlLoader)  # a SafeLoader: no arbitrary objects
+    except (ValueError, KeyError, AttributeError, TypeError) as exc:
+        # PyYAML's constructors fail this way on a tag whose text they cannot read (`!!float abc`, `!!bool x`):
+        # invalid YAML like any other, for the callers' sentences.
+        raise yaml.constructor.ConstructorError(None, None, f"a tagged value cannot be read ({exc!r})") from exc
 
 
 @dataclass

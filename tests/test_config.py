@@ -281,9 +281,16 @@ def test_bad_set_syntax_shows_the_expected_form(text: str) -> None:
     assert "section.key=value" in message
 
 
-def test_set_with_invalid_yaml_value_is_refused() -> None:
-    message = error_of(None, ["data.name=[unclosed"])
-    assert "data.name=[unclosed" in message and "YAML" in message
+@pytest.mark.parametrize("value", ["[unclosed", "!!float abc", "!!bool abc", "!!timestamp abc", "!!int abc"])
+def test_set_with_invalid_yaml_value_is_refused(value: str) -> None:
+    # A tag whose text PyYAML cannot read crashed with its constructor's ValueError, KeyError or AttributeError.
+    message = error_of(None, [f"train.lr={value}"])
+    assert f"train.lr={value}" in message and "not valid YAML" in message
+
+
+def test_a_preset_with_an_unreadable_tagged_value_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  lr: !!bool maybe\n")
+    assert error_of(str(path)) == f"preset {path} is not valid YAML (ConstructorError); fix its syntax."
 
 
 def test_split_override_reads_the_key_path_and_a_yaml_value() -> None:
