@@ -6,6 +6,7 @@ at once told apart from a database that does not answer.
 from __future__ import annotations
 
 import importlib.util
+import re
 import time
 
 import optuna
@@ -66,10 +67,16 @@ def open_storage(url: str, create: bool = True, fix: str = "start the database o
 
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
-        raise MamoError(f"--storage '{url}' is not a database URL; write e.g. postgresql://user:password@host/db "
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is no number, an unclosed [
+        hidden = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)  # a password, even in a URL that does not parse
+        raise MamoError(f"--storage '{hidden}' is not a database URL; write e.g. postgresql://user:password@host/db "
                         "or sqlite:///path/study.db.") from exc
     shown = parsed.render_as_string(hide_password=True)
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        # SQLite in memory: each connection (each worker) would see an empty database, and the study would end
+        # with the command.
+        raise MamoError(f"--storage '{url}' names no database file; write sqlite:///path/study.db, or leave "
+                        "--storage out to keep the study in the study folder.")
     if parsed.drivername in DRIVERS:
         # SQLAlchemy 2.1 reads postgresql:// as psycopg 3; use whichever driver is installed.
         found = [d for d in DRIVERS[parsed.drivername] if importlib.util.find_spec(d) is not None]
