@@ -41,6 +41,8 @@ OPTIMIZERS: dict[str, Callable[[list, TrainConfig], torch.optim.Optimizer]] = {
 }
 
 
+MAX_THREADS = 1024  # train.threads and bench --threads
+
 # train.KEY -> (is the value acceptable, what it must be); checked before any data loads or folder is made.
 TRAIN_BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
     "epochs": (lambda v: v >= 1, "an integer ≥ 1"),
@@ -51,7 +53,9 @@ TRAIN_BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
     "checkpoint_seconds": (lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
     # torch's generators take 64-bit seeds, and seed + 1 seeds the direction's own generator.
     "seed": (lambda v: -(2**63) <= v < 2**63 - 1, "an integer in [-2**63, 2**63 - 1)"),
-    "threads": (lambda v: v is None or v >= 1, "an integer ≥ 1 or null (torch's default)"),
+    # More threads than the system gives a process crashed in torch's pool ("can't start new thread").
+    "threads": (lambda v: v is None or 1 <= v <= MAX_THREADS, f"an integer in [1, {MAX_THREADS}] or null (torch's "
+                "default)"),
 }
 
 

@@ -127,6 +127,15 @@ def test_unknown_benchmark_names_the_known_ones(capsys):
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
 
 
+def test_more_threads_than_a_process_can_start_is_refused(tmp_path, capsys):
+    # Before: torch's pool crashed ("can't start new thread"; OverflowError past a C long).
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "step", "--threads", "99999999999", "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert "argument --threads: must be at most 1024, got 99999999999" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(("name", "option"), [
     ("logic", "--seeds"), ("logic", "--epochs"), ("multimnist_recon", "--epochs"), ("step", "--rounds"),
     ("step", "--threads"), ("step", "--batch-sizes"), ("ablation", "--train-size"),

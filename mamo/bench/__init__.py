@@ -58,6 +58,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def thread_count(text: str) -> int:
+    """An argparse type for --threads: a positive integer the system can start that many threads for."""
+    from mamo.trainer import MAX_THREADS
+
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {value}")
+    return value
+
+
 def bench_parser(name: str, module: ModuleType) -> argparse.ArgumentParser:
     """The shared options plus the benchmark's own."""
     # No abbreviations: `--set` would otherwise be read as `--setups` of `bench step` and fail naming the wrong option.

@@ -35,7 +35,7 @@ import torch
 
 from mamo import step as step_module
 from mamo import task_gradients
-from mamo.bench import positive_int
+from mamo.bench import positive_int, thread_count
 from mamo.bench.peers import LIBMTL_LIMIT_S, Step, Unavailable, libmtl_step, torchjd_step
 from mamo.bench.resources import CLOCKS, memory_mark, memory_peak, sync
 from mamo.bench.solver import solver_table
@@ -305,7 +305,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="wall time, or this process' CPU time (CPU only: steadier on a shared machine; "
                              "use it with --threads 1)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=thread_count, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--rounds", type=positive_int, default=None,
                         help="timed rounds per setup (default: 2 s of equal steps, 10 to 200; --quick 2)")
     parser.add_argument("--setups", nargs="+", default=None, choices=list({**SETUPS, **QUICK_SETUPS}),
