@@ -151,10 +151,13 @@ class TrainConfig:
     threads: int | None = None  # torch's CPU threads for the run (None: torch's default); CPU results depend on it
 
 
+MAX_WINDOW = 10**9  # direction.tensioner.T: longer than any training; far larger overflowed the norm history
+
+
 @dataclass
 class TensionerConfig:
     formulation: str = "thesis"  # off | thesis | relative
-    T: int = 10
+    T: int = 10  # in [1, MAX_WINDOW]
     alpha: float = 0.3
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import optuna
 
-from mamo.config import Config, TuneConfig, config_from_dict
+from mamo.config import MAX_WINDOW, Config, TuneConfig, config_from_dict
 from mamo.conflicts import parse_threshold
 from mamo.errors import MamoError
 from mamo.graph import MODULE_NAMES
@@ -30,13 +30,15 @@ class Param:
     check: Callable[[str, list], None]
 
 
-def _range(minimum: float = 0, positive: bool = False) -> Callable[[str, list], None]:
-    """[low, high] of finite numbers with ``minimum`` ≤ low ≤ high (0 < low when ``positive``). An infinite end
-    (YAML's .inf) would pass the order checks and fail later naming the setting it lands on, not tune.<name>."""
+def _range(minimum: float = 0, positive: bool = False, maximum: float = math.inf) -> Callable[[str, list], None]:
+    """[low, high] of finite numbers with ``minimum`` ≤ low ≤ high ≤ ``maximum`` (0 < low when ``positive``). An
+    infinite end (YAML's .inf) would pass the order checks and fail later naming the setting it lands on, not
+    tune.<name>."""
     def check(name: str, value: list) -> None:
         if (len(value) != 2 or not all(math.isfinite(v) for v in value) or value[0] > value[1]
-                or not (value[0] > 0 if positive else value[0] >= minimum)):
+                or not (value[0] > 0 if positive else value[0] >= minimum) or value[1] > maximum):
             need = "0 < low ≤ high" if positive else f"{minimum} ≤ low ≤ high"
+            need += f" ≤ {maximum:,}" if math.isfinite(maximum) else ""
             raise MamoError(f"tune.{name} must be a range [low, high] of finite numbers with {need}, got {value}; "
                             "fix it in the preset or --set.")
     return check
@@ -69,7 +71,8 @@ def _member_of(table: str, what: str) -> Callable[[str, list], None]:
 
 
 SPACE: dict[str, Param] = {
-    "T": Param(("direction", "tensioner", "T"), lambda t, n, r: t.suggest_int(n, r[0], r[1]), _range(minimum=1)),
+    "T": Param(("direction", "tensioner", "T"), lambda t, n, r: t.suggest_int(n, r[0], r[1]),
+               _range(minimum=1, maximum=MAX_WINDOW)),
     "alpha": Param(("direction", "tensioner", "alpha"), lambda t, n, r: t.suggest_float(n, r[0], r[1]), _range()),
     "rounds": Param(("search", "rounds"), lambda t, n, r: t.suggest_int(n, r[0], r[1]), _range()),
     "lr": Param(("train", "lr"), lambda t, n, r: t.suggest_float(n, r[0], r[1], log=True), _range(positive=True)),

@@ -353,6 +353,7 @@ def test_create_direction_builds_from_the_table_and_wraps_in_the_tensioner():
         (DirectionConfig(tensioner=TensionerConfig(formulation="strong")), "direction.tensioner.formulation"),
         (DirectionConfig(name="mgda", normalization="l1"), "direction.normalization"),
         (DirectionConfig(name="mgda", tensioner=TensionerConfig(T=0)), "direction.tensioner.T"),
+        (DirectionConfig(name="mgda", tensioner=TensionerConfig(T=10**20)), "direction.tensioner.T"),  # overflowed
         (DirectionConfig(name="mgda", tensioner=TensionerConfig(alpha=-1.0)), "direction.tensioner.alpha"),
         (DirectionConfig(name="cagrad", cagrad_c=-0.5), "direction.cagrad_c"),
         (DirectionConfig(name="cagrad", cagrad_c=1e308), "direction.cagrad_c"),  # c² overflowed in the first step

@@ -1181,6 +1181,9 @@ def test_tuning_t_and_alpha_without_a_tensioner_is_noted():
                                         "got [0.001, inf]; fix it in the preset or --set."),  # named train.lr
     (["--set", "tune.alpha=[0, .inf]"], "tune.alpha must be a range"),  # named direction.tensioner.alpha
     (["--set", "tune.alpha=[.nan, 1]"], "tune.alpha must be a range"),
+    # Overflowed the tensioner's history in the first trial, leaving the study folder.
+    (["--set", "tune.T=[1, 100000000000000000000]"], "tune.T must be a range [low, high] of finite numbers with "
+     "1 ≤ low ≤ high ≤ 1,000,000,000, got [1, 100000000000000000000]; fix it in the preset or --set."),
     (["--set", "tune.trials=-1"], "tune.trials must be ≥ 0, got -1; fix the number."),  # named --trials
     (["--trials", "-1"], "--trials must be ≥ 0, got -1; fix the number."),
     (["--workers", "0"], "--workers must be ≥ 1, got 0; fix the number."),

@@ -44,6 +44,7 @@ from operator import mul
 
 import numpy as np
 
+from mamo.config import MAX_WINDOW
 from mamo.directions.base import Direction, Info
 from mamo.errors import MamoError
 
@@ -179,8 +180,8 @@ class Tensioner(Direction):
                 f"unknown tensioner formulation '{formulation}' (direction.tensioner.formulation); "
                 f"use one of off, {', '.join(FORMULATIONS)}."
             )
-        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-            raise MamoError(f"direction.tensioner.T must be an integer ≥ 1, got {T!r}; set e.g. 10.")
+        if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_WINDOW:
+            raise MamoError(f"direction.tensioner.T must be an integer in [1, {MAX_WINDOW:,}], got {T!r}; set e.g. 10.")
         if not (math.isfinite(alpha) and alpha >= 0.0):
             raise MamoError(f"direction.tensioner.alpha must be a finite number ≥ 0, got {alpha!r}; set e.g. 0.3.")
         self.base = base
