@@ -568,8 +568,8 @@ def test_a_full_disk_at_the_end_is_one_sentence(tmp_path: Path, capsys, monkeypa
     write_bytes = Path.write_bytes
 
     def failing(error: type[OSError], code: int, reason: str):
-        def write(self, data):  # the weights file fails; checkpoints (torch.save) are written as usual
-            if self.name == "weights.safetensors":
+        def write(self, data):  # the weights file (its temporary) fails; checkpoints (torch.save) are written as usual
+            if self.name.startswith("weights.safetensors"):
                 raise error(code, reason, str(self))
             return write_bytes(self, data)
         return write
