@@ -359,7 +359,17 @@ def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path, capsy
         "--equal-params but this command asks for --preset multimnist --seeds 1 --quick --rounds-sweep 0 1; resume "
         "it with the options it was started with (more seeds, Z rows or --equal-params may be added), or pass a new "
         "--out.")
-    (tmp_path / "ablation" / "ablation.json").unlink()  # a folder from before the options were recorded
+    record = tmp_path / "ablation" / "ablation.json"
+    kept = record.read_text()
+    for damaged in ("{", "[]"):  # crashed with JSONDecodeError / TypeError
+        record.write_text(damaged)
+        assert main(["bench", "ablation", "--quick", "--equal-params", "--resume", str(tmp_path / "ablation")]) == 2
+        message = single_error(capsys.readouterr().err)
+        assert message.startswith(f"{record} is damaged (") and message.endswith(
+            "so the options this ablation was started with are unknown; restore the file, or delete it to have the "
+            "folder's run names checked instead.")
+    record.write_text(kept)
+    record.unlink()  # a folder from before the options were recorded
     assert main(["bench", "ablation", "--quick", "--equal-params", "--train-size", "256",
                  "--resume", str(tmp_path / "ablation")]) == 2
     assert "another configuration" in capsys.readouterr().err

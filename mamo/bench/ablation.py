@@ -186,7 +186,15 @@ def _check_resumed_options(folder: Path, options: dict, expected: set[str]) -> N
     if not recorded_path.is_file():  # started before the options were recorded: its run folders tell
         _check_unrecorded_folder(folder, options, expected)
         return
-    recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+    try:
+        recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+        keys = ("preset", "quick", "train_size", "seeds", "rounds_sweep", "equal_params")
+        if not isinstance(recorded, dict) or any(key not in recorded for key in keys):
+            raise ValueError("not the options an ablation records")
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        damaged = f"{recorded_path} is damaged ({exc}), so the options this ablation was started with are unknown"
+        raise MamoError(f"{damaged}; restore the file, or delete it to have the folder's run names checked "
+                        "instead.") from exc
     same = all(recorded[key] == options[key] for key in ("preset", "quick", "train_size"))
     adds = (options["seeds"] >= recorded["seeds"] and set(options["rounds_sweep"]) >= set(recorded["rounds_sweep"])
             and options["equal_params"] >= recorded["equal_params"])
