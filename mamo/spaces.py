@@ -99,7 +99,14 @@ class SearchSpace:
             raise MamoError(f"task '{task.name}' asks for unknown head '{task.head}'; use one of "
                             f"{', '.join(sorted(HEADS))}.")
         hidden = int(self._spec.get("head_hidden", 50))
-        return HEADS[name](task, feature_shape, hidden)
+        try:
+            return HEADS[name](task, feature_shape, hidden)
+        except (RuntimeError, MemoryError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            raise MamoError(f"the head of task '{task.name}' needs more memory than this machine can give "
+                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); use a smaller "
+                            f"model.head_hidden than {hidden}.") from exc
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -15,7 +15,7 @@ from mamo.errors import MamoError
 from mamo.graph import build_hps_graph
 from mamo.model import MamoNet, compile_model
 from mamo.spaces import SearchSpace, create_space
-from mamo.tasks import parse_tasks, task_loss
+from mamo.tasks import TaskSpec, parse_tasks, task_loss
 
 TINY = {"train_size": 4, "val_size": 2, "test_size": 2}
 HAS_FASHION = (Path(digits.DEFAULT_FASHION_ROOT) / "t10k-labels-idx1-ubyte.gz").is_file()
@@ -228,6 +228,15 @@ def test_a_model_too_large_to_allocate_asks_for_a_smaller_model(settings: dict, 
                                         f".*; use a smaller model: lower (the widths in )?{setting}\\.$") as info:
         create_space(ModelConfig(**settings), (1, 28, 28)).cell_shapes()
     assert "larger inputs" not in str(info.value)
+
+
+def test_a_head_too_large_to_allocate_asks_for_a_smaller_head_hidden() -> None:
+    # Crashed with the allocator's RuntimeError (no folder was left: the network is built before it).
+    space = create_space(ModelConfig(backbone="mlp", hidden=[8], head_hidden=10**17), (4,))
+    with pytest.raises(MamoError, match=r"^the head of task 'a' needs more memory than this machine can give \(.*"
+                                        r"can't allocate memory.*\); use a smaller model.head_hidden than "
+                                        r"100000000000000000\.$"):
+        space.build_head(TaskSpec("a", "classification", classes=3), (8,))
 
 
 @pytest.mark.parametrize("error", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate")])
