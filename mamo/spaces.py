@@ -78,7 +78,7 @@ class SearchSpace:
                 try:
                     x = self.build_cell(index).eval()(x)
                 except (RuntimeError, AssertionError, ValueError, MemoryError) as exc:  # torch and timm on bad sizes
-                    if _out_of_memory(exc):  # too large a model, not too small an input: say which setting shrinks it
+                    if out_of_memory(exc):  # too large a model, not too small an input: say which setting shrinks it
                         raise MamoError(
                             f"backbone '{self.backbone}' needs more memory than this machine can give at cell {index} "
                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); use a smaller model: "
@@ -102,14 +102,14 @@ class SearchSpace:
         try:
             return HEADS[name](task, feature_shape, hidden)
         except (RuntimeError, MemoryError) as exc:
-            if not _out_of_memory(exc):
+            if not out_of_memory(exc):
                 raise
             raise MamoError(f"the head of task '{task.name}' needs more memory than this machine can give "
                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); use a smaller "
                             f"model.head_hidden than {hidden}.") from exc
 
 
-def _out_of_memory(exc: BaseException) -> bool:
+def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an allocation failure: torch's CPU allocator raises a plain RuntimeError for one, and for
     a tensor whose byte count overflows 64 bits."""
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):

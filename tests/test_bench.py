@@ -127,12 +127,38 @@ def test_unknown_benchmark_names_the_known_ones(capsys):
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("name", "option"), [("logic", "--seeds"), ("step", "--batch-sizes")])
+def test_a_count_past_a_million_is_refused(tmp_path, capsys, name, option):
+    # Before: 10**21 seeds crashed with OverflowError, 10**10 with MemoryError building the seed list.
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", name, option, str(10**21), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert f"argument {option}: must be at most 1,000,000, got {10**21}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_step_setup_too_large_for_memory_asks_for_smaller_batches(tmp_path, capsys, monkeypatch):
+    import mamo.bench.step
+
+    def too_large(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 25088000000000 bytes")
+
+    monkeypatch.setattr(mamo.bench.step, "build_setup", too_large)
+    assert main(["bench", "step", "--quick", "--setups", "lenet-m2", "--batch-sizes", "100000",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert single_error(capsys.readouterr().err) == (
+        "LeNet m=2 at batch 100000 needs more memory than this machine can give ([enforce fail at alloc_cpu.cpp:117] "
+        "DefaultCPUAllocator: can't allocate memory: you tried to allocate 25088000000000 bytes); pass smaller "
+        "--batch-sizes.")
+
+
 def test_more_threads_than_a_process_can_start_is_refused(tmp_path, capsys):
     # Before: torch's pool crashed ("can't start new thread"; OverflowError past a C long).
     with pytest.raises(SystemExit) as stop:
         main(["bench", "step", "--threads", "99999999999", "--out", str(tmp_path / "out")])
     assert stop.value.code == 2
-    assert "argument --threads: must be at most 1024, got 99999999999" in capsys.readouterr().err
+    assert "argument --threads: must be at most 1,024, got 99999999999" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

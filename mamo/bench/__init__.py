@@ -47,25 +47,32 @@ def load_bench(name: str) -> ModuleType:
     return importlib.import_module(BENCHES[name])
 
 
-def positive_int(text: str) -> int:
-    """An argparse type for counts (seeds, epochs, rounds, threads): 0 must not fall back to a long default run."""
+MAX_COUNT = 1_000_000  # seeds, epochs, rounds, sizes: far beyond any benchmark, and below what crashed (10**21 seeds)
+
+
+def _count(text: str, maximum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not an integer; pass a positive integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    if value > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum:,}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts (seeds, epochs, rounds, sizes): 0 must not fall back to a long default run, and
+    a count past :data:`MAX_COUNT` is a typo, not a benchmark."""
+    return _count(text, MAX_COUNT)
 
 
 def thread_count(text: str) -> int:
     """An argparse type for --threads: a positive integer the system can start that many threads for."""
     from mamo.trainer import MAX_THREADS
 
-    value = positive_int(text)
-    if value > MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {value}")
-    return value
+    return _count(text, MAX_THREADS)
 
 
 def bench_parser(name: str, module: ModuleType) -> argparse.ArgumentParser:
