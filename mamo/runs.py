@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import os
@@ -81,11 +82,11 @@ def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: 
     named the folder."""
     path = path or free_run_dir(run_dir, config, command)
     while True:
-        path.mkdir(parents=True, exist_ok=True)
-        if _never_started(path):  # what a killed command left: free_run_dir gave it to this run
-            for entry in path.iterdir():
-                entry.rmdir() if entry.is_dir() else entry.unlink()
         try:
+            path.mkdir(parents=True, exist_ok=True)
+            if _never_started(path):  # what a killed command left: free_run_dir gave it to this run
+                for entry in path.iterdir():
+                    entry.rmdir() if entry.is_dir() else entry.unlink()
             (path / "checkpoints").mkdir()
             break
         except FileExistsError:
@@ -93,6 +94,12 @@ def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: 
                 raise MamoError(f"run folder {path} was taken by another run meanwhile; pass a new --run-dir."
                                 ) from None
             path = free_run_dir(None, config, command)
+        except OSError as exc:
+            # No run has started, so the CLI's advice for a failed write ("continue with --resume") would mislead.
+            if exc.errno not in WRITE_FAILURES - {errno.ENAMETOOLONG}:
+                raise
+            raise MamoError(f"could not create the run folder {path} ({exc.strerror}); pass a --run-dir where you "
+                            "can write, or fix the folder's permissions.") from exc
     # Atomic: a command killed while writing it leaves no config.yaml, never an empty one that --resume would
     # read as the built-in defaults.
     header = f"{RUN_HEADER} {command} run: its resolved config (a preset to copy; --resume reads it back)\n"

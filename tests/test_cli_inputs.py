@@ -213,6 +213,27 @@ def test_a_run_dir_in_proc_is_one_sentence(tmp_path: Path, monkeypatch: pytest.M
         in single_error(err)
 
 
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_a_run_folder_that_cannot_be_created_is_not_advised_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     command: str) -> None:
+    # Before: "...fix the folder's permissions, then continue with --resume", but no run existed to resume.
+    # Simulated (root may write anywhere): sysfs and an immutable parent refuse the mkdir with EPERM.
+    mkdir = Path.mkdir
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        if self.name == "run":
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+        mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    budget = ["--set", "train.epochs=4"] if command == "search" else []  # room for the search's phases
+    code, err = run_cli([command, "quick", *TINY, *budget, "--run-dir", str(tmp_path / "run")], capsys)
+    assert code == 2
+    assert single_error(err) == (f"could not create the run folder {tmp_path / 'run'} (Operation not permitted); pass "
+                                 "a --run-dir where you can write, or fix the folder's permissions.")
+
+
 def test_an_immutable_out_folder_is_one_sentence(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     # chattr +i makes writes fail with EPERM, not EACCES, even for root; simulated, as chattr needs root.
