@@ -58,6 +58,10 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+# SQLite's words for a file that is not (or no longer) a database.
+DAMAGED_DATABASE = ("file is not a database", "database disk image is malformed")
+
+
 def open_storage(url: str, create: bool = True, fix: str = "start the database or pass a reachable --storage URL",
                  ) -> optuna.storages.RDBStorage:
     """The study database; a URL that is malformed or does not answer is one sentence ending in ``fix``, not a
@@ -92,6 +96,9 @@ def open_storage(url: str, create: bool = True, fix: str = "start the database o
         if _table_race(reason):  # two commands created the study's tables at the same moment
             raise StorageBusy(f"storage {shown} was being set up by another command at the same moment ({reason}); "
                               "run this command again to join the study.") from exc
+        if any(text in reason for text in DAMAGED_DATABASE):  # no permission or server would fix it
+            raise MamoError(f"storage {shown} is a damaged database ({reason}); restore it from a copy, or start "
+                            "the study in another folder (--run-dir) or database (--storage).") from exc
         raise MamoError(f"storage {shown} could not be opened ({reason}); {fix}.") from exc
 
 

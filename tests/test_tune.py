@@ -487,6 +487,19 @@ def test_bad_storage_url_is_one_sentence(tmp_path, capsys, url):
     assert not (tmp_path / "study").exists()  # nothing is written before the storage answers
 
 
+def test_a_damaged_study_db_is_not_blamed_on_permissions(tmp_path, capsys):
+    # Before: "could not be opened (file is not a database); make the study folder writable, ...".
+    from cli_errors import single_error
+
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "study.db").write_bytes(b"not a database at all; " * 200)
+    assert main(["tune", "quick", "--trials", "1", "--run-dir", str(tmp_path / "study")]) == 2
+    assert single_error(capsys.readouterr().err) == (
+        f"storage sqlite:///{(tmp_path / 'study' / 'study.db').resolve()} is a damaged database (file is not a "
+        "database); restore it from a copy, or start the study in another folder (--run-dir) or database "
+        "(--storage).")
+
+
 def test_two_commands_setting_up_one_study_at_once_retry_then_are_told_to_run_again(tmp_path, monkeypatch):
     # Optuna's table creation raced: "could not be opened (table studies already exists); start the database".
     from sqlalchemy.exc import OperationalError
