@@ -242,6 +242,8 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
             if option is type(None) and value is None:
                 return None
             if option is not type(None):
+                if isinstance(value, list) and typing.get_origin(option) is list:
+                    return _coerce(value, option, key, source)  # a list: its error names the bad item
                 try:
                     return _coerce(value, option, key, source)
                 except MamoError:
@@ -251,7 +253,14 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
         (item,) = typing.get_args(kind)
         if not isinstance(value, list):
             raise MamoError(f"'{key}' in {source} must be a list, got {value!r}; write it as [a, b, ...].")
-        return [_coerce(v, item, key, source) for v in value]
+        items = []
+        for entry in value:
+            try:
+                items.append(_coerce(entry, item, key, source))
+            except MamoError:
+                raise MamoError(f"every item of '{key}' in {source} must be {_type_name(item)}, got "
+                                f"{yaml_text(entry)} in {yaml_text(value)}; fix the value.") from None
+        return items
     if origin is dict:
         if not isinstance(value, dict):
             raise MamoError(f"'{key}' in {source} must be a mapping, got {value!r}; write it as {{k: v}}.")

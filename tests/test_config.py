@@ -274,6 +274,21 @@ def test_a_wrong_type_is_named_as_yaml_writes_it(override: str, wanted: str) -> 
     assert error_of("quick", [override]).endswith(f"must be {wanted}; fix the value.")
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    # Before: "'tune.T' in ... must be a list or null, got [2, inf]", though it was a list.
+    ("tune.T=[2, .inf]", "every item of 'tune.T' in --set tune.T=[2, .inf] must be a whole number, got inf in "
+                         "[2, inf]"),
+    ("tune.T=[2.5, 3]", "every item of 'tune.T' in --set tune.T=[2.5, 3] must be a whole number, got 2.5 in [2.5, 3]"),
+    ("tune.threshold=[1, 2]", "every item of 'tune.threshold' in --set tune.threshold=[1, 2] must be a string, got 1 "
+                              "in [1, 2]"),
+    ("model.hidden=[8, x]", "every item of 'model.hidden' in --set model.hidden=[8, x] must be a whole number, got "
+                            "'x' in [8, 'x']"),
+    ("tune.T=3", "'tune.T' in --set tune.T=3 must be a list or null, got 3"),
+])
+def test_a_bad_item_of_a_list_is_named(override: str, message: str) -> None:
+    assert error_of("quick", [override]) == f"{message}; fix the value."
+
+
 @pytest.mark.parametrize("text", ["train.epochs", "=3", " =3", "train.epochs 3", "train..lr=1", "train.=1"])
 def test_bad_set_syntax_shows_the_expected_form(text: str) -> None:
     message = error_of(None, [text])
