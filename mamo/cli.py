@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as stop:
         if not isinstance(stop, StopExplained):
-            print("mamo: interrupted; finished checkpoints in the run folder are kept.", file=sys.stderr)
+            # Commands with something to continue say so themselves (StopExplained); here nothing was kept: a
+            # bench that writes its tables at the end, a run stopped before its folder existed.
+            print("mamo: interrupted.", file=sys.stderr)
         return 130
 
 
