@@ -85,6 +85,11 @@ def _no_model(directory: Path, missing: list[Path]) -> str:
                 "names the best).")
     command = run_command(directory)
     names = " and ".join(p.name for p in missing)
+    if command and not (directory / "metrics.json").exists() and (directory.parent / "study.yaml").is_file():
+        # A tune trial: pruned, failed or still running; --resume would finish what the pruner stopped.
+        return (f"{directory} is a tune trial that did not finish (pruned, failed or still running: no "
+                f"{missing[0].name}); pass a finished trial of its study (summary.md in {directory.parent} names "
+                "the best).")
     if command and not (directory / "metrics.json").exists():
         return (f"{directory} holds a {command} run that has not finished (no {missing[0].name}); finish it with "
                 f"python cli.py {command} --resume {directory}.")

@@ -162,6 +162,13 @@ def test_what_is_not_a_run_folder_says_what_it_is_and_what_to_pass(
     (study / "trial-0001").symlink_to(run_dir)
     assert error(study) == (f"{study} is a tune study folder; pass one of its trial folders, e.g. "
                             f"{study / 'trial-0001'} (summary.md names the best).")
+    # A pruned trial: it was advised "finish it with python cli.py search --resume", against the pruner.
+    pruned = study / "trial-0002"
+    pruned.mkdir()
+    (pruned / "config.yaml").write_text("# mamo search run: 2026-11-25\nname: quick\n")
+    assert error(pruned) == (f"{pruned} is a tune trial that did not finish (pruned, failed or still running: no "
+                             f"architecture.json); pass a finished trial of its study (summary.md in {study} names "
+                             "the best).")
 
 
 # ---------------------------------------------------------------------------------------------------- --out
