@@ -330,13 +330,13 @@ def resolve_preset(preset: str | None) -> Path | None:
     if preset is None:
         return None
     path = Path(preset)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        if not path.is_file():
-            raise MamoError(f"preset {path} is a folder, not a YAML file; pass the file inside it or another preset.")
-        return path
-    named = PRESET_DIR / f"{preset}.yaml"
-    if named.exists():
-        return named
+    # A name: search_spaces/<name>.yaml, or <path>.yaml for a path given without its suffix.
+    for candidate in ([path] if path.suffix in (".yaml", ".yml") else []) + [PRESET_DIR / f"{preset}.yaml"]:
+        if candidate.is_dir():
+            raise MamoError(f"preset {candidate} is a folder, not a YAML file; pass the file inside it or another "
+                            "preset.")
+        if candidate.exists():
+            return candidate
     known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
     raise MamoError(f"preset '{preset}' was not found; pass a YAML file or one of: {', '.join(known)}.")
 

@@ -195,6 +195,9 @@ def test_a_preset_that_cannot_be_read_as_utf8_text_is_refused(tmp_path: Path, mo
     folder = tmp_path / "folder.yaml"
     folder.mkdir()
     assert "is a folder, not a YAML file" in error_of(str(folder))
+    # Named without its suffix: said "cannot be read (Is a directory); make it readable".
+    assert error_of(str(tmp_path / "folder")) == (f"preset {folder} is a folder, not a YAML file; pass the file "
+                                                  "inside it or another preset.")
     locked = write(tmp_path, "train: {epochs: 1}\n")
 
     def denied(self, *args, **kwargs):  # root reads any file, so permissions cannot be tested directly
