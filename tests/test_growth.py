@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -204,8 +206,6 @@ def test_a_task_in_two_groups_fuses_both_branches():
 
 def test_growing_restarts_the_tensioner_window_only_when_something_grew():
     # The tensioner's norm history describes the old parameter set; after growth it must start a new window.
-    from types import SimpleNamespace
-
     from mamo.config import Config
     from mamo.conflicts import ConflictStats
     from mamo.directions import MGDA, Tensioner
@@ -234,8 +234,6 @@ def test_growing_restarts_the_tensioner_window_only_when_something_grew():
 def test_a_pair_activated_at_two_cells_grows_one_branch_from_the_shallower():
     # DESIGN §3: shallowest first, so the deeper position is covered and creates nothing. Deepest first gave the
     # same wiring but split the modules between the two positions in metrics.json's modules_per_position.
-    from types import SimpleNamespace
-
     from mamo.config import Config
     from mamo.conflicts import ConflictStats
     from mamo.search_phases import grow_network
@@ -362,3 +360,24 @@ def test_every_edge_of_a_grown_graph_is_one_the_model_reads(modules, order_seed)
                 assert g.structure_error(graph) is not None, f"adding {source} -> {target} went unnoticed"
                 graph.remove_edge(source, target)
     assert g.structure_error(graph) is None
+
+
+def test_a_grown_module_is_trained():
+    # The new branch's parameters must reach the optimizer: without them it stays a frozen copy of the trunk.
+    from mamo.config import Config
+    from mamo.conflicts import ConflictStats
+    from mamo.search_phases import grow_network
+
+    model = lenet_model()
+    step = TrainStep(model, create_direction(DirectionConfig()), torch.optim.SGD(model.parameters(), lr=0.1))
+    stats = ConflictStats.for_graph(model.graph)
+    stats.counts[1, 0, 1] = stats.counts[1, 1, 0] = 4
+    _, new_nodes = grow_network(SimpleNamespace(model=model, step=step), stats, Config(), 1)
+    assert new_nodes
+    held = {id(p) for group in step.optimizer.param_groups for p in group["params"]}
+    assert {id(p) for p in model.parameters()} <= held
+    grown = [p for node in new_nodes for p in model.blocks[node].parameters()]
+    before = [p.detach().clone() for p in grown]
+    for seed in range(5, 8):  # the fusion's beta starts at 0: the branch gets gradients once beta moved
+        step(*batch(seed=seed))
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, grown, strict=True))

@@ -214,3 +214,11 @@ def test_the_growth_table_names_a_plugin_by_its_file_not_its_folders() -> None:
     rounds = [{"round": 1, "modules": 2}]
     assert "| digits.py:make | 2 |" in growth_notes(rounds, {}, "/home/me/data/digits.py:make")
     assert "| multimnist | 2 |" in growth_notes(rounds, {}, "multimnist")
+
+
+def test_a_markdown_tables_rule_has_a_cell_under_every_header():
+    # GitHub's markdown renders no table when the rule row has fewer cells than the header.
+    from mamo.runs import table_lines
+
+    assert table_lines(["method", "left", "right"], [["STL", "0.8", "0.7"]]) == [
+        "| method | left | right |", "|---|---|---|", "| STL | 0.8 | 0.7 |"]

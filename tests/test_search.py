@@ -738,3 +738,80 @@ def test_a_search_of_one_task_is_refused_before_its_folder_is_made(tmp_path, cap
     assert "the data has 1 task (y), and a search grows modules between pairs of tasks" in capsys.readouterr().err
     assert not run.exists()
 
+
+SEARCH_QUIET = {"progress": False, "quiet": True, "loggers": False}
+
+
+def test_the_final_phase_ends_on_its_best_validation_epoch(tmp_path, monkeypatch):
+    # Every validation score is worse than the one before, so the final phase's first epoch is its best: the
+    # tested (and saved) network must be that epoch's, not the last one trained.
+    scores = itertools.count()
+    monkeypatch.setattr("mamo.trainer.selection_score", lambda metrics, reference: float(next(scores)))
+    config = tiny("search.rounds=1", "search.final_epochs=3", "search.baselines=false")
+    metrics = run_search(config, tmp_path / "r", **SEARCH_QUIET)
+    history = torch.load(tmp_path / "r" / "checkpoints" / "phase-02-final.pt", weights_only=False)["history"]
+    final = [entry["val"] for entry in history if entry["phase"] == "final"]
+    assert len(final) == 3 and final[0] != final[-1]
+    assert metrics["val"] == final[0]
+    # A round records (and reports to a tune pruner) the validation of its own last epoch, not pretraining's.
+    round1 = [entry["val"] for entry in history if entry["phase"] == "round1"]
+    assert round1[-1] != history[0]["val"] and metrics["rounds"][0]["val"] == round1[-1]
+
+
+def test_a_search_resumed_inside_a_phase_keeps_its_baselines_and_phase_times(tmp_path):
+    # The in-phase checkpoint carries the baselines (a resume takes them from there) and the phase's time so far.
+    config = tiny("search.rounds=1", "search.final_epochs=3", "train.checkpoint_seconds=0")
+    cut = tmp_path / "cut"
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, cut, callbacks=[CrashInPhase("final")], **SEARCH_QUIET)
+    inside = torch.load(cut / "checkpoints" / "in-phase.pt", weights_only=False)
+    assert set(inside["baselines"]) == {"stl", "hps"}
+    resumed = run_search(config, cut, resume=True, **SEARCH_QUIET)
+    assert set(resumed["baselines"]) == {"stl", "hps"} and resumed["delta"] is not None
+    wall = time.perf_counter() - started  # what both commands together can have counted, at most
+    assert 0 < inside["phase_seconds"]["final"] <= inside["seconds"] <= wall
+    assert sum(resumed["phase_seconds"].values()) <= resumed["seconds"] <= wall
+
+
+def test_a_search_stopped_twice_inside_one_phase_counts_its_epochs_from_the_phase_start(tmp_path):
+    # The second stop's in-phase checkpoint must count the epochs before the first stop too, or the second
+    # resume trains the phase again from the wrong epoch.
+    config = tiny("search.rounds=1", "search.final_epochs=4", "search.baselines=false", "train.checkpoint_seconds=0")
+    whole = run_search(config, tmp_path / "whole", **SEARCH_QUIET)
+    cut = tmp_path / "cut"
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            run_search(config, cut, resume=cut.exists(), callbacks=[CrashInPhase("final")], **SEARCH_QUIET)
+    inside = torch.load(cut / "checkpoints" / "in-phase.pt", weights_only=False)
+    assert inside["phase"] == "final" and inside["epochs_done"] == 2
+    resumed = run_search(config, cut, resume=True, **SEARCH_QUIET)
+    assert resumed["tasks"] == whole["tasks"] and resumed["val"] == whole["val"]
+
+
+def test_a_search_resumed_after_a_phase_counts_only_the_time_it_ran(tmp_path):
+    config = tiny("search.rounds=2", "search.baselines=false")
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, tmp_path / "r", callbacks=[Crash()], **SEARCH_QUIET)  # stopped after round 1's checkpoint
+    saved = torch.load(tmp_path / "r" / "checkpoints" / "phase-01-round1.pt", weights_only=False)["seconds"]
+    resumed = run_search(config, tmp_path / "r", resume=True, **SEARCH_QUIET)
+    wall = time.perf_counter() - started
+    assert 0 < saved <= resumed["seconds"] <= wall
+
+
+def test_a_search_of_a_single_epoch_is_allowed():
+    from mamo.search_plan import check_search_config
+
+    check_search_config(tiny("search.rounds=0", "search.pretrain_epochs=0", "search.final_epochs=1"))
+    check_search_config(tiny("search.rounds=0", "search.pretrain_epochs=1", "search.final_epochs=0"))
+
+
+def test_a_checkpoint_from_a_phase_past_the_edited_plans_end_is_one_sentence(tmp_path):
+    # Saved in the final phase of 2 rounds (index 3), resumed with search.rounds=1 (phases 0-2).
+    from mamo.search_plan import check_resumed_phase
+
+    with pytest.raises(MamoError, match="sets search.rounds to 1, but the run's newest checkpoint was saved in "
+                                        "phase 'final' of another plan"):
+        check_resumed_phase(tiny("search.rounds=1"), {"phase_index": 3, "phase": "final"}, tmp_path)
+    check_resumed_phase(tiny("search.rounds=2"), {"phase_index": 3, "phase": "final"}, tmp_path)

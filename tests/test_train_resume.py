@@ -3,6 +3,7 @@ to the same result, a damaged checkpoint is retrained, and ``--resume`` refuses 
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -440,3 +441,27 @@ def test_sigterm_stops_a_train_run_as_ctrl_c_does(tmp_path: Path) -> None:
     # The log line, on the terminal too, says how to continue: no generic "interrupted" line after it.
     assert f"stopped; continue with: python cli.py train --resume {run}" in err
     assert "mamo: interrupted" not in err and "Traceback" not in err
+
+
+TRAIN_QUIET = {"progress": False, "quiet": True, "loggers": False}
+
+
+class ValPerEpoch(Callback):
+    def __init__(self):
+        self.val = []
+
+    def on_epoch_end(self, trainer, metrics) -> None:
+        self.val.append(metrics)
+
+
+def test_a_trained_network_is_its_best_validation_epoch(tmp_path, monkeypatch):
+    # As in a search's final phase: every score worse than the one before makes the first epoch the best, and
+    # train's result (and weights) must be that epoch's.
+    scores = itertools.count()
+    monkeypatch.setattr("mamo.trainer.selection_score", lambda metrics, reference: float(next(scores)))
+    config = load_config("quick", ["train.epochs=3", "data.train_size=256", "data.val_size=64",
+                                   "data.test_size=64", "train.device=cpu"])
+    epochs = ValPerEpoch()
+    metrics = run_train(config, tmp_path / "r", callbacks=[epochs], **TRAIN_QUIET)
+    assert len(epochs.val) == 3 and epochs.val[0] != epochs.val[-1]
+    assert metrics["val"] == epochs.val[0]

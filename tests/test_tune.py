@@ -1226,3 +1226,110 @@ def test_a_tune_stop_that_said_how_to_continue_gets_no_generic_line_from_the_cli
     assert ("mamo: interrupted" in err) == generic
     # Nor does the generic line claim checkpoints that a stop before any folder existed never wrote.
     assert "checkpoints" not in err
+
+
+def test_a_postgresql_url_uses_the_driver_that_is_installed(monkeypatch):
+    # SQLAlchemy 2.1 reads postgresql:// as psycopg 3; with only psycopg2 installed that must still connect.
+    import importlib.util
+
+    from mamo import tune_storage
+
+    seen = []
+    monkeypatch.setattr(tune_storage, "_rdb_storage", lambda url, engine_kwargs, create: seen.append(url))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "psycopg2" else None)
+    tune_storage.open_storage("postgresql://mamo:secret@db.example/x")
+    assert seen == ["postgresql+psycopg2://mamo:secret@db.example/x"]
+
+
+def test_a_mysql_url_without_a_driver_is_one_sentence(monkeypatch):
+    import importlib.util
+
+    from mamo.tune_storage import open_storage
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # neither MySQLdb nor pymysql
+    with pytest.raises(MamoError, match=r"^storage mysql://mamo:\*\*\*@127.0.0.1:1/x needs a database driver"):
+        open_storage("mysql://mamo:secret@127.0.0.1:1/x")
+
+
+def test_only_a_table_race_is_retried_and_only_twice_after_a_pause(monkeypatch):
+    # A database that does not answer fails at once; two commands creating the tables at once retry twice, half a
+    # second apart, then the loser is told to run again.
+    import optuna
+    from sqlalchemy.exc import OperationalError
+
+    from mamo.tune_storage import StorageBusy, open_storage
+
+    calls, pauses = [], []
+    monkeypatch.setattr("mamo.tune_storage.time.sleep", pauses.append)
+
+    def refusing(*args, **kwargs):
+        calls.append(1)
+        raise OperationalError("connect", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", refusing)
+    with pytest.raises(MamoError, match=r"could not be opened \(connection refused\)"):
+        open_storage("sqlite:////nonexistent/study.db")
+    assert (len(calls), pauses) == (1, [])
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        raise OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+
+    calls.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    with pytest.raises(StorageBusy):
+        open_storage("sqlite:////nonexistent/study.db")
+    assert (len(calls), pauses) == (3, [0.5, 0.5])
+
+
+def test_a_trial_killed_after_its_rounds_reports_them_again_when_retried(tmp_path, monkeypatch):
+    # Killed in the final phase (after round 1's checkpoint), the retry resumes after the round and never ends it
+    # again: it must report the round's Δ from the checkpoint, or the pruner judges it without that round.
+    from optuna.trial import TrialState
+
+    import mamo.search_phases
+
+    config = load_config("quick", ONE_ROUND)
+    run_tune(config, study_dir=tmp_path / "whole", trials=1, **QUIET)
+    reference = load(tmp_path / "whole").trials[0]
+    assert list(reference.intermediate_values) == [1]
+
+    def killed(*args, **kwargs):
+        raise SystemExit(137)
+
+    with monkeypatch.context() as patch:
+        patch.setitem(mamo.search_phases.PHASE_RUNNERS, "final", killed)
+        with pytest.raises(SystemExit):
+            run_tune(config, study_dir=tmp_path / "cut", trials=1, **QUIET)
+    run_tune(config, study_dir=tmp_path / "cut", trials=1, **QUIET)
+    _, retry = load(tmp_path / "cut").trials
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["retry_of"] == 0
+    assert retry.intermediate_values == reference.intermediate_values
+
+
+class RaisesInDel:
+    """Its finaliser raises a KeyboardInterrupt, as a stop that lands while the garbage collector runs one."""
+
+    def __del__(self):
+        raise KeyboardInterrupt
+
+
+def test_a_sigterm_inside_a_command_requests_the_stop_and_the_command_leaves_everything_as_it_was(monkeypatch):
+    import signal
+    import sys
+
+    from mamo.stops import STOP_REQUESTED, stop_signals_interrupt
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_signals_interrupt():
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+        assert STOP_REQUESTED.is_set()  # in case Python drops the raise: the trainer and tune check it
+        RaisesInDel()  # a dropped stop's KeyboardInterrupt: not reported
+        assert seen == []
+    assert not STOP_REQUESTED.is_set()  # the next command in this process is not stopped at its first step
+    assert signal.getsignal(signal.SIGTERM) is before and sys.unraisablehook == seen.append  # both restored
+    RaisesInDel()  # outside a command, the previous hook sees it again
+    assert [type(unraisable.exc_value) for unraisable in seen] == [KeyboardInterrupt]
