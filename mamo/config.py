@@ -330,7 +330,7 @@ def resolve_preset(preset: str | None) -> Path | None:
     if preset is None:
         return None
     path = Path(preset)
-    # A name: search_spaces/<name>.yaml, or <path>.yaml for a path given without its suffix.
+    # A YAML path, else search_spaces/<name>.yaml (an absolute path without its suffix lands on <path>.yaml).
     for candidate in ([path] if path.suffix in (".yaml", ".yml") else []) + [PRESET_DIR / f"{preset}.yaml"]:
         if candidate.is_dir():
             raise MamoError(f"preset {candidate} is a folder, not a YAML file; pass the file inside it or another "

@@ -78,10 +78,11 @@ class SearchSpace:
                 try:
                     x = self.build_cell(index).eval()(x)
                 except (RuntimeError, AssertionError, ValueError, MemoryError) as exc:  # torch and timm on bad sizes
-                    if out_of_memory(exc):  # too large a model, not too small an input: say which setting shrinks it
+                    reason = memory_failure(exc)
+                    if reason is not None:  # too large a model, not too small an input: say which setting shrinks it
                         raise MamoError(
                             f"backbone '{self.backbone}' needs more memory than this machine can give at cell {index} "
-                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); use a smaller model: "
+                            f"({reason}); use a smaller model: "
                             f"{self.smaller}."
                         ) from exc
                     raise MamoError(
@@ -102,22 +103,21 @@ class SearchSpace:
         try:
             return HEADS[name](task, feature_shape, hidden)
         except (RuntimeError, MemoryError) as exc:
-            if not out_of_memory(exc):
+            reason = memory_failure(exc)
+            if reason is None:
                 raise
-            raise MamoError(f"the head of task '{task.name}' needs more memory than this machine can give "
-                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); use a smaller "
-                            f"model.head_hidden than {hidden}.") from exc
+            raise MamoError(f"the head of task '{task.name}' needs more memory than this machine can give ({reason}); "
+                            f"use a smaller model.head_hidden than {hidden}.") from exc
 
 
-def out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocation failure: torch's CPU allocator raises a plain RuntimeError for one, and for
-    a tensor whose byte count overflows 64 bits."""
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-        return True
+def memory_failure(exc: BaseException) -> str | None:
+    """The reason to show when ``exc`` is an allocation failure (torch's CPU allocator raises a plain RuntimeError
+    for one, and for a tensor whose byte count overflows 64 bits); None for any other error."""
     text = str(exc)
-    return isinstance(exc, RuntimeError) and any(
+    failed = isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (isinstance(exc, RuntimeError) and any(
         words in text for words in ("can't allocate memory", "not enough memory", "out of memory",
-                                    "Storage size calculation overflowed"))
+                                    "Storage size calculation overflowed")))
+    return (text.splitlines()[0] if text else type(exc).__name__) if failed else None
 
 
 def _flatten_features(feature_shape: tuple[int, ...]) -> tuple[list[nn.Module], int]:
