@@ -397,7 +397,6 @@ def test_resume_refuses_data_of_other_shapes_than_the_checkpoint_was_trained_on(
         check_resumed_data((3, 32, 48), fewer, state, tmp_path)
 
 
-
 def test_a_stop_python_dropped_is_raised_again_at_the_next_step() -> None:
     # A KeyboardInterrupt raised while a weakref callback runs (the garbage collector's, often, in training) is
     # only reported; a stop signal's handler also sets STOP_REQUESTED, which the trainer checks every step.
@@ -459,8 +458,7 @@ def test_a_trained_network_is_its_best_validation_epoch(tmp_path, monkeypatch):
     # train's result (and weights) must be that epoch's.
     scores = itertools.count()
     monkeypatch.setattr("mamo.trainer.selection_score", lambda metrics, reference: float(next(scores)))
-    config = load_config("quick", ["train.epochs=3", "data.train_size=256", "data.val_size=64",
-                                   "data.test_size=64", "train.device=cpu"])
+    config = load_config("quick", RESUMABLE)
     epochs = ValPerEpoch()
     metrics = run_train(config, tmp_path / "r", callbacks=[epochs], **TRAIN_QUIET)
     assert len(epochs.val) == 3 and epochs.val[0] != epochs.val[-1]
