@@ -7,12 +7,10 @@ that "+" means better than STL; Δ and Win close each row. A second table gives 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
-from mamo.runs import format_duration, replace_atomically, table_lines, write_text_atomically
+from mamo.runs import format_duration, table_lines, write_csv_atomically, write_text_atomically
 from mamo.tasks import TaskSpec
 from mamo.trainer import mean_epoch_seconds
 
@@ -124,17 +122,14 @@ def write_report(
         parts += ["", notes]
     text = "\n".join(parts) + "\n"
     write_text_atomically(run_dir / "report.md", text)
-    table = io.StringIO(newline="")
-    writer = csv.writer(table)
-    writer.writerow(["method", "task", "metric", "value", "relative_to_stl_percent", "delta", "win_rate", "params"])
+    table = [["method", "task", "metric", "value", "relative_to_stl_percent", "delta", "win_rate", "params"]]
     for row in rows:
         for task, metric, _ in metric_columns(tasks):
             relative = row.get("relative", {}).get((task, metric))
-            writer.writerow([row["method"], task, metric, row["tasks"][task][metric],
-                             "" if relative is None else relative, row.get("delta", ""),
-                             row.get("win_rate", ""), row["params"]])
-    replace_atomically(run_dir / "report.csv",
-                       lambda tmp: tmp.write_text(table.getvalue(), encoding="utf-8", newline=""))
+            table.append([row["method"], task, metric, row["tasks"][task][metric],
+                          "" if relative is None else relative, row.get("delta", ""), row.get("win_rate", ""),
+                          row["params"]])
+    write_csv_atomically(run_dir / "report.csv", table)
     return text
 
 

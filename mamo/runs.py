@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import fcntl
+import io
 import itertools
 import os
 import re
@@ -279,6 +281,13 @@ def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
 def write_text_atomically(path: Path, text: str) -> None:
     """:func:`replace_atomically` for a text file, always UTF-8 (reports hold Δ and arrows, whatever the locale)."""
     replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_csv_atomically(path: Path, rows: Iterable[Sequence[object]]) -> None:
+    """:func:`replace_atomically` for a CSV table (the csv module's dialect: quoted as needed, CRLF rows), UTF-8."""
+    table = io.StringIO(newline="")
+    csv.writer(table).writerows(rows)
+    replace_atomically(path, lambda tmp: tmp.write_text(table.getvalue(), encoding="utf-8", newline=""))
 
 
 def counted(number: int, noun: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import socket
 from pathlib import Path
@@ -13,7 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mamo.config import Config, dump_config, load_config
 from mamo.errors import MamoError
-from mamo.runs import table_lines
+from mamo.runs import table_lines, write_csv_atomically
 from mamo.tune_space import SPACE, apply_params
 
 BEST_SHOWN = 5
@@ -100,16 +99,15 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
     names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
     tuned = [name for name in SPACE if any(name in t.params for t in trials)]
     attrs = [name for name in CSV_ATTRS if name not in names]  # the objective val_delta is a column already
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["trial", "state", *names, *tuned, *attrs])
-        for t in trials:
-            values = t.values or [None] * len(names)
-            recorded = {**t.user_attrs, "fail_reason": fail_reason(t)} if t.state == TrialState.FAIL else t.user_attrs
-            folder = run_folder(t, path.parent)
-            recorded = {**recorded, "run_dir": None if folder is None else str(folder.resolve())}
-            writer.writerow([t.number, t.state.name.lower(), *values, *(t.params.get(n) for n in tuned),
-                             *(recorded.get(a) for a in attrs)])
+    table = [["trial", "state", *names, *tuned, *attrs]]
+    for t in trials:
+        values = t.values or [None] * len(names)
+        recorded = {**t.user_attrs, "fail_reason": fail_reason(t)} if t.state == TrialState.FAIL else t.user_attrs
+        folder = run_folder(t, path.parent)
+        recorded = {**recorded, "run_dir": None if folder is None else str(folder.resolve())}
+        table.append([t.number, t.state.name.lower(), *values, *(t.params.get(n) for n in tuned),
+                      *(recorded.get(a) for a in attrs)])
+    write_csv_atomically(path, table)
 
 
 def plot_pareto(study: optuna.Study, path: Path) -> None:
