@@ -12,7 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mamo.config import Config, dump_config, load_config
 from mamo.errors import MamoError
-from mamo.runs import table_lines, write_csv_atomically
+from mamo.runs import replace_atomically, table_lines, write_csv_atomically, write_text_atomically
 from mamo.tune_space import SPACE, apply_params
 
 BEST_SHOWN = 5
@@ -178,7 +178,7 @@ def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, s
         best_path = directory / "best.yaml"
         tuned = _trial_config(chosen, base, directory)
         tuned.name = f"{base.name}-tuned"
-        dump_config(tuned, best_path)
+        replace_atomically(best_path, lambda partial: dump_config(tuned, partial))
         lines += [f"Best configuration: {best_path} (trial {chosen.number}, run folder {_where(chosen, directory)}); "
                   f"run it with `mamo search {best_path}`.", *_rerun_notes(tuned, base, chosen), ""]
         if multi and 2 <= len(study.directions) <= 3:
@@ -192,7 +192,7 @@ def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, s
         lines += [f"- trial {t.number}: {fail_reason(t)}" for t in failed]
         lines.append("")
     text = "\n".join(lines)
-    (directory / "summary.md").write_text(text, encoding="utf-8")
+    write_text_atomically(directory / "summary.md", text)
     write_trials_csv(study, directory / "trials.csv")
     return {"study_dir": directory, "study": study.study_name, "states": states, "text": text,
             "best": None if chosen is None else chosen.number, "best_config": best_path}
