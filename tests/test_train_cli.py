@@ -750,13 +750,22 @@ def test_a_baseline_another_live_process_trains_is_waited_for_not_trained_twice(
     claim = _hold_claim(cache, key, f"{socket.gethostname()} {os.getppid()} {_pid_namespace()}")
     result = {"tasks": {"left": {"accuracy": 0.25}, "right": {"accuracy": 0.5}}, "val": {}, "params": 1,
               "seconds_per_epoch": 1.0}
-    timer = threading.Timer(0.5, lambda: BaselineCache(cache).put(key, result))
-    timer.start()
+    log_path = tmp_path / "logs" / "log.txt"
+
+    def finish_once_waited_for() -> None:
+        # The other process finishes only after this one logged its wait; a fixed delay raced a slow CI machine.
+        deadline = time.monotonic() + 60
+        while "waiting for" not in (log_path.read_text() if log_path.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        BaselineCache(cache).put(key, result)
+
+    other_process = threading.Thread(target=finish_once_waited_for)
+    other_process.start()
     session = open_session(config, tmp_path / "logs", progress=False, quiet=True, cache_root=cache)
     (tmp_path / "logs").mkdir()
     assert cached_baseline(session, "hps", 1) == result  # the other process's, after it appeared
-    timer.join()
-    log = (tmp_path / "logs" / "log.txt").read_text()
+    other_process.join()
+    log = log_path.read_text()
     assert f"HPS baseline: waiting for the process that trains it ({socket.gethostname()} {os.getppid()} " in log
     assert "equal weighting for" not in log and claim.exists()  # trained nothing, left the holder's claim alone
 
@@ -779,10 +788,16 @@ def test_the_networks_no_other_process_trains_come_first(tmp_path: Path, monkeyp
     session = open_session(config, logs, progress=False, quiet=True, cache_root=cache)
     real = cache_module.BaselineCache.put
 
+    def finish_left_once_waited_for(cache_of_other: BaselineCache) -> None:
+        deadline = time.monotonic() + 60  # a fixed delay could race a slow machine's logging of the wait
+        while "STL 'left': waiting" not in (logs / "log.txt").read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        real(cache_of_other, left, other)
+
     def put(self, key, result):  # the other process finishes 'left' once this one has trained the rest
         real(self, key, result)
         if key == baseline_key(config, "hps", 1):
-            threading.Timer(0.2, lambda: real(self, left, other)).start()
+            threading.Thread(target=finish_left_once_waited_for, args=(self,)).start()
 
     monkeypatch.setattr(cache_module.BaselineCache, "put", put)
     results = cached_baselines(session, ("stl", "hps"), 1)
