@@ -5,15 +5,18 @@
 How (exact, finite, float64):
 
 * m = 2 and m = 3: closed forms in plain Python floats (the interior stationary point, else the best edge),
-  because numpy's per-call overhead dominates at this size.
-* m ≥ 4: with ``H = G/scale + 11ᵀ`` (positive definite iff the gradients are affinely independent), the
-  problem is the non-negative least-squares problem ``min_{u ≥ 0} ||R u - b||²`` with ``RᵀR = H`` and
-  ``Rᵀb = 1``; its solution is ``u = t·w`` with ``t > 0``, so ``w = u / Σu``. (Over ``u = t·w``, the objective
-  is ``t²(q + 1) - 2t + 1`` with ``q = wᵀGw/scale``, minimised at ``t = 1/(1 + q)`` to ``q/(1 + q)``, which is
-  increasing in ``q``.) NNLS is solved by Lawson-Hanson's active-set method (``scipy.optimize.nnls``,
-  compiled, with an iteration cap); when every weight of the affine minimiser is positive, that is the answer
-  and NNLS is skipped. A rank-deficient ``H`` (identical, collinear or too many gradients for their
-  dimension) takes a pivoted Cholesky factor of its numerical rank instead.
+  because numpy's per-call overhead dominates at this size; m = 3 works in a frame centred on the shortest
+  gradient.
+* m ≥ 4: with ``H = G + c·11ᵀ`` for a ``c > 0`` (positive definite iff the gradients are affinely
+  independent), the problem is the non-negative least-squares problem ``min_{u ≥ 0} ||R u - b||²`` with
+  ``RᵀR = H`` and ``Rᵀb = c·1``; its solution is ``u = t·w`` with ``t > 0``, so ``w = u / Σu``. (Over
+  ``u = t·w``, the objective is ``t²(q + c) - 2ct + c`` with ``q = wᵀGw``, minimised at ``t = c/(q + c)`` to
+  ``cq/(q + c)``, which is increasing in ``q``.) ``c`` is the smallest squared norm, and ``H`` is solved after
+  a Jacobi scaling (unit diagonal), so gradient norms 1e9 apart keep every task downhill. NNLS is solved by
+  Lawson-Hanson's active-set method (``scipy.optimize.nnls``, compiled, with an iteration cap); when every
+  weight of the affine minimiser is positive, that is the answer and NNLS is skipped. A rank-deficient ``H``
+  (identical, collinear or too many gradients for their dimension) takes a pivoted Cholesky factor of its
+  numerical rank instead. A zero gradient is the answer itself.
 
 A vertex is returned as it is, not as 0.999/0.001 (what the public reference solvers answer there for m = 2).
 """
@@ -24,7 +27,7 @@ import numpy as np
 from scipy.linalg import lapack
 from scipy.optimize import nnls
 
-# Squared Cholesky pivot (relative to the scaled H, whose entries are O(1)) under which a gradient is taken
+# Squared Cholesky pivot (relative to the scaled H, whose diagonal is 1) under which a gradient is taken
 # to lie in the affine hull of the others; the objective error this admits is of the same relative order.
 _PIVOT = 1e-12
 
@@ -39,7 +42,15 @@ def _pair(g11: float, g12: float, g22: float) -> float:
 
 
 def _three(gramian: np.ndarray) -> np.ndarray:
-    (g11, g12, g13), (_, g22, g23), (_, _, g33) = gramian.tolist()
+    rows = gramian.tolist()
+    # The frame below is centred on one gradient. Centred on one much longer than the others, its differences
+    # (d22, d23, ...) cancel to rounding noise (norms 1e5 apart gave a direction uphill for two tasks); centred
+    # on the shortest, they keep the short gradients' digits.
+    order = (0, 1, 2)
+    if rows[1][1] < rows[0][0] or rows[2][2] < rows[0][0]:
+        order = (1, 0, 2) if rows[1][1] <= rows[2][2] else (2, 0, 1)
+        rows = [[rows[i][j] for j in order] for i in order]
+    (g11, g12, g13), (_, g22, g23), (_, _, g33) = rows
     if not max(g11, g22, g33) > 0.0:  # all three are zero: every point is optimal, the uniform one is symmetric
         return np.full(3, 1.0 / 3.0)
     # In the frame p1 + a(p2 - p1) + b(p3 - p1): d_ij are the Gram entries of the differences.
@@ -53,7 +64,9 @@ def _three(gramian: np.ndarray) -> np.ndarray:
         a = (c3 * d23 - c2 * d33) / det
         b = (c2 * d23 - c3 * d22) / det
         if a >= 0.0 and b >= 0.0 and a + b <= 1.0:
-            return np.array([1.0 - a - b, a, b])
+            weights = [0.0, 0.0, 0.0]
+            weights[order[0]], weights[order[1]], weights[order[2]] = 1.0 - a - b, a, b
+            return np.array(weights)
     # Otherwise the optimum is on the boundary (for collinear points too: their hull is one of the edges).
     best = (np.inf, 0, 1, 1.0)
     for i, j, gii, gij, gjj in ((0, 1, g11, g12, g22), (0, 2, g11, g13, g33), (1, 2, g22, g23, g33)):
@@ -62,10 +75,10 @@ def _three(gramian: np.ndarray) -> np.ndarray:
         if value < best[0]:
             best = (value, i, j, a)
     _, i, j, a = best
-    weights = np.zeros(3)
-    weights[i] = a
-    weights[j] = 1.0 - a
-    return weights
+    weights = [0.0, 0.0, 0.0]
+    weights[order[i]] = a
+    weights[order[j]] = 1.0 - a
+    return np.array(weights)
 
 
 def min_norm_weights(gramian: np.ndarray) -> np.ndarray:
@@ -85,22 +98,30 @@ def min_norm_weights(gramian: np.ndarray) -> np.ndarray:
         return np.array([a, 1.0 - a])
     if m == 3:
         return _three(G)
-    scale = max(G.diagonal().tolist())
-    if not scale > 0.0:
-        return np.full(m, 1.0 / m)
-    H = G * (1.0 / scale) + 1.0
+    diagonal = G.diagonal()
+    shortest = float(diagonal.min())
+    if not shortest > 0.0:  # a zero gradient is optimal (norm 0); among several, the uniform split is symmetric
+        zero = (diagonal <= 0.0).astype(np.float64)
+        return zero / zero.sum()
+    # H = G + c·11ᵀ for any c > 0; c = the shortest squared norm (≥ the optimum) keeps the short gradients'
+    # entries, which c = the longest one rounded away (norms 1e7 apart sent tasks uphill). The Jacobi scaling
+    # H' = SHS, u = S y gives H' a unit diagonal, so the Cholesky pivots compare with 1 whatever the norms.
+    H = G + shortest
+    s = 1.0 / np.sqrt(H.diagonal())
+    H *= np.outer(s, s)
     R, info = lapack.dpotrf(H, lower=0, clean=1)
     if info == 0 and min(R.diagonal().tolist()) ** 2 > _PIVOT:
-        b, _ = lapack.dtrtrs(R, np.ones(m), lower=0, trans=1)
-        z, _ = lapack.dtrtrs(R, b, lower=0)  # z = H⁻¹1: the affine minimiser, up to its sum
-        z_list = z.tolist()
-        if min(z_list) > 0.0:
-            return z / sum(z_list)
+        b, _ = lapack.dtrtrs(R, s, lower=0, trans=1)
+        z, _ = lapack.dtrtrs(R, b, lower=0)  # z = H'⁻¹s: the affine minimiser in y, up to its scale
+        if min(z.tolist()) > 0.0:
+            u = s * z
+            return u / u.sum()
         A = R
     else:
         R, piv, rank, _ = lapack.dpstrf(H, tol=_PIVOT, lower=0)
         A = np.zeros((rank, m))
-        A[:, piv - 1] = np.triu(R[:rank])  # AᵀA = H up to the dropped (negligible) pivots
-        b, _ = lapack.dtrtrs(R[:rank, :rank], np.ones(rank), lower=0, trans=1)
-    u, _ = nnls(A, b, maxiter=50 * m)  # Lawson-Hanson terminates in far fewer; the cap bounds the loop
+        A[:, piv - 1] = np.triu(R[:rank])  # AᵀA = H' up to the dropped (negligible) pivots
+        b, _ = lapack.dtrtrs(R[:rank, :rank], s[piv[:rank] - 1], lower=0, trans=1)
+    y, _ = nnls(A, b, maxiter=50 * m)  # Lawson-Hanson terminates in far fewer; the cap bounds the loop
+    u = s * y
     return u / u.sum()
