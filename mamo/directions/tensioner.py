@@ -12,8 +12,9 @@ both expressed on weights (``v = wᵀJ``, ``g_t − v = (e_t − w)ᵀJ``, every
 
 * ``thesis``: ``v_n = v + Σ_t c_t (g_t − v)/||g_t − v||`` (Eq 4.12 and the reference implementation). For a
   base whose weights lie on the simplex (mgda, central) each unit vector is taken as that of ``g_t − u_t``, u_t
-  the other tasks' weighted mean: the same vector where ``g_t ≠ v``, and its limit at a vertex (``v = g_t``),
-  where Eq 4.12 is undefined (see :func:`_thesis_pull_on_simplex`). A term whose unit vector is not resolvable
+  the other tasks' weighted mean: the same vector where ``g_t ≠ v``; at a vertex (``v = g_t``), where Eq 4.12
+  is undefined, u_t is the others' plain mean (the limit for m = 2; for m ≥ 3 the limit along that path, see
+  :func:`_thesis_pull_on_simplex`). A term whose unit vector is not resolvable
   from a float32 Gramian is dropped (the step's; a squared distance is a difference of entries that carry
   ~1e-6 relative error on an 11 M-parameter network, so one computed below 1e-5 of the two squared norms can
   be off by several times). α = 0 is treated as off, as the thesis' tables do.
@@ -89,10 +90,11 @@ def _thesis_pull(gramian: Matrix, weights: Vector, gw: Vector, c: Vector, alpha:
 def _thesis_pull_on_simplex(gramian: Matrix, weights: Vector, c: Vector) -> Vector:
     """Eq 4.12 for a base in the convex hull of the gradients (mgda, central): v = w_t g_t + (1 − w_t) u_t with
     u_t the other tasks' weighted mean, so g_t − v = (1 − w_t)(g_t − u_t) and the unit vector is that of
-    g_t − u_t. That is exact wherever Eq 4.12 is defined and its limit where it is not (v = g_t at a vertex,
-    where the term would otherwise be dropped and the other tasks' unit vectors pull alone, by c_t ≥ 1 − α
-    whatever the gradients' scale), and ||g_t − u_t|| stays resolvable from a float32 Gramian as w_t → 1.
-    At the vertex itself u_t is the plain mean of the others."""
+    g_t − u_t. That is exact wherever Eq 4.12 is defined, and ||g_t − u_t|| stays resolvable from a float32
+    Gramian as w_t → 1. At the vertex itself (v = g_t, where the term would otherwise be dropped and the other
+    tasks' unit vectors pull alone, by c_t ≥ 1 − α whatever the gradients' scale) u_t is the plain mean of the
+    others: Eq 4.12's limit for m = 2; for m ≥ 3 the limit depends on the path into the vertex, and this is
+    the one along the plain mean."""
     m = len(weights)
     if m == 2:  # u_1 = g_2 and u_2 = g_1: the two unit vectors are opposite (closed form, 25 µs under the loop)
         sq_dist = gramian[0][0] - 2.0 * gramian[0][1] + gramian[1][1]
