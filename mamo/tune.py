@@ -32,7 +32,7 @@ from mamo.tune_space import SPACE, apply_params, check_space
 from mamo.tune_storage import StorageBusy, open_storage, shown_url
 from mamo.tune_study import check_folder, claim_folder, open_study, retry_interrupted, stored_study, study_config
 from mamo.tune_summary import summarize
-from mamo.tune_workers import Plan, Tickets, TrialLine, optimize, quiet_optuna, run_workers
+from mamo.tune_workers import Plan, Tickets, TrialLine, optimize, quiet_optuna, run_workers, trial_stops
 
 DEFAULT_STUDY = "mamo"
 DEFAULT_PRESET = "multimnist"
@@ -234,7 +234,8 @@ def run_tune(
     tickets = Tickets(opened.trials, context if opened.workers > 1 else None)
     try:
         if opened.workers == 1:
-            optimize(plan, tickets, seed)
+            with trial_stops() as stop:
+                optimize(plan, tickets, seed, stop)
         else:
             run_workers(plan, opened.workers, tickets, seed, context)
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ and writes one line per finished trial.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import socket
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,19 +40,39 @@ OWNER = "owner"  # a trial's user attribute: the process running it (mamo.cache.
 
 
 class WorkerStop:
-    """A spawned worker's handler of SIGINT, SIGTERM and SIGHUP: KeyboardInterrupt, as Ctrl-C, until the worker
-    records its stopped trial; from then on a signal is ignored, so the terminal's Ctrl-C and the parent's
-    SIGTERM, which both reach it, do not cut the record short. A stop Python dropped (raised inside a weakref
-    callback, where it is only reported) is raised again at the next training step or trial
-    (:data:`mamo.stops.STOP_REQUESTED`)."""
+    """The stop-signal handler (SIGINT, SIGTERM, SIGHUP) of a process running trials: KeyboardInterrupt, as
+    Ctrl-C, only while a trial's objective runs (``armed``) and until the worker records its stopped trial;
+    from then on a signal is ignored, so the terminal's Ctrl-C and the parent's SIGTERM, which both reach it,
+    do not cut the record short. Outside the objective (Optuna making, telling or collecting a trial) a stop
+    only sets :data:`mamo.stops.STOP_REQUESTED`, which ends the worker once that is done: raised inside
+    ``study.ask()`` it left a RUNNING trial without an owner, which no command retried for a minute. A stop
+    Python dropped (raised inside a weakref callback, where it is only reported) is raised again at the next
+    training step or trial the same way."""
 
     def __init__(self) -> None:
+        self.armed = False
         self.recording = False
 
     def __call__(self, number: int, frame: Any) -> None:
-        STOP_REQUESTED.set()  # raised again between steps and trials if Python drops this raise
-        if not self.recording:
+        STOP_REQUESTED.set()
+        if self.armed and not self.recording:
             raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def trial_stops() -> Iterator[WorkerStop | None]:
+    """Inside, :class:`WorkerStop` handles the stop signals (in the main thread, where Python delivers them;
+    elsewhere it yields None and the signals keep their handlers); the previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    stop = WorkerStop()
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield stop
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @dataclass
@@ -60,14 +81,22 @@ class Recorded:
 
     objective: Callable[[optuna.Trial], Any]
     log: TrialLine | None = None  # where a trial stopped by Ctrl-C gets its line (Optuna's callbacks never run)
-    stop: WorkerStop | None = None  # a spawned worker's signal handler, told when the stop is being recorded
+    stop: WorkerStop | None = None  # the stop-signal handler, armed while the objective runs
 
     def __call__(self, trial: optuna.Trial) -> Any:
         start = time.perf_counter()
         try:
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr(OWNER, process_owner())  # a later command tells a running trial from a killed one
-            value = self.objective(trial)
+            if self.stop is not None:
+                self.stop.armed = True
+            try:
+                if STOP_REQUESTED.is_set():  # stopped while Optuna made the trial: recorded as stopped, not run
+                    raise KeyboardInterrupt
+                value = self.objective(trial)
+            finally:
+                if self.stop is not None:
+                    self.stop.armed = False
             values = value if isinstance(value, (tuple, list)) else (value,)
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
                 raise FloatingPointError(f"the objective returned {value!r}, not finite numbers")
@@ -243,12 +272,10 @@ def _worker(plan: Plan, tickets: Tickets, seed: int | None) -> None:
     """A spawned worker: on Ctrl-C (which reaches every process of the terminal) or the parent's SIGTERM it
     records its trial as stopped and exits quietly; the parent says how to continue, once. It starts with Ctrl-C
     ignored (see :func:`run_workers`) and takes it from here on."""
-    stop = WorkerStop()
-    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(number, stop)
     sys.unraisablehook = hide_dropped_stops(sys.unraisablehook)
     try:
-        optimize(plan, tickets, seed, stop)
+        with trial_stops() as stop:
+            optimize(plan, tickets, seed, stop)
     except KeyboardInterrupt:
         sys.exit(130)
     except MamoError as exc:  # one sentence, as the command prints its own; the parent names the worker

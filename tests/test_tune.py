@@ -115,11 +115,15 @@ def which_process(trial: optuna.Trial) -> float:
     return float(trial.suggest_int("T", 2, 30))
 
 
-def slow_alpha(trial: optuna.Trial) -> float:
-    """Records its worker's pid and takes a second: a trial a stop signal finds running."""
+def parked_alpha(trial: optuna.Trial) -> float:
+    """Records its worker's pid, draws alpha, checks in (MAMO_TEST_BARRIER/<pid>) and waits there, up to 120 s,
+    for the stop: a trial the test's stop signal certainly finds running (a trial of a fixed second let a loaded
+    machine's stop land between trials, or in Optuna's making of one)."""
     trial.set_user_attr("pid", os.getpid())
-    time.sleep(1.0)
-    return trial.suggest_float("alpha", 0.0, 1.0)
+    alpha = trial.suggest_float("alpha", 0.0, 1.0)
+    (Path(os.environ["MAMO_TEST_BARRIER"]) / str(os.getpid())).touch()
+    time.sleep(120)
+    return alpha
 
 
 def deaf_sleeper(ready) -> None:
@@ -208,6 +212,7 @@ def test_ctrl_c_says_how_to_continue_the_study(tmp_path, capsys):
     trials = load(tmp_path).trials  # the stopped trial is retried with its parameters by the next command
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert trials[2].user_attrs["retry_of"] == 1 and trials[2].params == trials[1].params
+    assert all(t.user_attrs["seconds"] >= 0 for t in trials)  # the trial's duration, stopped or not (trials.csv)
 
 
 def test_a_retried_trials_hparams_record_is_its_own_not_the_stopped_runs_failed_one(tmp_path, monkeypatch):
@@ -329,6 +334,30 @@ def test_a_retried_trial_reports_the_rounds_before_its_checkpoint_to_the_pruner(
 
 def draws_alpha(trial: optuna.Trial) -> float:
     return trial.suggest_float("alpha", 0, 1)
+
+
+def test_a_stop_while_optuna_makes_a_trial_leaves_it_stopped_not_running(tmp_path, monkeypatch):
+    # The stop's KeyboardInterrupt was raised inside study.ask(), after the trial's row was made: the trial
+    # stayed RUNNING without an owner, and no command retried or failed it for a minute (ORPHAN_SECONDS).
+    # Now a stop outside the objective waits for it, which records the trial as stopped before drawing.
+    import signal
+
+    from mamo.stops import stop_signals_interrupt
+    from mamo.tune_workers import STOPPED, TrialSeededTPE
+
+    making = TrialSeededTPE.before_trial
+
+    def stopped_while_making(self, study, trial):
+        if trial.number == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, inside study.ask()
+        making(self, study, trial)
+
+    monkeypatch.setattr(TrialSeededTPE, "before_trial", stopped_while_making)
+    with stop_signals_interrupt(), pytest.raises(KeyboardInterrupt):  # as the CLI runs every command
+        run_tune(load_config("quick"), study_dir=tmp_path, trials=3, objective=draws_alpha)
+    first, second = load(tmp_path).trials
+    assert first.state == TrialState.COMPLETE and second.state == TrialState.FAIL
+    assert second.user_attrs["fail_reason"] == STOPPED and second.params == {}  # nothing drawn: not retried
 
 
 def killed_before_drawing(trial: optuna.Trial) -> float:
@@ -703,12 +732,12 @@ from mamo.stops import stop_signals_interrupt
 from mamo.config import load_config
 from mamo.errors import StopExplained
 from mamo.tune import run_tune
-from test_tune import slow_alpha
+from test_tune import parked_alpha
 
 if __name__ == "__main__":  # spawned workers import this file again
     try:
         with stop_signals_interrupt():  # as mamo.cli.main runs every command
-            run_tune(load_config("quick"), study_dir=sys.argv[1], trials=40, workers=2, objective=slow_alpha)
+            run_tune(load_config("quick"), study_dir=sys.argv[1], trials=40, workers=2, objective=parked_alpha)
     except StopExplained:  # the stop line is printed: the CLI adds nothing
         sys.exit(130)
     except KeyboardInterrupt:
@@ -724,28 +753,29 @@ def test_a_tune_stopped_by_sigterm_stops_its_workers_and_records_their_trials(tm
 
     from mamo.tune_workers import STOPPED
 
-    script, study = tmp_path / "study.py", tmp_path / "study"
+    script, study, barrier = tmp_path / "study.py", tmp_path / "study", tmp_path / "barrier"
     script.write_text(SIGTERM_SCRIPT)
+    barrier.mkdir()
     paths = [str(Path(__file__).parent), str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "MAMO_TEST_BARRIER": str(barrier)}
     process = subprocess.Popen([sys.executable, str(script), str(study)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
-    log = study / "tune.log"
-    while time.monotonic() < deadline and " complete" not in (log.read_text() if log.exists() else ""):
-        time.sleep(0.1)
+    while time.monotonic() < deadline and len(list(barrier.iterdir())) < 2:  # both workers inside a trial
+        time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "stopped; finished trials stay in the study" in out
     assert "Traceback" not in err and "leaked" not in err and "Exception ignored" not in err
     trials = load(study).trials
-    assert all(t.state != TrialState.RUNNING for t in trials)
     stopped = [t for t in trials if t.state == TrialState.FAIL]
-    # A worker stopped between Optuna's making a trial and its objective's start records no reason (nor params).
-    assert stopped and all(t.user_attrs["fail_reason"] == STOPPED for t in stopped if t.params)
-    assert len(trials) < 40
-    for pid in {t.user_attrs["pid"] for t in trials if "pid" in t.user_attrs}:  # no worker outlives the command
+    assert len(stopped) == 2 and all(t.user_attrs["fail_reason"] == STOPPED and "alpha" in t.params for t in stopped)
+    retries = [t for t in trials if t.state == TrialState.WAITING]  # queued for the next command
+    assert sorted(t.user_attrs["retry_of"] for t in retries) == sorted(t.number for t in stopped)
+    pids = {t.user_attrs["pid"] for t in stopped}
+    assert len(pids) == 2
+    for pid in pids:  # no worker outlives the command
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert "running" not in (study / "summary.md").read_text()  # written after the workers recorded theirs
@@ -800,7 +830,7 @@ def test_a_stop_requested_between_trials_ends_the_study_as_ctrl_c(tmp_path):
     assert len(load(tmp_path).trials) == 1  # no trial started after the stop
 
 
-def test_a_worker_takes_signals_as_ctrl_c_until_it_records_its_stopped_trial():
+def test_a_worker_takes_signals_as_ctrl_c_in_the_objective_until_it_records_its_stopped_trial():
     import signal
 
     from mamo.stops import STOP_REQUESTED
@@ -808,6 +838,10 @@ def test_a_worker_takes_signals_as_ctrl_c_until_it_records_its_stopped_trial():
 
     stop = WorkerStop()
     try:
+        stop(signal.SIGTERM, None)  # outside the objective (Optuna making or telling a trial): requested only
+        assert STOP_REQUESTED.is_set()
+        STOP_REQUESTED.clear()
+        stop.armed = True
         with pytest.raises(KeyboardInterrupt):
             stop(signal.SIGTERM, None)
         assert STOP_REQUESTED.is_set()
