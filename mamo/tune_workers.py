@@ -43,19 +43,21 @@ class WorkerStop:
     """The stop-signal handler (SIGINT, SIGTERM, SIGHUP) of a process running trials: KeyboardInterrupt, as
     Ctrl-C, only while a trial's objective runs (``armed``) and until the worker records its stopped trial;
     from then on a signal is ignored, so the terminal's Ctrl-C and the parent's SIGTERM, which both reach it,
-    do not cut the record short. Outside the objective (Optuna making, telling or collecting a trial) a stop
-    only sets :data:`mamo.stops.STOP_REQUESTED`, which ends the worker once that is done: raised inside
-    ``study.ask()`` it left a RUNNING trial without an owner, which no command retried for a minute. A stop
-    Python dropped (raised inside a weakref callback, where it is only reported) is raised again at the next
-    training step or trial the same way."""
+    do not cut the record short. Outside the objective (Optuna making, telling or collecting a trial) a first
+    stop only sets :data:`mamo.stops.STOP_REQUESTED`, which ends the worker once that is done (raised inside
+    ``study.ask()`` it left a RUNNING trial without an owner, which no command retried for a minute); a second
+    one raises there too, so that a storage call stuck on a locked database does not make Ctrl-C useless. A
+    stop Python dropped (raised inside a weakref callback, where it is only reported) is raised again at the
+    next training step or trial the same way."""
 
     def __init__(self) -> None:
         self.armed = False
         self.recording = False
 
     def __call__(self, number: int, frame: Any) -> None:
+        again = STOP_REQUESTED.is_set()
         STOP_REQUESTED.set()
-        if self.armed and not self.recording:
+        if not self.recording and (self.armed or again):
             raise KeyboardInterrupt
 
 

@@ -840,6 +840,8 @@ def test_a_worker_takes_signals_as_ctrl_c_in_the_objective_until_it_records_its_
     try:
         stop(signal.SIGTERM, None)  # outside the objective (Optuna making or telling a trial): requested only
         assert STOP_REQUESTED.is_set()
+        with pytest.raises(KeyboardInterrupt):  # a second stop there does not wait (a storage call stuck, say)
+            stop(signal.SIGINT, None)
         STOP_REQUESTED.clear()
         stop.armed = True
         with pytest.raises(KeyboardInterrupt):
