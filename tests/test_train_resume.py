@@ -346,6 +346,8 @@ def test_a_run_resumed_after_its_plugin_was_edited_says_so(tmp_path: Path, edite
         run_train(config, tmp_path / "run", callbacks=[StopAfterEpoch(1)], **quiet)
     if edited:
         plugin.write_text(EDITABLE_PLUGIN.replace("> 0).long()}", "> 1).long()}"))
+        later = (tmp_path / "run" / "config.yaml").stat().st_mtime + 10  # a file system's coarse clock, too
+        os.utime(plugin, (later, later))
     run_train(config, tmp_path / "run", resume=True, **quiet)
     noted = "note: the data plugin" in (tmp_path / "run" / "log.txt").read_text()
     assert noted == edited
