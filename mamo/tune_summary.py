@@ -48,13 +48,16 @@ def _where(trial: FrozenTrial, directory: Path) -> str:
     return str(path) if host in (None, socket.gethostname()) else f"{host}:{path}"
 
 
+STOPPED_EARLY = "stopped before its objective started (it drew nothing)"
+
 def fail_reason(trial: FrozenTrial) -> str:
-    """Why a failed trial failed. Only a stop between Optuna making a trial and calling the objective leaves no
-    reason: :class:`mamo.tune_workers.Recorded` records the host first thing, and a reason on every failure."""
+    """Why a failed trial failed. :class:`mamo.tune_workers.Recorded` records the host first thing and a reason
+    on every failure (:data:`STOPPED_EARLY` for a stop that came while Optuna made the trial); only a second
+    stop before that, or a kill, leaves none."""
     if "fail_reason" in trial.user_attrs:
         return trial.user_attrs["fail_reason"]
     if "host" not in trial.user_attrs:
-        return "stopped before its objective started (it drew nothing)"
+        return STOPPED_EARLY
     return "unknown reason"
 
 

@@ -29,7 +29,7 @@ from mamo.errors import MamoError
 from mamo.stops import STOP_REQUESTED, hide_dropped_stops
 from mamo.tune_space import PRUNERS
 from mamo.tune_storage import RETRY_OF, open_storage, shown_url, storage_failure
-from mamo.tune_summary import fail_reason, short_value
+from mamo.tune_summary import STOPPED_EARLY, fail_reason, short_value
 
 # What a trial may raise without stopping the study: bad sampled settings, NaN losses, out of memory.
 CATCH = (MamoError, FloatingPointError, RuntimeError, MemoryError)
@@ -86,14 +86,15 @@ class Recorded:
     stop: WorkerStop | None = None  # the stop-signal handler, armed while the objective runs
 
     def __call__(self, trial: optuna.Trial) -> Any:
-        start = time.perf_counter()
+        start, reason = time.perf_counter(), STOPPED
         try:
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr(OWNER, process_owner())  # a later command tells a running trial from a killed one
             if self.stop is not None:
                 self.stop.armed = True
             try:
-                if STOP_REQUESTED.is_set():  # stopped while Optuna made the trial: recorded as stopped, not run
+                if STOP_REQUESTED.is_set():  # stopped while Optuna made the trial: recorded as such, not run
+                    reason = STOPPED_EARLY
                     raise KeyboardInterrupt
                 value = self.objective(trial)
             finally:
@@ -109,9 +110,9 @@ class Recorded:
         except KeyboardInterrupt:  # Optuna marks the trial failed; say why in summary.md and trials.csv
             if self.stop is not None:
                 self.stop.recording = True
-            trial.set_user_attr("fail_reason", STOPPED)
+            trial.set_user_attr("fail_reason", reason)
             if self.log is not None:
-                self.log.write(trial.number, f"failed: {STOPPED}", trial.params, time.perf_counter() - start)
+                self.log.write(trial.number, f"failed: {reason}", trial.params, time.perf_counter() - start)
             raise
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - start, 3))

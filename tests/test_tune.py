@@ -343,7 +343,8 @@ def test_a_stop_while_optuna_makes_a_trial_leaves_it_stopped_not_running(tmp_pat
     import signal
 
     from mamo.stops import stop_signals_interrupt
-    from mamo.tune_workers import STOPPED, TrialSeededTPE
+    from mamo.tune_summary import STOPPED_EARLY
+    from mamo.tune_workers import TrialSeededTPE
 
     making = TrialSeededTPE.before_trial
 
@@ -357,7 +358,8 @@ def test_a_stop_while_optuna_makes_a_trial_leaves_it_stopped_not_running(tmp_pat
         run_tune(load_config("quick"), study_dir=tmp_path, trials=3, objective=draws_alpha)
     first, second = load(tmp_path).trials
     assert first.state == TrialState.COMPLETE and second.state == TrialState.FAIL
-    assert second.user_attrs["fail_reason"] == STOPPED and second.params == {}  # nothing drawn: not retried
+    assert second.user_attrs["fail_reason"] == STOPPED_EARLY and second.params == {}  # nothing drawn: not retried
+    assert "trial 1 failed: stopped before its objective started" in (tmp_path / "tune.log").read_text()
 
 
 def killed_before_drawing(trial: optuna.Trial) -> float:
