@@ -774,6 +774,7 @@ def test_a_tune_stopped_by_sigterm_stops_its_workers_and_records_their_trials(tm
     stopped = [t for t in trials if t.state == TrialState.FAIL]
     assert len(stopped) == 2 and all(t.user_attrs["fail_reason"] == STOPPED and "alpha" in t.params for t in stopped)
     retries = [t for t in trials if t.state == TrialState.WAITING]  # queued for the next command
+    assert len(stopped) + len(retries) == len(trials)  # nothing left running
     assert sorted(t.user_attrs["retry_of"] for t in retries) == sorted(t.number for t in stopped)
     pids = {t.user_attrs["pid"] for t in stopped}
     assert len(pids) == 2
