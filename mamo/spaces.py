@@ -7,9 +7,10 @@ create function (:func:`create_space`), in the manner of timm. A space is fully 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -100,14 +101,8 @@ class SearchSpace:
             raise MamoError(f"task '{task.name}' asks for unknown head '{task.head}'; use one of "
                             f"{', '.join(sorted(HEADS))}.")
         hidden = int(self._spec.get("head_hidden", 50))
-        try:
+        with memory_failures_named(f"the head of task '{task.name}'", f"use a smaller model.head_hidden than {hidden}"):
             return HEADS[name](task, feature_shape, hidden)
-        except (RuntimeError, MemoryError) as exc:
-            reason = memory_failure(exc)
-            if reason is None:
-                raise
-            raise MamoError(f"the head of task '{task.name}' needs more memory than this machine can give ({reason}); "
-                            f"use a smaller model.head_hidden than {hidden}.") from exc
 
 
 def memory_failure(exc: BaseException) -> str | None:
@@ -118,6 +113,19 @@ def memory_failure(exc: BaseException) -> str | None:
         words in text for words in ("can't allocate memory", "not enough memory", "out of memory",
                                     "Storage size calculation overflowed")))
     return (text.splitlines()[0] if text else type(exc).__name__) if failed else None
+
+
+@contextlib.contextmanager
+def memory_failures_named(what: str, fix: str) -> Iterator[None]:
+    """Inside, an allocation failure (:func:`memory_failure`) becomes the one sentence "``what`` needs more memory
+    than this machine can give (reason); ``fix``."; any other error passes unchanged."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:
+        reason = memory_failure(exc)
+        if reason is None:
+            raise
+        raise MamoError(f"{what} needs more memory than this machine can give ({reason}); {fix}.") from exc
 
 
 def _flatten_features(feature_shape: tuple[int, ...]) -> tuple[list[nn.Module], int]:

@@ -42,10 +42,9 @@ from mamo.bench.solver import solver_table
 from mamo.config import DirectionConfig, ModelConfig, TensionerConfig
 from mamo.conflicts import ConflictStats
 from mamo.directions import create_direction
-from mamo.errors import MamoError
 from mamo.graph import build_hps_graph
 from mamo.model import compile_model
-from mamo.spaces import create_space, memory_failure
+from mamo.spaces import create_space, memory_failures_named
 from mamo.step import TrainStep
 from mamo.task_gradients import LAYOUTS, ParameterPartition, resolve_layout
 from mamo.tasks import parse_tasks, task_loss
@@ -331,15 +330,9 @@ def run(args: argparse.Namespace) -> dict:
         threads = torch.get_num_threads()
         for label, backbone, shape, m in _chosen(args.setups, quick):
             for batch in batches:
-                try:
+                with memory_failures_named(f"{label} at batch {batch}", "pass smaller --batch-sizes"):
                     setup = build_setup(backbone, shape, m, batch, device, args.precision)
                     results, done = measure(setup, device, warmup=1 if quick else 3, rounds=rounds, clock=clock)
-                except (RuntimeError, MemoryError) as exc:
-                    reason = memory_failure(exc)
-                    if reason is None:
-                        raise
-                    raise MamoError(f"{label} at batch {batch} needs more memory than this machine can give "
-                                    f"({reason}); pass smaller --batch-sizes.") from exc
                 layout = resolve_layout("auto", device, setup.part.size, m)
                 title = (f"{label}, {'×'.join(map(str, shape[1:]))}, batch {batch} ({setup.part.size / 1e6:.3g} M "
                          f"shared parameters, '{layout}' gradient layout; {done} rounds per method)")
