@@ -146,8 +146,18 @@ def left_running(trial: FrozenTrial) -> bool:
     owner = trial.user_attrs.get(OWNER)
     if owner is None:
         started = trial.datetime_start
-        return started is None or (datetime.datetime.now() - started).total_seconds() > ORPHAN_SECONDS
+        return started is None or trial_age_seconds(started) > ORPHAN_SECONDS
     return owner == process_owner() or owner_gone(owner)
+
+
+def trial_age_seconds(started: datetime.datetime, now: datetime.datetime | None = None) -> float:
+    """Seconds since ``started``, a naive local time as Optuna records it, to ``now`` (an aware time; default:
+    this moment), in real seconds across a change of the clocks: a trial made just before they go forward is
+    not an hour older after it, and a local time they go back over (it happens twice) is read as the later
+    instant, so a live trial is never taken for an orphan (an orphan made in that hour waits up to an hour)."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    instant = max(started.replace(fold=fold).astimezone(datetime.UTC) for fold in (0, 1))
+    return (now - instant).total_seconds()
 
 
 def retry_interrupted(study: optuna.Study, log: TrialLine) -> None:

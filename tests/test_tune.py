@@ -8,6 +8,7 @@ import json
 import os
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import optuna
@@ -439,6 +440,30 @@ def test_a_running_trial_is_retried_only_when_its_command_is_gone(tmp_path, monk
     finally:
         alive.kill()
         alive.wait()
+
+
+@pytest.fixture
+def central_european_clock(monkeypatch):
+    # A POSIX rule, so no time-zone database is needed: CET, summer time from March's last Sunday 02:00 to
+    # October's last Sunday 03:00.
+    monkeypatch.setenv("TZ", "CET-1CEST,M3.5.0,M10.5.0/3")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_an_ownerless_trial_s_age_counts_real_seconds_across_a_change_of_the_clocks(central_european_clock):
+    # Optuna records a trial's start as naive local time; compared as such with the clock after it went forward,
+    # a trial made 40 s earlier looked an hour old, and a retry failed the live trial of another command.
+    from mamo.tune_study import trial_age_seconds
+
+    just_before_forward = datetime(2026, 3, 29, 1, 59, 30)  # local; 03:00:10 CEST after the jump
+    assert trial_age_seconds(just_before_forward, datetime(2026, 3, 29, 1, 0, 10, tzinfo=UTC)) == 40.0
+    twice = datetime(2026, 10, 25, 2, 30)  # local 02:30 happens at 00:30 and at 01:30 UTC: read as the later
+    assert trial_age_seconds(twice, datetime(2026, 10, 25, 1, 30, 20, tzinfo=UTC)) == 20.0
+    assert trial_age_seconds(twice, datetime(2026, 10, 25, 0, 30, 20, tzinfo=UTC)) < 0  # young, never failed
+    assert trial_age_seconds(datetime(2026, 7, 1, 12, 0), datetime(2026, 7, 1, 10, 2, tzinfo=UTC)) == 120.0
 
 
 def test_each_trial_draws_from_the_seed_and_its_place_so_two_commands_draw_apart(tmp_path):
