@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mamo
 from mamo.errors import WRITE_FAILURES, MamoError, StopExplained
 from mamo.stops import stop_signals_interrupt
 
@@ -108,6 +109,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported (so one command's imports never slow or break another)."""
     parser = argparse.ArgumentParser(prog="mamo", description="Grow multi-task networks where tasks fight.",
                                      allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"mamo {mamo.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, spec in COMMANDS.items():
         subparser = sub.add_parser(name, help=spec.help, description=spec.help, allow_abbrev=False)

@@ -8,8 +8,13 @@ that "+" means better than STL; Δ and Win close each row. A second table gives 
 from __future__ import annotations
 
 import json
+import platform
+from importlib import metadata
 from pathlib import Path
 
+import torch
+
+import mamo
 from mamo.runs import format_duration, table_lines, write_csv_atomically, write_text_atomically
 from mamo.tasks import TaskSpec
 from mamo.trainer import mean_epoch_seconds
@@ -158,6 +163,29 @@ def time_notes(history: list[dict], phase_seconds: dict[str, float], total_secon
     lines.append(f"| other: data, baselines, test | - | {format_duration(rest)} | - |")
     lines.append(f"| all | {len(history)} | {format_duration(total_seconds)} | - |")
     return "\n".join(lines)
+
+
+def run_environment(device: torch.device) -> dict:
+    """What produced a run, for comparing results across machines: versions, device and thread count."""
+    # torch's own string keeps the build (+cu130, +cpu); the package metadata drops it.
+    versions = {"mamo": mamo.__version__, "python": platform.python_version(), "torch": torch.__version__}
+    for package in ("numpy", "timm", "optuna"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:  # a source checkout run without installing its dependencies' metadata
+            versions[package] = None
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {**versions, "platform": platform.platform(), "device": str(device), "hardware": hardware,
+            "threads": torch.get_num_threads()}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    except OSError:  # not Linux
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:

@@ -23,7 +23,16 @@ from mamo.config import Config
 from mamo.data_plugins import plugin_edited_note
 from mamo.errors import MamoError
 from mamo.model import count_parameters
-from mamo.report import build_rows, delta, growth_notes, time_notes, win_rate, write_metrics, write_report
+from mamo.report import (
+    build_rows,
+    delta,
+    growth_notes,
+    run_environment,
+    time_notes,
+    win_rate,
+    write_metrics,
+    write_report,
+)
 from mamo.runs import FolderLock, check_resumed_config, read_run_config
 from mamo.search_phases import ConflictRecorder, SearchRun, run_phases, stl_validation
 from mamo.search_plan import (
@@ -178,6 +187,7 @@ def _finish(run: SearchRun, started: float) -> dict:
         "phase_seconds": phase_seconds,
         "seconds": time.perf_counter() - started,
         "config": dataclasses.asdict(config),
+        "environment": run_environment(session.device),
     }
     results = {}
     if baselines:

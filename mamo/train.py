@@ -19,7 +19,7 @@ from mamo.data_plugins import plugin_edited_note
 from mamo.directions import direction_label
 from mamo.errors import MamoError
 from mamo.graph import graph_to_dict
-from mamo.report import build_rows, delta, win_rate, write_metrics, write_report
+from mamo.report import build_rows, delta, run_environment, win_rate, write_metrics, write_report
 from mamo.runs import FolderLock, check_resumed_config, counted, read_run_config
 from mamo.session import Session, logging_stops, open_run, open_session, save_model, train_network
 from mamo.trainer import Callback, intra_op_threads
@@ -139,7 +139,8 @@ def _train_and_write(session: Session, directory: Path, watchers: list[Callback]
     name, result, results = TRAIN_MODES[config.train.mode].train(session, directory, watchers, state)
     stl_name = "STL" if "STL" in results else None
     metrics = {"tasks": result["tasks"], "params": result["params"], "val": result["val"],
-               "seconds_per_epoch": result["seconds_per_epoch"], "config": dataclasses.asdict(config)}
+               "seconds_per_epoch": result["seconds_per_epoch"], "config": dataclasses.asdict(config),
+               "environment": run_environment(session.device)}
     if stl_name and name != stl_name:
         metrics["delta"] = delta(result["tasks"], results["STL"]["tasks"], tasks)
         metrics["win_rate"] = win_rate(result["tasks"], results["STL"]["tasks"], tasks)

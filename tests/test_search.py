@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import mamo
 from mamo import graph as g
 from mamo.checkpoint import IN_PHASE, PHASE_KEYS, load_checkpoint, newest_state, save_checkpoint
 from mamo.cli import main
@@ -69,6 +70,7 @@ def test_search_writes_the_run_folder(finished):
     assert isinstance(saved["gmk_modules"], int) and len(saved["rounds"]) == 2
     assert {"stl", "hps"} <= set(saved["baselines"]) and 0.0 <= saved["win_rate"] <= 1.0
     assert saved["gmk_modules"] == sum(r["modules"] for r in saved["rounds"])
+    assert saved["environment"]["mamo"] == mamo.__version__ and saved["environment"]["device"] == "cpu"
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
     assert checkpoints == ["phase-00-pretrain.pt", "phase-01-round1.pt", "phase-02-round2.pt", "phase-03-final.pt"]
     report = (run_dir / "report.md").read_text()

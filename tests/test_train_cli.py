@@ -20,6 +20,7 @@ import torch
 import yaml
 from cli_errors import single_error
 
+import mamo
 from mamo.baselines import cached_baseline
 from mamo.cache import ABANDONED_AFTER_SECONDS, BaselineCache, _pid_namespace, baseline_key
 from mamo.cli import main
@@ -122,6 +123,9 @@ def test_train_writes_the_run_folder(runs: Path) -> None:
         assert 0.0 <= metrics["tasks"][task]["accuracy"] <= 1.0
     assert isinstance(metrics["params"], int) and metrics["params"] > 0
     assert "delta" not in metrics  # no STL was cached yet
+    environment = metrics["environment"]  # what made the numbers, to compare runs across machines
+    assert environment["mamo"] == mamo.__version__ and environment["torch"] == torch.__version__
+    assert environment["device"] == "cpu" and environment["threads"] >= 1 and environment["hardware"]
     assert "--set train.mode=stl" in (run / "report.md").read_text()
     # The resolved config, overrides included, is the run's config.yaml, and it loads back as a preset.
     written = load_config(str(run / "config.yaml"))
@@ -397,6 +401,13 @@ def test_console_script_is_the_same_cli() -> None:
     if script is not None:
         installed = subprocess.run([script, "--help"], capture_output=True, text=True, check=True)
         assert installed.stdout == wrapper.stdout
+
+
+def test_version_is_the_installed_packages_and_printed_by_the_cli(capsys: pytest.CaptureFixture) -> None:
+    assert metadata.version("mamo") == mamo.__version__  # pyproject reads it from the package: one place
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"mamo {mamo.__version__}\n"
 
 
 def test_a_terminal_without_unicode_gets_question_marks_not_a_crash() -> None:
