@@ -59,6 +59,10 @@ TRAIN_BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 
 
+# The start of what torch's batch norm raises in training on one value per channel.
+ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
+
+
 def check_train_config(config: TrainConfig) -> None:
     """One sentence for a bad training setting before anything loads, instead of a traceback once training
     starts (or, for ``epochs=0``, silently no training)."""
@@ -284,6 +288,16 @@ class Trainer:
             return self.step(*self._to_device(x, targets))
         except FloatingPointError as exc:
             raise self._diverged(self.global_step + 1, str(getattr(exc, "problem", exc))) from exc
+        except ValueError as exc:
+            if not str(exc).startswith(ONE_VALUE_PER_CHANNEL):
+                raise
+            # Only a batch of one sample gets here: iterate_batches drops a lone last one after full batches.
+            raise MamoError(
+                f"training '{self.description}' got a batch of {len(x)} sample at step {self.global_step + 1}, and "
+                f"a batch-norm layer of the backbone whose feature map is 1 × 1 cannot train on one value per "
+                f"channel; set train.batch_size to 2 or more (now {self.batch_size}) and give the train split at "
+                "least 2 samples."
+            ) from exc
 
     def _diverged(self, step: int, problem: str) -> TrainingDiverged:
         lr = self.step.optimizer.param_groups[0]["lr"]

@@ -457,6 +457,23 @@ def test_wrong_key_exits_2_before_creating_anything(tmp_path: Path, capsys: pyte
     assert not run.exists()
 
 
+@pytest.mark.parametrize("budget", [["train.batch_size=1"], ["data.train_size=1"]])
+def test_a_batch_of_one_sample_at_a_1x1_batch_norm_is_one_sentence_in_the_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture, budget: list[str]
+) -> None:
+    # timm's test ResNet shrinks the 36 × 36 digits to 1 × 1 before a batch norm: torch raised a bare ValueError.
+    run = tmp_path / "run"
+    settings = ["model.backbone=timm:test_resnet", "data.train_size=4", "data.val_size=4", "data.test_size=4",
+                "train.epochs=1", *budget]
+    assert train("quick", *(a for key in settings for a in ("--set", key)), "--no-progress", "--no-tensorboard",
+                 "--run-dir", str(run)) == 2
+    message = single_error(capsys.readouterr().err)
+    assert message.startswith("training 'train' got a batch of 1 sample at step 1, and a batch-norm layer")
+    assert message.endswith("set train.batch_size to 2 or more (now " + ("1" if "batch" in budget[0] else "128")
+                            + ") and give the train split at least 2 samples.")
+    assert message in (run / "log.txt").read_text()
+
+
 def test_wrong_key_in_a_preset_file_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     preset = tmp_path / "mine.yaml"
     preset.write_text(yaml.safe_dump({"model": {"backbon": "mlp"}}))
