@@ -296,9 +296,13 @@ def counted(number: int, noun: str) -> str:
 
 
 def table_lines(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
-    """A markdown table's lines: the header row, its rule, one line per row of cell texts."""
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(row) + " |" for row in rows)]
+    """A markdown table's lines: the header row, its rule, one line per row of cell texts (a '|' inside a cell,
+    as in a task named 'a|b', escaped so that it does not split the cell)."""
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(text.replace("|", "\\|") for text in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header), *(line(row) for row in rows)]
 
 
 def format_duration(seconds: float) -> str:

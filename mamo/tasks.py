@@ -289,6 +289,15 @@ def _size(value: object, key: str, name: str, source: str) -> int:
     return int(value)
 
 
+# Characters a task name cannot hold, and why: each joins task names into the names of other things, so a task
+# called "a+b" made pair (a+b, c) and pair (a, b+c) one module name, and the second pair could never grow.
+RESERVED_IN_TASK_NAMES = {
+    ".": "torch's module names cannot hold (its head lives in one) and metric names use as task.metric",
+    "+": "joins the two task names of a pair (gmk_a+b_3, conflicts/Q/a+b/cell3)",
+    "@": "joins a pair and a cell into a position (a+b@cell3)",
+}
+
+
 def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
     """Validate a dataset's ``tasks`` dict and build specs; ``source`` names where it came from."""
     if not isinstance(raw, dict) or not raw:
@@ -301,9 +310,13 @@ def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
                 f"task '{name}' from {source} has spec {spec!r}, not a mapping; give a dict such as "
                 "{'type': 'classification', 'classes': 10}."
             )
-        if "." in str(name):
-            # Heads live in a torch ModuleDict, whose keys cannot hold a dot; metric names join as task.metric.
-            raise MamoError(f"task '{name}' from {source} has a '.' in its name; rename the task without one.")
+        if not str(name).strip():
+            raise MamoError(f"task {name!r} from {source} has an empty name; give it one to show in reports, such as "
+                            "'digit'.")
+        for mark, why in RESERVED_IN_TASK_NAMES.items():
+            if mark in str(name):
+                raise MamoError(f"task '{name}' from {source} has a '{mark}' in its name, which {why}; rename the "
+                                f"task without one.")
         kind = spec.get("type")
         if not isinstance(kind, str) or kind not in TASK_TYPES:
             raise MamoError(

@@ -422,8 +422,24 @@ def test_an_empty_task_dict_is_refused_with_an_example() -> None:
 
 def test_a_task_name_with_a_dot_is_refused() -> None:
     # torch's ModuleDict, which holds the heads, raises a bare KeyError on it much later.
-    with pytest.raises(MamoError, match=r"task 'depth\.v2' from a plugin has a '\.' in its name; rename the task"):
+    with pytest.raises(MamoError, match=r"task 'depth\.v2' from a plugin has a '\.' in its name, which .*; rename "
+                                        r"the task without one\.$"):
         parse_tasks({"depth.v2": {"type": "depth", "shape": [1, 4, 4]}}, "a plugin")
+
+
+@pytest.mark.parametrize("name, mark", [("a+b", "+"), ("left@2", "@")])
+def test_a_task_name_with_a_separator_of_pairs_or_positions_is_refused(name: str, mark: str) -> None:
+    # Tasks 'a+b', 'c', 'a', 'b+c' made pairs (a+b, c) and (a, b+c) one module name: the second never grew.
+    digit = {"type": "classification", "classes": 10}
+    with pytest.raises(MamoError, match=rf"^task '{re.escape(name)}' from a plugin has a '{re.escape(mark)}' in its "
+                                        r"name, which joins .*; rename the task without one\.$"):
+        parse_tasks({name: digit, "c": digit}, "a plugin")
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_task_name_is_refused(name: str) -> None:
+    with pytest.raises(MamoError, match=r"^task '\s*' from a plugin has an empty name; give it one"):
+        parse_tasks({name: {"type": "classification", "classes": 10}}, "a plugin")
 
 
 def sample_batch(kind: str) -> tuple[torch.Tensor, torch.Tensor, dict]:

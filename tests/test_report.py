@@ -222,3 +222,12 @@ def test_a_markdown_tables_rule_has_a_cell_under_every_header():
 
     assert table_lines(["method", "left", "right"], [["STL", "0.8", "0.7"]]) == [
         "| method | left | right |", "|---|---|---|", "| STL | 0.8 | 0.7 |"]
+
+
+def test_a_bar_in_a_cell_is_escaped_so_every_row_keeps_its_cells():
+    # A task named 'a|b' gave report.md's header ten cells and its rows nine.
+    from mamo.runs import table_lines
+
+    header, rule, row = table_lines(["method", "a|b accuracy"], [["STL", "0.8"]])
+    assert header == "| method | a\\|b accuracy |"
+    assert [len(line.replace("\\|", "").split("|")) for line in (header, rule, row)] == [4, 4, 4]

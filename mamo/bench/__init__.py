@@ -122,7 +122,7 @@ def cell(value: Any) -> str:
     """A table cell as text: floats with four significant digits, everything else as is."""
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
-    return str(value).replace("|", "\\|")
+    return str(value)
 
 
 def to_markdown(result: dict) -> str:
