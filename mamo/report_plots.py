@@ -70,20 +70,34 @@ def growth_figure(rounds: list[dict], module_name: str = "GMK modules") -> Figur
             ax.text(number, count / 2, f"+{count}", ha="center", va="center", fontsize=9, color="white")
         ax.text(number, total + 0.04 * top, f"{total}", ha="center", va="bottom", fontsize=8)
     # The activated (pair, cell) positions go under each round's tick, where they never hit the bars.
-    labels = [f"round {r['round']}\n" + ("\n".join(f"{'+'.join(p)}@cell{c}" for p, c in r["activated"]) or "none")
-              for r in rounds]
+    labels = [f"round {r['round']}\n" + _listed_positions(r["activated"]) for r in rounds]
     ax.set_xticks(numbers, labels, fontsize=8)
     ax.set_ylim(0, top * 1.3)
     ax.set_ylabel(module_name.split(" (")[0])
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"{module_name[0].upper()}{module_name[1:]} grown per detection round", fontsize=10)
-    ax.legend(fontsize=8, frameon=False, loc="upper left")
+    ax.set_title(f"{module_name[0].upper()}{module_name[1:]} grown per detection round", fontsize=10, pad=20)
+    # In one row between the title and the plot: inside it, the legend covered the first round's total.
+    ax.legend(fontsize=8, frameon=False, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
     for spine in ("top", "right"):
         ax.spines[spine].set_visible(False)
-    lines = max(len(r["activated"]) for r in rounds) + 1
-    figure.set_figheight(3.0 + 0.15 * lines)
-    figure.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=(0.35 + 0.15 * lines) / figure.get_figheight())
+    # The plot keeps its height in inches and the listing gets its own below it: as fractions of a figure that
+    # grew with the listing, 156 positions in one round left the plot no height at all (matplotlib raised).
+    below = 0.35 + 0.15 * max(label.count("\n") + 1 for label in labels)
+    height = 0.65 + PLOT_INCHES + below
+    figure.set_figheight(height)
+    figure.subplots_adjust(left=0.12, right=0.97, top=1 - 0.65 / height, bottom=below / height)
     return figure
+
+
+PLOT_INCHES = 2.3  # the growth plot's own height, whatever is listed under it
+LISTED_POSITIONS = 12  # positions named under a round; report.md lists all of them
+
+
+def _listed_positions(activated: list) -> str:
+    names = [f"{'+'.join(pair)}@cell{cell}" for pair, cell in activated]
+    if len(names) > LISTED_POSITIONS:
+        names = [*names[: LISTED_POSITIONS - 1], f"and {len(names) - LISTED_POSITIONS + 1} more"]
+    return "\n".join(names) or "none"
 
 
 REPORT_PLOTS: dict[str, Callable[[list[dict], list[dict], dict[str, TaskSpec], str], Figure]] = {

@@ -245,6 +245,22 @@ def test_report_plots_save_metric_bars_and_growth(tmp_path):
     assert exclusive.get_ylabel() == "task-exclusive modules"
 
 
+def test_a_round_that_activates_many_positions_keeps_the_growth_plot_its_height():
+    # 156 positions listed under one round left the plot no height, and matplotlib raised at the end of a search
+    # with 16 tasks, which then could not finish, not even resumed.
+    pairs = [[f"t{i}", f"t{j}"] for i in range(16) for j in range(i + 1, 16)]
+    rounds = [{"round": 1, "activated": [[pair, cell] for pair in pairs for cell in (0, 1)], "modules": 240},
+              {"round": 2, "activated": [[pairs[0], 2]], "modules": 1}]
+    figure = report_plots.growth_figure(rounds)
+    plots.figure_to_array(figure)  # renders
+    ax = figure.axes[0]
+    assert ax.get_position().height * figure.get_figheight() == pytest.approx(report_plots.PLOT_INCHES)
+    listed = [t.get_text().split("\n") for t in ax.get_xticklabels()]
+    assert listed[0][0] == "round 1" and listed[0][1] == "t0+t1@cell0"
+    assert len(listed[0]) == 1 + report_plots.LISTED_POSITIONS and listed[0][-1] == "and 229 more"
+    assert listed[1] == ["round 2", "t0+t1@cell2"]
+
+
 def test_growth_without_rounds_says_so():
     figure = report_plots.growth_figure([])
     assert "stayed HPS" in figure.axes[0].texts[0].get_text()
