@@ -280,19 +280,38 @@ def overview_images(
     return pixels, {key: _crop(pixels, parts) for key, parts in regions.items()}
 
 
+HISTOGRAM_PAIRS = 12  # panels in the histogram picture: with more pairs, those with the most conflicts
+
+
+def histogram_pairs(stats: ConflictStats) -> list[int]:
+    """The indices of the pairs the histogram picture shows: all of them, or the :data:`HISTOGRAM_PAIRS` with
+    the most conflicts over every cell (TensorBoard's histograms keep every pair)."""
+    if len(stats.pairs) <= HISTOGRAM_PAIRS:
+        return list(range(len(stats.pairs)))
+    index = {task: k for k, task in enumerate(stats.tasks)}
+    totals = [int(stats.counts[:, index[a], index[b]].sum()) for a, b in stats.pairs]
+    return sorted(sorted(range(len(totals)), key=lambda p: -totals[p])[:HISTOGRAM_PAIRS])
+
+
 def histogram_figure(stats: ConflictStats) -> Figure:
-    """Per task pair, the distribution of cosines over the round's mini-batches, one line per cell."""
-    columns = max(1, min(len(stats.pairs), 3))
-    rows = max(1, math.ceil(len(stats.pairs) / columns))
-    figure = new_figure(4.2 * columns + 0.6, 2.8 * rows + 1.0)
-    axes = figure.subplots(rows, columns, squeeze=False)
+    """Per task pair, the distribution of cosines over the round's mini-batches, one line per cell; one legend
+    of the cells for the whole figure. With many tasks, only the pairs :func:`histogram_pairs` picks."""
+    shown = histogram_pairs(stats)
+    columns = max(1, min(len(shown), 3))
+    rows = max(1, math.ceil(len(shown) / columns))
     usable = [c for c in range(stats.num_cells) if stats.cell_params[c] > 0]
+    legend_rows = math.ceil(len(usable) / 8)
+    head = 0.75 + 0.2 * legend_rows  # inches above the panels: the title and the cells' legend
+    width, height = 4.2 * columns + 0.6, 2.8 * rows + 0.3 + head
+    figure = new_figure(width, height)
+    axes = figure.subplots(rows, columns, squeeze=False)
     palette = colormaps["viridis"]
     means = stats.mean_cosine()
-    for index, ax in enumerate(axes.flat):
-        if index >= len(stats.pairs):
+    for slot, ax in enumerate(axes.flat):
+        if slot >= len(shown):
             ax.set_visible(False)
             continue
+        index = shown[slot]
         a, b = stats.pairs[index]
         i, j = stats.tasks.index(a), stats.tasks.index(b)
         ax.axvspan(-1.0, 0.0, color="#d62728", alpha=0.07, lw=0)
@@ -308,9 +327,14 @@ def histogram_figure(stats: ConflictStats) -> Figure:
         ax.set_xlabel("gradient cosine (red side: conflict)", fontsize=8)
         ax.set_ylabel("share of mini-batches", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, frameon=False)
-    figure.suptitle(f"Gradient cosines per pair and cell over {stats.steps} mini-batches (▲ = mean)", fontsize=10)
-    height = figure.get_figheight()
-    figure.subplots_adjust(left=0.6 / figure.get_figwidth(), right=0.98, top=1 - 0.7 / height,
-                           bottom=0.55 / height, wspace=0.3, hspace=0.6)
+    which = "" if len(shown) == len(stats.pairs) else (
+        f", the {len(shown)} of {len(stats.pairs)} pairs with the most conflicts")
+    # Placed in inches from the top: as fractions of a tall figure the title sat on the first row of panels.
+    figure.suptitle(f"Gradient cosines per pair and cell over {stats.steps} mini-batches (▲ = mean){which}",
+                    fontsize=10, y=1 - 0.12 / height, va="top")
+    if usable:
+        figure.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper center", ncol=min(len(usable), 8),
+                      fontsize=7.5, frameon=False, bbox_to_anchor=(0.5, 1 - 0.4 / height))
+    figure.subplots_adjust(left=0.6 / width, right=0.98, top=1 - head / height, bottom=0.55 / height, wspace=0.3,
+                           hspace=0.6)
     return figure

@@ -173,10 +173,32 @@ def test_histogram_figure_draws_a_line_per_usable_cell_for_each_pair():
     figure = plots.histogram_figure(stats)
     visible = [ax for ax in figure.axes if ax.get_visible()]
     assert [ax.get_title() for ax in visible] == ["seg vs depth", "seg vs normal", "depth vs normal"]
-    legend = [t.get_text() for t in visible[1].get_legend().get_texts()]
-    assert legend == ["cell 1", "cell 2"]  # cell 0 has no parameters
+    (legend,) = figure.legends  # one for the figure: a legend per panel ran over its neighbours with many cells
+    assert [t.get_text() for t in legend.get_texts()] == ["cell 1", "cell 2"]  # cell 0 has no parameters
+    assert not any(ax.get_legend() for ax in visible)
     heights = visible[1].patches[-1].get_data().values  # cell 2's stairs
     assert heights[2] == pytest.approx(1.0) and heights.sum() == pytest.approx(1.0)
+
+
+def test_with_many_pairs_the_histogram_picture_shows_those_that_conflict_most_under_its_title():
+    # 16 tasks drew 120 panels (1320 × 11300 pixels, 7.7 s a round) with the title over the first row.
+    tasks = [f"t{k}" for k in range(16)]
+    stats = ConflictStats(tasks, 2, [10, 10])
+    stats.steps = 5
+    most = {(3, 9): 5, (0, 15): 4, **{(k, k + 1): 1 for k in range(10)}, (1, 2): 3, (4, 6): 2}
+    for (i, j), q in most.items():
+        stats.counts[1, i, j] = stats.counts[1, j, i] = q
+    figure = plots.histogram_figure(stats)
+    titles = [ax.get_title() for ax in figure.axes if ax.get_visible()]
+    assert len(titles) == plots.HISTOGRAM_PAIRS == 12
+    assert {"t3 vs t9", "t0 vs t15", "t1 vs t2", "t4 vs t6"} <= set(titles)  # in the order of stats.pairs
+    assert titles == [f"{a} vs {b}" for a, b in (stats.pairs[p] for p in plots.histogram_pairs(stats))]
+    assert figure._suptitle.get_text().endswith("the 12 of 120 pairs with the most conflicts")
+    pixels = plots.figure_to_array(figure)
+    assert pixels.shape[0] < 1400
+    top_panel = max(ax.get_position().y1 for ax in figure.axes if ax.get_visible())
+    title_bottom = figure._suptitle.get_window_extent(figure.canvas.get_renderer()).y0 / pixels.shape[0]
+    assert title_bottom > top_panel
 
 
 @pytest.fixture(scope="module")
