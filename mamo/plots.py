@@ -147,7 +147,10 @@ def conflict_heatmap(
     m = len(stats.tasks)
     has_params = stats.cell_params[cell] > 0
     values = spec.matrix(stats)[cell]
-    masked = np.ma.masked_array(values, mask=np.eye(m, dtype=bool) | (not has_params))
+    # A pair with no mini-batch in which both gradients at this cell were non-zero has no cosine: grey, not a
+    # "0 conflicts, +0.00" that reads like a measured, orthogonal pair.
+    unmeasured = stats.measured[cell] == 0
+    masked = np.ma.masked_array(values, mask=np.eye(m, dtype=bool) | (not has_params) | unmeasured)
     cmap = colormaps[spec.cmap].with_extremes(bad=NO_PARAMS)
     norm = Normalize(vmin, vmax)
     image = ax.imshow(masked, cmap=cmap, norm=norm)
@@ -155,7 +158,9 @@ def conflict_heatmap(
     size = 8.5
     for i in range(m):
         for j in range(m):
-            if i != j and has_params:
+            if i != j and has_params and unmeasured[i, j]:
+                ax.text(j, i, "n/a", ha="center", va="center", fontsize=size, color="#555555")
+            elif i != j and has_params:
                 ax.text(j, i, spec.annotate(values[i, j], stats), ha="center", va="center", fontsize=size,
                         color=_text_colour(cmap(norm(values[i, j]))))
     if not has_params:

@@ -105,6 +105,21 @@ def test_a_cell_without_parameters_is_marked_not_annotated():
     assert [t.get_text() for t in value_texts(ax)] == ["no\nparameters"]
 
 
+@pytest.mark.parametrize("kind", list(plots.KINDS))
+def test_a_pair_never_measured_at_a_cell_is_grey_and_says_so(kind: str):
+    # A task whose gradient is zero at a cell in every mini-batch (a one-class head) read "0 / 0%" and "+0.00",
+    # as if measured and orthogonal.
+    stats = known_stats()
+    stats.measured[2, 1, 2] = stats.measured[2, 2, 1] = 0
+    ax = plots.new_figure(4, 4).add_subplot()
+    image = plots.conflict_heatmap(stats, 2, kind, ax=ax)
+    labels = annotations(ax)
+    assert labels[1, 2] == labels[2, 1] == "n/a"
+    assert labels[0, 1] != "n/a"
+    mask = np.ma.getmaskarray(image.get_array())
+    assert mask[1, 2] and mask[2, 1] and not mask[0, 1]
+
+
 def test_own_figure_gets_a_colour_bar_and_the_outline_boxes_grown_pairs():
     image = plots.conflict_heatmap(known_stats(), 1, "counts", outline=[("seg", "depth")])
     figure = image.axes.figure
