@@ -20,8 +20,10 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
+from matplotlib.textpath import text_to_path
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
@@ -107,12 +109,25 @@ def _text_colour(rgba: tuple) -> str:
 TASK_NAME = "task-name"  # the gid of the task-name texts along a heatmap's axes
 
 
-def _task_names(ax: Axes, tasks: list[str], fontsize: float) -> None:
+NAME_SIZE = 9.5  # points, the task names along a heatmap's axes
+
+
+def _tilted(tasks: list[str]) -> bool:
+    return max(map(len, tasks)) > 4  # long names under the columns would run into each other
+
+
+def _widest_inches(texts: list[str], size: float) -> float:
+    """The width of the widest of ``texts`` in the default font at ``size`` points, without a figure."""
+    font = FontProperties(size=size)
+    return max(text_to_path.get_text_width_height_descent(t, font, ismath=False)[0] for t in texts) / 72
+
+
+def _task_names(ax: Axes, tasks: list[str], fontsize: float = NAME_SIZE) -> None:
     """Task names under the columns and left of the rows, as plain texts rather than axis ticks (each tick
     builds two lines and a label and is laid out again on every draw; about 10 ms less per overview)."""
     ax.set_xticks([])
     ax.set_yticks([])
-    tilt = max(map(len, tasks)) > 4  # long names would run into each other
+    tilt = _tilted(tasks)
     inches = ax.figure.dpi_scale_trans
     under = ax.get_xaxis_transform() + ScaledTranslation(0, -4 / 72, inches)  # x: data, y: axes fraction
     left = ax.get_yaxis_transform() + ScaledTranslation(-4 / 72, 0, inches)  # x: axes fraction, y: data
@@ -169,7 +184,7 @@ def conflict_heatmap(
     for a, b in outline or []:
         for i, j in ((tasks.index(a), tasks.index(b)), (tasks.index(b), tasks.index(a))):
             ax.add_patch(Rectangle((j - 0.47, i - 0.47), 0.94, 0.94, fill=False, lw=2.2, ec="#1a1a1a"))
-    _task_names(ax, tasks, size + 1)
+    _task_names(ax, tasks)
     ax.set_title(f"cell {cell}\n{stats.cell_params[cell]:,} params", fontsize=size + 1)
     # White separators as two line collections: minor-tick grids cost a tick object per line.
     ax.hlines(np.arange(0.5, m - 1), -0.5, m - 0.5, colors="white", linewidth=1.5)
@@ -205,16 +220,17 @@ def _overview(stats: ConflictStats, grown: list | None, title: str | None) -> tu
 
     Axes are placed by hand in inches (a matrix entry is BOX wide whatever m is, gaps leave room for the
     task names): much faster than a constrained layout, text keeps one size for any m or cell count, and
-    the per-cell regions are known without measuring any text.
+    the per-cell regions are known from one measurement of the longest task name.
     """
     m, cells = len(stats.tasks), stats.num_cells
-    names = max(len(t) for t in stats.tasks)
     side = BOX * m
-    label = 0.075 * names + 0.25  # room for the y tick labels (task names)
-    below = 0.055 * names + 0.3  # room for the rotated x tick labels
+    name = _widest_inches(stats.tasks, NAME_SIZE)  # a width per character ran 40 W's into the next panel
+    label = name + 0.25  # room for the task names left of the rows
+    below = 0.5 * name + 0.3 if _tilted(stats.tasks) else 0.35  # under the columns: sin 30° of a tilted name
     gap_x, gap_y, head, foot = label + 0.35, below + 0.6, 1.15, 0.55
-    width = label + cells * side + (cells - 1) * gap_x + 1.5
-    height = head + 2 * side + gap_y + below + foot
+    # Whole pixels: a measured name width gives fractions, which the canvas would truncate.
+    width = math.ceil((label + cells * side + (cells - 1) * gap_x + 1.5) * DPI) / DPI
+    height = math.ceil((head + 2 * side + gap_y + below + foot) * DPI) / DPI
     figure = new_figure(width, height)
 
     def place(x: float, y: float, w: float, h: float) -> tuple[float, float, float, float]:

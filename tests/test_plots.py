@@ -159,10 +159,12 @@ def test_overview_images_cut_every_cell_out_of_one_render():
 
 @pytest.mark.parametrize("tasks, cells", [
     (TASKS, 3), (["left", "right"], 4), (["a", "semantic_segmentation", "b", "c"], 2),
+    (["W" * 40, "b", "c"], 3), (["MMMMMMMMMMMMMMMMMMMM", "b"], 2), (["x" * 40, "b", "c"], 2),
 ])
 def test_each_cells_cut_out_region_holds_its_panel_and_colour_bar_with_all_their_text(tasks, cells):
-    # The regions come from the hand-made layout, not from measuring text; check them against matplotlib's
-    # own extents (tick labels, titles, the colour bar's ticks and label), for short and long task names.
+    # The regions come from the hand-made layout, not from measuring every text; check them against
+    # matplotlib's own extents (tick labels, titles, the colour bar's ticks and label), for short and long task
+    # names, wide letters too (a width per character ran 40 W's into the next panel and off the figure).
     stats = ConflictStats(tasks, cells, [1000 * (c + 1) for c in range(cells)])
     stats.steps = 3
     stats.counts[:] = 1
@@ -175,6 +177,12 @@ def test_each_cells_cut_out_region_holds_its_panel_and_colour_bar_with_all_their
             extent = ax.get_tightbbox(renderer)
             assert x0 * plots.DPI <= extent.x0 + 1 and extent.x1 - 1 <= x1 * plots.DPI
             assert y0 * plots.DPI <= extent.y0 + 1 and extent.y1 - 1 <= y1 * plots.DPI
+    frames = {key: ax.get_window_extent(renderer) for key, ax in panels.items()}
+    for key, ax in panels.items():
+        for name in (t for t in ax.texts if t.get_gid() == plots.TASK_NAME):
+            extent = name.get_window_extent(renderer)
+            assert extent.x0 >= 0 and extent.y0 >= 0 and extent.x1 <= figure.bbox.width
+            assert not any(extent.overlaps(frame) for other, frame in frames.items() if other != key)
 
 
 def test_worst_conflict_without_any_conflict():
