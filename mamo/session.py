@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,7 +219,8 @@ def open_run(
 @contextlib.contextmanager
 def logging_stops(session: Session, how_to_continue: str) -> Iterator[None]:
     """Inside: a Ctrl-C logs how to continue, and a MamoError (a diverged loss, a full disk) goes into the run's
-    log.txt before it propagates, so the folder keeps the reason."""
+    log.txt before it propagates, so the folder keeps the reason; so does any other exception, with its
+    traceback (a bug: the folder then holds what a bug report needs)."""
     try:
         yield
     except KeyboardInterrupt:
@@ -226,4 +228,8 @@ def logging_stops(session: Session, how_to_continue: str) -> Iterator[None]:
         raise StopExplained from None
     except MamoError as exc:
         session.log.record(f"error: {exc}")
+        raise
+    except Exception as exc:
+        session.log.record(f"crashed with {type(exc).__name__}, a bug in mamo (please report it with this log.txt); "
+                           f"its checkpoints are kept for: {how_to_continue}\n{traceback.format_exc().rstrip()}")
         raise

@@ -474,6 +474,23 @@ def test_a_batch_of_one_sample_at_a_1x1_batch_norm_is_one_sentence_in_the_log(
     assert message in (run / "log.txt").read_text()
 
 
+def test_a_crash_keeps_its_traceback_and_how_to_continue_in_the_run_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only MamoErrors reached log.txt: a bug's traceback went to the terminal alone, and the folder kept no reason.
+    def broken_report(*args: object, **kwargs: object) -> str:
+        raise RuntimeError("a bug in the report")
+
+    monkeypatch.setattr("mamo.train.write_report", broken_report)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="a bug in the report"):
+        train("quick", *TINY, "--no-tensorboard", "--run-dir", str(run))
+    log = (run / "log.txt").read_text()
+    assert f"crashed with RuntimeError, a bug in mamo (please report it with this log.txt); its checkpoints are " \
+           f"kept for: python cli.py train --resume {run}\nTraceback (most recent call last):" in log
+    assert log.rstrip().endswith("RuntimeError: a bug in the report")
+
+
 def test_wrong_key_in_a_preset_file_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     preset = tmp_path / "mine.yaml"
     preset.write_text(yaml.safe_dump({"model": {"backbon": "mlp"}}))
