@@ -187,6 +187,7 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
     return _OpenStudy(study, directory, url, config, tasks, trials, workers, threads)
 
 
+@quiet_optuna
 def run_tune(
     config: Config,
     *,
@@ -208,7 +209,6 @@ def run_tune(
     ``workers`` > 1); by default each trial is a :class:`SearchObjective`, writing TensorBoard events
     unless ``tensorboard`` is false (``pictures=False``: without the round pictures).
     """
-    quiet_optuna()
     _check_arguments(config, trials, workers, storage, study_name)
     name = study_name or DEFAULT_STUDY
     opened = _open_study(config, overrides, study_dir, storage, name, trials, workers, multi_objective,

@@ -8,6 +8,7 @@ and writes one line per finished trial.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import socket
@@ -18,7 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import optuna
@@ -64,17 +65,22 @@ class WorkerStop:
 @contextlib.contextmanager
 def trial_stops() -> Iterator[WorkerStop | None]:
     """Inside, :class:`WorkerStop` handles the stop signals (in the main thread, where Python delivers them;
-    elsewhere it yields None and the signals keep their handlers); the previous handlers come back after."""
+    elsewhere it yields None and the signals keep their handlers); the previous handlers come back after, and
+    a stop taken inside is cleared once it has ended what it stopped (left set, it stopped every later run_tune
+    or run_search of a Python session at once; only the CLI's own wrapper cleared it)."""
     if threading.current_thread() is not threading.main_thread():
         yield None
         return
     stop = WorkerStop()
+    requested_before = STOP_REQUESTED.is_set()
     previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield stop
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+        if not requested_before:
+            STOP_REQUESTED.clear()
 
 
 @dataclass
@@ -198,10 +204,26 @@ class TrialLine:
             handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
 
-def quiet_optuna() -> None:
-    # mamo prints its own line per trial; Optuna's per-trial logs and experimental-API warnings would repeat it.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+Returned = TypeVar("Returned")
+
+
+def quiet_optuna(function: Callable[..., Returned]) -> Callable[..., Returned]:
+    """``function`` runs without Optuna's per-trial logs and experimental-API warnings (mamo prints its own line
+    per trial, which they would repeat); Optuna's verbosity and the warning filters come back after, so a Python
+    session that called run_tune keeps its own settings."""
+
+    @functools.wraps(function)
+    def quieted(*args: Any, **kwargs: Any) -> Returned:
+        verbosity = optuna.logging.get_verbosity()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            optuna.logging.set_verbosity(optuna.logging.ERROR)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                optuna.logging.set_verbosity(verbosity)
+
+    return quieted
 
 
 @dataclass
@@ -244,10 +266,10 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
             self._random_sampler._rng.rng.seed(seed)
 
 
+@quiet_optuna
 def optimize(plan: Plan, tickets: Tickets, seed: int | None, stop: WorkerStop | None = None) -> None:
     """One worker: joins the study and runs trials while tickets are left (in-process or spawned, with its
     signal handler ``stop``)."""
-    quiet_optuna()
     if plan.threads:
         import torch
 

@@ -858,6 +858,41 @@ def test_a_stop_requested_between_trials_ends_the_study_as_ctrl_c(tmp_path):
     assert len(load(tmp_path).trials) == 1  # no trial started after the stop
 
 
+def test_a_tune_stopped_in_a_python_session_does_not_stop_the_next_run_there(tmp_path):
+    # The stop's flag stayed set after run_tune returned: every later run_tune or run_search of the session
+    # stopped at once (the CLI's wrapper cleared it, the Python API did not).
+    import signal
+
+    from mamo.errors import StopExplained
+    from mamo.stops import STOP_REQUESTED
+
+    def stops_itself(trial: optuna.Trial) -> float:
+        trial.suggest_float("alpha", 0, 1)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)  # the stop interrupts this
+        return 0.0
+
+    with pytest.raises(StopExplained):
+        run_tune(load_config("quick"), study_dir=tmp_path / "stopped", trials=2, objective=stops_itself)
+    assert not STOP_REQUESTED.is_set()
+    run_tune(load_config("quick"), study_dir=tmp_path / "next", trials=2, objective=draws_alpha)
+    assert [t.state for t in load(tmp_path / "next").trials] == [TrialState.COMPLETE] * 2
+
+
+def test_a_tune_leaves_optunas_logging_and_the_warning_filters_as_it_found_them(tmp_path):
+    # run_tune set Optuna's verbosity to ERROR and added an ignore filter for good.
+    import warnings
+
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    filters = list(warnings.filters)
+    try:
+        run_tune(load_config("quick"), study_dir=tmp_path, trials=1, objective=draws_alpha)
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO
+        assert warnings.filters == filters
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def test_a_worker_takes_signals_as_ctrl_c_in_the_objective_until_it_records_its_stopped_trial():
     import signal
 
