@@ -353,7 +353,7 @@ def histogram_figure(stats: ConflictStats) -> Figure:
     # Placed in inches from the top: as fractions of a tall figure the title sat on the first row of panels.
     figure.suptitle(f"Gradient cosines per pair and cell over {stats.steps} mini-batches (▲ = mean){which}",
                     fontsize=10, y=1 - 0.12 / height, va="top")
-    if usable:
+    if usable and shown:
         figure.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper center", ncol=min(len(usable), 8),
                       fontsize=7.5, frameon=False, bbox_to_anchor=(0.5, 1 - 0.4 / height))
     figure.subplots_adjust(left=0.6 / width, right=0.98, top=1 - head / height, bottom=0.55 / height, wspace=0.3,

@@ -23,7 +23,7 @@ from mamo.errors import MamoError, StopExplained
 from mamo.graph import build_hps_graph, graph_to_json
 from mamo.model import MamoNet, compile_model, count_parameters
 from mamo.runs import RUNS_ROOT, RunLog, free_run_dir, new_run_dir, replace_atomically, write_text_atomically
-from mamo.spaces import check_model_config, create_space
+from mamo.spaces import check_model_config, create_space, memory_failure
 from mamo.step import TrainStep
 from mamo.trainer import (
     Callback,
@@ -219,8 +219,8 @@ def open_run(
 @contextlib.contextmanager
 def logging_stops(session: Session, how_to_continue: str) -> Iterator[None]:
     """Inside: a Ctrl-C logs how to continue, and a MamoError (a diverged loss, a full disk) goes into the run's
-    log.txt before it propagates, so the folder keeps the reason; so does any other exception, with its
-    traceback (a bug: the folder then holds what a bug report needs)."""
+    log.txt before it propagates, so the folder keeps the reason; so does an OSError or an allocation failure,
+    and any other exception with its traceback (a bug: the folder then holds what a bug report needs)."""
     try:
         yield
     except KeyboardInterrupt:
@@ -230,6 +230,11 @@ def logging_stops(session: Session, how_to_continue: str) -> Iterator[None]:
         session.log.record(f"error: {exc}")
         raise
     except Exception as exc:
-        session.log.record(f"crashed with {type(exc).__name__}, a bug in mamo (please report it with this log.txt); "
-                           f"its checkpoints are kept for: {how_to_continue}\n{traceback.format_exc().rstrip()}")
+        if isinstance(exc, OSError) or memory_failure(exc):  # the machine's limits (a full disk, memory): no bug
+            session.log.record(f"stopped by {type(exc).__name__}: {exc}; its checkpoints are kept for: "
+                               f"{how_to_continue}")
+        else:
+            session.log.record(f"crashed with {type(exc).__name__}, a bug in mamo (please report it with this "
+                               f"log.txt); its checkpoints are kept for: {how_to_continue}\n"
+                               f"{traceback.format_exc().rstrip()}")
         raise

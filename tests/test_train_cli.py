@@ -491,6 +491,22 @@ def test_a_crash_keeps_its_traceback_and_how_to_continue_in_the_run_log(
     assert log.rstrip().endswith("RuntimeError: a bug in the report")
 
 
+def test_running_out_of_memory_is_logged_as_the_machines_limit_not_as_a_bug(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_memory(*args: object, **kwargs: object) -> str:
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr("mamo.train.write_report", no_memory)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        train("quick", *TINY, "--no-tensorboard", "--run-dir", str(run))
+    log = (run / "log.txt").read_text()
+    assert "stopped by RuntimeError: [enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate " \
+           f"memory; its checkpoints are kept for: python cli.py train --resume {run}" in log
+    assert "a bug in mamo" not in log and "Traceback" not in log
+
+
 def test_wrong_key_in_a_preset_file_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     preset = tmp_path / "mine.yaml"
     preset.write_text(yaml.safe_dump({"model": {"backbon": "mlp"}}))
