@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -474,18 +475,24 @@ def test_a_batch_of_one_sample_at_a_1x1_batch_norm_is_one_sentence_in_the_log(
     assert message in (run / "log.txt").read_text()
 
 
+def log_of_a_train_whose_report_raises(error: Exception, run: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The log.txt of a train run stopped by ``error``, raised where it writes its report."""
+
+    def failing_report(*args: object, **kwargs: object) -> str:
+        raise error
+
+    monkeypatch.setattr("mamo.train.write_report", failing_report)
+    with pytest.raises(type(error), match=re.escape(str(error))):
+        train("quick", *TINY, "--no-tensorboard", "--run-dir", str(run))
+    return (run / "log.txt").read_text()
+
+
 def test_a_crash_keeps_its_traceback_and_how_to_continue_in_the_run_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Only MamoErrors reached log.txt: a bug's traceback went to the terminal alone, and the folder kept no reason.
-    def broken_report(*args: object, **kwargs: object) -> str:
-        raise RuntimeError("a bug in the report")
-
-    monkeypatch.setattr("mamo.train.write_report", broken_report)
     run = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="a bug in the report"):
-        train("quick", *TINY, "--no-tensorboard", "--run-dir", str(run))
-    log = (run / "log.txt").read_text()
+    log = log_of_a_train_whose_report_raises(RuntimeError("a bug in the report"), run, monkeypatch)
     assert f"crashed with RuntimeError, a bug in mamo (please report it with this log.txt); its checkpoints are " \
            f"kept for: python cli.py train --resume {run}\nTraceback (most recent call last):" in log
     assert log.rstrip().endswith("RuntimeError: a bug in the report")
@@ -494,14 +501,9 @@ def test_a_crash_keeps_its_traceback_and_how_to_continue_in_the_run_log(
 def test_running_out_of_memory_is_logged_as_the_machines_limit_not_as_a_bug(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_memory(*args: object, **kwargs: object) -> str:
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
-
-    monkeypatch.setattr("mamo.train.write_report", no_memory)
     run = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="can't allocate memory"):
-        train("quick", *TINY, "--no-tensorboard", "--run-dir", str(run))
-    log = (run / "log.txt").read_text()
+    allocation = RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+    log = log_of_a_train_whose_report_raises(allocation, run, monkeypatch)
     assert "stopped by RuntimeError: [enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate " \
            f"memory; its checkpoints are kept for: python cli.py train --resume {run}" in log
     assert "a bug in mamo" not in log and "Traceback" not in log
