@@ -18,7 +18,16 @@ import yaml
 
 from mamo.errors import MamoError
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+def _preset_dir() -> Path:
+    """The copy of search_spaces/ an installed wheel carries inside the package, else (a checkout, editable
+    installs included) the folder beside the package."""
+    package = Path(__file__).resolve().parent
+    packaged = package / "search_spaces"
+    return packaged if packaged.is_dir() else package.parent / "search_spaces"
+
+
+PRESET_DIR = _preset_dir()
 
 
 def _core_schema_resolvers() -> dict:

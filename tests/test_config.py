@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -41,6 +45,38 @@ def error_of(preset: str | None, overrides: list[str] | tuple[str, ...] = ()) ->
 def test_the_shipped_presets_are_the_ones_the_issue_promises() -> None:
     expected = {"multimnist", "multimnist_recon", "multifashion", "multi_fashion_mnist", "logic", "concave", "quick"}
     assert expected <= set(PRESETS)
+
+
+def test_a_wheel_installs_every_module_and_every_preset(tmp_path: Path) -> None:
+    # `pip install .` (no -e) installs a wheel: the presets must travel inside it, since search_spaces/ sits
+    # beside the package, where an installed mamo found nothing ("one of: ." for every preset name).
+    root = Path(__file__).resolve().parent.parent
+    source = tmp_path / "source"
+    for name in ("mamo", "search_spaces"):
+        shutil.copytree(root / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    build = ("import sys, setuptools.build_meta as backend; "
+             "print(backend.build_wheel(sys.argv[1]))")
+    done = subprocess.run([sys.executable, "-c", build, str(tmp_path / "dist")], cwd=source, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    wheel = tmp_path / "dist" / done.stdout.strip().splitlines()[-1]
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "site")
+        names = set(archive.namelist())
+    modules = {path.relative_to(root).as_posix() for path in (root / "mamo").rglob("*.py")}
+    assert modules <= names
+    assert {f"mamo/search_spaces/{preset}.yaml" for preset in PRESETS} <= names
+    # Installed, away from any checkout: every preset resolves to its packaged copy.
+    check = ("from mamo.config import PRESET_DIR, load_config; "
+             f"print(PRESET_DIR); print(','.join(load_config(name).name for name in {PRESETS!r}))")
+    ran = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    folder, loaded = ran.stdout.split()
+    assert Path(folder) == tmp_path / "site" / "mamo" / "search_spaces"
+    assert loaded.split(",") == PRESETS
 
 
 @pytest.mark.parametrize("preset", PRESETS)
