@@ -48,8 +48,9 @@ def test_the_shipped_presets_are_the_ones_the_issue_promises() -> None:
 
 
 def test_a_wheel_installs_every_module_and_every_preset(tmp_path: Path) -> None:
-    # `pip install .` (no -e) installs a wheel: the presets must travel inside it, since search_spaces/ sits
-    # beside the package, where an installed mamo found nothing ("one of: ." for every preset name).
+    # `pip install .` (no -e) installs a wheel (built here by setuptools, a dev dependency): the presets must
+    # travel inside it, since search_spaces/ sits beside the package, where an installed mamo found nothing
+    # ("one of: ." for every preset name).
     root = Path(__file__).resolve().parent.parent
     source = tmp_path / "source"
     for name in ("mamo", "search_spaces"):
