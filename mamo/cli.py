@@ -2,8 +2,8 @@
 
 Each command is one row of :data:`COMMANDS`: a help line and the module that owns it. That module defines
 ``add_arguments_<command>(parser)`` and ``command_<command>(args) -> int``; nothing here knows a command's
-flags. User errors (:class:`MamoError`) print one sentence and exit with status 2; nothing already written
-is removed.
+flags. User errors (:class:`MamoError`) and the machine's limits (a full disk, memory) print one sentence and
+exit with status 2; nothing already written is removed.
 """
 
 from __future__ import annotations
@@ -172,6 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         if message is None:
             raise
         print(f"mamo: error: {message}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:
+        from mamo.spaces import memory_failure  # here, not at the top: `mamo --help` needs no torch
+
+        reason = memory_failure(exc)
+        if reason is None:
+            raise
+        print(f"mamo: error: {args.command} ran out of memory ({reason}); free memory or make the run smaller (a "
+              f"smaller train.batch_size or model), then {COMMANDS[args.command].again}.", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
         if not isinstance(stop, StopExplained):

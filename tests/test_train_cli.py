@@ -475,15 +475,21 @@ def test_a_batch_of_one_sample_at_a_1x1_batch_norm_is_one_sentence_in_the_log(
     assert message in (run / "log.txt").read_text()
 
 
-def log_of_a_train_whose_report_raises(error: Exception, run: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The log.txt of a train run stopped by ``error``, raised where it writes its report."""
+def log_of_a_train_whose_report_raises(error: Exception, run: Path, monkeypatch: pytest.MonkeyPatch,
+                                       exits: int | None = None) -> str:
+    """The log.txt of a train run stopped by ``error``, raised where it writes its report; the command exits with
+    ``exits``, or (None) lets the error through."""
 
     def failing_report(*args: object, **kwargs: object) -> str:
         raise error
 
     monkeypatch.setattr("mamo.train.write_report", failing_report)
-    with pytest.raises(type(error), match=re.escape(str(error))):
-        train("quick", *TINY, "--no-tensorboard", "--run-dir", str(run))
+    arguments = ("quick", *TINY, "--no-tensorboard", "--run-dir", str(run))
+    if exits is None:
+        with pytest.raises(type(error), match=re.escape(str(error))):
+            train(*arguments)
+    else:
+        assert train(*arguments) == exits
     return (run / "log.txt").read_text()
 
 
@@ -498,12 +504,16 @@ def test_a_crash_keeps_its_traceback_and_how_to_continue_in_the_run_log(
     assert log.rstrip().endswith("RuntimeError: a bug in the report")
 
 
-def test_running_out_of_memory_is_logged_as_the_machines_limit_not_as_a_bug(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_running_out_of_memory_is_the_machines_limit_in_one_sentence_and_in_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
+    # The terminal showed torch's traceback, as for a bug in mamo.
     run = tmp_path / "run"
     allocation = RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
-    log = log_of_a_train_whose_report_raises(allocation, run, monkeypatch)
+    log = log_of_a_train_whose_report_raises(allocation, run, monkeypatch, exits=2)
+    assert single_error(capsys.readouterr().err) == (
+        "train ran out of memory ([enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory); "
+        "free memory or make the run smaller (a smaller train.batch_size or model), then continue with --resume.")
     assert "stopped by RuntimeError: [enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate " \
            f"memory; its checkpoints are kept for: python cli.py train --resume {run}" in log
     assert "a bug in mamo" not in log and "Traceback" not in log
