@@ -9,6 +9,7 @@ to a temporary name and renamed, so a crash never leaves a half-written one.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import re
 import time
@@ -92,15 +93,31 @@ def _phase_number(path: Path) -> int:
     return int(path.name.split("-")[1])  # phase-NN-<phase>.pt
 
 
+def _phase_files(folder: Path) -> list[Path]:
+    # Only names the search writes: a stray phase-final.pt (a copy, say) has no number to order by.
+    return [path for path in folder.glob("phase-*.pt") if re.fullmatch(r"phase-\d+-.+\.pt", path.name)]
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest ``phase-NN-*.pt`` in ``folder``, by number: from 100 phases on, names no longer sort in order."""
-    # Only names the search writes: a stray phase-final.pt (a copy, say) has no number to order by.
-    named = (path for path in folder.glob("phase-*.pt") if re.fullmatch(r"phase-\d+-.+\.pt", path.name))
-    return max(named, key=_phase_number, default=None)
+    return max(_phase_files(folder), key=_phase_number, default=None)
 
 
 IN_PHASE = "in-phase.pt"  # a search's checkpoint inside a phase, beside the phases' own
 PHASE_KEYS = (*TRAINER_KEYS, "phase_index", "phase")  # what a search's checkpoints add
+
+
+def remove_search_checkpoints(folder: Path) -> int:
+    """Delete the checkpoints a search wrote in ``folder`` (``phase-NN-*.pt``, ``in-phase.pt``) and the folder
+    once empty; other files stay. Returns the bytes freed."""
+    freed = 0
+    for path in [*_phase_files(folder), folder / IN_PHASE]:
+        if path.is_file():
+            freed += path.stat().st_size
+            path.unlink()
+    with contextlib.suppress(OSError):  # not empty: someone's own files, kept
+        folder.rmdir()
+    return freed
 
 
 def newest_state(folder: Path) -> dict | None:

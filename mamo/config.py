@@ -187,6 +187,7 @@ class SearchConfig:
     threshold: str = "global"  # global | layer | topk:K
     modules: str = "gmk"  # gmk: pair modules (MAMO) | exclusive: task-exclusive modules (CoNAL, 'w/o GMK')
     baselines: bool = True  # train (or reuse cached) STL and HPS for the report
+    keep_checkpoints: bool = True  # false: a finished search removes its phase checkpoints (tune studies' disk)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mamo import graph as g
 from mamo.baselines import cached_baselines
-from mamo.checkpoint import check_resumed_data, newest_state, restore_trainer
+from mamo.checkpoint import check_resumed_data, newest_state, remove_search_checkpoints, restore_trainer
 from mamo.config import Config
 from mamo.data_plugins import plugin_edited_note
 from mamo.errors import MamoError
@@ -212,7 +212,11 @@ def _finish(run: SearchRun, started: float) -> dict:
         f"\n\n![{path.stem.replace('_', ' ')}]({path.name})" for path in figures)
     notes += "\n\n" + time_notes(trainer.history, phase_seconds, metrics["seconds"])
     text = write_report(directory, f"mamo search: {config.name}", rows, tasks, "STL" if baselines else None, notes)
-    write_metrics(directory, metrics)
+    write_metrics(directory, metrics)  # from here on the search is finished: nothing is left to resume
+    if not config.search.keep_checkpoints:
+        freed = remove_search_checkpoints(directory / "checkpoints")
+        session.log(f"removed the phase checkpoints ({freed / 1e6:.1f} MB), as search.keep_checkpoints is false; "
+                    "weights.safetensors and architecture.json keep the model")
     session.log.result("\n" + text)
     session.log.result(f"search finished in {metrics['seconds']:.1f} s; run folder {directory}")
     return metrics

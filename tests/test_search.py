@@ -17,7 +17,14 @@ import torch
 
 import mamo
 from mamo import graph as g
-from mamo.checkpoint import IN_PHASE, PHASE_KEYS, load_checkpoint, newest_state, save_checkpoint
+from mamo.checkpoint import (
+    IN_PHASE,
+    PHASE_KEYS,
+    load_checkpoint,
+    newest_state,
+    remove_search_checkpoints,
+    save_checkpoint,
+)
 from mamo.cli import main
 from mamo.config import load_config
 from mamo.errors import MamoError, TrainingDiverged
@@ -86,6 +93,34 @@ def test_the_report_times_each_phase_and_the_grown_network_by_its_final_phase(fi
     time_section = (run_dir / "report.md").read_text().split("## Time")[1]
     assert [line.split(" | ")[0] for line in time_section.splitlines() if line.startswith("| ")][1:] == [
         "| pretrain", "| round1", "| round2", "| final", "| other: data, baselines, test", "| all"]
+
+
+def test_a_finished_search_can_drop_its_checkpoints_and_keep_its_model(finished, tmp_path):
+    # A tune study keeps one folder per trial; every round's checkpoint of each (~0.9 GB for a 5-round
+    # ResNet-18 trial) outlived its use, which ends with metrics.json.
+    run_dir = tmp_path / "lean"
+    metrics = run_search(tiny("search.keep_checkpoints=false"), run_dir, progress=False, quiet=True, loggers=False)
+    assert not (run_dir / "checkpoints").exists()
+    assert "removed the phase checkpoints (" in (run_dir / "log.txt").read_text()
+    # The same search as the one that kept them, and the same model from the run folder.
+    kept, _ = finished
+    assert metrics["tasks"] == json.loads((kept / "metrics.json").read_text())["tasks"]
+    image = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        lean, full = load_trained(run_dir)(image), load_trained(kept)(image)
+    assert lean.keys() == full.keys() and all(torch.equal(lean[task], full[task]) for task in full)
+    with pytest.raises(MamoError, match=r"has finished \(metrics.json is there\); nothing to resume"):
+        run_search(None, run_dir, progress=False, quiet=True, resume=True)
+
+
+def test_removing_a_searchs_checkpoints_leaves_files_it_did_not_write(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name, size in (("phase-00-pretrain.pt", 3), ("phase-11-round11.pt", 5), (IN_PHASE, 7),
+                       ("phase-final.pt", 1), ("notes.txt", 1)):
+        (folder / name).write_bytes(b"x" * size)
+    assert remove_search_checkpoints(folder) == 15
+    assert sorted(path.name for path in folder.iterdir()) == ["notes.txt", "phase-final.pt"]
 
 
 def test_the_headline_numbers_compare_the_right_splits(finished):
