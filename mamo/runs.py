@@ -135,8 +135,9 @@ def run_command(directory: Path) -> str | None:
 
 # What --set (or an edit of config.yaml) may change when a run resumes: where it runs (its device and CPU threads,
 # which move the numbers only as far as another machine would), where its files lie (the same data and initial
-# weights on another machine) and how often it saves, never what it computes.
-RESUME_SETTINGS = ("train.device", "train.threads", "data.root", "model.weights", "train.checkpoint_seconds")
+# weights on another machine), how often it saves and what a finished search keeps, never what it computes.
+RESUME_SETTINGS = ("train.device", "train.threads", "data.root", "model.weights", "train.checkpoint_seconds",
+                   "search.keep_checkpoints")
 
 
 def resume_settings_text() -> str:

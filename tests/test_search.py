@@ -30,7 +30,7 @@ from mamo.config import load_config
 from mamo.errors import MamoError, TrainingDiverged
 from mamo.export import FORMATS, architecture_tree, export, load_trained
 from mamo.report import delta, win_rate
-from mamo.runs import FolderLock
+from mamo.runs import FolderLock, computed_changes
 from mamo.search import run_search
 from mamo.search_plan import (
     budget_note,
@@ -111,6 +111,8 @@ def test_a_finished_search_can_drop_its_checkpoints_and_keep_its_model(finished,
     assert lean.keys() == full.keys() and all(torch.equal(lean[task], full[task]) for task in full)
     with pytest.raises(MamoError, match=r"has finished \(metrics.json is there\); nothing to resume"):
         run_search(None, run_dir, progress=False, quiet=True, resume=True)
+    # What a finished search keeps changes nothing it computes: a stopped one may resume with another choice.
+    assert computed_changes(tiny().to_dict(), tiny("search.keep_checkpoints=false").to_dict()) == []
 
 
 def test_removing_a_searchs_checkpoints_leaves_files_it_did_not_write(tmp_path):
