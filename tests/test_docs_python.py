@@ -17,7 +17,9 @@ def test_the_page_has_its_examples() -> None:
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_each_example_runs(index: int, capsys: pytest.CaptureFixture) -> None:
+def test_each_example_runs(index: int, capsys: pytest.CaptureFixture, tmp_path: Path,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # where the examples' run folders go
     exec(compile(BLOCKS[index], f"{PAGE}:block{index + 1}", "exec"), {"__name__": "__docs__"})
     printed = capsys.readouterr().out
     assert printed.strip(), "each example prints what it shows"
