@@ -51,8 +51,12 @@ def add_preset_arguments(parser: argparse.ArgumentParser, default: str | None, c
                          default_text: str | None = None) -> None:
     """The arguments every command that reads a preset shares; ``command`` names its default run folder,
     ``default_text`` says what the preset defaults to when that is not ``default`` alone."""
+    from mamo.config import PRESET_DIR
+
+    shipped = ", ".join(sorted(path.stem for path in PRESET_DIR.glob("*.yaml")))
     parser.add_argument("preset", nargs="?", default=default,
-                        help=f"a preset name in search_spaces/ or a YAML file (default: {default_text or default})")
+                        help=f"a preset name in {PRESET_DIR} ({shipped}) or a YAML file (default: "
+                             f"{default_text or default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.epochs=3 (repeatable)")
     run_dir_help = (

@@ -25,7 +25,7 @@ import mamo
 from mamo.baselines import cached_baseline
 from mamo.cache import ABANDONED_AFTER_SECONDS, BaselineCache, _pid_namespace, baseline_key
 from mamo.cli import main
-from mamo.config import Config, DataConfig, ModelConfig, load_config, load_yaml
+from mamo.config import PRESET_DIR, Config, DataConfig, ModelConfig, load_config, load_yaml
 from mamo.data import load_data
 from mamo.errors import MamoError
 from mamo.report import delta, win_rate
@@ -409,6 +409,16 @@ def test_version_is_the_installed_packages_and_printed_by_the_cli(capsys: pytest
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out == f"mamo {mamo.__version__}\n"
+
+
+@pytest.mark.parametrize("command", ["train", "search", "tune"])
+def test_the_help_names_the_shipped_presets_and_where_they_are(command: str, capsys: pytest.CaptureFixture) -> None:
+    # An installed wheel keeps them inside the package, where no user would look for them to copy one.
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert f"a preset name in {PRESET_DIR} (" in shown
+    assert ", ".join(sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))) in shown
 
 
 def test_a_terminal_without_unicode_gets_question_marks_not_a_crash() -> None:
