@@ -76,11 +76,14 @@ def add_preset_arguments(parser: argparse.ArgumentParser, default: str | None, c
                              "nearly all of the logging's cost: for many-trial studies of short searches")
 
 
+RESUMABLE_DEFAULT_PRESET = "multimnist"  # the preset of train and search when none is given
+
+
 def add_resumable_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """``train``'s and ``search``'s arguments: a preset's, plus ``--resume``."""
     from mamo.runs import resume_settings_text
 
-    add_preset_arguments(parser, "multimnist", command)
+    add_preset_arguments(parser, None, command, RESUMABLE_DEFAULT_PRESET)
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help=f"continue a stopped {command} run from its newest checkpoint, with the config saved "
                              f"in RUN_DIR; --set may change only {resume_settings_text()}")
@@ -90,8 +93,13 @@ def run_resumable(args: argparse.Namespace, runner: Callable[..., object]) -> in
     """Start ``runner`` (``run_train`` or ``run_search``) on the preset, or continue the run in ``args.resume``."""
     from mamo.config import load_config
 
+    if args.resume and (args.preset is not None or args.run_dir is not None):
+        given = f"the preset '{args.preset}'" if args.preset is not None else f"--run-dir {args.run_dir}"
+        raise MamoError(f"--resume continues {args.resume} with the config.yaml and folder it has, so {given} would "
+                        "be ignored; leave it out, or start a new run without --resume.")
     # A resumed run reads its configuration from the run folder; load_config(None) is only a placeholder.
-    config = load_config(None) if args.resume else load_config(args.preset, args.overrides)
+    config = load_config(None) if args.resume else load_config(args.preset or RESUMABLE_DEFAULT_PRESET,
+                                                                 args.overrides)
     runner(config, args.resume or args.run_dir, progress=show_progress(args), resume=bool(args.resume),
            loggers=not args.no_tensorboard, pictures=not args.no_pictures,
            resume_settings=args.overrides if args.resume else ())

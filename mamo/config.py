@@ -28,6 +28,9 @@ def _preset_dir() -> Path:
 
 
 PRESET_DIR = _preset_dir()
+# torch.finfo(torch.float32).max, without importing torch: the largest learning rate or weight decay the
+# optimizers can apply (they pass both through float32).
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _core_schema_resolvers() -> dict:

@@ -99,6 +99,9 @@ def load_plugin(name: str) -> Callable[..., dict]:
                 f"data plugin file '{target}' raised {type(exc).__name__} on import: {exc}; fix the plugin."
             ) from exc
     else:
+        if not target or target.startswith("."):  # import_module raises ValueError or TypeError for these
+            raise MamoError(f"data plugin '{name}' names no module before ':'; write module:function (e.g. "
+                            "my_package.data:build) or path/to/file.py:function.")
         try:
             module = importlib.import_module(target)
         except ImportError as exc:

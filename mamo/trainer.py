@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from mamo.config import TrainConfig
+from mamo.config import FLOAT32_MAX, TrainConfig
 from mamo.data import batches_per_epoch, iterate_batches
 from mamo.dense import NoValidPixels
 from mamo.errors import MamoError, TrainingDiverged
@@ -47,9 +47,10 @@ MAX_THREADS = 1024  # train.threads and bench --threads
 TRAIN_BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
     "epochs": (lambda v: v >= 1, "an integer ≥ 1"),
     "batch_size": (lambda v: v >= 1, "an integer ≥ 1"),
-    "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    # The optimizers pass lr and weight decay through float32 on the way into the update: a larger one crashed.
+    "lr": (lambda v: 0 < v <= FLOAT32_MAX, f"a number in (0, {FLOAT32_MAX:.4g}]"),
     "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
+    "weight_decay": (lambda v: 0 <= v <= FLOAT32_MAX, f"a number in [0, {FLOAT32_MAX:.4g}]"),
     "checkpoint_seconds": (lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
     # torch's generators take 64-bit seeds, and seed + 1 seeds the direction's own generator.
     "seed": (lambda v: -(2**63) <= v < 2**63 - 1, "an integer in [-2**63, 2**63 - 1)"),

@@ -14,7 +14,7 @@ from typing import Any
 
 import optuna
 
-from mamo.config import MAX_WINDOW, Config, TuneConfig, config_from_dict
+from mamo.config import FLOAT32_MAX, MAX_WINDOW, Config, TuneConfig, config_from_dict
 from mamo.conflicts import parse_threshold
 from mamo.errors import MamoError
 from mamo.graph import MODULE_NAMES
@@ -38,7 +38,7 @@ def _range(minimum: float = 0, positive: bool = False, maximum: float = math.inf
         if (len(value) != 2 or not all(math.isfinite(v) for v in value) or value[0] > value[1]
                 or not (value[0] > 0 if positive else value[0] >= minimum) or value[1] > maximum):
             need = "0 < low ≤ high" if positive else f"{minimum} ≤ low ≤ high"
-            need += f" ≤ {maximum:,}" if math.isfinite(maximum) else ""
+            need += "" if not math.isfinite(maximum) else f" ≤ {maximum:,}" if maximum < 1e15 else f" ≤ {maximum:.4g}"
             raise MamoError(f"tune.{name} must be a range [low, high] of finite numbers with {need}, got {value}; "
                             "fix it in the preset or --set.")
     return check
@@ -75,7 +75,8 @@ SPACE: dict[str, Param] = {
                _range(minimum=1, maximum=MAX_WINDOW)),
     "alpha": Param(("direction", "tensioner", "alpha"), lambda t, n, r: t.suggest_float(n, r[0], r[1]), _range()),
     "rounds": Param(("search", "rounds"), lambda t, n, r: t.suggest_int(n, r[0], r[1]), _range()),
-    "lr": Param(("train", "lr"), lambda t, n, r: t.suggest_float(n, r[0], r[1], log=True), _range(positive=True)),
+    "lr": Param(("train", "lr"), lambda t, n, r: t.suggest_float(n, r[0], r[1], log=True),
+                _range(positive=True, maximum=FLOAT32_MAX)),
     "threshold": Param(("search", "threshold"), lambda t, n, c: t.suggest_categorical(n, list(c)),
                        _choices(_is_threshold, "thresholds (global, layer, topk:K)")),
     "direction": Param(("direction", "name"), lambda t, n, c: t.suggest_categorical(n, list(c)),

@@ -659,6 +659,10 @@ def test_missing_plugin_file_and_module(tmp_path: Path, monkeypatch: pytest.Monk
         load_data(DataConfig(name="no_such_pkg_xyz.data:make"))
     with pytest.raises(MamoError, match=r"data plugin '.*' is a folder, not a \.py file; name the file"):
         load_data(DataConfig(name=f"{tmp_path}:make"))
+    for name in (":make", ".:make", "..x:make", ".mamo.data:build_logic"):  # were ValueError/TypeError tracebacks
+        with pytest.raises(MamoError, match=rf"data plugin '{re.escape(name)}' names no module before ':'; write "
+                                            r"module:function"):
+            load_data(DataConfig(name=name))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(MamoError, match=rf"was not found \(a relative path is read from the current folder, "
                                         rf"{re.escape(str(tmp_path))}\)"):

@@ -130,6 +130,13 @@ def test_resume_refuses_finished_runs_and_the_other_commands_folders(tmp_path: P
     run_train(load_config("quick", RESUMABLE), finished, progress=False, quiet=True, loggers=False)
     assert main(["train", "--resume", str(finished)]) == 2
     assert "has finished (metrics.json is there); nothing to resume" in single_error(capsys.readouterr().err)
+    # A preset or --run-dir beside --resume was silently ignored (the run's own config.yaml and folder win).
+    assert main(["train", "nonexistent_preset", "--resume", str(finished)]) == 2
+    assert single_error(capsys.readouterr().err) == (
+        f"--resume continues {finished} with the config.yaml and folder it has, so the preset 'nonexistent_preset' "
+        "would be ignored; leave it out, or start a new run without --resume.")
+    assert main(["search", "--resume", str(finished), "--run-dir", str(tmp_path / "elsewhere")]) == 2
+    assert f"so --run-dir {tmp_path / 'elsewhere'} would be ignored" in single_error(capsys.readouterr().err)
     assert main(["search", "--resume", str(finished)]) == 2
     assert single_error(capsys.readouterr().err) == (
         f"{finished} is a finished train run folder, not a search one; there is nothing to resume.")
