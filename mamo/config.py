@@ -310,13 +310,16 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
 NAME_MAX_BYTES = 200  # a folder name may hold 255 bytes; run folders add a time stamp and the command to the name
 
 
+def _unfit_name(name: str) -> bool:
+    return (not name.strip() or name in (".", "..") or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name)
+            or len(name.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES)
+
+
 def _check_name(config: Config, source: str) -> Config:
     """``config`` after checking that its ``name`` fits in one folder name: run folders are
     runs/<time>-<command>-<name>, so a '/' in it made nested folders and '../..' left runs/."""
     name = config.name
-    bad = (not name.strip() or name in (".", "..") or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name)
-           or len(name.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES)
-    if bad:
+    if _unfit_name(name):
         raise MamoError(f"'name' in {source} is {name!r}, which cannot be part of a run folder name; use letters, "
                         f"digits, spaces and punctuation other than '/' and '\\', at most {NAME_MAX_BYTES} bytes and "
                         "not '.' or '..', e.g. my-run.")
@@ -350,6 +353,9 @@ def resolve_preset(preset: str | None) -> Path | None:
                             "preset.")
         if candidate.exists():
             return candidate
+    if path.is_file():  # was "not found", for a file that is there
+        raise MamoError(f"preset {path} is not named as a YAML file; presets are YAML, so give the file a .yaml or "
+                        ".yml ending.")
     known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
     raise MamoError(f"preset '{preset}' was not found; pass a YAML file or one of: {', '.join(known)}.")
 
@@ -392,6 +398,10 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         if not isinstance(raw, dict):
             raise MamoError(f"{kind} {path} holds a {type(raw).__name__}, not a mapping of sections; "
                             "write it as 'section: {key: value}'.")
+        if "name" not in raw and _unfit_name(path.stem):
+            raise MamoError(f"{kind} {path} sets no 'name', so its file name would name the runs, and "
+                            f"'{path.stem}' cannot be part of a run folder name; add a line such as name: my-run to "
+                            "the file, or rename it.")
         raw.setdefault("name", path.stem)
     source = str(path) if path else "the defaults"
     config = config_from_dict(raw, source)

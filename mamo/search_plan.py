@@ -82,6 +82,10 @@ def method_name(config: Config) -> str:
 def check_search_config(config: Config, rounds_setting: str = "search.rounds") -> None:
     """The search section's own settings; fails before any folder is made. ``rounds_setting`` names what sets
     the number of rounds (tune checks its range's ends)."""
+    if config.train.mode != "mtl":  # a search ran the shared network anyway, with config.yaml saying otherwise
+        raise MamoError(f"train.mode '{config.train.mode}' is for the train command; a search always trains the "
+                        "shared network (and its STL baselines through search.baselines), so leave train.mode at "
+                        "mtl.")
     if config.search.modules not in g.MODULE_NAMES:
         raise MamoError(f"unknown search.modules '{config.search.modules}'; use one of {', '.join(g.MODULE_NAMES)}.")
     parse_threshold(config.search.threshold)
@@ -93,6 +97,9 @@ def check_search_config(config: Config, rounds_setting: str = "search.rounds") -
         raise MamoError(f"search.round_epochs must be ≥ 1 when search.rounds > 0 (a round counts conflicts while it "
                         f"trains), got {config.search.round_epochs}; fix it.")
     search = config.search
+    if search.final_epochs == 0 and search.rounds > 0:  # as below for null: the grown modules would stay untrained
+        raise MamoError(f"search.final_epochs = 0 leaves the modules the last round grows untrained; give the final "
+                        f"phase at least 1 epoch (null: the rest of train.epochs) or set {rounds_setting} to 0.")
     before_final = epochs_before_final(search)
     # With rounds, the final phase must get an epoch: it is what trains the modules the last round grew.
     if search.final_epochs is None and before_final >= config.train.epochs + (search.rounds == 0):

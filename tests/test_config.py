@@ -121,6 +121,23 @@ def test_unknown_preset_lists_the_known_ones() -> None:
         assert name in message
 
 
+def test_a_preset_file_without_a_yaml_ending_is_named_so_not_not_found(tmp_path: Path) -> None:
+    for name in ("mine.txt", "mine"):
+        path = write(tmp_path, "train:\n  epochs: 3\n", name)
+        assert error_of(str(path)) == (f"preset {path} is not named as a YAML file; presets are YAML, so give the file "
+                                       "a .yaml or .yml ending.")
+
+
+def test_a_file_name_that_cannot_name_a_run_is_blamed_on_the_file_name(tmp_path: Path) -> None:
+    # The message said "'name' in FILE is '.'", a key the file never set.
+    path = write(tmp_path, "train:\n  epochs: 3\n", "..yaml")
+    assert error_of(str(path)) == (f"preset {path} sets no 'name', so its file name would name the runs, and '.' "
+                                   "cannot be part of a run folder name; add a line such as name: my-run to the file, "
+                                   "or rename it.")
+    path.write_text("name: fine\ntrain:\n  epochs: 3\n")
+    assert load_config(str(path)).name == "fine"
+
+
 # ----------------------------------------------------------------------------------------------- bad keys
 
 

@@ -208,6 +208,12 @@ def test_round_epochs_must_be_positive_only_when_there_are_rounds():
         check_search_config(tiny("search.rounds=0", "search.pretrain_epochs=0", "search.final_epochs=0"))
     with pytest.raises(MamoError, match=r"search.pretrain_epochs must be a non-negative integer, got -1"):
         check_search_config(tiny("search.pretrain_epochs=-1"))
+    # Both ran: a module grown and never trained, and an MTL search whose config.yaml said stl.
+    with pytest.raises(MamoError, match=r"^search.final_epochs = 0 leaves the modules the last round grows "
+                                        r"untrained; .* or set search.rounds to 0\.$"):
+        check_search_config(tiny("search.final_epochs=0"))
+    with pytest.raises(MamoError, match=r"^train.mode 'stl' is for the train command; a search always trains"):
+        check_search_config(tiny("train.mode=stl"))
 
 
 def test_a_search_longer_or_shorter_than_its_baselines_is_noted():
