@@ -202,9 +202,13 @@ def read_run_config(
                             "to resume.")
         raise MamoError(f"{directory} is a {other} run folder, not a {command} one; continue it with "
                         f"python cli.py {other} --resume {directory}.")
+    checkpoints = directory / "checkpoints"
+    if checkpoints.exists() and not checkpoints.is_dir():  # its checkpoints were reported "corrupt"
+        raise MamoError(f"{checkpoints} is a file where the run keeps its checkpoints folder; move the file away "
+                        "(or put the folder back), then resume again.")
     if held is not None:  # before the temporary files go: they may be a running process's
         held.enter_context(FolderLock(directory))
-    for partial in [*directory.glob("*.tmp"), *(directory / "checkpoints").glob("*.tmp")]:
+    for partial in [*directory.glob("*.tmp"), *checkpoints.glob("*.tmp")]:
         partial.unlink(missing_ok=True)  # a file a killed process was writing; the resumed run writes its own
     return load_config(str(directory / "config.yaml"), list(settings), kind="the run's config"), directory
 

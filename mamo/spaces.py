@@ -38,6 +38,7 @@ class SearchSpace:
 
     needs_images = True
     named = False
+    reads_weights = False  # whether model.weights (a local state_dict) means anything to this family
     smaller = "a smaller model.backbone"  # the model settings that shrink this family's cells, for a memory error
 
     @classmethod
@@ -299,6 +300,7 @@ class TimmSpace(SearchSpace):
     """Any timm model whose ``features_only`` wrapper runs its stages in sequence: each stage is a cell."""
 
     named = True
+    reads_weights = True
     smaller = "pick a smaller timm model in model.backbone=timm:<name>"
 
     @classmethod
@@ -375,7 +377,12 @@ def check_model_config(config: ModelConfig) -> None:
                         f"{', '.join(ACTIVATIONS)}.")
     if config.head_hidden < 0:
         raise MamoError(f"model.head_hidden is {config.head_hidden}; use 0 (a linear head) or a positive width.")
-    SPACES[family].check_config(config, name)
+    if config.weights is not None and not SPACES[family].reads_weights:  # was dropped without a word
+        raise MamoError(f"model.weights is read by timm backbones only, and backbone '{config.backbone}' would "
+                        "ignore it; remove model.weights or pick a timm:<name> backbone.")
+    # Every family's own widths, also where another family runs: a bad value is a mistake, used or not.
+    for space in {SPACES[family], *(other for other in SPACES.values() if not other.named)}:
+        space.check_config(config, name)
 
 
 def create_space(config: ModelConfig, input_shape: tuple[int, ...]) -> SearchSpace:

@@ -13,6 +13,9 @@ from mamo.errors import MamoError
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        raise MamoError(f"timm weights file {path} is a folder (model.weights); point it at the state_dict file "
+                        "inside it.")
     if not path.is_file():
         raise MamoError(f"timm weights file {path} does not exist (model.weights); point it at a local file.")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from mamo.data import MultiTaskData, load_data
 from mamo.errors import MamoError
 from mamo.graph import build_hps_graph
 from mamo.model import MamoNet, compile_model
-from mamo.spaces import SearchSpace, create_space
+from mamo.spaces import SearchSpace, check_model_config, create_space
 from mamo.tasks import TaskSpec, parse_tasks, task_loss
 
 TINY = {"train_size": 4, "val_size": 2, "test_size": 2}
@@ -325,6 +326,22 @@ def test_missing_weights_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "nowhere.pt"
     with pytest.raises(MamoError, match=f"timm weights file {path} does not exist.*model.weights"):
         create_space(ModelConfig(backbone="timm:resnet18", weights=str(path)), (1, 28, 28))
+    # A folder was said not to exist.
+    with pytest.raises(MamoError, match=f"timm weights file {tmp_path} is a folder \\(model.weights\\); point it at"):
+        create_space(ModelConfig(backbone="timm:resnet18", weights=str(tmp_path)), (1, 28, 28))
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    # Each was accepted and dropped without a word by the backbone that ran.
+    (ModelConfig(backbone="lenet", weights="/nowhere.pt"), "model.weights is read by timm backbones only, and "
+     "backbone 'lenet' would ignore it; remove model.weights or pick a timm:<name> backbone."),
+    (ModelConfig(backbone="lenet", hidden=[]), "model.hidden is []; give the mlp at least one positive width"),
+    (ModelConfig(backbone="lenet", hidden=[-1]), "model.hidden is [-1]; give the mlp"),
+    (ModelConfig(backbone="mlp", latent=-5), "model.latent is -5; give the lenet a positive latent width"),
+])
+def test_settings_of_another_backbone_are_checked_too(model: ModelConfig, message: str) -> None:
+    with pytest.raises(MamoError, match=re.escape(message)):
+        check_model_config(model)
 
 
 def test_weights_of_another_model_are_refused(tmp_path: Path) -> None:

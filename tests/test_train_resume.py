@@ -137,6 +137,15 @@ def test_resume_refuses_finished_runs_and_the_other_commands_folders(tmp_path: P
         "would be ignored; leave it out, or start a new run without --resume.")
     assert main(["search", "--resume", str(finished), "--run-dir", str(tmp_path / "elsewhere")]) == 2
     assert f"so --run-dir {tmp_path / 'elsewhere'} would be ignored" in single_error(capsys.readouterr().err)
+    # A file where the checkpoints folder belongs: it said the run starts again, then called last.pt corrupt.
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.yaml").write_text((finished / "config.yaml").read_text())
+    (odd / "checkpoints").write_text("not a folder")
+    assert main(["train", "--resume", str(odd)]) == 2
+    assert single_error(capsys.readouterr().err) == (
+        f"{odd / 'checkpoints'} is a file where the run keeps its checkpoints folder; move the file away (or put the "
+        "folder back), then resume again.")
     assert main(["search", "--resume", str(finished)]) == 2
     assert single_error(capsys.readouterr().err) == (
         f"{finished} is a finished train run folder, not a search one; there is nothing to resume.")
