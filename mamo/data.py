@@ -146,6 +146,19 @@ GATES: MappingProxyType[str, Callable[[Tensor, Tensor], Tensor]] = MappingProxyT
 )
 
 
+MAX_LOGIC_SCALE = 1e18  # data.options.scale of 'logic'
+MAX_CONCAVE_D = 1_000_000  # data.options.d of 'concave'
+FIXED_SPLITS = ("logic", "concave")  # built-in datasets whose splits are fixed: data.*_size is refused
+
+
+def _fixed_splits(dataset: str, what: str, sizes: dict[str, int | None]) -> None:
+    """Refuse split sizes for a dataset whose splits are fixed (they were ignored without a word)."""
+    given = [f"data.{key}" for key, value in sizes.items() if value is not None]
+    if given:
+        raise MamoError(f"dataset '{dataset}' has fixed splits ({what} in each), so {' and '.join(given)} would be "
+                        "ignored; remove it.")
+
+
 def build_logic(
     *,
     seed: int,
@@ -159,16 +172,20 @@ def build_logic(
     """Logic gates (thesis §5.2): the four binary pairs, one regression task (dim 1) per gate in ``gates``.
 
     The XOR target is multiplied by ``scale`` (the thesis' c). Train, val and test are the same four points,
-    since fitting them is the whole problem; ``seed``, ``root`` and the sizes are ignored.
+    since fitting them is the whole problem; ``seed`` and ``root`` are ignored, and a size is refused.
     """
+    _fixed_splits("logic", "the four input pairs", {"train_size": train_size, "val_size": val_size,
+                                                     "test_size": test_size})
     names = [gates] if isinstance(gates, str) else list(gates) if isinstance(gates, (list, tuple)) else None
     if not names or any(name not in GATES for name in names) or len(set(names)) != len(names):
         raise MamoError(
             f"data.options.gates for dataset 'logic' must be distinct names from {sorted(GATES)}, "
             f"got {gates!r}; fix the list."
         )
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise MamoError(f"data.options.scale for dataset 'logic' must be a finite number, got {scale!r}; fix it.")
+    # Its square (the MSE) must fit in float32: a larger one made NaN targets or blamed train.lr.
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not abs(scale) <= MAX_LOGIC_SCALE:
+        raise MamoError(f"data.options.scale for dataset 'logic' must be a number in [-1e18, 1e18], got {scale!r}; "
+                        "fix it (the thesis uses 1 and 10).")
     pairs = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]])
     targets = {}
     for name in names:
@@ -185,10 +202,15 @@ def build_concave(
     """Pareto MTL's concave problem (Eq 19): minimise 1-exp(-||x∓1/sqrt(d)||²) over x in R^d.
 
     One constant input [1.0] per split; tasks ``f1``/``f2`` regress to ±1/sqrt(d) with the ``exp_mse`` loss
-    through an identity head, so the network's output is x. ``seed``, ``root`` and the sizes are ignored.
+    through an identity head, so the network's output is x. ``seed`` and ``root`` are ignored, and a size is
+    refused.
     """
-    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-        raise MamoError(f"data.options.d for dataset 'concave' must be a positive integer, got {d!r}; fix it.")
+    _fixed_splits("concave", "one constant input", {"train_size": train_size, "val_size": val_size,
+                                                     "test_size": test_size})
+    # Bounded: d = 10**9 took 78 s and 15 GB before a later check refused it.
+    if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_CONCAVE_D:
+        raise MamoError(f"data.options.d for dataset 'concave' must be an integer in [1, {MAX_CONCAVE_D:,}], got "
+                        f"{d!r}; fix it (Pareto MTL uses 20).")
     target = torch.full((1, d), 1.0 / math.sqrt(d))
     dataset = TensorTaskDataset(torch.ones(1, 1), {"f1": target, "f2": -target})
     task = {"type": "regression", "dim": d, "loss": "exp_mse", "head": "identity"}

@@ -285,6 +285,24 @@ def test_concave_targets() -> None:
     assert load_data(DataConfig(name="concave")).tasks["f1"].dim == 20
 
 
+@pytest.mark.parametrize(("config", "message"), [
+    # Sizes were ignored without a word; the huge values gave NaN targets (blamed on the targets or train.lr) or
+    # took 15 GB before a later check.
+    (DataConfig(name="logic", train_size=3), "dataset 'logic' has fixed splits (the four input pairs in each), so "
+     "data.train_size would be ignored; remove it."),
+    (DataConfig(name="concave", val_size=3, test_size=2), "dataset 'concave' has fixed splits (one constant input in "
+     "each), so data.val_size and data.test_size would be ignored; remove it."),
+    (DataConfig(name="logic", options={"scale": 3.5e38}), "data.options.scale for dataset 'logic' must be a number "
+     "in [-1e18, 1e18], got 3.5e+38; fix it (the thesis uses 1 and 10)."),
+    (DataConfig(name="logic", options={"scale": float("nan")}), "must be a number in [-1e18, 1e18], got nan"),
+    (DataConfig(name="concave", options={"d": 10**9}), "data.options.d for dataset 'concave' must be an integer in "
+     "[1, 1,000,000], got 1000000000; fix it (Pareto MTL uses 20)."),
+])
+def test_the_fixed_datasets_refuse_what_they_cannot_use(config: DataConfig, message: str) -> None:
+    with pytest.raises(MamoError, match=re.escape(message)):
+        load_data(config)
+
+
 # ----------------------------------------------------------------------------------------------------- plugins
 
 PLUGIN = """

@@ -31,7 +31,7 @@ from mamo import graph as g
 from mamo.baselines import cached_baseline
 from mamo.bench import positive_int
 from mamo.config import Config, SearchConfig, config_from_dict, load_config, load_yaml
-from mamo.data import load_data
+from mamo.data import FIXED_SPLITS, load_data
 from mamo.errors import MamoError
 from mamo.export import load_trained
 from mamo.model import compile_model, count_parameters
@@ -238,12 +238,14 @@ def _variant(config: Config, run_dir: Path, progress: bool) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
-    shared = ["data.train_size=512", "data.val_size=128", "data.test_size=128", "train.epochs=5",
-              "search.pretrain_epochs=2", "search.round_epochs=1"] if args.quick else []
+    preset = getattr(args, "preset", "multimnist")
+    # Datasets of fixed splits (logic, concave) refuse sizes: --quick shortens their training only.
+    sizes = [] if load_config(preset).data.name in FIXED_SPLITS else [
+        "data.train_size=512", "data.val_size=128", "data.test_size=128"]
+    shared = [*sizes, "train.epochs=5", "search.pretrain_epochs=2", "search.round_epochs=1"] if args.quick else []
     if args.train_size:
         shared.append(f"data.train_size={args.train_size}")
     shared.append(f"train.device={args.device}")
-    preset = getattr(args, "preset", "multimnist")
     base = load_config(preset, shared)
     rounds = getattr(args, "rounds_sweep", None)
     if rounds is None:
