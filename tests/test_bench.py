@@ -195,16 +195,27 @@ def test_a_shared_option_the_benchmark_does_not_read_is_refused(tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("setting", "instead"), [
-    ("train.epochs=3", "use --epochs"), ("train.seed=7", "use --seeds (seeds 0 to N-1)"),
-    ("direction.name=pcgrad", "the benchmark trains each row's direction itself"),
+@pytest.mark.parametrize(("setting", "key", "instead"), [
+    ("train.epochs=3", "train.epochs", "use --epochs"), ("train.seed=7", "train.seed", "use --seeds (seeds 0 to N-1)"),
+    ("direction.name=pcgrad", "direction.name", "the benchmark trains each row's direction itself"),
+    # A mapping got past the check.
+    ("train={epochs: 5, seed: 3}", "train.epochs", "use --epochs"),
 ])
-def test_multimnist_recon_refuses_a_set_it_would_not_use(tmp_path, capsys, setting, instead):
+def test_multimnist_recon_refuses_a_set_it_would_not_use(tmp_path, capsys, setting, key, instead):
     # The run trained 1 epoch of seed 0 with its own directions while results.json recorded the --set.
     assert main(["bench", "multimnist_recon", "--quick", "--set", setting, "--out", str(tmp_path / "out")]) == 2
-    key = setting.split("=")[0]
     assert f"--set {key} is set by the multimnist_recon benchmark itself; {instead}." in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("option", "setting"), [(["--lrs", "0.01"], "train.lr=5"),
+                                                 (["--optimizer", "sgd"], "train={optimizer: adam}")])
+def test_multimnist_recon_refuses_a_set_of_what_one_of_its_options_sets(tmp_path, capsys, option, setting):
+    # --lrs won over train.lr, and --set train.optimizer over --optimizer, without a word.
+    assert main(["bench", "multimnist_recon", "--quick", *option, "--set", setting, "--out",
+                 str(tmp_path / "out")]) == 2
+    key = "train.lr" if "lr" in setting else "train.optimizer"
+    assert f"--set {key} and {option[0]} both set it; keep one of them." in capsys.readouterr().err
 
 
 def test_results_json_has_null_where_a_table_has_nan_or_infinity():

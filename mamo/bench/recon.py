@@ -92,16 +92,33 @@ OWN_SETTINGS = {"train.epochs": "use --epochs", "train.seed": "use --seeds (seed
                 "direction": "the benchmark trains each row's direction itself"}
 
 
-def _check_overrides(overrides: list[str]) -> None:
+def _set_keys(text: str) -> list[str]:
+    """The dotted keys an override sets: ``train={epochs: 5}`` sets ``train.epochs``."""
+    path, value = split_override(text)
+
+    def leaves(prefix: str, inner: object) -> list[str]:
+        if isinstance(inner, dict) and inner:
+            return [key for name, item in inner.items() for key in leaves(f"{prefix}.{name}", item)]
+        return [prefix]
+
+    return leaves(".".join(path), value)
+
+
+def _check_overrides(overrides: list[str], options: dict[str, str]) -> None:
+    """Refuse a --set of what the benchmark sets itself, or of what one of its ``options`` (setting -> flag,
+    for the flags given) sets; either --set was recorded in results.json and not used."""
     for text in overrides:
-        path = split_override(text)[0]
-        for key, instead in OWN_SETTINGS.items():
-            if ".".join(path[: key.count(".") + 1]) == key:
-                raise MamoError(f"--set {'.'.join(path)} is set by the multimnist_recon benchmark itself; {instead}.")
+        for key in _set_keys(text):
+            for own, instead in OWN_SETTINGS.items():
+                if key == own or key.startswith(own + "."):
+                    raise MamoError(f"--set {key} is set by the multimnist_recon benchmark itself; {instead}.")
+            if key in options:
+                raise MamoError(f"--set {key} and {options[key]} both set it; keep one of them.")
 
 
 def run(args: argparse.Namespace) -> dict:
-    _check_overrides(args.overrides)
+    flags = {"train.lr": ("--lrs", args.lrs), "train.optimizer": ("--optimizer", args.optimizer)}
+    _check_overrides(args.overrides, {key: flag for key, (flag, given) in flags.items() if given is not None})
     quick = args.quick
     seeds = list(range(args.seeds or (1 if quick else 3)))
     epochs = args.epochs or (1 if quick else 10)
