@@ -301,10 +301,15 @@ class Trainer:
             ) from exc
 
     def _diverged(self, step: int, problem: str) -> TrainingDiverged:
-        lr = self.step.optimizer.param_groups[0]["lr"]
+        group = self.step.optimizer.param_groups[0]
+        # Besides the learning rate, what else can blow the update up when set high (named only when it is).
+        others = [f"train.weight_decay (now {group['weight_decay']:g})"] if group.get("weight_decay", 0) > 1 else []
+        alpha = getattr(self.step.direction, "alpha", 0.0)  # a tensioner's; α > 1 pulls beyond the thesis' range
+        others += [f"direction.tensioner.alpha (now {alpha:g})"] if alpha > 1 else []
+        lower = " or ".join([f"train.lr (now {group['lr']:g})", *others])
         return TrainingDiverged(
             f"training '{self.description}' diverged at step {step} (epoch {self.epoch + 1} of the run): {problem}; "
-            f"lower train.lr (now {lr:g}) or check the data for NaN or infinite values."
+            f"lower {lower}, or check the data for NaN or infinite values."
         )
 
     def fit(self, epochs: int, done: int = 0) -> list[dict]:

@@ -607,6 +607,22 @@ def test_a_diverged_loss_is_one_sentence_and_the_folder_keeps_it(tmp_path: Path,
     assert (run / "config.yaml").exists()  # what was written stays
 
 
+@pytest.mark.parametrize(("settings", "named"), [
+    (["train.optimizer=sgd", "train.weight_decay=1e30"], "lower train.lr (now 0.003) or train.weight_decay (now "
+     "1e+30), or check"),
+    (["direction.tensioner.formulation=relative", "direction.tensioner.alpha=1e308", "direction.tensioner.T=1"],
+     "lower train.lr (now 0.003) or direction.tensioner.alpha (now 1e+308), or check"),
+])
+def test_a_divergence_names_a_high_weight_decay_or_tension_beside_the_learning_rate(
+    tmp_path: Path, capsys: pytest.CaptureFixture, settings: list[str], named: str
+) -> None:
+    # Only train.lr was named, while the weight decay or the tensioner's alpha blew the update up.
+    arguments = [part for setting in settings for part in ("--set", setting)]
+    assert train("quick", *TINY, "--set", "train.epochs=2", *arguments, "--no-tensorboard", "--run-dir",
+                 str(tmp_path / "run")) == 2
+    assert named in single_error(capsys.readouterr().err)
+
+
 def test_a_stopped_train_run_closes_its_tensorboard_logger(tmp_path: Path) -> None:
     # Before: the train command left its logger open on an error (a search closes its own), so an in-process
     # caller that still held the trainer kept an open event file with unflushed steps and a drawing thread.
