@@ -121,6 +121,9 @@ def resolve_device(name: str, option: str = "train.device") -> torch.device:
         raise MamoError(f"unknown device '{name}' ({option}); use auto, cpu, cuda or cuda:N.") from exc
     if device.type not in ("cpu", "cuda"):  # torch names more (meta, mps, xla, ...); mamo trains on these two
         raise MamoError(f"{option} '{name}' is not a device mamo trains on; use auto, cpu, cuda or cuda:N.")
+    if device.type == "cpu" and device.index not in (None, 0):  # torch takes cpu:1 and runs on the one CPU
+        raise MamoError(f"{option} '{name}' names a CPU by number, but the CPU is one device; use cpu (and "
+                        "train.threads for how many cores).")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MamoError(f"{option} is '{name}' but no CUDA device is visible; use auto or cpu.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

@@ -257,6 +257,17 @@ def test_a_device_torch_knows_but_mamo_does_not_train_on_is_one_sentence(name) -
         resolve_device(name)
 
 
+def test_a_numbered_cpu_is_refused_and_cpu_0_is_the_cpu() -> None:
+    from mamo.errors import MamoError
+    from mamo.trainer import resolve_device
+
+    # cpu:1 was accepted and ran on the one CPU device.
+    with pytest.raises(MamoError, match=r"^train.device 'cpu:1' names a CPU by number, but the CPU is one device; "
+                                        r"use cpu \(and train.threads for how many cores\)\.$"):
+        resolve_device("cpu:1")
+    assert resolve_device("cpu:0").type == "cpu" and resolve_device("cpu").type == "cpu"
+
+
 def test_a_cuda_ordinal_beyond_the_visible_devices_is_one_sentence(monkeypatch) -> None:
     import torch
 
