@@ -88,16 +88,22 @@ def _check_space_ends(config: Config) -> None:
 
 
 def _inert_keys_note(config: Config) -> str | None:
-    """A note when the study tunes the tensioner's T or α while every trial runs without it: those draws change
-    nothing, and trials that differ only in them repeat one search."""
-    tune = config.tune
+    """A note when the study tunes what no trial uses: the tensioner's T or α while every trial runs without it,
+    MGDA's gradient normalisation while no trial runs MGDA. Those draws change nothing, and trials that differ
+    only in them repeat one search."""
+    tune, direction = config.tune, config.direction
+    notes = []
     inert = [key for key, value in (("tune.T", tune.T), ("tune.alpha", tune.alpha)) if value]
-    if not inert or config.direction.tensioner.formulation != "off" or (tune.formulation and any(
-            formulation != "off" for formulation in tune.formulation)):
-        return None
-    return (f"note: direction.tensioner.formulation is off and not tuned, so {' and '.join(inert)} change nothing "
-            f"in the trials; set {' and '.join(f'{key}=null' for key in inert)}, or tune a formulation "
-            "(e.g. --set 'tune.formulation=[off, thesis]').")
+    if inert and direction.tensioner.formulation == "off" and not any(
+            formulation != "off" for formulation in tune.formulation or []):
+        notes.append(f"note: direction.tensioner.formulation is off and not tuned, so {' and '.join(inert)} change "
+                     f"nothing in the trials; set {' and '.join(f'{key}=null' for key in inert)}, or tune a "
+                     "formulation (e.g. --set 'tune.formulation=[off, thesis]').")
+    if tune.normalization and "mgda" not in (tune.direction or [direction.name]):
+        notes.append(f"note: no trial runs mgda (direction.name is {direction.name}"
+                     f"{', and tune.direction leaves it out' if tune.direction else ''}), so tune.normalization "
+                     "changes nothing in the trials; set tune.normalization=null, or tune mgda among the directions.")
+    return "\n".join(notes) or None
 
 
 def _reference(config: Config, directory: Path, search: bool, multi: bool, progress: bool) -> tuple[dict, dict | None]:

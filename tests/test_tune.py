@@ -1273,7 +1273,7 @@ def test_a_storage_that_fails_while_a_trial_is_recorded_is_one_sentence(tmp_path
         "command to continue the study.")
 
 
-def test_tuning_t_and_alpha_without_a_tensioner_is_noted():
+def test_tuning_what_no_trial_uses_is_noted():
     from mamo.tune import _inert_keys_note
 
     off = load_config("quick", ["direction.tensioner.formulation=off"])
@@ -1286,6 +1286,14 @@ def test_tuning_t_and_alpha_without_a_tensioner_is_noted():
                                                   "tune.formulation=[off, relative]"])) is None
     assert _inert_keys_note(load_config("quick", ["direction.tensioner.formulation=off", "tune.T=null",
                                                   "tune.alpha=null"])) is None
+    # A normalisation range under central was drawn and never used, without a note.
+    assert _inert_keys_note(load_config("quick", ["direction.name=central", "tune.normalization=[none, l2]"])) == (
+        "note: no trial runs mgda (direction.name is central), so tune.normalization changes nothing in the trials; "
+        "set tune.normalization=null, or tune mgda among the directions.")
+    assert _inert_keys_note(load_config("quick", ["direction.name=central", "tune.normalization=[none, l2]",
+                                                  "tune.direction=[central, mgda]"])) is None
+    assert "tune.direction leaves it out" in _inert_keys_note(load_config("quick", [
+        "tune.normalization=[none, l2]", "tune.direction=[central, pcgrad]"]))
 
 
 @pytest.mark.parametrize(("args", "message"), [
