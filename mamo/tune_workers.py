@@ -42,7 +42,8 @@ OWNER = "owner"  # a trial's user attribute: the process running it (mamo.cache.
 
 class WorkerStop:
     """The stop-signal handler (SIGINT, SIGTERM, SIGHUP) of a process running trials: KeyboardInterrupt, as
-    Ctrl-C, only while a trial's objective runs (``armed``) and until the worker records its stopped trial;
+    Ctrl-C, only while a trial's objective runs (``armed``), outside the storage calls it makes
+    (:func:`in_storage_call`), and until the worker records its stopped trial;
     from then on a signal is ignored, so the terminal's Ctrl-C and the parent's SIGTERM, which both reach it,
     do not cut the record short. Outside the objective (Optuna making, telling or collecting a trial) a first
     stop only sets :data:`mamo.stops.STOP_REQUESTED`, which ends the worker once that is done (raised inside
@@ -58,8 +59,26 @@ class WorkerStop:
     def __call__(self, number: int, frame: Any) -> None:
         again = STOP_REQUESTED.is_set()
         STOP_REQUESTED.set()
-        if not self.recording and (self.armed or again):
+        if not self.recording and ((self.armed and not in_storage_call(frame)) or again):
             raise KeyboardInterrupt
+
+
+# Where a stop is not raised inside the objective: a storage call it makes (trial.report, should_prune, a
+# sampler's or pruner's read of the study). Raised between a SELECT's execute and its fetch, the KeyboardInterrupt
+# kept that statement open, pinned by its traceback, and with it a SQLite read lock that the worker's own record of
+# the stopped trial (and another worker's) then waited on until the busy timeout: the command SIGKILLed its
+# workers after a minute (a helper's audit, 2026-11-25). The stop waits for the call: the trainer raises it at its
+# next step, the worker after the trial, and a second stop (the parent's SIGTERM) raises anywhere.
+STORAGE_MODULES = ("optuna.storages", "sqlalchemy")
+
+
+def in_storage_call(frame: Any) -> bool:
+    """Whether the interrupted ``frame`` runs inside a storage call (a module of :data:`STORAGE_MODULES`)."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(STORAGE_MODULES):
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager

@@ -879,6 +879,54 @@ def test_a_tune_stopped_in_a_python_session_does_not_stop_the_next_run_there(tmp
     assert [t.state for t in load(tmp_path / "next").trials] == [TrialState.COMPLETE] * 2
 
 
+def test_a_stop_inside_a_storage_call_waits_for_it_and_the_stopped_trial_is_recorded_at_once(tmp_path, monkeypatch):
+    # A stop raised between a SELECT's execute and its fetch (here: trial.study.get_trials, as a pruner reads
+    # the study) left that statement open, pinned by the KeyboardInterrupt's traceback, and with it a SQLite
+    # read lock: the worker's own record of its stopped trial then waited the whole busy timeout (60 s, so the
+    # command SIGKILLed the worker) and failed with "database is locked".
+    import signal
+
+    from sqlalchemy import event
+
+    from mamo import tune_storage
+    from mamo.errors import StopExplained
+    from mamo.stops import STOP_REQUESTED
+    from mamo.tune_workers import STOPPED
+
+    monkeypatch.setitem(tune_storage.ENGINE_ARGS, "sqlite", {"connect_args": {"timeout": 1}})
+
+    def stopped_in_a_select(trial: optuna.Trial) -> float:
+        engine, sent = trial.study._storage._backend.engine, []
+
+        def stop(conn, cursor, statement, *args):
+            if not sent and statement.lstrip().upper().startswith("SELECT"):
+                sent.append(statement)
+                signal.raise_signal(signal.SIGINT)  # Ctrl-C, with the SELECT's first row stepped, none fetched
+                for _ in range(10):  # the handler runs here, inside the storage call
+                    pass
+
+        trial.suggest_float("alpha", 0, 1)
+        event.listen(engine, "after_cursor_execute", stop)
+        try:
+            trial.study.get_trials(deepcopy=False)
+        finally:
+            event.remove(engine, "after_cursor_execute", stop)
+        assert sent
+        for _ in range(1000):  # the trainer's steps, which raise a requested stop
+            if STOP_REQUESTED.is_set():
+                raise KeyboardInterrupt
+            time.sleep(0.01)
+        return 0.0
+
+    started = time.monotonic()
+    with pytest.raises(StopExplained):
+        run_tune(load_config("quick"), study_dir=tmp_path, trials=2, objective=stopped_in_a_select)
+    assert time.monotonic() - started < 30
+    stopped, retry = load(tmp_path).trials  # the retry queued for the next command
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == STOPPED
+    assert retry.state == TrialState.WAITING and retry.user_attrs["retry_of"] == stopped.number
+
+
 def test_a_tune_leaves_optunas_logging_and_the_warning_filters_as_it_found_them(tmp_path):
     # run_tune set Optuna's verbosity to ERROR and added an ignore filter for good.
     import warnings
