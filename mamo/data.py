@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mamo import digits, scenes
 from mamo.config import DataConfig
-from mamo.data_plugins import builder_arguments, load_plugin
+from mamo.data_plugins import SIZE_KEYS, builder_arguments, load_plugin
 from mamo.errors import MamoError
 from mamo.samples import SPLITS, CheckedDataset, MultiTaskData, TensorTaskDataset, validate
 
@@ -148,15 +148,10 @@ GATES: MappingProxyType[str, Callable[[Tensor, Tensor], Tensor]] = MappingProxyT
 
 MAX_LOGIC_SCALE = 1e18  # data.options.scale of 'logic'
 MAX_CONCAVE_D = 1_000_000  # data.options.d of 'concave'
-FIXED_SPLITS = ("logic", "concave")  # built-in datasets whose splits are fixed: data.*_size is refused
-
-
-def _fixed_splits(dataset: str, what: str, sizes: dict[str, int | None]) -> None:
-    """Refuse split sizes for a dataset whose splits are fixed (they were ignored without a word)."""
-    given = [f"data.{key}" for key, value in sizes.items() if value is not None]
-    if given:
-        raise MamoError(f"dataset '{dataset}' has fixed splits ({what} in each), so {' and '.join(given)} would be "
-                        "ignored; remove it.")
+# Built-in datasets whose splits are fixed, and what each split holds: load_data refuses data.*_size for them
+# (the sizes were ignored without a word).
+FIXED_SPLITS: MappingProxyType[str, str] = MappingProxyType({"logic": "the four input pairs",
+                                                             "concave": "one constant input"})
 
 
 def build_logic(
@@ -172,10 +167,8 @@ def build_logic(
     """Logic gates (thesis §5.2): the four binary pairs, one regression task (dim 1) per gate in ``gates``.
 
     The XOR target is multiplied by ``scale`` (the thesis' c). Train, val and test are the same four points,
-    since fitting them is the whole problem; ``seed`` and ``root`` are ignored, and a size is refused.
+    since fitting them is the whole problem; ``seed`` and ``root`` are ignored (sizes: :data:`FIXED_SPLITS`).
     """
-    _fixed_splits("logic", "the four input pairs", {"train_size": train_size, "val_size": val_size,
-                                                     "test_size": test_size})
     names = [gates] if isinstance(gates, str) else list(gates) if isinstance(gates, (list, tuple)) else None
     if not names or any(name not in GATES for name in names) or len(set(names)) != len(names):
         raise MamoError(
@@ -202,11 +195,9 @@ def build_concave(
     """Pareto MTL's concave problem (Eq 19): minimise 1-exp(-||x∓1/sqrt(d)||²) over x in R^d.
 
     One constant input [1.0] per split; tasks ``f1``/``f2`` regress to ±1/sqrt(d) with the ``exp_mse`` loss
-    through an identity head, so the network's output is x. ``seed`` and ``root`` are ignored, and a size is
-    refused.
+    through an identity head, so the network's output is x. ``seed`` and ``root`` are ignored (sizes:
+    :data:`FIXED_SPLITS`).
     """
-    _fixed_splits("concave", "one constant input", {"train_size": train_size, "val_size": val_size,
-                                                     "test_size": test_size})
     # Bounded: d = 10**9 took 78 s and 15 GB before a later check refused it.
     if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_CONCAVE_D:
         raise MamoError(f"data.options.d for dataset 'concave' must be an integer in [1, {MAX_CONCAVE_D:,}], got "
@@ -234,6 +225,10 @@ def load_data(cfg: DataConfig) -> MultiTaskData:
     """Build the dataset ``cfg.name`` (built-in or plugin) with ``cfg.options`` and validate what it returns."""
     if not -(2**63) <= cfg.seed < 2**63:  # what a 64-bit generator (numpy's, torch's, a plugin's) can take
         raise MamoError(f"data.seed must be an integer in [-2**63, 2**63), got {cfg.seed}; set e.g. data.seed=0.")
+    given = [f"data.{key}" for key in SIZE_KEYS if getattr(cfg, key) is not None]
+    if cfg.name in FIXED_SPLITS and given:
+        raise MamoError(f"dataset '{cfg.name}' has fixed splits ({FIXED_SPLITS[cfg.name]} in each), so "
+                        f"{' and '.join(given)} would be ignored; remove {'it' if len(given) == 1 else 'them'}.")
     if cfg.name in DATASETS:
         builder, what, plugin = DATASETS[cfg.name], f"dataset '{cfg.name}'", False
     elif ":" in cfg.name:

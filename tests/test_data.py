@@ -291,7 +291,7 @@ def test_concave_targets() -> None:
     (DataConfig(name="logic", train_size=3), "dataset 'logic' has fixed splits (the four input pairs in each), so "
      "data.train_size would be ignored; remove it."),
     (DataConfig(name="concave", val_size=3, test_size=2), "dataset 'concave' has fixed splits (one constant input in "
-     "each), so data.val_size and data.test_size would be ignored; remove it."),
+     "each), so data.val_size and data.test_size would be ignored; remove them."),
     (DataConfig(name="logic", options={"scale": 3.5e38}), "data.options.scale for dataset 'logic' must be a number "
      "in [-1e18, 1e18], got 3.5e+38; fix it (the thesis uses 1 and 10)."),
     (DataConfig(name="logic", options={"scale": float("nan")}), "must be a number in [-1e18, 1e18], got nan"),
