@@ -232,6 +232,14 @@ def test_a_bad_device_is_named_as_the_bench_option(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_bench_without_a_name_asks_for_the_name_alone(capsys):
+    # Python 3.11's argparse required the REMAINDER options too: "required: name, options".
+    with pytest.raises(SystemExit) as stop:
+        main(["bench"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "mamo bench: error: the following arguments are required: name"
+
+
 def test_the_command_list_names_every_benchmark():
     # The top-level help is written by hand so that `mamo --help` imports no benchmark; keep it complete.
     assert f"({', '.join(BENCHES)})" in COMMANDS["bench"].help

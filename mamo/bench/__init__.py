@@ -35,9 +35,10 @@ SHARED_OPTIONS = ("quick", "seeds", "device")  # a benchmark's SHARED_OPTIONS na
 
 def add_arguments_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help=f"the benchmark: {', '.join(BENCHES)}")
-    parser.add_argument("options", nargs=argparse.REMAINDER,
-                        help="--quick, --seeds N, --device auto|cpu|cuda, --out DIR and the benchmark's own "
-                             "options (mamo bench NAME --help lists them)")
+    options = parser.add_argument("options", nargs=argparse.REMAINDER, default=[],
+                                  help="--quick, --seeds N, --device auto|cpu|cuda, --out DIR and the benchmark's "
+                                       "own options (mamo bench NAME --help lists them)")
+    options.required = False  # Python 3.11 requires a REMAINDER positional: a bare `bench` named it as missing too
 
 
 def load_bench(name: str) -> ModuleType:
