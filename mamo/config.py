@@ -371,8 +371,10 @@ def split_override(text: str) -> tuple[list[str], Any]:
     except DuplicateKeyError as exc:
         raise MamoError(f"--set '{text}' has the key '{exc.key}' twice; keep one of them.") from exc
     except yaml.YAMLError as exc:
+        # Quoting alone was the advice, which turns a broken number into a string the key then refuses.
         raise MamoError(
-            f"--set '{text}' has a value that is not valid YAML; quote the value, e.g. {key.strip()}='...'."
+            f"--set '{text}' has a value that is not valid YAML; write a plain value ({key.strip()}=0.5, a list as "
+            f"[1, 2]) or quote a text ({key.strip()}='...')."
         ) from exc
     return [part.strip() for part in path], parsed
 
