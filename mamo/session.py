@@ -17,7 +17,7 @@ import torch
 from mamo.cache import BaselineCache
 from mamo.checkpoint import EpochCheckpoint, load_checkpoint, restore_trainer
 from mamo.config import Config, DirectionConfig, TensionerConfig
-from mamo.data import MultiTaskData, load_data
+from mamo.data import MultiTaskData, load_data, unused_data_note
 from mamo.directions import create_direction
 from mamo.errors import MamoError, StopExplained
 from mamo.graph import build_hps_graph, graph_to_json
@@ -86,6 +86,8 @@ def open_session(
         torch.cuda.set_device(device)
     log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
     data = load_data(config.data)
+    if run_dir is not None and (note := unused_data_note(config.data)):  # open_run notes it once it has a folder
+        log(note)
     if cache_root is None:
         cache_root = (run_dir.parent if run_dir else RUNS_ROOT) / ".baselines"
     return Session(config, data, device, log, BaselineCache(Path(cache_root)), progress)
@@ -213,6 +215,8 @@ def open_run(
     directory = new_run_dir(run_dir, config, command, path)
     session.log.path = directory / "log.txt"
     session.log(f"run folder: {directory}")
+    if note := unused_data_note(config.data):
+        session.log(note)
     return session, directory
 
 

@@ -171,7 +171,8 @@ class TrainStep:
     def _check(self, losses: torch.Tensor) -> None:
         bad = [t for t, v in zip(self.partition.tasks, losses.tolist(), strict=True) if not math.isfinite(v)]
         if bad:
-            raise FloatingPointError(f"the loss of task {', '.join(bad)} became NaN or infinite")
+            # Quoted: a task may be called 'and' (the logic set's), which read as part of the sentence.
+            raise FloatingPointError(f"the loss of task {', '.join(map(repr, bad))} became NaN or infinite")
 
     def __call__(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> StepResult:
         if not self.model.training:  # train() walks every module: 0.2 ms a step on LeNet, measured

@@ -42,6 +42,7 @@ OPTIMIZERS: dict[str, Callable[[list, TrainConfig], torch.optim.Optimizer]] = {
 
 
 MAX_THREADS = 1024  # train.threads and bench --threads
+FLOAT32_OVERFLOW = "cannot be converted to type float without overflow"  # torch's words for a scalar too large
 
 # train.KEY -> (is the value acceptable, what it must be); checked before any data loads or folder is made.
 TRAIN_BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
@@ -292,6 +293,11 @@ class Trainer:
             return self.step(*self._to_device(x, targets))
         except FloatingPointError as exc:
             raise self._diverged(self.global_step + 1, str(getattr(exc, "problem", exc))) from exc
+        except RuntimeError as exc:
+            if FLOAT32_OVERFLOW not in str(exc):
+                raise
+            # E.g. Adam's first step divides lr by 1 - β1 = 0.1: an lr within float32's range can still overflow.
+            raise self._diverged(self.global_step + 1, "the optimizer's update overflowed float32") from exc
         except ValueError as exc:
             if not str(exc).startswith(ONE_VALUE_PER_CHANNEL):
                 raise
@@ -344,8 +350,9 @@ class Trainer:
             # that scores NaN would otherwise be kept and reported as a result.
             broken = [task for task, values in metrics.items() if not math.isfinite(values["loss"])]
             if broken:
-                raise self._diverged(self.global_step, f"the validation loss of task {', '.join(broken)} is NaN or "
-                                                       "infinite after the epoch's last step")
+                names = ", ".join(map(repr, broken))
+                raise self._diverged(self.global_step, f"the validation loss of task {names} is NaN or infinite "
+                                                       "after the epoch's last step")
             self.epoch += 1
             self.history.append({
                 "epoch": self.epoch,

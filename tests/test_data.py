@@ -14,7 +14,15 @@ from torch.utils.data import Dataset
 
 from mamo import digits
 from mamo.config import DataConfig
-from mamo.data import DATASETS, DEFAULT_SIZES, MultiTaskData, TensorTaskDataset, iterate_batches, load_data
+from mamo.data import (
+    DATASETS,
+    DEFAULT_SIZES,
+    MultiTaskData,
+    TensorTaskDataset,
+    iterate_batches,
+    load_data,
+    unused_data_note,
+)
 from mamo.errors import MamoError
 from mamo.tasks import LOSSES, TASK_TYPES, parse_tasks, task_loss
 
@@ -285,20 +293,29 @@ def test_concave_targets() -> None:
     assert load_data(DataConfig(name="concave")).tasks["f1"].dim == 20
 
 
+def test_data_settings_a_dataset_does_not_use_are_noted() -> None:
+    # Ignored without a word; a note, not a refusal, since they often come from a preset made for other data.
+    assert unused_data_note(DataConfig(name="logic", train_size=3)) == (
+        "note: dataset 'logic' has fixed splits (the four input pairs in each), so data.train_size is not used.")
+    assert unused_data_note(DataConfig(name="concave", val_size=3, test_size=2, root="/data")) == (
+        "note: dataset 'concave' has fixed splits (one constant input in each), so data.val_size and data.test_size "
+        "and data.root are not used.")
+    assert unused_data_note(DataConfig(name="multimnist", root="/nowhere")) == (
+        "note: dataset 'multimnist' reads no folder, so data.root is not used.")
+    assert unused_data_note(DataConfig(name="multimnist", train_size=100)) is None
+    assert unused_data_note(DataConfig(name="multifashion", root="/data")) is None
+    assert len(load_data(DataConfig(name="logic", train_size=3)).train) == 4
+
+
 @pytest.mark.parametrize(("config", "message"), [
-    # Sizes were ignored without a word; the huge values gave NaN targets (blamed on the targets or train.lr) or
-    # took 15 GB before a later check.
-    (DataConfig(name="logic", train_size=3), "dataset 'logic' has fixed splits (the four input pairs in each), so "
-     "data.train_size would be ignored; remove it."),
-    (DataConfig(name="concave", val_size=3, test_size=2), "dataset 'concave' has fixed splits (one constant input in "
-     "each), so data.val_size and data.test_size would be ignored; remove them."),
+    # The huge values gave NaN targets (blamed on the targets or train.lr) or took 15 GB before a later check.
     (DataConfig(name="logic", options={"scale": 3.5e38}), "data.options.scale for dataset 'logic' must be a number "
      "in [-1e18, 1e18], got 3.5e+38; fix it (the thesis uses 1 and 10)."),
     (DataConfig(name="logic", options={"scale": float("nan")}), "must be a number in [-1e18, 1e18], got nan"),
     (DataConfig(name="concave", options={"d": 10**9}), "data.options.d for dataset 'concave' must be an integer in "
      "[1, 1,000,000], got 1000000000; fix it (Pareto MTL uses 20)."),
 ])
-def test_the_fixed_datasets_refuse_what_they_cannot_use(config: DataConfig, message: str) -> None:
+def test_the_fixed_datasets_bound_their_options(config: DataConfig, message: str) -> None:
     with pytest.raises(MamoError, match=re.escape(message)):
         load_data(config)
 

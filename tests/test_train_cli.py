@@ -623,6 +623,24 @@ def test_a_divergence_names_a_high_weight_decay_or_tension_beside_the_learning_r
     assert named in single_error(capsys.readouterr().err)
 
 
+def test_an_lr_that_overflows_adams_first_step_is_a_diverged_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Below float32's largest value, but Adam's first step divides it by 1 - beta1 = 0.1: torch's RuntimeError
+    # and a traceback, logged as a bug in mamo.
+    assert train("quick", *TINY, "--set", "train.lr=1e38", "--no-tensorboard", "--run-dir", str(tmp_path / "run")) == 2
+    message = single_error(capsys.readouterr().err)
+    assert "diverged at step 1" in message and "the optimizer's update overflowed float32; lower train.lr (now " \
+        "1e+38)" in message
+
+
+def test_another_dataset_under_a_preset_with_sizes_trains_and_notes_the_unused_sizes(tmp_path: Path) -> None:
+    # quick sets split sizes; logic has fixed splits. Refusing them broke `--set data.name=logic` on quick.
+    run = tmp_path / "run"
+    assert train("quick", "--set", "data.name=logic", "--set", "model.backbone=mlp", "--set", "model.hidden=[2]",
+                 "--set", "train.epochs=1", "--no-progress", "--no-tensorboard", "--run-dir", str(run)) == 0
+    assert ("note: dataset 'logic' has fixed splits (the four input pairs in each), so data.train_size and "
+            "data.val_size and data.test_size are not used.") in (run / "log.txt").read_text()
+
+
 def test_a_stopped_train_run_closes_its_tensorboard_logger(tmp_path: Path) -> None:
     # Before: the train command left its logger open on an error (a search closes its own), so an in-process
     # caller that still held the trainer kept an open event file with unflushed steps and a drawing thread.
@@ -663,6 +681,8 @@ def test_a_model_that_scores_nan_after_the_last_step_is_a_diverged_run(tmp_path:
                  "train.batch_size=256", "--no-tensorboard", "--run-dir", str(run)) == 2
     message = single_error(capsys.readouterr().err)
     assert message.startswith("training 'train' diverged at step 1 (epoch 1 of the run): the validation loss of task")
+    # Task names quoted: the logic set's task 'and' read as part of the sentence.
+    assert "the validation loss of task 'left'" in message
     assert not (run / "metrics.json").exists()
 
 
