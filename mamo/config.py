@@ -402,8 +402,8 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
                             "write it as 'section: {key: value}'.")
         if "name" not in raw and _unfit_name(path.stem):
             raise MamoError(f"{kind} {path} sets no 'name', so its file name would name the runs, and "
-                            f"'{path.stem}' cannot be part of a run folder name; add a line such as name: my-run to "
-                            "the file, or rename it.")
+                            f"'{path.stem}' cannot be part of a run folder name (at most {NAME_MAX_BYTES} bytes, no "
+                            "'/' or '\\', not '.' or '..'); add a line such as name: my-run to the file, or rename it.")
         raw.setdefault("name", path.stem)
     source = str(path) if path else "the defaults"
     config = config_from_dict(raw, source)

@@ -132,8 +132,8 @@ def test_a_file_name_that_cannot_name_a_run_is_blamed_on_the_file_name(tmp_path:
     # The message said "'name' in FILE is '.'", a key the file never set.
     path = write(tmp_path, "train:\n  epochs: 3\n", "..yaml")
     assert error_of(str(path)) == (f"preset {path} sets no 'name', so its file name would name the runs, and '.' "
-                                   "cannot be part of a run folder name; add a line such as name: my-run to the file, "
-                                   "or rename it.")
+                                   "cannot be part of a run folder name (at most 200 bytes, no '/' or '\\', not '.' or "
+                                   "'..'); add a line such as name: my-run to the file, or rename it.")
     path.write_text("name: fine\ntrain:\n  epochs: 3\n")
     assert load_config(str(path)).name == "fine"
 
