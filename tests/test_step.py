@@ -225,7 +225,7 @@ def test_nan_loss_raises_naming_the_task(direction):
     targets = {"good": torch.zeros(4, dtype=torch.long), "bad": torch.full((4, 2), float("nan"))}
     before = [p.detach().clone() for p in model.parameters()]
     step = TrainStep(model, direction, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(FloatingPointError, match="task bad"):
+    with pytest.raises(FloatingPointError, match="task 'bad' became NaN"):
         step(x, targets)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # no update applied
 
