@@ -28,8 +28,8 @@ def _preset_dir() -> Path:
 
 
 PRESET_DIR = _preset_dir()
-# torch.finfo(torch.float32).max, without importing torch: the largest learning rate or weight decay the
-# optimizers can apply (they pass both through float32).
+# torch.finfo(torch.float32).max, without importing torch: the optimizers pass the learning rate and weight decay
+# through float32, so a larger one cannot even be held (one below may still overflow in the update: a divergence).
 FLOAT32_MAX = 3.4028234663852886e38
 
 

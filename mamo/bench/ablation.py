@@ -239,7 +239,7 @@ def _variant(config: Config, run_dir: Path, progress: bool) -> dict:
 def run(args: argparse.Namespace) -> dict:
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     preset = getattr(args, "preset", "multimnist")
-    # Datasets of fixed splits (logic, concave) refuse sizes: --quick shortens their training only.
+    # Datasets of fixed splits (logic, concave) use no sizes (a run notes them unused): --quick shortens training.
     sizes = [] if load_config(preset).data.name in FIXED_SPLITS else [
         "data.train_size=512", "data.val_size=128", "data.test_size=128"]
     shared = [*sizes, "train.epochs=5", "search.pretrain_epochs=2", "search.round_epochs=1"] if args.quick else []
