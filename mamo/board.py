@@ -23,14 +23,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
-from torch.utils.tensorboard.summary import custom_scalars, histogram_raw, text
 
 from mamo import drawing, plots
 from mamo import graph as g
 from mamo.config import Config, config_text
 from mamo.conflicts import HISTOGRAM_EDGES, ConflictStats
 from mamo.directions.base import TensorInfo
-from mamo.event_file import EventFileWriter, image_summary, png_bytes, scalar_summary
+from mamo.event_file import (
+    EventFileWriter,
+    histogram_summary,
+    image_summary,
+    multiline_layout_summary,
+    png_bytes,
+    scalar_summary,
+    text_summary,
+)
 from mamo.report import delta
 from mamo.runs import counted
 from mamo.step import StepResult
@@ -127,9 +134,9 @@ class TensorBoardLogger(Callback):
         self._closed = False
         if not continued:
             resolved = config_text(config)  # the same text as the run's config.yaml
-            self.events.add_summary(text("config", "    " + resolved.replace("\n", "\n    ")), 0)
-            charts = {title: ["Multiline", [f"^{prefix}"]] for title, prefix in PER_TASK_CHARTS.items()}
-            self.events.add_summary(custom_scalars({"mamo: per task": charts}))
+            self.events.add_summary(text_summary("config", "    " + resolved.replace("\n", "\n    ")), 0)
+            charts = {title: [f"^{prefix}"] for title, prefix in PER_TASK_CHARTS.items()}
+            self.events.add_summary(multiline_layout_summary("mamo: per task", charts))
 
     # ----------------------------------------------------------------------------------------- steps
     def _global_step(self, trainer: Trainer) -> int:
@@ -212,7 +219,7 @@ class TensorBoardLogger(Callback):
         # the checkpoint's step is before the restart marker and stays.
         how, at = ("resumes from a checkpoint", self._step + 1) if self._resumed else ("starts", self._step)
         self._resumed = False
-        self.events.add_summary(text("run/phases", f"{phase} {how} after step {self._step}"), at)
+        self.events.add_summary(text_summary("run/phases", f"{phase} {how} after step {self._step}"), at)
         self.events.add_summary(scalar_summary({"model/params": sum(p.numel() for p in model.parameters())}), at)
         if self.pictures and not self._drew_start:
             # The network before any growth, as round 0 of the architecture pictures (not when a resumed
@@ -241,7 +248,7 @@ class TensorBoardLogger(Callback):
                     values[f"conflicts/Q/{a}+{b}/cell{cell}"] = float(stats.counts[cell, i, j])
         self.events.add_summary(scalar_summary(values), z)
         described = ", ".join(f"{'+'.join(pair)}@cell{cell}" for pair, cell in activated) or "none"
-        self.events.add_summary(text("search/activated", f"round {z}: {described}; "
+        self.events.add_summary(text_summary("search/activated", f"round {z}: {described}; "
                                      f"{counted(len(record.new_modules), 'new module')}, "
                                      f"{record.gmk_modules} in all"), z)
         self._histograms(stats, z)
@@ -270,12 +277,12 @@ class TensorBoardLogger(Callback):
                 if stats.cell_params[cell] == 0 or counts.sum() == 0:
                     continue
                 used = np.flatnonzero(counts)
-                self.events.add_summary(histogram_raw(
+                self.events.add_summary(histogram_summary(
                     f"conflicts/cosine/{a}+{b}/cell{cell}",
-                    min=float(HISTOGRAM_EDGES[used[0]]), max=float(HISTOGRAM_EDGES[used[-1] + 1]),
-                    num=int(counts.sum()), sum=float(stats.cosine_sums[cell, i, j]),
-                    sum_squares=float(np.sum(counts * centres**2)),  # from bin centres: only the bins are kept
-                    bucket_limits=HISTOGRAM_EDGES[1:].tolist(), bucket_counts=counts.tolist()), z)
+                    minimum=float(HISTOGRAM_EDGES[used[0]]), maximum=float(HISTOGRAM_EDGES[used[-1] + 1]),
+                    count=int(counts.sum()), total=float(stats.cosine_sums[cell, i, j]),
+                    total_squares=float(np.sum(counts * centres**2)),  # from bin centres: only the bins are kept
+                    upper_edges=HISTOGRAM_EDGES[1:].tolist(), counts=counts.tolist()), z)
 
     def _draw_conflicts(self, stats: ConflictStats, grown: list, z: int) -> None:
         overview, cells = plots.overview_images(stats, grown, title=f"Where tasks fight, round {z}")

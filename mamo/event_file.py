@@ -1,5 +1,5 @@
 """TensorBoard event files written directly: one TFRecord per event, checksummed by a compiled CRC-32C; and the
-summaries of scalars and pictures that go into them.
+summaries (scalars, pictures, texts, histograms, the custom-scalar layout) that go into them.
 
 tensorboard's own writer, which torch's ``SummaryWriter`` uses, checksums every record in pure Python (about
 0.1 ms per KB, measured) on a background thread that holds the GIL meanwhile; with a record for every
@@ -25,7 +25,11 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary, SummaryMetadata
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.text.plugin_data_pb2 import TextPluginData
 
 FILE_VERSION = "brain.Event:2"  # what TensorBoard expects as the first event of a file
 # Unpadded, the 11th writer of one process in one second (".10") would sort before the 3rd (".2"); a million
@@ -117,6 +121,38 @@ class EventFileWriter:
 def scalar_summary(values: dict[str, float]) -> Summary:
     """One event's scalars, tag -> value."""
     return Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
+
+
+# The text, custom-scalar and histogram summaries below are built from tensorboard's protos directly: importing
+# torch.utils.tensorboard for its three helpers cost 0.11 s per command (measured), 1.8% of a quick search's.
+
+
+def text_summary(tag: str, text: str) -> Summary:
+    """A TEXT tab entry, under ``<tag>/text_summary`` as TensorBoard's writers name it."""
+    plugin = SummaryMetadata.PluginData(plugin_name="text", content=TextPluginData(version=0).SerializeToString())
+    tensor = TensorProto(dtype="DT_STRING", string_val=[text.encode("utf-8")],
+                         tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
+    return Summary(value=[Summary.Value(tag=f"{tag}/text_summary", metadata=SummaryMetadata(plugin_data=plugin),
+                                        tensor=tensor)])
+
+
+def multiline_layout_summary(category: str, charts: dict[str, list[str]]) -> Summary:
+    """The CUSTOM SCALARS tab's layout: one category of multiline charts, title -> the tag regexes it plots."""
+    layout = layout_pb2.Layout(category=[layout_pb2.Category(title=category, chart=[
+        layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=tags))
+        for title, tags in charts.items()])])
+    plugin = SummaryMetadata.PluginData(plugin_name="custom_scalars")
+    tensor = TensorProto(dtype="DT_STRING", string_val=[layout.SerializeToString()], tensor_shape=TensorShapeProto())
+    return Summary(value=[Summary.Value(tag="custom_scalars__config__", metadata=SummaryMetadata(plugin_data=plugin),
+                                        tensor=tensor)])
+
+
+def histogram_summary(tag: str, *, minimum: float, maximum: float, count: int, total: float, total_squares: float,
+                      upper_edges: list[float], counts: list[float]) -> Summary:
+    """A HISTOGRAMS tab entry from bucket counts (``upper_edges[k]`` bounds bucket k from above)."""
+    histogram = HistogramProto(min=minimum, max=maximum, num=count, sum=total, sum_squares=total_squares,
+                               bucket_limit=upper_edges, bucket=counts)
+    return Summary(value=[Summary.Value(tag=tag, histo=histogram)])
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

@@ -235,6 +235,8 @@ def test_a_search_logs_each_round(searched):
         assert [h.step for h in histograms] == [1, 2]
         assert [h.histogram_value.num for h in histograms] == [STEPS_PER_EPOCH] * 2
         assert sum(histograms[0].histogram_value.bucket) == STEPS_PER_EPOCH
+        first = histograms[0].histogram_value
+        assert -1.0 <= first.min < first.max <= 1.0 and first.sum_squares > 0 and len(first.bucket_limit) == 20
 
 
 def test_a_search_logs_heatmaps_overview_and_architecture_images(searched):
@@ -270,6 +272,17 @@ def test_a_search_logs_its_config_and_rounds_as_text(searched):
     assert rounds[0].startswith("round 1: ")
     layout = events.Tensors("custom_scalars__config__")
     assert layout, "the per-task chart layout is missing"
+    # Built from tensorboard's protos (not torch's helpers): what its TEXT and CUSTOM SCALARS plugins read.
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from mamo.board import PER_TASK_CHARTS
+
+    parsed = layout_pb2.Layout.FromString(layout[0].tensor_proto.string_val[0])
+    assert [category.title for category in parsed.category] == ["mamo: per task"]
+    assert {chart.title: list(chart.multiline.tag) for chart in parsed.category[0].chart} == {
+        title: [f"^{prefix}"] for title, prefix in PER_TASK_CHARTS.items()}
+    assert events.SummaryMetadata("config/text_summary").plugin_data.plugin_name == "text"
+    assert events.SummaryMetadata("custom_scalars__config__").plugin_data.plugin_name == "custom_scalars"
 
 
 def test_training_without_a_gramian_logs_losses_and_weights_only(tmp_path):
