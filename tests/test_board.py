@@ -353,6 +353,27 @@ def test_write_hparams_records_a_trial(tmp_path):
     assert {m.name.tag for m in experiment.experiment.metric_infos} == {"val_delta", "gmk_modules"}
 
 
+def test_the_hparams_records_use_the_plugins_own_names_and_types(tmp_path):
+    # Built from the protos, without torch's helper (and tensorboard's metadata module, 0.12 s to import).
+    from tensorboard.plugins.hparams import api_pb2
+    from tensorboard.plugins.hparams import metadata as plugin
+
+    from mamo import hparams
+
+    assert (hparams.PLUGIN, hparams.VERSION) == (plugin.PLUGIN_NAME, plugin.PLUGIN_DATA_VERSION)
+    assert (hparams.EXPERIMENT_TAG, hparams.START_TAG, hparams.END_TAG) == (
+        plugin.EXPERIMENT_TAG, plugin.SESSION_START_INFO_TAG, plugin.SESSION_END_INFO_TAG)
+    write_hparams(tmp_path, {"Z": 2, "flag": True, "mode": "gmk"}, {"val_delta": 0.5}, state="failed")
+    content = read_events(tmp_path).PluginTagToContent("hparams")
+    infos = plugin_data_pb2.HParamsPluginData.FromString(content[plugin.EXPERIMENT_TAG]).experiment.hparam_infos
+    assert {info.name: api_pb2.DataType.Name(info.type) for info in infos} == {
+        "Z": "DATA_TYPE_FLOAT64", "flag": "DATA_TYPE_BOOL", "mode": "DATA_TYPE_STRING", "state": "DATA_TYPE_STRING"}
+    start = plugin_data_pb2.HParamsPluginData.FromString(content[plugin.SESSION_START_INFO_TAG])
+    assert start.session_start_info.hparams["flag"].bool_value is True  # torch's helper made bools numbers
+    end = plugin_data_pb2.HParamsPluginData.FromString(content[plugin.SESSION_END_INFO_TAG])
+    assert api_pb2.Status.Name(end.session_end_info.status) == "STATUS_FAILURE" and end.version == 0
+
+
 def test_write_hparams_needs_an_objective(tmp_path):
     with pytest.raises(MamoError, match="no metric values"):
         write_hparams(tmp_path, {"T": 4}, {"val_delta": None})
