@@ -18,8 +18,8 @@ from mamo.event_file import EventFileWriter, scalar_summary
 TRIAL_STATES = {"complete": "STATUS_SUCCESS", "pruned": "STATUS_SUCCESS", "failed": "STATUS_FAILURE"}
 HPARAMS_SUFFIX = ".hparams"  # ends the name of the event file that holds a trial's HPARAMS record
 
-# The HPARAMS plugin's names (tensorboard.plugins.hparams.metadata's, whose import takes 0.12 s, as torch's
-# helper did: a test checks they agree) and each value type's data type and field.
+# The HPARAMS plugin's names as tensorboard.plugins.hparams.metadata defines them (importing that module, as
+# torch's helper did, takes 0.12 s; a test checks they agree), and each value type's data type and field.
 PLUGIN, VERSION = "hparams", 0
 EXPERIMENT_TAG = "_hparams_/experiment"
 START_TAG, END_TAG = "_hparams_/session_start_info", "_hparams_/session_end_info"
