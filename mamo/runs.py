@@ -213,11 +213,12 @@ def read_run_config(
     return load_config(str(directory / "config.yaml"), list(settings), kind="the run's config"), directory
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    """A config's dict as dotted keys (``data.options.d``), so that the one edited key can be named."""
+def flat_settings(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A config's dict (or a setting's value under ``prefix``) as dotted keys (``data.options.d``), so that the
+    one edited key can be named."""
     if isinstance(value, dict) and value:
         return {key: leaf for name, inner in value.items()
-                for key, leaf in _flat(inner, f"{prefix}.{name}" if prefix else str(name)).items()}
+                for key, leaf in flat_settings(inner, f"{prefix}.{name}" if prefix else str(name)).items()}
     return {prefix: value}
 
 
@@ -253,7 +254,7 @@ def computed_changes(saved: dict, now: dict) -> list[tuple[str, object, object]]
     """``(key, saved value, new value)`` of every setting outside :data:`RESUME_SETTINGS` in which two resolved
     configs (``Config.to_dict()``) differ: what a continued run would compute differently."""
     # A key newer than ``saved`` is missing from it; that run computed with the key's default.
-    defaults, before_flat, now_flat = _flat(Config().to_dict()), _flat(saved), _flat(now)
+    defaults, before_flat, now_flat = flat_settings(Config().to_dict()), flat_settings(saved), flat_settings(now)
     changes = []
     for key in [*now_flat, *(key for key in before_flat if key not in now_flat)]:
         before, after = before_flat.get(key, defaults.get(key, _UNSET)), now_flat.get(key, _UNSET)

@@ -33,6 +33,7 @@ from pathlib import Path
 from mamo.bench import positive_int
 from mamo.config import DirectionConfig, TensionerConfig, load_config, split_override
 from mamo.errors import MamoError
+from mamo.runs import flat_settings
 from mamo.session import EQUAL, open_session, train_network
 from mamo.trainer import OPTIMIZERS, selection_score
 
@@ -95,13 +96,7 @@ OWN_SETTINGS = {"train.epochs": "use --epochs", "train.seed": "use --seeds (seed
 def _set_keys(text: str) -> list[str]:
     """The dotted keys an override sets: ``train={epochs: 5}`` sets ``train.epochs``."""
     path, value = split_override(text)
-
-    def leaves(prefix: str, inner: object) -> list[str]:
-        if isinstance(inner, dict) and inner:
-            return [key for name, item in inner.items() for key in leaves(f"{prefix}.{name}", item)]
-        return [prefix]
-
-    return leaves(".".join(path), value)
+    return list(flat_settings(value, ".".join(path)))
 
 
 def _check_overrides(overrides: list[str], options: dict[str, str]) -> None:
