@@ -37,24 +37,39 @@ def hide_dropped_stops(previous: Callable[[Any], object]) -> Callable[[Any], obj
     return hook
 
 
+# Ctrl-C; a kill or a batch system's stop; a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def handling_stops(handler: Callable[[int, Any], None]) -> Iterator[bool]:
+    """Inside, ``handler`` takes the stop signals (:data:`STOP_SIGNALS`) and the previous handlers come back
+    after; only in the main thread, where Python delivers signals. Yields whether it took them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = {number: signal.signal(number, handler) for number in STOP_SIGNALS}
+    try:
+        yield True
+    finally:
+        for number, restored in previous.items():
+            signal.signal(number, restored)
+
+
 @contextlib.contextmanager
 def stop_signals_interrupt() -> Iterator[None]:
     """Inside, SIGTERM and SIGHUP (a kill, a batch system's stop, a closed terminal) stop a command as Ctrl-C
     (SIGINT) does, and a stop Python dropped is raised again at the next training step or trial: a train or
     search logs how to continue, a tune records its running trials as stopped, stops its workers and writes its
     summary. Only in the main thread, where Python delivers signals."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    for number in previous:
-        signal.signal(number, interrupt)
-    unraisable = sys.unraisablehook
-    sys.unraisablehook = hide_dropped_stops(unraisable)
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        sys.unraisablehook = unraisable
-        STOP_REQUESTED.clear()
+    with handling_stops(interrupt) as taken:
+        if not taken:
+            yield
+            return
+        unraisable = sys.unraisablehook
+        sys.unraisablehook = hide_dropped_stops(unraisable)
+        try:
+            yield
+        finally:
+            sys.unraisablehook = unraisable
+            STOP_REQUESTED.clear()

@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mamo.cache import process_owner
 from mamo.errors import MamoError
-from mamo.stops import STOP_REQUESTED, hide_dropped_stops
+from mamo.stops import STOP_REQUESTED, handling_stops, hide_dropped_stops
 from mamo.tune_space import PRUNERS
 from mamo.tune_storage import RETRY_OF, open_storage, shown_url, storage_failure
 from mamo.tune_summary import STOPPED_EARLY, fail_reason, short_value
@@ -87,19 +87,13 @@ def trial_stops() -> Iterator[WorkerStop | None]:
     elsewhere it yields None and the signals keep their handlers); the previous handlers come back after, and
     a stop taken inside is cleared once it has ended what it stopped (left set, it stopped every later run_tune
     or run_search of a Python session at once; only the CLI's own wrapper cleared it)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield None
-        return
-    stop = WorkerStop()
-    requested_before = STOP_REQUESTED.is_set()
-    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield stop
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        if not requested_before:
-            STOP_REQUESTED.clear()
+    stop, requested_before = WorkerStop(), STOP_REQUESTED.is_set()
+    with handling_stops(stop) as taken:
+        try:
+            yield stop if taken else None
+        finally:
+            if taken and not requested_before:
+                STOP_REQUESTED.clear()
 
 
 @dataclass
