@@ -100,16 +100,16 @@ class MamoNet(nn.Module):
         }
 
     def forward_heads(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Fusion and heads on the representation from :meth:`forward_features` (used by MGDA-UB)."""
-        trunk = features[g.cell_id(g.num_cells(self.graph) - 1)]
-        predictions = {}
-        for task in self.tasks:
-            fused = trunk
-            for group in g.fusion_groups(self.graph, task):
-                last = g.branch_id(group, g.num_cells(self.graph) - 1)
-                fused = fused + self.betas[_beta_name(task, group)] * features[last]
-            predictions[task] = self.blocks[g.head_id(task)](fused)
-        return predictions
+        """Fusion and heads on the representation from :meth:`forward_features`."""
+        return {task: self.forward_head(features, task) for task in self.tasks}
+
+    def forward_head(self, features: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        """One task's fusion and head on the representation (MGDA-UB runs each task on its own copy of it)."""
+        last_cell = g.num_cells(self.graph) - 1
+        fused = features[g.cell_id(last_cell)]
+        for group in g.fusion_groups(self.graph, task):
+            fused = fused + self.betas[_beta_name(task, group)] * features[g.branch_id(group, last_cell)]
+        return self.blocks[g.head_id(task)](fused)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_heads(self.forward_features(x))

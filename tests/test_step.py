@@ -194,6 +194,38 @@ def test_ub_uses_representation_gradients():
         torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
 
 
+def test_ub_on_a_grown_network_uses_every_representation_and_gives_heads_their_own_gradient():
+    # A GMK of {t0, t1} ends in the last cell: the representation is the trunk's and the branch's outputs, and t2's
+    # head never reads the branch. Each head runs on its own detached copy of them in one backward pass, so a copy
+    # mixed up between tasks, or a head or beta given another task's gradient, shows here.
+    model = make_model(*MLP, grow=True)
+    x, targets = batch(model)
+    ref = copy.deepcopy(model)
+    _, own, _ = reference(model, x, targets)
+    step = frozen_step(model, gradients="ub")
+    result = step(x, targets)
+    features = ref.forward_features(x)
+    assert len(features) == 2
+    predictions = ref.forward_heads(features)
+    losses = [task_loss(ref.tasks[t], predictions[t], targets[t]) for t in ref.tasks]
+    rows = []
+    for loss in losses:
+        grads = torch.autograd.grad(loss, list(features.values()), retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(z) if gr is None else gr).reshape(-1)
+                               for z, gr in zip(features.values(), grads, strict=True)]))
+    z = torch.stack(rows)
+    assert result.gramian[2, 2] > 0 and (result.gramian[0, 1] != 0)
+    torch.testing.assert_close(result.gramian, z @ z.T, rtol=1e-4, atol=1e-8)
+    weighted = sum(w * loss for w, loss in zip(result.weights.float(), losses, strict=True))
+    expected = torch.autograd.grad(weighted, ParameterPartition(ref).shared)
+    for param, grad in zip(step.partition.shared, expected, strict=True):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
+    for task, grads in own.items():
+        assert len(grads) == len(step.partition.specific[task]) > 0
+        for param, grad in zip(step.partition.specific[task], grads, strict=True):
+            torch.testing.assert_close(param.grad, grad, rtol=1e-5, atol=1e-7)
+
+
 def test_switching_between_ub_and_exact_restarts_the_tensioner_history():
     # The search runs detection rounds in exact mode inside ub training: a tensioner must not compare
     # representation-gradient norms with parameter-gradient norms.
