@@ -16,16 +16,17 @@ import torch
 
 from mamo.cache import BaselineCache
 from mamo.checkpoint import EpochCheckpoint, load_checkpoint, restore_trainer
-from mamo.config import Config, DirectionConfig, TensionerConfig
+from mamo.config import Config, DirectionConfig, ModelConfig, TensionerConfig, TrainConfig
 from mamo.data import MultiTaskData, load_data, unused_data_note
 from mamo.directions import create_direction
 from mamo.errors import MamoError, StopExplained
 from mamo.graph import build_hps_graph, graph_to_json
 from mamo.model import MamoNet, compile_model, count_parameters
 from mamo.runs import RUNS_ROOT, RunLog, free_run_dir, new_run_dir, replace_atomically, write_text_atomically
-from mamo.spaces import check_model_config, create_space, memory_failure
+from mamo.spaces import SPACES, check_model_config, create_space, memory_failure
 from mamo.step import TrainStep
 from mamo.trainer import (
+    OPTIMIZER_SETTINGS,
     Callback,
     EpochLines,
     KeepBest,
@@ -75,6 +76,36 @@ def check_train_settings(config: Config) -> torch.device:
     return resolve_device(config.train.device)
 
 
+def unused_settings_notes(config: Config) -> list[str]:
+    """Notes naming settings the run's parts do not read: the data's (:func:`mamo.data.unused_data_note`), and
+    model and train settings changed from their defaults that only another backbone family or optimizer reads.
+
+    Changed, not given: once the config is built a default cannot be told from a user's value, and a value equal
+    to the default changes nothing. Notes, not refusals: one preset serves several backbones and optimizers
+    (``--set model.backbone=lenet`` on a preset written for the mlp)."""
+    model, train = config.model, config.train
+    family = model.backbone.partition(":")[0]
+    notes = [
+        unused_data_note(config.data),
+        _unused_note(f"backbone '{model.backbone}'", "model", model, ModelConfig(),
+                     {owner: space.reads for owner, space in SPACES.items() if owner != family}),
+        _unused_note(f"optimizer '{train.optimizer}'", "train", train, TrainConfig(),
+                     {owner: keys for owner, keys in OPTIMIZER_SETTINGS.items() if owner != train.optimizer}),
+    ]
+    return [note for note in notes if note]
+
+
+def _unused_note(subject: str, section: str, values: object, defaults: object,
+                 others: dict[str, tuple[str, ...]]) -> str | None:
+    changed = {owner: [f"{section}.{key}" for key in keys if getattr(values, key) != getattr(defaults, key)]
+               for owner, keys in others.items()}
+    if not any(changed.values()):
+        return None
+    unused = " or ".join(f"{' or '.join(keys)} ({owner} only)" for owner, keys in changed.items() if keys)
+    effect = "it has" if sum(map(len, changed.values())) == 1 else "they have"
+    return f"note: {subject} does not use {unused}, so {effect} no effect."
+
+
 def open_session(
     config: Config, run_dir: Path | None, progress: bool = True, quiet: bool = False, cache_root: Path | None = None
 ) -> Session:
@@ -86,8 +117,9 @@ def open_session(
         torch.cuda.set_device(device)
     log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
     data = load_data(config.data)
-    if run_dir is not None and (note := unused_data_note(config.data)):  # open_run notes it once it has a folder
-        log(note)
+    if run_dir is not None:  # otherwise open_run notes them once it has a folder
+        for note in unused_settings_notes(config):
+            log(note)
     if cache_root is None:
         cache_root = (run_dir.parent if run_dir else RUNS_ROOT) / ".baselines"
     return Session(config, data, device, log, BaselineCache(Path(cache_root)), progress)
@@ -215,7 +247,7 @@ def open_run(
     directory = new_run_dir(run_dir, config, command, path)
     session.log.path = directory / "log.txt"
     session.log(f"run folder: {directory}")
-    if note := unused_data_note(config.data):
+    for note in unused_settings_notes(config):
         session.log(note)
     return session, directory
 

@@ -39,6 +39,7 @@ class SearchSpace:
     needs_images = True
     named = False
     reads_weights = False  # whether model.weights (a local state_dict) means anything to this family
+    reads: tuple[str, ...] = ()  # the model settings only this family reads (mamo.session notes them elsewhere)
     smaller = "a smaller model.backbone"  # the model settings that shrink this family's cells, for a memory error
 
     @classmethod
@@ -185,6 +186,7 @@ class MLPSpace(SearchSpace):
     """Fully connected cells: Linear + activation per entry of ``hidden`` (the thesis' logic net is [2])."""
 
     needs_images = False
+    reads = ("hidden", "activation")
     smaller = "lower the widths in model.hidden"
 
     @classmethod
@@ -210,6 +212,7 @@ class MLPSpace(SearchSpace):
 class LeNetSpace(SearchSpace):
     """The MultiMNIST LeNet of Sener & Koltun: two conv cells and a fully connected cell to ``latent``."""
 
+    reads = ("latent",)
     smaller = "lower model.latent"
 
     @classmethod

@@ -39,6 +39,8 @@ OPTIMIZERS: dict[str, Callable[[list, TrainConfig], torch.optim.Optimizer]] = {
     "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay),
     "adamw": lambda params, c: torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay),
 }
+# The train settings only some optimizers read (mamo.session notes them where another optimizer runs).
+OPTIMIZER_SETTINGS: dict[str, tuple[str, ...]] = {"sgd": ("momentum",)}
 
 
 MAX_THREADS = 1024  # train.threads and bench --threads

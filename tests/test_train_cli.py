@@ -641,6 +641,27 @@ def test_another_dataset_under_a_preset_with_sizes_trains_and_notes_the_unused_s
             "data.val_size and data.test_size are not used.") in (run / "log.txt").read_text()
 
 
+def test_model_and_optimizer_settings_the_run_does_not_read_are_noted(tmp_path: Path) -> None:
+    # Accepted without a word before: a width for the mlp under lenet, SGD's momentum under Adam.
+    from mamo.config import PRESET_DIR, load_config
+    from mamo.session import unused_settings_notes
+
+    presets = sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
+    assert len(presets) > 5 and all(unused_settings_notes(load_config(name)) == [] for name in presets)
+    assert unused_settings_notes(load_config("quick", ["model.latent=20", "train.momentum=0.9"])) == []
+    assert unused_settings_notes(load_config("logic", ["model.backbone=timm:resnet18", "model.latent=3",
+                                                       "train.optimizer=adamw", "train.momentum=0"])) == [
+        "note: backbone 'timm:resnet18' does not use model.hidden or model.activation (mlp only) or model.latent "
+        "(lenet only), so they have no effect.",
+        "note: optimizer 'adamw' does not use train.momentum (sgd only), so it has no effect."]
+    run = tmp_path / "run"
+    assert train("quick", *TINY, "--set", "model.hidden=[8, 4]", "--set", "train.momentum=0.5", "--no-progress",
+                 "--no-tensorboard", "--run-dir", str(run)) == 0
+    log = (run / "log.txt").read_text()
+    assert "note: backbone 'lenet' does not use model.hidden (mlp only), so it has no effect." in log
+    assert "note: optimizer 'adam' does not use train.momentum (sgd only), so it has no effect." in log
+
+
 def test_a_stopped_train_run_closes_its_tensorboard_logger(tmp_path: Path) -> None:
     # Before: the train command left its logger open on an error (a search closes its own), so an in-process
     # caller that still held the trainer kept an open event file with unflushed steps and a drawing thread.
