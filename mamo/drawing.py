@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import networkx as nx
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.colors import hsv_to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 
@@ -33,7 +34,16 @@ def _group_colours(graph: nx.DiGraph) -> dict[tuple[str, ...], tuple]:
     palette = [c for c in colormaps["tab10"].colors if len(set(c)) > 1]
     if len(groups) > len(palette):
         palette = [c for c in colormaps["tab20"].colors if len(set(c)) > 1]
-    return {group: (*palette[i % len(palette)], 1.0) for i, group in enumerate(groups)}
+    if len(groups) > len(palette):  # six tasks or more: tab20's 18 colours repeated, so two pairs looked alike
+        palette = [_spread_colour(i) for i in range(len(groups))]
+    return {group: (*palette[i], 1.0) for i, group in enumerate(groups)}
+
+
+def _spread_colour(index: int) -> tuple[float, float, float]:
+    """The index-th of as many distinct saturated colours as needed: hues a golden-ratio turn apart (no two
+    alike, neighbours far apart), alternating saturation and brightness; never a grey."""
+    hue = (index * 0.6180339887498949) % 1.0
+    return tuple(float(c) for c in hsv_to_rgb((hue, 0.9 - 0.3 * (index % 2), 0.9 - 0.3 * (index // 2 % 2))))
 
 
 def node_parameters(graph: nx.DiGraph, model: MamoNet | None = None) -> dict[str, int]:

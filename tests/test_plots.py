@@ -259,6 +259,21 @@ def test_branch_lanes_keep_one_colour_per_pair(grown_graph):
     assert edges == expected
 
 
+@pytest.mark.parametrize("m", [2, 5, 6, 16])
+def test_every_pair_and_task_gets_its_own_colour_and_none_is_grey(m):
+    # Beyond 18 groups (six tasks: 15 pairs + 6 tasks) tab20's colours repeated, so two pairs' lanes looked alike.
+    space = create_space(ModelConfig(backbone="lenet"), (1, 28, 28))
+    graph = g.build_hps_graph(space, parse_tasks({f"t{i}": {"type": "classification", "classes": 2} for i in range(m)},
+                                                 "test"))
+    colours = drawing._group_colours(graph)
+    assert len(colours) == m * (m - 1) // 2 + m
+    rgb = [tuple(round(c, 3) for c in colour[:3]) for colour in colours.values()]
+    assert len(set(rgb)) == len(rgb)
+    assert all(max(c) - min(c) > 0.05 for c in rgb)  # the trunk is grey
+    if m == 2:
+        assert drawing._group_colours(graph) == colours  # fixed: a pair keeps its colour across rounds
+
+
 def test_report_plots_save_metric_bars_and_growth(tmp_path):
     tasks = parse_tasks({"a": {"type": "classification", "classes": 10}, "b": {"type": "regression", "dim": 2}}, "t")
     results = {
