@@ -342,7 +342,29 @@ def run_workers(plan: Plan, workers: int, tickets: Tickets, seed: int | None, co
     except BaseException:
         _stop_workers(processes)
         raise
-    failed = [f"{k} (exit code {p.exitcode})" for k, p in enumerate(processes) if p.exitcode != 0]
-    if failed:
-        raise MamoError(f"tune worker {', '.join(failed)} stopped with an error printed above; the finished trials "
-                        "are kept in the study, rerun the same command to continue it.")
+    if failure := workers_failure([process.exitcode for process in processes]):
+        raise MamoError(failure)
+
+
+def workers_failure(exit_codes: list[int]) -> str | None:
+    """The sentence for workers that did not end cleanly, or None. A worker ended by a signal printed nothing
+    (SIGKILL leaves it no chance), so the sentence names the signal instead of "an error printed above"."""
+    errors = [f"{k} (exit code {code})" for k, code in enumerate(exit_codes) if code > 0]
+    signalled: dict[str, list[str]] = {}
+    for k, code in enumerate(exit_codes):
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            signalled.setdefault(name, []).append(str(k))
+    if not errors and not signalled:
+        return None
+    parts = [f"tune worker {', '.join(errors)} stopped with an error printed above"] if errors else []
+    for name, workers in signalled.items():
+        # The kernel's out-of-memory killer is what sends SIGKILL to a process nobody signalled.
+        why = (" (on Linux usually the out-of-memory killer: run fewer --workers or a smaller model)"
+               if name == "SIGKILL" else "")
+        who = f"tune worker {workers[0]} was" if len(workers) == 1 else f"tune workers {', '.join(workers)} were"
+        parts.append(f"{who} killed by {name}{why}")
+    return f"{'; '.join(parts)}; the finished trials are kept in the study, rerun the same command to continue it."

@@ -1491,3 +1491,32 @@ def test_a_sigterm_inside_a_command_requests_the_stop_and_the_command_leaves_eve
     assert signal.getsignal(signal.SIGTERM) is before and sys.unraisablehook == seen.append  # both restored
     RaisesInDel()  # outside a command, the previous hook sees it again
     assert [type(unraisable.exc_value) for unraisable in seen] == [KeyboardInterrupt]
+
+
+def _killed_by_sigkill() -> None:
+    os.kill(os.getpid(), 9)
+
+
+class _SelfKillingWorkers:
+    """A process context whose workers die by SIGKILL at once, as the out-of-memory killer ends them."""
+
+    @staticmethod
+    def Process(target, args):  # noqa: N802 - multiprocessing's name
+        import multiprocessing
+
+        return multiprocessing.get_context("fork").Process(target=_killed_by_sigkill)
+
+
+def test_a_worker_killed_by_a_signal_is_named_with_the_signal_not_an_error_printed_above() -> None:
+    # A SIGKILLed worker prints nothing; the parent's sentence pointed at "an error printed above" that was not there.
+    from mamo.tune_workers import run_workers, workers_failure
+
+    with pytest.raises(MamoError) as caught:
+        run_workers(None, 2, None, None, _SelfKillingWorkers)
+    assert str(caught.value) == (
+        "tune workers 0, 1 were killed by SIGKILL (on Linux usually the out-of-memory killer: run fewer --workers or "
+        "a smaller model); the finished trials are kept in the study, rerun the same command to continue it.")
+    assert workers_failure([0, 0]) is None
+    assert workers_failure([2, -15]) == (
+        "tune worker 0 (exit code 2) stopped with an error printed above; tune worker 1 was killed by SIGTERM; the "
+        "finished trials are kept in the study, rerun the same command to continue it.")
