@@ -64,7 +64,7 @@ def test_permuting_tasks_permutes_weights(name, formulation, m):
     if name == "pcgrad" and m > 2:
         steps = [(J.abs(), losses) for J, losses in steps]  # non-negative entries: no pair conflicts
     original, permuted = build(name, formulation), build(name, formulation)
-    tol = 1e-7 if name == "cagrad" else 1e-9  # cagrad's bisection stops within 1e-12 of its λ, in any order
+    tol = 1e-7 if name == "cagrad" else 1e-9  # cagrad's root finder stops within 1e-13 of its log λ, in any order
     for J, losses in steps:
         w = run(original, J, losses).weights
         w_perm = run(permuted, J[perm], losses[perm]).weights

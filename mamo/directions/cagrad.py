@@ -81,6 +81,7 @@ def _solve(A: np.ndarray, b: np.ndarray, c: float) -> np.ndarray:
     nu = _resolved_norm(A, hull)
     if nu == 0.0:  # 0 is in the hull (to the Gramian's resolution): g_w = 0 is optimal
         return hull
+
     def excess(log_lam: float) -> float:
         return at(math.exp(log_lam))[1] - c
 
@@ -89,8 +90,8 @@ def _solve(A: np.ndarray, b: np.ndarray, c: float) -> np.ndarray:
         return at(math.exp(low))[0]
     if excess(high) <= 0.0:
         return at(math.exp(high))[0]
-    # Brent's method on log λ: about 10 solves where bisection took 40 (the product is smooth between the
-    # solver's changes of support).
+    # Brent's method on log λ: about 10 solves, where bisection to the same tolerance took 40 (the product is
+    # smooth between the solver's changes of support).
     return at(math.exp(brentq(excess, low, high, xtol=1e-13, rtol=1e-13)))[0]
 
 
