@@ -121,7 +121,9 @@ class BaselineCache:
     """Results under ``root``: ``<key>.json``, with ``<key>.pt`` and ``<key>.claim`` while one trains.
 
     Opening it removes what kills left behind: temporary files of interrupted saves and checkpoints of results
-    that were cached since, once :data:`ABANDONED_AFTER_SECONDS` old (a recent one may be another process's)."""
+    that were cached since, once :data:`ABANDONED_AFTER_SECONDS` old (a recent one may be another process's), and
+    the claims of cached results whose owner is gone (a kill between caching a result and letting its claim go
+    left the claim there for good; harmless, since the result is read first, but litter)."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -131,6 +133,9 @@ class BaselineCache:
             with contextlib.suppress(FileNotFoundError):  # another process opening the cache removed it first
                 if leftover.stat().st_mtime < cutoff:
                     leftover.unlink()
+        for claim in root.glob("*.claim") if root.is_dir() else []:
+            if self._path(claim.stem).exists() and _abandoned(claim):
+                claim.unlink(missing_ok=True)
 
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.json"

@@ -983,6 +983,21 @@ def test_a_dead_process_id_means_an_abandoned_claim_only_in_the_same_pid_namespa
     assert _abandoned(here) and not _abandoned(container)
 
 
+def test_opening_the_cache_removes_the_claim_a_kill_left_beside_a_cached_result(tmp_path: Path) -> None:
+    # A SIGKILL between caching a result and letting its claim go left the claim there for good (a helper's audit).
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    cache = BaselineCache(tmp_path)
+    for key in ("done", "training"):
+        _hold_claim(tmp_path, key, f"{socket.gethostname()} {gone} {_pid_namespace()}")
+    cache.put("done", {"tasks": {}})
+    _hold_claim(tmp_path, "live", f"{socket.gethostname()} {os.getpid()} {_pid_namespace()}")
+    cache.put("live", {"tasks": {}})
+    BaselineCache(tmp_path)
+    # Kept: a claim without a result (the next run takes it over) and one whose owner is alive.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.json", "live.claim", "live.json", "training.claim"]
+
+
 def test_a_claim_is_kept_alive_by_its_thread_and_released(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # It was touched on training steps only: a long evaluation looked like a dead owner to the waiters.
     import mamo.cache as cache_module
