@@ -36,7 +36,11 @@ def run_folder(trial: FrozenTrial, directory: Path) -> Path | None:
     if stored is None:
         return None
     here = directory / Path(stored).name
-    return here if here.is_dir() else Path(stored)
+    if here.is_dir():
+        return here
+    if trial.user_attrs.get("host") in (None, socket.gethostname()) and not Path(stored).exists():
+        return None  # never made: killed between drawing its parameters and making it (its retry had its own)
+    return Path(stored)
 
 
 def _where(trial: FrozenTrial, directory: Path) -> str:

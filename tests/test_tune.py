@@ -1520,3 +1520,24 @@ def test_a_worker_killed_by_a_signal_is_named_with_the_signal_not_an_error_print
     assert workers_failure([2, -15]) == (
         "tune worker 0 (exit code 2) stopped with an error printed above; tune worker 1 was killed by SIGTERM; the "
         "finished trials are kept in the study, rerun the same command to continue it.")
+
+
+def test_a_trial_killed_before_it_made_its_folder_is_listed_without_one(tmp_path: Path) -> None:
+    # Killed between drawing its parameters and making trial-0000 (a helper's kill -9 audit): its retry ran in
+    # trial-0001, and trials.csv and summary.md named trial-0000, which never existed.
+    import socket
+
+    from optuna.distributions import FloatDistribution
+
+    from mamo.tune_summary import run_folder
+
+    def trial(run_dir: Path, host: str) -> optuna.trial.FrozenTrial:
+        return optuna.trial.create_trial(params={"alpha": 0.3}, distributions={"alpha": FloatDistribution(0, 1)},
+                                         state=TrialState.FAIL, user_attrs={"run_dir": str(run_dir), "host": host})
+
+    made = tmp_path / "trial-0001"
+    made.mkdir()
+    assert run_folder(trial(made, socket.gethostname()), tmp_path) == made
+    assert run_folder(trial(tmp_path / "trial-0000", socket.gethostname()), tmp_path) is None
+    elsewhere = Path("/elsewhere/study/trial-0000")  # another machine's folder is named as recorded
+    assert run_folder(trial(elsewhere, "another-machine"), tmp_path) == elsewhere
