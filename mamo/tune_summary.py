@@ -30,8 +30,9 @@ def _cell(value: Any, signed: bool = False) -> str:
 
 def run_folder(trial: FrozenTrial, directory: Path) -> Path | None:
     """The trial's run folder: its ``trial-NNNN`` in the study folder ``directory`` when it is there, else the
-    path the storage recorded (another machine's). The recorded path is absolute, so it goes stale when a study
-    folder is copied or moved: best.yaml was then read from the old folder, or another study's at that path."""
+    path the storage recorded (another machine's), or None where it has none. The recorded path is absolute, so
+    it goes stale when a study folder is copied or moved: best.yaml was then read from the old folder, or another
+    study's at that path."""
     stored = trial.user_attrs.get("run_dir")
     if stored is None:
         return None
