@@ -376,13 +376,22 @@ def test_cagrad_reaches_the_optimum_certified_by_its_duality_gap(spread, alpha):
         assert value - (J @ d).min() <= 1e-8 * abs(value)
 
 
-def test_cagrad_with_zero_in_the_gradients_hull_takes_the_mean_instead_of_exploding_weights():
+def test_cagrad_with_zero_in_the_gradients_hull_takes_the_nearest_non_conflicting_point_not_exploding_weights():
     # g1 = -g2: the dual's minimiser has g_w = 0 up to rounding, and c/||g_w|| sent the weights to 7e6 each; in
-    # float32 the two then cancelled to a direction that went uphill for the second task (g2·d = -0.225).
+    # float32 the two then cancelled to a direction that went uphill for the second task (g2·d = -0.225). The best
+    # worst-task improvement in the ball is 0 here (a helper's primal solve: d = (0, 0.3, 0.25)); the official
+    # code's mean gradient has -0.225.
     J = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.3, 1.0, 0.0], [0.6, 0.2, 1.0]], dtype=torch.float64)
     weights = CAGrad(0.5)(J @ J.T, torch.ones(4)).weights
-    torch.testing.assert_close(weights, torch.full((4,), 0.25 / 1.25, dtype=torch.float64), rtol=1e-12, atol=0)
-    torch.testing.assert_close(combine(weights, J.float()).double(), J.mean(dim=0) / 1.25)
+    assert weights.max() < 1
+    d = combine(weights, J) * 1.25
+    torch.testing.assert_close(d, torch.tensor([0.0, 0.3, 0.25], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.linalg.norm(d - J.mean(dim=0)) <= 0.5 * torch.linalg.norm(J.mean(dim=0))
+    assert (J @ combine(weights, J.float()).double()).min() > -1e-6  # no cancellation in float32 either
+    # A zero gradient puts 0 in the hull too, but the mean already conflicts with no task: it stays the mean.
+    zero = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    torch.testing.assert_close(CAGrad(0.5)(zero @ zero.T, torch.ones(3)).weights,
+                               torch.full((3,), 1 / 3 / 1.25, dtype=torch.float64), rtol=1e-12, atol=0)
 
 
 # --- construction and plumbing -----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.optimize import brentq
+from scipy.optimize import brentq, nnls
 
 from mamo.directions.base import Direction, Info
 from mamo.directions.min_norm import min_norm_weights
@@ -23,11 +23,13 @@ class CAGrad(Direction):
     over the simplex (exactly, up to a root finder's tolerance: :func:`_solve`; the official code runs SLSQP
     from the uniform point, which stops short where the gradients' norms are 10× or more apart); then
     ``d = (g0 + (c/||g_w||)·g_w) / (1 + alpha²)``, i.e. weights ``(1/m + (c/||g_w||)·w) / (1 + alpha²)``. The
-    official code's 1e-8 safety terms are replaced by exact handling of the zero cases: ``c = 0``, or a ``g_w``
-    shorter than :data:`_UNRESOLVED` of ``Σ w_t·||g_t||`` (0 in the gradients' hull; in float32 such a
-    ``g_w``'s direction is rounding, and ``c/||g_w||`` sent the weights to 1e7 and the float32 update
-    uphill), give the mean direction, as the official code does at ``g_w = 0``. So ``alpha = 0`` returns exactly
-    the mean gradient. ``alpha`` is the config key ``direction.cagrad_c``.
+    official code's 1e-8 safety terms are replaced by exact handling of the zero cases: ``c = 0`` gives the mean
+    direction, so ``alpha = 0`` returns exactly the mean gradient; a ``g_w`` shorter than :data:`_UNRESOLVED` of
+    ``Σ w_t·||g_t||`` (0 in the gradients' hull; in float32 such a ``g_w``'s direction is rounding, and
+    ``c/||g_w||`` sent the weights to 1e7 and the float32 update uphill) gives the point nearest ``g0`` that
+    conflicts with no task (:func:`_into_cone`), which attains the best worst-task improvement there, 0, where the
+    official code returns the mean (whose worst task can go uphill). ``alpha`` is the config key
+    ``direction.cagrad_c``.
     """
 
     non_conflicting = False
@@ -44,16 +46,15 @@ class CAGrad(Direction):
         weights = np.full(m, 1.0 / m)
         if not scale > 0.0:
             return weights / (1.0 + self.alpha**2), {}
-        A = gramian / scale  # same minimiser, better conditioned for SLSQP
+        A = gramian / scale  # the same minimiser, on a scale where the tolerances mean something
         b = A.mean(axis=1)  # A (1/m) 1
         c = self.alpha * math.sqrt(max(float(A.mean()), 0.0))  # ||g0||² = 1ᵀA1/m²
-        lam = 0.0
-        w = weights
+        pull = np.zeros(m)
         if c > 0.0:
             w = _solve(A, b, c)
             gw_norm = _resolved_norm(A, w)
-            lam = c / gw_norm if gw_norm > 0.0 else 0.0  # see the class docstring
-        return (weights + lam * w) / (1.0 + self.alpha**2), {}
+            pull = (c / gw_norm) * w if gw_norm > 0.0 else _into_cone(A, c)
+        return (weights + pull) / (1.0 + self.alpha**2), {}
 
     def __repr__(self) -> str:
         return f"CAGrad(alpha={self.alpha})"
@@ -101,3 +102,18 @@ def _resolved_norm(A: np.ndarray, w: np.ndarray) -> float:
     squared = float(w @ A @ w)
     scale = float(w @ np.sqrt(np.maximum(A.diagonal(), 0.0)))
     return math.sqrt(squared) if squared > (_UNRESOLVED * scale) ** 2 else 0.0
+
+
+def _into_cone(A: np.ndarray, c: float) -> np.ndarray:
+    """Where 0 is in the gradients' hull: weights ``ν ≥ 0`` such that ``g0 + Σ ν_t g_t`` is the point nearest
+    ``g0`` with ``g_t·d ≥ 0`` for every task (the best worst-task improvement there is 0, and this attains it),
+    shortened to the ball ``||d − g0|| ≤ c`` if the Gramian's rounding put it outside. ``ν`` minimises
+    ``(1/m + ν)ᵀ A (1/m + ν)`` over ``ν ≥ 0`` (the projection's dual), a non-negative least-squares problem on a
+    square root of ``A``."""
+    m = A.shape[0]
+    values, vectors = np.linalg.eigh(A)
+    keep = values > 1e-12 * max(float(values.max()), 0.0)
+    root = np.sqrt(values[keep])[:, None] * vectors[:, keep].T  # rootᵀ root = A on its numerical range
+    nu = nnls(root, -root @ np.full(m, 1.0 / m))[0]
+    length = math.sqrt(max(float(nu @ A @ nu), 0.0))
+    return nu * (c / length) if length > c else nu
