@@ -22,6 +22,7 @@ from tqdm import tqdm
 from mamo.config import FLOAT32_MAX, TrainConfig
 from mamo.data import batches_per_epoch, iterate_batches
 from mamo.dense import NoValidPixels
+from mamo.directions import Tensioner
 from mamo.errors import MamoError, TrainingDiverged
 from mamo.model import MamoNet
 from mamo.runs import format_duration
@@ -315,7 +316,8 @@ class Trainer:
         group = self.step.optimizer.param_groups[0]
         # Besides the learning rate, what else can blow the update up when set high (named only when it is).
         others = [f"train.weight_decay (now {group['weight_decay']:g})"] if group.get("weight_decay", 0) > 1 else []
-        alpha = getattr(self.step.direction, "alpha", 0.0)  # a tensioner's; α > 1 pulls beyond the thesis' range
+        # A tensioner's α > 1 pulls beyond the thesis' range (CAGrad's c is also called alpha: not this one).
+        alpha = self.step.direction.alpha if isinstance(self.step.direction, Tensioner) else 0.0
         others += [f"direction.tensioner.alpha (now {alpha:g})"] if alpha > 1 else []
         lower = " or ".join([f"train.lr (now {group['lr']:g})", *others])
         return TrainingDiverged(

@@ -623,6 +623,17 @@ def test_a_divergence_names_a_high_weight_decay_or_tension_beside_the_learning_r
     assert named in single_error(capsys.readouterr().err)
 
 
+def test_a_divergence_under_cagrad_does_not_name_its_c_as_the_tensioners_alpha(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # CAGrad keeps its c as `alpha`, which the hint read as direction.tensioner.alpha (now 5).
+    assert train("quick", *TINY, "--set", "train.lr=1e30", "--set", "direction.name=cagrad", "--set",
+                 "direction.cagrad_c=5", "--set", "direction.tensioner.formulation=off", "--no-tensorboard",
+                 "--run-dir", str(tmp_path / "run")) == 2
+    message = single_error(capsys.readouterr().err)
+    assert "lower train.lr (now 1e+30), or check" in message and "alpha" not in message
+
+
 def test_an_lr_that_overflows_adams_first_step_is_a_diverged_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # Below float32's largest value, but Adam's first step divides it by 1 - beta1 = 0.1: torch's RuntimeError
     # and a traceback, logged as a bug in mamo.
