@@ -38,8 +38,9 @@ class SearchSpace:
 
     needs_images = True
     named = False
-    reads_weights = False  # whether model.weights (a local state_dict) means anything to this family
-    reads: tuple[str, ...] = ()  # the model settings only this family reads (mamo.session notes them elsewhere)
+    # The model settings only this family reads: model.weights elsewhere is refused (check_model_config), the
+    # others noted as unused (mamo.session.unused_settings_notes).
+    reads: tuple[str, ...] = ()
     smaller = "a smaller model.backbone"  # the model settings that shrink this family's cells, for a memory error
 
     @classmethod
@@ -303,7 +304,7 @@ class TimmSpace(SearchSpace):
     """Any timm model whose ``features_only`` wrapper runs its stages in sequence: each stage is a cell."""
 
     named = True
-    reads_weights = True
+    reads = ("weights",)
     smaller = "pick a smaller timm model in model.backbone=timm:<name>"
 
     @classmethod
@@ -380,7 +381,7 @@ def check_model_config(config: ModelConfig) -> None:
                         f"{', '.join(ACTIVATIONS)}.")
     if config.head_hidden < 0:
         raise MamoError(f"model.head_hidden is {config.head_hidden}; use 0 (a linear head) or a positive width.")
-    if config.weights is not None and not SPACES[family].reads_weights:  # was dropped without a word
+    if config.weights is not None and "weights" not in SPACES[family].reads:  # was dropped without a word
         raise MamoError(f"model.weights is read by timm backbones only, and backbone '{config.backbone}' would "
                         "ignore it; remove model.weights or pick a timm:<name> backbone.")
     # Every family's own widths, also where another family runs: a bad value is a mistake, used or not.
