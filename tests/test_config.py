@@ -19,10 +19,10 @@ from mamo.config import (
     config_from_dict,
     dump_config,
     load_config,
-    load_yaml,
     split_override,
 )
 from mamo.errors import MamoError
+from mamo.yaml_core import load_yaml
 
 PRESETS = sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
 

@@ -25,12 +25,13 @@ import mamo
 from mamo.baselines import cached_baseline
 from mamo.cache import ABANDONED_AFTER_SECONDS, BaselineCache, _pid_namespace, baseline_key
 from mamo.cli import main
-from mamo.config import PRESET_DIR, Config, DataConfig, ModelConfig, load_config, load_yaml
+from mamo.config import PRESET_DIR, Config, DataConfig, ModelConfig, load_config
 from mamo.data import load_data
 from mamo.errors import MamoError
 from mamo.report import delta, win_rate
 from mamo.runs import free_run_dir, new_run_dir
 from mamo.session import open_session
+from mamo.yaml_core import load_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "train.epochs=1", "--set", "data.train_size=256", "--set", "data.val_size=64",

@@ -30,7 +30,7 @@ import networkx as nx
 from mamo import graph as g
 from mamo.baselines import cached_baseline
 from mamo.bench import positive_int
-from mamo.config import Config, SearchConfig, config_from_dict, load_config, load_yaml
+from mamo.config import Config, SearchConfig, config_from_dict, load_config
 from mamo.data import FIXED_SPLITS, load_data
 from mamo.errors import MamoError
 from mamo.export import load_trained
@@ -42,6 +42,7 @@ from mamo.search_plan import epochs_before_final
 from mamo.session import open_session
 from mamo.spaces import space_from_spec
 from mamo.tasks import parse_tasks
+from mamo.yaml_core import load_yaml
 
 
 def variants(search: SearchConfig, epochs: int, rounds: Iterable[int]) -> dict[str, list[str]]:
