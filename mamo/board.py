@@ -121,7 +121,10 @@ class TensorBoardLogger(Callback):
         # reader would list each copy at step 0), unless it starts over.
         continued = any(self.run_dir.glob("events.out.tfevents.*")) and not start_over
         self.events = EventFileWriter(self.run_dir)
-        if start_over:  # a resumed run with no checkpoint: TensorBoard drops what the stopped process logged
+        if not continued:
+            # A session start at step 0 in the first file: TensorBoard's readers take the first START they see as
+            # the run's beginning and only a later one as a restart, so a resume's marker (on_resume) purges only
+            # after this one. A resumed run with no checkpoint starts over here, dropping all the stopped one wrote.
             self.events.add_event(Event(step=0, session_log=SessionLog(status=SessionLog.START)))
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mamo-board") if background and pictures else None
         self._pending: list[Future] = []
@@ -228,11 +231,13 @@ class TensorBoardLogger(Callback):
             if g.branch_nodes(model.graph):
                 return
             self._submit(self._draw_architecture, copy.deepcopy(model.graph),
-                         drawing.node_parameters(model.graph, model), 0, "Architecture before growth")
+                         drawing.node_parameters(model.graph, model), 0, 0, "Architecture before growth")
 
     # ---------------------------------------------------------------------------------------- rounds
     def on_round_end(self, record: RoundRecord) -> None:
-        z, stats, activated = record.round, record.stats, record.activated
+        # At the global step of the round's end, not the round number: a resume's restart marker drops every tag
+        # from one step on, so records of a round whose checkpoint the stopped process never wrote go with it.
+        z, stats, activated, step = record.round, record.stats, record.activated, self._step
         values = {
             "search/gmk_modules": record.gmk_modules,
             "search/params": record.params,
@@ -246,16 +251,17 @@ class TensorBoardLogger(Callback):
             for cell in range(stats.num_cells):
                 if stats.cell_params[cell] > 0:
                     values[f"conflicts/Q/{a}+{b}/cell{cell}"] = float(stats.counts[cell, i, j])
-        self.events.add_summary(scalar_summary(values), z)
+        self.events.add_summary(scalar_summary(values), step)
         described = ", ".join(f"{'+'.join(pair)}@cell{cell}" for pair, cell in activated) or "none"
         self.events.add_summary(text_summary("search/activated", f"round {z}: {described}; "
                                      f"{counted(len(record.new_modules), 'new module')}, "
-                                     f"{record.gmk_modules} in all"), z)
-        self._histograms(stats, z)
+                                     f"{record.gmk_modules} in all"), step)
+        self._histograms(stats, step)
         if self.pictures:
             graph = copy.deepcopy(record.graph)  # copies: the next round resets the stats, grows the graph
-            self._submit(self._draw_conflicts, copy.deepcopy(stats), grown_positions(graph, record.new_modules), z)
-            self._submit(self._draw_architecture, graph, drawing.node_parameters(graph, record.model), z,
+            self._submit(self._draw_conflicts, copy.deepcopy(stats), grown_positions(graph, record.new_modules), z,
+                         step)
+            self._submit(self._draw_architecture, graph, drawing.node_parameters(graph, record.model), z, step,
                          f"Architecture after round {z}")
         self._settle()  # the search checkpoints the round next, and a resume never ends it again
 
@@ -266,7 +272,7 @@ class TensorBoardLogger(Callback):
             future.result()
         self.events.flush()
 
-    def _histograms(self, stats: ConflictStats, z: int) -> None:
+    def _histograms(self, stats: ConflictStats, step: int) -> None:
         if stats.steps == 0:
             return
         centres = (HISTOGRAM_EDGES[:-1] + HISTOGRAM_EDGES[1:]) / 2
@@ -282,9 +288,9 @@ class TensorBoardLogger(Callback):
                     minimum=float(HISTOGRAM_EDGES[used[0]]), maximum=float(HISTOGRAM_EDGES[used[-1] + 1]),
                     count=int(counts.sum()), total=float(stats.cosine_sums[cell, i, j]),
                     total_squares=float(np.sum(counts * centres**2)),  # from bin centres: only the bins are kept
-                    upper_edges=HISTOGRAM_EDGES[1:].tolist(), counts=counts.tolist()), z)
+                    upper_edges=HISTOGRAM_EDGES[1:].tolist(), counts=counts.tolist()), step)
 
-    def _draw_conflicts(self, stats: ConflictStats, grown: list, z: int) -> None:
+    def _draw_conflicts(self, stats: ConflictStats, grown: list, z: int, step: int) -> None:
         overview, cells = plots.overview_images(stats, grown, title=f"Where tasks fight, round {z}")
         encoded = png_bytes(overview)
         images: dict[str, np.ndarray | bytes] = {"conflicts/overview": encoded}
@@ -294,13 +300,13 @@ class TensorBoardLogger(Callback):
         if stats.pairs:
             histograms = plots.figure_to_array(plots.histogram_figure(stats))
             images["conflicts/histograms"], shapes["conflicts/histograms"] = histograms, histograms.shape[:2]
-        self.events.add_summary(image_summary(images, shapes), z)
+        self.events.add_summary(image_summary(images, shapes), step)
         self._export(f"conflicts-round{z}.png", encoded)
 
-    def _draw_architecture(self, graph: nx.DiGraph, params: dict[str, int], z: int, title: str) -> None:
+    def _draw_architecture(self, graph: nx.DiGraph, params: dict[str, int], z: int, step: int, title: str) -> None:
         pixels = plots.figure_to_array(drawing.draw_architecture(graph, params=params, title=title))
         encoded = png_bytes(pixels)
-        self.events.add_summary(image_summary({"architecture": encoded}, {"architecture": pixels.shape[:2]}), z)
+        self.events.add_summary(image_summary({"architecture": encoded}, {"architecture": pixels.shape[:2]}), step)
         self._export(f"architecture-round{z}.png", encoded)
 
     def _export(self, name: str, encoded: bytes) -> None:

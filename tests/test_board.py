@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator as PluginEventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from mamo.board import TensorBoardLogger
@@ -28,6 +29,8 @@ TINY = [
 STEPS_PER_EPOCH = 4  # 256 / 64
 TASKS = ("left", "right")
 CELLS = 3  # LeNet
+# Round records sit at the global step of the round's end: pretraining then each round takes one epoch.
+ROUND_STEPS = [2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH]
 
 
 def read_events(directory) -> EventAccumulator:
@@ -35,6 +38,14 @@ def read_events(directory) -> EventAccumulator:
                                                              "tensors": 0})
     events.Reload()
     return events
+
+
+def served_steps(directory, tag: str) -> list[int]:
+    """The steps of ``tag`` as TensorBoard's Python server reads them (plugin_event_accumulator: every record a
+    tensor, and only a START after the run's first one purges), beside the legacy reader above."""
+    served = PluginEventAccumulator(str(directory), size_guidance={"tensors": 0})
+    served.Reload()
+    return [e.step for e in served.Tensors(tag)]
 
 
 def steps(events: EventAccumulator, tag: str) -> list[int]:
@@ -110,6 +121,7 @@ def test_a_resumed_train_run_shows_each_step_once(tmp_path):
     for task in TASKS:
         assert steps(events, f"train/loss/{task}") == list(range(1, total + 1))
         assert steps(events, f"val/loss/{task}") == list(range(STEPS_PER_EPOCH, total + 1, STEPS_PER_EPOCH))
+        assert served_steps(run, f"train/loss/{task}") == list(range(1, total + 1))
 
 
 def test_a_train_stopped_right_after_an_epochs_checkpoint_keeps_that_epochs_scalars(tmp_path, monkeypatch):
@@ -180,7 +192,8 @@ def test_a_resumed_search_shows_each_step_once(tmp_path):
     total = 5 * STEPS_PER_EPOCH  # pretrain 2 + 2 rounds + final, one epoch each
     assert steps(events, "train/loss/left") == list(range(1, total + 1))
     assert steps(events, "val/loss/left") == list(range(STEPS_PER_EPOCH, total + 1, STEPS_PER_EPOCH))
-    assert [e.step for e in events.Images("architecture")] == [0, 1, 2]  # before growth, after each round
+    # Before growth, then after each round (pretraining took two epochs here).
+    assert [e.step for e in events.Images("architecture")] == [0, 3 * STEPS_PER_EPOCH, 4 * STEPS_PER_EPOCH]
     assert len(events.Tensors("config/text_summary")) == 1  # each process wrote it at step 0
     phases = [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors("run/phases/text_summary")]
     assert phases == [(0, "pretrain starts after step 0"),
@@ -215,24 +228,62 @@ def test_a_search_stopped_right_after_a_rounds_checkpoint_keeps_that_rounds_reco
     monkeypatch.undo()
     run_search(config, run, progress=False, quiet=True, resume=True)
     events = read_events(run)
-    assert [e.step for e in events.Images("conflicts/overview")] == [1, 2]
-    assert [e.step for e in events.Images("architecture")] == [0, 1, 2]
-    assert steps(events, "search/gmk_modules") == [1, 2]
+    assert [e.step for e in events.Images("conflicts/overview")] == ROUND_STEPS
+    assert [e.step for e in events.Images("architecture")] == [0, *ROUND_STEPS]
+    assert steps(events, "search/gmk_modules") == ROUND_STEPS
     assert {p.name for p in (run / "plots").iterdir()} >= {"conflicts-round1.png", "architecture-round1.png"}
+
+
+class StopBeforeRoundTwoCheckpoint:
+    """A stop after round 2's record is on disk but before its checkpoint, as a kill there would be."""
+
+    def __init__(self, checkpoint):
+        self.checkpoint = checkpoint
+
+    def __call__(self, directory, phase, *args, **kwargs):
+        if phase.name == "round2":
+            raise KeyboardInterrupt
+        self.checkpoint(directory, phase, *args, **kwargs)
+
+
+def test_a_round_logged_but_not_checkpointed_shows_once_after_the_resume(tmp_path, monkeypatch):
+    # The resume repeats round 2; its restart marker drops the stopped process's copy of round 2's record only
+    # because that record sits at a global step after the checkpoint (at the round number it stayed, twice).
+    import mamo.search_phases
+
+    config = load_config("quick", [*TINY, "search.baselines=false"])
+    run = tmp_path / "search"
+    monkeypatch.setattr(mamo.search_phases, "save_phase_checkpoint",
+                        StopBeforeRoundTwoCheckpoint(mamo.search_phases.save_phase_checkpoint))
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, run, progress=False, quiet=True)
+    assert [e.step for e in read_events(run).Images("conflicts/overview")] == ROUND_STEPS  # logged before the stop
+    monkeypatch.undo()
+    run_search(config, run, progress=False, quiet=True, resume=True)
+    events = read_events(run)
+    for tag in ("conflicts/overview", "conflicts/histograms", "conflicts/counts/cell1"):
+        assert [e.step for e in events.Images(tag)] == ROUND_STEPS, tag
+    assert [e.step for e in events.Images("architecture")] == [0, *ROUND_STEPS]
+    for tag in ("search/gmk_modules", "conflicts/Q/left+right/cell1"):
+        assert steps(events, tag) == ROUND_STEPS, tag
+    assert [h.step for h in events.Histograms("conflicts/cosine/left+right/cell1")] == ROUND_STEPS
+    # Texts: the legacy reader above never purges tensors; TensorBoard's server-side reader does.
+    assert served_steps(run, "search/activated/text_summary") == ROUND_STEPS
+    assert served_steps(run, "architecture") == [0, *ROUND_STEPS]
 
 
 def test_a_search_logs_each_round(searched):
     run_dir, metrics, events = searched
-    assert steps(events, "search/gmk_modules") == [1, 2]
+    assert steps(events, "search/gmk_modules") == ROUND_STEPS
     logged = [e.value for e in events.Scalars("search/gmk_modules")]
     assert logged == [r["gmk_modules"] for r in metrics["rounds"]]
     assert [e.value for e in events.Scalars("search/params")][-1] == metrics["params"]
-    assert steps(events, "search/val_delta_vs_stl") == [1, 2]
+    assert steps(events, "search/val_delta_vs_stl") == ROUND_STEPS
     for cell in range(CELLS):
         counts = [e.value for e in events.Scalars(f"conflicts/Q/left+right/cell{cell}")]
         assert counts == [r["conflicts"]["counts"][cell][0][1] for r in metrics["rounds"]]
         histograms = events.Histograms(f"conflicts/cosine/left+right/cell{cell}")
-        assert [h.step for h in histograms] == [1, 2]
+        assert [h.step for h in histograms] == ROUND_STEPS
         assert [h.histogram_value.num for h in histograms] == [STEPS_PER_EPOCH] * 2
         assert sum(histograms[0].histogram_value.bucket) == STEPS_PER_EPOCH
         first = histograms[0].histogram_value
@@ -244,22 +295,22 @@ def test_a_search_logs_heatmaps_overview_and_architecture_images(searched):
     tags = set(events.Tags()["images"])
     per_cell = {f"conflicts/{kind}/cell{c}" for kind in ("counts", "cosine") for c in range(CELLS)}
     assert tags == per_cell | {"conflicts/overview", "conflicts/histograms", "architecture"}
-    assert [e.step for e in events.Images("conflicts/histograms")] == [1, 2]
+    assert [e.step for e in events.Images("conflicts/histograms")] == ROUND_STEPS
     overview = events.Images("conflicts/overview")
-    assert [e.step for e in overview] == [1, 2]
+    assert [e.step for e in overview] == ROUND_STEPS
     saved = Image.open(run_dir / "plots" / "conflicts-round1.png").size
     assert {(e.width, e.height) for e in overview} == {saved}
     assert png_size(overview[0].encoded_image_string) == saved
     for tag in per_cell:
         images = events.Images(tag)
-        assert [e.step for e in images] == [1, 2]
+        assert [e.step for e in images] == ROUND_STEPS
         # Cut out of the overview: one panel and its colour bar, about a third of three cells side by side.
         assert all(100 < e.width < saved[0] / 2 and 100 < e.height < saved[1] / 2 + 60 for e in images)
     architecture = events.Images("architecture")
-    assert [e.step for e in architecture] == [0, 1, 2]  # the HPS network, then after each round
+    assert [e.step for e in architecture] == [0, *ROUND_STEPS]  # the HPS network, then after each round
     assert all(e.width > 600 and e.height > 200 for e in architecture)
-    for event in architecture:  # the same PNG exported to the run folder
-        assert (run_dir / "plots" / f"architecture-round{event.step}.png").read_bytes() == event.encoded_image_string
+    for z, event in enumerate(architecture):  # the same PNG exported to the run folder
+        assert (run_dir / "plots" / f"architecture-round{z}.png").read_bytes() == event.encoded_image_string
     assert (run_dir / "plots" / "conflicts-round2.png").read_bytes() == overview[1].encoded_image_string
 
 
