@@ -14,6 +14,11 @@ class MamoError(Exception):
     """
 
 
+class EndedOnPurpose(Exception):
+    """A callback ended the run on purpose (tune's pruner on a trial that falls behind): not an error, so the
+    run's log.txt records the message as the reason, without a traceback."""
+
+
 class StopExplained(KeyboardInterrupt):
     """A stop (Ctrl-C, a stop signal) whose command has already said what it keeps and how to continue it, so
     the CLI adds no generic line."""

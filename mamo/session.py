@@ -19,7 +19,7 @@ from mamo.checkpoint import EpochCheckpoint, load_checkpoint, restore_trainer
 from mamo.config import Config, DirectionConfig, ModelConfig, TensionerConfig, TrainConfig
 from mamo.data import MultiTaskData, load_data, unused_data_note
 from mamo.directions import create_direction
-from mamo.errors import MamoError, StopExplained
+from mamo.errors import EndedOnPurpose, MamoError, StopExplained
 from mamo.graph import build_hps_graph, graph_to_json
 from mamo.model import MamoNet, compile_model, count_parameters
 from mamo.runs import RUNS_ROOT, RunLog, free_run_dir, new_run_dir, replace_atomically, write_text_atomically
@@ -264,6 +264,9 @@ def logging_stops(session: Session, how_to_continue: str) -> Iterator[None]:
         raise StopExplained from None
     except MamoError as exc:
         session.log.record(f"error: {exc}")
+        raise
+    except EndedOnPurpose as exc:
+        session.log.record(str(exc))
         raise
     except Exception as exc:
         if isinstance(exc, OSError) or memory_failure(exc):  # the machine's limits (a full disk, memory): no bug

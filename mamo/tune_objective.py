@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import optuna
 
 from mamo.config import Config
+from mamo.errors import EndedOnPurpose
 from mamo.report import delta
 from mamo.tasks import TaskSpec
 from mamo.trainer import Callback
@@ -21,6 +22,10 @@ from mamo.tune_storage import RETRY_OF
 
 if TYPE_CHECKING:
     from mamo.search_phases import RoundRecord
+
+
+class PrunedByStudy(optuna.TrialPruned, EndedOnPurpose):
+    """Optuna's pruned state for the study, and for the trial's log.txt an ending on purpose, not a crash."""
 
 
 class RoundReporter(Callback):
@@ -38,7 +43,8 @@ class RoundReporter(Callback):
         self.last = (z, value)
         self.trial.report(value, z)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"validation Δ {value:+.2f} after round {z} is below the pruner's bar")
+            raise PrunedByStudy(f"pruned by the study's pruner: validation Δ {value:+.2f} after round {z} is below "
+                                f"its bar, so the trial ends here")
 
     def on_rounds_restored(self, rounds: list[dict]) -> None:
         # A retried trial reports the rounds its interrupted run finished, so the pruner decides as it would have.

@@ -91,7 +91,8 @@ SPACE: dict[str, Param] = {
 
 PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
     "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3),
-    "percentile": lambda: optuna.pruners.PercentilePruner(25.0, n_startup_trials=3),
+    # Prunes below the 25th percentile of finished trials: Optuna keeps the given top percentile, so 75.
+    "percentile": lambda: optuna.pruners.PercentilePruner(75.0, n_startup_trials=3),
     "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1),
     "none": optuna.pruners.NopPruner,
 }

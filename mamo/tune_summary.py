@@ -98,7 +98,7 @@ def trials_table(study: optuna.Study, trials: list[FrozenTrial], multi: bool, di
 
 
 CSV_ATTRS = ("val_delta", "delta", "win_rate", "gmk_modules", "params", "seconds", "host",
-             "run_dir", "fail_reason")
+             "run_dir", "fail_reason", "pruned_at_round", "pruned_val_delta")
 
 
 def write_trials_csv(study: optuna.Study, path: Path) -> None:
@@ -109,8 +109,12 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
     attrs = [name for name in CSV_ATTRS if name not in names]  # the objective val_delta is a column already
     table = [["trial", "state", *names, *tuned, *attrs]]
     for t in trials:
-        values = t.values or [None] * len(names)
+        # Optuna stores a pruned trial's last report as its value: a round's Δ, not the objective, so its own columns.
+        values = t.values if t.state == TrialState.COMPLETE and t.values else [None] * len(names)
         recorded = {**t.user_attrs, "fail_reason": fail_reason(t)} if t.state == TrialState.FAIL else t.user_attrs
+        if t.state == TrialState.PRUNED and t.intermediate_values:
+            last = max(t.intermediate_values)
+            recorded = {**recorded, "pruned_at_round": last, "pruned_val_delta": t.intermediate_values[last]}
         folder = run_folder(t, path.parent)
         recorded = {**recorded, "run_dir": None if folder is None else str(folder.resolve())}
         table.append([t.number, t.state.name.lower(), *values, *(t.params.get(n) for n in tuned),

@@ -178,6 +178,21 @@ def test_pruner_stops_trials_below_the_median(tmp_path, pruner, expected):
     assert ("trial 4 pruned" in log) == (pruner == "median")
 
 
+@pytest.mark.parametrize(("pruner", "value", "pruned"), [
+    ("percentile", 1.5, True), ("percentile", 2.2, False), ("median", 2.2, True), ("median", 2.7, False)])
+def test_the_percentile_pruner_prunes_the_bottom_quarter_and_the_median_the_bottom_half(pruner, value, pruned):
+    # Finished trials reported 1, 2, 3, 4 at round 1 (maximised): 25th percentile 1.75, median 2.5. Optuna's
+    # PercentilePruner(25) keeps the top quarter instead, harsher than the median (a helper's finding).
+    from mamo.tune_space import PRUNERS
+
+    study = optuna.create_study(direction="maximize", pruner=PRUNERS[pruner]())
+    for finished in (1.0, 2.0, 3.0, 4.0):
+        study.add_trial(optuna.trial.create_trial(value=finished, intermediate_values={1: finished}))
+    trial = study.ask()
+    trial.report(value, 1)
+    assert trial.should_prune() == pruned
+
+
 def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path):
     result = run_tune(load_config("quick"), study_dir=tmp_path, trials=7, objective=sometimes_failing)
     trials = load(tmp_path).trials
@@ -1041,6 +1056,21 @@ def test_quick_study_on_sqlite_end_to_end(tmp_path, capsys):
     assert (study_dir / "trial-0003" / "report.md").is_file()
 
 
+def test_a_multi_objective_study_without_baselines_still_picks_best_yaml_by_validation_delta(tmp_path):
+    # Without search.baselines no STL reference was trained, no trial had a val Δ, and best.yaml was the front's
+    # lowest-numbered trial, whatever its Δ (a helper's finding).
+    from mamo.tune_summary import chosen_trial
+
+    config = load_config("quick", [*TINY, "search.baselines=false", "tune.rounds=[0, 0]"])
+    run_tune(config, study_dir=tmp_path, trials=2, multi_objective=True, progress=False, tensorboard=False)
+    study = load(tmp_path)
+    assert "stl_val" in study.user_attrs
+    assert all(isinstance(t.user_attrs.get("val_delta"), float) for t in study.trials)
+    chosen = chosen_trial(study, multi=True)
+    assert chosen.user_attrs["val_delta"] == max(t.user_attrs["val_delta"] for t in study.best_trials)
+    assert len(list((tmp_path / ".baselines").glob("*.json"))) == 2 + 1  # STL only: per task and merged
+
+
 def test_workers_trials_record_their_threads_and_reuse_the_reference_trained_at_them(tmp_path):
     # The reference is trained under the key the trials (and best.yaml) look baselines up with: one set in the cache.
     study_dir = tmp_path / "study"
@@ -1105,6 +1135,10 @@ def test_a_pruned_trial_is_in_the_hparams_tab_with_its_last_round(tmp_path, monk
     assert hparams == {**trial.params, "state": "pruned"} and status == "STATUS_SUCCESS"
     assert values == {"tune/val_delta": pytest.approx(trial.intermediate_values[1], abs=1e-4), "tune/last_round": 1}
     assert columns == HPARAMS_COLUMNS  # as a complete trial's: TensorBoard shows the first trial's columns
+    # Its log says it was pruned; before, "crashed with TrialPruned, a bug in mamo" and a traceback.
+    log = (tmp_path / "trial-0000" / "log.txt").read_text()
+    assert "pruned by the study's pruner: validation Δ" in log and "after round 1" in log
+    assert "bug" not in log and "Traceback" not in log
 
 
 def test_a_failed_trials_record_never_hides_its_error_nor_lands_in_a_folder_it_did_not_make(tmp_path, monkeypatch):
@@ -1221,6 +1255,22 @@ def test_a_trial_stopped_before_its_objective_started_is_named_so_in_the_summary
     assert "- trial 1: unknown reason" in summary
     rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
     assert rows[0]["fail_reason"].startswith("stopped before its objective started")
+
+
+def test_trials_csv_keeps_a_pruned_trials_round_delta_out_of_the_objective_column(tmp_path):
+    # Optuna stores a pruned trial's last report as its value; trials.csv showed it as the objective val_delta.
+    from mamo.tune_summary import summarize
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=-3.5,
+                                              intermediate_values={1: -10.0, 2: -4.0}))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, value=-33.97,
+                                              intermediate_values={1: -33.97}))
+    summarize(study, tmp_path, load_config("quick"), multi=False, shown="memory")
+    complete, pruned = csv.DictReader((tmp_path / "trials.csv").open())
+    assert (complete["objective_0"], complete["pruned_at_round"], complete["pruned_val_delta"]) == ("-3.5", "", "")
+    assert (pruned["state"], pruned["objective_0"]) == ("pruned", "")
+    assert (pruned["pruned_at_round"], pruned["pruned_val_delta"]) == ("1", "-33.97")
 
 
 def test_joining_a_study_refuses_a_set_that_changes_its_space(tmp_path, capsys):
