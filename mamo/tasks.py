@@ -289,12 +289,15 @@ def _size(value: object, key: str, name: str, source: str) -> int:
     return int(value)
 
 
-# Characters a task name cannot hold, and why: each joins task names into the names of other things, so a task
-# called "a+b" made pair (a+b, c) and pair (a, b+c) one module name, and the second pair could never grow.
+# Characters a task name cannot hold, and why: most join task names into the names of other things, so a task
+# called "a+b" made pair (a+b, c) and pair (a, b+c) one module name, and the second pair could never grow; quotes
+# and backslashes broke the exported .pt2 (found by a helper's export audit).
 RESERVED_IN_TASK_NAMES = {
     ".": "torch's module names cannot hold (its head lives in one) and metric names use as task.metric",
     "+": "joins the two task names of a pair (gmk_a+b_3, conflicts/Q/a+b/cell3)",
     "@": "joins a pair and a cell into a position (a+b@cell3)",
+    '"': "torch.export writes its head's module name into Python source unescaped (the .pt2 would not load)",
+    "\\": "torch.export writes its head's module name into Python source unescaped (the .pt2 would not load)",
 }
 
 
@@ -313,6 +316,11 @@ def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
         if not str(name).strip():
             raise MamoError(f"task {name!r} from {source} has an empty name; give it one to show in reports, such as "
                             "'digit'.")
+        hidden = next((ch for ch in str(name) if not ch.isprintable()), None)
+        if hidden is not None:
+            raise MamoError(f"task {name!r} from {source} has the unprintable character U+{ord(hidden):04X} in its "
+                            f"name, which the exported programs (a .pt2, ONNX) cannot carry and a table cannot show; "
+                            f"rename the task without it.")
         for mark, why in RESERVED_IN_TASK_NAMES.items():
             if mark in str(name):
                 raise MamoError(f"task '{name}' from {source} has a '{mark}' in its name, which {why}; rename the "

@@ -471,6 +471,22 @@ def test_a_task_name_with_a_separator_of_pairs_or_positions_is_refused(name: str
         parse_tasks({name: digit, "c": digit}, "a plugin")
 
 
+@pytest.mark.parametrize("name, mark", [('q"x', '"'), ("b\\x", "\\")])
+def test_a_task_name_with_a_quote_or_backslash_is_refused(name: str, mark: str) -> None:
+    # torch.export wrote head_q"x unescaped into the .pt2's Python source: written, then unloadable.
+    digit = {"type": "classification", "classes": 10}
+    with pytest.raises(MamoError, match=rf"^task '{re.escape(name)}' from a plugin has a '{re.escape(mark)}' in its "
+                                        r"name, which torch\.export writes .*; rename the task without one\.$"):
+        parse_tasks({name: digit, "c": digit}, "a plugin")
+
+
+@pytest.mark.parametrize("name, code", [("x\ny", "000A"), ("tab\tbed", "0009"), ("nb\u00a0sp", "00A0")])
+def test_a_task_name_with_an_unprintable_character_is_refused(name: str, code: str) -> None:
+    with pytest.raises(MamoError, match=rf"^task {re.escape(repr(name))} from a plugin has the unprintable "
+                                        rf"character U\+{code} in its name, .*; rename the task without it\.$"):
+        parse_tasks({name: {"type": "classification", "classes": 10}}, "a plugin")
+
+
 @pytest.mark.parametrize("name", ["", "  "])
 def test_an_empty_task_name_is_refused(name: str) -> None:
     with pytest.raises(MamoError, match=r"^task '\s*' from a plugin has an empty name; give it one"):

@@ -281,6 +281,26 @@ def test_onnx_and_pt2_programs_give_the_same_outputs(finished, tmp_path):
     assert '"cell0" [label="cell0\\n' in dot and "\\\\n" not in dot  # a line break, not a printed backslash
 
 
+@pytest.mark.parametrize("name", ["x'y", "sp ace", "ü/ø", "{x}", "9x", "x#y%z"])
+def test_odd_task_names_that_are_allowed_export_a_pt2_that_loads(name, tmp_path):
+    # The names the task check lets through; '"', '\\' and control characters broke the program (refused now).
+    from mamo.config import ModelConfig
+    from mamo.export import write_pt2
+    from mamo.graph import build_hps_graph
+    from mamo.model import compile_model
+    from mamo.spaces import create_space
+    from mamo.tasks import parse_tasks
+
+    tasks = parse_tasks({"a": {"type": "classification", "classes": 2},
+                         name: {"type": "classification", "classes": 3}}, "a test")
+    model = compile_model(build_hps_graph(create_space(ModelConfig(backbone="mlp"), (1, 8, 8)), tasks)).eval()
+    write_pt2(model, tmp_path / "model.pt2")
+    x = torch.rand(3, 1, 8, 8)
+    outputs = torch.export.load(str(tmp_path / "model.pt2")).module()(x)
+    with torch.no_grad():
+        assert torch.equal(outputs[1], model(x)[name])
+
+
 def test_export_out_must_be_a_folder(finished, tmp_path, capsys):
     run_dir, _ = finished
     a_file = tmp_path / "architecture.json"
