@@ -70,6 +70,8 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> Mam
 
 def _no_model(directory: Path, missing: list[Path]) -> str:
     """Why ``directory`` has no model to load, and what to pass or do instead."""
+    if not directory.exists():
+        return f"{directory} does not exist; pass the folder of a finished train or search run."
     if directory.is_file():
         holder = next((p for p in directory.parents if (p / "config.yaml").is_file()), directory.parent)
         return f"{directory} is a file; pass the run folder that holds it, e.g. {holder}."
@@ -209,13 +211,29 @@ def export(run_dir: str | Path, formats: list[str], out_dir: str | Path | None =
     blocking = file_above(folder)
     if blocking is not None:
         raise MamoError(f"--out {folder} lies below {blocking}, which is a file; pass a folder elsewhere to --out.")
+    source = Path(run_dir).resolve()
+    if folder.resolve() != source and any((folder / name).is_file() for name in RUN_FILES):
+        raise MamoError(f"--out {folder} is the folder of another run (it holds {_run_file(folder)}), whose "
+                        "architecture export would replace; pass a new or empty folder to --out.")
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name in formats:
         filename, writer = FORMATS[name]
-        writer(model, folder / filename)
-        written.append(folder / filename)
+        target = folder / filename
+        # The canonical file the model was loaded from stays as the run wrote it (a rewrite would drop the
+        # starting-weights path that load_trained forgets).
+        if target.resolve() != source / "architecture.json":
+            writer(model, target)
+        written.append(target)
     return written
+
+
+# Files only a run folder holds (an export folder holds architecture files and programs, never these).
+RUN_FILES = ("config.yaml", "weights.safetensors", "metrics.json")
+
+
+def _run_file(folder: Path) -> str:
+    return next(name for name in RUN_FILES if (folder / name).is_file())
 
 
 def architecture_tree(model: MamoNet) -> str:

@@ -183,6 +183,42 @@ def test_export_out_below_a_file_is_one_sentence(run_dir: Path, tmp_path: Path,
     assert f"--out {a_file / 'sub'} lies below {a_file}, which is a file" in single_error(err)
 
 
+def test_export_out_into_another_run_is_refused_and_leaves_it_intact(run_dir: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # Was exit 0: the other run's architecture.json replaced, after which it no longer loaded (a helper's audit).
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("config.yaml", "architecture.json", "weights.safetensors"):
+        (other / name).write_bytes(b"theirs")
+    code, err = run_cli(["export", str(run_dir), "--format", "json", "--out", str(other)], capsys)
+    assert code == 2
+    assert single_error(err) == (f"--out {other} is the folder of another run (it holds config.yaml), whose "
+                                 "architecture export would replace; pass a new or empty folder to --out.")
+    assert all((other / name).read_bytes() == b"theirs" for name in ("config.yaml", "architecture.json"))
+
+
+def test_export_into_its_own_run_folder_keeps_architecture_json_as_the_run_wrote_it(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Rewritten from the loaded model, it lost the starting-weights path that load_trained forgets.
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    canonical = copy / "architecture.json"
+    before = canonical.read_bytes(), canonical.stat().st_mtime_ns
+    code, _ = run_cli(["export", str(copy), "--format", "json", "--format", "graphml"], capsys)
+    assert code == 0 and (canonical.read_bytes(), canonical.stat().st_mtime_ns) == before
+    code, _ = run_cli(["export", str(copy), "--format", "json", "--out", str(tmp_path / "out")], capsys)
+    assert code == 0 and (tmp_path / "out" / "architecture.json").is_file()
+
+
+def test_export_of_a_folder_that_does_not_exist_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(["export", str(tmp_path / "nope")], capsys)
+    assert code == 2
+    missing = tmp_path / "nope"
+    assert single_error(err) == f"{missing} does not exist; pass the folder of a finished train or search run."
+
+
 @pytest.mark.parametrize(("below", "said"), [(False, "is a file"), (True, "lies below")])
 def test_bench_out_that_is_or_lies_below_a_file_is_one_sentence(
         below: bool, said: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
