@@ -220,18 +220,29 @@ class TensorBoardLogger(Callback):
         # Right after a resume the stopped process has already logged this phase's start (or stopped inside the
         # phase), so the text says where this process picked up, at the first step it writes: a start logged at
         # the checkpoint's step is before the restart marker and stays.
-        how, at = ("resumes from a checkpoint", self._step + 1) if self._resumed else ("starts", self._step)
-        self._resumed = False
+        resumed, self._resumed = self._resumed, False
+        how, at = ("resumes from a checkpoint", self._step + 1) if resumed else ("starts", self._step)
         self.events.add_summary(text_summary("run/phases", f"{phase} {how} after step {self._step}"), at)
         self.events.add_summary(scalar_summary({"model/params": sum(p.numel() for p in model.parameters())}), at)
-        if self.pictures and not self._drew_start:
+        if not self.pictures:
+            return
+        if len(model.tasks) < len(self.specs):
+            # One of train.mode=stl's networks, each drawn as it starts (a resumed one was, by the stopped process).
+            if not resumed:
+                task = next(iter(model.tasks))
+                index = list(self.specs).index(task)  # task names may hold '/' or spaces: not in a file name
+                self._submit(self._draw_architecture, copy.deepcopy(model.graph),
+                             drawing.node_parameters(model.graph, model), at, f"STL network of task '{task}'",
+                             f"architecture-stl-task{index}.png")
+        elif not self._drew_start:
             # The network before any growth, as round 0 of the architecture pictures (not when a resumed
             # search starts with a network that already grew).
             self._drew_start = True
             if g.branch_nodes(model.graph):
                 return
             self._submit(self._draw_architecture, copy.deepcopy(model.graph),
-                         drawing.node_parameters(model.graph, model), 0, 0, "Architecture before growth")
+                         drawing.node_parameters(model.graph, model), 0, "Architecture before growth",
+                         "architecture-round0.png")
 
     # ---------------------------------------------------------------------------------------- rounds
     def on_round_end(self, record: RoundRecord) -> None:
@@ -261,8 +272,8 @@ class TensorBoardLogger(Callback):
             graph = copy.deepcopy(record.graph)  # copies: the next round resets the stats, grows the graph
             self._submit(self._draw_conflicts, copy.deepcopy(stats), grown_positions(graph, record.new_modules), z,
                          step)
-            self._submit(self._draw_architecture, graph, drawing.node_parameters(graph, record.model), z, step,
-                         f"Architecture after round {z}")
+            self._submit(self._draw_architecture, graph, drawing.node_parameters(graph, record.model), step,
+                         f"Architecture after round {z}", f"architecture-round{z}.png")
         self._settle()  # the search checkpoints the round next, and a resume never ends it again
 
     def _settle(self) -> None:
@@ -303,11 +314,12 @@ class TensorBoardLogger(Callback):
         self.events.add_summary(image_summary(images, shapes), step)
         self._export(f"conflicts-round{z}.png", encoded)
 
-    def _draw_architecture(self, graph: nx.DiGraph, params: dict[str, int], z: int, step: int, title: str) -> None:
+    def _draw_architecture(self, graph: nx.DiGraph, params: dict[str, int], step: int, title: str,
+                           filename: str) -> None:
         pixels = plots.figure_to_array(drawing.draw_architecture(graph, params=params, title=title))
         encoded = png_bytes(pixels)
         self.events.add_summary(image_summary({"architecture": encoded}, {"architecture": pixels.shape[:2]}), step)
-        self._export(f"architecture-round{z}.png", encoded)
+        self._export(filename, encoded)
 
     def _export(self, name: str, encoded: bytes) -> None:
         """The PNG that went into the event file, also as a file under the run folder's plots/."""

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 
 from mamo import graph as g
-from mamo.plots import TRUNK, new_figure, save_figure
+from mamo.plots import TRUNK, new_figure, save_figure, shortened, widest_inches
 from mamo.runs import counted
 
 if TYPE_CHECKING:
@@ -87,6 +87,15 @@ def _layout(graph: nx.DiGraph) -> tuple[dict[str, tuple[float, float]], list[tup
     return positions, lanes
 
 
+BOX_LINE = 27  # characters a box holds at the smallest font (about 18 at the largest): longer names are cut
+
+
+def _named(kind: str, task: str) -> str:
+    """``kind task`` on one line when it fits a box, else the task on a line of its own, cut to fit."""
+    line = f"{kind} {task}"
+    return line if len(line) <= BOX_LINE else f"{kind}\n{shortened(task, BOX_LINE)}"
+
+
 def _label(graph: nx.DiGraph, node: str, params: dict[str, int]) -> str:
     data = graph.nodes[node]
     kind = data["kind"]
@@ -96,13 +105,29 @@ def _label(graph: nx.DiGraph, node: str, params: dict[str, int]) -> str:
         return f"cell {data['cell']}\n{params[node]:,} params"
     if kind == "gmk":
         name = "+".join(data["group"])
-        return f"{name if len(name) <= 16 else chr(10).join(data['group'])}\n{params[node]:,} params"
+        lines = name if len(name) <= 16 else "\n".join(shortened(task, BOX_LINE) for task in data["group"])
+        return f"{lines}\n{params[node]:,} params"
     if kind == "fusion":
         groups = g.fusion_groups(graph, data["task"])
-        added = "".join(f"\n+β·({'+'.join(grp)})" for grp in groups) or "\ntrunk only"
+        room = (BOX_LINE - len("+β·()")) // 2 - 1  # per name of a pair
+        added = "".join(f"\n+β·({'+'.join(shortened(task, room) for task in grp)})" for grp in groups) or "\ntrunk only"
         added = added if len(groups) <= 2 else f"\n+β· {len(groups)} branches"
-        return f"fusion {data['task']}{added}"
-    return f"head {data['task']}\n{params[node]:,} params"
+        return _named("fusion", data["task"]) + added
+    return f"{_named('head', data['task'])}\n{params[node]:,} params"
+
+
+def _lane_legend(graph: nx.DiGraph, lanes: list[tuple[str, ...]], params: dict[str, int]) -> list[str]:
+    """One legend entry per branch lane: its group, where and when it grew, its modules and parameters."""
+    branches = g.branch_nodes(graph)
+    entries = []
+    for group in lanes:
+        nodes = [n for n in branches if tuple(graph.nodes[n]["group"]) == group]
+        rounds = sorted({graph.nodes[n]["round"] for n in nodes})
+        start = min(graph.nodes[n]["cell"] for n in nodes)
+        entries.append(f"{'+'.join(shortened(task, 40) for task in group)}: from cell {start}, round "
+                       f"{', '.join(map(str, rounds))}, {counted(len(nodes), 'module')}, "
+                       f"{sum(params[n] for n in nodes):,} params")
+    return entries
 
 
 def draw_architecture(
@@ -125,9 +150,13 @@ def draw_architecture(
     rows = max(len(lanes), len(tasks) - 1) + 1
     # In inches: the title above, the lanes' legend (two columns) below, 0.85 per row of boxes between. As
     # fractions of the figure, a network with 30 lanes left 1.5 inches blank above its boxes.
-    head, foot = 0.55, 0.25 + (0.16 * math.ceil(len(lanes) / 2) + 0.1 if lanes else 0.0)
+    width = 1.55 * (cells + 3) + 0.4
+    legend = _lane_legend(graph, lanes, params)
+    # Two columns of the lanes' legend when two of its widest entry fit side by side, else one.
+    columns = 2 if legend and 2 * (widest_inches(legend, 7.5) + 0.45) <= width - 0.2 else 1
+    head, foot = 0.55, 0.25 + (0.16 * math.ceil(len(lanes) / columns) + 0.1 if lanes else 0.0)
     plot = 0.85 * (rows + 0.1)
-    width, height = 1.55 * (cells + 3) + 0.4, head + plot + foot
+    height = head + plot + foot
     figure = new_figure(width, height)
     ax = figure.add_axes((0.01, foot / height, 0.98, plot / height))
     box_w, box_h = 0.78, 0.52
@@ -167,15 +196,8 @@ def draw_architecture(
                     f"(shared trunk {sum(params[g.cell_id(k)] for k in range(cells)):,})", fontsize=10,
                     y=1 - 0.15 / height, va="top")
     if lanes:
-        handles = []
-        for group in lanes:
-            nodes = [n for n in branches if tuple(graph.nodes[n]["group"]) == group]
-            rounds = sorted({graph.nodes[n]["round"] for n in nodes})
-            start = min(graph.nodes[n]["cell"] for n in nodes)
-            handles.append(Patch(fc=colours[group], label=f"{'+'.join(group)}: from cell {start}, round "
-                                 f"{', '.join(map(str, rounds))}, {counted(len(nodes), 'module')}, "
-                                 f"{sum(params[n] for n in nodes):,} params"))
-        figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 2), fontsize=7.5, frameon=False,
+        handles = [Patch(fc=colours[group], label=label) for group, label in zip(lanes, legend, strict=True)]
+        figure.legend(handles=handles, loc="lower center", ncol=columns, fontsize=7.5, frameon=False,
                       bbox_to_anchor=(0.5, 0.1 / height))
     if path is not None:
         save_figure(figure, Path(path))

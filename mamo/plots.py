@@ -50,6 +50,16 @@ def figure_to_array(figure: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def shortened(name: str, limit: int) -> str:
+    """``name`` cut to ``limit`` characters with an ellipsis in the middle, keeping both ends (task names often
+    differ only at one of them), for boxes and ticks with no room for a long name; the full names stay in
+    the legends, tables and TensorBoard tags."""
+    if len(name) <= limit:
+        return name
+    tail = (limit - 1) // 3
+    return f"{name[: limit - 1 - tail]}…{name[len(name) - tail:]}"
+
+
 def save_figure(figure: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +68,11 @@ def save_figure(figure: Figure, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ conflict heatmaps
+
+
+def share(part: float, whole: int) -> str:
+    """``part`` of ``whole`` in whole percent, halves rounded up (2 of 16 is 13%; Python's format makes it 12%)."""
+    return f"{math.floor(100 * part / max(whole, 1) + 0.5)}%"
 
 
 @dataclass(frozen=True)
@@ -88,7 +103,7 @@ KINDS: dict[str, HeatmapKind] = {
         label="conflicts Q\n(mini-batches with cos < 0)",
         # Full red = the pair conflicts in every mini-batch of the round, so colours compare across rounds.
         limits=lambda s: (0.0, float(max(s.steps, 1))),
-        annotate=lambda v, s: f"{int(v)}\n{v / max(s.steps, 1):.0%}",
+        annotate=lambda v, s: f"{int(v)}\n{share(v, s.steps)}",
         whole_ticks=True,
     ),
     "cosine": HeatmapKind(
@@ -116,7 +131,7 @@ def _tilted(tasks: list[str]) -> bool:
     return max(map(len, tasks)) > 4  # long names under the columns would run into each other
 
 
-def _widest_inches(texts: list[str], size: float) -> float:
+def widest_inches(texts: list[str], size: float) -> float:
     """The width of the widest of ``texts`` in the default font at ``size`` points, without a figure."""
     font = FontProperties(size=size)
     return max(text_to_path.get_text_width_height_descent(t, font, ismath=False)[0] for t in texts) / 72
@@ -210,7 +225,7 @@ def worst_conflict(stats: ConflictStats) -> str:
         return "no pair conflicted in any mini-batch"
     mean = cosine[cell, stats.tasks.index(a), stats.tasks.index(b)]
     return (f"most conflict: {a} vs {b} at cell {cell}, in {q} of {stats.steps} mini-batches "
-            f"({q / stats.steps:.0%}), mean cosine {mean:+.2f}")
+            f"({share(q, stats.steps)}), mean cosine {KINDS['cosine'].annotate(mean, stats)}")  # as its cell reads
 
 
 def _overview(stats: ConflictStats, grown: list | None, title: str | None) -> tuple[Figure, dict, dict]:
@@ -224,7 +239,7 @@ def _overview(stats: ConflictStats, grown: list | None, title: str | None) -> tu
     """
     m, cells = len(stats.tasks), stats.num_cells
     side = BOX * m
-    name = _widest_inches(stats.tasks, NAME_SIZE)  # a width per character ran 40 W's into the next panel
+    name = widest_inches(stats.tasks, NAME_SIZE)  # a width per character ran 40 W's into the next panel
     label = name + 0.25  # room for the task names left of the rows
     below = 0.5 * name + 0.3 if _tilted(stats.tasks) else 0.35  # under the columns: sin 30° of a tilted name
     gap_x, gap_y, head, foot = label + 0.35, below + 0.6, 1.15, 0.55

@@ -11,7 +11,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mamo.plots import new_figure, save_figure
+from mamo.plots import new_figure, save_figure, shortened
 from mamo.tasks import TaskSpec
 
 
@@ -40,20 +40,27 @@ def metric_bars_figure(rows: list[dict], tasks: dict[str, TaskSpec]) -> Figure:
         ax.set_yticks(y, methods if index % per_row == 0 else [])
         ax.set_xlim(0, max(max(values), 1e-12) * 1.25) if min(values) >= 0 else None
         ax.xaxis.set_major_locator(MaxNLocator(4))  # small values (mIoU early on) get long tick labels
-        ax.set_title(f"{task} {metric} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+        title = f"{task} {metric} ({'higher' if higher else 'lower'} is better)"
+        # About 46 characters fit a panel's 3.2 inches at 9 pt: a long task name gets a line of its own, cut to fit.
+        ax.set_title(title if len(title) <= 44 else f"{shortened(task, 44)}\n{title[len(task) + 1:]}", fontsize=9)
         ax.tick_params(labelsize=8)
         for spine in ("top", "right"):
             ax.spines[spine].set_visible(False)
     figure.suptitle("Test metrics per task", fontsize=10)
-    figure.subplots_adjust(left=(label_width + 0.2) / figure.get_figwidth(), right=0.97, top=0.8 if grid_rows == 1
-                           else 0.9, bottom=0.12 if grid_rows == 1 else 0.07, wspace=0.25, hspace=0.6)
+    two_lines = any(ax.get_title().count("\n") for ax in axes.flat)
+    figure.subplots_adjust(left=(label_width + 0.2) / figure.get_figwidth(), right=0.97,
+                           top=(0.8 if grid_rows == 1 else 0.9) - (0.08 / grid_rows if two_lines else 0.0),
+                           bottom=0.12 if grid_rows == 1 else 0.07, wspace=0.25, hspace=0.75 if two_lines else 0.6)
     return figure
 
 
 def growth_figure(rounds: list[dict], module_name: str = "GMK modules") -> Figure:
     """New modules per detection round (bars, with the activated positions) and the running total (line);
     ``module_name`` names what grew (:data:`mamo.graph.MODULE_NAMES`)."""
-    figure = new_figure(max(4.5, 1.6 * len(rounds) + 2.0), 3.4)
+    labels = [f"round {r['round']}\n" + _listed_positions(r["activated"]) for r in rounds]
+    # Each round's tick gets the width of its longest listed position (about 0.055 inch a character at 8 pt).
+    per_round = max([1.6, *(0.055 * len(line) + 0.3 for label in labels for line in label.split("\n"))])
+    figure = new_figure(max(4.5, per_round * len(rounds) + 2.0), 3.4)
     ax = figure.add_subplot()
     if not rounds:
         ax.text(0.5, 0.5, "no detection rounds: the network stayed HPS", ha="center", va="center")
@@ -70,7 +77,6 @@ def growth_figure(rounds: list[dict], module_name: str = "GMK modules") -> Figur
             ax.text(number, count / 2, f"+{count}", ha="center", va="center", fontsize=9, color="white")
         ax.text(number, total + 0.04 * top, f"{total}", ha="center", va="bottom", fontsize=8)
     # The activated (pair, cell) positions go under each round's tick, where they never hit the bars.
-    labels = [f"round {r['round']}\n" + _listed_positions(r["activated"]) for r in rounds]
     ax.set_xticks(numbers, labels, fontsize=8)
     ax.set_ylim(0, top * 1.3)
     ax.set_ylabel(module_name.split(" (")[0])
@@ -94,7 +100,7 @@ LISTED_POSITIONS = 12  # positions named under a round; report.md lists all of t
 
 
 def _listed_positions(activated: list) -> str:
-    names = [f"{'+'.join(pair)}@cell{cell}" for pair, cell in activated]
+    names = [f"{'+'.join(shortened(task, 20) for task in pair)}@cell{cell}" for pair, cell in activated]
     if len(names) > LISTED_POSITIONS:
         names = [*names[: LISTED_POSITIONS - 1], f"and {len(names) - LISTED_POSITIONS + 1} more"]
     return "\n".join(names) or "none"

@@ -357,7 +357,20 @@ def test_training_without_a_gramian_logs_losses_and_weights_only(tmp_path):
     assert steps(events, "val/loss/left") == [STEPS_PER_EPOCH]
     assert {e.value for e in events.Scalars("direction/weight/left")} == {1.0}
     assert not [tag for tag in scalars if tag.startswith(("train/grad_norm", "tensioner/", "val/delta"))]
-    assert [e.step for e in events.Images("architecture")] == [0]
+    # The HPS network, then the one-task network as it starts (before, only the first network was drawn).
+    assert [e.step for e in events.Images("architecture")] == [0, STEPS_PER_EPOCH]
+    assert sorted(p.name for p in (tmp_path / "run" / "plots").iterdir()) == [
+        "architecture-round0.png", "architecture-stl-task1.png"]
+
+
+def test_an_stl_train_run_draws_each_tasks_network(tmp_path):
+    # The baseline cache is beside the run folder, so both networks train here.
+    run_train(load_config("quick", [*TINY, "train.mode=stl"]), tmp_path / "run", progress=False, quiet=True)
+    events = read_events(tmp_path / "run")
+    assert [e.step for e in events.Images("architecture")] == [0, STEPS_PER_EPOCH]
+    for index in range(2):
+        with Image.open(tmp_path / "run" / "plots" / f"architecture-stl-task{index}.png") as picture:
+            assert picture.format == "PNG"
 
 
 def test_step_scalars_match_the_step_result(tmp_path):

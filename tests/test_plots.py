@@ -3,6 +3,8 @@ architecture drawing and the report's plots, rendered headless and read back fro
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from matplotlib.image import AxesImage
@@ -191,6 +193,16 @@ def test_worst_conflict_without_any_conflict():
     assert plots.worst_conflict(stats) == "no pair conflicted in any mini-batch"
 
 
+def test_the_headline_reads_the_mean_cosine_as_its_cell_does():
+    # It said "-0.00" beside a cell annotated "-0.004".
+    stats = ConflictStats(["a", "b"], 1, [5])
+    stats.steps = stats.measured[0] = 16
+    stats.counts[0, 0, 1] = stats.counts[0, 1, 0] = 2
+    stats.cosine_sums[0, 0, 1] = stats.cosine_sums[0, 1, 0] = -0.004 * 16
+    assert plots.worst_conflict(stats) == ("most conflict: a vs b at cell 0, in 2 of 16 mini-batches (13%), "
+                                           "mean cosine -0.004")
+
+
 def test_histogram_figure_draws_a_line_per_usable_cell_for_each_pair():
     stats = known_stats()
     figure = plots.histogram_figure(stats)
@@ -250,6 +262,47 @@ def test_draw_architecture_writes_a_png_with_every_node_and_its_parameters(grown
     assert "after round 2: 3 branch modules" in figure.get_suptitle()
 
 
+LONG = {"seg": "upper_left_digit_classification", "depth": "lower_right_digit", "normal": "digit_sum_of_both_items"}
+
+
+def inside(inner, outer, slack: float = 1.0) -> bool:
+    return (inner.x0 >= outer.x0 - slack and inner.x1 <= outer.x1 + slack and inner.y0 >= outer.y0 - slack
+            and inner.y1 <= outer.y1 + slack)
+
+
+def test_long_task_names_stay_inside_their_boxes_and_the_legend_inside_the_picture():
+    # Fusion labels ran out of their boxes over the heads and arrows, and the two-column legend was cut off at
+    # both edges (a helper's look at a search with such names).
+    space = create_space(ModelConfig(backbone="lenet"), (1, 28, 28))
+    tasks = parse_tasks({LONG[t]: {"type": "classification", "classes": 10} for t in TASKS}, "test")
+    graph = g.build_hps_graph(space, tasks)
+    g.grow(graph, ((LONG["seg"], LONG["depth"]), 1), round_index=1)
+    g.grow(graph, ((LONG["seg"], LONG["normal"]), 0), round_index=1)
+    g.grow(graph, ((LONG["depth"], LONG["normal"]), 2), round_index=2)
+    figure = drawing.draw_architecture(graph, title="after round 2")
+    renderer = figure.canvas.get_renderer()
+    boxes = [patch.get_window_extent(renderer) for patch in figure.axes[0].patches if hasattr(patch, "get_boxstyle")]
+    texts = figure.axes[0].texts
+    assert len(texts) == len(boxes) == graph.number_of_nodes()
+    for text in texts:
+        extent = text.get_window_extent(renderer)
+        assert any(inside(extent, box) for box in boxes), text.get_text()
+    page = figure.bbox
+    legend = figure.legends[0]
+    assert legend.get_window_extent(renderer).x0 >= page.x0 and legend.get_window_extent(renderer).x1 <= page.x1
+    assert any(LONG["seg"] in t.get_text() for t in legend.get_texts())  # the legend keeps whole names
+
+
+def test_shortened_keeps_both_ends_of_a_long_name():
+    assert plots.shortened("upper_left_digit_classification", 16) == "upper_left…ation"
+    assert plots.shortened("short", 16) == "short"
+    assert all(len(plots.shortened("x" * n, 11)) == min(n, 11) for n in range(1, 30))
+
+
+def test_shares_round_halves_up():
+    assert [plots.share(q, 16) for q in (2, 6, 16)] == ["13%", "38%", "100%"]  # Python's format said 12%, 38%
+
+
 def test_branch_lanes_keep_one_colour_per_pair(grown_graph):
     figure = drawing.draw_architecture(grown_graph)
     colours = drawing._group_colours(grown_graph)
@@ -303,6 +356,25 @@ def test_report_plots_save_metric_bars_and_growth(tmp_path):
     exclusive = report_plots.growth_figure(rounds, "task-exclusive modules (w/o GMK)").axes[0]
     assert exclusive.get_title() == "Task-exclusive modules (w/o GMK) grown per detection round"
     assert exclusive.get_ylabel() == "task-exclusive modules"
+
+
+def test_report_plots_with_long_task_names_keep_titles_and_position_labels_apart():
+    names = list(LONG.values())
+    tasks = parse_tasks({name: {"type": "classification", "classes": 10} for name in names}, "t")
+    results = {method: {"tasks": {name: {"accuracy": value} for name in names}}
+               for method, value in (("STL", 0.5), ("HPS (equal)", 0.4), ("MAMO", 0.3))}
+    bars = report_plots.metric_bars_figure(build_rows(results, "STL", tasks), tasks)
+    renderer = bars.canvas.get_renderer()
+    titles = [ax.title.get_window_extent(renderer) for ax in bars.axes if ax.get_visible()]
+    assert all(left.x1 < right.x0 for left, right in itertools.pairwise(titles))  # they overlapped
+    assert all(inside(title, bars.bbox) for title in titles)
+    rounds = [{"round": 1, "activated": [[names[:2], 0], [names[1:], 0], [names[::2], 1]], "modules": 3},
+              {"round": 2, "activated": [[names[:2], 1]], "modules": 1}]
+    growth = report_plots.growth_figure(rounds)
+    renderer = growth.canvas.get_renderer()
+    ticks = [label.get_window_extent(renderer) for label in growth.axes[0].get_xticklabels()]
+    assert all(left.x1 < right.x0 for left, right in itertools.pairwise(ticks))  # they ran into each other
+    assert all(inside(tick, growth.bbox) for tick in ticks)
 
 
 def test_a_round_that_activates_many_positions_keeps_the_growth_plot_its_height():
