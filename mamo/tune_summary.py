@@ -135,9 +135,13 @@ def plot_pareto(study: optuna.Study, path: Path) -> None:
                                 ("Pareto front", "C3", [t for t in complete if t.number in front])):
         if group:
             axes.scatter(*zip(*(t.values for t in group), strict=True), c=color, label=label)
+    # Trials at the same point share one label ("1, 2"): drawn one over the other, their numbers were unreadable.
+    labels: dict[tuple[float, ...], list[str]] = {}
     for t in complete:
         if t.number in front:
-            axes.text(*t.values, f" {t.number}", fontsize=8)
+            labels.setdefault(tuple(t.values), []).append(str(t.number))
+    for point, numbers in labels.items():
+        axes.text(*point, f" {', '.join(numbers)}", fontsize=8)
     for setter, name, direction in zip((axes.set_xlabel, axes.set_ylabel, getattr(axes, "set_zlabel", None)),
                                        names, study.directions, strict=False):
         setter(f"{name} ({'higher' if direction.name == 'MAXIMIZE' else 'lower'} is better)")

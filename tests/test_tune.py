@@ -997,6 +997,24 @@ def test_a_retry_clears_the_folder_its_stopped_trial_left_only_a_record_in(tmp_p
     assert len(list(other.iterdir())) == 2  # anything else is left, and the retry says why it cannot run there
 
 
+def test_trials_at_the_same_point_of_the_front_share_one_label(tmp_path, monkeypatch):
+    # Two tied trials' numbers were drawn one over the other (a helper's look at pareto.png).
+    from matplotlib.axes import Axes
+
+    from mamo.tune_summary import plot_pareto
+
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    study.set_metric_names(["left.accuracy", "right.accuracy"])
+    for values in ([0.5, 0.4], [0.5, 0.4], [0.3, 0.6], [0.2, 0.2]):
+        study.add_trial(optuna.trial.create_trial(values=values))
+    labels = []
+    drawn = Axes.text
+    monkeypatch.setattr(Axes, "text", lambda self, *args, **kwargs: labels.append(args[-1]) or drawn(self, *args,
+                                                                                                     **kwargs))
+    plot_pareto(study, tmp_path / "pareto.png")
+    assert sorted(labels) == [" 0, 1", " 2"]
+
+
 def test_multi_objective_reports_the_pareto_front(tmp_path, tiny):
     result = run_tune(tiny, study_dir=tmp_path, trials=5, multi_objective=True, objective=two_accuracies)
     study = load(tmp_path)
