@@ -106,7 +106,7 @@ def _check_values(x: Tensor, targets: dict[str, Tensor], where: str, tasks: dict
         if ok and target.is_floating_point() and not bool(torch.isfinite(target).all()):
             ok, expected = False, "finite values"
         if not ok:
-            if target.numel() == 1:
+            if target.numel() == 1 and (target.dim() == 0 or expected == "finite values"):  # else its shape is wrong
                 got = f"{target.item()!r}"
             elif expected == "finite values":
                 got = "NaN or infinite values"

@@ -124,8 +124,9 @@ def _has_shape(spec: TaskSpec, target: torch.Tensor) -> tuple[bool, str]:
 
 
 def _is_class(spec: TaskSpec, target: torch.Tensor) -> tuple[bool, str]:
-    ok = target.numel() == 1 and float(target).is_integer() and 0 <= int(target) < spec.classes
-    return ok, f"a single class index in [0, {spec.classes})"
+    # 0-d: a (1,) sample (targets of shape (N, 1)) passed here and then failed in cross-entropy with a traceback.
+    ok = target.dim() == 0 and float(target).is_integer() and 0 <= int(target) < spec.classes
+    return ok, f"a single class index in [0, {spec.classes}) (a 0-d tensor: class targets of shape (N,), not (N, 1))"
 
 
 def _is_label_map(spec: TaskSpec, target: torch.Tensor) -> tuple[bool, str]:

@@ -618,8 +618,8 @@ def lazy(*, seed, root, fault):
 
 
 @pytest.mark.parametrize(("function", "message"), [
-    ("label_out_of_range", r"task 'digit' .* expects a single class index in \[0, 3\) per sample but sample 9 of the "
-                           r"'train' split has 3; fix the targets"),
+    ("label_out_of_range", r"task 'digit' .* expects a single class index in \[0, 3\) .* per sample but sample 9 "
+                           r"of the 'train' split has 3; fix the targets"),
     ("nan_input", r"gives sample 6 of the 'train' split an input with NaN or infinite values; clean or drop"),
     ("infinite_target", r"task 'size' .* expects finite values per sample but sample 4 of the 'train' split has inf"),
     # Said "has shape (2,)", the right shape.
@@ -637,7 +637,7 @@ def test_every_sample_of_a_plugins_in_memory_data_is_checked_when_it_loads(
 
 
 @pytest.mark.parametrize(("fault", "message"), [
-    ("label", r"expects a single class index in \[0, 3\) per sample but sample 7 of the 'train' split has 5"),
+    ("label", r"expects a single class index in \[0, 3\) .* per sample but sample 7 of the 'train' split has 5"),
     ("dtype", r"gives sample 7 of the 'train' split an input of dtype torch.float64; return float32"),
     ("shape", r"gives sample 7 of the 'train' split an input of shape \(3,\), not \(2,\) like sample 0"),
     ("raises", r"raised OSError reading sample 7 of the 'train' split: the disk went away; fix the dataset\."),
@@ -652,6 +652,22 @@ def test_a_plugins_lazy_samples_are_checked_as_they_are_read(tmp_path: Path, fau
     assert data.train[6][1]["digit"] == 0  # the samples before it read as they are
     with pytest.raises(MamoError, match=message):
         list(iterate_batches(data.train, 4, shuffle=False, generator=None))
+
+
+def test_class_targets_of_shape_n_by_1_are_refused_when_the_data_loads(tmp_path: Path) -> None:
+    # Each sample was a (1,) tensor with one valid index, so the check passed and cross-entropy failed at the first
+    # step with "0D or 1D target tensor expected" and a traceback, after the run folder was made (a helper's audit).
+    (tmp_path / "column.py").write_text(
+        "import torch\n"
+        "from mamo.data import TensorTaskDataset\n"
+        "def build(*, seed, root):\n"
+        "    split = TensorTaskDataset(torch.rand(8, 4), {'c': torch.randint(0, 3, (8, 1))})\n"
+        "    return {'train': split, 'val': split, 'test': split, 'tasks': {'c': {'type': 'classification', "
+        "'classes': 3}}}\n")
+    with pytest.raises(MamoError, match=r"task 'c' .* expects a single class index in \[0, 3\) \(a 0-d tensor: "
+                                        r"class targets of shape \(N,\), not \(N, 1\)\) per sample but sample 0 of the "
+                                        r"'train' split has shape \(1,\); fix the targets"):
+        load_data(DataConfig(name=f"{tmp_path / 'column.py'}:build"))
 
 
 def test_bool_class_labels_are_still_accepted(tmp_path: Path) -> None:
