@@ -266,6 +266,9 @@ def test_logic_quick_reproduces_the_single_and_row_and_refuses_to_overwrite(tmp_
     result = json.loads((out / "results.json").read_text(), parse_constant=lambda token: pytest.fail(token))
     markdown = (out / "results.md").read_text()
     assert "Thesis Table 3" in markdown and "Thesis Table 2: central + tensioner (relative)" in markdown
+    # Said nowhere but in results.json's options, beside the thesis' full-budget numbers (a helper's audit).
+    assert markdown.startswith("# mamo bench logic\n\n**A `--quick` smoke run**")
+    assert "**A `--quick` smoke run**" in capsys.readouterr().out
     assert len(result["tables"]) == 2 + 2 * 2  # Tables 3-4, then Tables 1-2 per formulation
     # The reference initialisation and data order give the thesis' single-task AND row (351.7 ± 2.6 epochs).
     rate, mean, _, lr = result["raw"]["Single AND|off|c=1.0|alpha=0.3"]
@@ -291,6 +294,7 @@ def test_multimnist_recon_quick(tmp_path):
         accuracy, mse = (float(cell.split(" ± ")[0]) for cell in row[3:5])
         assert 0.0 <= accuracy <= 1.0 and 0.0 < mse < 1.0
     assert "Thesis Table 5" in (out / "results.md").read_text()
+    assert "**A `--quick` smoke run**" in (out / "results.md").read_text()
 
 
 

@@ -167,6 +167,12 @@ def resume_command(name: str, given: list[str], folder: Path) -> str:
     return shlex.join(["python", "cli.py", "bench", name, *kept, "--resume", str(folder)])
 
 
+# Above every table of a --quick run: its tables look like a full run's, thesis columns included.
+QUICK_BANNER = ("**A `--quick` smoke run** (few seeds, a small grid, short training, so a tensioner may never "
+                "switch on): it shows that the benchmark runs, and its numbers compare with neither the thesis' "
+                "nor a full run's.\n\n")
+
+
 def command_bench(args: argparse.Namespace) -> int:
     from mamo.errors import StopExplained
     from mamo.trainer import resolve_device
@@ -200,7 +206,8 @@ def command_bench(args: argparse.Namespace) -> int:
         raise
     result.setdefault("wall_seconds", round(time.perf_counter() - start, 1))
     result.setdefault("options", {k: v for k, v in vars(options).items()})
-    text = f"# mamo bench {args.name}\n\n" + to_markdown(result)
+    smoke = QUICK_BANNER if getattr(options, "quick", False) else ""
+    text = f"# mamo bench {args.name}\n\n{smoke}" + to_markdown(result)
     data = json.dumps(finite_or_null(result), indent=1, default=str, allow_nan=False)
     write_text_atomically(folder / "results.md", text)
     write_text_atomically(folder / "results.json", data)

@@ -24,8 +24,8 @@ tables match the mean), and the min-norm solver the reference code ships (Sener 
 inside the segment but answers 0.999 / 0.001 where the min-norm point is a vertex (mamo's ``mgda`` is exact).
 
 Epochs are counted as the reference code counts them: the 0-based index of the epoch whose losses first met
-the rule, one less than the epochs trained (the thesis' single-XOR row at c = 10, 2979.0, is a 3,000-epoch
-budget's last index).
+the rule, one less than the epochs trained (the thesis' single-XOR row at c = 10, 2979.0, is such an index:
+at learning rate 0.001 those runs meet the rule at epochs 2978–2981, just inside the 3,000-epoch budget).
 
 Every run of one method (all seeds, learning rates, c and α) trains in lockstep as numpy arrays with the runs
 on the last axis (:mod:`mamo.bench.logic_numpy`); runs that converged leave the arrays, so the cost follows the
