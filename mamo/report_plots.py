@@ -57,10 +57,14 @@ def metric_bars_figure(rows: list[dict], tasks: dict[str, TaskSpec]) -> Figure:
 def growth_figure(rounds: list[dict], module_name: str = "GMK modules") -> Figure:
     """New modules per detection round (bars, with the activated positions) and the running total (line);
     ``module_name`` names what grew (:data:`mamo.graph.MODULE_NAMES`)."""
-    labels = [f"round {r['round']}\n" + _listed_positions(r["activated"]) for r in rounds]
-    # Each round's tick gets the width of its longest listed position (about 0.055 inch a character at 8 pt).
+    listed = len(rounds) <= LISTED_ROUNDS
+    labels = [f"round {r['round']}\n" + _listed_positions(r["activated"]) if listed else str(r["round"])
+              for r in rounds]
+    # Each round's tick gets the width of its longest listed position (about 0.055 inch a character at 8 pt); with
+    # more rounds than that, the ticks are round numbers in a picture no wider than MAX_INCHES (50 rounds were 82).
     per_round = max([1.6, *(0.055 * len(line) + 0.3 for label in labels for line in label.split("\n"))])
-    figure = new_figure(max(4.5, per_round * len(rounds) + 2.0), 3.4)
+    width = per_round * len(rounds) + 2.0 if listed else min(MAX_INCHES, 0.25 * len(rounds) + 2.0)
+    figure = new_figure(max(4.5, width), 3.4)
     ax = figure.add_subplot()
     if not rounds:
         ax.text(0.5, 0.5, "no detection rounds: the network stayed HPS", ha="center", va="center")
@@ -73,11 +77,18 @@ def growth_figure(rounds: list[dict], module_name: str = "GMK modules") -> Figur
     ax.plot(numbers, totals, color="#333333", marker="o", label="modules in the network")
     top = max(int(totals.max()), 1)
     for number, count, total in zip(numbers, modules, totals, strict=True):
+        if not listed:
+            break  # too narrow a bar for its numbers: the axis says them
         if count:
             ax.text(number, count / 2, f"+{count}", ha="center", va="center", fontsize=9, color="white")
         ax.text(number, total + 0.04 * top, f"{total}", ha="center", va="bottom", fontsize=8)
-    # The activated (pair, cell) positions go under each round's tick, where they never hit the bars.
-    ax.set_xticks(numbers, labels, fontsize=8)
+    if listed:  # the activated (pair, cell) positions go under each round's tick, where they never hit the bars
+        ax.set_xticks(numbers, labels, fontsize=8)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=20))
+        ax.set_xlim(numbers[0] - 0.7, numbers[-1] + 0.7)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_xlabel("round (report.md lists the positions each round activated)", fontsize=8)
     ax.set_ylim(0, top * 1.3)
     ax.set_ylabel(module_name.split(" (")[0])
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -96,6 +107,8 @@ def growth_figure(rounds: list[dict], module_name: str = "GMK modules") -> Figur
 
 
 PLOT_INCHES = 2.3  # the growth plot's own height, whatever is listed under it
+LISTED_ROUNDS = 12  # rounds up to which each gets its own tick with its positions
+MAX_INCHES = 14.0  # the widest growth plot once the rounds are too many to list
 LISTED_POSITIONS = 12  # positions named under a round; report.md lists all of them
 
 

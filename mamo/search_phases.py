@@ -190,6 +190,7 @@ def _train_keeping_best(run: SearchRun, phase: Phase, done: int, partial: dict |
 
 def _detection_round(run: SearchRun, phase: Phase, done: int, partial: dict | None) -> RoundRecord:
     trainer, config, tasks = run.trainer, run.session.config, run.session.data.tasks
+    growable = bool(g.candidate_positions(trainer.model.graph, config.search.modules))
     run.recorder.open(partial["stats"] if partial else ConflictStats.for_graph(trainer.model.graph))
     with trainer.step.collecting_conflicts():
         trainer.fit(phase.epochs - done, done)
@@ -200,7 +201,8 @@ def _detection_round(run: SearchRun, phase: Phase, done: int, partial: dict | No
     record = RoundRecord(phase.round, stats, activated, new_nodes, len(g.branch_nodes(model.graph)),
                          count_parameters(model), val, delta(val, run.stl_val, tasks) if run.stl_val else None,
                          model.graph, model, run.directory)
-    where = ", ".join(f"{'+'.join(pair)}@cell{cell}" for pair, cell in activated) or "nothing"
+    where = ", ".join(f"{'+'.join(pair)}@cell{cell}" for pair, cell in activated) or (
+        "nothing" if growable else "nothing (every position already had its module: no round can grow more)")
     run.session.log(f"round {phase.round}: {stats.steps} mini-batches, activated {where}; "
                     f"{counted(len(new_nodes), 'new module')}, {record.gmk_modules} in all")
     return record

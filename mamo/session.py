@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,7 +23,15 @@ from mamo.directions import create_direction
 from mamo.errors import EndedOnPurpose, MamoError, StopExplained
 from mamo.graph import build_hps_graph, graph_to_json
 from mamo.model import MamoNet, compile_model, count_parameters
-from mamo.runs import RUNS_ROOT, RunLog, free_run_dir, new_run_dir, replace_atomically, write_text_atomically
+from mamo.runs import (
+    RUNS_ROOT,
+    RunLog,
+    counted,
+    free_run_dir,
+    new_run_dir,
+    replace_atomically,
+    write_text_atomically,
+)
 from mamo.spaces import SPACES, check_model_config, create_space, memory_failure
 from mamo.step import TrainStep
 from mamo.trainer import (
@@ -76,6 +85,22 @@ def check_train_settings(config: Config) -> torch.device:
     return resolve_device(config.train.device)
 
 
+def setting_notes(config: Config) -> list[str]:
+    """What the run's log notes about its settings before it trains: unused ones, and more threads than cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = config.train.threads
+    crowded = (f"note: train.threads = {threads} is more than the {counted(cores, 'core')} this process may use, so "
+               f"torch's threads wait on each other (64 on 2 cores made an epoch 23 times slower, measured); set at "
+               f"most {cores}." if threads is not None and threads > cores else None)
+    tensioner = config.direction.tensioner
+    # Eq 4.11's c_t = α·σ(·) + 1 − α is built for α in [0, 1] (the thesis sweeps that range).
+    wide = (f"note: direction.tensioner.alpha = {tensioner.alpha:g} is above the thesis' range [0, 1]: under "
+            f"'thesis' c_t is clipped at 0 unless σ > 1 − 1/α, so the pull mostly vanishes (α = 100 trained exactly "
+            f"as α = 0, measured); under 'relative' a task's pull can reach past its own gradient."
+            if tensioner.formulation != "off" and tensioner.alpha > 1 else None)
+    return [*unused_settings_notes(config), *(note for note in (crowded, wide) if note)]
+
+
 def unused_settings_notes(config: Config) -> list[str]:
     """Notes naming settings the run's parts do not read: the data's (:func:`mamo.data.unused_data_note`), and
     model and train settings changed from their defaults that only another backbone family or optimizer reads.
@@ -118,7 +143,7 @@ def open_session(
     log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
     data = load_data(config.data)
     if run_dir is not None:  # otherwise open_run notes them once it has a folder
-        for note in unused_settings_notes(config):
+        for note in setting_notes(config):
             log(note)
     if cache_root is None:
         cache_root = (run_dir.parent if run_dir else RUNS_ROOT) / ".baselines"
@@ -247,7 +272,7 @@ def open_run(
     directory = new_run_dir(run_dir, config, command, path)
     session.log.path = directory / "log.txt"
     session.log(f"run folder: {directory}")
-    for note in unused_settings_notes(config):
+    for note in setting_notes(config):
         session.log(note)
     return session, directory
 

@@ -393,6 +393,20 @@ def test_a_round_that_activates_many_positions_keeps_the_growth_plot_its_height(
     assert listed[1] == ["round 2", "t0+t1@cell2"]
 
 
+def test_many_rounds_keep_the_growth_plot_readable():
+    # 50 rounds made an 82-inch strip (8200 pixels) that report.md scaled down to unreadable ticks.
+    rounds = [{"round": z, "activated": [[["a", "b"], 0]] if z < 3 else [], "modules": int(z < 3)}
+              for z in range(1, 51)]
+    figure = report_plots.growth_figure(rounds)
+    plots.figure_to_array(figure)  # renders
+    assert figure.get_figwidth() == report_plots.MAX_INCHES
+    ticks = [label.get_text() for label in figure.axes[0].get_xticklabels() if label.get_text()]
+    assert 5 <= len(ticks) <= 21 and all(tick.isdigit() for tick in ticks)
+    assert len(figure.axes[0].texts) == 0  # no per-round numbers crowded over the narrow bars
+    few = report_plots.growth_figure(rounds[:report_plots.LISTED_ROUNDS])
+    assert few.axes[0].get_xticklabels()[0].get_text() == "round 1\na+b@cell0"
+
+
 def test_growth_without_rounds_says_so():
     figure = report_plots.growth_figure([])
     assert "stayed HPS" in figure.axes[0].texts[0].get_text()

@@ -243,6 +243,15 @@ def test_round_records_match_the_grown_graph(finished):
         assert np.array(record["conflicts"]["counts"]).shape == (3, 2, 2)
 
 
+def test_a_round_with_nothing_left_to_grow_says_so(tmp_path):
+    # Round 1 grows every pair from cell 0, so round 2 cannot grow anything; its log line said only "nothing".
+    run_search(tiny("search.threshold=topk:100", "search.baselines=false"), tmp_path / "run", progress=False,
+               quiet=True, loggers=False)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "round 1: " in log and "activated nothing" not in log.split("round 2: ")[0]
+    assert "activated nothing (every position already had its module: no round can grow more)" in log
+
+
 def test_json_and_weights_rebuild_the_model_exactly(finished, tmp_path):
     run_dir, _ = finished
     model = load_trained(run_dir)

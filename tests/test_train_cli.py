@@ -653,6 +653,26 @@ def test_another_dataset_under_a_preset_with_sizes_trains_and_notes_the_unused_s
             "data.val_size and data.test_size are not used.") in (run / "log.txt").read_text()
 
 
+def test_more_threads_than_cores_and_an_alpha_above_one_get_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 64 threads on 2 cores made an epoch 23 times slower without a word (a helper's edge-case audit).
+    import os
+
+    from mamo.config import load_config
+    from mamo.session import setting_notes
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert setting_notes(load_config("quick", ["train.threads=2"])) == []
+    assert setting_notes(load_config("quick", ["train.threads=64"])) == [
+        "note: train.threads = 64 is more than the 2 cores this process may use, so torch's threads wait on each "
+        "other (64 on 2 cores made an epoch 23 times slower, measured); set at most 2."]
+    # α above 1: under 'thesis' c_t clips to 0 and the run equals α = 0, without a word before.
+    assert setting_notes(load_config("quick", ["direction.tensioner.alpha=1"])) == []
+    off = ["direction.tensioner.alpha=100", "direction.tensioner.formulation=off"]
+    assert setting_notes(load_config("quick", off)) == []
+    (note,) = setting_notes(load_config("quick", ["direction.tensioner.alpha=100"]))
+    assert note.startswith("note: direction.tensioner.alpha = 100 is above the thesis' range [0, 1]")
+
+
 def test_model_and_optimizer_settings_the_run_does_not_read_are_noted(tmp_path: Path) -> None:
     # Accepted without a word before: a width for the mlp under lenet, SGD's momentum under Adam.
     from mamo.config import PRESET_DIR, load_config
