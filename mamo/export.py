@@ -21,7 +21,7 @@ from mamo import graph as g
 from mamo.config import load_config
 from mamo.errors import MamoError
 from mamo.model import MamoNet, compile_model
-from mamo.runs import counted, file_above, replace_atomically, run_command, write_text_atomically
+from mamo.runs import cli, counted, file_above, replace_atomically, run_command, write_text_atomically
 
 
 def _trains_per_task(directory: Path) -> bool:
@@ -94,7 +94,7 @@ def _no_model(directory: Path, missing: list[Path]) -> str:
                 "the best).")
     if command and not (directory / "metrics.json").exists():
         return (f"{directory} holds a {command} run that has not finished (no {missing[0].name}); finish it with "
-                f"python cli.py {command} --resume {directory}.")
+                f"{cli(f'{command} --resume {directory}')}.")
     if command:
         return (f"{directory} is a finished {command} run whose {names} is gone; restore it from a copy or "
                 f"{_rerun(directory, command)}.")
@@ -106,7 +106,8 @@ def _rerun(directory: Path, command: str | None) -> str:
     the same)."""
     if command is None:
         return "rerun it"
-    return f"rerun it with python cli.py {command} {directory / 'config.yaml'} --run-dir NEW_FOLDER"
+    config = directory / "config.yaml"
+    return f"rerun it with {cli(f'{command} {config} --run-dir NEW_FOLDER')}"
 
 
 def example_input(model: MamoNet, batch: int = 2) -> torch.Tensor:

@@ -10,6 +10,7 @@ import io
 import itertools
 import os
 import re
+import shlex
 import socket
 import sys
 import time
@@ -120,6 +121,18 @@ def checkpointed_command(directory: Path) -> str | None:
                  if any(any(found(mark)) for mark in marks)), None)
 
 
+def cli(command: str) -> str:
+    """``command`` (``search --resume runs/x``) as the user can run it again the way they ran mamo: ``mamo ...``
+    through the installed command, ``python cli.py ...`` from the checkout, ``python /path/cli.py ...`` from
+    elsewhere (a printed ``python cli.py`` failed there); the Python API's callers get ``python cli.py``."""
+    program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    if program.name == "mamo":
+        return f"mamo {command}"
+    if program.name == "cli.py" and program.resolve() != (Path.cwd() / "cli.py").resolve():
+        return f"python {shlex.quote(str(program.resolve()))} {command}"
+    return f"python cli.py {command}"
+
+
 def run_command(directory: Path) -> str | None:
     """The command that made the run folder ``directory`` (``train`` or ``search``), from its config.yaml's first
     line or else its checkpoints, or None: how --resume refuses the other command's folder, also one stopped
@@ -201,7 +214,7 @@ def read_run_config(
             raise MamoError(f"{directory} is a finished {other} run folder, not a {command} one; there is nothing "
                             "to resume.")
         raise MamoError(f"{directory} is a {other} run folder, not a {command} one; continue it with "
-                        f"python cli.py {other} --resume {directory}.")
+                        f"{cli(f'{other} --resume {directory}')}.")
     checkpoints = directory / "checkpoints"
     if checkpoints.exists() and not checkpoints.is_dir():  # its checkpoints were reported "corrupt"
         raise MamoError(f"{checkpoints} is a file where the run keeps its checkpoints folder; move the file away "

@@ -33,7 +33,7 @@ from mamo.report import (
     write_metrics,
     write_report,
 )
-from mamo.runs import FolderLock, check_resumed_config, read_run_config
+from mamo.runs import FolderLock, check_resumed_config, cli, read_run_config
 from mamo.search_phases import ConflictRecorder, SearchRun, run_phases, stl_validation
 from mamo.search_plan import (
     budget_note,
@@ -96,7 +96,7 @@ def run_search(
         watchers = list(callbacks or [])
         try:
             # Ctrl-C is the usual way a search stops early (finished phases are checkpointed).
-            with (logging_stops(session, f"python cli.py search --resume {directory}"),
+            with (logging_stops(session, cli(f"search --resume {directory}")),
                   intra_op_threads(config.train.threads)):
                 baselines = {}
                 if state is not None and "baselines" in state:
@@ -117,7 +117,7 @@ def run_search(
                 start_index, partial = _restore(run, state) if state is not None else (0, None)
                 if state is None and resume:
                     session.log(f"no checkpoint in {directory / 'checkpoints'} yet: the search starts again from "
-                                "the beginning")
+                                "its pretraining's first epoch (the baselines come from their cache)")
                 run_phases(run, search_phases(config)[start_index:], started, partial)
                 metrics = _finish(run, started)
                 for callback in watchers:

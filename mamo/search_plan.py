@@ -14,7 +14,7 @@ from mamo.conflicts import parse_threshold
 from mamo.data import MultiTaskData, batches_per_epoch
 from mamo.directions import direction_label
 from mamo.errors import MamoError
-from mamo.runs import counted
+from mamo.runs import cli, counted
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def check_search_tasks(data: MultiTaskData) -> None:
     """A search grows modules between pairs of tasks: one task has no pair."""
     if len(data.tasks) < 2:
         raise MamoError(f"the data has {len(data.tasks)} task ({', '.join(data.tasks)}), and a search grows modules "
-                        "between pairs of tasks; give the data two or more tasks, or use `python cli.py train` for "
+                        f"between pairs of tasks; give the data two or more tasks, or use `{cli('train')}` for "
                         "one.")
 
 

@@ -285,7 +285,12 @@ def logging_stops(session: Session, how_to_continue: str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        session.log(f"stopped; continue with: {how_to_continue}")
+        every = session.config.train.checkpoint_seconds
+        # What a resume starts from, so that a stop after unsaved epochs does not look like losing nothing.
+        kept = "every finished epoch is checkpointed" if every == 0 else (
+            f"checkpoints are at most {every:g} s apart (train.checkpoint_seconds), so up to that much of the "
+            "newest epochs is trained again")
+        session.log(f"stopped ({kept}); continue with: {how_to_continue}")
         raise StopExplained from None
     except MamoError as exc:
         session.log.record(f"error: {exc}")

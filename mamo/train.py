@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from mamo.directions import direction_label
 from mamo.errors import MamoError
 from mamo.graph import graph_to_dict
 from mamo.report import build_rows, delta, run_environment, win_rate, write_metrics, write_report
-from mamo.runs import FolderLock, check_resumed_config, counted, read_run_config
+from mamo.runs import FolderLock, check_resumed_config, cli, counted, read_run_config
 from mamo.session import Session, logging_stops, open_run, open_session, save_model, train_network
 from mamo.trainer import Callback, intra_op_threads
 
@@ -120,7 +121,7 @@ class TrainMode:
 
 
 TRAIN_MODES: dict[str, TrainMode] = {
-    "mtl": TrainMode(_train_shared, lambda directory: f"python cli.py train --resume {directory}"),
+    "mtl": TrainMode(_train_shared, lambda directory: cli(f"train --resume {directory}")),
     # STL networks continue from the baseline cache beside the run folder, which any run of the same settings
     # there reads: a new run, not --resume.
     "stl": TrainMode(
@@ -136,6 +137,7 @@ TRAIN_MODES: dict[str, TrainMode] = {
 
 def _train_and_write(session: Session, directory: Path, watchers: list[Callback], state: dict | None) -> dict:
     config, tasks = session.config, session.data.tasks
+    started = time.perf_counter()
     name, result, results = TRAIN_MODES[config.train.mode].train(session, directory, watchers, state)
     stl_name = "STL" if "STL" in results else None
     metrics = {"tasks": result["tasks"], "params": result["params"], "val": result["val"],
@@ -158,6 +160,8 @@ def _train_and_write(session: Session, directory: Path, watchers: list[Callback]
     for callback in watchers:
         callback.on_run_end(metrics)
     session.log.result("\n" + text)
+    # As search ends: where the run is (a train run's last line was the table's footnote).
+    session.log.result(f"train finished in {time.perf_counter() - started:.1f} s; run folder {directory}")
     return metrics
 
 

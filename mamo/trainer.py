@@ -330,12 +330,13 @@ class Trainer:
         epoch lines' count (``phase_epochs``) shows."""
         self.phase_epochs = (done, done + epochs)
         self.fit_start = (self.epoch, time.perf_counter())
-        for _ in range(epochs):
+        for index in range(epochs):
             start = time.perf_counter()
             batches = iterate_batches(self.train_set, self.batch_size, shuffle=True, generator=self.generator,
                                       drop_single=True)
             total = batches_per_epoch(len(self.train_set), self.batch_size, drop_single=True)
-            bar = tqdm(batches, total=total, desc=f"{self.description} epoch {self.epoch + 1}",
+            # The epoch of the phase, as the epoch lines count it (the trainer's own count runs across phases).
+            bar = tqdm(batches, total=total, desc=f"{self.description} epoch {done + index + 1}/{done + epochs}",
                        disable=not self.progress, leave=False, dynamic_ncols=True)
             train_loss = torch.zeros(len(self.model.tasks))
             for x, targets in bar:

@@ -15,23 +15,26 @@ import argparse
 import dataclasses
 import multiprocessing
 import os
+import shlex
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from mamo.config import Config, load_config
 from mamo.errors import MamoError, StopExplained
-from mamo.runs import RUNS_ROOT, claim_new_folder, file_above
+from mamo.runs import RUNS_ROOT, claim_new_folder, cli, file_above
 from mamo.trainer import intra_op_threads
 from mamo.tune_objective import SearchObjective
 from mamo.tune_space import SPACE, apply_params, check_space
 from mamo.tune_storage import StorageBusy, open_storage, shown_url
 from mamo.tune_study import check_folder, claim_folder, open_study, retry_interrupted, stored_study, study_config
-from mamo.tune_summary import summarize
+from mamo.tune_summary import fail_reason, summarize
 from mamo.tune_workers import Plan, Tickets, TrialLine, optimize, quiet_optuna, run_workers, trial_stops
 
 DEFAULT_STUDY = "mamo"
@@ -187,8 +190,8 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
             shutil.rmtree(directory, ignore_errors=True)
         raise
     except KeyboardInterrupt:  # in the reference's training, say: its finished networks are cached in the folder
-        print(f"stopped while setting the study up; rerun the command with --run-dir {directory} to continue "
-              "it (what the reference trained is kept)", flush=True)
+        print(f"stopped while setting the study up (what the reference trained is kept); continue with: "
+              f"{cli(f'tune --run-dir {directory}')}", file=sys.stderr, flush=True)
         raise StopExplained from None
     return _OpenStudy(study, directory, url, config, tasks, trials, workers, threads)
 
@@ -230,7 +233,8 @@ def run_tune(
         retry_interrupted(study, line)
     shown = shown_url(opened.url)
     print(f"study '{name}' ({shown}): {opened.trials} trials on {opened.workers} worker(s), trial folders in "
-          f"{directory}", flush=True)
+          f"{directory}", file=sys.stderr, flush=True)
+    before = len(study.get_trials(deepcopy=False))
     plan = Plan(opened.url, name, objective, config.tune.pruner, line.log_path, threads=opened.threads)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and open connections
     # Seeded TPE reproduces a local study (each trial's draws follow from the seed and its draw index, so a
@@ -248,8 +252,14 @@ def run_tune(
         if storage is None:  # a worker killed while recording its stop left its trial running: retried next time
             retry_interrupted(study, line)
         summarize(study, directory, config, multi_objective, shown)  # the stopped trial's reason included
-        print(f"stopped; finished trials stay in the study: rerun the command with --run-dir {directory} to "
-              "continue it", flush=True)
+        # The trials this command still owed: tickets never taken, and the stopped ones (their retries run first).
+        stopped = [t for t in study.get_trials(deepcopy=False)[before:]
+                   if t.state == TrialState.FAIL and fail_reason(t).startswith("stopped")]
+        owed = tickets.untaken() + len(stopped)
+        # A storage URL as shown_url shows it: its password masked, for the user to fill in.
+        where = f"--run-dir {directory}" if storage is None else shlex.join(["--storage", shown, "--study", name])
+        print(f"stopped; finished trials stay in the study; continue with: "
+              f"{cli(f'tune {where} --trials {owed}')}", file=sys.stderr, flush=True)
         raise StopExplained from None
     return summarize(study, directory, config, multi_objective, shown)
 

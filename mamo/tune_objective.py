@@ -5,7 +5,9 @@ TensorBoard HPARAMS record whether it completed, was pruned or failed."""
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +18,7 @@ from mamo.config import Config
 from mamo.errors import EndedOnPurpose
 from mamo.report import delta
 from mamo.tasks import TaskSpec
-from mamo.trainer import Callback
+from mamo.trainer import Callback, EpochLines
 from mamo.tune_space import objective_metrics, suggest_config, trial_folder
 from mamo.tune_storage import RETRY_OF
 
@@ -53,6 +55,10 @@ class RoundReporter(Callback):
                 self._report(record["round"], record["val"])
 
 
+def _trial_line(number: int, line: str) -> None:
+    print(f"trial {number}: {line}", file=sys.stderr, flush=True)
+
+
 @dataclass
 class SearchObjective:
     """One trial = one search in ``study_dir/trial-NNNN``; a plain object so spawned workers can unpickle it."""
@@ -64,7 +70,9 @@ class SearchObjective:
     multi: bool
     tensorboard: bool = True  # per trial: events, round pictures and the HPARAMS record
     pictures: bool = True  # False: the trial's events and HPARAMS record without the round pictures
-    progress: bool = False  # the trial's epoch bars (one worker on a terminal; several would draw over each other)
+    # The trial's epoch bars (one worker on a terminal; several would draw over each other); without them, each
+    # epoch is a line on stderr naming the trial, as `search --no-progress` shows (trials were silent for minutes).
+    progress: bool = False
     threads: int | None = None  # a worker's share of the cores, when train.threads does not say
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -101,8 +109,10 @@ class SearchObjective:
                 metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
             else:
                 resume = retried is not None and (run_dir / "config.yaml").is_file()
+                lines = [] if self.progress else [EpochLines(functools.partial(_trial_line, trial.number))]
                 metrics = run_search(config, run_dir, progress=self.progress, quiet=True, resume=resume,
-                                     callbacks=[reporter] if reporter else [], cache_root=self.study_dir / ".baselines",
+                                     callbacks=[*([reporter] if reporter else []), *lines],
+                                     cache_root=self.study_dir / ".baselines",
                                      loggers=self.tensorboard, pictures=self.pictures)
         except optuna.TrialPruned:
             if self.tensorboard:

@@ -12,7 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mamo.config import Config, dump_config, load_config
 from mamo.errors import MamoError
-from mamo.runs import replace_atomically, table_lines, write_csv_atomically, write_text_atomically
+from mamo.runs import cli, replace_atomically, table_lines, write_csv_atomically, write_text_atomically
 from mamo.tune_space import SPACE, apply_params
 
 BEST_SHOWN = 5
@@ -196,7 +196,7 @@ def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, s
         tuned.name = f"{base.name}-tuned"
         replace_atomically(best_path, lambda partial: dump_config(tuned, partial))
         lines += [f"Best configuration: {best_path} (trial {chosen.number}, run folder {_where(chosen, directory)}); "
-                  f"run it with `mamo search {best_path}`.", *_rerun_notes(tuned, base, chosen), ""]
+                  f"run it with `{cli(f'search {best_path}')}`.", *_rerun_notes(tuned, base, chosen), ""]
         if multi and 2 <= len(study.directions) <= 3:
             plot_pareto(study, directory / "pareto.png")
             lines += [f"Pareto scatter: {directory / 'pareto.png'}.", ""]

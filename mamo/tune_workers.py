@@ -146,6 +146,10 @@ class Tickets:
         self.left = context.Value("q", count) if context is not None else None  # 64-bit: 2**32 + 1 is not 1
         self.count = count
 
+    def untaken(self) -> int:
+        """How many of the trials are still to start."""
+        return max(0, self.count if self.left is None else self.left.value)
+
     def take(self) -> bool:
         if self.left is None:
             self.count -= 1
@@ -212,7 +216,7 @@ class TrialLine:
         shown = ", ".join(f"{k}={short_value(v)}" for k, v in params.items())
         line = f"trial {number} {outcome}" + (f" ({shown})" if shown else "") + (
             "" if seconds is None else f" in {seconds:.1f} s")
-        print(line, flush=True)
+        print(line, file=sys.stderr, flush=True)  # progress, like the other commands': stdout keeps the result
         with open(self.log_path, "a", encoding="utf-8") as handle:
             handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 

@@ -283,6 +283,25 @@ def test_logic_quick_reproduces_the_single_and_row_and_refuses_to_overwrite(tmp_
     assert (out / "results.json").read_text() == before
 
 
+def test_logic_and_step_show_a_bar_per_method_on_a_terminal(tmp_path, monkeypatch):
+    # Both ran silent: a full logic run is about a CPU-minute, a ResNet-18 step setup minutes (a helper's audit).
+    import sys
+
+    import mamo.bench.logic
+    import mamo.bench.step
+
+    shown = []
+    for module in (mamo.bench.logic, mamo.bench.step):
+        real = module.tqdm
+        monkeypatch.setattr(module, "tqdm", lambda items, real=real, **kwargs: shown.append(
+            (kwargs["desc"], kwargs["disable"], len(items))) or real(items, **{**kwargs, "disable": True}))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["bench", "logic", "--quick", "--no-sweep", "--out", str(tmp_path / "logic")]) == 0
+    assert main(["bench", "step", "--quick", "--setups", "lenet-m2", "--out", str(tmp_path / "step")]) == 0
+    assert [desc for desc, _, _ in shown] == ["logic", "LeNet m=2, batch 4"] and not any(off for _, off, _ in shown)
+    assert shown[0][2] == len(mamo.bench.logic.MAIN) and shown[1][2] > 5
+
+
 def test_multimnist_recon_quick(tmp_path):
     out = tmp_path / "recon"
     assert main(["bench", "multimnist_recon", "--quick", "--out", str(out)]) == 0

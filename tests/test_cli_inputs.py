@@ -417,3 +417,26 @@ def test_an_abbreviated_option_is_not_taken_for_another(argv: list[str], unknown
         main(argv)
     assert stopped.value.code == 2
     assert f"unrecognized arguments: {unknown}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv0", "where", "expected"), [
+    ("/usr/local/bin/mamo", "elsewhere", "mamo search --resume runs/x"),
+    ("cli.py", "checkout", "python cli.py search --resume runs/x"),
+    ("CHECKOUT/cli.py", "elsewhere", "python CHECKOUT/cli.py search --resume runs/x"),
+    ("/some/script.py", "elsewhere", "python cli.py search --resume runs/x"),  # the Python API's caller
+])
+def test_printed_commands_run_mamo_the_way_it_was_run(argv0: str, where: str, expected: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Always "python cli.py ...": after `mamo train` or from another folder, pasting it failed (a helper's audit).
+    import sys
+
+    from mamo.runs import cli
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "cli.py").write_text("")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / where)
+    monkeypatch.setattr(sys, "argv", [argv0.replace("CHECKOUT", str(checkout))])
+    assert cli("search --resume runs/x") == expected.replace("CHECKOUT", str(checkout))
+

@@ -387,7 +387,7 @@ def test_a_stopped_search_resumes_to_the_same_architecture(tmp_path):
     before_stop = torch.load(tmp_path / "cut" / "checkpoints" / "phase-01-round1.pt", weights_only=False)["seconds"]
     assert before_stop >= 1.5
     log = (tmp_path / "cut" / "log.txt").read_text().splitlines()
-    assert log[-1].endswith(f"stopped; continue with: python cli.py search --resume {tmp_path / 'cut'}")
+    assert log[-1].endswith(f"); continue with: python cli.py search --resume {tmp_path / 'cut'}")
     resumed = run_search(config, tmp_path / "cut", progress=False, quiet=True, loggers=False, resume=True)
     whole_graph = json.loads((tmp_path / "whole" / "architecture.json").read_text())
     resumed_graph = json.loads((tmp_path / "cut" / "architecture.json").read_text())

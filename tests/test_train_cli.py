@@ -134,6 +134,9 @@ def test_train_writes_the_run_folder(runs: Path) -> None:
     assert written.train.epochs == 1 and written.data.train_size == 256 and written.name == "quick"
     checkpoint = torch.load(run / "checkpoints" / "best.pt", weights_only=False)
     assert set(checkpoint) >= {"model", "graph"}
+    # Its last line names the folder, as a search's does (it ended on the table's footnote).
+    assert re.search(rf"train finished in [0-9.]+ s; run folder {re.escape(str(run))}$",
+                     (run / "log.txt").read_text().rstrip())
 
 
 def test_no_tensorboard_writes_no_events_and_keeps_the_run_folder(runs: Path) -> None:
@@ -160,6 +163,22 @@ def test_each_epoch_is_a_line_in_the_log_and_on_the_terminal_when_no_bar_shows_i
     assert ["left in this phase" in line for line in logged] == [True, True, False]  # none after the last
     shown = [line for line in capsys.readouterr().err.splitlines() if ": val " in line]
     assert shown == ([] if progress else logged)  # the bar replaces them on the terminal
+
+
+def test_the_progress_bar_counts_a_phases_epochs_as_its_lines_do(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bar said "final epoch 10" where the log said "final epoch 4/4" (the trainer's count runs across
+    # phases; a helper's terminal audit).
+    import mamo.trainer
+    from mamo.search import run_search
+
+    described = []
+    real = mamo.trainer.tqdm
+    monkeypatch.setattr(mamo.trainer, "tqdm", lambda *args, **kwargs: described.append(kwargs["desc"]) or real(
+        *args, **{**kwargs, "disable": True}))
+    config = load_config("quick", [*TINY_SETTINGS, "train.epochs=4", "search.baselines=false"])
+    run_search(config, tmp_path / "run", progress=True, quiet=True, loggers=False)
+    assert described == ["pretrain epoch 1/1", "round1 epoch 1/1", "round2 epoch 1/1", "final epoch 1/1"]
 
 
 @pytest.mark.parametrize("command", ["train", "search"])

@@ -41,8 +41,11 @@ def test_a_stopped_train_resumes_to_the_same_result(tmp_path: Path, seconds: flo
     with pytest.raises(KeyboardInterrupt):
         run_train(config, cut, callbacks=[StopAfterEpoch(2)], **quiet)
     assert (cut / "checkpoints" / "last.pt").exists() and not (cut / "metrics.json").exists()
-    assert (cut / "log.txt").read_text().splitlines()[-1].endswith(f"stopped; continue with: python cli.py train "
+    assert (cut / "log.txt").read_text().splitlines()[-1].endswith(f"); continue with: python cli.py train "
                                                                    f"--resume {cut}")
+    # It says what the resume starts from (the stop came after unsaved epochs: a helper's terminal audit).
+    kept = "every finished epoch is checkpointed" if seconds == 0 else "checkpoints are at most 1e+09 s apart"
+    assert f"stopped ({kept}" in (cut / "log.txt").read_text()
     (cut / "checkpoints" / "last.pt.4242.tmp").write_bytes(b"half")  # saves a SIGKILL cut short
     (cut / "metrics.json.4242.tmp").write_bytes(b"")
     resumed = run_train(load_config("logic"), cut, resume=True, resume_settings=["train.device=cpu"],
@@ -67,7 +70,7 @@ def test_a_stopped_stl_train_says_how_it_continues(tmp_path: Path) -> None:
     with pytest.raises(StopExplained):  # said how to continue: the CLI adds no generic line
         run_train(config, tmp_path / "stl", progress=False, quiet=True, loggers=False, callbacks=[StopAfterEpoch(2)])
     assert (tmp_path / "stl" / "log.txt").read_text().splitlines()[-1].endswith(
-        f"stopped; continue with: the same train command with a new --run-dir in {tmp_path} (its baseline cache, "
+        f"); continue with: the same train command with a new --run-dir in {tmp_path} (its baseline cache, "
         f"{tmp_path / '.baselines'}, keeps the finished networks and the stopped one's epochs)")
     (stopped,) = (tmp_path / ".baselines").glob("*.pt")  # the stopped network's epochs, where the advice says
     run_train(config, tmp_path / "again", progress=False, quiet=True, loggers=False)
@@ -465,9 +468,9 @@ def test_sigterm_stops_a_train_run_as_ctrl_c_does(tmp_path: Path) -> None:
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
-    assert log.read_text().splitlines()[-1].endswith(f"stopped; continue with: python cli.py train --resume {run}")
+    assert log.read_text().splitlines()[-1].endswith(f"); continue with: python cli.py train --resume {run}")
     # The log line, on the terminal too, says how to continue: no generic "interrupted" line after it.
-    assert f"stopped; continue with: python cli.py train --resume {run}" in err
+    assert f"); continue with: python cli.py train --resume {run}" in err
     assert "mamo: interrupted" not in err and "Traceback" not in err
 
 

@@ -219,7 +219,10 @@ def interrupted(trial: optuna.Trial) -> float:
 def test_ctrl_c_says_how_to_continue_the_study(tmp_path, capsys):
     with pytest.raises(KeyboardInterrupt):
         run_tune(load_config("quick"), study_dir=tmp_path, trials=3, objective=interrupted)
-    assert f"rerun the command with --run-dir {tmp_path} to continue it" in capsys.readouterr().out
+    # The exact command, with the trials this one still owed: the stopped trial 1 (retried first) and trial 2
+    # (rerunning the command as it was ran 3 more; a helper's terminal audit).
+    assert (f"stopped; finished trials stay in the study; continue with: python cli.py tune --run-dir {tmp_path} "
+            "--trials 2") in capsys.readouterr().err
     # The stopped trial is in the log, summary.md and trials.csv at once, not only after a continuation.
     assert "trial 1 failed: stopped by Ctrl-C before it finished" in (tmp_path / "tune.log").read_text()
     assert "- trial 1: stopped by Ctrl-C before it finished" in (tmp_path / "summary.md").read_text()
@@ -808,7 +811,7 @@ def test_a_tune_stopped_by_sigterm_stops_its_workers_and_records_their_trials(tm
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
-    assert "stopped; finished trials stay in the study" in out
+    assert "stopped; finished trials stay in the study" in err
     assert "Traceback" not in err and "leaked" not in err and "Exception ignored" not in err
     trials = load(study).trials
     stopped = [t for t in trials if t.state == TrialState.FAIL]
@@ -1031,12 +1034,15 @@ def test_quick_study_on_sqlite_end_to_end(tmp_path, capsys):
     args = ["tune", "quick", "--trials", "3", "--run-dir", str(study_dir), "--no-progress"]
     assert main([*args, *(x for o in TINY for x in ("--set", o))]) == 0
     captured = capsys.readouterr()
-    out = captured.out
+    out = captured.err  # progress, trial lines included, goes to stderr; stdout holds the summary alone
     # TINY fixes search.final_epochs while Z varies: the trials' budgets differ from the STL reference's.
     assert "search.final_epochs = 1 is fixed, so a trial with more rounds trains longer" in captured.err
     study = load(study_dir)
     assert [t.number for t in study.trials] == [0, 1, 2]
-    assert sum(line.startswith("trial ") for line in out.splitlines()) == 3
+    assert sum(line.startswith(("trial 0 ", "trial 1 ", "trial 2 ")) for line in out.splitlines()) == 3
+    # Without bars each trial's epochs are lines naming it (a piped or --no-progress study was silent in between).
+    assert "\ntrial 0: pretrain epoch 1/1: val left loss " in out
+    assert not [line for line in captured.out.splitlines() if line.startswith(("trial ", "study "))]
     assert all(t.state == TrialState.COMPLETE for t in study.trials), out  # the pruner waits for 3 trials
     best = max(study.trials, key=lambda t: t.value)
     summary = (study_dir / "summary.md").read_text()
@@ -1349,7 +1355,7 @@ def test_a_run_dir_that_cannot_be_a_folder_is_one_sentence(tmp_path, capsys, tar
 
 def test_no_more_workers_start_than_there_are_trials(tmp_path, capsys):
     run_tune(load_config("quick"), study_dir=tmp_path, trials=1, workers=3, objective=draws_alpha)
-    assert "1 trials on 1 worker(s)" in capsys.readouterr().out
+    assert "1 trials on 1 worker(s)" in capsys.readouterr().err
     from mamo.cache import process_owner
 
     assert [t.user_attrs["owner"] for t in load(tmp_path).trials] == [process_owner()]  # run here, none spawned

@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from mamo.errors import MamoError
-from mamo.runs import claim_new_folder, file_above, table_lines, write_text_atomically
+from mamo.runs import claim_new_folder, cli, file_above, table_lines, write_text_atomically
 
 BENCHES: dict[str, str] = {
     "logic": "mamo.bench.logic",
@@ -164,7 +164,7 @@ def resume_command(name: str, given: list[str], folder: Path) -> str:
             continue
         if not text.startswith(("--out=", "--resume=")):
             kept.append(text)
-    return shlex.join(["python", "cli.py", "bench", name, *kept, "--resume", str(folder)])
+    return cli(shlex.join(["bench", name, *kept, "--resume", str(folder)]))
 
 
 # Above every table of a --quick run: its tables look like a full run's, thesis columns included.

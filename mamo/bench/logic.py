@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm import tqdm
 
 from mamo.bench import positive_int
 from mamo.bench.logic_numpy import MOMENTUM, VectorDirection, VectorMLP
@@ -285,11 +287,17 @@ def run(args: argparse.Namespace) -> dict:
         raise MamoError(f"--sweep-lr must be a finite positive learning rate, got {args.sweep_lr}; pass e.g. 0.05.")
     common = dict(cs=SCALES, seeds=seeds, init=INITS[args.init], orders=shuffles(seeds, epochs),
                   criterion=CRITERIA[args.criterion])
-    results = {(m.label, m.formulation): run_method(m, lrs=lrs, alphas=(0.3,), T=10, **common) for m in MAIN}
-    sweep = {} if args.no_sweep else {
-        (form, T): run_method(Method("Central + tensioner", "central", form), lrs=(args.sweep_lr,),
-                              alphas=alphas, T=T, **common)
-        for form in ("thesis", "relative") for T in periods}
+    runs = [((m.label, m.formulation), m, lrs, (0.3,), 10) for m in MAIN]
+    if not args.no_sweep:
+        runs += [((form, T), Method("Central + tensioner", "central", form), (args.sweep_lr,), alphas, T)
+                 for form in ("thesis", "relative") for T in periods]
+    done = {}
+    # A bar on a terminal (a full run is about a CPU-minute of silence otherwise), one step per method.
+    for key, method, rates, strengths, T in tqdm(runs, desc="logic", unit="method", leave=False,
+                                                 disable=not sys.stderr.isatty()):
+        done[key] = run_method(method, lrs=rates, alphas=strengths, T=T, **common)
+    results = {key: done[key] for key, *_ in runs[:len(MAIN)]}
+    sweep = {key: done[key] for key, *_ in runs[len(MAIN):]}
     wall = time.perf_counter() - start
     notes = [
         f"{len(seeds)} seeds, initialisation '{args.init}', learning rates {list(lrs)} (sweep: {args.sweep_lr:g}), "

@@ -26,12 +26,14 @@ import contextlib
 import gc
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 
 import torch
+from tqdm import tqdm
 
 from mamo import step as step_module
 from mamo import task_gradients
@@ -200,7 +202,7 @@ def _first_call(step: Step, setup: Setup, device: torch.device) -> dict:
 
 
 def measure(setup: Setup, device: torch.device, warmup: int, rounds: int | None,
-            clock: str) -> tuple[dict[str, dict], int]:
+            clock: str, label: str = "step") -> tuple[dict[str, dict], int]:
     """Per method: ``times`` (seconds), paired ratios to equal and the floor, ``memory`` (MiB), or ``error``.
 
     Each method runs in its own session of rounds, one step each of equal, the floor and the method in a
@@ -222,7 +224,9 @@ def measure(setup: Setup, device: torch.device, warmup: int, rounds: int | None,
     sync(device)
     rounds = rounds or min(200, max(10, int(2.0 / max(time.perf_counter() - start, 1e-6))))
     tick, order = CLOCKS[clock], random.Random(0)
-    for name, factory in factories.items():
+    # A bar on a terminal, one step per method (a ResNet-18 setup is minutes): drawn between the timed sessions.
+    for name, factory in tqdm(factories.items(), desc=label, unit="method", leave=False,
+                              disable=not sys.stderr.isatty()):
         try:
             step = factory(setup)
         except Unavailable as exc:
@@ -332,7 +336,8 @@ def run(args: argparse.Namespace) -> dict:
             for batch in batches:
                 with memory_failures_named(f"{label} at batch {batch}", "pass smaller --batch-sizes"):
                     setup = build_setup(backbone, shape, m, batch, device, args.precision)
-                    results, done = measure(setup, device, warmup=1 if quick else 3, rounds=rounds, clock=clock)
+                    results, done = measure(setup, device, warmup=1 if quick else 3, rounds=rounds, clock=clock,
+                                            label=f"{label}, batch {batch}")
                 layout = resolve_layout("auto", device, setup.part.size, m)
                 title = (f"{label}, {'×'.join(map(str, shape[1:]))}, batch {batch} ({setup.part.size / 1e6:.3g} M "
                          f"shared parameters, '{layout}' gradient layout; {done} rounds per method)")
