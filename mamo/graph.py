@@ -223,7 +223,7 @@ def structure_error(graph: nx.DiGraph) -> str | None:
             index = data.get("cell")
             if not isinstance(index, int) or isinstance(index, bool):
                 return f"node '{node}' has no cell index"
-            # What MamoNet._run reads (the wiring grow() makes): the trunk stream, and for a branch module
+            # What MamoNet._run_cells reads (the wiring grow() makes): the trunk stream, and for a branch module
             # its own stream before it where the branch already ran there.
             wanted = {INPUT if index == 0 else cell_id(index - 1)}
             before = branch_id(tuple(data.get("group") or ()), index - 1)

@@ -103,12 +103,13 @@ def _check_values(x: Tensor, targets: dict[str, Tensor], where: str, tasks: dict
             )
         target = targets[name]
         ok, expected = TASK_TYPES[spec.type].check_target(spec, target)
-        if ok and target.is_floating_point() and not bool(torch.isfinite(target).all()):
+        nonfinite = ok and target.is_floating_point() and not bool(torch.isfinite(target).all())
+        if nonfinite:
             ok, expected = False, "finite values"
         if not ok:
-            if target.numel() == 1 and (target.dim() == 0 or expected == "finite values"):  # else its shape is wrong
+            if target.numel() == 1 and (target.dim() == 0 or nonfinite):  # else a 1-element shape is what is wrong
                 got = f"{target.item()!r}"
-            elif expected == "finite values":
+            elif nonfinite:
                 got = "NaN or infinite values"
             elif spec.shape and tuple(target.shape) == spec.shape:
                 # The shape is right, so the values are what is wrong (a label map with 255 for "void", floats).

@@ -6,7 +6,7 @@ task) and ``--rounds-sweep`` picks the Z rows (none: only MAMO, w/o MO and w/o G
 Every variant trains the same number of epochs as its STL/HPS baselines (``train.epochs``): pretraining and
 each detection round take the preset's epochs and the final phase gets what is left, so more rounds never means
 more training. The first row is the default search itself (the preset's Z). Each
-seed's baselines are trained once and shared by its variants (the baseline cache). Rows are mean ± std over
+seed's baselines are trained once and shared by its variants (the baseline cache). Rows are mean ± sample std over
 seeds of the test metrics' relative change against STL, Δ and win rate (MAMO Table 4 layout).
 
 ``--equal-params`` adds two rows at MAMO's parameter count, to tell growth from size: HPS and w/o GMK with the
@@ -301,7 +301,8 @@ def run(args: argparse.Namespace) -> dict:
     rows = [_row(name, runs, stl, tasks, deltas[name]) for name, runs in every.items()]
     per_seed = "; ".join(f"{name}: " + " / ".join(f"{d:+.2f}" for d in values) for name, values in deltas.items())
     return {
-        "title": f"MAMO ablations on {preset} (seeds {seeds}; every variant trains {base.train.epochs} epochs)",
+        "title": f"MAMO ablations on {preset} (seeds {seeds}: mean ± sample std; every variant trains "
+                 f"{base.train.epochs} epochs)",
         "columns": header,
         "rows": rows,
         "notes": ["STL test metrics per seed: " + "; ".join(
