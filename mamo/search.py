@@ -94,6 +94,7 @@ def run_search(
                 session.log(note)
         recorder = ConflictRecorder()
         watchers = list(callbacks or [])
+        owned = []  # the loggers this search made, closed by it (a caller's callbacks are theirs)
         try:
             # Ctrl-C is the usual way a search stops early (finished phases are checkpointed).
             with (logging_stops(session, cli(f"search --resume {directory}")),
@@ -109,8 +110,9 @@ def run_search(
                 if loggers:
                     from mamo.board import TensorBoardLogger
 
-                    watchers.insert(0, TensorBoardLogger(directory, config, tasks, stl_val, pictures=pictures,
-                                                         start_over=resume and state is None))
+                    owned.append(TensorBoardLogger(directory, config, tasks, stl_val, pictures=pictures,
+                                                   start_over=resume and state is None))
+                    watchers.insert(0, owned[-1])
                 model = build_network(session, initial_weights=state is None)
                 trainer = make_trainer(session, model, config.direction, [recorder, *watchers], "search")
                 run = SearchRun(session, trainer, recorder, watchers, directory, baselines)
@@ -124,10 +126,8 @@ def run_search(
                     callback.on_run_end(metrics)
         finally:
             # A pruned trial or a crash must still flush the logger's last pictures and close its files.
-            for callback in watchers:
-                close = getattr(callback, "close", None)
-                if close is not None:
-                    close()
+            for logger in owned:
+                logger.close()
         return metrics
 
 
