@@ -243,6 +243,21 @@ def test_round_records_match_the_grown_graph(finished):
         assert np.array(record["conflicts"]["counts"]).shape == (3, 2, 2)
 
 
+class Closable(Callback):
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_search_leaves_its_callers_callbacks_open(tmp_path):
+    # It closed any callback with a close(); train closed only its own logger (a helper's code review).
+    mine = Closable()
+    run_search(tiny("search.rounds=1", "search.baselines=false"), tmp_path / "run", progress=False, quiet=True,
+               callbacks=[mine])
+    assert not mine.closed
+
+
 def test_a_round_with_nothing_left_to_grow_says_so(tmp_path):
     # Round 1 grows every pair from cell 0, so round 2 cannot grow anything; its log line said only "nothing".
     run_search(tiny("search.threshold=topk:100", "search.baselines=false"), tmp_path / "run", progress=False,
