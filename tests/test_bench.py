@@ -18,7 +18,7 @@ from mamo.bench.ablation import matching_latent, network_parameters, variants
 from mamo.bench.logic import POINTS, TARGETS, TASKS, best_rate, initial_parameters
 from mamo.bench.logic_numpy import VectorDirection, VectorMLP
 from mamo.cli import COMMANDS, main
-from mamo.config import DirectionConfig, TensionerConfig, load_config
+from mamo.config import PRESET_DIR, DirectionConfig, TensionerConfig, load_config
 from mamo.data import load_data
 from mamo.directions import create_direction
 from mamo.errors import MamoError
@@ -362,6 +362,18 @@ def test_ablation_quick_on_a_dataset_of_fixed_splits_shortens_only_its_training(
     result = json.loads((out / "results.json").read_text())
     assert [row[0] for row in result["rows"]][:2] == ["HPS (equal)", "MAMO (Z=1)"]
     assert "not used" not in capsys.readouterr().err
+
+
+def test_ablation_quick_keeps_a_presets_smaller_split_sizes(tmp_path):
+    # --quick set 512/128/128 over the preset's own sizes: a 12-image NYUv2-format folder could not hold out 128
+    # for validation, and no setting could change it (a helper's dense-task audit).
+    preset = tmp_path / "small.yaml"
+    preset.write_text((PRESET_DIR / "quick.yaml").read_text().replace("train_size: 2048", "train_size: 64")
+                      .replace("val_size: 512", "val_size: 32").replace("test_size: 512", "test_size: 1024"))
+    out = tmp_path / "ablation"
+    assert main(["bench", "ablation", "--quick", "--preset", str(preset), "--rounds-sweep", "--out", str(out)]) == 0
+    saved = load_config(str(out / "runs" / "seed0-MAMO" / "config.yaml")).data
+    assert (saved.train_size, saved.val_size, saved.test_size) == (64, 32, 128)
 
 
 def test_matching_latent_picks_the_width_with_the_nearest_parameter_count():

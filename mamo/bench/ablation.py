@@ -241,8 +241,11 @@ def run(args: argparse.Namespace) -> dict:
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     preset = getattr(args, "preset", "multimnist")
     # Datasets of fixed splits (logic, concave) use no sizes (a run notes them unused): --quick shortens training.
-    sizes = [] if load_config(preset).data.name in FIXED_SPLITS else [
-        "data.train_size=512", "data.val_size=128", "data.test_size=128"]
+    # A preset's own smaller size stays (a small NYUv2-format folder could not hold out 128 images).
+    data = load_config(preset).data
+    sizes = [] if data.name in FIXED_SPLITS else [
+        f"data.{split}_size={min(cap, getattr(data, f'{split}_size') or cap)}"
+        for split, cap in (("train", 512), ("val", 128), ("test", 128))]
     shared = [*sizes, "train.epochs=5", "search.pretrain_epochs=2", "search.round_epochs=1"] if args.quick else []
     if args.train_size:
         shared.append(f"data.train_size={args.train_size}")
