@@ -176,7 +176,7 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
         if search:
             _check_space_ends(config)
             if note := _inert_keys_note(config):
-                print(note, flush=True)
+                print(note, file=sys.stderr, flush=True)  # a note, like the other commands': stdout is the result
         # At the trials' thread count, under the key their searches (and best.yaml's, which records the count) look
         # the baselines up with: they reuse the reference, and a search of best.yaml trains the same STL.
         reference = config if config.train.threads or not threads else dataclasses.replace(
@@ -191,7 +191,7 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
         raise
     except KeyboardInterrupt:  # in the reference's training, say: its finished networks are cached in the folder
         print(f"stopped while setting the study up (what the reference trained is kept); continue with: "
-              f"{cli(f'tune --run-dir {directory}')}", file=sys.stderr, flush=True)
+              f"{_continuing(directory, storage, url, name, trials)}", file=sys.stderr, flush=True)
         raise StopExplained from None
     return _OpenStudy(study, directory, url, config, tasks, trials, workers, threads)
 
@@ -256,12 +256,17 @@ def run_tune(
         stopped = [t for t in study.get_trials(deepcopy=False)[before:]
                    if t.state == TrialState.FAIL and fail_reason(t).startswith("stopped")]
         owed = tickets.untaken() + len(stopped)
-        # A storage URL as shown_url shows it: its password masked, for the user to fill in.
-        where = f"--run-dir {directory}" if storage is None else shlex.join(["--storage", shown, "--study", name])
         print(f"stopped; finished trials stay in the study; continue with: "
-              f"{cli(f'tune {where} --trials {owed}')}", file=sys.stderr, flush=True)
+              f"{_continuing(directory, storage, opened.url, name, owed)}", file=sys.stderr, flush=True)
         raise StopExplained from None
     return summarize(study, directory, config, multi_objective, shown)
+
+
+def _continuing(directory: Path, storage: str | None, url: str, name: str, trials: int | None) -> str:
+    """The command that continues a stopped study with ``trials`` more (the study's tune.trials when None)."""
+    # A storage URL as shown_url shows it: its password masked, for the user to fill in.
+    where = f"--run-dir {directory}" if storage is None else shlex.join(["--storage", shown_url(url), "--study", name])
+    return cli(f"tune {where}" + ("" if trials is None else f" --trials {trials}"))
 
 
 def _check_arguments(config: Config, trials: int | None, workers: int, storage: str | None,

@@ -646,6 +646,16 @@ def test_a_study_stopped_while_its_reference_trained_continues_with_its_own_pres
     assert load_config(str(folder / "trial-0000" / "config.yaml")).data.train_size == 128
 
 
+def test_a_ctrl_c_while_the_reference_trains_prints_the_command_with_its_trials(tmp_path, monkeypatch, capsys):
+    # It printed "tune --run-dir DIR" alone, which then ran the study's 20 trials where 2 were asked (a docs check).
+    import mamo.tune
+
+    monkeypatch.setattr(mamo.tune, "_reference", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["tune", "quick", "--trials", "2", "--run-dir", str(tmp_path / "study"), "--no-progress"]) == 130
+    assert ("stopped while setting the study up (what the reference trained is kept); continue with: python cli.py "
+            f"tune --run-dir {tmp_path / 'study'} --trials 2") in capsys.readouterr().err
+
+
 def test_a_moved_study_reads_its_own_trial_folders_not_the_paths_the_storage_recorded(tmp_path):
     # The storage keeps each trial's folder as an absolute path: after a move, best.yaml was built from
     # whatever config.yaml lay at the old path (another study's there), and summary.md pointed at it.
