@@ -202,31 +202,42 @@ def test_a_resumed_search_shows_each_step_once(tmp_path):
                       (16, "final starts after step 16")]
 
 
-class StopAfterRoundOneCheckpoint:
-    """A stop right after round 1's checkpoint is written, as a kill there would be."""
+class StopAtRoundCheckpoint:
+    """A stop at round ``name``'s checkpoint, right ``before`` or right after it is written, as a kill there would
+    be."""
 
-    def __init__(self, checkpoint):
-        self.checkpoint = checkpoint
+    def __init__(self, checkpoint, name: str, before: bool):
+        self.checkpoint, self.name, self.before = checkpoint, name, before
 
     def __call__(self, directory, phase, *args, **kwargs):
+        if phase.name == self.name and self.before:
+            raise KeyboardInterrupt
         self.checkpoint(directory, phase, *args, **kwargs)
-        if phase.name == "round1":
+        if phase.name == self.name:
             raise KeyboardInterrupt
 
 
-def test_a_search_stopped_right_after_a_rounds_checkpoint_keeps_that_rounds_record(tmp_path, monkeypatch):
-    # The round was logged after its checkpoint, and a resume starts after it: round 1's pictures, scalars and
-    # PNGs were lost for good (a helper's SIGKILL sweep; with SIGINT a 0.9 ms window).
+def stopped_and_resumed(tmp_path, monkeypatch, name: str, before: bool):
+    """A quick search stopped at round ``name``'s checkpoint, then resumed: its folder and the events the stopped
+    process had written."""
     import mamo.search_phases
 
     config = load_config("quick", [*TINY, "search.baselines=false"])
     run = tmp_path / "search"
     monkeypatch.setattr(mamo.search_phases, "save_phase_checkpoint",
-                        StopAfterRoundOneCheckpoint(mamo.search_phases.save_phase_checkpoint))
+                        StopAtRoundCheckpoint(mamo.search_phases.save_phase_checkpoint, name, before))
     with pytest.raises(KeyboardInterrupt):
         run_search(config, run, progress=False, quiet=True)
+    stopped = read_events(run)
     monkeypatch.undo()
     run_search(config, run, progress=False, quiet=True, resume=True)
+    return run, stopped
+
+
+def test_a_search_stopped_right_after_a_rounds_checkpoint_keeps_that_rounds_record(tmp_path, monkeypatch):
+    # The round was logged after its checkpoint, and a resume starts after it: round 1's pictures, scalars and
+    # PNGs were lost for good (a helper's SIGKILL sweep; with SIGINT a 0.9 ms window).
+    run, _ = stopped_and_resumed(tmp_path, monkeypatch, "round1", before=False)
     events = read_events(run)
     assert [e.step for e in events.Images("conflicts/overview")] == ROUND_STEPS
     assert [e.step for e in events.Images("architecture")] == [0, *ROUND_STEPS]
@@ -234,32 +245,11 @@ def test_a_search_stopped_right_after_a_rounds_checkpoint_keeps_that_rounds_reco
     assert {p.name for p in (run / "plots").iterdir()} >= {"conflicts-round1.png", "architecture-round1.png"}
 
 
-class StopBeforeRoundTwoCheckpoint:
-    """A stop after round 2's record is on disk but before its checkpoint, as a kill there would be."""
-
-    def __init__(self, checkpoint):
-        self.checkpoint = checkpoint
-
-    def __call__(self, directory, phase, *args, **kwargs):
-        if phase.name == "round2":
-            raise KeyboardInterrupt
-        self.checkpoint(directory, phase, *args, **kwargs)
-
-
 def test_a_round_logged_but_not_checkpointed_shows_once_after_the_resume(tmp_path, monkeypatch):
     # The resume repeats round 2; its restart marker drops the stopped process's copy of round 2's record only
     # because that record sits at a global step after the checkpoint (at the round number it stayed, twice).
-    import mamo.search_phases
-
-    config = load_config("quick", [*TINY, "search.baselines=false"])
-    run = tmp_path / "search"
-    monkeypatch.setattr(mamo.search_phases, "save_phase_checkpoint",
-                        StopBeforeRoundTwoCheckpoint(mamo.search_phases.save_phase_checkpoint))
-    with pytest.raises(KeyboardInterrupt):
-        run_search(config, run, progress=False, quiet=True)
-    assert [e.step for e in read_events(run).Images("conflicts/overview")] == ROUND_STEPS  # logged before the stop
-    monkeypatch.undo()
-    run_search(config, run, progress=False, quiet=True, resume=True)
+    run, stopped = stopped_and_resumed(tmp_path, monkeypatch, "round2", before=True)
+    assert [e.step for e in stopped.Images("conflicts/overview")] == ROUND_STEPS  # logged before the stop
     events = read_events(run)
     for tag in ("conflicts/overview", "conflicts/histograms", "conflicts/counts/cell1"):
         assert [e.step for e in events.Images(tag)] == ROUND_STEPS, tag
