@@ -8,6 +8,7 @@ import json
 import os
 import time
 import uuid
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -1017,7 +1018,9 @@ def test_trials_at_the_same_point_of_the_front_share_one_label(tmp_path, monkeyp
     from mamo.tune_summary import plot_pareto
 
     study = optuna.create_study(directions=["maximize", "maximize"])
-    study.set_metric_names(["left.accuracy", "right.accuracy"])
+    with warnings.catch_warnings():  # experimental in Optuna, as mamo's own call (tune_study) knows
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["left.accuracy", "right.accuracy"])
     for values in ([0.5, 0.4], [0.5, 0.4], [0.3, 0.6], [0.2, 0.2]):
         study.add_trial(optuna.trial.create_trial(values=values))
     labels = []
