@@ -310,11 +310,22 @@ def optimize(plan: Plan, tickets: Tickets, seed: int | None, stop: WorkerStop | 
         raise KeyboardInterrupt
 
 
-def _worker(plan: Plan, tickets: Tickets, seed: int | None) -> None:
+def spread_over_gpus(worker: int) -> None:
+    """Worker ``worker`` makes GPU ``worker`` mod the count its current CUDA device, so that ``train.device``
+    ``auto`` or ``cuda`` (the current device) puts K workers on K GPUs instead of all on GPU 0 (a review's
+    finding; an explicit ``cuda:N`` still wins, the session sets it). Nothing happens with fewer than 2 GPUs."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        torch.cuda.set_device(worker % torch.cuda.device_count())
+
+
+def _worker(plan: Plan, tickets: Tickets, seed: int | None, worker: int = 0) -> None:
     """A spawned worker: on Ctrl-C (which reaches every process of the terminal) or the parent's SIGTERM it
     records its trial as stopped and exits quietly; the parent says how to continue, once. It starts with Ctrl-C
     ignored (see :func:`run_workers`) and takes it from here on."""
     sys.unraisablehook = hide_dropped_stops(sys.unraisablehook)
+    spread_over_gpus(worker)
     try:
         with trial_stops() as stop:
             optimize(plan, tickets, seed, stop)
@@ -329,7 +340,7 @@ def run_workers(plan: Plan, workers: int, tickets: Tickets, seed: int | None, co
     """``workers`` spawned processes on the same study (one seed: their trials' draw indices differ); waits for
     all. Stopped itself (Ctrl-C, SIGTERM), it stops them (:func:`_stop_workers`) before it lets the stop on, so
     that no worker outlives the command and the summary it writes next is complete."""
-    processes = [context.Process(target=_worker, args=(plan, tickets, seed)) for _ in range(workers)]
+    processes = [context.Process(target=_worker, args=(plan, tickets, seed, k)) for k in range(workers)]
     # Started with Ctrl-C ignored, which a spawned interpreter keeps until _worker takes it: a Ctrl-C while it
     # imports would print its traceback; _stop_workers's SIGTERM ends it quietly instead.
     default = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is threading.main_thread() \

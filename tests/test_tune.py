@@ -1366,6 +1366,20 @@ def test_a_run_dir_that_cannot_be_a_folder_is_one_sentence(tmp_path, capsys, tar
     assert single_error(capsys.readouterr().err) == message.format(path=path, file=file, nowhere=tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize(("gpus", "expected"), [(0, []), (1, []), (3, [1])])
+def test_workers_take_the_gpus_in_turn(monkeypatch, gpus, expected):
+    # Every worker trained on the current device, GPU 0, whatever the machine had (a review of the CUDA paths);
+    # worker 4 of 3 GPUs now makes GPU 1 its current device, which train.device auto and cuda mean.
+    from mamo.tune_workers import spread_over_gpus
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    spread_over_gpus(4)
+    assert chosen == expected
+
+
 def test_no_more_workers_start_than_there_are_trials(tmp_path, capsys):
     run_tune(load_config("quick"), study_dir=tmp_path, trials=1, workers=3, objective=draws_alpha)
     assert "1 trials on 1 worker(s)" in capsys.readouterr().err
