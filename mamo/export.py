@@ -57,15 +57,16 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> Mam
         if damage:
             raise _Damaged(f"architecture.json is damaged: {damage}")
         g.drop_initial_weights(graph)
-        state = load_file(str(paths[1]), device=str(device))
-        model = compile_model(graph, device=device)
+        # On the CPU: a device's errors (no driver, out of memory) are not the files' and must not read as them.
+        state = load_file(str(paths[1]), device="cpu")
+        model = compile_model(graph, device="cpu")
         model.load_state_dict(state)  # RuntimeError when the weights do not fit the architecture
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, OSError, RuntimeError,
             SafetensorError, nx.NetworkXException, _Damaged) as exc:  # what a damaged file makes networkx, torch raise
         what = str(exc) if isinstance(exc, _Damaged) else type(exc).__name__
         raise MamoError(f"the model files in {directory} are unreadable or do not fit together "
                         f"({what}); restore them from a copy or {_rerun(directory, run_command(directory))}.") from exc
-    return model.eval()
+    return model.to(device).eval()
 
 
 def _no_model(directory: Path, missing: list[Path]) -> str:

@@ -419,12 +419,14 @@ def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path, capsy
     assert rows[exclusive_row]["Δ %"] == f"{delta(narrow['tasks'], stl, tasks):+.2f}"
 
     # A stopped ablation continues: finished variants are read back, a missing one retrains to the same row,
-    # on another device if asked (here the default, auto).
+    # on another device if asked (here the default, auto; where auto is a GPU, the CPU, whose rounding the
+    # first run's rows have).
     runs = tmp_path / "ablation" / "runs"
     for path in (runs / "seed0-wo_MO").rglob("*"):
         if path.is_file():
             path.unlink()
-    assert main(["bench", "ablation", "--quick", "--equal-params", "--out", str(tmp_path / "again"),
+    device = ["--device", "cpu"] if torch.cuda.is_available() else []
+    assert main(["bench", "ablation", "--quick", "--equal-params", *device, "--out", str(tmp_path / "again"),
                  "--resume", str(tmp_path / "ablation")]) == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["rows"] == result["rows"]
