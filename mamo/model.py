@@ -131,7 +131,9 @@ class MamoNet(nn.Module):
 def compile_model(graph: nx.DiGraph, seed: int = 0, device: torch.device | str = "cpu") -> MamoNet:
     """Build the module for ``graph`` with weights initialised from ``seed`` (global RNG left untouched)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # The CPU generator alone, which builds the modules: torch.manual_seed also reseeds every CUDA generator,
+        # which fork_rng(devices=[]) does not restore (a review of the CUDA paths).
+        torch.default_generator.manual_seed(seed)
         model = MamoNet(graph)
     return model.to(device)
 
