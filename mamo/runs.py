@@ -121,6 +121,11 @@ def checkpointed_command(directory: Path) -> str | None:
                  if any(any(found(mark)) for mark in marks)), None)
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity where the OS reports one, as on Linux)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cli(command: str) -> str:
     """``command`` (``search --resume runs/x``) as the user can run it again the way they ran mamo: ``mamo ...``
     through the installed command, ``python cli.py ...`` from the checkout, ``python /path/cli.py ...`` from

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from mamo.model import MamoNet, compile_model, count_parameters
 from mamo.runs import (
     RUNS_ROOT,
     RunLog,
+    available_cores,
     counted,
     free_run_dir,
     new_run_dir,
@@ -87,7 +87,7 @@ def check_train_settings(config: Config) -> torch.device:
 
 def setting_notes(config: Config) -> list[str]:
     """What the run's log notes about its settings before it trains: unused ones, and more threads than cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     threads = config.train.threads
     crowded = (f"note: train.threads = {threads} is more than the {counted(cores, 'core')} this process may use, so "
                f"torch's threads wait on each other (64 on 2 cores made an epoch 23 times slower, measured); set at "

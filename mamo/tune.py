@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing
-import os
 import shlex
 import shutil
 import sys
@@ -28,7 +27,7 @@ from optuna.trial import TrialState
 
 from mamo.config import Config, load_config
 from mamo.errors import MamoError, StopExplained
-from mamo.runs import RUNS_ROOT, claim_new_folder, cli, file_above
+from mamo.runs import RUNS_ROOT, available_cores, claim_new_folder, cli, file_above
 from mamo.trainer import intra_op_threads
 from mamo.tune_objective import SearchObjective
 from mamo.tune_space import SPACE, apply_params, check_space
@@ -171,7 +170,7 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
         if trials is None:  # a joined study's tune.trials, not the preset's of this command
             trials = config.tune.trials
         workers = max(1, min(workers, trials))  # a worker without a trial would only import PyTorch
-        threads = max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else None
+        threads = max(1, available_cores() // workers) if workers > 1 else None
         check_space(config.tune)
         if search:
             _check_space_ends(config)
