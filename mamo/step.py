@@ -146,7 +146,8 @@ class TrainStep:
 
     def path_for(self, device: torch.device) -> str:
         """The gradient path this step uses on ``device``."""
-        path = resolve_gradient_path(self.gradient_path, device)
+        path = resolve_gradient_path(self.gradient_path, device, self.partition.size, len(self.partition.tasks),
+                                     self.precision)
         return "loop" if self._batched_failed and self.gradient_path == "auto" else path
 
     def layout_for(self, device: torch.device) -> str:

@@ -6,7 +6,8 @@ Which parameters are shared comes from the graph: a parameter is shared when two
 
 How the m gradients are computed is a *gradient path* (:data:`GRADIENT_PATHS`): ``loop`` (m
 ``autograd.grad`` calls) or ``batched`` (one backward over the m one-hot cotangents under
-``torch.func.vmap``). The path hands each task's gradients of the shared parameters (``None`` where the task
+``torch.func.vmap``; ``auto`` picks by device, size, number of tasks and precision, see :data:`BATCHED_PATH`).
+The path hands each task's gradients of the shared parameters (``None`` where the task
 does not reach one) to a layout.
 
 How they are held is a *layout* (:data:`LAYOUTS`; ``auto`` picks by device, size and number of tasks, see
@@ -304,15 +305,35 @@ def batched_gradients(losses: list[torch.Tensor], part: ParameterPartition, layo
 
 GradientPath = Callable[[list[torch.Tensor], ParameterPartition, Layout], None]
 GRADIENT_PATHS: dict[str, GradientPath] = {"loop": loop_gradients, "batched": batched_gradients}
-# cpu: measured (docs/performance.md): the loop is at the forward + m backward floor, batching is slower.
-# cuda: NOT yet measured; expected from torch.func's real batching of small, launch-bound kernels.
-AUTO_GRADIENT_PATH: dict[str, str] = {"cpu": "loop", "cuda": "batched"}
 
 
-def resolve_gradient_path(name: str, device: torch.device) -> str:
-    """The gradient path ``name`` stands for on ``device`` (``auto``: :data:`AUTO_GRADIENT_PATH`)."""
+class BatchedPathRule(NamedTuple):
+    """When ``auto`` batches the per-task gradients: from ``min_tasks`` tasks and ``min_size`` shared parameters."""
+
+    min_tasks: int
+    min_size: int
+
+
+# Per device; absent: always the loop. Measured (docs/performance.md): on CPU batching is 1.1-1.5x slower than
+# the loop. On an H200 (2026-11-26, MGDA steps, batched ÷ loop at batch 32 / 128) the step is launch-bound,
+# and one vmapped backward costs about three plain ones: LeNet m = 2 1.22 / 1.15, m = 3 1.12 / 1.08, m = 5
+# 0.98 / 0.95; ResNet-18 m = 2 1.29 / 1.24, m = 3 0.93 / 0.98, m = 5 0.75 / 0.76. The rule takes the clear
+# wins and leaves LeNet m = 5's 2-5% alone.
+BATCHED_PATH: dict[str, BatchedPathRule] = {"cuda": BatchedPathRule(min_tasks=3, min_size=1 << 20)}
+# bf16 autocast: torch.func's batch-norm backward rule fails on bf16 activations with float32 weights (CPU:
+# "expected scalar type BFloat16 but found Float", CUDA: "Expected grad_output to have type BFloat16"), so auto
+# keeps the loop there instead of trying and falling back.
+LOOP_PRECISIONS = frozenset({"bf16"})
+
+
+def resolve_gradient_path(name: str, device: torch.device, size: int = 0, tasks: int = 2,
+                          precision: str = "fp32") -> str:
+    """The gradient path ``name`` stands for on ``device`` for ``size`` shared parameters, ``tasks`` tasks and
+    the forward ``precision`` (``auto``: :data:`BATCHED_PATH`, never under :data:`LOOP_PRECISIONS`)."""
     if name == "auto":
-        return AUTO_GRADIENT_PATH.get(device.type, "loop")
+        rule = BATCHED_PATH.get(device.type)
+        batched = rule and tasks >= rule.min_tasks and size >= rule.min_size and precision not in LOOP_PRECISIONS
+        return "batched" if batched else "loop"
     if name not in GRADIENT_PATHS:
         raise MamoError(f"unknown gradient path '{name}' (train.gradient_path); use auto, {', '.join(GRADIENT_PATHS)}.")
     return name

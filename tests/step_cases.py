@@ -55,12 +55,15 @@ def frozen_step(model, direction=None, **kwargs) -> TrainStep:
     return TrainStep(model, direction or mgda(), torch.optim.SGD(model.parameters(), lr=0.0), **kwargs)
 
 
-def reference(model, x, targets):
-    """Per-task gradients by separate autograd.grad calls on a copy: (J, own head gradients, losses)."""
+def reference(model, x, targets, precision: str = "fp32"):
+    """Per-task gradients by separate autograd.grad calls on a copy: (J, own head gradients, losses). With
+    ``precision="bf16"`` the forward runs under torch's own autocast and the losses take its predictions up to
+    float32, as ``train.precision=bf16`` promises."""
     model = copy.deepcopy(model)
     part = ParameterPartition(model)
-    predictions = model(x)
-    losses = [task_loss(model.tasks[t], predictions[t], targets[t]) for t in part.tasks]
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        predictions = model(x)
+    losses = [task_loss(model.tasks[t], predictions[t].float(), targets[t]) for t in part.tasks]
     rows, own = [], {}
     for task, loss in zip(part.tasks, losses, strict=True):
         grads = torch.autograd.grad(loss, part.shared, retain_graph=True, allow_unused=True)

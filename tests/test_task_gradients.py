@@ -205,7 +205,12 @@ def test_gram_block_by_chunks_equals_the_plain_product(width):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_auto_picks_the_path_of_the_device_table():
-    assert resolve_gradient_path("auto", CPU) == task_gradients.AUTO_GRADIENT_PATH["cpu"] == "loop"
-    assert resolve_gradient_path("auto", torch.device("cuda")) == task_gradients.AUTO_GRADIENT_PATH["cuda"]
+def test_auto_batches_where_the_device_rule_says_and_never_under_bf16():
+    cuda, rule = torch.device("cuda"), task_gradients.BATCHED_PATH["cuda"]
+    assert "cpu" not in task_gradients.BATCHED_PATH  # measured slower on CPU at every size
+    assert resolve_gradient_path("auto", CPU, size=1 << 30, tasks=10) == "loop"
+    assert resolve_gradient_path("auto", cuda, size=rule.min_size, tasks=rule.min_tasks) == "batched"
+    assert resolve_gradient_path("auto", cuda, size=rule.min_size - 1, tasks=rule.min_tasks) == "loop"
+    assert resolve_gradient_path("auto", cuda, size=rule.min_size, tasks=rule.min_tasks - 1) == "loop"
+    assert resolve_gradient_path("auto", cuda, size=rule.min_size, tasks=rule.min_tasks, precision="bf16") == "loop"
     assert resolve_gradient_path("batched", CPU) == "batched"

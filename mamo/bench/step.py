@@ -62,6 +62,12 @@ SETUPS = {
     "resnet18-m3": ("ResNet-18 m=3", "timm:resnet18", (3, 64, 64), 3),
     "resnet18-m5": ("ResNet-18 m=5", "timm:resnet18", (3, 64, 64), 5),
 }
+# Not run by default; they place the crossing of the two gradient paths on a GPU (BATCHED_PATH).
+MORE_SETUPS = {
+    "lenet-m3": ("LeNet m=3", "lenet", (1, 28, 28), 3),
+    "lenet-m5": ("LeNet m=5", "lenet", (1, 28, 28), 5),
+    "resnet18-m2": ("ResNet-18 m=2", "timm:resnet18", (3, 64, 64), 2),
+}
 QUICK_SETUPS = {
     "lenet-m2": ("LeNet m=2", "lenet", (1, 28, 28), 2),
     "test_resnet-m3": ("timm test_resnet m=3 (smoke)", "timm:test_resnet", (3, 32, 32), 3),
@@ -139,11 +145,6 @@ def _conflicts(setup: Setup) -> Step:
     return lambda: stats.update(step().node_gramians)
 
 
-def _other_path(device: torch.device) -> str:
-    auto = task_gradients.resolve_gradient_path("auto", device)
-    return next(path for path in task_gradients.GRADIENT_PATHS if path != auto)
-
-
 def _other_layout(formulation: str) -> Callable[[Setup], Step]:
     """MGDA + tensioner with the gradient layout that ``auto`` does not pick for this setup."""
 
@@ -155,16 +156,15 @@ def _other_layout(formulation: str) -> Callable[[Setup], Step]:
     return factory
 
 
-def methods(device: torch.device) -> dict[str, Callable[[Setup], Step]]:
+def methods() -> dict[str, Callable[[Setup], Step]]:
     """Row name -> factory of a step closure; ``equal`` first, the reference of every ratio."""
-    auto, other = task_gradients.resolve_gradient_path("auto", device), _other_path(device)
     tensioner = TensionerConfig().formulation
     return {
         EQUAL: _mamo("equal"),
         FLOOR: _floor,
         UPDATE: _update,
-        f"mgda ({auto} path)": _mamo("mgda", gradient_path=auto),
-        f"mgda ({other} path)": _mamo("mgda", gradient_path=other),
+        "mgda (loop path)": _mamo("mgda", gradient_path="loop"),
+        "mgda (batched path)": _mamo("mgda", gradient_path="batched"),
         "mgda + tensioner": _mamo("mgda", tensioner),
         "mgda + tensioner (other layout)": _other_layout(tensioner),
         "central + tensioner": _mamo("central", tensioner),
@@ -211,7 +211,7 @@ def measure(setup: Setup, device: torch.device, warmup: int, rounds: int | None,
     floor interleaved with torchjd, LibMTL and the batched path, 1.00× in a session of its own), and a
     training run never mixes methods. ``rounds`` None: as many as fit 2 s of equal steps, 10 to 200.
     """
-    factories = methods(device)
+    factories = methods()
     warm = factories[EQUAL](setup)
     for _ in range(2):  # process-wide first-call costs (kernels, caches) belong to no method
         warm()
@@ -312,14 +312,14 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=thread_count, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--rounds", type=positive_int, default=None,
                         help="timed rounds per setup (default: 2 s of equal steps, 10 to 200; --quick 2)")
-    parser.add_argument("--setups", nargs="+", default=None, choices=list({**SETUPS, **QUICK_SETUPS}),
+    parser.add_argument("--setups", nargs="+", default=None, choices=list({**SETUPS, **MORE_SETUPS, **QUICK_SETUPS}),
                         help=f"setups to run (default: {', '.join(SETUPS)}; --quick: {', '.join(QUICK_SETUPS)})")
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=None,
                         help="batch sizes (default 32 on CPU, 32 and 128 on CUDA; --quick 4)")
 
 
 def _chosen(keys: list[str] | None, quick: bool) -> list[tuple]:
-    table = {**SETUPS, **QUICK_SETUPS}
+    table = {**SETUPS, **MORE_SETUPS, **QUICK_SETUPS}
     return [table[key] for key in keys] if keys else list((QUICK_SETUPS if quick else SETUPS).values())
 
 
@@ -339,8 +339,10 @@ def run(args: argparse.Namespace) -> dict:
                     results, done = measure(setup, device, warmup=1 if quick else 3, rounds=rounds, clock=clock,
                                             label=f"{label}, batch {batch}")
                 layout = resolve_layout("auto", device, setup.part.size, m)
+                path = task_gradients.resolve_gradient_path("auto", device, setup.part.size, m, args.precision)
                 title = (f"{label}, {'×'.join(map(str, shape[1:]))}, batch {batch} ({setup.part.size / 1e6:.3g} M "
-                         f"shared parameters, '{layout}' gradient layout; {done} rounds per method)")
+                         f"shared parameters, '{layout}' gradient layout, '{path}' gradient path; {done} rounds "
+                         "per method)")
                 tables.append(_step_table(title, results))
                 target_rows += _targets(label, results, device, args.precision, batch)
                 raw[f"{label} batch {batch}"] = results
@@ -360,7 +362,8 @@ def run(args: argparse.Namespace) -> dict:
         "mamo's exact step it sets gradients, never accumulates) + the optimizer's update: what any exact "
         "per-task-gradient step does before it combines anything. Every row includes the update; the first "
         "target row takes it (the 'optimizer update alone' row) out of both sides, as the issue words the target.",
-        f"gradient paths: auto on {device.type} is '{task_gradients.resolve_gradient_path('auto', device)}'.",
+        "mamo's rows take the gradient layout and path that auto picks for the setup (in its title), except the "
+        "two 'mgda (… path)' rows, which take the loop and the batched path whatever auto picks.",
     ]
     peers = {name: version for name, version in ((name, _version(name)) for name in PEER_PACKAGES) if version}
     if peers:
