@@ -41,6 +41,7 @@ from mamo.trainer import (
     KeepBest,
     Trainer,
     check_train_config,
+    make_current,
     make_optimizer,
     resolve_device,
 )
@@ -137,9 +138,7 @@ def open_session(
     """Check the train settings, load the data and pick the device once; baselines are cached under
     ``cache_root`` (default runs/.baselines beside the run folder)."""
     device = check_train_settings(config)
-    if device.type == "cuda" and device.index is not None:
-        # Pinned host memory and new contexts go to the current device: without this, cuda:1 also sets up 0.
-        torch.cuda.set_device(device)
+    make_current(device)
     log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
     data = load_data(config.data)
     if run_dir is not None:  # otherwise open_run notes them once it has a folder

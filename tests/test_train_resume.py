@@ -284,6 +284,36 @@ def test_a_cuda_ordinal_beyond_the_visible_devices_is_one_sentence(monkeypatch) 
         resolve_device("cuda:7")
 
 
+def test_a_numbered_gpu_is_made_current_for_runs_and_the_step_benchmark(monkeypatch, tmp_path) -> None:
+    # Pinned memory and new contexts go to the current device: cuda:1 must not also set up GPU 0.
+    import argparse
+
+    import torch
+
+    from mamo.bench import step as bench_step
+    from mamo.trainer import make_current
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    for name in ("cpu", "cuda", "cuda:1"):
+        make_current(torch.device(name))
+    assert current == [torch.device("cuda:1")]
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(bench_step, "resolve_device", lambda name: torch.device("cuda:1"))
+    monkeypatch.setattr(bench_step, "build_setup", stop)
+    args = argparse.Namespace(device="cuda:1", quick=True, rounds=None, batch_sizes=None, setups=["lenet-m2"],
+                              threads=None, clock="wall", precision="fp32")
+    with pytest.raises(Stop):
+        bench_step.run(args)
+    assert current[-1] == torch.device("cuda:1")
+
+
 def test_batches_are_pinned_only_when_they_are_unpinned_cpu_tensors(monkeypatch) -> None:
     # A plugin may hand out tensors already on the GPU; pin_memory raises on anything but a CPU tensor.
     import types

@@ -50,7 +50,7 @@ from mamo.spaces import create_space, memory_failures_named
 from mamo.step import TrainStep
 from mamo.task_gradients import LAYOUTS, ParameterPartition, resolve_layout
 from mamo.tasks import parse_tasks, task_loss
-from mamo.trainer import intra_op_threads, resolve_device
+from mamo.trainer import intra_op_threads, make_current, resolve_device
 
 SHARED_OPTIONS = ("quick", "device")  # timing, not training: no seeds
 PEER_PACKAGES = ("torchjd", "LibMTL")  # recorded with their versions when installed
@@ -325,6 +325,7 @@ def _chosen(keys: list[str] | None, quick: bool) -> list[tuple]:
 
 def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
+    make_current(device)
     clock = "wall" if device.type == "cuda" else args.clock  # CPU time says nothing about a GPU's work
     quick = args.quick
     rounds = args.rounds or (2 if quick else None)
