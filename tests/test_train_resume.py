@@ -62,6 +62,19 @@ def test_a_stopped_train_resumes_to_the_same_result(tmp_path: Path, seconds: flo
     assert not list((cut / "checkpoints").glob("*.tmp")) and not list(cut.glob("*.tmp"))
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_a_run_stopped_on_the_gpu_resumes_on_the_cpu(tmp_path: Path) -> None:
+    config = load_config("quick", [*RESUMABLE[:-1], "train.device=cuda", "train.checkpoint_seconds=0"])
+    quiet = {"progress": False, "quiet": True, "loggers": False}
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, cut, callbacks=[StopAfterEpoch(2)], **quiet)
+    resumed = run_train(None, cut, resume=True, resume_settings=["train.device=cpu"], **quiet)
+    log = (cut / "log.txt").read_text()
+    assert "on cuda" in log.split("resuming")[0] and "on cpu" in log.split("resuming")[1]
+    assert "resumed after epoch 2 of 3" in log and resumed["environment"]["device"] == "cpu"
+
+
 def test_a_stopped_stl_train_says_how_it_continues(tmp_path: Path) -> None:
     # Its log ended without a word: --resume refuses an STL folder, and the way on is a new run beside it.
     from mamo.errors import StopExplained
