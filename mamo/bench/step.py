@@ -9,7 +9,7 @@ rounds of the method's time over the reference's in the same round (see :func:`m
 
 Rows: ``equal`` (linear scalarisation, one backward), the floor ``forward + m backward`` (and the optimizer
 update, which every row pays; ``optimizer update alone`` times it, so the floor target can leave it out),
-``mgda`` (exact, by the device's gradient path and by the other one), ``mgda + tensioner`` (and by the other
+``mgda`` (exact, by the loop and by the batched gradient path; the other rows take what ``auto`` picks), ``mgda + tensioner`` (and by the other
 gradient layout), ``central + tensioner``, ``pcgrad``, ``cagrad``, ``mgda-ub``, ``conflict statistics`` (an
 equal-weight step that also computes the per-cell Gram blocks and updates the conflict counts), and the peers
 torchjd (``mtl_backward`` + ``jac_to_grad`` with its MGDA, by its default vmap path and with
