@@ -9,8 +9,8 @@ rounds of the method's time over the reference's in the same round (see :func:`m
 
 Rows: ``equal`` (linear scalarisation, one backward), the floor ``forward + m backward`` (and the optimizer
 update, which every row pays; ``optimizer update alone`` times it, so the floor target can leave it out),
-``mgda`` (exact, by the loop and by the batched gradient path; the other rows take what ``auto`` picks), ``mgda + tensioner`` (and by the other
-gradient layout), ``central + tensioner``, ``pcgrad``, ``cagrad``, ``mgda-ub``, ``conflict statistics`` (an
+``mgda`` (exact, by the loop and by the batched gradient path; the other rows take what ``auto`` picks),
+``mgda + tensioner`` (and by the other gradient layout), ``central + tensioner``, ``pcgrad``, ``cagrad``, ``mgda-ub``, ``conflict statistics`` (an
 equal-weight step that also computes the per-cell Gram blocks and updates the conflict counts), and the peers
 torchjd (``mtl_backward`` + ``jac_to_grad`` with its MGDA, by its default vmap path and with
 ``parallel_chunk_size=1``) and LibMTL (its ``MGDA`` weighting on our model) when installed, with their
