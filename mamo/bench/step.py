@@ -7,16 +7,16 @@ Each method is timed in a session of its own beside the two references, equal an
 step of each of the three in a shuffled order, so load drifts hit them alike; a ratio is the median over
 rounds of the method's time over the reference's in the same round (see :func:`measure` for why sessions).
 
-Rows: ``equal`` (linear scalarisation, one backward), the floor ``forward + m backward`` (and the optimizer
-update, which every row pays; ``optimizer update alone`` times it, so the floor target can leave it out),
-``mgda`` (exact, by the loop and by the batched gradient path; the other rows take what ``auto`` picks),
-``mgda + tensioner`` (and by the other gradient layout), ``central + tensioner``, ``pcgrad``, ``cagrad``, ``mgda-ub``, ``conflict statistics`` (an
-equal-weight step that also computes the per-cell Gram blocks and updates the conflict counts), and the peers
-torchjd (``mtl_backward`` + ``jac_to_grad`` with its MGDA, by its default vmap path and with
-``parallel_chunk_size=1``) and LibMTL (its ``MGDA`` weighting on our model) when installed, with their
-versions. Memory: the peak added by a method's first step (which allocates its buffers) on top of what was
-resident before it (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process' resident-set high-water
-mark, reset through /proc/self/clear_refs, after returning freed heap to the system).
+Rows: ``equal`` (linear scalarisation, one backward), the floor ``forward + m backward`` (and the optimizer update,
+which every row pays; ``optimizer update alone`` times it, so the floor target can leave it out), ``mgda`` (exact,
+by the loop and by the batched gradient path; the other rows take what ``auto`` picks), ``mgda + tensioner`` (and
+by the other gradient layout), ``central + tensioner``, ``pcgrad``, ``cagrad``, ``mgda-ub``, ``conflict
+statistics`` (an equal-weight step that also computes the per-cell Gram blocks and updates the conflict counts),
+and the peers torchjd (``mtl_backward`` + ``jac_to_grad`` with its MGDA, by its default vmap path and with
+``parallel_chunk_size=1``) and LibMTL (its ``MGDA`` weighting on our model) when installed, with their versions.
+Memory: the peak added by a method's first step (which allocates its buffers) on top of what was resident before it
+(CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process' resident-set high-water mark, reset through
+/proc/self/clear_refs, after returning freed heap to the system).
 """
 
 from __future__ import annotations
