@@ -77,6 +77,33 @@ def check_step_settings(gradients: str, precision: str, gradient_path: str, grad
     resolve_layout(gradient_layout, torch.device("cpu"))
 
 
+def bf16_cpu_hazards(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    """The convolutions with a stride above 1 that see 1×1 feature maps on input ``x``.
+
+    On the CPU, oneDNN's bf16 weight gradient for such a convolution leaves whatever was in memory (NaN, inf or
+    1e30-sized values) in the kernel taps that see only padding (torch 2.14.1 with oneDNN 3.12 on an AVX-512
+    CPU; reproduced without mamo, docs/performance.md). Finite garbage passes the NaN check and corrupts the
+    weights silently, so a bf16 run on the CPU with such a layer is refused.
+    """
+    seen: list[str] = []
+    hooks = [module.register_forward_pre_hook(lambda mod, args, name=name: seen.append(name)
+                                              if args[0].shape[-2:] == (1, 1) else None)
+             for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Conv2d) and max(module.stride) > 1]
+    if not hooks:
+        return []
+    was_training = model.training
+    try:
+        model.eval()  # a batch of one through batch-norm; shapes are all the probe reads
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return list(dict.fromkeys(seen))
+
+
 def _host(*tensors: torch.Tensor) -> torch.Tensor:
     """One device-to-host copy of several small tensors (the step's single synchronisation point)."""
     return torch.cat([t.detach().float().reshape(-1) for t in tensors]).cpu()
@@ -117,6 +144,7 @@ class TrainStep:
         self.gradient_path = gradient_path
         self.gradient_layout = gradient_layout
         self._batched_failed = False
+        self._precision_checked = False
         # The gradient mode ("exact" or "ub") the direction's history was built in; checkpointed with it.
         self.gradient_space: str | None = None
         self.refresh()
@@ -133,6 +161,7 @@ class TrainStep:
 
     def refresh(self) -> None:
         """Re-read the parameter partition (call after the graph grew)."""
+        self._precision_checked = False
         self.partition = ParameterPartition(self.model)
         self._layout: Layout | None = None
         self._layout_device: torch.device | None = None
@@ -175,7 +204,19 @@ class TrainStep:
             # Quoted: a task may be called 'and' (the logic set's), which read as part of the sentence.
             raise FloatingPointError(f"the loss of task {', '.join(map(repr, bad))} became NaN or infinite")
 
+    def _check_precision(self, x: torch.Tensor) -> None:
+        self._precision_checked = True
+        if self.precision != "bf16" or x.device.type != "cpu":
+            return
+        hazards = bf16_cpu_hazards(self.model, x)
+        if hazards:
+            raise MamoError(f"train.precision=bf16 on the CPU would give wrong weight gradients in {hazards[0]} "
+                            f"(a strided convolution on 1×1 feature maps, where oneDNN's bf16 kernel leaves garbage; "
+                            f"torch {torch.__version__}); use train.precision=fp32 on the CPU, or larger inputs.")
+
     def __call__(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> StepResult:
+        if not self._precision_checked:
+            self._check_precision(x)
         if not self.model.training:  # train() walks every module: 0.2 ms a step on LeNet, measured
             self.model.train()
         needs_gramian = _needs_gramian(self.direction) or self.collect_gramians

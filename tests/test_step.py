@@ -353,6 +353,22 @@ def test_bf16_losses_are_float32_losses_of_the_autocast_predictions(gradients):
     torch.testing.assert_close(result.losses, expected.detach(), rtol=1e-6, atol=0.0)
 
 
+def test_bf16_on_the_cpu_refuses_a_strided_convolution_on_one_by_one_maps():
+    # oneDNN's bf16 weight gradient for it holds garbage (a helper's pure-torch repro, docs/performance.md).
+    from mamo.step import bf16_cpu_hazards
+
+    small = make_model()  # test_resnet on 16×16: the last stage's stride-2 convolutions see 1×1 maps
+    x, targets = batch(small)
+    assert bf16_cpu_hazards(small, x) == ["blocks.cell4.0.0.conv1"]  # its downsample pools, then convolves
+    assert small.training  # the probe leaves the mode as it found it
+    with pytest.raises(MamoError, match=r"train.precision=bf16 on the CPU would give wrong weight gradients in "
+                                        r"blocks\.cell4\.0\.0\.conv1 .*use train.precision=fp32 on the CPU"):
+        frozen_step(small, precision="bf16")(x, targets)
+    frozen_step(small, precision="fp32")(x, targets)  # fp32 has no such kernel: it trains
+    large = make_model(RESNET[0], (3, 64, 64))
+    assert bf16_cpu_hazards(large, batch(large)[0]) == []
+
+
 # ----- CUDA: skipped where no CUDA device exists ------------------------------------------------------------
 @pytest.fixture
 def ieee_float32():
