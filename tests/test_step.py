@@ -429,7 +429,7 @@ def test_cuda_summed_and_ub_steps_match_the_cpu(gradients, ieee_float32):
 def test_cuda_bf16_gives_the_gradients_of_torchs_autocast_in_float32(path):
     # bf16 moves a step's gradients by far more than rounding (this model's Gramian by up to 14% of its largest
     # entry, measured on an H200 and on CPU), so the reference is torch's own autocast forward, not float32;
-    # `auto` tries the batched path first, which fails on batch-norm under bf16 and falls back to the loop.
+    # `auto` takes the loop under bf16 (the batched path's batch-norm rule fails there), asked for or not.
     model = make_model().cuda()
     x, targets = batch(model)
     x, targets = x.cuda(), {t: y.cuda() for t, y in targets.items()}
