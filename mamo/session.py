@@ -33,7 +33,7 @@ from mamo.runs import (
     write_text_atomically,
 )
 from mamo.spaces import SPACES, check_model_config, create_space, memory_failure
-from mamo.step import TrainStep
+from mamo.step import TrainStep, check_precision
 from mamo.trainer import (
     OPTIMIZER_SETTINGS,
     Callback,
@@ -41,7 +41,6 @@ from mamo.trainer import (
     KeepBest,
     Trainer,
     check_train_config,
-    make_current,
     make_optimizer,
     resolve_device,
 )
@@ -130,6 +129,13 @@ def _unused_note(subject: str, section: str, values: object, defaults: object,
     unused = " or ".join(f"{' or '.join(keys)} ({owner} only)" for owner, keys in changed.items() if keys)
     effect = "it has" if sum(map(len, changed.values())) == 1 else "they have"
     return f"note: {subject} does not use {unused}, so {effect} no effect."
+
+
+def make_current(device: torch.device) -> None:
+    """Make a numbered GPU the current one: pinned host memory and new CUDA contexts go to the current device,
+    so without this ``cuda:1`` would also set up GPU 0."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
 
 
 def open_session(
@@ -266,6 +272,7 @@ def open_run(
     if check_data is not None:
         check_data(session.data)
     model = build_network(session)
+    check_precision(model, config.train.precision, session.device)
     create_direction(config.direction)
     make_optimizer(model, config.train)
     directory = new_run_dir(run_dir, config, command, path)

@@ -77,19 +77,23 @@ def check_step_settings(gradients: str, precision: str, gradient_path: str, grad
     resolve_layout(gradient_layout, torch.device("cpu"))
 
 
-def bf16_cpu_hazards(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
-    """The convolutions with a stride above 1 that see 1×1 feature maps on input ``x``.
+STRIDED_CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
-    On the CPU, oneDNN's bf16 weight gradient for such a convolution leaves whatever was in memory (NaN, inf or
-    1e30-sized values) in the kernel taps that see only padding (torch 2.14.1 with oneDNN 3.12 on an AVX-512
-    CPU; reproduced without mamo, docs/performance.md). Finite garbage passes the NaN check and corrupts the
-    weights silently, so a bf16 run on the CPU with such a layer is refused.
+
+def bf16_cpu_hazards(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    """The strided convolutions that see feature maps one element wide on input ``x``.
+
+    On the CPU, oneDNN's bf16 weight gradient for such a convolution (stride above 1, a kernel wider than 1)
+    leaves whatever was in memory (NaN, inf or 1e30-sized values) in the kernel taps that see only padding:
+    torch 2.14.1 with oneDNN 3.12 on an AVX-512 CPU, reproduced without mamo for maps of width 1 (1×1, 4×1,
+    9×1, 1-D and 3-D alike; widths of 2 or more were right), docs/performance.md. Finite garbage passes the NaN
+    check and corrupts the weights silently, so a bf16 run on the CPU with such a layer is refused.
     """
     seen: list[str] = []
     hooks = [module.register_forward_pre_hook(lambda mod, args, name=name: seen.append(name)
-                                              if args[0].shape[-2:] == (1, 1) else None)
+                                              if args[0].shape[-1] == 1 else None)
              for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Conv2d) and max(module.stride) > 1]
+             if isinstance(module, STRIDED_CONVOLUTIONS) and max(module.stride) > 1 and module.kernel_size[-1] > 1]
     if not hooks:
         return []
     was_training = model.training
@@ -102,6 +106,18 @@ def bf16_cpu_hazards(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
         for hook in hooks:
             hook.remove()
     return list(dict.fromkeys(seen))
+
+
+def check_precision(model: MamoNet, precision: str, device: torch.device) -> None:
+    """Refuse ``precision`` where it would give wrong gradients on ``device`` (see :func:`bf16_cpu_hazards`)."""
+    if precision != "bf16" or device.type != "cpu":
+        return
+    hazards = bf16_cpu_hazards(model, torch.zeros(1, *model.space.input_shape, device=device))
+    if hazards:
+        raise MamoError(f"train.precision=bf16 on the CPU would give wrong weight gradients in {hazards[0]} "
+                        f"(a strided convolution on feature maps one element wide, where oneDNN's bf16 kernel "
+                        f"leaves garbage; torch {torch.__version__}); use train.precision=fp32 on the CPU, or larger "
+                        "inputs.")
 
 
 def _host(*tensors: torch.Tensor) -> torch.Tensor:
@@ -204,19 +220,10 @@ class TrainStep:
             # Quoted: a task may be called 'and' (the logic set's), which read as part of the sentence.
             raise FloatingPointError(f"the loss of task {', '.join(map(repr, bad))} became NaN or infinite")
 
-    def _check_precision(self, x: torch.Tensor) -> None:
-        self._precision_checked = True
-        if self.precision != "bf16" or x.device.type != "cpu":
-            return
-        hazards = bf16_cpu_hazards(self.model, x)
-        if hazards:
-            raise MamoError(f"train.precision=bf16 on the CPU would give wrong weight gradients in {hazards[0]} "
-                            f"(a strided convolution on 1×1 feature maps, where oneDNN's bf16 kernel leaves garbage; "
-                            f"torch {torch.__version__}); use train.precision=fp32 on the CPU, or larger inputs.")
-
     def __call__(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> StepResult:
-        if not self._precision_checked:
-            self._check_precision(x)
+        if not self._precision_checked:  # again after growth: a network runs open_run's check only as built
+            check_precision(self.model, self.precision, x.device)
+            self._precision_checked = True
         if not self.model.training:  # train() walks every module: 0.2 ms a step on LeNet, measured
             self.model.train()
         needs_gramian = _needs_gramian(self.direction) or self.collect_gramians

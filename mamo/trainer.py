@@ -137,13 +137,6 @@ def resolve_device(name: str, option: str = "train.device") -> torch.device:
     return device
 
 
-def make_current(device: torch.device) -> None:
-    """Make a numbered GPU the current one: pinned host memory and new CUDA contexts go to the current device,
-    so without this ``cuda:1`` would also set up GPU 0."""
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-
-
 # Evaluation keeps no graph, so it takes batches of up to 256, but never more input values than this: 256
 # NYUv2 images (3 × 288 × 384) made 1.5 GB of segmentation logits and a 15 GB peak RSS in a search (measured).
 EVALUATION_INPUT_VALUES = 2**22

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -353,20 +354,30 @@ def test_bf16_losses_are_float32_losses_of_the_autocast_predictions(gradients):
     torch.testing.assert_close(result.losses, expected.detach(), rtol=1e-6, atol=0.0)
 
 
-def test_bf16_on_the_cpu_refuses_a_strided_convolution_on_one_by_one_maps():
-    # oneDNN's bf16 weight gradient for it holds garbage (a helper's pure-torch repro, docs/performance.md).
+@pytest.mark.parametrize(("shape", "layer"), [((3, 16, 16), "blocks.cell4.0.0.conv1"),  # sees 1 × 1
+                                             ((3, 32, 8), "blocks.cell3.0.0.conv2")])  # sees 4 × 1
+def test_bf16_on_the_cpu_refuses_a_strided_convolution_on_maps_one_wide(shape, layer):
+    # oneDNN's bf16 weight gradient for it holds garbage (pure-torch repros, docs/performance.md).
     from mamo.step import bf16_cpu_hazards
 
-    small = make_model()  # test_resnet on 16×16: the last stage's stride-2 convolutions see 1×1 maps
-    x, targets = batch(small)
-    assert bf16_cpu_hazards(small, x) == ["blocks.cell4.0.0.conv1"]  # its downsample pools, then convolves
-    assert small.training  # the probe leaves the mode as it found it
-    with pytest.raises(MamoError, match=r"train.precision=bf16 on the CPU would give wrong weight gradients in "
-                                        r"blocks\.cell4\.0\.0\.conv1 .*use train.precision=fp32 on the CPU"):
-        frozen_step(small, precision="bf16")(x, targets)
-    frozen_step(small, precision="fp32")(x, targets)  # fp32 has no such kernel: it trains
-    large = make_model(RESNET[0], (3, 64, 64))
-    assert bf16_cpu_hazards(large, batch(large)[0]) == []
+    model = make_model(RESNET[0], shape)  # timm's test_resnet
+    x, targets = batch(model)
+    assert bf16_cpu_hazards(model, x)[0] == layer
+    assert model.training  # the probe leaves the mode as it found it
+    with pytest.raises(MamoError, match=rf"train.precision=bf16 on the CPU would give wrong weight gradients in "
+                                        rf"{re.escape(layer)} .*use train.precision=fp32 on the CPU"):
+        frozen_step(model, precision="bf16")(x, targets)
+    frozen_step(model, precision="fp32")(x, targets)  # fp32 has no such kernel: it trains
+    wide = make_model(RESNET[0], (3, 28, 28))  # the narrowest maps at a strided convolution: 2 × 2
+    assert bf16_cpu_hazards(wide, batch(wide)[0]) == []
+
+
+def test_the_step_asks_auto_for_its_path_with_its_size_tasks_and_precision(monkeypatch):
+    monkeypatch.setitem(task_gradients.BATCHED_PATH, "cpu", task_gradients.BatchedPathRule(min_tasks=3, min_size=1))
+    cpu = torch.device("cpu")
+    two, three = make_model(*MLP, m=2), make_model(*MLP, m=3)
+    assert frozen_step(two).path_for(cpu) == "loop" and frozen_step(three).path_for(cpu) == "batched"
+    assert frozen_step(three, precision="bf16").path_for(cpu) == "loop"
 
 
 # ----- CUDA: skipped where no CUDA device exists ------------------------------------------------------------
@@ -435,8 +446,9 @@ def test_cuda_bf16_gives_the_gradients_of_torchs_autocast_in_float32(path):
     x, targets = x.cuda(), {t: y.cuda() for t, y in targets.items()}
     jac, _, losses = reference(model, x, targets, "bf16")
     step = frozen_step(model, precision="bf16", gradient_path=path)
+    assert step.path_for(x.device) == "loop"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("error")  # no batched attempt that failed and fell back
         result = step(x, targets)
     assert step.jacobian.dtype == torch.float32
     torch.testing.assert_close(result.losses, losses.cpu(), rtol=1e-5, atol=0.0)

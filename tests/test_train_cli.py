@@ -56,6 +56,19 @@ def build(*, seed, root, train_size=None, val_size=None, test_size=None):
             "tasks": {"sign": {"type": "classification", "classes": 2}, "total": {"type": "regression", "dim": 1}}}
 
 
+def narrow_images(*, seed, root, train_size=None, val_size=None, test_size=None):
+    generator = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        x = torch.randn(n, 3, 32, 8, generator=generator)
+        return TensorTaskDataset(x, {"bright": (x.mean(dim=(1, 2, 3)) > 0).long(),
+                                     "red": (x[:, 0].mean(dim=(1, 2)) > 0).long()})
+
+    two = {"type": "classification", "classes": 2}
+    return {"train": split(train_size or 16), "val": split(val_size or 8), "test": split(test_size or 8),
+            "tasks": {"bright": two, "red": dict(two)}}
+
+
 def raises(*, seed, root):
     raise ValueError("the data server is down")
 
@@ -503,6 +516,21 @@ def test_a_batch_of_one_sample_at_a_1x1_batch_norm_is_one_sentence_in_the_log(
     assert message.endswith("set train.batch_size to 2 or more (now " + ("1" if "batch" in budget[0] else "128")
                             + ") and give the train split at least 2 samples.")
     assert message in (run / "log.txt").read_text()
+
+
+def test_bf16_on_the_cpu_with_a_strided_convolution_on_maps_one_wide_is_refused_before_the_folder(
+    plugin: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # 32 × 8 images through timm's test_resnet: a stride-2 convolution sees 4 × 1 maps, where oneDNN's bf16
+    # weight gradient holds garbage; refused with the other input checks, so no folder blocks the retry.
+    run = tmp_path / "run"
+    settings = [f"data.name={plugin}:narrow_images", "model.backbone=timm:test_resnet", "train.precision=bf16",
+                "train.device=cpu", "train.epochs=1"]
+    assert train("quick", *(a for key in settings for a in ("--set", key)), "--no-progress", "--run-dir", str(run)) == 2
+    message = single_error(capsys.readouterr().err)
+    assert message.startswith("train.precision=bf16 on the CPU would give wrong weight gradients in blocks.cell3.")
+    assert message.endswith("use train.precision=fp32 on the CPU, or larger inputs.")
+    assert not run.exists()
 
 
 def log_of_a_train_whose_report_raises(error: Exception, run: Path, monkeypatch: pytest.MonkeyPatch,

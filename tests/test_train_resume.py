@@ -304,7 +304,7 @@ def test_a_numbered_gpu_is_made_current_for_runs_and_the_step_benchmark(monkeypa
     import torch
 
     from mamo.bench import step as bench_step
-    from mamo.trainer import make_current
+    from mamo.session import make_current
 
     current = []
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
@@ -322,9 +322,16 @@ def test_a_numbered_gpu_is_made_current_for_runs_and_the_step_benchmark(monkeypa
     monkeypatch.setattr(bench_step, "build_setup", stop)
     args = argparse.Namespace(device="cuda:1", quick=True, rounds=None, batch_sizes=None, setups=["lenet-m2"],
                               threads=None, clock="wall", precision="fp32")
+    current.clear()
     with pytest.raises(Stop):
         bench_step.run(args)
-    assert current[-1] == torch.device("cuda:1")
+    assert current == [torch.device("cuda:1")]
+    current.clear()
+    monkeypatch.setattr("mamo.session.check_train_settings", lambda config: torch.device("cuda:1"))
+    monkeypatch.setattr("mamo.session.load_data", stop)
+    with pytest.raises(Stop):
+        open_session(load_config("quick"), None, progress=False, quiet=True, cache_root=tmp_path)
+    assert current == [torch.device("cuda:1")]
 
 
 def test_batches_are_pinned_only_when_they_are_unpinned_cpu_tensors(monkeypatch) -> None:

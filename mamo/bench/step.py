@@ -46,11 +46,12 @@ from mamo.conflicts import ConflictStats
 from mamo.directions import create_direction
 from mamo.graph import build_hps_graph
 from mamo.model import compile_model
+from mamo.session import make_current
 from mamo.spaces import create_space, memory_failures_named
 from mamo.step import TrainStep
 from mamo.task_gradients import LAYOUTS, ParameterPartition, resolve_layout
 from mamo.tasks import parse_tasks, task_loss
-from mamo.trainer import intra_op_threads, make_current, resolve_device
+from mamo.trainer import intra_op_threads, resolve_device
 
 SHARED_OPTIONS = ("quick", "device")  # timing, not training: no seeds
 PEER_PACKAGES = ("torchjd", "LibMTL")  # recorded with their versions when installed
