@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import time
+import warnings
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -107,8 +108,12 @@ def _rdb_storage(url: str, engine_kwargs: dict, create: bool) -> optuna.storages
 
     def connect() -> optuna.storages.RDBStorage:
         # A heartbeat lets a worker on another machine fail the trial of a worker that was killed, and retry it.
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60, grace_period=300,
-                                          heartbeat_stale_trial_callback=retry_stale, skip_table_creation=not create)
+        # Optuna marks the argument experimental on every storage it opens: a warning users cannot act on.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
+                                              grace_period=300, heartbeat_stale_trial_callback=retry_stale,
+                                              skip_table_creation=not create)
 
     for _ in range(TABLE_RACE_ATTEMPTS - 1):
         try:

@@ -1142,8 +1142,8 @@ def test_a_study_without_pictures_keeps_each_trials_events_and_hparams(tmp_path,
     config = load_config("quick", [*TINY, "tune.rounds=[1, 1]"])
     result = run_tune(config, study_dir=tmp_path, trials=1, progress=False, pictures=False)
     assert result["states"]["complete"] == 1
-    # 128 samples in batches of 128: one final step, far fewer than tune.T's upper end 30 needs after a growth.
-    assert "T + 1 = 31 steps" in capsys.readouterr().err  # where the study's baselines log too
+    # 128 samples in batches of 128: one final step, far fewer than quick's tune.T upper end 15 needs after a growth.
+    assert "T + 1 = 16 steps" in capsys.readouterr().err  # where the study's baselines log too
     events = EventAccumulator(str(tmp_path / "trial-0000"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     assert events.Tags()["images"] == []  # the round had its conflicts, but no picture of them
