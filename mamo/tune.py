@@ -265,6 +265,8 @@ def _continuing(directory: Path, storage: str | None, url: str, name: str, trial
     """The command that continues a stopped study with ``trials`` more (the study's tune.trials when None)."""
     # A storage URL as shown_url shows it: its password masked, for the user to fill in.
     where = f"--run-dir {directory}" if storage is None else shlex.join(["--storage", shown_url(url), "--study", name])
+    if storage is not None and Path(directory) != _shared_study_folder(name):  # else another folder would join
+        where += f" --run-dir {directory}"
     return cli(f"tune {where}" + ("" if trials is None else f" --trials {trials}"))
 
 

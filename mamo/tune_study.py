@@ -165,7 +165,8 @@ def retry_interrupted(study: optuna.Study, log: TrialLine) -> None:
     :func:`left_running`; not the trials of another command running on the study) or failed by Ctrl-C. The
     retry takes the same parameters and continues the trial's folder from its newest checkpoint. A trial killed
     before it drew its parameters computed nothing and is not retried. Only for a study in its own folder's
-    SQLite: a shared database's trials are left to the heartbeat."""
+    SQLite: a shared database's running trials are left to the heartbeat (the command that stops a trial queues
+    its retry itself, on any storage; one already retried is skipped here)."""
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get(RETRY_OF) for t in trials}
     for trial in trials:

@@ -235,6 +235,21 @@ def test_ctrl_c_says_how_to_continue_the_study(tmp_path, capsys):
     assert all(t.user_attrs["seconds"] >= 0 for t in trials)  # the trial's duration, stopped or not (trials.csv)
 
 
+def test_a_trial_stopped_on_a_shared_storage_is_retried_and_its_folder_named(tmp_path, capsys):
+    # A shared database's next command cannot tell one command's stopped trial from another's, so the stopping
+    # command queues the retry itself; the continue line names a folder other than the study's default (a
+    # helper's PostgreSQL audit: the retry never came, and the pasted line made a second folder).
+    url, folder = f"sqlite:///{tmp_path / 'shared.db'}", tmp_path / "mine"
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(load_config("quick"), study_dir=folder, storage=url, study_name="s", trials=3, objective=interrupted)
+    assert (f"continue with: python cli.py tune --storage {url} --study s --run-dir {folder} --trials 2"
+            in capsys.readouterr().err)
+    run_tune(load_config("quick"), study_dir=folder, storage=url, study_name="s", trials=1, objective=interrupted)
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[2].user_attrs["retry_of"] == 1 and trials[2].params == trials[1].params
+
+
 def test_a_retried_trials_hparams_record_is_its_own_not_the_stopped_runs_failed_one(tmp_path, monkeypatch):
     # The stopped run's "failed" HPARAMS record stayed beside the retry's "complete": TensorBoard's HPARAMS tab
     # keeps the first record of a run, so the completed trial showed as failed.
