@@ -59,6 +59,17 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+# Server errors (regular expressions) whose fix is in the --storage URL (PostgreSQL's and MySQL's wordings); a
+# continue line shows the password as ***, which a pasted line must have put back.
+STORAGE_ADVICE = (
+    ("password authentication failed", "check the user and password in --storage (a printed command shows "
+                                       "the password as ***: put it back)"),
+    ("Access denied for user", "check the user and password in --storage"),
+    ('database ".*" does not exist', "check the database name in --storage, or create it (e.g. createdb -O USER "
+                                     "NAME)"),
+    ("Unknown database", "check the database name in --storage, or create it"),
+)
+
 # SQLite's words for a file that is not (or no longer) a database.
 DAMAGED_DATABASE = ("file is not a database", "database disk image is malformed")
 
@@ -90,8 +101,11 @@ def open_storage(url: str, create: bool = True, fix: str = "start the database o
     try:
         return _rdb_storage(url, ENGINE_ARGS.get(parsed.get_backend_name(), {}), create)
     except ImportError as exc:
-        raise MamoError(f"storage {shown} needs a database driver that is not installed; install it, e.g. "
-                        "pip install psycopg2-binary for postgresql://.") from exc
+        missing = exc.name or parsed.drivername
+        hint = (" (e.g. pip install psycopg2-binary, with no +driver in the URL)"
+                if parsed.get_backend_name() == "postgresql" else "")
+        raise MamoError(f"storage {shown} needs the database driver '{missing}', which is not installed; install "
+                        f"it{hint}.") from exc
     except (SQLAlchemyError, ValueError, RuntimeError) as exc:
         reason = _first_line(getattr(exc, "orig", None) or exc)
         if _table_race(reason):  # two commands created the study's tables at the same moment
@@ -100,6 +114,9 @@ def open_storage(url: str, create: bool = True, fix: str = "start the database o
         if any(text in reason for text in DAMAGED_DATABASE):  # no permission or server would fix it
             raise MamoError(f"storage {shown} is a damaged database ({reason}); restore it from a copy, or start "
                             "the study in another folder (--run-dir) or database (--storage).") from exc
+        for words, advice in STORAGE_ADVICE:  # a server that answered: the fix is in the URL, not the server
+            if re.search(words, reason):
+                fix = advice
         raise MamoError(f"storage {shown} could not be opened ({reason}); {fix}.") from exc
 
 

@@ -55,6 +55,13 @@ def _where(trial: FrozenTrial, directory: Path) -> str:
 
 STOPPED_EARLY = "stopped before its objective started (it drew nothing)"
 
+# A trial that began and recorded nothing: on a shared database, a worker killed on another machine, which the
+# heartbeat failed (Optuna forbids writing to a finished trial, so its retry cannot add the reason); or an
+# error outside the caught ones, which stopped the study with its message.
+NO_RECORD = ("no reason recorded: its worker was killed (on a shared database the heartbeat then failed it and "
+             "queued a retry, which has retry_of) or an error stopped the study (see the command's output)")
+
+
 def fail_reason(trial: FrozenTrial) -> str:
     """Why a failed trial failed. :class:`mamo.tune_workers.Recorded` records the host first thing and a reason
     on every failure (:data:`STOPPED_EARLY` for a stop that came while Optuna made the trial); only a second
@@ -63,7 +70,7 @@ def fail_reason(trial: FrozenTrial) -> str:
         return trial.user_attrs["fail_reason"]
     if "host" not in trial.user_attrs:
         return STOPPED_EARLY
-    return "unknown reason"
+    return NO_RECORD
 
 
 def best_trials(study: optuna.Study, multi: bool) -> list[FrozenTrial]:

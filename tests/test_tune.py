@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import time
 import uuid
 import warnings
@@ -1304,7 +1305,9 @@ def test_a_trial_stopped_before_its_objective_started_is_named_so_in_the_summary
     summarize(study, tmp_path, load_config("quick"), multi=False, shown="memory")
     summary = (tmp_path / "summary.md").read_text()
     assert "- trial 0: stopped before its objective started (it drew nothing)" in summary
-    assert "- trial 1: unknown reason" in summary
+    # A trial that began and recorded nothing: a heartbeat-failed one on a shared database (a PostgreSQL audit
+    # found "unknown reason" in summary.md and trials.csv for a killed worker's trial).
+    assert "- trial 1: no reason recorded: its worker was killed (on a shared database the heartbeat" in summary
     rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
     assert rows[0]["fail_reason"].startswith("stopped before its objective started")
 
@@ -1521,8 +1524,28 @@ def test_a_mysql_url_without_a_driver_is_one_sentence(monkeypatch):
     from mamo.tune_storage import open_storage
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # neither MySQLdb nor pymysql
-    with pytest.raises(MamoError, match=r"^storage mysql://mamo:\*\*\*@127.0.0.1:1/x needs a database driver"):
+    with pytest.raises(MamoError, match=r"^storage mysql://mamo:\*\*\*@127.0.0.1:1/x needs the database driver "
+                                        r"'\w+', which is not installed; install it\.$"):  # no psycopg2 for MySQL
         open_storage("mysql://mamo:secret@127.0.0.1:1/x")
+
+
+@pytest.mark.parametrize(("error", "advice"), [
+    ('FATAL:  password authentication failed for user "mamo"', "check the user and password in --storage"),
+    ('FATAL:  database "nosuchdb" does not exist', "check the database name in --storage, or create it"),
+])
+def test_a_server_that_refuses_the_url_is_told_to_fix_the_url_not_to_start_the_database(monkeypatch, error, advice):
+    # A PostgreSQL audit: a wrong password or database name said "start the database or pass a reachable URL".
+    import optuna
+    from sqlalchemy.exc import OperationalError
+
+    from mamo.tune_storage import open_storage
+
+    def refusing(*args, **kwargs):
+        raise OperationalError("connect", {}, Exception(error))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", refusing)
+    with pytest.raises(MamoError, match=re.escape(advice)):
+        open_storage("sqlite:////nonexistent/study.db")
 
 
 def test_only_a_table_race_is_retried_and_only_twice_after_a_pause(monkeypatch):
