@@ -71,7 +71,9 @@ TRAINER_KEYS = ("graph", "model", "optimizer", "direction", "generator", "global
 def load_checkpoint(path: Path, required: tuple[str, ...] = TRAINER_KEYS) -> dict:
     """Read a checkpoint holding at least ``required``; a damaged or foreign file gives one sentence naming it
     and the way out (a missing file stays FileNotFoundError)."""
-    way_out = "delete it to resume from the previous one."
+    # A search resumes from its previous phase checkpoint; a train run keeps only last.pt and starts again.
+    way_out = ("delete it to resume from the previous one (a train run, which keeps only last.pt, then starts "
+               "from its first epoch).")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:

@@ -103,11 +103,15 @@ def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: 
                 raise
             raise MamoError(f"could not create the run folder {path} ({exc.strerror}); pass a --run-dir where you "
                             "can write, or fix the folder's permissions.") from exc
-    # Atomic: a command killed while writing it leaves no config.yaml, never an empty one that --resume would
-    # read as the built-in defaults.
-    header = f"{RUN_HEADER} {command} run: its resolved config (a preset to copy; --resume reads it back)\n"
-    write_text_atomically(path / "config.yaml", header + config_text(config))
+    write_run_config(path, command, config)
     return path
+
+
+def write_run_config(directory: Path, command: str, config: Config) -> None:
+    """config.yaml, atomically: a command killed while writing it leaves the old one or none, never an empty one
+    that --resume would read as the built-in defaults."""
+    header = f"{RUN_HEADER} {command} run: its resolved config (a preset to copy; --resume reads it back)\n"
+    write_text_atomically(directory / "config.yaml", header + config_text(config))
 
 
 # Which checkpoint files mark a run folder as one command's (folders made before config.yaml named it).
@@ -228,7 +232,10 @@ def read_run_config(
         held.enter_context(FolderLock(directory))
     for partial in [*directory.glob("*.tmp"), *checkpoints.glob("*.tmp")]:
         partial.unlink(missing_ok=True)  # a file a killed process was writing; the resumed run writes its own
-    return load_config(str(directory / "config.yaml"), list(settings), kind="the run's config"), directory
+    config = load_config(str(directory / "config.yaml"), list(settings), kind="the run's config")
+    if settings:  # kept for the next resume and the printed continue line, which name no --set
+        write_run_config(directory, command, config)
+    return config, directory
 
 
 def flat_settings(value: Any, prefix: str = "") -> dict[str, Any]:

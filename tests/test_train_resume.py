@@ -75,6 +75,24 @@ def test_a_run_stopped_on_the_gpu_resumes_on_the_cpu(tmp_path: Path) -> None:
     assert "resumed after epoch 2 of 3" in log and resumed["environment"]["device"] == "cpu"
 
 
+def test_a_setting_changed_on_resume_is_kept_for_the_next_resume(tmp_path: Path) -> None:
+    # An audit: `--resume DIR --set train.device=cpu`, stopped again, printed a continue line without the --set,
+    # and that line went back to the folder's old config.yaml (a GPU run then failed on the CPU machine).
+    config = load_config("quick", [*RESUMABLE, "train.epochs=4", "train.checkpoint_seconds=0"])
+    quiet = {"progress": False, "quiet": True, "loggers": False}
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, cut, callbacks=[StopAfterEpoch(2)], **quiet)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(None, cut, resume=True, resume_settings=["train.checkpoint_seconds=0.5", "train.threads=1"],
+                  callbacks=[StopAfterEpoch(3)], **quiet)
+    saved = load_config(str(cut / "config.yaml"))
+    assert (saved.train.checkpoint_seconds, saved.train.threads) == (0.5, 1)
+    assert (cut / "config.yaml").read_text().startswith("# mamo train run:")  # still names its command
+    resumed = run_train(None, cut, resume=True, **quiet)
+    assert resumed["config"]["train"]["threads"] == 1
+
+
 def test_a_stopped_stl_train_says_how_it_continues(tmp_path: Path) -> None:
     # Its log ended without a word: --resume refuses an STL folder, and the way on is a new run beside it.
     from mamo.errors import StopExplained
