@@ -132,8 +132,8 @@ class Recorded:
             trial.set_user_attr("fail_reason", reason)
             if reason == STOPPED and trial.params:
                 # Queued by the command that stopped it, on any storage: a shared database's next command cannot
-                # tell its own stopped trials from another's (a local study's would also queue it, see
-                # tune_study.retry_interrupted, which skips a trial already retried).
+                # tell this command's stopped trials from another's (for a local study, the next command's
+                # tune_study.retry_interrupted skips a trial already retried).
                 trial.study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
             if self.log is not None:
                 self.log.write(trial.number, f"failed: {reason}", trial.params, time.perf_counter() - start)
