@@ -436,6 +436,20 @@ def test_non_finite_inputs_are_a_mamo_error(name, gramian, losses):
     assert isinstance(info.value, FloatingPointError)
 
 
+def test_misused_directions_say_what_to_pass_instead():
+    # A Python API audit: a Jacobian passed as the Gramian, or a tensioner reused for another number of tasks,
+    # raised bare ValueErrors with no way out.
+    jacobian = torch.randn(2, 100)
+    with pytest.raises(MamoError, match=r"takes the 2×2 Gramian .* got shape \(2, 100\); pass jacobian @ jacobian.T"):
+        build("mgda")(jacobian, torch.ones(2))
+    tensioned = create_direction(DirectionConfig(name="mgda", tensioner=TensionerConfig(formulation="thesis", T=1)))
+    tensioned(torch.eye(2), torch.ones(2))
+    with pytest.raises(MamoError, match=r"history of 2 tasks, got 3; make a new direction \(or call its reset\(\)\)"):
+        tensioned(torch.eye(3), torch.ones(3))
+    tensioned.reset()
+    assert tensioned(torch.eye(3), torch.ones(3)).weights.shape == (3,)
+
+
 def test_combine_is_the_weighted_sum_of_rows():
     J = torch.randn(3, 7)
     w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)

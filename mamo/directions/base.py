@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mamo.errors import NonFiniteGradients
+from mamo.errors import MamoError, NonFiniteGradients
 
 # Values inside weigh(): numpy arrays, floats, or a function computing one (a diagnostic worth computing only
 # when a logger reads it); tensors in the DirectionOutput.
@@ -111,7 +111,8 @@ class Direction(ABC):
         G = np.array(rows, dtype=np.float64)
         m = L.shape[0]
         if G.shape != (m, m):
-            raise ValueError(f"gramian must be {m}×{m} for {m} losses, got shape {tuple(G.shape)}")
+            raise MamoError(f"a direction takes the {m}×{m} Gramian of {m} task gradients, got shape "
+                            f"{tuple(G.shape)}; pass jacobian @ jacobian.T, with one row of J per task loss.")
         if not (_finite(chain.from_iterable(rows)) and _finite(L.tolist())):
             raise NonFiniteGradients("the task losses or gradients are NaN or infinite at this step",
                                      "lower train.lr or check the loss functions and the data.")

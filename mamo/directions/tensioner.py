@@ -229,7 +229,8 @@ class Tensioner(Direction):
         if not self._history:
             self._history = [deque(maxlen=self.T + 1) for _ in norms]
         if len(self._history) != len(norms):
-            raise ValueError(f"the tensioner holds a history of {len(self._history)} tasks, got {len(norms)}")
+            raise MamoError(f"the tensioner holds a history of {len(self._history)} tasks, got {len(norms)}; make "
+                            "a new direction (or call its reset()) when the tasks change.")
         for queue, norm in zip(self._history, norms, strict=True):
             queue.append(norm)
         self.iteration += 1
