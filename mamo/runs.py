@@ -199,8 +199,8 @@ def read_run_config(
     run_dir: str | Path | None, command: str, settings: Sequence[str] = (), held: contextlib.ExitStack | None = None
 ) -> tuple[Config, Path]:
     """The config a stopped ``command`` run saved in ``run_dir``, for ``--resume``, with ``settings``
-    (``--set`` overrides of :data:`RESUME_SETTINGS` only) applied; the folder's :class:`FolderLock` goes into
-    ``held``, to last while the resumed run works there."""
+    (``--set`` overrides of :data:`RESUME_SETTINGS` only) applied and written back to its config.yaml; the
+    folder's :class:`FolderLock` goes into ``held``, to last while the resumed run works there."""
     for text in settings:
         key = ".".join(split_override(text)[0])
         if key not in RESUME_SETTINGS:
