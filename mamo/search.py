@@ -33,7 +33,7 @@ from mamo.report import (
     write_metrics,
     write_report,
 )
-from mamo.runs import FolderLock, check_resumed_config, cli, read_run_config
+from mamo.runs import FolderLock, check_resumed_config, cli, keep_resume_settings, read_run_config
 from mamo.search_phases import ConflictRecorder, SearchRun, run_phases, stl_validation
 from mamo.search_plan import (
     budget_note,
@@ -146,6 +146,7 @@ def _open_stopped(
     check_search_config(config)
     session = open_session(config, directory, progress, quiet, cache_root)
     check_resumed_data(session.data.input_shape, session.data.tasks, state, directory)
+    keep_resume_settings(directory, "search", config, resume_settings)
     return config, session, directory, state
 
 

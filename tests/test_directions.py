@@ -32,7 +32,7 @@ from mamo.directions import (
     create_direction,
     min_norm_weights,
 )
-from mamo.directions.base import TensorInfo
+from mamo.directions.base import TensorInfo, gramian_fault
 from mamo.directions.cagrad import _solve as _cagrad_solve
 from mamo.errors import MamoError
 
@@ -415,6 +415,11 @@ def test_create_direction_builds_from_the_table_and_wraps_in_the_tensioner():
         (DirectionConfig(name="mgda", tensioner=TensionerConfig(alpha=-1.0)), "direction.tensioner.alpha"),
         (DirectionConfig(name="cagrad", cagrad_c=-0.5), "direction.cagrad_c"),
         (DirectionConfig(name="cagrad", cagrad_c=1e308), "direction.cagrad_c"),  # c² overflowed in the first step
+        # From Python, a string or a bool was math's TypeError naming no key.
+        (DirectionConfig(name="mgda", tensioner=TensionerConfig(alpha="0.3")), "direction.tensioner.alpha"),
+        (DirectionConfig(name="mgda", tensioner=TensionerConfig(alpha=True)), "direction.tensioner.alpha"),
+        (DirectionConfig(name="mgda", tensioner=TensionerConfig(T=2.0)), "direction.tensioner.T"),
+        (DirectionConfig(name="cagrad", cagrad_c="0.5"), "direction.cagrad_c"),
     ],
 )
 def test_bad_configuration_is_a_mamo_error_naming_the_key(config, key):
@@ -448,6 +453,33 @@ def test_misused_directions_say_what_to_pass_instead():
         tensioned(torch.eye(3), torch.ones(3))
     tensioned.reset()
     assert tensioned(torch.eye(3), torch.ones(3)).weights.shape == (3,)
+
+
+@pytest.mark.parametrize("matrix,fault", [
+    ([[1.0, 0.0], [0.0, -1.0]], r"its diagonal entry \(1, 1\) is -1, and a squared gradient norm cannot be negative"),
+    ([[1.0, 0.5], [-0.5, 1.0]], r"it is not symmetric \(entry \(1, 0\) is -0.5, \(0, 1\) is 0.5\)"),
+    ([[1.0, 2.0], [2.0, 1.0]],
+     r"its entry \(1, 0\) = 2 exceeds sqrt\(G\[1,1\]·G\[0,0\]\) = 1, which no pair of gradients can"),
+    ([[1.0, 0.0, 0.0], [0.0, 0.0, 1e-3], [0.0, 1e-3, 1.0]], r"its entry \(2, 1\) = 0.001 exceeds sqrt"),
+])
+@pytest.mark.parametrize("name", [*DIRECTIONS, "mgda+tensioner"])
+def test_a_matrix_that_is_no_gramian_is_refused_naming_why(name, matrix, fault):
+    # A non-PSD matrix went into the solvers without a word (a Python API audit).
+    direction = build("mgda", "thesis") if name == "mgda+tensioner" else build(name)
+    with pytest.raises(MamoError, match=f"takes the Gramian J Jᵀ of the task gradients, but {fault}.*; pass jacobian"):
+        direction(torch.tensor(matrix), torch.ones(len(matrix)))
+
+
+def test_float32_and_bf16_gramians_of_near_parallel_and_zero_gradients_pass():
+    # The tests must never refuse a real Gramian: rounding of nearly parallel 1 M-long gradients, a zero gradient,
+    # and a bf16 matmul all stay inside the slack.
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 1_000_000, generator=generator)
+    jacobian = torch.cat([base, base + 1e-4 * torch.randn(1, 1_000_000, generator=generator), torch.zeros(1, 1_000_000),
+                          -base])
+    for gramian in (jacobian @ jacobian.T, (jacobian.bfloat16() @ jacobian.bfloat16().T).float()):
+        assert gramian_fault(gramian.tolist()) is None
+        assert build("mgda")(gramian, torch.ones(4)).weights.shape == (4,)
 
 
 def test_combine_is_the_weighted_sum_of_rows():

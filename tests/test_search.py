@@ -414,6 +414,12 @@ def test_a_stopped_search_resumes_to_the_same_architecture(tmp_path):
     assert before_stop >= 1.5
     log = (tmp_path / "cut" / "log.txt").read_text().splitlines()
     assert log[-1].endswith(f"); continue with: python cli.py search --resume {tmp_path / 'cut'}")
+    # A refused --set is not kept: it was written into config.yaml first, and every later resume failed on it.
+    saved = (tmp_path / "cut" / "config.yaml").read_text()
+    with pytest.raises(MamoError, match="train.device is 'cuda:99' but"):
+        run_search(None, tmp_path / "cut", progress=False, quiet=True, loggers=False, resume=True,
+                   resume_settings=["train.device=cuda:99"])
+    assert (tmp_path / "cut" / "config.yaml").read_text() == saved
     resumed = run_search(config, tmp_path / "cut", progress=False, quiet=True, loggers=False, resume=True)
     whole_graph = json.loads((tmp_path / "whole" / "architecture.json").read_text())
     resumed_graph = json.loads((tmp_path / "cut" / "architecture.json").read_text())

@@ -88,6 +88,11 @@ def test_a_setting_changed_on_resume_is_kept_for_the_next_resume(tmp_path: Path)
                   callbacks=[StopAfterEpoch(3)], **quiet)
     saved = load_config(str(cut / "config.yaml"))
     assert (saved.train.checkpoint_seconds, saved.train.threads) == (0.5, 1)
+    # ... but one the resume refuses is not: every later resume would fail on it.
+    kept = (cut / "config.yaml").read_text()
+    with pytest.raises(MamoError, match="train.device is 'cuda:99' but"):
+        run_train(None, cut, resume=True, resume_settings=["train.device=cuda:99"], **quiet)
+    assert (cut / "config.yaml").read_text() == kept
     assert (cut / "config.yaml").read_text().startswith("# mamo train run:")  # still names its command
     resumed = run_train(None, cut, resume=True, **quiet)
     assert resumed["config"]["train"]["threads"] == 1

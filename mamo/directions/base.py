@@ -10,6 +10,7 @@ inputs once and packs the output, adding ``info["weights"]`` for every method in
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -86,10 +87,38 @@ def _floats(value: Tensor | np.ndarray | Any) -> list:
     return value.tolist() if isinstance(value, Tensor) else np.asarray(value, dtype=np.float64).tolist()
 
 
+def finite_number(value: Any) -> bool:
+    """Whether a setting is a finite real number (a bool or a string such as "0.3" is not): what the methods'
+    checks ask first, so that a wrong type gets their one-sentence error instead of math's TypeError."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _finite(values: Iterable[float]) -> bool:
     # Python floats, not np.isfinite: inside a training step, right after the backward pass has evicted
     # numpy's code from the caches, four ufunc calls took 19 µs (measured on LeNet; a 5 ms step).
     return all(map(math.isfinite, values))
+
+
+# Slack for float32 (and bf16-autocast) Gramians: a Gramian's rounding stays far inside 1% of sqrt(G_ii·G_jj).
+_GRAMIAN_SLACK = 1e-2
+
+
+def gramian_fault(rows: list[list[float]]) -> str | None:
+    """What shows that ``rows`` is not a Gramian ``J Jᵀ``, or None: a negative diagonal entry, an asymmetric
+    pair, or an entry beyond Cauchy–Schwarz (``|G_ij| ≤ sqrt(G_ii·G_jj)``), each to :data:`_GRAMIAN_SLACK`. These
+    pairwise tests cost ~1 µs at m = 3; a full eigenvalue test would cost more than a small network's whole
+    direction, so a matrix indefinite only in its 3×3 minors or larger passes."""
+    for i, row in enumerate(rows):
+        if row[i] < 0.0:
+            return f"its diagonal entry ({i}, {i}) is {row[i]:.3g}, and a squared gradient norm cannot be negative"
+        for j in range(i):
+            bound = math.sqrt(row[i] * rows[j][j])
+            if abs(row[j] - rows[j][i]) > _GRAMIAN_SLACK * bound:
+                return f"it is not symmetric (entry ({i}, {j}) is {row[j]:.3g}, ({j}, {i}) is {rows[j][i]:.3g})"
+            if abs(row[j]) > (1.0 + _GRAMIAN_SLACK) * bound:
+                return (f"its entry ({i}, {j}) = {row[j]:.3g} exceeds sqrt(G[{i},{i}]·G[{j},{j}]) = {bound:.3g}, "
+                        "which no pair of gradients can")
+    return None
 
 
 def make_output(weights: np.ndarray, info: Info) -> DirectionOutput:
@@ -107,6 +136,8 @@ class Direction(ABC):
     non_conflicting: bool = False
 
     def __call__(self, gramian: Tensor, losses: Tensor) -> DirectionOutput:
+        """The weights for an m×m Gramian and m losses (tensors on any device, or array-likes), after checking
+        that they are finite and that the matrix passes :func:`gramian_fault`'s tests."""
         rows, L = _floats(gramian), as_numpy(losses).reshape(-1)
         G = np.array(rows, dtype=np.float64)
         m = L.shape[0]
@@ -116,6 +147,10 @@ class Direction(ABC):
         if not (_finite(chain.from_iterable(rows)) and _finite(L.tolist())):
             raise NonFiniteGradients("the task losses or gradients are NaN or infinite at this step",
                                      "lower train.lr or check the loss functions and the data.")
+        fault = gramian_fault(rows)
+        if fault is not None:
+            raise MamoError(f"a direction takes the Gramian J Jᵀ of the task gradients, but {fault}; pass "
+                            "jacobian @ jacobian.T.")
         weights, info = self.weigh(G, L)
         return make_output(weights, info)
 

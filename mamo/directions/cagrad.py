@@ -7,7 +7,7 @@ import math
 import numpy as np
 from scipy.optimize import brentq, nnls
 
-from mamo.directions.base import Direction, Info
+from mamo.directions.base import Direction, Info, finite_number
 from mamo.directions.min_norm import min_norm_weights
 from mamo.errors import MamoError
 
@@ -36,7 +36,7 @@ class CAGrad(Direction):
 
     def __init__(self, alpha: float = 0.5) -> None:
         # The direction is divided by 1 + c²: far beyond the paper's c < 1 it vanishes (and c² overflows).
-        if not (math.isfinite(alpha) and 0.0 <= alpha <= MAX_C):
+        if not (finite_number(alpha) and 0.0 <= alpha <= MAX_C):
             raise MamoError(f"direction.cagrad_c must be a number in [0, {MAX_C:g}], got {alpha!r}; set e.g. 0.5.")
         self.alpha = float(alpha)
 

@@ -46,7 +46,7 @@ from operator import mul
 import numpy as np
 
 from mamo.config import MAX_WINDOW
-from mamo.directions.base import Direction, Info
+from mamo.directions.base import Direction, Info, finite_number
 from mamo.errors import MamoError
 
 # The arithmetic is on plain Python floats: m is small, and numpy's per-call overhead on m-long arrays
@@ -184,7 +184,7 @@ class Tensioner(Direction):
             )
         if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_WINDOW:
             raise MamoError(f"direction.tensioner.T must be an integer in [1, {MAX_WINDOW:,}], got {T!r}; set e.g. 10.")
-        if not (math.isfinite(alpha) and alpha >= 0.0):
+        if not (finite_number(alpha) and alpha >= 0.0):
             raise MamoError(f"direction.tensioner.alpha must be a finite number ≥ 0, got {alpha!r}; set e.g. 0.3.")
         self.base = base
         self.formulation = formulation
