@@ -470,13 +470,18 @@ def test_a_matrix_that_is_no_gramian_is_refused_naming_why(name, matrix, fault):
         direction(torch.tensor(matrix), torch.ones(len(matrix)))
 
 
-def test_float32_and_bf16_gramians_of_near_parallel_and_zero_gradients_pass():
+def test_float32_and_bf16_gramians_of_near_parallel_zero_and_underflowing_gradients_pass():
     # The tests must never refuse a real Gramian: rounding of nearly parallel 1 M-long gradients, a zero gradient,
     # and a bf16 matmul all stay inside the slack.
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(1, 1_000_000, generator=generator)
     jacobian = torch.cat([base, base + 1e-4 * torch.randn(1, 1_000_000, generator=generator), torch.zeros(1, 1_000_000),
                           -base])
+    # A gradient whose float32 squared norm underflows to 0 while its products with others do not (a task
+    # classified with a huge margin): it was refused as "G_ij exceeds sqrt(G_ii·G_jj) = 0".
+    underflowed = torch.stack([torch.full((1_000_000,), 1e-24), torch.ones(1_000_000)])
+    assert (underflowed @ underflowed.T)[0, 0] == 0 and (underflowed @ underflowed.T)[0, 1] > 0
+    assert gramian_fault((underflowed @ underflowed.T).tolist()) is None
     for gramian in (jacobian @ jacobian.T, (jacobian.bfloat16() @ jacobian.bfloat16().T).float()):
         assert gramian_fault(gramian.tolist()) is None
         assert build("mgda")(gramian, torch.ones(4)).weights.shape == (4,)
