@@ -427,15 +427,18 @@ def test_bad_configuration_is_a_mamo_error_naming_the_key(config, key):
         create_direction(config)
 
 
-@pytest.mark.parametrize("gramian,losses", [
-    ([[1.0, float("nan")], [float("nan"), 1.0]], [1.0, 1.0]),
-    ([[float("inf"), 0.0], [0.0, 1.0]], [1.0, 1.0]),
-    ([[1.0, 0.0], [0.0, 1.0]], [1.0, float("nan")]),
-    ([[1.0, 0.0], [0.0, 1.0]], [float("-inf"), 1.0]),
+@pytest.mark.parametrize("gramian,losses,problem", [
+    ([[1.0, float("nan")], [float("nan"), 1.0]], [1.0, 1.0], "the task gradients are NaN at this step"),
+    # Finite losses and gradients whose squared norms pass float32's 3.4e38 (a helper's data of scale 1e10):
+    # the message said the losses or gradients were NaN or infinite, which neither was.
+    ([[float("inf"), 1.0], [1.0, 1.0]], [1.0, 1.0], r"the task gradients' squared norms overflow at this step \("
+                                                     r"the Gramian holds inf: a gradient norm above ~1.8e19"),
+    ([[1.0, 0.0], [0.0, 1.0]], [1.0, float("nan")], "the task losses are NaN or infinite at this step"),
+    ([[float("inf"), 0.0], [0.0, 1.0]], [float("-inf"), 1.0], "the task losses are NaN or infinite at this step"),
 ])
 @pytest.mark.parametrize("name", ["mgda", "equal"])
-def test_non_finite_inputs_are_a_mamo_error(name, gramian, losses):
-    with pytest.raises(MamoError, match="NaN or infinite") as info:
+def test_non_finite_inputs_are_a_mamo_error_saying_what(name, gramian, losses, problem):
+    with pytest.raises(MamoError, match=problem) as info:
         build(name)(torch.tensor(gramian), torch.tensor(losses))
     # Also a FloatingPointError, which the trainer reports as a diverged run naming the step and the rate.
     assert isinstance(info.value, FloatingPointError)
@@ -485,6 +488,27 @@ def test_float32_and_bf16_gramians_of_near_parallel_zero_and_underflowing_gradie
     for gramian in (jacobian @ jacobian.T, (jacobian.bfloat16() @ jacobian.bfloat16().T).float()):
         assert gramian_fault(gramian.tolist()) is None
         assert build("mgda")(gramian, torch.ones(4)).weights.shape == (4,)
+
+
+@pytest.mark.parametrize("name,formulation", CASES)
+def test_a_gradient_below_1e_15_in_norm_counts_as_zero(name, formulation):
+    # A helper's fuzz: two normal tasks, a tiny one (components 1e-22, as a saturated softmax gives) and one
+    # anti-parallel to a normal task at 1e-20 of its length. Their float32 Gram entries (~1e-41) are subnormal,
+    # keep a digit or two, and CAGrad weighted the last task 2.8e27: a step longer than any task's gradient.
+    generator = torch.Generator().manual_seed(0)
+    normal = torch.randn(2, 2000, generator=generator) * 1e-2
+    jacobian = torch.cat([torch.randn(1, 2000, generator=generator) * 1e-22, normal, -1e-20 * normal[1:]])
+    gramian, losses = jacobian @ jacobian.T, torch.tensor([1e-20, 0.5, 0.7, 1e-20])
+    assert 0 < gramian[0, 0] < 1e-30 and 0 < gramian[3, 3] < 1e-30
+    zeroed = gramian.clone()
+    zeroed[[0, 3], :] = 0
+    zeroed[:, [0, 3]] = 0
+    given, reference = build(name, formulation), build(name, formulation)
+    for _ in range(T + 2):  # past the tensioner's inert first T calls
+        weights = given(gramian, losses).weights
+        assert torch.equal(weights, reference(zeroed, losses).weights)
+    if name == "cagrad" and formulation == "off":  # its step is (g0 + c·g_w/|g_w|)/(1 + c²): at most |g0|
+        assert (weights @ jacobian.double()).norm() <= jacobian.double().mean(0).norm() * (1 + 1e-6)
 
 
 def test_combine_is_the_weighted_sum_of_rows():

@@ -224,6 +224,19 @@ def test_shrink_leaves_tasks_the_base_already_opposes_unconstrained():
     assert not torch.equal(out.weights, out.info["base_weights"])
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_step_shrunk_to_zero_has_no_angle(seed):
+    # cagrad + thesis on identical gradients shrinks v_n to 0 (docs/directions.md); the logged angle of that
+    # zero step was rounding: 170°, 17° and 180° on these seeds (a helper's audit).
+    gradient = torch.randn(1, 50, generator=torch.Generator().manual_seed(seed)) * 0.1
+    jacobian = gradient.repeat(3, 1)
+    direction = build("cagrad", "thesis")
+    for _ in range(T + 3):
+        out = direction(jacobian @ jacobian.T, torch.ones(3))
+    assert (out.weights @ jacobian.double()).norm() < 1e-9 * gradient.norm()
+    assert out.info["angle"].tolist() == [90.0, 90.0, 90.0]
+
+
 def test_tension_factor_is_clipped_at_zero_for_alpha_above_one():
     history = np.array([[1.0, 1.0, 1.0], [1.0, 2.0, 4.0]])
     losses = np.array([1e-6, 10.0])

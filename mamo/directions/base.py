@@ -99,6 +99,25 @@ def _finite(values: Iterable[float]) -> bool:
     return all(map(math.isfinite, values))
 
 
+# A squared gradient norm below this (a norm under 1e-15) counts as 0: its row and column of G are zeroed. In
+# a float32 Gramian such an entry is a sum of products in or near the subnormal range, which keep a digit or
+# two, and a method that divides by it amplifies that noise: CAGrad weighted such a task 2e29 and stepped 600×
+# the largest gradient's length (a helper's fuzz; 0.1× with the task zeroed). No training step moves on a
+# gradient that short.
+NEGLIGIBLE_SQUARED_NORM = 1e-30
+
+
+def _non_finite_problem(rows: list[list[float]], losses: list[float]) -> str:
+    """What is not finite, in words: the losses, a NaN gradient, or a Gramian that overflowed (inf, no NaN)."""
+    if not _finite(losses):
+        return "the task losses are NaN or infinite at this step"
+    if any(math.isnan(value) for row in rows for value in row):
+        return "the task gradients are NaN at this step"
+    return ("the task gradients' squared norms overflow at this step (the Gramian holds inf: a gradient norm "
+            "above ~1.8e19 in float32, or an infinite one; from a diverging run, or inputs or targets of a huge "
+            "scale)")
+
+
 # Slack for float32 (and bf16-autocast) Gramians: a Gramian's rounding stays far inside 1% of sqrt(G_ii·G_jj).
 _GRAMIAN_SLACK = 1e-2
 # A float32 squared norm underflows to 0 when every component is below ~4e-23, so that task's ||g_i|| is then
@@ -149,12 +168,16 @@ class Direction(ABC):
             raise MamoError(f"a direction takes the {m}×{m} Gramian of {m} task gradients, got shape "
                             f"{tuple(G.shape)}; pass jacobian @ jacobian.T, with one row of J per task loss.")
         if not (_finite(chain.from_iterable(rows)) and _finite(L.tolist())):
-            raise NonFiniteGradients("the task losses or gradients are NaN or infinite at this step",
+            raise NonFiniteGradients(_non_finite_problem(rows, L.tolist()),
                                      "lower train.lr or check the loss functions and the data.")
         fault = gramian_fault(rows)
         if fault is not None:
             raise MamoError(f"a direction takes the Gramian J Jᵀ of the task gradients, but {fault}; pass "
                             "jacobian @ jacobian.T.")
+        negligible = [t for t in range(m) if rows[t][t] < NEGLIGIBLE_SQUARED_NORM]
+        if negligible:
+            G[negligible, :] = 0.0
+            G[:, negligible] = 0.0
         weights, info = self.weigh(G, L)
         return make_output(weights, info)
 

@@ -31,8 +31,9 @@ already conflicts with (possible for equal, pcgrad, cagrad or normalised mgda); 
 no s could fix it at s = 0.
 
 ``info``: ``c``, ``delta`` (zeros while inert), ``angle`` (degrees between each ``g_t`` and ``v_n``; 90 where
-either is zero), ``shrink`` (the applied s; 0 while inert or off), ``active`` (1 once T + 1 norms are stored),
-``base_weights``, and the base's own info under ``base_<key>``.
+either is zero, or v_n too short for the Gramian to resolve), ``shrink`` (the applied s; 0 while inert or
+off), ``active`` (1 once T + 1 norms are stored), ``base_weights``, and the base's own info under
+``base_<key>``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ Matrix = list[list[float]]
 _RESOLVE = 1e-5  # a thesis term's squared distance below this fraction of the two squared norms: dropped
 _SIMPLEX = 1e-9  # base weights ≥ 0 summing to 1 within this: v is in the gradients' convex hull
 _PROTECT = 1e-6  # for a base that may conflict: (Gw)_t ≥ −_PROTECT·max_t G_tt counts as "no conflict with t"
+_UNRESOLVED_STEP = 1e-3  # a v_n shorter than this fraction of Σ|w_t|·||g_t||: no angle (see _angles)
 _RATIO_CAP = 1e6  # ζ(i)/ζ(i−1) when ζ(i−1) = 0 < ζ(i); the sigmoid has long saturated there
 _TINY = float(np.finfo(np.float64).tiny)
 
@@ -165,6 +167,12 @@ def tension_factors(history: np.ndarray, losses: np.ndarray, alpha: float) -> tu
 def _angles(gramian: Matrix, weights: Vector) -> Vector:
     gw = _times(gramian, weights)
     vv = max(_dot(weights, gw), 0.0)
+    # ||v||² from a float32 Gramian carries ~1e-7·(Σ|w_t|·||g_t||)² of rounding, so a v_n shorter than
+    # _UNRESOLVED_STEP of that bound has no direction to measure: a zero step (CAGrad's weights shrunk to sum 0
+    # on identical gradients) read 153-180° (a helper's audit). It counts as zero: 90°.
+    bound = sum(abs(w) * math.sqrt(max(row[t], 0.0)) for t, (w, row) in enumerate(zip(weights, gramian, strict=True)))
+    if vv <= (_UNRESOLVED_STEP * bound) ** 2:
+        vv = 0.0
     angles = []
     for t, gw_t in enumerate(gw):
         denominator = math.sqrt(max(gramian[t][t], 0.0) * vv)
