@@ -428,7 +428,7 @@ def test_bad_configuration_is_a_mamo_error_naming_the_key(config, key):
 
 
 @pytest.mark.parametrize("gramian,losses,problem", [
-    ([[1.0, float("nan")], [float("nan"), 1.0]], [1.0, 1.0], "the task gradients are NaN at this step"),
+    ([[1.0, float("nan")], [float("nan"), 1.0]], [1.0, 1.0], "the task gradients are NaN or infinite at this step"),
     # Finite losses and gradients whose squared norms pass float32's 3.4e38 (a helper's data of scale 1e10):
     # the message said the losses or gradients were NaN or infinite, which neither was.
     ([[float("inf"), 1.0], [1.0, 1.0]], [1.0, 1.0], r"the task gradients' squared norms overflow at this step \("

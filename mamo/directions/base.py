@@ -112,7 +112,7 @@ def _non_finite_problem(rows: list[list[float]], losses: list[float]) -> str:
     if not _finite(losses):
         return "the task losses are NaN or infinite at this step"
     if any(math.isnan(value) for row in rows for value in row):
-        return "the task gradients are NaN at this step"
+        return "the task gradients are NaN or infinite at this step"  # inf components give NaN in G too
     return ("the task gradients' squared norms overflow at this step (the Gramian holds inf: a gradient norm "
             "above ~1.8e19 in float32, or an infinite one; from a diverging run, or inputs or targets of a huge "
             "scale)")
