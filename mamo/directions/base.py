@@ -101,9 +101,9 @@ def _finite(values: Iterable[float]) -> bool:
 
 # A squared gradient norm below this (a norm under 1e-15) counts as 0: its row and column of G are zeroed. In
 # a float32 Gramian such an entry is a sum of products in or near the subnormal range, which keep a digit or
-# two, and a method that divides by it amplifies that noise: CAGrad weighted such a task 2e29 and stepped 600×
-# the largest gradient's length (a helper's fuzz; 0.1× with the task zeroed). No training step moves on a
-# gradient that short.
+# two, and a method that divides by it amplifies that noise: CAGrad weighted such a task 2e29 and stepped 275
+# where the longest task gradient was 0.45 (a helper's fuzz; 0.097 from the exact float64 Gramian). No
+# training step moves on a gradient that short.
 NEGLIGIBLE_SQUARED_NORM = 1e-30
 
 
