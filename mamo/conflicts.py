@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mamo import graph as g
+from mamo.directions.base import NEGLIGIBLE_SQUARED_NORM
 from mamo.errors import MamoError
 
 HISTOGRAM_EDGES = np.linspace(-1.0, 1.0, 21)  # 20 bins of width 0.1 over [-1, 1]
@@ -75,7 +76,9 @@ class ConflictStats:
             if block is None:
                 continue
             gram = block.tolist()
-            norms = [math.sqrt(max(gram[t][t], 0.0)) for t in range(m)]
+            # A gradient below 1e-15 in norm is a zero one here too, as for the directions: its float32 Gram
+            # entries are subnormal sums that gave mean cosines of 1.0007 and 2.66 for parallel gradients.
+            norms = [math.sqrt(gram[t][t]) if gram[t][t] >= NEGLIGIBLE_SQUARED_NORM else 0.0 for t in range(m)]
             sums, counts, histogram = self.cosine_sums[cell], self.counts[cell], self.histograms[cell]
             measured = self.measured[cell]
             for t in range(m):
@@ -85,7 +88,9 @@ class ConflictStats:
                 denominator = norms[i] * norms[j]
                 if denominator == 0.0:  # the cosine of a zero gradient is undefined, not 0: leave it out
                     continue
-                upper, lower = gram[i][j] / denominator, gram[j][i] / denominator
+                # Clamped: float32 rounding puts a parallel pair's cosine a hair outside [-1, 1].
+                upper = min(max(gram[i][j] / denominator, -1.0), 1.0)
+                lower = min(max(gram[j][i] / denominator, -1.0), 1.0)
                 measured[i, j] += 1
                 measured[j, i] += 1
                 sums[i, j] += upper

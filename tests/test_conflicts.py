@@ -48,6 +48,21 @@ def test_a_zero_gradient_has_no_cosine_it_is_no_conflict_and_stays_out_of_the_me
     assert stats.histograms.sum() == 1 and stats.mean_cosine()[0, 0, 0] == 1.0
 
 
+def test_a_gradient_below_1e_15_in_norm_is_a_zero_one_and_cosines_stay_in_range():
+    # A helper's audit: float32 Gram entries of a gradient ~1e-21 long are subnormal sums, and a parallel pair
+    # read mean cosines of 1.0007 and 2.66 (metrics.json and the heatmap showed them).
+    u = torch.randn(2000, generator=torch.Generator().manual_seed(0))
+    stats = ConflictStats(["a", "b"], num_cells=2, cell_params=[2000, 2000])
+    for scale in (1e-21, 1e-22):
+        jacobian = torch.stack([scale * u, u]).float()
+        # Anti-parallel, as float32 rounding can leave it: |G_ab| a hair above sqrt(G_aa·G_bb).
+        rounded = torch.tensor([[1.0, -1.0000002], [-1.0000002, 1.0]])
+        stats.update({g.cell_id(0): jacobian @ jacobian.T, g.cell_id(1): rounded})
+    assert stats.measured[0, 0, 1] == 0 and stats.counts[0].sum() == 0 and stats.histograms[0].sum() == 0
+    assert stats.measured[1, 0, 1] == 2 and stats.counts[1, 0, 1] == 2
+    assert -1.0 <= stats.mean_cosine()[1, 0, 1] <= 1.0 and stats.histograms[1, 0, 0] == 2
+
+
 def test_a_round_checkpointed_before_measured_existed_resumes_with_its_old_mean():
     stats = ConflictStats(["a", "b"], num_cells=1, cell_params=[5])
     for vectors in (([1.0, 0.0], [1.0, 1.0]), ([0.0, 0.0], [1.0, 0.0])):
@@ -79,10 +94,10 @@ def reference_update(stats: ConflictStats, blocks: dict[int, np.ndarray]) -> Non
     m = len(stats.tasks)
     rows, cols = np.triu_indices(m, k=1)
     for cell, gram in blocks.items():
-        norms = np.sqrt(np.maximum(gram.diagonal(), 0.0))
+        norms = np.where(gram.diagonal() >= 1e-30, np.sqrt(np.maximum(gram.diagonal(), 0.0)), 0.0)
         denominator = np.multiply.outer(norms, norms)
         defined = denominator > 0.0
-        cosine = np.where(defined, gram / np.where(defined, denominator, 1.0), 0.0)
+        cosine = np.clip(np.where(defined, gram / np.where(defined, denominator, 1.0), 0.0), -1.0, 1.0)
         np.fill_diagonal(cosine, 1.0)
         np.fill_diagonal(defined, True)
         stats.cosine_sums[cell] += cosine
