@@ -199,8 +199,8 @@ def read_run_config(
     run_dir: str | Path | None, command: str, settings: Sequence[str] = (), held: contextlib.ExitStack | None = None
 ) -> tuple[Config, Path]:
     """The config a stopped ``command`` run saved in ``run_dir``, for ``--resume``, with ``settings``
-    (``--set`` overrides of :data:`RESUME_SETTINGS` only) applied (:func:`keep_resume_settings` writes them back
-    once the run has checked them); the folder's :class:`FolderLock` goes into ``held``, to last while the
+    (``--set`` overrides of :data:`RESUME_SETTINGS` only) applied (:func:`mamo.session.keep_resume_settings` writes
+    them back once the run has checked them); the folder's :class:`FolderLock` goes into ``held``, to last while the
     resumed run works there."""
     for text in settings:
         key = ".".join(split_override(text)[0])
@@ -235,14 +235,6 @@ def read_run_config(
         partial.unlink(missing_ok=True)  # a file a killed process was writing; the resumed run writes its own
     config = load_config(str(directory / "config.yaml"), list(settings), kind="the run's config")
     return config, directory
-
-
-def keep_resume_settings(directory: Path, command: str, config: Config, settings: Sequence[str]) -> None:
-    """Write a resumed run's ``--set`` settings into its config.yaml, for the next resume and the printed continue
-    line, which name no --set. Called once the session has opened with them: a refused one (a device this machine
-    lacks, a missing data.root) must not become the folder's setting, or every later resume fails on it."""
-    if settings:
-        write_run_config(directory, command, config)
 
 
 def flat_settings(value: Any, prefix: str = "") -> dict[str, Any]:

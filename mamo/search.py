@@ -33,7 +33,7 @@ from mamo.report import (
     write_metrics,
     write_report,
 )
-from mamo.runs import FolderLock, check_resumed_config, cli, keep_resume_settings, read_run_config
+from mamo.runs import FolderLock, check_resumed_config, cli, read_run_config
 from mamo.search_phases import ConflictRecorder, SearchRun, run_phases, stl_validation
 from mamo.search_plan import (
     budget_note,
@@ -46,7 +46,16 @@ from mamo.search_plan import (
     search_phases,
     tensioner_window_note,
 )
-from mamo.session import Session, build_network, logging_stops, make_trainer, open_run, open_session, save_model
+from mamo.session import (
+    Session,
+    build_network,
+    keep_resume_settings,
+    logging_stops,
+    make_trainer,
+    open_run,
+    open_session,
+    save_model,
+)
 from mamo.trainer import Callback, intra_op_threads, mean_epoch_seconds
 
 
@@ -146,7 +155,7 @@ def _open_stopped(
     check_search_config(config)
     session = open_session(config, directory, progress, quiet, cache_root)
     check_resumed_data(session.data.input_shape, session.data.tasks, state, directory)
-    keep_resume_settings(directory, "search", config, resume_settings)
+    keep_resume_settings(session, directory, "search", resume_settings, starts_over=state is None)
     return config, session, directory, state
 
 

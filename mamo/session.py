@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from mamo.runs import (
     free_run_dir,
     new_run_dir,
     replace_atomically,
+    write_run_config,
     write_text_atomically,
 )
 from mamo.spaces import SPACES, check_model_config, create_space, memory_failure
@@ -153,6 +154,19 @@ def open_session(
     if cache_root is None:
         cache_root = (run_dir.parent if run_dir else RUNS_ROOT) / ".baselines"
     return Session(config, data, device, log, BaselineCache(Path(cache_root)), progress)
+
+
+def keep_resume_settings(session: Session, directory: Path, command: str, settings: Sequence[str],
+                         starts_over: bool) -> None:
+    """Write a resumed run's ``--set`` settings into its config.yaml (for the next resume and the printed
+    continue line, which name no --set) once they are known to work: the session opened with them (device,
+    threads, data.root), and a run that starts over without a checkpoint reads ``model.weights``, so its
+    network is built first, as a new run's is. A refused setting written there failed every later resume."""
+    if not settings:
+        return
+    if starts_over:
+        build_network(session)
+    write_run_config(directory, command, session.config)
 
 
 def build_network(session: Session, task_names: list[str] | None = None, initial_weights: bool = True) -> MamoNet:

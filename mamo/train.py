@@ -21,8 +21,16 @@ from mamo.directions import direction_label
 from mamo.errors import MamoError
 from mamo.graph import graph_to_dict
 from mamo.report import build_rows, delta, run_environment, win_rate, write_metrics, write_report
-from mamo.runs import FolderLock, check_resumed_config, cli, counted, keep_resume_settings, read_run_config
-from mamo.session import Session, logging_stops, open_run, open_session, save_model, train_network
+from mamo.runs import FolderLock, check_resumed_config, cli, counted, read_run_config
+from mamo.session import (
+    Session,
+    keep_resume_settings,
+    logging_stops,
+    open_run,
+    open_session,
+    save_model,
+    train_network,
+)
 from mamo.trainer import Callback, intra_op_threads
 
 
@@ -49,7 +57,7 @@ def run_train(
             check_resumed_config(config, state, directory)
             session = open_session(config, directory, progress, quiet)
             check_resumed_data(session.data.input_shape, session.data.tasks, state, directory)
-            keep_resume_settings(directory, "train", config, resume_settings)
+            keep_resume_settings(session, directory, "train", resume_settings, starts_over=state is None)
             session.log(f"resuming {directory}" + (f" with {', '.join(resume_settings)}" if resume_settings else ""))
             if note := plugin_edited_note(config.data.name, directory / "config.yaml"):
                 session.log(note)

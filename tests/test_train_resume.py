@@ -98,6 +98,26 @@ def test_a_setting_changed_on_resume_is_kept_for_the_next_resume(tmp_path: Path)
     assert resumed["config"]["train"]["threads"] == 1
 
 
+class StopAtFirstStep(Callback):
+    def on_step(self, trainer, result) -> None:
+        raise KeyboardInterrupt  # before the first epoch's checkpoint
+
+
+def test_a_refused_weights_file_is_not_kept_by_a_resume_that_starts_over(tmp_path: Path) -> None:
+    # A review: with no checkpoint yet, model.weights is read only when the network is built, after the
+    # session opened, so a missing file was written into config.yaml and failed every later resume.
+    config = load_config("quick", [*RESUMABLE, "model.backbone=timm:test_resnet", "model.head_hidden=4"])
+    quiet = {"progress": False, "quiet": True, "loggers": False}
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, cut, callbacks=[StopAtFirstStep()], **quiet)
+    assert not (cut / "checkpoints" / "last.pt").exists()
+    kept = (cut / "config.yaml").read_text()
+    with pytest.raises(MamoError, match="weights file .*gone.pt does not exist"):
+        run_train(None, cut, resume=True, resume_settings=[f"model.weights={tmp_path / 'gone.pt'}"], **quiet)
+    assert (cut / "config.yaml").read_text() == kept
+
+
 def test_a_stopped_stl_train_says_how_it_continues(tmp_path: Path) -> None:
     # Its log ended without a word: --resume refuses an STL folder, and the way on is a new run beside it.
     from mamo.errors import StopExplained
