@@ -10,7 +10,6 @@ inputs once and packs the output, adding ``info["weights"]`` for every method in
 from __future__ import annotations
 
 import math
-import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -88,9 +87,15 @@ def _floats(value: Tensor | np.ndarray | Any) -> list:
 
 
 def finite_number(value: Any) -> bool:
-    """Whether a setting is a finite real number (a bool or a string such as "0.3" is not): what the methods'
-    checks ask first, so that a wrong type gets their one-sentence error instead of math's TypeError."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    """Whether a setting is a finite number (anything ``float()`` takes, a 0-d tensor or array included, but not
+    a bool or a string such as "0.3"): what the methods' checks ask first, so that a wrong type gets their
+    one-sentence error instead of math's TypeError."""
+    if isinstance(value, bool | str | bytes):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _finite(values: Iterable[float]) -> bool:
@@ -101,7 +106,7 @@ def _finite(values: Iterable[float]) -> bool:
 
 # A squared gradient norm below this (a norm under 1e-15) counts as 0: its row and column of G are zeroed. In
 # a float32 Gramian such an entry is a sum of products in or near the subnormal range, which keep a digit or
-# two, and a method that divides by it amplifies that noise: CAGrad weighted such a task 2e29 and stepped 275
+# two, and a method that divides by it amplifies that noise: CAGrad weighted such a task 2.2e29 and stepped 275
 # where the longest task gradient was 0.45 (a helper's fuzz; 0.097 from the exact float64 Gramian). No
 # training step moves on a gradient that short.
 NEGLIGIBLE_SQUARED_NORM = 1e-30
@@ -118,6 +123,10 @@ def _non_finite_problem(rows: list[list[float]], losses: list[float]) -> str:
             "scale)")
 
 
+# Gramian dtypes refused: float16's normal range starts at 6e-5, so small squared norms lose their digits (and
+# the checks below, sized for float32's 1e-38, refused 19 of 20 real fp16-autocast Gramians in a review).
+_NARROW = (torch.float16, np.dtype(np.float16))
+
 # Slack for float32 (and bf16-autocast) Gramians: a Gramian's rounding stays far inside 1% of sqrt(G_ii·G_jj).
 _GRAMIAN_SLACK = 1e-2
 # A float32 squared norm underflows to 0 when every component is below ~4e-23, so that task's ||g_i|| is then
@@ -129,13 +138,14 @@ _UNDERFLOW = 1e-15
 def gramian_fault(rows: list[list[float]]) -> str | None:
     """What shows that ``rows`` is not a Gramian ``J Jᵀ``, or None: a negative diagonal entry, an asymmetric
     pair, or an entry beyond Cauchy–Schwarz (``|G_ij| ≤ sqrt(G_ii·G_jj)``), each to :data:`_GRAMIAN_SLACK`. These
-    pairwise tests cost ~1 µs at m = 3; a full eigenvalue test would cost more than a small network's whole
+    pairwise tests cost 0.9-1.4 µs at m = 3; a full eigenvalue test would cost more than a small network's whole
     direction, so a matrix indefinite only in its 3×3 minors or larger passes."""
     for i, row in enumerate(rows):
-        if row[i] < 0.0:
+        if row[i] < -NEGLIGIBLE_SQUARED_NORM:  # above it, a rounding of 0 that the caller zeroes anyway
             return f"its diagonal entry ({i}, {i}) is {row[i]:.3g}, and a squared gradient norm cannot be negative"
         for j in range(i):
-            bound = math.sqrt(row[i] * rows[j][j]) + _UNDERFLOW * math.sqrt(max(row[i], rows[j][j]))
+            both = max(row[i], 0.0) * max(rows[j][j], 0.0)
+            bound = math.sqrt(both) + _UNDERFLOW * math.sqrt(max(row[i], rows[j][j], 0.0))
             if abs(row[j] - rows[j][i]) > _GRAMIAN_SLACK * bound:
                 return f"it is not symmetric (entry ({i}, {j}) is {row[j]:.3g}, ({j}, {i}) is {rows[j][i]:.3g})"
             if abs(row[j]) > (1.0 + _GRAMIAN_SLACK) * bound:
@@ -161,6 +171,10 @@ class Direction(ABC):
     def __call__(self, gramian: Tensor, losses: Tensor) -> DirectionOutput:
         """The weights for an m×m Gramian and m losses (tensors on any device, or array-likes), after checking
         that they are finite and that the matrix passes :func:`gramian_fault`'s tests."""
+        if getattr(gramian, "dtype", None) in _NARROW:
+            raise MamoError("a direction takes the Gramian in float32 or wider, got float16, whose range cannot hold "
+                            "squared gradient norms (above 65504 they overflow, below 6e-5 they lose digits); "
+                            "compute jacobian @ jacobian.T in float32, outside autocast.")
         rows, L = _floats(gramian), as_numpy(losses).reshape(-1)
         G = np.array(rows, dtype=np.float64)
         m = L.shape[0]
