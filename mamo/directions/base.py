@@ -136,7 +136,7 @@ _UNDERFLOW = 1e-15
 
 
 def gramian_fault(rows: list[list[float]]) -> str | None:
-    """What shows that ``rows`` is not a Gramian ``J Jᵀ``, or None: a negative diagonal entry, an asymmetric
+    """What shows that ``rows`` is not a Gramian ``J Jᵀ``, or None: a diagonal entry below −1e-30, an asymmetric
     pair, or an entry beyond Cauchy–Schwarz (``|G_ij| ≤ sqrt(G_ii·G_jj)``), each to :data:`_GRAMIAN_SLACK`. These
     pairwise tests cost 0.9-1.4 µs at m = 3; a full eigenvalue test would cost more than a small network's whole
     direction, so a matrix indefinite only in its 3×3 minors or larger passes."""
