@@ -169,7 +169,7 @@ def _angles(gramian: Matrix, weights: Vector) -> Vector:
     vv = max(_dot(weights, gw), 0.0)
     # ||v||² from a float32 Gramian carries ~1e-7·(Σ|w_t|·||g_t||)² of rounding, so a v_n shorter than
     # _UNRESOLVED_STEP of that bound has no direction to measure: a zero step (CAGrad's weights shrunk to sum 0
-    # on identical gradients) read 153-180° (a helper's audit). It counts as zero: 90°.
+    # on identical gradients) read 17-180° (a helper's audit). It counts as zero: 90°.
     bound = sum(abs(w) * math.sqrt(max(row[t], 0.0)) for t, (w, row) in enumerate(zip(weights, gramian, strict=True)))
     if vv <= (_UNRESOLVED_STEP * bound) ** 2:
         vv = 0.0
