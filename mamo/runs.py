@@ -233,8 +233,7 @@ def read_run_config(
         held.enter_context(FolderLock(directory))
     for partial in [*directory.glob("*.tmp"), *checkpoints.glob("*.tmp")]:
         partial.unlink(missing_ok=True)  # a file a killed process was writing; the resumed run writes its own
-    config = load_config(str(directory / "config.yaml"), list(settings), kind="the run's config")
-    return config, directory
+    return load_config(str(directory / "config.yaml"), list(settings), kind="the run's config"), directory
 
 
 def flat_settings(value: Any, prefix: str = "") -> dict[str, Any]:
