@@ -182,7 +182,7 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
             config, train=dataclasses.replace(config.train, threads=threads))
         with intra_op_threads(reference.train.threads):
             tasks, stl_val = _reference(reference, directory, search, multi_objective, progress)
-        study = open_study(store, name, multi_objective, tasks, config, stl_val)
+        study = open_study(store, name, multi_objective, tasks, config, stl_val, search)
     except MamoError as exc:
         # Trained baselines are kept, and so is a folder whose study another command is setting up.
         if created and not isinstance(exc, StorageBusy) and not any((directory / ".baselines").glob("*.json")):

@@ -126,6 +126,9 @@ def suggest_config(trial: optuna.Trial, config: Config) -> Config:
     return apply_params(config, params)
 
 
+OWN_OBJECTIVE = "objective"  # the metric name of a single-objective study whose trials run a caller's objective
+
+
 def objective_metrics(tasks: dict[str, TaskSpec]) -> list[tuple[str, str, bool]]:
     """The multi-objective targets: each task's main (first) metric and whether higher is better."""
     return [(name, spec.metrics[0].name, spec.metrics[0].higher_is_better) for name, spec in tasks.items()]

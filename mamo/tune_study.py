@@ -20,7 +20,7 @@ from mamo.cache import owner_gone, process_owner
 from mamo.config import Config, config_from_dict, dump_config, load_config
 from mamo.errors import MamoError
 from mamo.runs import replace_atomically, write_text_atomically
-from mamo.tune_space import SPACE, objective_metrics
+from mamo.tune_space import OWN_OBJECTIVE, SPACE, objective_metrics
 from mamo.tune_storage import RETRY_OF
 from mamo.tune_workers import OWNER, STOPPED, TrialLine
 
@@ -114,10 +114,11 @@ def claim_folder(directory: Path, name: str, uid: str) -> None:
 
 
 def open_study(store: optuna.storages.RDBStorage, name: str, multi: bool, tasks: dict, config: Config,
-               stl_val: dict | None) -> optuna.Study:
+               stl_val: dict | None, search: bool = True) -> optuna.Study:
     """Creates the study, or opens the stored one of that name, once before any worker starts; an existing study
-    must have the same objectives. (Named apart from optuna.create_study, which it calls.)"""
-    targets = objective_metrics(tasks) if multi else [("val_delta", "", True)]
+    must have the same objectives (a caller's own single objective is named ``objective``, not ``val_delta``).
+    (Named apart from optuna.create_study, which it calls.)"""
+    targets = objective_metrics(tasks) if multi else [("val_delta" if search else OWN_OBJECTIVE, "", True)]
     names = [f"{task}.{metric}" if metric else task for task, metric, _ in targets]
     directions = ["maximize" if higher else "minimize" for *_, higher in targets]
     study = optuna.create_study(storage=store, study_name=name, directions=directions, load_if_exists=True)

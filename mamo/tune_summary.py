@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mamo.config import Config, dump_config, load_config
 from mamo.errors import MamoError
 from mamo.runs import cli, replace_atomically, table_lines, write_csv_atomically, write_text_atomically
-from mamo.tune_space import SPACE, apply_params
+from mamo.tune_space import OWN_OBJECTIVE, SPACE, apply_params
 
 BEST_SHOWN = 5
 
@@ -89,9 +89,19 @@ def chosen_trial(study: optuna.Study, multi: bool) -> FrozenTrial | None:
     return max(trials, key=lambda t: t.user_attrs.get("val_delta", -math.inf)) if multi else trials[0]
 
 
+def sampled_names(trials: list[FrozenTrial]) -> list[str]:
+    """Every parameter the trials drew: mamo's tuned settings in their order, then a caller's objective's own."""
+    drawn = {name for t in trials for name in t.params}
+    return [name for name in SPACE if name in drawn] + sorted(drawn - SPACE.keys())
+
+
 def trials_table(study: optuna.Study, trials: list[FrozenTrial], multi: bool, directory: Path) -> list[str]:
     names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
-    tuned = [name for name in SPACE if any(name in t.params for t in trials)]
+    tuned = sampled_names(trials)
+    if names == [OWN_OBJECTIVE]:  # a caller's objective: no search, so none of a search's columns
+        return table_lines(["trial", *names, *tuned],
+                           [[str(t.number), short_value(t.value), *(_cell(t.params.get(n)) for n in tuned)]
+                            for t in trials])
     header = ["trial", *names, *(["val Δ"] if multi else []), "test Δ", "win", *tuned, "GMKs", "parameters",
               "run folder"]
     body = []
@@ -112,7 +122,7 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
     """One row per trial; ``run_dir`` as :func:`run_folder` finds it from the study folder holding ``path``."""
     trials = study.get_trials(deepcopy=False)
     names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
-    tuned = [name for name in SPACE if any(name in t.params for t in trials)]
+    tuned = sampled_names(trials)
     attrs = [name for name in CSV_ATTRS if name not in names]  # the objective val_delta is a column already
     table = [["trial", "state", *names, *tuned, *attrs]]
     for t in trials:
@@ -158,10 +168,13 @@ def plot_pareto(study: optuna.Study, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def _trial_config(trial: FrozenTrial, base: Config, directory: Path) -> Config:
+def _trial_config(trial: FrozenTrial, base: Config, directory: Path) -> Config | None:
     """The configuration ``trial`` ran with: its run folder's config.yaml (a later command's --set must not leak
-    into best.yaml), or, where that folder is not readable here (another machine), ``base`` with its params.
+    into best.yaml), or, where that folder is not readable here (another machine), ``base`` with its params;
+    None for a caller's objective that drew parameters which are not mamo settings (no configuration holds them).
     Baselines as in ``base``: trials that tune the learning rate skip their own, a rerun of best.yaml wants them."""
+    if trial.params.keys() - SPACE.keys():
+        return None
     folder = run_folder(trial, directory)
     saved = folder / "config.yaml" if folder else None
     try:
@@ -196,14 +209,22 @@ def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, s
              f"{len(trials)} trials" + (f": {counts}" if counts else "") + ".", ""]
     best_path = None
     if chosen is not None:
-        title = "Pareto front (validation metrics)" if multi else "Best trials (objective: validation Δ vs STL, %)"
+        own = study.metric_names == [OWN_OBJECTIVE]
+        title = ("Pareto front (validation metrics)" if multi else "Best trials (your objective, higher is better)"
+                 if own else "Best trials (objective: validation Δ vs STL, %)")
         lines += [f"## {title}", "", *trials_table(study, best_trials(study, multi), multi, directory), ""]
-        best_path = directory / "best.yaml"
         tuned = _trial_config(chosen, base, directory)
-        tuned.name = f"{base.name}-tuned"
-        replace_atomically(best_path, lambda partial: dump_config(tuned, partial))
-        lines += [f"Best configuration: {best_path} (trial {chosen.number}, run folder {_where(chosen, directory)}); "
-                  f"run it with `{cli(f'search {best_path}')}`.", *_rerun_notes(tuned, base, chosen), ""]
+        if tuned is None:
+            foreign = ", ".join(sorted(chosen.params.keys() - SPACE.keys()))
+            lines += [f"No best.yaml: trial {chosen.number} drew {foreign}, which no mamo setting holds; its "
+                      "parameters are in the table above and in trials.csv.", ""]
+        else:
+            best_path = directory / "best.yaml"
+            tuned.name = f"{base.name}-tuned"
+            replace_atomically(best_path, lambda partial: dump_config(tuned, partial))
+            lines += [f"Best configuration: {best_path} (trial {chosen.number}, run folder "
+                      f"{_where(chosen, directory)}); run it with `{cli(f'search {best_path}')}`.",
+                      *_rerun_notes(tuned, base, chosen), ""]
         if multi and 2 <= len(study.directions) <= 3:
             plot_pareto(study, directory / "pareto.png")
             lines += [f"Pareto scatter: {directory / 'pareto.png'}.", ""]

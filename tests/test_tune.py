@@ -102,6 +102,11 @@ def sometimes_failing(trial: optuna.Trial) -> float:
     return trial.suggest_float("alpha", 0.0, 1.0)
 
 
+def own_parameter(trial: optuna.Trial) -> float:
+    x = trial.suggest_float("x", -2.0, 2.0)
+    return -((x - 0.5) ** 2)
+
+
 def buggy(trial: optuna.Trial) -> float:
     raise ZeroDivisionError("a bug, not a bad trial")
 
@@ -193,6 +198,23 @@ def test_the_percentile_pruner_prunes_the_bottom_quarter_and_the_median_the_bott
     trial = study.ask()
     trial.report(value, 1)
     assert trial.should_prune() == pruned
+
+
+def test_an_objective_of_ones_own_parameters_gets_its_summary_without_a_best_yaml(tmp_path):
+    # Before: the summary looked the drawn x up among mamo's settings (KeyError) after every trial had run, so
+    # summary.md and trials.csv were never written; the value was also labelled val_delta.
+    result = run_tune(load_config("quick"), study_dir=tmp_path, trials=3, objective=own_parameter, progress=False)
+    study = load(tmp_path)
+    assert study.metric_names == ["objective"] and result["best_config"] is None
+    assert not (tmp_path / "best.yaml").exists()
+    best = study.best_trial
+    assert f"No best.yaml: trial {best.number} drew x, which no mamo setting holds" in result["text"]
+    assert "Best trials (your objective, higher is better)\n\n| trial | objective | x |\n" in result["text"]
+    with open(tmp_path / "trials.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(row["x"]) for row in rows] == [t.params["x"] for t in study.trials]
+    assert [float(row["objective"]) for row in rows] == [t.value for t in study.trials]
+    assert "trial 2 complete: objective" in (tmp_path / "tune.log").read_text()
 
 
 def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path):
