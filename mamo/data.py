@@ -163,7 +163,7 @@ def build_logic(
     train_size: int | None,
     val_size: int | None,
     test_size: int | None,
-    gates: list[str] | tuple[str, ...] = ("xor", "and"),
+    gates: object = ("xor", "and"),  # a list of names from GATES (or one name), as YAML gives it
     scale: float = 1.0,
 ) -> dict:
     """Logic gates (thesis §5.2): the four binary pairs, one regression task (dim 1) per gate in ``gates``.
@@ -172,7 +172,9 @@ def build_logic(
     since fitting them is the whole problem; ``seed`` and ``root`` are ignored (sizes: :data:`FIXED_SPLITS`).
     """
     names = [gates] if isinstance(gates, str) else list(gates) if isinstance(gates, (list, tuple)) else None
-    if not names or any(name not in GATES for name in names) or len(set(names)) != len(names):
+    # Strings only before the look-up: a YAML list inside the list is unhashable (a TypeError, not this sentence).
+    if (not names or not all(isinstance(name, str) for name in names) or any(name not in GATES for name in names)
+            or len(set(names)) != len(names)):
         raise MamoError(
             f"data.options.gates for dataset 'logic' must be distinct names from {sorted(GATES)}, "
             f"got {gates!r}; fix the list."

@@ -132,6 +132,9 @@ def builder_arguments(func: Callable[..., Any], cfg: DataConfig, what: str, plug
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise MamoError(f"data.{key} must be a positive integer or null, got {value!r}; fix it.")
     for key in cfg.options:
+        if not isinstance(key, str):  # YAML reads `1: 2` as an int key, which no keyword argument can be
+            raise MamoError(f"data.options has the key {key!r}, which is no argument name; name each option with a "
+                            "word, such as n_classes.")
         if key in RESERVED:
             raise MamoError(f"data.options.{key} is reserved for {what}; set data.{key} instead.")
     kwargs: dict[str, Any] = {"seed": cfg.seed, "root": cfg.root}

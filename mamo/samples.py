@@ -99,7 +99,7 @@ def _check_values(x: Tensor, targets: dict[str, Tensor], where: str, tasks: dict
         if name not in targets:
             raise MamoError(
                 f"task '{name}' from {what} is missing from the targets of {where} (which has "
-                f"{', '.join(targets) or 'none'}); add it to the targets or remove the task."
+                f"{', '.join(map(repr, targets)) or 'none'}); add it to the targets or remove the task."
             )
         target = targets[name]
         ok, expected = TASK_TYPES[spec.type].check_target(spec, target)

@@ -239,11 +239,13 @@ def build_nyuv2(
 
 def build_cityscapes(
     *, seed: int, root: str | None, train_size: int | None, val_size: int | None, test_size: int | None,
-    classes: int = 7,
+    classes: object = 7,  # 7 or 19, as YAML gives it
 ) -> dict:
     """Cityscapes (2,975 training, 500 evaluation images at 128×256 in MTAN's files): segmentation into 7 or
     19 classes (``data.options.classes``, the ``label_7``/``label_19`` folders) and depth."""
-    if classes not in (7, 19):
+    if isinstance(classes, float) and classes.is_integer():  # 19.0 passed the check and then named label_19.0/
+        classes = int(classes)
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes not in (7, 19):
         raise MamoError(f"data.options.classes is {classes!r} for cityscapes; MTAN's files have 7 or 19 classes.")
     folders = {"segmentation": (f"label_{classes}", "segmentation"), "depth": ("depth", "depth")}
     return build_scenes("cityscapes", root, folders, classes, seed, (train_size, val_size, test_size))

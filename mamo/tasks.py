@@ -11,6 +11,7 @@ Each task type is one entry of :data:`TASK_TYPES`; adding a type means adding an
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -285,7 +286,7 @@ class MetricAccumulator:
 
 def _size(value: object, key: str, name: str, source: str) -> int:
     """A task's ``classes``/``dim`` or one entry of its ``shape``: a whole number (floats like 10.0 are fine)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value:  # numpy's too
         raise MamoError(f"task '{name}' from {source} has {key} {value!r}; give a positive whole number.")
     return int(value)
 
@@ -314,7 +315,10 @@ def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
                 f"task '{name}' from {source} has spec {spec!r}, not a mapping; give a dict such as "
                 "{'type': 'classification', 'classes': 10}."
             )
-        if not str(name).strip():
+        if not isinstance(name, str):  # a plugin's 1 and '1' were one task (one replaced the other silently)
+            raise MamoError(f"task {name!r} from {source} has a name of type {type(name).__name__}; name tasks with "
+                            f"strings, such as '{name}', in the tasks and in the samples' targets alike.")
+        if not name.strip():
             raise MamoError(f"task {name!r} from {source} has an empty name; give it one to show in reports, such as "
                             "'digit'.")
         hidden = next((ch for ch in str(name) if not ch.isprintable()), None)
@@ -333,7 +337,7 @@ def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
             )
         extra = set(spec) - {"type", "classes", "dim", "shape", "head", "loss"}
         if extra:
-            raise MamoError(f"task '{name}' from {source} has unknown keys {sorted(extra)}; remove them.")
+            raise MamoError(f"task '{name}' from {source} has unknown keys {sorted(extra, key=repr)}; remove them.")
         loss = spec.get("loss", "default")
         if loss != "default" and (not isinstance(loss, str) or loss not in LOSSES):
             raise MamoError(f"task '{name}' from {source} has unknown loss {loss!r}; use one of "

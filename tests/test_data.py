@@ -280,6 +280,9 @@ def test_logic_truth_tables_and_scale() -> None:
 def test_logic_rejects_unknown_gate() -> None:
     with pytest.raises(MamoError, match=r"gates for dataset 'logic' must be distinct names"):
         load_data(DataConfig(name="logic", options={"gates": ["xor", "implies"]}))
+    for gates in ([["xor"]], [{"a": 1}]):  # before: "unhashable type" from the look-up
+        with pytest.raises(MamoError, match=r"gates for dataset 'logic' must be distinct names"):
+            load_data(DataConfig(name="logic", options={"gates": gates}))
 
 
 def test_concave_targets() -> None:
@@ -377,6 +380,17 @@ def string_spec(seed, root):
     return _one_task("classification", torch.zeros(2))
 
 
+def int_names(seed, root):
+    ds = TensorTaskDataset(torch.zeros(2, 1), {0: torch.zeros(2), 1: torch.zeros(2)})
+    return {"train": ds, "val": ds, "test": ds, "tasks": {0: {"type": "regression", "dim": 1},
+                                                         1: {"type": "regression", "dim": 1}}}
+
+
+def int_targets(seed, root):
+    ds = TensorTaskDataset(torch.zeros(2, 1), {0: torch.zeros(2)})
+    return {"train": ds, "val": ds, "test": ds, "tasks": {"0": {"type": "regression", "dim": 1}}}
+
+
 def void_labels(seed, root):
     labels = torch.zeros(2, 4, 4, dtype=torch.long)
     labels[:, 0, 0] = 255
@@ -442,6 +456,11 @@ def test_plugin_from_module(plugin_file: str, monkeypatch: pytest.MonkeyPatch) -
         ("void_labels", r"expects integer class indices of shape \(4, 4\) in \[-1, 13\) .* but sample 0 of the "
                         r"'train' split has int64 values from 0 to 255; fix the targets"),
         ("nowhere", r"has no function 'nowhere'"),
+        # Before: a TypeError from the message's join of int keys, after the specs had passed as '0' and '1'.
+        ("int_names", r"^task 0 from data plugin .* has a name of type int; name tasks with strings, such as '0', "
+                      r"in the tasks and in the samples' targets alike\.$"),
+        ("int_targets", r"task '0' from data plugin .* is missing from the targets of sample 0 of the 'train' split "
+                        r"\(which has 0\); add it"),
     ],
 )
 def test_bad_plugins_are_named(plugin_file: str, function: str, message: str) -> None:
@@ -479,6 +498,24 @@ def test_a_task_name_with_an_unprintable_character_is_refused(name: str, code: s
     with pytest.raises(MamoError, match=rf"^task {re.escape(repr(name))} from a plugin has the unprintable "
                                         rf"character U\+{code} in its name, .*; rename the task without it\.$"):
         parse_tasks({name: {"type": "classification", "classes": 10}}, "a plugin")
+
+
+def test_task_names_that_differ_only_in_type_are_refused_not_merged() -> None:
+    # Before: 1 became '1' and replaced the task '1', which the run then trained without a word.
+    digit = {"type": "classification", "classes": 10}
+    with pytest.raises(MamoError, match=r"^task 1 from a plugin has a name of type int"):
+        parse_tasks({"1": digit, 1: {"type": "regression", "dim": 1}}, "a plugin")
+
+
+def test_unknown_spec_keys_of_mixed_types_are_listed() -> None:
+    with pytest.raises(MamoError, match=r"^task 'a' from a plugin has unknown keys \['foo', 2\]; remove them\.$"):
+        parse_tasks({"a": {"type": "classification", "classes": 2, "foo": 1, 2: 3}}, "a plugin")
+
+
+def test_numpy_whole_numbers_are_sizes() -> None:
+    # Before: np.int64(3) was refused ("give a positive whole number") where np.float64(3.0) passed.
+    spec = parse_tasks({"a": {"type": "classification", "classes": np.int64(3)}}, "a plugin")["a"]
+    assert spec.classes == 3 and type(spec.classes) is int
 
 
 @pytest.mark.parametrize("name", ["", "  "])
@@ -759,6 +796,14 @@ def test_unknown_option_names_option_dataset_and_valid_ones() -> None:
         load_data(DataConfig(name="multimnist", options={"d": 3}))
     with pytest.raises(MamoError, match=r"data\.options\.seed is reserved"):
         load_data(DataConfig(name="logic", options={"seed": 3}))
+
+
+def test_an_option_key_that_is_no_word_is_the_configs_fault_not_the_plugins(plugin_file: str) -> None:
+    # Before: a **kwargs plugin was called with {1: 2} and blamed ("raised TypeError: keywords must be strings").
+    (Path(plugin_file).parent / "loose.py").write_text(
+        "from my_data import make\n\ndef loose(seed, root, **kwargs):\n    return make(seed, root)\n")
+    with pytest.raises(MamoError, match=r"^data\.options has the key 1, which is no argument name; name each "):
+        load_data(DataConfig(name=f"{Path(plugin_file).parent / 'loose.py'}:loose", options={1: 2}))
 
 
 def test_unknown_dataset() -> None:

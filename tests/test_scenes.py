@@ -119,6 +119,11 @@ def test_cityscapes_reads_the_label_folder_of_its_class_count(tmp_path):
         load_data(DataConfig(name="cityscapes", root=str(tmp_path)))
     with pytest.raises(MamoError, match="7 or 19"):
         load_data(DataConfig(name="cityscapes", root=str(tmp_path), options={"classes": 8}))
+    # Before: 19.0 passed the check and then looked for a label_19.0 folder.
+    data = load_data(DataConfig(name="cityscapes", root=str(tmp_path), options={"classes": 19.0}))
+    assert data.tasks["segmentation"].classes == 19
+    with pytest.raises(MamoError, match=r"^data.options.classes is True for cityscapes"):
+        load_data(DataConfig(name="cityscapes", root=str(tmp_path), options={"classes": True}))
 
 
 @pytest.mark.parametrize("root, message", [
