@@ -334,3 +334,11 @@ def dump_config(config: Config, path: Path) -> None:
 
 def config_from_dict(raw: dict, source: str) -> Config:
     return _check_name(_build(Config, raw, "", source), source)
+
+
+def given_config(config: object, resume: bool, caller: str) -> None:
+    """Refuse what ``caller`` (``run_search``, ``run_train``) cannot run: a new run needs a :class:`Config`;
+    with ``resume=True`` the run folder's own is read and ``config`` may be None."""
+    if not resume and not isinstance(config, Config):
+        raise MamoError(f"{caller} got {type(config).__name__} for config; pass mamo.config.load_config(...) for a "
+                        "new run, or resume=True (with None) to continue the one in run_dir.")

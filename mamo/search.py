@@ -19,7 +19,7 @@ from pathlib import Path
 from mamo import graph as g
 from mamo.baselines import cached_baselines
 from mamo.checkpoint import check_resumed_data, newest_state, remove_search_checkpoints, restore_trainer
-from mamo.config import Config
+from mamo.config import Config, given_config
 from mamo.data_plugins import plugin_edited_note
 from mamo.errors import MamoError
 from mamo.model import count_parameters
@@ -60,7 +60,7 @@ from mamo.trainer import Callback, intra_op_threads, mean_epoch_seconds
 
 
 def run_search(
-    config: Config,
+    config: Config | None,
     run_dir: str | Path | None = None,
     *,
     progress: bool = True,
@@ -81,6 +81,7 @@ def run_search(
     an exception they raise stops the search. ``loggers=False`` leaves out the TensorBoard logger,
     ``pictures=False`` only its round pictures.
     """
+    given_config(config, resume, "run_search")
     started = time.perf_counter()
     with contextlib.ExitStack() as held:  # the run folder's lock, for as long as the search works in it
         if resume:

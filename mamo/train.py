@@ -15,7 +15,7 @@ from pathlib import Path
 from mamo.baselines import cached_baseline
 from mamo.cache import baseline_key
 from mamo.checkpoint import check_resumed_data, load_checkpoint, save_checkpoint
-from mamo.config import Config
+from mamo.config import Config, given_config
 from mamo.data_plugins import plugin_edited_note
 from mamo.directions import direction_label
 from mamo.errors import MamoError
@@ -35,7 +35,7 @@ from mamo.trainer import Callback, intra_op_threads
 
 
 def run_train(
-    config: Config, run_dir: str | Path | None = None, progress: bool = True, quiet: bool = False,
+    config: Config | None, run_dir: str | Path | None = None, progress: bool = True, quiet: bool = False,
     callbacks: list[Callback] | None = None, loggers: bool = True, resume: bool = False,
     resume_settings: Sequence[str] = (), pictures: bool = True,
 ) -> dict:
@@ -46,6 +46,7 @@ def run_train(
     continues the stopped run in ``run_dir`` with its saved config (``config`` is not used then), changed only
     by ``resume_settings`` (``--set`` texts of :data:`mamo.runs.RESUME_SETTINGS`). ``loggers=False`` leaves out
     the TensorBoard logger, ``pictures=False`` only its pictures."""
+    given_config(config, resume, "run_train")
     state = None
     with contextlib.ExitStack() as held:  # the run folder's lock, for as long as the run works in it
         if resume:

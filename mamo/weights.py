@@ -49,6 +49,11 @@ def load_backbone_weights(model: nn.Module, path: Path, name: str, in_chans: int
 
     state = _read_state(path)
     own = model.state_dict()
+    # weights_only loads lists and numbers too; entries the model does not read may be anything (an epoch count).
+    odd = next((key for key in own if key in state and not isinstance(state[key], torch.Tensor)), None)
+    if odd is not None:
+        raise MamoError(f"timm weights file {path} holds a {type(state[odd]).__name__} under '{odd}', where timm "
+                        f"model '{name}' needs a tensor; save the model's state_dict().")
     first = model.pretrained_cfg.get("first_conv") if hasattr(model, "pretrained_cfg") else None
     for conv in [first] if isinstance(first, str) else list(first or []):
         key = f"{conv}.weight"

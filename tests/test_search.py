@@ -922,3 +922,15 @@ def test_a_checkpoint_from_a_phase_past_the_edited_plans_end_is_one_sentence(tmp
                                         "phase 'final' of another plan"):
         check_resumed_phase(tiny("search.rounds=1"), {"phase_index": 3, "phase": "final"}, tmp_path)
     check_resumed_phase(tiny("search.rounds=2"), {"phase_index": 3, "phase": "final"}, tmp_path)
+
+
+@pytest.mark.parametrize("config", [None, {"train": {"epochs": 1}}])
+def test_a_new_run_from_python_without_a_config_is_one_sentence(tmp_path, config):
+    from mamo.train import run_train
+
+    # Before: AttributeError ("'NoneType' object has no attribute 'train'"); None is right only with resume=True.
+    for run, name in ((run_search, "run_search"), (run_train, "run_train")):
+        with pytest.raises(MamoError, match=rf"^{name} got {type(config).__name__} for config; pass "
+                                            r"mamo\.config\.load_config\(\.\.\.\) for a new run, or resume=True"):
+            run(config, tmp_path / name, progress=False)
+        assert not (tmp_path / name).exists()

@@ -360,3 +360,18 @@ def test_unreadable_weights_file_is_refused(tmp_path: Path, content: bytes | Non
         path.write_bytes(content)
     with pytest.raises(MamoError, match=f"timm weights file {path}"):
         create_space(ModelConfig(backbone="timm:resnet18", weights=str(path)), (1, 28, 28))
+
+
+def test_a_weights_file_with_a_list_where_the_model_needs_a_tensor_is_refused(tmp_path: Path) -> None:
+    # Before: weights_only loads lists, and the first-convolution check read .ndim from it (an AttributeError).
+    state = {**timm.create_model("regnetx_002", pretrained=False, features_only=True).state_dict(), "epoch": 3}
+    key = next(iter(state))
+    state[key] = state[key].tolist()
+    path = tmp_path / "listed.pt"
+    torch.save(state, path)
+    with pytest.raises(MamoError, match=rf"^timm weights file {path} holds a list under '{re.escape(key)}', where "
+                                        r"timm model 'regnetx_002' needs a tensor; save the model's state_dict\(\)\.$"):
+        create_space(ModelConfig(backbone="timm:regnetx_002", weights=str(path)), (1, 28, 28))
+    state[key] = torch.tensor(state[key])  # the epoch count beside the weights is no tensor and is not read
+    torch.save(state, path)
+    create_space(ModelConfig(backbone="timm:regnetx_002", weights=str(path)), (1, 28, 28))
