@@ -11,7 +11,6 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,7 +18,7 @@ from torch import nn
 from mamo.config import ModelConfig
 from mamo.errors import MamoError
 from mamo.tasks import TASK_TYPES, TaskSpec
-from mamo.weights import load_backbone_weights
+from mamo.timm_cells import check_timm_name, create_timm_cells, fixed_input_size
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -42,6 +41,7 @@ class SearchSpace:
     # others noted as unused (mamo.session.unused_settings_notes).
     reads: tuple[str, ...] = ()
     smaller = "a smaller model.backbone"  # the model settings that shrink this family's cells, for a memory error
+    size_advice = "use larger inputs or a backbone that downsamples less"  # for a cell that fails on the input size
 
     @classmethod
     def check_config(cls, config: ModelConfig, name: str) -> None:
@@ -81,7 +81,7 @@ class SearchSpace:
             for index in range(self.num_cells):
                 try:
                     x = self.build_cell(index).eval()(x)
-                except (RuntimeError, AssertionError, ValueError, MemoryError) as exc:  # torch and timm on bad sizes
+                except (RuntimeError, AssertionError, ValueError, ZeroDivisionError, MemoryError) as exc:  # bad sizes
                     reason = memory_failure(exc)
                     if reason is not None:  # too large a model, not too small an input: say which setting shrinks it
                         raise MamoError(
@@ -89,11 +89,14 @@ class SearchSpace:
                             f"({reason}); use a smaller model: "
                             f"{self.smaller}."
                         ) from exc
+                    reason = (str(exc).splitlines() or [type(exc).__name__])[0]  # timm asserts with '' too
                     raise MamoError(
                         f"backbone '{self.backbone}' fails at cell {index} "
-                        f"on inputs of shape {list(self.input_shape)} ({str(exc).splitlines()[0]}); "
-                        "use larger inputs or a backbone that downsamples less."
+                        f"on inputs of shape {list(self.input_shape)} ({reason}); {self.size_advice}."
                     ) from exc
+                if not isinstance(x, torch.Tensor):  # selecsls hands (features, skip) lists between its stages
+                    raise MamoError(f"backbone '{self.backbone}' passes a {type(x).__name__} from cell {index} to the "
+                                    "next, not one feature map, which a cell's output must be; pick another backbone.")
                 shapes.append(tuple(x.shape[1:]))
         return shapes
 
@@ -240,66 +243,6 @@ class LeNetSpace(SearchSpace):
         return nn.Sequential(nn.Flatten(), nn.Linear(probe.numel(), self._spec["latent"]), nn.ReLU())
 
 
-class _Permute(nn.Module):
-    """Reorders a feature map's dimensions (between timm's channels-last stages and channels-first cells)."""
-
-    def __init__(self, *dims: int):
-        super().__init__()
-        self.dims = dims
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(*self.dims)
-
-
-def _list_net_stages(model: nn.Module) -> list[nn.Module] | None:
-    """timm's FeatureListNet (ResNet, RegNet, ConvNeXt, ...): its modules in order, cut after each returned layer.
-
-    Some families (MambaOut, ...) run channels-last; their cells convert so that every cell reads and gives (C, H, W),
-    which the heads and the GMK mean expect.
-    """
-    fmt = getattr(model, "output_fmt", "NCHW")
-    channels_last = str(getattr(fmt, "value", fmt)) == "NHWC"
-    cells, pending = [], []
-    for layer_name, module in model.items():
-        if channels_last and not pending and cells:
-            pending.append(_Permute(0, 2, 3, 1))
-        pending.append(module)
-        if layer_name in model.return_layers:
-            cells.append(nn.Sequential(*pending, *([_Permute(0, 3, 1, 2)] if channels_last else [])))
-            pending = []
-    return cells
-
-
-def _block_stages(model: nn.Module) -> list[nn.Module] | None:
-    """EfficientNet/MobileNet features: the stem, then ``blocks[i]``, cut after each stage in ``_stage_out_idx``."""
-    if getattr(model, "feature_hooks", None) is not None:
-        return None  # hook-based feature locations do not follow the block order
-    stem = [module for name, module in model.named_children() if name != "blocks"]
-    stages = [(0, nn.Sequential(*stem))] + [(i + 1, block) for i, block in enumerate(model.blocks)]
-    cells, pending = [], []
-    for index, module in stages:
-        pending.append(module)
-        if index in model._stage_out_idx:
-            cells.append(nn.Sequential(*pending))
-            pending = []
-    return cells
-
-
-# timm's features_only wrappers whose stages run one after another, by class name: how to cut them into cells.
-TIMM_STAGES: dict[str, Callable[[nn.Module], list[nn.Module] | None]] = {
-    "FeatureListNet": _list_net_stages,
-    "EfficientNetFeatures": _block_stages,
-    "MobileNetV3Features": _block_stages,
-}
-
-
-def _check_timm_name(name: str) -> None:
-    import timm
-
-    if not timm.is_model(name):
-        raise MamoError(f"unknown timm model '{name}' (model.backbone); pick a name from timm.list_models().")
-
-
 class TimmSpace(SearchSpace):
     """Any timm model whose ``features_only`` wrapper runs its stages in sequence: each stage is a cell."""
 
@@ -309,7 +252,7 @@ class TimmSpace(SearchSpace):
 
     @classmethod
     def check_config(cls, config: ModelConfig, name: str) -> None:
-        _check_timm_name(name)
+        check_timm_name(name)
 
     @classmethod
     def spec_from_config(cls, config: ModelConfig, name: str) -> dict:
@@ -317,28 +260,16 @@ class TimmSpace(SearchSpace):
 
     def __init__(self, spec: dict):
         super().__init__(spec)
-        self._template = self._create_template()
+        self._template = create_timm_cells(spec["timm_name"], self.input_shape, spec.get("weights"))
 
-    def _create_template(self) -> list[nn.Module]:
-        import timm
-
-        name = self._spec["timm_name"]
-        _check_timm_name(name)
-        try:
-            model = timm.create_model(name, pretrained=False, features_only=True, in_chans=self.input_shape[0])
-        except Exception as exc:  # timm raises many types for models without features_only support
-            raise MamoError(f"timm model '{name}' cannot give features_only stages ({exc}); pick another.") from exc
-        _revive_zero_scales(model)
-        if self._spec.get("weights"):
-            load_backbone_weights(model, Path(self._spec["weights"]), name, self.input_shape[0])
-        splitter = TIMM_STAGES.get(type(model).__name__)
-        cells = splitter(model) if splitter else None
-        if not cells:
-            raise MamoError(
-                f"timm model '{name}' has no sequential stages ({type(model).__name__}); use a ResNet, RegNet, "
-                "ConvNeXt, EfficientNet, MobileNet or another model whose stages run one after another."
-            )
-        return cells
+    @property
+    def size_advice(self) -> str:
+        native = fixed_input_size(self._spec["timm_name"])
+        if native is None:
+            return SearchSpace.size_advice
+        return (f"timm model '{self._spec['timm_name']}' is made for {native[0]}×{native[1]} inputs and built here for "
+                "the data's size, which its patches and windows must divide; use inputs of its own size or a "
+                "backbone without a fixed one")
 
     @property
     def num_cells(self) -> int:
@@ -346,19 +277,6 @@ class TimmSpace(SearchSpace):
 
     def build_cell(self, index: int) -> nn.Module:
         return copy.deepcopy(self._template[index])
-
-
-def _revive_zero_scales(model: nn.Module) -> None:
-    """Set normalisation scales that start at exactly zero to one.
-
-    timm zero-initialises the last normalisation of each residual block (``zero_init_last``); every other parameter
-    of that block then gets a zero gradient on the first steps, so its cell's gradient conflicts would be read off
-    a few normalisation scales. With scale one every parameter learns, and is measured, from the first step.
-    """
-    for module in model.modules():
-        if isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)) and module.weight is not None:
-            if not module.weight.detach().any():
-                nn.init.ones_(module.weight)
 
 
 SPACES: dict[str, type[SearchSpace]] = {"mlp": MLPSpace, "lenet": LeNetSpace, "timm": TimmSpace}

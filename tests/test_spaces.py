@@ -217,6 +217,60 @@ def test_input_too_small_for_the_backbone_is_explained() -> None:
         create_space(ModelConfig(backbone="lenet"), (1, 8, 8)).cell_shapes()
 
 
+def test_a_fixed_size_timm_model_is_built_for_the_datas_size() -> None:
+    # Before: built at its own 160 px (timm's default), it failed at any other size and mamo said "use larger
+    # inputs", which could not help. Built with img_size = the data's, and rebuilt from its spec the same way.
+    space = create_space(ModelConfig(backbone="timm:test_coatnet"), (1, 64, 64))
+    assert space.cell_shapes()[-1] == (128, 2, 2)
+    model = network(space, parse_tasks({"c": {"type": "classification", "classes": 3}}, "test")).eval()
+    rebuilt = compile_model(model.graph, seed=1).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.rand(2, 1, 64, 64)
+    assert torch.equal(rebuilt(x)["c"], model(x)["c"])
+    with pytest.raises(MamoError, match=r"'timm:test_maxvit' fails at cell 1 on inputs of shape \[1, 28, 28\] "
+                                        r"\(integer modulo by zero\); timm model 'test_maxvit' is made for 160×160 "
+                                        r"inputs and built here for the data's size, which its patches and windows "
+                                        r"must divide; use inputs of its own size"):
+        create_space(ModelConfig(backbone="timm:test_maxvit"), (1, 28, 28)).cell_shapes()
+
+
+class _OddCells(SearchSpace):
+    """Cells that fail the dry run the ways some timm models do."""
+
+    def __init__(self, fault: str):
+        super().__init__({"family": "odd", "input_shape": [1, 4, 4]})
+        self.fault = fault
+
+    @property
+    def num_cells(self) -> int:
+        return 2
+
+    def build_cell(self, index: int) -> torch.nn.Module:
+        fault = self.fault
+
+        class Cell(torch.nn.Module):
+            def forward(self, x: torch.Tensor):
+                if fault == "empty assert":  # timm's halo attention: _assert(H % block == 0, '')
+                    raise AssertionError("")
+                return [x, x]  # selecsls: (features, skip) between stages
+
+        return Cell()
+
+
+def test_a_dry_run_fault_without_a_message_is_still_one_sentence() -> None:
+    # Before: an IndexError from the empty message's first line, with a traceback.
+    with pytest.raises(MamoError, match=r"^backbone 'odd' fails at cell 0 on inputs of shape \[1, 4, 4\] "
+                                        r"\(AssertionError\); use larger inputs"):
+        _OddCells("empty assert").cell_shapes()
+
+
+def test_cells_that_pass_lists_between_them_are_refused() -> None:
+    # Before: an AttributeError ('list' object has no attribute 'shape').
+    with pytest.raises(MamoError, match=r"^backbone 'odd' passes a list from cell 0 to the next, not one feature "
+                                        r"map, which a cell's output must be; pick another backbone\.$"):
+        _OddCells("list").cell_shapes()
+
+
 @pytest.mark.parametrize(("settings", "setting", "said"), [
     ({"backbone": "mlp", "hidden": [4, 10**17]}, "model.hidden", "can't allocate memory"),
     ({"backbone": "lenet", "latent": 10**15}, "model.latent", "can't allocate memory"),
