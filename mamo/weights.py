@@ -39,6 +39,27 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _plain(key: str) -> str:
+    return key.replace("_", ".")
+
+
+def _in_features_names(state: dict, own: dict) -> dict:
+    """``state`` with each tensor the features model needs under the features model's name.
+
+    timm's features wrapper flattens nested stages into its own children (``stages.0`` becomes ``stages_0``), so
+    weights saved from the whole model, as ImageNet weights are, name ConvNeXt, DenseNet, Swin or FastViT tensors
+    otherwise: matched with ``_`` and ``.`` read alike, where that match is unique."""
+    plain: dict[str, str | None] = {}
+    for key in state:
+        plain[_plain(key)] = None if _plain(key) in plain else key  # None: two keys read alike, no match
+    found = dict(state)
+    for key in own:
+        source = plain.get(_plain(key))
+        if key not in found and source is not None:
+            found[key] = state[source]
+    return found
+
+
 def load_backbone_weights(model: nn.Module, path: Path, name: str, in_chans: int) -> None:
     """Load a local state_dict into the features model; extra keys (the classifier) are ignored.
 
@@ -47,8 +68,8 @@ def load_backbone_weights(model: nn.Module, path: Path, name: str, in_chans: int
     """
     from timm.models import adapt_input_conv
 
-    state = _read_state(path)
     own = model.state_dict()
+    state = _in_features_names(_read_state(path), own)
     # weights_only loads lists and numbers too; entries the model does not read may be anything (an epoch count).
     odd = next((key for key in own if key in state and not isinstance(state[key], torch.Tensor)), None)
     if odd is not None:
@@ -56,8 +77,8 @@ def load_backbone_weights(model: nn.Module, path: Path, name: str, in_chans: int
                         f"model '{name}' needs a tensor; save the model's state_dict().")
     first = model.pretrained_cfg.get("first_conv") if hasattr(model, "pretrained_cfg") else None
     for conv in [first] if isinstance(first, str) else list(first or []):
-        key = f"{conv}.weight"
-        if key in state and key in own and state[key].ndim == 4 and state[key].shape[1] != own[key].shape[1]:
+        key = next((k for k in own if _plain(k) == _plain(f"{conv}.weight")), None)  # the full model's name
+        if key in state and state[key].ndim == 4 and state[key].shape[1] != own[key].shape[1]:
             state[key] = adapt_input_conv(in_chans, state[key])
     missing = [key for key in own if key not in state]
     wrong = [key for key in own if key in state and tuple(state[key].shape) != tuple(own[key].shape)]

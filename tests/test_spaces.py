@@ -429,3 +429,23 @@ def test_a_weights_file_with_a_list_where_the_model_needs_a_tensor_is_refused(tm
     state[key] = torch.tensor(state[key])  # the epoch count beside the weights is no tensor and is not read
     torch.save(state, path)
     create_space(ModelConfig(backbone="timm:regnetx_002", weights=str(path)), (1, 28, 28))
+
+
+def test_weights_saved_from_the_whole_model_load_into_flattened_stages(tmp_path: Path) -> None:
+    # Before: the features wrapper names ConvNeXt's stages stages_0.., the whole model stages.0..; ImageNet weights
+    # (saved from the whole model) were refused as "missing" for ConvNeXt, DenseNet, Swin, FastViT, CoAtNet.
+    torch.manual_seed(0)
+    source = timm.create_model("test_convnext", pretrained=False).eval()
+    for parameter in source.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    path = tmp_path / "convnext.pt"
+    torch.save(source.state_dict(), path)
+    space = create_space(ModelConfig(backbone="timm:test_convnext", weights=str(path)), (1, 32, 32))
+    x = torch.rand(2, 1, 32, 32)
+    out = x
+    for index in range(space.num_cells):
+        out = space.build_cell(index).eval()(out)
+    # One channel: the stem's RGB filters summed (stem_0 here, stem.0 in the file), as if the gray image were RGB.
+    with torch.no_grad():
+        expected = source.forward_features(x.repeat(1, 3, 1, 1))
+    assert torch.allclose(out, expected, atol=1e-5)
