@@ -7,6 +7,11 @@ import errno
 WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG})
 
 
+def first_line(error: BaseException) -> str:
+    """An error as a one-sentence message quotes it: its first line, or its type's name when it says nothing."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class MamoError(Exception):
     """A user-facing error. The message is one sentence that names the bad input and says how to fix it.
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mamo.config import ModelConfig
-from mamo.errors import MamoError
+from mamo.errors import MamoError, first_line
 from mamo.tasks import TASK_TYPES, TaskSpec
 from mamo.timm_cells import check_timm_name, create_timm_cells, fixed_input_size
 
@@ -89,10 +89,9 @@ class SearchSpace:
                             f"({reason}); use a smaller model: "
                             f"{self.smaller}."
                         ) from exc
-                    reason = (str(exc).splitlines() or [type(exc).__name__])[0]  # timm asserts with '' too
                     raise MamoError(
                         f"backbone '{self.backbone}' fails at cell {index} "
-                        f"on inputs of shape {list(self.input_shape)} ({reason}); {self.size_advice}."
+                        f"on inputs of shape {list(self.input_shape)} ({first_line(exc)}); {self.size_advice}."
                     ) from exc
                 if not isinstance(x, torch.Tensor):  # selecsls hands (features, skip) lists between its stages
                     raise MamoError(f"backbone '{self.backbone}' passes a {type(x).__name__} from cell {index} to the "

@@ -13,7 +13,7 @@ import warnings
 import optuna
 from optuna.trial import FrozenTrial
 
-from mamo.errors import MamoError
+from mamo.errors import MamoError, first_line
 
 RETRY_OF = "retry_of"  # a trial's user attribute: the number of the interrupted trial it continues
 
@@ -52,11 +52,6 @@ def shown_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
-
-
-def _first_line(error: BaseException) -> str:
-    """An error as a one-sentence message quotes it: its first line, or its type's name when it says nothing."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # Server errors (regular expressions) whose fix is in the --storage URL (PostgreSQL's and MySQL's wordings); a
@@ -107,7 +102,7 @@ def open_storage(url: str, create: bool = True, fix: str = "start the database o
         raise MamoError(f"storage {shown} needs the database driver '{missing}', which is not installed; install "
                         f"it{hint}.") from exc
     except (SQLAlchemyError, ValueError, RuntimeError) as exc:
-        reason = _first_line(getattr(exc, "orig", None) or exc)
+        reason = first_line(getattr(exc, "orig", None) or exc)
         if _table_race(reason):  # two commands created the study's tables at the same moment
             raise StorageBusy(f"storage {shown} was being set up by another command at the same moment ({reason}); "
                               "run this command again to join the study.") from exc
@@ -152,6 +147,6 @@ def storage_failure(exc: BaseException) -> str | None:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, (SQLAlchemyError, optuna.exceptions.StorageInternalError)):
-            return _first_line(getattr(exc, "orig", None) or exc.__cause__ or exc)
+            return first_line(getattr(exc, "orig", None) or exc.__cause__ or exc)
         exc = exc.__cause__ or exc.__context__
     return None
