@@ -222,6 +222,9 @@ def worst_conflict(stats: ConflictStats) -> str:
     best = max((stats.conflict_count((pair, c)), -c, pair) for c in usable for pair in stats.pairs)
     q, cell, (a, b) = best[0], -best[1], best[2]
     if q == 0:
+        off_diagonal = ~np.eye(len(stats.tasks), dtype=bool)
+        if not any(stats.measured[c][off_diagonal].any() for c in usable):
+            return "no pair measured: in every mini-batch a task's gradient was zero at every cell"
         return "no pair conflicted in any mini-batch"
     mean = cosine[cell, stats.tasks.index(a), stats.tasks.index(b)]
     return (f"most conflict: {a} vs {b} at cell {cell}, in {q} of {stats.steps} mini-batches "
@@ -243,8 +246,19 @@ def _overview(stats: ConflictStats, grown: list | None, title: str | None) -> tu
     label = name + 0.25  # room for the task names left of the rows
     below = 0.5 * name + 0.3 if _tilted(stats.tasks) else 0.35  # under the columns: sin 30° of a tilted name
     gap_x, gap_y, head, foot = label + 0.35, below + 0.6, 1.15, 0.55
+    headline = [f"{title or 'Where tasks fight'} ({stats.steps} mini-batches)", worst_conflict(stats)]
+    notes = ["Top: Q = mini-batches in which the two tasks' gradients at that cell point apart (cos < 0), "
+             "and its share of the round.",
+             "Bottom: mean gradient cosine; red = the tasks pull the cell apart, blue = they agree.",
+             *(["Boxed: the pair got a new module at that cell this round (its branch runs from the activated "
+                "cell to the output)."] if grown else [])]
+    panels_width = label + cells * side + (cells - 1) * gap_x + 1.5
+    # One or two small cells are narrower than the headline and the notes, which were cut at both edges: the
+    # figure takes the text's width and the panels move to its middle.
+    text_width = max(widest_inches(headline, 10.5), widest_inches(notes, 7.5)) + 0.4
+    left = max(0.0, (text_width - panels_width) / 2)
     # Whole pixels: a measured name width gives fractions, which the canvas would truncate.
-    width = math.ceil((label + cells * side + (cells - 1) * gap_x + 1.5) * DPI) / DPI
+    width = math.ceil(max(panels_width, text_width) * DPI) / DPI
     height = math.ceil((head + 2 * side + gap_y + below + foot) * DPI) / DPI
     figure = new_figure(width, height)
 
@@ -255,7 +269,7 @@ def _overview(stats: ConflictStats, grown: list | None, title: str | None) -> tu
     for pair, cell in grown or []:
         boxed.setdefault(int(cell), []).append(tuple(pair))
     panels, regions = {}, {}
-    bar_x = label + cells * side + (cells - 1) * gap_x + 0.2
+    bar_x = left + label + cells * side + (cells - 1) * gap_x + 0.2
     for row, kind in enumerate(KINDS):
         y = height - head - side - row * (side + gap_y)
         # Below a panel: the x tick labels; above it: its two-line title (the row gap and the head leave
@@ -264,7 +278,7 @@ def _overview(stats: ConflictStats, grown: list | None, title: str | None) -> tu
         bar_region = (bar_x - 0.05, low, min(width, bar_x + 1.25), high)
         image = None
         for cell in range(cells):
-            x = label + cell * (side + gap_x)
+            x = left + label + cell * (side + gap_x)
             panels[kind, cell] = figure.add_axes(place(x, y, side, side))
             image = conflict_heatmap(stats, cell, kind, ax=panels[kind, cell], outline=boxed.get(cell))
             regions[kind, cell] = [(max(0.0, x - label), low, x + side + 0.1, high), bar_region]
@@ -272,14 +286,7 @@ def _overview(stats: ConflictStats, grown: list | None, title: str | None) -> tu
         bar.ax.yaxis.set_major_locator(MaxNLocator(5, integer=KINDS[kind].whole_ticks))
         bar.set_label(KINDS[kind].label, fontsize=8, labelpad=4)
         bar.ax.tick_params(labelsize=7)
-    heading = title or "Where tasks fight"
-    figure.suptitle(f"{heading} ({stats.steps} mini-batches)\n{worst_conflict(stats)}", fontsize=10.5,
-                    y=1 - 0.08 / height, va="top")
-    notes = ["Top: Q = mini-batches in which the two tasks' gradients at that cell point apart (cos < 0), "
-             "and its share of the round.",
-             "Bottom: mean gradient cosine; red = the tasks pull the cell apart, blue = they agree.",
-             *(["Boxed: the pair got a new module at that cell this round (its branch runs from the activated "
-                "cell to the output)."] if grown else [])]
+    figure.suptitle("\n".join(headline), fontsize=10.5, y=1 - 0.08 / height, va="top")
     figure.text(0.5, 0.08 / height, "\n".join(notes), ha="center", va="bottom", fontsize=7.5, color="#333333")
     return figure, panels, regions
 
@@ -338,7 +345,11 @@ def histogram_figure(stats: ConflictStats) -> Figure:
     usable = [c for c in range(stats.num_cells) if stats.cell_params[c] > 0]
     legend_rows = math.ceil(len(usable) / 8)
     head = 0.75 + 0.2 * legend_rows  # inches above the panels: the title and the cells' legend
-    width, height = 4.2 * columns + 0.6, 2.8 * rows + 0.3 + head
+    which = "" if len(shown) == len(stats.pairs) else (
+        f", the {len(shown)} of {len(stats.pairs)} pairs with the most conflicts")
+    title = f"Gradient cosines per pair and cell over {stats.steps} mini-batches (▲ = mean){which}"
+    # One pair's panel is narrower than the title, which touched both edges.
+    width, height = max(4.2 * columns + 0.6, widest_inches([title], 10) + 0.4), 2.8 * rows + 0.3 + head
     figure = new_figure(width, height)
     axes = figure.subplots(rows, columns, squeeze=False)
     palette = colormaps["viridis"]
@@ -356,21 +367,22 @@ def histogram_figure(stats: ConflictStats) -> Figure:
             colour = palette(rank / max(len(usable) - 1, 1) * 0.9)
             ax.stairs(stats.histograms[cell, index] / max(stats.steps, 1), HISTOGRAM_EDGES, color=colour, lw=1.6,
                       label=f"cell {cell}")
-            ax.plot([means[cell, i, j]], [0.0], marker="^", color=colour, ms=7, clip_on=False)
+            if stats.measured[cell, i, j]:  # an unmeasured pair has no mean (mean_cosine's 0 would read as one)
+                ax.plot([means[cell, i, j]], [0.0], marker="^", color=colour, ms=7, clip_on=False)
+        if not any(stats.measured[cell, i, j] for cell in usable):
+            ax.text(0.5, 0.5, "not measured: a gradient was\nzero in every mini-batch", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=8, color="#555555", bbox={"fc": "white", "ec": "none"})
         ax.set_xlim(-1.0, 1.0)
         ax.set_ylim(bottom=0.0)
         ax.set_title(f"{a} vs {b}", fontsize=10)
         ax.set_xlabel("gradient cosine (red side: conflict)", fontsize=8)
         ax.set_ylabel("share of mini-batches", fontsize=8)
         ax.tick_params(labelsize=7)
-    which = "" if len(shown) == len(stats.pairs) else (
-        f", the {len(shown)} of {len(stats.pairs)} pairs with the most conflicts")
     # Placed in inches from the top: as fractions of a tall figure the title sat on the first row of panels.
-    figure.suptitle(f"Gradient cosines per pair and cell over {stats.steps} mini-batches (▲ = mean){which}",
-                    fontsize=10, y=1 - 0.12 / height, va="top")
+    figure.suptitle(title, fontsize=10, y=1 - 0.12 / height, va="top")
     if usable and shown:
         figure.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper center", ncol=min(len(usable), 8),
                       fontsize=7.5, frameon=False, bbox_to_anchor=(0.5, 1 - 0.4 / height))
-    figure.subplots_adjust(left=0.6 / width, right=0.98, top=1 - head / height, bottom=0.55 / height, wspace=0.3,
-                           hspace=0.6)
+    figure.subplots_adjust(left=0.6 / width, right=1 - 0.25 / width, top=1 - head / height, bottom=0.55 / height,
+                           wspace=0.3, hspace=0.6)
     return figure

@@ -161,7 +161,7 @@ def test_overview_images_cut_every_cell_out_of_one_render():
 
 @pytest.mark.parametrize("tasks, cells", [
     (TASKS, 3), (["left", "right"], 4), (["a", "semantic_segmentation", "b", "c"], 2),
-    (["W" * 40, "b", "c"], 3), (["MMMMMMMMMMMMMMMMMMMM", "b"], 2), (["x" * 40, "b", "c"], 2),
+    (["W" * 40, "b", "c"], 3), (["MMMMMMMMMMMMMMMMMMMM", "b"], 2), (["x" * 40, "b", "c"], 2), (["a", "b"], 1),
 ])
 def test_each_cells_cut_out_region_holds_its_panel_and_colour_bar_with_all_their_text(tasks, cells):
     # The regions come from the hand-made layout, not from measuring every text; check them against
@@ -187,10 +187,69 @@ def test_each_cells_cut_out_region_holds_its_panel_and_colour_bar_with_all_their
             assert not any(extent.overlaps(frame) for other, frame in frames.items() if other != key)
 
 
+@pytest.mark.parametrize("cells", [1, 2])
+def test_the_headline_and_notes_of_a_narrow_overview_stay_inside_the_picture(cells):
+    # With one or two cells of two tasks the figure was sized for the panels alone, 338 px wide for one cell,
+    # and the headline naming the worst pair lost both ends (a helper's search with a one-cell trunk).
+    stats = ConflictStats(["task_0", "task_1"], cells, [1000] * cells)
+    stats.steps = stats.measured[:] = 8
+    stats.counts[0, 0, 1] = stats.counts[0, 1, 0] = 3
+    stats.cosine_sums[0, 0, 1] = stats.cosine_sums[0, 1, 0] = -0.8
+    figure, panels, _ = plots._overview(stats, [[["task_0", "task_1"], 0]], "Where tasks fight, round 1")
+    renderer = figure.canvas.get_renderer()
+    page = figure.bbox
+    texts = figure.texts  # the headline (suptitle) and the notes
+    assert len(texts) == 2 and "most conflict: task_0 vs task_1 at cell 0" in figure._suptitle.get_text()
+    for text in texts:
+        assert inside(text.get_window_extent(renderer), page)
+    centre = (min(ax.get_position().x0 for ax in figure.axes) + max(ax.get_position().x1 for ax in figure.axes)) / 2
+    assert centre == pytest.approx(0.5, abs=0.1)  # the panels sit in the middle of the widened picture
+
+
 def test_worst_conflict_without_any_conflict():
     stats = ConflictStats(["a", "b"], 2, [5, 5])
-    stats.steps = 3
+    stats.steps = stats.measured[:] = 3
     assert plots.worst_conflict(stats) == "no pair conflicted in any mini-batch"
+
+
+def test_the_headline_says_when_no_pair_could_be_measured():
+    # A task whose gradient was always zero read as "no pair conflicted", as if the pairs had been measured.
+    stats = ConflictStats(["a", "b"], 2, [5, 5])
+    stats.steps = 3
+    stats.measured[:, 0, 0] = 3  # only task a's own entries: b's gradient was zero at every cell
+    assert plots.worst_conflict(stats) == (
+        "no pair measured: in every mini-batch a task's gradient was zero at every cell")
+    stats.measured[1, 0, 1] = stats.measured[1, 1, 0] = 1
+    assert plots.worst_conflict(stats) == "no pair conflicted in any mini-batch"
+
+
+def test_the_histogram_picture_marks_no_mean_for_a_pair_never_measured():
+    # It drew the mean marker at cosine 0 (mean_cosine's fill value) for a pair with a zero-gradient task.
+    stats = known_stats()
+    stats.measured[:, 0, 1] = stats.measured[:, 1, 0] = 0  # seg vs depth: never measured at any cell
+    stats.measured[1, 0, 2] = stats.measured[1, 2, 0] = 0  # seg vs normal: measured at cell 2 only
+    figure = plots.histogram_figure(stats)
+    seg_depth, seg_normal, depth_normal = (ax for ax in figure.axes if ax.get_visible())
+
+    def markers(ax) -> list[float]:
+        return [line.get_xdata()[0] for line in ax.lines if line.get_marker() == "^"]
+
+    assert markers(seg_depth) == [] and [t.get_text() for t in seg_depth.texts] == [
+        "not measured: a gradient was\nzero in every mini-batch"]
+    assert markers(seg_normal) == [pytest.approx(-0.6)] and not seg_normal.texts
+    assert markers(depth_normal) == [pytest.approx(0.05), pytest.approx(0.0)] and not depth_normal.texts
+
+
+def test_the_histogram_title_of_one_pair_stays_inside_the_picture():
+    # A round of 1,234 mini-batches ran the title off both edges, and "1.00" lost its last pixel.
+    stats = ConflictStats(["task_0", "task_1"], 2, [10, 10])
+    stats.steps = stats.measured[:] = 1234
+    figure = plots.histogram_figure(stats)
+    renderer = figure.canvas.get_renderer()
+    assert inside(figure._suptitle.get_window_extent(renderer), figure.bbox, slack=-5)  # 5 px from each edge
+    (panel,) = (ax for ax in figure.axes if ax.get_visible())
+    for label in panel.get_xticklabels():
+        assert inside(label.get_window_extent(renderer), figure.bbox, slack=0)
 
 
 def test_the_headline_reads_the_mean_cosine_as_its_cell_does():
