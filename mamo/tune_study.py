@@ -7,6 +7,7 @@ made once, by the command that starts the study, before any worker asks for a tr
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import uuid
@@ -83,6 +84,8 @@ def study_config(name: str, config: Config, overrides: list[str] | tuple[str, ..
     replace_atomically(path, lambda partial: dump_config(recorded, partial))
     joined = load_config(str(path), overrides)
     _check_same_space(name, recorded, joined)
+    if "stl_val" in attrs:
+        _check_same_data(name, recorded, joined)
     print(f"joining study '{name}': using the configuration it was created with ({path}); --set still applies",
           flush=True)
     return joined
@@ -103,6 +106,21 @@ def _check_same_space(name: str, recorded: Config, joined: Config) -> None:
             raise MamoError(f"--set tune.{key}={_shown_setting(after)} would change what study '{name}' samples "
                             f"(tune.{key} is {_shown_setting(before)} there); leave it out to continue the study, "
                             "or pass a new --run-dir (or --study) for a study of the new space.")
+
+
+def _check_same_data(name: str, recorded: Config, joined: Config) -> None:
+    """Refuse a --set that changes the data of a study whose objective compares with its stored STL reference:
+    those metrics were measured on the study's validation split, so a trial validated on another split (another
+    ``data.seed`` or ``data.val_size``, say) would be ranked by a meaningless Δ. ``data.root`` only says where the
+    same files are."""
+    before, after = dataclasses.asdict(recorded.data), dataclasses.asdict(joined.data)
+    changed = sorted(key for key in before if key != "root" and before[key] != after[key])
+    if changed:
+        key = changed[0]
+        raise MamoError(f"--set data.{key}={after[key]!r} would change the data of study '{name}' (data.{key} is "
+                        f"{before[key]!r} there), whose trials are compared with an STL reference validated on "
+                        "its data; leave it out to continue the study, or pass a new --run-dir (or --study) for a "
+                        "study of the new data.")
 
 
 def claim_folder(directory: Path, name: str, uid: str) -> None:

@@ -20,8 +20,9 @@ from optuna.trial import TrialState
 
 from mamo.cli import main
 from mamo.config import Config, dump_config, load_config
+from mamo.data import load_data
 from mamo.errors import MamoError
-from mamo.tune import run_tune
+from mamo.tune import near_zero_reference_note, run_tune
 from mamo.tune_space import apply_params, check_space
 from mamo.tune_storage import open_storage
 
@@ -1369,6 +1370,40 @@ def test_joining_a_study_refuses_a_set_that_changes_its_space(tmp_path, capsys):
     same = [*created, "train.device=cpu"]  # the space as it was, and a setting that may change
     run_tune(load_config("quick", same), overrides=same, study_dir=folder, trials=1, objective=staircase)
     assert len(load(folder).trials) == 2
+
+
+def test_joining_a_search_study_refuses_a_set_that_changes_its_data(tmp_path, tiny):
+    # A continuation with --set data.seed=7 trained trials on another split and ranked them against the study's
+    # STL reference validated on the old one (an audit's trial: -2.21 there, -15.15 against its own data's STL).
+    folder = tmp_path / "study"
+    run_tune(tiny, study_dir=folder, trials=0, progress=False)
+    for changed, shown in [("data.seed=7", "data.seed=7 would change the data of study 'mamo' (data.seed is 0 "),
+                           ("data.val_size=32", "data.val_size=32 would change the data of study 'mamo' (data.val_size "
+                                                "is 64 ")]:
+        with pytest.raises(MamoError, match="leave it out to continue the study, or pass a new --run-dir") as error:
+            run_tune(load_config("quick", [changed]), overrides=[changed], study_dir=folder, trials=0, progress=False)
+        assert shown in str(error.value)
+    moved = [f"data.root={tmp_path}", "train.device=cpu"]  # where the same files are, and a setting that may change
+    run_tune(load_config("quick", moved), overrides=moved, study_dir=folder, trials=0, progress=False)
+    # A caller's own objective has no reference to keep: its study may change the data.
+    own = tmp_path / "own"
+    run_tune(load_config("quick"), study_dir=own, trials=1, objective=staircase)
+    run_tune(load_config("quick", ["data.seed=7"]), overrides=["data.seed=7"], study_dir=own, trials=1,
+             objective=staircase)
+    assert len(load(own).trials) == 2
+
+
+def test_a_reference_next_to_zero_gets_a_note_naming_its_metric():
+    # tune logic ranked trials by -4e7 % against an STL MSE of 1e-13: round-off chose best.yaml, unannounced.
+    tasks = load_data(load_config("logic").data).tasks
+    stl = {task: {"mse": 0.02, "mae": 0.1} for task in tasks}
+    assert near_zero_reference_note(stl, tasks) is None
+    stl["and"]["mse"] = 1.1e-13
+    note = near_zero_reference_note(stl, tasks)
+    assert note.startswith("note: the STL reference scores and.mse = 1.1e-13 on the validation split, so")
+    assert "--multi-objective" in note
+    stl["and"]["mse"] = 0.0  # Eq 15 falls back to the plain difference there: no explosion
+    assert near_zero_reference_note(stl, tasks) is None
 
 
 def test_zero_trials_write_a_summary_that_says_so(tmp_path, capsys):
