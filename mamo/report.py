@@ -48,6 +48,16 @@ def delta(mtl: Metrics, stl: Metrics, tasks: dict[str, TaskSpec]) -> float:
     return sum(changes.values()) / len(changes)
 
 
+NEAR_ZERO = 1e-4  # an STL metric this close to 0 turns a tiny error there into a huge relative change
+
+
+def near_zero_metrics(stl: Metrics, tasks: dict[str, TaskSpec]) -> str:
+    """The STL metrics next to (but not at) 0, as "task.metric = value, …" ("" if none): Eq 15 divides by them,
+    so one of them can decide Δ alone."""
+    return ", ".join(f"{task}.{metric} = {stl[task][metric]:.1e}" for task, metric, _ in metric_columns(tasks)
+                     if 0 < abs(stl[task][metric]) < NEAR_ZERO)
+
+
 def win_rate(mtl: Metrics, stl: Metrics, tasks: dict[str, TaskSpec]) -> float:
     """The fraction of metrics on which the multi-task model is strictly better than STL, in [0, 1]."""
     changes = relative_changes(mtl, stl, tasks)

@@ -139,20 +139,14 @@ def _reference(config: Config, directory: Path, search: bool, multi: bool, progr
     return session.data.tasks, results["stl"]["val"]
 
 
-NEAR_ZERO = 1e-4  # an STL metric this close to 0 turns a trial's tiny error there into a huge relative change
-
-
 def near_zero_reference_note(stl_val: dict, tasks: dict) -> str | None:
     """A note when the reference scores a metric next to 0 (logic's gates, the concave problem: an MSE of 1e-13),
     where Eq 15's division makes that one metric's relative change (−4e7 % in an audit's study) decide the Δ
     objective, and best.yaml is chosen by round-off."""
-    from mamo.report import metric_columns
+    from mamo.report import near_zero_metrics
 
-    tiny = [(task, metric, stl_val[task][metric]) for task, metric, _ in metric_columns(tasks)
-            if 0 < abs(stl_val[task][metric]) < NEAR_ZERO]
-    if not tiny:
+    if not (shown := near_zero_metrics(stl_val, tasks)):
         return None
-    shown = ", ".join(f"{task}.{metric} = {value:.1e}" for task, metric, value in tiny)
     return (f"note: the STL reference scores {shown} on the validation split, so a trial's error there is a "
             "relative change of orders of magnitude that alone decides the Δ objective (Eq 15 divides by STL); "
             "rank such tasks with --multi-objective, or tune a setup in which STL leaves some error.")

@@ -216,6 +216,23 @@ def test_round_epochs_must_be_positive_only_when_there_are_rounds():
         check_search_config(tiny("train.mode=stl"))
 
 
+def test_a_search_whose_stl_scores_a_metric_next_to_zero_says_the_report_delta_hangs_on_it(tmp_path, monkeypatch):
+    # search concave reported Δ = -3,948,480 % against an STL MSE of 1.3e-6, with nothing saying why.
+    import mamo.search
+
+    real = mamo.search.cached_baselines
+
+    def near_zero(*args, **kwargs):
+        results = real(*args, **kwargs)
+        results["stl"]["val"]["left"]["accuracy"] = 2e-5
+        return results
+
+    monkeypatch.setattr(mamo.search, "cached_baselines", near_zero)
+    run_search(tiny("search.rounds=0"), tmp_path / "r", progress=False, quiet=True, loggers=False)
+    assert ("note: STL scores left.accuracy = 2.0e-05 on the validation split; the report's Δ divides by STL (Eq 15)"
+            in (tmp_path / "r" / "log.txt").read_text())
+
+
 def test_a_search_longer_or_shorter_than_its_baselines_is_noted():
     assert budget_note(tiny("search.final_epochs=null")) is None
     assert "trains 5 epochs and the STL/HPS baselines train.epochs = 2" in budget_note(tiny("search.final_epochs=2"))
