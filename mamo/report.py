@@ -162,8 +162,9 @@ def growth_notes(rounds: list[dict], counts: dict[str, int], dataset: str, modul
 
 
 def time_notes(history: list[dict], phase_seconds: dict[str, float], total_seconds: float) -> str:
-    """The report's time section: each search phase's epochs, wall time and training seconds per epoch, what
-    the rest of the run took (loading the data, the baselines, testing) and the whole."""
+    """The report's time section: each search phase's epochs, wall time (a round's with its growth and pictures)
+    and training seconds per epoch, what the rest of the run took (loading the data, the baselines, testing)
+    and the whole."""
     lines = ["## Time", "", "| Phase | Epochs | Wall time | Training s/epoch |", "|---|---|---|---|"]
     for phase, seconds in phase_seconds.items():
         epochs = sum(h.get("phase") == phase for h in history)
@@ -172,6 +173,7 @@ def time_notes(history: list[dict], phase_seconds: dict[str, float], total_secon
     rest = max(0.0, total_seconds - sum(phase_seconds.values()))
     lines.append(f"| other: data, baselines, test | - | {format_duration(rest)} | - |")
     lines.append(f"| all | {len(history)} | {format_duration(total_seconds)} | - |")
+    lines += ["", "A detection round's wall time includes growing the network and drawing the round's pictures."]
     return "\n".join(lines)
 
 

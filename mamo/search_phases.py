@@ -235,13 +235,15 @@ def run_phases(run: SearchRun, plan: list[Phase], started: float, partial: dict 
             callback.on_phase_start(phase.name, trainer.model)
         trainer.description = phase.name
         record = PHASE_RUNNERS[phase.kind](run, phase, done, resumed)
-        run.phase_seconds[phase.name] = run.phase_seconds.get(phase.name, 0.0) + time.perf_counter() - phase_start
         if record is not None:
             run.rounds.append(record.to_dict())
             # Before the round's checkpoint: a resume starts after it and never ends this round again, so what a
             # callback records for it must be kept by then (a kill in between redoes the round, logged twice).
             for callback in run.watchers:
                 callback.on_round_end(record)
+        # The round's time includes its pictures: counted after the phase, they went to the report's "other:
+        # data, baselines, test" row (45% of a 10-task search was matplotlib there).
+        run.phase_seconds[phase.name] = run.phase_seconds.get(phase.name, 0.0) + time.perf_counter() - phase_start
         save_phase_checkpoint(run.directory, phase, trainer, run.rounds,
                               {"phase_seconds": run.phase_seconds, "seconds": time.perf_counter() - started,
                                "config": config.to_dict(), "baselines": run.baselines})  # what --resume checks

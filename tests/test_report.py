@@ -203,7 +203,7 @@ def test_growth_table_of_a_search_without_rounds_has_a_cell_under_each_header():
 def test_the_time_section_gives_each_phase_its_epochs_and_the_rest_of_the_run() -> None:
     history = [{"phase": "pretrain", "seconds": 2.0}, {"phase": "round1", "seconds": 3.0},
                {"phase": "final", "seconds": 4.0}, {"phase": "final", "seconds": 6.0}]
-    rows = time_notes(history, {"pretrain": 2.5, "round1": 3.5, "final": 11.0}, 100.0).splitlines()[4:]
+    rows = time_notes(history, {"pretrain": 2.5, "round1": 3.5, "final": 11.0}, 100.0).splitlines()[4:9]
     assert rows == ["| pretrain | 1 | 2.5 s | 2 |", "| round1 | 1 | 3.5 s | 3 |", "| final | 2 | 11 s | 5 |",
                     "| other: data, baselines, test | - | 1 min 23 s | - |", "| all | 4 | 1 min 40 s | - |"]
 

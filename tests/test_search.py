@@ -260,6 +260,20 @@ def test_round_records_match_the_grown_graph(finished):
         assert np.array(record["conflicts"]["counts"]).shape == (3, 2, 2)
 
 
+class SlowRoundEnd(Callback):
+    def on_round_end(self, record) -> None:
+        time.sleep(0.6)  # as a round's pictures take (45% of a 10-task search's wall time)
+
+
+def test_a_rounds_wall_time_includes_what_its_callbacks_did_after_it(tmp_path):
+    # The round's pictures were counted in no phase: the report put them under "other: data, baselines, test".
+    metrics = run_search(tiny("search.rounds=1", "search.baselines=false"), tmp_path / "run", progress=False,
+                         quiet=True, loggers=False, callbacks=[SlowRoundEnd()])
+    assert metrics["phase_seconds"]["round1"] >= 0.6
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "A detection round's wall time includes growing the network and drawing the round's pictures." in report
+
+
 class Closable(Callback):
     closed = False
 
