@@ -201,8 +201,10 @@ def _detection_round(run: SearchRun, phase: Phase, done: int, partial: dict | No
     record = RoundRecord(phase.round, stats, activated, new_nodes, len(g.branch_nodes(model.graph)),
                          count_parameters(model), val, delta(val, run.stl_val, tasks) if run.stl_val else None,
                          model.graph, model, run.directory)
+    # Every threshold activates only positions with conflicts, so a round that can grow but did not saw none.
     where = ", ".join(f"{'+'.join(pair)}@cell{cell}" for pair, cell in activated) or (
-        "nothing" if growable else "nothing (every position already had its module: no round can grow more)")
+        "nothing (no position that can still grow conflicted in any mini-batch)" if growable
+        else "nothing (every position already had its module: no round can grow more)")
     run.session.log(f"round {phase.round}: {stats.steps} mini-batches, activated {where}; "
                     f"{counted(len(new_nodes), 'new module')}, {record.gmk_modules} in all")
     return record

@@ -289,6 +289,24 @@ def test_a_search_leaves_its_callers_callbacks_open(tmp_path):
     assert not mine.closed
 
 
+def test_a_round_in_which_nothing_conflicted_says_so(tmp_path, monkeypatch):
+    # A 6-task logic search's rounds 4-5 logged "activated nothing" with 7 positions still free and all Q = 0.
+    from mamo.search_phases import ConflictRecorder
+
+    real_close = ConflictRecorder.close
+
+    def without_conflicts(self):
+        stats = real_close(self)
+        stats.counts[:] = 0
+        return stats
+
+    monkeypatch.setattr(ConflictRecorder, "close", without_conflicts)
+    run_search(tiny("search.rounds=1", "search.baselines=false"), tmp_path / "run", progress=False, quiet=True,
+               loggers=False)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "activated nothing (no position that can still grow conflicted in any mini-batch); 0 new modules" in log
+
+
 def test_a_round_with_nothing_left_to_grow_says_so(tmp_path):
     # Round 1 grows every pair from cell 0, so round 2 cannot grow anything; its log line said only "nothing".
     run_search(tiny("search.threshold=topk:100", "search.baselines=false"), tmp_path / "run", progress=False,
