@@ -28,12 +28,17 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
 from mamo.conflicts import HISTOGRAM_EDGES, ConflictStats
+from mamo.runs import counted
 
 DPI = 100
 NO_PARAMS = "#d9d9d9"  # cells without parameters and the matrix diagonal: nothing to measure there
 TRUNK = "#4d4d4d"
 BOX = 0.6  # inches per heatmap entry
 _TITLE_ROOM = 0.5  # inches above a heatmap panel for its two-line title
+
+
+def _batches(number: int) -> str:
+    return counted(number, "mini-batch", "mini-batches")
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -227,7 +232,7 @@ def worst_conflict(stats: ConflictStats) -> str:
             return "no pair measured: in every mini-batch a task's gradient was zero at every cell"
         return "no pair conflicted in any mini-batch"
     mean = cosine[cell, stats.tasks.index(a), stats.tasks.index(b)]
-    return (f"most conflict: {a} vs {b} at cell {cell}, in {q} of {stats.steps} mini-batches "
+    return (f"most conflict: {a} vs {b} at cell {cell}, in {q} of {_batches(stats.steps)} "
             f"({share(q, stats.steps)}), mean cosine {KINDS['cosine'].annotate(mean, stats)}")  # as its cell reads
 
 
@@ -246,7 +251,7 @@ def _overview(stats: ConflictStats, grown: list | None, title: str | None) -> tu
     label = name + 0.25  # room for the task names left of the rows
     below = 0.5 * name + 0.3 if _tilted(stats.tasks) else 0.35  # under the columns: sin 30° of a tilted name
     gap_x, gap_y, head, foot = label + 0.35, below + 0.6, 1.15, 0.55
-    headline = [f"{title or 'Where tasks fight'} ({stats.steps} mini-batches)", worst_conflict(stats)]
+    headline = [f"{title or 'Where tasks fight'} ({_batches(stats.steps)})", worst_conflict(stats)]
     notes = ["Top: Q = mini-batches in which the two tasks' gradients at that cell point apart (cos < 0), "
              "and its share of the round.",
              "Bottom: mean gradient cosine; red = the tasks pull the cell apart, blue = they agree.",
@@ -347,7 +352,7 @@ def histogram_figure(stats: ConflictStats) -> Figure:
     head = 0.75 + 0.2 * legend_rows  # inches above the panels: the title and the cells' legend
     which = "" if len(shown) == len(stats.pairs) else (
         f", the {len(shown)} of {len(stats.pairs)} pairs with the most conflicts")
-    title = f"Gradient cosines per pair and cell over {stats.steps} mini-batches (▲ = mean){which}"
+    title = f"Gradient cosines per pair and cell over {_batches(stats.steps)} (▲ = mean){which}"
     # One pair's panel is narrower than the title, which touched both edges.
     width, height = max(4.2 * columns + 0.6, widest_inches([title], 10) + 0.4), 2.8 * rows + 0.3 + head
     figure = new_figure(width, height)

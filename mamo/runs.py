@@ -319,9 +319,10 @@ def write_csv_atomically(path: Path, rows: Iterable[Sequence[object]]) -> None:
     replace_atomically(path, lambda tmp: tmp.write_text(table.getvalue(), encoding="utf-8", newline=""))
 
 
-def counted(number: int, noun: str) -> str:
-    """``1 new module``, ``3 new modules``: a count with its noun (a regular plural) as a log line reads."""
-    return f"{number} {noun}{'' if number == 1 else 's'}"
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """``1 new module``, ``3 new modules``: a count with its noun (a regular plural unless ``plural`` is given,
+    ``mini-batches``) as a log line reads."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
 
 
 def table_lines(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:

@@ -205,7 +205,7 @@ def _detection_round(run: SearchRun, phase: Phase, done: int, partial: dict | No
     where = ", ".join(f"{'+'.join(pair)}@cell{cell}" for pair, cell in activated) or (
         "nothing (no position that can still grow conflicted in any mini-batch)" if growable
         else "nothing (every position already had its module: no round can grow more)")
-    run.session.log(f"round {phase.round}: {stats.steps} mini-batches, activated {where}; "
+    run.session.log(f"round {phase.round}: {counted(stats.steps, 'mini-batch', 'mini-batches')}, activated {where}; "
                     f"{counted(len(new_nodes), 'new module')}, {record.gmk_modules} in all")
     return record
 

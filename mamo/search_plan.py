@@ -151,8 +151,9 @@ def budget_note(config: Config) -> str | None:
     total = epochs_before_final(config.search) + final_epochs(config)
     if not config.search.baselines or total == config.train.epochs:
         return None
-    return (f"note: the search trains {total} epochs and the STL/HPS baselines train.epochs = {config.train.epochs}, "
-            "so the report compares different budgets; leave search.final_epochs unset (null) to match them.")
+    return (f"note: the search trains {counted(total, 'epoch')} and the STL/HPS baselines train.epochs = "
+            f"{config.train.epochs}, so the report compares different budgets; leave search.final_epochs unset "
+            "(null) to match them.")
 
 
 def tensioner_window_note(config: Config, train_size: int, T: int | None = None, setting: str = "direction.tensioner.T"

@@ -253,6 +253,9 @@ def test_counts_take_their_nouns_plural_only_when_not_one(number: int, text: str
     from mamo.runs import counted
 
     assert counted(number, "new module") == text
+    # "round 1: 1 mini-batches" in a tiny search's log.
+    assert counted(number, "mini-batch", "mini-batches") == text.replace("new module", "mini-batch").replace(
+        "mini-batchs", "mini-batches")
 
 
 def test_weights_file_matches_the_best_checkpoint(runs: Path) -> None:
