@@ -124,9 +124,10 @@ def _lane_legend(graph: nx.DiGraph, lanes: list[tuple[str, ...]], params: dict[s
         nodes = [n for n in branches if tuple(graph.nodes[n]["group"]) == group]
         rounds = sorted({graph.nodes[n]["round"] for n in nodes})
         start = min(graph.nodes[n]["cell"] for n in nodes)
-        entries.append(f"{'+'.join(shortened(task, 40) for task in group)}: from cell {start}, round "
-                       f"{', '.join(map(str, rounds))}, {counted(len(nodes), 'module')}, "
-                       f"{sum(params[n] for n in nodes):,} params")
+        # "round 2, 4, 5, 4 modules" read as four rounds: the rounds end with a semicolon.
+        entries.append(f"{'+'.join(shortened(task, 40) for task in group)}: from cell {start}, "
+                       f"{'round' if len(rounds) == 1 else 'rounds'} {', '.join(map(str, rounds))}; "
+                       f"{counted(len(nodes), 'module')}, {sum(params[n] for n in nodes):,} params")
     return entries
 
 

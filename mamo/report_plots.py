@@ -79,8 +79,12 @@ def growth_figure(rounds: list[dict], module_name: str = "GMK modules") -> Figur
     for number, count, total in zip(numbers, modules, totals, strict=True):
         if not listed:
             break  # too narrow a bar for its numbers: the axis says them
-        if count:
+        if count >= 0.15 * top:
             ax.text(number, count / 2, f"+{count}", ha="center", va="center", fontsize=9, color="white")
+        elif count and total - count > 0.12 * top:
+            # White on a bar too short to hold it was white on the page: dark, above the bar. Where the line's
+            # total label sits right there too, that label (and the one before it) already tells the count.
+            ax.text(number, count + 0.02 * top, f"+{count}", ha="center", va="bottom", fontsize=9, color="#d62728")
         ax.text(number, total + 0.04 * top, f"{total}", ha="center", va="bottom", fontsize=8)
     if listed:  # the activated (pair, cell) positions go under each round's tick, where they never hit the bars
         ax.set_xticks(numbers, labels, fontsize=8)

@@ -317,8 +317,18 @@ def test_draw_architecture_writes_a_png_with_every_node_and_its_parameters(grown
     assert f"seg+depth\n{params[1]:,} params" in texts and f"depth+normal\n{params[2]:,} params" in texts
     assert "fusion depth\n+β·(seg+depth)\n+β·(depth+normal)" in texts
     legend = [t.get_text() for t in figure.legends[0].get_texts()]
-    assert legend[0].startswith("seg+depth: from cell 1, round 1, 2 modules")
+    assert legend[0].startswith("seg+depth: from cell 1, round 1; 2 modules")
     assert "after round 2: 3 branch modules" in figure.get_suptitle()
+
+
+def test_a_lane_grown_in_several_rounds_lists_them_apart_from_its_module_count():
+    # "round 2, 4, 5, 4 modules" read as four rounds (a helper's 8-task search).
+    space = create_space(ModelConfig(backbone="lenet"), (1, 28, 28))
+    graph = g.build_hps_graph(space, parse_tasks({t: {"type": "classification", "classes": 10} for t in TASKS}, "t"))
+    g.grow(graph, (("seg", "depth"), 2), round_index=1)
+    g.grow(graph, (("seg", "depth"), 1), round_index=3)
+    legend = [t.get_text() for t in drawing.draw_architecture(graph).legends[0].get_texts()]
+    assert legend[0].startswith("seg+depth: from cell 1, rounds 1, 3; 2 modules, ")
 
 
 LONG = {"seg": "upper_left_digit_classification", "depth": "lower_right_digit", "normal": "digit_sum_of_both_items"}
@@ -464,6 +474,20 @@ def test_many_rounds_keep_the_growth_plot_readable():
     assert len(figure.axes[0].texts) == 0  # no per-round numbers crowded over the narrow bars
     few = report_plots.growth_figure(rounds[:report_plots.LISTED_ROUNDS])
     assert few.axes[0].get_xticklabels()[0].get_text() == "round 1\na+b@cell0"
+
+
+def test_a_short_growth_bar_gets_its_count_above_it_in_a_dark_colour():
+    # "+2" and "+1" were white text centred on bars too short to hold them: white on white (an 8-task search).
+    from matplotlib.colors import to_hex
+
+    rounds = [{"round": r + 1, "modules": m, "activated": []} for r, m in enumerate([77, 26, 6, 2, 1, 0])]
+    ax = report_plots.growth_figure(rounds).axes[0]
+    counts = {t.get_text(): t for t in ax.texts if t.get_text().startswith("+")}
+    assert set(counts) == {"+77", "+26", "+6", "+2", "+1"}
+    for text, label in counts.items():
+        short = int(text[1:]) < 0.15 * 112
+        assert (to_hex(label.get_color()) != "#ffffff") == short
+        assert label.get_position()[1] > int(text[1:]) if short else label.get_position()[1] < int(text[1:])
 
 
 def test_growth_without_rounds_says_so():
