@@ -34,7 +34,7 @@ from mamo.runs import (
     write_text_atomically,
 )
 from mamo.spaces import SPACES, check_model_config, create_space, memory_failure
-from mamo.step import TrainStep, check_precision
+from mamo.step import TrainStep, check_batch_of_one, check_precision
 from mamo.trainer import (
     OPTIMIZER_SETTINGS,
     Callback,
@@ -287,6 +287,7 @@ def open_run(
         check_data(session.data)
     model = build_network(session)
     check_precision(model, config.train.precision, session.device)
+    check_batch_of_one(model, config.train.batch_size, len(session.data.train), session.device)
     create_direction(config.direction)
     make_optimizer(model, config.train)
     directory = new_run_dir(run_dir, config, command, path)

@@ -80,6 +80,28 @@ def check_step_settings(gradients: str, precision: str, gradient_path: str, grad
 STRIDED_CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
+def _layers_seeing(model: torch.nn.Module, x: torch.Tensor, layer: Callable[[torch.nn.Module], bool],
+                   sees: Callable[[torch.Tensor], bool]) -> list[str]:
+    """The names of the ``layer`` modules whose input ``sees`` flags when one sample of ``x`` goes through the
+    model in eval mode (a shape probe: batch-norm statistics stay untouched, and one sample is allowed)."""
+    seen: list[str] = []
+    hooks = [module.register_forward_pre_hook(lambda mod, args, name=name: seen.append(name)
+                                              if sees(args[0]) else None)
+             for name, module in model.named_modules() if layer(module)]
+    if not hooks:
+        return []
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return list(dict.fromkeys(seen))
+
+
 def bf16_cpu_hazards(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
     """The strided convolutions that see feature maps one element wide on input ``x``.
 
@@ -89,23 +111,23 @@ def bf16_cpu_hazards(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
     9×1, 1-D and 3-D alike; widths of 2 or more were right), docs/performance.md. Finite garbage passes the NaN
     check and corrupts the weights silently, so a bf16 run on the CPU with such a layer is refused.
     """
-    seen: list[str] = []
-    hooks = [module.register_forward_pre_hook(lambda mod, args, name=name: seen.append(name)
-                                              if args[0].shape[-1] == 1 else None)
-             for name, module in model.named_modules()
-             if isinstance(module, STRIDED_CONVOLUTIONS) and max(module.stride) > 1 and module.kernel_size[-1] > 1]
-    if not hooks:
-        return []
-    was_training = model.training
-    try:
-        model.eval()  # a batch of one through batch-norm; shapes are all the probe reads
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    return list(dict.fromkeys(seen))
+    return _layers_seeing(model, x, lambda m: isinstance(m, STRIDED_CONVOLUTIONS) and max(m.stride) > 1
+                          and m.kernel_size[-1] > 1, lambda t: t.shape[-1] == 1)
+
+
+def check_batch_of_one(model: MamoNet, batch_size: int, train_size: int, device: torch.device) -> None:
+    """Refuse training batches of one sample (``train.batch_size`` 1, or a train split of one) through a batch
+    norm that would then see one value per channel, which torch refuses in training: before the run folder is
+    made, not at the first step (batches of one otherwise occur only as a last batch, which is dropped)."""
+    if min(batch_size, train_size) != 1:
+        return
+    norms = _layers_seeing(model, torch.zeros(1, *model.space.input_shape, device=device),
+                           lambda m: isinstance(m, torch.nn.modules.batchnorm._BatchNorm),
+                           lambda t: t.numel() == t.shape[1])
+    if norms:
+        raise MamoError(f"a batch of one sample would reach the batch norm {norms[0]} as one value per channel, "
+                        f"which cannot train; set train.batch_size to 2 or more (now {batch_size}) and give the "
+                        f"train split at least 2 samples (now {train_size}).")
 
 
 def check_precision(model: MamoNet, precision: str, device: torch.device) -> None:

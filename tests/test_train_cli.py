@@ -505,20 +505,47 @@ def test_wrong_key_exits_2_before_creating_anything(tmp_path: Path, capsys: pyte
 
 
 @pytest.mark.parametrize("budget", [["train.batch_size=1"], ["data.train_size=1"]])
-def test_a_batch_of_one_sample_at_a_1x1_batch_norm_is_one_sentence_in_the_log(
+def test_a_batch_of_one_sample_at_a_1x1_batch_norm_is_refused_before_the_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture, budget: list[str]
 ) -> None:
-    # timm's test ResNet shrinks the 36 × 36 digits to 1 × 1 before a batch norm: torch raised a bare ValueError.
+    # timm's test ResNet shrinks the 36 × 36 digits to 1 × 1 before a batch norm: torch raised a bare ValueError;
+    # then a sentence at the first step, which left a run folder behind (a scale audit).
     run = tmp_path / "run"
     settings = ["model.backbone=timm:test_resnet", "data.train_size=4", "data.val_size=4", "data.test_size=4",
                 "train.epochs=1", *budget]
     assert train("quick", *(a for key in settings for a in ("--set", key)), "--no-progress", "--no-tensorboard",
                  "--run-dir", str(run)) == 2
     message = single_error(capsys.readouterr().err)
-    assert message.startswith("training 'train' got a batch of 1 sample at step 1, and a batch-norm layer")
-    assert message.endswith("set train.batch_size to 2 or more (now " + ("1" if "batch" in budget[0] else "128")
-                            + ") and give the train split at least 2 samples.")
-    assert message in (run / "log.txt").read_text()
+    assert message.startswith("a batch of one sample would reach the batch norm blocks.cell4.0.0.bn1 ")
+    assert message.endswith("as one value per channel, which cannot train; set train.batch_size to 2 or more (now "
+                            + ("1" if "batch" in budget[0] else "128") + ") and give the train split at least 2 "
+                            "samples (now " + ("4" if "batch" in budget[0] else "1") + ").")
+    assert not run.exists()
+
+
+def test_batches_of_one_through_batch_norms_on_wider_maps_are_not_refused() -> None:
+    # At 64 × 64 the test ResNet's last batch norm sees 2 × 2: four values per channel, which torch trains on.
+    from mamo import graph as g
+    from mamo.config import ModelConfig
+    from mamo.model import compile_model
+    from mamo.spaces import create_space
+    from mamo.step import check_batch_of_one
+    from mamo.tasks import parse_tasks
+
+    tasks = parse_tasks({t: {"type": "classification", "classes": 10} for t in ("a", "b")}, "test")
+    for side, refused in ((64, False), (28, True)):
+        space = create_space(ModelConfig(backbone="timm:test_resnet"), (1, side, side))
+        model = compile_model(g.build_hps_graph(space, tasks)).train()
+        if refused:  # the probe agrees with what torch does in training
+            with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+                model(torch.zeros(1, 1, side, side))
+            with pytest.raises(MamoError, match="would reach the batch norm blocks.cell4"):
+                check_batch_of_one(model, 1, 100, torch.device("cpu"))
+        else:
+            model(torch.zeros(1, 1, side, side))
+            check_batch_of_one(model, 1, 100, torch.device("cpu"))
+        check_batch_of_one(model, 2, 100, torch.device("cpu"))  # no batch of one: nothing to probe
+        assert model.training  # the probe runs in eval mode and gives the model back as it was
 
 
 def test_bf16_on_the_cpu_with_a_strided_convolution_on_maps_one_wide_is_refused_before_the_folder(
