@@ -95,7 +95,7 @@ def _no_model(directory: Path, missing: list[Path]) -> str:
                 "the best).")
     if command and not (directory / "metrics.json").exists():
         return (f"{directory} holds a {command} run that has not finished (no {missing[0].name}); finish it with "
-                f"{cli(f'{command} --resume {directory}')}.")
+                f"{cli(command, '--resume', directory)}.")
     if command:
         return (f"{directory} is a finished {command} run whose {names} is gone; restore it from a copy or "
                 f"{_rerun(directory, command)}.")
@@ -108,7 +108,7 @@ def _rerun(directory: Path, command: str | None) -> str:
     if command is None:
         return "rerun it"
     config = directory / "config.yaml"
-    return f"rerun it with {cli(f'{command} {config} --run-dir NEW_FOLDER')}"
+    return f"rerun it with {cli(command, config, '--run-dir', 'NEW_FOLDER')}"
 
 
 def example_input(model: MamoNet, batch: int = 2) -> torch.Tensor:

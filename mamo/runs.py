@@ -130,10 +130,13 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def cli(command: str) -> str:
-    """``command`` (``search --resume runs/x``) as the user can run it again the way they ran mamo: ``mamo ...``
-    through the installed command, ``python cli.py ...`` from the checkout, ``python /path/cli.py ...`` from
-    elsewhere (a printed ``python cli.py`` failed there); the Python API's callers get ``python cli.py``."""
+def cli(*words: str | Path) -> str:
+    """The command of ``words`` (``"search", "--resume", folder``) as the user can run it again the way they ran
+    mamo: ``mamo ...`` through the installed command, ``python cli.py ...`` from the checkout, ``python
+    /path/cli.py ...`` from elsewhere (a printed ``python cli.py`` failed there); the Python API's callers get
+    ``python cli.py``. Each word is quoted for the shell where it needs it (a folder named ``my run (1)``), so the
+    line can be pasted; a plain path prints unchanged."""
+    command = shlex.join(map(str, words))
     program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
     if program.name == "mamo":
         return f"mamo {command}"
@@ -209,7 +212,8 @@ def read_run_config(
                             f"computed so far); only {resume_settings_text()} can, so start a new run.")
     if run_dir is not None and _never_started(Path(run_dir)):
         raise MamoError(f"{run_dir} holds no config.yaml: the {command} that made it stopped before it started, so "
-                        f"there is nothing to resume; run the {command} again with --run-dir {run_dir}.")
+                        f"there is nothing to resume; run the {command} again with "
+                        f"--run-dir {shlex.quote(str(run_dir))}.")
     if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
         raise MamoError(f"--resume needs an existing {command} run folder with config.yaml, got '{run_dir}'; "
                         f"pass the folder a stopped {command} wrote.")
@@ -224,7 +228,7 @@ def read_run_config(
             raise MamoError(f"{directory} is a finished {other} run folder, not a {command} one; there is nothing "
                             "to resume.")
         raise MamoError(f"{directory} is a {other} run folder, not a {command} one; continue it with "
-                        f"{cli(f'{other} --resume {directory}')}.")
+                        f"{cli(other, '--resume', directory)}.")
     checkpoints = directory / "checkpoints"
     if checkpoints.exists() and not checkpoints.is_dir():  # its checkpoints were reported "corrupt"
         raise MamoError(f"{checkpoints} is a file where the run keeps its checkpoints folder; move the file away "

@@ -108,7 +108,7 @@ def run_search(
         owned = []  # the loggers this search made, closed by it (a caller's callbacks are theirs)
         try:
             # Ctrl-C is the usual way a search stops early (finished phases are checkpointed).
-            with (logging_stops(session, cli(f"search --resume {directory}")),
+            with (logging_stops(session, cli("search", "--resume", directory)),
                   intra_op_threads(config.train.threads)):
                 baselines = {}
                 if state is not None and "baselines" in state:

@@ -131,7 +131,7 @@ class TrainMode:
 
 
 TRAIN_MODES: dict[str, TrainMode] = {
-    "mtl": TrainMode(_train_shared, lambda directory: cli(f"train --resume {directory}")),
+    "mtl": TrainMode(_train_shared, lambda directory: cli("train", "--resume", directory)),
     # STL networks continue from the baseline cache beside the run folder, which any run of the same settings
     # there reads: a new run, not --resume.
     "stl": TrainMode(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing
-import shlex
 import shutil
 import sys
 import time
@@ -279,10 +278,10 @@ def run_tune(
 def _continuing(directory: Path, storage: str | None, url: str, name: str, trials: int | None) -> str:
     """The command that continues a stopped study with ``trials`` more (the study's tune.trials when None)."""
     # A storage URL as shown_url shows it: its password masked, for the user to fill in.
-    where = f"--run-dir {directory}" if storage is None else shlex.join(["--storage", shown_url(url), "--study", name])
+    where = ["--run-dir", directory] if storage is None else ["--storage", shown_url(url), "--study", name]
     if storage is not None and Path(directory) != _shared_study_folder(name):  # else another folder would join
-        where += f" --run-dir {directory}"
-    return cli(f"tune {where}" + ("" if trials is None else f" --trials {trials}"))
+        where += ["--run-dir", directory]
+    return cli("tune", *where, *([] if trials is None else ["--trials", str(trials)]))
 
 
 def _check_arguments(config: Config, trials: int | None, workers: int, storage: str | None,

@@ -223,7 +223,7 @@ def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, s
             tuned.name = f"{base.name}-tuned"
             replace_atomically(best_path, lambda partial: dump_config(tuned, partial))
             lines += [f"Best configuration: {best_path} (trial {chosen.number}, run folder "
-                      f"{_where(chosen, directory)}); run it with `{cli(f'search {best_path}')}`.",
+                      f"{_where(chosen, directory)}); run it with `{cli('search', best_path)}`.",
                       *_rerun_notes(tuned, base, chosen), ""]
         if multi and 2 <= len(study.directions) <= 3:
             plot_pareto(study, directory / "pareto.png")

@@ -438,5 +438,5 @@ def test_printed_commands_run_mamo_the_way_it_was_run(argv0: str, where: str, ex
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / where)
     monkeypatch.setattr(sys, "argv", [argv0.replace("CHECKOUT", str(checkout))])
-    assert cli("search --resume runs/x") == expected.replace("CHECKOUT", str(checkout))
+    assert cli("search", "--resume", "runs/x") == expected.replace("CHECKOUT", str(checkout))
 

@@ -14,7 +14,6 @@ import argparse
 import importlib
 import json
 import math
-import shlex
 import time
 from pathlib import Path
 from types import ModuleType
@@ -164,7 +163,7 @@ def resume_command(name: str, given: list[str], folder: Path) -> str:
             continue
         if not text.startswith(("--out=", "--resume=")):
             kept.append(text)
-    return cli(shlex.join(["bench", name, *kept, "--resume", str(folder)]))
+    return cli("bench", name, *kept, "--resume", folder)
 
 
 # Above every table of a --quick run: its tables look like a full run's, thesis columns included.
