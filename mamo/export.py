@@ -21,7 +21,7 @@ from mamo import graph as g
 from mamo.config import load_config
 from mamo.errors import MamoError
 from mamo.model import MamoNet, compile_model
-from mamo.runs import cli, counted, file_above, replace_atomically, run_command, write_text_atomically
+from mamo.runs import cli, counted, file_above, replace_atomically, run_command, utf8_path, write_text_atomically
 
 
 def _trains_per_task(directory: Path) -> bool:
@@ -41,7 +41,7 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> Mam
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    directory = Path(run_dir)
+    directory = utf8_path(run_dir, "the run folder")  # else safetensors refuses it, which read as damaged files
     paths = [directory / "architecture.json", directory / "weights.safetensors"]
     missing = [p for p in paths if not p.is_file()]
     if missing:
@@ -207,7 +207,7 @@ def export(run_dir: str | Path, formats: list[str], out_dir: str | Path | None =
     if unknown:
         raise MamoError(f"unknown export format {', '.join(unknown)}; use any of {', '.join(FORMATS)}.")
     model = load_trained(run_dir)
-    folder = Path(out_dir) if out_dir else Path(run_dir)
+    folder = utf8_path(out_dir, "--out") if out_dir else Path(run_dir)  # torch.export's writer aborts on another
     if folder.exists() and not folder.is_dir():
         raise MamoError(f"--out {folder} is a file; --out takes a folder to write into, e.g. --out {folder.parent}.")
     blocking = file_above(folder)

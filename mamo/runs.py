@@ -49,14 +49,27 @@ def file_above(path: Path) -> Path | None:
     return next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
 
 
+def utf8_path(path: str | Path, what: str) -> Path:
+    """``path`` as a Path, refused unless it is valid UTF-8 (a Linux name may hold any bytes: ``$'bad\\xffname'``):
+    log.txt and the reports are UTF-8 text that names the folder, and safetensors (and torch.export) take no other
+    path, so such a run failed midway (leaving a folder behind) or its intact model files read as damaged."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")  # the bad bytes as \xff, as ls -b shows them
+        raise MamoError(f"{what} {shown} is not valid UTF-8, which mamo's log and model files need; rename it (or "
+                        "pass another path).") from None
+    return Path(path)
+
+
 def free_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Path:
     """The run folder a command will create (``run_dir``, else runs/<timestamp>-<command>-<preset>, with -2, -3,
     ... when that is taken), checked to be free; nothing is created, so a command can validate its inputs first
     and leave no folder behind on bad input."""
     if not run_dir:
         base = RUNS_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{config.name}"
-        return next(path for path in numbered(base) if not path.exists())
-    path = Path(run_dir)
+        return next(path for path in numbered(utf8_path(base, "the run folder")) if not path.exists())
+    path = utf8_path(run_dir, "--run-dir")
     blocking = file_above(path)
     if blocking is not None:
         raise MamoError(f"--run-dir {path} lies below {blocking}, which is a file; pick another --run-dir.")
@@ -210,6 +223,8 @@ def read_run_config(
         if key not in RESUME_SETTINGS:
             raise MamoError(f"--set {key} cannot change when a run resumes (the rest would not match what it "
                             f"computed so far); only {resume_settings_text()} can, so start a new run.")
+    if run_dir is not None:  # before anything reads the folder or writes into its log.txt
+        utf8_path(run_dir, "--resume")
     if run_dir is not None and _never_started(Path(run_dir)):
         raise MamoError(f"{run_dir} holds no config.yaml: the {command} that made it stopped before it started, so "
                         f"there is nothing to resume; run the {command} again with "

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 
 from mamo.config import Config, load_config
 from mamo.errors import MamoError, StopExplained
-from mamo.runs import RUNS_ROOT, available_cores, claim_new_folder, cli, file_above
+from mamo.runs import RUNS_ROOT, available_cores, claim_new_folder, cli, file_above, utf8_path
 from mamo.trainer import intra_op_threads
 from mamo.tune_objective import SearchObjective
 from mamo.tune_space import SPACE, apply_params, check_space
@@ -48,7 +48,7 @@ def _shared_study_folder(name: str) -> Path:
 def _study_dir(run_dir: str | Path | None, storage: str | None, name: str, config: Config) -> tuple[Path, bool]:
     """The study folder, and whether this command created it."""
     if run_dir:
-        path = Path(run_dir)
+        path = utf8_path(run_dir, "--run-dir")  # the trials' run folders lie in it
     elif storage:
         path = _shared_study_folder(name)
     else:  # a new local study: a folder of its own, even beside a tune started in the same second

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
 
 import pytest
+from cli_errors import single_error
+from test_cli_inputs import TINY, make_run
 
 from mamo import bench
+from mamo.cli import main
 from mamo.config import Config, config_text
 from mamo.errors import MamoError
 from mamo.export import _rerun, load_trained
@@ -61,3 +65,51 @@ def test_every_printed_command_quotes_its_paths(as_mamo: None, tmp_path: Path) -
     with pytest.raises(MamoError) as unfinished:
         load_trained(folder)
     assert pasted(str(unfinished.value).split("finish it with ")[1]) == ["train", "--resume", str(folder)]
+
+
+# ------------------------------------------------------------------------------------------- not UTF-8
+
+NOT_UTF8 = os.fsdecode(b"bad\xffname")  # a name Linux allows: its \xff byte is no UTF-8
+
+
+@pytest.mark.parametrize("argv", [["search", "quick", *TINY, "--set", "train.epochs=4", "--run-dir"],
+                                  ["train", "quick", *TINY, "--run-dir"],
+                                  ["tune", "quick", "--trials", "1", "--run-dir"]])
+def test_a_new_run_in_a_folder_that_is_not_utf8_is_refused_before_the_folder_is_made(
+        argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: a UnicodeEncodeError traceback from log.txt's first line, leaving config.yaml and an empty log.txt.
+    folder = tmp_path / NOT_UTF8
+    assert main([*argv, str(folder)]) == 2
+    assert single_error(capsys.readouterr().err) == (
+        f"--run-dir {tmp_path}/bad\\xffname is not valid UTF-8, which mamo's log and model files need; rename it "
+        "(or pass another path).")
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_resuming_a_run_whose_folder_is_not_utf8_is_refused(command: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _run_folder(tmp_path / NOT_UTF8, command)
+    assert main([command, "--resume", str(folder), "--no-progress", "--no-tensorboard"]) == 2
+    assert "--resume " + f"{tmp_path}/bad\\xffname is not valid UTF-8" in single_error(capsys.readouterr().err)
+    assert sorted(path.name for path in folder.iterdir()) == ["config.yaml"]  # no log.txt, no checkpoints
+
+
+@pytest.mark.parametrize("command", ["show", "export"])
+def test_an_intact_run_copied_to_a_name_that_is_not_utf8_is_not_called_damaged(
+        command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: "the model files ... are unreadable or do not fit together (SafetensorError)": safetensors' reader
+    # refuses such a path, the files were intact.
+    folder = make_run(tmp_path / NOT_UTF8)
+    assert main([command, str(folder)]) == 2
+    message = single_error(capsys.readouterr().err)
+    assert message.startswith(f"the run folder {tmp_path}/bad\\xffname is not valid UTF-8"), message
+
+
+def test_an_export_out_folder_that_is_not_utf8_is_refused_before_it_is_made(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # torch.export's writer aborted the whole process on such a path (pybind11::error_already_set).
+    out = tmp_path / NOT_UTF8
+    assert main(["export", str(make_run(tmp_path / "run")), "--format", "json", "--out", str(out)]) == 2
+    assert f"--out {tmp_path}/bad\\xffname is not valid UTF-8" in single_error(capsys.readouterr().err)
+    assert not out.exists()
