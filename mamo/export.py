@@ -108,6 +108,10 @@ def _rerun(directory: Path, command: str | None) -> str:
     if command is None:
         return "rerun it"
     config = directory / "config.yaml"
+    if not config.is_file():  # gone too: the command it names would fail on it
+        kept = " (metrics.json lists them under 'config')" if (directory / "metrics.json").is_file() else ""
+        again = cli(command, "PRESET", "--set", "KEY=VALUE")
+        return f"rerun it with the preset and --set options it ran with{kept}: {again}"
     return f"rerun it with {cli(command, config, '--run-dir', 'NEW_FOLDER')}"
 
 

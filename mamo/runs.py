@@ -50,9 +50,8 @@ def file_above(path: Path) -> Path | None:
 
 
 def utf8_path(path: str | Path, what: str) -> Path:
-    """``path`` as a Path, refused unless it is valid UTF-8 (a Linux name may hold any bytes: ``$'bad\\xffname'``):
-    log.txt and the reports are UTF-8 text that names the folder, and safetensors (and torch.export) take no other
-    path, so such a run failed midway (leaving a folder behind) or its intact model files read as damaged."""
+    """``path``, refused unless valid UTF-8 (``$'bad\\xffname'`` is a Linux name): log.txt, the reports that name
+    it, safetensors and torch.export take no other, so a run failed midway or intact model files read as damaged."""
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
@@ -73,7 +72,12 @@ def free_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Pa
     blocking = file_above(path)
     if blocking is not None:
         raise MamoError(f"--run-dir {path} lies below {blocking}, which is a file; pick another --run-dir.")
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not _never_started(path):
+    if path.is_symlink() and not path.exists():  # mkdir fails on it with FileExistsError, as if a run took it
+        raise MamoError(f"--run-dir {path} is a link to {os.readlink(path)}, which does not exist; create what it "
+                        "points to or pass another --run-dir.")
+    if path.exists() and not path.is_dir():
+        raise MamoError(f"--run-dir {path} is a file, not a folder; pass a new --run-dir (a folder to create).")
+    if path.exists() and any(path.iterdir()) and not _never_started(path):
         raise MamoError(f"run folder {path} already exists and is not empty; pass a new --run-dir or remove it.")
     return path
 
@@ -98,6 +102,7 @@ def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: 
     named the folder."""
     path = path or free_run_dir(run_dir, config, command)
     while True:
+        made = not path.exists()  # else a folder the user made, which stays
         try:
             path.mkdir(parents=True, exist_ok=True)
             if _never_started(path):  # what a killed command left: free_run_dir gave it to this run
@@ -105,7 +110,9 @@ def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: 
                     entry.rmdir() if entry.is_dir() else entry.unlink()
             (path / "checkpoints").mkdir()
             break
-        except FileExistsError:
+        except FileExistsError as exc:
+            if exc.filename != str(path / "checkpoints"):
+                raise  # a link to nothing in the way (runs/ itself, say): os_failure names it; a retry looped forever
             if run_dir:
                 raise MamoError(f"run folder {path} was taken by another run meanwhile; pass a new --run-dir."
                                 ) from None
@@ -116,7 +123,16 @@ def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: 
                 raise
             raise MamoError(f"could not create the run folder {path} ({exc.strerror}); pass a --run-dir where you "
                             "can write, or fix the folder's permissions.") from exc
-    write_run_config(path, command, config)
+    try:
+        write_run_config(path, command, config)
+    except OSError as exc:
+        if exc.errno not in WRITE_FAILURES:
+            raise
+        # No config.yaml, nothing to --resume (the CLI's advice): the folder goes back to how it was, for a retry.
+        for part in [path / "checkpoints", *([path] if made else [])]:
+            part.rmdir()
+        raise MamoError(f"could not write {path / 'config.yaml'} ({exc.strerror}), so the run did not start; free "
+                        "disk space or fix the folder's permissions, then run the command again.") from exc
     return path
 
 

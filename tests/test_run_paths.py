@@ -55,10 +55,10 @@ def test_every_printed_command_quotes_its_paths(as_mamo: None, tmp_path: Path) -
     assert pasted(_continuing(folder, None, "", "study", 3)) == ["tune", "--run-dir", str(folder), "--trials", "3"]
     assert pasted(bench.resume_command("ablation", ["--quick", "--out", "x"], folder)) == [
         "bench", "ablation", "--quick", "--resume", str(folder)]
-    assert pasted(_rerun(folder, "search").removeprefix("rerun it with ")) == [
-        "search", str(folder / "config.yaml"), "--run-dir", "NEW_FOLDER"]
 
     _run_folder(folder, "train")
+    assert pasted(_rerun(folder, "train").removeprefix("rerun it with ")) == [
+        "train", str(folder / "config.yaml"), "--run-dir", "NEW_FOLDER"]
     with pytest.raises(MamoError) as refused:  # the other command's folder: continue it with that command
         read_run_config(folder, "search")
     assert pasted(str(refused.value).split("continue it with ")[1]) == ["train", "--resume", str(folder)]
@@ -113,3 +113,87 @@ def test_an_export_out_folder_that_is_not_utf8_is_refused_before_it_is_made(
     assert main(["export", str(make_run(tmp_path / "run")), "--format", "json", "--out", str(out)]) == 2
     assert f"--out {tmp_path}/bad\\xffname is not valid UTF-8" in single_error(capsys.readouterr().err)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ what a --run-dir is instead
+
+SEARCH = ["search", "quick", *TINY, "--set", "train.epochs=4"]
+
+
+def test_a_run_dir_that_is_a_link_to_nothing_or_a_file_says_so(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: "was taken by another run meanwhile" and "already exists and is not empty" (the file was empty).
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "nowhere")
+    assert main([*SEARCH, "--run-dir", str(link)]) == 2
+    assert single_error(capsys.readouterr().err) == (
+        f"--run-dir {link} is a link to {tmp_path / 'nowhere'}, which does not exist; create what it points to or "
+        "pass another --run-dir.")
+    (tmp_path / "file").touch()
+    assert main([*SEARCH, "--run-dir", str(tmp_path / "file")]) == 2
+    assert single_error(capsys.readouterr().err) == (
+        f"--run-dir {tmp_path / 'file'} is a file, not a folder; pass a new --run-dir (a folder to create).")
+
+
+def test_a_runs_folder_that_is_a_link_to_nothing_is_named_instead_of_retried_forever(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mamo import runs
+    from mamo.cli import os_failure
+
+    monkeypatch.chdir(tmp_path)
+    Path("runs").symlink_to(tmp_path / "nowhere")
+    tries = []
+
+    def counted_free_run_dir(*args: object) -> Path:  # the old loop asked for a new name forever
+        tries.append(args)
+        assert len(tries) < 5, "new_run_dir retries forever"
+        return free_run_dir(*args)
+
+    free_run_dir = runs.free_run_dir
+    monkeypatch.setattr(runs, "free_run_dir", counted_free_run_dir)
+    with pytest.raises(FileExistsError) as refused:
+        runs.new_run_dir(None, Config(), "search")
+    assert os_failure(refused.value) == (f"runs is a link to {tmp_path / 'nowhere'}, which does not exist; create "
+                                         "what it points to or pass another path.")
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_full_disk_while_writing_config_yaml_advises_a_retry_that_works(
+        existed: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: "... then continue with --resume", which said the folder "holds no config.yaml ... run the search again".
+    import errno
+
+    from mamo.runs import new_run_dir
+
+    folder = tmp_path / "run"
+    if existed:
+        folder.mkdir()  # the user's empty folder stays theirs
+    write_text = Path.write_text
+
+    def full_disk(self: Path, *args: object, **kwargs: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(MamoError) as refused:
+        new_run_dir(folder, Config(), "search")
+    assert str(refused.value) == (f"could not write {folder / 'config.yaml'} (No space left on device), so the run "
+                                  "did not start; free disk space or fix the folder's permissions, then run the "
+                                  "command again.")
+    assert folder.exists() == existed and (not existed or not any(folder.iterdir()))
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert new_run_dir(folder, Config(), "search") == folder  # the retry, with the same --run-dir
+    assert (folder / "config.yaml").is_file()
+
+
+def test_a_run_missing_its_config_yaml_too_is_not_told_to_rerun_it(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: "rerun it with mamo search RUN/config.yaml --run-dir NEW_FOLDER", a file that is gone.
+    folder = make_run(tmp_path / "run")
+    (folder / "architecture.json").unlink()
+    (folder / "metrics.json").write_text("{}")
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "phase-00-pretrain.pt").touch()  # what names it a search run, config.yaml gone
+    assert main(["export", str(folder)]) == 2
+    assert single_error(capsys.readouterr().err).endswith(
+        "rerun it with the preset and --set options it ran with (metrics.json lists them under 'config'): "
+        f"{cli('search', 'PRESET', '--set', 'KEY=VALUE')}.")
