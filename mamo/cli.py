@@ -81,7 +81,7 @@ RESUMABLE_DEFAULT_PRESET = "multimnist"  # the preset of train and search when n
 
 def add_resumable_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """``train``'s and ``search``'s arguments: a preset's, plus ``--resume``."""
-    from mamo.runs import resume_settings_text
+    from mamo.resume import resume_settings_text
 
     add_preset_arguments(parser, None, command, RESUMABLE_DEFAULT_PRESET)
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,

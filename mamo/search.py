@@ -34,7 +34,8 @@ from mamo.report import (
     write_metrics,
     write_report,
 )
-from mamo.runs import FolderLock, check_resumed_config, cli, read_run_config
+from mamo.resume import check_resumed_config, read_run_config
+from mamo.runs import FolderLock, cli
 from mamo.search_phases import ConflictRecorder, SearchRun, run_phases, stl_validation
 from mamo.search_plan import (
     budget_note,
@@ -76,7 +77,7 @@ def run_search(
     """MAMO Algorithm 1 end to end; writes the run folder and returns what metrics.json holds.
 
     ``resume=True`` continues the stopped search in ``run_dir`` with the config saved there (``config`` is not
-    used then), changed only by ``resume_settings`` (``--set`` texts of :data:`mamo.runs.RESUME_SETTINGS`).
+    used then), changed only by ``resume_settings`` (``--set`` texts of :data:`mamo.resume.RESUME_SETTINGS`).
 
     ``callbacks`` see every step, epoch and round (``on_round_end`` gets a :class:`~mamo.search_phases.RoundRecord`);
     an exception they raise stops the search. ``loggers=False`` leaves out the TensorBoard logger,

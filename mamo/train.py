@@ -21,7 +21,8 @@ from mamo.directions import direction_label
 from mamo.errors import MamoError
 from mamo.graph import graph_to_dict
 from mamo.report import build_rows, delta, run_environment, win_rate, write_metrics, write_report
-from mamo.runs import FolderLock, check_resumed_config, cli, counted, read_run_config
+from mamo.resume import check_resumed_config, read_run_config
+from mamo.runs import FolderLock, cli, counted
 from mamo.session import (
     Session,
     keep_resume_settings,
@@ -44,7 +45,7 @@ def run_train(
     The shared network is checkpointed after its first epoch and then at most every
     ``train.checkpoint_seconds`` (checkpoints/last.pt, removed once the run has finished); ``resume=True``
     continues the stopped run in ``run_dir`` with its saved config (``config`` is not used then), changed only
-    by ``resume_settings`` (``--set`` texts of :data:`mamo.runs.RESUME_SETTINGS`). ``loggers=False`` leaves out
+    by ``resume_settings`` (``--set`` texts of :data:`mamo.resume.RESUME_SETTINGS`). ``loggers=False`` leaves out
     the TensorBoard logger, ``pictures=False`` only its pictures."""
     given_config(config, resume, "run_train")
     state = None

@@ -16,7 +16,8 @@ from mamo.cli import main
 from mamo.config import Config, config_text
 from mamo.errors import MamoError
 from mamo.export import _rerun, load_trained
-from mamo.runs import RUN_HEADER, cli, read_run_config
+from mamo.resume import read_run_config
+from mamo.runs import RUN_HEADER, cli
 from mamo.train import TRAIN_MODES
 from mamo.tune import _continuing
 

@@ -30,7 +30,8 @@ from mamo.config import load_config
 from mamo.errors import MamoError, TrainingDiverged
 from mamo.export import FORMATS, architecture_tree, export, load_trained
 from mamo.report import delta, win_rate
-from mamo.runs import FolderLock, computed_changes
+from mamo.resume import computed_changes
+from mamo.runs import FolderLock
 from mamo.search import run_search
 from mamo.search_plan import (
     budget_note,

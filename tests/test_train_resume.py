@@ -421,7 +421,7 @@ def test_resume_refuses_a_config_yaml_edited_since_the_checkpoint(tmp_path: Path
 
 def test_where_it_runs_and_where_its_data_lies_may_change_on_resume_what_it_computes_may_not(tmp_path: Path) -> None:
     from mamo.errors import MamoError
-    from mamo.runs import check_resumed_config
+    from mamo.resume import check_resumed_config
 
     state = {"config": load_config("quick").to_dict()}
     moved = load_config("quick", ["train.device=cpu", "data.root=/elsewhere", "train.checkpoint_seconds=5"])

@@ -36,7 +36,8 @@ from mamo.errors import MamoError
 from mamo.export import load_trained
 from mamo.model import compile_model, count_parameters
 from mamo.report import delta, metric_columns, relative_changes, win_rate
-from mamo.runs import checkpointed_command, computed_changes, write_text_atomically
+from mamo.resume import computed_changes
+from mamo.runs import checkpointed_command, write_text_atomically
 from mamo.search import run_search
 from mamo.search_plan import epochs_before_final
 from mamo.session import open_session

@@ -33,7 +33,7 @@ from pathlib import Path
 from mamo.bench import positive_int
 from mamo.config import DirectionConfig, TensionerConfig, load_config, split_override
 from mamo.errors import MamoError
-from mamo.runs import flat_settings
+from mamo.resume import flat_settings
 from mamo.session import EQUAL, open_session, train_network
 from mamo.trainer import OPTIMIZERS, selection_score
 
