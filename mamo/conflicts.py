@@ -81,9 +81,10 @@ class ConflictStats:
             norms = [math.sqrt(gram[t][t]) if gram[t][t] >= NEGLIGIBLE_SQUARED_NORM else 0.0 for t in range(m)]
             sums, counts, histogram = self.cosine_sums[cell], self.counts[cell], self.histograms[cell]
             measured = self.measured[cell]
-            for t in range(m):
-                sums[t, t] += 1.0
-                measured[t, t] += 1
+            for t in range(m):  # the diagonal counts the mini-batches in which the task's own gradient was non-zero
+                if norms[t] > 0.0:
+                    sums[t, t] += 1.0
+                    measured[t, t] += 1
             for p, (i, j) in enumerate(itertools.combinations(range(m), 2)):
                 denominator = norms[i] * norms[j]
                 if denominator == 0.0:  # the cosine of a zero gradient is undefined, not 0: leave it out
@@ -102,6 +103,14 @@ class ConflictStats:
     def mean_cosine(self) -> np.ndarray:
         """(L, m, m) mean cosine over the round's measured mini-batches (0 where none was measured)."""
         return self.cosine_sums / np.maximum(self.measured, 1)
+
+    def silent_tasks(self) -> list[str]:
+        """The tasks whose gradient was zero at every cell with parameters in every mini-batch of the round (a
+        constant target, a head that passes no gradient): none of their pairs could be measured."""
+        usable = [c for c in range(self.num_cells) if self.cell_params[c] > 0]
+        if self.steps == 0 or not usable:
+            return []
+        return [task for t, task in enumerate(self.tasks) if not any(self.measured[c, t, t] for c in usable)]
 
     def conflict_count(self, position: Position) -> int:
         """Q of MAMO Algorithm 1: mini-batches in which the pair at ``position`` had a negative cosine."""

@@ -195,6 +195,11 @@ def _detection_round(run: SearchRun, phase: Phase, done: int, partial: dict | No
     with trainer.step.collecting_conflicts():
         trainer.fit(phase.epochs - done, done)
     stats = run.recorder.close()
+    for task in stats.silent_tasks():
+        run.session.log(f"note: {task}'s gradient was zero at every shared cell in all {stats.steps} mini-batches of "
+                        f"round {phase.round} (a constant target, or a head that passes no gradient), so its "
+                        "conflicts could not be measured, and a min-norm direction (mgda) is zero then: the shared "
+                        "cells did not learn from the other tasks either.")
     val = trainer.history[-1]["val"] if trainer.history else trainer.evaluate(run.session.data.val)
     activated, new_nodes = grow_network(trainer, stats, config, phase.round)
     model = trainer.model

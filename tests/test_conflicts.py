@@ -48,6 +48,16 @@ def test_a_zero_gradient_has_no_cosine_it_is_no_conflict_and_stays_out_of_the_me
     assert stats.histograms.sum() == 1 and stats.mean_cosine()[0, 0, 0] == 1.0
 
 
+def test_a_task_whose_gradient_was_always_zero_is_named_silent():
+    # A task with one class (zero cross-entropy gradient) froze an MGDA search's trunk without a word.
+    stats = ConflictStats(["a", "b", "c"], num_cells=2, cell_params=[5, 0])
+    for vectors in (([1.0, 0.0], [0.0, 0.0], [1.0, 1.0]), ([0.0, 1.0], [0.0, 0.0], [0.0, 0.0])):
+        stats.update({g.cell_id(0): gram_from_vectors(*vectors)})
+    assert stats.silent_tasks() == ["b"]  # c was non-zero once; cell 1 has no parameters to measure
+    assert [stats.measured[0, t, t] for t in range(3)] == [2, 0, 1]
+    assert ConflictStats(["a", "b"], num_cells=1, cell_params=[5]).silent_tasks() == []  # no mini-batch yet
+
+
 def test_a_gradient_below_1e_15_in_norm_is_a_zero_one_and_cosines_stay_in_range():
     # A helper's audit: float32 Gram entries of a gradient ~1e-21 long are subnormal sums, and a parallel pair
     # read mean cosines of 1.0007 and 2.66 (metrics.json and the heatmap showed them).
@@ -98,8 +108,8 @@ def reference_update(stats: ConflictStats, blocks: dict[int, np.ndarray]) -> Non
         denominator = np.multiply.outer(norms, norms)
         defined = denominator > 0.0
         cosine = np.clip(np.where(defined, gram / np.where(defined, denominator, 1.0), 0.0), -1.0, 1.0)
-        np.fill_diagonal(cosine, 1.0)
-        np.fill_diagonal(defined, True)
+        np.fill_diagonal(cosine, np.where(norms > 0.0, 1.0, 0.0))  # the diagonal: the task's own non-zero batches
+        np.fill_diagonal(defined, norms > 0.0)
         stats.cosine_sums[cell] += cosine
         stats.measured[cell] += defined
         stats.counts[cell] += cosine < 0.0

@@ -308,6 +308,24 @@ def test_a_round_in_which_nothing_conflicted_says_so(tmp_path, monkeypatch):
     assert "activated nothing (no position that can still grow conflicted in any mini-batch); 0 new modules" in log
 
 
+def test_a_round_in_which_a_tasks_gradient_was_always_zero_names_it(tmp_path, monkeypatch):
+    # A task with one class froze the trunk under MGDA (min-norm direction zero) and the log said nothing.
+    from mamo.search_phases import ConflictRecorder
+
+    real_close = ConflictRecorder.close
+
+    def right_silent(self):
+        stats = real_close(self)
+        stats.measured[:, 1, :] = stats.measured[:, :, 1] = 0  # as update leaves them for a zero gradient
+        return stats
+
+    monkeypatch.setattr(ConflictRecorder, "close", right_silent)
+    run_search(tiny("search.rounds=1", "search.baselines=false"), tmp_path / "run", progress=False, quiet=True,
+               loggers=False)
+    assert "note: right's gradient was zero at every shared cell in all 4 mini-batches of round 1" in (
+        tmp_path / "run" / "log.txt").read_text()
+
+
 def test_a_round_with_nothing_left_to_grow_says_so(tmp_path):
     # Round 1 grows every pair from cell 0, so round 2 cannot grow anything; its log line said only "nothing".
     run_search(tiny("search.threshold=topk:100", "search.baselines=false"), tmp_path / "run", progress=False,
