@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import mamo
-from mamo.errors import WRITE_FAILURES, MamoError, StopExplained
+from mamo.errors import WRITE_FAILURES, MamoError, StopExplained, write_fix
 from mamo.stops import stop_signals_interrupt
 
 
@@ -156,8 +156,7 @@ def os_failure(exc: OSError, again: str = "run the command again") -> str | None
         return (f"could not create{where} ({exc.strerror}): {Path(exc.filename).parent} is a virtual file system "
                 "that takes no new files; pass a path on a disk.")
     if exc.errno in WRITE_FAILURES:
-        return (f"could not write{where} ({exc.strerror}); free disk space or fix the folder's permissions, then "
-                f"{again}.")
+        return f"could not write{where} ({exc.strerror}); {write_fix(exc.errno)}, then {again}."
     return None
 
 

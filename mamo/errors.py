@@ -2,9 +2,18 @@
 
 import errno
 
-# A full disk, a quota, a read-only or immutable folder (EPERM) or a path too long for the file system: the
-# machine's or the path's fault, not a bug, so a sentence instead of a trace.
-WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG})
+# A full disk, a quota, a file-size limit (``ulimit -f``: EFBIG), a read-only or immutable folder (EPERM) or a path
+# too long for the file system: the machine's or the path's fault, not a bug, so a sentence instead of a trace.
+WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                            errno.ENAMETOOLONG})
+
+
+def write_fix(code: int | None) -> str:
+    """What to do about a write that failed with OS error ``code``: a file-size limit is no full disk, and freeing
+    space does not lift it."""
+    if code == errno.EFBIG:
+        return "raise the file-size limit (ulimit -f) or write to a file system that takes bigger files"
+    return "free disk space or fix the folder's permissions"
 
 
 def first_line(error: BaseException) -> str:
