@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from mamo import graph as g
-from mamo.errors import MamoError
+from mamo.errors import MamoError, first_line, write_fix
 from mamo.runs import replace_atomically
+from mamo.torch_writes import write_through_file
 from mamo.trainer import Callback, KeepBest, Trainer
 
 
@@ -57,11 +58,11 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     """Write ``payload`` to ``path`` through a temporary file; a failed write (a full disk) leaves the previous
     checkpoint as it was and is one sentence."""
     try:
-        replace_atomically(path, lambda tmp: torch.save(payload, tmp))
-    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise MamoError(f"could not write the checkpoint {path} ({reason}); free disk space or fix the folder's "
-                        "permissions, then resume the run with --resume.") from exc
+        replace_atomically(path, lambda tmp: write_through_file(tmp, lambda file: torch.save(payload, file)))
+    except (OSError, RuntimeError) as exc:  # RuntimeError: torch's own, a failed write is an OSError by now
+        reason = getattr(exc, "strerror", None) or first_line(exc)
+        raise MamoError(f"could not write the checkpoint {path} ({reason}); {write_fix(getattr(exc, 'errno', None))}, "
+                        "then resume the run with --resume.") from exc
 
 
 # What every checkpoint of a run holds (trainer_state's entries): a file without them is no mamo checkpoint.

@@ -744,12 +744,12 @@ def test_a_full_disk_is_one_sentence_and_keeps_the_previous_checkpoints(tmp_path
     config = tiny("search.rounds=1", "search.baselines=false")
     saves, real_save = [], torch.save
 
-    def save_until_the_disk_fills(payload, path):
+    def save_until_the_disk_fills(payload, file):
         if len(saves) == 1:  # the pretrain phase's checkpoint fits (its one epoch needs no in-phase one), then no more
-            Path(path).write_bytes(b"partial")
+            file.write(b"partial")
             raise OSError(28, "No space left on device")
-        saves.append(path)
-        real_save(payload, path)
+        saves.append(file)
+        real_save(payload, file)
 
     monkeypatch.setattr("mamo.checkpoint.torch.save", save_until_the_disk_fills)
     full = r"could not write the checkpoint .*phase-01-round1.pt \(No space left on device\); free disk space"

@@ -43,3 +43,23 @@ def test_a_file_size_limit_is_one_sentence_with_its_own_fix(run_dir: Path, tmp_p
                                  "command again.")
     assert list(out.iterdir()) == []
 
+
+
+def test_a_checkpoint_that_hits_the_file_size_limit_names_the_cause_and_keeps_the_previous_one(tmp_path: Path) -> None:
+    # torch.save given a path turns the failed write into "[enforce fail at inline_container.cc:672] . unexpected
+    # pos 32128 vs 32032", which the sentence quoted instead of the cause.
+    import torch
+
+    from mamo.checkpoint import save_checkpoint
+    from mamo.errors import MamoError
+
+    path = tmp_path / "phase-00-pretrain.pt"
+    save_checkpoint(path, {"weights": torch.arange(8.0)})
+    before = path.read_bytes()
+    with file_size_limit(16 * 1024), pytest.raises(MamoError) as failed:
+        save_checkpoint(path, {"weights": torch.zeros(64 * 1024)})  # 256 KiB
+    assert str(failed.value) == (f"could not write the checkpoint {path} (File too large); raise the file-size limit "
+                                 "(ulimit -f) or write to a file system that takes bigger files, then resume the run "
+                                 "with --resume.")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert torch.equal(torch.load(path)["weights"], torch.arange(8.0))
