@@ -39,7 +39,7 @@ from mamo.event_file import (
     text_summary,
 )
 from mamo.report import delta
-from mamo.runs import counted
+from mamo.runs import counted, replace_atomically
 from mamo.step import StepResult
 from mamo.tasks import TaskSpec
 from mamo.trainer import Callback, Metrics, Trainer
@@ -323,9 +323,8 @@ class TensorBoardLogger(Callback):
 
     def _export(self, name: str, encoded: bytes) -> None:
         """The PNG that went into the event file, also as a file under the run folder's plots/."""
-        path = self.run_dir / "plots" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encoded)
+        # Through a temporary file: a full disk leaves no half picture, and its error names the file.
+        replace_atomically(self.run_dir / "plots" / name, lambda tmp: tmp.write_bytes(encoded))
 
     def _submit(self, job: Callable[..., None], *args: object) -> None:
         self._raise_failures()

@@ -28,7 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
 from mamo.conflicts import HISTOGRAM_EDGES, ConflictStats
-from mamo.runs import counted
+from mamo.runs import counted, replace_atomically
 
 DPI = 100
 NO_PARAMS = "#d9d9d9"  # cells without parameters and the matrix diagonal: nothing to measure there
@@ -65,10 +65,13 @@ def shortened(name: str, limit: int) -> str:
     return f"{name[: limit - 1 - tail]}…{name[len(name) - tail:]}"
 
 
-def save_figure(figure: Figure, path: Path) -> Path:
+def save_figure(figure: Figure, path: Path, dpi: int = DPI) -> Path:
+    """``figure`` as a picture at ``path`` (its suffix gives the format), through a temporary file: a full disk
+    leaves the earlier picture and no half of the new one, and its error names ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI, facecolor="white")
+    # The format spelled out: matplotlib would read it from the temporary name's ".tmp".
+    replace_atomically(path, lambda tmp: figure.savefig(tmp, format=path.suffix[1:] or "png", dpi=dpi,
+                                                        facecolor="white"))
     return path
 
 

@@ -143,6 +143,8 @@ def plot_pareto(study: optuna.Study, path: Path) -> None:
     """Every complete trial in objective space (2 or 3 axes), the Pareto front highlighted and numbered."""
     from matplotlib.figure import Figure
 
+    from mamo.plots import save_figure
+
     names = study.metric_names
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     front = {t.number for t in study.best_trials}
@@ -165,7 +167,7 @@ def plot_pareto(study: optuna.Study, path: Path) -> None:
     axes.legend()
     axes.set_title(f"study '{study.study_name}': validation metrics of each trial")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, dpi=120)
 
 
 def _trial_config(trial: FrozenTrial, base: Config, directory: Path) -> Config | None:

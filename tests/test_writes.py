@@ -4,6 +4,7 @@ earlier file intact and no partial one left."""
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,3 +64,58 @@ def test_a_checkpoint_that_hits_the_file_size_limit_names_the_cause_and_keeps_th
                                  "with --resume.")
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
     assert torch.equal(torch.load(path)["weights"], torch.arange(8.0))
+
+
+# -------------------------------------------------------------------------------------------------- pictures
+
+
+def test_a_picture_export_that_hits_the_limit_keeps_the_earlier_one_and_names_the_file(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # matplotlib wrote straight to architecture.png: the earlier one was cut to the limit and the error, a
+    # traceback (on a full disk "could not write (No space left on device)"), named no file.
+    out = tmp_path / "out"
+    assert run_cli(["export", str(run_dir), "--format", "png", "--out", str(out)], capsys)[0] == 0
+    before = (out / "architecture.png").read_bytes()
+    with file_size_limit(4096):
+        code, err = run_cli(["export", str(run_dir), "--format", "png", "--out", str(out)], capsys)
+    assert code == 2
+    assert single_error(err).startswith(f"could not write {out / 'architecture.png'} (File too large); raise the")
+    assert (out / "architecture.png").read_bytes() == before and [p.name for p in out.iterdir()] == ["architecture.png"]
+
+
+def test_a_round_picture_on_a_full_disk_names_its_file_and_leaves_no_half(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from mamo.board import TensorBoardLogger
+    from mamo.config import Config
+
+    logger = TensorBoardLogger(tmp_path, Config(), {}, background=False)
+
+    def full_disk(self: Path, data: bytes) -> int:
+        with open(self, "wb") as handle:
+            handle.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")  # a failed write() names no file
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError) as failed:
+        logger._export("conflicts-round0.png", b"\x89PNG" + bytes(4096))
+    monkeypatch.undo()
+    logger.close()
+    assert failed.value.filename == str(tmp_path / "plots" / "conflicts-round0.png")
+    assert list((tmp_path / "plots").iterdir()) == []
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # set_metric_names, as tune calls it
+def test_a_pareto_picture_that_hits_the_limit_names_its_file(tmp_path: Path) -> None:
+    import optuna
+
+    from mamo.tune_summary import plot_pareto
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_metric_names(["left.accuracy", "params"])  # as tune's studies name theirs
+    for values in ([0.5, 2.0], [0.7, 3.0], [0.6, 1.0]):
+        study.add_trial(optuna.trial.create_trial(values=values))
+    path = tmp_path / "pareto.png"
+    with file_size_limit(4096), pytest.raises(OSError) as failed:
+        plot_pareto(study, path)
+    assert failed.value.errno == errno.EFBIG and failed.value.filename == str(path)
+    assert list(tmp_path.iterdir()) == []
