@@ -225,14 +225,21 @@ def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
         write(tmp)
         tmp.replace(path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         # Named by the file the user knows: a failed write() (a full disk) names none, the rest the temporary one.
         if exc.filename is None or str(exc.filename) == str(tmp):
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
+
+
+def _discard(tmp: Path) -> None:
+    """Remove what a failed write left; on a read-only file system removing even a file never made fails (EROFS),
+    an error that must not take the place of the write's own."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomically(path: Path, text: str) -> None:

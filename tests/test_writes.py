@@ -119,3 +119,22 @@ def test_a_pareto_picture_that_hits_the_limit_names_its_file(tmp_path: Path) -> 
         plot_pareto(study, path)
     assert failed.value.errno == errno.EFBIG and failed.value.filename == str(path)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ read-only file system
+
+
+def test_a_read_only_file_system_names_the_file_not_its_temporary(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Linux refuses even to remove a file never made there (EROFS), and that error, naming the temporary file
+    # (architecture.json.<host>.<pid>.tmp), took the place of the write's own.
+    from mamo.runs import write_text_atomically
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(OSError) as failed:
+        write_text_atomically(tmp_path / "architecture.json", "{}")
+    assert failed.value.errno == errno.EROFS and failed.value.filename == str(tmp_path / "architecture.json")
