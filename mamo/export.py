@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,17 @@ from mamo import graph as g
 from mamo.config import load_config
 from mamo.errors import MamoError
 from mamo.model import MamoNet, compile_model
-from mamo.runs import cli, counted, file_above, replace_atomically, run_command, utf8_path, write_text_atomically
+from mamo.runs import (
+    cli,
+    counted,
+    file_above,
+    replace_atomically,
+    run_command,
+    temporary_beside,
+    utf8_path,
+    write_text_atomically,
+)
+from mamo.torch_writes import write_through_file
 
 
 def _trains_per_task(directory: Path) -> bool:
@@ -180,19 +191,46 @@ def write_onnx(model: MamoNet, path: Path) -> None:
     it (torch's default writes them there always, and the .onnx copied alone does not load)."""
     wrapped = _TupleOutputs(model).eval()
     size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+    def write(target: Path) -> None:
+        try:
+            torch.onnx.export(wrapped, (example_input(model),), str(target), input_names=["x"],
+                              output_names=wrapped.tasks, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                              dynamo=True, verbose=False, external_data=size > ONNX_INLINE_BYTES)
+        except ImportError as exc:
+            raise MamoError(f"ONNX export needs the onnx package ({exc}); pip install 'mamo[onnx]'.") from exc
+
+    replace_from_folder(path, write)
+
+
+def replace_from_folder(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(file)`` to a file of ``path``'s name in a temporary folder beside it, then each file written there
+    renamed into ``path``'s folder, ``path`` last: a failed write leaves the earlier files and no half of a new one.
+    A folder, not a temporary name, because an .onnx file records the name of its weights file (``<name>.data``),
+    which must be the final one; an error names the final file, not the temporary one."""
+    staging = temporary_beside(path)
     try:
-        torch.onnx.export(wrapped, (example_input(model),), str(path), input_names=["x"], output_names=wrapped.tasks,
-                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True, verbose=False,
-                          external_data=size > ONNX_INLINE_BYTES)
-    except ImportError as exc:
-        raise MamoError(f"ONNX export needs the onnx package ({exc}); pip install 'mamo[onnx]'.") from exc
+        staging.mkdir()
+        write(staging / path.name)
+        for written in sorted(staging.iterdir(), key=lambda file: file.name == path.name):
+            written.replace(path.with_name(written.name))
+    except OSError as exc:
+        failed = Path(exc.filename) if isinstance(exc.filename, str) else None  # a failed write() names none
+        if failed is not None and staging not in (failed, failed.parent):
+            raise
+        final = path if failed is None or failed == staging else path.with_name(failed.name)
+        raise OSError(exc.errno, exc.strerror, str(final)) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_pt2(model: MamoNet, path: Path) -> None:
     wrapped = _TupleOutputs(model).eval()
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(wrapped, (example_input(model),), dynamic_shapes=({0: batch},))
-    torch.export.save(program, str(path))
+    # Through a Python file into a temporary one: given a path, torch's own writer reported a full disk as
+    # "unexpected pos", aborted the process and left half a model.pt2 in place of the earlier one.
+    replace_atomically(path, lambda tmp: write_through_file(tmp, lambda file: torch.export.save(program, file)))
 
 
 FORMATS: dict[str, tuple[str, Callable[[MamoNet, Path], None]]] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import fcntl
@@ -214,12 +215,18 @@ class FolderLock:
         self.release()
 
 
+def temporary_beside(path: Path) -> Path:
+    """A temporary name beside ``path`` (the same file system, so a rename moves it into place) that no other
+    process uses: it holds the host and the process id."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
 def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: readers see the old file
     or the new one, never half of one. The temporary name holds the host and the process id, so processes sharing
     a folder (a baseline cache, maybe from several machines) never write the same one; a failed write leaves none
     behind."""
-    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp = temporary_beside(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)

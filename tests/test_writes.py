@@ -66,6 +66,43 @@ def test_a_checkpoint_that_hits_the_file_size_limit_names_the_cause_and_keeps_th
     assert torch.equal(torch.load(path)["weights"], torch.arange(8.0))
 
 
+# ---------------------------------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize(("format_", "name"), [("onnx", "model.onnx"), ("pt2", "model.pt2")])
+def test_a_program_export_that_hits_the_limit_keeps_the_earlier_one_and_names_the_file(
+        format_: str, name: str, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Both wrote straight to the final file: cut to the limit, then a traceback (onnx) or torch's "unexpected pos"
+    # and an abort of the whole process (pt2, "terminate called", exit 134).
+    out = tmp_path / "out"
+    out.mkdir()
+    before = b"an earlier export"
+    (out / name).write_bytes(before)
+    with file_size_limit(1024):
+        code, err = run_cli(["export", str(run_dir), "--format", format_, "--out", str(out)], capsys)
+    assert code == 2
+    assert single_error(err).startswith(f"could not write {out / name} (File too large); raise the file-size limit")
+    assert (out / name).read_bytes() == before and [p.name for p in out.iterdir()] == [name]
+
+
+def test_an_onnx_export_with_its_weights_beside_it_moves_both_into_place(run_dir: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The .onnx records its weights file's name, so both are written under their final names, then moved.
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import torch
+
+    from mamo import export as exporting
+
+    monkeypatch.setattr(exporting, "ONNX_INLINE_BYTES", 0)
+    exporting.export(run_dir, ["onnx"], tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    model = exporting.load_trained(run_dir)
+    x = torch.randn(3, 6)
+    outputs = onnxruntime.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"x": x.numpy()})
+    for task, got in zip(model.tasks, outputs, strict=True):
+        assert torch.allclose(torch.from_numpy(got), model(x)[task].detach(), atol=1e-5)
+
+
 # -------------------------------------------------------------------------------------------------- pictures
 
 
