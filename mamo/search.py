@@ -190,7 +190,11 @@ def _finish(run: SearchRun, started: float) -> dict:
     config, model, tasks = session.config, trainer.model, session.data.tasks
     test, val = trainer.evaluate(session.data.test, "test"), trainer.evaluate(session.data.val)
     name = method_name(config)
-    counts = {f"{'+'.join(pair)}@cell{cell}": n for (pair, cell), n in sorted(g.module_counts(model.graph).items())}
+    # Every activated position, with 0 where its modules already existed (search.modules=exclusive: 63 of an 8-task
+    # search's 70 positions had vanished from the report).
+    created = g.module_counts(model.graph)
+    positions = {(tuple(pair), int(cell)) for record in rounds for pair, cell in record["activated"]} | set(created)
+    counts = {f"{'+'.join(pair)}@cell{cell}": created.get((pair, cell), 0) for pair, cell in sorted(positions)}
     # The grown network's cost, as comparable to the baselines' single networks: not the mean over phases of
     # other sizes (the rounds also collect per-cell Gramians), which understated it.
     per_epoch = mean_epoch_seconds(trainer.history, "final") or trainer.seconds_per_epoch

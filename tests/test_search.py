@@ -326,6 +326,18 @@ def test_a_round_in_which_a_tasks_gradient_was_always_zero_names_it(tmp_path, mo
         tmp_path / "run" / "log.txt").read_text()
 
 
+def test_every_activated_position_is_listed_with_its_modules_even_none(tmp_path):
+    # A position whose modules already existed (a deeper cell of a pair activated lower too) vanished from the
+    # report's "Modules per activated (pair, cell)" and metrics.json (63 of 70 in an 8-task exclusive search).
+    # `layer` activates the pair at every cell where it conflicted: the shallowest grows the branch, the rest none.
+    metrics = run_search(tiny("search.threshold=layer", "search.rounds=1", "search.baselines=false"),
+                         tmp_path / "run", progress=False, quiet=True, loggers=False)
+    activated = [f"{'+'.join(pair)}@cell{cell}" for pair, cell in metrics["rounds"][0]["activated"]]
+    assert sorted(metrics["modules_per_position"]) == sorted(activated) == [f"left+right@cell{c}" for c in range(3)]
+    assert metrics["modules_per_position"] == {"left+right@cell0": 3, "left+right@cell1": 0, "left+right@cell2": 0}
+    assert "- left+right@cell2: 0" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_a_round_with_nothing_left_to_grow_says_so(tmp_path):
     # Round 1 grows every pair from cell 0, so round 2 cannot grow anything; its log line said only "nothing".
     run_search(tiny("search.threshold=topk:100", "search.baselines=false"), tmp_path / "run", progress=False,
