@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,10 @@ def read_run_config(
     if held is not None:  # before the temporary files go: they may be a running process's
         held.enter_context(FolderLock(directory))
     for partial in [*directory.glob("*.tmp"), *checkpoints.glob("*.tmp")]:
-        partial.unlink(missing_ok=True)  # a file a killed process was writing; the resumed run writes its own
+        if partial.is_dir() and not partial.is_symlink():  # an export's staging folder (replace_from_folder)
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)  # a file a killed process was writing; the resumed run writes its own
     return load_config(str(directory / "config.yaml"), list(settings), kind="the run's config"), directory
 
 

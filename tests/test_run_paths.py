@@ -198,3 +198,14 @@ def test_a_run_missing_its_config_yaml_too_is_not_told_to_rerun_it(tmp_path: Pat
     assert single_error(capsys.readouterr().err).endswith(
         "rerun it with the preset and --set options it ran with (metrics.json lists them under 'config'): "
         f"{cli('search', 'PRESET', '--set', 'KEY=VALUE')}.")
+
+
+def test_a_resume_clears_what_killed_writers_left_folders_too(tmp_path: Path) -> None:
+    # An export killed while it wrote model.onnx left its staging folder (name.<host>.<pid>.tmp); unlink raised
+    # IsADirectoryError on it, a traceback instead of the resume.
+    folder = _run_folder(tmp_path / "run", "train")
+    (folder / "model.onnx.host.1.tmp").mkdir()
+    (folder / "model.onnx.host.1.tmp" / "model.onnx").write_bytes(b"half")
+    (folder / "config.yaml.host.2.tmp").write_text("half")
+    read_run_config(folder, "train")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml"]

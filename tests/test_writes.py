@@ -45,7 +45,6 @@ def test_a_file_size_limit_is_one_sentence_with_its_own_fix(run_dir: Path, tmp_p
     assert list(out.iterdir()) == []
 
 
-
 def test_a_checkpoint_that_hits_the_file_size_limit_names_the_cause_and_keeps_the_previous_one(tmp_path: Path) -> None:
     # torch.save given a path turns the failed write into "[enforce fail at inline_container.cc:672] . unexpected
     # pos 32128 vs 32032", which the sentence quoted instead of the cause.
