@@ -104,10 +104,14 @@ class ConflictStats:
         """(L, m, m) mean cosine over the round's measured mini-batches (0 where none was measured)."""
         return self.cosine_sums / np.maximum(self.measured, 1)
 
+    def usable_cells(self) -> list[int]:
+        """The cells with parameters: the only ones whose gradients can be measured."""
+        return [c for c in range(self.num_cells) if self.cell_params[c] > 0]
+
     def silent_tasks(self) -> list[str]:
         """The tasks whose gradient was zero at every cell with parameters in every mini-batch of the round (a
         constant target, a head that passes no gradient): none of their pairs could be measured."""
-        usable = [c for c in range(self.num_cells) if self.cell_params[c] > 0]
+        usable = self.usable_cells()
         if self.steps == 0 or not usable:
             return []
         return [task for t, task in enumerate(self.tasks) if not any(self.measured[c, t, t] for c in usable)]

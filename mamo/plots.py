@@ -99,7 +99,7 @@ def _cosine_limit(stats: ConflictStats) -> float:
     # Symmetric around 0 so white means "orthogonal"; wide enough for the strongest off-diagonal mean.
     m = len(stats.tasks)
     off = ~np.eye(m, dtype=bool)
-    usable = [c for c in range(stats.num_cells) if stats.cell_params[c] > 0]
+    usable = stats.usable_cells()
     largest = max((float(np.abs(stats.mean_cosine()[c][off]).max()) for c in usable if m > 1), default=0.0)
     return min(1.0, max(0.1, math.ceil(largest * 10) / 10))
 
@@ -223,7 +223,7 @@ def conflict_heatmap(
 
 def worst_conflict(stats: ConflictStats) -> str:
     """One sentence naming the (pair, cell) with the most conflicts, for a picture's headline."""
-    usable = [c for c in range(stats.num_cells) if stats.cell_params[c] > 0]
+    usable = stats.usable_cells()
     if not usable or not stats.pairs or stats.steps == 0:
         return "no conflicts measured"
     cosine = stats.mean_cosine()
@@ -350,7 +350,7 @@ def histogram_figure(stats: ConflictStats) -> Figure:
     shown = histogram_pairs(stats)
     columns = max(1, min(len(shown), 3))
     rows = max(1, math.ceil(len(shown) / columns))
-    usable = [c for c in range(stats.num_cells) if stats.cell_params[c] > 0]
+    usable = stats.usable_cells()
     legend_rows = math.ceil(len(usable) / 8)
     head = 0.75 + 0.2 * legend_rows  # inches above the panels: the title and the cells' legend
     which = "" if len(shown) == len(stats.pairs) else (

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from mamo.config import Config, config_text
-from mamo.errors import WRITE_FAILURES, MamoError
+from mamo.errors import WRITE_FAILURES, MamoError, write_fix
 
 RUNS_ROOT = Path("runs")
 
@@ -131,8 +131,8 @@ def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: 
         # No config.yaml, nothing to --resume (the CLI's advice): the folder goes back to how it was, for a retry.
         for part in [path / "checkpoints", *([path] if made else [])]:
             part.rmdir()
-        raise MamoError(f"could not write {path / 'config.yaml'} ({exc.strerror}), so the run did not start; free "
-                        "disk space or fix the folder's permissions, then run the command again.") from exc
+        raise MamoError(f"could not write {path / 'config.yaml'} ({exc.strerror}), so the run did not start; "
+                        f"{write_fix(exc.errno)}, then run the command again.") from exc
     return path
 
 
