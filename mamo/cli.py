@@ -47,23 +47,17 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def add_preset_arguments(parser: argparse.ArgumentParser, default: str | None, command: str,
-                         default_text: str | None = None) -> None:
-    """The arguments every command that reads a preset shares; ``command`` names its default run folder,
-    ``default_text`` says what the preset defaults to when that is not ``default`` alone."""
+def add_preset_arguments(parser: argparse.ArgumentParser, default_text: str, run_dir_help: str) -> None:
+    """The arguments every command that reads a preset shares; ``default_text`` says what the preset defaults to
+    (the argument's own default is None, so that a command can tell that none was given), ``run_dir_help`` what
+    ``--run-dir`` names."""
     from mamo.config import PRESET_DIR
 
     shipped = ", ".join(sorted(path.stem for path in PRESET_DIR.glob("*.yaml")))
-    parser.add_argument("preset", nargs="?", default=default,
-                        help=f"a preset name in {PRESET_DIR} ({shipped}) or a YAML file (default: "
-                             f"{default_text or default})")
+    parser.add_argument("preset", nargs="?", default=None,
+                        help=f"a preset name in {PRESET_DIR} ({shipped}) or a YAML file (default: {default_text})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.epochs=3 (repeatable)")
-    run_dir_help = (
-        "the study folder (default: runs/tune-<time>-<preset>, or runs/tune-<study> with --storage); an existing "
-        "one continues its study" if command == "tune"
-        else f"the run folder to create (default: runs/<time>-{command}-<preset>)"
-    )
     parser.add_argument("--run-dir", default=None, help=run_dir_help)
     parser.add_argument("--no-progress", action="store_true",
                         help="hide progress bars and print a line per epoch instead (the default when stderr is not "
@@ -83,7 +77,8 @@ def add_resumable_arguments(parser: argparse.ArgumentParser, command: str) -> No
     """``train``'s and ``search``'s arguments: a preset's, plus ``--resume``."""
     from mamo.resume import resume_settings_text
 
-    add_preset_arguments(parser, None, command, RESUMABLE_DEFAULT_PRESET)
+    add_preset_arguments(parser, RESUMABLE_DEFAULT_PRESET,
+                         f"the run folder to create (default: runs/<time>-{command}-<preset>)")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help=f"continue a stopped {command} run from its newest checkpoint, with the config saved "
                              f"in RUN_DIR; --set may change only {resume_settings_text()}")

@@ -313,8 +313,9 @@ def _preset(args: argparse.Namespace) -> str:
 def add_arguments_tune(parser: argparse.ArgumentParser) -> None:
     from mamo.cli import add_preset_arguments
 
-    add_preset_arguments(parser, None, "tune", f"{DEFAULT_PRESET}, or the study folder's study.yaml when --run-dir "
-                         "names an existing study")
+    add_preset_arguments(parser, f"{DEFAULT_PRESET}, or the study folder's study.yaml when --run-dir names an "
+                         "existing study", "the study folder (default: runs/tune-<time>-<preset>, or "
+                         "runs/tune-<study> with --storage); an existing one continues its study")
     parser.add_argument("--trials", type=int, default=None,
                         help="trials this command runs, shared by its workers (default: tune.trials of the preset)")
     parser.add_argument("--workers", type=int, default=1, help="local worker processes on the study (default 1)")
