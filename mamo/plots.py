@@ -163,25 +163,16 @@ def _task_names(ax: Axes, tasks: list[str], fontsize: float = NAME_SIZE) -> None
 def conflict_heatmap(
     stats: ConflictStats,
     cell: int,
-    kind: str = "counts",
-    ax: Axes | None = None,
-    vmin: float | None = None,
-    vmax: float | None = None,
+    kind: str,
+    ax: Axes,
     outline: list[tuple[str, str]] | None = None,
 ) -> AxesImage:
-    """Annotated m×m heatmap of one cell: conflict counts Q or mean cosine, task names on both axes.
-
-    Without ``ax`` a figure of its own is made (with a colour bar). ``vmin``/``vmax`` default to the scale
-    shared by every cell of ``stats``; ``outline`` boxes these pairs (the overview: those that got a new module
-    at this cell). Returns the image.
+    """Annotated m×m heatmap of one cell on ``ax``: conflict counts Q or mean cosine, task names on both axes,
+    on the scale shared by every cell of ``stats``. ``outline`` boxes these pairs (the overview: those that got a
+    new module at this cell). Returns the image, for the row's colour bar.
     """
     spec = KINDS[kind]
-    low, high = spec.limits(stats)
-    vmin, vmax = low if vmin is None else vmin, high if vmax is None else vmax
-    own_figure = ax is None
-    if own_figure:
-        side = 1.3 + BOX * len(stats.tasks)
-        ax = new_figure(side + 1.3, side + 0.7).add_subplot()
+    vmin, vmax = spec.limits(stats)
     m = len(stats.tasks)
     has_params = stats.cell_params[cell] > 0
     values = spec.matrix(stats)[cell]
@@ -214,10 +205,6 @@ def conflict_heatmap(
     ax.vlines(np.arange(0.5, m - 1), -0.5, m - 0.5, colors="white", linewidth=1.5)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    if own_figure:
-        bar = ax.figure.colorbar(image, ax=ax, fraction=0.05, pad=0.04)
-        bar.set_label(spec.label, fontsize=8)
-        ax.figure.subplots_adjust(left=0.22, bottom=0.16, top=0.86, right=0.86)
     return image
 
 
