@@ -143,11 +143,12 @@ class BaselineCache:
     def get(self, key: str) -> dict | None:
         path = self._path(key)
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            result = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
-        except json.JSONDecodeError:
-            return None  # a half-written entry is retrained rather than trusted
+        except ValueError:  # JSONDecodeError, or UnicodeDecodeError: a damaged entry is retrained, not trusted
+            return None
+        return result if isinstance(result, dict) else None
 
     def _claim_path(self, key: str) -> Path:
         return self.root / f"{key}.claim"

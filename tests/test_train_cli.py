@@ -957,6 +957,14 @@ def test_a_failed_cache_write_keeps_the_previous_entry_and_leaves_no_temporary(t
     assert [p.name for p in tmp_path.iterdir()] == ["key.json"]
 
 
+@pytest.mark.parametrize("damage", [b"{\"tasks\": ", b"\xff\xfe\x00not text", b"[0.5, 0.9]"])
+def test_a_damaged_cache_entry_reads_as_missing_so_it_is_trained_again(tmp_path: Path, damage: bytes) -> None:
+    # The README's promise for a damaged cached baseline. Bytes that are not UTF-8 (a disk error, another file under
+    # the entry's name) raised UnicodeDecodeError, and JSON that is no result dict failed later as a bug would.
+    (tmp_path / "key.json").write_bytes(damage)
+    assert BaselineCache(tmp_path).get("key") is None
+
+
 def test_opening_the_cache_removes_only_abandoned_temporaries(tmp_path: Path) -> None:
     # A kill during a save leaves `<key>.json.<pid>.tmp` or a checkpoint's temporary; another process, maybe on
     # another machine sharing the folder, may be writing a fresh one right now.
