@@ -25,7 +25,7 @@ from mamo.model import MamoNet, compile_model
 from mamo.runs import (
     cli,
     counted,
-    file_above,
+    refuse_file_above,
     replace_atomically,
     run_command,
     temporary_beside,
@@ -252,9 +252,7 @@ def export(run_dir: str | Path, formats: list[str], out_dir: str | Path | None =
     folder = utf8_path(out_dir, "--out") if out_dir else Path(run_dir)  # torch.export's writer aborts on another
     if folder.exists() and not folder.is_dir():
         raise MamoError(f"--out {folder} is a file; --out takes a folder to write into, e.g. --out {folder.parent}.")
-    blocking = file_above(folder)
-    if blocking is not None:
-        raise MamoError(f"--out {folder} lies below {blocking}, which is a file; pass a folder elsewhere to --out.")
+    refuse_file_above(folder, "--out", "pass a folder elsewhere to --out")
     source = Path(run_dir).resolve()
     if folder.resolve() != source and any((folder / name).is_file() for name in RUN_FILES):
         raise MamoError(f"--out {folder} is the folder of another run (it holds {_run_file(folder)}), whose "

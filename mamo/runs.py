@@ -43,10 +43,12 @@ def claim_new_folder(base: Path) -> Path:
     raise AssertionError("unreachable: numbered() never ends")
 
 
-def file_above(path: Path) -> Path | None:
-    """The nearest existing ancestor of ``path`` that is a file, below which no folder can be made (mkdir would
-    fail with NotADirectoryError); None when there is none."""
-    return next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+def refuse_file_above(path: Path, option: str, fix: str) -> None:
+    """Refuse ``path`` (given as ``option``) when an existing ancestor of it is a file, below which no folder can
+    be made (mkdir would fail with NotADirectoryError, naming no path the user gave); ``fix`` ends the sentence."""
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise MamoError(f"{option} {path} lies below {blocking}, which is a file; {fix}.")
 
 
 def utf8_path(path: str | Path, what: str) -> Path:
@@ -69,9 +71,7 @@ def free_run_dir(run_dir: str | Path | None, config: Config, command: str) -> Pa
         base = RUNS_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{config.name}"
         return next(path for path in numbered(utf8_path(base, "the run folder")) if not path.exists())
     path = utf8_path(run_dir, "--run-dir")
-    blocking = file_above(path)
-    if blocking is not None:
-        raise MamoError(f"--run-dir {path} lies below {blocking}, which is a file; pick another --run-dir.")
+    refuse_file_above(path, "--run-dir", "pick another --run-dir")
     if path.is_symlink() and not path.exists():  # mkdir fails on it with FileExistsError, as if a run took it
         raise MamoError(f"--run-dir {path} is a link to {os.readlink(path)}, which does not exist; create what it "
                         "points to or pass another --run-dir.")

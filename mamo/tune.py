@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 
 from mamo.config import Config, load_config
 from mamo.errors import MamoError, StopExplained
-from mamo.runs import RUNS_ROOT, available_cores, claim_new_folder, cli, file_above, utf8_path
+from mamo.runs import RUNS_ROOT, available_cores, claim_new_folder, cli, refuse_file_above, utf8_path
 from mamo.trainer import intra_op_threads
 from mamo.tune_objective import SearchObjective
 from mamo.tune_space import SPACE, apply_params, check_space
@@ -55,9 +55,7 @@ def _study_dir(run_dir: str | Path | None, storage: str | None, name: str, confi
         return claim_new_folder(RUNS_ROOT / f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{config.name}"), True
     if path.exists() and not path.is_dir():
         raise MamoError(f"--run-dir {path} is a file, not a study folder; pass a new --run-dir.")
-    blocking = file_above(path)
-    if blocking is not None:
-        raise MamoError(f"--run-dir {path} lies below {blocking}, which is a file; pick another --run-dir.")
+    refuse_file_above(path, "--run-dir", "pick another --run-dir")
     # study.db without study.yaml: another command is setting the study up this moment (it writes study.yaml next).
     marks = ("study.yaml", "study.db")
     if path.is_dir() and any(path.iterdir()) and not any((path / name).is_file() for name in marks):

@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import Any
 
 from mamo.errors import MamoError
-from mamo.runs import claim_new_folder, cli, file_above, table_lines, write_text_atomically
+from mamo.runs import claim_new_folder, cli, refuse_file_above, table_lines, write_text_atomically
 
 BENCHES: dict[str, str] = {
     "logic": "mamo.bench.logic",
@@ -101,9 +101,7 @@ def output_dir(out: str | None, name: str) -> Path:
         path = Path(out)
         if path.exists() and not path.is_dir():
             raise MamoError(f"--out {path} is a file; --out takes a new or empty folder, e.g. --out {path}.bench.")
-        blocking = file_above(path)
-        if blocking is not None:
-            raise MamoError(f"--out {path} lies below {blocking}, which is a file; pass a folder elsewhere to --out.")
+        refuse_file_above(path, "--out", "pass a folder elsewhere to --out")
         if path.exists() and any(path.iterdir()):
             raise MamoError(f"output folder {path} already exists and is not empty; pass a new --out.")
         path.mkdir(parents=True, exist_ok=True)
