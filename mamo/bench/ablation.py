@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -240,7 +239,7 @@ def _variant(config: Config, run_dir: Path, progress: bool) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
-    preset = getattr(args, "preset", "multimnist")
+    preset = args.preset
     # Datasets of fixed splits (logic, concave) use no sizes (a run notes them unused): --quick shortens training.
     # A preset's own smaller size stays (a small NYUv2-format folder could not hold out 128 images).
     data = load_config(preset).data
@@ -252,29 +251,29 @@ def run(args: argparse.Namespace) -> dict:
         shared.append(f"data.train_size={args.train_size}")
     shared.append(f"train.device={args.device}")
     base = load_config(preset, shared)
-    rounds = getattr(args, "rounds_sweep", None)
+    rounds = args.rounds_sweep
     if rounds is None:
         rounds = range(0, 2) if args.quick else range(0, 6)
     if any(z < 0 for z in rounds):
         raise MamoError(f"--rounds-sweep takes numbers of detection rounds ≥ 0, got {list(rounds)}; fix the list.")
     table = variants(base.search, base.train.epochs, rounds)
-    if getattr(args, "equal_params", False) and len(tasks := load_data(base.data).tasks) != 2:
+    if args.equal_params and len(tasks := load_data(base.data).tasks) != 2:
         raise MamoError(f"--equal-params sizes networks by a fully grown pair, which needs two tasks, and preset "
                         f"'{preset}' has {len(tasks)}; drop --equal-params or use a two-task preset.")
     main = next(iter(table))
-    folder = Path(args.out) if getattr(args, "out", None) else Path(tempfile.mkdtemp(prefix="mamo-ablation-"))
-    runs_root = Path(args.resume) / "runs" if getattr(args, "resume", None) else folder / "runs"
-    if getattr(args, "resume", None) and not runs_root.is_dir():
+    folder = Path(args.out)  # the bench command made it (or it is the resumed folder)
+    runs_root = Path(args.resume) / "runs" if args.resume else folder / "runs"
+    if args.resume and not runs_root.is_dir():
         raise MamoError(f"--resume {args.resume} holds no ablation runs (no runs/ folder); pass the --out folder "
                         "of the ablation to continue.")
     options = {"preset": preset, "seeds": len(seeds), "quick": bool(args.quick), "rounds_sweep": list(rounds),
-               "train_size": args.train_size, "equal_params": bool(getattr(args, "equal_params", False))}
-    if getattr(args, "resume", None):
+               "train_size": args.train_size, "equal_params": args.equal_params}
+    if args.resume:
         _check_resumed_options(Path(args.resume), options, {_run_name(seed, name) for seed in seeds for name in table})
     record = Path(args.resume or folder) / RECORD
     # A folder without a record gets one only once a run of it has matched this command's configuration: a
     # refused resume must not leave its options behind as the folder's.
-    unrecorded = bool(getattr(args, "resume", None)) and not record.is_file()
+    unrecorded = bool(args.resume) and not record.is_file()
     if not unrecorded:
         write_text_atomically(record, json.dumps(options))
     results: dict[str, list[dict]] = {name: [] for name in table}
@@ -289,7 +288,7 @@ def run(args: argparse.Namespace) -> dict:
                 unrecorded = False
     template = load_trained(runs_root / run_names[0])
     tasks = template.tasks
-    if getattr(args, "equal_params", False):
+    if args.equal_params:
         for name, (train, overrides) in equal_parameter_variants(template.graph, base.search,
                                                                   base.train.epochs).items():
             results[name] = [
