@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mamo.cache import owner_gone, process_owner
 from mamo.config import Config, config_from_dict, dump_config, load_config
+from mamo.data_plugins import plugin_source, plugin_source_digest
 from mamo.errors import MamoError
 from mamo.runs import replace_atomically, write_text_atomically
 from mamo.tune_space import OWN_OBJECTIVE, SPACE, objective_metrics
@@ -86,6 +87,7 @@ def study_config(name: str, config: Config, overrides: list[str] | tuple[str, ..
     _check_same_space(name, recorded, joined)
     if "stl_val" in attrs:
         _check_same_data(name, recorded, joined)
+        _check_same_plugin(name, attrs, joined)
     print(f"joining study '{name}': using the configuration it was created with ({path}); --set still applies",
           flush=True)
     return joined
@@ -123,6 +125,20 @@ def _check_same_data(name: str, recorded: Config, joined: Config) -> None:
                         "study of the new data.")
 
 
+def _check_same_plugin(name: str, attrs: dict, joined: Config) -> None:
+    """Refuse to continue a study whose data plugin's source changed since it began: its STL reference was
+    trained and validated on what the old source returned, so the trials would be ranked against another data's
+    reference (a joining command retrained the STL on the new data, but the objective reads the stored one). Any
+    edit counts, as it does for the baseline cache's key; studies recorded before the digest was kept pass."""
+    recorded, current = attrs.get("plugin_source"), plugin_source_digest(joined.data.name)
+    if recorded is None or current is None or recorded == current:
+        return
+    raise MamoError(f"the data plugin {plugin_source(joined.data.name)} changed since study '{name}' began, whose "
+                    "trials are compared with an STL reference trained and validated on what it returned then; undo "
+                    "the edit to continue the study, or pass a new --run-dir (or --study) for a study of the new "
+                    "data.")
+
+
 def claim_folder(directory: Path, name: str, uid: str) -> None:
     """Marks the folder as the study's, once the study exists, so that another study is refused here; a start
     that failed on bad input marks nothing and leaves the folder to the corrected retry."""
@@ -147,6 +163,8 @@ def open_study(store: optuna.storages.RDBStorage, name: str, multi: bool, tasks:
         study.set_metric_names(names)
     if "config" not in study.user_attrs:
         study.set_user_attr("config", config.to_dict())
+        if search and (digest := plugin_source_digest(config.data.name)) is not None:
+            study.set_user_attr("plugin_source", digest)  # what the STL reference saw: see _check_same_plugin
     if "uid" not in study.user_attrs:  # tells this study's folders from those of another one with its name
         study.set_user_attr("uid", uuid.uuid4().hex)
     if stl_val is not None and "stl_val" not in study.user_attrs:
