@@ -28,6 +28,10 @@ def _cell(value: Any, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed and isinstance(value, float) else short_value(value)
 
 
+def _percent(fraction: float | None) -> str:
+    return "–" if fraction is None else f"{fraction:.0%}"  # as report.md writes a win rate
+
+
 def run_folder(trial: FrozenTrial, directory: Path) -> Path | None:
     """The trial's run folder: its ``trial-NNNN`` in the study folder ``directory`` when it is there, else the
     path the storage recorded (another machine's), or None where it has none. The recorded path is absolute, so
@@ -109,7 +113,7 @@ def trials_table(study: optuna.Study, trials: list[FrozenTrial], multi: bool, di
         attrs = t.user_attrs
         body.append([str(t.number), *(_cell(v, signed=not multi) for v in t.values),
                      *([_cell(attrs.get("val_delta"), True)] if multi else []), _cell(attrs.get("delta"), True),
-                     _cell(attrs.get("win_rate")), *(_cell(t.params.get(n)) for n in tuned),
+                     _percent(attrs.get("win_rate")), *(_cell(t.params.get(n)) for n in tuned),
                      _cell(attrs.get("gmk_modules")), _cell(attrs.get("params")), _where(t, directory)])
     return table_lines(header, body)
 

@@ -1100,6 +1100,9 @@ def test_quick_study_on_sqlite_end_to_end(tmp_path, capsys):
     summary = (study_dir / "summary.md").read_text()
     assert "| trial | val_delta | test Δ | win | T | alpha | rounds |" in summary
     assert f"trial-{best.number:04d}" in summary
+    # The win rate reads as report.md writes it, a percentage (the summary showed 0.3333 beside report.md's 33%).
+    best_row = next(line for line in summary.splitlines() if line.startswith(f"| {best.number} |"))
+    assert f"| {best.user_attrs['win_rate']:.0%} |" in best_row
     assert (study_dir / f"trial-{best.number:04d}" / "weights.safetensors").is_file()
     for trial in study.trials:
         assert (study_dir / f"trial-{trial.number:04d}" / "report.md").is_file()
