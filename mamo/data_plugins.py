@@ -105,9 +105,11 @@ def load_plugin(name: str) -> Callable[..., dict]:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise MamoError(
-                f"data plugin module '{target}' could not be imported ({exc}); fix data.name or install the module."
-            ) from exc
+            beside = Path(*target.split(".")).with_suffix(".py")
+            # The current folder is not on sys.path under `python cli.py`, so a module name for a file there fails.
+            fix = (f"a file in the current folder is named by its path: data.name=./{beside}:{func_name}."
+                   if beside.is_file() else "fix data.name or install the module.")
+            raise MamoError(f"data plugin module '{target}' could not be imported ({exc}); {fix}") from exc
     func = getattr(module, func_name, None)
     if not callable(func):
         raise MamoError(f"data plugin '{target}' has no function '{func_name}'; define it or fix data.name '{name}'.")

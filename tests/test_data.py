@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import sys
 from pathlib import Path
@@ -762,6 +763,13 @@ def test_missing_plugin_file_and_module(tmp_path: Path, monkeypatch: pytest.Monk
                                             r"module:function"):
             load_data(DataConfig(name=name))
     monkeypatch.chdir(tmp_path)
+    # A module name for a file beside the user: `python cli.py` and the `mamo` script do not search the current
+    # folder (python -m pytest does, so it is taken off the path here).
+    (tmp_path / "beside_me_xyz.py").write_text("def build(**kw): pass\n")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", os.getcwd())])
+    with pytest.raises(MamoError, match=r"module 'beside_me_xyz' could not be imported .*; a file in the current "
+                                        r"folder is named by its path: data\.name=\./beside_me_xyz\.py:build\.$"):
+        load_data(DataConfig(name="beside_me_xyz:build"))
     with pytest.raises(MamoError, match=rf"was not found \(a relative path is read from the current folder, "
                                         rf"{re.escape(str(tmp_path))}\)"):
         load_data(DataConfig(name="plugins/nope.py:make"))
