@@ -282,3 +282,24 @@ def validate(result: object, what: str, plugin: bool = False) -> MultiTaskData:
         splits = {split: _check_every_sample(data, split, tasks, what, shapes["train"])
                   for split, data in splits.items()}
     return MultiTaskData(splits["train"], splits["val"], splits["test"], tasks, shapes["train"])
+
+
+def unreachable_target_notes(data: MultiTaskData) -> list[str]:
+    """Notes for training targets outside what their task's ``mlp`` head can output (a reconstruction's sigmoid):
+    not refused, since the loss still trains toward them, but the task cannot fit them. Only in-memory
+    :class:`TensorTaskDataset` targets are looked at; a lazy dataset is not read twice for a note."""
+    train, notes = data.train, []
+    if not isinstance(train, TensorTaskDataset):
+        return notes
+    for name, task in data.tasks.items():
+        kind = TASK_TYPES[task.type]
+        head = kind.default_head if task.head == "default" else task.head
+        if kind.mlp_range is None or head != "mlp" or name not in train.targets or not len(train):
+            continue
+        (bottom, top), target = kind.mlp_range, train.targets[name]
+        low, high = target.min().item(), target.max().item()
+        if low < bottom or high > top:
+            notes.append(f"note: task '{name}' has training targets in [{low:.4g}, {high:.4g}], but its mlp head "
+                         f"outputs only [{bottom:g}, {top:g}]; scale the targets into [{bottom:g}, {top:g}] for it to "
+                         "reach them.")
+    return notes

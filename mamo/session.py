@@ -33,6 +33,7 @@ from mamo.runs import (
     write_run_config,
     write_text_atomically,
 )
+from mamo.samples import unreachable_target_notes
 from mamo.spaces import SPACES, check_model_config, create_space, memory_failure
 from mamo.step import TrainStep, check_batch_of_one, check_precision
 from mamo.trainer import (
@@ -149,7 +150,7 @@ def open_session(
     log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
     data = load_data(config.data)
     if run_dir is not None:  # otherwise open_run notes them once it has a folder
-        for note in setting_notes(config):
+        for note in [*setting_notes(config), *unreachable_target_notes(data)]:
             log(note)
     if cache_root is None:
         cache_root = (run_dir.parent if run_dir else RUNS_ROOT) / ".baselines"
@@ -293,7 +294,7 @@ def open_run(
     directory = new_run_dir(run_dir, config, command, path)
     session.log.path = directory / "log.txt"
     session.log(f"run folder: {directory}")
-    for note in setting_notes(config):
+    for note in [*setting_notes(config), *unreachable_target_notes(session.data)]:
         session.log(note)
     return session, directory
 

@@ -103,7 +103,8 @@ class TaskType:
     number of samples) into the metrics (by default: per-sample sums divided by the count). ``check_target``
     says whether one sample's target fits the spec, and what was expected (data validation); ``needs`` names
     the spec keys the type requires; ``default_head`` is the head a task of this type gets by default, and
-    ``mlp_output`` the layers an ``mlp`` head ends with (a squashing or reshaping of its flat output).
+    ``mlp_output`` the layers an ``mlp`` head ends with (a squashing or reshaping of its flat output), and
+    ``mlp_range`` the values such a head can output where it squashes them.
     ``losses`` are the entries of :data:`LOSSES` that can score the type (the default first): each takes the
     type's targets and the predictions of its heads, and means on them what its name says.
     """
@@ -118,6 +119,7 @@ class TaskType:
     default_head: str = "mlp"
     finalize: Callable[[dict[str, float], int], dict[str, float]] = field(default=_per_sample_means, repr=False)
     mlp_output: Callable[[TaskSpec], list[torch.nn.Module]] = field(default=lambda spec: [], repr=False)
+    mlp_range: tuple[float, float] | None = None
 
 
 def _has_shape(spec: TaskSpec, target: torch.Tensor) -> tuple[bool, str]:
@@ -186,6 +188,7 @@ TASK_TYPES: dict[str, TaskType] = {
         needs="shape",
         # Targets are intensities in [0, 1], in the target's shape.
         mlp_output=lambda spec: [torch.nn.Sigmoid(), torch.nn.Unflatten(1, spec.shape)],
+        mlp_range=(0.0, 1.0),
     ),
     "segmentation": TaskType(
         default_loss="pixel_cross_entropy",

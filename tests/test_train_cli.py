@@ -69,6 +69,18 @@ def narrow_images(*, seed, root, train_size=None, val_size=None, test_size=None)
             "tasks": {"bright": two, "red": dict(two)}}
 
 
+def standardised_images(*, seed, root, train_size=None, val_size=None, test_size=None, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        x = torch.rand(n, 6, generator=generator)
+        return TensorTaskDataset(x, {"sign": (x[:, 0] > 0.5).long(), "image": (x[:, :4] * scale).reshape(n, 1, 2, 2)})
+
+    return {"train": split(16), "val": split(8), "test": split(8),
+            "tasks": {"sign": {"type": "classification", "classes": 2},
+                      "image": {"type": "reconstruction", "shape": [1, 2, 2]}}}
+
+
 def raises(*, seed, root):
     raise ValueError("the data server is down")
 
@@ -728,6 +740,20 @@ def test_another_dataset_under_a_preset_with_sizes_trains_and_notes_the_unused_s
                  "--set", "train.epochs=1", "--no-progress", "--no-tensorboard", "--run-dir", str(run)) == 0
     assert ("note: dataset 'logic' has fixed splits (the four input pairs in each), so data.train_size and "
             "data.val_size and data.test_size are not used.") in (run / "log.txt").read_text()
+
+
+def test_reconstruction_targets_its_sigmoid_head_cannot_reach_get_a_note(plugin: Path, tmp_path: Path) -> None:
+    # Standardised images trained silently against a head that outputs [0, 1] (a user's audit).
+    for scale, noted in ((1.0, False), (3.0, True)):
+        run = tmp_path / f"scale{scale}"
+        assert train(*plugin_args(plugin, "standardised_images", run), "--set", "train.epochs=1",
+                     "--set", f"data.options={{scale: {scale}}}", "--no-tensorboard") == 0
+        log = (run / "log.txt").read_text()
+        note = re.search(r"note: task 'image' has training targets in \[(\S+), (\S+)\], but its mlp head outputs only "
+                         r"\[0, 1\]; scale the targets into \[0, 1\] for it to reach them\.", log)
+        assert bool(note) == noted, log
+        if noted:
+            assert 0 <= float(note[1]) < 1 < float(note[2]) <= 3
 
 
 def test_more_threads_than_cores_and_an_alpha_above_one_get_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
