@@ -20,6 +20,9 @@ class _RememberingFile(io.BufferedWriter):
     own position check. Buffered: a raw write may write part of the bytes, which torch would not notice."""
 
     error: OSError | None = None
+    # Anything else a write raised: a stop's KeyboardInterrupt (Ctrl-C, SIGTERM, SIGHUP) lands here when it comes
+    # while torch writes, and torch's writer reports it as its own position check, which read as a full disk.
+    raised: BaseException | None = None
 
     def write(self, data: bytes) -> int:  # type: ignore[override]
         try:
@@ -27,17 +30,23 @@ class _RememberingFile(io.BufferedWriter):
         except OSError as exc:
             self.error = exc
             raise
+        except BaseException as exc:
+            self.raised = exc
+            raise
 
 
 def write_through_file(path: Path, save: Callable[[IO[bytes]], object]) -> None:
     """``save(file)`` with ``path`` open for writing (``torch.save(obj, file)``, ``torch.export.save(program,
     file)``): streamed, so a big checkpoint is never held twice in memory. A failed write raises its own OSError
-    (ENOSPC, EFBIG) naming ``path`` instead of torch's RuntimeError."""
+    (ENOSPC, EFBIG) naming ``path`` instead of torch's RuntimeError, and a stop during the write its
+    KeyboardInterrupt."""
     file = _RememberingFile(io.FileIO(path, "wb"))
     try:
         save(file)
         file.close()  # the last buffered bytes: a full disk may show only here
     except RuntimeError as exc:
+        if file.raised is not None:
+            raise file.raised from None
         if file.error is None:
             raise
         raise OSError(file.error.errno, file.error.strerror, str(path)) from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -174,3 +175,31 @@ def test_a_read_only_file_system_names_the_file_not_its_temporary(tmp_path: Path
     with pytest.raises(OSError) as failed:
         write_text_atomically(tmp_path / "architecture.json", "{}")
     assert failed.value.errno == errno.EROFS and failed.value.filename == str(tmp_path / "architecture.json")
+
+
+def test_a_stop_during_a_checkpoint_write_stays_a_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C (or SIGTERM/SIGHUP) while torch wrote a checkpoint raised KeyboardInterrupt inside torch's C++ writer,
+    # which reported "unexpected pos ..." instead: the run ended with "could not write the checkpoint ...; free disk
+    # space or fix the folder's permissions" and exit 2, not as a stop (an audit's Ctrl-C on a dense search).
+    import torch
+
+    from mamo import torch_writes
+    from mamo.checkpoint import save_checkpoint
+
+    path = tmp_path / "phase-00-pretrain.pt"
+    save_checkpoint(path, {"weights": torch.arange(8.0)})
+    writes = []
+
+    class StoppedFile(io.FileIO):
+        def write(self, data) -> int:  # type: ignore[override]
+            writes.append(len(data))
+            if len(writes) == 2:  # the weights, while torch.save runs (not the flush at close)
+                raise KeyboardInterrupt  # what mamo.stops.interrupt raises at a stop signal
+            return super().write(data)
+
+    monkeypatch.setattr(torch_writes.io, "FileIO", StoppedFile)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"weights": torch.zeros(64 * 1024)})  # 256 KiB: several writes
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert torch.equal(torch.load(path)["weights"], torch.arange(8.0))
