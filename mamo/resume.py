@@ -63,6 +63,9 @@ def read_run_config(
     if checkpoints.exists() and not checkpoints.is_dir():  # its checkpoints were reported "corrupt"
         raise MamoError(f"{checkpoints} is a file where the run keeps its checkpoints folder; move the file away "
                         "(or put the folder back), then resume again.")
+    if (directory / "metrics.json").exists():  # refused before anything is removed: an export may be writing there
+        raise MamoError(f"the {'search' if command == 'search' else 'train run'} in {directory} has finished "
+                        "(metrics.json is there); nothing to resume.")
     if held is not None:  # before the temporary files go: they may be a running process's
         held.enter_context(FolderLock(directory))
     for partial in [*directory.glob("*.tmp"), *checkpoints.glob("*.tmp")]:

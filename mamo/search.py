@@ -21,7 +21,6 @@ from mamo.baselines import cached_baselines
 from mamo.checkpoint import check_resumed_data, newest_state, remove_search_checkpoints, restore_trainer
 from mamo.config import Config, given_config
 from mamo.data_plugins import plugin_edited_note
-from mamo.errors import MamoError
 from mamo.model import count_parameters
 from mamo.report import (
     build_rows,
@@ -154,8 +153,6 @@ def _open_stopped(
     """The stopped search in ``run_dir``: its config, session, folder and newest checkpoint, each checked; the
     folder's lock goes into ``held``."""
     config, directory = read_run_config(run_dir, "search", resume_settings, held)
-    if (directory / "metrics.json").exists():
-        raise MamoError(f"the search in {directory} has finished (metrics.json is there); nothing to resume.")
     state = newest_state(directory / "checkpoints")
     check_resumed_config(config, state, directory)  # before anything loads: an edited config.yaml is refused
     check_resumed_phase(config, state, directory)

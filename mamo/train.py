@@ -76,8 +76,6 @@ def run_train(
 
 
 def _check_resumable(config: Config, directory: Path) -> None:
-    if (directory / "metrics.json").exists():
-        raise MamoError(f"the train run in {directory} has finished (metrics.json is there); nothing to resume.")
     refusal = TRAIN_MODES[config.train.mode].resume_refusal
     if refusal:
         raise MamoError(refusal.format(directory=directory))
