@@ -95,44 +95,52 @@ def never_started(path: Path) -> bool:
 RUN_HEADER = "# mamo"  # config.yaml's first line names the command that made the folder: "# mamo search run: ..."
 
 
-def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: Path | None = None) -> Path:
+def new_run_dir(run_dir: str | Path | None, config: Config, command: str, path: Path | None = None,
+                held: contextlib.ExitStack | None = None) -> Path:
     """Create the run folder ``path`` (default: :func:`free_run_dir`) with checkpoints/ and the resolved
     config.yaml. Creating checkpoints/ claims the folder: of two runs that picked the same one (two commands
     started in the same second), the second takes the next free default name, or is refused if ``run_dir``
-    named the folder."""
+    named the folder. The folder's :class:`FolderLock` is taken before anything in it is looked at and goes into
+    ``held``, to last while the run works there (without ``held`` it is let go on return): a folder whose
+    checkpoints/ is there but not yet config.yaml is another command's being made, not a killed one's to take."""
     path = path or free_run_dir(run_dir, config, command)
-    while True:
-        made = not path.exists()  # else a folder the user made, which stays
+    with contextlib.ExitStack() as locked:
+        while True:
+            made = not path.exists()  # else a folder the user made, which stays
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                locked.enter_context(FolderLock(path))
+                if never_started(path):  # what a killed command left: free_run_dir gave it to this run
+                    for entry in path.iterdir():
+                        entry.rmdir() if entry.is_dir() else entry.unlink()
+                (path / "checkpoints").mkdir()
+                break
+            except (FileExistsError, FolderBusy) as exc:
+                locked.close()  # not this run's folder: the next one is locked afresh
+                if isinstance(exc, FileExistsError) and exc.filename != str(path / "checkpoints"):
+                    raise  # a link to nothing in the way (runs/ itself, say): os_failure names it; a retry looped
+                if run_dir:
+                    raise MamoError(f"run folder {path} was taken by another run meanwhile; pass a new --run-dir."
+                                    ) from None
+                path = free_run_dir(None, config, command)
+            except OSError as exc:
+                # No run has started, so the CLI's advice for a failed write ("continue with --resume") would mislead.
+                if exc.errno not in WRITE_FAILURES - {errno.ENAMETOOLONG}:
+                    raise
+                raise MamoError(f"could not create the run folder {path} ({exc.strerror}); pass a --run-dir where "
+                                "you can write, or fix the folder's permissions.") from exc
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            if never_started(path):  # what a killed command left: free_run_dir gave it to this run
-                for entry in path.iterdir():
-                    entry.rmdir() if entry.is_dir() else entry.unlink()
-            (path / "checkpoints").mkdir()
-            break
-        except FileExistsError as exc:
-            if exc.filename != str(path / "checkpoints"):
-                raise  # a link to nothing in the way (runs/ itself, say): os_failure names it; a retry looped forever
-            if run_dir:
-                raise MamoError(f"run folder {path} was taken by another run meanwhile; pass a new --run-dir."
-                                ) from None
-            path = free_run_dir(None, config, command)
+            write_run_config(path, command, config)
         except OSError as exc:
-            # No run has started, so the CLI's advice for a failed write ("continue with --resume") would mislead.
-            if exc.errno not in WRITE_FAILURES - {errno.ENAMETOOLONG}:
+            if exc.errno not in WRITE_FAILURES:
                 raise
-            raise MamoError(f"could not create the run folder {path} ({exc.strerror}); pass a --run-dir where you "
-                            "can write, or fix the folder's permissions.") from exc
-    try:
-        write_run_config(path, command, config)
-    except OSError as exc:
-        if exc.errno not in WRITE_FAILURES:
-            raise
-        # No config.yaml, nothing to --resume (the CLI's advice): the folder goes back to how it was, for a retry.
-        for part in [path / "checkpoints", *([path] if made else [])]:
-            part.rmdir()
-        raise MamoError(f"could not write {path / 'config.yaml'} ({exc.strerror}), so the run did not start; "
-                        f"{write_fix(exc.errno)}, then run the command again.") from exc
+            # No config.yaml, nothing to --resume (the CLI's advice): the folder goes back to how it was, for a retry.
+            for part in [path / "checkpoints", *([path] if made else [])]:
+                part.rmdir()
+            raise MamoError(f"could not write {path / 'config.yaml'} ({exc.strerror}), so the run did not start; "
+                            f"{write_fix(exc.errno)}, then run the command again.") from exc
+        if held is not None:
+            held.enter_context(locked.pop_all())
     return path
 
 
@@ -187,6 +195,10 @@ def run_command(directory: Path) -> str | None:
     return named.group(1) if named else checkpointed_command(directory)
 
 
+class FolderBusy(MamoError):
+    """A run folder another mamo command holds (:class:`FolderLock`)."""
+
+
 class FolderLock:
     """An exclusive lock on a run folder while a command works in it: a ``--resume`` of a run that is still
     running (another terminal, a batch system's second start) is refused instead of both writing its files.
@@ -198,7 +210,7 @@ class FolderLock:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.release()
-            raise MamoError(f"{directory} is in use by another mamo command that is still running; wait for it to "
+            raise FolderBusy(f"{directory} is in use by another mamo command that is still running; wait for it to "
                             "end or stop it, then resume.") from None
         except OSError:  # a file system without locks: run unguarded, as before locks existed
             pass

@@ -34,7 +34,7 @@ from mamo.report import (
     write_report,
 )
 from mamo.resume import check_resumed_config, read_run_config
-from mamo.runs import FolderLock, cli
+from mamo.runs import cli
 from mamo.search_phases import ConflictRecorder, SearchRun, run_phases, stl_validation
 from mamo.search_plan import (
     budget_note,
@@ -92,8 +92,8 @@ def run_search(
             started -= state.get("seconds", 0.0) if state else 0.0
         else:
             check_search_config(config)
-            session, directory = open_run(config, run_dir, "search", progress, quiet, cache_root, check_search_tasks)
-            held.enter_context(FolderLock(directory))
+            session, directory = open_run(config, run_dir, "search", progress, quiet, cache_root, check_search_tasks,
+                                          held)
             state = None
         search, tasks = config.search, session.data.tasks
         session.log(f"{'resuming' if resume else 'search'} in {directory} on {session.device}: {method_name(config)}"

@@ -279,9 +279,11 @@ def save_model(run_dir: Path, model: MamoNet) -> None:
 def open_run(
     config: Config, run_dir: str | Path | None, command: str, progress: bool = True, quiet: bool = False,
     cache_root: Path | None = None, check_data: Callable[[MultiTaskData], None] | None = None,
+    held: contextlib.ExitStack | None = None,
 ) -> tuple[Session, Path]:
     """Check every input (data and what ``check_data`` asks of it, backbone, direction, optimizer) first, then
-    create the run folder, so bad input never leaves a folder behind that would block the corrected retry."""
+    create the run folder, so bad input never leaves a folder behind that would block the corrected retry; its
+    lock goes into ``held`` (:func:`mamo.runs.new_run_dir`)."""
     path = free_run_dir(run_dir, config, command)
     session = open_session(config, None, progress, quiet, cache_root or path.parent / ".baselines")
     if check_data is not None:
@@ -291,7 +293,7 @@ def open_run(
     check_batch_of_one(model, config.train.batch_size, len(session.data.train), session.device)
     create_direction(config.direction)
     make_optimizer(model, config.train)
-    directory = new_run_dir(run_dir, config, command, path)
+    directory = new_run_dir(run_dir, config, command, path, held)
     session.log.path = directory / "log.txt"
     session.log(f"run folder: {directory}")
     for note in [*setting_notes(config), *unreachable_target_notes(session.data)]:

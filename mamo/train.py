@@ -22,7 +22,7 @@ from mamo.errors import MamoError
 from mamo.graph import graph_to_dict
 from mamo.report import build_rows, delta, run_environment, win_rate, write_metrics, write_report
 from mamo.resume import check_resumed_config, read_run_config
-from mamo.runs import FolderLock, cli, counted
+from mamo.runs import cli, counted
 from mamo.session import (
     Session,
     keep_resume_settings,
@@ -67,8 +67,7 @@ def run_train(
                 session.log(f"no checkpoint in {directory / 'checkpoints'} yet: the training starts again from its "
                             "first epoch")
         else:
-            session, directory = open_run(config, run_dir, "train", progress, quiet)
-            held.enter_context(FolderLock(directory))
+            session, directory = open_run(config, run_dir, "train", progress, quiet, held=held)
         how_to_continue = TRAIN_MODES[config.train.mode].how_to_continue(directory)
         with logging_stops(session, how_to_continue), intra_op_threads(config.train.threads):
             return _train_and_report(session, directory, callbacks, loggers, pictures, state,
