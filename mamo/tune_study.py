@@ -7,10 +7,14 @@ made once, by the command that starts the study, before any worker asks for a tr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
+import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +207,27 @@ def retry_interrupted(study: optuna.Study, log: TrialLine) -> None:
     retry takes the same parameters and continues the trial's folder from its newest checkpoint. A trial killed
     before it drew its parameters computed nothing and is not retried. Only for a study in its own folder's
     SQLite: a shared database's running trials are left to the heartbeat (the command that stops a trial queues
-    its retry itself, on any storage; one already retried is skipped here)."""
+    its retry itself, on any storage; one already retried is skipped here). Commands on the study folder take
+    turns here (a lock on the folder): two that read the trials before either queued its retry retried a trial
+    twice, and the later one crashed failing a trial the other had failed."""
+    with _turn(log.log_path.parent):
+        _retry_interrupted(study, log)
+
+
+@contextlib.contextmanager
+def _turn(directory: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the study folder, waited for: the kernel drops it however its holder ends, and a
+    file system without locks goes unguarded."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _retry_interrupted(study: optuna.Study, log: TrialLine) -> None:
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get(RETRY_OF) for t in trials}
     for trial in trials:

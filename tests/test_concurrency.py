@@ -56,3 +56,49 @@ def test_a_run_folder_another_command_is_creating_is_not_taken_from_it(tmp_path:
         with pytest.raises(MamoError, match="in use by another mamo command"):
             FolderLock(folder)
     FolderLock(folder).release()
+
+
+def test_two_commands_joining_a_study_retry_its_killed_trial_once(tmp_path: Path) -> None:
+    # Two `tune --run-dir S` started together on a study whose last command was killed mid-trial: each read the
+    # trials, then each queued a retry of the killed one (it ran twice, both continuing its folder), and the
+    # later one crashed failing the trial the other had failed (optuna's UpdateFinishedTrialError).
+    import threading
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from mamo.cache import process_owner
+    from mamo.tune_storage import open_storage
+    from mamo.tune_study import retry_interrupted
+    from mamo.tune_workers import TrialLine
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    killed = optuna.create_study(study_name="s", storage=open_storage(url)).ask()
+    killed.suggest_float("alpha", 0, 1)
+    killed.set_user_attr("owner", process_owner())  # this process's earlier command: gone
+    first, second = (optuna.load_study(study_name="s", storage=open_storage(url)) for _ in range(2))
+    errors = []
+
+    def retry(study: optuna.Study) -> None:
+        try:
+            retry_interrupted(study, TrialLine(tmp_path / "tune.log"))
+        except Exception as exc:  # noqa: BLE001 - what the command would have died of
+            errors.append(exc)
+
+    other = threading.Thread(target=retry, args=(second,))
+    read = first.get_trials
+
+    def read_then_let_the_other_run(*args: object, **kwargs: object) -> list:
+        trials = read(*args, **kwargs)
+        if not other.is_alive() and other.ident is None:
+            other.start()  # the second command, once the first has read the trials
+            other.join(timeout=2)  # as far as it gets before the first goes on
+        return trials
+
+    first.get_trials = read_then_let_the_other_run
+    retry(first)
+    other.join()
+    assert errors == []
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].user_attrs == {"retry_of": 0}
