@@ -12,6 +12,7 @@ race to create the schema and STL trains once per study.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import multiprocessing
 import shutil
@@ -258,7 +259,17 @@ def run_tune(
             with trial_stops() as stop:
                 optimize(plan, tickets, seed, stop)
         else:
-            run_workers(plan, opened.workers, tickets, seed, context)
+            try:
+                run_workers(plan, opened.workers, tickets, seed, context)
+            except MamoError:  # a worker that ended badly (the out-of-memory killer's SIGKILL, typically)
+                # The other workers' trials are in the study: the summary lists them (the best may be among them),
+                # and the killed worker's trial, left running, is failed and queued for retry as after a stop. A
+                # best effort: the workers' failure is the error to report, whatever else fails now.
+                with contextlib.suppress(Exception):
+                    if storage is None:
+                        retry_interrupted(study, line)
+                    summarize(study, directory, config, multi_objective, shown)
+                raise
     except KeyboardInterrupt:
         if storage is None:  # a worker killed while recording its stop left its trial running: retried next time
             retry_interrupted(study, line)

@@ -4,6 +4,8 @@ two real processes can take, so that none depends on timing luck."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,36 @@ def test_two_commands_joining_a_study_retry_its_killed_trial_once(tmp_path: Path
     trials = optuna.load_study(study_name="s", storage=url).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[1].user_attrs == {"retry_of": 0}
+
+
+def dies_in_trial_0(trial) -> float:
+    """A crafted objective (module level, for spawned workers): trial 0's worker is SIGKILLed, as the
+    out-of-memory killer ends it."""
+    alpha = trial.suggest_float("alpha", 0, 1)
+    if trial.number == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return alpha
+
+
+def test_a_study_whose_worker_was_killed_still_summarizes_the_trials_the_others_finished(tmp_path: Path) -> None:
+    # Before: the command stopped with "tune worker 0 was killed by SIGKILL ..." and left summary.md, trials.csv
+    # and best.yaml as an earlier command wrote them (here none at all), so the trials finished meanwhile, the
+    # best among them included, were missing there, and the killed trial stayed RUNNING until the next command.
+    import csv
+
+    import optuna
+
+    from mamo.tune import run_tune
+
+    study = tmp_path / "study"
+    with pytest.raises(MamoError, match="tune worker [01] was killed by SIGKILL"):
+        run_tune(load_config("quick"), study_dir=study, trials=3, workers=2, objective=dies_in_trial_0,
+                 progress=False)
+    trials = optuna.load_study(study_name="mamo", storage=f"sqlite:///{study / 'study.db'}").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE", "WAITING"]  # the retry is queued
+    with open(study / "trials.csv", encoding="utf-8", newline="") as table:
+        rows = list(csv.DictReader(table))
+    assert [(row["trial"], row["state"]) for row in rows] == [("0", "fail"), ("1", "complete"), ("2", "complete"),
+                                                              ("3", "waiting")]
+    assert "4 trials: 2 complete, 1 fail, 1 waiting." in (study / "summary.md").read_text()
+    assert (study / "best.yaml").is_file()
