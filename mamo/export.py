@@ -25,6 +25,7 @@ from mamo.model import MamoNet, compile_model
 from mamo.runs import (
     cli,
     counted,
+    in_use,
     refuse_file_above,
     replace_atomically,
     run_command,
@@ -99,6 +100,10 @@ def _no_model(directory: Path, missing: list[Path]) -> str:
                 "names the best).")
     command = run_command(directory)
     names = " and ".join(p.name for p in missing)
+    if command and not (directory / "metrics.json").exists() and in_use(directory):
+        # Its --resume would only be refused beside the running command.
+        return (f"{directory} holds a {command} run that is still running (no {missing[0].name} yet); pass it "
+                "again once it has finished.")
     if command and not (directory / "metrics.json").exists() and (directory.parent / "study.yaml").is_file():
         # A tune trial: pruned, failed or still running; --resume would finish what the pruner stopped.
         return (f"{directory} is a tune trial that did not finish (pruned, failed or still running: no "

@@ -227,6 +227,24 @@ class FolderLock:
         self.release()
 
 
+def in_use(directory: Path) -> bool:
+    """Whether another mamo command holds ``directory`` (:class:`FolderLock`): a run still working there. Asked
+    with a shared lock, let go at once; False where it cannot be told (no folder, a file system without locks)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
+    return False
+
+
 def temporary_beside(path: Path) -> Path:
     """A temporary name beside ``path`` (the same file system, so a rename moves it into place) that no other
     process uses: it holds the host and the process id."""

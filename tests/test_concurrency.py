@@ -137,3 +137,24 @@ def test_a_study_whose_worker_was_killed_still_summarizes_the_trials_the_others_
                                                               ("3", "waiting")]
     assert "4 trials: 2 complete, 1 fail, 1 waiting." in (study / "summary.md").read_text()
     assert (study / "best.yaml").is_file()
+
+
+@pytest.mark.parametrize("command", ["search", "train"])
+def test_show_and_export_of_a_run_still_running_say_so_rather_than_to_resume_it(tmp_path: Path, command: str) -> None:
+    # Before: "... holds a search run that has not finished (no architecture.json); finish it with python cli.py
+    # search --resume ...", which beside the running command is refused ("in use by another mamo command").
+    from mamo.export import export, load_trained
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    write_run_config(folder, command, load_config("quick"))
+    with FolderLock(folder):  # the run, working there
+        for read in (load_trained, lambda run: export(run, ["onnx"])):
+            with pytest.raises(MamoError) as refused:
+                read(folder)
+            assert str(refused.value) == (f"{folder} holds a {command} run that is still running (no "
+                                          "architecture.json yet); pass it again once it has finished.")
+    with pytest.raises(MamoError, match=f"has not finished \\(no architecture.json\\); finish it with .*{command} "
+                                        "--resume"):
+        load_trained(folder)  # stopped: nobody holds it
+    assert not any(folder.glob("*.tmp"))
