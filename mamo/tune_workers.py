@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import signal
 import socket
 import sys
@@ -150,6 +151,7 @@ class Tickets:
     def __init__(self, count: int, context: Any = None):
         self.left = context.Value("q", count) if context is not None else None  # 64-bit: 2**32 + 1 is not 1
         self.count = count
+        self.command = os.getpid()  # the workers' parent, whose trials these are
 
     def untaken(self) -> int:
         """How many of the trials are still to start."""
@@ -159,6 +161,10 @@ class Tickets:
         if self.left is None:
             self.count -= 1
             return self.count >= 0
+        if self.command not in (os.getpid(), os.getppid()):
+            # The command was killed (SIGKILL: it could stop no one), so nobody waits for this worker's trials or
+            # summarizes them: an orphaned worker ends after its trial instead of running the command's others.
+            return False
         with self.left.get_lock():
             if self.left.value <= 0:
                 return False

@@ -158,3 +158,19 @@ def test_show_and_export_of_a_run_still_running_say_so_rather_than_to_resume_it(
                                         "--resume"):
         load_trained(folder)  # stopped: nobody holds it
     assert not any(folder.glob("*.tmp"))
+
+
+def test_a_worker_whose_tune_command_was_killed_takes_no_more_trials(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: after a SIGKILL of `tune --workers 2` (which can stop no one), its orphaned workers ran every trial
+    # the command had left, unwatched and never summarized, beside the command the user ran next.
+    import multiprocessing
+
+    from mamo.tune_workers import Tickets
+
+    tickets = Tickets(3, multiprocessing.get_context("spawn"))
+    child = os.getpid() + 1  # a worker of this command, as os.getpid() and os.getppid() read in it
+    monkeypatch.setattr(os, "getpid", lambda: child)
+    monkeypatch.setattr(os, "getppid", lambda: tickets.command)
+    assert tickets.take() and tickets.untaken() == 2
+    monkeypatch.setattr(os, "getppid", lambda: 1)  # the command is gone: init (or a subreaper) adopted the worker
+    assert tickets.take() is False and tickets.untaken() == 2
