@@ -25,7 +25,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from mamo.config import Config, load_config
+from mamo.config import Config, config_from_dict, load_config
 from mamo.errors import MamoError, StopExplained
 from mamo.runs import RUNS_ROOT, available_cores, claim_new_folder, cli, refuse_file_above, utf8_path
 from mamo.trainer import intra_op_threads
@@ -180,10 +180,8 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
         check_folder(directory, name, attrs)
         store = store or open_storage(url, fix=LOCAL_STORAGE_FIX)
         config = study_config(name, config, overrides, directory, attrs)
-        if trials is None:  # a joined study's tune.trials, not the preset's of this command
-            trials = config.tune.trials
-        workers = max(1, min(workers, trials))  # a worker without a trial would only import PyTorch
-        threads = max(1, available_cores() // workers) if workers > 1 else None
+        asked = trials, workers
+        trials, workers, threads = _shares(config, *asked)
         check_space(config.tune)
         if search:
             _check_space_ends(config)
@@ -196,6 +194,14 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
         with intra_op_threads(reference.train.threads):
             tasks, stl_val = _reference(reference, directory, search, multi_objective, progress)
         study = open_study(store, name, multi_objective, tasks, config, stl_val, search)
+        if attrs is None and config_from_dict(study.user_attrs["config"], f"study '{name}'") != config:
+            # Another command created the study while this one trained its reference (two started on one new
+            # study): joined as a later command would, with the study's configuration and this one's --set (a
+            # changed data.seed, say, is refused), not with its own, which its trials ran and were scored against
+            # the other's STL reference. The folder is the other's study from now on: a refusal leaves it.
+            created = False
+            config = study_config(name, config, overrides, directory, study.user_attrs)
+            trials, workers, threads = _shares(config, *asked)
     except MamoError as exc:
         # Trained baselines are kept, and so is a folder whose study another command is setting up.
         if created and not isinstance(exc, StorageBusy) and not any((directory / ".baselines").glob("*.json")):
@@ -206,6 +212,14 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
               f"{_continuing(directory, storage, url, name, trials)}", file=sys.stderr, flush=True)
         raise StopExplained from None
     return _OpenStudy(study, directory, url, config, tasks, trials, workers, threads)
+
+
+def _shares(config: Config, trials: int | None, workers: int) -> tuple[int, int, int | None]:
+    """The command's trials (a joined study's tune.trials, not the preset's of this command, unless --trials),
+    its workers (no more than its trials: a worker without one would only import PyTorch) and their threads."""
+    trials = config.tune.trials if trials is None else trials
+    workers = max(1, min(workers, trials))
+    return trials, workers, max(1, available_cores() // workers) if workers > 1 else None
 
 
 @quiet_optuna

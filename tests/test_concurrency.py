@@ -174,3 +174,38 @@ def test_a_worker_whose_tune_command_was_killed_takes_no_more_trials(monkeypatch
     assert tickets.take() and tickets.untaken() == 2
     monkeypatch.setattr(os, "getppid", lambda: 1)  # the command is gone: init (or a subreaper) adopted the worker
     assert tickets.take() is False and tickets.untaken() == 2
+
+
+def draws_alpha(trial) -> float:
+    return trial.suggest_float("alpha", 0, 1)
+
+
+def test_a_tune_command_whose_study_another_command_created_meanwhile_joins_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two `tune --run-dir S` started together on a new study, the second with --set data.seed=3: each found no
+    # study and took its own configuration; the first created the study while the second trained its STL
+    # reference, and the second then ran its trials on other data, scored against the first's reference (a
+    # later join is refused that --set).
+    from mamo import tune
+
+    folder = tmp_path / "study"
+    reference = {"left": {"accuracy": 0.5, "loss": 1.0}, "right": {"accuracy": 0.5, "loss": 1.0}}
+
+    def trained(*args: object) -> tuple[dict, dict]:
+        return {}, reference
+
+    def the_other_command_first(*args: object) -> tuple[dict, dict]:
+        monkeypatch.setattr(tune, "_reference", trained)
+        tune.run_tune(load_config("quick"), study_dir=folder, trials=0, objective=draws_alpha, progress=False)
+        return trained()
+
+    monkeypatch.setattr(tune, "_reference", the_other_command_first)
+    with pytest.raises(MamoError, match="--set data.seed=3 would change the data of study 'mamo'"):
+        tune.run_tune(load_config("quick", ["data.seed=3"]), overrides=["data.seed=3"], study_dir=folder, trials=1,
+                      objective=draws_alpha, progress=False)
+    assert load_config(str(folder / "study.yaml")).data.seed == 0  # the study's own, left to it
+    # The same settings join it quietly, and the creator itself is no joiner.
+    monkeypatch.setattr(tune, "_reference", the_other_command_first)
+    folder = tmp_path / "another"
+    assert tune.run_tune(load_config("quick"), study_dir=folder, trials=1, objective=draws_alpha,
+                         progress=False)["states"]["complete"] == 1
