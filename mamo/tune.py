@@ -32,7 +32,15 @@ from mamo.trainer import intra_op_threads
 from mamo.tune_objective import SearchObjective
 from mamo.tune_space import SPACE, apply_params, check_space
 from mamo.tune_storage import StorageBusy, open_storage, shown_url
-from mamo.tune_study import check_folder, claim_folder, open_study, retry_interrupted, stored_study, study_config
+from mamo.tune_study import (
+    KILLED,
+    check_folder,
+    claim_folder,
+    open_study,
+    retry_interrupted,
+    stored_study,
+    study_config,
+)
 from mamo.tune_summary import fail_reason, summarize
 from mamo.tune_workers import Plan, Tickets, TrialLine, optimize, quiet_optuna, run_workers, trial_stops
 
@@ -275,7 +283,7 @@ def run_tune(
         else:
             try:
                 run_workers(plan, opened.workers, tickets, seed, context)
-            except MamoError:  # a worker that ended badly (the out-of-memory killer's SIGKILL, typically)
+            except MamoError as failure:  # a worker that ended badly (the out-of-memory killer's SIGKILL, typically)
                 # The other workers' trials are in the study: the summary lists them (the best may be among them),
                 # and the killed worker's trial, left running, is failed and queued for retry as after a stop. A
                 # best effort: the workers' failure is the error to report, whatever else fails now.
@@ -283,7 +291,12 @@ def run_tune(
                     if storage is None:
                         retry_interrupted(study, line)
                     summarize(study, directory, config, multi_objective, shown)
-                raise
+                # Owed: tickets never taken and the killed trials (retried first); the same command ran them all again.
+                killed = [t for t in study.get_trials(deepcopy=False)[before:] if t.state == TrialState.RUNNING
+                          or (t.state == TrialState.FAIL and fail_reason(t).startswith(("stopped", KILLED)))]
+                owed = tickets.untaken() + len(killed)
+                raise MamoError(f"{failure}; continue with: "
+                                f"{_continuing(directory, storage, opened.url, name, owed)}") from None
     except KeyboardInterrupt:
         if storage is None:  # a worker killed while recording its stop left its trial running: retried next time
             retry_interrupted(study, line)

@@ -393,4 +393,4 @@ def workers_failure(exit_codes: list[int]) -> str | None:
                if name == "SIGKILL" else "")
         who = f"tune worker {workers[0]} was" if len(workers) == 1 else f"tune workers {', '.join(workers)} were"
         parts.append(f"{who} killed by {name}{why}")
-    return f"{'; '.join(parts)}; the finished trials are kept in the study, rerun the same command to continue it."
+    return f"{'; '.join(parts)}; the finished trials are kept in the study"  # run_tune adds how to continue

@@ -12,7 +12,7 @@ import pytest
 
 from mamo.config import load_config
 from mamo.errors import MamoError
-from mamo.runs import FolderLock, new_run_dir, write_run_config
+from mamo.runs import FolderLock, cli, new_run_dir, write_run_config
 
 
 @pytest.mark.parametrize("command", ["search", "train"])
@@ -126,9 +126,12 @@ def test_a_study_whose_worker_was_killed_still_summarizes_the_trials_the_others_
     from mamo.tune import run_tune
 
     study = tmp_path / "study"
-    with pytest.raises(MamoError, match="tune worker [01] was killed by SIGKILL"):
+    with pytest.raises(MamoError, match="tune worker [01] was killed by SIGKILL") as failed:
         run_tune(load_config("quick"), study_dir=study, trials=3, workers=2, objective=dies_in_trial_0,
                  progress=False)
+    # What this command still owes is the killed trial's retry: "rerun the same command" ran 3 more.
+    assert str(failed.value).endswith(f"; the finished trials are kept in the study; continue with: "
+                                      f"{cli('tune', '--run-dir', study, '--trials', '1')}")
     trials = optuna.load_study(study_name="mamo", storage=f"sqlite:///{study / 'study.db'}").trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE", "WAITING"]  # the retry is queued
     with open(study / "trials.csv", encoding="utf-8", newline="") as table:

@@ -1714,11 +1714,11 @@ def test_a_worker_killed_by_a_signal_is_named_with_the_signal_not_an_error_print
         run_workers(None, 2, None, None, _SelfKillingWorkers)
     assert str(caught.value) == (
         "tune workers 0, 1 were killed by SIGKILL (on Linux usually the out-of-memory killer: run fewer --workers or "
-        "a smaller model); the finished trials are kept in the study, rerun the same command to continue it.")
+        "a smaller model); the finished trials are kept in the study")
     assert workers_failure([0, 0]) is None
     assert workers_failure([2, -15]) == (
         "tune worker 0 (exit code 2) stopped with an error printed above; tune worker 1 was killed by SIGTERM; the "
-        "finished trials are kept in the study, rerun the same command to continue it.")
+        "finished trials are kept in the study")
 
 
 def test_a_trial_killed_before_it_made_its_folder_is_listed_without_one(tmp_path: Path) -> None:
