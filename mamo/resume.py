@@ -12,7 +12,7 @@ from typing import Any
 
 from mamo.config import Config, load_config, split_override, yaml_text
 from mamo.errors import MamoError
-from mamo.runs import FolderLock, cli, never_started, run_command, utf8_path
+from mamo.runs import FolderLock, cli, never_started, run_command, utf8_path, written_by_another_live_process
 
 # What --set (or an edit of config.yaml) may change when a run resumes: where it runs (its device and CPU threads,
 # which move the numbers only as far as another machine would), where its files lie (the same data and initial
@@ -69,6 +69,8 @@ def read_run_config(
     if held is not None:  # before the temporary files go: they may be a running process's
         held.enter_context(FolderLock(directory))
     for partial in [*directory.glob("*.tmp"), *checkpoints.glob("*.tmp")]:
+        if written_by_another_live_process(partial):  # an export beside the stopped run, say: not a leftover
+            continue
         if partial.is_dir() and not partial.is_symlink():  # an export's staging folder (replace_from_folder)
             shutil.rmtree(partial, ignore_errors=True)
         else:

@@ -251,6 +251,22 @@ def temporary_beside(path: Path) -> Path:
     return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
 
 
+def written_by_another_live_process(path: Path) -> bool:
+    """Whether the temporary file or folder ``path`` (:func:`temporary_beside`'s name) belongs to another process
+    of this machine that is still running: an export writing beside a stopped run, whose files a resume must
+    leave. Another machine's cannot be told and reads False, as do a killed process's and this one's."""
+    pid = path.name.removesuffix(".tmp").rpartition(".")[2]
+    if not pid.isdigit() or int(pid) == os.getpid() or not path.name.endswith(f".{socket.gethostname()}.{pid}.tmp"):
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's live process
+    return True
+
+
 def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: readers see the old file
     or the new one, never half of one. The temporary name holds the host and the process id, so processes sharing

@@ -38,6 +38,35 @@ def test_a_refused_resume_of_a_finished_run_leaves_an_export_in_progress_alone(t
     assert (staging / "model.onnx").read_bytes() == b"half" and written.read_text() == "digraph"
 
 
+def test_a_resume_leaves_the_temporary_files_of_a_live_process_of_this_machine(tmp_path: Path) -> None:
+    # Before: a resume removed every *.tmp, so an export writing beside a stopped run (its model files there,
+    # not metrics.json yet) lost its staging folder; a dead or the resuming process's own leftovers still go.
+    import socket
+    import subprocess
+    import sys
+
+    from mamo.resume import read_run_config
+
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    write_run_config(folder, "search", load_config("quick"))
+    host = socket.gethostname()
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+        exporting = folder / f"model.onnx.{host}.{live.pid}.tmp"
+        exporting.mkdir()
+        leftovers = [folder / f"model.onnx.{host}.{int(dead.stdout)}.tmp", folder / f"log.txt.{host}.{os.getpid()}.tmp",
+                     folder / "checkpoints" / "last.pt.4242.tmp", folder / f"report.md.elsewhere.{live.pid}.tmp"]
+        for leftover in leftovers:
+            leftover.write_bytes(b"half")
+        try:
+            read_run_config(folder, "search", [], contextlib.ExitStack())
+        finally:
+            live.kill()
+    assert exporting.is_dir() and not any(leftover.exists() for leftover in leftovers)
+
+
 def test_a_run_folder_another_command_is_creating_is_not_taken_from_it(tmp_path: Path) -> None:
     # Two `search --run-dir D` started together: the first had made D/checkpoints/ and was writing config.yaml,
     # the second read that as a folder left by a killed command, emptied it and took it too; both wrote config.yaml
