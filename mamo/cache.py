@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mamo.config import Config
 from mamo.data_plugins import plugin_source_digest
-from mamo.runs import write_text_atomically
+from mamo.runs import one_at_a_time, write_text_atomically
 
 #: A temporary file untouched this long was left by a killed writer: a save takes seconds, never an hour.
 ABANDONED_AFTER_SECONDS = 3600.0
@@ -180,10 +180,13 @@ class BaselineCache:
                 return Claim(path)
             if not _abandoned(path):
                 return None
-            # Two processes may both find it abandoned and the slower remove the faster's new claim: then both
-            # train it, as before claims, and the second result written wins (they are the same computation).
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            # Judged again under a lock, one waiter at a time: two that found the owner dead removed each other's
+            # new claim and both trained the baseline. Only a claim still there is removed; a missing one is
+            # retried above, where the exclusive create lets one process win.
+            with one_at_a_time(self.root):  # a file system without locks: trained twice, as before
+                if path.exists() and _abandoned(path):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
 
     @contextlib.contextmanager
     def claim(self, key: str, log: Callable[[str], None], name: str, wait: bool = True) -> Iterator[Claim | None]:

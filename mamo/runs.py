@@ -227,6 +227,20 @@ class FolderLock:
         self.release()
 
 
+@contextlib.contextmanager
+def one_at_a_time(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``folder``, waited for, while the block runs: for short steps that processes
+    sharing the folder must take in turn. The kernel lets it go however its holder ends; a file system without
+    locks goes unguarded."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
 def in_use(directory: Path) -> bool:
     """Whether another mamo command holds ``directory`` (:class:`FolderLock`): a run still working there. Asked
     with a shared lock, let go at once; False where it cannot be told (no folder, a file system without locks)."""

@@ -7,14 +7,10 @@ made once, by the command that starts the study, before any worker asks for a tr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
-import fcntl
 import json
-import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +21,7 @@ from mamo.cache import owner_gone, process_owner
 from mamo.config import Config, config_from_dict, dump_config, load_config
 from mamo.data_plugins import plugin_source, plugin_source_digest
 from mamo.errors import MamoError
-from mamo.runs import replace_atomically, write_text_atomically
+from mamo.runs import one_at_a_time, replace_atomically, write_text_atomically
 from mamo.tune_space import OWN_OBJECTIVE, SPACE, objective_metrics
 from mamo.tune_storage import RETRY_OF
 from mamo.tune_workers import OWNER, STOPPED, TrialLine
@@ -210,21 +206,8 @@ def retry_interrupted(study: optuna.Study, log: TrialLine) -> None:
     its retry itself, on any storage; one already retried is skipped here). Commands on the study folder take
     turns here (a lock on the folder): two that read the trials before either queued its retry retried a trial
     twice, and the later one crashed failing a trial the other had failed."""
-    with _turn(log.log_path.parent):
+    with one_at_a_time(log.log_path.parent):
         _retry_interrupted(study, log)
-
-
-@contextlib.contextmanager
-def _turn(directory: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on the study folder, waited for: the kernel drops it however its holder ends, and a
-    file system without locks goes unguarded."""
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(descriptor)
 
 
 def _retry_interrupted(study: optuna.Study, log: TrialLine) -> None:

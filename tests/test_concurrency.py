@@ -241,3 +241,37 @@ def test_a_tune_command_whose_study_another_command_created_meanwhile_joins_it(
     folder = tmp_path / "another"
     assert tune.run_tune(load_config("quick"), study_dir=folder, trials=1, objective=draws_alpha,
                          progress=False)["states"]["complete"] == 1
+
+
+def test_two_waiters_finding_one_dead_owner_take_its_baseline_over_once(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: both judged the claim abandoned, the faster removed it and made its own, and the slower then removed
+    # that new claim and made another, so both trained the baseline (reproduced by a concurrency audit).
+    import socket
+    import subprocess
+    import sys
+
+    import mamo.cache as cache_module
+    from mamo.cache import BaselineCache, _pid_namespace
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (tmp_path / "key.claim").write_text(f"{socket.gethostname()} {gone} {_pid_namespace()}", encoding="utf-8")
+    judge, other = cache_module._abandoned, []
+
+    def judged_then_the_other_takes_over(path: Path) -> bool:
+        verdict = judge(path)
+        if not other:  # the other waiter, which judged the same claim, takes it over all the way meanwhile
+            other.append(None)
+            other.append(BaselineCache(tmp_path).try_claim("key"))
+        return verdict
+
+    monkeypatch.setattr(cache_module, "_abandoned", judged_then_the_other_takes_over)
+    mine = BaselineCache(tmp_path).try_claim("key")
+    try:
+        assert other[1] is not None and other[1].path.exists()
+        assert mine is None  # it waits for the other, whose claim stays
+    finally:
+        for claim in (mine, other[1]):
+            if claim is not None:
+                claim.release()
