@@ -106,9 +106,13 @@ def load_plugin(name: str) -> Callable[..., dict]:
             module = importlib.import_module(target)
         except ImportError as exc:
             beside = Path(*target.split(".")).with_suffix(".py")
-            # The current folder is not on sys.path under `python cli.py`, so a module name for a file there fails.
+            # The current folder is not on sys.path under `python cli.py`, so a module name for a file there fails;
+            # a module that was found but failed to import one of its own (exc.name another) is not helped by that.
+            parts = target.split(".")
+            not_found = isinstance(exc, ModuleNotFoundError) and exc.name in {
+                ".".join(parts[:i]) for i in range(1, len(parts) + 1)}
             fix = (f"a file in the current folder is named by its path: data.name=./{beside}:{func_name}."
-                   if beside.is_file() else "fix data.name or install the module.")
+                   if not_found and beside.is_file() else "fix data.name or install the module.")
             raise MamoError(f"data plugin module '{target}' could not be imported ({exc}); {fix}") from exc
     func = getattr(module, func_name, None)
     if not callable(func):
