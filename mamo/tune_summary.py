@@ -14,6 +14,7 @@ from mamo.config import Config, dump_config, load_config
 from mamo.errors import MamoError
 from mamo.runs import cli, replace_atomically, table_lines, write_csv_atomically, write_text_atomically
 from mamo.tune_space import OWN_OBJECTIVE, SPACE, apply_params
+from mamo.tune_storage import RETRY_OF
 
 BEST_SHOWN = 5
 
@@ -239,7 +240,9 @@ def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, s
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
         lines += ["## Failed trials", ""]
-        lines += [f"- trial {t.number}: {fail_reason(t)}" for t in failed]
+        retries = {t.user_attrs[RETRY_OF]: t for t in trials if RETRY_OF in t.user_attrs}
+        lines += [f"- trial {t.number}: {fail_reason(t)}" + (f"; its retry is trial {retries[t.number].number} "
+                  f"({retries[t.number].state.name.lower()})" if t.number in retries else "") for t in failed]
         lines.append("")
     text = "\n".join(lines)
     write_text_atomically(directory / "summary.md", text)

@@ -167,7 +167,12 @@ def test_a_study_whose_worker_was_killed_still_summarizes_the_trials_the_others_
         rows = list(csv.DictReader(table))
     assert [(row["trial"], row["state"]) for row in rows] == [("0", "fail"), ("1", "complete"), ("2", "complete"),
                                                               ("3", "waiting")]
-    assert "4 trials: 2 complete, 1 fail, 1 waiting." in (study / "summary.md").read_text()
+    summary = (study / "summary.md").read_text()
+    assert "4 trials: 2 complete, 1 fail, 1 waiting." in summary
+    # The failed trial's line says which trial retries it and how far that got (it said "retried by the next
+    # command" even once the retry had run).
+    assert "\n- trial 0: its command was killed before it finished (retried by the next command on the study); its " \
+           "retry is trial 3 (waiting)\n" in summary
     assert (study / "best.yaml").is_file()
 
 
