@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mamo.config import Config
 from mamo.data_plugins import plugin_source_digest
-from mamo.runs import one_at_a_time, write_text_atomically
+from mamo.runs import one_at_a_time, process_exists, write_text_atomically
 
 #: A temporary file untouched this long was left by a killed writer: a save takes seconds, never an hour.
 ABANDONED_AFTER_SECONDS = 3600.0
@@ -74,14 +74,8 @@ def owner_gone(owner: str) -> bool:
     """Whether the process :func:`process_owner` described as ``owner`` has exited. Known only for a process of
     this machine and PID namespace; of any other (or an unreadable ``owner``) it is False: not known gone."""
     parts, here = owner.split(), process_owner().split()
-    if len(parts) == 3 and parts[1].isdigit() and parts[0] == here[0] and parts[2] == here[2] != "?":
-        try:
-            os.kill(int(parts[1]), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass  # another user's live process
-    return False
+    same_machine = len(parts) == 3 and parts[1].isdigit() and parts[0] == here[0] and parts[2] == here[2] != "?"
+    return same_machine and not process_exists(int(parts[1]))
 
 
 def _abandoned(path: Path) -> bool:

@@ -105,10 +105,10 @@ def load_plugin(name: str) -> Callable[..., dict]:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            beside = Path(*target.split(".")).with_suffix(".py")
+            parts = target.split(".")
+            beside = Path(*parts).with_suffix(".py")
             # The current folder is not on sys.path under `python cli.py`, so a module name for a file there fails;
             # a module that was found but failed to import one of its own (exc.name another) is not helped by that.
-            parts = target.split(".")
             not_found = isinstance(exc, ModuleNotFoundError) and exc.name in {
                 ".".join(parts[:i]) for i in range(1, len(parts) + 1)}
             fix = (f"a file in the current folder is named by its path: data.name=./{beside}:{func_name}."

@@ -272,8 +272,13 @@ def written_by_another_live_process(path: Path) -> bool:
     pid = path.name.removesuffix(".tmp").rpartition(".")[2]
     if not pid.isdigit() or int(pid) == os.getpid() or not path.name.endswith(f".{socket.gethostname()}.{pid}.tmp"):
         return False
+    return process_exists(int(pid))
+
+
+def process_exists(pid: int) -> bool:
+    """Whether process ``pid`` of this machine (and PID namespace) is running, another user's included."""
     try:
-        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
     except PermissionError:

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, default_collate
 
 from mamo import dense
 from mamo.errors import MamoError
-from mamo.tasks import TASK_TYPES, TaskSpec, parse_tasks
+from mamo.tasks import TASK_TYPES, TaskSpec, head_name, parse_tasks
 
 SPLITS = ("train", "val", "test")
 
@@ -293,8 +293,7 @@ def unreachable_target_notes(data: MultiTaskData) -> list[str]:
         return notes
     for name, task in data.tasks.items():
         kind = TASK_TYPES[task.type]
-        head = kind.default_head if task.head == "default" else task.head
-        if kind.mlp_range is None or head != "mlp" or name not in train.targets or not len(train):
+        if kind.mlp_range is None or head_name(task) != "mlp" or name not in train.targets or not len(train):
             continue
         (bottom, top), target = kind.mlp_range, train.targets[name]
         low, high = target.min().item(), target.max().item()

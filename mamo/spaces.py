@@ -17,7 +17,7 @@ from torch import nn
 
 from mamo.config import ModelConfig
 from mamo.errors import MamoError, first_line
-from mamo.tasks import TASK_TYPES, TaskSpec
+from mamo.tasks import TASK_TYPES, TaskSpec, head_name
 from mamo.timm_cells import check_timm_name, create_timm_cells, fixed_input_size
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -101,7 +101,7 @@ class SearchSpace:
 
     def build_head(self, task: TaskSpec, feature_shape: tuple[int, ...]) -> nn.Module:
         """Task ``task``'s head on the last cell's features; ``head: default`` takes its type's default head."""
-        name = TASK_TYPES[task.type].default_head if task.head == "default" else task.head
+        name = head_name(task)
         if name not in HEADS:
             raise MamoError(f"task '{task.name}' asks for unknown head '{task.head}'; use one of "
                             f"{', '.join(sorted(HEADS))}.")

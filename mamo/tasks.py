@@ -247,6 +247,11 @@ def loss_name(spec: TaskSpec) -> str:
     return TASK_TYPES[spec.type].default_loss if spec.loss == "default" else spec.loss
 
 
+def head_name(spec: TaskSpec) -> str:
+    """The head that ``spec``'s task gets: its own, or its type's default."""
+    return TASK_TYPES[spec.type].default_head if spec.head == "default" else spec.head
+
+
 def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The training loss of one task on one batch (a scalar)."""
     return LOSSES[loss_name(spec)](pred, target)
