@@ -103,6 +103,12 @@ def setting_notes(config: Config) -> list[str]:
     return [*unused_settings_notes(config), *(note for note in (crowded, wide) if note)]
 
 
+def start_notes(config: Config, data: MultiTaskData) -> list[str]:
+    """What a run's log notes before it trains: :func:`setting_notes` and the data's targets its heads cannot
+    reach (:func:`mamo.samples.unreachable_target_notes`)."""
+    return [*setting_notes(config), *unreachable_target_notes(data)]
+
+
 def unused_settings_notes(config: Config) -> list[str]:
     """Notes naming settings the run's parts do not read: the data's (:func:`mamo.data.unused_data_note`), and
     model and train settings changed from their defaults that only another backbone family or optimizer reads.
@@ -150,7 +156,7 @@ def open_session(
     log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
     data = load_data(config.data)
     if run_dir is not None:  # otherwise open_run notes them once it has a folder
-        for note in [*setting_notes(config), *unreachable_target_notes(data)]:
+        for note in start_notes(config, data):
             log(note)
     if cache_root is None:
         cache_root = (run_dir.parent if run_dir else RUNS_ROOT) / ".baselines"
@@ -296,7 +302,7 @@ def open_run(
     directory = new_run_dir(run_dir, config, command, path, held)
     session.log.path = directory / "log.txt"
     session.log(f"run folder: {directory}")
-    for note in [*setting_notes(config), *unreachable_target_notes(session.data)]:
+    for note in start_notes(config, session.data):
         session.log(note)
     return session, directory
 
