@@ -69,6 +69,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast forward; gradients, Gramian and solve stay fp32)
     gradient_path: str = "auto"  # auto | loop | batched: how per-task gradients are computed (auto: per device)
     gradient_layout: str = "auto"  # auto | flat | parameters: how they are held (auto: by device, size, tasks)
+    cuda_graphs: bool = False  # on CUDA: replay each step's forward and backward passes from CUDA graphs
     checkpoint_seconds: float = 60.0  # at most this long between in-run checkpoints (0: after every epoch)
     threads: int | None = None  # torch's CPU threads for the run (None: torch's default); CPU results depend on it
 

@@ -14,11 +14,12 @@ from mamo.config import Config, load_config, split_override, yaml_text
 from mamo.errors import MamoError
 from mamo.runs import FolderLock, cli, never_started, run_command, utf8_path, written_by_another_live_process
 
-# What --set (or an edit of config.yaml) may change when a run resumes: where it runs (its device and CPU threads,
-# which move the numbers only as far as another machine would), where its files lie (the same data and initial
-# weights on another machine), how often it saves and what a finished search keeps, never what it computes.
-RESUME_SETTINGS = ("train.device", "train.threads", "data.root", "model.weights", "train.checkpoint_seconds",
-                   "search.keep_checkpoints")
+# What --set (or an edit of config.yaml) may change when a run resumes: where it runs (its device, CPU threads and
+# CUDA graphs, which move the numbers only as far as another machine would), where its files lie (the same data
+# and initial weights on another machine), how often it saves and what a finished search keeps, never what it
+# computes.
+RESUME_SETTINGS = ("train.device", "train.threads", "train.cuda_graphs", "data.root", "model.weights",
+                   "train.checkpoint_seconds", "search.keep_checkpoints")
 
 
 def resume_settings_text() -> str:

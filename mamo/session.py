@@ -206,6 +206,7 @@ def make_trainer(
         precision=train.precision,
         gradient_path=train.gradient_path,
         gradient_layout=train.gradient_layout,
+        cuda_graphs=train.cuda_graphs,
     )
     # Without progress bars the epoch lines are what the terminal shows; with them, only the log file keeps them.
     lines = EpochLines(session.log.record if session.progress else session.log)

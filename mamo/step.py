@@ -22,6 +22,7 @@ from mamo.directions.base import Direction
 from mamo.directions.equal import Equal
 from mamo.errors import MamoError
 from mamo.model import MamoNet
+from mamo.step_graphs import DeviceHalf, HostState, StepGraphs
 from mamo.task_gradients import (
     GRADIENT_PATHS,
     LAYOUTS,
@@ -47,10 +48,12 @@ class StepResult:
     gramian_space: str = "parameters"  # what ``gramian``'s gradients are taken w.r.t.: parameters | representation
 
 
-PRECISIONS: dict[str, Callable[[torch.device], contextlib.AbstractContextManager]] = {
-    "fp32": lambda device: contextlib.nullcontext(),
+# ``cache``: autocast's cache of cast weights, which torch asks to be off where a CUDA graph is recorded.
+PRECISIONS: dict[str, Callable[..., contextlib.AbstractContextManager]] = {
+    "fp32": lambda device, cache=True: contextlib.nullcontext(),
     # On CPU too: autocast helps ResNet-sized convolutions on CPUs with AMX (docs/performance.md).
-    "bf16": lambda device: torch.autocast(device_type=device.type, dtype=torch.bfloat16),
+    "bf16": lambda device, cache=True: torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                                                     cache_enabled=cache),
 }
 
 
@@ -157,6 +160,8 @@ class TrainStep:
     ``batched`` and an operation cannot be batched, the step warns once and uses the loop from then on.
     ``gradient_layout``: ``auto`` | ``flat`` | ``parameters``, how the per-task gradients are held.
     ``precision``: ``fp32`` or ``bf16`` (forward under autocast; gradients, Gramian and solve in float32).
+    ``cuda_graphs``: on a CUDA device, replay the device half of plain exact and summed steps from CUDA graphs
+    (:mod:`mamo.step_graphs`); steps that collect conflict statistics and MGDA-UB steps stay eager.
     With a direction that needs no Gramian and ``collect_gramians`` off, the step is one backward of the
     summed loss: plain linear scalarisation at its native speed.
     """
@@ -171,6 +176,7 @@ class TrainStep:
         collect_gramians: bool = False,
         gradient_path: str = "auto",
         gradient_layout: str = "auto",
+        cuda_graphs: bool = False,
     ):
         check_step_settings(gradients, precision, gradient_path, gradient_layout)
         self.model = model
@@ -181,6 +187,7 @@ class TrainStep:
         self.collect_gramians = collect_gramians
         self.gradient_path = gradient_path
         self.gradient_layout = gradient_layout
+        self.cuda_graphs = cuda_graphs
         self._batched_failed = False
         self._precision_checked = False
         # The gradient mode ("exact" or "ub") the direction's history was built in; checkpointed with it.
@@ -203,6 +210,8 @@ class TrainStep:
         self.partition = ParameterPartition(self.model)
         self._layout: Layout | None = None
         self._layout_device: torch.device | None = None
+        # Recorded graphs replay the old network's memory: a grown one is recorded anew.
+        self._graphs = StepGraphs(lambda: list(self.model.parameters())) if self.cuda_graphs else None
 
     @property
     def jacobian(self) -> torch.Tensor | None:
@@ -227,8 +236,15 @@ class TrainStep:
             self._layout_device = device
         return self._layout
 
+    def _device_half(self, name: str, half: DeviceHalf, x: torch.Tensor, targets: dict[str, torch.Tensor],
+                     host_state: HostState | None = None) -> torch.Tensor:
+        """``half(x, targets)``, from a CUDA graph where ``cuda_graphs`` allows it."""
+        if self._graphs is None or x.device.type != "cuda" or self.collect_gramians:
+            return half(x, targets)
+        return self._graphs.run(name, half, x, targets, host_state)
+
     def _forward(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        with PRECISIONS[self.precision](x.device):
+        with PRECISIONS[self.precision](x.device, not self.cuda_graphs):
             predictions = self.model(x)
         return self._losses(predictions, targets)
 
@@ -266,13 +282,16 @@ class TrainStep:
         self.optimizer.step()
         return result
 
-    def _summed_step(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> StepResult:
-        losses = self._forward(x, targets)
-        stacked = torch.stack(losses)
+    def _summed_device(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(self._forward(x, targets))
         stacked.sum().backward()
+        return stacked.detach()
+
+    def _summed_step(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> StepResult:
+        stacked = self._device_half("summed", self._summed_device, x, targets)
         host = _host(stacked)  # after the backward is queued: the device never waits for the host
         self._check(host)
-        return StepResult(losses=host, weights=torch.ones(len(losses), dtype=torch.float64))
+        return StepResult(losses=host, weights=torch.ones(len(host), dtype=torch.float64))
 
     def _task_gradients(self, losses: list[torch.Tensor], layout: Layout, device: torch.device) -> None:
         path = self.path_for(device)
@@ -286,20 +305,26 @@ class TrainStep:
             self._batched_failed = True
             loop_gradients(losses, self.partition, layout)
 
+    def _exact_device(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The losses and the Gram blocks, flat in one device tensor."""
+        layout = self._layout
+        losses = self._forward(x, targets)
+        self._task_gradients(losses, layout, self._layout_device)
+        # Per-node blocks only for the conflict statistics; a plain step needs G alone.
+        blocks = layout.gramians(by_node=self.collect_gramians)
+        return torch.cat([t.detach().float().reshape(-1) for t in (torch.stack(losses), *blocks)])
+
     def _exact_step(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> StepResult:
         part = self.partition
         device = part.shared[0].device
         layout = self._layout_on(device)
-        losses = self._forward(x, targets)
-        self._task_gradients(losses, layout, device)
-        # Per-node blocks only for the conflict statistics; a plain step needs G alone.
-        blocks = layout.gramians(by_node=self.collect_gramians)
-        m = len(losses)
-        host = _host(torch.stack(losses), *blocks)
+        name = f"exact/{self.path_for(device)}"
+        host = self._device_half(name, self._exact_device, x, targets, layout).cpu()  # the one synchronisation
+        m = len(part.tasks)
         self._check(host[:m])
-        host_blocks = host[m:].view(len(blocks), m, m)
+        host_blocks = host[m:].view(-1, m, m)
         node_gramians = dict(zip(part.node_slices, host_blocks.unbind(0), strict=True)) if self.collect_gramians else {}
-        gramian = host_blocks.sum(0) if len(blocks) > 1 else host_blocks[0]
+        gramian = host_blocks.sum(0) if len(host_blocks) > 1 else host_blocks[0]
         output = self.direction(gramian, host[:m])
         for param, grad in zip(part.shared, layout.combine(output.weights), strict=True):
             if param.grad is not grad:  # flat: set once per layout; the views then see every step's wᵀJ

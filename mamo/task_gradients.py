@@ -138,6 +138,12 @@ class FlatLayout:
         torch.mv(self.jac.T, weights.to(self.jac.device, self.jac.dtype, non_blocking=True), out=self.combined)
         return self.grads
 
+    def snapshot(self) -> None:
+        """Nothing: J and the combination buffer are the same tensors every step (see ParameterLayout's)."""
+
+    def restore(self, saved: None) -> None:
+        pass
+
 
 class ParameterLayout:
     """The gradients where autograd left them: Gramian blocks as sums of chunked dot products, and the
@@ -204,6 +210,14 @@ class ParameterLayout:
                 for t in rest:
                     out[k].add_(rows[t][k], alpha=w[t])
         return [out[k] if k in out else torch.zeros_like(param) for k, param in enumerate(self.shared)]
+
+    def snapshot(self) -> list[list[torch.Tensor | None]]:
+        """The per-task gradients as loaded: a step replayed from a CUDA graph writes the same tensors again
+        without running :meth:`load`, so they are handed back by :meth:`restore` before :meth:`combine`."""
+        return [list(row) for row in self.rows]
+
+    def restore(self, saved: list[list[torch.Tensor | None]]) -> None:
+        self.rows = [list(row) for row in saved]
 
 
 SIMPLEX_SUM = 1e-7  # weights ≥ 0 summing to 1 within this are combined by lerps (the result is off by ≤ this factor)

@@ -223,8 +223,8 @@ def test_resume_refuses_finished_runs_and_the_other_commands_folders(tmp_path: P
     assert main(["train", "--resume", str(finished), "--set", "train.lr=0.5"]) == 2
     assert single_error(capsys.readouterr().err) == (
         "--set train.lr cannot change when a run resumes (the rest would not match what it computed so far); "
-        "only train.device, train.threads, data.root, model.weights, train.checkpoint_seconds and "
-        "search.keep_checkpoints can, so start a new run.")
+        "only train.device, train.threads, train.cuda_graphs, data.root, model.weights, train.checkpoint_seconds "
+        "and search.keep_checkpoints can, so start a new run.")
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "--resume needs an existing train run folder" in single_error(capsys.readouterr().err)
     stl = tmp_path / "stl"

@@ -12,6 +12,7 @@ which every row pays; ``optimizer update alone`` times it, so the floor target c
 by the loop and by the batched gradient path; the other rows take what ``auto`` picks), ``mgda + tensioner`` (and
 by the other gradient layout), ``central + tensioner``, ``pcgrad``, ``cagrad``, ``mgda-ub``, ``conflict
 statistics`` (an equal-weight step that also computes the per-cell Gram blocks and updates the conflict counts),
+``equal`` and ``mgda + tensioner`` with ``cuda_graphs`` on (CUDA only),
 and the peers torchjd (``mtl_backward`` + ``jac_to_grad`` with its MGDA, by its default vmap path and with
 ``parallel_chunk_size=1``) and LibMTL (its ``MGDA`` weighting on our model) when installed, with their versions.
 Memory: the peak added by a method's first step (which allocates its buffers) on top of what was resident before it
@@ -140,6 +141,17 @@ def _update(setup: Setup) -> Step:
     return step
 
 
+def _graphed(name: str, formulation: str = "off") -> Callable[[Setup], Step]:
+    """A mamo step with ``cuda_graphs`` on: its device half replayed from a CUDA graph (on a CUDA device only)."""
+
+    def factory(setup: Setup) -> Step:
+        if setup.x.device.type != "cuda":
+            raise Unavailable("CUDA graphs need a CUDA device (bench step --device cuda)")
+        return _mamo(name, formulation, cuda_graphs=True)(setup)
+
+    return factory
+
+
 def _conflicts(setup: Setup) -> Step:
     step = _mamo("equal", collect_gramians=True)(setup)
     stats = ConflictStats.for_graph(setup.model.graph)
@@ -173,6 +185,8 @@ def methods() -> dict[str, Callable[[Setup], Step]]:
         "cagrad": _mamo("cagrad"),
         "mgda-ub": _mamo("mgda", gradients="ub"),
         "conflict statistics": _conflicts,
+        "equal (CUDA graphs)": _graphed("equal"),
+        "mgda + tensioner (CUDA graphs)": _graphed("mgda", tensioner),
         "torchjd mgda": torchjd_step(None),
         "torchjd mgda (chunk 1)": torchjd_step(1),
         "libmtl mgda": libmtl_step,
@@ -301,6 +315,8 @@ def _targets(label: str, results: dict[str, dict], device: torch.device, precisi
     if device.type == "cuda" and precision == "bf16" and batch == 32 and "m=3" in label:
         rows.append([label, "mgda + tensioner ÷ equal (H100 target)", "≤ 1.6",
                      _ratio(results, "mgda + tensioner", "equal")])
+        rows.append([label, "the same, both with CUDA graphs", "≤ 1.6",
+                     _ratio(results, "mgda + tensioner (CUDA graphs)", "equal (CUDA graphs)")])
     return rows
 
 
