@@ -103,10 +103,12 @@ def setting_notes(config: Config) -> list[str]:
     return [*unused_settings_notes(config), *(note for note in (crowded, wide) if note)]
 
 
-def start_notes(config: Config, data: MultiTaskData) -> list[str]:
-    """What a run's log notes before it trains: :func:`setting_notes` and the data's targets its heads cannot
-    reach (:func:`mamo.samples.unreachable_target_notes`)."""
-    return [*setting_notes(config), *unreachable_target_notes(data)]
+def start_notes(config: Config, data: MultiTaskData, device: torch.device) -> list[str]:
+    """What a run's log notes before it trains: :func:`setting_notes`, CUDA graphs asked for off CUDA, and the
+    data's targets its heads cannot reach (:func:`mamo.samples.unreachable_target_notes`)."""
+    graphs = (f"note: train.cuda_graphs is on, but the run trains on {device}, which has no CUDA graphs; the "
+              "setting changes nothing here." if config.train.cuda_graphs and device.type != "cuda" else None)
+    return [*setting_notes(config), *([graphs] if graphs else []), *unreachable_target_notes(data)]
 
 
 def unused_settings_notes(config: Config) -> list[str]:
@@ -156,7 +158,7 @@ def open_session(
     log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
     data = load_data(config.data)
     if run_dir is not None:  # otherwise open_run notes them once it has a folder
-        for note in start_notes(config, data):
+        for note in start_notes(config, data, device):
             log(note)
     if cache_root is None:
         cache_root = (run_dir.parent if run_dir else RUNS_ROOT) / ".baselines"
@@ -303,7 +305,7 @@ def open_run(
     directory = new_run_dir(run_dir, config, command, path, held)
     session.log.path = directory / "log.txt"
     session.log(f"run folder: {directory}")
-    for note in start_notes(config, session.data):
+    for note in start_notes(config, session.data, session.device):
         session.log(note)
     return session, directory
 

@@ -244,7 +244,7 @@ class TrainStep:
         return self._graphs.run(name, half, x, targets, host_state)
 
     def _forward(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        with PRECISIONS[self.precision](x.device, not self.cuda_graphs):
+        with PRECISIONS[self.precision](x.device, self._graphs is None or x.device.type != "cuda"):
             predictions = self.model(x)
         return self._losses(predictions, targets)
 

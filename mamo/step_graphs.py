@@ -107,7 +107,7 @@ class StepGraphs:
             with torch.cuda.graph(graph):
                 recording.output = device_half(recording.x, recording.targets)
         except RuntimeError as exc:
-            recording.failed, recording.x, recording.targets = True, None, {}
+            recording.failed, recording.x, recording.targets, recording.output = True, None, {}, None
             for param, grad in before:  # a half-recorded step may have pointed them at the graph's memory
                 param.grad = grad
             warnings.warn(f"the {name} step could not be recorded as a CUDA graph ({str(exc).splitlines()[0]}); "

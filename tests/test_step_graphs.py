@@ -54,9 +54,10 @@ def test_cuda_graphs_on_a_cpu_change_nothing(direction):
 
 @pytest.fixture
 def deterministic_cudnn():
-    """cuDNN's default float32 kernels may add in any order (two eager runs of the same steps differed by 4e-7
-    in a loss after one step and by 0.2 after 20, on an H200): the comparison asks for its deterministic ones
-    and IEEE float32, under which graphed and eager training were identical to the last bit there."""
+    """cuDNN's default float32 kernels may add in any order (on an H200 two runs of the same steps differed by
+    4e-7 in a loss after one step, both still eager, and by 0.2 after 20): the comparison asks for its
+    deterministic ones and IEEE float32, under which graphed and eager training were identical to the last bit
+    there."""
     saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
              torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
@@ -147,3 +148,18 @@ def test_a_step_that_cannot_be_recorded_runs_eagerly_after_one_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert graphs.run("odd", half, x, targets).item() == 12.0
+
+
+def test_cuda_graphs_asked_for_off_cuda_are_noted_once_in_the_log():
+    from mamo.config import load_config
+    from mamo.data import load_data
+    from mamo.session import start_notes
+
+    config = load_config("quick", ["train.cuda_graphs=true"])
+    data = load_data(config.data)
+    notes = start_notes(config, data, torch.device("cpu"))
+    assert [n for n in notes if "cuda_graphs" in n] == [
+        "note: train.cuda_graphs is on, but the run trains on cpu, which has no CUDA graphs; the setting changes "
+        "nothing here."]
+    assert not [n for n in start_notes(config, data, torch.device("cuda")) if "cuda_graphs" in n]
+    assert not [n for n in start_notes(load_config("quick"), data, torch.device("cpu")) if "cuda_graphs" in n]
