@@ -52,21 +52,6 @@ def test_cuda_graphs_on_a_cpu_change_nothing(direction):
     assert step._graphs.recordings == {}  # nothing recorded off CUDA
 
 
-@pytest.fixture
-def deterministic_cudnn():
-    """cuDNN's default float32 kernels may add in any order (on an H200 two runs of the same steps differed by
-    4e-7 in a loss after one step, both still eager, and by 0.2 after 20): the comparison asks for its
-    deterministic ones and IEEE float32, under which graphed and eager training were identical to the last bit
-    there."""
-    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
-             torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
-     torch.backends.cuda.matmul.allow_tf32) = saved
-
-
 @needs_cuda
 @pytest.mark.usefixtures("deterministic_cudnn")
 @pytest.mark.parametrize("grown", [False, True], ids=["hps", "grown"])
