@@ -425,15 +425,15 @@ def test_a_search_on_nyuv2_files_reports_dense_metrics(nyuv2_root, tmp_path):
 @needs_cuda
 @pytest.mark.usefixtures("deterministic_cudnn")
 def test_dense_tasks_train_the_same_from_cuda_graphs(nyuv2_root, tmp_path):
-    # Masked losses (unlabelled and missing pixels) recorded in a graph: three full batches and a last one of two
-    # an epoch, so both shapes are recorded and replayed over the three epochs.
+    # Masked losses (unlabelled and missing pixels) recorded in a graph: over the final phase's four epochs
+    # both batch shapes (full, and an epoch's smaller last one) are recorded and replayed.
     from mamo.search import run_search
 
     results = {}
     for graphs in ("false", "true"):
         overrides = [f"data.root={nyuv2_root}", "model.backbone=timm:test_resnet", "model.head_hidden=8",
-                     "train.batch_size=6", "train.epochs=3", "train.device=cuda", f"train.cuda_graphs={graphs}",
-                     "search.rounds=0", "search.baselines=false"]
+                     "train.batch_size=6", "train.epochs=5", "train.device=cuda", f"train.cuda_graphs={graphs}",
+                     "search.rounds=0", "search.pretrain_epochs=1", "search.baselines=false"]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             results[graphs] = run_search(load_config("nyuv2", overrides), tmp_path / graphs, progress=False,
