@@ -160,8 +160,9 @@ class TrainStep:
     ``batched`` and an operation cannot be batched, the step warns once and uses the loop from then on.
     ``gradient_layout``: ``auto`` | ``flat`` | ``parameters``, how the per-task gradients are held.
     ``precision``: ``fp32`` or ``bf16`` (forward under autocast; gradients, Gramian and solve in float32).
-    ``cuda_graphs``: on a CUDA device, replay the device half of plain exact and summed steps from CUDA graphs
-    (:mod:`mamo.step_graphs`); steps that collect conflict statistics and MGDA-UB steps stay eager.
+    ``cuda_graphs``: on a CUDA device, replay the device half of exact and summed steps from CUDA graphs
+    (:mod:`mamo.step_graphs`; those that collect conflict statistics from graphs of their own); MGDA-UB steps
+    stay eager.
     With a direction that needs no Gramian and ``collect_gramians`` off, the step is one backward of the
     summed loss: plain linear scalarisation at its native speed.
     """
@@ -239,7 +240,7 @@ class TrainStep:
     def _device_half(self, name: str, half: DeviceHalf, x: torch.Tensor, targets: dict[str, torch.Tensor],
                      host_state: HostState | None = None) -> torch.Tensor:
         """``half(x, targets)``, from a CUDA graph where ``cuda_graphs`` allows it."""
-        if self._graphs is None or x.device.type != "cuda" or self.collect_gramians:
+        if self._graphs is None or x.device.type != "cuda":
             return half(x, targets)
         return self._graphs.run(name, half, x, targets, host_state)
 
@@ -318,7 +319,8 @@ class TrainStep:
         part = self.partition
         device = part.shared[0].device
         layout = self._layout_on(device)
-        name = f"exact/{self.path_for(device)}"
+        # A step that collects conflict statistics records its own graph: it computes the per-node blocks.
+        name = f"exact/{self.path_for(device)}/{'by node' if self.collect_gramians else 'whole'}"
         host = self._device_half(name, self._exact_device, x, targets, layout).cpu()  # the one synchronisation
         m = len(part.tasks)
         self._check(host[:m])

@@ -7,10 +7,10 @@ with one launch. The host half stays eager: the one synchronisation that reads t
 direction's solve, the combination and the optimizer's update (so a changed learning rate, parameters added
 by growth and a loaded optimizer state take effect as they do without graphs).
 
-A graph is recorded per batch shape (the last, smaller batch of an epoch gets its own) after ``WARMUP`` eager
-steps of that shape on a side stream, as torch asks; each graph keeps its inputs, activations and gradients
-in memory of its own. A function that cannot be recorded (one that needs a value on the host, say) is run
-eagerly from then on, with one warning.
+A graph is recorded per kind of step and batch shape (the last, smaller batch of an epoch gets its own; a step
+that collects conflict statistics is another kind) after ``WARMUP`` eager steps of that shape on a side stream,
+as torch asks; each graph keeps its inputs, activations and gradients in memory of its own. A function that
+cannot be recorded (one that needs a value on the host, say) is run eagerly from then on, with one warning.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 WARMUP = 2  # eager steps of a shape before its graph is recorded: lazy initialisation and cuDNN's choices
-MAX_GRAPHS = 4  # shapes recorded per step object; further shapes run eagerly (a dataset of odd batch sizes)
+MAX_GRAPHS = 4  # recorded per step object; further kinds or shapes run eagerly (a dataset of odd batch sizes)
 
 Targets = dict[str, torch.Tensor]
 DeviceHalf = Callable[[torch.Tensor, Targets], torch.Tensor]

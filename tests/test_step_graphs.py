@@ -3,6 +3,7 @@ The CUDA tests are skipped where no CUDA device exists; on a CPU the setting cha
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -95,19 +96,28 @@ def test_graphed_steps_by_every_gradient_path_and_layout(path, layout):
 
 
 @needs_cuda
-def test_conflict_statistics_steps_stay_eager_and_a_refresh_records_anew():
-    model = make_model().cuda()
+@pytest.mark.usefixtures("deterministic_cudnn")
+def test_conflict_statistics_steps_replay_graphs_of_their_own_and_a_refresh_records_anew():
+    model = make_model(grow=True).cuda()
     batches = _batches(model, torch.device("cuda"), [6] * (WARMUP + 2))
-    step = TrainStep(model, mgda(), torch.optim.SGD(model.parameters(), lr=0.01), cuda_graphs=True)
-    with step.collecting_conflicts():
+    steps = {graphs: TrainStep(m, mgda(), torch.optim.SGD(m.parameters(), lr=0.01), cuda_graphs=graphs)
+             for graphs, m in ((False, copy.deepcopy(model)), (True, model))}
+    for collecting in (True, False, True):  # a detection round, plain training, another round
         for x, targets in batches:
-            assert step(x, targets).node_gramians  # per-node blocks, which the recorded plain step skips
-    assert step._graphs.recordings == {}
-    for x, targets in batches:
-        step(x, targets)
-    assert [r.graph is not None for r in step._graphs.recordings.values()] == [True]
-    step.refresh()  # what growth calls: the old graphs replay the old network's memory
-    assert step._graphs.recordings == {}
+            results = {}
+            for graphs, step in steps.items():
+                context = step.collecting_conflicts() if collecting else contextlib.nullcontext()
+                with context:
+                    results[graphs] = step(x, targets)
+            assert bool(results[True].node_gramians) == collecting
+            for node, block in results[False].node_gramians.items():
+                torch.testing.assert_close(results[True].node_gramians[node], block, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(results[True].gramian, results[False].gramian, rtol=1e-5, atol=1e-7)
+    graphed = steps[True]
+    assert sorted(key[0] for key, r in graphed._graphs.recordings.items() if r.graph is not None) == [
+        "exact/loop/by node", "exact/loop/whole"]
+    graphed.refresh()  # what growth calls: the old graphs replay the old network's memory
+    assert graphed._graphs.recordings == {}
 
 
 @needs_cuda
