@@ -57,8 +57,9 @@ class _Recording:
 class StepGraphs:
     """Runs a step's device half from a CUDA graph per batch shape; see the module's docstring.
 
-    ``parameters`` are the model's: after a replay each gets back the gradient buffer the graph writes, in
-    case the host half or an eager step in between set its ``.grad`` to something else.
+    ``parameters`` are the model's: after a replay each that had a gradient when the graph was recorded gets
+    that tensor back as its ``.grad`` (the buffer the graph writes, for those the device half sets), in case the
+    host half or an eager step in between set it to something else.
     """
 
     def __init__(self, parameters: Callable[[], list[torch.nn.Parameter]]):

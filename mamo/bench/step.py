@@ -17,7 +17,8 @@ and the peers torchjd (``mtl_backward`` + ``jac_to_grad`` with its MGDA, by its 
 ``parallel_chunk_size=1``) and LibMTL (its ``MGDA`` weighting on our model) when installed, with their versions.
 Memory: the peak added by a method's first step (which allocates its buffers) on top of what was resident before it
 (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process' resident-set high-water mark, reset through
-/proc/self/clear_refs, after returning freed heap to the system).
+/proc/self/clear_refs, after returning freed heap to the system). For a ``CUDA graphs`` row that first step is an
+eager warm-up step on a side stream (the graph is recorded at the third), so its memory holds no graph.
 """
 
 from __future__ import annotations
