@@ -7,14 +7,17 @@ graph alone decides what is drawn, the model, when given, only supplies exact pa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import networkx as nx
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.backends.backend_agg import RendererAgg
 from matplotlib.colors import hsv_to_rgb
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 
 from mamo import graph as g
@@ -87,16 +90,61 @@ def _layout(graph: nx.DiGraph) -> tuple[dict[str, tuple[float, float]], list[tup
     return positions, lanes
 
 
-BOX_LINE = 27  # characters a box holds at the smallest font (about 18 at the largest): longer names are cut
+BOX_W, BOX_H = 0.78, 0.52  # a box in data units (a column is 1 wide, a lane 1 high)
+# Points of a box's text: long lines get a smaller font, down to READABLE, and are cut in the middle to fit there;
+# only a box of four lines goes below, for its height (down to SMALLEST). Whole names at 5 pt read worse than cut
+# ones at 6 (an 8-task search's head and fusion labels, 2026-11-26).
+FULL_SIZE, READABLE, SMALLEST = 7.5, 6.0, 5.0
+_WIDTHS: dict[tuple[str, float, float], float] = {}
 
 
-def _named(kind: str, task: str) -> str:
-    """``kind task`` on one line when it fits a box, else the task on a line of its own, cut to fit."""
-    line = f"{kind} {task}"
-    return line if len(line) <= BOX_LINE else f"{kind}\n{shortened(task, BOX_LINE)}"
+def _points(renderer: RendererAgg, line: str, size: float) -> float:
+    """The width in points of ``line`` as Agg draws it at ``size`` points. Measured, not counted: FreeType fits
+    small glyphs to whole pixels, so a line's width moves in steps (a fusion line measured 79.8 pt from 5.5 to
+    6.0 pt, then 96.4 pt from 6.25 to 6.75), and fonts sized by the characters overran their boxes."""
+    key = (line, size, renderer.dpi)
+    if key not in _WIDTHS:
+        if len(_WIDTHS) > 20_000:  # a long-lived process drawing many runs' names
+            _WIDTHS.clear()
+        width = renderer.get_text_width_height_descent(line, FontProperties(size=size), ismath=False)[0]
+        _WIDTHS[key] = width * 72 / renderer.dpi
+    return _WIDTHS[key]
 
 
-def _label(graph: nx.DiGraph, node: str, params: dict[str, int]) -> str:
+class _Fit:
+    """Box texts fitted by measuring them: ``room`` is a box's inner width in points, ``height`` its height."""
+
+    def __init__(self, renderer: RendererAgg, room: float, height: float):
+        self.renderer, self.room, self.height = renderer, room, height
+
+    def fits(self, line: str, size: float) -> bool:
+        return _points(self.renderer, line, size) <= self.room
+
+    def cut(self, names: tuple[str, ...], line: Callable[[list[str]], str]) -> str:
+        """``line`` of ``names``, each cut in the middle to the same length, as long as fits at READABLE."""
+        text = line(list(names))
+        for limit in range(max(map(len, names)) - 1, 2, -1):  # 3 characters (a…b) at the least
+            if self.fits(text, READABLE):
+                break
+            text = line([shortened(name, limit) for name in names])
+        return text
+
+    def size(self, text: str) -> float:
+        """The largest size, FULL_SIZE at most and in quarter points, at which every line of ``text`` fits."""
+        lines = text.split("\n")
+        # Hinted lines take 1.21-1.38 × the size each (measured at 5-7.5 pt): 3 lines fit at 7.5 pt, 4 at 5.5.
+        size = min(FULL_SIZE, math.floor(self.height / (1.4 * len(lines)) * 4) / 4)
+        while size > SMALLEST and not all(self.fits(line, size) for line in lines):
+            size -= 0.25
+        return max(size, SMALLEST)
+
+    def named(self, kind: str, task: str) -> str:
+        """``kind task`` on one line when it fits at FULL_SIZE, else the task on a line of its own, cut to fit."""
+        line = f"{kind} {task}"
+        return line if self.fits(line, FULL_SIZE) else f"{kind}\n{self.cut((task,), lambda n: n[0])}"
+
+
+def _label(graph: nx.DiGraph, node: str, params: dict[str, int], fit: _Fit) -> str:
     data = graph.nodes[node]
     kind = data["kind"]
     if kind == "input":
@@ -105,15 +153,18 @@ def _label(graph: nx.DiGraph, node: str, params: dict[str, int]) -> str:
         return f"cell {data['cell']}\n{params[node]:,} params"
     if kind == "gmk":
         name = "+".join(data["group"])
-        lines = name if len(name) <= 16 else "\n".join(shortened(task, BOX_LINE) for task in data["group"])
+        lines = name if fit.fits(name, FULL_SIZE) else "\n".join(fit.cut((t,), lambda n: n[0]) for t in data["group"])
         return f"{lines}\n{params[node]:,} params"
     if kind == "fusion":
         groups = g.fusion_groups(graph, data["task"])
-        room = (BOX_LINE - len("+β·()")) // 2 - 1  # per name of a pair
-        added = "".join(f"\n+β·({'+'.join(shortened(task, room) for task in grp)})" for grp in groups) or "\ntrunk only"
-        added = added if len(groups) <= 2 else f"\n+β· {len(groups)} branches"
-        return _named("fusion", data["task"]) + added
-    return f"{_named('head', data['task'])}\n{params[node]:,} params"
+        if not groups:
+            added = "\ntrunk only"
+        elif len(groups) > 2:
+            added = f"\n+β· {len(groups)} branches"
+        else:
+            added = "".join("\n" + fit.cut(tuple(grp), lambda n: f"+β·({'+'.join(n)})") for grp in groups)
+        return fit.named("fusion", data["task"]) + added
+    return f"{fit.named('head', data['task'])}\n{params[node]:,} params"
 
 
 def _lane_legend(graph: nx.DiGraph, lanes: list[tuple[str, ...]], params: dict[str, int]) -> list[str]:
@@ -160,7 +211,10 @@ def draw_architecture(
     height = head + plot + foot
     figure = new_figure(width, height)
     ax = figure.add_axes((0.01, foot / height, 0.98, plot / height))
-    box_w, box_h = 0.78, 0.52
+    box_w, box_h = BOX_W, BOX_H
+    # Points per data unit across (the axes span cells + 3.2 columns) and down (rows + 0.1 lanes); 2 pt margins
+    # at the sides (the height has a factor of its own in _Fit.size).
+    fit = _Fit(figure.canvas.get_renderer(), box_w * 72 * 0.98 * width / (cells + 3.2) - 4, box_h * 72 * 0.85)
     # Patches go in with add_artist: the limits are set by hand below, and add_patch's per-patch data-limit
     # update cost about a fifth of the drawing (61 -> 50 ms for a quick search's picture, measured).
 
@@ -182,10 +236,8 @@ def draw_architecture(
             face = tuple(0.35 + 0.65 * c for c in edge[:3])
         ax.add_artist(FancyBboxPatch((x - box_w / 2, y - box_h / 2), box_w, box_h, boxstyle="round,pad=0.02",
                                      fc=face, ec=edge, lw=1.8 if kind == "gmk" else 1.0, zorder=3))
-        text = _label(graph, node, params)
-        longest = max(len(line) for line in text.split("\n"))
-        # About 18 characters fit a box at 7.5 pt; long task names get a smaller font, not an overflow.
-        ax.text(x, y, text, ha="center", va="center", fontsize=max(5.0, min(7.5, 7.5 * 18 / longest)), zorder=4)
+        text = _label(graph, node, params, fit)
+        ax.text(x, y, text, ha="center", va="center", fontsize=fit.size(text), zorder=4)
     ax.set_xlim(-0.6, cells + 2.6)
     low = min(y for _, y in positions.values())
     ax.set_ylim(low - 0.55, 0.55)
