@@ -212,9 +212,9 @@ def draw_architecture(
     figure = new_figure(width, height)
     ax = figure.add_axes((0.01, foot / height, 0.98, plot / height))
     box_w, box_h = BOX_W, BOX_H
-    # Points per data unit across (the axes span cells + 3.2 columns) and down (rows + 0.1 lanes); 2 pt margins
+    # Points per data unit across (the axes span cells + 3.2 columns) and down (rows + 0.1 lanes); 1 pt margins
     # at the sides (the height has a factor of its own in _Fit.size).
-    fit = _Fit(figure.canvas.get_renderer(), box_w * 72 * 0.98 * width / (cells + 3.2) - 4, box_h * 72 * 0.85)
+    fit = _Fit(figure.canvas.get_renderer(), box_w * 72 * 0.98 * width / (cells + 3.2) - 2, box_h * 72 * 0.85)
     # Patches go in with add_artist: the limits are set by hand below, and add_patch's per-patch data-limit
     # update cost about a fifth of the drawing (61 -> 50 ms for a quick search's picture, measured).
 

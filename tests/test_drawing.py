@@ -63,4 +63,5 @@ def test_with_eight_tasks_no_box_text_shrinks_below_six_points():
         assert inside(extent, box), text.get_text()
         assert text.get_fontsize() >= 6.0, text.get_text()
     labels = [t.get_text() for t in figure.axes[0].texts]
-    assert "head\nupper_left_digit_cl…ification\n3,060 params" in labels  # too long even at 6 pt: cut in the middle
+    assert "head\nupper_left_digit_classification\n3,060 params" in labels  # whole: it fits at 6 pt
+    assert "fusion camera_height\n+β·(camer…ht+upper…on)" in labels  # a pair too long even at 6 pt: both names cut
