@@ -212,7 +212,9 @@ class TrainStep:
         self._layout: Layout | None = None
         self._layout_device: torch.device | None = None
         # Recorded graphs replay the old network's memory: a grown one is recorded anew.
-        self._graphs = StepGraphs(lambda: list(self.model.parameters())) if self.cuda_graphs else None
+        old = getattr(self, "_graphs", None)
+        self._graphs = (StepGraphs(lambda: list(self.model.parameters()), old.side_streams if old else None)
+                        if self.cuda_graphs else None)
 
     @property
     def jacobian(self) -> torch.Tensor | None:
@@ -299,7 +301,10 @@ class TrainStep:
         try:
             GRADIENT_PATHS[path](losses, self.partition, layout)
         except RuntimeError as exc:
-            if path == "loop" or self.gradient_path != "auto":
+            # While a CUDA graph is recorded the error is the recording's (the warm-up steps ran this path
+            # eagerly): it fails the recording rather than the batched path.
+            if path == "loop" or self.gradient_path != "auto" or (
+                    device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
                 raise
             warnings.warn(f"batched per-task gradients failed ({str(exc).splitlines()[0]}); using the loop "
                           "from now on (set train.gradient_path=loop to skip the attempt).", stacklevel=3)
@@ -319,8 +324,9 @@ class TrainStep:
         part = self.partition
         device = part.shared[0].device
         layout = self._layout_on(device)
-        # A step that collects conflict statistics records its own graph: it computes the per-node blocks.
-        name = f"exact/{self.path_for(device)}/{'by node' if self.collect_gramians else 'whole'}"
+        # A step that collects conflict statistics records its own graph: it computes the per-node blocks. The
+        # gradient path is not in the name: it changes only when a batched warm-up step falls back to the loop.
+        name = f"exact/{'by node' if self.collect_gramians else 'whole'}"
         host = self._device_half(name, self._exact_device, x, targets, layout).cpu()  # the one synchronisation
         m = len(part.tasks)
         self._check(host[:m])

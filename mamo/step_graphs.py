@@ -62,9 +62,13 @@ class StepGraphs:
     host half or an eager step in between set it to something else.
     """
 
-    def __init__(self, parameters: Callable[[], list[torch.nn.Parameter]]):
+    def __init__(self, parameters: Callable[[], list[torch.nn.Parameter]],
+                 side_streams: dict[torch.device, torch.cuda.Stream] | None = None):
         self.parameters = parameters
         self.recordings: dict[tuple, _Recording] = {}
+        # One warm-up stream per device, handed on when a grown network is recorded anew: torch keeps cuBLAS
+        # workspaces per stream, and a new stream for every warm-up would take a new one from its pool each time.
+        self.side_streams = {} if side_streams is None else side_streams
 
     def run(self, name: str, device_half: DeviceHalf, x: torch.Tensor, targets: Targets,
             host_state: HostState | None = None) -> torch.Tensor:
@@ -81,7 +85,7 @@ class StepGraphs:
         if recording.graph is None:
             if recording.steps < WARMUP:
                 recording.steps += 1
-                return _on_side_stream(device_half, x, targets)
+                return self._on_side_stream(device_half, x, targets)
             if not self._record(recording, name, device_half, x, targets):
                 return device_half(x, targets)
             if host_state is not None:
@@ -115,15 +119,18 @@ class StepGraphs:
                           "it runs eagerly (set train.cuda_graphs=false to skip the attempt).", stacklevel=4)
             return False
         recording.graph = graph
-        recording.grads = [(p, p.grad) for p in self.parameters() if p.grad is not None]
+        # Only the gradients the device half set while recorded (into the graph's memory): those the host half
+        # sets itself (a layout's combination) would otherwise be kept alive with the graph.
+        recording.grads = [(p, p.grad) for p, grad in before if p.grad is not None and p.grad is not grad]
         return True
 
-
-def _on_side_stream(device_half: DeviceHalf, x: torch.Tensor, targets: Targets) -> torch.Tensor:
-    """An eager run on a side stream, as torch asks of the steps before a graph is recorded."""
-    side = torch.cuda.Stream(x.device)
-    side.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(side):
-        output = device_half(x, targets)
-    torch.cuda.current_stream(x.device).wait_stream(side)
-    return output
+    def _on_side_stream(self, device_half: DeviceHalf, x: torch.Tensor, targets: Targets) -> torch.Tensor:
+        """An eager run on a side stream, as torch asks of the steps before a graph is recorded."""
+        side = self.side_streams.get(x.device)
+        if side is None:
+            side = self.side_streams[x.device] = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            output = device_half(x, targets)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        return output

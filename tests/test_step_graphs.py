@@ -115,9 +115,11 @@ def test_conflict_statistics_steps_replay_graphs_of_their_own_and_a_refresh_reco
             torch.testing.assert_close(results[True].gramian, results[False].gramian, rtol=1e-5, atol=1e-7)
     graphed = steps[True]
     assert sorted(key[0] for key, r in graphed._graphs.recordings.items() if r.graph is not None) == [
-        "exact/loop/by node", "exact/loop/whole"]
+        "exact/by node", "exact/whole"]
+    streams = dict(graphed._graphs.side_streams)
     graphed.refresh()  # what growth calls: the old graphs replay the old network's memory
     assert graphed._graphs.recordings == {}
+    assert graphed._graphs.side_streams == streams != {}  # the warm-up stream is kept
 
 
 @needs_cuda
