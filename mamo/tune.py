@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from mamo.config import Config, config_from_dict, load_config
 from mamo.errors import MamoError, StopExplained
@@ -33,15 +32,15 @@ from mamo.tune_objective import SearchObjective
 from mamo.tune_space import SPACE, apply_params, check_space
 from mamo.tune_storage import StorageBusy, open_storage, shown_url
 from mamo.tune_study import (
-    KILLED,
     check_folder,
     claim_folder,
     open_study,
+    owed_trials,
     retry_interrupted,
     stored_study,
     study_config,
 )
-from mamo.tune_summary import fail_reason, summarize
+from mamo.tune_summary import summarize
 from mamo.tune_workers import Plan, Tickets, TrialLine, optimize, quiet_optuna, run_workers, trial_stops
 
 DEFAULT_STUDY = "mamo"
@@ -268,7 +267,6 @@ def run_tune(
     shown = shown_url(opened.url)
     print(f"study '{name}' ({shown}): {opened.trials} trials on {opened.workers} worker(s), trial folders in "
           f"{directory}", file=sys.stderr, flush=True)
-    before = len(study.get_trials(deepcopy=False))
     plan = Plan(opened.url, name, objective, config.tune.pruner, line.log_path, threads=opened.threads)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and open connections
     # Seeded TPE reproduces a local study (each trial's draws follow from the seed and its draw index, so a
@@ -291,20 +289,15 @@ def run_tune(
                     if storage is None:
                         retry_interrupted(study, line)
                     summarize(study, directory, config, multi_objective, shown)
-                # Owed: tickets never taken and the killed trials (retried first); the same command ran them all again.
-                killed = [t for t in study.get_trials(deepcopy=False)[before:] if t.state == TrialState.RUNNING
-                          or (t.state == TrialState.FAIL and fail_reason(t).startswith(("stopped", KILLED)))]
-                owed = tickets.untaken() + len(killed)
+                # What is owed, not the command as it was: that ran all its trials again, the finished ones too.
+                owed = owed_trials(study, tickets)
                 raise MamoError(f"{failure}; continue with: "
                                 f"{_continuing(directory, storage, opened.url, name, owed)}") from None
     except KeyboardInterrupt:
         if storage is None:  # a worker killed while recording its stop left its trial running: retried next time
             retry_interrupted(study, line)
         summarize(study, directory, config, multi_objective, shown)  # the stopped trial's reason included
-        # The trials this command still owed: tickets never taken, and the stopped ones (their retries run first).
-        stopped = [t for t in study.get_trials(deepcopy=False)[before:]
-                   if t.state == TrialState.FAIL and fail_reason(t).startswith("stopped")]
-        owed = tickets.untaken() + len(stopped)
+        owed = owed_trials(study, tickets)  # counted as for a killed worker above
         print(f"stopped; finished trials stay in the study; continue with: "
               f"{_continuing(directory, storage, opened.url, name, owed)}", file=sys.stderr, flush=True)
         raise StopExplained from None

@@ -24,10 +24,14 @@ from mamo.errors import MamoError
 from mamo.runs import one_at_a_time, replace_atomically, write_text_atomically
 from mamo.tune_space import OWN_OBJECTIVE, SPACE, objective_metrics
 from mamo.tune_storage import RETRY_OF
-from mamo.tune_workers import OWNER, STOPPED, TrialLine
+from mamo.tune_summary import NO_RECORD, STOPPED_EARLY, fail_reason
+from mamo.tune_workers import COMMAND, OWNER, STOPPED, Tickets, TrialLine
 
 KILLED = "its command was killed before it finished (retried by the next command on the study)"
 KILLED_EARLY = "its command was killed before the trial drew its parameters"
+# Why a trial did not run to its end: stopped, killed, or no reason recorded (a kill on a shared database, which
+# its heartbeat fails); its retry, or a new trial where it drew nothing, runs in its place.
+INTERRUPTED = (STOPPED, STOPPED_EARLY, KILLED, KILLED_EARLY, NO_RECORD)
 
 STUDY_ID = "study-id.json"  # the study whose trials the folder holds: {"study": name, "uid": the study's uid}
 
@@ -224,3 +228,17 @@ def _retry_interrupted(study: optuna.Study, log: TrialLine) -> None:
             optuna.Trial(study, trial._trial_id).set_user_attr("fail_reason", reason)
             study.tell(trial.number, state=TrialState.FAIL)
             log.write(trial.number, f"failed: {reason}", trial.params, None)
+
+
+def owed_trials(study: optuna.Study, tickets: Tickets) -> int:
+    """How many of the trials a stopped command (a Ctrl-C, or a killed worker) was asked for it still owes: all of
+    them, less those its workers ran to an end (complete, pruned, or failed by an error of their own). A trial
+    stopped, killed or left running is owed (its retry runs first), and so is a ticket that a worker killed before
+    it made a trial took. The command's trials are those carrying its mark, not those numbered from where it
+    began: a retry that an earlier command queued is numbered before that, and another command on the study
+    numbers trials among its own (a continuation stopped in such a retry owed one trial too few, a double Ctrl-C
+    that SIGKILLed the workers two too few, and a killed worker's command counted the other's running trials)."""
+    ended = sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get(COMMAND) == tickets.mark and (
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        or t.state == TrialState.FAIL and fail_reason(t) not in INTERRUPTED))
+    return max(0, tickets.asked - ended)

@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from mamo.errors import MamoError
 from mamo.stops import STOP_REQUESTED, handling_stops, hide_dropped_stops
 from mamo.tune_space import PRUNERS
 from mamo.tune_storage import RETRY_OF, open_storage, shown_url, storage_failure
-from mamo.tune_summary import STOPPED_EARLY, fail_reason, short_value
+from mamo.tune_summary import STOPPED_EARLY, outcome_text, short_value
 
 # What a trial may raise without stopping the study: bad sampled settings, NaN losses, out of memory.
 CATCH = (MamoError, FloatingPointError, RuntimeError, MemoryError)
@@ -39,6 +40,7 @@ CATCH = (MamoError, FloatingPointError, RuntimeError, MemoryError)
 
 STOPPED = "stopped by Ctrl-C before it finished"
 OWNER = "owner"  # a trial's user attribute: the process running it (mamo.cache.process_owner)
+COMMAND = "command"  # a trial's user attribute: the mark of the command whose ticket it took (Tickets.mark)
 
 
 class WorkerStop:
@@ -104,12 +106,15 @@ class Recorded:
     objective: Callable[[optuna.Trial], Any]
     log: TrialLine | None = None  # where a trial stopped by Ctrl-C gets its line (Optuna's callbacks never run)
     stop: WorkerStop | None = None  # the stop-signal handler, armed while the objective runs
+    mark: str | None = None  # the command's (Tickets.mark): what it still owes is counted from its marked trials
 
     def __call__(self, trial: optuna.Trial) -> Any:
         start, reason = time.perf_counter(), STOPPED
         try:
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr(OWNER, process_owner())  # a later command tells a running trial from a killed one
+            if self.mark is not None:
+                trial.set_user_attr(COMMAND, self.mark)
             if self.stop is not None:
                 self.stop.armed = True
             try:
@@ -146,16 +151,13 @@ class Recorded:
 class Tickets:
     """Trials still to start, shared by the local workers (``context``: a multiprocessing context) so that
     together they run exactly N; without a context, a plain counter for one in-process worker (no semaphore, so
-    no resource tracker to warn when the process is killed)."""
+    no resource tracker to warn when the process is killed). The trials they run carry ``mark``."""
 
     def __init__(self, count: int, context: Any = None):
         self.left = context.Value("q", count) if context is not None else None  # 64-bit: 2**32 + 1 is not 1
-        self.count = count
+        self.count = self.asked = count
         self.command = os.getpid()  # the workers' parent, whose trials these are
-
-    def untaken(self) -> int:
-        """How many of the trials are still to start."""
-        return max(0, self.count if self.left is None else self.left.value)
+        self.mark = uuid.uuid4().hex  # not the pid: a Python session's second run_tune is another command
 
     def take(self) -> bool:
         if self.left is None:
@@ -197,23 +199,6 @@ def _stop_workers(processes: list) -> None:
         process.join()
 
 
-def _values_text(study: optuna.Study, trial: FrozenTrial) -> str:
-    names = study.metric_names or [f"objective {i}" for i in range(len(trial.values))]
-    return ", ".join(f"{name} {value:.4g}" for name, value in zip(names, trial.values, strict=True))
-
-
-def _pruned_text(trial: FrozenTrial) -> str:
-    step = max(trial.intermediate_values, default=None)
-    return "pruned" if step is None else f"pruned after round {step} at {trial.intermediate_values[step]:.4g}"
-
-
-LINES: dict[TrialState, Callable[[optuna.Study, FrozenTrial], str]] = {
-    TrialState.COMPLETE: lambda study, t: f"complete: {_values_text(study, t)}",
-    TrialState.PRUNED: lambda study, t: _pruned_text(t),
-    TrialState.FAIL: lambda study, t: f"failed: {fail_reason(t)}",
-}
-
-
 @dataclass
 class TrialLine:
     """One line per finished trial, on the terminal and in the study's tune.log."""
@@ -221,7 +206,7 @@ class TrialLine:
     log_path: Path
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.write(trial.number, LINES[trial.state](study, trial), trial.params, trial.user_attrs.get("seconds", 0))
+        self.write(trial.number, outcome_text(study, trial), trial.params, trial.user_attrs.get("seconds", 0))
 
     def write(self, number: int, outcome: str, params: dict[str, Any], seconds: float | None) -> None:
         shown = ", ".join(f"{k}={short_value(v)}" for k, v in params.items())
@@ -308,8 +293,8 @@ def optimize(plan: Plan, tickets: Tickets, seed: int | None, stop: WorkerStop | 
     while not STOP_REQUESTED.is_set() and tickets.take():
         try:
             # gc after each trial: a trial that ran out of memory must not leave its tensors to the next one.
-            study.optimize(Recorded(plan.objective, line, stop), n_trials=1, catch=CATCH, callbacks=[line],
-                           gc_after_trial=True)
+            study.optimize(Recorded(plan.objective, line, stop, tickets.mark), n_trials=1, catch=CATCH,
+                           callbacks=[line], gc_after_trial=True)
         except Exception as exc:
             failure = storage_failure(exc)
             if failure is None:

@@ -176,6 +176,62 @@ def test_a_study_whose_worker_was_killed_still_summarizes_the_trials_the_others_
     assert (study / "best.yaml").is_file()
 
 
+def dies_in_trials_0_to_2(trial) -> float:
+    """Trials 0 and 1 (a command's first two) and 2 (the retry of trial 0) SIGKILL their worker."""
+    alpha = trial.suggest_float("alpha", 0, 1)
+    if trial.number <= 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return alpha
+
+
+def test_a_continuation_whose_worker_is_killed_in_an_inherited_retry_still_owes_it(tmp_path: Path) -> None:
+    # The retry of trial 0 is numbered below the continuation's first new trial (the killed command queued it), and
+    # the owed trials were counted from there: the continuation said --trials 0 with one trial still to run.
+    from mamo.tune import run_tune
+
+    study = tmp_path / "study"
+    for asked, owed in ((4, 4), (4, 1)):  # the first: both workers killed at once, the two others never taken
+        with pytest.raises(MamoError, match="killed by SIGKILL") as failed:
+            run_tune(load_config("quick"), study_dir=study, trials=asked, workers=2, objective=dies_in_trials_0_to_2,
+                     progress=False)
+        assert str(failed.value).endswith(f"continue with: {cli('tune', '--run-dir', study, '--trials', str(owed))}")
+    run_tune(load_config("quick"), study_dir=study, trials=1, objective=dies_in_trials_0_to_2, progress=False)
+    states = [t.state.name for t in optuna_trials(study)]
+    assert states.count("COMPLETE") == 4 and states.count("FAIL") == 3 and len(states) == 7, states
+
+
+def dies_beside_another_commands_trial(trial) -> float:
+    """Starts a trial as another command running on the study would (its owner lives), then SIGKILLs its worker."""
+    trial.suggest_float("alpha", 0, 1)
+    other = trial.study.ask()
+    other.set_user_attr("owner", os.environ["MAMO_TEST_OWNER"])
+    os.kill(os.getpid(), signal.SIGKILL)
+    return 0.0
+
+
+def test_a_killed_workers_command_owes_its_own_trials_not_another_commands_running_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every trial running once the command's workers ended was counted as owed, another command's on the study
+    # too (its trials are running, not killed): --trials 4 for the 2 trials asked.
+    from mamo.cache import process_owner
+    from mamo.tune import run_tune
+
+    host, _, namespace = process_owner().split()
+    monkeypatch.setenv("MAMO_TEST_OWNER", f"{host} {os.getppid()} {namespace}")  # a process that lives on
+    study = tmp_path / "study"
+    with pytest.raises(MamoError, match="were killed by SIGKILL") as failed:
+        run_tune(load_config("quick"), study_dir=study, trials=2, workers=2,
+                 objective=dies_beside_another_commands_trial, progress=False)
+    assert str(failed.value).endswith(f"continue with: {cli('tune', '--run-dir', study, '--trials', '2')}")
+    assert [t.state.name for t in optuna_trials(study)].count("RUNNING") == 2  # the other command's, left alone
+
+
+def optuna_trials(study: Path) -> list:
+    import optuna
+
+    return optuna.load_study(study_name="mamo", storage=f"sqlite:///{study / 'study.db'}").trials
+
+
 @pytest.mark.parametrize("command", ["search", "train"])
 def test_show_and_export_of_a_run_still_running_say_so_rather_than_to_resume_it(tmp_path: Path, command: str) -> None:
     # Before: "... holds a search run that has not finished (no architecture.json); finish it with python cli.py
@@ -208,9 +264,9 @@ def test_a_worker_whose_tune_command_was_killed_takes_no_more_trials(monkeypatch
     child = os.getpid() + 1  # a worker of this command, as os.getpid() and os.getppid() read in it
     monkeypatch.setattr(os, "getpid", lambda: child)
     monkeypatch.setattr(os, "getppid", lambda: tickets.command)
-    assert tickets.take() and tickets.untaken() == 2
+    assert tickets.take() and tickets.left.value == 2
     monkeypatch.setattr(os, "getppid", lambda: 1)  # the command is gone: init (or a subreaper) adopted the worker
-    assert tickets.take() is False and tickets.untaken() == 2
+    assert tickets.take() is False and tickets.left.value == 2
 
 
 def draws_alpha(trial) -> float:

@@ -259,6 +259,28 @@ def test_ctrl_c_says_how_to_continue_the_study(tmp_path, capsys):
     assert all(t.user_attrs["seconds"] >= 0 for t in trials)  # the trial's duration, stopped or not (trials.csv)
 
 
+def stopped_in_the_retry_of_trial_1(trial: optuna.Trial) -> float:
+    trial.suggest_float("alpha", 0, 1)
+    if trial.user_attrs.get("retry_of") == 1:
+        raise KeyboardInterrupt
+    return 1.0
+
+
+def test_a_continuation_stopped_in_the_retry_an_earlier_command_queued_still_owes_it(tmp_path, capsys):
+    # That retry is numbered below the continuation's first new trial (the stopping command queued it), and the
+    # owed trials were counted from there: the continuation said --trials 1, and the study asked for 3 trials
+    # ended with 2 complete (a helper's audit, also with real `cli.py tune` processes).
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(load_config("quick"), study_dir=tmp_path, trials=3, objective=interrupted)
+    assert capsys.readouterr().err.endswith(f"continue with: python cli.py tune --run-dir {tmp_path} --trials 2\n")
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(load_config("quick"), study_dir=tmp_path, trials=2, objective=stopped_in_the_retry_of_trial_1)
+    assert capsys.readouterr().err.endswith(f"continue with: python cli.py tune --run-dir {tmp_path} --trials 2\n")
+    run_tune(load_config("quick"), study_dir=tmp_path, trials=2, objective=interrupted)
+    states = [t.state for t in load(tmp_path).trials]
+    assert states.count(TrialState.COMPLETE) == 3 and states.count(TrialState.FAIL) == 2, states
+
+
 def test_a_trial_stopped_on_a_shared_storage_is_retried_and_its_folder_named(tmp_path, capsys):
     # A shared database's next command cannot tell one command's stopped trial from another's, so the stopping
     # command queues the retry itself; the continue line names a folder other than the study's default (a
@@ -875,6 +897,37 @@ def test_a_tune_stopped_by_sigterm_stops_its_workers_and_records_their_trials(tm
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert "running" not in (study / "summary.md").read_text()  # written after the workers recorded theirs
+
+
+def test_a_second_stop_that_kills_the_workers_still_owes_their_trials(tmp_path):
+    # A second stop within the first one's 2 s SIGKILLs the workers (a double Ctrl-C, a batch system's second
+    # SIGTERM): their trials, left running, are failed as killed and retried, but only the "stopped" ones were
+    # counted as owed, so the line said --trials 38 of 40 (and 2 of 4 with real `cli.py tune` processes).
+    import signal
+    import subprocess
+    import sys
+
+    from mamo.tune_study import KILLED
+
+    script, study, barrier = tmp_path / "study.py", tmp_path / "study", tmp_path / "barrier"
+    script.write_text(SIGTERM_SCRIPT)
+    barrier.mkdir()
+    paths = [str(Path(__file__).parent), str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "MAMO_TEST_BARRIER": str(barrier)}
+    process = subprocess.Popen([sys.executable, str(script), str(study)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(barrier.iterdir())) < 2:  # both workers inside a trial
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # the workers get no signal: the command waits 2 s for them first
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert err.endswith(f"continue with: python cli.py tune --run-dir {study} --trials 40\n"), err
+    trials = load(study).trials
+    assert [t.user_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL] == [KILLED] * 2
+    assert [t.state for t in trials].count(TrialState.WAITING) == 2  # their retries
 
 
 def test_a_stopped_command_kills_the_workers_a_signal_does_not_stop(monkeypatch):
