@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,16 +79,27 @@ def fail_reason(trial: FrozenTrial) -> str:
     return NO_RECORD
 
 
+def _values_text(study: optuna.Study, trial: FrozenTrial) -> str:
+    names = study.metric_names or [f"objective {i}" for i in range(len(trial.values))]
+    return "complete: " + ", ".join(f"{name} {value:.4g}" for name, value in zip(names, trial.values, strict=True))
+
+
+def _pruned_text(study: optuna.Study, trial: FrozenTrial) -> str:
+    step = max(trial.intermediate_values, default=None)
+    return "pruned" if step is None else f"pruned after round {step} at {trial.intermediate_values[step]:.4g}"
+
+
+OUTCOMES: dict[TrialState, Callable[[optuna.Study, FrozenTrial], str]] = {
+    TrialState.COMPLETE: _values_text,
+    TrialState.PRUNED: _pruned_text,
+    TrialState.FAIL: lambda study, trial: f"failed: {fail_reason(trial)}",
+}
+
+
 def outcome_text(study: optuna.Study, trial: FrozenTrial) -> str:
     """How a finished trial ended, as its line in tune.log says: its values, the round it was pruned after, or
     why it failed."""
-    if trial.state == TrialState.COMPLETE:
-        names = study.metric_names or [f"objective {i}" for i in range(len(trial.values))]
-        return "complete: " + ", ".join(f"{name} {value:.4g}" for name, value in zip(names, trial.values, strict=True))
-    if trial.state == TrialState.PRUNED:
-        step = max(trial.intermediate_values, default=None)
-        return "pruned" if step is None else f"pruned after round {step} at {trial.intermediate_values[step]:.4g}"
-    return f"failed: {fail_reason(trial)}"
+    return OUTCOMES[trial.state](study, trial)
 
 
 def best_trials(study: optuna.Study, multi: bool) -> list[FrozenTrial]:
