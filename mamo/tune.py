@@ -216,7 +216,7 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
         raise
     except KeyboardInterrupt:  # in the reference's training, say: its finished networks are cached in the folder
         print(f"stopped while setting the study up (what the reference trained is kept); continue with: "
-              f"{_continuing(directory, storage, url, name, trials)}", file=sys.stderr, flush=True)
+              f"{_continuing(directory, storage, url, name, trials, workers)}", file=sys.stderr, flush=True)
         raise StopExplained from None
     return _OpenStudy(study, directory, url, config, tasks, trials, workers, threads)
 
@@ -292,25 +292,30 @@ def run_tune(
                 # What is owed, not the command as it was: that ran all its trials again, the finished ones too.
                 owed = owed_trials(study, tickets)
                 raise MamoError(f"{failure}; continue with: "
-                                f"{_continuing(directory, storage, opened.url, name, owed)}") from None
+                                f"{_continuing(directory, storage, opened.url, name, owed, opened.workers)}"
+                               ) from None
     except KeyboardInterrupt:
         if storage is None:  # a worker killed while recording its stop left its trial running: retried next time
             retry_interrupted(study, line)
         summarize(study, directory, config, multi_objective, shown)  # the stopped trial's reason included
         owed = owed_trials(study, tickets)  # counted as for a killed worker above
         print(f"stopped; finished trials stay in the study; continue with: "
-              f"{_continuing(directory, storage, opened.url, name, owed)}", file=sys.stderr, flush=True)
+              f"{_continuing(directory, storage, opened.url, name, owed, opened.workers)}", file=sys.stderr,
+              flush=True)
         raise StopExplained from None
     return summarize(study, directory, config, multi_objective, shown)
 
 
-def _continuing(directory: Path, storage: str | None, url: str, name: str, trials: int | None) -> str:
-    """The command that continues a stopped study with ``trials`` more (the study's tune.trials when None)."""
+def _continuing(directory: Path, storage: str | None, url: str, name: str, trials: int | None,
+                workers: int = 1) -> str:
+    """The command that continues a stopped study with ``trials`` more (the study's tune.trials when None), on
+    the stopped command's ``workers``."""
     # A storage URL as shown_url shows it: its password masked, for the user to fill in.
     where = ["--run-dir", directory] if storage is None else ["--storage", shown_url(url), "--study", name]
     if storage is not None and Path(directory) != _shared_study_folder(name):  # else another folder would join
         where += ["--run-dir", directory]
-    return cli("tune", *where, *([] if trials is None else ["--trials", str(trials)]))
+    return cli("tune", *where, *([] if trials is None else ["--trials", str(trials)]),
+               *([] if workers == 1 else ["--workers", str(workers)]))
 
 
 def _check_arguments(config: Config, trials: int | None, workers: int, storage: str | None,

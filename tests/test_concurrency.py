@@ -160,7 +160,7 @@ def test_a_study_whose_worker_was_killed_still_summarizes_the_trials_the_others_
                  progress=False)
     # What this command still owes is the killed trial's retry: "rerun the same command" ran 3 more.
     assert str(failed.value).endswith(f"; the finished trials are kept in the study; continue with: "
-                                      f"{cli('tune', '--run-dir', study, '--trials', '1')}")
+                                      f"{cli('tune', '--run-dir', study, '--trials', '1', '--workers', '2')}")
     trials = optuna.load_study(study_name="mamo", storage=f"sqlite:///{study / 'study.db'}").trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE", "WAITING"]  # the retry is queued
     with open(study / "trials.csv", encoding="utf-8", newline="") as table:
@@ -194,7 +194,8 @@ def test_a_continuation_whose_worker_is_killed_in_an_inherited_retry_still_owes_
         with pytest.raises(MamoError, match="killed by SIGKILL") as failed:
             run_tune(load_config("quick"), study_dir=study, trials=asked, workers=2, objective=dies_in_trials_0_to_2,
                      progress=False)
-        assert str(failed.value).endswith(f"continue with: {cli('tune', '--run-dir', study, '--trials', str(owed))}")
+        assert str(failed.value).endswith(
+            f"continue with: {cli('tune', '--run-dir', study, '--trials', str(owed), '--workers', '2')}")
     run_tune(load_config("quick"), study_dir=study, trials=1, objective=dies_in_trials_0_to_2, progress=False)
     states = [t.state.name for t in optuna_trials(study)]
     assert states.count("COMPLETE") == 4 and states.count("FAIL") == 3 and len(states) == 7, states
@@ -222,7 +223,8 @@ def test_a_killed_workers_command_owes_its_own_trials_not_another_commands_runni
     with pytest.raises(MamoError, match="were killed by SIGKILL") as failed:
         run_tune(load_config("quick"), study_dir=study, trials=2, workers=2,
                  objective=dies_beside_another_commands_trial, progress=False)
-    assert str(failed.value).endswith(f"continue with: {cli('tune', '--run-dir', study, '--trials', '2')}")
+    assert str(failed.value).endswith(
+        f"continue with: {cli('tune', '--run-dir', study, '--trials', '2', '--workers', '2')}")
     assert [t.state.name for t in optuna_trials(study)].count("RUNNING") == 2  # the other command's, left alone
 
 

@@ -924,7 +924,8 @@ def test_a_second_stop_that_kills_the_workers_still_owes_their_trials(tmp_path):
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
-    assert err.endswith(f"continue with: python cli.py tune --run-dir {study} --trials 40\n"), err
+    # On the stopped command's two workers: the continue line said nothing of them, so it ran one.
+    assert err.endswith(f"continue with: python cli.py tune --run-dir {study} --trials 40 --workers 2\n"), err
     trials = load(study).trials
     assert [t.user_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL] == [KILLED] * 2
     assert [t.state for t in trials].count(TrialState.WAITING) == 2  # their retries
