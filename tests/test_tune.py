@@ -862,13 +862,10 @@ if __name__ == "__main__":  # spawned workers import this file again
 """
 
 
-def test_a_tune_stopped_by_sigterm_stops_its_workers_and_records_their_trials(tmp_path):
-    # Before: the parent died at once, its workers ran the study on without it, and no summary was written.
-    import signal
+def _two_workers_in_trials(tmp_path: Path):
+    """SIGTERM_SCRIPT's study in a process of its own, returned once both its workers are inside a trial."""
     import subprocess
     import sys
-
-    from mamo.tune_workers import STOPPED
 
     script, study, barrier = tmp_path / "study.py", tmp_path / "study", tmp_path / "barrier"
     script.write_text(SIGTERM_SCRIPT)
@@ -878,8 +875,18 @@ def test_a_tune_stopped_by_sigterm_stops_its_workers_and_records_their_trials(tm
     process = subprocess.Popen([sys.executable, str(script), str(study)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(barrier.iterdir())) < 2:  # both workers inside a trial
+    while time.monotonic() < deadline and len(list(barrier.iterdir())) < 2:
         time.sleep(0.05)
+    return process, study
+
+
+def test_a_tune_stopped_by_sigterm_stops_its_workers_and_records_their_trials(tmp_path):
+    # Before: the parent died at once, its workers ran the study on without it, and no summary was written.
+    import signal
+
+    from mamo.tune_workers import STOPPED
+
+    process, study = _two_workers_in_trials(tmp_path)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
@@ -904,21 +911,10 @@ def test_a_second_stop_that_kills_the_workers_still_owes_their_trials(tmp_path):
     # SIGTERM): their trials, left running, are failed as killed and retried, but only the "stopped" ones were
     # counted as owed, so the line said --trials 38 of 40 (and 2 of 4 with real `cli.py tune` processes).
     import signal
-    import subprocess
-    import sys
 
     from mamo.tune_study import KILLED
 
-    script, study, barrier = tmp_path / "study.py", tmp_path / "study", tmp_path / "barrier"
-    script.write_text(SIGTERM_SCRIPT)
-    barrier.mkdir()
-    paths = [str(Path(__file__).parent), str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "MAMO_TEST_BARRIER": str(barrier)}
-    process = subprocess.Popen([sys.executable, str(script), str(study)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(barrier.iterdir())) < 2:  # both workers inside a trial
-        time.sleep(0.05)
+    process, study = _two_workers_in_trials(tmp_path)
     process.send_signal(signal.SIGTERM)  # the workers get no signal: the command waits 2 s for them first
     time.sleep(0.3)
     process.send_signal(signal.SIGTERM)
