@@ -205,7 +205,8 @@ def retry_interrupted(study: optuna.Study, log: TrialLine) -> None:
     """Queue a retry of every trial an earlier command left unfinished: RUNNING (its command was killed, see
     :func:`left_running`; not the trials of another command running on the study) or failed by Ctrl-C. The
     retry takes the same parameters and continues the trial's folder from its newest checkpoint. A trial killed
-    before it drew its parameters computed nothing and is not retried. Only for a study in its own folder's
+    before it drew its parameters computed nothing and is not retried; if it was itself a retry, the parameters
+    queued for it are queued again. Only for a study in its own folder's
     SQLite: a shared database's running trials are left to the heartbeat (the command that stops a trial queues
     its retry itself, on any storage; one already retried is skipped here). Commands on the study folder take
     turns here (a lock on the folder): two that read the trials before either queued its retry retried a trial
@@ -216,14 +217,21 @@ def retry_interrupted(study: optuna.Study, log: TrialLine) -> None:
 
 def _retry_interrupted(study: optuna.Study, log: TrialLine) -> None:
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    killed = {t.number for t in trials if t.state == TrialState.RUNNING and left_running(t)}
+    # A retry killed before it drew the parameters queued for it has none of its own and retries nothing: its
+    # original's parameters are queued again, or they would never finish.
+    empty = {t.number for t in trials if t.number in killed and not t.params}
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials if t.number not in empty}
     for trial in trials:
-        killed = trial.state == TrialState.RUNNING and left_running(trial)
+        number = trial.user_attrs.get(RETRY_OF)
+        if trial.number in empty and number is not None and number not in retried and trials[number].params:
+            study.enqueue_trial(trials[number].params, user_attrs={RETRY_OF: number})
+            retried.add(number)
         stopped = trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") == STOPPED
         # Queued before the kill is recorded: a command killed in between leaves a RUNNING trial to retry again.
-        if (killed or stopped) and trial.params and trial.number not in retried:
+        if (trial.number in killed or stopped) and trial.params and trial.number not in retried:
             study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
-        if killed:
+        if trial.number in killed:
             reason = KILLED if trial.params else KILLED_EARLY
             optuna.Trial(study, trial._trial_id).set_user_attr("fail_reason", reason)
             study.tell(trial.number, state=TrialState.FAIL)

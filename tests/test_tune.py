@@ -474,6 +474,29 @@ def test_a_command_killed_between_queueing_a_retry_and_failing_the_trial_still_r
     assert states == [TrialState.FAIL, TrialState.WAITING]  # failed now, and queued once, not twice
 
 
+def test_a_retry_killed_before_it_drew_its_parameters_is_queued_again_with_them(tmp_path):
+    # A retry popped from the queue and killed before its objective asked for the queued parameters has none of
+    # its own: it was failed as "killed before the trial drew its parameters" and never retried, so the
+    # parameters of trial 0 were never finished (a helper's scenario with SIGKILLed workers).
+    from mamo.tune_study import retry_interrupted
+    from mamo.tune_workers import TrialLine
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'study.db'}"))
+    trial = study.ask()
+    trial.suggest_float("alpha", 0, 1)
+    study.tell(trial, state=TrialState.FAIL)
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": 0})  # trial 0 stopped, its retry queued
+    retry = study.ask()  # the retry, popped from the queue and killed before it drew anything
+    retry.set_user_attr("owner", dead_owner())
+    retry_interrupted(study, TrialLine(tmp_path / "tune.log"))
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
+    assert trials[2].user_attrs["retry_of"] == 0  # continues trial 0's folder, with its parameters
+    assert trials[2].system_attrs["fixed_params"] == trials[0].params
+    retry_interrupted(study, TrialLine(tmp_path / "tune.log"))  # once
+    assert len(study.trials) == 3
+
+
 def dead_owner() -> str:
     """The owner record of a process of this machine that has exited."""
     import subprocess
