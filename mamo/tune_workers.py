@@ -136,11 +136,15 @@ class Recorded:
             if self.stop is not None:
                 self.stop.recording = True
             trial.set_user_attr("fail_reason", reason)
+            retried = trial.user_attrs.get(RETRY_OF)
             if reason == STOPPED and trial.params:
                 # Queued by the command that stopped it, on any storage: a shared database's next command cannot
                 # tell this command's stopped trials from another's (for a local study, the next command's
                 # tune_study.retry_interrupted skips a trial already retried).
                 trial.study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
+            elif retried is not None and not trial.params:  # a retry stopped before it drew: queued again
+                original = trial.study.get_trials(deepcopy=False)[retried].params
+                trial.study.enqueue_trial(original, user_attrs={RETRY_OF: retried})
             if self.log is not None:
                 self.log.write(trial.number, f"failed: {reason}", trial.params, time.perf_counter() - start)
             raise

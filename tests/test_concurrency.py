@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from optuna.trial import TrialState
 
 from mamo.config import load_config
 from mamo.errors import MamoError
@@ -338,3 +339,40 @@ def test_two_waiters_finding_one_dead_owner_take_its_baseline_over_once(tmp_path
         for claim in (mine, other[1]):
             if claim is not None:
                 claim.release()
+
+
+@pytest.mark.parametrize("in_objective", [False, True])
+def test_a_retry_stopped_before_it_drew_its_parameters_has_them_queued_again(tmp_path: Path, in_objective) -> None:
+    """A Ctrl-C while Optuna pops a queued retry, or in its objective before it draws, leaves a failed trial with
+    no parameters of its own: its original's are queued again, or they never finished (a helper's re-check)."""
+    import optuna
+
+    from mamo.stops import STOP_REQUESTED
+    from mamo.tune_storage import RETRY_OF, open_storage
+    from mamo.tune_study import retry_interrupted
+    from mamo.tune_workers import Recorded, TrialLine
+
+    study = optuna.create_study(study_name="s", storage=open_storage(f"sqlite:///{tmp_path / 'study.db'}"))
+    line = TrialLine(tmp_path / "tune.log")
+
+    def drawn_then_stopped(trial: optuna.Trial) -> float:
+        trial.suggest_float("x", 0, 1)
+        raise KeyboardInterrupt
+
+    def stopped(trial: optuna.Trial) -> float:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(Recorded(drawn_then_stopped, line), n_trials=1)  # trial 0: its retry is queued
+    if not in_objective:
+        STOP_REQUESTED.set()  # a Ctrl-C while Optuna makes the retry's trial
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            study.optimize(Recorded(stopped, line), n_trials=1)
+    finally:
+        STOP_REQUESTED.clear()
+    retry_interrupted(study, line)  # the next command's
+    trials = study.get_trials()
+    assert not trials[1].params and trials[1].user_attrs[RETRY_OF] == 0
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert [(t.user_attrs[RETRY_OF], t.system_attrs["fixed_params"]) for t in waiting] == [(0, trials[0].params)]
