@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mamo.cache import process_owner
 from mamo.errors import MamoError
+from mamo.runs import one_at_a_time
 from mamo.stops import STOP_REQUESTED, handling_stops, hide_dropped_stops
 from mamo.tune_space import PRUNERS
 from mamo.tune_storage import RETRY_OF, open_storage, shown_url, storage_failure
@@ -255,6 +256,20 @@ class Plan:
     threads: int | None = None  # torch threads per worker, so that K workers do not oversubscribe the cores
 
 
+class OneTakerStudy(optuna.Study):
+    """A study whose processes take a queued trial (a retry) in turn, under an flock on the study ``folder``:
+    Optuna reads it WAITING, then sets it RUNNING, and SQLite ignores the read's FOR UPDATE, so two workers ran
+    one retry in one folder and another was never run (6 and 10 of 60 taken twice by three processes)."""
+
+    def __init__(self, study_name: str, storage: optuna.storages.BaseStorage, folder: Path, **parts: Any):
+        super().__init__(study_name=study_name, storage=storage, **parts)  # parts: sampler, pruner
+        self.folder = folder
+
+    def _pop_waiting_trial_id(self) -> int | None:  # Optuna's one step that takes a queued trial
+        with one_at_a_time(self.folder):
+            return super()._pop_waiting_trial_id()
+
+
 def draw_index(study: optuna.Study, trial: FrozenTrial) -> int:
     """How many of the study's earlier trials drew parameters or are about to: retries and trials killed before
     they drew are not counted, so a stop leaves later draws as an uninterrupted study's; trials still running
@@ -291,8 +306,8 @@ def optimize(plan: Plan, tickets: Tickets, seed: int | None, stop: WorkerStop | 
         import torch
 
         torch.set_num_threads(plan.threads)
-    study = optuna.load_study(study_name=plan.study, storage=open_storage(plan.url, create=False),
-                              sampler=TrialSeededTPE(seed), pruner=PRUNERS[plan.pruner]())
+    study = OneTakerStudy(plan.study, open_storage(plan.url, create=False), plan.log_path.parent,
+                          sampler=TrialSeededTPE(seed), pruner=PRUNERS[plan.pruner]())
     line = TrialLine(plan.log_path)
     while not STOP_REQUESTED.is_set() and tickets.take():
         try:
