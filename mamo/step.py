@@ -189,6 +189,7 @@ class TrainStep:
         self.gradient_path = gradient_path
         self.gradient_layout = gradient_layout
         self.cuda_graphs = cuda_graphs
+        self._graphs: StepGraphs | None = None
         self._batched_failed = False
         self._precision_checked = False
         # The gradient mode ("exact" or "ub") the direction's history was built in; checkpointed with it.
@@ -212,9 +213,8 @@ class TrainStep:
         self._layout: Layout | None = None
         self._layout_device: torch.device | None = None
         # Recorded graphs replay the old network's memory: a grown one is recorded anew.
-        old = getattr(self, "_graphs", None)
-        self._graphs = (StepGraphs(lambda: list(self.model.parameters()), old.side_streams if old else None)
-                        if self.cuda_graphs else None)
+        streams = self._graphs.side_streams if self._graphs else None
+        self._graphs = StepGraphs(lambda: list(self.model.parameters()), streams) if self.cuda_graphs else None
 
     @property
     def jacobian(self) -> torch.Tensor | None:
