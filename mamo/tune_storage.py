@@ -18,9 +18,14 @@ from mamo.errors import MamoError, first_line
 RETRY_OF = "retry_of"  # a trial's user attribute: the number of the interrupted trial it continues
 
 
+def queue_retry(study: optuna.Study, number: int, params: dict) -> None:
+    """Queue a retry of trial ``number`` with ``params``: it continues that trial's folder."""
+    study.enqueue_trial(params, user_attrs={RETRY_OF: number})
+
+
 def retry_stale(study: optuna.Study, trial: FrozenTrial) -> None:
     """Queue a retry (same parameters) of a trial Optuna failed because its worker's heartbeat stopped."""
-    study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
+    queue_retry(study, trial.number, trial.params)
 
 
 ENGINE_ARGS: dict[str, dict] = {

@@ -23,7 +23,7 @@ from mamo.data_plugins import plugin_source, plugin_source_digest
 from mamo.errors import MamoError
 from mamo.runs import one_at_a_time, replace_atomically, write_text_atomically
 from mamo.tune_space import OWN_OBJECTIVE, SPACE, objective_metrics
-from mamo.tune_storage import RETRY_OF
+from mamo.tune_storage import RETRY_OF, queue_retry
 from mamo.tune_summary import NO_RECORD, STOPPED_EARLY, fail_reason
 from mamo.tune_workers import COMMAND, OWNER, STOPPED, Tickets, TrialLine
 
@@ -225,12 +225,12 @@ def _retry_interrupted(study: optuna.Study, log: TrialLine) -> None:
     for trial in trials:
         number = trial.user_attrs.get(RETRY_OF)
         if trial.number in empty and number is not None and number not in retried and trials[number].params:
-            study.enqueue_trial(trials[number].params, user_attrs={RETRY_OF: number})
+            queue_retry(study, number, trials[number].params)
             retried.add(number)
         stopped = trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") == STOPPED
         # Queued before the kill is recorded: a command killed in between leaves a RUNNING trial to retry again.
         if (trial.number in killed or stopped) and trial.params and trial.number not in retried:
-            study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
+            queue_retry(study, trial.number, trial.params)
         if trial.number in killed:
             reason = KILLED if trial.params else KILLED_EARLY
             optuna.Trial(study, trial._trial_id).set_user_attr("fail_reason", reason)

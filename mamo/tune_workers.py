@@ -32,7 +32,7 @@ from mamo.errors import MamoError
 from mamo.runs import one_at_a_time
 from mamo.stops import STOP_REQUESTED, handling_stops, hide_dropped_stops
 from mamo.tune_space import PRUNERS
-from mamo.tune_storage import RETRY_OF, open_storage, shown_url, storage_failure
+from mamo.tune_storage import RETRY_OF, open_storage, queue_retry, shown_url, storage_failure
 from mamo.tune_summary import STOPPED_EARLY, outcome_text, short_value
 
 # What a trial may raise without stopping the study: bad sampled settings, NaN losses, out of memory.
@@ -142,10 +142,9 @@ class Recorded:
                 # Queued by the command that stopped it, on any storage: a shared database's next command cannot
                 # tell this command's stopped trials from another's (for a local study, the next command's
                 # tune_study.retry_interrupted skips a trial already retried).
-                trial.study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
+                queue_retry(trial.study, trial.number, trial.params)
             elif retried is not None and not trial.params:  # a retry stopped before it drew: queued again
-                original = trial.study.get_trials(deepcopy=False)[retried].params
-                trial.study.enqueue_trial(original, user_attrs={RETRY_OF: retried})
+                queue_retry(trial.study, retried, trial.study.get_trials(deepcopy=False)[retried].params)
             if self.log is not None:
                 self.log.write(trial.number, f"failed: {reason}", trial.params, time.perf_counter() - start)
             raise
