@@ -83,22 +83,24 @@ def normal_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- metrics
 
 
-class NoValidPixels(MamoError):
-    """A split without one valid pixel for a task has no metrics for it (they were 0: a perfect error)."""
+class NoTargets(MamoError):
+    """A split without one valid pixel (or labelled sample) for a task has no metrics for it (they were 0: a
+    perfect error)."""
 
-    def __init__(self, task_type: str, marker: str, split: str = "evaluated"):
-        super().__init__(f"no pixel of the {split} split has a {task_type} target ({marker}), so its {task_type} "
-                         f"metrics are undefined; check that split's {task_type} files.")
-        self.task_type, self.marker = task_type, marker
+    def __init__(self, task_type: str, marker: str, split: str = "evaluated", unit: str = "pixel"):
+        where = "files" if unit == "pixel" else "targets"  # dense targets come from files, class targets from data
+        super().__init__(f"no {unit} of the {split} split has a {task_type} target ({marker}), so its {task_type} "
+                         f"metrics are undefined; check that split's {task_type} {where}.")
+        self.task_type, self.marker, self.unit = task_type, marker, unit
 
-    def of_split(self, split: str) -> NoValidPixels:
+    def of_split(self, split: str) -> NoTargets:
         """The same sentence naming the split (the metrics do not know which split they sum)."""
-        return NoValidPixels(self.task_type, self.marker, f"'{split}'")
+        return NoTargets(self.task_type, self.marker, f"'{split}'", self.unit)
 
 
 def _check_pixels(pixels: float, task_type: str, marker: str) -> None:
     if pixels == 0:
-        raise NoValidPixels(task_type, marker)
+        raise NoTargets(task_type, marker)
 
 
 def segmentation_sums(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:

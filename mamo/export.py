@@ -12,7 +12,7 @@ import argparse
 import json
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import networkx as nx
@@ -248,8 +248,11 @@ FORMATS: dict[str, tuple[str, Callable[[MamoNet, Path], None]]] = {
 }
 
 
-def export(run_dir: str | Path, formats: list[str], out_dir: str | Path | None = None) -> list[Path]:
-    """Write each of ``formats`` for the run's model into ``out_dir`` (default: the run folder)."""
+def export(run_dir: str | Path, formats: str | Sequence[str], out_dir: str | Path | None = None) -> list[Path]:
+    """Write each of ``formats`` (one name, or several) for the run's model into ``out_dir`` (default: the run
+    folder)."""
+    # One name as a string: iterated, "pt2" was the formats "p", "t" and "2".
+    formats = [formats] if isinstance(formats, str) else list(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise MamoError(f"unknown export format {', '.join(unknown)}; use any of {', '.join(FORMATS)}.")

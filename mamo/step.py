@@ -21,6 +21,7 @@ import torch
 from mamo.directions.base import Direction
 from mamo.directions.equal import Equal
 from mamo.errors import MamoError
+from mamo.losses import LossFunction
 from mamo.model import MamoNet
 from mamo.step_graphs import DeviceHalf, HostState, StepGraphs
 from mamo.task_gradients import (
@@ -33,7 +34,7 @@ from mamo.task_gradients import (
     resolve_gradient_path,
     resolve_layout,
 )
-from mamo.tasks import task_loss
+from mamo.tasks import bind_loss
 
 
 @dataclass
@@ -212,6 +213,8 @@ class TrainStep:
         self.partition = ParameterPartition(self.model)
         self._layout: Layout | None = None
         self._layout_device: torch.device | None = None
+        self._loss_functions: list[LossFunction] = []
+        self._loss_device: torch.device | None = None
         # Recorded graphs replay the old network's memory: a grown one is recorded anew.
         streams = self._graphs.side_streams if self._graphs else None
         self._graphs = StepGraphs(lambda: list(self.model.parameters()), streams) if self.cuda_graphs else None
@@ -252,8 +255,13 @@ class TrainStep:
         return self._losses(predictions, targets)
 
     def _losses(self, predictions: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        tasks = self.partition.tasks
+        device = predictions[tasks[0]].device
+        if self._loss_device != device:  # bound once: class weights are copied to the device here, not per step
+            self._loss_functions = [bind_loss(self.model.tasks[t], device) for t in tasks]
+            self._loss_device = device
         # Losses in float32 outside autocast: a bf16 forward must not round the losses or their gradients.
-        return [task_loss(self.model.tasks[t], predictions[t].float(), targets[t]) for t in self.partition.tasks]
+        return [loss(predictions[t].float(), targets[t]) for t, loss in zip(tasks, self._loss_functions, strict=True)]
 
     def _check(self, losses: torch.Tensor) -> None:
         bad = [t for t, v in zip(self.partition.tasks, losses.tolist(), strict=True) if not math.isfinite(v)]

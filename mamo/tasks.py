@@ -4,22 +4,26 @@ A dataset describes its tasks with plain dicts (the stable plugin contract):
 ``{"type": "classification", "classes": K}``, ``{"type": "regression", "dim": D}``,
 ``{"type": "reconstruction", "shape": [C, H, W]}``, and the dense-prediction types of :mod:`mamo.dense`:
 ``{"type": "segmentation", "classes": K, "shape": [H, W]}``, ``{"type": "depth", "shape": [1, H, W]}``,
-``{"type": "normal", "shape": [3, H, W]}``. :func:`parse_tasks` turns them into :class:`TaskSpec`.
+``{"type": "normal", "shape": [3, H, W]}``. A classification or segmentation task may weigh its classes
+(``"class_weights": [w_0, ..., w_{K-1}]``), and a classification task may leave samples unlabelled
+(``"missing_labels": True``, their target -1), as a segmentation task's pixels always may (:mod:`mamo.losses`).
+:func:`parse_tasks` turns them into :class:`TaskSpec`.
 Each task type is one entry of :data:`TASK_TYPES`; adding a type means adding an entry, not a branch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from mamo import dense
 from mamo.errors import MamoError
+from mamo.losses import LOSSES, LossFunction, class_weight_tensor, label_options
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,8 @@ class TaskSpec:
     shape: tuple[int, ...] = ()
     head: str = "default"
     loss: str = "default"
+    class_weights: tuple[float, ...] = ()
+    missing_labels: bool = False
 
     @property
     def output_size(self) -> int:
@@ -63,32 +69,11 @@ class TaskSpec:
             out["head"] = self.head
         if self.loss != "default":
             out["loss"] = self.loss
+        if self.class_weights:
+            out["class_weights"] = list(self.class_weights)
+        if self.missing_labels:
+            out["missing_labels"] = True
         return out
-
-
-def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(pred.reshape(target.shape), target.to(pred.dtype))
-
-
-def _exp_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    # Pareto MTL Eq 19: 1 - exp(-||x - t||^2), a concave front. The norm runs over each sample's whole target:
-    # summing over the last axis alone would sum over the batch for (B,) targets and over rows for images.
-    diff = pred.reshape(target.shape) - target.to(pred.dtype)
-    return (1.0 - torch.exp(-(diff**2).reshape(diff.shape[0], -1).sum(dim=1))).mean()
-
-
-def _cross_entropy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(pred, target.long())
-
-
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "cross_entropy": _cross_entropy,
-    "mse": _mse,
-    "exp_mse": _exp_mse,
-    "pixel_cross_entropy": dense.segmentation_loss,
-    "masked_l1": dense.depth_loss,
-    "cosine": dense.normal_loss,
-}
 
 
 def _per_sample_means(sums: dict[str, float], count: int) -> dict[str, float]:
@@ -128,8 +113,11 @@ def _has_shape(spec: TaskSpec, target: torch.Tensor) -> tuple[bool, str]:
 
 def _is_class(spec: TaskSpec, target: torch.Tensor) -> tuple[bool, str]:
     # 0-d: a (1,) sample (targets of shape (N, 1)) passed here and then failed in cross-entropy with a traceback.
-    ok = target.dim() == 0 and float(target).is_integer() and 0 <= int(target) < spec.classes
-    return ok, f"a single class index in [0, {spec.classes}) (a 0-d tensor: class targets of shape (N,), not (N, 1))"
+    lowest = dense.IGNORE if spec.missing_labels else 0
+    ok = target.dim() == 0 and float(target).is_integer() and lowest <= int(target) < spec.classes
+    unlabelled = " or -1 (unlabelled)" if spec.missing_labels else ""
+    return ok, (f"a single class index in [0, {spec.classes}){unlabelled} (a 0-d tensor: class targets of shape "
+                "(N,), not (N, 1))")
 
 
 def _is_label_map(spec: TaskSpec, target: torch.Tensor) -> tuple[bool, str]:
@@ -139,7 +127,18 @@ def _is_label_map(spec: TaskSpec, target: torch.Tensor) -> tuple[bool, str]:
 
 
 def _classification_sums(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    return {"accuracy": (pred.argmax(dim=-1) == target.long()).sum().item()}
+    # An unlabelled target (-1, where the task allows it) matches no prediction and is not counted.
+    target = target.long()
+    hits, labelled = torch.stack([(pred.argmax(dim=-1) == target).sum(), (target != dense.IGNORE).sum()]).tolist()
+    return {"accuracy": hits, "labelled": labelled}
+
+
+def _classification_metrics(sums: dict[str, float], count: int) -> dict[str, float]:
+    """Accuracy over the labelled samples (all of them unless the task has ``missing_labels``)."""
+    labelled = sums.get("labelled", 0.0)
+    if count and not labelled:
+        raise dense.NoTargets("classification", "-1 marks an unlabelled sample", unit="sample")
+    return {"accuracy": sums.get("accuracy", 0.0) / max(labelled, 1.0)}
 
 
 def _regression_sums(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
@@ -161,13 +160,14 @@ def _map_shape(channels: int) -> Callable[[TaskSpec], int]:
 TASK_TYPES: dict[str, TaskType] = {
     "classification": TaskType(
         default_loss="cross_entropy",
-        # pixel_cross_entropy on a (B, K) prediction is plain cross-entropy (class targets are never -1).
+        # pixel_cross_entropy on a (B, K) prediction is cross-entropy over the labelled samples (those not -1).
         losses=("cross_entropy", "pixel_cross_entropy"),
         metrics=(Metric("accuracy", True),),
         output_size=lambda spec: spec.classes,
         batch_sums=_classification_sums,
         check_target=_is_class,
         needs="classes",
+        finalize=_classification_metrics,
     ),
     "regression": TaskType(
         default_loss="mse",
@@ -233,15 +233,6 @@ TASK_TYPES: dict[str, TaskType] = {
 }
 
 
-# What each masked loss averages over in a batch (the others average over its samples), so that an evaluation
-# weighs every batch's loss by it and a split's loss does not depend on the evaluation batch size.
-LOSS_COUNTS: dict[str, Callable[[torch.Tensor], float]] = {
-    "pixel_cross_entropy": dense.labelled_pixels,
-    "masked_l1": dense.valid_pixels,
-    "cosine": dense.valid_pixels,
-}
-
-
 def loss_name(spec: TaskSpec) -> str:
     """The entry of :data:`LOSSES` that trains ``spec``."""
     return TASK_TYPES[spec.type].default_loss if spec.loss == "default" else spec.loss
@@ -252,18 +243,21 @@ def head_name(spec: TaskSpec) -> str:
     return TASK_TYPES[spec.type].default_head if spec.head == "default" else spec.head
 
 
+def bind_loss(spec: TaskSpec, device: torch.device) -> LossFunction:
+    """``spec``'s training loss as a function of one batch's (predictions, targets), its class weights on
+    ``device``: bound once, called every step."""
+    return LOSSES[loss_name(spec)].bind(spec.class_weights, spec.missing_labels, device)
+
+
 def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The training loss of one task on one batch (a scalar)."""
-    return LOSSES[loss_name(spec)](pred, target)
-
-
-def _samples(target: torch.Tensor) -> float:
-    return float(target.shape[0])
+    """The training loss of one task on one batch (a scalar); binds it anew (:func:`bind_loss` for a loop)."""
+    return bind_loss(spec, pred.device)(pred, target)
 
 
 class MetricAccumulator:
     """Sums per-sample metric values over batches; :meth:`compute` gives the means. A task's loss is the mean
-    over everything its loss averages (samples, or valid pixels for the masked losses) in the whole split."""
+    over everything its loss averages (samples, labelled targets weighed by their class weights, or valid pixels
+    for the masked losses) in the whole split."""
 
     def __init__(self, tasks: dict[str, TaskSpec]):
         self.tasks = tasks
@@ -271,6 +265,8 @@ class MetricAccumulator:
         self.loss_sums: dict[str, float] = {name: 0.0 for name in tasks}
         self.loss_counts: dict[str, float] = {name: 0.0 for name in tasks}
         self.count = 0
+        self._losses: dict[str, LossFunction] = {}
+        self._weights: dict[str, torch.Tensor | None] = {}
 
     def update(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> None:
         batch = next(iter(targets.values())).shape[0]
@@ -279,8 +275,11 @@ class MetricAccumulator:
             pred, target = outputs[name].detach(), targets[name]
             for metric, value in TASK_TYPES[spec.type].batch_sums(pred, target).items():
                 self.sums[name][metric] = self.sums[name].get(metric, 0.0) + value
-            weight = LOSS_COUNTS.get(loss_name(spec), _samples)(target)
-            self.loss_sums[name] += task_loss(spec, pred.float(), target).item() * weight
+            if name not in self._losses:  # the first batch's device is the evaluation's
+                self._losses[name] = bind_loss(spec, pred.device)
+                self._weights[name] = class_weight_tensor(spec.class_weights, pred.device)
+            weight = LOSSES[loss_name(spec)].mass(target, self._weights[name])
+            self.loss_sums[name] += self._losses[name](pred.float(), target).item() * weight
             self.loss_counts[name] += weight
 
     def compute(self) -> dict[str, dict[str, float]]:
@@ -343,7 +342,7 @@ def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
             raise MamoError(
                 f"task '{name}' from {source} has unknown type {kind!r}; use one of {', '.join(sorted(TASK_TYPES))}."
             )
-        extra = set(spec) - {"type", "classes", "dim", "shape", "head", "loss"}
+        extra = set(spec) - {"type", "classes", "dim", "shape", "head", "loss", "class_weights", "missing_labels"}
         if extra:
             raise MamoError(f"task '{name}' from {source} has unknown keys {sorted(extra, key=repr)}; remove them.")
         loss = spec.get("loss", "default")
@@ -371,5 +370,8 @@ def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
         if task.output_size <= 0 or any(s <= 0 for s in task.shape):
             need = TASK_TYPES[task.type].needs
             raise MamoError(f"task '{name}' from {source} of type {task.type} needs positive {need}; fix its spec.")
+        weights, missing = label_options(spec, f"task '{name}' from {source}", task.type, task.classes,
+                                         loss_name(task))
+        task = dataclasses.replace(task, class_weights=weights, missing_labels=missing)
         specs[task.name] = task
     return specs

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mamo.config import FLOAT32_MAX, TrainConfig
 from mamo.data import batches_per_epoch, iterate_batches
-from mamo.dense import NoValidPixels
+from mamo.dense import NoTargets
 from mamo.directions import Tensioner
 from mamo.errors import MamoError, TrainingDiverged
 from mamo.model import MamoNet
@@ -381,7 +381,7 @@ class Trainer:
             accumulator.update(self.model(x), targets)
         try:
             return accumulator.compute()
-        except NoValidPixels as exc:
+        except NoTargets as exc:
             raise exc.of_split(split) from None
 
     @property

@@ -416,6 +416,12 @@ def test_odd_task_names_that_are_allowed_export_a_pt2_that_loads(name, tmp_path)
         assert torch.equal(outputs[1], model(x)[name])
 
 
+def test_the_python_export_takes_one_format_as_a_string(finished, tmp_path):
+    run_dir, _ = finished  # a string was iterated: "dot" was the unknown formats "d", "o" and "t"
+    assert export(run_dir, "dot", tmp_path / "out") == [tmp_path / "out" / "architecture.dot"]
+    assert (tmp_path / "out" / "architecture.dot").read_text().startswith("digraph")
+
+
 def test_export_out_must_be_a_folder(finished, tmp_path, capsys):
     run_dir, _ = finished
     a_file = tmp_path / "architecture.json"

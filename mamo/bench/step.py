@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 
 import torch
@@ -47,12 +47,13 @@ from mamo.config import DirectionConfig, ModelConfig, TensionerConfig
 from mamo.conflicts import ConflictStats
 from mamo.directions import create_direction
 from mamo.graph import build_hps_graph
+from mamo.losses import LossFunction
 from mamo.model import compile_model
 from mamo.session import make_current
 from mamo.spaces import create_space, memory_failures_named
 from mamo.step import TrainStep
 from mamo.task_gradients import LAYOUTS, ParameterPartition, resolve_layout
-from mamo.tasks import parse_tasks, task_loss
+from mamo.tasks import bind_loss, parse_tasks
 from mamo.trainer import intra_op_threads, resolve_device
 
 SHARED_OPTIONS = ("quick", "device")  # timing, not training: no seeds
@@ -87,6 +88,11 @@ class Setup:
     targets: dict[str, torch.Tensor]
     part: ParameterPartition
     precision: str
+    loss_functions: list[LossFunction] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Bound once, as TrainStep binds them: the floor must not pay for binding at every step.
+        self.loss_functions = [bind_loss(self.model.tasks[t], self.x.device) for t in self.part.tasks]
 
     def optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
@@ -95,7 +101,8 @@ class Setup:
         return step_module.PRECISIONS[self.precision](self.x.device)
 
     def losses(self, predictions: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        return [task_loss(self.model.tasks[t], predictions[t].float(), self.targets[t]) for t in self.part.tasks]
+        return [loss(predictions[t].float(), self.targets[t])
+                for t, loss in zip(self.part.tasks, self.loss_functions, strict=True)]
 
 
 
