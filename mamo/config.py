@@ -46,9 +46,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "lenet"  # mlp | lenet | timm:<model name>
-    hidden: list[int] = field(default_factory=lambda: [64, 64])  # mlp: width of each shared cell
-    activation: str = "relu"  # mlp: relu | sigmoid | tanh | identity
+    backbone: str = "lenet"  # mlp | cnn | lenet | timm:<model name>
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # mlp: width of each shared cell; cnn: channels
+    activation: str = "relu"  # mlp, cnn: relu | sigmoid | tanh | identity
     weights: str | None = None  # timm: local file with pretrained weights (never downloaded)
     latent: int = 50  # lenet: size of the shared representation (Sener & Koltun use 50)
     head_hidden: int = 50  # hidden width of each task head; 0 = a single linear layer

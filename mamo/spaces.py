@@ -41,7 +41,8 @@ class SearchSpace:
     # others noted as unused (mamo.session.unused_settings_notes).
     reads: tuple[str, ...] = ()
     smaller = "a smaller model.backbone"  # the model settings that shrink this family's cells, for a memory error
-    size_advice = "use larger inputs or a backbone that downsamples less"  # for a cell that fails on the input size
+    # For a cell that fails on the input size.
+    size_advice = "use larger inputs or a backbone that downsamples less (model.backbone=cnn fits any size)"
 
     @classmethod
     def check_config(cls, config: ModelConfig, name: str) -> None:
@@ -195,7 +196,8 @@ class MLPSpace(SearchSpace):
     @classmethod
     def check_config(cls, config: ModelConfig, name: str) -> None:
         if not config.hidden or any(width < 1 for width in config.hidden):
-            raise MamoError(f"model.hidden is {config.hidden}; give the mlp at least one positive width, e.g. [64].")
+            raise MamoError(f"model.hidden is {config.hidden}; give at least one positive width (the mlp's layer "
+                            "widths, the cnn's channels), e.g. [64].")
 
     @classmethod
     def spec_from_config(cls, config: ModelConfig, name: str) -> dict:
@@ -242,6 +244,31 @@ class LeNetSpace(SearchSpace):
         return nn.Sequential(nn.Flatten(), nn.Linear(probe.numel(), self._spec["latent"]), nn.ReLU())
 
 
+class CNNSpace(MLPSpace):
+    """Small images (8 × 8 digits and up), where LeNet's two unpadded 5 × 5 convolutions do not fit: per entry of
+    ``hidden`` a cell of a 3 × 3 convolution (padding 1) to that many channels and the activation, then a 2 × 2
+    max-pooling while the map is at least 2 × 2, so any input size works and each cell halves it."""
+
+    needs_images = True
+    smaller = "lower the channels in model.hidden"
+
+    def _map_size(self, index: int) -> tuple[int, int]:
+        """(H, W) of cell ``index``'s input."""
+        height, width = self.input_shape[1:]
+        for _ in range(index):
+            if min(height, width) >= 2:
+                height, width = height // 2, width // 2
+        return height, width
+
+    def build_cell(self, index: int) -> nn.Module:
+        channels = [self.input_shape[0], *self._spec["hidden"]]
+        activation = ACTIVATIONS[self._spec["activation"]]
+        layers = [nn.Conv2d(channels[index], channels[index + 1], 3, padding=1), activation()]
+        if min(self._map_size(index)) >= 2:
+            layers.append(nn.MaxPool2d(2))
+        return nn.Sequential(*layers)
+
+
 class TimmSpace(SearchSpace):
     """Any timm model whose ``features_only`` wrapper runs its stages in sequence: each stage is a cell."""
 
@@ -278,7 +305,7 @@ class TimmSpace(SearchSpace):
         return copy.deepcopy(self._template[index])
 
 
-SPACES: dict[str, type[SearchSpace]] = {"mlp": MLPSpace, "lenet": LeNetSpace, "timm": TimmSpace}
+SPACES: dict[str, type[SearchSpace]] = {"mlp": MLPSpace, "cnn": CNNSpace, "lenet": LeNetSpace, "timm": TimmSpace}
 
 
 def space_from_spec(spec: dict) -> SearchSpace:
@@ -291,7 +318,7 @@ def check_model_config(config: ModelConfig) -> None:
     family, _, name = config.backbone.partition(":")
     if family not in SPACES or SPACES[family].named != bool(name):
         raise MamoError(
-            f"unknown backbone '{config.backbone}' (model.backbone); use mlp, lenet or timm:<model name>."
+            f"unknown backbone '{config.backbone}' (model.backbone); use mlp, cnn, lenet or timm:<model name>."
         )
     if config.activation not in ACTIVATIONS:
         raise MamoError(f"unknown activation '{config.activation}' (model.activation); use one of "

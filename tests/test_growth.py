@@ -20,8 +20,9 @@ from mamo.trainer import add_new_parameters
 TASKS3 = parse_tasks({name: {"type": "classification", "classes": 4} for name in ("a", "b", "c")}, "test")
 
 
-def lenet_model(tasks=TASKS3, seed: int = 0):
-    space = create_space(ModelConfig(backbone="lenet", latent=16, head_hidden=8), (1, 28, 28))
+def lenet_model(tasks=TASKS3, seed: int = 0, backbone: str = "lenet"):
+    # Three cells either way: lenet's, or the cnn's three convolution cells.
+    space = create_space(ModelConfig(backbone=backbone, latent=16, hidden=[8, 8, 8], head_hidden=8), (1, 28, 28))
     return compile_model(g.build_hps_graph(space, tasks), seed=seed)
 
 
@@ -64,8 +65,9 @@ def test_building_the_graph_leaves_the_callers_random_state_alone():
 
 @pytest.mark.parametrize("position", [(("a", "b"), 0), (("b", "c"), 1), (("a", "c"), 2)])
 @pytest.mark.parametrize("modules", ["gmk", "exclusive"])
-def test_growth_preserves_the_function(position, modules):
-    model = lenet_model()
+@pytest.mark.parametrize("backbone", ["lenet", "cnn"])
+def test_growth_preserves_the_function(position, modules, backbone):
+    model = lenet_model(backbone=backbone)
     step = make_step(model)
     for seed in range(3):  # trained weights, not the initialisation
         step(*batch(seed=seed))

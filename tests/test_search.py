@@ -396,6 +396,24 @@ def test_onnx_and_pt2_programs_give_the_same_outputs(finished, tmp_path):
     assert '"cell0" [label="cell0\\n' in dot and "\\\\n" not in dot  # a line break, not a printed backslash
 
 
+def test_a_search_on_the_cnn_grows_and_exports_programs_that_match_it(tmp_path):
+    run_dir = tmp_path / "run"
+    metrics = run_search(tiny("model.backbone=cnn", "model.hidden=[8, 8]", "search.threshold=topk:100",
+                              "search.baselines=false"), run_dir, progress=False, quiet=True, loggers=False)
+    assert metrics["gmk_modules"] == 2  # the one pair, at both cells
+    onnxruntime = pytest.importorskip("onnxruntime")
+    export(run_dir, ["onnx", "pt2"], tmp_path)
+    model = load_trained(run_dir)
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+    outputs = onnxruntime.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"x": x.numpy()})
+    program = torch.export.load(str(tmp_path / "model.pt2")).module()
+    for index, task in enumerate(model.tasks):
+        np.testing.assert_allclose(outputs[index], expected[task].numpy(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(program(x)[index], expected[task])
+
+
 @pytest.mark.parametrize("name", ["x'y", "sp ace", "ü/ø", "{x}", "9x", "x#y%z"])
 def test_odd_task_names_that_are_allowed_export_a_pt2_that_loads(name, tmp_path):
     # The names the task check lets through; '"', '\\' and control characters broke the program (refused now).

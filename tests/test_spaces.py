@@ -115,6 +115,24 @@ def test_lenet_is_sener_and_koltun_shape(datasets) -> None:
     assert space.cell_shapes() == [(10, 12, 12), (20, 4, 4), (50,)]
 
 
+@pytest.mark.parametrize(("shape", "cells"), [
+    ((1, 8, 8), [(16, 4, 4), (32, 2, 2), (8, 1, 1)]),  # scikit-learn's digits, where lenet does not fit
+    ((3, 28, 28), [(16, 14, 14), (32, 7, 7), (8, 3, 3)]),
+    ((2, 1, 5), [(16, 1, 5), (32, 1, 5), (8, 1, 5)]),  # a map below 2 × 2 is not pooled: any size fits
+])
+def test_the_cnn_pools_each_cell_by_two_while_it_can(shape: tuple, cells: list) -> None:
+    space = create_space(ModelConfig(backbone="cnn", hidden=[16, 32, 8], activation="tanh"), shape)
+    assert space.cell_shapes() == cells
+    first = space.build_cell(0)
+    assert first[0].in_channels == shape[0] and first[0].padding == (1, 1) and isinstance(first[1], torch.nn.Tanh)
+
+
+def test_lenet_on_inputs_too_small_points_to_the_cnn() -> None:
+    with pytest.raises(MamoError, match=r"^backbone 'lenet' fails at cell 1 on inputs of shape \[1, 8, 8\] .*; use "
+                                        r"larger inputs or a backbone that downsamples less \(model.backbone=cnn"):
+        create_space(ModelConfig(backbone="lenet"), (1, 8, 8)).cell_shapes()
+
+
 # ----------------------------------------------------------------------------------------------------- heads
 
 HEAD_TASKS = {
@@ -124,7 +142,7 @@ HEAD_TASKS = {
 }
 
 
-@pytest.mark.parametrize("backbone", ["mlp", "lenet", "timm:test_efficientnet"])
+@pytest.mark.parametrize("backbone", ["mlp", "cnn", "lenet", "timm:test_efficientnet"])
 @pytest.mark.parametrize("head_hidden", [0, 8])
 def test_heads_per_task_type(backbone: str, head_hidden: int) -> None:
     space = create_space(ModelConfig(backbone=backbone, hidden=[16], head_hidden=head_hidden), (1, 28, 28))
@@ -166,7 +184,7 @@ def test_unknown_head_is_named() -> None:
 # --------------------------------------------------------------------------------------------- input channels
 
 
-@pytest.mark.parametrize("backbone", ["lenet", "timm:test_resnet", "timm:test_efficientnet"])
+@pytest.mark.parametrize("backbone", ["cnn", "lenet", "timm:test_resnet", "timm:test_efficientnet"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_input_channels_follow_the_data(backbone: str, channels: int) -> None:
     space = create_space(ModelConfig(backbone=backbone, head_hidden=0), (channels, 32, 32))
@@ -195,7 +213,7 @@ def test_unknown_backbone_is_named(backbone: str) -> None:
     with pytest.raises(MamoError) as info:
         create_space(ModelConfig(backbone=backbone), (1, 28, 28))
     assert f"'{backbone}'" in str(info.value)
-    assert "mlp, lenet or timm:<model name>" in str(info.value)
+    assert "mlp, cnn, lenet or timm:<model name>" in str(info.value)
 
 
 def test_unknown_timm_name_is_named() -> None:
@@ -309,7 +327,7 @@ def test_other_allocation_failures_ask_for_a_smaller_model(error: BaseException,
         space.cell_shapes()
 
 
-@pytest.mark.parametrize("backbone", ["lenet", "timm:resnet18"])
+@pytest.mark.parametrize("backbone", ["cnn", "lenet", "timm:resnet18"])
 def test_image_backbones_refuse_vector_inputs(backbone: str) -> None:
     with pytest.raises(MamoError, match=f"'{backbone}' needs image inputs.*model.backbone=mlp"):
         create_space(ModelConfig(backbone=backbone), (4,))
@@ -391,8 +409,9 @@ def test_missing_weights_file_is_named(tmp_path: Path) -> None:
     # Each was accepted and dropped without a word by the backbone that ran.
     (ModelConfig(backbone="lenet", weights="/nowhere.pt"), "model.weights is read by timm backbones only, and "
      "backbone 'lenet' would ignore it; remove model.weights or pick a timm:<name> backbone."),
-    (ModelConfig(backbone="lenet", hidden=[]), "model.hidden is []; give the mlp at least one positive width"),
-    (ModelConfig(backbone="lenet", hidden=[-1]), "model.hidden is [-1]; give the mlp"),
+    (ModelConfig(backbone="lenet", hidden=[]),
+     "model.hidden is []; give at least one positive width (the mlp's layer widths, the cnn's channels)"),
+    (ModelConfig(backbone="lenet", hidden=[-1]), "model.hidden is [-1]; give at least one positive width"),
     (ModelConfig(backbone="mlp", latent=-5), "model.latent is -5; give the lenet a positive latent width"),
 ])
 def test_settings_of_another_backbone_are_checked_too(model: ModelConfig, message: str) -> None:
