@@ -171,7 +171,9 @@ def _first_bad_row(x: Tensor, targets: dict[str, Tensor], tasks: dict[str, TaskS
         if target.dtype == torch.bool:  # accepted as class 0/1, but bool tensors have no floor or order
             target = target.to(torch.uint8)
         if spec.type in ("classification", "segmentation"):
-            low = 0 if spec.type == "classification" else dense.IGNORE
+            # -1 (unlabelled) is a label map's and a missing_labels task's: flagged here, every batch holding one
+            # went to the sample checks, which pass it, and a lazy split stopped as "samples that do not stack".
+            low = dense.IGNORE if spec.type == "segmentation" or spec.missing_labels else 0
             wrong = (target < low) | (target >= spec.classes)
             if target.is_floating_point():
                 wrong |= target != target.floor()

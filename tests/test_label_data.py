@@ -1,0 +1,51 @@
+"""Missing labels (-1) in a plugin's splits: the sample checks accept them where the task allows them, in memory
+and read lazily, and still name a wrong class behind them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from mamo.data import TensorTaskDataset, iterate_batches
+from mamo.errors import MamoError
+from mamo.samples import validate
+
+TASKS = {"a": {"type": "classification", "classes": 2, "missing_labels": True},
+         "b": {"type": "classification", "classes": 2}}
+
+
+class Lazy(Dataset):
+    """Samples read one by one (not a TensorTaskDataset): checked batch by batch."""
+
+    def __init__(self, x, targets):
+        self.x, self.targets = x, targets
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        return self.x[index], {name: target[index] for name, target in self.targets.items()}
+
+
+def splits(wrap, bad_row: int | None = None) -> dict:
+    x = torch.rand(12, 3)
+    a, b = torch.tensor([0, -1, 1] * 4), torch.tensor([0, 1] * 6)
+    if bad_row is not None:
+        a[bad_row] = 5
+    return {split: wrap(x, {"a": a, "b": b}) for split in ("train", "val", "test")} | {"tasks": TASKS}
+
+
+@pytest.mark.parametrize("wrap", [TensorTaskDataset, Lazy], ids=["tensors", "lazy"])
+def test_unlabelled_samples_pass_the_checks_and_batch(wrap) -> None:
+    data = validate(splits(wrap), "a plugin", plugin=True)
+    batches = list(iterate_batches(data.train, 4, shuffle=False, generator=None))
+    assert torch.equal(torch.cat([targets["a"] for _, targets in batches]), torch.tensor([0, -1, 1] * 4))
+
+
+@pytest.mark.parametrize("wrap", [TensorTaskDataset, Lazy], ids=["tensors", "lazy"])
+def test_a_class_out_of_range_after_an_unlabelled_sample_is_still_named(wrap) -> None:
+    with pytest.raises(MamoError, match=r"task 'a' from a plugin expects a single class index in \[0, 2\) or -1 "
+                                        r"\(unlabelled\).* sample 7 of the 'train' split has 5"):
+        data = validate(splits(wrap, bad_row=7), "a plugin", plugin=True)
+        list(iterate_batches(data.train, 4, shuffle=False, generator=None))
