@@ -122,12 +122,23 @@ def unused_settings_notes(config: Config) -> list[str]:
     family = model.backbone.partition(":")[0]
     notes = [
         unused_data_note(config.data),
-        _unused_note(f"backbone '{model.backbone}'", "model", model, ModelConfig(),
-                     {owner: space.reads for owner, space in SPACES.items() if owner != family}),
+        _unused_note(f"backbone '{model.backbone}'", "model", model, ModelConfig(), _other_families_reads(family)),
         _unused_note(f"optimizer '{train.optimizer}'", "train", train, TrainConfig(),
                      {owner: keys for owner, keys in OPTIMIZER_SETTINGS.items() if owner != train.optimizer}),
     ]
     return [note for note in notes if note]
+
+
+def _other_families_reads(family: str) -> dict[str, tuple[str, ...]]:
+    """The model settings that only other backbone families read, under their names ("mlp or cnn" for settings
+    read alike): the mlp and the cnn both read hidden and activation, so each was told the other's were unused."""
+    own = set(SPACES[family].reads) if family in SPACES else set()
+    owners: dict[tuple[str, ...], list[str]] = {}
+    for owner, space in SPACES.items():
+        keys = tuple(key for key in space.reads if key not in own)
+        if owner != family and keys:
+            owners.setdefault(keys, []).append(owner)
+    return {" or ".join(names): keys for keys, names in owners.items()}
 
 
 def _unused_note(subject: str, section: str, values: object, defaults: object,

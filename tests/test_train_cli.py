@@ -786,14 +786,19 @@ def test_model_and_optimizer_settings_the_run_does_not_read_are_noted(tmp_path: 
     assert unused_settings_notes(load_config("quick", ["model.latent=20", "train.momentum=0.9"])) == []
     assert unused_settings_notes(load_config("logic", ["model.backbone=timm:resnet18", "model.latent=3",
                                                        "train.optimizer=adamw", "train.momentum=0"])) == [
-        "note: backbone 'timm:resnet18' does not use model.hidden or model.activation (mlp only) or model.latent "
+        "note: backbone 'timm:resnet18' does not use model.hidden or model.activation (mlp or cnn only) or "
+        "model.latent "
         "(lenet only), so they have no effect.",
         "note: optimizer 'adamw' does not use train.momentum (sgd only), so it has no effect."]
+    # The mlp and the cnn read hidden and activation alike: neither was told the other's were unused.
+    for family in ("mlp", "cnn"):
+        changed = [f"model.backbone={family}", "model.hidden=[8, 4]", "model.activation=tanh"]
+        assert unused_settings_notes(load_config("quick", changed)) == []
     run = tmp_path / "run"
     assert train("quick", *TINY, "--set", "model.hidden=[8, 4]", "--set", "train.momentum=0.5", "--no-progress",
                  "--no-tensorboard", "--run-dir", str(run)) == 0
     log = (run / "log.txt").read_text()
-    assert "note: backbone 'lenet' does not use model.hidden (mlp only), so it has no effect." in log
+    assert "note: backbone 'lenet' does not use model.hidden (mlp or cnn only), so it has no effect." in log
     assert "note: optimizer 'adam' does not use train.momentum (sgd only), so it has no effect." in log
 
 
