@@ -103,8 +103,13 @@ class Loss:
 
 
 def class_weight_tensor(class_weights: tuple[float, ...], device: torch.device) -> torch.Tensor | None:
-    """A task's class weights as a float32 tensor on ``device``; None for a task without them."""
-    return torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
+    """A task's class weights as a float32 tensor on ``device``, scaled so the largest is 1; None for a task without
+    them. The weighted mean does not depend on their scale, but float32 does: weights of 1e-46 became 0 (a loss
+    of 0) and of 1e38 overflowed the weighted sum (a NaN loss), though both are finite."""
+    if not class_weights:
+        return None
+    largest = max(class_weights)
+    return torch.tensor([w / largest for w in class_weights], dtype=torch.float32, device=device)
 
 
 LOSSES: dict[str, Loss] = {

@@ -286,7 +286,8 @@ class MetricAccumulator:
         """``{task: {metric: value, ..., "loss": mean loss}}``."""
         return {
             name: {**TASK_TYPES[spec.type].finalize(self.sums[name], self.count),
-                   "loss": self.loss_sums[name] / max(self.loss_counts[name], 1.0)}
+                   # Over the mass itself, not at least 1: class weights summing under 1 in a split shrank it.
+                   "loss": self.loss_sums[name] / self.loss_counts[name] if self.loss_counts[name] > 0 else 0.0}
             for name, spec in self.tasks.items()
         }
 
