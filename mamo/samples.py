@@ -254,6 +254,12 @@ def _check_every_sample(dataset: Dataset, split: str, tasks: dict[str, TaskSpec]
     row = _first_bad_row(dataset.x, dataset.targets, tasks)
     if row is not None:
         _checked_sample(dataset, row, split, tasks, what)  # raises the sentence that names what is wrong
+    if split == "train":  # val and test say so when scored; a training split is never scored, so it trained blind
+        for name, spec in tasks.items():
+            unlabelled = spec.type == "segmentation" or spec.missing_labels
+            if unlabelled and not bool((dataset.targets[name] != dense.IGNORE).any()):
+                raise MamoError(f"{what} gives task '{name}' no labelled sample in the 'train' split (every target "
+                                "is -1), so it cannot learn; label some of its samples or remove the task.")
     return dataset
 
 

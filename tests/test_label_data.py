@@ -49,3 +49,13 @@ def test_a_class_out_of_range_after_an_unlabelled_sample_is_still_named(wrap) ->
                                         r"\(unlabelled\).* sample 7 of the 'train' split has 5"):
         data = validate(splits(wrap, bad_row=7), "a plugin", plugin=True)
         list(iterate_batches(data.train, 4, shuffle=False, generator=None))
+
+
+def test_a_training_split_without_one_label_for_a_task_is_refused_before_training() -> None:
+    # It trained without a word: the task's head never learned, and its val/test accuracy was a guess.
+    data = splits(TensorTaskDataset)
+    data["train"].targets["a"][:] = -1
+    with pytest.raises(MamoError, match=r"^a plugin gives task 'a' no labelled sample in the 'train' split \(every "
+                                        r"target is -1\), so it cannot learn; label some of its samples or remove "
+                                        r"the task\.$"):
+        validate(data, "a plugin", plugin=True)
