@@ -87,15 +87,21 @@ class NoTargets(MamoError):
     """A split without one valid pixel (or labelled sample) for a task has no metrics for it (they were 0: a
     perfect error)."""
 
-    def __init__(self, task_type: str, marker: str, split: str = "evaluated", unit: str = "pixel"):
+    def __init__(self, task_type: str, marker: str, split: str = "evaluated", unit: str = "pixel",
+                 task: str | None = None):
         where = "files" if unit == "pixel" else "targets"  # dense targets come from files, class targets from data
-        super().__init__(f"no {unit} of the {split} split has a {task_type} target ({marker}), so its {task_type} "
-                         f"metrics are undefined; check that split's {task_type} {where}.")
-        self.task_type, self.marker, self.unit = task_type, marker, unit
+        named = f"task '{task}': " if task is not None else ""  # several tasks may share a type
+        super().__init__(f"{named}no {unit} of the {split} split has a {task_type} target ({marker}), so its "
+                         f"{task_type} metrics are undefined; check that split's {task_type} {where}.")
+        self.task_type, self.marker, self.split, self.unit, self.task = task_type, marker, split, unit, task
 
     def of_split(self, split: str) -> NoTargets:
         """The same sentence naming the split (the metrics do not know which split they sum)."""
-        return NoTargets(self.task_type, self.marker, f"'{split}'", self.unit)
+        return NoTargets(self.task_type, self.marker, f"'{split}'", self.unit, self.task)
+
+    def of_task(self, task: str) -> NoTargets:
+        """The same sentence naming the task (the metrics do not know which task they score)."""
+        return NoTargets(self.task_type, self.marker, self.split, self.unit, task)
 
 
 def _check_pixels(pixels: float, task_type: str, marker: str) -> None:

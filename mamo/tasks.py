@@ -285,11 +285,18 @@ class MetricAccumulator:
     def compute(self) -> dict[str, dict[str, float]]:
         """``{task: {metric: value, ..., "loss": mean loss}}``."""
         return {
-            name: {**TASK_TYPES[spec.type].finalize(self.sums[name], self.count),
+            name: {**self._finalize(name, spec),
                    # Over the mass itself, not at least 1: class weights summing under 1 in a split shrank it.
                    "loss": self.loss_sums[name] / self.loss_counts[name] if self.loss_counts[name] > 0 else 0.0}
             for name, spec in self.tasks.items()
         }
+
+
+    def _finalize(self, name: str, spec: TaskSpec) -> dict[str, float]:
+        try:
+            return TASK_TYPES[spec.type].finalize(self.sums[name], self.count)
+        except dense.NoTargets as exc:
+            raise exc.of_task(name) from None
 
 
 def _size(value: object, key: str, name: str, source: str) -> int:

@@ -59,3 +59,15 @@ def test_a_training_split_without_one_label_for_a_task_is_refused_before_trainin
                                         r"target is -1\), so it cannot learn; label some of its samples or remove "
                                         r"the task\.$"):
         validate(data, "a plugin", plugin=True)
+
+
+def test_a_split_without_labels_names_the_task_among_tasks_of_one_type() -> None:
+    # Two classification tasks: "no sample of the 'val' split has a classification target" did not say which.
+    from mamo.tasks import MetricAccumulator, parse_tasks
+
+    tasks = parse_tasks(TASKS | {"c": {"type": "classification", "classes": 2, "missing_labels": True}}, "a plugin")
+    accumulator = MetricAccumulator(tasks)
+    accumulator.update({name: torch.randn(2, 2) for name in tasks},
+                       {"a": torch.tensor([0, 1]), "b": torch.tensor([1, 1]), "c": torch.tensor([-1, -1])})
+    with pytest.raises(MamoError, match=r"^task 'c': no sample of the evaluated split has a classification target"):
+        accumulator.compute()
