@@ -254,12 +254,15 @@ def _check_every_sample(dataset: Dataset, split: str, tasks: dict[str, TaskSpec]
     row = _first_bad_row(dataset.x, dataset.targets, tasks)
     if row is not None:
         _checked_sample(dataset, row, split, tasks, what)  # raises the sentence that names what is wrong
-    if split == "train":  # val and test say so when scored; a training split is never scored, so it trained blind
-        for name, spec in tasks.items():
-            unlabelled = spec.type == "segmentation" or spec.missing_labels
-            if unlabelled and not bool((dataset.targets[name] != dense.IGNORE).any()):
-                raise MamoError(f"{what} gives task '{name}' no labelled sample in the 'train' split (every target "
-                                "is -1), so it cannot learn; label some of its samples or remove the task.")
+    for name, spec in tasks.items():  # a split without one label: said as it loads, not after the training
+        unlabelled = spec.type == "segmentation" or spec.missing_labels
+        if not unlabelled or bool((dataset.targets[name] != dense.IGNORE).any()):
+            continue
+        if split == "train":  # never scored, so without this it trained blind
+            raise MamoError(f"{what} gives task '{name}' no labelled sample in the 'train' split (every target is "
+                            "-1), so it cannot learn; label some of its samples or remove the task.")
+        unit = "pixel" if spec.type == "segmentation" else "sample"
+        raise dense.NoTargets(spec.type, f"-1 marks an unlabelled {unit}", f"'{split}'", unit, name)
     return dataset
 
 

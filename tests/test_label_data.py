@@ -71,3 +71,13 @@ def test_a_split_without_labels_names_the_task_among_tasks_of_one_type() -> None
                        {"a": torch.tensor([0, 1]), "b": torch.tensor([1, 1]), "c": torch.tensor([-1, -1])})
     with pytest.raises(MamoError, match=r"^task 'c': no sample of the evaluated split has a classification target"):
         accumulator.compute()
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_an_in_memory_split_without_one_label_stops_as_it_loads_not_after_training(split) -> None:
+    # A test split without labels stopped the run only at the test, after every epoch of a search had run.
+    data = splits(TensorTaskDataset)
+    data[split] = TensorTaskDataset(data[split].x, {"a": torch.full((12,), -1), "b": data[split].targets["b"]})
+    with pytest.raises(MamoError, match=rf"^task 'a': no sample of the '{split}' split has a classification target "
+                                        r"\(-1 marks an unlabelled sample\), so its classification metrics"):
+        validate(data, "a plugin", plugin=True)
