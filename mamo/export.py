@@ -300,7 +300,7 @@ def architecture_tree(model: MamoNet) -> str:
             data = graph.nodes[node]
             group = tuple(data["group"])
             start = first_cell[group]
-            origin = "starts here" if start == index else f"continues from cell{start}"
+            origin = "starts here" if start == index else f"continues the branch from cell{start}"
             lines.append(f"│   {_twig(position, len(here))} {_module_kind(group)} {'+'.join(group)}  "
                          f"({params.get(node, 0):,} params, grown in round {data['round']}, {origin})")
     for position, task in enumerate(model.tasks):

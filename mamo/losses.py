@@ -138,6 +138,8 @@ def label_options(spec: dict, where: str, task_type: str, classes: int, loss: st
     if "class_weights" not in spec:
         return (), missing
     weights = spec["class_weights"]
+    if hasattr(weights, "tolist") and not isinstance(weights, (list, tuple)):  # numpy's or torch's, flattened
+        weights = weights.tolist()  # (scikit-learn's compute_class_weight gives an array)
     if not LOSSES[loss].class_weighted:
         raise MamoError(f"{where} sets class_weights, which its loss '{loss}' does not take; remove them or use a "
                         "cross-entropy loss on a classification or segmentation task.")

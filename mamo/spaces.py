@@ -168,7 +168,8 @@ def _dense_head(task: TaskSpec, feature_shape: tuple[int, ...], hidden: int) -> 
     if len(feature_shape) != 3:
         raise MamoError(
             f"task '{task.name}' predicts a {task.type} map, which needs a backbone whose last cell gives a feature "
-            f"map (C, H, W), but it gives {tuple(feature_shape)}; use model.backbone=timm:<model>, e.g. resnet18."
+            f"map (C, H, W), but it gives {tuple(feature_shape)}; use model.backbone=timm:<model> (e.g. "
+            "timm:resnet18) or cnn."
         )
     size = tuple(task.shape[-2:])
     channels = task.output_size // math.prod(size)

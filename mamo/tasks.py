@@ -291,7 +291,6 @@ class MetricAccumulator:
             for name, spec in self.tasks.items()
         }
 
-
     def _finalize(self, name: str, spec: TaskSpec) -> dict[str, float]:
         try:
             return TASK_TYPES[spec.type].finalize(self.sums[name], self.count)

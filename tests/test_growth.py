@@ -269,7 +269,7 @@ def test_the_architecture_tree_names_each_branch_from_its_current_first_cell():
     spawn(model, (("a", "c"), 1), modules="exclusive")
     tree = architecture_tree(model)
     assert "├─ cell2  (5,136 params, shared by all tasks)\n│   ├─ GMK a+b  (5,136 params, grown in round 0, " \
-           "continues from cell0)\n" in tree
+           "continues the branch from cell0)\n" in tree
     assert "│   ├─ task-exclusive a  (5,020 params, grown in round 0, starts here)\n" \
            "│   └─ task-exclusive c  (5,020 params, grown in round 0, starts here)\n├─ cell2" in tree  # the last closes
     assert [line[:5] for line in tree.splitlines() if ": fusion" in line] == ["├─ a:", "├─ b:", "└─ c:"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,14 @@ def test_the_loss_of_tiny_or_huge_class_weights_is_their_weighted_mean(weights) 
 def test_bad_label_options_are_one_sentence_naming_the_task(keys, error) -> None:
     with pytest.raises(MamoError, match=rf"^task 't' from a plugin .*{error}"):
         spec(**keys)
+
+
+@pytest.mark.parametrize("weights", [np.array([0.5, 2.0, 1.0]), torch.tensor([0.5, 2.0, 1.0])], ids=["numpy", "torch"])
+def test_class_weights_may_be_an_array(weights) -> None:
+    # scikit-learn's compute_class_weight gives a numpy array; it was refused with "give a list".
+    assert spec(class_weights=weights).class_weights == (0.5, 2.0, 1.0)
+    with pytest.raises(MamoError, match="give a list of 3 finite weights"):
+        spec(class_weights=np.ones((3, 1)))
 
 
 @pytest.mark.parametrize(("raw", "error"), [
