@@ -263,8 +263,8 @@ class TrainStep:
         # Losses in float32 outside autocast: a bf16 forward must not round the losses or their gradients.
         return [loss(predictions[t].float(), targets[t]) for t, loss in zip(tasks, self._loss_functions, strict=True)]
 
-    def _check(self, losses: torch.Tensor) -> None:
-        bad = [t for t, v in zip(self.partition.tasks, losses.tolist(), strict=True) if not math.isfinite(v)]
+    def _check(self, losses: list[float]) -> None:
+        bad = [t for t, v in zip(self.partition.tasks, losses, strict=True) if not math.isfinite(v)]
         if bad:
             # Quoted: a task may be called 'and' (the logic set's), which read as part of the sentence.
             raise FloatingPointError(f"the loss of task {', '.join(map(repr, bad))} became NaN or infinite")
@@ -301,7 +301,7 @@ class TrainStep:
     def _summed_step(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> StepResult:
         stacked = self._device_half("summed", self._summed_device, x, targets)
         host = _host(stacked)  # after the backward is queued: the device never waits for the host
-        self._check(host)
+        self._check(host.tolist())
         return StepResult(losses=host, weights=torch.ones(len(host), dtype=torch.float64))
 
     def _task_gradients(self, losses: list[torch.Tensor], layout: Layout, device: torch.device) -> None:
@@ -337,15 +337,24 @@ class TrainStep:
         name = f"exact/{'by node' if self.collect_gramians else 'whole'}"
         host = self._device_half(name, self._exact_device, x, targets, layout).cpu()  # the one synchronisation
         m = len(part.tasks)
-        self._check(host[:m])
-        host_blocks = host[m:].view(-1, m, m)
-        node_gramians = dict(zip(part.node_slices, host_blocks.unbind(0), strict=True)) if self.collect_gramians else {}
-        gramian = host_blocks.sum(0) if len(host_blocks) > 1 else host_blocks[0]
-        output = self.direction(gramian, host[:m])
+        values = host.tolist()  # every value the host half reads, as Python floats in one call
+        self._check(values[:m])
+        losses = host[:m]
+        if self.collect_gramians:
+            host_blocks = host[m:].view(-1, m, m)
+            node_gramians = dict(zip(part.node_slices, host_blocks.unbind(0), strict=True))
+            gramian = host_blocks.sum(0) if len(host_blocks) > 1 else host_blocks[0]
+            rows = gramian.tolist()
+        else:
+            node_gramians, gramian = {}, host[m:].view(m, m)
+            rows = [values[i : i + m] for i in range(m, m + m * m, m)]
+        # A Direction takes the floats as they are; any other callable, the tensors.
+        weights_of = getattr(self.direction, "weights_of", None)
+        output = self.direction(gramian, losses) if weights_of is None else weights_of(rows, values[:m])
         for param, grad in zip(part.shared, layout.combine(output.weights), strict=True):
             if param.grad is not grad:  # flat: set once per layout; the views then see every step's wᵀJ
                 param.grad = grad
-        return StepResult(host[:m], output.weights, gramian, node_gramians, output.info)
+        return StepResult(losses, output.weights, gramian, node_gramians, output.info)
 
     def _ub_step(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> StepResult:
         part, model = self.partition, self.model
@@ -366,7 +375,7 @@ class TrainStep:
         jac = torch.stack(rows)
         m = len(losses)
         host = _host(torch.stack(losses), jac @ jac.T)
-        self._check(host[:m])
+        self._check(host[:m].tolist())
         gramian = host[m:].view(m, m)
         output = self.direction(gramian, host[:m])
         # Σ w_t·row_t as scaled adds rather than ``weights @ jac``: no host-to-device copy of the weights and no
