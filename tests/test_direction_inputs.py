@@ -141,3 +141,23 @@ def test_numbers_of_other_types_still_configure_a_direction(value):
     # The type check that names the key for "0.3" must not refuse what float() takes (0-d tensors and arrays).
     assert create_direction(DirectionConfig(tensioner=TensionerConfig(alpha=value))).alpha == pytest.approx(0.3)
     assert create_direction(DirectionConfig(name="cagrad", cagrad_c=value)).alpha == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("name,formulation", CASES + [("mgda-l2", "thesis")])
+@pytest.mark.parametrize("m", [2, 3])
+def test_weights_of_floats_agrees_with_the_call_on_tensors(name, formulation, m):
+    """The step hands a direction Python floats (``weights_of``): the same weights and diagnostics, to the bit,
+    as a call on float32 tensors, a task whose gradient is too short to count (zeroed row) included."""
+    kwargs = {"normalization": "l2"} if name == "mgda-l2" else {}
+    on_tensors, on_floats = (build(name.removesuffix("-l2"), formulation, **kwargs) for _ in range(2))
+    rng = np.random.default_rng(m)
+    for call in range(T + 3):
+        J = torch.from_numpy(rng.standard_normal((m, 7))).float()
+        if call == T + 2:
+            J[m - 1] = 1e-20  # a squared norm under 1e-30: its row and column count as zero
+        gramian, losses = J @ J.T, torch.from_numpy(rng.uniform(0.1, 3.0, m)).float()
+        a, b = on_tensors(gramian, losses), on_floats.weights_of(gramian.tolist(), losses.tolist())
+        assert torch.equal(a.weights, b.weights)
+        assert list(a.info) == list(b.info)
+        for key in a.info:
+            assert torch.equal(a.info[key], b.info[key]) and a.info.flat(key) == b.info.flat(key), key

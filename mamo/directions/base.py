@@ -154,7 +154,7 @@ def gramian_fault(rows: list[list[float]]) -> str | None:
     return None
 
 
-def make_output(weights: np.ndarray, info: Info) -> DirectionOutput:
+def make_output(weights: np.ndarray | list[float], info: Info) -> DirectionOutput:
     """The weights as a tensor (a copy, so callers may modify it) and the diagnostics with the final weights."""
     return DirectionOutput(weights=torch.from_numpy(np.array(weights, dtype=np.float64)),
                            info=TensorInfo({**info, "weights": weights}))
@@ -187,9 +187,10 @@ class Direction(ABC):
         """What ``self(gramian, losses)`` returns, from the m×m Gramian's rows and the m losses as Python floats
         (what the training step holds after its one host copy): the same checks and weights without the
         conversions of tensors, which cost tens of µs inside a LeNet step."""
-        return self._checked(rows, losses, np.array(rows, dtype=np.float64), np.array(losses, dtype=np.float64))
+        return self._checked(rows, losses)
 
-    def _checked(self, rows: list[list[float]], losses: list[float], G: np.ndarray, L: np.ndarray) -> DirectionOutput:
+    def _checked(self, rows: list[list[float]], losses: list[float], G: np.ndarray | None = None,
+                 L: np.ndarray | None = None) -> DirectionOutput:
         m = len(losses)
         if not (_finite(chain.from_iterable(rows)) and _finite(losses)):
             raise NonFiniteGradients(_non_finite_problem(rows, losses),
@@ -199,11 +200,21 @@ class Direction(ABC):
             raise MamoError(f"a direction takes the Gramian J Jᵀ of the task gradients, but {fault}; pass "
                             "jacobian @ jacobian.T.")
         negligible = [t for t in range(m) if rows[t][t] < NEGLIGIBLE_SQUARED_NORM]
+        if G is None:  # from weights_of: the rows stay Python floats into weigh_lists
+            if negligible:
+                rows = [[0.0 if s in negligible or t in negligible else value for t, value in enumerate(row)]
+                        for s, row in enumerate(rows)]
+            return make_output(*self.weigh_lists(rows, losses))
         if negligible:
             G[negligible, :] = 0.0
             G[:, negligible] = 0.0
         weights, info = self.weigh(G, L)
         return make_output(weights, info)
+
+    def weigh_lists(self, rows: list[list[float]], losses: list[float]) -> tuple[np.ndarray | list[float], Info]:
+        """:meth:`weigh` on the Gramian's rows and the losses as Python floats; the weights as an array or a list.
+        By default through :meth:`weigh`; a method whose arithmetic is on floats anyway skips the arrays."""
+        return self.weigh(np.array(rows, dtype=np.float64), np.array(losses, dtype=np.float64))
 
     @abstractmethod
     def weigh(self, gramian: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, Info]:

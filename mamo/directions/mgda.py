@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 from mamo.directions.base import Direction, Info
-from mamo.directions.min_norm import min_norm_weights
+from mamo.directions.min_norm import min_norm_weights, pair_weights
 from mamo.errors import MamoError
 
 # n_t from (gradient norms, losses), as in Sener & Koltun's gradient_normalizers(); None: n_t = 1.
@@ -48,6 +48,11 @@ class MGDA(Direction):
         top = float(n.max())
         n = np.maximum(n, 1e-8 * top) if top > 0.0 else np.ones_like(n)
         return min_norm_weights(gramian / np.multiply.outer(n, n)), {}
+
+    def weigh_lists(self, rows: list[list[float]], losses: list[float]) -> tuple[np.ndarray | list[float], Info]:
+        if self._normalizer is None and len(rows) == 2:  # the closed form on the floats, without arrays
+            return pair_weights(rows), {}
+        return super().weigh_lists(rows, losses)
 
     def __repr__(self) -> str:
         return f"MGDA(normalization={self.normalization!r})"

@@ -44,6 +44,13 @@ def _pair(g11: float, g12: float, g22: float) -> float:
     return 0.0 if a < 0.0 else (1.0 if a > 1.0 else a)
 
 
+def pair_weights(rows: list[list[float]]) -> list[float]:
+    """:func:`min_norm_weights` for m = 2, from the Gramian's rows as Python floats."""
+    (g11, g12), (_, g22) = rows
+    a = _pair(g11, g12, g22)
+    return [a, 1.0 - a]
+
+
 def _three(gramian: np.ndarray) -> np.ndarray:
     rows = gramian.tolist()
     # The frame below is centred on one gradient. Centred on one much longer than the others, its differences
@@ -96,9 +103,7 @@ def min_norm_weights(gramian: np.ndarray) -> np.ndarray:
     if m == 1:
         return np.ones(1)
     if m == 2:
-        (g11, g12), (_, g22) = G.tolist()
-        a = _pair(g11, g12, g22)
-        return np.array([a, 1.0 - a])
+        return np.array(pair_weights(G.tolist()))
     if m == 3:
         return _three(G)
     diagonal = G.diagonal()

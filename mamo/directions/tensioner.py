@@ -205,22 +205,25 @@ class Tensioner(Direction):
         self.iteration = 0
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, Info]:
-        base_weights, base_info = self.base.weigh(gramian, losses)
-        G = gramian.tolist()
+        weights, info = self.weigh_lists(gramian.tolist(), losses.tolist())
+        return np.array(weights), info
+
+    def weigh_lists(self, G: Matrix, losses: Vector) -> tuple[Vector, Info]:
+        base_weights, base_info = self.base.weigh_lists(G, losses)
         m = len(G)
         self._record([math.sqrt(max(G[t][t], 0.0)) for t in range(m)])
         info: Info = {f"base_{key}": value for key, value in base_info.items()}
         info["base_weights"] = base_weights
         active = len(self._history[0]) == self.T + 1
-        weights = base_weights.tolist()
+        weights = base_weights.tolist() if isinstance(base_weights, np.ndarray) else list(base_weights)
         c = delta = [0.0] * m
         shrink = 0.0
         if active:
-            c, delta = _factors(self._history, losses.tolist(), self.alpha)
+            c, delta = _factors(self._history, losses, self.alpha)
             if not self._off:
                 weights, shrink = self._tension(G, weights, c)
         info.update(c=c, delta=delta, angle=partial(_angles, G, weights), shrink=shrink, active=float(active))
-        return np.array(weights), info
+        return weights, info
 
     def _tension(self, gramian: Matrix, weights: Vector, c: Vector) -> tuple[Vector, float]:
         gw = _times(gramian, weights)
