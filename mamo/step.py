@@ -215,6 +215,7 @@ class TrainStep:
         self._layout_device: torch.device | None = None
         self._loss_functions: list[LossFunction] = []
         self._loss_device: torch.device | None = None
+        self._path: str | None = None  # the gradient path, resolved with the layout
         # Recorded graphs replay the old network's memory: a grown one is recorded anew.
         streams = self._graphs.side_streams if self._graphs else None
         self._graphs = StepGraphs(lambda: list(self.model.parameters()), streams) if self.cuda_graphs else None
@@ -240,6 +241,7 @@ class TrainStep:
         if self._layout is None or self._layout_device != device:
             self._layout = LAYOUTS[self.layout_for(device)](self.partition, device)
             self._layout_device = device
+            self._path = self.path_for(device)
         return self._layout
 
     def _device_half(self, name: str, half: DeviceHalf, x: torch.Tensor, targets: dict[str, torch.Tensor],
@@ -305,7 +307,7 @@ class TrainStep:
         return StepResult(losses=host, weights=torch.ones(len(host), dtype=torch.float64))
 
     def _task_gradients(self, losses: list[torch.Tensor], layout: Layout, device: torch.device) -> None:
-        path = self.path_for(device)
+        path = self._path
         try:
             GRADIENT_PATHS[path](losses, self.partition, layout)
         except RuntimeError as exc:
@@ -317,6 +319,7 @@ class TrainStep:
             warnings.warn(f"batched per-task gradients failed ({str(exc).splitlines()[0]}); using the loop "
                           "from now on (set train.gradient_path=loop to skip the attempt).", stacklevel=3)
             self._batched_failed = True
+            self._path = "loop"
             loop_gradients(losses, self.partition, layout)
 
     def _exact_device(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -326,7 +329,7 @@ class TrainStep:
         self._task_gradients(losses, layout, self._layout_device)
         # Per-node blocks only for the conflict statistics; a plain step needs G alone.
         blocks = layout.gramians(by_node=self.collect_gramians)
-        return torch.cat([t.detach().float().reshape(-1) for t in (torch.stack(losses), *blocks)])
+        return torch.cat([torch.stack(losses).detach().float(), *(b.float().reshape(-1) for b in blocks)])
 
     def _exact_step(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> StepResult:
         part = self.partition

@@ -115,6 +115,7 @@ class FlatLayout:
     def __init__(self, part: ParameterPartition, device: torch.device):
         m = len(part.tasks)
         self.jac = torch.empty(m, part.size, device=device)
+        self.jac_t = self.jac.T  # a view, made once: both products below read it
         self.rows = [part.views(self.jac[t]) for t in range(m)]
         self.columns = part.views(self.jac)
         self.combined = torch.empty(part.size, device=device)
@@ -132,10 +133,12 @@ class FlatLayout:
         _copy_into(self.columns, grads)
 
     def gramians(self, by_node: bool) -> list[torch.Tensor]:
+        if not by_node and (not self.width or self.jac.shape[1] < 2 * self.width):
+            return [torch.mm(self.jac, self.jac_t)]  # gram_block's product without its indexing and transpose
         return [gram_block(self.jac, cols, self.width) for cols in (self.node_slices if by_node else [None])]
 
     def combine(self, weights: torch.Tensor) -> list[torch.Tensor]:
-        torch.mv(self.jac.T, weights.to(self.jac.device, self.jac.dtype, non_blocking=True), out=self.combined)
+        torch.mv(self.jac_t, weights.to(self.jac.device, self.jac.dtype, non_blocking=True), out=self.combined)
         return self.grads
 
     def snapshot(self) -> None:
