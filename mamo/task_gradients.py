@@ -119,6 +119,7 @@ class FlatLayout:
         self.rows = [part.views(self.jac[t]) for t in range(m)]
         self.columns = part.views(self.jac)
         self.combined = torch.empty(part.size, device=device)
+        self.weights = torch.empty(m, device=device)  # the combination's weights, in J's dtype, refilled per step
         self.grads = part.views(self.combined)
         self.node_slices = list(part.node_slices.values())
         self.width = GRAM_CHUNK.get(device.type)
@@ -138,7 +139,7 @@ class FlatLayout:
         return [gram_block(self.jac, cols, self.width) for cols in (self.node_slices if by_node else [None])]
 
     def combine(self, weights: torch.Tensor) -> list[torch.Tensor]:
-        torch.mv(self.jac_t, weights.to(self.jac.device, self.jac.dtype, non_blocking=True), out=self.combined)
+        torch.mv(self.jac_t, self.weights.copy_(weights, non_blocking=True), out=self.combined)
         return self.grads
 
     def snapshot(self) -> None:
