@@ -156,8 +156,10 @@ def gramian_fault(rows: list[list[float]]) -> str | None:
 
 def make_output(weights: np.ndarray | list[float], info: Info) -> DirectionOutput:
     """The weights as a tensor (a copy, so callers may modify it) and the diagnostics with the final weights."""
-    return DirectionOutput(weights=torch.from_numpy(np.array(weights, dtype=np.float64)),
-                           info=TensorInfo({**info, "weights": weights}))
+    # From a list (weigh_lists) straight to a tensor: numpy's code is cold in a training step that reaches it only here.
+    tensor = (torch.tensor(weights, dtype=torch.float64) if isinstance(weights, list)
+              else torch.from_numpy(np.array(weights, dtype=np.float64)))
+    return DirectionOutput(weights=tensor, info=TensorInfo({**info, "weights": weights}))
 
 
 class Direction(ABC):
