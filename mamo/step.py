@@ -323,13 +323,17 @@ class TrainStep:
             loop_gradients(losses, self.partition, layout)
 
     def _exact_device(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The losses and the Gram blocks, flat in one device tensor."""
+        """The losses and the Gram blocks, flat in one device tensor (on the CPU, where there is nothing to
+        transfer, as they are: a tuple)."""
         layout = self._layout
         losses = self._forward(x, targets)
         self._task_gradients(losses, layout, self._layout_device)
         # Per-node blocks only for the conflict statistics; a plain step needs G alone.
-        blocks = layout.gramians(by_node=self.collect_gramians)
-        return torch.cat([torch.stack(losses).detach().float(), *(b.float().reshape(-1) for b in blocks)])
+        blocks = [b.float() for b in layout.gramians(by_node=self.collect_gramians)]
+        stacked = torch.stack(losses).detach().float()
+        if self._layout_device.type == "cpu":
+            return stacked, *blocks
+        return torch.cat([stacked, *(b.reshape(-1) for b in blocks)])
 
     def _exact_step(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> StepResult:
         part = self.partition
@@ -338,22 +342,20 @@ class TrainStep:
         # A step that collects conflict statistics records its own graph: it computes the per-node blocks. The
         # gradient path is not in the name: it changes only when a batched warm-up step falls back to the loop.
         name = f"exact/{'by node' if self.collect_gramians else 'whole'}"
-        host = self._device_half(name, self._exact_device, x, targets, layout).cpu()  # the one synchronisation
+        out = self._device_half(name, self._exact_device, x, targets, layout)
         m = len(part.tasks)
-        values = host.tolist()  # every value the host half reads, as Python floats in one call
-        self._check(values[:m])
-        losses = host[:m]
-        if self.collect_gramians:
-            host_blocks = host[m:].view(-1, m, m)
-            node_gramians = dict(zip(part.node_slices, host_blocks.unbind(0), strict=True))
-            gramian = host_blocks.sum(0) if len(host_blocks) > 1 else host_blocks[0]
-            rows = gramian.tolist()
+        if isinstance(out, tuple):  # on the CPU: no copy to make, no pack to unpack
+            losses, blocks = out[0], out[1:]
         else:
-            node_gramians, gramian = {}, host[m:].view(m, m)
-            rows = [values[i : i + m] for i in range(m, m + m * m, m)]
+            host = out.cpu()  # the one synchronisation
+            losses, blocks = host[:m], host[m:].view(-1, m, m).unbind(0)
+        values = losses.tolist()
+        self._check(values)
+        node_gramians = dict(zip(part.node_slices, blocks, strict=True)) if self.collect_gramians else {}
+        gramian = torch.stack(blocks).sum(0) if len(blocks) > 1 else blocks[0]
         # A Direction takes the floats as they are; any other callable, the tensors.
         weights_of = getattr(self.direction, "weights_of", None)
-        output = self.direction(gramian, losses) if weights_of is None else weights_of(rows, values[:m])
+        output = self.direction(gramian, losses) if weights_of is None else weights_of(gramian.tolist(), values)
         for param, grad in zip(part.shared, layout.combine(output.weights), strict=True):
             if param.grad is not grad:  # flat: set once per layout; the views then see every step's wᵀJ
                 param.grad = grad
