@@ -22,6 +22,7 @@ from mamo.directions import create_direction
 from mamo.errors import EndedOnPurpose, MamoError, StopExplained
 from mamo.graph import build_hps_graph, graph_to_json
 from mamo.model import MamoNet, compile_model, count_parameters
+from mamo.model_checks import check_batch_of_one, check_precision
 from mamo.runs import (
     RUNS_ROOT,
     RunLog,
@@ -35,7 +36,7 @@ from mamo.runs import (
 )
 from mamo.samples import unreachable_target_notes
 from mamo.spaces import SPACES, check_model_config, create_space, memory_failure
-from mamo.step import TrainStep, check_batch_of_one, check_precision
+from mamo.step import TrainStep
 from mamo.trainer import (
     OPTIMIZER_SETTINGS,
     Callback,

@@ -26,7 +26,8 @@ WARMUP = 2  # eager steps of a shape before its graph is recorded: lazy initiali
 MAX_GRAPHS = 4  # recorded per step object; further kinds or shapes run eagerly (a dataset of odd batch sizes)
 
 Targets = dict[str, torch.Tensor]
-DeviceHalf = Callable[[torch.Tensor, Targets], torch.Tensor]
+# Its output: one tensor on CUDA (what a graph records); on the CPU, where nothing is recorded, a tuple may do.
+DeviceHalf = Callable[[torch.Tensor, Targets], torch.Tensor | tuple]
 
 
 class HostState(Protocol):

@@ -358,7 +358,7 @@ def test_bf16_losses_are_float32_losses_of_the_autocast_predictions(gradients):
                                              ((3, 32, 8), "blocks.cell3.0.0.conv2")])  # sees 4 × 1
 def test_bf16_on_the_cpu_refuses_a_strided_convolution_on_maps_one_wide(shape, layer):
     # oneDNN's bf16 weight gradient for it holds garbage (pure-torch repros, docs/performance.md).
-    from mamo.step import bf16_cpu_hazards
+    from mamo.model_checks import bf16_cpu_hazards
 
     model = make_model(RESNET[0], shape)  # timm's test_resnet
     x, targets = batch(model)

@@ -540,8 +540,8 @@ def test_batches_of_one_through_batch_norms_on_wider_maps_are_not_refused() -> N
     from mamo import graph as g
     from mamo.config import ModelConfig
     from mamo.model import compile_model
+    from mamo.model_checks import check_batch_of_one
     from mamo.spaces import create_space
-    from mamo.step import check_batch_of_one
     from mamo.tasks import parse_tasks
 
     tasks = parse_tasks({t: {"type": "classification", "classes": 10} for t in ("a", "b")}, "test")

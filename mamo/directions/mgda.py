@@ -50,7 +50,8 @@ class MGDA(Direction):
         return min_norm_weights(gramian / np.multiply.outer(n, n)), {}
 
     def weigh_lists(self, rows: list[list[float]], losses: list[float]) -> tuple[np.ndarray | list[float], Info]:
-        if self._normalizer is None and len(rows) == 2:  # the closed form on the floats, without arrays
+        # The closed form on the floats, without arrays; not for a subclass with its own weigh, which must run.
+        if self._normalizer is None and len(rows) == 2 and type(self).weigh is MGDA.weigh:
             return pair_weights(rows), {}
         return super().weigh_lists(rows, losses)
 
