@@ -206,6 +206,8 @@ def write_onnx(model: MamoNet, path: Path) -> None:
             raise MamoError(f"ONNX export needs the onnx package ({exc}); pip install 'mamo[onnx]'.") from exc
 
     replace_from_folder(path, write)
+    if size <= ONNX_INLINE_BYTES:  # a larger model's weights file from an earlier export would lie beside it unused
+        path.with_name(f"{path.name}.data").unlink(missing_ok=True)
 
 
 def replace_from_folder(path: Path, write: Callable[[Path], object]) -> None:

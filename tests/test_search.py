@@ -396,6 +396,15 @@ def test_onnx_and_pt2_programs_give_the_same_outputs(finished, tmp_path):
     assert '"cell0" [label="cell0\\n' in dot and "\\\\n" not in dot  # a line break, not a printed backslash
 
 
+def test_a_small_models_onnx_export_removes_an_earlier_exports_weights_file(finished, tmp_path):
+    run_dir, _ = finished
+    pytest.importorskip("onnx")
+    stale = tmp_path / "model.onnx.data"  # what a larger model's export left in the same folder
+    stale.write_bytes(b"weights of another model")
+    export(run_dir, ["onnx"], tmp_path)
+    assert (tmp_path / "model.onnx").is_file() and not stale.exists()
+
+
 def test_a_search_on_the_cnn_grows_and_exports_programs_that_match_it(tmp_path):
     run_dir = tmp_path / "run"
     metrics = run_search(tiny("model.backbone=cnn", "model.hidden=[8, 8]", "search.threshold=topk:100",
