@@ -52,11 +52,6 @@ def _labelled(target: torch.Tensor) -> torch.Tensor:
     return (target.long() != IGNORE).sum()
 
 
-def labelled_pixels(target: torch.Tensor) -> float:
-    """How many pixels of a segmentation batch its loss averages over."""
-    return float(_labelled(target))
-
-
 # ----------------------------------------------------------------------------------------------------- losses
 
 
