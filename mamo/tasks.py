@@ -23,7 +23,7 @@ import torch
 
 from mamo import dense
 from mamo.errors import MamoError
-from mamo.losses import LOSSES, LossFunction, class_weight_tensor, label_options
+from mamo.losses import LOSSES, LossFunction, label_options
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class TaskSpec:
     loss: str = "default"
     class_weights: tuple[float, ...] = ()
     missing_labels: bool = False
+    chosen_metrics: tuple[str, ...] = ()  # the spec's "metrics": those Δ, Win and the report use, the first the main
 
     @property
     def output_size(self) -> int:
@@ -55,7 +56,11 @@ class TaskSpec:
 
     @property
     def metrics(self) -> tuple[Metric, ...]:
-        return TASK_TYPES[self.type].metrics
+        every = TASK_TYPES[self.type].metrics
+        if not self.chosen_metrics:
+            return every
+        by_name = {metric.name: metric for metric in every}
+        return tuple(by_name[name] for name in self.chosen_metrics)
 
     def to_dict(self) -> dict:
         out: dict = {"type": self.type}
@@ -73,6 +78,8 @@ class TaskSpec:
             out["class_weights"] = list(self.class_weights)
         if self.missing_labels:
             out["missing_labels"] = True
+        if self.chosen_metrics:
+            out["metrics"] = list(self.chosen_metrics)
         return out
 
 
@@ -254,50 +261,6 @@ def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch
     return bind_loss(spec, pred.device)(pred, target)
 
 
-class MetricAccumulator:
-    """Sums per-sample metric values over batches; :meth:`compute` gives the means. A task's loss is the mean
-    over everything its loss averages (samples, labelled targets weighed by their class weights, or valid pixels
-    for the masked losses) in the whole split."""
-
-    def __init__(self, tasks: dict[str, TaskSpec]):
-        self.tasks = tasks
-        self.sums: dict[str, dict[str, float]] = {name: {} for name in tasks}
-        self.loss_sums: dict[str, float] = {name: 0.0 for name in tasks}
-        self.loss_counts: dict[str, float] = {name: 0.0 for name in tasks}
-        self.count = 0
-        self._losses: dict[str, LossFunction] = {}
-        self._weights: dict[str, torch.Tensor | None] = {}
-
-    def update(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> None:
-        batch = next(iter(targets.values())).shape[0]
-        self.count += batch
-        for name, spec in self.tasks.items():
-            pred, target = outputs[name].detach(), targets[name]
-            for metric, value in TASK_TYPES[spec.type].batch_sums(pred, target).items():
-                self.sums[name][metric] = self.sums[name].get(metric, 0.0) + value
-            if name not in self._losses:  # the first batch's device is the evaluation's
-                self._losses[name] = bind_loss(spec, pred.device)
-                self._weights[name] = class_weight_tensor(spec.class_weights, pred.device)
-            weight = LOSSES[loss_name(spec)].mass(target, self._weights[name])
-            self.loss_sums[name] += self._losses[name](pred.float(), target).item() * weight
-            self.loss_counts[name] += weight
-
-    def compute(self) -> dict[str, dict[str, float]]:
-        """``{task: {metric: value, ..., "loss": mean loss}}``."""
-        return {
-            name: {**self._finalize(name, spec),
-                   # Over the mass itself, not at least 1: class weights summing under 1 in a split shrank it.
-                   "loss": self.loss_sums[name] / self.loss_counts[name] if self.loss_counts[name] > 0 else 0.0}
-            for name, spec in self.tasks.items()
-        }
-
-    def _finalize(self, name: str, spec: TaskSpec) -> dict[str, float]:
-        try:
-            return TASK_TYPES[spec.type].finalize(self.sums[name], self.count)
-        except dense.NoTargets as exc:
-            raise exc.of_task(name) from None
-
-
 def _size(value: object, key: str, name: str, source: str) -> int:
     """A task's ``classes``/``dim`` or one entry of its ``shape``: a whole number (floats like 10.0 are fine)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value:  # numpy's too
@@ -315,6 +278,18 @@ RESERVED_IN_TASK_NAMES = {
     '"': "torch.export writes its head's module name into Python source unescaped (the .pt2 would not load)",
     "\\": "torch.export writes its head's module name into Python source unescaped (the .pt2 would not load)",
 }
+
+
+def _chosen_metrics(spec: dict, where: str, kind: str) -> tuple[str, ...]:
+    """The spec's ``metrics``: distinct names of its type's metrics, the main one first; () for all of them."""
+    if "metrics" not in spec:
+        return ()
+    chosen, known = spec["metrics"], [metric.name for metric in TASK_TYPES[kind].metrics]
+    if (not isinstance(chosen, (list, tuple)) or not chosen or any(name not in known for name in chosen)
+            or len(set(chosen)) != len(chosen)):
+        raise MamoError(f"{where} has metrics {chosen!r}; give a list of distinct names from {', '.join(known)} (the "
+                        "main one first), or leave metrics out for all of them.")
+    return tuple(chosen)
 
 
 def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
@@ -349,7 +324,8 @@ def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
             raise MamoError(
                 f"task '{name}' from {source} has unknown type {kind!r}; use one of {', '.join(sorted(TASK_TYPES))}."
             )
-        extra = set(spec) - {"type", "classes", "dim", "shape", "head", "loss", "class_weights", "missing_labels"}
+        extra = set(spec) - {"type", "classes", "dim", "shape", "head", "loss", "class_weights", "missing_labels",
+                             "metrics"}
         if extra:
             raise MamoError(f"task '{name}' from {source} has unknown keys {sorted(extra, key=repr)}; remove them.")
         loss = spec.get("loss", "default")
@@ -379,6 +355,7 @@ def parse_tasks(raw: object, source: str) -> dict[str, TaskSpec]:
             raise MamoError(f"task '{name}' from {source} of type {task.type} needs positive {need}; fix its spec.")
         weights, missing = label_options(spec, f"task '{name}' from {source}", task.type, task.classes,
                                          loss_name(task))
-        task = dataclasses.replace(task, class_weights=weights, missing_labels=missing)
+        task = dataclasses.replace(task, class_weights=weights, missing_labels=missing,
+                                   chosen_metrics=_chosen_metrics(spec, f"task '{name}' from {source}", kind))
         specs[task.name] = task
     return specs

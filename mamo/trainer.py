@@ -26,9 +26,9 @@ from mamo.directions import Tensioner
 from mamo.errors import MamoError, TrainingDiverged
 from mamo.model import MamoNet
 from mamo.runs import format_duration
+from mamo.scoring import MetricAccumulator
 from mamo.step import StepResult, TrainStep, check_step_settings
 from mamo.stops import STOP_REQUESTED
-from mamo.tasks import MetricAccumulator
 
 if TYPE_CHECKING:
     from mamo.search_phases import RoundRecord
@@ -223,7 +223,7 @@ class KeepBest(Callback):
 
 
 def epoch_line(trainer: Trainer, metrics: Metrics) -> str:
-    """The epoch just finished as one line: phase, epoch of the phase, each task's validation loss and first
+    """The epoch just finished as one line: phase, epoch of the phase, each task's validation loss and main
     metric, the epoch's wall time and, from the mean so far, the time the phase has left."""
     done, total = trainer.phase_epochs
     first_epoch, started = trainer.fit_start
@@ -233,7 +233,8 @@ def epoch_line(trainer: Trainer, metrics: Metrics) -> str:
     per_epoch = (time.perf_counter() - started) / max(this_fit, 1)
     scores = []
     for task, values in metrics.items():
-        shown = [("loss", values["loss"])] + [(k, v) for k, v in values.items() if k != "loss"][:1]
+        main = trainer.model.tasks[task].metrics[0].name  # the spec's first chosen metric, or its type's first
+        shown = [("loss", values["loss"]), (main, values[main])]
         scores.append(f"{task} " + " ".join(f"{name} {value:.4g}" for name, value in shown))
     line = f"{trainer.description} epoch {ran}/{total}: val {', '.join(scores)}; {format_duration(per_epoch)}/epoch"
     if ran < total:

@@ -1,4 +1,5 @@
-"""Class weights and missing labels: the losses, the metrics, the specs that ask for them, and a search with both."""
+"""A task spec's options: class weights, missing labels and chosen metrics; the losses, the metrics, the specs
+that ask for them, and a search with all three."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from mamo.directions import MGDA
 from mamo.errors import MamoError
 from mamo.export import export, load_trained
 from mamo.model import MamoNet
+from mamo.report import delta, relative_changes
+from mamo.scoring import MetricAccumulator
 from mamo.search import run_search
-from mamo.tasks import MetricAccumulator, parse_tasks, task_loss
+from mamo.tasks import parse_tasks, task_loss
+from mamo.tune_space import objective_metrics
 
 
 def spec(**keys):
@@ -126,6 +130,24 @@ def test_class_weights_may_be_an_array(weights) -> None:
         spec(class_weights=np.ones((3, 1)))
 
 
+def test_chosen_metrics_are_the_tasks_metrics_in_their_order() -> None:
+    both = parse_tasks({"r": {"type": "regression", "dim": 2, "metrics": ["mae", "mse"]}}, "a plugin")["r"]
+    assert [m.name for m in both.metrics] == ["mae", "mse"] and both.to_dict()["metrics"] == ["mae", "mse"]
+    one = parse_tasks({"r": {"type": "regression", "dim": 2, "metrics": ["mae"]}}, "a plugin")
+    assert [m.name for m in one["r"].metrics] == ["mae"]
+    assert objective_metrics(one) == [("r", "mae", False)]  # what tune --multi-objective optimises for the task
+    tested, stl = {"r": {"mse": 2.0, "mae": 0.5, "loss": 1}}, {"r": {"mse": 1.0, "mae": 1.0, "loss": 1}}
+    assert delta(tested, stl, one) == pytest.approx(50.0)  # mae halved; the doubled mse is not counted
+    assert delta(tested, stl, parse_tasks({"r": {"type": "regression", "dim": 2}}, "a plugin")) == pytest.approx(-25)
+
+
+@pytest.mark.parametrize("chosen", [[], ["accuracy"], ["mae", "mae"], "mae", [1]])
+def test_bad_chosen_metrics_are_one_sentence(chosen) -> None:
+    with pytest.raises(MamoError, match=r"^task 'r' from a plugin has metrics .*; give a list of distinct names from "
+                                        r"mse, mae \(the main one first\), or leave metrics out for all of them\.$"):
+        parse_tasks({"r": {"type": "regression", "dim": 2, "metrics": chosen}}, "a plugin")
+
+
 @pytest.mark.parametrize(("raw", "error"), [
     ({"type": "regression", "dim": 1, "class_weights": [1]}, "its loss 'mse' does not take"),
     ({"type": "classification", "classes": 2, "loss": "exp_mse", "class_weights": [1, 1]}, "cannot score"),
@@ -183,11 +205,13 @@ def build(seed, root, **sizes):
     if NO_VAL_LABELS:
         a[96:128] = -1
     b = (x[:, 1] > 0.7).long()  # a rare class 1, weighed up
+    c = x[:, 2:3] * 2  # scored by its mae alone
     def split(part):
-        return TensorTaskDataset(x[part], {"a": a[part], "b": b[part]})
+        return TensorTaskDataset(x[part], {"a": a[part], "b": b[part], "c": c[part]})
     return {"train": split(slice(0, 96)), "val": split(slice(96, 128)), "test": split(slice(128, 160)),
             "tasks": {"a": {"type": "classification", "classes": 2, "missing_labels": True},
-                      "b": {"type": "classification", "classes": 2, "class_weights": [1.0, 2.5]}}}
+                      "b": {"type": "classification", "classes": 2, "class_weights": [1.0, 2.5]},
+                      "c": {"type": "regression", "dim": 1, "metrics": ["mae"]}}}
 """
 
 SETTINGS = ["model.backbone=mlp", "model.hidden=[8, 8]", "model.head_hidden=0", "train.batch_size=32",
@@ -212,6 +236,17 @@ def test_a_search_trains_scores_and_exports_tasks_with_missing_labels_and_class_
         assert 0 < accuracy <= 1 and all(v == v for task in tested.values() for v in task.values()), name  # no NaN
     saved = json.loads((tmp_path / "run" / "architecture.json").read_text())["graph"]["tasks"]
     assert saved["a"]["missing_labels"] is True and saved["b"]["class_weights"] == [1.0, 2.5]
+    assert saved["c"]["metrics"] == ["mae"]
+    # c's mse is still measured, but Δ, the report and the epoch lines read its mae alone.
+    specs = parse_tasks(saved, "the run")
+    stl = metrics["baselines"]["stl"]["tasks"]
+    assert "mse" in metrics["tasks"]["c"] and set(relative_changes(metrics["tasks"], stl, specs)) == {
+        ("a", "accuracy"), ("b", "accuracy"), ("c", "mae")}
+    assert metrics["delta"] == pytest.approx(delta(metrics["tasks"], stl, specs))
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| c mae ↓ |" in report and "c mse" not in report
+    assert ", c loss " in (tmp_path / "run" / "log.txt").read_text().split("final epoch")[1].split("\n")[0]
+    assert " mae " in (tmp_path / "run" / "log.txt").read_text().split("final epoch")[1].split("\n")[0]
     export(tmp_path / "run", ["json"], tmp_path / "exported")
     exported = json.loads((tmp_path / "exported" / "architecture.json").read_text())["graph"]["tasks"]
     assert exported == saved and load_trained(tmp_path / "run").tasks["b"].class_weights == (1.0, 2.5)

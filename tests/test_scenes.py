@@ -19,9 +19,10 @@ from mamo.data import iterate_batches, load_data
 from mamo.errors import MamoError
 from mamo.graph import build_hps_graph
 from mamo.model import compile_model
+from mamo.scoring import MetricAccumulator
 from mamo.session import make_trainer, open_session
 from mamo.spaces import create_space
-from mamo.tasks import MetricAccumulator, parse_tasks, task_loss
+from mamo.tasks import parse_tasks, task_loss
 
 H, W = 32, 48
 
