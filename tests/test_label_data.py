@@ -63,7 +63,8 @@ def test_a_training_split_without_one_label_for_a_task_is_refused_before_trainin
 
 def test_a_split_without_labels_names_the_task_among_tasks_of_one_type() -> None:
     # Two classification tasks: "no sample of the 'val' split has a classification target" did not say which.
-    from mamo.tasks import MetricAccumulator, parse_tasks
+    from mamo.scoring import MetricAccumulator
+    from mamo.tasks import parse_tasks
 
     tasks = parse_tasks(TASKS | {"c": {"type": "classification", "classes": 2, "missing_labels": True}}, "a plugin")
     accumulator = MetricAccumulator(tasks)
