@@ -43,7 +43,8 @@ def relative_changes(mtl: Metrics, stl: Metrics, tasks: dict[str, TaskSpec]) -> 
 
 
 def delta(mtl: Metrics, stl: Metrics, tasks: dict[str, TaskSpec]) -> float:
-    """MAMO Eq 15: the mean signed relative change over every metric of every task, in percent."""
+    """MAMO Eq 15: the mean signed relative change over every metric of every task (those its spec chose), in
+    percent."""
     changes = relative_changes(mtl, stl, tasks)
     return sum(changes.values()) / len(changes)
 
@@ -125,7 +126,7 @@ def write_report(
         parts += [
             f"Test metrics as the relative change against {stl_name} in % (+ is better than {stl_name}); the "
             f"{stl_name} row is absolute.",
-            "Δ is MAMO Eq 15 over every metric; Win is the share of metrics better than STL.",
+            "Δ is MAMO Eq 15 over every metric in the table; Win is the share of them better than STL.",
         ]
     parts += [
         "s/epoch is the training time of one epoch (validation excluded); STL's adds its networks' and a grown "
