@@ -182,8 +182,10 @@ def check_resumed_data(input_shape: tuple[int, ...], tasks: dict, state: dict | 
     for name, spec in tasks.items():
         if saved.get(name) != spec.to_dict():
             was = f"was {saved[name]}" if name in saved else "was not a task"
+            # A plugin's spec may have been edited as well as its data swapped: either one is undone to resume.
             raise MamoError(f"the data's task '{name}' is {spec.to_dict()} but in the checkpoints in {directory} it "
-                            f"{was}; point data.root at the run's own data, or start a new run.")
+                            f"{was}; point data.root at the run's own data (or undo the edit of the data plugin's "
+                            "task spec), or start a new run.")
     if list(saved) != list(tasks):
         raise MamoError(f"the data has the tasks {', '.join(tasks)} but the checkpoints in {directory} were trained "
                         f"on {', '.join(saved)}; point data.root at the run's own data, or start a new run.")

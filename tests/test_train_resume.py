@@ -510,7 +510,8 @@ def test_resume_refuses_data_of_other_shapes_than_the_checkpoint_was_trained_on(
     other = parse_tasks({"depth": {"type": "depth", "shape": [1, 32, 48]},
                          "seg": {"type": "segmentation", "classes": 7, "shape": [32, 48]}}, "test")
     with pytest.raises(MamoError, match="the data's task 'seg' is .*'classes': 7.* but in the checkpoints in .* it "
-                                        "was .*'classes': 3"):
+                                        r"was .*'classes': 3.*; point data.root at the run's own data \(or undo the "
+                                        r"edit of the data plugin's task spec\), or start a new run\.$"):
         check_resumed_data((3, 32, 48), other, state, tmp_path)
     fewer = {"depth": tasks["depth"]}
     with pytest.raises(MamoError, match="the data has the tasks depth but the checkpoints .* on depth, seg"):
