@@ -123,8 +123,10 @@ def _listed_positions(activated: list) -> str:
     return "\n".join(names) or "none"
 
 
+METRICS_PLOT = "report_metrics.png"  # the one plot a train run's report embeds too (it grows nothing)
+
 REPORT_PLOTS: dict[str, Callable[[list[dict], list[dict], dict[str, TaskSpec], str], Figure]] = {
-    "report_metrics.png": lambda rows, rounds, tasks, module_name: metric_bars_figure(rows, tasks),
+    METRICS_PLOT: lambda rows, rounds, tasks, module_name: metric_bars_figure(rows, tasks),
     "report_growth.png": lambda rows, rounds, tasks, module_name: growth_figure(rounds, module_name),
 }
 

@@ -161,6 +161,11 @@ def _train_and_write(session: Session, directory: Path, watchers: list[Callback]
         key_parts, same = "budget, seed and thread count", f" --set train.threads={config.train.threads}"
     note = "" if stl_name else (f"No cached STL baseline for this data, backbone, {key_parts}: run with "
                                 f"--set train.mode=stl{same} once to get Δ and Win.")
+    from mamo.plots import save_figure
+    from mamo.report_plots import METRICS_PLOT, metric_bars_figure
+
+    plot = save_figure(metric_bars_figure(rows, tasks), directory / METRICS_PLOT)
+    note = "\n\n".join(part for part in (note, f"![{plot.stem.replace('_', ' ')}]({plot.name})") if part)
     text = write_report(directory, f"mamo train: {config.name}", rows, tasks, stl_name, note)
     write_metrics(directory, metrics)
     # Only now: best.pt and the weights hold what the run keeps, and metrics.json marks it finished.

@@ -324,6 +324,9 @@ def test_hps_after_stl_reports_delta_and_win_rate(runs: Path) -> None:
     assert table[0].startswith("| Method | left accuracy ↑ | right accuracy ↑ | Δ % ↑ | Win ↑")
     assert table[1].startswith(f"| STL | {stl['tasks']['left']['accuracy']:.4g} |")
     assert table[2].startswith("| HPS (mgda+tensioner(thesis)) | ")
+    # The metric bars a search's report embeds, STL beside the trained network (a train report had none).
+    assert "![report metrics](report_metrics.png)" in report
+    assert (runs / "hps_again" / "report_metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cached_stl_is_reused_not_retrained(runs: Path, capsys: pytest.CaptureFixture) -> None:
