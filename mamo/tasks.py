@@ -285,6 +285,8 @@ def _chosen_metrics(spec: dict, where: str, kind: str) -> tuple[str, ...]:
     if "metrics" not in spec:
         return ()
     chosen, known = spec["metrics"], [metric.name for metric in TASK_TYPES[kind].metrics]
+    if hasattr(chosen, "tolist") and not isinstance(chosen, (list, tuple)):  # a numpy array, as class_weights takes
+        chosen = chosen.tolist()
     if (not isinstance(chosen, (list, tuple)) or not chosen or any(name not in known for name in chosen)
             or len(set(chosen)) != len(chosen)):
         raise MamoError(f"{where} has metrics {chosen!r}; give a list of distinct names from {', '.join(known)} (the "

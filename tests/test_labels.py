@@ -134,6 +134,7 @@ def test_chosen_metrics_are_the_tasks_metrics_in_their_order() -> None:
     both = parse_tasks({"r": {"type": "regression", "dim": 2, "metrics": ["mae", "mse"]}}, "a plugin")["r"]
     assert [m.name for m in both.metrics] == ["mae", "mse"] and both.to_dict()["metrics"] == ["mae", "mse"]
     one = parse_tasks({"r": {"type": "regression", "dim": 2, "metrics": ["mae"]}}, "a plugin")
+    assert parse_tasks({"r": {"type": "regression", "dim": 2, "metrics": np.array(["mae"])}}, "a plugin") == one
     assert [m.name for m in one["r"].metrics] == ["mae"]
     assert objective_metrics(one) == [("r", "mae", False)]  # what tune --multi-objective optimises for the task
     tested, stl = {"r": {"mse": 2.0, "mae": 0.5, "loss": 1}}, {"r": {"mse": 1.0, "mae": 1.0, "loss": 1}}
