@@ -173,7 +173,7 @@ def _first_bad_row(x: Tensor, targets: dict[str, Tensor], tasks: dict[str, TaskS
         if spec.type in ("classification", "segmentation"):
             # -1 (unlabelled) is a label map's and a missing_labels task's: flagged here, every batch holding one
             # went to the sample checks, which pass it, and a lazy split stopped as "samples that do not stack".
-            low = dense.IGNORE if spec.type == "segmentation" or spec.missing_labels else 0
+            low = dense.IGNORE if spec.may_be_unlabelled else 0
             wrong = (target < low) | (target >= spec.classes)
             if target.is_floating_point():
                 wrong |= target != target.floor()
@@ -255,8 +255,7 @@ def _check_every_sample(dataset: Dataset, split: str, tasks: dict[str, TaskSpec]
     if row is not None:
         _checked_sample(dataset, row, split, tasks, what)  # raises the sentence that names what is wrong
     for name, spec in tasks.items():  # a split without one label: said as it loads, not after the training
-        unlabelled = spec.type == "segmentation" or spec.missing_labels
-        if not unlabelled or bool((dataset.targets[name] != dense.IGNORE).any()):
+        if not spec.may_be_unlabelled or bool((dataset.targets[name] != dense.IGNORE).any()):
             continue
         if split == "train":  # never scored, so without this it trained blind
             raise MamoError(f"{what} gives task '{name}' no labelled sample in the 'train' split (every target is "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from mamo import dense
-from mamo.losses import LOSSES, LossFunction, class_weight_tensor
-from mamo.tasks import TASK_TYPES, TaskSpec, bind_loss, loss_name
+from mamo.losses import LOSSES, Loss, LossFunction, class_weight_tensor
+from mamo.tasks import TASK_TYPES, TaskSpec, loss_name
 
 
 class MetricAccumulator:
@@ -20,8 +20,8 @@ class MetricAccumulator:
         self.loss_sums: dict[str, float] = {name: 0.0 for name in tasks}
         self.loss_counts: dict[str, float] = {name: 0.0 for name in tasks}
         self.count = 0
-        self._losses: dict[str, LossFunction] = {}
-        self._weights: dict[str, torch.Tensor | None] = {}
+        # Per task, bound at its first batch (on the evaluation's device): its loss, the function, its class weights.
+        self._losses: dict[str, tuple[Loss, LossFunction, torch.Tensor | None]] = {}
 
     def update(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> None:
         batch = next(iter(targets.values())).shape[0]
@@ -30,11 +30,12 @@ class MetricAccumulator:
             pred, target = outputs[name].detach(), targets[name]
             for metric, value in TASK_TYPES[spec.type].batch_sums(pred, target).items():
                 self.sums[name][metric] = self.sums[name].get(metric, 0.0) + value
-            if name not in self._losses:  # the first batch's device is the evaluation's
-                self._losses[name] = bind_loss(spec, pred.device)
-                self._weights[name] = class_weight_tensor(spec.class_weights, pred.device)
-            weight = LOSSES[loss_name(spec)].mass(target, self._weights[name])
-            self.loss_sums[name] += self._losses[name](pred.float(), target).item() * weight
+            if name not in self._losses:
+                entry, weights = LOSSES[loss_name(spec)], class_weight_tensor(spec.class_weights, pred.device)
+                self._losses[name] = (entry, entry.make(weights, spec.missing_labels), weights)
+            entry, loss, weights = self._losses[name]
+            weight = entry.mass(target, weights)
+            self.loss_sums[name] += loss(pred.float(), target).item() * weight
             self.loss_counts[name] += weight
 
     def compute(self) -> dict[str, dict[str, float]]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mamo.directions.base import Direction, DirectionOutput
+from mamo.directions.base import Direction
 from mamo.directions.equal import Equal
 from mamo.errors import MamoError
 from mamo.losses import LossFunction
@@ -272,11 +272,6 @@ class TrainStep:
             return stacked, *blocks
         return torch.cat([stacked, *(b.reshape(-1) for b in blocks)])
 
-    def _weigh(self, gramian: torch.Tensor, losses: torch.Tensor, values: list[float]) -> DirectionOutput:
-        """The direction's output: a Direction reads Python floats (``values``: the losses'), a callable tensors."""
-        weights_of = getattr(self.direction, "weights_of", None)
-        return self.direction(gramian, losses) if weights_of is None else weights_of(gramian.tolist(), values)
-
     def _exact_step(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> StepResult:
         part = self.partition
         device = part.shared[0].device
@@ -295,7 +290,7 @@ class TrainStep:
         self._check(values)
         node_gramians = dict(zip(part.node_slices, blocks, strict=True)) if self.collect_gramians else {}
         gramian = torch.stack(blocks).sum(0) if len(blocks) > 1 else blocks[0]
-        output = self._weigh(gramian, losses, values)
+        output = self.direction.weights_of(gramian.tolist(), values)
         for param, grad in zip(part.shared, layout.combine(output.weights), strict=True):
             if param.grad is not grad:  # flat: set once per layout; the views then see every step's wᵀJ
                 param.grad = grad
@@ -323,7 +318,7 @@ class TrainStep:
         values = host[:m].tolist()
         self._check(values)
         gramian = host[m:].view(m, m)
-        output = self._weigh(gramian, host[:m], values)
+        output = self.direction.weights_of(gramian.tolist(), values)
         # Σ w_t·row_t as scaled adds rather than ``weights @ jac``: no host-to-device copy of the weights and no
         # BLAS call for a 1×m product (1–2% of the same step, measured).
         first, *rest = output.weights.tolist()

@@ -85,15 +85,17 @@ GRAM_CHUNK: dict[str, int] = {"cpu": 1 << 15}  # flat: Gram chunk width (see gra
 DOT_CHUNK: dict[str, int] = {"cpu": 1 << 16}  # parameters: dot-product chunk width; absent: whole parameters
 
 
-def gram_block(jac: torch.Tensor, cols: slice | None, width: int | None = None) -> torch.Tensor:
-    """``J[:, cols] J[:, cols]ᵀ`` (``cols=None``: all of J, without indexing, 10 µs less inside a LeNet step).
-    With ``width`` (CPU), as one batched product of column chunks of that width summed: a single (m × n)(n × m)
-    product streams n-long rows through a tiny output and runs on one thread; the chunks fit the cache and bmm
-    spreads them over threads (ResNet-18, m = 3: docs/performance.md)."""
+def gram_block(jac: torch.Tensor, cols: slice | None, width: int | None = None,
+               jac_t: torch.Tensor | None = None) -> torch.Tensor:
+    """``J[:, cols] J[:, cols]ᵀ`` (``cols=None``: all of J, without indexing, 10 µs less inside a LeNet step;
+    ``jac_t``, J's transposed view made once, saves making it again). With ``width`` (CPU), as one batched product
+    of column chunks of that width summed: a single (m × n)(n × m) product streams n-long rows through a tiny
+    output and runs on one thread; the chunks fit the cache and bmm spreads them over threads (ResNet-18, m = 3:
+    docs/performance.md)."""
     piece = jac if cols is None else jac[:, cols]
     m, n = piece.shape
     if not width or n < 2 * width:
-        return piece @ piece.T
+        return torch.mm(piece, jac_t if cols is None and jac_t is not None else piece.T)
     k = n // width
     chunks = piece[:, : k * width].view(m, k, width).transpose(0, 1)  # (k, m, width), a view
     tail = piece[:, k * width :]
@@ -134,9 +136,8 @@ class FlatLayout:
         _copy_into(self.columns, grads)
 
     def gramians(self, by_node: bool) -> list[torch.Tensor]:
-        if not by_node and (not self.width or self.jac.shape[1] < 2 * self.width):
-            return [torch.mm(self.jac, self.jac_t)]  # gram_block's product without its indexing and transpose
-        return [gram_block(self.jac, cols, self.width) for cols in (self.node_slices if by_node else [None])]
+        return [gram_block(self.jac, cols, self.width, self.jac_t)
+                for cols in (self.node_slices if by_node else [None])]
 
     def combine(self, weights: torch.Tensor) -> list[torch.Tensor]:
         torch.mv(self.jac_t, self.weights.copy_(weights, non_blocking=True), out=self.combined)

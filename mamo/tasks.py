@@ -55,6 +55,12 @@ class TaskSpec:
         return TASK_TYPES[self.type].output_size(self)
 
     @property
+    def may_be_unlabelled(self) -> bool:
+        """Whether a target may be -1 (unlabelled): a segmentation pixel always, a classification sample with
+        ``missing_labels``."""
+        return self.type == "segmentation" or self.missing_labels
+
+    @property
     def metrics(self) -> tuple[Metric, ...]:
         every = TASK_TYPES[self.type].metrics
         if not self.chosen_metrics:
@@ -120,7 +126,7 @@ def _has_shape(spec: TaskSpec, target: torch.Tensor) -> tuple[bool, str]:
 
 def _is_class(spec: TaskSpec, target: torch.Tensor) -> tuple[bool, str]:
     # 0-d: a (1,) sample (targets of shape (N, 1)) passed here and then failed in cross-entropy with a traceback.
-    lowest = dense.IGNORE if spec.missing_labels else 0
+    lowest = dense.IGNORE if spec.may_be_unlabelled else 0
     ok = target.dim() == 0 and float(target).is_integer() and lowest <= int(target) < spec.classes
     unlabelled = " or -1 (unlabelled)" if spec.missing_labels else ""
     return ok, (f"a single class index in [0, {spec.classes}){unlabelled} (a 0-d tensor: class targets of shape "
