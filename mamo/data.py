@@ -236,8 +236,9 @@ def unused_data_note(cfg: DataConfig) -> str | None:
             "used.")
 
 
-def load_data(cfg: DataConfig) -> MultiTaskData:
-    """Build the dataset ``cfg.name`` (built-in or plugin) with ``cfg.options`` and validate what it returns."""
+def load_data(cfg: DataConfig, progress: bool = False) -> MultiTaskData:
+    """Build the dataset ``cfg.name`` (built-in or plugin) with ``cfg.options`` and validate what it returns
+    (``progress``: a bar while a plugin's lazily read evaluation split is checked)."""
     if not -(2**63) <= cfg.seed < 2**63:  # what a 64-bit generator (numpy's, torch's, a plugin's) can take
         raise MamoError(f"data.seed must be an integer in [-2**63, 2**63), got {cfg.seed}; set e.g. data.seed=0.")
     if cfg.name in DATASETS:
@@ -257,7 +258,7 @@ def load_data(cfg: DataConfig) -> MultiTaskData:
         raise
     except Exception as exc:
         raise MamoError(f"{what} raised {type(exc).__name__}: {exc}; fix the plugin.") from exc
-    return validate(result, what, plugin=True)
+    return validate(result, what, plugin=True, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------------- batching

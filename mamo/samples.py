@@ -6,12 +6,14 @@ memory at once, otherwise as each is read), each fault one sentence naming the s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
+from tqdm import tqdm
 
 from mamo import dense
 from mamo.errors import MamoError
@@ -195,6 +197,11 @@ class CheckedDataset(Dataset):
         targets = _checked(first, 0, split, tasks, what)[1]
         self.target_shapes = {name: tuple(targets[name].shape) for name in tasks}
         self._check_input_type(0, first[0])
+        # Tasks not yet seen with a label, and which samples have been read, until each has one: a split read
+        # through without a label for a task is refused (it trained blind, or was scored on nothing).
+        self._unlabelled = [name for name, spec in tasks.items() if spec.may_be_unlabelled]
+        self._read: bytearray | None = bytearray(len(self)) if self._unlabelled else None
+        self._read_count = 0
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -213,6 +220,7 @@ class CheckedDataset(Dataset):
         except Exception:  # samples that do not stack (shapes, structure): the sample check below names which
             fits = False
         if fits:
+            self._note_labels(indices, targets)
             return x, targets
         for index, sample in zip(indices, samples, strict=True):
             x, targets = _checked(sample, index, self.split, self.tasks, self.what)
@@ -228,6 +236,21 @@ class CheckedDataset(Dataset):
                                     "target of a task one shape.")
         raise MamoError(f"{self.what} gives the '{self.split}' split samples that do not stack into one batch "
                         f"(samples {indices[0]}..{indices[-1]}); give every sample the same structure.")
+
+    def _note_labels(self, indices: list[int], targets: dict[str, Tensor]) -> None:
+        """Track the tasks without a label so far; once every sample has been read, refuse the first of them."""
+        if self._read is None:
+            return
+        self._unlabelled = [name for name in self._unlabelled if not bool((targets[name] != dense.IGNORE).any())]
+        if not self._unlabelled:
+            self._read = None
+            return
+        for index in indices:  # distinct samples: with drop_single a different one sits out each epoch
+            self._read_count += not self._read[index]
+            self._read[index] = 1
+        if self._read_count == len(self._read):
+            name = self._unlabelled[0]
+            raise no_label_error(self.what, self.split, name, self.tasks[name])
 
     def _check_input_type(self, index: int, raw: object) -> None:
         if not _float32_input(raw):  # a list passes the tensor conversion of the sample check, but not a batch
@@ -255,18 +278,34 @@ def _check_every_sample(dataset: Dataset, split: str, tasks: dict[str, TaskSpec]
     if row is not None:
         _checked_sample(dataset, row, split, tasks, what)  # raises the sentence that names what is wrong
     for name, spec in tasks.items():  # a split without one label: said as it loads, not after the training
-        if not spec.may_be_unlabelled or bool((dataset.targets[name] != dense.IGNORE).any()):
-            continue
-        if split == "train":  # never scored, so without this it trained blind
-            raise MamoError(f"{what} gives task '{name}' no labelled sample in the 'train' split (every target is "
-                            "-1), so it cannot learn; label some of its samples or remove the task.")
-        unit = "pixel" if spec.type == "segmentation" else "sample"
-        raise dense.NoTargets(spec.type, f"-1 marks an unlabelled {unit}", f"'{split}'", unit, name)
+        if spec.may_be_unlabelled and not bool((dataset.targets[name] != dense.IGNORE).any()):
+            raise no_label_error(what, split, name, spec)
     return dataset
 
 
-def validate(result: object, what: str, plugin: bool = False) -> MultiTaskData:
-    """``result`` of the builder ``what`` names, checked, as a :class:`MultiTaskData`."""
+def no_label_error(what: str, split: str, name: str, spec: TaskSpec) -> MamoError:
+    """The sentence for a split that has no labelled target of task ``name``."""
+    if split == "train":  # never scored, so without this it trained blind
+        return MamoError(f"{what} gives task '{name}' no labelled sample in the 'train' split (every target is -1), "
+                         "so it cannot learn; label some of its samples or remove the task.")
+    unit = "pixel" if spec.type == "segmentation" else "sample"
+    return dense.NoTargets(spec.type, f"-1 marks an unlabelled {unit}", f"'{split}'", unit, name)
+
+
+def read_through(dataset: CheckedDataset, progress: bool = False) -> None:
+    """Read and check every sample of a lazily read evaluation split now, in batches of at most 2²² input
+    values: its faults (a bad sample, a task without a label) would otherwise stop the run only when it is
+    scored, the test split after a whole phase of training that the resume repeats."""
+    size = max(1, min(256, 2**22 // max(1, math.prod(dataset.input_shape))))
+    starts = range(0, len(dataset), size)
+    for start in tqdm(starts, desc=f"checking the '{dataset.split}' split", disable=not progress, leave=False,
+                      dynamic_ncols=True):
+        dataset.batch(list(range(start, min(start + size, len(dataset)))))
+
+
+def validate(result: object, what: str, plugin: bool = False, progress: bool = False) -> MultiTaskData:
+    """``result`` of the builder ``what`` names, checked, as a :class:`MultiTaskData` (``progress``: a bar while
+    a lazily read evaluation split is read through)."""
     if not isinstance(result, dict):
         raise MamoError(
             f"{what} returned {type(result).__name__}, not a dict with train, val, test and tasks; return that dict."
@@ -291,6 +330,9 @@ def validate(result: object, what: str, plugin: bool = False) -> MultiTaskData:
     if plugin:  # the built-ins are tested; a user's data is checked beyond its first sample
         splits = {split: _check_every_sample(data, split, tasks, what, shapes["train"])
                   for split, data in splits.items()}
+        for split in ("val", "test"):  # the training split is checked as the first epoch reads it
+            if isinstance(splits[split], CheckedDataset):
+                read_through(splits[split], progress)
     return MultiTaskData(splits["train"], splits["val"], splits["test"], tasks, shapes["train"])
 
 

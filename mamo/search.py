@@ -57,7 +57,7 @@ from mamo.session import (
     open_session,
     save_model,
 )
-from mamo.trainer import Callback, intra_op_threads, mean_epoch_seconds
+from mamo.trainer import Callback, Metrics, intra_op_threads, mean_epoch_seconds
 
 
 def run_search(
@@ -72,6 +72,7 @@ def run_search(
     loggers: bool = True,
     pictures: bool = True,
     resume_settings: Sequence[str] = (),
+    stl_reference: Metrics | None = None,
 ) -> dict:
     """MAMO Algorithm 1 end to end; writes the run folder and returns what metrics.json holds.
 
@@ -80,7 +81,9 @@ def run_search(
 
     ``callbacks`` see every step, epoch and round (``on_round_end`` gets a :class:`~mamo.search_phases.RoundRecord`);
     an exception they raise stops the search. ``loggers=False`` leaves out the TensorBoard logger,
-    ``pictures=False`` only its round pictures.
+    ``pictures=False`` only its round pictures. ``stl_reference`` (STL's validation metrics, a tune study's
+    reference) is what the validation Δ of the events and round records is measured against when the search
+    trains no baselines of its own.
     """
     given_config(config, resume, "run_search")
     started = time.perf_counter()
@@ -121,7 +124,7 @@ def run_search(
                         session.log(f"note: STL scores {shown} on the validation split; the report's Δ divides by "
                                     "STL (Eq 15), so a tiny error there decides it alone: read the per-metric "
                                     "columns.")
-                stl_val = stl_validation(baselines)
+                stl_val = stl_validation(baselines) or stl_reference
                 if loggers:
                     from mamo.board import TensorBoardLogger
 
@@ -130,7 +133,7 @@ def run_search(
                     watchers.insert(0, owned[-1])
                 model = build_network(session, initial_weights=state is None)
                 trainer = make_trainer(session, model, config.direction, [recorder, *watchers], "search")
-                run = SearchRun(session, trainer, recorder, watchers, directory, baselines)
+                run = SearchRun(session, trainer, recorder, watchers, directory, baselines, stl_val)
                 start_index, partial = _restore(run, state) if state is not None else (0, None)
                 if state is None and resume:
                     session.log(f"no checkpoint in {directory / 'checkpoints'} yet: the search starts again from "

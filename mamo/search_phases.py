@@ -159,14 +159,11 @@ class SearchRun:
     watchers: list[Callback]  # the callbacks that see phases and rounds
     directory: Path
     baselines: dict
+    stl_val: Metrics | None  # what the rounds' validation Δ is measured against (None: no Δ)
     rounds: list[dict] = field(default_factory=list)  # the rounds' to_dict() records so far
     phase_seconds: dict[str, float] = field(default_factory=dict)
     best: KeepBest = field(default_factory=KeepBest)
     saver: PhaseCheckpoint | None = None  # set while the phases run
-
-    @property
-    def stl_val(self) -> Metrics | None:
-        return stl_validation(self.baselines)
 
 
 def _train(run: SearchRun, phase: Phase, done: int, partial: dict | None) -> RoundRecord | None:

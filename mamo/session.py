@@ -168,7 +168,7 @@ def open_session(
     device = check_train_settings(config)
     make_current(device)
     log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
-    data = load_data(config.data)
+    data = load_data(config.data, progress)
     if run_dir is not None:  # otherwise open_run notes them once it has a folder
         for note in start_notes(config, data, device):
             log(note)

@@ -113,7 +113,7 @@ class SearchObjective:
                 metrics = run_search(config, run_dir, progress=self.progress, quiet=True, resume=resume,
                                      callbacks=[*([reporter] if reporter else []), *lines],
                                      cache_root=self.study_dir / ".baselines",
-                                     loggers=self.tensorboard, pictures=self.pictures)
+                                     loggers=self.tensorboard, pictures=self.pictures, stl_reference=self.stl_val)
         except optuna.TrialPruned:
             if self.tensorboard:
                 write_hparams(run_dir, trial.params, self._stopped(reporter), state="pruned", metric_names=columns)

@@ -43,10 +43,12 @@ def test_unlabelled_samples_pass_the_checks_and_batch(wrap) -> None:
     assert torch.equal(torch.cat([targets["a"] for _, targets in batches]), torch.tensor([0, -1, 1] * 4))
 
 
-@pytest.mark.parametrize("wrap", [TensorTaskDataset, Lazy], ids=["tensors", "lazy"])
-def test_a_class_out_of_range_after_an_unlabelled_sample_is_still_named(wrap) -> None:
+# Every split holds the bad row; an in-memory split is checked whole as it loads, a lazy training split only as
+# it is read, so the lazy case's sentence names the val split, read through as it loads.
+@pytest.mark.parametrize(("wrap", "split"), [(TensorTaskDataset, "train"), (Lazy, "val")], ids=["tensors", "lazy"])
+def test_a_class_out_of_range_after_an_unlabelled_sample_is_still_named(wrap, split) -> None:
     with pytest.raises(MamoError, match=r"task 'a' from a plugin expects a single class index in \[0, 2\) or -1 "
-                                        r"\(unlabelled\).* sample 7 of the 'train' split has 5"):
+                                        rf"\(unlabelled\).* sample 7 of the '{split}' split has 5"):
         data = validate(splits(wrap, bad_row=7), "a plugin", plugin=True)
         list(iterate_batches(data.train, 4, shuffle=False, generator=None))
 
@@ -82,3 +84,46 @@ def test_an_in_memory_split_without_one_label_stops_as_it_loads_not_after_traini
     with pytest.raises(MamoError, match=rf"^task 'a': no sample of the '{split}' split has a classification target "
                                         r"\(-1 marks an unlabelled sample\), so its classification metrics"):
         validate(data, "a plugin", plugin=True)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_a_lazy_split_without_one_label_stops_as_it_loads_not_after_training(split) -> None:
+    # It stopped when scored: a test split after the search's first phase had trained, which its resume repeats.
+    data = splits(Lazy)
+    data[split] = Lazy(data[split].x, {"a": torch.full((12,), -1), "b": data[split].targets["b"]})
+    with pytest.raises(MamoError, match=rf"^task 'a': no sample of the '{split}' split has a classification target "
+                                        r"\(-1 marks an unlabelled sample\), so its classification metrics"):
+        validate(data, "a plugin", plugin=True)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_a_bad_sample_deep_in_a_lazy_evaluation_split_stops_as_it_loads(split) -> None:
+    data = splits(Lazy)
+    data[split].targets["b"] = data[split].targets["b"].clone()
+    data[split].targets["b"][9] = 3
+    with pytest.raises(MamoError, match=rf"sample 9 of the '{split}' split has 3"):
+        validate(data, "a plugin", plugin=True)
+
+
+def test_a_lazy_training_split_without_one_label_stops_once_an_epoch_has_read_it() -> None:
+    # Read once as it trains (not twice to look): the sentence comes at the end of its first epoch.
+    data = splits(Lazy)
+    data["train"] = Lazy(data["train"].x, {"a": torch.full((12,), -1), "b": data["train"].targets["b"]})
+    checked = validate(data, "a plugin", plugin=True)
+    batches = iterate_batches(checked.train, 5, shuffle=True, generator=torch.Generator().manual_seed(0),
+                              drop_single=True)
+    assert len([next(batches), next(batches)]) == 2  # 10 of 12 samples read: the last two may hold a label
+    with pytest.raises(MamoError, match=r"^a plugin gives task 'a' no labelled sample in the 'train' split \(every "
+                                        r"target is -1\), so it cannot learn; label some of its samples or remove "
+                                        r"the task\.$"):
+        next(batches)
+
+
+def test_a_lazy_training_split_with_its_only_label_last_trains() -> None:
+    data = splits(Lazy)
+    only_last = torch.full((12,), -1)
+    only_last[11] = 1
+    data["train"] = Lazy(data["train"].x, {"a": only_last, "b": data["train"].targets["b"]})
+    checked = validate(data, "a plugin", plugin=True)
+    for _ in range(3):
+        assert len(list(iterate_batches(checked.train, 5, shuffle=False, generator=None))) == 3

@@ -778,6 +778,23 @@ def test_a_diverged_trial_is_recorded_with_its_reason_and_in_the_hparams_tab(tmp
     assert columns == [c for c in HPARAMS_COLUMNS if c not in ("tune/delta", "tune/win_rate")]  # tune.lr: no baselines
 
 
+def test_a_trial_without_baselines_of_its_own_logs_delta_against_the_studys_reference(tmp_path):
+    # A sampled lr turns the trial's own baselines off; its events had no Δ, though the study has a reference.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = load_config("quick", [*TINY, "tune.lr=[0.01, 0.02]", "tune.rounds=[1, 1]"])
+    run_tune(config, study_dir=tmp_path, trials=1, progress=False, pictures=False)
+    trial = load(tmp_path).trials[0]
+    events = EventAccumulator(str(tmp_path / "trial-0000"), size_guidance={"scalars": 0})
+    events.Reload()
+    epochs = [e.step for e in events.Scalars("val/loss/left")]
+    logged = {e.step: e.value for e in events.Scalars("val/delta_vs_stl")}
+    assert sorted(logged) == epochs and len(epochs) == 3  # pretraining, the round, the final phase
+    assert trial.value == pytest.approx(logged[epochs[-1]], abs=1e-6)  # the final epoch is the one kept
+    (round_delta,) = events.Scalars("search/val_delta_vs_stl")
+    assert round_delta.value == pytest.approx(logged[round_delta.step], abs=1e-6)
+
+
 def test_a_bad_base_setting_the_tuned_space_replaces_is_no_error(tmp_path):
     config = load_config("quick", [*TINY, "direction.name=x", "tune.direction=[equal]", "tune.rounds=[0, 0]"])
     result = run_tune(config, study_dir=tmp_path, trials=1, progress=False, tensorboard=False)
