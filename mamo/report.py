@@ -59,6 +59,14 @@ def near_zero_metrics(stl: Metrics, tasks: dict[str, TaskSpec]) -> str:
                      if 0 < abs(stl[task][metric]) < NEAR_ZERO)
 
 
+def near_zero_note(stl_val: Metrics, tasks: dict[str, TaskSpec]) -> str | None:
+    """The log's note for a run whose report divides by an STL that scores a metric next to 0 (None if none)."""
+    if not (shown := near_zero_metrics(stl_val, tasks)):
+        return None
+    return (f"note: STL scores {shown} on the validation split; the report's Δ divides by STL (Eq 15), so a tiny "
+            "error there decides it alone: read the per-metric columns.")
+
+
 def win_rate(mtl: Metrics, stl: Metrics, tasks: dict[str, TaskSpec]) -> float:
     """The fraction of metrics on which the multi-task model is strictly better than STL, in [0, 1]."""
     changes = relative_changes(mtl, stl, tasks)

@@ -26,7 +26,7 @@ from mamo.report import (
     build_rows,
     delta,
     growth_notes,
-    near_zero_metrics,
+    near_zero_note,
     run_environment,
     time_notes,
     win_rate,
@@ -120,10 +120,8 @@ def run_search(
                     baselines = state["baselines"]
                 elif search.baselines:
                     baselines = cached_baselines(session, ("stl", "hps"), config.train.epochs)
-                    if shown := near_zero_metrics(baselines["stl"]["val"], tasks):
-                        session.log(f"note: STL scores {shown} on the validation split; the report's Δ divides by "
-                                    "STL (Eq 15), so a tiny error there decides it alone: read the per-metric "
-                                    "columns.")
+                    if note := near_zero_note(baselines["stl"]["val"], tasks):
+                        session.log(note)
                 stl_val = stl_validation(baselines) or stl_reference
                 if loggers:
                     from mamo.board import TensorBoardLogger

@@ -20,7 +20,7 @@ from mamo.data_plugins import plugin_edited_note
 from mamo.directions import direction_label
 from mamo.errors import MamoError
 from mamo.graph import graph_to_dict
-from mamo.report import build_rows, delta, run_environment, win_rate, write_metrics, write_report
+from mamo.report import build_rows, delta, near_zero_note, run_environment, win_rate, write_metrics, write_report
 from mamo.resume import check_resumed_config, read_run_config
 from mamo.runs import cli, counted
 from mamo.session import (
@@ -152,6 +152,8 @@ def _train_and_write(session: Session, directory: Path, watchers: list[Callback]
                "seconds_per_epoch": result["seconds_per_epoch"], "config": dataclasses.asdict(config),
                "environment": run_environment(session.device)}
     if stl_name and name != stl_name:
+        if note := near_zero_note(results["STL"]["val"], tasks):
+            session.log(note)
         metrics["delta"] = delta(result["tasks"], results["STL"]["tasks"], tasks)
         metrics["win_rate"] = win_rate(result["tasks"], results["STL"]["tasks"], tasks)
         metrics["baselines"] = {"stl": results["STL"]}

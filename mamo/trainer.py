@@ -377,7 +377,11 @@ class Trainer:
         self.model.eval()
         accumulator = MetricAccumulator(self.model.tasks)
         size = evaluation_batch_size(self.batch_size, self.model.space.input_shape)
-        for x, targets in iterate_batches(dataset, size, shuffle=False, generator=None):
+        # A bar too: NYUv2's test split is minutes of evaluation on a CPU.
+        batches = tqdm(iterate_batches(dataset, size, shuffle=False, generator=None),
+                       total=batches_per_epoch(len(dataset), size), desc=f"{self.description} {split}",
+                       disable=not self.progress, leave=False, dynamic_ncols=True)
+        for x, targets in batches:
             x, targets = self._to_device(x, targets)
             accumulator.update(self.model(x), targets)
         try:

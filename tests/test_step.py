@@ -459,6 +459,7 @@ def test_cuda_bf16_gives_the_gradients_of_torchs_autocast_in_float32(path):
 
 def test_step_benchmark_times_every_method_beside_equal_and_the_floor():
     from mamo.bench import step as bench
+    from mamo.bench import step_tables
 
     setup = bench.build_setup("timm:test_resnet", (3, 16, 16), 3, 4, torch.device("cpu"), "fp32")
     results, rounds = bench.measure(setup, torch.device("cpu"), warmup=0, rounds=2, clock="process")
@@ -467,7 +468,7 @@ def test_step_benchmark_times_every_method_beside_equal_and_the_floor():
     assert {"equal", "forward + m backward", "mgda (loop path)", "mgda-ub", "conflict statistics"} <= set(ran)
     assert all(res["equal"] and res["forward + m backward"] and res["times"] for res in ran.values())
     assert results["equal"]["equal"] == [1.0] * len(results["equal"]["equal"])
-    table = bench._step_table("t", results)
+    table = step_tables.step_table("t", results)
     assert [row[0] for row in table["rows"]] == list(results)
     assert {"pcgrad", "cagrad", "optimizer update alone"} <= set(ran)  # every direction mamo ships has a row
     # The floor target without the update: the method's × floor measured beside the floor in its own session,
@@ -475,7 +476,7 @@ def test_step_benchmark_times_every_method_beside_equal_and_the_floor():
     paired = {"mgda + tensioner": {"equal": [1.60, 1.40, 1.50], "forward + m backward": [1.10, 1.12, 1.08]},
               "forward + m backward": {"equal": [1.25, 1.45, 1.35], "forward + m backward": [1.0, 1.0, 1.0]},
               "optimizer update alone": {"equal": [0.05, 0.04, 0.06], "forward + m backward": [0.03, 0.02, 0.04]}}
-    assert bench._passes_ratio(paired) == pytest.approx((1.10 - 0.03) / (1.0 - 0.03))
+    assert step_tables._passes_ratio(paired) == pytest.approx((1.10 - 0.03) / (1.0 - 0.03))
 
 
 def test_the_benchmark_floor_sets_each_tasks_gradients_like_the_exact_step():

@@ -30,7 +30,7 @@ from mamo.data import load_data
 from mamo.errors import MamoError
 from mamo.report import delta, win_rate
 from mamo.runs import free_run_dir, new_run_dir
-from mamo.session import open_session
+from mamo.session import build_network, make_trainer, open_session
 from mamo.yaml_core import load_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,7 +203,10 @@ def test_the_progress_bar_counts_a_phases_epochs_as_its_lines_do(tmp_path: Path,
         *args, **{**kwargs, "disable": True}))
     config = load_config("quick", [*TINY_SETTINGS, "train.epochs=4", "search.baselines=false"])
     run_search(config, tmp_path / "run", progress=True, quiet=True, loggers=False)
-    assert described == ["pretrain epoch 1/1", "round1 epoch 1/1", "round2 epoch 1/1", "final epoch 1/1"]
+    epochs = [text for text in described if " epoch " in text]
+    assert epochs == ["pretrain epoch 1/1", "round1 epoch 1/1", "round2 epoch 1/1", "final epoch 1/1"]
+    assert [text for text in described if " epoch " not in text] == [  # the evaluations' bars name their split
+        "pretrain val", "round1 val", "round2 val", "final val", "final test", "final val"]
 
 
 @pytest.mark.parametrize("command", ["train", "search"])
@@ -368,7 +371,6 @@ def test_the_hps_baseline_trains_with_equal_weighting_whatever_the_direction(tmp
 def test_evaluation_batches_shrink_for_large_inputs(tmp_path: Path, monkeypatch) -> None:
     # 256 NYUv2 images per evaluation batch peaked at 15 GB RSS (logits of 256 × 13 × 288 × 384).
     import mamo.trainer as trainer_module
-    from mamo.session import build_network, make_trainer
 
     assert trainer_module.evaluation_batch_size(256, (1, 28, 28)) == 256
     assert trainer_module.evaluation_batch_size(4, (3, 288, 384)) == 12  # NYUv2
@@ -387,6 +389,35 @@ def test_evaluation_batches_shrink_for_large_inputs(tmp_path: Path, monkeypatch)
     trainer.evaluate(session.data.val)
     assert sizes == [200]
 
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_an_evaluation_draws_a_bar_naming_its_split_when_progress_is_on(tmp_path, capsys, progress):
+    # NYUv2's test split on a CPU is minutes of evaluation, which showed nothing.
+    session = open_session(load_config("quick", TINY_SETTINGS), None, progress=progress, quiet=True,
+                           cache_root=tmp_path)
+    trainer = make_trainer(session, build_network(session), session.config.direction, description="stl left")
+    capsys.readouterr()
+    trainer.evaluate(session.data.test, "test")
+    assert ("stl left test" in capsys.readouterr().err) == progress
+
+
+def test_a_train_run_whose_cached_stl_scores_a_metric_next_to_zero_says_the_delta_hangs_on_it(tmp_path):
+    # A search said so; a train run's report divided by the same STL without a word.
+    from mamo.train import run_train
+
+    run_train(load_config("quick", [*TINY_SETTINGS, "train.mode=stl"]), tmp_path / "stl", progress=False,
+              quiet=True, loggers=False)
+    config = load_config("quick", TINY_SETTINGS)
+    cache = BaselineCache(tmp_path / ".baselines")
+    key = baseline_key(config, "stl", config.train.epochs)
+    stl = cache.get(key)
+    stl["val"]["left"]["accuracy"] = 2e-5
+    cache.put(key, stl)
+    run_train(config, tmp_path / "mtl", progress=False, quiet=True, loggers=False)
+    assert ("note: STL scores left.accuracy = 2.0e-05 on the validation split; the report's Δ divides by STL (Eq 15)"
+            in (tmp_path / "mtl" / "log.txt").read_text())
+    assert "note: STL scores" not in (tmp_path / "stl" / "log.txt").read_text()
 
 BASELINE_INPUTS = ["train.seed=7", "train.lr=0.123", "train.batch_size=17", "train.optimizer=adamw",
                    "train.momentum=0.5", "train.weight_decay=0.01", "train.precision=bf16", "data.seed=7",

@@ -19,6 +19,7 @@ Memory: the peak added by a method's first step (which allocates its buffers) on
 (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process' resident-set high-water mark, reset through
 /proc/self/clear_refs, after returning freed heap to the system). For a ``CUDA graphs`` row that first step is an
 eager warm-up step on a side stream (the graph is recorded at the third), so its memory holds no graph.
+The tables, targets and notes are made from the rounds in :mod:`mamo.bench.step_tables`.
 """
 
 from __future__ import annotations
@@ -27,12 +28,10 @@ import argparse
 import contextlib
 import gc
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 
 import torch
 from tqdm import tqdm
@@ -40,9 +39,10 @@ from tqdm import tqdm
 from mamo import step as step_module
 from mamo import task_gradients
 from mamo.bench import positive_int, thread_count
-from mamo.bench.peers import LIBMTL_LIMIT_S, Step, Unavailable, libmtl_step, torchjd_step
+from mamo.bench.peers import Step, Unavailable, libmtl_step, torchjd_step
 from mamo.bench.resources import CLOCKS, memory_mark, memory_peak, sync
 from mamo.bench.solver import solver_table
+from mamo.bench.step_tables import EQUAL, FLOOR, UPDATE, step_notes, step_table, targets
 from mamo.config import DirectionConfig, ModelConfig, TensionerConfig
 from mamo.conflicts import ConflictStats
 from mamo.directions import create_direction
@@ -57,7 +57,6 @@ from mamo.tasks import bind_loss, parse_tasks
 from mamo.trainer import intra_op_threads, resolve_device
 
 SHARED_OPTIONS = ("quick", "device")  # timing, not training: no seeds
-PEER_PACKAGES = ("torchjd", "LibMTL")  # recorded with their versions when installed
 
 # key -> (label, backbone, input shape, number of tasks). --quick is a smoke run of seconds: LeNet and timm's
 # tiny test ResNet (convolution, batch-norm, pooling like ResNet-18, 0.4 M parameters) at batch 4.
@@ -77,8 +76,6 @@ QUICK_SETUPS = {
     "test_resnet-m3": ("timm test_resnet m=3 (smoke)", "timm:test_resnet", (3, 32, 32), 3),
 }
 BATCHES = {"cpu": [32], "cuda": [32, 128]}
-EQUAL, FLOOR = "equal", "forward + m backward"  # the two reference rows every method is timed beside
-UPDATE = "optimizer update alone"  # in every row: taken out of both sides for the floor target as the issue words it
 
 
 @dataclass
@@ -281,53 +278,6 @@ def measure(setup: Setup, device: torch.device, warmup: int, rounds: int | None,
     return out, rounds
 
 
-def _ratio(results: dict[str, dict], name: str, reference: str) -> float:
-    """Median paired ratio of ``name`` to equal or the floor; to another method, the ratio of their × equal."""
-    res, ref = results.get(name, {}), results.get(reference, {})
-    if reference in (EQUAL, FLOOR):
-        return statistics.median(res[reference]) if res.get(reference) else float("nan")
-    if not res.get(EQUAL) or not ref.get(EQUAL):
-        return float("nan")
-    return statistics.median(res[EQUAL]) / statistics.median(ref[EQUAL])
-
-
-def _step_table(title: str, results: dict[str, dict]) -> dict:
-    rows = []
-    for name, res in results.items():
-        if "error" in res:
-            rows.append([name, "—", "—", "—", "—"])
-            continue
-        memory = res["memory"]
-        rows.append([name, statistics.median(res["times"]) * 1e3, _ratio(results, name, EQUAL),
-                     _ratio(results, name, FLOOR), "n/a" if memory is None else memory])
-    return {"title": title, "columns": ["method", "ms (median)", "× equal", "× floor", "peak added MiB"],
-            "rows": rows}
-
-
-def _passes_ratio(results: dict[str, dict]) -> float:
-    """MGDA + tensioner over the bare forward and m backward passes, the optimizer's update taken out of both:
-    the method's × floor as measured beside the floor in its own session, the update's share of the floor from
-    the update's session. Ratios of × equal medians across sessions drifted from the side-by-side one by up to
-    0.015 on LeNet, where the update's share is 0.03."""
-    method, update = (_ratio(results, name, FLOOR) for name in ("mgda + tensioner", UPDATE))
-    return (method - update) / (1.0 - update) if update < 1.0 else float("nan")
-
-
-def _targets(label: str, results: dict[str, dict], device: torch.device, precision: str, batch: int) -> list:
-    rows = [[label, "mgda + tensioner ÷ floor, the update out of both", "≤ 1.05", _passes_ratio(results)],
-            [label, "mgda + tensioner ÷ floor (both with the update)", "", _ratio(results, "mgda + tensioner", FLOOR)],
-            [label, "mgda-ub ÷ equal", "≤ 1.1", _ratio(results, "mgda-ub", "equal")]]
-    for peer in ("torchjd mgda", "torchjd mgda (chunk 1)", "libmtl mgda"):
-        rows.append([label, f"mgda + tensioner ÷ {peer}", "≤ 0.65" if "m=3" in label else "< 1",
-                     _ratio(results, "mgda + tensioner", peer)])
-    if device.type == "cuda" and precision == "bf16" and batch == 32 and "m=3" in label:
-        rows.append([label, "mgda + tensioner ÷ equal (H100 target)", "≤ 1.6",
-                     _ratio(results, "mgda + tensioner", "equal")])
-        rows.append([label, "the same, both with CUDA graphs", "≤ 1.6",
-                     _ratio(results, "mgda + tensioner (CUDA graphs)", "equal (CUDA graphs)")])
-    return rows
-
-
 def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=list(step_module.PRECISIONS), default="fp32",
                         help="forward precision of every row (bf16: autocast; gradients stay float32)")
@@ -369,49 +319,17 @@ def run(args: argparse.Namespace) -> dict:
                 title = (f"{label}, {'×'.join(map(str, shape[1:]))}, batch {batch} ({setup.part.size / 1e6:.3g} M "
                          f"shared parameters, '{layout}' gradient layout, '{path}' gradient path; {done} rounds "
                          "per method)")
-                tables.append(_step_table(title, results))
-                target_rows += _targets(label, results, device, args.precision, batch)
+                tables.append(step_table(title, results))
+                target_rows += targets(label, results, device, args.precision, batch)
                 raw[f"{label} batch {batch}"] = results
                 del setup
         solver, at_ten = solver_table(quick)
     target_rows.append(["min-norm", "exact solve at m = 10 (µs, median)", "≤ 50", at_ten])
     tables += [solver, {"title": "Targets (issue 3; the ≤ 1.6 row is issue 7's H100 target)",
                         "columns": ["setup", "quantity", "target", "measured"], "rows": target_rows}]
-    notes = [
-        f"device {device}; torch {torch.__version__}; {threads} intra-op threads; "
-        f"precision {args.precision}; clock {clock}; "
-        f"{rounds or '10 to 200 (2 s of equal steps)'} rounds after warm-up.",
-        "× equal and × floor are medians of per-round ratios; each method runs in its own session of rounds "
-        "beside equal and the floor (shuffled order each round); a ratio between two methods is the ratio of "
-        "their × equal.",
-        "floor = forward + m autograd.grad passes, each task's gradients set as .grad (no zero_grad: like "
-        "mamo's exact step it sets gradients, never accumulates) + the optimizer's update: what any exact "
-        "per-task-gradient step does before it combines anything. Every row includes the update; the first "
-        "target row takes it (the 'optimizer update alone' row) out of both sides, as the issue words the target.",
-        "mamo's rows take the gradient layout and path that auto picks for the setup (in its title), except the "
-        "two 'mgda (… path)' rows, which take the loop and the batched path whatever auto picks.",
-    ]
-    peers = {name: version for name, version in ((name, _version(name)) for name in PEER_PACKAGES) if version}
-    if peers:
-        notes.append("peers: " + ", ".join(f"{name} {version}" for name, version in peers.items()) + ".")
-    if any("libmtl mgda" in results and "error" not in results["libmtl mgda"] for results in raw.values()):
-        notes.append(f"LibMTL {peers.get('LibMTL', '')} runs with two benchmark-only workarounds: a stand-in "
-                     "torchvision.models.utils module for its import, and in-place zeroing of shared gradients "
-                     "(its _reset_grad fails on None gradients); its min-norm loop never increments its counter, "
-                     f"so a step is cut off after {LIBMTL_LIMIT_S} s.")
-    for key, results in raw.items():
-        notes += [f"{key}: {name} did not run: {res['error']}" for name, res in results.items() if "error" in res]
-    if device.type == "cpu":
-        notes.append("CPU memory is the resident-set high-water mark above the resident set before the step "
-                     "(allocator caching can hide or add a few MiB); n/a where /proc/self/clear_refs is absent.")
+    notes = step_notes(device, threads, args.precision, clock, rounds, raw)
     # Per method its step times and its per-round ratios to equal and the floor: the × columns are their medians.
     raw_times = {k: {n: {key: r[key] for key in ("times", EQUAL, FLOOR)} for n, r in v.items() if "error" not in r}
                  for k, v in raw.items()}
     return {"title": "Step time per method", "tables": tables, "notes": notes, "raw_times": raw_times}
 
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
