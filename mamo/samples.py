@@ -1,7 +1,8 @@
 """The sample contract every dataset meets, built-in or plugin: samples ``(x, {task: target})``, the in-memory
 :class:`TensorTaskDataset`, the :class:`MultiTaskData` a builder's result becomes, and the checks that result
 passes (:func:`validate`): its structure, the first sample of each split, and for a plugin every sample (in
-memory at once, otherwise as each is read), each fault one sentence naming the split and the sample.
+memory at once; a lazily read val or test split read through once as it loads, a lazily read training split as
+each batch is read), each fault one sentence naming the split and the sample.
 """
 
 from __future__ import annotations
