@@ -8,6 +8,7 @@ turns ``data.*`` into the builder's keyword arguments (``seed``, ``root``, the s
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.util
@@ -52,6 +53,18 @@ def plugin_source_digest(name: str) -> str | None:
         return hashlib.sha256(path.read_bytes()).hexdigest() if path else None
     except OSError:
         return None
+
+
+def plugin_code_digest(name: str) -> str | None:
+    """The sha256 of :func:`plugin_source`'s syntax tree, which comments, blank lines and line breaks leave alone
+    (None when there is no source or it does not parse). A tune study compares it when the bytes differ: an edit
+    of comments only returns the same data. Python versions may dump a tree differently; a mismatch refuses."""
+    path = plugin_source(name)
+    try:
+        tree = ast.parse(path.read_bytes()) if path else None
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest() if tree else None
 
 
 def plugin_edited_note(name: str, started: Path) -> str | None:

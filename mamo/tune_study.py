@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mamo.cache import owner_gone, process_owner
 from mamo.config import Config, config_from_dict, dump_config, load_config
-from mamo.data_plugins import plugin_source, plugin_source_digest
+from mamo.data_plugins import plugin_code_digest, plugin_source, plugin_source_digest
 from mamo.errors import MamoError
 from mamo.runs import one_at_a_time, replace_atomically, write_text_atomically
 from mamo.tune_space import OWN_OBJECTIVE, SPACE, objective_metrics
@@ -133,9 +133,13 @@ def _check_same_plugin(name: str, attrs: dict, joined: Config) -> None:
     """Refuse to continue a study whose data plugin's source changed since it began: its STL reference was
     trained and validated on what the old source returned, so the trials would be ranked against another data's
     reference (a joining command retrained the STL on the new data, but the objective reads the stored one). Any
-    edit counts, as it does for the baseline cache's key; studies recorded before the digest was kept pass."""
+    edit of the code counts; one of comments or layout alone passes where the study recorded its code's digest
+    (since 2026-11-26); studies recorded before any digest was kept pass."""
     recorded, current = attrs.get("plugin_source"), plugin_source_digest(joined.data.name)
     if recorded is None or current is None or recorded == current:
+        return
+    code = attrs.get("plugin_code")
+    if code is not None and code == plugin_code_digest(joined.data.name):
         return
     raise MamoError(f"the data plugin {plugin_source(joined.data.name)} changed since study '{name}' began, whose "
                     "trials are compared with an STL reference trained and validated on what it returned then; undo "
@@ -169,6 +173,8 @@ def open_study(store: optuna.storages.RDBStorage, name: str, multi: bool, tasks:
         study.set_user_attr("config", config.to_dict())
         if search and (digest := plugin_source_digest(config.data.name)) is not None:
             study.set_user_attr("plugin_source", digest)  # what the STL reference saw: see _check_same_plugin
+            if (code := plugin_code_digest(config.data.name)) is not None:
+                study.set_user_attr("plugin_code", code)
     if "uid" not in study.user_attrs:  # tells this study's folders from those of another one with its name
         study.set_user_attr("uid", uuid.uuid4().hex)
     if stl_val is not None and "stl_val" not in study.user_attrs:

@@ -51,3 +51,11 @@ def test_joining_a_search_study_refuses_a_data_plugin_edited_since_it_began(tmp_
     assert str(plugin) in str(error.value) and "pass a new --run-dir" in str(error.value)
     plugin.write_text(EDITABLE_PLUGIN)  # the edit undone: the study goes on
     run_tune(load_config("quick", settings), study_dir=folder, trials=0, progress=False)
+    # Comments, blank lines and line breaks return the same data: no reason to refuse (they were refused).
+    reformatted = EDITABLE_PLUGIN.replace("SCALE = 1.0\n", "# the target's scale\nSCALE = 1.0  # as given\n\n")
+    label = '"a": (x[part, 0] > 0.5).long(), '
+    plugin.write_text(reformatted.replace(label, f"\n        {label.strip()}\n"))
+    run_tune(load_config("quick", settings), study_dir=folder, trials=0, progress=False)
+    plugin.write_text(reformatted.replace("SCALE = 1.0", "SCALE = 1.5"))  # code: refused still
+    with pytest.raises(MamoError, match="changed since study 'mamo' began"):
+        run_tune(load_config("quick", settings), study_dir=folder, trials=0, progress=False)
