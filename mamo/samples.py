@@ -7,14 +7,12 @@ each batch is read), each fault one sentence naming the split and the sample.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
-from tqdm import tqdm
 
 from mamo import dense
 from mamo.errors import MamoError
@@ -293,20 +291,9 @@ def no_label_error(what: str, split: str, name: str, spec: TaskSpec) -> MamoErro
     return dense.NoTargets(spec.type, f"-1 marks an unlabelled {unit}", f"'{split}'", unit, name)
 
 
-def read_through(dataset: CheckedDataset, progress: bool = False) -> None:
-    """Read and check every sample of a lazily read evaluation split now, in batches of at most 2²² input
-    values: its faults (a bad sample, a task without a label) would otherwise stop the run only when it is
-    scored, the test split after a whole phase of training that the resume repeats."""
-    size = max(1, min(256, 2**22 // max(1, math.prod(dataset.input_shape))))
-    starts = range(0, len(dataset), size)
-    for start in tqdm(starts, desc=f"checking the '{dataset.split}' split", disable=not progress, leave=False,
-                      dynamic_ncols=True):
-        dataset.batch(list(range(start, min(start + size, len(dataset)))))
-
-
-def validate(result: object, what: str, plugin: bool = False, progress: bool = False) -> MultiTaskData:
-    """``result`` of the builder ``what`` names, checked, as a :class:`MultiTaskData` (``progress``: a bar while
-    a lazily read evaluation split is read through)."""
+def validate(result: object, what: str, plugin: bool = False) -> MultiTaskData:
+    """``result`` of the builder ``what`` names, checked, as a :class:`MultiTaskData` (a plugin's lazily read val
+    and test splits are then read through by :func:`mamo.data.read_through`)."""
     if not isinstance(result, dict):
         raise MamoError(
             f"{what} returned {type(result).__name__}, not a dict with train, val, test and tasks; return that dict."
@@ -331,9 +318,6 @@ def validate(result: object, what: str, plugin: bool = False, progress: bool = F
     if plugin:  # the built-ins are tested; a user's data is checked beyond its first sample
         splits = {split: _check_every_sample(data, split, tasks, what, shapes["train"])
                   for split, data in splits.items()}
-        for split in ("val", "test"):  # the training split is checked as the first epoch reads it
-            if isinstance(splits[split], CheckedDataset):
-                read_through(splits[split], progress)
     return MultiTaskData(splits["train"], splits["val"], splits["test"], tasks, shapes["train"])
 
 

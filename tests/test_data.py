@@ -646,6 +646,10 @@ class Lazy(Dataset):
 
 def lazy(*, seed, root, fault):
     return {"train": Lazy(fault), "val": Lazy(None), "test": Lazy(None), "tasks": TASKS}
+
+
+def lazy_test(*, seed, root, fault):
+    return {"train": Lazy(None), "val": Lazy(None), "test": Lazy(fault), "tasks": TASKS}
 """
 
 
@@ -684,6 +688,15 @@ def test_a_plugins_lazy_samples_are_checked_as_they_are_read(tmp_path: Path, fau
     assert data.train[6][1]["digit"] == 0  # the samples before it read as they are
     with pytest.raises(MamoError, match=message):
         list(iterate_batches(data.train, 4, shuffle=False, generator=None))
+
+
+def test_a_fault_deep_in_a_plugins_lazy_test_split_stops_it_as_it_loads(tmp_path: Path, capsys) -> None:
+    # It stopped a search only when the test split was first scored, after a whole phase of training.
+    (tmp_path / "late.py").write_text(LATE_FAULTS)
+    with pytest.raises(MamoError, match=r"sample 7 of the 'test' split has 5"):
+        load_data(DataConfig(name=f"{tmp_path / 'late.py'}:lazy_test", options={"fault": "label"}), progress=True)
+    assert "checking the 'test' split" in capsys.readouterr().err  # the read-through shows its bar
+    assert load_data(DataConfig(name=f"{tmp_path / 'late.py'}:lazy_test", options={"fault": None})).test[7]
 
 
 def test_class_targets_of_shape_n_by_1_are_refused_when_the_data_loads(tmp_path: Path) -> None:

@@ -370,11 +370,12 @@ def test_the_hps_baseline_trains_with_equal_weighting_whatever_the_direction(tmp
 
 def test_evaluation_batches_shrink_for_large_inputs(tmp_path: Path, monkeypatch) -> None:
     # 256 NYUv2 images per evaluation batch peaked at 15 GB RSS (logits of 256 × 13 × 288 × 384).
+    import mamo.data
     import mamo.trainer as trainer_module
 
-    assert trainer_module.evaluation_batch_size(256, (1, 28, 28)) == 256
-    assert trainer_module.evaluation_batch_size(4, (3, 288, 384)) == 12  # NYUv2
-    assert trainer_module.evaluation_batch_size(64, (3, 288, 384)) == 64  # never below the training batch
+    assert mamo.data.evaluation_batch_size(256, (1, 28, 28)) == 256
+    assert mamo.data.evaluation_batch_size(4, (3, 288, 384)) == 12  # NYUv2
+    assert mamo.data.evaluation_batch_size(64, (3, 288, 384)) == 64  # never below the training batch
     sizes, real = [], trainer_module.iterate_batches
 
     def spy(dataset, batch_size, **kwargs):
@@ -382,7 +383,7 @@ def test_evaluation_batches_shrink_for_large_inputs(tmp_path: Path, monkeypatch)
         return real(dataset, batch_size, **kwargs)
 
     monkeypatch.setattr(trainer_module, "iterate_batches", spy)
-    monkeypatch.setattr(trainer_module, "EVALUATION_INPUT_VALUES", 784 * 200)  # 200 digits, not 256
+    monkeypatch.setattr(mamo.data, "EVALUATION_INPUT_VALUES", 784 * 200)  # 200 digits, not 256
     session = open_session(load_config("quick", TINY_SETTINGS), None, progress=False, quiet=True,
                            cache_root=tmp_path)
     trainer = make_trainer(session, build_network(session), session.config.direction)
