@@ -86,7 +86,7 @@ class TensionerConfig:
 
 @dataclass
 class DirectionConfig:
-    name: str = "mgda"  # equal | mgda | central | pcgrad | cagrad (the search default: MGDA + tensioner)
+    name: str = "mgda"  # a key of mamo.directions.DIRECTIONS (the search default: MGDA + tensioner)
     normalization: str = "none"  # mgda: none | l2 | loss | loss+
     cagrad_c: float = 0.5
     tensioner: TensionerConfig = field(default_factory=TensionerConfig)

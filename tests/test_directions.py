@@ -80,7 +80,7 @@ def test_non_conflicting_methods_never_oppose_a_task(name, formulation, m, d):
 
 
 def test_table_non_conflicting_flags():
-    assert {name for name in DIRECTIONS if build(name).non_conflicting} == {"mgda", "central"}
+    assert {name for name in DIRECTIONS if build(name).non_conflicting} == {"mgda", "central", "upgrad"}
     assert not build("mgda", normalization="l2").non_conflicting  # raw gradients, normalised solve
 
 

@@ -10,7 +10,8 @@ rounds of the method's time over the reference's in the same round (see :func:`m
 Rows: ``equal`` (linear scalarisation, one backward), the floor ``forward + m backward`` (and the optimizer update,
 which every row pays; ``optimizer update alone`` times it, so the floor target can leave it out), ``mgda`` (exact,
 by the loop and by the batched gradient path; the other rows take what ``auto`` picks), ``mgda + tensioner`` (and
-by the other gradient layout), ``central + tensioner``, ``pcgrad``, ``cagrad``, ``mgda-ub``, ``conflict
+by the other gradient layout), ``central + tensioner``, ``pcgrad``, ``cagrad``, ``upgrad``, ``imtl-g``,
+``aligned-mtl``, ``mgda-ub``, ``conflict
 statistics`` (an equal-weight step that also computes the per-cell Gram blocks and updates the conflict counts),
 ``equal`` and ``mgda + tensioner`` with ``cuda_graphs`` on (CUDA only),
 and the peers torchjd (``mtl_backward`` + ``jac_to_grad`` with its MGDA, by its default vmap path and with
@@ -188,6 +189,9 @@ def methods() -> dict[str, Callable[[Setup], Step]]:
         "central + tensioner": _mamo("central", tensioner),
         "pcgrad": _mamo("pcgrad"),
         "cagrad": _mamo("cagrad"),
+        "upgrad": _mamo("upgrad"),
+        "imtl-g": _mamo("imtl-g"),
+        "aligned-mtl": _mamo("aligned-mtl"),
         "mgda-ub": _mamo("mgda", gradients="ub"),
         "conflict statistics": _conflicts,
         "equal (CUDA graphs)": _graphed("equal"),

@@ -14,14 +14,17 @@ import torch
 from torch import Tensor
 
 from mamo.config import DirectionConfig
+from mamo.directions.aligned import AlignedMTL
 from mamo.directions.base import Direction, DirectionOutput
 from mamo.directions.cagrad import CAGrad
 from mamo.directions.central import Central
 from mamo.directions.equal import Equal
+from mamo.directions.imtl import IMTLG
 from mamo.directions.mgda import MGDA, NORMALIZERS
 from mamo.directions.min_norm import min_norm_weights
 from mamo.directions.pcgrad import PCGrad
 from mamo.directions.tensioner import FORMULATIONS, Tensioner, tension_factors
+from mamo.directions.upgrad import UPGrad
 from mamo.errors import MamoError
 
 __all__ = [
@@ -29,14 +32,17 @@ __all__ = [
     "FORMULATIONS",
     "NORMALIZERS",
     "TENSIONER_FORMULATIONS",
+    "AlignedMTL",
     "CAGrad",
     "Central",
     "Direction",
     "DirectionOutput",
     "Equal",
+    "IMTLG",
     "MGDA",
     "PCGrad",
     "Tensioner",
+    "UPGrad",
     "combine",
     "create_direction",
     "direction_label",
@@ -52,6 +58,9 @@ DIRECTIONS: dict[str, Factory] = {
     "central": lambda config, generator: Central(),
     "pcgrad": lambda config, generator: PCGrad(generator),
     "cagrad": lambda config, generator: CAGrad(config.cagrad_c),
+    "upgrad": lambda config, generator: UPGrad(),
+    "imtl-g": lambda config, generator: IMTLG(),
+    "aligned-mtl": lambda config, generator: AlignedMTL(),
 }
 
 TENSIONER_FORMULATIONS: tuple[str, ...] = ("off", *FORMULATIONS)

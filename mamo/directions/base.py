@@ -135,6 +135,21 @@ _GRAMIAN_SLACK = 1e-2
 _UNDERFLOW = 1e-15
 
 
+# Eigenvalues of a Gramian below m·eps32 times its largest are float32 rounding, not directions the gradients
+# span: mamo computes Gramians in float32, which holds about 7 digits (torchjd's Aligned-MTL cuts at the same
+# place). Inverting such an eigenvalue would make rounding noise the largest part of the weights.
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+
+def numerical_range(gramian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The eigenvalues of a symmetric positive semi-definite ``gramian`` above float32 rounding (largest
+    first) and their eigenvectors (columns): the gradients' span as G resolves it. Empty for an all-zero G."""
+    values, vectors = np.linalg.eigh(gramian)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    keep = values > max(float(values[0]), 0.0) * len(values) * FLOAT32_EPS
+    return values[keep], vectors[:, keep]
+
+
 def gramian_fault(rows: list[list[float]]) -> str | None:
     """What shows that ``rows`` is not a Gramian ``J Jᵀ``, or None: a diagonal entry below −1e-30, an asymmetric
     pair, or an entry beyond Cauchy–Schwarz (``|G_ij| ≤ sqrt(G_ii·G_jj)``), each to :data:`_GRAMIAN_SLACK`. These

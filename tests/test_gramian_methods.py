@@ -1,0 +1,119 @@
+"""UPGrad, IMTL-G and Aligned-MTL against what their papers define, beyond the properties every direction shares
+(tests/test_directions.py runs those on them too)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from mamo.directions import IMTLG, AlignedMTL, UPGrad
+from mamo.directions.base import numerical_range
+
+
+def random_jacobian(rng: np.random.Generator, m: int, d: int, spread: float = 20.0) -> np.ndarray:
+    J = rng.standard_normal((m, d))
+    return J * (np.exp(rng.uniform(0.0, np.log(spread), m)) / np.linalg.norm(J, axis=1))[:, None]
+
+
+def brute_force_dual_cone_projection(G: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    """argmin_{v ≥ floor} vᵀGv by enumerating which constraints are active and solving each one's linear
+    optimality conditions; the best feasible candidate that satisfies them wins."""
+    m = len(floor)
+    best, best_value = None, np.inf
+    for k in range(m + 1):
+        for free in itertools.combinations(range(m), k):
+            v = floor.copy()
+            fixed = [t for t in range(m) if t not in free]
+            if free:
+                idx = list(free)
+                # Gradient zero on the free coordinates: G_ff v_f = -G_fa floor_a.
+                v[idx] = np.linalg.lstsq(G[np.ix_(idx, idx)], -G[np.ix_(idx, fixed)] @ floor[fixed], rcond=None)[0]
+            if (v < floor - 1e-12).any():
+                continue
+            value = float(v @ G @ v)
+            if value < best_value - 1e-12:
+                best, best_value = v, value
+    return best
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 5])
+def test_upgrad_averages_the_exact_projections_onto_the_dual_cone(m):
+    rng = np.random.default_rng(m)
+    for d in (2, m, m + 3):
+        for _ in range(15):
+            J = random_jacobian(rng, m, d)
+            G = J @ J.T
+            expected = sum(brute_force_dual_cone_projection(G, np.eye(m)[i] / m) for i in range(m))
+            weights, _ = UPGrad().weigh(G, np.ones(m))
+            # Weights can differ along G's null space; the directions may not.
+            np.testing.assert_allclose(J.T @ weights, J.T @ expected, atol=1e-9 * np.abs(J).max())
+
+
+def test_upgrad_is_the_mean_gradient_where_no_task_conflicts():
+    J = np.array([[1.0, 0.2, 0.0], [0.3, 1.0, 0.1], [0.2, 0.1, 2.0]])
+    weights, _ = UPGrad().weigh(J @ J.T, np.ones(3))
+    np.testing.assert_allclose(weights, np.full(3, 1 / 3), atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 6])
+def test_upgrad_keeps_every_task_downhill_when_gradient_norms_differ_by_1e7(m):
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        J = rng.standard_normal((m, m + 2))
+        J *= (np.geomspace(1.0, 1e-7, m)[rng.permutation(m)] / np.linalg.norm(J, axis=1))[:, None]
+        weights, _ = UPGrad().weigh(J @ J.T, np.ones(m))
+        v = weights @ J
+        assert (J @ v / (np.linalg.norm(J, axis=1) * np.linalg.norm(v))).min() > -1e-9
+
+
+def test_imtl_g_gives_the_published_example():
+    # torchjd's documented IMTL-G example: J = [[-4, 1, 1], [6, 1, 1]] aggregates to (0.0767, 1, 1).
+    J = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+    weights, _ = IMTLG().weigh(J @ J.T, np.ones(2))
+    np.testing.assert_allclose(weights @ J, [0.0767, 1.0, 1.0], atol=5e-5)
+
+
+@pytest.mark.parametrize("m", [2, 3, 5, 8])
+def test_imtl_g_projects_equally_and_positively_on_every_unit_gradient(m):
+    rng = np.random.default_rng(m)
+    flipped = 0
+    for _ in range(200):
+        J = rng.standard_normal((m, m + 4)) * np.exp(rng.uniform(0, 3, m))[:, None]
+        G = J @ J.T
+        weights, _ = IMTLG().weigh(G, np.ones(m))
+        projections = J @ (weights @ J) / np.linalg.norm(J, axis=1)
+        np.testing.assert_allclose(projections, projections.mean(), rtol=1e-7)
+        assert projections.mean() > 0  # v / Σv (the literal Σw = 1) is uphill for all where Σv < 0
+        raw = np.linalg.solve(G, np.sqrt(G.diagonal()))
+        flipped += raw.sum() < 0
+        if (raw >= 0).all():
+            np.testing.assert_allclose(weights, raw / raw.sum(), rtol=1e-7)  # IMTL-G's own normalisation
+    assert (flipped > 0) == (m > 2)  # the cases the literal normalisation flips (none for two tasks) were there
+
+
+def test_aligned_mtl_gradients_are_orthogonal_with_the_smallest_singular_value():
+    rng = np.random.default_rng(3)
+    for m in (2, 3, 5):
+        J = random_jacobian(rng, m, m + 3, spread=50.0)
+        G = J @ J.T
+        values, vectors = numerical_range(G)
+        balance = np.sqrt(values[-1]) * (vectors / np.sqrt(values)) @ vectors.T
+        aligned = balance.T @ J  # the aligned gradients, one row per task
+        np.testing.assert_allclose(aligned @ aligned.T, values[-1] * np.eye(m), atol=1e-9 * values[0])
+        weights, _ = AlignedMTL().weigh(G, np.ones(m))
+        np.testing.assert_allclose(weights @ J, aligned.mean(axis=0), atol=1e-12 * np.abs(J).max())
+        scaled, _ = AlignedMTL().weigh(1e6 * G, np.ones(m))
+        np.testing.assert_allclose(scaled, weights, rtol=1e-9)  # the weights do not depend on the scale
+
+
+def test_aligned_mtl_of_orthogonal_equal_gradients_is_their_mean():
+    weights, _ = AlignedMTL().weigh(4.0 * np.eye(3), np.ones(3))
+    np.testing.assert_allclose(weights, np.full(3, 1 / 3))
+
+
+@pytest.mark.parametrize("method", [UPGrad, IMTLG, AlignedMTL])
+def test_all_zero_gradients_give_uniform_weights(method):
+    weights, _ = method().weigh(np.zeros((3, 3)), np.ones(3))
+    np.testing.assert_allclose(weights, np.full(3, 1 / 3))
