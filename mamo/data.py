@@ -350,3 +350,4 @@ def _checked_batches(
             # A last, partial batch exhausts RandomSampler, which then draws an empty tail: randperm(n)[:0].
             torch.randperm(n, generator=generator)
         yield dataset.batch(order[start : start + batch_size])
+    dataset.read_left_out(order[count * batch_size :])  # the sample drop_single left out, for its labels

@@ -251,6 +251,12 @@ class CheckedDataset(Dataset):
             name = self._unlabelled[0]
             raise no_label_error(self.what, self.split, name, self.tasks[name])
 
+    def read_left_out(self, indices: list[int]) -> None:
+        """Read the samples an epoch left out (``drop_single``'s one) while a task has no label yet: with k ×
+        batch + 1 samples no epoch reads every sample, so a one-epoch run trained such a task blind to its end."""
+        if self._read is not None and indices:
+            self.batch(indices)
+
     def _check_input_type(self, index: int, raw: object) -> None:
         if not _float32_input(raw):  # a list passes the tensor conversion of the sample check, but not a batch
             raise MamoError(f"{self.what} gives sample {index} of the '{self.split}' split an input of type "

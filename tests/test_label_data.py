@@ -125,3 +125,29 @@ def test_a_lazy_training_split_with_its_only_label_last_trains() -> None:
     checked = validate(data, "a plugin", plugin=True)
     for _ in range(3):
         assert len(list(iterate_batches(checked.train, 5, shuffle=False, generator=None))) == 3
+
+
+def test_a_lazy_training_split_without_one_label_stops_in_its_first_epoch_though_a_sample_sits_out() -> None:
+    # 13 samples in batches of 4: drop_single leaves one out of every epoch, so no epoch read every sample and a
+    # one-epoch run trained task 'a' blind to the end without a word.
+    data = splits(Lazy)
+    x, b = torch.rand(13, 3), torch.tensor([0, 1] * 6 + [0])
+    data["train"] = Lazy(x, {"a": torch.full((13,), -1), "b": b})
+    checked = validate(data, "a plugin", plugin=True)
+    with pytest.raises(MamoError, match=r"^a plugin gives task 'a' no labelled sample in the 'train' split"):
+        list(iterate_batches(checked.train, 4, shuffle=True, generator=torch.Generator().manual_seed(0),
+                             drop_single=True))
+
+
+def test_a_lazy_training_split_whose_only_label_sits_out_the_first_epoch_trains() -> None:
+    # The sample left out is read for its labels alone: its label is there, so the split is not refused.
+    generator = torch.Generator().manual_seed(0)
+    torch.empty((), dtype=torch.int64).random_(generator=generator)  # the DataLoader's base seed, drawn first
+    left_out = torch.randperm(13, generator=generator)[-1].item()  # the sample the first epoch leaves out
+    only = torch.full((13,), -1)
+    only[left_out] = 1
+    data = splits(Lazy) | {"train": Lazy(torch.rand(13, 3), {"a": only, "b": torch.tensor([0, 1] * 6 + [0])})}
+    checked = validate(data, "a plugin", plugin=True)
+    batches = list(iterate_batches(checked.train, 4, shuffle=True, generator=torch.Generator().manual_seed(0),
+                                   drop_single=True))
+    assert len(batches) == 3 and not any(bool((targets["a"] != -1).any()) for _, targets in batches)
