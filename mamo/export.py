@@ -17,6 +17,7 @@ from pathlib import Path
 
 import networkx as nx
 import torch
+from tqdm import tqdm
 
 from mamo import graph as g
 from mamo.config import load_config
@@ -250,9 +251,11 @@ FORMATS: dict[str, tuple[str, Callable[[MamoNet, Path], None]]] = {
 }
 
 
-def export(run_dir: str | Path, formats: str | Sequence[str], out_dir: str | Path | None = None) -> list[Path]:
+def export(run_dir: str | Path, formats: str | Sequence[str], out_dir: str | Path | None = None,
+           progress: bool = False, on_written: Callable[[Path], object] | None = None) -> list[Path]:
     """Write each of ``formats`` (one name, or several) for the run's model into ``out_dir`` (default: the run
-    folder)."""
+    folder). ``progress``: a bar naming the file being written (an ONNX or .pt2 program of a ResNet-18 takes
+    seconds); ``on_written(path)`` is called as each file is done."""
     # One name as a string: iterated, "pt2" was the formats "p", "t" and "2".
     formats = [formats] if isinstance(formats, str) else list(formats)
     unknown = [f for f in formats if f not in FORMATS]
@@ -269,14 +272,18 @@ def export(run_dir: str | Path, formats: str | Sequence[str], out_dir: str | Pat
                         "architecture export would replace; pass a new or empty folder to --out.")
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in formats:
+    bar = tqdm(formats, unit="file", disable=not progress, leave=False, dynamic_ncols=True)
+    for name in bar:
         filename, writer = FORMATS[name]
+        bar.set_description(f"exporting {filename}")
         target = folder / filename
         # The canonical file the model was loaded from stays as the run wrote it (a rewrite would drop the
         # starting-weights path that load_trained forgets).
         if target.resolve() != source / "architecture.json":
             writer(model, target)
         written.append(target)
+        if on_written is not None:
+            on_written(target)
     return written
 
 
@@ -336,8 +343,11 @@ def add_arguments_export(parser: argparse.ArgumentParser) -> None:
 
 
 def command_export(args: argparse.Namespace) -> int:
-    for path in export(args.run_dir, args.formats or list(FORMATS), args.out):
-        print(path)
+    def named(path: Path) -> None:  # as each file is done: printed at the end, the terminal showed nothing for
+        tqdm.write(str(path), file=sys.stdout)  # seconds (around the bar, which stays on stderr)
+        sys.stdout.flush()
+
+    export(args.run_dir, args.formats or list(FORMATS), args.out, progress=sys.stderr.isatty(), on_written=named)
     return 0
 
 
