@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import networkx as nx
@@ -237,6 +238,21 @@ def _variant(config: Config, run_dir: Path, progress: bool) -> dict:
     return run_search(config, run_dir, progress=progress, quiet=True, loggers=False)
 
 
+def _announcer(total: int) -> Callable[[int, str], None]:
+    """A line on stderr as each of ``total`` variants starts: the searches run quietly (their lines would
+    interleave), so a --quick run showed nothing for 12 s and a full one epoch bars that never said which variant
+    or seed they trained."""
+    start, started = time.perf_counter(), 0
+
+    def announce(seed: int, name: str) -> None:
+        nonlocal started
+        started += 1
+        print(f"[{time.perf_counter() - start:6.0f} s] seed {seed}: {name} ({started} of {total})", file=sys.stderr,
+              flush=True)
+
+    return announce
+
+
 def run(args: argparse.Namespace) -> dict:
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     preset = args.preset
@@ -278,11 +294,14 @@ def run(args: argparse.Namespace) -> dict:
         write_text_atomically(record, json.dumps(options))
     results: dict[str, list[dict]] = {name: [] for name in table}
     run_names: list[str] = []
+    progress = sys.stderr.isatty()  # epoch bars on a terminal; in a pipe or a file the lines below alone
+    announce = _announcer(len(seeds) * (len(table) + 2 * bool(args.equal_params)))
     for seed in seeds:
         for name, overrides in table.items():
             config = load_config(preset, [*shared, f"train.seed={seed}", f"data.seed={seed}", *overrides])
             run_names.append(_run_name(seed, name))
-            results[name].append(_variant(config, runs_root / run_names[-1], progress=not args.quick))
+            announce(seed, name)
+            results[name].append(_variant(config, runs_root / run_names[-1], progress=progress))
             if unrecorded:
                 write_text_atomically(record, json.dumps(options))
                 unrecorded = False
@@ -291,10 +310,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.equal_params:
         for name, (train, overrides) in equal_parameter_variants(template.graph, base.search,
                                                                   base.train.epochs).items():
-            results[name] = [
-                train(load_config(preset, [*shared, f"train.seed={seed}", f"data.seed={seed}", *overrides]),
-                      runs_root, not args.quick)
-                for seed in seeds]
+            results[name] = []
+            for seed in seeds:
+                announce(seed, name)
+                config = load_config(preset, [*shared, f"train.seed={seed}", f"data.seed={seed}", *overrides])
+                results[name].append(train(config, runs_root, progress))
     stl = [r["baselines"]["stl"] for r in results[main]]
     columns = [(task, metric) for task, metric, _ in metric_columns(tasks)]
     header = ["Method", *(f"{t} {m} (% vs STL)" for t, m in columns), "Δ %", "Win", "GMKs", "Params"]
