@@ -239,7 +239,7 @@ def unused_data_note(cfg: DataConfig) -> str | None:
 
 def load_data(cfg: DataConfig, progress: bool = False) -> MultiTaskData:
     """Build the dataset ``cfg.name`` (built-in or plugin) with ``cfg.options`` and validate what it returns
-    (``progress``: a bar while a plugin's lazily read evaluation split is checked)."""
+    (``progress``: a status while it is built, a bar while a plugin's lazily read evaluation split is checked)."""
     if not -(2**63) <= cfg.seed < 2**63:  # what a 64-bit generator (numpy's, torch's, a plugin's) can take
         raise MamoError(f"data.seed must be an integer in [-2**63, 2**63), got {cfg.seed}; set e.g. data.seed=0.")
     if cfg.name in DATASETS:
@@ -251,14 +251,17 @@ def load_data(cfg: DataConfig, progress: bool = False) -> MultiTaskData:
             f"unknown dataset '{cfg.name}'; use one of {', '.join(DATASETS)} or a plugin 'file.py:function'."
         )
     kwargs = builder_arguments(builder, cfg, what, plugin)
-    if not plugin:
-        return validate(builder(**kwargs), what)
-    try:
-        result = builder(**kwargs)
-    except MamoError:
-        raise
-    except Exception as exc:
-        raise MamoError(f"{what} raised {type(exc).__name__}: {exc}; fix the plugin.") from exc
+    # After the imports' seconds, the build (1 s for the 20,000-image sets, a scene folder's file headers, a
+    # plugin's own work) left the terminal blank before a run's first line: a status names it until it is built.
+    with tqdm(desc=f"loading {what}", bar_format="{desc}", disable=not progress, leave=False):
+        if not plugin:
+            return validate(builder(**kwargs), what)
+        try:
+            result = builder(**kwargs)
+        except MamoError:
+            raise
+        except Exception as exc:
+            raise MamoError(f"{what} raised {type(exc).__name__}: {exc}; fix the plugin.") from exc
     data = validate(result, what, plugin=True)
     read_through(data, progress)
     return data
