@@ -421,3 +421,13 @@ def test_tensor_info_flat_reads_the_same_values_as_its_tensors_and_computes_once
         assert info.flat(key) == info[key].reshape(-1).tolist(), key
     assert len(calls) == 1  # the lazy diagnostic ran once, for flat, and its tensor reused the result
     assert TensorInfo(raw).flat("base_weights") == [0.25, 0.75]
+
+
+def test_importing_the_directions_leaves_scipy_optimize_unloaded():
+    # 0.37 s of every command's start (a helper's audit); only m ≥ 4 min-norm, cagrad and upgrad need it.
+    import subprocess
+    import sys
+
+    code = "import sys, mamo.search, mamo.directions; print('scipy.optimize' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "False"

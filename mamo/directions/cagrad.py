@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.optimize import brentq, nnls
 
 from mamo.directions.base import Direction, Info, finite_number
 from mamo.directions.min_norm import min_norm_weights
@@ -72,6 +71,8 @@ def _solve(A: np.ndarray, b: np.ndarray, c: float) -> np.ndarray:
     the hull (ν unresolved), its min-norm point (``g_w ≈ 0``) is returned. The constant term
     ``||g0||²/λ² ≤ 1/alpha²`` stays small beside ``A`` unless alpha is tiny.
     """
+    from scipy.optimize import brentq  # here: 0.37 s to import, which only this method's steps need
+
     g0_squared = float(b.mean())
 
     def at(lam: float) -> tuple[np.ndarray, float]:
@@ -110,6 +111,8 @@ def _into_cone(A: np.ndarray, c: float) -> np.ndarray:
     shortened to the ball ``||d − g0|| ≤ c`` if the Gramian's rounding put it outside. ``ν`` minimises
     ``(1/m + ν)ᵀ A (1/m + ν)`` over ``ν ≥ 0`` (the projection's dual), a non-negative least-squares problem on a
     square root of ``A``."""
+    from scipy.optimize import nnls
+
     m = A.shape[0]
     values, vectors = np.linalg.eigh(A)
     keep = values > 1e-12 * max(float(values.max()), 0.0)

@@ -24,8 +24,6 @@ A vertex is returned as it is, not as 0.999/0.001 (what the public reference sol
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import lapack
-from scipy.optimize import nnls
 
 # Squared Cholesky pivot (relative to the scaled H, whose diagonal is 1) under which a gradient is taken
 # to lie in the affine hull of the others. A pivot is a squared distance, so gradients whose independence rests
@@ -114,6 +112,11 @@ def min_norm_weights(gramian: np.ndarray) -> np.ndarray:
     # H = G + c·11ᵀ for any c > 0; c = the shortest squared norm (≥ the optimum) keeps the short gradients'
     # entries, which c = the longest one rounded away (norms 1e7 apart sent tasks uphill). The Jacobi scaling
     # H' = SHS, u = S y gives H' a unit diagonal, so the Cholesky pivots compare with 1 whatever the norms.
+    # Imported here, not at the top: scipy.optimize takes 0.37 s to import, on every command, and m ≤ 3 and most
+    # m ≥ 4 steps (interior optima, below) never call it.
+    from scipy.linalg import lapack
+    from scipy.optimize import nnls
+
     H = G + shortest
     s = 1.0 / np.sqrt(H.diagonal())
     H *= np.outer(s, s)
