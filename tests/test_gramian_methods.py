@@ -117,3 +117,31 @@ def test_aligned_mtl_of_orthogonal_equal_gradients_is_their_mean():
 def test_all_zero_gradients_give_uniform_weights(method):
     weights, _ = method().weigh(np.zeros((3, 3)), np.ones(3))
     np.testing.assert_allclose(weights, np.full(3, 1 / 3))
+
+
+def degenerate_float32_jacobian(rng: np.random.Generator, m: int, d: int, kind: str,
+                                spread: float) -> tuple[np.ndarray, np.ndarray]:
+    """A float32 Jacobian with an exactly repeated, opposite (a power-of-2 multiple, so exact in float32) or zero
+    row, and its float32 Gramian, as a training step computes it."""
+    J = random_jacobian(rng, m, d, spread).astype(np.float32)
+    i, j = rng.choice(m, 2, replace=False)
+    J[i] = {"dup": J[j], "opposite": -J[j] * np.float32(2.0 ** rng.integers(-3, 8)), "zero": 0.0 * J[j]}[kind]
+    return J.astype(np.float64), (J @ J.T).astype(np.float64)
+
+
+@pytest.mark.parametrize("kind", ["dup", "opposite", "zero"])
+def test_upgrad_stays_bounded_and_downhill_on_rank_deficient_float32_gramians(kind):
+    # scipy's NNLS solves its passive sets without a rank test: on exactly dependent gradients it returned
+    # weights up to 1e20, directions 16 times the longest gradient, and sent tasks uphill at that scale.
+    rng = np.random.default_rng(11)
+    for _ in range(60):
+        m = int(rng.integers(3, 9))
+        spread = float(rng.choice([1.0, 1e3, 1e6]))
+        J, G = degenerate_float32_jacobian(rng, m, int(rng.choice([2, m, 50])), kind, spread)
+        weights, _ = UPGrad().weigh(G, np.ones(m))
+        d = weights @ J
+        norms = np.linalg.norm(J, axis=1)
+        # Each g_i/m projected onto a convex cone that holds 0 is no longer than g_i/m.
+        assert np.linalg.norm(d) <= norms.mean() * (1 + 1e-5)
+        assert (J @ d)[norms > 0].min() >= -1e-5 * norms.max() ** 2
+        assert np.isfinite(weights).all() and (np.abs(weights) * norms).max() <= 10 * norms.max()

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from mamo.directions.base import Direction, Info
+from mamo.directions.base import FLOAT32_EPS, Direction, Info
+
+# Ridge (relative to the unit Gramian's largest eigenvalue) that makes each NNLS strictly convex. scipy's
+# Lawson–Hanson solves its passive sets without a rank test: on exactly dependent gradients (a repeated,
+# opposite or zero one, in a float32 Gramian) it returned weights up to 1e20 and directions 16 times the
+# longest gradient, sending tasks uphill at that scale (a helper's audit against an enumeration of the cone's
+# faces). The ridge only picks the active set; the answer is then solved without it (see _polished).
+_RIDGE = 1e-8
 
 
 class UPGrad(Direction):
@@ -13,10 +20,13 @@ class UPGrad(Direction):
     dual cone ``{x : g_t · x ≥ 0 for all t}``, so ``g_t · d ≥ 0`` for every task (each ``G v_i ≥ 0`` by the
     problem's optimality conditions), and ``d = g_i/m`` summed over tasks where nothing conflicts.
 
-    Each problem is solved exactly, as non-negative least squares (``v = e_i/m + μ``, ``μ ≥ 0``,
-    ``min ||A(e_i/m + μ)||²`` with ``AᵀA`` the Gramian; Lawson–Hanson, as the min-norm solver), after a Jacobi
-    scaling to unit gradients, so that norms far apart keep their digits; torchjd's UPGrad instead adds 1e-4 of
-    the Gramian's trace to its diagonal for its QP solver, which moves its weights by about that much.
+    Each problem is solved as non-negative least squares (``v = e_i/m + μ``, ``μ ≥ 0``, ``min ||A(e_i/m + μ)||²``
+    with ``AᵀA`` the Gramian; Lawson–Hanson, as the min-norm solver) after a Jacobi scaling to unit gradients, so
+    that norms far apart keep their digits. A ridge of 1e-8 makes each problem strictly convex, so dependent
+    gradients cannot blow μ up; on the active set it finds, μ is then solved again without the ridge (minimum
+    norm, float32's resolution), and that exact answer is kept when it is optimal. Zero gradients (whose
+    constraint ``0 · x ≥ 0`` always holds) keep the weight 1/m. torchjd's UPGrad instead adds 1e-4 of the
+    Gramian's trace to its diagonal for its QP solver, which moves its weights by about that much.
     """
 
     non_conflicting = True
@@ -25,17 +35,38 @@ class UPGrad(Direction):
         from scipy.optimize import nnls  # here: 0.37 s to import, which only this method's steps need
 
         m = gramian.shape[0]
+        weights = np.full(m, 1.0 / m)
         norms = np.sqrt(np.maximum(gramian.diagonal(), 0.0))
-        scale = np.where(norms > 0.0, norms, 1.0)  # zero gradients have zero rows: any scale of theirs is exact
-        # v = y / scale: the cone's constraints and objective in the unit gradients' frame.
-        unit = gramian / np.multiply.outer(scale, scale)
+        alive = np.flatnonzero(norms > 0.0)
+        if alive.size == 0:
+            return weights, {}
+        n, k = norms[alive], alive.size
+        # y = v · ||g||: the cone's constraints and objective in the unit gradients' frame.
+        unit = gramian[np.ix_(alive, alive)] / np.multiply.outer(n, n)
         values, vectors = np.linalg.eigh(unit)
-        keep = values > 0.0
-        root = np.sqrt(values[keep])[:, None] * vectors[:, keep].T  # rootᵀ root = the unit Gramian
-        weights = np.zeros(m)
-        for i in range(m):
-            floor = np.zeros(m)
-            floor[i] = scale[i] / m  # v ≥ e_i/m is y ≥ scale_i/m at i, y ≥ 0 elsewhere
-            lift = nnls(root, -root @ floor, maxiter=50 * m)[0] if root.size else np.zeros(m)
-            weights += floor + lift
-        return weights / scale, {}
+        root = np.sqrt(np.maximum(values, 0.0))[:, None] * vectors.T  # rootᵀ root = the unit Gramian
+        ridged = np.vstack([root, np.sqrt(_RIDGE * max(values[-1], 0.0)) * np.eye(k)])
+        total = np.zeros(k)
+        for i in range(k):
+            floor = np.zeros(k)
+            floor[i] = n[i] / m  # v ≥ e_i/m is y ≥ ||g_i||/m at i, y ≥ 0 elsewhere
+            lift = nnls(ridged, -ridged @ floor, maxiter=50 * k)[0]
+            total += floor + _polished(unit, root, floor, lift)
+        weights[alive] = total / n
+        return weights, {}
+
+
+def _polished(unit: np.ndarray, root: np.ndarray, floor: np.ndarray, lift: np.ndarray) -> np.ndarray:
+    """The ridge-free optimum on the free set of ``lift`` (minimum norm, singular values of ``root`` below
+    float32's resolution cut), when it is feasible and optimal; else ``lift``. Without this the ridge leaves
+    ~sqrt(ridge)·|y| of the projection where the cone is nearly {0} and y must be large (errors up to 6e-4)."""
+    free = lift > 0.0
+    if not free.any():
+        return lift
+    k = len(floor)
+    exact = np.zeros(k)
+    exact[free] = -np.linalg.lstsq(root[:, free], root @ floor, rcond=np.sqrt(k * FLOAT32_EPS))[0]
+    y = floor + exact
+    if (exact >= 0.0).all() and ((unit @ y)[~free] >= -k * FLOAT32_EPS * np.abs(y).sum()).all():
+        return exact
+    return lift
