@@ -145,3 +145,17 @@ def test_upgrad_stays_bounded_and_downhill_on_rank_deficient_float32_gramians(ki
         assert np.linalg.norm(d) <= norms.mean() * (1 + 1e-5)
         assert (J @ d)[norms > 0].min() >= -1e-5 * norms.max() ** 2
         assert np.isfinite(weights).all() and (np.abs(weights) * norms).max() <= 10 * norms.max()
+
+
+@pytest.mark.parametrize("d", [1, 2, 50])
+def test_imtl_g_takes_no_step_where_no_direction_projects_equally_and_positively(d):
+    # g and -2g (or ±g, ±2g): only d = 0 has equal projections on the unit gradients. The solve's right-hand side
+    # then lies in G's null space up to rounding; dividing by Σ|v| gave NaN where it was exactly 0, and blew the
+    # rounding up into d = ±g (one task uphill at full length) where it was not.
+    rng = np.random.default_rng(d)
+    for rows in ([1.0, -2.0], [1.0, -1.0, 2.0, -2.0], [3.0, -1.5]):
+        g = rng.standard_normal(d)
+        J = (np.array(rows)[:, None] * g).astype(np.float32)
+        weights, _ = IMTLG().weigh((J @ J.T).astype(np.float64), np.ones(len(rows)))
+        assert np.isfinite(weights).all()
+        assert np.linalg.norm(weights @ J.astype(np.float64)) <= 1e-6 * np.linalg.norm(J, axis=1).max()
