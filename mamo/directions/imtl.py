@@ -32,7 +32,7 @@ class IMTLG(Direction):
         n = norms[alive]
         # G v = ||g|| on the live tasks is C u = 1 on their cosines C = G / (n nᵀ), with v = u / n.
         values, vectors = numerical_range(gramian[np.ix_(alive, alive)] / np.multiply.outer(n, n))
-        ones = vectors.sum(axis=0)  # the unit vector of ones in the eigenbasis
+        ones = vectors.sum(axis=0)  # the vector of ones in the eigenbasis
         # A component at the cosines' rounding (m·eps₃₂ per entry, so m^1.5·eps₃₂ here) is 0: with g and -2g the
         # ones lie in the null space, only d = 0 projects equally, and dividing noise by Σ|v| made it d = ±g.
         ones[np.abs(ones) <= alive.size ** 1.5 * FLOAT32_EPS] = 0.0
