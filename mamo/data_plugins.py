@@ -67,16 +67,20 @@ def plugin_code_digest(name: str) -> str | None:
     return hashlib.sha256(ast.dump(tree).encode()).hexdigest() if tree else None
 
 
-def plugin_edited_note(name: str, started: Path) -> str | None:
-    """A log line for a resumed run whose plugin was edited after ``started`` (the run's config.yaml) was written."""
+def plugin_edited_note(name: str, started: Path, starts_over: bool = False) -> str | None:
+    """A log line for a resumed run whose plugin was edited after ``started`` (the run's config.yaml) was written;
+    ``starts_over``: the run has no checkpoint, so nothing it keeps saw the old data."""
     path = plugin_source(name)
     try:
         if path is None or path.stat().st_mtime <= started.stat().st_mtime:
             return None
     except OSError:
         return None
-    return (f"note: the data plugin {path} changed after this run started; the resumed run trains and tests on "
-            "what it returns now, while its epochs before the stop (and a search's baselines) saw the old data.")
+    changed = f"note: the data plugin {path} changed after this run started; "
+    if starts_over:
+        return changed + "the run starts over on what it returns now."
+    return changed + ("the resumed run trains and tests on what it returns now, while its epochs before the stop "
+                      "(and a search's baselines) saw the old data.")
 
 
 def load_plugin(name: str) -> Callable[..., dict]:

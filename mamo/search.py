@@ -102,7 +102,7 @@ def run_search(
         session.log(f"{'resuming' if resume else 'search'} in {directory} on {session.device}: {method_name(config)}"
                     + (f"; {', '.join(resume_settings)}" if resume_settings else ""))
         session.log(plan_line(config, len(tasks)))
-        for note in ([plugin_edited_note(config.data.name, directory / "config.yaml")] if resume else
+        for note in ([plugin_edited_note(config.data.name, directory / "config.yaml", state is None)] if resume else
                      [budget_note(config), tensioner_window_note(config, len(session.data.train))]):
             if note:  # the notes on the settings were said when it started
                 session.log(note)

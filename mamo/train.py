@@ -61,7 +61,7 @@ def run_train(
             check_resumed_data(session.data.input_shape, session.data.tasks, state, directory)
             keep_resume_settings(session, directory, "train", resume_settings, starts_over=state is None)
             session.log(f"resuming {directory}" + (f" with {', '.join(resume_settings)}" if resume_settings else ""))
-            if note := plugin_edited_note(config.data.name, directory / "config.yaml"):
+            if note := plugin_edited_note(config.data.name, directory / "config.yaml", starts_over=state is None):
                 session.log(note)
             if state is None:
                 session.log(f"no checkpoint in {directory / 'checkpoints'} yet: the training starts again from its "

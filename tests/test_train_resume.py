@@ -471,6 +471,30 @@ def test_a_run_resumed_after_its_plugin_was_edited_says_so(tmp_path: Path, edite
     assert noted == edited
 
 
+
+def test_a_run_resumed_without_a_checkpoint_after_its_plugin_was_edited_says_it_starts_over(tmp_path: Path) -> None:
+    # The note said the epochs before the stop saw the old data; there were none, the run starts again.
+    import os
+    import time
+
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(EDITABLE_PLUGIN)
+    os.utime(plugin, (time.time() - 60, time.time() - 60))
+    config = load_config("logic", [f"data.name={plugin}:build", "data.options={}", "model.hidden=[8]",
+                                   "train.epochs=2", "train.checkpoint_seconds=0", "train.device=cpu"])
+    quiet = {"progress": False, "quiet": True, "loggers": False}
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, tmp_path / "run", callbacks=[StopAfterEpoch(1)], **quiet)
+    (tmp_path / "run" / "checkpoints" / "last.pt").unlink()
+    plugin.write_text(EDITABLE_PLUGIN.replace("> 0).long()}", "> 1).long()}"))
+    later = (tmp_path / "run" / "config.yaml").stat().st_mtime + 10
+    os.utime(plugin, (later, later))
+    run_train(config, tmp_path / "run", resume=True, **quiet)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert f"note: the data plugin {plugin} changed after this run started; the run starts over on what it returns " \
+           "now." in log
+    assert "epochs before the stop" not in log
+
 def test_a_run_resumes_after_its_initial_weights_file_is_gone(tmp_path: Path) -> None:
     # The checkpoint holds every weight: continuing on a machine without the model.weights file needs no file.
     import timm
