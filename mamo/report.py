@@ -146,13 +146,15 @@ def write_report(
         parts += ["", notes]
     text = "\n".join(parts) + "\n"
     write_text_atomically(run_dir / "report.md", text)
-    table = [["method", "task", "metric", "value", "relative_to_stl_percent", "delta", "win_rate", "params"]]
+    # s/epoch too, beside the params as in the markdown table (DESIGN §8); None (unknown) is written empty.
+    table = [["method", "task", "metric", "value", "relative_to_stl_percent", "delta", "win_rate", "params",
+              "seconds_per_epoch"]]
     for row in rows:
         for task, metric, _ in metric_columns(tasks):
             relative = row.get("relative", {}).get((task, metric))
             table.append([row["method"], task, metric, row["tasks"][task][metric],
                           "" if relative is None else relative, row.get("delta", ""), row.get("win_rate", ""),
-                          row["params"]])
+                          row["params"], row["seconds_per_epoch"]])
     write_csv_atomically(run_dir / "report.csv", table)
     return text
 

@@ -231,3 +231,22 @@ def test_a_bar_in_a_cell_is_escaped_so_every_row_keeps_its_cells():
     header, rule, row = table_lines(["method", "a|b accuracy"], [["STL", "0.8"]])
     assert header == "| method | a\\|b accuracy |"
     assert [len(line.replace("\\|", "").split("|")) for line in (header, rule, row)] == [4, 4, 4]
+
+
+def test_report_csv_carries_the_training_time_per_epoch_beside_the_params(tmp_path: Path) -> None:
+    # DESIGN §8: parameter counts and training time per epoch beside Δ and Win, in the markdown and the CSV
+    # table; the CSV had the params but not the time, so a script reading it lost the s/epoch column.
+    rows = build_rows(_results(), "STL", TASKS)
+    write_report(tmp_path, "mamo train: unit", rows, TASKS, "STL")
+    with open(tmp_path / "report.csv", newline="") as handle:
+        records = list(csv.DictReader(handle))
+    assert [float(r["seconds_per_epoch"]) for r in records] == [2.0] * 3 + [1.0] * 3
+
+
+def test_report_csv_leaves_an_unknown_time_per_epoch_empty(tmp_path: Path) -> None:
+    results = _results()
+    results["HPS (equal)"]["seconds_per_epoch"] = None  # e.g. a baseline cached before its time was recorded
+    write_report(tmp_path, "mamo train: unit", build_rows(results, "STL", TASKS), TASKS, "STL")
+    with open(tmp_path / "report.csv", newline="") as handle:
+        records = list(csv.DictReader(handle))
+    assert [r["seconds_per_epoch"] for r in records[3:]] == [""] * 3
