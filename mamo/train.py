@@ -107,6 +107,10 @@ def _train_shared(session: Session, directory: Path, watchers: list[Callback], s
     save_checkpoint(directory / "checkpoints" / "best.pt", {"model": trained.model.state_dict(),
                     "graph": graph_to_dict(trained.model.graph), "epoch": trained.extra["best_epoch"]})
     save_model(directory, trained.model)
+    from mamo.drawing import draw_architecture  # matplotlib: imported only where a picture is drawn
+
+    # The run folder's architecture files are a search's (DESIGN §11): the drawing too, with or without TensorBoard.
+    draw_architecture(trained.model.graph, directory / "architecture.png", model=trained.model)
     name, result = f"HPS ({method})", trained.result()
     stl = session.cache.get(baseline_key(config, "stl", epochs))
     return name, result, ({"STL": stl} if stl else {}) | {name: result}

@@ -164,6 +164,14 @@ def test_train_writes_the_run_folder(runs: Path) -> None:
                      (run / "log.txt").read_text().rstrip())
 
 
+def test_train_writes_every_architecture_file_a_search_writes(runs: Path) -> None:
+    # DESIGN §11: a run folder holds architecture.json/.graphml/.dot/.png; a train run wrote no drawing.
+    run = runs / "hps_first"
+    for suffix in ("json", "graphml", "dot", "png"):
+        assert (run / f"architecture.{suffix}").is_file(), suffix
+    assert (run / "architecture.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_no_tensorboard_writes_no_events_and_keeps_the_run_folder(runs: Path) -> None:
     assert list((runs / "hps_first").glob("events.out.tfevents.*"))  # the default writes events
     run = runs / "quiet"
