@@ -112,8 +112,8 @@ def min_norm_weights(gramian: np.ndarray) -> np.ndarray:
     # H = G + c·11ᵀ for any c > 0; c = the shortest squared norm (≥ the optimum) keeps the short gradients'
     # entries, which c = the longest one rounded away (norms 1e7 apart sent tasks uphill). The Jacobi scaling
     # H' = SHS, u = S y gives H' a unit diagonal, so the Cholesky pivots compare with 1 whatever the norms.
-    # Imported here, not at the top: scipy.optimize takes 0.37 s to import, on every command, and m ≤ 3 and most
-    # m ≥ 4 steps (interior optima, below) never call it.
+    # Imported here, not at the top: scipy.optimize takes 0.37 s to import, on every command, and the closed forms
+    # of m ≤ 3 above never need it.
     from scipy.linalg import lapack
     from scipy.optimize import nnls
 

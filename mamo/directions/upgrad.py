@@ -26,7 +26,8 @@ class UPGrad(Direction):
     gradients cannot blow μ up; on the active set it finds, μ is then solved again without the ridge (minimum
     norm, float32's resolution), and that exact answer is kept when it is optimal. Zero gradients (whose
     constraint ``0 · x ≥ 0`` always holds) keep the weight 1/m. torchjd's UPGrad instead adds 1e-4 of the
-    Gramian's trace to its diagonal for its QP solver, which moves its weights by about that much.
+    Gramian's trace to its diagonal for its QP solver, which outweighs the constraint of a task whose squared
+    norm is under about 1e-4 of the total (directions up to half the longest gradient apart: docs/directions.md).
     """
 
     non_conflicting = True
