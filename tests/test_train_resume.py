@@ -12,7 +12,7 @@ from cli_errors import single_error
 from mamo.baselines import cached_baseline
 from mamo.cache import baseline_key
 from mamo.cli import main
-from mamo.config import load_config
+from mamo.config import Config, load_config
 from mamo.errors import MamoError
 from mamo.runs import FolderLock
 from mamo.session import open_session
@@ -449,8 +449,9 @@ def build(*, seed, root):
 """
 
 
-@pytest.mark.parametrize("edited", [False, True])
-def test_a_run_resumed_after_its_plugin_was_edited_says_so(tmp_path: Path, edited: bool) -> None:
+def stopped_plugin_run(tmp_path: Path) -> tuple[Path, Config, dict]:
+    """A train run of EDITABLE_PLUGIN stopped after its first epoch's checkpoint (in tmp_path/run), the plugin
+    older than the run; the plugin file, the config and the quiet run options."""
     import os
     import time
 
@@ -462,38 +463,38 @@ def test_a_run_resumed_after_its_plugin_was_edited_says_so(tmp_path: Path, edite
     quiet = {"progress": False, "quiet": True, "loggers": False}
     with pytest.raises(KeyboardInterrupt):
         run_train(config, tmp_path / "run", callbacks=[StopAfterEpoch(1)], **quiet)
+    return plugin, config, quiet
+
+
+def edit_after_the_run_started(plugin: Path, run_dir: Path) -> None:
+    import os
+
+    plugin.write_text(EDITABLE_PLUGIN.replace("> 0).long()}", "> 1).long()}"))
+    later = (run_dir / "config.yaml").stat().st_mtime + 10  # a file system's coarse clock, too
+    os.utime(plugin, (later, later))
+
+
+@pytest.mark.parametrize("edited", [False, True])
+def test_a_run_resumed_after_its_plugin_was_edited_says_so(tmp_path: Path, edited: bool) -> None:
+    plugin, config, quiet = stopped_plugin_run(tmp_path)
     if edited:
-        plugin.write_text(EDITABLE_PLUGIN.replace("> 0).long()}", "> 1).long()}"))
-        later = (tmp_path / "run" / "config.yaml").stat().st_mtime + 10  # a file system's coarse clock, too
-        os.utime(plugin, (later, later))
+        edit_after_the_run_started(plugin, tmp_path / "run")
     run_train(config, tmp_path / "run", resume=True, **quiet)
     noted = "note: the data plugin" in (tmp_path / "run" / "log.txt").read_text()
     assert noted == edited
 
 
-
 def test_a_run_resumed_without_a_checkpoint_after_its_plugin_was_edited_says_it_starts_over(tmp_path: Path) -> None:
     # The note said the epochs before the stop saw the old data; there were none, the run starts again.
-    import os
-    import time
-
-    plugin = tmp_path / "plugin.py"
-    plugin.write_text(EDITABLE_PLUGIN)
-    os.utime(plugin, (time.time() - 60, time.time() - 60))
-    config = load_config("logic", [f"data.name={plugin}:build", "data.options={}", "model.hidden=[8]",
-                                   "train.epochs=2", "train.checkpoint_seconds=0", "train.device=cpu"])
-    quiet = {"progress": False, "quiet": True, "loggers": False}
-    with pytest.raises(KeyboardInterrupt):
-        run_train(config, tmp_path / "run", callbacks=[StopAfterEpoch(1)], **quiet)
+    plugin, config, quiet = stopped_plugin_run(tmp_path)
     (tmp_path / "run" / "checkpoints" / "last.pt").unlink()
-    plugin.write_text(EDITABLE_PLUGIN.replace("> 0).long()}", "> 1).long()}"))
-    later = (tmp_path / "run" / "config.yaml").stat().st_mtime + 10
-    os.utime(plugin, (later, later))
+    edit_after_the_run_started(plugin, tmp_path / "run")
     run_train(config, tmp_path / "run", resume=True, **quiet)
     log = (tmp_path / "run" / "log.txt").read_text()
-    assert f"note: the data plugin {plugin} changed after this run started; the run starts over on what it returns " \
-           "now." in log
+    assert (f"note: the data plugin {plugin} changed after this run started; the run starts over on what it "
+            "returns now.") in log
     assert "epochs before the stop" not in log
+
 
 def test_a_run_resumes_after_its_initial_weights_file_is_gone(tmp_path: Path) -> None:
     # The checkpoint holds every weight: continuing on a machine without the model.weights file needs no file.

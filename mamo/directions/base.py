@@ -135,6 +135,14 @@ _GRAMIAN_SLACK = 1e-2
 _UNDERFLOW = 1e-15
 
 
+def live_tasks(gramian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The indices of the tasks with a non-zero gradient and their gradient norms: the methods that work on unit
+    gradients leave the others out (their rows of G are 0)."""
+    norms = np.sqrt(np.maximum(gramian.diagonal(), 0.0))
+    alive = np.flatnonzero(norms > 0.0)
+    return alive, norms[alive]
+
+
 # Eigenvalues of a Gramian below m·eps32 times its largest are float32 rounding, not directions the gradients
 # span: mamo computes Gramians in float32, which holds about 7 digits (torchjd's Aligned-MTL cuts at the same
 # place). Inverting such an eigenvalue would make rounding noise the largest part of the weights.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mamo.directions.base import Direction, Info
+from mamo.directions.base import Direction, Info, live_tasks
 from mamo.directions.min_norm import min_norm_weights
 
 
@@ -21,13 +21,10 @@ class Central(Direction):
     non_conflicting = True
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, Info]:
-        m = gramian.shape[0]
-        norms = np.sqrt(np.maximum(gramian.diagonal(), 0.0))
-        alive = np.flatnonzero(norms > 0.0)
-        weights = np.zeros(m)
+        alive, n = live_tasks(gramian)
+        weights = np.zeros(gramian.shape[0])
         if alive.size == 0:
             return weights, {}
-        n = norms[alive]
         unit_gramian = gramian[np.ix_(alive, alive)] / np.multiply.outer(n, n)
         raw = min_norm_weights(unit_gramian) / n
         weights[alive] = raw / raw.sum()  # the division by Σ k_t/||g_t|| is γ

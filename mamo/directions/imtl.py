@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mamo.directions.base import FLOAT32_EPS, Direction, Info, numerical_range
+from mamo.directions.base import FLOAT32_EPS, Direction, Info, live_tasks, numerical_range
 
 
 class IMTLG(Direction):
@@ -24,12 +24,10 @@ class IMTLG(Direction):
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, Info]:
         m = gramian.shape[0]
-        norms = np.sqrt(np.maximum(gramian.diagonal(), 0.0))
-        alive = np.flatnonzero(norms > 0.0)
+        alive, n = live_tasks(gramian)
         weights = np.zeros(m)
         if alive.size == 0:
             return np.full(m, 1.0 / m), {}
-        n = norms[alive]
         # G v = ||g|| on the live tasks is C u = 1 on their cosines C = G / (n nᵀ), with v = u / n.
         values, vectors = numerical_range(gramian[np.ix_(alive, alive)] / np.multiply.outer(n, n))
         ones = vectors.sum(axis=0)  # the vector of ones in the eigenbasis

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mamo.directions.base import FLOAT32_EPS, Direction, Info
+from mamo.directions.base import FLOAT32_EPS, Direction, Info, live_tasks
 
 # Ridge (relative to the unit Gramian's largest eigenvalue) that makes each NNLS strictly convex. scipy's
 # Lawson–Hanson solves its passive sets without a rank test: on exactly dependent gradients (a repeated,
@@ -37,11 +37,10 @@ class UPGrad(Direction):
 
         m = gramian.shape[0]
         weights = np.full(m, 1.0 / m)
-        norms = np.sqrt(np.maximum(gramian.diagonal(), 0.0))
-        alive = np.flatnonzero(norms > 0.0)
+        alive, n = live_tasks(gramian)
         if alive.size == 0:
             return weights, {}
-        n, k = norms[alive], alive.size
+        k = alive.size
         # y = v · ||g||: the cone's constraints and objective in the unit gradients' frame.
         unit = gramian[np.ix_(alive, alive)] / np.multiply.outer(n, n)
         values, vectors = np.linalg.eigh(unit)
