@@ -273,6 +273,8 @@ def read_through(data: MultiTaskData, progress: bool = False) -> None:
     split after a whole phase of training, which a resume with the fixed plugin trained again (the plugin's
     source is part of the baseline cache's key). The training split is checked as its first epoch reads it."""
     size = evaluation_batch_size(1, data.input_shape)
+    # Batches taken directly, not through iterate_batches, which draws from torch's global generator as a
+    # DataLoader does: an extra epoch of draws here would change every later random number of the run.
     for dataset in (data.val, data.test):
         if not isinstance(dataset, CheckedDataset):
             continue

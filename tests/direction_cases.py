@@ -32,6 +32,17 @@ def random_jacobian(rng: np.random.Generator, m: int, d: int, spread: float = 20
     return torch.from_numpy(J)
 
 
+def far_apart_jacobians(seed: int, m: int, count: int):
+    """``count`` float64 numpy Jacobians of m gradients in m + 2 dimensions, random directions, norms 1 to 1e-7
+    (geometrically spaced, in a random order): where a solver that loses the short gradients' digits sends tasks
+    uphill."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        J = rng.standard_normal((m, m + 2))
+        J *= (np.geomspace(1.0, 1e-7, m)[rng.permutation(m)] / np.linalg.norm(J, axis=1))[:, None]
+        yield J
+
+
 def random_losses(rng: np.random.Generator, m: int) -> torch.Tensor:
     return torch.from_numpy(np.exp(rng.uniform(-3.0, 2.0, m)))
 

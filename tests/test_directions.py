@@ -13,6 +13,7 @@ from direction_cases import (
     T,
     assert_non_conflicting,
     build,
+    far_apart_jacobians,
     random_jacobian,
     random_losses,
     run,
@@ -155,10 +156,7 @@ def test_min_norm_keeps_every_task_downhill_when_gradient_norms_differ_by_1e7(m)
     # The m = 3 closed form worked in a frame centred on the first gradient; when that one was 1e5 times
     # longer than the others, the frame's differences cancelled and two tasks went uphill. The tolerance of
     # test_min_norm_is_exact is relative to the longest gradient, so it could not see that.
-    rng = np.random.default_rng(11)
-    for _ in range(60):
-        J = rng.standard_normal((m, m + 2))
-        J *= (np.geomspace(1.0, 1e-7, m)[rng.permutation(m)] / np.linalg.norm(J, axis=1))[:, None]
+    for J in far_apart_jacobians(11, m, 60):
         G = J @ J.T
         w = min_norm_weights(G)
         v = w @ J

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import itertools
 
+import direction_cases
 import numpy as np
 import pytest
+from direction_cases import far_apart_jacobians
 
 from mamo.directions import IMTLG, AlignedMTL, UPGrad
 from mamo.directions.base import numerical_range
 
 
 def random_jacobian(rng: np.random.Generator, m: int, d: int, spread: float = 20.0) -> np.ndarray:
-    J = rng.standard_normal((m, d))
-    return J * (np.exp(rng.uniform(0.0, np.log(spread), m)) / np.linalg.norm(J, axis=1))[:, None]
+    return direction_cases.random_jacobian(rng, m, d, spread).numpy()
 
 
 def brute_force_dual_cone_projection(G: np.ndarray, floor: np.ndarray) -> np.ndarray:
@@ -59,10 +60,7 @@ def test_upgrad_is_the_mean_gradient_where_no_task_conflicts():
 
 @pytest.mark.parametrize("m", [2, 3, 4, 6])
 def test_upgrad_keeps_every_task_downhill_when_gradient_norms_differ_by_1e7(m):
-    rng = np.random.default_rng(5)
-    for _ in range(40):
-        J = rng.standard_normal((m, m + 2))
-        J *= (np.geomspace(1.0, 1e-7, m)[rng.permutation(m)] / np.linalg.norm(J, axis=1))[:, None]
+    for J in far_apart_jacobians(5, m, 40):
         weights, _ = UPGrad().weigh(J @ J.T, np.ones(m))
         v = weights @ J
         assert (J @ v / (np.linalg.norm(J, axis=1) * np.linalg.norm(v))).min() > -1e-9
