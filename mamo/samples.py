@@ -294,7 +294,10 @@ def no_label_error(what: str, split: str, name: str, spec: TaskSpec) -> MamoErro
         return MamoError(f"{what} gives task '{name}' no labelled sample in the 'train' split (every target is -1), "
                          "so it cannot learn; label some of its samples or remove the task.")
     unit = "pixel" if spec.type == "segmentation" else "sample"
-    return dense.NoTargets(spec.type, f"-1 marks an unlabelled {unit}", f"'{split}'", unit, name)
+    # Naming the source too: a search's log did not say which of its data the split came from.
+    return MamoError(f"{what} gives task '{name}' no labelled {unit} in the '{split}' split (-1 marks an unlabelled "
+                     f"{unit}), so its {spec.type} metrics there are undefined; label some of that split's {unit}s "
+                     "or remove the task.")
 
 
 def validate(result: object, what: str, plugin: bool = False) -> MultiTaskData:
