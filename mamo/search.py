@@ -20,6 +20,7 @@ from mamo import graph as g
 from mamo.baselines import cached_baselines
 from mamo.checkpoint import check_resumed_data, newest_state, remove_search_checkpoints, restore_trainer
 from mamo.config import Config, given_config
+from mamo.data import LoadData
 from mamo.data_plugins import plugin_edited_note
 from mamo.model import count_parameters
 from mamo.report import (
@@ -73,6 +74,7 @@ def run_search(
     pictures: bool = True,
     resume_settings: Sequence[str] = (),
     stl_reference: Metrics | None = None,
+    loader: LoadData | None = None,
 ) -> dict:
     """MAMO Algorithm 1 end to end; writes the run folder and returns what metrics.json holds.
 
@@ -83,20 +85,21 @@ def run_search(
     an exception they raise stops the search. ``loggers=False`` leaves out the TensorBoard logger,
     ``pictures=False`` only its round pictures. ``stl_reference`` (STL's validation metrics, a tune study's
     reference) is what the validation Δ of the events and round records is measured against when the search
-    trains no baselines of its own.
+    trains no baselines of its own. ``loader`` builds ``config.data`` (default :func:`~mamo.data.load_data`; a tune
+    worker passes a :class:`~mamo.data.DataMemo`, so its trials build it once).
     """
     given_config(config, resume, "run_search")
     started = time.perf_counter()
     with contextlib.ExitStack() as held:  # the run folder's lock, for as long as the search works in it
         if resume:
             config, session, directory, state = _open_stopped(run_dir, resume_settings, progress, quiet, cache_root,
-                                                              held)
+                                                              held, loader)
             # The run's time before the stop (up to its newest checkpoint) counts in metrics.json's seconds.
             started -= state.get("seconds", 0.0) if state else 0.0
         else:
             check_search_config(config)
             session, directory = open_run(config, run_dir, "search", progress, quiet, cache_root, check_search_tasks,
-                                          held)
+                                          held, loader)
             state = None
         search, tasks = config.search, session.data.tasks
         session.log(f"{'resuming' if resume else 'search'} in {directory} on {session.device}: {method_name(config)}"
@@ -149,7 +152,7 @@ def run_search(
 
 def _open_stopped(
     run_dir: str | Path | None, resume_settings: Sequence[str], progress: bool, quiet: bool, cache_root: Path | None,
-    held: contextlib.ExitStack,
+    held: contextlib.ExitStack, loader: LoadData | None,
 ) -> tuple[Config, Session, Path, dict | None]:
     """The stopped search in ``run_dir``: its config, session, folder and newest checkpoint, each checked; the
     folder's lock goes into ``held``."""
@@ -158,7 +161,7 @@ def _open_stopped(
     check_resumed_config(config, state, directory)  # before anything loads: an edited config.yaml is refused
     check_resumed_phase(config, state, directory)
     check_search_config(config)
-    session = open_session(config, directory, progress, quiet, cache_root)
+    session = open_session(config, directory, progress, quiet, cache_root, loader)
     check_resumed_data(session.data.input_shape, session.data.tasks, state, directory)
     keep_resume_settings(session, directory, "search", resume_settings, starts_over=state is None)
     return config, session, directory, state

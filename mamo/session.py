@@ -17,7 +17,7 @@ import torch
 from mamo.cache import BaselineCache
 from mamo.checkpoint import EpochCheckpoint, load_checkpoint, restore_trainer
 from mamo.config import Config, DirectionConfig, ModelConfig, TensionerConfig, TrainConfig
-from mamo.data import MultiTaskData, load_data, unused_data_note
+from mamo.data import LoadData, MultiTaskData, load_data, unused_data_note
 from mamo.directions import create_direction
 from mamo.errors import EndedOnPurpose, MamoError, StopExplained
 from mamo.graph import build_hps_graph, graph_to_json
@@ -161,14 +161,16 @@ def make_current(device: torch.device) -> None:
 
 
 def open_session(
-    config: Config, run_dir: Path | None, progress: bool = True, quiet: bool = False, cache_root: Path | None = None
+    config: Config, run_dir: Path | None, progress: bool = True, quiet: bool = False, cache_root: Path | None = None,
+    loader: LoadData | None = None,
 ) -> Session:
-    """Check the train settings, load the data and pick the device once; baselines are cached under
-    ``cache_root`` (default runs/.baselines beside the run folder)."""
+    """Check the train settings, load the data (with ``loader``, default :func:`~mamo.data.load_data`; a
+    :class:`~mamo.data.DataMemo` reuses it) and pick the device once; baselines are cached under ``cache_root``
+    (default runs/.baselines beside the run folder)."""
     device = check_train_settings(config)
     make_current(device)
     log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
-    data = load_data(config.data, progress)
+    data = (loader or load_data)(config.data, progress)
     if run_dir is not None:  # otherwise open_run notes them once it has a folder
         for note in start_notes(config, data, device):
             log(note)
@@ -300,13 +302,13 @@ def save_model(run_dir: Path, model: MamoNet) -> None:
 def open_run(
     config: Config, run_dir: str | Path | None, command: str, progress: bool = True, quiet: bool = False,
     cache_root: Path | None = None, check_data: Callable[[MultiTaskData], None] | None = None,
-    held: contextlib.ExitStack | None = None,
+    held: contextlib.ExitStack | None = None, loader: LoadData | None = None,
 ) -> tuple[Session, Path]:
     """Check every input (data and what ``check_data`` asks of it, backbone, direction, optimizer) first, then
     create the run folder, so bad input never leaves a folder behind that would block the corrected retry; its
     lock goes into ``held`` (:func:`mamo.runs.new_run_dir`)."""
     path = free_run_dir(run_dir, config, command)
-    session = open_session(config, None, progress, quiet, cache_root or path.parent / ".baselines")
+    session = open_session(config, None, progress, quiet, cache_root or path.parent / ".baselines", loader)
     if check_data is not None:
         check_data(session.data)
     model = build_network(session)

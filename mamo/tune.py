@@ -25,6 +25,7 @@ from typing import Any
 import optuna
 
 from mamo.config import Config, config_from_dict, load_config
+from mamo.data import DataMemo, MultiTaskData, load_data
 from mamo.errors import MamoError, StopExplained
 from mamo.runs import RUNS_ROOT, available_cores, claim_new_folder, cli, refuse_file_above, utf8_path
 from mamo.trainer import intra_op_threads
@@ -113,12 +114,12 @@ def _inert_keys_note(config: Config) -> str | None:
     return "\n".join(notes) or None
 
 
-def _reference(config: Config, directory: Path, search: bool, multi: bool, progress: bool) -> tuple[dict, dict | None]:
-    """The tasks, and the STL validation metrics the objective compares against (trained once, cached)."""
+def _reference(config: Config, directory: Path, search: bool, multi: bool, progress: bool
+               ) -> tuple[dict, dict | None, MultiTaskData | None]:
+    """The tasks, the STL validation metrics the objective compares against (trained once, cached) and the data
+    they were trained on."""
     if not search:
-        from mamo.data import load_data
-
-        return (load_data(config.data).tasks if multi else {}), None
+        return (load_data(config.data, progress).tasks if multi else {}), None, None
     from mamo.baselines import cached_baselines
     from mamo.session import open_session
 
@@ -141,7 +142,7 @@ def _reference(config: Config, directory: Path, search: bool, multi: bool, progr
     results = cached_baselines(session, kinds, config.train.epochs)
     if note := near_zero_reference_note(results["stl"]["val"], session.data.tasks):
         session.log(note)
-    return session.data.tasks, results["stl"]["val"]
+    return session.data.tasks, results["stl"]["val"], session.data
 
 
 def near_zero_reference_note(stl_val: dict, tasks: dict) -> str | None:
@@ -169,6 +170,7 @@ class _OpenStudy:
     trials: int
     workers: int
     threads: int | None  # each worker's share of the cores, unless train.threads says
+    data: DataMemo  # the data the reference trained on, for trials run in this process
 
 
 def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_dir: str | Path | None,
@@ -199,7 +201,7 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
         reference = config if config.train.threads or not threads else dataclasses.replace(
             config, train=dataclasses.replace(config.train, threads=threads))
         with intra_op_threads(reference.train.threads):
-            tasks, stl_val = _reference(reference, directory, search, multi_objective, progress)
+            tasks, stl_val, data = _reference(reference, directory, search, multi_objective, progress)
         study = open_study(store, name, multi_objective, tasks, config, stl_val, search)
         if attrs is None and config_from_dict(study.user_attrs["config"], f"study '{name}'") != config:
             # Another command created the study while this one trained its reference (two started on one new
@@ -218,7 +220,10 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
         print(f"stopped while setting the study up (what the reference trained is kept); continue with: "
               f"{_continuing(directory, storage, url, name, trials, workers)}", file=sys.stderr, flush=True)
         raise StopExplained from None
-    return _OpenStudy(study, directory, url, config, tasks, trials, workers, threads)
+    memo = DataMemo()
+    if data is not None:
+        memo.keep(reference.data, data)  # the command's data settings: a joined study's may differ
+    return _OpenStudy(study, directory, url, config, tasks, trials, workers, threads, memo)
 
 
 def _shares(config: Config, trials: int | None, workers: int) -> tuple[int, int, int | None]:
@@ -260,7 +265,7 @@ def run_tune(
     if objective is None:
         objective = SearchObjective(config, directory, opened.tasks, study.user_attrs.get("stl_val"),
                                     multi_objective, tensorboard, pictures, progress and opened.workers == 1,
-                                    opened.threads)
+                                    opened.threads, data=opened.data if opened.workers == 1 else DataMemo())
     line = TrialLine(directory / "tune.log")
     if storage is None:
         retry_interrupted(study, line)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import optuna
 
 from mamo.config import Config
+from mamo.data import DataMemo
 from mamo.errors import EndedOnPurpose
 from mamo.report import delta
 from mamo.tasks import TaskSpec
@@ -74,6 +75,8 @@ class SearchObjective:
     # epoch is a line on stderr naming the trial, as `search --no-progress` shows (trials were silent for minutes).
     progress: bool = False
     threads: int | None = None  # a worker's share of the cores, when train.threads does not say
+    # The data, built by the first trial of each process (or the study's reference) and shared by the rest.
+    data: DataMemo = field(default_factory=DataMemo, repr=False, compare=False)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         from mamo.hparams import drop_hparams, write_hparams
@@ -113,7 +116,8 @@ class SearchObjective:
                 metrics = run_search(config, run_dir, progress=self.progress, quiet=True, resume=resume,
                                      callbacks=[*([reporter] if reporter else []), *lines],
                                      cache_root=self.study_dir / ".baselines",
-                                     loggers=self.tensorboard, pictures=self.pictures, stl_reference=self.stl_val)
+                                     loggers=self.tensorboard, pictures=self.pictures, stl_reference=self.stl_val,
+                                     loader=self.data)
         except optuna.TrialPruned:
             if self.tensorboard:
                 write_hparams(run_dir, trial.params, self._stopped(reporter), state="pruned", metric_names=columns)

@@ -287,10 +287,10 @@ def test_a_tune_command_whose_study_another_command_created_meanwhile_joins_it(
     folder = tmp_path / "study"
     reference = {"left": {"accuracy": 0.5, "loss": 1.0}, "right": {"accuracy": 0.5, "loss": 1.0}}
 
-    def trained(*args: object) -> tuple[dict, dict]:
-        return {}, reference
+    def trained(*args: object) -> tuple[dict, dict, None]:
+        return {}, reference, None
 
-    def the_other_command_first(*args: object) -> tuple[dict, dict]:
+    def the_other_command_first(*args: object) -> tuple[dict, dict, None]:
         monkeypatch.setattr(tune, "_reference", trained)
         tune.run_tune(load_config("quick"), study_dir=folder, trials=0, objective=draws_alpha, progress=False)
         return trained()
