@@ -34,6 +34,7 @@ from mamo.tune_space import SPACE, apply_params, check_space
 from mamo.tune_storage import StorageBusy, open_storage, shown_url
 from mamo.tune_study import (
     check_folder,
+    check_objective,
     claim_folder,
     open_study,
     owed_trials,
@@ -187,6 +188,10 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
         # Checked before anything is written here (study.db included): the folder may hold another study.
         attrs = stored_study(store, name)
         check_folder(directory, name, attrs)
+        if attrs is not None:  # before the reference trains: a join refused after it wasted its epochs
+            check_objective(store, name, multi_objective, directory if storage is None else None,
+                            "a new --run-dir" if storage is None else
+                            "a new --study" + (" and --run-dir" if study_dir else ""))
         store = store or open_storage(url, fix=LOCAL_STORAGE_FIX)
         config = study_config(name, config, overrides, directory, attrs)
         asked = trials, workers
@@ -218,7 +223,8 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
         raise
     except KeyboardInterrupt:  # in the reference's training, say: its finished networks are cached in the folder
         print(f"stopped while setting the study up (what the reference trained is kept); continue with: "
-              f"{_continuing(directory, storage, url, name, trials, workers)}", file=sys.stderr, flush=True)
+              f"{_continuing(directory, storage, url, name, trials, workers, multi_objective)}", file=sys.stderr,
+              flush=True)
         raise StopExplained from None
     memo = DataMemo()
     if data is not None:
@@ -296,31 +302,30 @@ def run_tune(
                     summarize(study, directory, config, multi_objective, shown)
                 # What is owed, not the command as it was: that ran all its trials again, the finished ones too.
                 owed = owed_trials(study, tickets)
-                raise MamoError(f"{failure}; continue with: "
-                                f"{_continuing(directory, storage, opened.url, name, owed, opened.workers)}"
-                               ) from None
+                again = _continuing(directory, storage, opened.url, name, owed, opened.workers, multi_objective)
+                raise MamoError(f"{failure}; continue with: {again}") from None
     except KeyboardInterrupt:
         if storage is None:  # a worker killed while recording its stop left its trial running: retried next time
             retry_interrupted(study, line)
         summarize(study, directory, config, multi_objective, shown)  # the stopped trial's reason included
         owed = owed_trials(study, tickets)  # counted as for a killed worker above
-        print(f"stopped; finished trials stay in the study; continue with: "
-              f"{_continuing(directory, storage, opened.url, name, owed, opened.workers)}", file=sys.stderr,
-              flush=True)
+        again = _continuing(directory, storage, opened.url, name, owed, opened.workers, multi_objective)
+        print(f"stopped; finished trials stay in the study; continue with: {again}", file=sys.stderr, flush=True)
         raise StopExplained from None
     return summarize(study, directory, config, multi_objective, shown)
 
 
 def _continuing(directory: Path, storage: str | None, url: str, name: str, trials: int | None,
-                workers: int = 1) -> str:
+                workers: int = 1, multi: bool = False) -> str:
     """The command that continues a stopped study with ``trials`` more (the study's tune.trials when None), on
-    the stopped command's ``workers``."""
+    the stopped command's ``workers``, with ``--multi-objective`` where the study has it (the line left it out, and
+    pasted it was refused: the study's objectives are fixed when it is made)."""
     # A storage URL as shown_url shows it: its password masked, for the user to fill in.
     where = ["--run-dir", directory] if storage is None else ["--storage", shown_url(url), "--study", name]
     if storage is not None and Path(directory) != _shared_study_folder(name):  # else another folder would join
         where += ["--run-dir", directory]
     return cli("tune", *where, *([] if trials is None else ["--trials", str(trials)]),
-               *([] if workers == 1 else ["--workers", str(workers)]))
+               *([] if workers == 1 else ["--workers", str(workers)]), *(["--multi-objective"] if multi else []))
 
 
 def _check_arguments(config: Config, trials: int | None, workers: int, storage: str | None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,9 @@ def study_config(name: str, config: Config, overrides: list[str] | tuple[str, ..
     if "stl_val" in attrs:
         _check_same_data(name, recorded, joined)
         _check_same_plugin(name, attrs, joined)
+    # A note, on stderr as the other notes: stdout is the summary, which `> file` keeps alone.
     print(f"joining study '{name}': using the configuration it was created with ({path}); --set still applies",
-          flush=True)
+          file=sys.stderr, flush=True)
     return joined
 
 
@@ -153,6 +155,31 @@ def claim_folder(directory: Path, name: str, uid: str) -> None:
     mark = {"study": name, "uid": uid}
     if folder_study(directory) != mark:
         write_text_atomically(directory / STUDY_ID, json.dumps(mark) + "\n")
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def check_objective(store: optuna.storages.RDBStorage, name: str, multi: bool, folder: Path | None,
+                    fresh: str) -> None:
+    """Refuses to join a stored study with the other kind of objective (one objective, or the Pareto front of
+    ``--multi-objective``), which Optuna fixes when the study is made; checked before the reference trains, since
+    :func:`open_study` could tell only after it (minutes of STL and HPS for a join with another --workers count).
+    ``folder`` is the local study's folder, named in the sentence; ``fresh`` what makes a new study instead."""
+    study = optuna.load_study(study_name=name, storage=store)
+    names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
+    single = names in (["val_delta"], [OWN_OBJECTIVE]) or study.metric_names is None and len(names) == 1
+    if single == (not multi):
+        return
+    where = f"'{name}'" + (f" in {folder}" if folder else "")
+    if single:
+        raise MamoError(f"study {where} optimises one objective, {names[0]} (it was started without "
+                        f"--multi-objective); leave --multi-objective out to continue it, or pass {fresh} for a "
+                        "multi-objective study.")
+    raise MamoError(f"study {where} optimises the Pareto front of {_listed(names)} (it was started with "
+                    f"--multi-objective); add --multi-objective to continue it, or pass {fresh} for a study of one "
+                    "objective.")
 
 
 def open_study(store: optuna.storages.RDBStorage, name: str, multi: bool, tasks: dict, config: Config,
