@@ -369,7 +369,8 @@ def add_arguments_tune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", default=None, metavar="NAME",
                         help="the study to create or join in the storage (needed with --storage)")
     parser.add_argument("--multi-objective", action="store_true",
-                        help="optimise each task's main validation metric and report the Pareto front")
+                        help="optimise each task's main validation metric and report the Pareto front (fixed "
+                             "when the study starts: every command on the study needs it)")
 
 
 def command_tune(args: argparse.Namespace) -> int:
