@@ -368,6 +368,8 @@ def add_arguments_tune(parser: argparse.ArgumentParser) -> None:
                              "postgresql://user:password@host/db (default: SQLite in the study folder)")
     parser.add_argument("--study", default=None, metavar="NAME",
                         help="the study to create or join in the storage (needed with --storage)")
+    # Hidden: `search --resume DIR` continues a search, so users try it on a study; a sentence says what does.
+    parser.add_argument("--resume", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--multi-objective", action="store_true",
                         help="optimise each task's main validation metric and report the Pareto front (fixed "
                              "when the study starts: every command on the study needs it)")
@@ -376,6 +378,9 @@ def add_arguments_tune(parser: argparse.ArgumentParser) -> None:
 def command_tune(args: argparse.Namespace) -> int:
     from mamo.cli import show_progress
 
+    if args.resume is not None:
+        raise MamoError(f"tune continues a study when it runs again on the study's folder, not with --resume; pass "
+                        f"--run-dir {args.resume} instead (and --multi-objective if the study was started with it).")
     result = run_tune(
         load_config(_preset(args), args.overrides), overrides=args.overrides, study_dir=args.run_dir,
         storage=args.storage, study_name=args.study, trials=args.trials, workers=args.workers,

@@ -125,3 +125,12 @@ def test_the_study_folder_default_is_named_in_a_refusal_of_the_wrong_objective(t
     with pytest.raises(MamoError, match=r"add --multi-objective to continue it, or pass a new --study for a study "
                                         r"of one objective\.$"):
         run_tune(tiny, storage=url, study_name="s", trials=1, progress=False)
+
+
+def test_tune_resume_names_the_way_a_study_continues(tmp_path, capsys):
+    # `search --resume DIR` continues a search; `tune --resume DIR` was argparse's "unrecognized arguments".
+    assert main(["tune", "--resume", str(tmp_path), "--trials", "1"]) == 2
+    assert capsys.readouterr().err == (
+        f"mamo: error: tune continues a study when it runs again on the study's folder, not with --resume; pass "
+        f"--run-dir {tmp_path} instead (and --multi-objective if the study was started with it).\n")
+    assert list(tmp_path.iterdir()) == []
