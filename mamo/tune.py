@@ -141,22 +141,27 @@ def _reference(config: Config, directory: Path, search: bool, multi: bool, progr
     # STL always: the objective or, on a Pareto front, best.yaml's choice (the highest val Δ) compares with it.
     kinds = ["stl", "hps"] if config.search.baselines else ["stl"]
     results = cached_baselines(session, kinds, config.train.epochs)
-    if note := near_zero_reference_note(results["stl"]["val"], session.data.tasks):
+    if note := near_zero_reference_note(results["stl"]["val"], session.data.tasks, multi):
         session.log(note)
     return session.data.tasks, results["stl"]["val"], session.data
 
 
-def near_zero_reference_note(stl_val: dict, tasks: dict) -> str | None:
+def near_zero_reference_note(stl_val: dict, tasks: dict, multi: bool = False) -> str | None:
     """A note when the reference scores a metric next to 0 (logic's gates, the concave problem: an MSE of 1e-13),
     where Eq 15's division makes that one metric's relative change (−4e7 % in an audit's study) decide the Δ
-    objective, and best.yaml is chosen by round-off."""
+    objective, and best.yaml is chosen by round-off. With ``multi`` the objectives are the metrics themselves,
+    and the Δ only picks best.yaml from the Pareto front (the note told such a study to use --multi-objective)."""
     from mamo.report import near_zero_metrics
 
     if not (shown := near_zero_metrics(stl_val, tasks)):
         return None
-    return (f"note: the STL reference scores {shown} on the validation split, so a trial's error there is a "
-            "relative change of orders of magnitude that alone decides the Δ objective (Eq 15 divides by STL); "
-            "rank such tasks with --multi-objective, or tune a setup in which STL leaves some error.")
+    start = (f"note: the STL reference scores {shown} on the validation split, so a trial's error there is a "
+             "relative change of orders of magnitude that alone decides ")
+    if multi:
+        return (start + "its validation Δ (Eq 15 divides by STL), by which best.yaml is picked from the Pareto "
+                "front; choose from the front in summary.md by the metrics themselves.")
+    return (start + "the Δ objective (Eq 15 divides by STL); rank such tasks with --multi-objective, or tune a "
+            "setup in which STL leaves some error.")
 
 
 @dataclasses.dataclass

@@ -134,3 +134,20 @@ def test_tune_resume_names_the_way_a_study_continues(tmp_path, capsys):
         f"mamo: error: tune continues a study when it runs again on the study's folder, not with --resume; pass "
         f"--run-dir {tmp_path} instead (and --multi-objective if the study was started with it).\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_multi_objective_study_is_not_told_to_use_multi_objective_for_a_reference_next_to_zero():
+    # `tune logic --multi-objective` printed "rank such tasks with --multi-objective"; there the Δ only picks
+    # best.yaml from the Pareto front, which round-off then picks.
+    from mamo.data import load_data
+    from mamo.tune import near_zero_reference_note
+
+    tasks = load_data(load_config("logic").data).tasks
+    stl = {task: {"mse": 0.02, "mae": 0.1} for task in tasks}
+    stl["and"]["mse"] = 1.1e-13
+    note = near_zero_reference_note(stl, tasks, multi=True)
+    assert note == ("note: the STL reference scores and.mse = 1.1e-13 on the validation split, so a trial's error "
+                    "there is a relative change of orders of magnitude that alone decides its validation Δ (Eq 15 "
+                    "divides by STL), by which best.yaml is picked from the Pareto front; choose from the front in "
+                    "summary.md by the metrics themselves.")
+    assert "rank such tasks with --multi-objective" in near_zero_reference_note(stl, tasks)
