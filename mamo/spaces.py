@@ -17,6 +17,7 @@ from torch import nn
 
 from mamo.config import ModelConfig
 from mamo.errors import MamoError, first_line
+from mamo.pooling import MaxPool2d
 from mamo.tasks import TASK_TYPES, TaskSpec, head_name
 from mamo.timm_cells import check_timm_name, create_timm_cells, fixed_input_size
 
@@ -237,9 +238,9 @@ class LeNetSpace(SearchSpace):
     def build_cell(self, index: int) -> nn.Module:
         channels = self.input_shape[0]
         if index == 0:
-            return nn.Sequential(nn.Conv2d(channels, 10, 5), nn.MaxPool2d(2), nn.ReLU())
+            return nn.Sequential(nn.Conv2d(channels, 10, 5), MaxPool2d(2), nn.ReLU())
         if index == 1:
-            return nn.Sequential(nn.Conv2d(10, 20, 5), nn.MaxPool2d(2), nn.ReLU())
+            return nn.Sequential(nn.Conv2d(10, 20, 5), MaxPool2d(2), nn.ReLU())
         with torch.no_grad():
             probe = self.build_cell(1)(self.build_cell(0)(torch.zeros(1, *self.input_shape)))
         return nn.Sequential(nn.Flatten(), nn.Linear(probe.numel(), self._spec["latent"]), nn.ReLU())
@@ -266,7 +267,7 @@ class CNNSpace(MLPSpace):
         activation = ACTIVATIONS[self._spec["activation"]]
         layers = [nn.Conv2d(channels[index], channels[index + 1], 3, padding=1), activation()]
         if min(self._map_size(index)) >= 2:
-            layers.append(nn.MaxPool2d(2))
+            layers.append(MaxPool2d(2))
         return nn.Sequential(*layers)
 
 
