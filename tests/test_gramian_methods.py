@@ -157,3 +157,16 @@ def test_imtl_g_takes_no_step_where_no_direction_projects_equally_and_positively
         weights, _ = IMTLG().weigh((J @ J.T).astype(np.float64), np.ones(len(rows)))
         assert np.isfinite(weights).all()
         assert np.linalg.norm(weights @ J.astype(np.float64)) <= 1e-6 * np.linalg.norm(J, axis=1).max()
+
+
+@pytest.mark.parametrize("factor", [1.0, 2.0, 0.25])
+def test_upgrad_keeps_every_task_downhill_beside_exactly_opposite_float64_gradients(factor):
+    # The ridge freed a coordinate that the exact optimum holds at 0 (a lift of 1e-9), the ridge-free solve on that
+    # set went negative there, and the ridged answer was kept: tasks up to 1e-8·max||g||² uphill (a helper's audit).
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        m = int(rng.integers(3, 7))
+        J = random_jacobian(rng, m, int(rng.choice([2, m, m + 3])))
+        J[1] = -factor * J[0]
+        weights, _ = UPGrad().weigh(J @ J.T, np.ones(m))
+        assert (J @ (weights @ J)).min() >= -1e-12 * (J**2).sum(axis=1).max()
