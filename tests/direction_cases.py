@@ -11,10 +11,12 @@ import torch
 from mamo.config import DirectionConfig, TensionerConfig
 from mamo.directions import DIRECTIONS, Direction, create_direction
 
-# Every base method alone, plus both tensioner formulations around the bases the thesis uses and UPGrad (the
-# other non-conflicting base).
+# Every base method alone, plus both tensioner formulations around the bases the thesis uses and the three
+# Gramian methods (UPGrad the other non-conflicting base; IMTL-G and Aligned-MTL, whose weights leave the simplex
+# where the thesis pull's unit vectors stop cancelling).
 CASES = [(name, "off") for name in DIRECTIONS] + [
-    (name, formulation) for name in ("mgda", "central", "upgrad") for formulation in ("thesis", "relative")
+    (name, formulation) for name in ("mgda", "central", "upgrad", "imtl-g", "aligned-mtl")
+    for formulation in ("thesis", "relative")
 ]
 T = 2  # short tensioner memory, so the property tests exercise the active tensioner too
 CALLS = T + 3

@@ -80,6 +80,45 @@ def test_non_conflicting_methods_never_oppose_a_task(name, formulation, m, d):
         assert_non_conflicting(J, v)
 
 
+def degenerate_jacobians(m: int, d: int = 6):
+    """Named Jacobians a training step meets: every task's gradient the same, one zero (a task without labels in
+    the batch), two exactly opposite, one twice as long and opposite; all random for m = 1."""
+    g = torch.from_numpy(np.random.default_rng(m).standard_normal((m, d)))
+    if m == 1:
+        yield "one task", g
+        return
+    yield "identical", g[:1].repeat(m, 1)
+    yield "a zero gradient", torch.cat([torch.zeros(1, d), g[1:]])
+    for name, factor in (("opposite", -1.0), ("opposite, twice as long", -2.0)):
+        opposed = g.clone()
+        opposed[1] = factor * opposed[0]
+        yield name, opposed
+
+
+@pytest.mark.parametrize("name,formulation", CASES)
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_degenerate_gradients_give_finite_weights_and_keep_each_methods_promise(name, formulation, m):
+    """Every method on the degenerate inputs of :func:`degenerate_jacobians`, past the tensioner's inert calls:
+    finite weights and diagnostics; one task stepped along its gradient; identical gradients never opposed
+    (every weighting of them is a multiple of g); a non-conflicting method keeps every task downhill; and a
+    float32 Gramian, as the step computes it, gives the float64 one's direction to float32's resolution."""
+    for kind, J in degenerate_jacobians(m):
+        losses = random_losses(np.random.default_rng(m), m)
+        exact, rounded = build(name, formulation), build(name, formulation)
+        for _ in range(T + 2):
+            out = run(exact, J, losses)
+            out32 = rounded(J.float() @ J.float().T, losses.float())
+        assert torch.isfinite(out.weights).all(), kind
+        assert all(torch.isfinite(value).all() for value in out.info.values()), kind
+        v = combine(out.weights, J)
+        if kind == "one task":
+            assert out.weights.item() > 0.0
+        if kind == "identical" or exact.non_conflicting:
+            assert_non_conflicting(J, v)
+        longest = J.norm(dim=1).max()
+        assert (combine(out32.weights, J) - v).norm() <= 1e-4 * longest, kind
+
+
 def test_table_non_conflicting_flags():
     assert {name for name in DIRECTIONS if build(name).non_conflicting} == {"mgda", "central", "upgrad"}
     assert not build("mgda", normalization="l2").non_conflicting  # raw gradients, normalised solve
