@@ -62,6 +62,22 @@ def test_a_stopped_train_resumes_to_the_same_result(tmp_path: Path, seconds: flo
     assert not list((cut / "checkpoints").glob("*.tmp")) and not list(cut.glob("*.tmp"))
 
 
+@pytest.mark.parametrize("direction", ["pcgrad", "upgrad", "imtl-g", "aligned-mtl"])
+def test_a_stopped_train_resumes_to_the_same_weights_with_every_direction(tmp_path: Path, direction: str) -> None:
+    # The test above runs the preset's mgda; pcgrad checkpoints a generator, the Gramian methods nothing of their
+    # own. T = 2: the tensioner acts from the third step, so its norm history crosses the checkpoint.
+    config = load_config("quick", [*RESUMABLE, "train.checkpoint_seconds=0", f"direction.name={direction}",
+                                   "direction.tensioner.T=2"])
+    quiet = {"progress": False, "quiet": True, "loggers": False}
+    run_train(config, tmp_path / "whole", **quiet)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, tmp_path / "cut", callbacks=[StopAfterEpoch(2)], **quiet)
+    run_train(config, tmp_path / "cut", resume=True, **quiet)
+    assert "resumed after epoch 2 of 3" in (tmp_path / "cut" / "log.txt").read_text()
+    assert (tmp_path / "cut" / "weights.safetensors").read_bytes() == (tmp_path / "whole" / "weights.safetensors"
+                                                                       ).read_bytes()
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (none on this machine)")
 def test_a_run_stopped_on_the_gpu_resumes_on_the_cpu(tmp_path: Path) -> None:
     config = load_config("quick", [*RESUMABLE[:-1], "train.device=cuda", "train.checkpoint_seconds=0"])
