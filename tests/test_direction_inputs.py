@@ -161,3 +161,17 @@ def test_weights_of_floats_agrees_with_the_call_on_tensors(name, formulation, m)
         assert list(a.info) == list(b.info)
         for key in a.info:
             assert torch.equal(a.info[key], b.info[key]) and a.info.flat(key) == b.info.flat(key), key
+
+
+def test_a_setting_only_another_method_reads_is_noted():
+    # Ignored without a word for every method before: --set direction.normalization=l2 under upgrad trained as none.
+    from mamo.directions import unused_settings_note
+
+    assert unused_settings_note(DirectionConfig(name="mgda", normalization="l2")) is None
+    assert unused_settings_note(DirectionConfig(name="cagrad", cagrad_c=0.9)) is None
+    assert unused_settings_note(DirectionConfig(name="upgrad", normalization="none", cagrad_c=0.5)) is None  # defaults
+    assert unused_settings_note(DirectionConfig(name="upgrad", normalization="l2")) == (
+        "note: direction 'upgrad' does not use direction.normalization (mgda only), so it has no effect.")
+    assert unused_settings_note(DirectionConfig(name="equal", normalization="loss", cagrad_c=0.9)) == (
+        "note: direction 'equal' does not use direction.normalization (mgda only) or direction.cagrad_c (cagrad only), "
+        "so they have no effect.")
