@@ -18,7 +18,7 @@ from mamo.cache import BaselineCache
 from mamo.checkpoint import EpochCheckpoint, load_checkpoint, restore_trainer
 from mamo.config import Config, DirectionConfig, ModelConfig, TensionerConfig, TrainConfig
 from mamo.data import LoadData, MultiTaskData, load_data, unused_data_note
-from mamo.directions import create_direction
+from mamo.directions import METHOD_SETTINGS, create_direction
 from mamo.errors import EndedOnPurpose, MamoError, StopExplained
 from mamo.graph import build_hps_graph, graph_to_json
 from mamo.model import MamoNet, compile_model, count_parameters
@@ -114,18 +114,21 @@ def start_notes(config: Config, data: MultiTaskData, device: torch.device) -> li
 
 def unused_settings_notes(config: Config) -> list[str]:
     """Notes naming settings the run's parts do not read: the data's (:func:`mamo.data.unused_data_note`), and
-    model and train settings changed from their defaults that only another backbone family or optimizer reads.
+    model, train and direction settings changed from their defaults that only another backbone family, optimizer or
+    direction reads.
 
     Changed, not given: once the config is built a default cannot be told from a user's value, and a value equal
     to the default changes nothing. Notes, not refusals: one preset serves several backbones and optimizers
     (``--set model.backbone=lenet`` on a preset written for the mlp)."""
-    model, train = config.model, config.train
+    model, train, direction = config.model, config.train, config.direction
     family = model.backbone.partition(":")[0]
     notes = [
         unused_data_note(config.data),
         _unused_note(f"backbone '{model.backbone}'", "model", model, ModelConfig(), _other_families_reads(family)),
         _unused_note(f"optimizer '{train.optimizer}'", "train", train, TrainConfig(),
                      {owner: keys for owner, keys in OPTIMIZER_SETTINGS.items() if owner != train.optimizer}),
+        _unused_note(f"direction '{direction.name}'", "direction", direction, DirectionConfig(),
+                     {owner: keys for owner, keys in METHOD_SETTINGS.items() if owner != direction.name}),
     ]
     return [note for note in notes if note]
 

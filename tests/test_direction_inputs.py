@@ -8,7 +8,7 @@ import pytest
 import torch
 from direction_cases import CASES, T, build
 
-from mamo.config import DirectionConfig, TensionerConfig
+from mamo.config import DirectionConfig, TensionerConfig, load_config
 from mamo.directions import DIRECTIONS, create_direction
 from mamo.directions.base import gramian_fault
 from mamo.errors import MamoError
@@ -165,13 +165,16 @@ def test_weights_of_floats_agrees_with_the_call_on_tensors(name, formulation, m)
 
 def test_a_setting_only_another_method_reads_is_noted():
     # Ignored without a word for every method before: --set direction.normalization=l2 under upgrad trained as none.
-    from mamo.directions import unused_settings_note
+    from mamo.session import unused_settings_notes
 
-    assert unused_settings_note(DirectionConfig(name="mgda", normalization="l2")) is None
-    assert unused_settings_note(DirectionConfig(name="cagrad", cagrad_c=0.9)) is None
-    assert unused_settings_note(DirectionConfig(name="upgrad", normalization="none", cagrad_c=0.5)) is None  # defaults
-    assert unused_settings_note(DirectionConfig(name="upgrad", normalization="l2")) == (
-        "note: direction 'upgrad' does not use direction.normalization (mgda only), so it has no effect.")
-    assert unused_settings_note(DirectionConfig(name="equal", normalization="loss", cagrad_c=0.9)) == (
-        "note: direction 'equal' does not use direction.normalization (mgda only) or direction.cagrad_c (cagrad only), "
-        "so they have no effect.")
+    def notes(*settings: str) -> list[str]:
+        return unused_settings_notes(load_config("quick", list(settings)))
+
+    assert notes("direction.name=mgda", "direction.normalization=l2") == []
+    assert notes("direction.name=cagrad", "direction.cagrad_c=0.9") == []
+    assert notes("direction.name=upgrad", "direction.normalization=none", "direction.cagrad_c=0.5") == []  # defaults
+    assert notes("direction.name=upgrad", "direction.normalization=l2") == [
+        "note: direction 'upgrad' does not use direction.normalization (mgda only), so it has no effect."]
+    assert notes("direction.name=equal", "direction.normalization=loss", "direction.cagrad_c=0.9") == [
+        "note: direction 'equal' does not use direction.normalization (mgda only) or direction.cagrad_c (cagrad "
+        "only), so they have no effect."]

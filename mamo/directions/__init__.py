@@ -48,7 +48,7 @@ __all__ = [
     "direction_label",
     "min_norm_weights",
     "tension_factors",
-    "unused_settings_note",
+    "METHOD_SETTINGS",
 ]
 
 Factory = Callable[[DirectionConfig, torch.Generator | None], Direction]
@@ -73,23 +73,9 @@ _LABEL_SETTINGS: dict[str, Callable[[DirectionConfig], str]] = {
 }
 
 
-# The settings only some methods read, and which: a run that sets one under another method is told that it has no
-# effect (each was ignored without a word, under every method).
-_READ_BY: dict[str, tuple[str, ...]] = {"normalization": ("mgda",), "cagrad_c": ("cagrad",)}
-
-
-def unused_settings_note(config: DirectionConfig) -> str | None:
-    """A note naming the direction settings changed from their defaults that ``config.name`` does not read, or None
-    (a note, not a refusal: one preset serves several methods, e.g. ``--set direction.name=upgrad`` on a preset
-    that normalises MGDA's gradients)."""
-    defaults = DirectionConfig()
-    unused = {key: names for key, names in _READ_BY.items()
-              if config.name not in names and getattr(config, key) != getattr(defaults, key)}
-    if not unused:
-        return None
-    listed = " or ".join(f"direction.{key} ({' or '.join(names)} only)" for key, names in unused.items())
-    effect = "it has" if len(unused) == 1 else "they have"
-    return f"note: direction '{config.name}' does not use {listed}, so {effect} no effect."
+# The direction settings only some methods read, by method: a run that changes one under another method is told
+# it has no effect (mamo.session.unused_settings_notes; each was ignored without a word, under every method).
+METHOD_SETTINGS: dict[str, tuple[str, ...]] = {"mgda": ("normalization",), "cagrad": ("cagrad_c",)}
 
 
 def create_direction(config: DirectionConfig, generator: torch.Generator | None = None) -> Direction:
