@@ -72,7 +72,9 @@ def step_notes(device: torch.device, threads: int, precision: str, clock: str, r
         f"{rounds or '10 to 200 (2 s of equal steps)'} rounds after warm-up.",
         "× equal and × floor are medians of per-round ratios; each method runs in its own session of rounds "
         "beside equal and the floor (shuffled order each round); a ratio between two methods is the ratio of "
-        "their × equal.",
+        "their × equal. ms is the median over the method's own session (equal's and the floor's over all of "
+        "them), so where the machine's load changed between sessions ms over ms differs from the paired × "
+        "columns (e.g. 7.33 ms beside equal's 6.12 ms read 1.38× equal on a shared machine): read the × columns.",
         "floor = forward + m autograd.grad passes, each task's gradients set as .grad (no zero_grad: like "
         "mamo's exact step it sets gradients, never accumulates) + the optimizer's update: what any exact "
         "per-task-gradient step does before it combines anything. Every row includes the update; the first "
