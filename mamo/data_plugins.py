@@ -11,12 +11,14 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import CodeType, ModuleType
 from typing import Any
 
 from mamo.config import DataConfig
@@ -24,6 +26,16 @@ from mamo.errors import MamoError
 
 SIZE_KEYS = ("train_size", "val_size", "test_size")
 RESERVED = ("seed", "root", *SIZE_KEYS)
+# Set on a module plugin once run: the sha256 of the source it ran, to tell when the file has changed since.
+RAN_SOURCE = "__mamo_plugin_source_sha256__"
+
+
+class _SourceLoader(importlib.machinery.SourceFileLoader):
+    """Compiles the plugin's source as it is now: Python's bytecode cache trusts a file of the same size and
+    modification second, so a plugin rewritten within a second (a script, a notebook cell) ran its old code."""
+
+    def get_code(self, fullname: str) -> CodeType:
+        return self.source_to_code(self.get_data(self.path), self.path)
 
 
 def _is_file_plugin(target: str) -> bool:
@@ -99,7 +111,7 @@ def load_plugin(name: str) -> Callable[..., dict]:
         if folder not in sys.path:
             sys.path.append(folder)  # last: it never shadows an installed package
         module_name = "mamo_data_plugin_" + re.sub(r"\W", "_", path.stem)
-        spec = importlib.util.spec_from_file_location(module_name, path)
+        spec = importlib.util.spec_from_file_location(module_name, path, loader=_SourceLoader(module_name, str(path)))
         if spec is None or spec.loader is None:
             raise MamoError(f"data plugin file '{target}' cannot be loaded as Python; give a .py file in data.name.")
         module = importlib.util.module_from_spec(spec)
@@ -120,7 +132,7 @@ def load_plugin(name: str) -> Callable[..., dict]:
             raise MamoError(f"data plugin '{name}' names no module before ':'; write module:function (e.g. "
                             "my_package.data:build) or path/to/file.py:function.")
         try:
-            module = importlib.import_module(target)
+            module = _current_module(target)
         except ImportError as exc:
             parts = target.split(".")
             beside = Path(*parts).with_suffix(".py")
@@ -135,6 +147,31 @@ def load_plugin(name: str) -> Callable[..., dict]:
     if not callable(func):
         raise MamoError(f"data plugin '{target}' has no function '{func_name}'; define it or fix data.name '{name}'.")
     return func
+
+
+def _current_module(target: str) -> ModuleType:
+    """The module ``target``, run again from its source when the file changed since mamo last ran it, or when it
+    was imported before mamo saw it: importlib keeps a module's first version for the whole process (a notebook),
+    while the baseline cache keys results by the source as it is now (old data's results filed as the new's)."""
+    imported = target in sys.modules
+    module = importlib.import_module(target)
+    origin = getattr(module.__spec__, "origin", None)
+    if not origin or not origin.endswith(".py"):  # an extension or namespace package: nothing to run again
+        return module
+    try:  # before running it: a file changed while it runs differs from the mark, and runs again next time
+        digest = hashlib.sha256(Path(origin).read_bytes()).hexdigest()
+    except OSError:
+        return module
+    if imported and getattr(module, RAN_SOURCE, None) != digest:
+        try:
+            _SourceLoader(target, origin).exec_module(module)
+        except MamoError:
+            raise
+        except Exception as exc:
+            raise MamoError(f"data plugin module '{target}' raised {type(exc).__name__} when run again after an "
+                            f"edit: {exc}; fix the plugin.") from exc
+    setattr(module, RAN_SOURCE, digest)
+    return module
 
 
 def _accepted(func: Callable[..., Any]) -> tuple[set[str], bool] | None:
