@@ -134,7 +134,8 @@ def _rerun(directory: Path, command: str | None) -> str:
 
 def example_input(model: MamoNet, batch: int = 2) -> torch.Tensor:
     shape = model.graph.graph["space"]["input_shape"]
-    return torch.zeros(batch, *shape, device=next(model.parameters()).device)
+    weight = next(model.parameters())  # its dtype, not torch's default: a notebook's float64 failed the export
+    return torch.zeros(batch, *shape, device=weight.device, dtype=weight.dtype)
 
 
 class _TupleOutputs(torch.nn.Module):

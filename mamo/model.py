@@ -8,8 +8,9 @@ the head maps the fused features to the task's prediction. Growth edits the grap
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import networkx as nx
 import torch
@@ -128,9 +129,22 @@ class MamoNet(nn.Module):
         return outputs
 
 
+@contextlib.contextmanager
+def float32_by_default() -> Iterator[None]:
+    """torch's default dtype at float32 inside, as it was after: mamo's networks and data are float32, and a
+    process that set float64 (a notebook's torch.set_default_dtype) built float64 networks that refused the data
+    (or, built in float64 and cast, other initial weights than a fresh process's)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def compile_model(graph: nx.DiGraph, seed: int = 0, device: torch.device | str = "cpu") -> MamoNet:
     """Build the module for ``graph`` with weights initialised from ``seed`` (global RNG left untouched)."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), float32_by_default():
         # The CPU generator alone, which builds the modules: torch.manual_seed also reseeds every CUDA generator,
         # which fork_rng(devices=[]) does not restore (a review of the CUDA paths).
         torch.default_generator.manual_seed(seed)
