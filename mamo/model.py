@@ -130,21 +130,23 @@ class MamoNet(nn.Module):
 
 
 @contextlib.contextmanager
-def float32_by_default() -> Iterator[None]:
-    """torch's default dtype at float32 inside, as it was after: mamo's networks and data are float32, and a
-    process that set float64 (a notebook's torch.set_default_dtype) built float64 networks that refused the data
-    (or, built in float64 and cast, other initial weights than a fresh process's)."""
+def run_settings() -> Iterator[None]:
+    """Inside, torch's process-wide settings that mamo's runs and networks need, as the caller's are after:
+    float32 by default (a notebook's torch.set_default_dtype(torch.float64) built float64 networks that refused
+    the float32 data, and cast would start from other weights than a fresh process's), and gradients on (a call
+    inside torch.no_grad() or torch.inference_mode() ended in a traceback)."""
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        yield
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
     finally:
         torch.set_default_dtype(before)
 
 
 def compile_model(graph: nx.DiGraph, seed: int = 0, device: torch.device | str = "cpu") -> MamoNet:
     """Build the module for ``graph`` with weights initialised from ``seed`` (global RNG left untouched)."""
-    with torch.random.fork_rng(devices=[]), float32_by_default():
+    with torch.random.fork_rng(devices=[]), run_settings():
         # The CPU generator alone, which builds the modules: torch.manual_seed also reseeds every CUDA generator,
         # which fork_rng(devices=[]) does not restore (a review of the CUDA paths).
         torch.default_generator.manual_seed(seed)

@@ -22,7 +22,7 @@ from mamo.checkpoint import check_resumed_data, newest_state, remove_search_chec
 from mamo.config import Config, given_config
 from mamo.data import LoadData
 from mamo.data_plugins import plugin_edited_note
-from mamo.model import count_parameters, float32_by_default
+from mamo.model import count_parameters, run_settings
 from mamo.report import (
     build_rows,
     delta,
@@ -91,7 +91,7 @@ def run_search(
     given_config(config, resume, "run_search")
     started = time.perf_counter()
     with contextlib.ExitStack() as held:  # the run folder's lock, for as long as the search works in it
-        held.enter_context(float32_by_default())  # the data, the network and every tensor of the run
+        held.enter_context(run_settings())  # float32, gradients on, whatever the caller set
         if resume:
             config, session, directory, state = _open_stopped(run_dir, resume_settings, progress, quiet, cache_root,
                                                               held, loader)

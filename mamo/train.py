@@ -20,7 +20,7 @@ from mamo.data_plugins import plugin_edited_note
 from mamo.directions import direction_label
 from mamo.errors import MamoError
 from mamo.graph import graph_to_dict
-from mamo.model import float32_by_default
+from mamo.model import run_settings
 from mamo.report import build_rows, delta, near_zero_note, run_environment, win_rate, write_metrics, write_report
 from mamo.resume import check_resumed_config, read_run_config
 from mamo.runs import cli, counted
@@ -51,7 +51,7 @@ def run_train(
     given_config(config, resume, "run_train")
     state = None
     with contextlib.ExitStack() as held:  # the run folder's lock, for as long as the run works in it
-        held.enter_context(float32_by_default())  # the data, the network and every tensor of the run
+        held.enter_context(run_settings())  # float32, gradients on, whatever the caller set
         if resume:
             config, directory = read_run_config(run_dir, "train", resume_settings, held)
             _check_resumable(config, directory)

@@ -27,7 +27,7 @@ import optuna
 from mamo.config import Config, config_from_dict, load_config
 from mamo.data import DataMemo, MultiTaskData, load_data
 from mamo.errors import MamoError, StopExplained
-from mamo.model import float32_by_default
+from mamo.model import run_settings
 from mamo.runs import RUNS_ROOT, available_cores, claim_new_folder, cli, refuse_file_above, utf8_path
 from mamo.trainer import intra_op_threads
 from mamo.tune_objective import SearchObjective
@@ -211,7 +211,7 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
         # the baselines up with: they reuse the reference, and a search of best.yaml trains the same STL.
         reference = config if config.train.threads or not threads else dataclasses.replace(
             config, train=dataclasses.replace(config.train, threads=threads))
-        with intra_op_threads(reference.train.threads), float32_by_default():
+        with intra_op_threads(reference.train.threads), run_settings():
             tasks, stl_val, data = _reference(reference, directory, search, multi_objective, progress)
         study = open_study(store, name, multi_objective, tasks, config, stl_val, search)
         if attrs is None and config_from_dict(study.user_attrs["config"], f"study '{name}'") != config:

@@ -1,9 +1,10 @@
 """mamo called many times in one Python process, as from a notebook: what the process had set before a call (torch's
-default dtype) neither breaks the call nor changes its results, and comes back after it (docs/python.md, "Many
-calls in one process")."""
+default dtype, gradients off) neither breaks the call nor changes its results, and comes back after it
+(docs/python.md, "Many calls in one process")."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mamo.config import load_config
@@ -16,11 +17,16 @@ SMALL = ["data.train_size=128", "data.val_size=64", "data.test_size=64", "train.
          "search.baselines=false", "train.device=cpu"]
 
 
-def test_a_float64_default_dtype_neither_breaks_a_run_nor_changes_it(tmp_path, one_thread) -> None:
+@pytest.fixture(scope="module")
+def expected(tmp_path_factory, one_thread) -> dict:
+    """The metrics of the search under torch's defaults."""
+    return run_search(load_config("quick", SMALL), tmp_path_factory.mktemp("runs") / "defaults", progress=False,
+                      quiet=True, loggers=False)
+
+
+def test_a_float64_default_dtype_neither_breaks_a_run_nor_changes_it(tmp_path, expected) -> None:
     # Before: the network was built in float64 and met float32 data, and the run ended in a traceback ("Input
     # type (float) and bias type (double) should be the same"), as a bug in mamo.
-    expected = run_search(load_config("quick", SMALL), tmp_path / "float32", progress=False, quiet=True,
-                          loggers=False)
     torch.set_default_dtype(torch.float64)
     try:
         got = run_search(load_config("quick", SMALL), tmp_path / "float64", progress=False, quiet=True,
@@ -38,3 +44,15 @@ def test_a_float64_default_dtype_neither_breaks_a_run_nor_changes_it(tmp_path, o
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert model(torch.rand(2, 1, 28, 28, dtype=torch.float32))["left"].dtype == torch.float32
     assert program.is_file()
+
+
+@pytest.mark.parametrize("gradients_off", [torch.no_grad, torch.inference_mode])
+def test_a_search_called_with_gradients_off_trains_as_under_the_defaults(tmp_path, expected, gradients_off) -> None:
+    # Before: a call inside a notebook's `with torch.no_grad():` (or after torch.set_grad_enabled(False)) ended in
+    # a traceback, "element 0 of tensors does not require grad", as a bug in mamo.
+    with gradients_off():
+        got = run_search(load_config("quick", SMALL), tmp_path / "run", progress=False, quiet=True, loggers=False)
+        model = load_trained(tmp_path / "run")
+        assert not torch.is_grad_enabled()  # the caller's setting comes back
+    assert got["tasks"] == expected["tasks"] and got["val"] == expected["val"]
+    assert not any(p.is_inference() for p in model.parameters())  # a network that can be trained further
