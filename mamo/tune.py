@@ -31,7 +31,7 @@ from mamo.model import run_settings
 from mamo.runs import RUNS_ROOT, available_cores, claim_new_folder, cli, refuse_file_above, utf8_path
 from mamo.trainer import intra_op_threads
 from mamo.tune_objective import SearchObjective
-from mamo.tune_space import SPACE, apply_params, check_space
+from mamo.tune_space import check_space, check_space_ends, inert_keys_note
 from mamo.tune_storage import StorageBusy, open_storage, shown_url
 from mamo.tune_study import (
     check_folder,
@@ -79,41 +79,6 @@ def _study_dir(run_dir: str | Path | None, storage: str | None, name: str, confi
             raise  # a link to nothing: the CLI names it (it failed later as a study.db that cannot be opened)
         return path, False
     return path, True
-
-
-def _check_space_ends(config: Config) -> None:
-    """What a search checks before it makes its folder, on two trials' settings: every tuned key at its low end
-    (first choice), then every one at its high end (last choice). A setting that fails there fails a share of
-    the trials, so it is one sentence now rather than a study of failed trials."""
-    from mamo.directions import create_direction
-    from mamo.search_plan import check_search_config
-    from mamo.session import check_train_settings
-
-    tuned = {name: getattr(config.tune, name) for name in SPACE if getattr(config.tune, name) is not None}
-    for end in (0, -1):
-        probe = apply_params(config, {name: values[end] for name, values in tuned.items()})
-        check_search_config(probe, rounds_setting="tune.rounds' upper end" if config.tune.rounds else "search.rounds")
-        check_train_settings(probe)
-        create_direction(probe.direction)
-
-
-def _inert_keys_note(config: Config) -> str | None:
-    """A note when the study tunes what no trial uses: the tensioner's T or α while every trial runs without it,
-    MGDA's gradient normalisation while no trial runs MGDA. Those draws change nothing, and trials that differ
-    only in them repeat one search."""
-    tune, direction = config.tune, config.direction
-    notes = []
-    inert = [key for key, value in (("tune.T", tune.T), ("tune.alpha", tune.alpha)) if value]
-    if inert and direction.tensioner.formulation == "off" and not any(
-            formulation != "off" for formulation in tune.formulation or []):
-        notes.append(f"note: direction.tensioner.formulation is off and not tuned, so {' and '.join(inert)} change "
-                     f"nothing in the trials; set {' and '.join(f'{key}=null' for key in inert)}, or tune a "
-                     "formulation (e.g. --set 'tune.formulation=[off, thesis]').")
-    if tune.normalization and "mgda" not in (tune.direction or [direction.name]):
-        notes.append(f"note: no trial runs mgda (direction.name is {direction.name}"
-                     f"{', and tune.direction leaves it out' if tune.direction else ''}), so tune.normalization "
-                     "changes nothing in the trials; set tune.normalization=null, or tune mgda among the directions.")
-    return "\n".join(notes) or None
 
 
 def _reference(config: Config, directory: Path, search: bool, multi: bool, progress: bool
@@ -204,8 +169,8 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
         trials, workers, threads = _shares(config, *asked)
         check_space(config.tune)
         if search:
-            _check_space_ends(config)
-            if note := _inert_keys_note(config):
+            check_space_ends(config)
+            if note := inert_keys_note(config):
                 print(note, file=sys.stderr, flush=True)  # a note, like the other commands': stdout is the result
         # At the trials' thread count, under the key their searches (and best.yaml's, which records the count) look
         # the baselines up with: they reuse the reference, and a search of best.yaml trains the same STL.

@@ -1,7 +1,9 @@
 """The tuning search space: which config settings a study may sample, how, and how their ranges are checked.
 
 Each entry of :data:`SPACE` names a ``tune.<name>`` preset key, the config path a sampled value is written to,
-the Optuna ``suggest_*`` call and a check that fails before the study starts on a range no trial could use.
+the Optuna ``suggest_*`` call and a check that fails before the study starts on a range no trial could use;
+:func:`check_space_ends` runs a search's own checks on the space's two ends, and :func:`inert_keys_note` names
+tuned keys no trial reads.
 """
 
 from __future__ import annotations
@@ -136,3 +138,38 @@ def objective_metrics(tasks: dict[str, TaskSpec]) -> list[tuple[str, str, bool]]
 
 def trial_folder(number: int) -> str:
     return f"trial-{number:04d}"
+
+
+def check_space_ends(config: Config) -> None:
+    """What a search checks before it makes its folder, on two trials' settings: every tuned key at its low end
+    (first choice), then every one at its high end (last choice). A setting that fails there fails a share of
+    the trials, so it is one sentence now rather than a study of failed trials."""
+    from mamo.directions import create_direction
+    from mamo.search_plan import check_search_config
+    from mamo.session import check_train_settings
+
+    tuned = {name: getattr(config.tune, name) for name in SPACE if getattr(config.tune, name) is not None}
+    for end in (0, -1):
+        probe = apply_params(config, {name: values[end] for name, values in tuned.items()})
+        check_search_config(probe, rounds_setting="tune.rounds' upper end" if config.tune.rounds else "search.rounds")
+        check_train_settings(probe)
+        create_direction(probe.direction)
+
+
+def inert_keys_note(config: Config) -> str | None:
+    """A note when the study tunes what no trial uses: the tensioner's T or α while every trial runs without it,
+    MGDA's gradient normalisation while no trial runs MGDA. Those draws change nothing, and trials that differ
+    only in them repeat one search."""
+    tune, direction = config.tune, config.direction
+    notes = []
+    inert = [key for key, value in (("tune.T", tune.T), ("tune.alpha", tune.alpha)) if value]
+    if inert and direction.tensioner.formulation == "off" and not any(
+            formulation != "off" for formulation in tune.formulation or []):
+        notes.append(f"note: direction.tensioner.formulation is off and not tuned, so {' and '.join(inert)} change "
+                     f"nothing in the trials; set {' and '.join(f'{key}=null' for key in inert)}, or tune a "
+                     "formulation (e.g. --set 'tune.formulation=[off, thesis]').")
+    if tune.normalization and "mgda" not in (tune.direction or [direction.name]):
+        notes.append(f"note: no trial runs mgda (direction.name is {direction.name}"
+                     f"{', and tune.direction leaves it out' if tune.direction else ''}), so tune.normalization "
+                     "changes nothing in the trials; set tune.normalization=null, or tune mgda among the directions.")
+    return "\n".join(notes) or None

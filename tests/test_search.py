@@ -242,12 +242,12 @@ def test_a_search_longer_or_shorter_than_its_baselines_is_noted():
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(__file__).parents[1] / "search_spaces").glob("*.yaml")))
 def test_every_preset_searches_with_its_baselines_budget(preset):
-    from mamo.tune import _check_space_ends
+    from mamo.tune_space import check_space_ends
 
     config = load_config(preset)
     check_search_config(config)
     assert budget_note(config) is None, preset
-    _check_space_ends(config)  # `tune PRESET` too: its range of Z leaves every trial's final phase ≥ 0 epochs
+    check_space_ends(config)  # `tune PRESET` too: its range of Z leaves every trial's final phase ≥ 0 epochs
 
 
 def test_round_records_match_the_grown_graph(finished):

@@ -1593,25 +1593,25 @@ def test_a_storage_that_fails_while_a_trial_is_recorded_is_one_sentence(tmp_path
 
 
 def test_tuning_what_no_trial_uses_is_noted():
-    from mamo.tune import _inert_keys_note
+    from mamo.tune_space import inert_keys_note
 
     off = load_config("quick", ["direction.tensioner.formulation=off"])
-    assert _inert_keys_note(off) == (
+    assert inert_keys_note(off) == (
         "note: direction.tensioner.formulation is off and not tuned, so tune.T and tune.alpha change nothing in the "
         "trials; set tune.T=null and tune.alpha=null, or tune a formulation (e.g. --set "
         "'tune.formulation=[off, thesis]').")
-    assert _inert_keys_note(load_config("quick")) is None
-    assert _inert_keys_note(load_config("quick", ["direction.tensioner.formulation=off",
+    assert inert_keys_note(load_config("quick")) is None
+    assert inert_keys_note(load_config("quick", ["direction.tensioner.formulation=off",
                                                   "tune.formulation=[off, relative]"])) is None
-    assert _inert_keys_note(load_config("quick", ["direction.tensioner.formulation=off", "tune.T=null",
+    assert inert_keys_note(load_config("quick", ["direction.tensioner.formulation=off", "tune.T=null",
                                                   "tune.alpha=null"])) is None
     # A normalisation range under central was drawn and never used, without a note.
-    assert _inert_keys_note(load_config("quick", ["direction.name=central", "tune.normalization=[none, l2]"])) == (
+    assert inert_keys_note(load_config("quick", ["direction.name=central", "tune.normalization=[none, l2]"])) == (
         "note: no trial runs mgda (direction.name is central), so tune.normalization changes nothing in the trials; "
         "set tune.normalization=null, or tune mgda among the directions.")
-    assert _inert_keys_note(load_config("quick", ["direction.name=central", "tune.normalization=[none, l2]",
+    assert inert_keys_note(load_config("quick", ["direction.name=central", "tune.normalization=[none, l2]",
                                                   "tune.direction=[central, mgda]"])) is None
-    assert "tune.direction leaves it out" in _inert_keys_note(load_config("quick", [
+    assert "tune.direction leaves it out" in inert_keys_note(load_config("quick", [
         "tune.normalization=[none, l2]", "tune.direction=[central, pcgrad]"]))
 
 
