@@ -289,8 +289,8 @@ LoadData = Callable[[DataConfig, bool], MultiTaskData]  # load_data, or a DataMe
 
 class DataMemo:
     """:func:`load_data` that keeps what it built, for a process that runs many searches on one dataset (a tune
-    worker's trials): building took 0.6–1.2 s per trial for the built-in sets (20–30% of a quick-preset trial,
-    measured) and a lazily read plugin's read-through more. Called like :func:`load_data`; the data is built
+    worker's trials): building took 0.6–1.2 s per trial for the built-in sets (a fifth of a 2.9 s quick-preset
+    trial, measured) and a lazily read plugin's read-through more. Called like :func:`load_data`; the data is built
     again when the settings, or a plugin's source, differ from the last call's. Files a dataset reads are not
     compared, and a memo pickles empty (a spawned worker builds its own, rather than receive tensors).
 

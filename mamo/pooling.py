@@ -5,9 +5,9 @@ torch's CPU kernel for a contiguous (NCHW) map took 3.2 ms for LeNet's first poo
 maps), against 1.6 ms for the channels-last kernel on a copy, with the same values and the same argmax indices
 (the first maximum of each window in both; a third of MultiMNIST's windows tie, on the empty background).
 Pooling forward there is then channels-last and its backward the NCHW kernel, fed the channels-last indices: an
-MGDA step's one forward and m backward passes through LeNet's trunk ran 9-11% faster at m = 2 (measured
-2026-11-26 on the 2-core EPYC; docs/performance.md), with bit-identical outputs and gradients (tested). Other
-devices, a map that is not contiguous, tracing and export take the plain module's path.
+MGDA step's one forward and m = 2 backward passes through LeNet's trunk ran 8-10% faster at one thread and 5% at
+two (measured 2026-11-26 on the 2-core EPYC; docs/performance.md), with bit-identical outputs and gradients
+(tested). Other devices, a map that is not contiguous, tracing and export take the plain module's path.
 """
 
 from __future__ import annotations
