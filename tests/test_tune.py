@@ -35,13 +35,7 @@ needs_postgres = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Real searches here are tiny; on a shared CPU a second PyTorch thread makes them several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: real searches here are tiny
 
 
 @pytest.fixture(scope="module")

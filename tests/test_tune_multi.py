@@ -7,24 +7,14 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
+from test_tune import TINY
 
 from mamo.cli import main
 from mamo.config import load_config
 from mamo.errors import MamoError
 from mamo.tune import run_tune
 
-TINY = ["data.train_size=128", "data.val_size=64", "data.test_size=64", "train.epochs=1",
-        "search.final_epochs=1", "tune.rounds=[0, 1]"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Real searches here are tiny; on a shared CPU a second PyTorch thread makes them several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: real searches here are tiny
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import pickle
 
 import pytest
-import torch
 
 from mamo.config import load_config
 from mamo.data import DataMemo
@@ -15,13 +14,7 @@ from mamo.errors import MamoError
 from mamo.search import run_search
 from mamo.tune import run_tune
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: real searches here are tiny
 
 
 EDITABLE_PLUGIN = """
