@@ -16,11 +16,10 @@ def _maps(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     return maps
 
 
-@pytest.mark.parametrize("shape", [(128, 10, 24, 24), (3, 20, 8, 8), (2, 4, 7, 9), (1, 1, 2, 2)])
-@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("shape,size", [((128, 10, 24, 24), 2), ((3, 20, 8, 8), 2), ((2, 4, 7, 9), 2),
+                                        ((1, 1, 2, 2), 2), ((128, 10, 24, 24), 3), ((3, 20, 8, 8), 3),
+                                        ((2, 4, 7, 9), 3)])
 def test_outputs_gradients_and_evaluation_are_nn_maxpool2ds_bit_for_bit(shape, size) -> None:
-    if min(shape[2:]) < size:
-        pytest.skip("no window fits")
     maps = _maps(shape)
     maps[0, 0, -1, -1] = float("nan")  # a NaN wins its window in both
     ours, plain = maps.clone().requires_grad_(), maps.clone().requires_grad_()
