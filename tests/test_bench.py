@@ -341,6 +341,7 @@ def test_ablation_runs_on_another_preset_with_the_chosen_rounds(tmp_path, capsys
     assert main(args) == 0
     result = json.loads((out / "results.json").read_text())
     assert "multimnist_sum" in result["title"]
+    assert "MAMO (mgda+tensioner(thesis))" in result["title"]  # the direction: the rows say only "MAMO (Z=…)"
     assert [row[0] for row in result["rows"]] == ["HPS (equal)", "MAMO (Z=2)", "w/o MO (equal weighting)",
                                                   "w/o GMK (task-exclusive modules)"]
     assert [c for c in result["columns"] if c.endswith("(% vs STL)")] == [

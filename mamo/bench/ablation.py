@@ -39,7 +39,7 @@ from mamo.report import delta, metric_columns, relative_changes, win_rate
 from mamo.resume import computed_changes
 from mamo.runs import checkpointed_command, write_text_atomically
 from mamo.search import run_search
-from mamo.search_plan import epochs_before_final
+from mamo.search_plan import epochs_before_final, method_name
 from mamo.session import open_session
 from mamo.spaces import space_from_spec
 from mamo.tasks import parse_tasks
@@ -324,8 +324,9 @@ def run(args: argparse.Namespace) -> dict:
     rows = [_row(name, runs, stl, tasks, deltas[name]) for name, runs in every.items()]
     per_seed = "; ".join(f"{name}: " + " / ".join(f"{d:+.2f}" for d in values) for name, values in deltas.items())
     return {
-        "title": f"MAMO ablations on {preset} (seeds {seeds}: mean ± sample std; every variant trains "
-                 f"{base.train.epochs} epochs)",
+        # The direction named: the rows say "MAMO (Z=2)", and the preset may set any of them (a helper's audit).
+        "title": f"MAMO ablations on {preset}, {method_name(base)} (seeds {seeds}: mean ± sample std; every variant "
+                 f"trains {base.train.epochs} epochs)",
         "columns": header,
         "rows": rows,
         "notes": ["STL test metrics per seed: " + "; ".join(
