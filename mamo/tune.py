@@ -143,6 +143,14 @@ class _OpenStudy:
     workers: int
     threads: int | None  # each worker's share of the cores, unless train.threads says
     data: DataMemo  # the data the reference trained on, for trials run in this process
+    store: optuna.storages.RDBStorage  # the study's storage, whose connections run_tune closes at its end
+
+
+def _close(store: optuna.storages.RDBStorage | None) -> None:
+    """Close the storage's pooled connections now rather than when the garbage collector finds it (a notebook's
+    run_tune held 4 descriptors on study.db until then, and as long as it kept a failed call's traceback)."""
+    if store is not None:
+        store.engine.dispose()
 
 
 def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_dir: str | Path | None,
@@ -188,11 +196,13 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
             config = study_config(name, config, overrides, directory, study.user_attrs)
             trials, workers, threads = _shares(config, *asked)
     except MamoError as exc:
+        _close(store)
         # Trained baselines are kept, and so is a folder whose study another command is setting up.
         if created and not isinstance(exc, StorageBusy) and not any((directory / ".baselines").glob("*.json")):
             shutil.rmtree(directory, ignore_errors=True)
         raise
     except KeyboardInterrupt:  # in the reference's training, say: its finished networks are cached in the folder
+        _close(store)
         print(f"stopped while setting the study up (what the reference trained is kept); continue with: "
               f"{_continuing(directory, storage, url, name, trials, workers, multi_objective)}", file=sys.stderr,
               flush=True)
@@ -200,7 +210,7 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
     memo = DataMemo()
     if data is not None:
         memo.keep(reference.data, data)  # the command's data settings: a joined study's may differ
-    return _OpenStudy(study, directory, url, config, tasks, trials, workers, threads, memo)
+    return _OpenStudy(study, directory, url, config, tasks, trials, workers, threads, memo, store)
 
 
 def _shares(config: Config, trials: int | None, workers: int) -> tuple[int, int, int | None]:
@@ -237,6 +247,15 @@ def run_tune(
     name = study_name or DEFAULT_STUDY
     opened = _open_study(config, overrides, study_dir, storage, name, trials, workers, multi_objective,
                          objective is None, progress)
+    try:
+        return _run_study(opened, name, storage, objective, multi_objective, progress, tensorboard, pictures)
+    finally:
+        _close(opened.store)
+
+
+def _run_study(opened: _OpenStudy, name: str, storage: str | None, objective: Callable[[optuna.Trial], Any] | None,
+               multi_objective: bool, progress: bool, tensorboard: bool, pictures: bool) -> dict:
+    """Run the opened study's trials in this process or on its workers; the summary, or how to continue."""
     study, directory, config = opened.study, opened.directory, opened.config
     claim_folder(directory, name, study.user_attrs["uid"])
     if objective is None:

@@ -305,21 +305,25 @@ def optimize(plan: Plan, tickets: Tickets, seed: int | None, stop: WorkerStop | 
         import torch
 
         torch.set_num_threads(plan.threads)
-    study = OneTakerStudy(plan.study, open_storage(plan.url, create=False), plan.log_path.parent,
-                          sampler=TrialSeededTPE(seed), pruner=PRUNERS[plan.pruner]())
+    store = open_storage(plan.url, create=False)
+    study = OneTakerStudy(plan.study, store, plan.log_path.parent, sampler=TrialSeededTPE(seed),
+                          pruner=PRUNERS[plan.pruner]())
     line = TrialLine(plan.log_path)
-    while not STOP_REQUESTED.is_set() and tickets.take():
-        try:
-            # gc after each trial: a trial that ran out of memory must not leave its tensors to the next one.
-            study.optimize(Recorded(plan.objective, line, stop, tickets.mark), n_trials=1, catch=CATCH,
-                           callbacks=[line], gc_after_trial=True)
-        except Exception as exc:
-            failure = storage_failure(exc)
-            if failure is None:
-                raise
-            raise MamoError(f"the study's storage {shown_url(plan.url)} failed while recording a trial ({failure}); "
-                            "free disk space or fix the study folder's permissions (or the database), then rerun the "
-                            "same command to continue the study.") from exc
+    try:
+        while not STOP_REQUESTED.is_set() and tickets.take():
+            try:
+                # gc after each trial: a trial that ran out of memory must not leave its tensors to the next one.
+                study.optimize(Recorded(plan.objective, line, stop, tickets.mark), n_trials=1, catch=CATCH,
+                               callbacks=[line], gc_after_trial=True)
+            except Exception as exc:
+                failure = storage_failure(exc)
+                if failure is None:
+                    raise
+                raise MamoError(f"the study's storage {shown_url(plan.url)} failed while recording a trial "
+                                f"({failure}); free disk space or fix the study folder's permissions (or the "
+                                "database), then rerun the same command to continue the study.") from exc
+    finally:
+        store.engine.dispose()  # its connections closed now, not by the garbage collector (an in-process worker)
     if STOP_REQUESTED.is_set():  # stopped between trials, or a dropped raise: the stop still ends the command
         raise KeyboardInterrupt
 

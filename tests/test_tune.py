@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -1826,3 +1828,27 @@ def test_a_trial_killed_before_it_made_its_folder_is_listed_without_one(tmp_path
     assert run_folder(trial(tmp_path / "trial-0000", socket.gethostname()), tmp_path) is None
     elsewhere = Path("/elsewhere/study/trial-0000")  # another machine's folder is named as recorded
     assert run_folder(trial(elsewhere, "another-machine"), tmp_path) == elsewhere
+
+
+def _descriptors_on(path: Path) -> int:
+    """This process' open file descriptors on ``path`` (and its journal or WAL files)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(str(path))
+    return count
+
+
+def test_a_tune_leaves_no_connection_to_its_study_open(tmp_path):
+    # A notebook's run_tune held 4 descriptors on study.db until the garbage collector found the storages, and for
+    # as long as it kept a failed call's traceback (a helper's audit of many calls in one process).
+    gc.disable()
+    try:
+        run_tune(load_config("quick"), study_dir=tmp_path, trials=2, objective=draws_alpha, progress=False)
+        assert _descriptors_on(tmp_path / "study.db") == 0
+        with pytest.raises(MamoError):
+            run_tune(load_config("quick"), study_dir=tmp_path, trials=1, objective=draws_alpha, progress=False,
+                     multi_objective=True)  # refused: the study has one objective
+        assert _descriptors_on(tmp_path / "study.db") == 0
+    finally:
+        gc.enable()
