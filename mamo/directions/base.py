@@ -135,12 +135,13 @@ _GRAMIAN_SLACK = 1e-2
 _UNDERFLOW = 1e-15
 
 
-def live_tasks(gramian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The indices of the tasks with a non-zero gradient and their gradient norms: the methods that work on unit
-    gradients leave the others out (their rows of G are 0)."""
+def live_tasks(gramian: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The indices of the tasks with a non-zero gradient, their gradient norms and their unit gradients' Gramian
+    (the cosines): the methods that work on unit gradients leave the others out (their rows of G are 0)."""
     norms = np.sqrt(np.maximum(gramian.diagonal(), 0.0))
     alive = np.flatnonzero(norms > 0.0)
-    return alive, norms[alive]
+    n = norms[alive]
+    return alive, n, gramian[np.ix_(alive, alive)] / np.multiply.outer(n, n)
 
 
 # Eigenvalues of a Gramian below m·eps32 times its largest are float32 rounding, not directions the gradients

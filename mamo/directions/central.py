@@ -21,11 +21,10 @@ class Central(Direction):
     non_conflicting = True
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, Info]:
-        alive, n = live_tasks(gramian)
+        alive, n, unit_gramian = live_tasks(gramian)
         weights = np.zeros(gramian.shape[0])
         if alive.size == 0:
             return weights, {}
-        unit_gramian = gramian[np.ix_(alive, alive)] / np.multiply.outer(n, n)
         raw = min_norm_weights(unit_gramian) / n
         weights[alive] = raw / raw.sum()  # the division by Σ k_t/||g_t|| is γ
         return weights, {}

@@ -24,12 +24,12 @@ class IMTLG(Direction):
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, Info]:
         m = gramian.shape[0]
-        alive, n = live_tasks(gramian)
+        alive, n, cosines = live_tasks(gramian)
         weights = np.zeros(m)
         if alive.size == 0:
             return np.full(m, 1.0 / m), {}
         # G v = ||g|| on the live tasks is C u = 1 on their cosines C = G / (n nᵀ), with v = u / n.
-        values, vectors = numerical_range(gramian[np.ix_(alive, alive)] / np.multiply.outer(n, n))
+        values, vectors = numerical_range(cosines)
         ones = vectors.sum(axis=0)  # the vector of ones in the eigenbasis
         # A component at the cosines' rounding (m·eps₃₂ per entry, so m^1.5·eps₃₂ here) is 0: with g and -2g the
         # ones lie in the null space, only d = 0 projects equally, and dividing noise by Σ|v| made it d = ±g.

@@ -37,12 +37,11 @@ class UPGrad(Direction):
 
         m = gramian.shape[0]
         weights = np.full(m, 1.0 / m)
-        alive, n = live_tasks(gramian)
+        alive, n, unit = live_tasks(gramian)
         if alive.size == 0:
             return weights, {}
         k = alive.size
-        # y = v · ||g||: the cone's constraints and objective in the unit gradients' frame.
-        unit = gramian[np.ix_(alive, alive)] / np.multiply.outer(n, n)
+        # y = v · ||g||: the cone's constraints and objective in the unit gradients' frame (unit: the cosines).
         values, vectors = np.linalg.eigh(unit)
         root = np.sqrt(np.maximum(values, 0.0))[:, None] * vectors.T  # rootᵀ root = the unit Gramian
         ridged = np.vstack([root, np.sqrt(_RIDGE * max(values[-1], 0.0)) * np.eye(k)])
