@@ -44,14 +44,13 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
 class MaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d(size)`` (stride = size, no padding), computed as described in this module's docstring."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int):  # only these arguments: the channels-last path knows no stride or padding
         super().__init__(size)
-        self.size = size
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous() or torch.jit.is_tracing()
                 or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
             return super().forward(x)
         if not (torch.is_grad_enabled() and x.requires_grad):  # evaluation: no indices to keep
-            return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), self.size).contiguous()
-        return _ChannelsLastMaxPool.apply(x, self.size)[0]
+            return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), self.kernel_size).contiguous()
+        return _ChannelsLastMaxPool.apply(x, self.kernel_size)[0]
