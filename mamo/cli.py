@@ -21,7 +21,7 @@ from typing import Any
 
 import mamo
 from mamo.errors import WRITE_FAILURES, MamoError, StopExplained, write_fix
-from mamo.stops import stop_signals_interrupt
+from mamo.stops import exit_quickly, stop_signals_interrupt
 
 
 @dataclass(frozen=True)
@@ -196,5 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The ``mamo`` console script and ``python cli.py``: :func:`main`, then :func:`exit_quickly`."""
+    exit_quickly(main())
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

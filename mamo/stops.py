@@ -1,9 +1,12 @@
 """Stops: SIGINT, SIGTERM and SIGHUP become a KeyboardInterrupt, as Ctrl-C is, plus a flag for the raise Python
-drops. Process-wide, as signals are; the CLI installs the handlers around every command."""
+drops. Process-wide, as signals are; the CLI installs the handlers around every command. And the end of a
+command's process (:func:`exit_quickly`)."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -73,3 +76,23 @@ def stop_signals_interrupt() -> Iterator[None]:
         finally:
             sys.unraisablehook = unraisable
             STOP_REQUESTED.clear()
+
+
+def exit_quickly(code: int) -> None:
+    """End the process with ``code`` without tearing down the interpreter, once nothing is left running.
+
+    A run's interpreter took 1.0–1.2 s to exit after its last line (0.5 s for ``import torch`` alone, measured):
+    freeing every module's objects one by one and C++'s static destructors, nothing that writes a file.
+    Everything mamo writes is closed by then, so this runs the ``atexit`` hooks (logging's flush,
+    multiprocessing's joins), flushes the standard streams and leaves with ``os._exit``. A thread still
+    running (a writer left open by a failure, say) gets Python's ordinary exit, which waits for it."""
+    if any(thread.is_alive() and not thread.daemon for thread in threading.enumerate()
+           if thread is not threading.main_thread()):
+        raise SystemExit(code)
+    atexit._run_exitfuncs()  # the documented hooks have no public runner; this is what Python's exit calls
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that left (`| head`), or a stream already closed
+            pass
+    os._exit(code)

@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mamo.cache import process_owner
 from mamo.errors import MamoError
 from mamo.runs import one_at_a_time
-from mamo.stops import STOP_REQUESTED, handling_stops, hide_dropped_stops
+from mamo.stops import STOP_REQUESTED, exit_quickly, handling_stops, hide_dropped_stops
 from mamo.tune_space import PRUNERS
 from mamo.tune_storage import RETRY_OF, open_storage, queue_retry, shown_url, storage_failure
 from mamo.tune_summary import STOPPED_EARLY, outcome_text, short_value
@@ -341,17 +341,20 @@ def spread_over_gpus(worker: int) -> None:
 def _worker(plan: Plan, tickets: Tickets, seed: int | None, worker: int = 0) -> None:
     """A spawned worker: on Ctrl-C (which reaches every process of the terminal) or the parent's SIGTERM it
     records its trial as stopped and exits quietly; the parent says how to continue, once. It starts with Ctrl-C
-    ignored (see :func:`run_workers`) and takes it from here on."""
+    ignored (see :func:`run_workers`) and takes it from here on. It ends as the command does (exit_quickly),
+    so the study's end does not wait a second for each worker's interpreter to tear down."""
     sys.unraisablehook = hide_dropped_stops(sys.unraisablehook)
     spread_over_gpus(worker)
+    code = 0
     try:
         with trial_stops() as stop:
             optimize(plan, tickets, seed, stop)
     except KeyboardInterrupt:
-        sys.exit(130)
+        code = 130
     except MamoError as exc:  # one sentence, as the command prints its own; the parent names the worker
         print(f"mamo: error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code = 2
+    exit_quickly(code)
 
 
 def run_workers(plan: Plan, workers: int, tickets: Tickets, seed: int | None, context: Any) -> None:

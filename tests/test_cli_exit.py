@@ -1,0 +1,76 @@
+"""The command line's exit (mamo.stops.exit_quickly): the atexit hooks and buffered output survive, the
+interpreter's tear-down is skipped, and a thread still running gets Python's ordinary exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A module-level object whose __del__ speaks: only the interpreter's tear-down deletes it.
+PRELUDE = """
+import atexit, threading, time
+from mamo.stops import exit_quickly
+
+class Loud:
+    def __del__(self):
+        print("torn down", flush=True)
+
+keep = Loud()
+atexit.register(lambda: print("atexit ran"))
+print("buffered, no newline", end="")
+"""
+
+
+# Block-buffered standard streams, as a pipe gets them by default, so the exit's flush is what writes them.
+BUFFERED = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(PRELUDE) + textwrap.dedent(code)], cwd=ROOT,
+                          env=BUFFERED, capture_output=True, text=True, timeout=60)
+
+
+def test_exit_keeps_the_code_the_atexit_hooks_and_the_buffered_output_and_skips_the_tear_down():
+    done = _python("exit_quickly(3)")
+    assert done.returncode == 3
+    assert done.stdout == "buffered, no newlineatexit ran\n"  # nothing lost, nothing torn down
+    assert done.stderr == ""
+
+
+def test_a_thread_still_running_gets_the_ordinary_exit_which_waits_for_it():
+    done = _python("""
+        def late():
+            time.sleep(0.3)
+            print("thread finished", flush=True)
+
+        threading.Thread(target=late).start()
+        exit_quickly(4)
+    """)
+    assert done.returncode == 4
+    assert "thread finished" in done.stdout and "atexit ran" in done.stdout
+    assert "torn down" in done.stdout  # Python's own exit: the tear-down ran
+
+
+def test_a_reader_that_left_the_pipe_early_costs_neither_the_code_nor_a_warning():
+    # The output waits in the pipe's buffer until the exit flushes it, by which time the reader is gone (as
+    # after `| head -1`): Python's own exit says "Exception ignored ... BrokenPipeError" and returns 120.
+    script = textwrap.dedent(PRELUDE) + "time.sleep(0.5)\nexit_quickly(0)\n"
+    reader = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=BUFFERED, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    reader.stdout.close()
+    _, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0
+    assert err == b""
+
+
+def test_the_command_line_exits_through_it_with_the_command_s_status(tmp_path):
+    # `python cli.py` (and the console script, mamo.cli:run): a user error's status and sentence come through.
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "show", str(tmp_path / "missing")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("mamo: error: ") and "missing" in done.stderr
