@@ -121,7 +121,7 @@ def test_vectorised_trainer_matches_train_step(base, formulation):
 
 
 def test_unknown_benchmark_names_the_known_ones(capsys):
-    with pytest.raises(MamoError, match="logic, multimnist_recon, step"):
+    with pytest.raises(MamoError, match="logic, logic3, multimnist_recon, step"):
         load_bench("nope")
     assert main(["bench", "nope"]) == 2
     assert "unknown benchmark 'nope'" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from mamo.runs import claim_new_folder, cli, refuse_file_above, table_lines, wri
 
 BENCHES: dict[str, str] = {
     "logic": "mamo.bench.logic",
+    "logic3": "mamo.bench.logic3",
     "multimnist_recon": "mamo.bench.recon",
     "step": "mamo.bench.step",
     "ablation": "mamo.bench.ablation",

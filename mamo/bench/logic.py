@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -158,18 +158,29 @@ def train_runs(method: Method, grid: dict[str, np.ndarray], init: dict[str, np.n
     net = VectorMLP({k: v[..., grid["seed"]] for k, v in init.items()}, grid["lr"])
     direction = VectorDirection(method.base, method.formulation, T, grid["alpha"], runs)
     counted = np.array([method.base != "single:and", method.base != "single:xor"])
+    return train_lockstep(net, direction, grid, orders, criterion, TARGETS, counted, batch)
+
+
+def train_lockstep(net: VectorMLP, direction: Any, grid: dict[str, np.ndarray], orders: np.ndarray,
+                   criterion: Criterion, targets: np.ndarray, counted: np.ndarray, batch: int = BATCH) -> np.ndarray:
+    """Epochs to convergence (0: not within the budget) of the runs of ``net``, trained in lockstep on the four
+    points with ``targets`` (point, task), the first task's scaled by ``grid["c"]``; ``direction(G, losses)``
+    gives the weights (m, R) and, like the network, drops the runs that converged through ``select``. Only the
+    tasks marked in ``counted`` have to converge (a single-task row)."""
+    runs, m = len(grid["lr"]), targets.shape[1]
     divisor = criterion.divisor(4 // batch, int(counted.sum()), batch)
-    scale = np.stack([grid["c"], np.ones(runs)])  # (m, R): the XOR targets times c
+    scale = np.ones((m, runs))
+    scale[0] = grid["c"]  # (m, R): the first task's targets (XOR's) times c
     alive, seeds = np.arange(runs), grid["seed"]
-    met = np.zeros((2, runs), bool)
+    met = np.zeros((m, runs), bool)
     converged = np.zeros(runs, int)
     for epoch in range(orders.shape[1]):
         order = orders[seeds, epoch].T  # (4, R)
-        total = np.zeros((2, len(alive)))
+        total = np.zeros((m, len(alive)))
         for start in range(0, 4, batch):
             idx = order[start : start + batch]
             x = POINTS[idx].transpose(0, 2, 1)  # (B, 2, R)
-            y = TARGETS[idx].transpose(0, 2, 1) * scale  # (B, m, R)
+            y = targets[idx].transpose(0, 2, 1) * scale  # (B, m, R)
             total += net.step(x, y, direction)
         below = total / divisor < THRESHOLD
         met = (met | below) if criterion.latch else below

@@ -157,7 +157,8 @@ class VectorMLP:
         self.lr, self.momentum = np.asarray(lr, dtype=float), momentum
 
     def gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Losses (m, R), shared Jacobians (m, 6, R) and head gradients for inputs (B, 2, R), targets (B, m, R)."""
+        """Losses (m, R), shared Jacobians (m, 6, R) and head gradients for inputs (B, 2, R), targets (B, m, R)
+        (any number of tasks m: the ``logic3`` benchmark has three)."""
         W, b, V, a = (self.params[k] for k in "WbVa")
         h = expit((x[:, None] * W[None]).sum(axis=2) + b)  # (B, hidden, R)
         residual = (h[:, None] * V[None]).sum(axis=2) + a - y  # (B, task, R)
@@ -165,7 +166,7 @@ class VectorMLP:
         r = residual * (2.0 / x.shape[0])
         dz = r[:, :, None] * V[None] * (h * (1.0 - h))[:, None]  # (B, task, hidden, R)
         dW = (dz[:, :, :, None] * x[:, None, None]).sum(axis=0)  # (task, out, in, R)
-        jacobian = np.concatenate([dW.reshape(2, 4, -1), dz.sum(axis=0)], axis=1)
+        jacobian = np.concatenate([dW.reshape(y.shape[1], 4, -1), dz.sum(axis=0)], axis=1)
         heads = {"V": (r[:, :, None] * h[:, None]).sum(axis=0), "a": r.sum(axis=0)}
         return losses, jacobian, heads
 
