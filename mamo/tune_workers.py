@@ -23,15 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from mamo.cache import process_owner
 from mamo.errors import MamoError
 from mamo.runs import one_at_a_time
 from mamo.stops import STOP_REQUESTED, exit_quickly, handling_stops, hide_dropped_stops
-from mamo.tune_space import PRUNERS
+from mamo.tune_space import PRUNERS, TrialSeededTPE
 from mamo.tune_storage import RETRY_OF, open_storage, queue_retry, shown_url, storage_failure
 from mamo.tune_summary import STOPPED_EARLY, outcome_text, short_value
 
@@ -267,34 +266,6 @@ class OneTakerStudy(optuna.Study):
     def _pop_waiting_trial_id(self) -> int | None:  # Optuna's one step that takes a queued trial
         with one_at_a_time(self.folder):
             return super()._pop_waiting_trial_id()
-
-
-def draw_index(study: optuna.Study, trial: FrozenTrial) -> int:
-    """How many of the study's earlier trials drew parameters or are about to: retries and trials killed before
-    they drew are not counted, so a stop leaves later draws as an uninterrupted study's; trials still running
-    are, so two commands' trials never share an index."""
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.number < trial.number and RETRY_OF not in t.user_attrs
-               and not (t.state == TrialState.FAIL and not t.params))
-
-
-class TrialSeededTPE(optuna.samplers.TPESampler):
-    """TPE whose draws for a trial follow from ``seed`` and the trial's :func:`draw_index` alone, not from the
-    draws one process made before: one command reproduces a local study, while commands and workers sharing it
-    draw apart (with one sampler seed per process they drew the same parameters twice). ``seed=None``: unseeded."""
-
-    def __init__(self, seed: int | None):
-        super().__init__(seed=seed)
-        self._study_seed = seed
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        super().before_trial(study, trial)
-        if self._study_seed is not None:
-            # Mixed, not added: MT19937's first draws for nearby seeds can be close (seeds 0 and 3: 0.549, 0.551).
-            seed = int(np.random.SeedSequence([self._study_seed, draw_index(study, trial)]).generate_state(1)[0])
-            # The two generators TPESampler.reseed_rng reseeds (from the OS's entropy; here from the seed).
-            self._rng.rng.seed(seed)
-            self._random_sampler._rng.rng.seed(seed)
 
 
 @quiet_optuna

@@ -420,8 +420,8 @@ def test_a_stop_while_optuna_makes_a_trial_leaves_it_stopped_not_running(tmp_pat
     import signal
 
     from mamo.stops import stop_signals_interrupt
+    from mamo.tune_space import TrialSeededTPE
     from mamo.tune_summary import STOPPED_EARLY
-    from mamo.tune_workers import TrialSeededTPE
 
     making = TrialSeededTPE.before_trial
 
@@ -567,7 +567,7 @@ def test_an_ownerless_trial_s_age_counts_real_seconds_across_a_change_of_the_clo
 
 def test_each_trial_draws_from_the_seed_and_its_place_so_two_commands_draw_apart(tmp_path):
     # Two commands on one local study used to seed their samplers alike and drew every trial twice.
-    from mamo.tune_workers import TrialSeededTPE
+    from mamo.tune_space import TrialSeededTPE
 
     def draw(study: optuna.Study) -> optuna.Trial:
         trial = study.ask()
