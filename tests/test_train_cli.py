@@ -484,8 +484,10 @@ def test_a_seeded_cpu_run_is_repeatable(runs: Path) -> None:
 
 
 def test_console_script_is_the_same_cli() -> None:
+    from mamo.cli import run
+
     (entry,) = [ep for ep in metadata.entry_points(group="console_scripts") if ep.name == "mamo"]
-    assert entry.load() is main
+    assert entry.load() is run  # main, then the quick exit (tests/test_cli_exit.py), as `python cli.py`
     wrapper = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--help"], capture_output=True, text=True,
                              check=True)
     assert "train" in wrapper.stdout and "search" in wrapper.stdout
