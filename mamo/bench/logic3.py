@@ -35,7 +35,7 @@ from tqdm import tqdm
 from mamo.bench import positive_int
 from mamo.bench.logic import CRITERIA, EPOCHS, THRESHOLD, best_rate, fmt, shuffles, train_lockstep
 from mamo.bench.logic_numpy import MOMENTUM, VectorMLP
-from mamo.errors import MamoError
+from mamo.errors import MamoError, NonFiniteGradients
 
 TASKS = ("xor", "and", "or")
 TARGETS = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 1.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])  # (point, task)
@@ -77,8 +77,6 @@ class ObjectDirections:
         self.directions = [make(r) for r in range(runs)]
 
     def __call__(self, gramian: np.ndarray, losses: np.ndarray) -> np.ndarray:
-        from mamo.errors import NonFiniteGradients
-
         rows, values = np.moveaxis(gramian, -1, 0).tolist(), losses.T.tolist()
         weights = np.full((gramian.shape[0], len(rows)), np.nan)
         for r, direction in enumerate(self.directions):
