@@ -88,8 +88,12 @@ def check_train_settings(config: Config) -> torch.device:
     return resolve_device(config.train.device)
 
 
+THESIS_BASES = ("mgda", "central")  # the base directions the thesis tensions (Algorithms 1–2)
+
+
 def setting_notes(config: Config) -> list[str]:
-    """What the run's log notes about its settings before it trains: unused ones, and more threads than cores."""
+    """What the run's log notes about its settings before it trains: unused ones, more threads than cores, a
+    tensioner on a base the thesis does not tension."""
     cores = available_cores()
     threads = config.train.threads
     crowded = (f"note: train.threads = {threads} is more than the {counted(cores, 'core')} this process may use, so "
@@ -101,7 +105,14 @@ def setting_notes(config: Config) -> list[str]:
             f"'thesis' c_t is clipped at 0 unless σ > 1 − 1/α, so the pull mostly vanishes (α = 100 trained exactly "
             f"as α = 0, measured); under 'relative' a task's pull can reach past its own gradient."
             if tensioner.formulation != "off" and tensioner.alpha > 1 else None)
-    return [*unused_settings_notes(config), *(note for note in (crowded, wide) if note)]
+    base = config.direction.name
+    # Set by a preset and kept through --set direction.name=..., the tensioner is easy to miss, and off the
+    # min-norm bases it is a different method (bench logic3: `thesis` stalled equal, pcgrad and cagrad).
+    wrapped = (f"note: direction '{base}' runs inside the '{tensioner.formulation}' tensioner (direction.tensioner), "
+               f"which the thesis applies to {' and '.join(THESIS_BASES)}; on other bases it changes the method "
+               f"(docs/directions.md, logic3); --set direction.tensioner.formulation=off runs {base} alone."
+               if tensioner.formulation != "off" and base not in THESIS_BASES else None)
+    return [*unused_settings_notes(config), *(note for note in (crowded, wide, wrapped) if note)]
 
 
 def start_notes(config: Config, data: MultiTaskData, device: torch.device) -> list[str]:

@@ -178,3 +178,19 @@ def test_a_setting_only_another_method_reads_is_noted():
     assert notes("direction.name=equal", "direction.normalization=loss", "direction.cagrad_c=0.9") == [
         "note: direction 'equal' does not use direction.normalization (mgda only) or direction.cagrad_c (cagrad "
         "only), so they have no effect."]
+
+
+def test_a_tensioner_around_a_base_the_thesis_does_not_tension_is_noted():
+    # The presets turn the tensioner on, and --set direction.name=pcgrad kept it without a word.
+    from mamo.session import setting_notes
+
+    def notes(*settings: str) -> list[str]:
+        return [n for n in setting_notes(load_config("quick", list(settings))) if "tensioner (" in n]
+
+    assert notes("direction.name=mgda") == [] and notes("direction.name=central") == []
+    assert notes("direction.name=pcgrad", "direction.tensioner.formulation=off") == []
+    assert notes("direction.name=pcgrad") == [
+        "note: direction 'pcgrad' runs inside the 'thesis' tensioner (direction.tensioner), which the thesis applies "
+        "to mgda and central; on other bases it changes the method (docs/directions.md, logic3); --set "
+        "direction.tensioner.formulation=off runs pcgrad alone."]
+    assert "'relative' tensioner" in notes("direction.name=upgrad", "direction.tensioner.formulation=relative")[0]
