@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 from collections.abc import Callable
@@ -230,6 +231,23 @@ def _rerun_notes(tuned: Config, base: Config, trial: FrozenTrial) -> list[str]:
     return notes
 
 
+def _reference_notes(trial: FrozenTrial, directory: Path) -> list[str]:
+    """A note when the trial's run measured its Δ against STL baselines of its own that are not the study's
+    reference (a continuation's ``--set train.batch_size=64``, say): its report, its test Δ and win in the table and
+    a search of best.yaml use those, so that search does not repeat the objective."""
+    folder = run_folder(trial, directory)
+    try:
+        own = json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("val_delta") if folder else None
+    except (OSError, ValueError):  # another machine's folder, or one not finished
+        return []
+    objective = trial.user_attrs.get("val_delta")
+    if own is None or objective is None or math.isclose(own, objective, rel_tol=1e-9, abs_tol=1e-12):
+        return []
+    return [f"Its run trained STL baselines of its own, with settings other than those of the study's STL reference "
+            f"(its config.yaml has them): its test Δ and win above, its report and a search of best.yaml are against "
+            f"that STL, and its validation Δ is {own:+.2f} there, not the objective's {objective:+.2f}."]
+
+
 def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, shown: str) -> dict:
     """summary.md, trials.csv, best.yaml (and pareto.png) in the study folder; returns what they say."""
     trials = study.get_trials(deepcopy=False)
@@ -255,7 +273,7 @@ def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, s
             replace_atomically(best_path, lambda partial: dump_config(tuned, partial))
             lines += [f"Best configuration: {best_path} (trial {chosen.number}, run folder "
                       f"{_where(chosen, directory)}); run it with `{cli('search', best_path)}`.",
-                      *_rerun_notes(tuned, base, chosen), ""]
+                      *_rerun_notes(tuned, base, chosen), *_reference_notes(chosen, directory), ""]
         if multi and 2 <= len(study.directions) <= 3:
             plot_pareto(study, directory / "pareto.png")
             lines += [f"Pareto scatter: {directory / 'pareto.png'}.", ""]

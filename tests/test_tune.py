@@ -1852,3 +1852,26 @@ def test_a_tune_leaves_no_connection_to_its_study_open(tmp_path):
         assert _descriptors_on(tmp_path / "study.db") == 0
     finally:
         gc.enable()
+
+
+def test_the_summary_says_when_the_best_trials_own_stl_is_not_the_studys_reference(tmp_path):
+    # A continuation with --set train.batch_size=64 ranked its trial best at +13.45 against the study's reference
+    # (batch 128), while the trial's report, its test Δ in the table and a search of best.yaml measured it against
+    # an STL at batch 64: validation Δ -11.67, with nothing in summary.md saying so.
+    from optuna.distributions import IntDistribution
+
+    from mamo.tune_summary import summarize
+
+    trial_dir = tmp_path / "trial-0000"
+    trial_dir.mkdir()
+    dump_config(load_config("quick", ["train.batch_size=64"]), trial_dir / "config.yaml")
+    (trial_dir / "metrics.json").write_text(json.dumps({"val_delta": -11.67, "delta": -14.5}))
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={"T": 5}, distributions={"T": IntDistribution(2, 30)},
+                                              value=13.45, user_attrs={"run_dir": str(trial_dir), "val_delta": 13.45,
+                                                                       "delta": -14.5}))
+    text = summarize(study, tmp_path, load_config("quick"), multi=False, shown="memory")["text"]
+    assert "its validation Δ is -11.67 there, not the objective's +13.45" in text
+    (trial_dir / "metrics.json").write_text(json.dumps({"val_delta": 13.45, "delta": -14.5}))  # the same STL
+    again = summarize(study, tmp_path, load_config("quick"), multi=False, shown="memory")["text"]
+    assert "not the objective's" not in again
