@@ -60,11 +60,17 @@ def near_zero_metrics(stl: Metrics, tasks: dict[str, TaskSpec]) -> str:
 
 
 def near_zero_note(stl_val: Metrics, tasks: dict[str, TaskSpec]) -> str | None:
-    """The log's note for a run whose report divides by an STL that scores a metric next to 0 (None if none)."""
-    if not (shown := near_zero_metrics(stl_val, tasks)):
-        return None
-    return (f"note: STL scores {shown} on the validation split; the report's Δ divides by STL (Eq 15), so a tiny "
-            "error there decides it alone: read the per-metric columns.")
+    """The log's note for a run whose report divides by an STL that scores a metric next to 0, or takes a metric
+    at exactly 0 in points (:func:`relative_changes`); None if neither."""
+    notes = []
+    if shown := near_zero_metrics(stl_val, tasks):
+        notes.append(f"note: STL scores {shown} on the validation split; the report's Δ divides by STL (Eq 15), so a "
+                     "tiny error there decides it alone: read the per-metric columns.")
+    zeros = [f"{task}.{metric}" for task, metric, _ in metric_columns(tasks) if stl_val[task][metric] == 0]
+    if zeros:
+        notes.append(f"note: STL scores {', '.join(zeros)} = 0 on the validation split, where Eq 15's relative change "
+                     "is undefined; the report's Δ takes that change as (MTL − STL) × 100, in points, not percent.")
+    return "\n".join(notes) or None
 
 
 def win_rate(mtl: Metrics, stl: Metrics, tasks: dict[str, TaskSpec]) -> float:

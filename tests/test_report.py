@@ -73,6 +73,19 @@ def test_zero_stl_value_uses_the_absolute_difference() -> None:
     assert win_rate(mtl, stl, tasks) == pytest.approx(1 / 3)
 
 
+def test_a_zero_stl_value_is_noted_with_the_near_zero_ones() -> None:
+    # The switch to points was silent: only 0 < |STL| < 1e-4 got a note (a helper's audit).
+    from mamo.report import near_zero_note
+
+    tasks = parse_tasks({"r": {"type": "regression", "dim": 1}, "c": {"type": "classification", "classes": 2}}, "t")
+    note = near_zero_note({"r": {"mse": 0.0, "mae": 2e-5}, "c": {"accuracy": 0.0}}, tasks)
+    assert note == ("note: STL scores r.mae = 2.0e-05 on the validation split; the report's Δ divides by STL (Eq 15), "
+                    "so a tiny error there decides it alone: read the per-metric columns.\nnote: STL scores r.mse, "
+                    "c.accuracy = 0 on the validation split, where Eq 15's relative change is undefined; the report's "
+                    "Δ takes that change as (MTL − STL) × 100, in points, not percent.")
+    assert near_zero_note({"r": {"mse": 0.5, "mae": 0.4}, "c": {"accuracy": 0.9}}, tasks) is None
+
+
 def _from_relative(stl: dict, percents: dict, tasks) -> dict:
     """The absolute MTL values that a row of relative changes in a paper table stands for."""
     out: dict = {task: {} for task in stl}
