@@ -117,9 +117,9 @@ def markdown_table(rows: list[dict], tasks: dict[str, TaskSpec], stl_name: str |
                 cells.append(f"{row['relative'][(task, metric)]:+.2f}")
             else:
                 cells.append(_fmt(row["tasks"][task][metric]))
-        if stl_name:
-            cells += [f"{row['delta']:+.2f}", f"{row['win_rate']:.0%}"]
-        cells += [str(row["params"] or "-"), _fmt(row["seconds_per_epoch"], 3)]
+        if stl_name:  # STL's own Win would read 0%: it is the reference, not a method that lost everywhere
+            cells += [f"{row['delta']:+.2f}", f"{row['win_rate']:.0%}" if "relative" in row else "–"]
+        cells += [f"{row['params']:,}" if row["params"] else "-", _fmt(row["seconds_per_epoch"], 3)]
         body.append(cells)
     return "\n".join(table_lines(header, body))
 

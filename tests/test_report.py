@@ -156,8 +156,8 @@ def test_report_md_and_csv(tmp_path: Path) -> None:
     assert lines[2].startswith("Test metrics as the relative change against STL in %")  # which split the tables show
     header = next(line for line in lines if line.startswith("| Method"))
     assert header == "| Method | a accuracy ↑ | b mse ↓ | b mae ↓ | Δ % ↑ | Win ↑ | Params | s/epoch |"
-    assert "| STL | 0.8 | 0.5 | 0.25 | +0.00 | 0% | 2000 | 2 |" in lines
-    assert "| HPS (equal) | +10.00 | +20.00 | -20.00 | +3.33 | 67% | 1200 | 1 |" in lines
+    assert "| STL | 0.8 | 0.5 | 0.25 | +0.00 | – | 2,000 | 2 |" in lines  # STL is the reference: no Win of its own
+    assert "| HPS (equal) | +10.00 | +20.00 | -20.00 | +3.33 | 67% | 1,200 | 1 |" in lines
     # The second table holds every row's absolute values.
     assert "| HPS (equal) | 0.88 | 0.4 | 0.3 |" in lines
     assert lines[-1] == "a note"
@@ -198,7 +198,7 @@ def test_report_without_stl_is_absolute_only(tmp_path: Path) -> None:
     rows = build_rows({"HPS": _results()["HPS (equal)"]}, None, TASKS)
     text = write_report(tmp_path, "t", rows, TASKS, None)
     assert "Δ" not in text and "Win" not in text
-    assert "| HPS | 0.88 | 0.4 | 0.3 | 1200 | 1 |" in text.splitlines()
+    assert "| HPS | 0.88 | 0.4 | 0.3 | 1,200 | 1 |" in text.splitlines()
 
 
 def test_write_metrics_is_json(tmp_path: Path) -> None:
