@@ -91,6 +91,8 @@ def exit_quickly(code: int) -> None:
         raise SystemExit(code)
     atexit._run_exitfuncs()  # the documented hooks have no public runner; this is what Python's exit calls
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started without it (`>&-`): Python's own exit skips it too
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):  # a reader that left (`| head`), or a stream already closed

@@ -74,3 +74,13 @@ def test_the_command_line_exits_through_it_with_the_command_s_status(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("mamo: error: ") and "missing" in done.stderr
+
+
+def test_a_closed_standard_output_keeps_the_code_and_prints_no_traceback():
+    # Started with stdout closed (`>&-`, some service managers), Python sets sys.stdout to None: the exit's flush
+    # raised AttributeError there, so a finished command ended with status 1 and a traceback.
+    script = textwrap.dedent(PRELUDE) + "exit_quickly(3)\n"
+    done = subprocess.run(["sh", "-c", '"$0" -c "$1" >&-', sys.executable, script], cwd=ROOT, env=BUFFERED,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+    assert done.returncode == 3
+    assert done.stderr == ""
