@@ -86,3 +86,13 @@ def test_fixed_initialisation_is_one_draw_for_every_seed_and_seeded_is_not():
     np.testing.assert_array_equal(fixed["W"][..., 0], fixed["W"][..., 1])
     assert not np.array_equal(seeded["W"][..., 0], seeded["W"][..., 1])
     assert fixed["V"].shape == (3, 2, 2) and CRITERIA["reference"].latch
+
+
+def test_a_bad_learning_rate_names_the_fix(capsys):
+    # Each refusal of --lrs says what to pass, as the one for a list that is not numbers does.
+    for text in ("abc", "0.05,-1", "nan"):
+        with pytest.raises(SystemExit) as stop:
+            main(["bench", "logic3", "--lrs", text])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"argument --lrs: '{text}'" in err and "pass e.g. 0.05,0.01" in err, err

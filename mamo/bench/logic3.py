@@ -146,7 +146,8 @@ def _lr_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers; pass e.g. "
                                          "0.05,0.01") from None
     if not all(0.0 < v < math.inf for v in values):
-        raise argparse.ArgumentTypeError(f"learning rates must be finite and positive, got {text}")
+        raise argparse.ArgumentTypeError(f"'{text}' holds a learning rate that is not finite and positive; pass e.g. "
+                                         "0.05,0.01")
     return values
 
 
