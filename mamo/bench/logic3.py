@@ -171,7 +171,7 @@ def _chosen_bases(text: str | None, quick: bool) -> list[str]:
     known = _bases()
     if text is None:
         return ["equal", "mgda", "central"] if quick else known
-    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    chosen = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))  # each once
     unknown = [name for name in chosen if name not in known]
     if unknown or not chosen:
         what = f"unknown direction {', '.join(map(repr, unknown))}" if unknown else "no direction"
