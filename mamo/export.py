@@ -363,7 +363,7 @@ ASCII_TREE = str.maketrans({"├": "|", "└": "`", "│": "|", "─": "-", "→
 def command_show(args: argparse.Namespace) -> int:
     tree = architecture_tree(load_trained(args.run_dir))
     try:
-        tree.encode(sys.stdout.encoding or "utf-8")
+        tree.encode(getattr(sys.stdout, "encoding", None) or "utf-8")  # None: started with stdout closed (>&-)
     except (UnicodeEncodeError, LookupError):
         tree = tree.translate(ASCII_TREE)
     print(tree)

@@ -492,6 +492,10 @@ def test_show_prints_the_tree(finished, capsys):
     assert ascii_tree.returncode == 0, ascii_tree.stderr
     assert ascii_tree.stdout.isascii() and "\n|- left: fusion [trunk + beta*" in ascii_tree.stdout
     assert len(ascii_tree.stdout.splitlines()) == len(out.splitlines())
+    # Started with stdout closed (`>&-`) Python has no sys.stdout: show read its encoding and crashed.
+    closed = subprocess.run(["sh", "-c", '"$0" -m mamo.cli show "$1" >&-', sys.executable, str(run_dir)],
+                            capture_output=True, text=True)
+    assert closed.returncode == 0 and closed.stderr == ""
 
 
 class Crash(Callback):
