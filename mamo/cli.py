@@ -21,7 +21,7 @@ from typing import Any
 
 import mamo
 from mamo.errors import WRITE_FAILURES, MamoError, StopExplained, write_fix
-from mamo.stops import exit_quickly, stop_signals_interrupt
+from mamo.stops import exit_quickly, hold_standard_descriptors, stop_signals_interrupt
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,9 @@ def run_resumable(args: argparse.Namespace, runner: Callable[..., object]) -> in
 def show_progress(args: argparse.Namespace) -> bool:
     """Progress bars only on a terminal: redirected to a file they are thousands of carriage returns, so the
     epoch lines (:class:`mamo.trainer.EpochLines`) take their place there, as with ``--no-progress``."""
-    return not args.no_progress and sys.stderr.isatty()
+    from mamo.runs import stderr_on_terminal
+
+    return not args.no_progress and stderr_on_terminal()
 
 
 def _handler(name: str, prefix: str) -> Callable[..., Any]:
@@ -198,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The ``mamo`` console script and ``python cli.py``: :func:`main`, then :func:`exit_quickly`."""
+    """The ``mamo`` console script and ``python cli.py``: :func:`main` between :func:`hold_standard_descriptors` and
+    :func:`exit_quickly`."""
+    hold_standard_descriptors()
     exit_quickly(main())
 
 

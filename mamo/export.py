@@ -30,6 +30,7 @@ from mamo.runs import (
     refuse_file_above,
     replace_atomically,
     run_command,
+    stderr_on_terminal,
     temporary_beside,
     utf8_path,
     write_text_atomically,
@@ -348,7 +349,7 @@ def command_export(args: argparse.Namespace) -> int:
         tqdm.write(str(path), file=sys.stdout)  # seconds (around the bar, which stays on stderr)
         sys.stdout.flush()
 
-    export(args.run_dir, args.formats or list(FORMATS), args.out, progress=sys.stderr.isatty(), on_written=named)
+    export(args.run_dir, args.formats or list(FORMATS), args.out, progress=stderr_on_terminal(), on_written=named)
     return 0
 
 

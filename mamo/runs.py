@@ -167,6 +167,12 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def stderr_on_terminal() -> bool:
+    """Whether stderr, where progress bars go, is a terminal; False also for a process started with it closed
+    (``2>&-``), where Python has no ``sys.stderr`` and asking it crashed the command."""
+    return sys.stderr is not None and sys.stderr.isatty()
+
+
 def cli(*words: str | Path) -> str:
     """The command of ``words`` (``"search", "--resume", folder``) as the user can run it again the way they ran
     mamo: ``mamo ...`` through the installed command, ``python cli.py ...`` from the checkout, ``python

@@ -1,6 +1,6 @@
 """Stops: SIGINT, SIGTERM and SIGHUP become a KeyboardInterrupt, as Ctrl-C is, plus a flag for the raise Python
-drops. Process-wide, as signals are; the CLI installs the handlers around every command. And the end of a
-command's process (:func:`exit_quickly`)."""
+drops. Process-wide, as signals are; the CLI installs the handlers around every command. And the start and end of a
+command's process (:func:`hold_standard_descriptors`, :func:`exit_quickly`)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,21 @@ def stop_signals_interrupt() -> Iterator[None]:
         finally:
             sys.unraisablehook = unraisable
             STOP_REQUESTED.clear()
+
+
+def hold_standard_descriptors() -> None:
+    """Put /dev/null on descriptors 0, 1 and 2 where the process started without them (``2>&-``, some service
+    managers): the next file the command opened took the lowest free descriptor, so a C++ warning written to
+    stderr would have gone into it (a checkpoint, an event file). Python's ``sys.stderr`` stays None there, and
+    mamo's messages go where ``print`` sends them."""
+    for descriptor in (0, 1, 2):
+        try:
+            os.fstat(descriptor)
+        except OSError:
+            held = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one, unless a lower one is too
+            if held != descriptor:
+                os.dup2(held, descriptor)
+                os.close(held)
 
 
 def exit_quickly(code: int) -> None:

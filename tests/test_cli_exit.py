@@ -84,3 +84,23 @@ def test_a_closed_standard_output_keeps_the_code_and_prints_no_traceback():
                           stderr=subprocess.PIPE, text=True, timeout=60)
     assert done.returncode == 3
     assert done.stderr == ""
+
+
+def test_a_command_started_with_stderr_closed_still_runs(tmp_path):
+    # Progress bars ask whether stderr is a terminal; started with it closed (`2>&-`) Python has no sys.stderr, and
+    # asking crashed the command before it did anything.
+    done = subprocess.run(["sh", "-c", '"$0" "$1" bench logic --quick --seeds 1 --epochs 5 --no-sweep --out "$2" 2>&-',
+                           sys.executable, str(ROOT / "cli.py"), str(tmp_path / "out")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
+def test_a_closed_stderr_is_held_by_dev_null_so_no_file_takes_its_descriptor(tmp_path):
+    # The next file opened took descriptor 2, and anything written to stderr below Python (C++ warnings) went in.
+    script = ("import os, sys\nfrom mamo.stops import hold_standard_descriptors\nhold_standard_descriptors()\n"
+              "with open(sys.argv[1], 'w') as f:\n    print(f.fileno(), os.readlink('/proc/self/fd/2'))\n")
+    done = subprocess.run(["sh", "-c", '"$0" -c "$1" "$2" 2>&-', sys.executable, script, str(tmp_path / "f")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    number, target = done.stdout.split()
+    assert int(number) > 2 and target == os.devnull

@@ -37,7 +37,7 @@ from mamo.export import load_trained
 from mamo.model import compile_model, count_parameters
 from mamo.report import delta, metric_columns, relative_changes, win_rate
 from mamo.resume import computed_changes
-from mamo.runs import checkpointed_command, write_text_atomically
+from mamo.runs import checkpointed_command, stderr_on_terminal, write_text_atomically
 from mamo.search import run_search
 from mamo.search_plan import epochs_before_final, method_name
 from mamo.session import open_session
@@ -294,7 +294,7 @@ def run(args: argparse.Namespace) -> dict:
         write_text_atomically(record, json.dumps(options))
     results: dict[str, list[dict]] = {name: [] for name in table}
     run_names: list[str] = []
-    progress = sys.stderr.isatty()  # epoch bars on a terminal; in a pipe or a file the lines below alone
+    progress = stderr_on_terminal()  # epoch bars on a terminal; in a pipe or a file the lines below alone
     announce = _announcer(len(seeds) * (len(table) + 2 * bool(args.equal_params)))
     for seed in seeds:
         for name, overrides in table.items():

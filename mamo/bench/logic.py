@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from mamo.bench import positive_int
 from mamo.bench.logic_numpy import MOMENTUM, VectorDirection, VectorMLP
 from mamo.bench.thesis_tables import THESIS_METHODS, THESIS_SWEEP
 from mamo.errors import MamoError
+from mamo.runs import stderr_on_terminal
 
 if TYPE_CHECKING:
     import torch
@@ -305,7 +305,7 @@ def run(args: argparse.Namespace) -> dict:
     done = {}
     # A bar on a terminal (a full run is about a CPU-minute of silence otherwise), one step per method.
     for key, method, rates, strengths, T in tqdm(runs, desc="logic", unit="method", leave=False,
-                                                 disable=not sys.stderr.isatty()):
+                                                 disable=not stderr_on_terminal()):
         done[key] = run_method(method, lrs=rates, alphas=strengths, T=T, **common)
     results = {key: done[key] for key, *_ in runs[:len(MAIN)]}
     sweep = {key: done[key] for key, *_ in runs[len(MAIN):]}

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Callable
 
@@ -36,6 +35,7 @@ from mamo.bench import positive_int
 from mamo.bench.logic import CRITERIA, EPOCHS, THRESHOLD, best_rate, fmt, shuffles, train_lockstep
 from mamo.bench.logic_numpy import MOMENTUM, VectorMLP
 from mamo.errors import MamoError, NonFiniteGradients
+from mamo.runs import stderr_on_terminal
 
 TASKS = ("xor", "and", "or")
 TARGETS = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 1.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])  # (point, task)
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> dict:
     rows = [(f"single:{task}", "off") for task in TASKS] + [(b, f) for b in bases for f in FORMULATIONS]
     start = time.perf_counter()
     results = {}
-    for base, formulation in tqdm(rows, desc="logic3", unit="row", leave=False, disable=not sys.stderr.isatty()):
+    for base, formulation in tqdm(rows, desc="logic3", unit="row", leave=False, disable=not stderr_on_terminal()):
         results[base, formulation] = run_row(base, formulation, args.lrs, seeds, init, orders, args.criterion,
                                              args.T, args.alpha)
     wall = time.perf_counter() - start

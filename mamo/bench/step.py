@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import gc
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from mamo.directions import create_direction
 from mamo.graph import build_hps_graph
 from mamo.losses import LossFunction
 from mamo.model import compile_model
+from mamo.runs import stderr_on_terminal
 from mamo.session import make_current
 from mamo.spaces import create_space, memory_failures_named
 from mamo.step import TrainStep
@@ -250,7 +250,7 @@ def measure(setup: Setup, device: torch.device, warmup: int, rounds: int | None,
     tick, order = CLOCKS[clock], random.Random(0)
     # A bar on a terminal, one step per method (a ResNet-18 setup is minutes): drawn between the timed sessions.
     for name, factory in tqdm(factories.items(), desc=label, unit="method", leave=False,
-                              disable=not sys.stderr.isatty()):
+                              disable=not stderr_on_terminal()):
         try:
             step = factory(setup)
         except Unavailable as exc:
