@@ -14,6 +14,7 @@ import argparse
 import importlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -199,7 +200,9 @@ def command_bench(args: argparse.Namespace) -> int:
                 if not any(parent.iterdir()):
                     parent.rmdir()
         if isinstance(error, KeyboardInterrupt) and hasattr(options, "resume") and folder.is_dir():
-            print(f"stopped; continue with: {resume_command(args.name, args.options, folder)}", flush=True)
+            # On stderr, as a stopped search's, train's or tune's: stdout holds the tables alone (`> file`).
+            print(f"stopped; continue with: {resume_command(args.name, args.options, folder)}", file=sys.stderr,
+                  flush=True)
             raise StopExplained from None
         raise
     result.setdefault("wall_seconds", round(time.perf_counter() - start, 1))
