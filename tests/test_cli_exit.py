@@ -1,5 +1,7 @@
-"""The command line's exit (mamo.stops.exit_quickly): the atexit hooks and buffered output survive, the
-interpreter's tear-down is skipped, and a thread still running gets Python's ordinary exit."""
+"""The command line's process. Its exit (mamo.stops.exit_quickly): the atexit hooks and buffered output survive,
+the interpreter's tear-down is skipped, and a thread still running gets Python's ordinary exit. Its start with a
+standard stream closed (mamo.stops.hold_standard_descriptors, runs.stderr_on_terminal): the command runs, and no
+file it opens takes the closed descriptor."""
 
 from __future__ import annotations
 
