@@ -83,16 +83,18 @@ class Method:
         return self.thesis or self.label
 
 
-def _stack(per_seed: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def stack_seeds(per_seed: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each seed's parameter arrays stacked on a last, seed axis (the runs' axis of :class:`VectorMLP`)."""
     return {key: np.stack([p[key] for p in per_seed], axis=-1) for key in per_seed[0]}
 
 
-def _layers(shared: torch.nn.Module, heads: dict[str, torch.nn.Module]) -> dict[str, np.ndarray]:
-    """W (out, in), b, V (task, hidden), a (task) from torch layers, tasks in :data:`TASKS` order."""
+def layer_arrays(shared: torch.nn.Module, heads: dict[str, torch.nn.Module],
+                 tasks: Sequence[str] = TASKS) -> dict[str, np.ndarray]:
+    """W (out, in), b, V (task, hidden), a (task) from torch layers, tasks in ``tasks`` order."""
     weight, bias = (p.detach().double().numpy() for p in shared.parameters())
-    head = {t: [p.detach().double().numpy() for p in heads[t].parameters()] for t in TASKS}
-    return {"W": weight, "b": bias, "V": np.concatenate([head[t][0] for t in TASKS]),
-            "a": np.concatenate([head[t][1] for t in TASKS])}
+    head = {t: [p.detach().double().numpy() for p in heads[t].parameters()] for t in tasks}
+    return {"W": weight, "b": bias, "V": np.concatenate([head[t][0] for t in tasks]),
+            "a": np.concatenate([head[t][1] for t in tasks])}
 
 
 def initial_parameters(seeds: list[int], method: Method | None = None) -> dict[str, np.ndarray]:
@@ -107,7 +109,8 @@ def initial_parameters(seeds: list[int], method: Method | None = None) -> dict[s
     data = load_data(config.data)
     graph = g.build_hps_graph(create_space(config.model, data.input_shape), data.tasks)
     models = [compile_model(graph, seed=seed) for seed in seeds]
-    return _stack([_layers(m.blocks[g.cell_id(0)], {t: m.blocks[g.head_id(t)] for t in TASKS}) for m in models])
+    return stack_seeds([layer_arrays(m.blocks[g.cell_id(0)], {t: m.blocks[g.head_id(t)] for t in TASKS})
+                        for m in models])
 
 
 def reference_parameters(seeds: list[int], method: Method | None = None) -> dict[str, np.ndarray]:
@@ -121,7 +124,7 @@ def reference_parameters(seeds: list[int], method: Method | None = None) -> dict
         torch.manual_seed(REFERENCE_SEED)
         shared = torch.nn.Linear(2, 2)
         heads = {task: torch.nn.Linear(2, 1) for task in order}
-    return _stack([_layers(shared, heads)] * len(seeds))
+    return stack_seeds([layer_arrays(shared, heads)] * len(seeds))
 
 
 INITS: dict[str, Callable[[list[int], Method | None], dict[str, np.ndarray]]] = {

@@ -32,7 +32,17 @@ import numpy as np
 from tqdm import tqdm
 
 from mamo.bench import positive_int
-from mamo.bench.logic import CRITERIA, EPOCHS, THRESHOLD, best_rate, fmt, shuffles, train_lockstep
+from mamo.bench.logic import (
+    CRITERIA,
+    EPOCHS,
+    THRESHOLD,
+    best_rate,
+    fmt,
+    layer_arrays,
+    shuffles,
+    stack_seeds,
+    train_lockstep,
+)
 from mamo.bench.logic_numpy import MOMENTUM, VectorMLP
 from mamo.errors import MamoError, NonFiniteGradients
 from mamo.runs import stderr_on_terminal
@@ -61,12 +71,9 @@ def initial_parameters(seeds: list[int], fixed: bool) -> dict[str, np.ndarray]:
         for seed in seeds:
             torch.manual_seed(FIXED_SEED if fixed else seed)
             shared = torch.nn.Linear(2, 2)
-            heads = [torch.nn.Linear(2, 1) for _ in TASKS]
-            layers = [p.detach().double().numpy() for p in (shared.weight, shared.bias)]
-            draws.append({"W": layers[0], "b": layers[1],
-                          "V": np.concatenate([h.weight.detach().double().numpy() for h in heads]),
-                          "a": np.concatenate([h.bias.detach().double().numpy() for h in heads])})
-    return {key: np.stack([draw[key] for draw in draws], axis=-1) for key in draws[0]}
+            heads = {task: torch.nn.Linear(2, 1) for task in TASKS}
+            draws.append(layer_arrays(shared, heads, TASKS))
+    return stack_seeds(draws)
 
 
 class ObjectDirections:
