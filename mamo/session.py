@@ -18,7 +18,7 @@ from mamo.cache import BaselineCache
 from mamo.checkpoint import EpochCheckpoint, load_checkpoint, restore_trainer
 from mamo.config import Config, DirectionConfig, ModelConfig, TensionerConfig, TrainConfig
 from mamo.data import LoadData, MultiTaskData, load_data, unused_data_note
-from mamo.directions import METHOD_SETTINGS, create_direction
+from mamo.directions import METHOD_SETTINGS, THESIS_BASES, create_direction
 from mamo.errors import EndedOnPurpose, MamoError, StopExplained
 from mamo.graph import build_hps_graph, graph_to_json
 from mamo.model import MamoNet, compile_model, count_parameters
@@ -86,9 +86,6 @@ def check_train_settings(config: Config) -> torch.device:
     check_train_config(config.train)
     check_model_config(config.model)
     return resolve_device(config.train.device)
-
-
-THESIS_BASES = ("mgda", "central")  # the base directions the thesis tensions (Algorithms 1–2)
 
 
 def setting_notes(config: Config) -> list[str]:

@@ -49,6 +49,7 @@ __all__ = [
     "min_norm_weights",
     "tension_factors",
     "METHOD_SETTINGS",
+    "THESIS_BASES",
 ]
 
 Factory = Callable[[DirectionConfig, torch.Generator | None], Direction]
@@ -76,6 +77,9 @@ _LABEL_SETTINGS: dict[str, Callable[[DirectionConfig], str]] = {
 # The direction settings only some methods read, by method: a run that changes one under another method is told
 # it has no effect (mamo.session.unused_settings_notes; each was ignored without a word, under every method).
 METHOD_SETTINGS: dict[str, tuple[str, ...]] = {"mgda": ("normalization",), "cagrad": ("cagrad_c",)}
+
+# The base directions the thesis wraps in its tensioner (Algorithms 1–2); a run that wraps another is told so.
+THESIS_BASES = ("mgda", "central")
 
 
 def create_direction(config: DirectionConfig, generator: torch.Generator | None = None) -> Direction:
