@@ -22,7 +22,8 @@ from mamo import graph as g
 from mamo.directions.base import NEGLIGIBLE_SQUARED_NORM
 from mamo.errors import MamoError
 
-HISTOGRAM_EDGES = np.linspace(-1.0, 1.0, 21)  # 20 bins of width 0.1 over [-1, 1]
+# 20 bins of width 0.1 over [-1, 1]; k / 10 is the double nearest each edge (np.linspace's 0.1 was a hair above).
+HISTOGRAM_EDGES = np.arange(-10, 11) / 10
 _EDGES = HISTOGRAM_EDGES.tolist()
 Pair = tuple[str, str]
 Position = tuple[Pair, int]

@@ -48,6 +48,17 @@ def test_a_zero_gradient_has_no_cosine_it_is_no_conflict_and_stays_out_of_the_me
     assert stats.histograms.sum() == 1 and stats.mean_cosine()[0, 0, 0] == 1.0
 
 
+def test_a_cosine_on_a_bin_edge_counts_in_the_bin_that_starts_there():
+    # Edges from np.linspace were a hair off k/10 (0.1 read 0.10000000000000009), so a cosine of exactly 0.1
+    # counted in [0.0, 0.1).
+    for k in range(-10, 10):
+        stats = ConflictStats(["a", "b"], num_cells=1, cell_params=[2])
+        cosine = k / 10
+        stats.update({g.cell_id(0): np.array([[1.0, cosine], [cosine, 1.0]])})
+        assert stats.histograms[0, 0].tolist() == [int(b == k + 10) for b in range(20)], cosine
+    assert HISTOGRAM_EDGES.tolist() == [k / 10 for k in range(-10, 11)]
+
+
 def test_a_task_whose_gradient_was_always_zero_is_named_silent():
     # A task with one class (zero cross-entropy gradient) froze an MGDA search's trunk without a word.
     stats = ConflictStats(["a", "b", "c"], num_cells=2, cell_params=[5, 0])
