@@ -315,16 +315,32 @@ def architecture_tree(model: MamoNet) -> str:
             lines.append(f"│   {_twig(position, len(here))} {_module_kind(group)} {'+'.join(group)}  "
                          f"({params.get(node, 0):,} params, grown in round {data['round']}, {origin})")
     for position, task in enumerate(model.tasks):
-        groups = g.fusion_groups(graph, task)
-        fused = " + ".join(["trunk", *(f"β·{'+'.join(grp)}" for grp in groups)])
+        terms = ["trunk", *(f"β·{'+'.join(grp)}" for grp in g.fusion_groups(graph, task))]
         betas = params.get(g.fusion_id(task), 0)
         weighed = f" ({counted(betas, 'param')})" if betas else ""
-        lines.append(f"{_twig(position, len(model.tasks))} {task}: fusion [{fused}]{weighed} → head "
-                     f"({params.get(g.head_id(task), 0):,} params)")
+        opening = f"{_twig(position, len(model.tasks))} {task}: fusion ["
+        closing = f"]{weighed} → head ({params.get(g.head_id(task), 0):,} params)"
+        indent = ("│" if position < len(model.tasks) - 1 else " ").ljust(len(opening))
+        lines.append(_wrapped(terms, opening, closing, indent))
     total = sum(p.numel() for p in model.parameters())
     kinds = sorted({_module_kind(tuple(graph.nodes[node]["group"])) for node in branches}) or ["GMK"]
     lines.append(f"{counted(len(branches), ' and '.join(kinds) + ' module')}, {total:,} parameters in all")
     return "\n".join(lines)
+
+
+TREE_WIDTH = 100  # a fusion's terms wrap past this (ten tasks made lines of 500 characters)
+
+
+def _wrapped(terms: list[str], opening: str, closing: str, indent: str) -> str:
+    """``opening``, ``terms`` joined by " + " and ``closing``, continued on lines that start with ``indent``."""
+    lines, line = [], opening + terms[0]
+    for k, term in enumerate(terms[1:], start=2):
+        if len(line) + len(term) + 3 + (len(closing) if k == len(terms) else 0) > TREE_WIDTH:
+            lines.append(line)
+            line = f"{indent}+ {term}"
+        else:
+            line += f" + {term}"
+    return "\n".join([*lines, line + closing])
 
 
 def _twig(position: int, count: int) -> str:

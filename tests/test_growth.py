@@ -10,7 +10,7 @@ import torch
 from mamo import graph as g
 from mamo.config import DirectionConfig, ModelConfig, TensionerConfig
 from mamo.directions import create_direction
-from mamo.export import architecture_tree
+from mamo.export import TREE_WIDTH, architecture_tree
 from mamo.model import compile_model
 from mamo.spaces import create_space
 from mamo.step import TrainStep
@@ -281,6 +281,26 @@ def test_the_architecture_tree_names_each_branch_from_its_current_first_cell():
     listed = sum(int(n.replace(",", "")) for n in re.findall(r"\(([\d,]+) params?\b", tree))
     assert listed == sum(p.numel() for p in model.parameters())
     assert "a: fusion [trunk + β·a+b + β·a] (2 params) → head" in tree
+
+
+def test_a_fusion_of_many_branches_wraps_its_terms_and_keeps_the_tree_readable():
+    # Ten tasks put up to 500 characters on one fusion line (longer names, longer lines).
+    names = ["segmentation", "depth", "normal", "edges", "keypoints", "curvature", "reshading", "occlusion",
+             "autoencoder", "denoising"]
+    model = lenet_model(parse_tasks({n: {"type": "classification", "classes": 4} for n in names}, "test"))
+    for other in names[1:]:
+        spawn(model, ((names[0], other), 1))
+    tree = architecture_tree(model)
+    lines = tree.splitlines()
+    start = next(k for k, line in enumerate(lines) if line.startswith(f"├─ {names[0]}: fusion [trunk + β·"))
+    end = next(k for k in range(start, len(lines)) if "] (9 params) → head" in lines[k])
+    assert max(len(line) for line in lines[start:]) <= TREE_WIDTH  # the fusions and the total
+    indent = "│".ljust(len(f"├─ {names[0]}: fusion ["))
+    assert end > start and all(line.startswith(indent + "+ β·") for line in lines[start + 1:end + 1])
+    fused = " ".join(line.strip("│ ") for line in lines[start:end + 1])
+    assert fused.count("+ β·") == 9 and all(f"β·{names[0]}+{other}" in fused for other in names[1:])
+    assert f"└─ {names[-1]}: fusion [trunk + β·{names[0]}+{names[-1]}] (1 param) → head" in tree  # short: one line
+    assert lines[-1].startswith("18 GMK modules, ")  # nine branches over cells 1 and 2
 
 
 def test_exclusive_modules_are_task_specific():
