@@ -347,7 +347,8 @@ def test_ablation_runs_on_another_preset_with_the_chosen_rounds(tmp_path, capsys
     assert [c for c in result["columns"] if c.endswith("(% vs STL)")] == [
         f"{task} accuracy (% vs STL)" for task in ("left", "right", "sum")]
     per_seed = next(note for note in result["notes"] if note.startswith("Δ % per seed"))
-    assert [part.split(": ")[-1] for part in per_seed.split("; ")] == [row[-4] for row in result["rows"]]  # 1 seed
+    delta_column = result["columns"].index("Δ %")
+    assert [part.split(": ")[-1] for part in per_seed.split("; ")] == [row[delta_column] for row in result["rows"]]
     # --equal-params sizes a fully grown pair, which is every task only with two tasks.
     assert main([*args[:-2], "--equal-params", "--out", str(tmp_path / "eq")]) == 2
     assert not (tmp_path / "eq").exists()  # refused before any training, and its empty folder removed
@@ -411,13 +412,18 @@ def test_ablation_quick_runs_every_variant_with_its_architecture(tmp_path, capsy
     # --equal-params: HPS and w/o GMK at MAMO's size, each Δ against the seed's STL at the preset's width.
     hps_row, exclusive_row = list(rows)[-2:]
     assert hps_row == "HPS (equal), MAMO's size (latent 101)" and exclusive_row == "w/o GMK, MAMO's size (latent 30)"
-    assert rows[hps_row]["Params"] == "48921" and float(rows[hps_row]["GMKs"]) == 0
+    assert rows[hps_row]["Params"] == "48,921" and float(rows[hps_row]["GMKs"]) == 0
     narrow = json.loads((tmp_path / "ablation" / "runs" / "seed0-exclusive_latent30" / "metrics.json").read_text())
     main_run = json.loads((tmp_path / "ablation" / "runs" / "seed0-MAMO" / "metrics.json").read_text())
     stl = main_run["baselines"]["stl"]["tasks"]
     assert not narrow.get("baselines")  # it trained no STL or HPS of its own
     tasks = load_trained(tmp_path / "ablation" / "runs" / "seed0-MAMO").tasks
     assert rows[exclusive_row]["Δ %"] == f"{delta(narrow['tasks'], stl, tasks):+.2f}"
+    # Validation Δ beside it, each run's validation metrics against the seed's STL's (the bench printed none).
+    stl_val = main_run["baselines"]["stl"]["val"]
+    assert rows[exclusive_row]["val Δ %"] == f"{delta(narrow['val'], stl_val, tasks):+.2f}"
+    assert rows["HPS (equal)"]["val Δ %"] == f"{delta(main_run['baselines']['hps']['val'], stl_val, tasks):+.2f}"
+    assert rows["MAMO (Z=2)"]["val Δ %"] == f"{main_run['val_delta']:+.2f}"  # the search's own, recomputed
 
     # A stopped ablation continues: finished variants are read back, a missing one retrains to the same row,
     # on another device if asked (here the default, auto; where auto is a GPU, the CPU, whose rounding the

@@ -123,16 +123,17 @@ def _search_at(config: Config, runs_root: Path, progress: bool) -> dict:
     return _variant(config, folder, progress)
 
 
-def _row(name: str, runs: list[dict], stls: list[dict], tasks: dict, deltas: list[float]) -> list[str]:
-    """A table row: mean ± std over seeds of each metric's change (+ is better), Δ (``deltas``, one per seed)
-    and win rate against that seed's STL."""
+def _row(name: str, runs: list[dict], stls: list[dict], tasks: dict, deltas: list[float],
+         val_deltas: list[float]) -> list[str]:
+    """A table row: mean ± std over seeds of each metric's change (+ is better), Δ on test and on validation
+    (``deltas``, ``val_deltas``, one per seed) and win rate against that seed's STL."""
     pairs = list(zip(runs, stls, strict=True))
     per_seed = [relative_changes(r["tasks"], s["tasks"], tasks) for r, s in pairs]
     changes = [_mean_std([seed[(t, m)] for seed in per_seed]) for t, m, _ in metric_columns(tasks)]
-    return [name, *changes, _mean_std(deltas),
+    return [name, *changes, _mean_std(deltas), _mean_std(val_deltas),
             f"{statistics.mean(win_rate(r['tasks'], s['tasks'], tasks) for r, s in pairs):.2f}",
             f"{statistics.mean(r.get('gmk_modules', 0) for r in runs):.1f}",
-            f"{statistics.mean(r['params'] for r in runs):.0f}"]
+            f"{statistics.mean(r['params'] for r in runs):,.0f}"]
 
 
 def _rounds(overrides: list[str], default: int) -> int:
@@ -317,11 +318,14 @@ def run(args: argparse.Namespace) -> dict:
                 results[name].append(train(config, runs_root, progress))
     stl = [r["baselines"]["stl"] for r in results[main]]
     columns = [(task, metric) for task, metric, _ in metric_columns(tasks)]
-    header = ["Method", *(f"{t} {m} (% vs STL)" for t, m in columns), "Δ %", "Win", "GMKs", "Params"]
+    header = ["Method", *(f"{t} {m} (% vs STL)" for t, m in columns), "Δ %", "val Δ %", "Win", "GMKs", "Params"]
     every = {"HPS (equal)": [r["baselines"]["hps"] for r in results[main]], **results}
     deltas = {name: [delta(r["tasks"], s["tasks"], tasks) for r, s in zip(runs, stl, strict=True)]
               for name, runs in every.items()}
-    rows = [_row(name, runs, stl, tasks, deltas[name]) for name, runs in every.items()]
+    # Validation Δ, against the seed's STL on validation: what a choice between the variants may read.
+    val_deltas = {name: [delta(r["val"], s["val"], tasks) for r, s in zip(runs, stl, strict=True)]
+                  for name, runs in every.items()}
+    rows = [_row(name, runs, stl, tasks, deltas[name], val_deltas[name]) for name, runs in every.items()]
     per_seed = "; ".join(f"{name}: " + " / ".join(f"{d:+.2f}" for d in values) for name, values in deltas.items())
     return {
         # The direction named: the rows say "MAMO (Z=2)", and the preset may set any of them (a helper's audit).
