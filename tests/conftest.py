@@ -3,7 +3,15 @@
 import os
 
 import pytest
-import torch
+
+# OpenMP threads that sleep while they wait, for this process and the commands the tests start, unless the
+# environment chose: pytest -n 2 runs two workers, each starting commands with two threads on two cores, and
+# libgomp's default spin then takes the core another process needs (docs/performance.md, "Threads on a busy
+# machine"). Set before torch loads libgomp, which reads it once.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import torch  # noqa: E402
 
 # pytest -n 2 runs two workers on two cores: one intra-op thread each avoids oversubscription, which on a
 # small machine makes every convolution many times slower.
