@@ -31,6 +31,11 @@ def _cell(value: Any, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed and isinstance(value, float) else short_value(value)
 
 
+def _count(value: Any) -> str:
+    """A parameter count as report.md and show write it (thousands separators)."""
+    return f"{value:,}" if isinstance(value, int) else _cell(value)
+
+
 def _percent(fraction: float | None) -> str:
     return "–" if fraction is None else f"{fraction:.0%}"  # as report.md writes a win rate
 
@@ -140,7 +145,7 @@ def trials_table(study: optuna.Study, trials: list[FrozenTrial], multi: bool, di
         body.append([str(t.number), *(_cell(v, signed=not multi) for v in t.values),
                      *([_cell(attrs.get("val_delta"), True)] if multi else []), _cell(attrs.get("delta"), True),
                      _percent(attrs.get("win_rate")), *(_cell(t.params.get(n)) for n in tuned),
-                     _cell(attrs.get("gmk_modules")), _cell(attrs.get("params")), _where(t, directory)])
+                     _cell(attrs.get("gmk_modules")), _count(attrs.get("params")), _where(t, directory)])
     return table_lines(header, body)
 
 

@@ -1191,6 +1191,7 @@ def test_quick_study_on_sqlite_end_to_end(tmp_path, capsys):
     # The win rate reads as report.md writes it, a percentage (the summary showed 0.3333 beside report.md's 33%).
     best_row = next(line for line in summary.splitlines() if line.startswith(f"| {best.number} |"))
     assert f"| {best.user_attrs['win_rate']:.0%} |" in best_row
+    assert f"| {best.user_attrs['params']:,} |" in best_row  # as report.md and show write a count (56868 was bare)
     assert (study_dir / f"trial-{best.number:04d}" / "weights.safetensors").is_file()
     for trial in study.trials:
         assert (study_dir / f"trial-{trial.number:04d}" / "report.md").is_file()
