@@ -179,7 +179,7 @@ def write_dot(model: MamoNet, path: Path) -> None:
 
     lines = ["digraph mamo {", "  rankdir=LR;"]
     for node, data in model.graph.nodes(data=True):
-        label = quote(node) if "params" not in data else quote(node, f"{data['params']} params")
+        label = quote(node) if "params" not in data else quote(node, f"{data['params']:,} params")
         lines.append(f"  {quote(node)} [label={label}, kind={quote(data['kind'])}];")
     lines += [f"  {quote(a)} -> {quote(b)};" for a, b in model.graph.edges]
     write_text_atomically(path, "\n".join(lines + ["}"]) + "\n")

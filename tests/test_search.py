@@ -394,6 +394,8 @@ def test_onnx_and_pt2_programs_give_the_same_outputs(finished, tmp_path):
     dot = (tmp_path / "architecture.dot").read_text()
     assert "digraph mamo" in dot
     assert '"cell0" [label="cell0\\n' in dot and "\\\\n" not in dot  # a line break, not a printed backslash
+    trunk = model.graph.nodes["cell2"]["params"]
+    assert f'"cell2" [label="cell2\\n{trunk:,} params"' in dot and trunk >= 1000  # as show and the PNG write it
 
 
 def test_a_small_models_onnx_export_removes_an_earlier_exports_weights_file(finished, tmp_path):
