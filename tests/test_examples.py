@@ -38,8 +38,10 @@ def test_the_digits_plugin_splits_the_digits_disjointly_by_seed():
 
 
 def test_the_digits_plugin_refuses_sizes_beyond_the_digits_in_one_sentence():
-    with pytest.raises(MamoError, match=r"\(1500, 300, 300\) must be at least 1 each and sum to at most the 1797"):
+    with pytest.raises(MamoError, match=r"\(1500, 300, 300\) must each be at least 1 and together at most the 1797"):
         _plugin().build(train_size=1500)
+    with pytest.raises(MamoError, match=r"\(1197, 0, 300\) must each be at least 1 .* set sizes that fit\.$"):
+        _plugin().build(val_size=0)
 
 
 def test_the_digits_preset_searches_as_written(tmp_path, monkeypatch):

@@ -26,8 +26,8 @@ def build(seed: int = 0, root: str | None = None, train_size: int = 1197, val_si
     with scikit-learn."""
     digits = load_digits()
     if min(train_size, val_size, test_size) < 1 or train_size + val_size + test_size > len(digits.images):
-        raise MamoError(f"data.train_size, val_size and test_size ({train_size}, {val_size}, {test_size}) must be "
-                        f"at least 1 each and sum to at most the {len(digits.images)} digits; set smaller ones.")
+        raise MamoError(f"data.train_size, val_size and test_size ({train_size}, {val_size}, {test_size}) must each "
+                        f"be at least 1 and together at most the {len(digits.images)} digits; set sizes that fit.")
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
     labels = torch.tensor(digits.target, dtype=torch.int64)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
