@@ -349,6 +349,9 @@ def test_ablation_runs_on_another_preset_with_the_chosen_rounds(tmp_path, capsys
     per_seed = next(note for note in result["notes"] if note.startswith("Δ % per seed"))
     delta_column = result["columns"].index("Δ %")
     assert [part.split(": ")[-1] for part in per_seed.split("; ")] == [row[delta_column] for row in result["rows"]]
+    val_per_seed = next(note for note in result["notes"] if note.startswith("validation Δ % per seed"))
+    val_column = result["columns"].index("val Δ %")
+    assert [part.split(": ")[-1] for part in val_per_seed.split("; ")] == [row[val_column] for row in result["rows"]]
     # --equal-params sizes a fully grown pair, which is every task only with two tasks.
     assert main([*args[:-2], "--equal-params", "--out", str(tmp_path / "eq")]) == 2
     assert not (tmp_path / "eq").exists()  # refused before any training, and its empty folder removed

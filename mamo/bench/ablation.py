@@ -143,6 +143,11 @@ def _rounds(overrides: list[str], default: int) -> int:
     return default
 
 
+def _per_seed(deltas: dict[str, list[float]]) -> str:
+    """Each row's Δ per seed, for the notes: ``name: +1.00 / -0.50; ...``."""
+    return "; ".join(f"{name}: " + " / ".join(f"{d:+.2f}" for d in values) for name, values in deltas.items())
+
+
 def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:+.2f}"
@@ -326,7 +331,6 @@ def run(args: argparse.Namespace) -> dict:
     val_deltas = {name: [delta(r["val"], s["val"], tasks) for r, s in zip(runs, stl, strict=True)]
                   for name, runs in every.items()}
     rows = [_row(name, runs, stl, tasks, deltas[name], val_deltas[name]) for name, runs in every.items()]
-    per_seed = "; ".join(f"{name}: " + " / ".join(f"{d:+.2f}" for d in values) for name, values in deltas.items())
     return {
         # The direction named: the rows say "MAMO (Z=2)", and the preset may set any of them (a helper's audit).
         "title": f"MAMO ablations on {preset}, {method_name(base)} (seeds {seeds}: mean ± sample std; every variant "
@@ -336,6 +340,7 @@ def run(args: argparse.Namespace) -> dict:
         "notes": ["STL test metrics per seed: " + "; ".join(
                       f"seed {seed}: " + ", ".join(f"{t} {m} {s['tasks'][t][m]:.4f}" for t, m in columns)
                       for seed, s in zip(seeds, stl, strict=True)),
-                  f"Δ % per seed (seeds {', '.join(map(str, seeds))}): {per_seed}",
+                  f"Δ % per seed (seeds {', '.join(map(str, seeds))}): {_per_seed(deltas)}",
+                  f"validation Δ % per seed: {_per_seed(val_deltas)}",
                   f"run folders under {runs_root}"],
     }
