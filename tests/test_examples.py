@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
 from mamo.config import load_config
+from mamo.data_plugins import load_plugin
 from mamo.errors import MamoError
 from mamo.search import run_search
 
@@ -16,15 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "docs" / "examples" / "digits.yaml"
 
 
-def _plugin():
-    spec = importlib.util.spec_from_file_location("digits_plugin", ROOT / "docs" / "examples" / "digits_plugin.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _build():
+    """The plugin's function, loaded as a run loads it (data.name with an absolute path)."""
+    return load_plugin(f"{ROOT / 'docs' / 'examples' / 'digits_plugin.py'}:build")
 
 
 def test_the_digits_plugin_splits_the_digits_disjointly_by_seed():
-    data = _plugin().build(seed=3)
+    data = _build()(seed=3)
     assert [len(data[s]) for s in ("train", "val", "test")] == [1197, 300, 300]
     x, targets = data["train"][0]
     assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and 0.0 <= x.min() and x.max() <= 1.0
@@ -33,15 +31,15 @@ def test_the_digits_plugin_splits_the_digits_disjointly_by_seed():
               for split in ("train", "val", "test")}
     # The digits hold a few exact duplicates, so the splits share at most those.
     assert len(images["train"] & images["test"]) <= 2 and len(images["val"] & images["test"]) <= 2
-    again, other = _plugin().build(seed=3), _plugin().build(seed=4)
+    again, other = _build()(seed=3), _build()(seed=4)
     assert torch.equal(again["test"].x, data["test"].x) and not torch.equal(other["test"].x, data["test"].x)
 
 
 def test_the_digits_plugin_refuses_sizes_beyond_the_digits_in_one_sentence():
     with pytest.raises(MamoError, match=r"\(1500, 300, 300\) must each be at least 1 and together at most the 1797"):
-        _plugin().build(train_size=1500)
+        _build()(train_size=1500)
     with pytest.raises(MamoError, match=r"\(1197, 0, 300\) must each be at least 1 .* set sizes that fit\.$"):
-        _plugin().build(val_size=0)
+        _build()(val_size=0)
 
 
 def test_the_digits_preset_searches_as_written(tmp_path, monkeypatch):
