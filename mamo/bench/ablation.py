@@ -325,11 +325,9 @@ def run(args: argparse.Namespace) -> dict:
     columns = [(task, metric) for task, metric, _ in metric_columns(tasks)]
     header = ["Method", *(f"{t} {m} (% vs STL)" for t, m in columns), "Δ %", "val Δ %", "Win", "GMKs", "Params"]
     every = {"HPS (equal)": [r["baselines"]["hps"] for r in results[main]], **results}
-    deltas = {name: [delta(r["tasks"], s["tasks"], tasks) for r, s in zip(runs, stl, strict=True)]
-              for name, runs in every.items()}
-    # Validation Δ, against the seed's STL on validation: what a choice between the variants may read.
-    val_deltas = {name: [delta(r["val"], s["val"], tasks) for r, s in zip(runs, stl, strict=True)]
-                  for name, runs in every.items()}
+    # Test Δ and validation Δ (what a choice between the variants may read), each against the seed's STL there.
+    deltas, val_deltas = ({name: [delta(r[split], s[split], tasks) for r, s in zip(runs, stl, strict=True)]
+                           for name, runs in every.items()} for split in ("tasks", "val"))
     rows = [_row(name, runs, stl, tasks, deltas[name], val_deltas[name]) for name, runs in every.items()]
     return {
         # The direction named: the rows say "MAMO (Z=2)", and the preset may set any of them (a helper's audit).
