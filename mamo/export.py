@@ -312,35 +312,48 @@ def architecture_tree(model: MamoNet) -> str:
             group = tuple(data["group"])
             start = first_cell[group]
             origin = "starts here" if start == index else f"continues the branch from cell{start}"
-            lines.append(f"│   {_twig(position, len(here))} {_module_kind(group)} {'+'.join(group)}  "
-                         f"({params.get(node, 0):,} params, grown in round {data['round']}, {origin})")
+            name = f"│   {_twig(position, len(here))} {_module_kind(group)} {'+'.join(group)}"
+            detail = f"({params.get(node, 0):,} params, grown in round {data['round']}, {origin})"
+            if len(name) + 2 + len(detail) <= TREE_WIDTH:
+                lines.append(f"{name}  {detail}")
+            else:  # long task names: the detail goes under the name, indented past the twig
+                lines += [name, f"│   {'│' if position < len(here) - 1 else ' '}    {detail}"]
     for position, task in enumerate(model.tasks):
         terms = ["trunk", *(f"β·{'+'.join(grp)}" for grp in g.fusion_groups(graph, task))]
         betas = params.get(g.fusion_id(task), 0)
-        weighed = f" ({counted(betas, 'param')})" if betas else ""
+        weighed = f"({counted(betas, 'param')}) " if betas else ""
         opening = f"{_twig(position, len(model.tasks))} {task}: fusion ["
-        closing = f"]{weighed} → head ({params.get(g.head_id(task), 0):,} params)"
-        indent = ("│" if position < len(model.tasks) - 1 else " ").ljust(len(opening))
-        lines.append(_wrapped(terms, opening, closing, indent))
+        details = f"{weighed}→ head ({params.get(g.head_id(task), 0):,} params)"
+        rail = "│" if position < len(model.tasks) - 1 else " "
+        # Continued terms line up under the first, unless a long task name leaves them too little room.
+        indent = rail.ljust(len(opening) if len(opening) <= TREE_WIDTH // 3 else 5)
+        lines.append(_wrapped(terms, opening, details, indent))
     total = sum(p.numel() for p in model.parameters())
     kinds = sorted({_module_kind(tuple(graph.nodes[node]["group"])) for node in branches}) or ["GMK"]
     lines.append(f"{counted(len(branches), ' and '.join(kinds) + ' module')}, {total:,} parameters in all")
     return "\n".join(lines)
 
 
-TREE_WIDTH = 100  # a fusion's terms wrap past this (ten tasks made lines of 500 characters)
+TREE_WIDTH = 100  # longer lines wrap (ten tasks made fusion lines of 500 characters)
 
 
-def _wrapped(terms: list[str], opening: str, closing: str, indent: str) -> str:
-    """``opening``, ``terms`` joined by " + " and ``closing``, continued on lines that start with ``indent``."""
+def _wrapped(terms: list[str], opening: str, details: str, indent: str) -> str:
+    """``opening``, ``terms`` joined by " + " and closed by "]", then ``details``; continued on lines that start
+    with ``indent`` wherever a line would pass :data:`TREE_WIDTH`."""
     lines, line = [], opening + terms[0]
-    for k, term in enumerate(terms[1:], start=2):
-        if len(line) + len(term) + 3 + (len(closing) if k == len(terms) else 0) > TREE_WIDTH:
+    for term in terms[1:]:
+        if len(line) + 3 + len(term) > TREE_WIDTH:
             lines.append(line)
             line = f"{indent}+ {term}"
         else:
             line += f" + {term}"
-    return "\n".join([*lines, line + closing])
+    line += "]"
+    if len(line) + 1 + len(details) > TREE_WIDTH:
+        lines.append(line)
+        line = indent + details
+    else:
+        line += " " + details
+    return "\n".join([*lines, line])
 
 
 def _twig(position: int, count: int) -> str:

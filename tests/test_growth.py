@@ -283,6 +283,27 @@ def test_the_architecture_tree_names_each_branch_from_its_current_first_cell():
     assert "a: fusion [trunk + β·a+b + β·a] (2 params) → head" in tree
 
 
+def test_long_task_names_wrap_every_line_of_the_tree_under_its_width():
+    names = ["semantic_segmentation_of_roads", "monocular_depth_in_metres", "surface_normal"]
+    model = lenet_model(parse_tasks({n: {"type": "classification", "classes": 4} for n in names}, "test"))
+    spawn(model, ((names[0], names[1]), 1))
+    spawn(model, ((names[0], names[2]), 1))
+    lines = architecture_tree(model).splitlines()
+    assert max(len(line) for line in lines) <= TREE_WIDTH
+    first = lines.index(f"│   ├─ GMK {names[0]}+{names[1]}")  # the detail goes under the name
+    assert lines[first + 1] == "│   │    (5,020 params, grown in round 0, starts here)"  # the twig's rail goes on
+    last = lines.index(f"│   └─ GMK {names[0]}+{names[2]}")
+    assert lines[last + 1] == "│        (5,020 params, grown in round 0, starts here)"  # the last closes the list
+    # A long task name leaves its fusion's terms a short indent, not one under the first term.
+    fusion = lines.index(f"├─ {names[0]}: fusion [trunk")
+    assert lines[fusion + 2] == f"│    + β·{names[0]}+{names[2]}] (2 params) → head (172 params)"
+    assert lines[-3:-1] == [f"└─ {names[2]}: fusion [trunk + β·{names[0]}+{names[2]}]",
+                            " " * len(f"└─ {names[2]}: fusion [") + "(1 param) → head (172 params)"]
+    spawn(short := lenet_model(), (("a", "b"), 1))  # short names keep a module and a fusion on one line each
+    assert "│   └─ GMK a+b  (5,020 params, grown in round 0, starts here)\n" in architecture_tree(short)
+    assert "├─ a: fusion [trunk + β·a+b] (1 param) → head (172 params)\n" in architecture_tree(short)
+
+
 def test_a_fusion_of_many_branches_wraps_its_terms_and_keeps_the_tree_readable():
     # Ten tasks put up to 500 characters on one fusion line (longer names, longer lines).
     names = ["segmentation", "depth", "normal", "edges", "keypoints", "curvature", "reshading", "occlusion",
@@ -293,11 +314,12 @@ def test_a_fusion_of_many_branches_wraps_its_terms_and_keeps_the_tree_readable()
     tree = architecture_tree(model)
     lines = tree.splitlines()
     start = next(k for k, line in enumerate(lines) if line.startswith(f"├─ {names[0]}: fusion [trunk + β·"))
-    end = next(k for k in range(start, len(lines)) if "] (9 params) → head" in lines[k])
-    assert max(len(line) for line in lines[start:]) <= TREE_WIDTH  # the fusions and the total
+    end = next(k for k in range(start, len(lines)) if "(9 params) → head" in lines[k])
+    assert max(len(line) for line in lines) <= TREE_WIDTH
     indent = "│".ljust(len(f"├─ {names[0]}: fusion ["))
-    assert end > start and all(line.startswith(indent + "+ β·") for line in lines[start + 1:end + 1])
-    fused = " ".join(line.strip("│ ") for line in lines[start:end + 1])
+    assert end > start and all(line.startswith(indent + "+ β·") for line in lines[start + 1:end])
+    assert lines[end - 1].endswith("]") and lines[end] == f"{indent}(9 params) → head (172 params)"
+    fused = " ".join(line.strip("│ ") for line in lines[start:end])
     assert fused.count("+ β·") == 9 and all(f"β·{names[0]}+{other}" in fused for other in names[1:])
     assert f"└─ {names[-1]}: fusion [trunk + β·{names[0]}+{names[-1]}] (1 param) → head" in tree  # short: one line
     assert lines[-1].startswith("18 GMK modules, ")  # nine branches over cells 1 and 2
