@@ -39,10 +39,11 @@ from mamo.event_file import (
     text_summary,
 )
 from mamo.report import delta
-from mamo.runs import counted, replace_atomically
+from mamo.runs import counted
 from mamo.step import StepResult
 from mamo.tasks import TaskSpec
 from mamo.trainer import Callback, Metrics, Trainer
+from mamo.writes import replace_atomically
 
 if TYPE_CHECKING:
     import networkx as nx

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from mamo.config import Config
 from mamo.data_plugins import plugin_source_digest
-from mamo.runs import one_at_a_time, process_exists, write_text_atomically
+from mamo.runs import one_at_a_time
+from mamo.writes import process_exists, write_text_atomically
 
 #: A temporary file untouched this long was left by a killed writer: a save takes seconds, never an hour.
 ABANDONED_AFTER_SECONDS = 3600.0

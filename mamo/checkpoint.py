@@ -21,9 +21,8 @@ from torch import nn
 
 from mamo import graph as g
 from mamo.errors import MamoError, first_line, write_fix
-from mamo.runs import replace_atomically
-from mamo.torch_writes import write_through_file
 from mamo.trainer import Callback, KeepBest, Trainer
+from mamo.writes import replace_atomically, write_through_file
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
@@ -58,7 +57,8 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     """Write ``payload`` to ``path`` through a temporary file; a failed write (a full disk) leaves the previous
     checkpoint as it was and is one sentence."""
     try:
-        replace_atomically(path, lambda tmp: write_through_file(tmp, lambda file: torch.save(payload, file)))
+        replace_atomically(path, lambda tmp: write_through_file(tmp, lambda file: torch.save(payload, file)),
+                           durable=True)
     except (OSError, RuntimeError) as exc:  # RuntimeError: torch's own, a failed write is an OSError by now
         reason = getattr(exc, "strerror", None) or first_line(exc)
         raise MamoError(f"could not write the checkpoint {path} ({reason}); {write_fix(getattr(exc, 'errno', None))}, "

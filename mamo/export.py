@@ -28,14 +28,11 @@ from mamo.runs import (
     counted,
     in_use,
     refuse_file_above,
-    replace_atomically,
     run_command,
     stderr_on_terminal,
-    temporary_beside,
     utf8_path,
-    write_text_atomically,
 )
-from mamo.torch_writes import write_through_file
+from mamo.writes import replace_atomically, temporary_beside, write_text_atomically, write_through_file
 
 
 def _trains_per_task(directory: Path) -> bool:

@@ -28,7 +28,8 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
 from mamo.conflicts import HISTOGRAM_EDGES, ConflictStats
-from mamo.runs import counted, replace_atomically
+from mamo.runs import counted
+from mamo.writes import replace_atomically
 
 DPI = 100
 NO_PARAMS = "#d9d9d9"  # cells without parameters and the matrix diagonal: nothing to measure there

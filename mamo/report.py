@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 import mamo
-from mamo.runs import format_duration, table_lines, write_csv_atomically, write_text_atomically
+from mamo.runs import format_duration, table_lines
 from mamo.tasks import TaskSpec
 from mamo.trainer import mean_epoch_seconds
+from mamo.writes import write_csv_atomically, write_text_atomically
 
 Metrics = dict[str, dict[str, float]]
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from mamo.config import Config, load_config, split_override, yaml_text
 from mamo.errors import MamoError
-from mamo.runs import FolderLock, cli, never_started, run_command, utf8_path, written_by_another_live_process
+from mamo.runs import FolderLock, cli, never_started, run_command, utf8_path
+from mamo.writes import written_by_another_live_process
 
 # What --set (or an edit of config.yaml) may change when a run resumes: where it runs (its device, CPU threads and
 # CUDA graphs, which move the numbers only as far as another machine would), where its files lie (the same data

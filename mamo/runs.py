@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
 import fcntl
-import io
 import itertools
 import os
 import re
 import shlex
-import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
 from mamo.config import Config, config_text
 from mamo.errors import WRITE_FAILURES, MamoError, write_fix
+from mamo.writes import write_text_atomically
 
 RUNS_ROOT = Path("runs")
 
@@ -263,73 +261,6 @@ def in_use(directory: Path) -> bool:
     finally:
         os.close(descriptor)
     return False
-
-
-def temporary_beside(path: Path) -> Path:
-    """A temporary name beside ``path`` (the same file system, so a rename moves it into place) that no other
-    process uses: it holds the host and the process id."""
-    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-
-
-def written_by_another_live_process(path: Path) -> bool:
-    """Whether the temporary file or folder ``path`` (:func:`temporary_beside`'s name) belongs to another process
-    of this machine that is still running: an export writing beside a stopped run, whose files a resume must
-    leave. Another machine's cannot be told and reads False, as do a killed process's and this one's."""
-    pid = path.name.removesuffix(".tmp").rpartition(".")[2]
-    if not pid.isdigit() or int(pid) == os.getpid() or not path.name.endswith(f".{socket.gethostname()}.{pid}.tmp"):
-        return False
-    return process_exists(int(pid))
-
-
-def process_exists(pid: int) -> bool:
-    """Whether process ``pid`` of this machine (and PID namespace) is running, another user's included."""
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's live process
-    return True
-
-
-def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: readers see the old file
-    or the new one, never half of one. The temporary name holds the host and the process id, so processes sharing
-    a folder (a baseline cache, maybe from several machines) never write the same one; a failed write leaves none
-    behind."""
-    tmp = temporary_beside(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        tmp.replace(path)
-    except OSError as exc:
-        _discard(tmp)
-        # Named by the file the user knows: a failed write() (a full disk) names none, the rest the temporary one.
-        if exc.filename is None or str(exc.filename) == str(tmp):
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
-    except BaseException:
-        _discard(tmp)
-        raise
-
-
-def _discard(tmp: Path) -> None:
-    """Remove what a failed write left; on a read-only file system removing even a file never made fails (EROFS),
-    an error that must not take the place of the write's own."""
-    with contextlib.suppress(OSError):
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """:func:`replace_atomically` for a text file, always UTF-8 (reports hold Δ and arrows, whatever the locale)."""
-    replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def write_csv_atomically(path: Path, rows: Iterable[Sequence[object]]) -> None:
-    """:func:`replace_atomically` for a CSV table (the csv module's dialect: quoted as needed, CRLF rows), UTF-8."""
-    table = io.StringIO(newline="")
-    csv.writer(table).writerows(rows)
-    replace_atomically(path, lambda tmp: tmp.write_text(table.getvalue(), encoding="utf-8", newline=""))
 
 
 def counted(number: int, noun: str, plural: str | None = None) -> str:

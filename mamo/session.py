@@ -30,9 +30,7 @@ from mamo.runs import (
     counted,
     free_run_dir,
     new_run_dir,
-    replace_atomically,
     write_run_config,
-    write_text_atomically,
 )
 from mamo.samples import unreachable_target_notes
 from mamo.spaces import SPACES, check_model_config, create_space, memory_failure
@@ -47,6 +45,7 @@ from mamo.trainer import (
     make_optimizer,
     resolve_device,
 )
+from mamo.writes import replace_atomically, write_text_atomically
 
 EQUAL = DirectionConfig(name="equal", tensioner=TensionerConfig(formulation="off"))
 MODES = ("mtl", "stl")  # train.mode: what mamo.train.TRAIN_MODES trains
@@ -307,7 +306,7 @@ def save_model(run_dir: Path, model: MamoNet) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # As bytes through Python's own file: safetensors' save_file creates the file readable by its owner only
     # (0600), unlike every other file of the run folder.
-    replace_atomically(run_dir / "weights.safetensors", lambda tmp: tmp.write_bytes(save(state)))
+    replace_atomically(run_dir / "weights.safetensors", lambda tmp: tmp.write_bytes(save(state)), durable=True)
 
 
 def open_run(

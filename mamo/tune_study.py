@@ -22,11 +22,12 @@ from mamo.cache import owner_gone, process_owner
 from mamo.config import Config, config_from_dict, dump_config, load_config
 from mamo.data_plugins import plugin_code_digest, plugin_source, plugin_source_digest
 from mamo.errors import MamoError
-from mamo.runs import one_at_a_time, replace_atomically, write_text_atomically
+from mamo.runs import one_at_a_time
 from mamo.tune_space import OWN_OBJECTIVE, SPACE, objective_metrics
 from mamo.tune_storage import RETRY_OF, queue_retry
 from mamo.tune_summary import NO_RECORD, STOPPED_EARLY, fail_reason
 from mamo.tune_workers import COMMAND, OWNER, STOPPED, Tickets, TrialLine
+from mamo.writes import replace_atomically, write_text_atomically
 
 KILLED = "its command was killed before it finished (retried by the next command on the study)"
 KILLED_EARLY = "its command was killed before the trial drew its parameters"

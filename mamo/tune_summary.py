@@ -14,9 +14,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mamo.config import Config, dump_config, load_config
 from mamo.errors import MamoError
-from mamo.runs import cli, replace_atomically, table_lines, write_csv_atomically, write_text_atomically
+from mamo.runs import cli, table_lines
 from mamo.tune_space import OWN_OBJECTIVE, SPACE, apply_params
 from mamo.tune_storage import RETRY_OF
+from mamo.writes import replace_atomically, write_csv_atomically, write_text_atomically
 
 BEST_SHOWN = 5
 

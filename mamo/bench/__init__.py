@@ -21,7 +21,8 @@ from types import ModuleType
 from typing import Any
 
 from mamo.errors import MamoError
-from mamo.runs import claim_new_folder, cli, refuse_file_above, table_lines, write_text_atomically
+from mamo.runs import claim_new_folder, cli, refuse_file_above, table_lines
+from mamo.writes import write_text_atomically
 
 BENCHES: dict[str, str] = {
     "logic": "mamo.bench.logic",

@@ -37,12 +37,13 @@ from mamo.export import load_trained
 from mamo.model import compile_model, count_parameters
 from mamo.report import delta, metric_columns, relative_changes, win_rate
 from mamo.resume import computed_changes
-from mamo.runs import checkpointed_command, stderr_on_terminal, write_text_atomically
+from mamo.runs import checkpointed_command, stderr_on_terminal
 from mamo.search import run_search
 from mamo.search_plan import epochs_before_final, method_name
 from mamo.session import open_session
 from mamo.spaces import space_from_spec
 from mamo.tasks import parse_tasks
+from mamo.writes import write_text_atomically
 from mamo.yaml_core import load_yaml
 
 
