@@ -8,6 +8,7 @@ and writes one line per finished trial.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import math
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from mamo.cache import process_owner
 from mamo.errors import MamoError
@@ -264,8 +265,21 @@ class OneTakerStudy(optuna.Study):
         self.folder = folder
 
     def _pop_waiting_trial_id(self) -> int | None:  # Optuna's one step that takes a queued trial
+        """A queued trial, taken; where none is queued a new one, made here with its owner recorded (Optuna
+        would make it without, and a command killed before its objective started left a trial that the next
+        command could not tell from a live one for a minute)."""
+        owner = {OWNER: process_owner(), "host": socket.gethostname()}
         with one_at_a_time(self.folder):
-            return super()._pop_waiting_trial_id()
+            taken = super()._pop_waiting_trial_id()
+        if taken is not None:
+            for key, value in owner.items():  # a kill in the microseconds before this falls to ORPHAN_SECONDS
+                self._storage.set_trial_user_attr(taken, key, value)
+            return taken
+        made = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, values=None,
+                           datetime_start=datetime.datetime.now(), datetime_complete=None, params={},
+                           distributions={}, user_attrs=owner, system_attrs={}, intermediate_values={},
+                           trial_id=-1)  # Optuna's own start time (naive local), which left_running reads
+        return self._storage.create_new_trial(self._study_id, template_trial=made)
 
 
 @quiet_optuna

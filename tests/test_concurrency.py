@@ -427,3 +427,52 @@ def test_two_workers_never_take_one_queued_trial_of_a_local_study(tmp_path: Path
     popped = popped_by_three_workers(tmp_path, "mamo")
     assert len(popped) == 60 and len(set(popped)) == 60, sorted(popped)
 
+
+
+KILLED_AFTER_ASK = """
+import os, signal, sys
+from pathlib import Path
+import optuna
+from mamo.tune_storage import open_storage
+from mamo.tune_workers import OneTakerStudy
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+storage = open_storage(sys.argv[1], create=False)
+kinds = {"mamo": lambda: OneTakerStudy(study_name="s", storage=storage, folder=Path(sys.argv[3])),
+         "optuna": lambda: optuna.Study(study_name="s", storage=storage)}
+kinds[sys.argv[2]]().ask()
+os.kill(os.getpid(), signal.SIGKILL)  # killed after Optuna made the trial, before any objective could run
+"""
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_a_command_killed_as_it_makes_a_trial_leaves_one_the_next_command_retries_at_once(
+        tmp_path: Path, queued: bool) -> None:
+    # Optuna made a trial RUNNING without an owner; the objective recorded the owner a moment later, so a kill in
+    # between left a trial the next command could not tell from a live one, and retried only after a minute.
+    import subprocess
+    import sys
+
+    import optuna
+
+    from mamo.tune_storage import open_storage
+    from mamo.tune_study import left_running
+    from mamo.tune_workers import OWNER
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(url))
+    if queued:
+        study.enqueue_trial({"x": 1})  # a retry in the queue: taken, then its owner recorded
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                          os.environ.get("PYTHONPATH", "")])}
+    for kind in ("mamo", "optuna"):
+        ended = subprocess.run([sys.executable, "-c", KILLED_AFTER_ASK, url, kind, str(tmp_path)], env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert ended.returncode == -signal.SIGKILL, ended.stderr
+        if queued:
+            break
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.RUNNING and OWNER in trials[0].user_attrs
+    assert left_running(trials[0])  # its process is gone: retried by the next command, not after a minute
+    if not queued:
+        assert trials[1].state == TrialState.RUNNING and OWNER not in trials[1].user_attrs  # plain Optuna's
+        assert not left_running(trials[1])
