@@ -71,6 +71,19 @@ def positive_int(text: str) -> int:
     return _count(text, MAX_COUNT)
 
 
+def learning_rates(text: str) -> list[float]:
+    """An argparse type for --lrs: comma-separated finite positive learning rates."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers; pass e.g. "
+                                         "0.05,0.01") from None
+    if not values or not all(0.0 < v < math.inf for v in values):
+        raise argparse.ArgumentTypeError(f"'{text}' holds a learning rate that is not finite and positive; pass e.g. "
+                                         "0.05,0.01")
+    return values
+
+
 def thread_count(text: str) -> int:
     """An argparse type for --threads: a positive integer the system can start that many threads for."""
     from mamo.trainer import MAX_THREADS

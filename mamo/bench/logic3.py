@@ -31,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
-from mamo.bench import positive_int
+from mamo.bench import learning_rates, positive_int
 from mamo.bench.logic import (
     CRITERIA,
     EPOCHS,
@@ -146,22 +146,10 @@ def run_row(*args: object, **kwargs: object) -> dict[float, tuple[float, float, 
     return {ci: best_rate(epochs[c == ci], lr[c == ci]) for ci in SCALES}
 
 
-def _lr_list(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers; pass e.g. "
-                                         "0.05,0.01") from None
-    if not all(0.0 < v < math.inf for v in values):
-        raise argparse.ArgumentTypeError(f"'{text}' holds a learning rate that is not finite and positive; pass e.g. "
-                                         "0.05,0.01")
-    return values
-
-
 def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help=f"epoch budget (default {EPOCHS}; --quick 400)")
-    parser.add_argument("--lrs", type=_lr_list, default=[0.05],
+    parser.add_argument("--lrs", type=learning_rates, default=[0.05],
                         help="learning rates, comma-separated; each cell takes the one that converged most often, "
                              "then fastest (default 0.05, the logic benchmark's sweep rate)")
     parser.add_argument("--criterion", choices=list(CRITERIA), default="reference",

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from mamo.bench import positive_int
+from mamo.bench import learning_rates, positive_int
 from mamo.config import DirectionConfig, TensionerConfig, load_config, split_override
 from mamo.errors import MamoError
 from mamo.resume import flat_settings
@@ -57,24 +56,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=positive_int, default=None, help="epochs per model (default 10; --quick 1)")
     parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
                         help="optimizer (default: the preset's, adam; the thesis used sgd with momentum 0.9)")
-    parser.add_argument("--lrs", default=None,
+    parser.add_argument("--lrs", type=learning_rates, default=None,
                         help="comma-separated learning rates, the best on validation is kept (default: the "
                              "preset's; the thesis' SGD grid is 0.001,0.005,0.01,0.05,0.1)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override the preset, e.g. --set data.train_size=5000 (repeatable)")
-
-
-def _learning_rates(text: str | None, default: float) -> list[float]:
-    if text is None:
-        return [default]
-    try:
-        rates = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError as exc:
-        raise MamoError(f"--lrs '{text}' is not a comma-separated list of numbers; write e.g. --lrs 0.01,0.05."
-                        ) from exc
-    if not rates or any(not 0.0 < rate < math.inf for rate in rates):
-        raise MamoError(f"--lrs '{text}' must hold finite positive learning rates; write e.g. --lrs 0.01,0.05.")
-    return rates
 
 
 def _mean_std(values: list[float], digits: int = 4) -> str:
@@ -120,7 +106,7 @@ def run(args: argparse.Namespace) -> dict:
     optimizer = [f"train.optimizer={args.optimizer}"] if args.optimizer else []
     overrides = [*(QUICK_DATA if quick else []), *optimizer, f"train.device={args.device}", *args.overrides]
     base = load_config(PRESET, overrides)
-    lrs = _learning_rates(args.lrs, base.train.lr)
+    lrs = args.lrs or [base.train.lr]
     session = open_session(base, None, progress=False, quiet=True, cache_root=Path(args.out) / ".cache")
     tasks = list(session.data.tasks)
     if [session.data.tasks[t].type for t in tasks] != ["classification", "reconstruction"]:
