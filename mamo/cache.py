@@ -24,6 +24,7 @@ from pathlib import Path
 from mamo.config import Config
 from mamo.data_plugins import plugin_source_digest
 from mamo.runs import one_at_a_time
+from mamo.trainer import OPTIMIZER_SETTINGS
 from mamo.writes import process_exists, write_text_atomically
 
 #: A temporary file untouched this long was left by a killed writer: a save takes seconds, never an hour.
@@ -49,6 +50,10 @@ def baseline_key(config: Config, kind: str, epochs: int) -> str:
         },
         "seed": train.seed,
     }
+    # A setting the optimizer never reads trains nothing new: Adam's key holds no momentum (SGD's keys stay).
+    for setting in {s for read in OPTIMIZER_SETTINGS.values() for s in read} - set(
+            OPTIMIZER_SETTINGS.get(train.optimizer, ())):
+        del payload["budget"][setting]
     if train.threads is not None:  # an explicit thread count asks for its own numbers; null keeps the old keys
         payload["budget"]["threads"] = train.threads
     source = plugin_source_digest(config.data.name)
