@@ -290,6 +290,21 @@ def split_override(text: str) -> tuple[list[str], Any]:
     return [part.strip() for part in path], parsed
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what PyYAML found wrong, in words: ``mapping values are not allowed here, line 3 column 10``."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None or mark is None:
+        return exc.__class__.__name__
+    if "'\\t'" in problem:  # PyYAML's words for a tab read as a Python escape
+        problem = "a tab, where YAML indents with spaces only"
+    where = f"{problem}, line {mark.line + 1} column {mark.column + 1}"
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None and start.line != mark.line:  # an unclosed bracket: where it opened
+        where += f", {context} from line {start.line + 1}"
+    return where
+
+
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (), kind: str = "preset",
                 ) -> Config:
     """The preset's values over the defaults, then each ``--set`` override; validated as a whole. ``kind`` is
@@ -303,7 +318,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             raise MamoError(f"{kind} {path} has the key '{exc.key}' twice (again on line {exc.line}); keep one of "
                             "them.") from exc
         except yaml.YAMLError as exc:
-            raise MamoError(f"{kind} {path} is not valid YAML ({exc.__class__.__name__}); fix its syntax.") from exc
+            raise MamoError(f"{kind} {path} is not valid YAML ({yaml_problem(exc)}); fix its syntax there.") from exc
         except UnicodeDecodeError as exc:
             raise MamoError(f"{kind} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML.") from exc
         except OSError as exc:

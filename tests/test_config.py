@@ -363,7 +363,19 @@ def test_set_with_invalid_yaml_value_is_refused(value: str) -> None:
 
 def test_a_preset_with_an_unreadable_tagged_value_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "train:\n  lr: !!bool maybe\n")
-    assert error_of(str(path)) == f"preset {path} is not valid YAML (ConstructorError); fix its syntax."
+    assert error_of(str(path)) == f"preset {path} is not valid YAML (ConstructorError); fix its syntax there."
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("data:\n  name: x\n   epochs: 2\n", "mapping values are not allowed here, line 3 column 10"),
+    ("train:\n\tepochs: 2\n", "a tab, where YAML indents with spaces only, line 2 column 1"),
+    ("train:\n  epochs: [2\n", "expected ',' or ']', but got '<stream end>', line 3 column 1, while parsing a flow "
+                               "sequence from line 2"),
+])
+def test_a_preset_with_a_syntax_error_names_its_line_and_column(tmp_path: Path, text: str, where: str) -> None:
+    # The message named only PyYAML's class (ScannerError, ParserError): no way to find the slip in a long preset.
+    path = write(tmp_path, text)
+    assert error_of(str(path)) == f"preset {path} is not valid YAML ({where}); fix its syntax there."
 
 
 def test_split_override_reads_the_key_path_and_a_yaml_value() -> None:

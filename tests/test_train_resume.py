@@ -271,7 +271,8 @@ def test_a_run_killed_before_it_wrote_its_config_can_be_started_again_in_its_fol
     ("train", "", "{config} is empty (its command was killed while writing it), so the run's settings are lost; "
                   "start a new run."),
     # A broken file is the run's config, not a preset.
-    ("search", "train: {lr: [\n", "the run's config {config} is not valid YAML (ParserError); fix its syntax."),
+    ("search", "train: {lr: [\n", "the run's config {config} is not valid YAML (expected the node content, but found "
+                                   "'<stream end>', line 2 column 1); fix its syntax there."),
 ])
 def test_a_config_yaml_that_cannot_be_resumed_is_one_sentence(tmp_path: Path, capsys, command, text, message) -> None:
     folder = tmp_path / "run"
