@@ -191,6 +191,8 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
         return dict(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():  # 1e3 is YAML's float, and means 1000
+        return int(value)
     if kind is Any or (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
         return value
     raise MamoError(f"'{key}' in {source} must be {_type_name(kind)}, got {yaml_text(value)}; fix the value.")

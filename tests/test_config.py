@@ -331,6 +331,13 @@ def test_a_wrong_type_is_named_as_yaml_writes_it(override: str, wanted: str) -> 
     assert error_of("quick", [override]).endswith(f"must be {wanted}; fix the value.")
 
 
+def test_a_whole_number_written_as_a_float_is_taken() -> None:
+    # "must be a whole number, got 1000.0" for data.train_size=1e3: YAML reads 1e3 as a float, the user means 1000.
+    config = load_config("quick", ["data.train_size=1e3", "train.epochs=2.0", "tune.T=[1e1, 20]"])
+    assert (config.data.train_size, config.train.epochs, config.tune.T) == (1000, 2, [10, 20])
+    assert all(type(v) is int for v in (config.data.train_size, config.train.epochs, *config.tune.T))
+
+
 @pytest.mark.parametrize(("override", "message"), [
     # Before: "'tune.T' in ... must be a list or null, got [2, inf]", though it was a list.
     ("tune.T=[2, .inf]", "every item of 'tune.T' in --set tune.T=[2, .inf] must be a whole number, got inf in "
