@@ -28,7 +28,7 @@ from mamo.config import Config, config_from_dict, load_config
 from mamo.data import DataMemo, MultiTaskData, load_data
 from mamo.errors import MamoError, StopExplained
 from mamo.model import run_settings
-from mamo.runs import RUNS_ROOT, available_cores, claim_new_folder, cli, refuse_file_above, utf8_path
+from mamo.runs import RUNS_ROOT, available_cores, claim_new_folder, cli, counted, refuse_file_above, utf8_path
 from mamo.trainer import intra_op_threads
 from mamo.tune_objective import SearchObjective
 from mamo.tune_space import check_space, check_space_ends, inert_keys_note
@@ -184,6 +184,10 @@ def _open_study(config: Config, overrides: list[str] | tuple[str, ...], study_di
         # the baselines up with: they reuse the reference, and a search of best.yaml trains the same STL.
         reference = config if config.train.threads or not threads else dataclasses.replace(
             config, train=dataclasses.replace(config.train, threads=threads))
+        # Said before the reference trains (minutes): a mistyped --run-dir starts a new study of the default preset.
+        print(f"{'new study' if attrs is None else 'study'} '{name}' of preset '{config.name}' in {directory}"
+              + (": its STL reference first, from which each trial's Δ is counted" if attrs is None and search
+                 else ""), file=sys.stderr, flush=True)
         with intra_op_threads(reference.train.threads), run_settings():
             tasks, stl_val, data = _reference(reference, directory, search, multi_objective, progress)
         study = open_study(store, name, multi_objective, tasks, config, stl_val, search)
@@ -266,8 +270,8 @@ def _run_study(opened: _OpenStudy, name: str, storage: str | None, objective: Ca
     if storage is None:
         retry_interrupted(study, line)
     shown = shown_url(opened.url)
-    print(f"study '{name}' ({shown}): {opened.trials} trials on {opened.workers} worker(s), trial folders in "
-          f"{directory}", file=sys.stderr, flush=True)
+    print(f"study '{name}' ({shown}): {counted(opened.trials, 'trial')} on {counted(opened.workers, 'worker')}, "
+          f"trial folders in {directory}", file=sys.stderr, flush=True)
     plan = Plan(opened.url, name, objective, config.tune.pruner, line.log_path, threads=opened.threads)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and open connections
     # Seeded TPE reproduces a local study (each trial's draws follow from the seed and its draw index, so a

@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mamo.config import Config, dump_config, load_config
 from mamo.errors import MamoError
-from mamo.runs import cli, table_lines
+from mamo.runs import cli, counted, table_lines
 from mamo.tune_space import OWN_OBJECTIVE, SPACE, apply_params
 from mamo.tune_storage import RETRY_OF
 from mamo.writes import replace_atomically, write_csv_atomically, write_text_atomically
@@ -261,7 +261,7 @@ def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, s
     chosen = chosen_trial(study, multi)
     counts = ", ".join(f"{n} {s}" for s, n in states.items() if n)
     lines = [f"# mamo tune: study '{study.study_name}'", "", f"Storage: {shown}. Study folder: {directory}.", "",
-             f"{len(trials)} trials" + (f": {counts}" if counts else "") + ".", ""]
+             counted(len(trials), "trial") + (f": {counts}" if counts else "") + ".", ""]
     best_path = None
     if chosen is not None:
         own = study.metric_names == [OWN_OBJECTIVE]

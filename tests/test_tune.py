@@ -733,8 +733,12 @@ def test_a_ctrl_c_while_the_reference_trains_prints_the_command_with_its_trials(
 
     monkeypatch.setattr(mamo.tune, "_reference", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(["tune", "quick", "--trials", "2", "--run-dir", str(tmp_path / "study"), "--no-progress"]) == 130
+    err = capsys.readouterr().err
     assert ("stopped while setting the study up (what the reference trained is kept); continue with: python cli.py "
-            f"tune --run-dir {tmp_path / 'study'} --trials 2") in capsys.readouterr().err
+            f"tune --run-dir {tmp_path / 'study'} --trials 2") in err
+    # Said before the reference's minutes of training: a mistyped --run-dir made a new study without a word.
+    assert err.startswith(f"new study 'mamo' of preset 'quick' in {tmp_path / 'study'}: its STL reference first, "
+                          "from which each trial's Δ is counted\n"), err
 
 
 def test_a_moved_study_reads_its_own_trial_folders_not_the_paths_the_storage_recorded(tmp_path):
@@ -1549,7 +1553,10 @@ def test_workers_take_the_gpus_in_turn(monkeypatch, gpus, expected):
 
 def test_no_more_workers_start_than_there_are_trials(tmp_path, capsys):
     run_tune(load_config("quick"), study_dir=tmp_path, trials=1, workers=3, objective=draws_alpha)
-    assert "1 trials on 1 worker(s)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"study 'mamo' (sqlite:///{(tmp_path / 'study.db').resolve()}): 1 trial on 1 worker, trial folders" in err
+    assert f"new study 'mamo' of preset 'quick' in {tmp_path}\n" in err  # a caller's objective: no reference
+    assert "1 trial: 1 complete." in (tmp_path / "summary.md").read_text()
     from mamo.cache import process_owner
 
     assert [t.user_attrs["owner"] for t in load(tmp_path).trials] == [process_owner()]  # run here, none spawned
