@@ -19,7 +19,7 @@ from mamo.checkpoint import EpochCheckpoint, load_checkpoint, restore_trainer
 from mamo.config import Config, DirectionConfig, ModelConfig, TensionerConfig, TrainConfig
 from mamo.data import LoadData, MultiTaskData, load_data, unused_data_note
 from mamo.directions import METHOD_SETTINGS, THESIS_BASES, create_direction
-from mamo.errors import EndedOnPurpose, MamoError, StopExplained
+from mamo.errors import EndedOnPurpose, MamoError, StopExplained, TrainingDiverged
 from mamo.graph import build_hps_graph, graph_to_json
 from mamo.model import MamoNet, compile_model, count_parameters
 from mamo.model_checks import check_batch_of_one, check_precision
@@ -350,6 +350,10 @@ def logging_stops(session: Session, how_to_continue: str) -> Iterator[None]:
         session.log(f"stopped ({kept}); continue with: {how_to_continue}")
         raise StopExplained from None
     except MamoError as exc:
+        if not isinstance(exc, TrainingDiverged) and "--resume" not in str(exc):
+            # Found mid-run (a bad label file read lazily): the folder keeps what finished, and the terminal
+            # must say so, as a stop's line does; a diverged run would diverge again from its checkpoint.
+            exc.args = (f"{str(exc).rstrip('.')}, then continue with: {how_to_continue}.",)
         session.log.record(f"error: {exc}")
         raise
     except EndedOnPurpose as exc:

@@ -969,7 +969,9 @@ def test_a_bad_sample_deep_in_a_plugins_lazy_split_stops_the_run_with_one_senten
     run = tmp_path / "run"
     assert train(*plugin_args(plugin, "late_fault", run)) == 2
     message = single_error(capsys.readouterr().err)
-    assert "sample 40 of the 'train' split has 2; fix the targets or the task spec." in message
+    # Found mid-run, so the folder stays, and the sentence says how to go on from it (it did not, an audit).
+    assert message.endswith("sample 40 of the 'train' split has 2; fix the targets or the task spec, then continue "
+                            f"with: python cli.py train --resume {run}.")
     assert (run / "log.txt").read_text().strip().endswith(message)  # the folder keeps why it stopped
 
 
