@@ -122,6 +122,8 @@ def _train_stl(session: Session, directory: Path, watchers: list[Callback], stat
                ) -> tuple[str, dict, dict[str, dict]]:
     """One network per task, through the baseline cache: what a stopped one trained continues from there."""
     result = cached_baseline(session, "stl", session.config.train.epochs, watchers)
+    with contextlib.suppress(OSError):  # its checkpoints are the cache's: the run's own folder stays empty
+        (directory / "checkpoints").rmdir()
     return "STL", result, {"STL": result}
 
 

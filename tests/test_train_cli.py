@@ -314,6 +314,7 @@ def test_stl_run_trains_one_network_per_task_and_caches_it(runs: Path) -> None:
     assert json.loads(cached.read_text())["tasks"] == metrics["tasks"]
     # Two LeNets, one per task, each with one head: more parameters than the shared network.
     assert metrics["params"] > read_metrics(runs / "hps_first")["params"]
+    assert not (run / "checkpoints").exists()  # its networks' checkpoints are the cache's (an empty folder stayed)
 
 
 def test_show_on_an_stl_run_says_it_has_no_single_architecture(runs: Path, capsys: pytest.CaptureFixture) -> None:
