@@ -386,6 +386,7 @@ def test_onnx_and_pt2_programs_give_the_same_outputs(finished, tmp_path):
     session = onnxruntime.InferenceSession(str(alone / "model.onnx"))
     outputs = session.run(None, {"x": x.numpy()})
     program = torch.export.load(str(tmp_path / "model.pt2")).module()
+    assert isinstance(program(x), tuple) and len(program(x)) == len(model.tasks)  # as README says: task order
     for index, task in enumerate(model.tasks):
         np.testing.assert_allclose(outputs[index], expected[task].numpy(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(program(x)[index], expected[task])
@@ -420,6 +421,7 @@ def test_a_search_on_the_cnn_grows_and_exports_programs_that_match_it(tmp_path):
         expected = model(x)
     outputs = onnxruntime.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"x": x.numpy()})
     program = torch.export.load(str(tmp_path / "model.pt2")).module()
+    assert isinstance(program(x), tuple) and len(program(x)) == len(model.tasks)  # as README says: task order
     for index, task in enumerate(model.tasks):
         np.testing.assert_allclose(outputs[index], expected[task].numpy(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(program(x)[index], expected[task])
