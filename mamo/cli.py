@@ -64,11 +64,10 @@ def add_preset_arguments(parser: argparse.ArgumentParser, default_text: str, run
                         help="hide progress bars and print a line per epoch instead (the default when stderr is not "
                              "a terminal: a file or a pipe)")
     parser.add_argument("--no-tensorboard", action="store_true",
-                        help="write no TensorBoard events or round pictures (the report and its plots are still "
-                             "written)")
+                        help="write no TensorBoard events or pictures (the report and its plots are still written)")
     parser.add_argument("--no-pictures", action="store_true",
-                        help="TensorBoard events without the round pictures (heatmaps, architecture), which are "
-                             "nearly all of the logging's cost: for many-trial studies of short searches")
+                        help="TensorBoard events without the pictures (conflict heatmaps, architecture drawings), "
+                             "which are nearly all of the logging's cost: for many-trial studies of short searches")
 
 
 RESUMABLE_DEFAULT_PRESET = "multimnist"  # the preset of train and search when none is given
@@ -82,7 +81,7 @@ def add_resumable_arguments(parser: argparse.ArgumentParser, command: str) -> No
                          f"the run folder to create (default: runs/<time>-{command}-<preset>)")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help=f"continue a stopped {command} run from its newest checkpoint, with the config saved "
-                             f"in RUN_DIR; --set may change only {resume_settings_text()}")
+                             f"in RUN_DIR; --set may change only {resume_settings_text(command)}")
 
 
 def run_resumable(args: argparse.Namespace, runner: Callable[..., object]) -> int:

@@ -133,9 +133,11 @@ def absolute_table(rows: list[dict], tasks: dict[str, TaskSpec]) -> str:
 
 
 def write_report(
-    run_dir: Path, title: str, rows: list[dict], tasks: dict[str, TaskSpec], stl_name: str | None, notes: str = ""
+    run_dir: Path, title: str, rows: list[dict], tasks: dict[str, TaskSpec], stl_name: str | None, notes: str = "",
+    grown: bool = False,
 ) -> str:
-    """Write report.md and report.csv into ``run_dir``; returns the markdown."""
+    """Write report.md and report.csv into ``run_dir``; returns the markdown (``grown``: a search's, whose last row
+    is the grown network)."""
     parts = [f"# {title}", ""]
     if stl_name:
         parts += [
@@ -143,11 +145,11 @@ def write_report(
             f"{stl_name} row is absolute.",
             "Δ is MAMO Eq 15 over every metric in the table; Win is the share of them better than STL.",
         ]
-    parts += [
-        "s/epoch is the training time of one epoch (validation excluded); STL's adds its networks' and a grown "
-        "model's is its final phase's.",
-        "",
-    ]
+    # Only what the table holds: a train run has no grown model, and without a cached STL no STL row.
+    sums = [*(["STL's adds its networks'"] if any(row["method"] == "STL" for row in rows) else []),
+            *(["a grown model's is its final phase's"] if grown else [])]
+    parts += ["s/epoch is the training time of one epoch (validation excluded)" + (
+        f"; {' and '.join(sums)}" if sums else "") + ".", ""]
     parts += [markdown_table(rows, tasks, stl_name), "", "Absolute test metrics:", "", absolute_table(rows, tasks)]
     if notes:
         parts += ["", notes]

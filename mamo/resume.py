@@ -23,9 +23,11 @@ RESUME_SETTINGS = ("train.device", "train.threads", "train.cuda_graphs", "data.r
                    "train.checkpoint_seconds", "search.keep_checkpoints")
 
 
-def resume_settings_text() -> str:
-    """The settings --set may change on --resume, for help texts and errors: "a, b and c"."""
-    return f"{', '.join(RESUME_SETTINGS[:-1])} and {RESUME_SETTINGS[-1]}"
+def resume_settings_text(command: str = "search") -> str:
+    """The settings --set may change when a ``command`` run resumes, for help texts and errors: "a, b and c" (a
+    ``train`` run reads no search settings, so its texts leave them out)."""
+    shown = [key for key in RESUME_SETTINGS if command == "search" or not key.startswith("search.")]
+    return f"{', '.join(shown[:-1])} and {shown[-1]}"
 
 
 def read_run_config(
@@ -39,7 +41,7 @@ def read_run_config(
         key = ".".join(split_override(text)[0])
         if key not in RESUME_SETTINGS:
             raise MamoError(f"--set {key} cannot change when a run resumes (the rest would not match what it "
-                            f"computed so far); only {resume_settings_text()} can, so start a new run.")
+                            f"computed so far); only {resume_settings_text(command)} can, so start a new run.")
     if run_dir is not None:  # before anything reads the folder or writes into its log.txt
         utf8_path(run_dir, "--resume")
     if run_dir is not None and never_started(Path(run_dir)):

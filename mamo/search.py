@@ -234,7 +234,8 @@ def _finish(run: SearchRun, started: float) -> dict:
     notes = growth_notes(rounds, counts, config.data.name, grown) + "".join(
         f"\n\n![{path.stem.replace('_', ' ')}]({path.name})" for path in figures)
     notes += "\n\n" + time_notes(trainer.history, phase_seconds, metrics["seconds"])
-    text = write_report(directory, f"mamo search: {config.name}", rows, tasks, "STL" if baselines else None, notes)
+    text = write_report(directory, f"mamo search: {config.name}", rows, tasks, "STL" if baselines else None, notes,
+                        grown=True)
     write_metrics(directory, metrics)  # from here on the search is finished: nothing is left to resume
     if not config.search.keep_checkpoints:
         freed = remove_search_checkpoints(directory / "checkpoints")

@@ -83,6 +83,8 @@ def test_search_writes_the_run_folder(finished):
     assert checkpoints == ["phase-00-pretrain.pt", "phase-01-round1.pt", "phase-02-round2.pt", "phase-03-final.pt"]
     report = (run_dir / "report.md").read_text()
     assert "STL" in report and "HPS (equal)" in report and "MAMO-1" in report
+    assert ("s/epoch is the training time of one epoch (validation excluded); STL's adds its networks' and a grown "
+            "model's is its final phase's.\n") in report
 
 
 def test_the_report_times_each_phase_and_the_grown_network_by_its_final_phase(finished):

@@ -338,6 +338,10 @@ def test_hps_after_stl_reports_delta_and_win_rate(runs: Path) -> None:
     assert table[2].startswith("| HPS (mgda+tensioner(thesis)) | ")
     # The metric bars a search's report embeds, STL beside the trained network (a train report had none).
     assert "![report metrics](report_metrics.png)" in report
+    # What s/epoch sums, as far as this table has it: no grown model in a train run (a train report said so).
+    assert "s/epoch is the training time of one epoch (validation excluded); STL's adds its networks'." in report
+    assert "s/epoch is the training time of one epoch (validation excluded)." in (
+        runs / "hps_first" / "report.md").read_text().splitlines()  # no STL row either
     assert (runs / "hps_again" / "report_metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -239,8 +239,8 @@ def test_resume_refuses_finished_runs_and_the_other_commands_folders(tmp_path: P
     assert main(["train", "--resume", str(finished), "--set", "train.lr=0.5"]) == 2
     assert single_error(capsys.readouterr().err) == (
         "--set train.lr cannot change when a run resumes (the rest would not match what it computed so far); "
-        "only train.device, train.threads, train.cuda_graphs, data.root, model.weights, train.checkpoint_seconds "
-        "and search.keep_checkpoints can, so start a new run.")
+        "only train.device, train.threads, train.cuda_graphs, data.root, model.weights and "
+        "train.checkpoint_seconds can, so start a new run.")  # a train run reads no search.keep_checkpoints
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "--resume needs an existing train run folder" in single_error(capsys.readouterr().err)
     stl = tmp_path / "stl"
@@ -626,3 +626,12 @@ def test_a_trained_network_is_its_best_validation_epoch(tmp_path, monkeypatch):
     metrics = run_train(config, tmp_path / "r", callbacks=[epochs], **TRAIN_QUIET)
     assert len(epochs.val) == 3 and epochs.val[0] != epochs.val[-1]
     assert metrics["val"] == epochs.val[0]
+
+
+def test_train_resume_help_lists_only_the_settings_a_train_run_reads(capsys) -> None:
+    # It offered search.keep_checkpoints, a setting no train run reads (a user audit); search's lists it.
+    for command, listed in (("train", False), ("search", True)):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert "train.checkpoint_seconds" in help_text and ("search.keep_checkpoints" in help_text) == listed
