@@ -5,7 +5,9 @@ slow or break another). It exposes ``run(args) -> dict`` and optionally ``add_op
 flags. The result holds ``title``, ``columns``, ``rows`` and ``notes`` (one table), or ``tables`` (a list of
 ``{title, columns, rows}``), plus anything else worth keeping in the JSON. Every benchmark gets ``--out``
 (``args.out`` is the created output folder) and of the shared options ``--quick``, ``--seeds`` and ``--device``
-those its ``SHARED_OPTIONS`` names (default: all three), so none is accepted and then ignored.
+those its ``SHARED_OPTIONS`` names (default: all three), so none is accepted and then ignored. While it runs, a
+benchmark names its parts on stderr through :func:`progress_lines`; one stopped part-way may raise
+:class:`Interrupted` with the tables of what it finished, which are saved as a finished run's are.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -89,6 +92,32 @@ def thread_count(text: str) -> int:
     from mamo.trainer import MAX_THREADS
 
     return _count(text, MAX_THREADS)
+
+
+def progress_lines(start: float | None = None) -> Callable[[str], None]:
+    """A printer of progress lines on stderr, ``[    12 s] text`` with the seconds since ``start`` (default: now):
+    a benchmark's parts run quietly for seconds to minutes each, and a pipe or a file gets no bar. Written through
+    tqdm, so that a bar on a terminal is redrawn below a line rather than cut by it."""
+    from tqdm import tqdm
+
+    begin = time.perf_counter() if start is None else start
+
+    def say(text: str) -> None:
+        if sys.stderr is None:  # started with stderr closed (2>&-): stdout holds the tables alone
+            return
+        tqdm.write(f"[{time.perf_counter() - begin:6.0f} s] {text}", file=sys.stderr)
+        sys.stderr.flush()
+
+    return say
+
+
+class Interrupted(KeyboardInterrupt):
+    """A benchmark stopped part-way (Ctrl-C, a stop signal) that hands back the result of what it finished:
+    saved as a whole run's is, where before the stop removed the empty folder and lost it."""
+
+    def __init__(self, result: dict):
+        super().__init__()
+        self.result = result
 
 
 def bench_parser(name: str, module: ModuleType) -> argparse.ArgumentParser:
@@ -203,9 +232,11 @@ def command_bench(args: argparse.Namespace) -> int:
         made = [] if options.out else [p for p in (BENCH_ROOT, BENCH_ROOT.parent) if not p.exists()]
         folder = output_dir(options.out, args.name)
     options.out = str(folder)
-    start = time.perf_counter()
+    start, stopped = time.perf_counter(), False
     try:
         result = module.run(options)
+    except Interrupted as stop:  # saved below, then the stop goes on
+        result, stopped = stop.result, True
     except BaseException as error:
         # Refused, interrupted (Ctrl-C) or crashed before it wrote anything: no empty folder left behind.
         if created and folder.is_dir() and not any(folder.iterdir()):
@@ -227,5 +258,9 @@ def command_bench(args: argparse.Namespace) -> int:
     write_text_atomically(folder / "results.md", text)
     write_text_atomically(folder / "results.json", data)
     print(text)
+    if stopped:  # on stderr, as any stop's word: stdout holds the tables alone
+        print(f"stopped; what finished is saved in {folder / 'results.md'} and {folder / 'results.json'}",
+              file=sys.stderr, flush=True)
+        raise StopExplained
     print(f"saved {folder / 'results.md'} and {folder / 'results.json'} ({result['wall_seconds']} s)")
     return 0

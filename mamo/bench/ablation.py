@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -29,7 +28,7 @@ import networkx as nx
 
 from mamo import graph as g
 from mamo.baselines import cached_baseline
-from mamo.bench import positive_int
+from mamo.bench import positive_int, progress_lines
 from mamo.config import Config, SearchConfig, config_from_dict, load_config
 from mamo.data import FIXED_SPLITS, load_data
 from mamo.errors import MamoError
@@ -249,13 +248,12 @@ def _announcer(total: int) -> Callable[[int, str], None]:
     """A line on stderr as each of ``total`` variants starts: the searches run quietly (their lines would
     interleave), so a --quick run showed nothing for 12 s and a full one epoch bars that never said which variant
     or seed they trained."""
-    start, started = time.perf_counter(), 0
+    say, started = progress_lines(), 0
 
     def announce(seed: int, name: str) -> None:
         nonlocal started
         started += 1
-        print(f"[{time.perf_counter() - start:6.0f} s] seed {seed}: {name} ({started} of {total})", file=sys.stderr,
-              flush=True)
+        say(f"seed {seed}: {name} ({started} of {total})")
 
     return announce
 

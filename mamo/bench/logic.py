@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from mamo.bench import positive_int
+from mamo.bench import positive_int, progress_lines
 from mamo.bench.logic_numpy import MOMENTUM, VectorDirection, VectorMLP
 from mamo.bench.thesis_tables import THESIS_METHODS, THESIS_SWEEP
 from mamo.errors import MamoError
@@ -305,11 +305,16 @@ def run(args: argparse.Namespace) -> dict:
     if not args.no_sweep:
         runs += [((form, T), Method("Central + tensioner", "central", form), (args.sweep_lr,), alphas, T)
                  for form in ("thesis", "relative") for T in periods]
-    done = {}
-    # A bar on a terminal (a full run is about a CPU-minute of silence otherwise), one step per method.
-    for key, method, rates, strengths, T in tqdm(runs, desc="logic", unit="method", leave=False,
-                                                 disable=not stderr_on_terminal()):
+    done, say = {}, progress_lines(start)
+    # A bar on a terminal and a line per method (a full run is about a CPU-minute of silence otherwise).
+    for k, (key, method, rates, strengths, T) in enumerate(tqdm(runs, desc="logic", unit="method", leave=False,
+                                                                disable=not stderr_on_terminal()), 1):
         done[key] = run_method(method, lrs=rates, alphas=strengths, T=T, **common)
+        if k <= len(MAIN):
+            cells = ", ".join(f"c={c:g} {fmt(*done[key][c, 0.3][:3])}" for c in SCALES)
+            say(f"{method.label} ({method.formulation}): {cells} ({k} of {len(runs)})")
+        else:
+            say(f"T × α sweep, central + tensioner ({key[0]}), T={T} ({k} of {len(runs)})")
     results = {key: done[key] for key, *_ in runs[:len(MAIN)]}
     sweep = {key: done[key] for key, *_ in runs[len(MAIN):]}
     wall = time.perf_counter() - start

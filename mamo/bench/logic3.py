@@ -31,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
-from mamo.bench import learning_rates, positive_int
+from mamo.bench import learning_rates, positive_int, progress_lines
 from mamo.bench.logic import (
     CRITERIA,
     EPOCHS,
@@ -174,6 +174,11 @@ def _chosen_bases(text: str | None, quick: bool) -> list[str]:
     return chosen
 
 
+def _row_name(base: str) -> str:
+    """A row's name in the tables: ``Single XOR`` for ``single:xor``, a direction's own name otherwise."""
+    return f"Single {base.split(':')[1].upper()}" if base.startswith("single:") else base
+
+
 def run(args: argparse.Namespace) -> dict:
     if not (math.isfinite(args.alpha) and args.alpha >= 0.0):
         raise MamoError(f"--alpha must be a finite number ≥ 0, got {args.alpha}; pass e.g. 0.3.")
@@ -184,10 +189,13 @@ def run(args: argparse.Namespace) -> dict:
     orders = shuffles(seeds, epochs)
     rows = [(f"single:{task}", "off") for task in TASKS] + [(b, f) for b in bases for f in FORMULATIONS]
     start = time.perf_counter()
-    results = {}
-    for base, formulation in tqdm(rows, desc="logic3", unit="row", leave=False, disable=not stderr_on_terminal()):
+    results, say = {}, progress_lines(start)
+    for k, (base, formulation) in enumerate(tqdm(rows, desc="logic3", unit="row", leave=False,
+                                                 disable=not stderr_on_terminal()), 1):
         results[base, formulation] = run_row(base, formulation, args.lrs, seeds, init, orders, args.criterion,
                                              args.T, args.alpha)
+        cells = ", ".join(f"c={c:g} {fmt(*results[base, formulation][c][:3])}" for c in SCALES)
+        say(f"{_row_name(base)} ({formulation}): {cells} ({k} of {len(rows)})")
     wall = time.perf_counter() - start
     several = len(args.lrs) > 1
 
@@ -197,7 +205,7 @@ def run(args: argparse.Namespace) -> dict:
 
     tables = []
     for c in SCALES:
-        table_rows = [[f"Single {task.upper()}", cell(f"single:{task}", "off", c), "", ""] for task in TASKS]
+        table_rows = [[_row_name(f"single:{task}"), cell(f"single:{task}", "off", c), "", ""] for task in TASKS]
         table_rows += [[base, *(cell(base, f, c) for f in FORMULATIONS)] for base in bases]
         tables.append({"title": f"Three gates (XOR ×{c:g}, AND, OR), {len(seeds)} seeds: epochs to convergence "
                                 f"(rate), tensioner T = {args.T}, α = {args.alpha:g}",

@@ -25,11 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from mamo.bench import learning_rates, positive_int
+from mamo.bench import learning_rates, positive_int, progress_lines
 from mamo.config import DirectionConfig, TensionerConfig, load_config, split_override
 from mamo.errors import MamoError
 from mamo.resume import flat_settings
@@ -113,13 +112,13 @@ def run(args: argparse.Namespace) -> dict:
         raise MamoError(f"the multimnist_recon benchmark needs a classification then a reconstruction task, "
                         f"got {tasks}; do not override data.name.")
     start = time.perf_counter()
+    say = progress_lines(start)  # a full run takes long on a CPU
 
     def train(seed: int, lr: float, direction: DirectionConfig, task_names: list[str] | None = None) -> dict:
         session.config = dataclasses.replace(base, train=dataclasses.replace(base.train, seed=seed, lr=lr))
         trained = train_network(session, epochs, direction, task_names)
         what = f"STL {task_names[0]}" if task_names else f"{direction.name} + {direction.tensioner.formulation}"
-        print(f"[{time.perf_counter() - start:6.0f} s] seed {seed} lr {lr:g} {what}: test {trained.test}",
-              file=sys.stderr, flush=True)  # progress: a full run takes long on a CPU
+        say(f"seed {seed} lr {lr:g} {what}: test {trained.test}")
         return {"test": trained.test, "val": trained.val, "best_epoch": trained.extra["best_epoch"]}
 
     per_seed: dict[str, list[dict]] = {label: [] for label in ["STL", *(m[0] + "|" + m[2] for m in METHODS)]}

@@ -20,7 +20,9 @@ Memory: the peak added by a method's first step (which allocates its buffers) on
 (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process' resident-set high-water mark, reset through
 /proc/self/clear_refs, after returning freed heap to the system). For a ``CUDA graphs`` row that first step is an
 eager warm-up step on a side stream (the graph is recorded at the third), so its memory holds no graph.
-The tables, targets and notes are made from the rounds in :mod:`mamo.bench.step_tables`.
+The tables, targets and notes are made from the rounds in :mod:`mamo.bench.step_tables`. A line on stderr names each
+setup as it starts and each method as its session ends, never inside a timed step; a stopped run saves the tables
+of the setups it finished.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import argparse
 import contextlib
 import gc
 import random
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ from tqdm import tqdm
 
 from mamo import step as step_module
 from mamo import task_gradients
-from mamo.bench import positive_int, thread_count
+from mamo.bench import Interrupted, positive_int, progress_lines, thread_count
 from mamo.bench.peers import Step, Unavailable, libmtl_step, torchjd_step
 from mamo.bench.resources import CLOCKS, memory_mark, memory_peak, sync
 from mamo.bench.solver import solver_table
@@ -226,14 +229,16 @@ def _first_call(step: Step, setup: Setup, device: torch.device) -> dict:
 
 
 def measure(setup: Setup, device: torch.device, warmup: int, rounds: int | None,
-            clock: str, label: str = "step") -> tuple[dict[str, dict], int]:
+            clock: str, label: str = "step", say: Callable[[str], None] = lambda text: None
+            ) -> tuple[dict[str, dict], int]:
     """Per method: ``times`` (seconds), paired ratios to equal and the floor, ``memory`` (MiB), or ``error``.
 
     Each method runs in its own session of rounds, one step each of equal, the floor and the method in a
     shuffled order, and is released afterwards: in one process, a peer's large transient allocations (vmap,
     per-task gradient lists) otherwise slow whichever step follows it (measured: exact MGDA read 1.09× the
     floor interleaved with torchjd, LibMTL and the batched path, 1.00× in a session of its own), and a
-    training run never mixes methods. ``rounds`` None: as many as fit 2 s of equal steps, 10 to 200.
+    training run never mixes methods. ``rounds`` None: as many as fit 2 s of equal steps, 10 to 200. ``say``
+    gets a line per method as its session ends, between sessions, where no step is timed.
     """
     factories = methods()
     warm = factories[EQUAL](setup)
@@ -249,15 +254,20 @@ def measure(setup: Setup, device: torch.device, warmup: int, rounds: int | None,
     rounds = rounds or min(200, max(10, int(2.0 / max(time.perf_counter() - start, 1e-6))))
     tick, order = CLOCKS[clock], random.Random(0)
     # A bar on a terminal, one step per method (a ResNet-18 setup is minutes): drawn between the timed sessions.
-    for name, factory in tqdm(factories.items(), desc=label, unit="method", leave=False,
-                              disable=not stderr_on_terminal()):
+    for k, (name, factory) in enumerate(tqdm(factories.items(), desc=label, unit="method", leave=False,
+                                             disable=not stderr_on_terminal()), 1):
+        def done(text: str, name: str = name, k: int = k) -> None:
+            say(f"{label}: {name}: {text} ({k} of {len(factories)})")
+
         try:
             step = factory(setup)
         except Unavailable as exc:
             out[name] = {"error": str(exc)}
+            done(f"not run: {exc}")
             continue
         out[name] = _first_call(step, setup, device)
         if "error" in out[name]:
+            done(f"not run: {out[name]['error']}")
             continue
         session = {**base, name: step}
         for _ in range(warmup):
@@ -279,6 +289,7 @@ def measure(setup: Setup, device: torch.device, warmup: int, rounds: int | None,
                 out[key][FLOOR].append(elapsed / times[FLOOR])
         del session, step
         gc.collect()
+        done(f"{statistics.median(out[name]['times']) * 1e3:.2f} ms, {statistics.median(out[name][EQUAL]):.2f}× equal")
     return out, rounds
 
 
@@ -309,15 +320,18 @@ def run(args: argparse.Namespace) -> dict:
     quick = args.quick
     rounds = args.rounds or (2 if quick else None)
     batches = args.batch_sizes or ([4] if quick else BATCHES.get(device.type, [32]))
+    chosen = [(*setup, batch) for setup in _chosen(args.setups, quick) for batch in batches]
     tables, target_rows, raw = [], [], {}
+    say = progress_lines()
     with intra_op_threads(args.threads):
         threads = torch.get_num_threads()
-        for label, backbone, shape, m in _chosen(args.setups, quick):
-            for batch in batches:
+        try:
+            for k, (label, backbone, shape, m, batch) in enumerate(chosen, 1):
+                say(f"{label}, batch {batch} (setup {k} of {len(chosen)})")
                 with memory_failures_named(f"{label} at batch {batch}", "pass smaller --batch-sizes"):
                     setup = build_setup(backbone, shape, m, batch, device, args.precision)
                     results, done = measure(setup, device, warmup=1 if quick else 3, rounds=rounds, clock=clock,
-                                            label=f"{label}, batch {batch}")
+                                            label=f"{label}, batch {batch}", say=say)
                 layout = resolve_layout("auto", device, setup.part.size, m)
                 path = task_gradients.resolve_gradient_path("auto", device, setup.part.size, m, args.precision)
                 title = (f"{label}, {'×'.join(map(str, shape[1:]))}, batch {batch} ({setup.part.size / 1e6:.3g} M "
@@ -327,13 +341,25 @@ def run(args: argparse.Namespace) -> dict:
                 target_rows += targets(label, results, device, args.precision, batch)
                 raw[f"{label} batch {batch}"] = results
                 del setup
-        solver, at_ten = solver_table(quick)
+            say("the exact min-norm solver")
+            solver, at_ten = solver_table(quick)
+        except KeyboardInterrupt:
+            if not raw:
+                raise
+            stopped = (f"Stopped after {len(raw)} of {len(chosen)} setups (Ctrl-C or a stop signal): the tables hold "
+                       "the finished ones, without the min-norm solver's.")
+            raise Interrupted(_result(tables, target_rows, raw, [stopped, *step_notes(
+                device, threads, args.precision, clock, rounds, raw)])) from None
     target_rows.append(["min-norm", "exact solve at m = 10 (µs, median)", "≤ 50", at_ten])
-    tables += [solver, {"title": "Targets (issue 3; the ≤ 1.6 row is issue 7's H100 target)",
-                        "columns": ["setup", "quantity", "target", "measured"], "rows": target_rows}]
-    notes = step_notes(device, threads, args.precision, clock, rounds, raw)
+    return _result([*tables, solver], target_rows, raw, step_notes(device, threads, args.precision, clock, rounds, raw))
+
+
+def _result(tables: list[dict], target_rows: list[list], raw: dict[str, dict], notes: list[str]) -> dict:
+    """The benchmark's result: the setups' (and the solver's) tables, then the targets."""
+    targets_table = {"title": "Targets (issue 3; the ≤ 1.6 row is issue 7's H100 target)",
+                     "columns": ["setup", "quantity", "target", "measured"], "rows": target_rows}
     # Per method its step times and its per-round ratios to equal and the floor: the × columns are their medians.
     raw_times = {k: {n: {key: r[key] for key in ("times", EQUAL, FLOOR)} for n, r in v.items() if "error" not in r}
                  for k, v in raw.items()}
-    return {"title": "Step time per method", "tables": tables, "notes": notes, "raw_times": raw_times}
-
+    return {"title": "Step time per method", "tables": [*tables, targets_table], "notes": notes,
+            "raw_times": raw_times}
