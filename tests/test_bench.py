@@ -319,7 +319,22 @@ def test_multimnist_recon_quick(tmp_path):
         accuracy, mse = (float(cell.split(" ± ")[0]) for cell in row[3:5])
         assert 0.0 <= accuracy <= 1.0 and 0.0 < mse < 1.0
     assert "Thesis Table 5" in (out / "results.md").read_text()
-    assert "**A `--quick` smoke run**" in (out / "results.md").read_text()
+    assert "**A `--quick` smoke run** (few seeds, a small grid, short training, so a tensioner may never switch " \
+           "on)" in (out / "results.md").read_text()
+
+
+def test_the_step_benchmark_says_what_its_quick_run_cuts(capsys):
+    # Its help promised "few seeds, small grid, short training" (it takes no --seeds and trains nothing) under a
+    # description that began with reStructuredText quotes (a user audit).
+    from mamo.bench import load_bench, quick_banner
+
+    with pytest.raises(SystemExit):
+        main(["bench", "step", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "mamo bench step: the time and memory of one training step per method" in help_text
+    assert "``" not in help_text
+    assert "--quick a smoke run: LeNet m = 2 and timm's test_resnet m = 3 at batch 4" in help_text
+    assert "seeds" not in quick_banner(load_bench("step")) and "seeds" in quick_banner(load_bench("logic"))
 
 
 

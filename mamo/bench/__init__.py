@@ -36,6 +36,7 @@ BENCHES: dict[str, str] = {
 }
 BENCH_ROOT = Path("runs") / "bench"
 SHARED_OPTIONS = ("quick", "seeds", "device")  # a benchmark's SHARED_OPTIONS names those it reads
+QUICK = "few seeds, a small grid, short training"  # what --quick cuts, unless a benchmark's QUICK says otherwise
 
 
 def add_arguments_bench(parser: argparse.ArgumentParser) -> None:
@@ -123,11 +124,12 @@ class Interrupted(KeyboardInterrupt):
 def bench_parser(name: str, module: ModuleType) -> argparse.ArgumentParser:
     """The shared options plus the benchmark's own."""
     # No abbreviations: `--set` would otherwise be read as `--setups` of `bench step` and fail naming the wrong option.
-    parser = argparse.ArgumentParser(prog=f"mamo bench {name}", description=(module.__doc__ or "").split("\n")[0],
-                                     allow_abbrev=False)
+    # The docstring's first line, without its reStructuredText quotes (``mamo bench step``: ...).
+    description = (module.__doc__ or "").split("\n")[0].replace("``", "")
+    parser = argparse.ArgumentParser(prog=f"mamo bench {name}", description=description, allow_abbrev=False)
     shared = getattr(module, "SHARED_OPTIONS", SHARED_OPTIONS)
     if "quick" in shared:
-        parser.add_argument("--quick", action="store_true", help="a smoke run: few seeds, small grid, short training")
+        parser.add_argument("--quick", action="store_true", help=f"a smoke run: {getattr(module, 'QUICK', QUICK)}")
     if "seeds" in shared:
         parser.add_argument("--seeds", type=positive_int, default=None,
                             help="number of seeds (default: the benchmark's)")
@@ -209,10 +211,11 @@ def resume_command(name: str, given: list[str], folder: Path) -> str:
     return cli("bench", name, *kept, "--resume", folder)
 
 
-# Above every table of a --quick run: its tables look like a full run's, thesis columns included.
-QUICK_BANNER = ("**A `--quick` smoke run** (few seeds, a small grid, short training, so a tensioner may never "
-                "switch on): it shows that the benchmark runs, and its numbers compare with neither the thesis' "
-                "nor a full run's.\n\n")
+def quick_banner(module: ModuleType) -> str:
+    """Above every table of a --quick run: its tables look like a full run's, thesis columns included."""
+    cut = getattr(module, "QUICK", None) or QUICK + ", so a tensioner may never switch on"
+    return (f"**A `--quick` smoke run** ({cut}): it shows that the benchmark runs, and its numbers compare with "
+            "neither the thesis' nor a full run's.\n\n")
 
 
 def command_bench(args: argparse.Namespace) -> int:
@@ -252,7 +255,7 @@ def command_bench(args: argparse.Namespace) -> int:
         raise
     result.setdefault("wall_seconds", round(time.perf_counter() - start, 1))
     result.setdefault("options", {k: v for k, v in vars(options).items()})
-    smoke = QUICK_BANNER if getattr(options, "quick", False) else ""
+    smoke = quick_banner(module) if getattr(options, "quick", False) else ""
     text = f"# mamo bench {args.name}\n\n{smoke}" + to_markdown(result)
     data = json.dumps(finite_or_null(result), indent=1, default=str, allow_nan=False)
     write_text_atomically(folder / "results.md", text)

@@ -61,6 +61,7 @@ from mamo.tasks import bind_loss, parse_tasks
 from mamo.trainer import intra_op_threads, resolve_device
 
 SHARED_OPTIONS = ("quick", "device")  # timing, not training: no seeds
+QUICK = "LeNet m = 2 and timm's test_resnet m = 3 at batch 4, 2 timed rounds: ratios of no meaning"
 
 # key -> (label, backbone, input shape, number of tasks). --quick is a smoke run of seconds: LeNet and timm's
 # tiny test ResNet (convolution, batch-norm, pooling like ResNet-18, 0.4 M parameters) at batch 4.
