@@ -206,7 +206,9 @@ class TrainStep:
         bad = [t for t, v in zip(self.partition.tasks, losses, strict=True) if not math.isfinite(v)]
         if bad:
             # Quoted: a task may be called 'and' (the logic set's), which read as part of the sentence.
-            raise FloatingPointError(f"the loss of task {', '.join(map(repr, bad))} became NaN or infinite")
+            named = " and ".join([", ".join(map(repr, bad[:-1])), repr(bad[-1])] if len(bad) > 1 else [repr(bad[0])])
+            raise FloatingPointError(f"the loss{'es' if len(bad) > 1 else ''} of task{'s' if len(bad) > 1 else ''} "
+                                     f"{named} became NaN or infinite")
 
     def __call__(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> StepResult:
         if not self._precision_checked:  # open_run checked the network as built; growth adds layers to check

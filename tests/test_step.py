@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
 
@@ -497,3 +498,21 @@ def test_the_benchmark_floor_sets_each_tasks_gradients_like_the_exact_step():
         torch.testing.assert_close(param.grad, grad)  # shared: the last task's gradients, set
     for param, grad in zip(part.specific[part.tasks[0]], first_own, strict=True):
         torch.testing.assert_close(param.grad, grad)
+
+
+def test_a_non_finite_loss_names_its_tasks_in_a_sentence() -> None:
+    # "the loss of task 'left', 'right' became NaN or infinite" (a user audit): plural, and joined as a sentence.
+    from types import SimpleNamespace
+
+    from mamo.step import TrainStep
+
+    step = SimpleNamespace(partition=SimpleNamespace(tasks=["left", "right", "and"]))
+    for losses, sentence in [
+        ([1.0, math.nan, 2.0], "the loss of task 'right' became NaN or infinite"),
+        ([math.inf, math.nan, 2.0], "the losses of tasks 'left' and 'right' became NaN or infinite"),
+        ([math.inf, math.nan, -math.inf], "the losses of tasks 'left', 'right' and 'and' became NaN or infinite"),
+    ]:
+        with pytest.raises(FloatingPointError) as raised:
+            TrainStep._check(step, losses)
+        assert str(raised.value) == sentence
+    TrainStep._check(step, [1.0, 2.0, 3.0])  # finite: no word
