@@ -166,9 +166,16 @@ def available_cores() -> int:
 
 
 def stderr_on_terminal() -> bool:
-    """Whether stderr, where progress bars go, is a terminal; False also for a process started with it closed
-    (``2>&-``), where Python has no ``sys.stderr`` and asking it crashed the command."""
-    return sys.stderr is not None and sys.stderr.isatty()
+    """Whether stderr, where progress bars go, is a terminal that can show them; False also for a process started
+    with it closed (``2>&-``), where Python has no ``sys.stderr`` and asking it crashed the command, and for a
+    terminal that reports no width (``script`` under CI, a serial console: 0 × 0), where tqdm drew nothing and
+    the epoch lines were off, so a run showed no progress at all."""
+    if sys.stderr is None or not sys.stderr.isatty():
+        return False
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (OSError, ValueError):  # a terminal whose size cannot be asked: bars, as before
+        return True
 
 
 def cli(*words: str | Path) -> str:

@@ -209,3 +209,31 @@ def test_a_resume_clears_what_killed_writers_left_folders_too(tmp_path: Path) ->
     (folder / "config.yaml.host.2.tmp").write_text("half")
     read_run_config(folder, "train")
     assert sorted(p.name for p in folder.iterdir()) == ["config.yaml"]
+
+
+def test_a_terminal_without_a_width_gets_the_epoch_lines_not_bars(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under `script` with a 0 x 0 terminal tqdm drew nothing and, stderr being a terminal, the epoch lines were
+    # off: a run showed no progress at all (a user audit).
+    import io
+    import os
+    import sys
+
+    from mamo.runs import stderr_on_terminal
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+        def fileno(self) -> int:
+            return 2
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    for columns, bars in ((0, False), (80, True)):
+        monkeypatch.setattr(os, "get_terminal_size", lambda fd, columns=columns: os.terminal_size((columns, 24)))
+        assert stderr_on_terminal() is bars
+
+    def unknown(fd: int) -> os.terminal_size:
+        raise OSError(25, "Inappropriate ioctl for device")
+
+    monkeypatch.setattr(os, "get_terminal_size", unknown)
+    assert stderr_on_terminal()  # a terminal that cannot say its size keeps its bars, as before
