@@ -158,7 +158,8 @@ class BaselineCache:
         return self.root / f"{key}.pt"
 
     def put(self, key: str, result: dict) -> None:
-        write_text_atomically(self._path(key), json.dumps(result, indent=1))
+        # Flushed to the disk: a baseline is minutes of training, and a power cut must not leave its entry empty.
+        write_text_atomically(self._path(key), json.dumps(result, indent=1), durable=True)
 
     def try_claim(self, key: str) -> Claim | None:
         """The claim on training ``key``, taken now (an abandoned one taken over), or None while a live process

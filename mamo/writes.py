@@ -139,9 +139,9 @@ def _discard(tmp: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_text_atomically(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str, durable: bool = False) -> None:
     """:func:`replace_atomically` for a text file, always UTF-8 (reports hold Δ and arrows, whatever the locale)."""
-    replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable)
 
 
 def write_csv_atomically(path: Path, rows: Iterable[Sequence[object]]) -> None:

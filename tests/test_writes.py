@@ -239,6 +239,11 @@ def test_checkpoints_and_weights_reach_the_disk_before_and_after_their_rename(tm
     synced.clear()
     writing.write_text_atomically(tmp_path / "report.md", "text")  # reports are rewritten at will: not flushed
     assert synced == ["rename report.md"]
+    synced.clear()
+    from mamo.cache import BaselineCache
+
+    BaselineCache(tmp_path / ".baselines").put("key", {"tasks": {}})  # minutes of training: flushed
+    assert synced[1:] == ["rename key.json", str(tmp_path / ".baselines")]
 
 
 def test_a_folder_that_cannot_be_synced_still_takes_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
