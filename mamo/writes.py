@@ -1,12 +1,12 @@
 """Writing files so that nothing is left half-written.
 
-Every file mamo writes goes to a temporary name beside it and is renamed into place (:func:`replace_atomically`),
-so a reader, a crash or a full disk leaves the old file or the new one; checkpoints, weights and cached baselines
-are also flushed to the disk (``durable``). Torch's own formats are written through a Python file (:func:`write_through_file`):
-given a path, torch writes through its own C++ file, and a full disk or a file-size limit surfaces as
-``RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 32128 vs 32032`` (for a ``.pt2``
-followed by an abort of the whole process, ``terminate called``); given a Python file object, torch calls its
-``write()``, so the OSError of a failed write can be kept and raised in place of torch's error.
+Every file mamo writes goes to a temporary name beside it and is renamed into place (:func:`replace_atomically`), so
+a reader, a crash or a full disk leaves the old file or the new one; checkpoints, weights and cached baselines are
+also flushed to the disk (``durable``). Torch's own formats are written through a Python file
+(:func:`write_through_file`): given a path, torch writes through its own C++ file, and a full disk or a file-size
+limit surfaces as ``RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 32128 vs 32032`` (for a
+``.pt2`` followed by an abort of the whole process, ``terminate called``); given a Python file object, torch calls
+its ``write()``, so the OSError of a failed write can be kept and raised in place of torch's error.
 """
 
 from __future__ import annotations
@@ -94,11 +94,12 @@ def process_exists(pid: int) -> bool:
 
 
 def replace_atomically(path: Path, write: Callable[[Path], object], durable: bool = False) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: readers see the old file
-    or the new one, never half of one. The temporary name holds the host and the process id, so processes sharing
-    a folder (a baseline cache, maybe from several machines) never write the same one; a failed write leaves none
-    behind. ``durable`` (checkpoints, weights, cached baselines) also flushes the file to the disk before the rename
-    and the rename after it, so that a power cut or a kernel crash leaves the old file or the new one, not an empty one."""
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: readers see the old file or
+    the new one, never half of one. The temporary name holds the host and the process id, so processes sharing a
+    folder (a baseline cache, maybe from several machines) never write the same one; a failed write leaves none
+    behind. ``durable`` (checkpoints, weights, cached baselines) also flushes the file to the disk before the
+    rename and the rename after it, so that a power cut or a kernel crash leaves the old file or the new one,
+    not an empty one."""
     tmp = temporary_beside(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
