@@ -350,9 +350,10 @@ def logging_stops(session: Session, how_to_continue: str) -> Iterator[None]:
         session.log(f"stopped ({kept}); continue with: {how_to_continue}")
         raise StopExplained from None
     except MamoError as exc:
-        if not isinstance(exc, TrainingDiverged) and "--resume" not in str(exc):
+        if not (session.log.quiet or isinstance(exc, TrainingDiverged) or "--resume" in str(exc)):
             # Found mid-run (a bad label file read lazily): the folder keeps what finished, and the terminal
-            # must say so, as a stop's line does; a diverged run would diverge again from its checkpoint.
+            # must say so, as a stop's line does; a diverged run would diverge again from its checkpoint, and a
+            # quiet run (a tune trial, an ablation's variant) is continued by the command that runs it.
             exc.args = (f"{str(exc).rstrip('.')}, then continue with: {how_to_continue}.",)
         session.log.record(f"error: {exc}")
         raise

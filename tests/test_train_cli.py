@@ -978,6 +978,14 @@ def test_a_bad_sample_deep_in_a_plugins_lazy_split_stops_the_run_with_one_senten
     assert message.endswith("sample 40 of the 'train' split has 2; fix the targets or the task spec, then continue "
                             f"with: python cli.py train --resume {run}.")
     assert (run / "log.txt").read_text().strip().endswith(message)  # the folder keeps why it stopped
+    # A quiet run (a tune trial, an ablation's variant) is continued by the command that runs it, not by --resume.
+    from mamo.train import run_train
+
+    config = load_config("logic", [f"data.name={plugin}:late_fault", "data.options={}", "train.epochs=2",
+                                   "model.hidden=[8]", "train.device=cpu"])
+    with pytest.raises(MamoError) as failed:
+        run_train(config, tmp_path / "quiet", progress=False, quiet=True, loggers=False)
+    assert str(failed.value).endswith("sample 40 of the 'train' split has 2; fix the targets or the task spec.")
 
 
 def test_existing_run_folder_is_never_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
