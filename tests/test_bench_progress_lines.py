@@ -123,3 +123,27 @@ def test_logic3_names_each_row_as_it_finishes(tmp_path, capsys) -> None:
     for k, (line, row) in enumerate(zip(lines, rows, strict=True), 1):
         assert re.fullmatch(rf"{re.escape(row)}: c=1 {CELL}, c=10 {CELL} \({k} of {len(rows)}\)", line), line
     assert "Three gates" in out and not progress(out)
+
+
+def test_a_stopped_logic3_keeps_its_finished_rows(tmp_path, capsys, monkeypatch) -> None:
+    # Six CPU-minutes of rows were lost to a Ctrl-C; now the finished ones are saved and the rest marked.
+    import mamo.bench.logic3 as logic3
+
+    real, ran = logic3.run_row, []
+
+    def run_row(*args: object, **kwargs: object) -> object:
+        ran.append(args[:2])
+        if len(ran) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the second row
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(logic3, "run_row", run_row)
+    out = tmp_path / "logic3"
+    assert main(["bench", "logic3", "--quick", "--directions", "mgda", "--out", str(out)]) == 130
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["notes"][0] == ("Stopped after 1 of 6 rows (Ctrl-C or a stop signal): the other cells say 'not run "
+                                 "(stopped)'.")
+    assert {key.split("|c=")[0] for key in saved["raw"]} == {"single:xor|off"}
+    first = saved["tables"][0]["rows"]
+    assert first[0][1] != "not run (stopped)" and first[1][1] == "not run (stopped)"
+    assert "stopped; what finished is saved in" in capsys.readouterr().err

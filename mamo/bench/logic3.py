@@ -31,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
-from mamo.bench import learning_rates, positive_int, progress_lines
+from mamo.bench import Interrupted, learning_rates, positive_int, progress_lines
 from mamo.bench.logic import (
     CRITERIA,
     EPOCHS,
@@ -189,17 +189,24 @@ def run(args: argparse.Namespace) -> dict:
     orders = shuffles(seeds, epochs)
     rows = [(f"single:{task}", "off") for task in TASKS] + [(b, f) for b in bases for f in FORMULATIONS]
     start = time.perf_counter()
-    results, say = {}, progress_lines(start)
-    for k, (base, formulation) in enumerate(tqdm(rows, desc="logic3", unit="row", leave=False,
-                                                 disable=not stderr_on_terminal()), 1):
-        results[base, formulation] = run_row(base, formulation, args.lrs, seeds, init, orders, args.criterion,
-                                             args.T, args.alpha)
-        cells = ", ".join(f"c={c:g} {fmt(*results[base, formulation][c][:3])}" for c in SCALES)
-        say(f"{_row_name(base)} ({formulation}): {cells} ({k} of {len(rows)})")
+    results, say, stopped = {}, progress_lines(start), False
+    try:
+        for k, (base, formulation) in enumerate(tqdm(rows, desc="logic3", unit="row", leave=False,
+                                                     disable=not stderr_on_terminal()), 1):
+            results[base, formulation] = run_row(base, formulation, args.lrs, seeds, init, orders, args.criterion,
+                                                 args.T, args.alpha)
+            cells = ", ".join(f"c={c:g} {fmt(*results[base, formulation][c][:3])}" for c in SCALES)
+            say(f"{_row_name(base)} ({formulation}): {cells} ({k} of {len(rows)})")
+    except KeyboardInterrupt:  # minutes of rows: the finished ones are saved, the rest shown as not run
+        if not results:
+            raise
+        stopped = True
     wall = time.perf_counter() - start
     several = len(args.lrs) > 1
 
     def cell(base: str, formulation: str, c: float) -> str:
+        if (base, formulation) not in results:
+            return "not run (stopped)"
         rate, mean, std, lr = results[base, formulation][c]
         return fmt(rate, mean, std) + (f" @{lr:g}" if several else "")
 
@@ -220,4 +227,9 @@ def run(args: argparse.Namespace) -> dict:
         "Every run goes through mamo's Direction objects (one per run), as a training step calls them.",
     ]
     raw = {f"{base}|{form}|c={c}": value for (base, form), res in results.items() for c, value in res.items()}
-    return {"tables": tables, "notes": notes, "raw": raw, "logic3_wall_seconds": round(wall, 1)}
+    result = {"tables": tables, "notes": notes, "raw": raw, "logic3_wall_seconds": round(wall, 1)}
+    if stopped:
+        notes.insert(0, f"Stopped after {len(results)} of {len(rows)} rows (Ctrl-C or a stop signal): the other "
+                        "cells say 'not run (stopped)'.")
+        raise Interrupted(result)
+    return result
