@@ -22,7 +22,7 @@ from types import CodeType, ModuleType
 from typing import Any
 
 from mamo.config import DataConfig
-from mamo.errors import MamoError
+from mamo.errors import MamoError, PluginNotFound
 
 SIZE_KEYS = ("train_size", "val_size", "test_size")
 RESERVED = ("seed", "root", *SIZE_KEYS)
@@ -105,7 +105,8 @@ def load_plugin(name: str) -> Callable[..., dict]:
                             f"'{name}'.")
         if not path.is_file():
             where = "" if path.is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()})"
-            raise MamoError(f"data plugin file '{target}' was not found{where}; fix the path in data.name '{name}'.")
+            raise PluginNotFound(f"data plugin file '{target}' was not found{where}; fix the path in data.name "
+                                 f"'{name}'.", target)
         # As with `python file.py`, the plugin's own folder is importable, so it can import its helper modules.
         folder = str(path.resolve().parent)
         if folder not in sys.path:

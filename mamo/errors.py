@@ -38,6 +38,15 @@ class StopExplained(KeyboardInterrupt):
     the CLI adds no generic line."""
 
 
+class PluginNotFound(MamoError):
+    """``data.name`` names a plugin file that is not there; a resumed run, which cannot change ``data.name``,
+    says how to reach it instead."""
+
+    def __init__(self, message: str, target: str):
+        super().__init__(message)
+        self.target = target
+
+
 class TrainingDiverged(MamoError):
     """A loss became NaN or infinite during training; the message names the run, the epoch, the step and the
     learning rate. A subclass so that ``tune`` can tell a diverged trial from a bad setting."""

@@ -19,7 +19,7 @@ from mamo.checkpoint import EpochCheckpoint, load_checkpoint, restore_trainer
 from mamo.config import Config, DirectionConfig, ModelConfig, TensionerConfig, TrainConfig
 from mamo.data import LoadData, MultiTaskData, load_data, unused_data_note
 from mamo.directions import METHOD_SETTINGS, THESIS_BASES, create_direction
-from mamo.errors import EndedOnPurpose, MamoError, StopExplained, TrainingDiverged
+from mamo.errors import EndedOnPurpose, MamoError, PluginNotFound, StopExplained, TrainingDiverged
 from mamo.graph import build_hps_graph, graph_to_json
 from mamo.model import MamoNet, compile_model, count_parameters
 from mamo.model_checks import check_batch_of_one, check_precision
@@ -180,7 +180,15 @@ def open_session(
     device = check_train_settings(config)
     make_current(device)
     log = RunLog(run_dir / "log.txt" if run_dir else None, quiet=quiet)
-    data = (loader or load_data)(config.data, progress)
+    try:
+        data = (loader or load_data)(config.data, progress)
+    except PluginNotFound as exc:
+        if run_dir is None:
+            raise
+        # A resume cannot change data.name (its checkpoints were computed with it), so "fix the path" misled.
+        where = "" if Path(exc.target).is_absolute() else f" from {Path.cwd()}"
+        raise MamoError(f"data plugin file '{exc.target}' of {run_dir} was not found{where}; run --resume from the "
+                        "folder the run started in, or put the plugin back where data.name says.") from exc
     if run_dir is not None:  # otherwise open_run notes them once it has a folder
         for note in start_notes(config, data, device):
             log(note)

@@ -513,6 +513,31 @@ def test_a_run_resumed_without_a_checkpoint_after_its_plugin_was_edited_says_it_
     assert "epochs before the stop" not in log
 
 
+def test_a_resume_from_another_folder_says_where_to_run_it_not_to_fix_data_name(tmp_path: Path, monkeypatch) -> None:
+    # "fix the path in data.name", which --resume then refused to change (a user audit): a relative plugin path
+    # is read from the current folder, so the fix is to resume from the folder the run started in.
+    import shutil
+
+    plugin, config, quiet = stopped_plugin_run(tmp_path)
+    started = tmp_path / "project"
+    started.mkdir()
+    shutil.copy(plugin, started / "own.py")
+    monkeypatch.chdir(started)
+    relative = load_config("logic", ["data.name=own.py:build", "data.options={}", "model.hidden=[8]",
+                                     "train.epochs=2", "train.checkpoint_seconds=0", "train.device=cpu"])
+    with pytest.raises(KeyboardInterrupt):
+        run_train(relative, tmp_path / "rel", callbacks=[StopAfterEpoch(1)], **quiet)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MamoError) as refused:
+        run_train(None, tmp_path / "rel", resume=True, **quiet)
+    assert str(refused.value) == (f"data plugin file 'own.py' of {tmp_path / 'rel'} was not found from {tmp_path}; "
+                                  "run --resume from the folder the run started in, or put the plugin back where "
+                                  "data.name says.")
+    monkeypatch.chdir(started)
+    run_train(None, tmp_path / "rel", resume=True, **quiet)  # from where it started: it finishes
+    assert (tmp_path / "rel" / "metrics.json").is_file()
+
+
 def test_a_run_resumes_after_its_initial_weights_file_is_gone(tmp_path: Path) -> None:
     # The checkpoint holds every weight: continuing on a machine without the model.weights file needs no file.
     import timm
