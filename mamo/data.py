@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mamo import digits, scenes
 from mamo.config import DataConfig
-from mamo.data_plugins import SIZE_KEYS, builder_arguments, load_plugin, plugin_source_digest
+from mamo.data_plugins import SIZE_KEYS, builder_arguments, load_plugin, plugin_source_digest, raised_at
 from mamo.errors import MamoError
 from mamo.samples import SPLITS, CheckedDataset, MultiTaskData, TensorTaskDataset, validate
 
@@ -262,7 +262,7 @@ def load_data(cfg: DataConfig, progress: bool = False) -> MultiTaskData:
         except MamoError:
             raise
         except Exception as exc:
-            raise MamoError(f"{what} raised {type(exc).__name__}: {exc}; fix the plugin.") from exc
+            raise MamoError(f"{what} raised {type(exc).__name__}{raised_at(exc)}: {exc}; fix the plugin.") from exc
     data = validate(result, what, plugin=True)
     read_through(data, progress)
     return data

@@ -9,6 +9,7 @@ turns ``data.*`` into the builder's keyword arguments (``seed``, ``root``, the s
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import importlib
 import importlib.machinery
@@ -16,6 +17,8 @@ import importlib.util
 import inspect
 import re
 import sys
+import sysconfig
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import CodeType, ModuleType
@@ -95,6 +98,24 @@ def plugin_edited_note(name: str, started: Path, starts_over: bool = False) -> s
                       "(and a search's baselines) saw the old data.")
 
 
+def raised_at(exc: BaseException) -> str:
+    """`` at my_plugin.py:12 (in build)``: the line of the user's code that raised ``exc``, its traceback's
+    deepest frame outside mamo, the standard library and installed packages (a sentence alone left a long
+    plugin's author without the line); empty when every frame is theirs."""
+    library = {str(Path(p).resolve()) for p in (sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
+                                               sysconfig.get_paths()["platlib"], Path(__file__).parent)}
+    own = [frame for frame in traceback.extract_tb(exc.__traceback__)
+           if not any(str(Path(frame.filename).resolve()).startswith(root) for root in library)
+           and not frame.filename.startswith("<")]
+    if not own:
+        return ""
+    frame = own[-1]
+    shown = Path(frame.filename)
+    with contextlib.suppress(ValueError):
+        shown = shown.resolve().relative_to(Path.cwd())
+    return f" at {shown}:{frame.lineno} (in {frame.name})"
+
+
 def load_plugin(name: str) -> Callable[..., dict]:
     """The function named by ``data.name`` (``file.py:function`` or ``module:function``)."""
     target, _, func_name = name.rpartition(":")
@@ -126,7 +147,8 @@ def load_plugin(name: str) -> Callable[..., dict]:
         except Exception as exc:
             sys.modules.pop(module_name, None)
             raise MamoError(
-                f"data plugin file '{target}' raised {type(exc).__name__} on import: {exc}; fix the plugin."
+                f"data plugin file '{target}' raised {type(exc).__name__} on import{raised_at(exc)}: {exc}; fix the "
+                "plugin."
             ) from exc
     else:
         if not target or target.startswith("."):  # import_module raises ValueError or TypeError for these
@@ -170,7 +192,7 @@ def _current_module(target: str) -> ModuleType:
             raise
         except Exception as exc:
             raise MamoError(f"data plugin module '{target}' raised {type(exc).__name__} when run again after an "
-                            f"edit: {exc}; fix the plugin.") from exc
+                            f"edit{raised_at(exc)}: {exc}; fix the plugin.") from exc
     setattr(module, RAN_SOURCE, digest)
     return module
 

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from mamo import dense
+from mamo.data_plugins import raised_at
 from mamo.errors import MamoError
 from mamo.tasks import TASK_TYPES, TaskSpec, head_name, parse_tasks
 
@@ -73,8 +74,8 @@ def _fetch(dataset: Dataset, index: int, split: str, what: str) -> object:
     except MamoError:
         raise  # already one sentence naming what to fix (a built-in dataset's bad file)
     except Exception as exc:
-        raise MamoError(f"{what} raised {type(exc).__name__} reading {_where(index, split)}: {exc}; fix the "
-                        "dataset.") from exc
+        raise MamoError(f"{what} raised {type(exc).__name__}{raised_at(exc)} reading {_where(index, split)}: {exc}; "
+                        "fix the dataset.") from exc
 
 
 def _as_tensors(sample: object, where: str, what: str) -> tuple[Tensor, dict[str, Tensor]]:

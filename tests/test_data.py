@@ -442,7 +442,8 @@ def test_plugin_from_module(plugin_file: str, monkeypatch: pytest.MonkeyPatch) -
 @pytest.mark.parametrize(
     ("function", "message"),
     [
-        ("boom", r"data plugin '.*:boom' raised ValueError: boom; fix the plugin\."),
+        # With the line that raised: a sentence alone left a long plugin's author searching (a user audit).
+        ("boom", r"data plugin '.*:boom' raised ValueError at \S+\.py:\d+ \(in boom\): boom; fix the plugin\."),
         ("no_tasks", r"returned a dict without 'tasks'"),
         ("missing_target", r"task 'c' from data plugin .* is missing from the targets of sample 0 of the 'train' "
                            r"split"),
@@ -676,7 +677,8 @@ def test_every_sample_of_a_plugins_in_memory_data_is_checked_when_it_loads(
     ("label", r"expects a single class index in \[0, 3\) .* per sample but sample 7 of the 'train' split has 5"),
     ("dtype", r"gives sample 7 of the 'train' split an input of dtype torch.float64; return float32"),
     ("shape", r"gives sample 7 of the 'train' split an input of shape \(3,\), not \(2,\) like sample 0"),
-    ("raises", r"raised OSError reading sample 7 of the 'train' split: the disk went away; fix the dataset\."),
+    ("raises", r"raised OSError at \S+late\.py:\d+ \(in __getitem__\) reading sample 7 of the 'train' split: the disk "
+               r"went away; fix the dataset\."),
     ("nan", r"gives sample 7 of the 'train' split an input with NaN or infinite values"),
     ("uint8", r"gives sample 7 of the 'train' split an input of dtype torch.uint8; return float32"),
     ("list", r"gives sample 7 of the 'train' split an input of type list; return a float32 tensor"),
@@ -928,3 +930,18 @@ def test_the_machines_available_memory_is_read_where_linux_reports_it() -> None:
     free = available_memory()
     if sys.platform.startswith("linux"):  # /proc/meminfo's MemAvailable; elsewhere None and no check is made
         assert isinstance(free, int) and free > 0
+
+
+def test_a_plugin_error_names_the_plugins_own_line_not_torchs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "raised AttributeError: 'Tensor' object has no attribute 'reshpe'; fix the plugin." named no file or line.
+    (tmp_path / "typo.py").write_text("import torch\n\n\ndef helper(r):\n    return torch.cat([r.reshpe(-1, 2)])\n\n\n"
+                                      "def build(seed, root):\n    return helper(torch.zeros(4))\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MamoError) as failed:
+        load_data(DataConfig(name="typo.py:build"))
+    assert str(failed.value) == ("data plugin 'typo.py:build' raised AttributeError at typo.py:5 (in helper): 'Tensor' "
+                                 "object has no attribute 'reshpe'; fix the plugin.")
+    (tmp_path / "deep.py").write_text("import torch\n\n\ndef build(seed, root):\n    return torch.ones(2) @ "
+                                      "torch.ones(3)\n")
+    with pytest.raises(MamoError, match=r"raised RuntimeError at deep\.py:5 \(in build\): "):  # torch's C++ frames
+        load_data(DataConfig(name="deep.py:build"))
