@@ -228,13 +228,17 @@ def builder_arguments(func: Callable[..., Any], cfg: DataConfig, what: str, plug
     if plugin:
         if not var_keyword and not {"seed", "root"} <= names:
             raise MamoError(f"{what} must accept the keyword arguments seed and root; add them to its signature.")
-        for key, value in sizes.items():
-            if value is None:
-                continue  # unset: the plugin's own default applies, as None passed would override it
-            if key in names or var_keyword:
-                kwargs[key] = value
-            else:
-                raise MamoError(f"data.{key} is set but {what} takes no '{key}' argument; remove it or add one.")
+        # Unset (None): the plugin's own default applies, as None passed would override it.
+        untaken = [key for key, value in sizes.items() if value is not None and key not in names and not var_keyword]
+        if untaken:  # all at once: a copied preset sets all three, which were refused one command at a time
+            one = len(untaken) == 1
+            shown = " and ".join(", ".join(f"data.{k}" for k in untaken).rsplit(", ", 1))
+            arguments = " or ".join(", ".join(repr(k) for k in untaken).rsplit(", ", 1))
+            unset = " ".join(f"--set data.{k}=null" for k in untaken)
+            raise MamoError(f"{shown} {'is' if one else 'are'} set but {what} takes no {arguments} argument; "
+                            f"unset {'it' if one else 'them'} "
+                            f"({unset}, or remove the lines from the preset) or add the argument to the plugin.")
+        kwargs.update({key: value for key, value in sizes.items() if value is not None})
     else:
         kwargs.update(sizes)
     if not var_keyword:

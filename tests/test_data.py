@@ -805,8 +805,14 @@ def test_a_file_plugin_imports_the_modules_beside_it(tmp_path: Path) -> None:
 
 
 def test_plugin_size_it_does_not_take(plugin_file: str) -> None:
-    with pytest.raises(MamoError, match=r"data\.val_size is set but data plugin .* takes no 'val_size'"):
+    with pytest.raises(MamoError, match=r"data\.val_size is set but data plugin .* takes no 'val_size' argument; "
+                                        r"unset it \(--set data\.val_size=null, or remove the lines from the preset\)"):
         load_data(DataConfig(name=f"{plugin_file}:make", val_size=3))
+    # A copied preset sets them all: named at once, where they were refused one command at a time (a user audit).
+    with pytest.raises(MamoError, match=r"^data\.val_size and data\.test_size are set but data plugin .* takes no "
+                                        r"'val_size' or 'test_size' argument; unset them \(--set data\.val_size=null "
+                                        r"--set data\.test_size=null, or remove the lines from the preset\) or add"):
+        load_data(DataConfig(name=f"{plugin_file}:make", train_size=8, val_size=3, test_size=3))
 
 
 # ------------------------------------------------------------------------------------------------ bad names
