@@ -82,9 +82,10 @@ def plugin_code_digest(name: str) -> str | None:
     return hashlib.sha256(ast.dump(tree).encode()).hexdigest() if tree else None
 
 
-def plugin_edited_note(name: str, started: Path, starts_over: bool = False) -> str | None:
+def plugin_edited_note(name: str, started: Path, starts_over: bool = False, baselines: bool = False) -> str | None:
     """A log line for a resumed run whose plugin was edited after ``started`` (the run's config.yaml) was written;
-    ``starts_over``: the run has no checkpoint, so nothing it keeps saw the old data."""
+    ``starts_over``: the run has no checkpoint, so nothing it keeps saw the old data; ``baselines``: a search that
+    trained STL and HPS on it."""
     path = plugin_source(name)
     try:
         if path is None or path.stat().st_mtime <= started.stat().st_mtime:
@@ -95,7 +96,7 @@ def plugin_edited_note(name: str, started: Path, starts_over: bool = False) -> s
     if starts_over:
         return changed + "the run starts over on what it returns now."
     return changed + ("the resumed run trains and tests on what it returns now, while its epochs before the stop "
-                      "(and a search's baselines) saw the old data.")
+                      + ("and its baselines " if baselines else "") + "saw the old data.")
 
 
 def raised_at(exc: BaseException) -> str:

@@ -106,7 +106,8 @@ def run_search(
         session.log(f"{'resuming' if resume else 'search'} in {directory} on {session.device}: {method_name(config)}"
                     + (f"; {', '.join(resume_settings)}" if resume_settings else ""))
         session.log(plan_line(config, len(tasks)))
-        for note in ([plugin_edited_note(config.data.name, directory / "config.yaml", state is None)] if resume else
+        for note in ([plugin_edited_note(config.data.name, directory / "config.yaml", state is None,
+                                         config.search.baselines)] if resume else
                      [budget_note(config), tensioner_window_note(config, len(session.data.train))]):
             if note:  # the notes on the settings were said when it started
                 session.log(note)
@@ -139,7 +140,8 @@ def run_search(
                 start_index, partial = _restore(run, state) if state is not None else (0, None)
                 if state is None and resume:
                     session.log(f"no checkpoint in {directory / 'checkpoints'} yet: the search starts again from "
-                                "its pretraining's first epoch (the baselines come from their cache)")
+                                "its pretraining's first epoch" + (" (the baselines come from their cache)"
+                                                                    if search.baselines else ""))
                 run_phases(run, search_phases(config)[start_index:], started, partial)
                 metrics = _finish(run, started)
                 for callback in watchers:

@@ -497,8 +497,15 @@ def test_a_run_resumed_after_its_plugin_was_edited_says_so(tmp_path: Path, edite
     if edited:
         edit_after_the_run_started(plugin, tmp_path / "run")
     run_train(config, tmp_path / "run", resume=True, **quiet)
-    noted = "note: the data plugin" in (tmp_path / "run" / "log.txt").read_text()
-    assert noted == edited
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert ("note: the data plugin" in log) == edited
+    if edited:  # a train run has no baselines of its own (the note named "a search's baselines" in every run)
+        assert (f"note: the data plugin {plugin} changed after this run started; the resumed run trains and tests on "
+                "what it returns now, while its epochs before the stop saw the old data.") in log
+        from mamo.data_plugins import plugin_edited_note
+
+        assert plugin_edited_note(f"{plugin}:build", tmp_path / "run" / "config.yaml", baselines=True).endswith(
+            "while its epochs before the stop and its baselines saw the old data.")  # a search's
 
 
 def test_a_run_resumed_without_a_checkpoint_after_its_plugin_was_edited_says_it_starts_over(tmp_path: Path) -> None:
