@@ -148,7 +148,11 @@ def _check_sample(dataset: Dataset, split: str, tasks: dict[str, TaskSpec], what
         raise MamoError(f"{what} returned a '{split}' dataset without __len__; give it one.") from exc
     if size < 1:
         raise MamoError(f"{what} returned an empty '{split}' split; give every split at least one sample.")
-    return tuple(_checked_sample(dataset, 0, split, tasks, what)[0].shape)
+    shape = tuple(_checked_sample(dataset, 0, split, tasks, what)[0].shape)
+    if not shape:  # every backbone takes vectors or images: "use larger inputs" could not help
+        raise MamoError(f"{what} gives sample 0 of the '{split}' split a single number as its input (shape ()); "
+                        "give each input the shape (1,), a split's x the shape (N, 1).")
+    return shape
 
 
 def _float32_input(value: object) -> bool:

@@ -951,3 +951,16 @@ def test_a_plugin_error_names_the_plugins_own_line_not_torchs(tmp_path: Path, mo
                                       "torch.ones(3)\n")
     with pytest.raises(MamoError, match=r"raised RuntimeError at deep\.py:5 \(in build\): "):  # torch's C++ frames
         load_data(DataConfig(name="deep.py:build"))
+
+
+def test_a_plugin_of_single_number_inputs_is_told_the_shape_to_give(tmp_path: Path) -> None:
+    # "backbone 'mlp' fails at cell 0 on inputs of shape [] ...; use larger inputs or a backbone that downsamples
+    # less (model.backbone=cnn fits any size)", advice that could not help (cnn refuses vectors; a user audit).
+    (tmp_path / "scalar.py").write_text(
+        "import torch\nfrom mamo.samples import TensorTaskDataset\n\n\ndef build(seed, root):\n    x = torch.randn(8)\n"
+        "    ds = TensorTaskDataset(x, {'a': (x > 0).long(), 'b': (x > 1).long()})\n"
+        "    spec = {'type': 'classification', 'classes': 2}\n"
+        "    return {'train': ds, 'val': ds, 'test': ds, 'tasks': {'a': spec, 'b': spec}}\n")
+    with pytest.raises(MamoError, match=r"gives sample 0 of the 'train' split a single number as its input \(shape "
+                                        r"\(\)\); give each input the shape \(1,\), a split's x the shape \(N, 1\)\.$"):
+        load_data(DataConfig(name=f"{tmp_path / 'scalar.py'}:build"))
