@@ -9,10 +9,12 @@ exit with status 2; nothing already written is removed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import io
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -175,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     except MamoError as exc:
         print(f"mamo: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of stdout or stderr left (`| head`): end as a program that SIGPIPE ends does, quietly (it
+        # printed a traceback), with the shell's code for it; what is still buffered goes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(devnull, stream.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         message = os_failure(exc, COMMANDS[args.command].again)
         if message is None:

@@ -368,6 +368,13 @@ def logging_stops(session: Session, how_to_continue: str) -> Iterator[None]:
     except EndedOnPurpose as exc:
         session.log.record(str(exc))
         raise
+    except BrokenPipeError:
+        # The reader of its output left (`| head`): after the run finished (its report printed last) nothing is
+        # left to resume, which the line said all the same.
+        finished = session.log.path is not None and (session.log.path.parent / "metrics.json").is_file()
+        session.log.record("its output's reader left (BrokenPipeError: a pipe such as | head closed)" + (
+            " after it had finished" if finished else f"; its checkpoints are kept for: {how_to_continue}"))
+        raise
     except Exception as exc:
         if isinstance(exc, OSError) or memory_failure(exc):  # the machine's limits (a full disk, memory): no bug
             session.log.record(f"stopped by {type(exc).__name__}: {exc}; its checkpoints are kept for: "

@@ -106,3 +106,21 @@ def test_a_closed_stderr_is_held_by_dev_null_so_no_file_takes_its_descriptor(tmp
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     number, target = done.stdout.split()
     assert int(number) > 2 and target == os.devnull
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly_and_a_finished_run_is_not_called_stopped(tmp_path):
+    # `train ... | head` printed a BrokenPipeError traceback after the run had finished, and log.txt said it was
+    # "stopped by BrokenPipeError; its checkpoints are kept for: ... --resume" (a user audit).
+    run = tmp_path / "run"
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader has left before the report is printed
+    done = subprocess.run([sys.executable, "cli.py", "train", "quick", "--set", "train.epochs=1", "--set",
+                           "data.train_size=64", "--set", "data.val_size=32", "--set", "data.test_size=32",
+                           "--no-tensorboard", "--run-dir", str(run)], cwd=ROOT, stdout=writer,
+                          stderr=subprocess.PIPE, text=True, timeout=300)
+    os.close(writer)
+    assert done.returncode == 141, done.stderr  # 128 + SIGPIPE, as a program that SIGPIPE ends
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
+    assert (run / "metrics.json").is_file()
+    assert (run / "log.txt").read_text().splitlines()[-1].endswith(
+        "its output's reader left (BrokenPipeError: a pipe such as | head closed) after it had finished")
