@@ -223,14 +223,15 @@ def _trial_config(trial: FrozenTrial, base: Config, directory: Path) -> Config |
     return config
 
 
-def _rerun_notes(tuned: Config, base: Config, trial: FrozenTrial) -> list[str]:
-    """What a search of best.yaml computes differently from the trial it repeats, or keeps so as not to."""
+def _rerun_notes(tuned: Config, base: Config, trial: FrozenTrial, reference: bool) -> list[str]:
+    """What a search of best.yaml computes differently from the trial it repeats, or keeps so as not to;
+    ``reference``: the study trained an STL reference (a caller's objective's study has none to differ from)."""
     notes = []
     if tuned.train.threads is not None and base.train.threads is None:
         notes.append(f"It keeps train.threads={tuned.train.threads}, the thread count its trial's worker ran "
                      "with, so that a CPU repeats the trial; set it to null to use every core (the numbers then "
                      "move slightly).")
-    if "lr" in trial.params:
+    if "lr" in trial.params and reference:
         notes.append(f"Its train.lr is the trial's, not the {base.train.lr:g} the study's STL reference trained "
                      "with: its search trains STL and HPS at the tuned rate, so its Δ is against those and not "
                      "the objective's; its validation metrics are the trial's.")
@@ -277,9 +278,12 @@ def summarize(study: optuna.Study, directory: Path, base: Config, multi: bool, s
             best_path = directory / "best.yaml"
             tuned.name = f"{base.name}-tuned"
             replace_atomically(best_path, lambda partial: dump_config(tuned, partial))
-            lines += [f"Best configuration: {best_path} (trial {chosen.number}, run folder "
-                      f"{_where(chosen, directory)}); run it with `{cli('search', best_path)}`.",
-                      *_rerun_notes(tuned, base, chosen), *_reference_notes(chosen, directory), ""]
+            # A caller's objective makes no run folder: "run folder ?" read as one lost.
+            where = f", run folder {_where(chosen, directory)}" if run_folder(chosen, directory) else ""
+            lines += [f"Best configuration: {best_path} (trial {chosen.number}{where}); run it with "
+                      f"`{cli('search', best_path)}`.",
+                      *_rerun_notes(tuned, base, chosen, "stl_val" in study.user_attrs),
+                      *_reference_notes(chosen, directory), ""]
         if multi and 2 <= len(study.directions) <= 3:
             plot_pareto(study, directory / "pareto.png")
             lines += [f"Pareto scatter: {directory / 'pareto.png'}.", ""]

@@ -1377,6 +1377,7 @@ def test_best_yaml_keeps_a_workers_thread_count_and_says_what_its_search_repeats
     dump_config(load_config("quick", ["train.lr=0.004", "train.threads=1", "search.baselines=false"]),
                 trial_dir / "config.yaml")
     study = optuna.create_study(direction="maximize")
+    study.set_user_attr("stl_val", {})  # a study of searches: its STL reference trained at the preset's rate
     study.add_trial(optuna.trial.create_trial(params={"lr": 0.004}, distributions={"lr": FloatDistribution(1e-3, 1e-2)},
                                               value=1.0, user_attrs={"run_dir": str(trial_dir)}))
     base = load_config("quick")
