@@ -15,10 +15,12 @@ import argparse
 import contextlib
 import dataclasses
 import multiprocessing
+import pickle
 import shutil
 import sys
 import time
 from collections.abc import Callable
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -247,7 +249,7 @@ def run_tune(
     ``workers`` > 1); by default each trial is a :class:`SearchObjective`, writing TensorBoard events
     unless ``tensorboard`` is false (``pictures=False``: without the round pictures).
     """
-    _check_arguments(config, trials, workers, storage, study_name)
+    _check_arguments(config, trials, workers, storage, study_name, objective)
     name = study_name or DEFAULT_STUDY
     opened = _open_study(config, overrides, study_dir, storage, name, trials, workers, multi_objective,
                          objective is None, progress)
@@ -323,8 +325,8 @@ def _continuing(directory: Path, storage: str | None, url: str, name: str, trial
 
 
 def _check_arguments(config: Config, trials: int | None, workers: int, storage: str | None,
-                     study_name: str | None) -> None:
-    """The command's own numbers and names, before any storage or folder is touched."""
+                     study_name: str | None, objective: Callable[[optuna.Trial], Any] | None = None) -> None:
+    """The command's own numbers and names, and a caller's objective, before any storage or folder is touched."""
     check_space(config.tune)
     # Named where the number came from: without --trials it is tune.trials (a joined study's own, see below).
     for source, count in (("--trials", trials), ("tune.trials", config.tune.trials)):
@@ -334,6 +336,13 @@ def _check_arguments(config: Config, trials: int | None, workers: int, storage: 
         raise MamoError(f"--workers must be ≥ 1, got {workers}; fix the number.")
     if storage and not study_name:
         raise MamoError("--storage needs --study NAME so that every worker joins the same study; add --study.")
+    if objective is not None and workers > 1 and (trials is None or trials > 1):  # one runs here (see _shares)
+        try:  # as spawn sends it: a lambda failed there, after the study folder was made
+            ForkingPickler.dumps(objective)
+        except (pickle.PicklingError, AttributeError, TypeError) as exc:
+            name = getattr(objective, "__qualname__", repr(objective))
+            raise MamoError(f"the objective {name} cannot be pickled into the {workers} worker processes ({exc}); "
+                            "pass a module-level function, or workers=1.") from None
 
 
 def _preset(args: argparse.Namespace) -> str:
