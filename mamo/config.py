@@ -311,6 +311,9 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
                 ) -> Config:
     """The preset's values over the defaults, then each ``--set`` override; validated as a whole. ``kind`` is
     what messages call the file (a run's saved config.yaml is not a preset to its user)."""
+    if isinstance(overrides, str):  # iterated, it gave one override per character: "--set 't' is not of the form"
+        raise MamoError(f"overrides must be a list of 'section.key=value' strings, got the string {overrides!r}; "
+                        f"wrap it in a list: [{overrides!r}].")
     path = resolve_preset(preset)
     raw: dict = {}
     if path is not None:

@@ -217,6 +217,13 @@ def test_a_key_given_twice_in_a_set_value_is_refused() -> None:
     assert "'a' twice" in message and "--set 'data.options={a: 1, a: 2}'" in message
 
 
+def test_overrides_given_as_one_string_are_refused_not_read_letter_by_letter() -> None:
+    # Before: load_config("quick", "train.epochs=2") read 't' as the first override: "--set 't' is not of the form".
+    assert error_of("quick", "train.epochs=2") == (
+        "overrides must be a list of 'section.key=value' strings, got the string 'train.epochs=2'; wrap it in a "
+        "list: ['train.epochs=2'].")
+
+
 def test_a_merged_key_may_still_be_overridden() -> None:
     # << merges are not duplicates: overriding a merged key is their purpose.
     assert load_yaml("a: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 3\n")["c"] == {"x": 3, "y": 2}
