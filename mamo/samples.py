@@ -335,6 +335,23 @@ def validate(result: object, what: str, plugin: bool = False) -> MultiTaskData:
     return MultiTaskData(splits["train"], splits["val"], splits["test"], tasks, shapes["train"])
 
 
+def targets_without_a_task(data: MultiTaskData) -> list[str]:
+    """The training targets no task spec names (a plugin's ``tasks`` that left one out): nothing trains them.
+    Only in-memory :class:`TensorTaskDataset` targets are looked at, as in :func:`unreachable_target_notes`."""
+    train = data.train
+    return [name for name in train.targets if name not in data.tasks] if isinstance(train, TensorTaskDataset) else []
+
+
+def untrained_target_notes(data: MultiTaskData) -> list[str]:
+    """A note for targets no task trains: a task left out of ``tasks`` trained nothing without a word."""
+    extra = targets_without_a_task(data)
+    if not extra:
+        return []
+    named = ", ".join(map(repr, extra))
+    return [f"note: the data's target{'s' if len(extra) > 1 else ''} {named} {'have' if len(extra) > 1 else 'has'} "
+            "no task spec, so nothing trains on it; add it to the tasks to train it."]
+
+
 def unreachable_target_notes(data: MultiTaskData) -> list[str]:
     """Notes for training targets outside what their task's ``mlp`` head can output (a reconstruction's sigmoid):
     not refused, since the loss still trains toward them, but the task cannot fit them. Only in-memory

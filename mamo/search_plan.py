@@ -15,6 +15,7 @@ from mamo.data import MultiTaskData, batches_per_epoch
 from mamo.directions import direction_label
 from mamo.errors import MamoError
 from mamo.runs import cli, counted
+from mamo.samples import targets_without_a_task
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,12 @@ def check_search_config(config: Config, rounds_setting: str = "search.rounds") -
 def check_search_tasks(data: MultiTaskData) -> None:
     """A search grows modules between pairs of tasks: one task has no pair."""
     if len(data.tasks) < 2:
-        raise MamoError(f"the data has {len(data.tasks)} task ({', '.join(data.tasks)}), and a search grows modules "
-                        f"between pairs of tasks; give the data two or more tasks, or use `{cli('train')}` for "
-                        "one.")
+        extra = targets_without_a_task(data)
+        unspecified = (f" (its target{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} "
+                       f"{'have' if len(extra) > 1 else 'has'} no task spec)") if extra else ""
+        raise MamoError(f"the data has {len(data.tasks)} task ({', '.join(data.tasks)}){unspecified}, and a search "
+                        f"grows modules between pairs of tasks; give the data two or more tasks, or use "
+                        f"`{cli('train')}` for one.")
 
 
 def epochs_before_final(search: SearchConfig, rounds: int | None = None) -> int:

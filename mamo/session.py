@@ -32,7 +32,7 @@ from mamo.runs import (
     new_run_dir,
     write_run_config,
 )
-from mamo.samples import unreachable_target_notes
+from mamo.samples import unreachable_target_notes, untrained_target_notes
 from mamo.spaces import SPACES, check_model_config, create_space, memory_failure
 from mamo.step import TrainStep
 from mamo.trainer import (
@@ -112,11 +112,12 @@ def setting_notes(config: Config) -> list[str]:
 
 
 def start_notes(config: Config, data: MultiTaskData, device: torch.device) -> list[str]:
-    """What a run's log notes before it trains: :func:`setting_notes`, CUDA graphs asked for off CUDA, and the
-    data's targets its heads cannot reach (:func:`mamo.samples.unreachable_target_notes`)."""
+    """What a run's log notes before it trains: :func:`setting_notes`, CUDA graphs asked for off CUDA, the data's
+    targets no task trains and those its heads cannot reach (:mod:`mamo.samples`)."""
     graphs = (f"note: train.cuda_graphs is on, but the run trains on {device}, which has no CUDA graphs; the "
               "setting changes nothing here." if config.train.cuda_graphs and device.type != "cuda" else None)
-    return [*setting_notes(config), *([graphs] if graphs else []), *unreachable_target_notes(data)]
+    return [*setting_notes(config), *([graphs] if graphs else []), *untrained_target_notes(data),
+            *unreachable_target_notes(data)]
 
 
 def unused_settings_notes(config: Config) -> list[str]:

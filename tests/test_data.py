@@ -964,3 +964,22 @@ def test_a_plugin_of_single_number_inputs_is_told_the_shape_to_give(tmp_path: Pa
     with pytest.raises(MamoError, match=r"gives sample 0 of the 'train' split a single number as its input \(shape "
                                         r"\(\)\); give each input the shape \(1,\), a split's x the shape \(N, 1\)\.$"):
         load_data(DataConfig(name=f"{tmp_path / 'scalar.py'}:build"))
+
+
+def test_a_target_no_task_names_is_noted_not_dropped_without_a_word(tmp_path: Path) -> None:
+    # A plugin whose tasks left out its 'reg' target trained 'cls' alone without a word, and a search said only
+    # "the data has 1 task (cls)" (a user audit).
+    from mamo.samples import untrained_target_notes
+    from mamo.search_plan import check_search_tasks
+
+    (tmp_path / "extra.py").write_text(
+        "import torch\nfrom mamo.samples import TensorTaskDataset\n\n\ndef build(seed, root):\n"
+        "    x = torch.randn(16, 4)\n"
+        "    ds = TensorTaskDataset(x, {'cls': (x[:, 0] > 0).long(), 'reg': x[:, 1:3].clone()})\n"
+        "    return {'train': ds, 'val': ds, 'test': ds, 'tasks': {'cls': {'type': 'classification', 'classes': 2}}}\n")
+    data = load_data(DataConfig(name=f"{tmp_path / 'extra.py'}:build"))
+    assert untrained_target_notes(data) == ["note: the data's target 'reg' has no task spec, so nothing trains on "
+                                            "it; add it to the tasks to train it."]
+    with pytest.raises(MamoError, match=r"^the data has 1 task \(cls\) \(its target 'reg' has no task spec\), and a "):
+        check_search_tasks(data)
+    assert untrained_target_notes(load_data(DataConfig(name="logic"))) == []  # every target has its task
