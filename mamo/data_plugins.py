@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import difflib
 import hashlib
 import importlib
 import importlib.machinery
@@ -169,7 +170,11 @@ def load_plugin(name: str) -> Callable[..., dict]:
             raise MamoError(f"data plugin module '{target}' could not be imported ({exc}); {fix}") from exc
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise MamoError(f"data plugin '{target}' has no function '{func_name}'; define it or fix data.name '{name}'.")
+        functions = [key for key, value in vars(module).items() if callable(value) and not key.startswith("_")]
+        near = difflib.get_close_matches(func_name, functions, n=1)
+        hint = f" (did you mean '{target}:{near[0]}'?)" if near else ""
+        raise MamoError(f"data plugin '{target}' has no function '{func_name}'{hint}; define it or fix data.name "
+                        f"'{name}'.")
     return func
 
 

@@ -77,7 +77,10 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> Mam
         what = str(exc) if isinstance(exc, _Damaged) else type(exc).__name__
         raise MamoError(f"the model files in {directory} are unreadable or do not fit together "
                         f"({what}); restore them from a copy or {_rerun(directory, run_command(directory))}.") from exc
-    return model.to(device).eval()
+    from mamo.trainer import resolve_device  # here: export's commands need no trainer until a model loads
+
+    # Checked by name: torch's own error on a machine without CUDA ("Found no NVIDIA driver") named no option.
+    return model.to(resolve_device(str(device), option="load_trained's device")).eval()
 
 
 def _no_model(directory: Path, missing: list[Path]) -> str:

@@ -983,3 +983,11 @@ def test_a_target_no_task_names_is_noted_not_dropped_without_a_word(tmp_path: Pa
     with pytest.raises(MamoError, match=r"^the data has 1 task \(cls\) \(its target 'reg' has no task spec\), and a "):
         check_search_tasks(data)
     assert untrained_target_notes(load_data(DataConfig(name="logic"))) == []  # every target has its task
+
+
+def test_a_mistyped_plugin_function_gets_the_near_name(tmp_path: Path) -> None:
+    (tmp_path / "named.py").write_text("def build(seed, root):\n    return {}\n")
+    with pytest.raises(MamoError, match=r"has no function 'biuld' \(did you mean '.*named\.py:build'\?\); define "):
+        load_data(DataConfig(name=f"{tmp_path / 'named.py'}:biuld"))
+    with pytest.raises(MamoError, match=r"has no function 'nowhere'; define it"):  # nothing near: no guess
+        load_data(DataConfig(name=f"{tmp_path / 'named.py'}:nowhere"))

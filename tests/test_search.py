@@ -366,10 +366,11 @@ def test_a_device_that_fails_is_not_reported_as_damaged_files(finished):
     # Loading straight onto the device, its error (no driver here) read "the model files ... are unreadable or do
     # not fit together ... restore them from a copy" (a review of the CUDA paths).
     run_dir, _ = finished
-    with pytest.raises(Exception) as caught:  # torch's own error for a device without a driver
+    with pytest.raises(MamoError) as caught:  # torch's "Found no NVIDIA driver" named no option (a user audit)
         load_trained(run_dir, device="cuda")
-    assert not isinstance(caught.value, MamoError)
+    assert str(caught.value) == "load_trained's device is 'cuda' but no CUDA device is visible; use auto or cpu."
     assert load_trained(run_dir, device="cpu").graph.number_of_nodes() > 0
+    assert load_trained(run_dir, device=torch.device("cpu")).graph.number_of_nodes() > 0
 
 
 def test_onnx_and_pt2_programs_give_the_same_outputs(finished, tmp_path):
