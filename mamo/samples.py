@@ -119,9 +119,13 @@ def _check_values(x: Tensor, targets: dict[str, Tensor], where: str, tasks: dict
                 got = f"{dtype} values from {target.min().item()!r} to {target.max().item()!r}"
             else:
                 got = f"shape {tuple(target.shape)}"
+            # A -1 is how a sample without a label is written: the spec's switch for it is the likely fix.
+            unlabelled = (spec.type == "classification" and not spec.missing_labels and not target.is_floating_point()
+                          and bool((target == -1).any()))
             raise MamoError(
                 f"task '{name}' from {what} expects {expected} per sample but {where} has {got}; fix the targets or "
-                "the task spec."
+                "the task spec" + (" (for samples without a label, -1 with \"missing_labels\": true in the task's "
+                                   "spec)." if unlabelled else ".")
             )
 
 

@@ -991,3 +991,19 @@ def test_a_mistyped_plugin_function_gets_the_near_name(tmp_path: Path) -> None:
         load_data(DataConfig(name=f"{tmp_path / 'named.py'}:biuld"))
     with pytest.raises(MamoError, match=r"has no function 'nowhere'; define it"):  # nothing near: no guess
         load_data(DataConfig(name=f"{tmp_path / 'named.py'}:nowhere"))
+
+
+def test_a_minus_one_label_points_at_missing_labels(tmp_path: Path) -> None:
+    # A -1 got only the shape hint; -1 is how an unlabelled sample is written (a user audit).
+    (tmp_path / "m1.py").write_text(
+        "import torch\nfrom mamo.samples import TensorTaskDataset\n\n\ndef build(seed, root, label=-1):\n"
+        "    x = torch.randn(8, 4)\n    a = (x[:, 0] > 0).long()\n    a[3] = label\n"
+        "    ds = TensorTaskDataset(x, {'a': a, 'b': (x[:, 1] > 0).long()})\n"
+        "    spec = {'type': 'classification', 'classes': 2}\n"
+        "    return {'train': ds, 'val': ds, 'test': ds, 'tasks': {'a': spec, 'b': spec}}\n")
+    with pytest.raises(MamoError, match=r"sample 3 of the 'train' split has -1; fix the targets or the task spec \(for "
+                                        r"samples without a label, -1 with \"missing_labels\": true in the task's "
+                                        r"spec\)\.$"):
+        load_data(DataConfig(name=f"{tmp_path / 'm1.py'}:build"))
+    with pytest.raises(MamoError, match=r"has 5; fix the targets or the task spec\.$"):  # not for other values
+        load_data(DataConfig(name=f"{tmp_path / 'm1.py'}:build", options={"label": 5}))
