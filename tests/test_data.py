@@ -6,6 +6,7 @@ import gzip
 import os
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -953,17 +954,25 @@ def test_a_plugin_error_names_the_plugins_own_line_not_torchs(tmp_path: Path, mo
         load_data(DataConfig(name="deep.py:build"))
 
 
+def tensor_plugin(folder: Path, name: str, body: str, signature: str = "seed, root") -> str:
+    """``data.name`` of a plugin file whose ``build`` runs ``body`` (which sets x, targets and tasks; TWO_CLASSES
+    is a two-class spec) and returns them as one TensorTaskDataset for all three splits."""
+    (folder / f"{name}.py").write_text(
+        "import torch\nfrom mamo.samples import TensorTaskDataset\n\nTWO_CLASSES = {'type': 'classification', "
+        f"'classes': 2}}\n\n\ndef build({signature}):\n" + textwrap.indent(body, "    ")
+        + "    ds = TensorTaskDataset(x, targets)\n    return {'train': ds, 'val': ds, 'test': ds, 'tasks': tasks}\n")
+    return f"{folder / name}.py:build"
+
+
 def test_a_plugin_of_single_number_inputs_is_told_the_shape_to_give(tmp_path: Path) -> None:
     # "backbone 'mlp' fails at cell 0 on inputs of shape [] ...; use larger inputs or a backbone that downsamples
     # less (model.backbone=cnn fits any size)", advice that could not help (cnn refuses vectors; a user audit).
-    (tmp_path / "scalar.py").write_text(
-        "import torch\nfrom mamo.samples import TensorTaskDataset\n\n\ndef build(seed, root):\n    x = torch.randn(8)\n"
-        "    ds = TensorTaskDataset(x, {'a': (x > 0).long(), 'b': (x > 1).long()})\n"
-        "    spec = {'type': 'classification', 'classes': 2}\n"
-        "    return {'train': ds, 'val': ds, 'test': ds, 'tasks': {'a': spec, 'b': spec}}\n")
+    name = tensor_plugin(tmp_path, "scalar", "x = torch.randn(8)\n"
+                                             "targets = {'a': (x > 0).long(), 'b': (x > 1).long()}\n"
+                                             "tasks = {'a': TWO_CLASSES, 'b': TWO_CLASSES}\n")
     with pytest.raises(MamoError, match=r"gives sample 0 of the 'train' split a single number as its input \(shape "
                                         r"\(\)\); give each input the shape \(1,\), a split's x the shape \(N, 1\)\.$"):
-        load_data(DataConfig(name=f"{tmp_path / 'scalar.py'}:build"))
+        load_data(DataConfig(name=name))
 
 
 def test_a_target_no_task_names_is_noted_not_dropped_without_a_word(tmp_path: Path) -> None:
@@ -972,12 +981,10 @@ def test_a_target_no_task_names_is_noted_not_dropped_without_a_word(tmp_path: Pa
     from mamo.samples import untrained_target_notes
     from mamo.search_plan import check_search_tasks
 
-    (tmp_path / "extra.py").write_text(
-        "import torch\nfrom mamo.samples import TensorTaskDataset\n\n\ndef build(seed, root):\n"
-        "    x = torch.randn(16, 4)\n"
-        "    ds = TensorTaskDataset(x, {'cls': (x[:, 0] > 0).long(), 'reg': x[:, 1:3].clone()})\n"
-        "    return {'train': ds, 'val': ds, 'test': ds, 'tasks': {'cls': {'type': 'classification', 'classes': 2}}}\n")
-    data = load_data(DataConfig(name=f"{tmp_path / 'extra.py'}:build"))
+    name = tensor_plugin(tmp_path, "extra", "x = torch.randn(16, 4)\n"
+                                            "targets = {'cls': (x[:, 0] > 0).long(), 'reg': x[:, 1:3].clone()}\n"
+                                            "tasks = {'cls': TWO_CLASSES}\n")
+    data = load_data(DataConfig(name=name))
     assert untrained_target_notes(data) == ["note: the data's target 'reg' has no task spec, so nothing trains on "
                                             "it; add it to the tasks to train it."]
     with pytest.raises(MamoError, match=r"^the data has 1 task \(cls\) \(its target 'reg' has no task spec\), and a "):
@@ -995,15 +1002,12 @@ def test_a_mistyped_plugin_function_gets_the_near_name(tmp_path: Path) -> None:
 
 def test_a_minus_one_label_points_at_missing_labels(tmp_path: Path) -> None:
     # A -1 got only the shape hint; -1 is how an unlabelled sample is written (a user audit).
-    (tmp_path / "m1.py").write_text(
-        "import torch\nfrom mamo.samples import TensorTaskDataset\n\n\ndef build(seed, root, label=-1):\n"
-        "    x = torch.randn(8, 4)\n    a = (x[:, 0] > 0).long()\n    a[3] = label\n"
-        "    ds = TensorTaskDataset(x, {'a': a, 'b': (x[:, 1] > 0).long()})\n"
-        "    spec = {'type': 'classification', 'classes': 2}\n"
-        "    return {'train': ds, 'val': ds, 'test': ds, 'tasks': {'a': spec, 'b': spec}}\n")
+    name = tensor_plugin(tmp_path, "m1", "x = torch.randn(8, 4)\na = (x[:, 0] > 0).long()\na[3] = label\n"
+                                         "targets = {'a': a, 'b': (x[:, 1] > 0).long()}\n"
+                                         "tasks = {'a': TWO_CLASSES, 'b': TWO_CLASSES}\n", "seed, root, label=-1")
     with pytest.raises(MamoError, match=r"sample 3 of the 'train' split has -1; fix the targets or the task spec \(for "
                                         r"samples without a label, -1 with \"missing_labels\": true in the task's "
                                         r"spec\)\.$"):
-        load_data(DataConfig(name=f"{tmp_path / 'm1.py'}:build"))
+        load_data(DataConfig(name=name))
     with pytest.raises(MamoError, match=r"has 5; fix the targets or the task spec\.$"):  # not for other values
-        load_data(DataConfig(name=f"{tmp_path / 'm1.py'}:build", options={"label": 5}))
+        load_data(DataConfig(name=name, options={"label": 5}))
