@@ -23,7 +23,7 @@ from typing import Any
 
 import mamo
 from mamo.errors import WRITE_FAILURES, MamoError, StopExplained, write_fix
-from mamo.stops import exit_quickly, hold_standard_descriptors, stop_signals_interrupt
+from mamo.stops import exit_quickly, hold_standard_descriptors, output_reader_left, stop_signals_interrupt
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mamo: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
+        if not output_reader_left():  # another pipe or socket: an error like any other
+            raise
         # The reader of stdout or stderr left (`| head`): end as a program that SIGPIPE ends does, quietly (it
         # printed a traceback), with the shell's code for it; what is still buffered goes nowhere.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -35,6 +35,7 @@ from mamo.runs import (
 from mamo.samples import unreachable_target_notes, untrained_target_notes
 from mamo.spaces import SPACES, check_model_config, create_space, memory_failure
 from mamo.step import TrainStep
+from mamo.stops import output_reader_left
 from mamo.trainer import (
     OPTIMIZER_SETTINGS,
     Callback,
@@ -369,7 +370,10 @@ def logging_stops(session: Session, how_to_continue: str) -> Iterator[None]:
     except EndedOnPurpose as exc:
         session.log.record(str(exc))
         raise
-    except BrokenPipeError:
+    except BrokenPipeError as exc:
+        if not output_reader_left():  # a plugin's socket, say: recorded as any other OSError below
+            _record_failure(session, exc, how_to_continue)
+            raise
         # The reader of its output left (`| head`): after the run finished (its report printed last) nothing is
         # left to resume, which the line said all the same.
         finished = session.log.path is not None and (session.log.path.parent / "metrics.json").is_file()
@@ -377,11 +381,16 @@ def logging_stops(session: Session, how_to_continue: str) -> Iterator[None]:
             " after it had finished" if finished else f"; its checkpoints are kept for: {how_to_continue}"))
         raise
     except Exception as exc:
-        if isinstance(exc, OSError) or memory_failure(exc):  # the machine's limits (a full disk, memory): no bug
-            session.log.record(f"stopped by {type(exc).__name__}: {exc}; its checkpoints are kept for: "
-                               f"{how_to_continue}")
-        else:
-            session.log.record(f"crashed with {type(exc).__name__}, a bug in mamo (please report it with this "
-                               f"log.txt); its checkpoints are kept for: {how_to_continue}\n"
-                               f"{traceback.format_exc().rstrip()}")
+        _record_failure(session, exc, how_to_continue)
         raise
+
+
+def _record_failure(session: Session, exc: Exception, how_to_continue: str) -> None:
+    """Into log.txt: why the run stopped, and for a bug its traceback (called while ``exc`` is handled)."""
+    if isinstance(exc, OSError) or memory_failure(exc):  # the machine's limits (a full disk, memory): no bug
+        session.log.record(f"stopped by {type(exc).__name__}: {exc}; its checkpoints are kept for: "
+                           f"{how_to_continue}")
+    else:
+        session.log.record(f"crashed with {type(exc).__name__}, a bug in mamo (please report it with this "
+                           f"log.txt); its checkpoints are kept for: {how_to_continue}\n"
+                           f"{traceback.format_exc().rstrip()}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import select
 import signal
 import sys
 import threading
@@ -91,6 +92,15 @@ def hold_standard_descriptors() -> None:
             if held != descriptor:
                 os.dup2(held, descriptor)
                 os.close(held)
+
+
+def output_reader_left() -> bool:
+    """Whether the reader of stdout or stderr has left (`| head` exited): the pipe's write end then polls as an
+    error. A BrokenPipeError can also come from a socket a data plugin reads, which is no reader leaving."""
+    poller = select.poll()
+    for descriptor in (1, 2):
+        poller.register(descriptor, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def exit_quickly(code: int) -> None:

@@ -124,3 +124,20 @@ def test_a_reader_that_leaves_ends_the_command_quietly_and_a_finished_run_is_not
     assert (run / "metrics.json").is_file()
     assert (run / "log.txt").read_text().splitlines()[-1].endswith(
         "its output's reader left (BrokenPipeError: a pipe such as | head closed) after it had finished")
+
+
+def test_only_a_reader_that_left_counts_as_one_not_any_broken_pipe():
+    # A BrokenPipeError may come from a socket a data plugin reads: that one must not end the command quietly.
+    code = "import sys\nfrom mamo.stops import output_reader_left\nsys.stderr.write(str(output_reader_left()))\n"
+    reader, writer = os.pipe()
+    os.close(reader)
+    left = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=writer, stderr=subprocess.PIPE, text=True,
+                          timeout=60)
+    os.close(writer)
+    stayed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (left.stderr, stayed.stderr) == ("True", "False")
+    patched = ("import mamo.cli\nfrom unittest import mock\n"
+               "def broken(args):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+               "with mock.patch.object(mamo.cli, '_handler', lambda *a: broken):\n    mamo.cli.main(['show', 'x'])\n")
+    raised = subprocess.run([sys.executable, "-c", patched], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert raised.returncode == 1 and "BrokenPipeError" in raised.stderr  # a pipe of its own: not silenced
