@@ -351,9 +351,10 @@ def untrained_target_notes(data: MultiTaskData) -> list[str]:
     extra = targets_without_a_task(data)
     if not extra:
         return []
-    named = ", ".join(map(repr, extra))
-    return [f"note: the data's target{'s' if len(extra) > 1 else ''} {named} {'have' if len(extra) > 1 else 'has'} "
-            "no task spec, so nothing trains on it; add it to the tasks to train it."]
+    named, several = ", ".join(map(repr, extra)), len(extra) > 1
+    it = "them" if several else "it"
+    return [f"note: the data's target{'s' if several else ''} {named} {'have' if several else 'has'} no task spec, "
+            f"so nothing trains on {it}; add {it} to the tasks to train {it}."]
 
 
 def unreachable_target_notes(data: MultiTaskData) -> list[str]:
