@@ -264,6 +264,8 @@ def _run_study(opened: _OpenStudy, name: str, storage: str | None, objective: Ca
     """Run the opened study's trials in this process or on its workers; the summary, or how to continue."""
     study, directory, config = opened.study, opened.directory, opened.config
     claim_folder(directory, name, study.user_attrs["uid"])
+    # A caller's objective makes no trial folders: its line names the study folder instead.
+    where = f"trial folders in {directory}" if objective is None else f"study folder {directory}"
     if objective is None:
         objective = SearchObjective(config, directory, opened.tasks, study.user_attrs.get("stl_val"),
                                     multi_objective, tensorboard, pictures, progress and opened.workers == 1,
@@ -273,7 +275,7 @@ def _run_study(opened: _OpenStudy, name: str, storage: str | None, objective: Ca
         retry_interrupted(study, line)
     shown = shown_url(opened.url)
     print(f"study '{name}' ({shown}): {counted(opened.trials, 'trial')} on {counted(opened.workers, 'worker')}, "
-          f"trial folders in {directory}", file=sys.stderr, flush=True)
+          f"{where}", file=sys.stderr, flush=True)
     plan = Plan(opened.url, name, objective, config.tune.pruner, line.log_path, threads=opened.threads)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and open connections
     # Seeded TPE reproduces a local study (each trial's draws follow from the seed and its draw index, so a

@@ -1555,7 +1555,9 @@ def test_workers_take_the_gpus_in_turn(monkeypatch, gpus, expected):
 def test_no_more_workers_start_than_there_are_trials(tmp_path, capsys):
     run_tune(load_config("quick"), study_dir=tmp_path, trials=1, workers=3, objective=draws_alpha)
     err = capsys.readouterr().err
-    assert f"study 'mamo' (sqlite:///{(tmp_path / 'study.db').resolve()}): 1 trial on 1 worker, trial folders" in err
+    # A caller's objective makes no trial folders: the line names the study folder (it named "trial folders").
+    assert f"study 'mamo' (sqlite:///{(tmp_path / 'study.db').resolve()}): 1 trial on 1 worker, study folder " \
+           f"{tmp_path}\n" in err
     assert f"new study 'mamo' of preset 'quick' in {tmp_path}\n" in err  # a caller's objective: no reference
     assert "1 trial: 1 complete." in (tmp_path / "summary.md").read_text()
     from mamo.cache import process_owner
