@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mamo import digits, scenes
 from mamo.config import DataConfig
-from mamo.data_plugins import SIZE_KEYS, builder_arguments, load_plugin, plugin_source_digest, raised_at
+from mamo.data_plugins import SIZE_KEYS, builder_arguments, load_plugin, plugin_source_digest, raised_at, raised_by_mamo
 from mamo.errors import MamoError
 from mamo.samples import SPLITS, CheckedDataset, MultiTaskData, TensorTaskDataset, validate
 
@@ -259,7 +259,10 @@ def load_data(cfg: DataConfig, progress: bool = False) -> MultiTaskData:
             return validate(builder(**kwargs), what)
         try:
             result = builder(**kwargs)
-        except MamoError:
+        except MamoError as exc:
+            # mamo's helpers (TensorTaskDataset) name neither plugin nor line; the plugin's own sentence stays.
+            if raised_by_mamo(exc) and (where := raised_at(exc)):
+                raise MamoError(f"{what} failed{where}: {exc}") from exc
             raise
         except Exception as exc:
             raise MamoError(f"{what} raised {type(exc).__name__}{raised_at(exc)}: {exc}; fix the plugin.") from exc

@@ -100,6 +100,12 @@ def plugin_edited_note(name: str, started: Path, starts_over: bool = False, base
                       + ("and its baselines " if baselines else "") + "saw the old data.")
 
 
+def raised_by_mamo(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside mamo's package (a helper a plugin calls), not by the plugin itself."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+
+
 def raised_at(exc: BaseException) -> str:
     """`` at my_plugin.py:12 (in build)``: the line of the user's code that raised ``exc``, its traceback's
     deepest frame outside mamo, the standard library and installed packages (a sentence alone left a long

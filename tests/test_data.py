@@ -1011,3 +1011,18 @@ def test_a_minus_one_label_points_at_missing_labels(tmp_path: Path) -> None:
         load_data(DataConfig(name=name))
     with pytest.raises(MamoError, match=r"has 5; fix the targets or the task spec\.$"):  # not for other values
         load_data(DataConfig(name=name, options={"label": 5}))
+
+
+def test_a_tensor_dataset_built_wrong_names_the_plugin_and_its_line(tmp_path: Path, monkeypatch) -> None:
+    # "TensorTaskDataset target 'cls' has 50 samples but x has 60" named neither the plugin nor where (an audit).
+    monkeypatch.chdir(tmp_path)
+    name = tensor_plugin(tmp_path, "short", "x = torch.randn(6, 4)\n"
+                                            "targets = {'a': (x[:5, 0] > 0).long(), 'b': (x[:, 1] > 0).long()}\n"
+                                            "tasks = {'a': TWO_CLASSES, 'b': TWO_CLASSES}\n")
+    with pytest.raises(MamoError, match=r"^data plugin '.*short\.py:build' failed at short\.py:11 \(in build\): "
+                                        r"TensorTaskDataset target 'a' has 5 samples but x has 6; "):
+        load_data(DataConfig(name=name))
+    (tmp_path / "own.py").write_text("from mamo.errors import MamoError\n\n\ndef build(seed, root):\n"
+                                     "    raise MamoError('image_size must be positive; set it above 0.')\n")
+    with pytest.raises(MamoError, match=r"^image_size must be positive; set it above 0\.$"):  # its own: as it is
+        load_data(DataConfig(name="own.py:build"))
