@@ -955,8 +955,10 @@ def test_a_plugin_error_names_the_plugins_own_line_not_torchs(tmp_path: Path, mo
 
 
 def tensor_plugin(folder: Path, name: str, body: str, signature: str = "seed, root") -> str:
-    """``data.name`` of a plugin file whose ``build`` runs ``body`` (which sets x, targets and tasks; TWO_CLASSES
-    is a two-class spec) and returns them as one TensorTaskDataset for all three splits."""
+    """``data.name`` of a plugin file whose ``build`` runs ``body`` (which sets x and targets, and tasks unless
+    every target is a two-class task: TWO_CLASSES) and returns them as one TensorTaskDataset for all splits."""
+    if "tasks =" not in body:
+        body += "tasks = {task: TWO_CLASSES for task in targets}\n"
     (folder / f"{name}.py").write_text(
         "import torch\nfrom mamo.samples import TensorTaskDataset\n\nTWO_CLASSES = {'type': 'classification', "
         f"'classes': 2}}\n\n\ndef build({signature}):\n" + textwrap.indent(body, "    ")
@@ -968,8 +970,7 @@ def test_a_plugin_of_single_number_inputs_is_told_the_shape_to_give(tmp_path: Pa
     # "backbone 'mlp' fails at cell 0 on inputs of shape [] ...; use larger inputs or a backbone that downsamples
     # less (model.backbone=cnn fits any size)", advice that could not help (cnn refuses vectors; a user audit).
     name = tensor_plugin(tmp_path, "scalar", "x = torch.randn(8)\n"
-                                             "targets = {'a': (x > 0).long(), 'b': (x > 1).long()}\n"
-                                             "tasks = {'a': TWO_CLASSES, 'b': TWO_CLASSES}\n")
+                                             "targets = {'a': (x > 0).long(), 'b': (x > 1).long()}\n")
     with pytest.raises(MamoError, match=r"gives sample 0 of the 'train' split a single number as its input \(shape "
                                         r"\(\)\); give each input the shape \(1,\), a split's x the shape \(N, 1\)\.$"):
         load_data(DataConfig(name=name))
@@ -1003,8 +1004,7 @@ def test_a_mistyped_plugin_function_gets_the_near_name(tmp_path: Path) -> None:
 def test_a_minus_one_label_points_at_missing_labels(tmp_path: Path) -> None:
     # A -1 got only the shape hint; -1 is how an unlabelled sample is written (a user audit).
     name = tensor_plugin(tmp_path, "m1", "x = torch.randn(8, 4)\na = (x[:, 0] > 0).long()\na[3] = label\n"
-                                         "targets = {'a': a, 'b': (x[:, 1] > 0).long()}\n"
-                                         "tasks = {'a': TWO_CLASSES, 'b': TWO_CLASSES}\n", "seed, root, label=-1")
+                                         "targets = {'a': a, 'b': (x[:, 1] > 0).long()}\n", "seed, root, label=-1")
     with pytest.raises(MamoError, match=r"sample 3 of the 'train' split has -1; fix the targets or the task spec \(for "
                                         r"samples without a label, -1 with \"missing_labels\": true in the task's "
                                         r"spec\)\.$"):
@@ -1017,8 +1017,7 @@ def test_a_tensor_dataset_built_wrong_names_the_plugin_and_its_line(tmp_path: Pa
     # "TensorTaskDataset target 'cls' has 50 samples but x has 60" named neither the plugin nor where (an audit).
     monkeypatch.chdir(tmp_path)
     name = tensor_plugin(tmp_path, "short", "x = torch.randn(6, 4)\n"
-                                            "targets = {'a': (x[:5, 0] > 0).long(), 'b': (x[:, 1] > 0).long()}\n"
-                                            "tasks = {'a': TWO_CLASSES, 'b': TWO_CLASSES}\n")
+                                            "targets = {'a': (x[:5, 0] > 0).long(), 'b': (x[:, 1] > 0).long()}\n")
     with pytest.raises(MamoError, match=r"^data plugin '.*short\.py:build' failed at short\.py:11 \(in build\): "
                                         r"TensorTaskDataset target 'a' has 5 samples but x has 6; "):
         load_data(DataConfig(name=name))
