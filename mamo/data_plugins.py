@@ -109,12 +109,11 @@ def raised_by_mamo(exc: BaseException) -> bool:
 def raised_at(exc: BaseException) -> str:
     """`` at my_plugin.py:12 (in build)``: the line of the user's code that raised ``exc``, its traceback's
     deepest frame outside mamo, the standard library and installed packages (a sentence alone left a long
-    plugin's author without the line); empty when every frame is theirs."""
-    library = {str(Path(p).resolve()) for p in (sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
-                                               sysconfig.get_paths()["platlib"], Path(__file__).parent)}
-    own = [frame for frame in traceback.extract_tb(exc.__traceback__)
-           if not any(str(Path(frame.filename).resolve()).startswith(root) for root in library)
-           and not frame.filename.startswith("<")]
+    plugin's author without the line); empty when no frame is the user's."""
+    paths = sysconfig.get_paths()
+    library = [Path(p).resolve() for p in (paths["stdlib"], paths["purelib"], paths["platlib"], Path(__file__).parent)]
+    own = [frame for frame in traceback.extract_tb(exc.__traceback__) if not frame.filename.startswith("<")
+           and not any(Path(frame.filename).resolve().is_relative_to(root) for root in library)]
     if not own:
         return ""
     frame = own[-1]

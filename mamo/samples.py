@@ -346,15 +346,19 @@ def targets_without_a_task(data: MultiTaskData) -> list[str]:
     return [name for name in train.targets if name not in data.tasks] if isinstance(train, TensorTaskDataset) else []
 
 
+def no_task_spec(targets: list[str]) -> str:
+    """``target 'reg' has no task spec`` (or ``targets 'a', 'b' have ...``), for a note or an error."""
+    several = len(targets) > 1
+    return f"target{'s' if several else ''} {', '.join(map(repr, targets))} {'have' if several else 'has'} no task spec"
+
+
 def untrained_target_notes(data: MultiTaskData) -> list[str]:
     """A note for targets no task trains: a task left out of ``tasks`` trained nothing without a word."""
     extra = targets_without_a_task(data)
     if not extra:
         return []
-    named, several = ", ".join(map(repr, extra)), len(extra) > 1
-    it = "them" if several else "it"
-    return [f"note: the data's target{'s' if several else ''} {named} {'have' if several else 'has'} no task spec, "
-            f"so nothing trains on {it}; add {it} to the tasks to train {it}."]
+    it = "them" if len(extra) > 1 else "it"
+    return [f"note: the data's {no_task_spec(extra)}, so nothing trains on {it}; add {it} to the tasks to train {it}."]
 
 
 def unreachable_target_notes(data: MultiTaskData) -> list[str]:

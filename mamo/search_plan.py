@@ -15,7 +15,7 @@ from mamo.data import MultiTaskData, batches_per_epoch
 from mamo.directions import direction_label
 from mamo.errors import MamoError
 from mamo.runs import cli, counted
-from mamo.samples import targets_without_a_task
+from mamo.samples import no_task_spec, targets_without_a_task
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,7 @@ def check_search_tasks(data: MultiTaskData) -> None:
     """A search grows modules between pairs of tasks: one task has no pair."""
     if len(data.tasks) < 2:
         extra = targets_without_a_task(data)
-        unspecified = (f" (its target{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} "
-                       f"{'have' if len(extra) > 1 else 'has'} no task spec)") if extra else ""
+        unspecified = f" (its {no_task_spec(extra)})" if extra else ""
         raise MamoError(f"the data has {len(data.tasks)} task ({', '.join(data.tasks)}){unspecified}, and a search "
                         f"grows modules between pairs of tasks; give the data two or more tasks, or use "
                         f"`{cli('train')}` for one.")
